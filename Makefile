@@ -1,0 +1,40 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sieve-installed
+DEMO_INDEX := build/demo-index
+DEMO_QUERY ?= A deficiency of vitamin B12 increases blood levels of homocysteine
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+# torch first, from the CPU wheel this machine keeps on disk; the constraints file then stops
+# any dependency from replacing it with a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[models,dev]'
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+$(DEMO_INDEX)/manifest.json: $(STAMP) examples/scifact-mini/corpus.jsonl
+	$(BIN)/sieve index examples/scifact-mini --out $(DEMO_INDEX)
+
+demo: $(DEMO_INDEX)/manifest.json
+	$(BIN)/sieve validate configs/demo.yaml
+	$(BIN)/sieve search configs/demo.yaml "$(DEMO_QUERY)" --explain --trace-out build/demo-trace.json
+	$(BIN)/sieve replay build/demo-trace.json
+	$(BIN)/sieve trace verify traces/trace.jsonl
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/bm25_scifact.py
+
+clean:
+	rm -rf build traces .pytest_cache

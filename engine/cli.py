@@ -1,0 +1,299 @@
+"""The ``sieve`` command line: validate, index, search, replay, trace verify.
+
+Bad input ends in a one-paragraph message and a non-zero exit, never a stack trace
+(set SIEVE_DEBUG=1 to see one for an internal error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from engine import __version__
+from engine.errors import ConfigError, SieveError
+
+app = typer.Typer(
+    name="sieve",
+    help="Sieve: a configurable, auditable rules-plus-model retrieval engine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+trace_app = typer.Typer(help="Work with trace logs.", no_args_is_help=True)
+app.add_typer(trace_app, name="trace")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise SieveError(f"{option} must be an ISO 8601 date or time (e.g. 2026-01-31T12:00:00Z), got {value!r}") from None
+
+
+@app.command()
+def version() -> None:
+    """Print Sieve's version."""
+    out.print(__version__)
+
+
+@app.command()
+def validate(
+    configs: Annotated[list[Path], typer.Argument(help="pipeline YAML file(s) to check")],
+) -> None:
+    """Check pipeline configs without loading any model or index; report every problem at once."""
+    from engine.compiler import compile_file
+
+    failed = False
+    for path in configs:
+        try:
+            compiled = compile_file(path)
+        except ConfigError as exc:
+            failed = True
+            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(exc))}")
+            continue
+        for warning in compiled.warnings:
+            err.print(f"[yellow]{escape(str(warning))}[/yellow]")
+        out.print(
+            f"[green]✓[/green] {escape(str(path))}: {len(compiled.stages)} stages, "
+            f"output '{compiled.output}', config sha256 {compiled.config_sha256[:12]}"
+        )
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def index(
+    corpus: Annotated[Path, typer.Argument(help="BEIR corpus.jsonl, or a directory holding one")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="index directory to create or replace")],
+    components: Annotated[
+        Optional[list[str]], typer.Option("--with", help="index components to build (repeatable)")
+    ] = None,
+    language: Annotated[Optional[str], typer.Option(help="tokeniser language for bm25: en or zh")] = None,
+    settings_file: Annotated[
+        Optional[Path], typer.Option("--settings", help="YAML: {component: {settings}} (e.g. bm25: {k1: 1.2})")
+    ] = None,
+) -> None:
+    """Build an index (document store + components such as bm25) from a BEIR corpus."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from engine.index import build_index
+    from engine.yamlsource import load_yaml_file
+
+    names = components or ["bm25"]
+    settings: dict[str, dict[str, Any]] = {name: {} for name in names}
+    if settings_file is not None:
+        loaded = load_yaml_file(settings_file).data
+        if not isinstance(loaded, dict):
+            raise SieveError(f"{settings_file}: expected a mapping of component name to settings")
+        for name, value in loaded.items():
+            if name not in settings:
+                raise SieveError(f"{settings_file}: settings for '{name}', which is not being built ({', '.join(names)})")
+            settings[name] = dict(value or {})
+    if language is not None:
+        if "bm25" not in settings:
+            raise SieveError("--language applies to the bm25 component, which is not being built")
+        settings["bm25"].setdefault("tokenizer", {})["language"] = language
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=False,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(task: str, advance: int, total: int | None) -> None:
+            if task not in tasks:
+                tasks[task] = progress.add_task(task, total=total)
+            progress.advance(tasks[task], advance)
+
+        manifest = build_index(corpus, out_dir, settings, report)
+    out.print(
+        f"[green]✓[/green] indexed {manifest['corpus']['doc_count']} documents into {escape(str(out_dir))} "
+        f"(components: {', '.join(manifest['components'])})"
+    )
+
+
+def _user_context(user: str | None, roles: list[str] | None, groups: list[str] | None, jurisdictions: list[str] | None):
+    from engine.model import UserContext
+
+    return UserContext(
+        user_id=user, roles=tuple(roles or ()), groups=tuple(groups or ()), jurisdictions=tuple(jurisdictions or ())
+    )
+
+
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    query: Annotated[str, typer.Argument(help="the query text")],
+    history: Annotated[Optional[list[str]], typer.Option("--history", "-H", help="earlier turns, oldest first")] = None,
+    user: Annotated[Optional[str], typer.Option(help="user id")] = None,
+    role: Annotated[Optional[list[str]], typer.Option(help="user role (repeatable)")] = None,
+    group: Annotated[Optional[list[str]], typer.Option(help="user group (repeatable)")] = None,
+    jurisdiction: Annotated[Optional[list[str]], typer.Option(help="user jurisdiction (repeatable)")] = None,
+    as_of: Annotated[Optional[str], typer.Option("--as-of", help="query time, ISO 8601 (default: now)")] = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="override the config's index")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print results and trace as JSON")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="show each result's explanation tree")] = False,
+    trace_out: Annotated[Optional[Path], typer.Option("--trace-out", help="also write the trace to this file")] = None,
+    log: Annotated[Optional[Path], typer.Option("--log", help="trace log (default: the config's trace.log)")] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="do not append the trace to the log")] = False,
+) -> None:
+    """Run one query through a pipeline and show the ranked results."""
+    from engine.pipeline import Pipeline
+    from engine.trace import write_json_atomic
+
+    pipeline = Pipeline.from_file(config, index_path=index_dir)
+    q = pipeline.make_query(
+        query,
+        history=tuple(history or ()),
+        user=_user_context(user, role, group, jurisdiction),
+        as_of=_parse_time(as_of, "--as-of"),
+    )
+    result = pipeline.run(q)
+    trace = result.trace
+    log_path = None if no_log else pipeline.log_trace(trace, log)
+    if trace_out is not None:
+        write_json_atomic(trace_out, trace)
+    if as_json:
+        out.print_json(json.dumps({"results": trace["results"], "trace": trace, "trace_log": str(log_path) if log_path else None}))
+        return
+    _print_results(pipeline, result.results, trace, explain)
+    where = []
+    if log_path is not None:
+        where.append(f"appended to {log_path}")
+    if trace_out is not None:
+        where.append(f"written to {trace_out}")
+    out.print(
+        f"trace {trace['trace_id']} ({trace['timing_ms']['total']:.1f} ms"
+        + (", [yellow]degraded[/yellow]" if result.degraded else "")
+        + ")"
+        + (f": {'; '.join(escape(w) for w in where)}" if where else "")
+    )
+
+
+def _print_results(pipeline: Any, results: list[Any], trace: dict[str, Any], explain: bool) -> None:
+    index = pipeline.resources.index if pipeline.resources else None
+    documents = index.documents.get([c.row for c in results]) if index is not None and results else {}
+    rewritten = trace["query"].get("rewritten")
+    if rewritten:
+        out.print(f"rewritten query: [bold]{escape(rewritten)}[/bold]")
+    if not results:
+        out.print("[yellow]no results[/yellow]")
+    table = Table(title=f"{len(results)} results", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("doc_id")
+    table.add_column("score", justify="right")
+    table.add_column("title")
+    for rank, candidate in enumerate(results, start=1):
+        doc = documents.get(candidate.row)
+        title = (doc.title or doc.text)[:90] if doc is not None else ""
+        table.add_row(str(rank), candidate.doc_id, f"{candidate.score:.4f}", escape(title))
+    if results:
+        out.print(table)
+    for stage in trace["stages"]:
+        for decision in stage.get("decisions", []):
+            out.print(f"[dim]{stage['id']}: {escape(decision['detail'])}[/dim]")
+        if stage.get("status") == "skipped":
+            out.print(f"[yellow]{stage['id']} skipped: {escape(stage.get('error', ''))}[/yellow]")
+    if explain:
+        for record in trace["results"]:
+            if "explanation" not in record:
+                continue
+            tree = Tree(f"#{record['rank']} {record['doc_id']}")
+            _add_explanation(tree, record["explanation"])
+            out.print(tree)
+
+
+def _add_explanation(tree: Tree, node: dict[str, Any]) -> None:
+    branch = tree.add(f"[bold]{node['value']:.4f}[/bold]  {escape(node['description'])}")
+    for child in node.get("details", []):
+        _add_explanation(branch, child)
+
+
+@app.command()
+def replay(
+    trace_path: Annotated[Path, typer.Argument(help="a trace .json file, or a trace log .jsonl")],
+    trace_id: Annotated[Optional[str], typer.Option("--id", help="trace id within a log (default: last)")] = None,
+    seq: Annotated[Optional[int], typer.Option("--seq", help="record number within a log")] = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="index to replay against")] = None,
+    query: Annotated[Optional[str], typer.Option("--query", help="query text, when the trace stores only its hash")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-run a traced query with its recorded config, index and time; report if the ranking is identical."""
+    from engine.replay import replay_trace
+    from engine.trace import load_trace
+
+    trace = load_trace(trace_path, trace_id, seq)
+    report = replay_trace(trace, index_path=index_dir, query_text=query)
+    if as_json:
+        out.print_json(json.dumps(report))
+    elif report["identical"]:
+        out.print(
+            f"[green]✓ identical[/green]: {report['compared']} results of trace {report['trace_id']} reproduced "
+            f"exactly (config {report['config_sha256'][:12]}, index {report['index_manifest_sha256'][:12]})"
+        )
+    else:
+        out.print(f"[red]✗ different[/red]: trace {report['trace_id']}")
+        for line in report["differences"]:
+            out.print(f"  {escape(line)}")
+    if not report["identical"]:
+        raise typer.Exit(1)
+
+
+@trace_app.command("verify")
+def trace_verify(log: Annotated[Path, typer.Argument(help="trace log (.jsonl)")]) -> None:
+    """Check a trace log's hash chain: detects edited, removed or reordered records."""
+    from engine.trace import verify_log
+
+    count, problems = verify_log(log)
+    if problems:
+        for problem in problems:
+            err.print(f"[red]✗[/red] {escape(problem)}")
+        raise typer.Exit(1)
+    out.print(f"[green]✓[/green] {count} records, chain intact")
+
+
+def main() -> None:
+    """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except SieveError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for those who ask
+        if os.environ.get("SIEVE_DEBUG"):
+            raise
+        err.print(
+            f"[red]internal error:[/red] {escape(type(exc).__name__)}: {escape(str(exc))} "
+            "(this is a bug in Sieve; rerun with SIEVE_DEBUG=1 for the traceback)"
+        )
+        sys.exit(70)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""YAML pipeline -> validated DAG of stage instances.
+
+Every problem is collected and reported at once, each located (file:line:col). Compiling never
+loads a model or an index and never imports torch: stage constructors are cheap by contract.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.config import PipelineConfig, StageSpec, issues_from_validation
+from engine.errors import ConfigError, ConfigIssue
+from engine.registry import UnknownStageType, resolve_stage
+from engine.stage import GraphView, Port, Stage, StageNode
+from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
+
+
+@dataclass
+class CompiledPipeline:
+    """A validated pipeline: stages in a valid execution order and their wiring."""
+
+    config: PipelineConfig
+    specs: dict[str, StageSpec]
+    stages: dict[str, Stage]
+    order: list[str]  # a topological order
+    output: str
+    source_file: str
+    base_dir: Path
+    config_sha256: str  # of the canonical (resolved) configuration
+    canonical: dict[str, Any]  # the configuration as validated, stage types resolved to versions
+    warnings: list[ConfigIssue]
+
+    @property
+    def index_path(self) -> Path | None:
+        if self.config.index is None:
+            return None
+        path = Path(self.config.index).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def compile_file(path: str | Path) -> CompiledPipeline:
+    """Load, validate and compile a pipeline YAML file."""
+    path = Path(path)
+    loaded = load_yaml_file(path)
+    return compile_loaded(loaded, base_dir=path.resolve().parent)
+
+
+def compile_data(data: Any, *, label: str, base_dir: Path) -> CompiledPipeline:
+    """Compile already-parsed configuration data (e.g. the copy embedded in a trace)."""
+    return compile_loaded(LoadedYaml(data, SourceMap(label)), base_dir=base_dir)
+
+
+def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
+    data, source = loaded.data, loaded.source
+    issues: list[ConfigIssue] = []
+    if not isinstance(data, dict):
+        got = type(data).__name__
+        raise ConfigError(
+            [ConfigIssue(source.locate(()), "", f"the top level must be a mapping of settings, got {got}")]
+        )
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(issues_from_validation(exc, source, (), PipelineConfig))
+        config = None
+    raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+
+    specs: dict[str, StageSpec] = {}
+    nodes: dict[str, StageNode] = {}
+    first_seen: dict[str, int] = {}
+    all_specs_valid = True
+    for i, raw in enumerate(raw_stages):
+        prefix: tuple[str | int, ...] = ("stages", i)
+        if not isinstance(raw, dict):
+            issues.append(
+                ConfigIssue(source.locate(prefix), f"stages.{i}", "each stage must be a mapping with id and type")
+            )
+            all_specs_valid = False
+            continue
+        try:
+            spec = StageSpec.model_validate(raw)
+        except ValidationError as exc:
+            issues.extend(issues_from_validation(exc, source, prefix, StageSpec))
+            all_specs_valid = False
+            continue
+        if spec.id in first_seen:
+            issues.append(
+                ConfigIssue(
+                    source.locate(prefix + ("id",)),
+                    f"stages.{i}.id",
+                    f"duplicate stage id '{spec.id}' (first used by stages.{first_seen[spec.id]})",
+                )
+            )
+            all_specs_valid = False
+            continue
+        first_seen[spec.id] = i
+        try:
+            cls = resolve_stage(spec.type)
+        except UnknownStageType as exc:
+            issues.append(ConfigIssue(source.locate(prefix + ("type",)), f"stages.{i}.type", exc.message))
+            all_specs_valid = False
+            continue
+        try:
+            params = cls.Params.model_validate(spec.params)
+        except ValidationError as exc:
+            issues.extend(issues_from_validation(exc, source, prefix + ("params",), cls.Params))
+            all_specs_valid = False
+            continue
+        specs[spec.id] = spec
+        nodes[spec.id] = StageNode(spec.id, cls, params, tuple(spec.inputs))
+
+    output: str | None = None
+    order: list[str] = []
+    if config is not None and all_specs_valid:
+        output, order = _check_graph(config, specs, nodes, source, first_seen, issues)
+
+    errors = [i for i in issues if i.severity == "error"]
+    if errors or config is None or output is None:
+        raise ConfigError(issues)
+
+    canonical = json.loads(canonical_json(config.model_dump(mode="json")))
+    canonical["stages"] = [
+        {
+            **specs[sid].model_dump(mode="json", exclude_none=True),
+            "type": nodes[sid].cls.qualified_name(),
+            "params": nodes[sid].params.model_dump(mode="json"),
+        }
+        for sid in first_seen
+    ]
+    canonical["output"] = output
+    sha = hashlib.sha256(canonical_json(canonical).encode("utf-8")).hexdigest()
+    stages = {sid: nodes[sid].cls(sid, nodes[sid].params) for sid in order}
+    return CompiledPipeline(
+        config=config,
+        specs=specs,
+        stages=stages,
+        order=order,
+        output=output,
+        source_file=source.file,
+        base_dir=base_dir,
+        config_sha256=sha,
+        canonical=canonical,
+        warnings=[i for i in issues if i.severity != "error"],
+    )
+
+
+def _check_graph(
+    config: PipelineConfig,
+    specs: dict[str, StageSpec],
+    nodes: dict[str, StageNode],
+    source: SourceMap,
+    position: dict[str, int],
+    issues: list[ConfigIssue],
+) -> tuple[str | None, list[str]]:
+    """Wiring checks: inputs exist and have the right kind, no cycles, one reachable output."""
+    def where(sid: str, *rest: str | int) -> tuple[Any, str]:
+        path = ("stages", position[sid]) + rest
+        return source.locate(path), ".".join(str(p) for p in path)
+
+    wiring_ok = True
+    for sid, node in nodes.items():
+        cls = node.cls
+        candidate_inputs = 0
+        seen_inputs: set[str] = set()
+        for j, dep in enumerate(node.inputs):
+            loc, dotted = where(sid, "inputs", j)
+            if dep in seen_inputs:
+                issues.append(ConfigIssue(loc, dotted, f"input '{dep}' is listed twice"))
+                wiring_ok = False
+                continue
+            seen_inputs.add(dep)
+            if dep == sid:
+                issues.append(ConfigIssue(loc, dotted, "a stage cannot take its own output as input"))
+                wiring_ok = False
+                continue
+            if dep not in nodes:
+                from difflib import get_close_matches
+
+                hint = get_close_matches(dep, list(nodes), n=1)
+                did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+                issues.append(
+                    ConfigIssue(
+                        loc,
+                        dotted,
+                        f"unknown input '{dep}'{did_you_mean}; stages defined: {', '.join(nodes)}",
+                    )
+                )
+                wiring_ok = False
+                continue
+            produced = nodes[dep].cls.produces
+            if produced not in cls.accepts:
+                accepted = ", ".join(sorted(p.value for p in cls.accepts)) or "no inputs"
+                issues.append(
+                    ConfigIssue(
+                        loc,
+                        dotted,
+                        f"'{dep}' ({nodes[dep].cls.type_name}) produces {produced.value}, but "
+                        f"{cls.type_name} accepts: {accepted}",
+                    )
+                )
+                wiring_ok = False
+            if produced is Port.CANDIDATES:
+                candidate_inputs += 1
+        query_inputs = [d for d in node.inputs if d in nodes and nodes[d].cls.produces is Port.QUERY]
+        if len(query_inputs) > 1:
+            loc, dotted = where(sid, "inputs")
+            issues.append(
+                ConfigIssue(loc, dotted, f"at most one query-rewriting input, got {', '.join(query_inputs)}")
+            )
+            wiring_ok = False
+        if wiring_ok:
+            low, high = cls.min_candidate_inputs, cls.max_candidate_inputs
+            if candidate_inputs < low or (high is not None and candidate_inputs > high):
+                expected = f"exactly {low}" if low == high else (
+                    f"at least {low}" if high is None else f"between {low} and {high}"
+                )
+                loc, dotted = where(sid, "inputs")
+                issues.append(
+                    ConfigIssue(
+                        loc,
+                        dotted,
+                        f"{cls.type_name} takes {expected} candidate input(s), got {candidate_inputs}",
+                    )
+                )
+                wiring_ok = False
+
+    sorter = graphlib.TopologicalSorter({sid: [d for d in n.inputs if d in nodes] for sid, n in nodes.items()})
+    try:
+        order = list(sorter.static_order())
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1]
+        first = cycle[0]
+        loc, dotted = where(first, "inputs")
+        issues.append(ConfigIssue(loc, dotted, f"stages form a cycle: {' -> '.join(cycle)}"))
+        return None, []
+
+    # The output: named, or the single stage nothing consumes.
+    consumed = {dep for n in nodes.values() for dep in n.inputs}
+    sinks = [sid for sid in nodes if sid not in consumed]
+    output = config.output
+    if output is None:
+        if len(sinks) != 1:
+            issues.append(
+                ConfigIssue(
+                    source.locate(()),
+                    "output",
+                    "no `output` given and the pipeline has "
+                    + (f"several final stages ({', '.join(sinks)})" if sinks else "no final stage")
+                    + "; name the stage whose results are returned",
+                )
+            )
+            return None, order
+        output = sinks[0]
+    elif output not in nodes:
+        issues.append(
+            ConfigIssue(
+                source.locate(("output",)),
+                "output",
+                f"output '{output}' is not a stage; stages defined: {', '.join(nodes)}",
+            )
+        )
+        return None, order
+    if nodes[output].cls.produces is not Port.CANDIDATES:
+        issues.append(
+            ConfigIssue(
+                source.locate(("output",)),
+                "output",
+                f"output '{output}' ({nodes[output].cls.type_name}) produces "
+                f"{nodes[output].cls.produces.value}, not candidates",
+            )
+        )
+        return None, order
+
+    graph = GraphView(nodes)
+    reachable = {output} | {n.id for n in graph.ancestors(output)}
+    for sid in nodes:
+        if sid not in reachable:
+            loc, dotted = where(sid, "id")
+            issues.append(
+                ConfigIssue(loc, dotted, f"stage '{sid}' does not feed the output '{output}' (unreachable)")
+            )
+    if not wiring_ok:
+        return None, order
+
+    for sid, node in nodes.items():
+        for problem in node.cls.check_graph(node, graph):
+            loc, dotted = where(sid, *problem.path)
+            issues.append(ConfigIssue(loc, dotted, problem.message, problem.severity))
+    return output, order

@@ -1,0 +1,120 @@
+"""The pipeline configuration schema (top level and per-stage envelope) and error mapping.
+
+Stage parameters are validated separately, by the model each registered stage type declares, so
+the schema here stays independent of which stages exist.
+"""
+
+from __future__ import annotations
+
+from difflib import get_close_matches
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import ConfigIssue
+from engine.yamlsource import PathKey, SourceMap
+
+STAGE_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StageSpec(Strict):
+    """One stage of the pipeline as written in YAML."""
+
+    id: str = Field(pattern=STAGE_ID_PATTERN, max_length=64)
+    type: str = Field(description="registered stage type, e.g. recall.bm25 or recall.bm25@1")
+    inputs: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="fail: the query fails; skip: pass the input through and mark the trace degraded"
+    )
+    description: str | None = None
+
+
+class TraceSettings(Strict):
+    """What goes into the per-query trace and where it is logged."""
+
+    log: str | None = Field(
+        "traces/trace.jsonl", description="tamper-evident JSONL log (relative to the working directory); null: none"
+    )
+    include_query_text: bool = Field(True, description="store query text (else only its sha256)")
+    include_document_text: bool = Field(False, description="store returned documents' text in the trace")
+    explain: bool = Field(True, description="store an explanation tree per returned document")
+
+
+class Limits(Strict):
+    max_query_chars: int = Field(4096, ge=1)
+    max_history_turns: int = Field(20, ge=0)
+
+
+class ExecutorSettings(Strict):
+    max_workers: int = Field(2, ge=1, le=64, description="threads for independent branches of the DAG")
+
+
+class PipelineConfig(Strict):
+    """A whole pipeline: its stages (a DAG through ``inputs``) and which stage is the output."""
+
+    version: Literal[1]
+    name: str | None = None
+    description: str | None = None
+    index: str | None = Field(None, description="index directory, relative to this file")
+    stages: list[Any] = Field(min_length=1)
+    output: str | None = Field(None, description="the stage whose candidates are returned")
+    trace: TraceSettings = Field(default_factory=TraceSettings)
+    limits: Limits = Field(default_factory=Limits)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+
+
+def _fields_of(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names valid at ``loc`` inside ``model`` (for 'did you mean' hints)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def issues_from_validation(
+    exc: ValidationError,
+    source: SourceMap,
+    prefix: PathKey,
+    model: type[BaseModel],
+) -> list[ConfigIssue]:
+    """Turn a pydantic ValidationError into located issues, one per error."""
+    issues = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        path = prefix + loc
+        dotted = ".".join(str(p) for p in path)
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            key = loc[-1] if loc else "?"
+            valid = _fields_of(model, loc[:-1]) or []
+            hint = get_close_matches(str(key), valid, n=1)
+            message = f"unknown field '{key}'"
+            if hint:
+                message += f" (did you mean '{hint[0]}'?)"
+            if valid:
+                message += f"; valid fields: {', '.join(valid)}"
+            issues.append(ConfigIssue(source.locate(path, prefer_key=True), dotted, message))
+            continue
+        if kind == "missing":
+            message = "required field is missing"
+            issues.append(ConfigIssue(source.locate(path[:-1]), dotted, message))
+            continue
+        message = error["msg"]
+        if "input" in error and kind not in ("literal_error",) and not isinstance(error["input"], (dict, list)):
+            message += f" (got {error['input']!r})"
+        issues.append(ConfigIssue(source.locate(path), dotted, message))
+    return issues

@@ -1,0 +1,170 @@
+"""The data model every stage speaks: queries, candidates with their score ledger, drops.
+
+Candidates are immutable. A stage that scores a candidate returns a new candidate whose ledger
+has one more entry; nobody overwrites another stage's score. Orderings are deterministic: equal
+scores break ties on ``doc_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.errors import QueryError
+
+DEFAULT_MAX_QUERY_CHARS = 4096
+
+
+class UserContext(BaseModel):
+    """Who is asking: used by access rules and recorded in the trace."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    user_id: str | None = None
+    roles: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    jurisdictions: tuple[str, ...] = ()
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class Query(BaseModel):
+    """A query as the pipeline sees it. ``as_of`` is fixed once so a replay sees the same time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str
+    rewritten: str | None = None
+    history: tuple[str, ...] = ()
+    user: UserContext = Field(default_factory=UserContext)
+    as_of: datetime
+    language: str | None = None
+    entities: tuple[dict[str, Any], ...] = ()
+
+    @field_validator("as_of")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+    @property
+    def effective_text(self) -> str:
+        """The text recall should use: the rewrite when there is one."""
+        return self.rewritten if self.rewritten is not None else self.text
+
+    @classmethod
+    def create(
+        cls,
+        text: str,
+        *,
+        history: Sequence[str] = (),
+        user: UserContext | None = None,
+        as_of: datetime | None = None,
+        language: str | None = None,
+        max_chars: int = DEFAULT_MAX_QUERY_CHARS,
+    ) -> "Query":
+        """Validate user input into a Query; empty or oversized text is a QueryError."""
+        if not isinstance(text, str):
+            raise QueryError(f"query text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise QueryError("query is empty: give some text to search for")
+        if len(text) > max_chars:
+            raise QueryError(
+                f"query is {len(text)} characters long; the limit is {max_chars} "
+                "(raise `limits.max_query_chars` in the config if this is intended)"
+            )
+        for i, turn in enumerate(history):
+            if not isinstance(turn, str):
+                raise QueryError(f"history turn {i + 1} must be a string")
+            if len(turn) > max_chars:
+                raise QueryError(f"history turn {i + 1} is longer than {max_chars} characters")
+        return cls(
+            text=text,
+            history=tuple(history),
+            user=user if user is not None else UserContext(),
+            as_of=as_of if as_of is not None else datetime.now(timezone.utc),
+            language=language,
+        )
+
+    def text_sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreEntry:
+    """One score a stage gave a candidate. ``stage`` is the stage id; ``signal`` its kind."""
+
+    stage: str
+    signal: str
+    value: float
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A document on its way through the pipeline: its id, its row in the index, its ledger."""
+
+    doc_id: str
+    row: int
+    ledger: tuple[ScoreEntry, ...] = ()
+
+    def with_score(self, entry: ScoreEntry) -> "Candidate":
+        """A copy with one more ledger entry; a stage may score a candidate only once."""
+        if any(existing.stage == entry.stage for existing in self.ledger):
+            raise ValueError(f"stage '{entry.stage}' already scored document '{self.doc_id}'")
+        return Candidate(self.doc_id, self.row, self.ledger + (entry,))
+
+    def score_of(self, stage: str) -> float | None:
+        """The score stage ``stage`` gave, or None if it never scored this candidate."""
+        for entry in self.ledger:
+            if entry.stage == stage:
+                return entry.value
+        return None
+
+    @property
+    def score(self) -> float:
+        """The most recent score (the one the current order is based on); 0.0 if unscored."""
+        return self.ledger[-1].value if self.ledger else 0.0
+
+    def merged(self, other: "Candidate") -> "Candidate":
+        """Union of two ledgers for the same document (from two branches of the DAG)."""
+        if other.doc_id != self.doc_id:
+            raise ValueError("cannot merge candidates of different documents")
+        known = {e.stage for e in self.ledger}
+        extra = tuple(e for e in other.ledger if e.stage not in known)
+        return Candidate(self.doc_id, self.row, self.ledger + extra) if extra else self
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """A candidate a stage removed, and why (a fixed reason code plus free detail)."""
+
+    doc_id: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An edge-case decision a stage made and records in the trace (e.g. k clamped to corpus size)."""
+
+    code: str
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def sort_key(score: float, doc_id: str) -> tuple[float, str]:
+    """Descending score, then ascending doc_id: the one ordering every stage uses."""
+    return (-score, doc_id)
+
+
+def ranked(candidates: Iterable[Candidate], scores: dict[str, float] | None = None) -> list[Candidate]:
+    """Candidates sorted by score (``scores[doc_id]`` or their latest score), ties on doc_id."""
+    if scores is None:
+        return sorted(candidates, key=lambda c: sort_key(c.score, c.doc_id))
+    return sorted(candidates, key=lambda c: sort_key(scores[c.doc_id], c.doc_id))

@@ -1,0 +1,349 @@
+"""Runs a compiled pipeline for one query at a time and builds its trace.
+
+Stages run in dependency order; branches that do not depend on each other run concurrently
+(``executor.max_workers``). The query in effect and the document mask flow along every edge, so
+a reranker downstream of a rewrite sees the rewritten query. Each stage's error policy decides
+what a failure does: ``fail`` fails the query, ``skip`` passes the input through and marks the
+trace degraded.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from engine import __version__
+from engine.compiler import CompiledPipeline, compile_file
+from engine.errors import SieveError, StageError
+from engine.index import Index
+from engine.model import Candidate, Decision, Drop, Query, UserContext
+from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult
+from engine.trace import TRACE_SCHEMA, TraceLog
+
+
+@dataclass
+class StageOutcome:
+    """What one stage produced for one query, plus its trace record."""
+
+    query: Query
+    mask: DocumentMask | None
+    candidates: list[Candidate] | None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    results: list[Candidate]
+    trace: dict[str, Any]
+    degraded: bool
+
+
+class Pipeline:
+    """A compiled pipeline bound to its index; warm it up once, then run many queries."""
+
+    def __init__(self, compiled: CompiledPipeline, *, index_path: Path | None = None, verify_index: bool = True):
+        self.compiled = compiled
+        self.index_path = index_path if index_path is not None else compiled.index_path
+        self.verify_index = verify_index
+        self.resources: Resources | None = None
+        self._warm_lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, index_path: Path | None = None) -> "Pipeline":
+        return cls(compile_file(path), index_path=index_path)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def warm_up(self) -> Resources:
+        """Open the index and let every stage load what it needs; idempotent and thread-safe."""
+        with self._warm_lock:
+            if self.resources is not None:
+                return self.resources
+            index = Index.open(self.index_path, verify=self.verify_index) if self.index_path is not None else None
+            resources = Resources(index, self.compiled.base_dir)
+            for stage_id in self.compiled.order:
+                stage = self.compiled.stages[stage_id]
+                try:
+                    stage.warm_up(resources)
+                except SieveError:
+                    raise
+                except Exception as exc:  # a library error gets the stage's name on it
+                    raise StageError(
+                        stage_id, stage.qualified_name(), f"warm-up failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+            self.resources = resources
+            return resources
+
+    def make_query(
+        self,
+        text: str,
+        *,
+        history: list[str] | tuple[str, ...] = (),
+        user: UserContext | None = None,
+        as_of: datetime | None = None,
+        language: str | None = None,
+    ) -> Query:
+        """Validate user input against this pipeline's limits."""
+        limits = self.compiled.config.limits
+        if len(history) > limits.max_history_turns:
+            from engine.errors import QueryError
+
+            raise QueryError(
+                f"conversation history has {len(history)} turns; the limit is {limits.max_history_turns}"
+            )
+        return Query.create(
+            text, history=history, user=user, as_of=as_of, language=language, max_chars=limits.max_query_chars
+        )
+
+    def search(self, text: str, **kwargs: Any) -> RunResult:
+        return self.run(self.make_query(text, **kwargs))
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, query: Query) -> RunResult:
+        resources = self.warm_up()
+        compiled = self.compiled
+        started = time.perf_counter()
+        outcomes: dict[str, StageOutcome] = {}
+        graph = {sid: list(compiled.specs[sid].inputs) for sid in compiled.order}
+        sorter = graphlib.TopologicalSorter(graph)
+        sorter.prepare()
+        workers = compiled.config.executor.max_workers
+
+        def execute(stage_id: str) -> StageOutcome:
+            return self._run_stage(stage_id, query, outcomes, resources, started)
+
+        if workers == 1:
+            while sorter.is_active():
+                for stage_id in sorter.get_ready():
+                    outcomes[stage_id] = execute(stage_id)
+                    sorter.done(stage_id)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sieve-stage") as pool:
+                pending: dict[Future[StageOutcome], str] = {}
+                while sorter.is_active():
+                    ready = list(sorter.get_ready())
+                    for stage_id in ready[1:]:
+                        pending[pool.submit(execute, stage_id)] = stage_id
+                    if ready:
+                        # One ready stage runs on this thread: no hand-off cost for linear chains.
+                        outcomes[ready[0]] = execute(ready[0])
+                        sorter.done(ready[0])
+                        continue
+                    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        stage_id = pending.pop(future)
+                        outcomes[stage_id] = future.result()
+                        sorter.done(stage_id)
+
+        total_ms = (time.perf_counter() - started) * 1000.0
+        final = outcomes[compiled.output]
+        results = final.candidates or []
+        degraded = any(o.record.get("status") == "skipped" for o in outcomes.values())
+        trace = self._trace(query, final.query, outcomes, results, total_ms, degraded)
+        return RunResult(results, trace, degraded)
+
+    def _inherit(self, stage_id: str, query: Query, outcomes: dict[str, StageOutcome]) -> tuple[Query, DocumentMask | None, list[list[Candidate]]]:
+        """The query in effect, the combined mask, and the candidate lists from the inputs."""
+        spec = self.compiled.specs[stage_id]
+        effective = query
+        rewritten_seen = False
+        mask: DocumentMask | None = None
+        lists: list[list[Candidate]] = []
+        for dep in spec.inputs:
+            upstream = outcomes[dep]
+            if not rewritten_seen and upstream.query is not query:
+                effective, rewritten_seen = upstream.query, True
+            if upstream.mask is not None:
+                mask = upstream.mask if mask is None else mask.intersect(upstream.mask)
+            if self.compiled.stages[dep].produces is Port.CANDIDATES:
+                lists.append(upstream.candidates or [])
+        return effective, mask, lists
+
+    def _run_stage(
+        self,
+        stage_id: str,
+        original: Query,
+        outcomes: dict[str, StageOutcome],
+        resources: Resources,
+        started: float,
+    ) -> StageOutcome:
+        stage = self.compiled.stages[stage_id]
+        spec = self.compiled.specs[stage_id]
+        query, mask, lists = self._inherit(stage_id, original, outcomes)
+        ctx = StageContext(stage_id, query, lists, mask, resources, self.compiled.config.trace.include_query_text)
+        begin = time.perf_counter()
+        record: dict[str, Any] = {
+            "id": stage_id,
+            "type": stage.qualified_name(),
+            "inputs": list(spec.inputs),
+            "input_counts": [len(items) for items in lists],
+            "started_ms": round((begin - started) * 1000.0, 3),
+        }
+        try:
+            result = stage.run(ctx)
+            status, error = "ok", None
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
+            if spec.on_error == "fail":
+                raise StageError(stage_id, stage.qualified_name(), message) from exc
+            result = self._pass_through(stage.produces, lists)
+            status, error = "skipped", message
+        record["duration_ms"] = round((time.perf_counter() - begin) * 1000.0, 3)
+        record["status"] = status
+        if error is not None:
+            record["error"] = error
+        if result.timings_ms:
+            record["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
+
+        out_query = result.query if (stage.produces is Port.QUERY and result.query is not None) else query
+        out_mask = mask
+        if stage.produces is Port.MASK and result.mask is not None:
+            out_mask = result.mask if mask is None else mask.intersect(result.mask)
+        candidates = result.candidates if stage.produces is Port.CANDIDATES else None
+        if stage.produces is Port.CANDIDATES and candidates is None:
+            candidates = []
+        if stage.produces is Port.QUERY and result.query is not None:
+            record["query"] = {"rewritten": result.query.rewritten}
+        if stage.produces is Port.MASK and result.mask is not None:
+            record["mask"] = {"allowed": int(result.mask.allowed.sum()), "total": int(result.mask.allowed.size)}
+        if candidates is not None:
+            record["output"] = [[c.doc_id, c.score] for c in candidates]
+        if result.drops:
+            record["drops"] = [_drop(d) for d in result.drops]
+        if result.decisions:
+            record["decisions"] = [_decision(d) for d in result.decisions]
+        if result.details:
+            record["details"] = result.details
+        return StageOutcome(out_query, out_mask, candidates, record)
+
+    @staticmethod
+    def _pass_through(produces: Port, lists: list[list[Candidate]]) -> StageResult:
+        """What a skipped stage hands on: its candidate inputs merged in order, or nothing."""
+        if produces is not Port.CANDIDATES:
+            return StageResult()
+        merged: dict[str, Candidate] = {}
+        for items in lists:
+            for candidate in items:
+                merged[candidate.doc_id] = merged[candidate.doc_id].merged(candidate) if candidate.doc_id in merged else candidate
+        return StageResult(candidates=list(merged.values()))
+
+    # ------------------------------------------------------------------ trace
+
+    def _trace(
+        self,
+        query: Query,
+        final_query: Query,
+        outcomes: dict[str, StageOutcome],
+        results: list[Candidate],
+        total_ms: float,
+        degraded: bool,
+    ) -> dict[str, Any]:
+        compiled = self.compiled
+        settings = compiled.config.trace
+        resources = self.resources
+        assert resources is not None
+        query_record: dict[str, Any] = {
+            "text_sha256": query.text_sha256(),
+            "as_of": query.as_of.isoformat(),
+            "user": query.user.model_dump(mode="json"),
+            "language": query.language,
+            "history_turns": len(query.history),
+        }
+        if settings.include_query_text:
+            query_record["text"] = query.text
+            query_record["history"] = list(query.history)
+            query_record["rewritten"] = final_query.rewritten
+        models = []
+        for stage_id in compiled.order:
+            identity = compiled.stages[stage_id].identity()
+            if identity:
+                models.append({"stage": stage_id, **identity})
+        documents = {}
+        if settings.include_document_text and resources.index is not None and results:
+            documents = resources.index.documents.get([c.row for c in results])
+        result_records = []
+        for rank, candidate in enumerate(results, start=1):
+            entry: dict[str, Any] = {
+                "rank": rank,
+                "doc_id": candidate.doc_id,
+                "score": candidate.score,
+                "ledger": [
+                    {"stage": e.stage, "signal": e.signal, "value": e.value, "rank": e.rank}
+                    for e in candidate.ledger
+                ],
+            }
+            if settings.explain:
+                entry["explanation"] = self.explain(candidate, outcomes).to_dict()
+            if candidate.row in documents:
+                doc = documents[candidate.row]
+                entry["document"] = {"title": doc.title, "text": doc.text}
+            result_records.append(entry)
+        return {
+            "schema": TRACE_SCHEMA,
+            "trace_id": uuid.uuid4().hex,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "engine_version": __version__,
+            "config": {
+                "file": str(compiled.source_file),
+                "dir": str(compiled.base_dir),
+                "sha256": compiled.config_sha256,
+                "resolved": compiled.canonical,
+            },
+            "index": resources.index.describe() if resources.index is not None else None,
+            "models": models,
+            "query": query_record,
+            "degraded": degraded,
+            "timing_ms": {"total": round(total_ms, 3)},
+            "stages": [outcomes[sid].record for sid in compiled.order],
+            "output": compiled.output,
+            "results": result_records,
+        }
+
+    def explain(self, candidate: Candidate, outcomes: dict[str, StageOutcome]) -> Explanation:
+        """Explanation tree: the final score at the root, each ledger entry's own tree below."""
+        trace_text = self.compiled.config.trace.include_query_text
+        details = []
+        for entry in candidate.ledger:
+            stage = self.compiled.stages.get(entry.stage)
+            if stage is not None and entry.stage in outcomes:
+                stage_query = outcomes[entry.stage].query
+                details.append(stage.explain(stage_query, candidate, entry.value, entry.rank, trace_text))
+        return Explanation(
+            candidate.score,
+            f"score of '{candidate.doc_id}' from stage '{candidate.ledger[-1].stage}'"
+            if candidate.ledger
+            else f"'{candidate.doc_id}' was never scored",
+            tuple(details),
+        )
+
+    def log_trace(self, trace: dict[str, Any], log_path: Path | None = None) -> Path | None:
+        """Append to the configured tamper-evident log (or ``log_path``); returns the log's path."""
+        target = log_path
+        if target is None and self.compiled.config.trace.log is not None:
+            target = Path(self.compiled.config.trace.log)
+        if target is None:
+            return None
+        TraceLog(target).append(trace)
+        return target
+
+
+def _drop(drop: Drop) -> dict[str, Any]:
+    record = {"doc_id": drop.doc_id, "reason": drop.reason}
+    if drop.detail:
+        record["detail"] = drop.detail
+    return record
+
+
+def _decision(decision: Decision) -> dict[str, Any]:
+    record: dict[str, Any] = {"code": decision.code, "detail": decision.detail}
+    if decision.data:
+        record["data"] = decision.data
+    return record

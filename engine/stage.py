@@ -1,0 +1,210 @@
+"""The contract between the engine and a stage.
+
+A stage type is a class registered under a versioned name (``recall.bm25@1``). It declares what
+it consumes and produces (typed ports, checked when the pipeline is compiled), a frozen pydantic
+model for its parameters, and optionally a whole-graph check. Constructors are cheap; anything
+heavy (an index, a model) is loaded in :meth:`Stage.warm_up`, once per process.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.model import Candidate, Decision, Drop, Query
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from engine.index import Index
+
+
+class Port(str, enum.Enum):
+    """What flows along an edge of the pipeline."""
+
+    QUERY = "query"  # a (rewritten) query
+    MASK = "mask"  # which documents may be retrieved at all
+    CANDIDATES = "candidates"  # a ranked candidate list
+
+
+class StageParams(BaseModel):
+    """Base of every stage's parameter model: frozen, and a misspelt key is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True)
+class DocumentMask:
+    """Rows of the index that may be retrieved (``allowed[row]``), and which stages decided it."""
+
+    allowed: "np.ndarray"
+    sources: tuple[str, ...]
+
+    def intersect(self, other: "DocumentMask") -> "DocumentMask":
+        return DocumentMask(self.allowed & other.allowed, self.sources + other.sources)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Elasticsearch-style explanation: a value, how it was computed, and its parts."""
+
+    value: float
+    description: str
+    details: tuple["Explanation", ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "description": self.description,
+            "details": [d.to_dict() for d in self.details],
+        }
+
+
+@dataclass
+class StageContext:
+    """Everything a stage sees when it runs for one query."""
+
+    stage_id: str
+    query: Query
+    inputs: list[list[Candidate]]  # one ranked list per candidate-producing input, in order
+    mask: DocumentMask | None
+    resources: "Resources"
+    trace_text: bool = True  # may the stage put query-derived text (terms, entities) in the trace?
+
+
+@dataclass
+class StageResult:
+    """What a stage returns. Only the field matching the stage's ``produces`` port is read."""
+
+    candidates: list[Candidate] | None = None
+    query: Query | None = None
+    mask: DocumentMask | None = None
+    drops: list[Drop] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GraphIssue:
+    """A whole-pipeline problem a stage found in its own wiring; ``path`` is relative to the stage."""
+
+    message: str
+    path: tuple[str | int, ...] = ()
+    severity: str = "error"
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """A stage as the compiler sees it when running graph checks."""
+
+    id: str
+    cls: type["Stage"]
+    params: StageParams
+    inputs: tuple[str, ...]
+
+
+class GraphView:
+    """Read-only view of the compiled graph offered to :meth:`Stage.check_graph`."""
+
+    def __init__(self, nodes: dict[str, StageNode]):
+        self._nodes = nodes
+
+    def node(self, stage_id: str) -> StageNode:
+        return self._nodes[stage_id]
+
+    def ancestors(self, stage_id: str) -> list[StageNode]:
+        """Every stage upstream of ``stage_id`` (transitively), in no particular order."""
+        seen: dict[str, StageNode] = {}
+        stack = list(self._nodes[stage_id].inputs)
+        while stack:
+            current = stack.pop()
+            if current in seen or current not in self._nodes:
+                continue
+            seen[current] = self._nodes[current]
+            stack.extend(self._nodes[current].inputs)
+        return list(seen.values())
+
+    def upstream_signals(self, stage_id: str) -> dict[str, str]:
+        """Ledger keys (stage ids) that upstream stages write, mapped to their signal kind."""
+        return {n.id: n.cls.signal for n in self.ancestors(stage_id) if n.cls.signal is not None}
+
+
+class Resources:
+    """Shared, process-wide things stages load once: the index, models, caches."""
+
+    def __init__(self, index: "Index | None", base_dir: Path):
+        self.index = index
+        self.base_dir = base_dir
+        self._shared: dict[str, Any] = {}
+
+    def require_index(self, stage_id: str) -> "Index":
+        from engine.errors import SieveIndexError
+
+        if self.index is None:
+            raise SieveIndexError(
+                f"stage '{stage_id}' needs an index, but the config names none "
+                "(set `index:` in the config or pass --index)"
+            )
+        return self.index
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def shared(self, key: str, factory: Callable[[], Any]) -> Any:
+        """Load something once per process (e.g. one BM25 index used by two stages)."""
+        if key not in self._shared:
+            self._shared[key] = factory()
+        return self._shared[key]
+
+
+class Stage:
+    """Base class of every stage type."""
+
+    type_name: ClassVar[str]
+    version: ClassVar[int] = 1
+    Params: ClassVar[type[StageParams]] = StageParams
+    produces: ClassVar[Port] = Port.CANDIDATES
+    accepts: ClassVar[frozenset[Port]] = frozenset({Port.CANDIDATES})
+    min_candidate_inputs: ClassVar[int] = 1
+    max_candidate_inputs: ClassVar[int | None] = 1
+    signal: ClassVar[str | None] = None  # the ledger signal this stage writes, if it scores
+    summary: ClassVar[str] = ""
+
+    def __init__(self, stage_id: str, params: StageParams):
+        self.id = stage_id
+        self.params = params
+
+    @classmethod
+    def qualified_name(cls) -> str:
+        return f"{cls.type_name}@{cls.version}"
+
+    @classmethod
+    def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
+        """Cross-stage checks for this stage type (e.g. a weight naming an unknown signal)."""
+        return ()
+
+    def warm_up(self, resources: Resources) -> None:
+        """Load whatever is heavy. Called once per process before the first query."""
+
+    def run(self, ctx: StageContext) -> StageResult:
+        raise NotImplementedError
+
+    def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
+        """How this stage arrived at ``value`` for ``candidate`` (``query`` as this stage saw it).
+
+        Stages override this with their formula; ``trace_text`` says whether query-derived text
+        (terms, entities) may appear in the explanation.
+        """
+        return Explanation(value, f"{self.qualified_name()} score (stage '{self.id}', rank {rank})")
+
+    def identity(self) -> dict[str, Any] | None:
+        """Model identity (name, path, weights hash, device, precision) for the trace, if any."""
+        return None

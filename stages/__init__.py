@@ -1,0 +1,8 @@
+"""Sieve's built-in stages. Importing this package registers them (entry point ``sieve.stages``).
+
+Modules here import only cheap things at import time; models, indexes and heavy libraries load
+in each stage's ``warm_up``.
+"""
+
+from stages import select  # noqa: F401  (registers select.*)
+from stages.recall import bm25  # noqa: F401  (registers recall.bm25 and the bm25 index component)

@@ -1,0 +1,1 @@
+"""Recall stages: find the first candidates for a query in the index."""

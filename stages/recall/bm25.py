@@ -1,0 +1,191 @@
+"""BM25 recall with bm25s: the ``bm25`` index component and the ``recall.bm25`` stage.
+
+Scores come from bm25s (Lucene variant by default, k1=1.5, b=0.75). Top-k selection is done
+here rather than by bm25s so that it is deterministic (ties break on doc_id) and honours the
+prefilter mask: masked documents score zero and never take a recall slot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import Field
+
+from engine.errors import SieveIndexError
+from engine.index import ComponentSettings, Document, IndexComponent, Progress
+from engine.model import Candidate, Decision, Query, ScoreEntry
+from engine.registry import register_index_component, register_stage
+from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+from stages.text import Tokenizer, TokenizerSettings
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class BM25IndexSettings(ComponentSettings):
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
+    k1: float = Field(1.5, ge=0)
+    b: float = Field(0.75, ge=0, le=1)
+    fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="fields indexed, joined")
+
+
+@register_index_component
+class BM25Component(IndexComponent):
+    name = "bm25"
+    Settings = BM25IndexSettings
+
+    def build(
+        self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
+    ) -> dict[str, Any]:
+        import bm25s
+
+        assert isinstance(settings, BM25IndexSettings)
+        tokenizer = Tokenizer(settings.tokenizer)
+        corpus_tokens = []
+        for start in range(0, len(documents), 1000):
+            batch = documents[start : start + 1000]
+            corpus_tokens.extend(tokenizer.tokenize(doc.content(settings.fields)) for doc in batch)
+            progress("bm25 tokenise", len(batch), len(documents))
+        retriever = bm25s.BM25(k1=settings.k1, b=settings.b, method=settings.method)
+        retriever.index(corpus_tokens, show_progress=False)
+        retriever.save(str(out_dir), show_progress=False)
+        (out_dir / TOKENIZER_FILE).write_text(settings.tokenizer.model_dump_json(indent=2), encoding="utf-8")
+        lengths = [len(t) for t in corpus_tokens]
+        return {
+            "library": f"bm25s {bm25s.__version__}",
+            "vocab_size": len(retriever.vocab_dict),
+            "avg_doc_terms": round(sum(lengths) / max(1, len(lengths)), 2),
+            "empty_documents": sum(1 for n in lengths if n == 0),
+        }
+
+
+class LoadedBM25:
+    """A bm25s retriever plus the tokenizer it was built with, shared by every stage using it."""
+
+    def __init__(self, directory: Path, entry: dict[str, Any]):
+        import bm25s
+
+        try:
+            self.retriever = bm25s.BM25.load(str(directory), show_progress=False)
+            tokenizer_settings = TokenizerSettings.model_validate_json(
+                (directory / TOKENIZER_FILE).read_text(encoding="utf-8")
+            )
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            raise SieveIndexError(f"BM25 component at {directory} cannot be loaded: {exc}") from None
+        self.tokenizer = Tokenizer(tokenizer_settings)
+        self.vocab: dict[str, int] = self.retriever.vocab_dict
+        self.settings = entry.get("settings", {})
+
+
+class BM25Params(StageParams):
+    top_k: int = Field(100, ge=1, le=100_000, description="how many candidates to recall")
+    query: Literal["effective", "original"] = Field(
+        "effective", description="effective: the rewritten query when a rewrite ran; original: as asked"
+    )
+    component: str = Field("bm25", description="which bm25 component of the index to search")
+
+
+@register_stage
+class BM25Recall(Stage):
+    """Lexical recall: BM25 over the index's bm25 component, honouring the prefilter mask."""
+
+    type_name = "recall.bm25"
+    version = 1
+    Params = BM25Params
+    produces = Port.CANDIDATES
+    accepts = frozenset({Port.QUERY, Port.MASK})
+    min_candidate_inputs = 0
+    max_candidate_inputs = 0
+    signal = "bm25"
+    summary = "BM25 lexical recall (bm25s)"
+    params: BM25Params
+
+    def warm_up(self, resources: Resources) -> None:
+        index = resources.require_index(self.id)
+        directory, entry = index.component(self.params.component, self.id)
+        self._bm25: LoadedBM25 = resources.shared(f"bm25:{directory}", lambda: LoadedBM25(directory, entry))
+        self._doc_ids = index.doc_ids()
+        if len(self._doc_ids) != self._bm25.retriever.scores["num_docs"]:
+            raise SieveIndexError(
+                f"index {index.path}: the bm25 component has {self._bm25.retriever.scores['num_docs']} "
+                f"documents but the document store has {len(self._doc_ids)}; rebuild the index"
+            )
+
+    def _terms(self, query: Query) -> list[str]:
+        text = query.text if self.params.query == "original" else query.effective_text
+        return self._bm25.tokenizer.tokenize(text)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import numpy as np
+
+        terms = self._terms(ctx.query)
+        known = [t for t in terms if t in self._bm25.vocab]
+        unknown = [t for t in terms if t not in self._bm25.vocab]
+        details: dict[str, Any] = {"query_terms": len(terms), "unmatched_terms": len(unknown)}
+        if ctx.trace_text:
+            details["terms"] = terms
+            details["unmatched"] = unknown
+        decisions = []
+        corpus_size = len(self._doc_ids)
+        k = self.params.top_k
+        if k > corpus_size:
+            decisions.append(
+                Decision("k_clamped", f"top_k {k} exceeds the corpus size {corpus_size}; using {corpus_size}")
+            )
+            k = corpus_size
+        if not known:
+            decisions.append(Decision("no_matching_terms", "no query term occurs in the index; nothing recalled"))
+            return StageResult(candidates=[], decisions=decisions, details=details)
+
+        began = time.perf_counter()
+        weight_mask = None
+        if ctx.mask is not None:
+            weight_mask = ctx.mask.allowed.astype(np.float32)
+            details["masked_out"] = int(corpus_size - ctx.mask.allowed.sum())
+        scores = self._bm25.retriever.get_scores(known, weight_mask=weight_mask)
+        scored_ms = (time.perf_counter() - began) * 1000.0
+
+        rows = np.flatnonzero(scores > 0)
+        if len(rows) > k:
+            kth = np.partition(scores[rows], len(rows) - k)[len(rows) - k]
+            rows = rows[scores[rows] >= kth]  # keeps every tie at the boundary; cut after sorting
+        doc_ids = self._doc_ids
+        order = sorted(rows.tolist(), key=lambda r: (-float(scores[r]), doc_ids[r]))[:k]
+        if len(order) < k:
+            decisions.append(
+                Decision("fewer_matches", f"only {len(order)} documents match any query term (top_k {k})")
+            )
+        candidates = [
+            Candidate(doc_ids[row], row, (ScoreEntry(self.id, "bm25", float(scores[row]), rank),))
+            for rank, row in enumerate(order, start=1)
+        ]
+        return StageResult(
+            candidates=candidates,
+            decisions=decisions,
+            details=details,
+            timings_ms={"bm25_scoring": scored_ms},
+        )
+
+    def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
+        settings = self._bm25.settings
+        formula = (
+            f"BM25 ({settings.get('method', 'lucene')}, k1={settings.get('k1')}, b={settings.get('b')}) "
+            f"over {'+'.join(settings.get('fields', ['title', 'text']))}: "
+            "sum over terms of idf(t) * tf*(k1+1) / (tf + k1*(1-b+b*dl/avgdl)); "
+            f"rank {rank} in stage '{self.id}'"
+        )
+        if not trace_text:
+            return Explanation(value, formula)
+        details = []
+        for term, count in Counter(self._terms(query)).items():
+            if term not in self._bm25.vocab:
+                continue
+            contribution = float(self._bm25.retriever.get_scores([term])[candidate.row])
+            if contribution > 0:
+                times = f" x{count} (repeated in the query)" if count > 1 else ""
+                details.append(Explanation(contribution * count, f"term '{term}'{times}"))
+        return Explanation(value, formula, tuple(details))
