@@ -1,0 +1,47 @@
+"""Shared fixtures: the bundled SciFact slice, a BM25 index built from it once per session.
+
+The network is blocked for every test (pytest-socket, configured in pyproject.toml: only
+loopback may be reached) and the model hub is switched off, as in CI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI = ROOT / "examples" / "scifact-mini"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def mini_corpus() -> Path:
+    """Directory of the bundled SciFact slice (corpus.jsonl, queries.jsonl, qrels/test.tsv)."""
+    return MINI
+
+
+@pytest.fixture(scope="session")
+def bm25_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bm25s index over the SciFact slice, built once per test session."""
+    from engine.index import build_index
+
+    out = tmp_path_factory.mktemp("indexes") / "mini"
+    build_index(MINI, out, {"bm25": {}})
+    return out
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write YAML text to a file in tmp_path and return its path."""
+
+    def write(text: str, name: str = "pipeline.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
