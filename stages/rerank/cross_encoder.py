@@ -1,0 +1,687 @@
+"""``rerank.cross_encoder``: rescore the top of a candidate list with a cross-encoder.
+
+Two kinds of model:
+- any Hugging Face sequence-classification cross-encoder (bge-reranker-base/large/v2-m3, or a
+  local directory), loaded through FlagEmbedding's ``FlagReranker``;
+- Sieve's own ``segment_cosine`` models (``sieve train-reranker``), recognised by the
+  ``sieve_model.json`` they carry.
+
+Inference is our own loop over the loaded model (not ``FlagReranker.compute_score``): one batched
+tokenizer call, length-sorted batches with dynamic padding, ``torch.inference_mode``, bf16
+autocast on CPUs with native bf16, fp16 on CUDA. Every cut is recorded in the trace (which
+documents, how many tokens); with ``long_documents: chunks`` a long document is scored as
+overlapping windows and keeps its best window (recorded too).
+
+Candidates beyond ``window`` are not scored: they keep their input order beneath the reranked
+ones and get no ``rerank`` ledger entry. torch and FlagEmbedding are imported in ``warm_up``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from engine.errors import MissingDependencyError, ModelLoadError, SieveError
+from engine.model import Candidate, Decision, Query, ScoreEntry
+from engine.registry import register_stage
+from engine.stage import (
+    Explanation,
+    GraphIssue,
+    GraphView,
+    Port,
+    Resources,
+    Stage,
+    StageContext,
+    StageNode,
+    StageParams,
+    StageResult,
+)
+from stages.rerank.modeling import (
+    DEFAULT_MAX_QUERY_TOKENS,
+    DEFAULT_SCALE,
+    SEGMENT_COSINE,
+    SEQUENCE_CLASSIFICATION,
+    EncodedPair,
+    collate,
+    cpu_has_native_bf16,
+    encode_pairs,
+    forward_scores,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_DIR = "models/sieve-reranker-scifact-minilm"
+DEFAULT_SEQUENCE_CLASSIFICATION_MAX_LENGTH = 512
+
+
+class CascadeParams(StageParams):
+    """Full model for the first ``full_top`` candidates of the window, a light one (or none) below."""
+
+    full_top: int = Field(..., ge=1, le=10_000, description="how many of the window the full model scores")
+    light_model: str | None = Field(
+        None, description="model for the rest of the window; None: the rest keep their input order unscored"
+    )
+    light_batch_size: int = Field(64, ge=1, le=4096)
+
+
+class CrossEncoderParams(StageParams):
+    model: str | None = Field(
+        None,
+        description=f"path, packaged name or hub id; None: the shipped model ({DEFAULT_MODEL_DIR} in the repository)",
+    )
+    window: int = Field(100, ge=1, le=10_000, description="rerank the top N candidates; the rest keep their order below")
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_length: int | None = Field(
+        None, ge=16, le=8192,
+        description="tokens per pair; None: the model card's (Sieve models) or 512 capped by the tokenizer's limit",
+    )
+    max_query_tokens: int = Field(DEFAULT_MAX_QUERY_TOKENS, ge=1, le=8192,
+                                  description="query tokens kept when a pair must be cut")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp16 on CUDA; bf16 on CPUs with native bf16, else fp32"
+    )
+    fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields joined as the text")
+    query: Literal["effective", "original"] = Field(
+        "effective", description="effective: the rewritten query when a rewrite ran; original: as asked"
+    )
+    long_documents: Literal["truncate", "chunks"] = Field(
+        "truncate", description="truncate: cut at max_length (recorded); chunks: overlapping windows, max over them"
+    )
+    chunk_overlap: int = Field(64, ge=0, le=4096, description="tokens shared by consecutive chunks")
+    max_chunks: int = Field(8, ge=1, le=256, description="chunks per document at most (what lies beyond is cut, recorded)")
+    cascade: CascadeParams | None = None
+    cache_size: int = Field(10_000, ge=0, le=10_000_000, description="scores kept in an in-memory LRU; 0: no cache")
+    oom_backoff: bool = Field(
+        False, description="on out-of-memory, halve the batch size and retry (recorded in the trace); off: fail"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "CrossEncoderParams":
+        if self.cascade is not None and self.cascade.full_top >= self.window:
+            raise ValueError(
+                f"cascade.full_top ({self.cascade.full_top}) must be smaller than window ({self.window}); "
+                "otherwise the light model scores nothing"
+            )
+        if self.max_length is not None and self.long_documents == "chunks" and self.chunk_overlap >= self.max_length // 2:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be less than half of max_length ({self.max_length})")
+        return self
+
+
+# --------------------------------------------------------------------------- loaded models
+
+
+@dataclass
+class PairScore:
+    score: float
+    document_tokens: int
+    document_cut: int
+    query_cut: int
+    chunks: int = 1
+    best_chunk: int = 0
+    best_chunk_start: int = 0
+
+
+class LoadedReranker:
+    """A cross-encoder ready for inference: model, tokenizer, scoring head, device, precision."""
+
+    def __init__(self, name: str, base_dir: Path, device: str, precision: str, max_length: int | None):
+        from engine.models import model_card, resolve_model
+
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError("torch", "torch", "the cross-encoder reranker") from None
+        self.torch = torch
+        resolved = resolve_model(name, base_dir=base_dir, purpose="rerank.cross_encoder model")
+        self.resolved = resolved
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("rerank.cross_encoder: device 'cuda' was asked for but CUDA is not available")
+        if precision == "auto":
+            precision = "fp16" if device == "cuda" else ("bf16" if cpu_has_native_bf16() else "fp32")
+        if precision == "fp16" and device == "cpu":
+            raise ModelLoadError("rerank.cross_encoder: fp16 is not supported on CPU; use fp32 or bf16")
+        self.device = device
+        self.precision = precision
+        card = model_card(Path(resolved.location)) if resolved.source != "hub" else None
+        self.card = card
+        self.head = (card or {}).get("head") or SEQUENCE_CLASSIFICATION
+        if self.head not in (SEGMENT_COSINE, SEQUENCE_CLASSIFICATION):
+            raise ModelLoadError(f"rerank.cross_encoder: {resolved.location}/sieve_model.json names an unknown head '{self.head}'")
+        self.scale = float((card or {}).get("scale") or DEFAULT_SCALE)
+        if self.head == SEGMENT_COSINE:
+            self._load_segment_cosine()
+        else:
+            self._load_flag_reranker()
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ModelLoadError(
+                f"rerank.cross_encoder: the tokenizer of '{name}' is not a fast tokenizer (no tokenizer.json); "
+                "Sieve needs one to record exactly what it truncates"
+            )
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", None) or DEFAULT_SEQUENCE_CLASSIFICATION_MAX_LENGTH
+        position_limit = getattr(self.model.config, "max_position_embeddings", None) or tokenizer_limit
+        if self.head == SEQUENCE_CLASSIFICATION and getattr(self.model.config, "model_type", "") in ("xlm-roberta", "roberta"):
+            position_limit -= 2  # RoBERTa-style positions start after the padding index
+        self.model_limit = int(min(tokenizer_limit, position_limit))
+        default_length = (card or {}).get("max_length") or DEFAULT_SEQUENCE_CLASSIFICATION_MAX_LENGTH
+        self.max_length = int(min(max_length if max_length is not None else default_length, self.model_limit))
+        self.max_length_requested = max_length
+        if resolved.weights_sha256 is not None:
+            self.weights_sha256 = resolved.weights_sha256
+        else:
+            self.weights_sha256 = _hub_weights_hash(resolved.location)
+        self.key = f"{self.weights_sha256 or resolved.location}:{self.head}:{self.scale}"
+        self.lock = threading.Lock()
+
+    def _load_segment_cosine(self) -> None:
+        torch = self.torch
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError:
+            raise MissingDependencyError("transformers", "transformers", "the cross-encoder reranker") from None
+        location = self.resolved.location
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            # float32 explicitly: the weights are stored as fp16 and "auto" would keep them so on CPU.
+            try:
+                self.model = AutoModel.from_pretrained(location, dtype=torch.float32, add_pooling_layer=False)
+            except TypeError:  # an architecture without a pooler option
+                self.model = AutoModel.from_pretrained(location, dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - any library failure becomes a located ModelLoadError
+            raise ModelLoadError(
+                f"rerank.cross_encoder: cannot load the segment_cosine model at {location}: {type(exc).__name__}: {exc}"
+            ) from None
+        self._place()
+
+    def _load_flag_reranker(self) -> None:
+        try:
+            from FlagEmbedding import FlagReranker
+        except ImportError:
+            raise MissingDependencyError("FlagEmbedding", "FlagEmbedding", "the cross-encoder reranker") from None
+        location = self.resolved.location
+        try:
+            reranker = FlagReranker(location, use_fp16=self.precision == "fp16", devices=[self.device])
+        except Exception as exc:  # noqa: BLE001 - any library failure becomes a located ModelLoadError
+            raise ModelLoadError(
+                f"rerank.cross_encoder: FlagReranker cannot load '{self.resolved.name}' from {location}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        num_labels = getattr(reranker.model.config, "num_labels", 1)
+        if num_labels != 1:
+            raise ModelLoadError(
+                f"rerank.cross_encoder: '{self.resolved.name}' has {num_labels} output labels; a reranker has 1 "
+                "(is it a classifier rather than a cross-encoder?)"
+            )
+        self.flag_reranker = reranker
+        self.tokenizer = reranker.tokenizer
+        self.model = reranker.model
+        self._place()
+
+    def _place(self) -> None:
+        torch = self.torch
+        try:
+            self.model.to(self.device)
+            if self.precision == "fp16":
+                self.model.half()
+            elif self.precision == "fp32":
+                self.model.float()
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            raise ModelLoadError(f"rerank.cross_encoder: cannot move the model to {self.device}: {exc}") from None
+        self.model.eval()
+
+    def identity(self) -> dict[str, Any]:
+        config = self.model.config
+        return {
+            "model": self.resolved.name,
+            "source": self.resolved.source,
+            "location": self.resolved.location,
+            "weights_sha256": self.weights_sha256,
+            "kind": self.head,
+            "architecture": (getattr(config, "architectures", None) or [type(self.model).__name__])[0],
+            "device": self.device,
+            "precision": self.precision,
+            "max_length": self.max_length,
+            **({"scale": self.scale} if self.head == SEGMENT_COSINE else {}),
+        }
+
+    def formula(self) -> str:
+        if self.head == SEGMENT_COSINE:
+            return (f"{self.scale:g} x cos(mean of query-segment token states, mean of document-segment token "
+                    f"states) of the jointly encoded pair (at most {self.max_length} tokens)")
+        return f"sequence-classification logit of the jointly encoded pair (at most {self.max_length} tokens)"
+
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        import contextlib
+
+        if self.precision == "bf16":
+            return self.torch.autocast(device_type=self.device, dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def score_encoded(self, encoded: Sequence[EncodedPair], batch_size: int) -> list[float]:
+        """Scores in input order: length-sorted batches, padded to each batch's longest pair."""
+        torch = self.torch
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+        scores = [0.0] * len(encoded)
+        with_segments = self.head == SEGMENT_COSINE
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = collate([encoded[i] for i in chunk], pad_id, with_segments)
+                if self.device != "cpu":
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                values = forward_scores(self.model, batch, self.head, self.scale).float().cpu().tolist()
+                for i, value in zip(chunk, values):
+                    scores[i] = value
+        return scores
+
+    def score(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        batch_size: int,
+        max_query_tokens: int,
+        chunk_overlap: int | None,
+        max_chunks: int,
+        oom_backoff: bool,
+        events: list[dict[str, Any]],
+    ) -> list[PairScore]:
+        """Score ``documents`` against ``query``; returns one record per document, in order."""
+        if not documents:
+            return []
+        torch = self.torch
+        groups = encode_pairs(
+            self.tokenizer, [query] * len(documents), list(documents), self.max_length,
+            max_query_tokens=max_query_tokens, chunk_overlap=chunk_overlap, max_chunks=max_chunks,
+        )
+        flat = [pair for group in groups for pair in group]
+        size = batch_size
+        while True:
+            try:
+                values = self.score_encoded(flat, size)
+                break
+            except Exception as exc:  # noqa: BLE001 - classified below, re-raised with context
+                out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+                if out_of_memory and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if out_of_memory and oom_backoff and size > 1:
+                    events.append({"event": "oom_backoff", "batch_size": size, "retry_with": size // 2})
+                    size //= 2
+                    continue
+                if out_of_memory:
+                    raise SieveError(
+                        f"out of memory scoring {len(flat)} pairs at batch_size {size} on {self.device}; "
+                        "lower batch_size or window, or set oom_backoff: true"
+                    ) from exc
+                raise SieveError(f"cross-encoder inference failed on {self.device}: {type(exc).__name__}: {exc}") from exc
+        results: list[PairScore] = []
+        position = 0
+        for group in groups:
+            group_scores = values[position : position + len(group)]
+            position += len(group)
+            best = max(range(len(group)), key=lambda i: (group_scores[i], -i))
+            first = group[0]
+            results.append(PairScore(
+                score=group_scores[best],
+                document_tokens=first.document_tokens,
+                document_cut=group[-1].document_cut,
+                query_cut=first.query_cut,
+                chunks=len(group),
+                best_chunk=group[best].chunk,
+                best_chunk_start=group[best].chunk_start,
+            ))
+        return results
+
+
+def _hub_weights_hash(hub_id: str) -> str | None:
+    """After a hub download: the sha256 of the cached snapshot's weights (None if not found)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from engine.models import weights_hash
+
+        config_path = try_to_load_from_cache(hub_id, "config.json")
+        if isinstance(config_path, str):
+            return weights_hash(Path(config_path).parent)
+    except Exception:  # noqa: BLE001 - identity is best effort; the trace then shows None
+        return None
+    return None
+
+
+class ScoreCache:
+    """Bounded LRU of scores keyed by (model identity, query text, document content sha256)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str, str], PairScore] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> PairScore | None:
+        if self.capacity == 0:
+            return None
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str, str], value: PairScore) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@register_stage
+class CrossEncoderRerank(Stage):
+    """Rescore the top ``window`` candidates with a cross-encoder; the rest keep their order below."""
+
+    type_name = "rerank.cross_encoder"
+    version = 1
+    Params = CrossEncoderParams
+    produces = Port.CANDIDATES
+    accepts = frozenset({Port.CANDIDATES})
+    min_candidate_inputs = 1
+    max_candidate_inputs = 1
+    signal = "rerank"
+    summary = "cross-encoder rerank of the top candidates (FlagReranker models or Sieve segment_cosine)"
+    params: CrossEncoderParams
+
+    def __init__(self, stage_id: str, params: StageParams):
+        super().__init__(stage_id, params)
+        self._model: LoadedReranker | None = None
+        self._light: LoadedReranker | None = None
+        self._cache = ScoreCache(self.params.cache_size)
+        self._notes: OrderedDict[str, dict[str, Any]] = OrderedDict()  # query text -> doc_id -> note
+        self._notes_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ compile time
+
+    @classmethod
+    def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
+        """Warn when a select.top_k downstream has k larger than the window (unreranked results)."""
+        params = node.params
+        assert isinstance(params, CrossEncoderParams)
+        issues = []
+        nodes: dict[str, StageNode] = getattr(graph, "_nodes", {})  # GraphView has no public node list yet
+        for other in nodes.values():
+            if other.cls.type_name != "select.top_k" or node.id not in {a.id for a in graph.ancestors(other.id)}:
+                continue
+            k = getattr(other.params, "k", None)
+            if k is None or k <= params.window:
+                continue
+            # A warning, not an error: ranks below the window keep their input order by design
+            # (cheap deep lists), but it is rarely what an analyst means.
+            only_this = _fed_only_by(graph, other.id, node.id)
+            consequence = (f"ranks {params.window + 1}-{k} keep their input order, unreranked" if only_this
+                           else "results beyond the window may be unreranked")
+            issues.append(GraphIssue(
+                f"select.top_k '{other.id}' returns k={k} results but this stage reranks only window="
+                f"{params.window}; {consequence} (raise window to at least {k})",
+                ("params", "window"),
+                "warning",
+            ))
+        return issues
+
+    # ------------------------------------------------------------------ warm-up
+
+    def _model_name(self) -> str:
+        return self.params.model if self.params.model is not None else str(REPO_ROOT / DEFAULT_MODEL_DIR)
+
+    def warm_up(self, resources: Resources) -> None:
+        self._index = resources.require_index(self.id)
+        params = self.params
+        name = self._model_name()
+        base_dir = resources.base_dir
+
+        def load(model_name: str) -> LoadedReranker:
+            return LoadedReranker(model_name, base_dir, params.device, params.precision, params.max_length)
+
+        key = f"cross_encoder:{name}:{base_dir}:{params.device}:{params.precision}:{params.max_length}"
+        self._model = resources.shared(key, lambda: load(name))
+        if params.long_documents == "chunks" and params.chunk_overlap >= self._model.max_length // 2:
+            raise ModelLoadError(
+                f"stage '{self.id}': chunk_overlap {params.chunk_overlap} must be less than half of the "
+                f"model's max_length {self._model.max_length}"
+            )
+        if params.cascade is not None and params.cascade.light_model is not None:
+            light = params.cascade.light_model
+            light_key = f"cross_encoder:{light}:{base_dir}:{params.device}:{params.precision}:{params.max_length}"
+            self._light = resources.shared(light_key, lambda: load(light))
+
+    # ------------------------------------------------------------------ running
+
+    def _score_with(
+        self,
+        model: LoadedReranker,
+        query_text: str,
+        items: list[tuple[Candidate, str, str]],
+        batch_size: int,
+        hits: list[str],
+        events: list[dict[str, Any]],
+    ) -> dict[str, PairScore]:
+        """Scores by doc_id, from the cache where possible."""
+        params = self.params
+        chunking = params.long_documents == "chunks"
+        variant = f"{model.key}:{model.max_length}:{params.max_query_tokens}:" + (
+            f"chunks{params.chunk_overlap}x{params.max_chunks}" if chunking else "truncate"
+        )
+        found: dict[str, PairScore] = {}
+        missing: list[tuple[Candidate, str, str]] = []
+        for candidate, text, digest in items:
+            cached = self._cache.get((variant, query_text, digest))
+            if cached is not None:
+                found[candidate.doc_id] = cached
+                hits.append(candidate.doc_id)
+            else:
+                missing.append((candidate, text, digest))
+        if missing:
+            with model.lock:
+                scored = model.score(
+                    query_text, [text for _, text, _ in missing], batch_size=batch_size,
+                    max_query_tokens=params.max_query_tokens,
+                    chunk_overlap=params.chunk_overlap if chunking else None,
+                    max_chunks=params.max_chunks, oom_backoff=params.oom_backoff, events=events,
+                )
+            for (candidate, _, digest), result in zip(missing, scored):
+                found[candidate.doc_id] = result
+                self._cache.put((variant, query_text, digest), result)
+        return found
+
+    def run(self, ctx: StageContext) -> StageResult:
+        if self._model is None:
+            raise SieveError(f"stage '{self.id}' was not warmed up")
+        params = self.params
+        (incoming,) = ctx.inputs
+        query_text = ctx.query.text if params.query == "original" else ctx.query.effective_text
+        window = incoming[: params.window]
+        rest = incoming[params.window :]
+        decisions: list[Decision] = []
+        details: dict[str, Any] = {"window": params.window, "input": len(incoming)}
+        if not window:
+            decisions.append(Decision("empty_input", "no candidates to rerank"))
+            return StageResult(candidates=[], decisions=decisions, details=details)
+
+        began = time.perf_counter()
+        documents = self._index.documents.get([c.row for c in window])
+        items = []
+        empty = []
+        for candidate in window:
+            text = documents[candidate.row].content(params.fields)
+            if not text.strip():
+                empty.append(candidate.doc_id)
+            items.append((candidate, text, hashlib.sha256(text.encode("utf-8")).hexdigest()))
+        if empty:
+            decisions.append(Decision(
+                "empty_document", f"{len(empty)} documents have no text in fields {list(params.fields)}; "
+                "scored with an empty document", {"doc_ids": empty},
+            ))
+        fetched_ms = (time.perf_counter() - began) * 1000.0
+
+        full_items, light_items = items, []
+        if params.cascade is not None:
+            full_items, light_items = items[: params.cascade.full_top], items[params.cascade.full_top :]
+        hits: list[str] = []
+        events: list[dict[str, Any]] = []
+        began = time.perf_counter()
+        full = self._score_with(self._model, query_text, full_items, params.batch_size, hits, events)
+        full_ms = (time.perf_counter() - began) * 1000.0
+        timings = {"fetch_documents": fetched_ms, "full_model": full_ms}
+
+        light: dict[str, PairScore] = {}
+        light_offset = 0.0
+        unscored: list[Candidate] = []
+        if light_items:
+            if self._light is None:
+                unscored = [c for c, _, _ in light_items]
+            else:
+                began = time.perf_counter()
+                light = self._score_with(
+                    self._light, query_text, light_items, params.cascade.light_batch_size, hits, events  # type: ignore[union-attr]
+                )
+                timings["light_model"] = (time.perf_counter() - began) * 1000.0
+                # Keep the light tier strictly below the full tier: shift it, record the shift.
+                lowest_full = min(s.score for s in full.values())
+                highest_light = max(s.score for s in light.values())
+                if highest_light >= lowest_full:
+                    light_offset = lowest_full - highest_light - 1.0
+
+        ranked_full = sorted(full_items, key=lambda it: (-full[it[0].doc_id].score, it[0].doc_id))
+        ranked_light = sorted(light_items, key=lambda it: (-light[it[0].doc_id].score, it[0].doc_id)) if light else []
+        output: list[Candidate] = []
+        for tier, ranked_items, scores, offset in (("full", ranked_full, full, 0.0), ("light", ranked_light, light, light_offset)):
+            for candidate, _, _ in ranked_items:
+                value = scores[candidate.doc_id].score + offset
+                output.append(candidate.with_score(ScoreEntry(self.id, "rerank", float(value), len(output) + 1)))
+        output.extend(unscored)
+        output.extend(rest)
+
+        scored_all = {**full, **light}
+        truncated = [
+            {"doc_id": doc_id, "document_tokens": s.document_tokens, "cut_tokens": s.document_cut}
+            for doc_id, s in scored_all.items() if s.document_cut > 0
+        ]
+        query_cut = max((s.query_cut for s in scored_all.values()), default=0)
+        details.update({
+            "reranked": len(scored_all),
+            "passed_through": len(unscored) + len(rest),
+            "max_length": self._model.max_length,
+            "truncated": {"count": len(truncated), "documents": sorted(truncated, key=lambda t: t["doc_id"])},
+            "cache": {"hits": len(hits), "misses": len(scored_all) - len(hits), "hit_doc_ids": sorted(hits),
+                      "size": len(self._cache)},
+        })
+        if query_cut:
+            details["query_tokens_cut"] = query_cut
+            decisions.append(Decision("query_truncated", f"the query was cut by {query_cut} tokens to "
+                                      f"max_query_tokens={params.max_query_tokens}"))
+        if truncated:
+            decisions.append(Decision(
+                "documents_truncated",
+                f"{len(truncated)} of {len(scored_all)} documents exceed max_length {self._model.max_length} and "
+                + ("were cut beyond the last chunk" if params.long_documents == "chunks" else "were cut at the end"),
+            ))
+        if params.long_documents == "chunks":
+            details["chunked"] = sorted(
+                ({"doc_id": d, "chunks": s.chunks, "best_chunk": s.best_chunk, "best_chunk_start_token": s.best_chunk_start}
+                 for d, s in scored_all.items() if s.chunks > 1),
+                key=lambda c: c["doc_id"],
+            )
+        if params.cascade is not None:
+            details["cascade"] = {
+                "full_top": params.cascade.full_top,
+                "full_scored": len(full),
+                "light_model": self._light.resolved.name if self._light is not None else None,
+                "light_scored": len(light),
+                "light_offset": light_offset,
+                "unscored": [c.doc_id for c in unscored],
+            }
+        if events:
+            details["oom_events"] = events
+            decisions.append(Decision("oom_backoff", f"batch size halved {len(events)} time(s) after out-of-memory",
+                                      {"events": events}))
+        self._remember(query_text, full, light, light_offset, hits)
+        return StageResult(candidates=output, decisions=decisions, details=details, timings_ms=timings)
+
+    def _remember(self, query_text: str, full: dict[str, PairScore], light: dict[str, PairScore],
+                  light_offset: float, hits: list[str]) -> None:
+        """Per-document notes for ``explain`` (which model, cut tokens, chunk), for recent queries."""
+        hit_set = set(hits)
+        notes = {}
+        for tier, scores in (("full", full), ("light", light)):
+            for doc_id, s in scores.items():
+                notes[doc_id] = {"tier": tier, "raw": s.score, "offset": light_offset if tier == "light" else 0.0,
+                                 "cut": s.document_cut, "tokens": s.document_tokens, "chunks": s.chunks,
+                                 "best_chunk": s.best_chunk, "chunk_start": s.best_chunk_start,
+                                 "cached": doc_id in hit_set}
+        with self._notes_lock:
+            self._notes[query_text] = notes
+            self._notes.move_to_end(query_text)
+            while len(self._notes) > 64:
+                self._notes.popitem(last=False)
+
+    def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
+        assert self._model is not None
+        query_text = query.text if self.params.query == "original" else query.effective_text
+        with self._notes_lock:
+            note = self._notes.get(query_text, {}).get(candidate.doc_id)
+        model = self._model
+        if note is not None and note["tier"] == "light" and self._light is not None:
+            model = self._light
+        description = (f"cross-encoder {model.resolved.name} ({model.head}): {model.formula()}; "
+                       f"rank {rank} in stage '{self.id}'")
+        if note is None:
+            return Explanation(value, description)
+        details = []
+        if note["tier"] == "light":
+            details.append(Explanation(note["raw"], "light-model score (cascade: below the full model's top "
+                                       f"{self.params.cascade.full_top if self.params.cascade else '?'})"))
+            if note["offset"]:
+                details.append(Explanation(note["offset"], "shift keeping the light tier below the full tier"))
+        if note["cut"]:
+            details.append(Explanation(float(note["cut"]), f"document tokens not seen (of {note['tokens']}; truncated)"))
+        if note["chunks"] > 1:
+            details.append(Explanation(float(note["best_chunk"]),
+                                       f"best of {note['chunks']} chunks (max over chunks), starting at document "
+                                       f"token {note['chunk_start']}"))
+        if note["cached"]:
+            details.append(Explanation(value, "score served from the stage's score cache"))
+        return Explanation(value, description, tuple(details))
+
+    def identity(self) -> dict[str, Any] | None:
+        if self._model is None:
+            return {"model": self._model_name(), "loaded": False}
+        identity = self._model.identity()
+        if self._light is not None:
+            identity["cascade_light"] = self._light.identity()
+        return identity
+
+
+def _fed_only_by(graph: GraphView, stage_id: str, source_id: str) -> bool:
+    """True when ``stage_id``'s candidates come from ``source_id`` through single-input stages only."""
+    current = graph.node(stage_id)
+    while True:
+        candidate_inputs = [i for i in current.inputs if graph.node(i).cls.produces is Port.CANDIDATES]
+        if len(candidate_inputs) != 1:
+            return False
+        if candidate_inputs[0] == source_id:
+            return True
+        current = graph.node(candidate_inputs[0])

