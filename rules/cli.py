@@ -1,0 +1,121 @@
+"""``sieve rules``: the analysts' commands — run rule tests, check rule files.
+
+Mounted by the main CLI with ``app.add_typer(rules_app, name="rules")``. Every error a user can
+cause (a broken rule, test or pipeline file) is printed as located messages with exit code 2;
+failing test cases exit with 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from engine.errors import ConfigError, SieveError
+
+rules_app = typer.Typer(
+    help="Analyst rule files: run their tests, check them for conflicts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@rules_app.command("test")
+def test(
+    paths: Annotated[
+        Optional[list[Path]], typer.Argument(help="test files (*.tests.yaml) or directories to search (default: configs)")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option("-k", help="run only cases whose name contains this")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+) -> None:
+    """Run the analysts' rule tests: each case's query must return (or never return) what it says."""
+    from rules.testing import discover, run_test_file
+
+    files = discover(paths or [Path("configs")])
+    if not files:
+        err.print("[red]error:[/red] no rule test files (*.tests.yaml) found")
+        raise typer.Exit(2)
+    reports = []
+    broken = False
+    for path in files:
+        try:
+            reports.append(run_test_file(path, name))
+        except SieveError as exc:
+            broken = True
+            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(exc))}")
+    failed = sum(r.failed for r in reports)
+    total = sum(len(r.cases) for r in reports)
+    if as_json:
+        out.print_json(json.dumps([
+            {"file": r.path, "cases": [
+                {"name": c.name, "location": str(c.location), "passed": c.passed, "failures": c.failures,
+                 "results": c.results} for c in r.cases]}
+            for r in reports
+        ]))
+    else:
+        for report in reports:
+            for case in report.cases:
+                if case.passed:
+                    out.print(f"[green]✓[/green] {escape(case.name)}")
+                else:
+                    out.print(f"[red]✗[/red] {escape(case.name)}  ({escape(str(case.location))})")
+                    for failure in case.failures:
+                        out.print(f"    {escape(failure)}")
+        colour = "green" if failed == 0 and not broken else "red"
+        out.print(f"[{colour}]{total - failed} passed, {failed} failed[/{colour}] in {len(reports)} file(s)")
+    if broken:
+        raise typer.Exit(2)
+    if failed:
+        raise typer.Exit(1)
+
+
+@rules_app.command("check")
+def check(
+    files: Annotated[list[Path], typer.Argument(help="rule files to check")],
+    index_dir: Annotated[
+        Optional[Path], typer.Option("--index", help="also check against this index (fields, doc ids)")
+    ] = None,
+) -> None:
+    """Validate rule files and look for conflicts, expired rules and (with --index) unknown fields."""
+    from rules.conflicts import check_against_corpus, check_rules
+    from rules.ruleset import load_rule_file
+
+    table = None
+    if index_dir is not None:
+        from engine.index import Index
+        from rules.corpus import DocumentTable
+
+        try:
+            table = DocumentTable.from_index(Index.open(index_dir))
+        except SieveError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+    failed = False
+    for path in files:
+        try:
+            ruleset = load_rule_file(path)
+        except ConfigError as exc:
+            failed = True
+            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(exc))}")
+            continue
+        issues = check_rules(ruleset) + (check_against_corpus(ruleset, table) if table is not None else [])
+        errors = [i for i in issues if i.severity == "error"]
+        for issue in issues:
+            colour = "red" if issue.severity == "error" else "yellow"
+            err.print(f"[{colour}]{escape(str(issue))}[/{colour}]")
+        if errors:
+            failed = True
+            out.print(f"[red]✗[/red] {escape(str(path))}: {len(errors)} error(s)")
+        else:
+            out.print(f"[green]✓[/green] {escape(str(path))}: {len(ruleset.rules)} {ruleset.kind} rules, "
+                      f"sha256 {ruleset.sha256[:12]}")
+    if failed:
+        raise typer.Exit(2)

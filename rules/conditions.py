@@ -1,0 +1,830 @@
+"""Rule conditions: a declarative YAML form and sandboxed expressions, compiled once.
+
+A condition is one of::
+
+    {field: query.text, op: contains, value: metformin}          # a leaf
+    {field: doc.acl, op: contains_any, value_from: user.groups}   # operand taken from the query
+    {all: [cond, ...]}   {any: [cond, ...]}   {not: cond}
+    {expr: "'investigator' in user.roles and doc.phase == 3"}    # sandboxed Jinja2 expression
+
+Fields (``field`` and ``value_from``):
+
+- query side: ``query.text`` (as asked), ``query.rewritten``, ``query.effective`` (the rewrite when
+  there is one), ``query.language``, ``query.history``, ``query.entities`` (entity texts),
+  ``query.entity_labels``, ``query.entities.<LABEL>`` (texts of one label), ``user.id``,
+  ``user.roles``, ``user.groups``, ``user.jurisdictions``, ``user.attributes.<name>``, ``as_of``;
+- document side: ``doc.id``, ``doc.title``, ``doc.text``, ``doc.<metadata field>[.<key>...]``;
+- candidate side (override rules only): ``score.<stage id>`` (that stage's ledger score),
+  ``candidate.score`` (the current score), ``candidate.rank`` (1-based rank on arrival).
+
+Operators (a list-valued field matches when any of its elements does):
+``eq ne in not_in contains not_contains contains_any contains_all regex exists lt le gt ge
+before after``. String comparisons ignore case unless ``case_sensitive: true``. ``lt``..``ge``
+compare numbers, or dates when the value is a date; ``before``/``after`` compare dates. A date
+value may be relative to the query's time: ``as_of``, ``as_of - 30d``, ``as_of + 2w``,
+``as_of - 1y`` (365 days). A missing field (or null) makes every operator false except the
+negated ones (``ne``, ``not_in``, ``not_contains``) and ``exists: false``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from rules.expressions import (
+    CompiledExpression,
+    ExpressionError,
+    ExpressionRuntimeError,
+    compile_expression,
+    parse_date,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from engine.model import Query
+    from rules.corpus import DocumentTable
+
+Op = Literal[
+    "eq", "ne", "in", "not_in", "contains", "not_contains", "contains_any", "contains_all",
+    "regex", "exists", "lt", "le", "gt", "ge", "before", "after",
+]
+LIST_OPS = frozenset({"in", "not_in", "contains_any", "contains_all"})
+ORDER_OPS = frozenset({"lt", "le", "gt", "ge", "before", "after"})
+DATE_ONLY_OPS = frozenset({"before", "after"})
+NEGATED = {"ne": "eq", "not_in": "in", "not_contains": "contains"}
+MAX_REGEX_CHARS = 500
+FIELD_PATTERN = re.compile(r"^(as_of|(query|user|doc|score|candidate)(\.[A-Za-z0-9_\-]+)+)$")
+RELATIVE_DATE = re.compile(r"^\s*as_of\s*(?:(?P<sign>[+-])\s*(?P<amount>\d{1,5})\s*(?P<unit>[dwy]))?\s*$")
+UNIT_DAYS = {"d": 1, "w": 7, "y": 365}
+
+QUERY_FIELDS = ("text", "rewritten", "effective", "language", "history", "entities", "entity_labels")
+USER_FIELDS = ("id", "roles", "groups", "jurisdictions", "attributes")
+CANDIDATE_FIELDS = ("score", "rank")
+
+Scope = Literal["query", "document", "candidate"]
+QUERY_NAMES = frozenset({"query", "user", "as_of"})
+DOCUMENT_NAMES = QUERY_NAMES | {"doc"}
+CANDIDATE_NAMES = DOCUMENT_NAMES | {"score", "candidate"}
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Any = _Missing()
+
+
+def _err(message: str) -> PydanticCustomError:
+    return PydanticCustomError("rule_condition", message)
+
+
+class Condition(BaseModel):
+    """A condition as written in YAML (validated; compile it with :func:`compile_condition`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    field: Optional[str] = Field(None, description="what to test, e.g. query.text or doc.status")
+    op: Optional[Op] = None
+    value: Any = None
+    value_from: Optional[str] = Field(None, description="take the operand from the query, e.g. user.groups")
+    case_sensitive: bool = False
+    all: Optional[list["Condition"]] = Field(None, min_length=1)
+    any: Optional[list["Condition"]] = Field(None, min_length=1)
+    not_: Optional["Condition"] = Field(None, alias="not")
+    expr: Optional[str] = Field(None, description="a sandboxed Jinja2 expression")
+
+    @field_validator("field", "value_from")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not FIELD_PATTERN.match(value):
+            raise _err(
+                "not a field path; fields look like query.text, user.groups, as_of, doc.<name>, "
+                "score.<stage id> or candidate.rank"
+            )
+        return value
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: Any, info: ValidationInfo) -> Any:
+        op = info.data.get("op")
+        if value is None or op is None:
+            return value
+        if op in LIST_OPS:
+            if not isinstance(value, list) or not value:
+                raise _err(f"'{op}' needs a non-empty list of values")
+            if any(isinstance(v, (list, dict)) or v is None for v in value):
+                raise _err(f"'{op}' needs a list of plain values (strings, numbers, dates)")
+        elif op == "exists":
+            if not isinstance(value, bool):
+                raise _err("'exists' takes true or false")
+        elif op == "regex":
+            if not isinstance(value, str):
+                raise _err("'regex' needs a string pattern")
+            if len(value) > MAX_REGEX_CHARS:
+                raise _err(f"the pattern is longer than {MAX_REGEX_CHARS} characters")
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise _err(f"invalid regular expression: {exc}") from None
+        elif op in ORDER_OPS:
+            if _as_date_operand(value) is None and (op in DATE_ONLY_OPS or not _is_number(value)):
+                wanted = "a date" if op in DATE_ONLY_OPS else "a number or a date"
+                raise _err(
+                    f"'{op}' needs {wanted} (ISO 2025-01-31, or relative: as_of, as_of - 30d, as_of + 2w, as_of - 1y)"
+                )
+        elif isinstance(value, (list, dict)):
+            raise _err(f"'{op}' compares with a single value; use 'in' or 'contains_any' for a list")
+        return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Condition":
+        forms = [name for name, set_ in (
+            ("field", self.field is not None), ("all", self.all is not None), ("any", self.any is not None),
+            ("not", self.not_ is not None), ("expr", self.expr is not None),
+        ) if set_]
+        if len(forms) != 1:
+            found = ", ".join(forms) if forms else "none of them"
+            raise _err(f"a condition is exactly one of field/op/value, all, any, not or expr (found: {found})")
+        if forms[0] == "field":
+            if self.op is None:
+                raise _err("a field condition needs an 'op'")
+            if self.op == "exists":
+                if self.value_from is not None:
+                    raise _err("'exists' takes no value_from")
+            elif (self.value is None) == (self.value_from is None):
+                raise _err(f"'{self.op}' needs exactly one of 'value' or 'value_from'")
+            if self.value_from is not None and not self.value_from.startswith(("query.", "user.", "as_of")):
+                raise _err("value_from must name a query-side field (query.*, user.*, as_of)")
+        elif self.op is not None or self.value is not None or self.value_from is not None or self.case_sensitive:
+            raise _err("op, value, value_from and case_sensitive belong to a field condition only")
+        return self
+
+
+Condition.model_rebuild()
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class RelativeDate:
+    """``as_of`` shifted by a number of days, resolved against each query's time."""
+
+    offset_days: int
+
+    def resolve(self, as_of: datetime) -> datetime:
+        return as_of + timedelta(days=self.offset_days)
+
+    def __str__(self) -> str:
+        if self.offset_days == 0:
+            return "as_of"
+        return f"as_of {'+' if self.offset_days > 0 else '-'} {abs(self.offset_days)}d"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_date_operand(value: Any) -> datetime | RelativeDate | None:
+    if isinstance(value, (date, datetime)):
+        return parse_date(value)
+    if isinstance(value, str):
+        match = RELATIVE_DATE.match(value)
+        if match:
+            if match.group("sign") is None:
+                return RelativeDate(0)
+            days = int(match.group("amount")) * UNIT_DAYS[match.group("unit")]
+            return RelativeDate(days if match.group("sign") == "+" else -days)
+        return parse_date(value)
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = float(value)
+        except ValueError:
+            return None
+        return parsed if math.isfinite(parsed) else None
+    return None
+
+
+def _elements(value: Any) -> Sequence[Any]:
+    if value is MISSING or value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if v is not None]
+    return (value,)
+
+
+def _fold(value: Any, case_sensitive: bool) -> Any:
+    return value.casefold() if isinstance(value, str) and not case_sensitive else value
+
+
+def present(value: Any) -> bool:
+    """``exists`` semantics: present, not null, not an empty string or list."""
+    return not (value is MISSING or value is None or value == "" or value == [] or value == ())
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+class QueryView:
+    """The query side of every condition, built once per query: plain values, no engine objects."""
+
+    def __init__(self, query: "Query"):
+        self.query = query
+        entities = []
+        for entity in query.entities:
+            if isinstance(entity, Mapping):
+                text = entity.get("text", entity.get("value", entity.get("name")))
+                label = entity.get("label", entity.get("type"))
+                entities.append((None if text is None else str(text), None if label is None else str(label)))
+        self.entities = entities
+        user = query.user
+        self.fields: dict[str, Any] = {
+            "as_of": query.as_of,
+            "query.text": query.text,
+            "query.rewritten": query.rewritten if query.rewritten is not None else MISSING,
+            "query.effective": query.effective_text,
+            "query.language": query.language if query.language is not None else MISSING,
+            "query.history": list(query.history),
+            "query.entities": [t for t, _ in entities if t is not None],
+            "query.entity_labels": sorted({lbl for _, lbl in entities if lbl is not None}),
+            "user.id": user.user_id if user.user_id is not None else MISSING,
+            "user.roles": list(user.roles),
+            "user.groups": list(user.groups),
+            "user.jurisdictions": list(user.jurisdictions),
+            "user.attributes": dict(user.attributes),
+        }
+        self._variables: dict[str, Any] | None = None
+        self.errors: list[tuple[int, str]] = []  # (row, message) of documents an expression failed on
+
+    def get(self, path: str) -> Any:
+        value = self.fields.get(path, MISSING)
+        if value is not MISSING or path in self.fields:
+            return value
+        if path.startswith("user.attributes."):
+            return self.query.user.attributes.get(path[len("user.attributes."):], MISSING)
+        if path.startswith("query.entities."):
+            label = path[len("query.entities."):]
+            return [t for t, lbl in self.entities if lbl is not None and lbl.casefold() == label.casefold() and t]
+        return MISSING
+
+    def variables(self) -> dict[str, Any]:
+        """The names a Jinja expression sees for the query side (copies; never engine objects)."""
+        if self._variables is None:
+            q = self.query
+            self._variables = {
+                "query": {
+                    "text": q.text,
+                    "rewritten": q.rewritten,
+                    "effective": q.effective_text,
+                    "language": q.language,
+                    "history": list(q.history),
+                    "entities": [{"text": t, "label": lbl} for t, lbl in self.entities],
+                },
+                "user": {
+                    "id": q.user.user_id,
+                    "roles": list(q.user.roles),
+                    "groups": list(q.user.groups),
+                    "jurisdictions": list(q.user.jurisdictions),
+                    "attributes": dict(q.user.attributes),
+                },
+                "as_of": q.as_of,
+            }
+        return self._variables
+
+
+def doc_field(document: Any, path: str) -> Any:
+    """``doc.<...>`` of a Document (id, title, text, or metadata, nested with dots)."""
+    parts = path.split(".")[1:]
+    head = parts[0]
+    if head == "id" and len(parts) == 1:
+        return document.doc_id
+    if head in ("title", "text") and len(parts) == 1:
+        return getattr(document, head)
+    value: Any = document.metadata
+    for part in parts:
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        else:
+            return MISSING
+    return value
+
+
+def doc_variables(document: Any) -> dict[str, Any]:
+    return {**document.metadata, "id": document.doc_id, "title": document.title, "text": document.text,
+            "metadata": document.metadata}
+
+
+class Subject:
+    """What one evaluation reads: the query view and, for document conditions, one document."""
+
+    __slots__ = ("view", "document", "scores", "candidate_score", "rank")
+
+    def __init__(self, view: QueryView, document: Any = None, scores: Mapping[str, float] | None = None,
+                 candidate_score: float | None = None, rank: int | None = None):
+        self.view = view
+        self.document = document
+        self.scores = scores
+        self.candidate_score = candidate_score
+        self.rank = rank
+
+    def get(self, path: str) -> Any:
+        if path.startswith("doc."):
+            return MISSING if self.document is None else doc_field(self.document, path)
+        if path.startswith("score."):
+            if self.scores is None:
+                return MISSING
+            return self.scores.get(path[len("score."):], MISSING)
+        if path == "candidate.score":
+            return MISSING if self.candidate_score is None else self.candidate_score
+        if path == "candidate.rank":
+            return MISSING if self.rank is None else self.rank
+        return self.view.get(path)
+
+    def variables(self) -> dict[str, Any]:
+        variables = dict(self.view.variables())
+        if self.document is not None:
+            variables["doc"] = doc_variables(self.document)
+        if self.scores is not None:
+            variables["score"] = dict(self.scores)
+        variables["candidate"] = {"score": self.candidate_score, "rank": self.rank}
+        return variables
+
+
+# --------------------------------------------------------------------------- compiled nodes
+
+
+class CompileError(ValueError):
+    """A condition cannot be compiled; ``path`` is relative to the condition."""
+
+    def __init__(self, message: str, path: tuple[str | int, ...] = ()):
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+class Node:
+    """A compiled condition."""
+
+    uses_query: bool = False  # reads the query side (when evaluated over documents)
+    uses_document: bool = False
+    uses_candidate: bool = False  # reads ledger scores or ranks (override rules only)
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        raise NotImplementedError
+
+    def fields(self) -> set[str]:
+        """Every field path this condition reads (for checks against the corpus)."""
+        return set()
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+        """Value over every document of the table (prefilter use): numpy ops, not a loop, when possible."""
+        raise NotImplementedError
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple, frozenset)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, datetime):
+        return value.date().isoformat() if value.hour == value.minute == value.second == 0 else value.isoformat()
+    return str(value)
+
+
+class Leaf(Node):
+    def __init__(self, spec: Condition):
+        assert spec.field is not None and spec.op is not None
+        self.field = spec.field
+        self.op: str = spec.op
+        self.case_sensitive = spec.case_sensitive
+        self.value_from = spec.value_from
+        self.raw_value = spec.value
+        self.positive = NEGATED.get(self.op, self.op)
+        self.negated = self.op in NEGATED
+        self.literal: Any = None
+        self.pattern: re.Pattern[str] | None = None
+        self.date_operand = False
+        operand: Any = True if self.op == "exists" and spec.value is None else spec.value
+        if self.value_from is None:
+            self.literal = self._prepare(operand)
+        self.relative = isinstance(self.literal, RelativeDate)
+        scope_roots = {self.field.split(".")[0]} | ({self.value_from.split(".")[0]} if self.value_from else set())
+        self.uses_document = "doc" in scope_roots
+        self.uses_candidate = bool(scope_roots & {"score", "candidate"})
+        self.uses_query = bool(scope_roots & {"query", "user", "as_of"}) or self.relative
+
+    # ---- operand preparation (compile time for literals, per query for value_from)
+
+    def _prepare(self, operand: Any) -> Any:
+        op = self.positive
+        if op == "regex":
+            flags = 0 if self.case_sensitive else re.IGNORECASE
+            self.pattern = re.compile(str(operand), flags)
+            return operand
+        if op in ORDER_OPS:
+            as_date = _as_date_operand(operand)
+            if as_date is not None and (op in DATE_ONLY_OPS or not _is_number(operand)):
+                self.date_operand = True
+                return as_date
+            return _number(operand)
+        if op in LIST_OPS:
+            values = operand if isinstance(operand, (list, tuple)) else [operand]
+            return frozenset(self._scalar(v) for v in values)
+        if op == "exists":
+            return bool(operand)
+        return self._scalar(operand)
+
+    def _scalar(self, value: Any) -> Any:
+        if isinstance(value, (date, datetime)):
+            return parse_date(value)
+        return _fold(value, self.case_sensitive)
+
+    def _runtime_operand(self, view: QueryView) -> Any:
+        if self.value_from is None:
+            if isinstance(self.literal, RelativeDate):
+                return self.literal.resolve(view.query.as_of)
+            return self.literal
+        raw = view.get(self.value_from)
+        op = self.positive
+        if raw is MISSING or raw is None:
+            return MISSING
+        if op in LIST_OPS or op == "contains" and isinstance(raw, (list, tuple)):
+            values = raw if isinstance(raw, (list, tuple)) else [raw]
+            return frozenset(self._scalar(v) for v in values)
+        if op in ORDER_OPS:
+            as_date = parse_date(raw) if isinstance(raw, (date, datetime, str)) else None
+            if as_date is not None and not _is_number(raw):
+                return as_date
+            return _number(raw)
+        if op == "regex":
+            return raw
+        return self._scalar(raw)
+
+    # ---- the test itself
+
+    def test_value(self, value: Any, operand: Any) -> tuple[bool, Any]:
+        """(does ``value`` satisfy the positive operator, what matched) — negation applied by callers."""
+        op = self.positive
+        if op == "exists":
+            return present(value) == operand, value if present(value) else None
+        if operand is MISSING or operand is None:
+            return False, None
+        elements = _elements(value)
+        if not elements:
+            return False, None
+        if op == "eq":
+            date_mode = isinstance(operand, datetime)
+            for element in elements:
+                candidate = parse_date(element) if date_mode else _fold(element, self.case_sensitive)
+                if candidate == operand and not (isinstance(element, bool) != isinstance(operand, bool)):
+                    return True, element
+            return False, None
+        if op == "in":
+            for element in elements:
+                folded = _fold(element, self.case_sensitive)
+                if _hashable(folded) and folded in operand:
+                    return True, element
+            return False, None
+        if op in ("contains", "contains_any", "contains_all"):
+            wanted = operand if isinstance(operand, frozenset) else frozenset([operand])
+            found = []
+            for needle in sorted(wanted, key=str):
+                hit = False
+                for element in elements:
+                    folded = _fold(element, self.case_sensitive)
+                    if isinstance(value, str) and isinstance(folded, str) and isinstance(needle, str):
+                        hit = needle in folded
+                    else:
+                        hit = _hashable(folded) and folded == needle
+                    if hit:
+                        break
+                if hit:
+                    found.append(needle)
+                    if op != "contains_all":
+                        break
+                elif op == "contains_all":
+                    return False, None
+            if not found:
+                return False, None
+            return True, found[0] if op == "contains" else found
+        if op == "regex":
+            pattern = self.pattern
+            if self.value_from is not None:
+                try:
+                    pattern = re.compile(str(operand), 0 if self.case_sensitive else re.IGNORECASE)
+                except re.error:
+                    return False, None
+            assert pattern is not None
+            for element in elements:
+                if isinstance(element, str):
+                    match = pattern.search(element)
+                    if match:
+                        return True, match.group(0)
+            return False, None
+        if op in ORDER_OPS:
+            for element in elements:
+                if isinstance(operand, datetime):
+                    left: Any = parse_date(element) if isinstance(element, (str, date, datetime)) else None
+                else:
+                    left = _number(element)
+                if left is None:
+                    continue
+                if _compare(op, left, operand):
+                    return True, element
+            return False, None
+        raise AssertionError(f"unhandled operator {op}")  # pragma: no cover - Op is a closed Literal
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        value = subject.get(self.field)
+        operand = self._runtime_operand(subject.view)
+        hit, matched = self.test_value(value, operand)
+        result = hit != self.negated
+        if result and evidence is not None:
+            record: dict[str, Any] = {"field": self.field, "op": self.op}
+            if self.negated or self.op == "exists":
+                record["actual"] = _plain(value)
+            else:
+                record["matched"] = _plain(matched)
+            if self.value_from is not None:
+                record["value_from"] = self.value_from
+            evidence.append(record)
+        return result
+
+    def fields(self) -> set[str]:
+        return {self.field} | ({self.value_from} if self.value_from else set())
+
+    def describe(self) -> str:
+        operand = self.value_from if self.value_from is not None else _show(
+            self.literal if isinstance(self.literal, RelativeDate) else self.raw_value if self.op != "exists" else self.literal
+        )
+        return f"{self.field} {self.op} {operand}"
+
+    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+        import numpy as np
+
+        if not self.uses_document:  # a query-side test inside a document condition: one value for all
+            hit = self.evaluate(Subject(view))
+            return np.full(table.size, hit, dtype=bool)
+        operand = self._runtime_operand(view)
+        if self.positive in ORDER_OPS and operand is not MISSING and operand is not None:
+            column = table.numeric(self.field, dates=isinstance(operand, datetime))
+            if column is not None:
+                target = operand.timestamp() if isinstance(operand, datetime) else float(operand)
+                with np.errstate(invalid="ignore"):
+                    result = _VECTOR_COMPARE[self.positive](column, target)
+                return ~result if self.negated else result
+        codes, uniques = table.factorized(self.field)
+        lookup = np.fromiter((self.test_value(u, operand)[0] for u in uniques), dtype=bool, count=len(uniques))
+        result = lookup[codes]
+        return ~result if self.negated else result
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _compare(op: str, left: Any, right: Any) -> bool:
+    try:
+        if op in ("lt", "before"):
+            return bool(left < right)
+        if op == "le":
+            return bool(left <= right)
+        if op in ("gt", "after"):
+            return bool(left > right)
+        return bool(left >= right)
+    except TypeError:
+        return False
+
+
+_VECTOR_COMPARE = {
+    "lt": lambda c, t: c < t,
+    "before": lambda c, t: c < t,
+    "le": lambda c, t: c <= t,
+    "gt": lambda c, t: c > t,
+    "after": lambda c, t: c > t,
+    "ge": lambda c, t: c >= t,
+}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly copy of a matched value for the trace."""
+    if value is MISSING:
+        return None
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple, frozenset, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+class AllOf(Node):
+    def __init__(self, children: list[Node]):
+        self.children = children
+        self.uses_query = any(c.uses_query for c in children)
+        self.uses_document = any(c.uses_document for c in children)
+        self.uses_candidate = any(c.uses_candidate for c in children)
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        local: list[dict[str, Any]] | None = [] if evidence is not None else None
+        for child in self.children:
+            if not child.evaluate(subject, local):
+                return False
+        if evidence is not None and local is not None:
+            evidence.extend(local)
+        return True
+
+    def fields(self) -> set[str]:
+        return set().union(*(c.fields() for c in self.children))
+
+    def describe(self) -> str:
+        return "(" + " and ".join(c.describe() for c in self.children) + ")"
+
+    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+        result = self.children[0].vector(table, view)
+        for child in self.children[1:]:
+            if not result.any():
+                break
+            result = result & child.vector(table, view)
+        return result
+
+
+class AnyOf(AllOf):
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        for child in self.children:
+            local: list[dict[str, Any]] | None = [] if evidence is not None else None
+            if child.evaluate(subject, local):
+                if evidence is not None and local is not None:
+                    evidence.extend(local)
+                return True
+        return False
+
+    def describe(self) -> str:
+        return "(" + " or ".join(c.describe() for c in self.children) + ")"
+
+    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+        result = self.children[0].vector(table, view)
+        for child in self.children[1:]:
+            if result.all():
+                break
+            result = result | child.vector(table, view)
+        return result
+
+
+class Not(Node):
+    def __init__(self, child: Node):
+        self.child = child
+        self.uses_query = child.uses_query
+        self.uses_document = child.uses_document
+        self.uses_candidate = child.uses_candidate
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        if self.child.evaluate(subject, None):
+            return False
+        if evidence is not None:
+            evidence.append({"not": self.child.describe()})
+        return True
+
+    def fields(self) -> set[str]:
+        return self.child.fields()
+
+    def describe(self) -> str:
+        return f"not {self.child.describe()}"
+
+    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+        return ~self.child.vector(table, view)
+
+
+class Expr(Node):
+    def __init__(self, compiled: CompiledExpression):
+        self.compiled = compiled
+        self.uses_query = bool(compiled.names & QUERY_NAMES)
+        self.uses_document = "doc" in compiled.names
+        self.uses_candidate = bool(compiled.names & {"score", "candidate"})
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        result = self.compiled.truth(subject.variables())  # ExpressionRuntimeError propagates
+        if result and evidence is not None:
+            evidence.append({"expr": self.compiled.source})
+        return result
+
+    def fields(self) -> set[str]:
+        return set()
+
+    def describe(self) -> str:
+        return f"expr {self.compiled.source!r}"
+
+    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+        """Evaluated per document; a document the expression fails on is false and noted in ``view.errors``."""
+        import numpy as np
+
+        result = np.zeros(table.size, dtype=bool)
+        for row, document in enumerate(table.documents):
+            try:
+                result[row] = self.compiled.truth(Subject(view, document).variables())
+            except ExpressionRuntimeError as exc:
+                view.errors.append((row, str(exc)))
+        return result
+
+
+class Constant(Node):
+    """A condition that always has the same value (an absent ``when`` or ``match``)."""
+
+    def __init__(self, value: bool):
+        self.value = value
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        return self.value
+
+    def describe(self) -> str:
+        return "always" if self.value else "never"
+
+    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+        import numpy as np
+
+        return np.full(table.size, self.value, dtype=bool)
+
+
+def compile_condition(spec: Condition, scope: Scope, path: tuple[str | int, ...] = ()) -> Node:
+    """Compile a validated condition for ``scope``; raise :class:`CompileError` with a relative path.
+
+    ``query`` scope (a rule's ``when``) may read only the query side; ``document`` scope (a
+    prefilter's ``match``) the document plus query-side operands; ``candidate`` scope (an
+    override's ``match``) also ledger scores and ranks.
+    """
+    if spec.all is not None:
+        return AllOf([compile_condition(c, scope, path + ("all", i)) for i, c in enumerate(spec.all)])
+    if spec.any is not None:
+        return AnyOf([compile_condition(c, scope, path + ("any", i)) for i, c in enumerate(spec.any)])
+    if spec.not_ is not None:
+        return Not(compile_condition(spec.not_, scope, path + ("not",)))
+    if spec.expr is not None:
+        names = {"query": QUERY_NAMES, "document": DOCUMENT_NAMES, "candidate": CANDIDATE_NAMES}[scope]
+        try:
+            compiled = compile_expression(spec.expr, names)
+        except ExpressionError as exc:
+            raise CompileError(f"{exc} in expression {spec.expr!r}", path + ("expr",)) from None
+        return Expr(compiled)
+    assert spec.field is not None
+    _check_field(spec.field, scope, path + ("field",))
+    if spec.value_from is not None:
+        _check_field(spec.value_from, "query", path + ("value_from",))
+    return Leaf(spec)
+
+
+def _check_field(field: str, scope: Scope, path: tuple[str | int, ...]) -> None:
+    root, _, rest = field.partition(".")
+    allowed_roots = {"query": ("query", "user", "as_of"), "document": ("query", "user", "as_of", "doc"),
+                     "candidate": ("query", "user", "as_of", "doc", "score", "candidate")}[scope]
+    if root not in allowed_roots:
+        where = {"query": "a rule's `when` (it is checked once per query, before any document is seen)",
+                 "document": "a prefilter rule (it runs before any stage has scored anything)",
+                 "candidate": "this rule"}[scope]
+        raise CompileError(f"'{field}' cannot be used in {where}; usable here: {', '.join(r + '.*' if r != 'as_of' else r for r in allowed_roots)}", path)
+    head = rest.split(".")[0] if rest else ""
+    if root == "query" and head not in QUERY_FIELDS:
+        raise CompileError(f"unknown query field '{field}'; known: {', '.join('query.' + f for f in QUERY_FIELDS)}", path)
+    if root == "query" and "." in rest and head != "entities":
+        raise CompileError(f"'{field}': only query.entities.<LABEL> takes a sub-field", path)
+    if root == "user" and head not in USER_FIELDS:
+        raise CompileError(f"unknown user field '{field}'; known: {', '.join('user.' + f for f in USER_FIELDS)}", path)
+    if root == "user" and "." in rest and head != "attributes":
+        raise CompileError(f"'{field}': only user.attributes.<name> takes a sub-field", path)
+    if root == "candidate" and rest not in CANDIDATE_FIELDS:
+        raise CompileError(f"unknown candidate field '{field}'; known: candidate.score, candidate.rank", path)
+    if root == "score" and "." in rest:
+        raise CompileError(f"'{field}': write score.<stage id>", path)
+
+
+__all__ = [
+    "Condition", "Node", "Leaf", "AllOf", "AnyOf", "Not", "Expr", "Constant", "QueryView", "Subject",
+    "CompileError", "compile_condition", "MISSING", "RelativeDate", "ExpressionRuntimeError", "present",
+]

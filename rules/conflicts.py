@@ -1,0 +1,329 @@
+"""Checks on rule sets, run before any query: conflicts, expired rules, fields no document has.
+
+Two families:
+
+- :func:`check_rules` needs only the rule file (run at compile time when the pipeline's
+  directory is known, and always at warm-up): two pins competing for one slot, a pin and an
+  exclude of the same document, a pin and a bury of the same document, one document pinned to
+  two places, rules whose validity window has ended.
+- :func:`check_against_corpus` needs the index (run at warm-up): rules reading a field no
+  document has, ``docs`` naming ids the index does not hold, exclude/bury ``match`` conditions
+  that catch a pinned document, prefilter rules that exclude every document.
+
+"Overlapping conditions" is decided conservatively: two rules are treated as able to fire for
+the same query unless their validity windows are disjoint or their ``when`` conditions are
+provably exclusive (e.g. ``query.language eq en`` vs ``eq fr``, ``x`` vs ``not x``,
+``user.roles contains a`` vs ``not_contains a``, disjoint ``as_of`` ranges).
+
+Each finding has a default severity, which the file's ``strictness`` adjusts: ``strict`` makes
+every finding an error, ``lenient`` makes every finding a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import ConfigIssue
+from rules.conditions import AllOf, Constant, Leaf, Node, Not, QueryView, RelativeDate
+from rules.ruleset import CompiledRule, RuleSet, today_utc
+
+if TYPE_CHECKING:
+    from rules.corpus import DocumentTable
+
+# Query-side fields holding one value (eq on two different values cannot both hold).
+SCALAR_QUERY_FIELDS = ("query.text", "query.rewritten", "query.effective", "query.language", "user.id", "as_of")
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str  # default severity, before strictness
+    rule: CompiledRule | None
+    path: tuple[str | int, ...]
+    message: str
+
+
+def _grade(ruleset: RuleSet, finding: Finding) -> ConfigIssue:
+    severity = finding.severity
+    if ruleset.strictness == "strict":
+        severity = "error"
+    elif ruleset.strictness == "lenient":
+        severity = "warning"
+    return ConfigIssue(
+        ruleset.locate(finding.rule, *finding.path),
+        ruleset.dotted(finding.rule, *finding.path),
+        f"[{finding.code}] {finding.message}",
+        severity,
+    )
+
+
+# --------------------------------------------------------------------------- overlap reasoning
+
+
+def _conjuncts(node: Node) -> list[Node]:
+    if isinstance(node, AllOf) and type(node) is AllOf:
+        out: list[Node] = []
+        for child in node.children:
+            out.extend(_conjuncts(child))
+        return out
+    if isinstance(node, Constant) and node.value:
+        return []
+    return [node]
+
+
+def _literal_leaf(node: Node) -> Leaf | None:
+    if isinstance(node, Leaf) and node.value_from is None and not isinstance(node.literal, RelativeDate):
+        return node
+    return None
+
+
+def _interval(leaf: Leaf) -> tuple[Any, bool, Any, bool] | None:
+    """(low, low inclusive, high, high inclusive) for an order comparison with a literal."""
+    value = leaf.literal
+    if value is None or leaf.negated:
+        return None
+    if leaf.positive in ("lt", "before"):
+        return (None, False, value, False)
+    if leaf.positive == "le":
+        return (None, False, value, True)
+    if leaf.positive in ("gt", "after"):
+        return (value, False, None, False)
+    if leaf.positive == "ge":
+        return (value, True, None, False)
+    return None
+
+
+def _empty(a: tuple[Any, bool, Any, bool], b: tuple[Any, bool, Any, bool]) -> bool:
+    try:
+        lows = [x for x in ((a[0], a[1]), (b[0], b[1])) if x[0] is not None]
+        highs = [x for x in ((a[2], a[3]), (b[2], b[3])) if x[0] is not None]
+        if not lows or not highs:
+            return False
+        low = max(lows, key=lambda x: (x[0], not x[1]))
+        high = min(highs, key=lambda x: (x[0], x[1]))
+        if low[0] > high[0]:
+            return True
+        return low[0] == high[0] and not (low[1] and high[1])
+    except TypeError:
+        return False
+
+
+def _leaves_exclusive(x: Node, y: Node) -> bool:
+    if isinstance(x, Not) and x.child.describe() == y.describe():
+        return True
+    if isinstance(y, Not) and y.child.describe() == x.describe():
+        return True
+    a, b = _literal_leaf(x), _literal_leaf(y)
+    if a is None or b is None or a.field != b.field or a.case_sensitive != b.case_sensitive:
+        return False
+    if a.positive == b.positive and a.negated != b.negated and a.literal == b.literal and a.op != "exists":
+        return True  # x vs not x
+    if a.op == "exists" and b.op == "exists":
+        return a.literal != b.literal
+    scalar = a.field in SCALAR_QUERY_FIELDS or a.field.startswith("user.attributes.")
+    if scalar and not a.negated and not b.negated:
+        sets = []
+        for leaf in (a, b):
+            if leaf.positive == "eq":
+                sets.append(frozenset([leaf.literal]))
+            elif leaf.positive == "in":
+                sets.append(leaf.literal)
+            else:
+                sets.append(None)
+        if sets[0] is not None and sets[1] is not None and not (sets[0] & sets[1]):
+            return True
+        ia, ib = _interval(a), _interval(b)
+        if ia is not None and ib is not None and _empty(ia, ib):
+            return True
+    return False
+
+
+def conditions_exclusive(first: Node, second: Node) -> bool:
+    """True only when no query can satisfy both (a sound but incomplete test)."""
+    left, right = _conjuncts(first), _conjuncts(second)
+    return any(_leaves_exclusive(x, y) for x in left for y in right)
+
+
+def may_fire_together(first: CompiledRule, second: CompiledRule) -> bool:
+    if not (first.spec.enabled and second.spec.enabled):
+        return False
+    if first.end is not None and second.start is not None and first.end <= second.start:
+        return False
+    if second.end is not None and first.start is not None and second.end <= first.start:
+        return False
+    return not conditions_exclusive(first.when, second.when)
+
+
+def _precedence_note(first: CompiledRule, second: CompiledRule) -> tuple[str, str]:
+    """(default severity, explanation) for two competing rules of the same action."""
+    if first.priority != second.priority:
+        winner = first if first.priority > second.priority else second
+        return "warning", f"'{winner.id}' wins (higher priority)"
+    winner = min(first, second, key=lambda r: r.id)
+    return "error", f"they have the same priority, so only the rule id decides ('{winner.id}' wins); set priorities"
+
+
+# --------------------------------------------------------------------------- rule-file checks
+
+
+def check_rules(ruleset: RuleSet, today: datetime | None = None) -> list[ConfigIssue]:
+    """Findings that need only the rule file, graded by the file's strictness."""
+    today = today if today is not None else today_utc()
+    findings: list[Finding] = []
+    for rule in ruleset.rules:
+        if rule.end is not None and rule.end <= today and rule.spec.enabled:
+            findings.append(Finding(
+                "expired", "warning", rule, ("until",),
+                f"rule '{rule.id}' expired on {rule.end.date().isoformat()}: it no longer fires for current "
+                "queries (keep it for replays, or remove it)",
+            ))
+    if ruleset.kind == "override":
+        findings.extend(_pin_findings(ruleset))
+    return sorted((_grade(ruleset, f) for f in findings), key=lambda i: (str(i.location), i.path))
+
+
+def _pin_findings(ruleset: RuleSet) -> list[Finding]:
+    findings: list[Finding] = []
+    pins = [r for r in ruleset.rules if r.action == "pin"]
+    for i, first in enumerate(pins):
+        for second in pins[i + 1:]:
+            if not may_fire_together(first, second):
+                continue
+            first_slots = {first.spec.position + k: d for k, d in enumerate(first.docs)}  # type: ignore[attr-defined]
+            second_slots = {second.spec.position + k: d for k, d in enumerate(second.docs)}  # type: ignore[attr-defined]
+            shared = sorted(set(first_slots) & set(second_slots))
+            contested = [s for s in shared if first_slots[s] != second_slots[s]]
+            if contested:
+                severity, note = _precedence_note(first, second)
+                findings.append(Finding(
+                    "pin_slot_conflict", severity, second, ("position",),
+                    f"pins '{first.id}' and '{second.id}' both claim position {contested[0]} "
+                    f"('{first_slots[contested[0]]}' vs '{second_slots[contested[0]]}') for overlapping conditions; "
+                    f"{note}",
+                ))
+            same_doc_elsewhere = {
+                d for s, d in first_slots.items() if d in second_slots.values() and second_slots.get(s) != d
+            }
+            if same_doc_elsewhere:
+                severity, note = _precedence_note(first, second)
+                doc = sorted(same_doc_elsewhere)[0]
+                findings.append(Finding(
+                    "pin_doc_conflict", severity, second, ("docs",),
+                    f"pins '{first.id}' and '{second.id}' put '{doc}' at different positions for overlapping "
+                    f"conditions; {note}",
+                ))
+    for pin in pins:
+        for other in ruleset.rules:
+            if other.action not in ("exclude", "bury") or other.match is not None or not may_fire_together(pin, other):
+                continue
+            both = sorted(set(pin.docs) & set(other.docs))
+            if not both:
+                continue
+            if other.action == "exclude":
+                findings.append(Finding(
+                    "pin_exclude_conflict", "error", other, ("docs",),
+                    f"'{other.id}' excludes '{both[0]}', which '{pin.id}' pins, for overlapping conditions; "
+                    "exclude wins, so the pin never shows it then",
+                ))
+            else:
+                findings.append(Finding(
+                    "pin_bury_conflict", "warning", other, ("docs",),
+                    f"'{other.id}' buries '{both[0]}', which '{pin.id}' pins, for overlapping conditions; "
+                    "the pin wins",
+                ))
+    return findings
+
+
+# --------------------------------------------------------------------------- corpus checks
+
+
+def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[ConfigIssue]:
+    """Findings that need the index (run at warm-up), graded by the file's strictness."""
+    findings: list[Finding] = []
+    for rule in ruleset.rules:
+        fields = rule.when.fields() | (rule.match.fields() if rule.match is not None else set())
+        for name in sorted(f for f in fields if f.startswith("doc.")):
+            if not table.has_field(name):
+                known = ", ".join(sorted(table.metadata_keys)[:20]) or "none"
+                findings.append(Finding(
+                    "unknown_field", "warning", rule, ("match",) if rule.match is not None else (),
+                    f"rule '{rule.id}' reads '{name}', which no document in the index has "
+                    f"(metadata fields: {known}); the condition can never see a value",
+                ))
+        for number, doc_id in enumerate(rule.docs):
+            if doc_id not in table.row_of:
+                findings.append(Finding(
+                    "unknown_document", "warning", rule, ("docs", number),
+                    f"rule '{rule.id}' names document '{doc_id}', which the index does not hold",
+                ))
+    if ruleset.kind == "override":
+        findings.extend(_pin_match_findings(ruleset, table))
+    else:
+        findings.extend(_prefilter_findings(ruleset, table))
+    return sorted((_grade(ruleset, f) for f in findings), key=lambda i: (str(i.location), i.path))
+
+
+def _static(node: Node) -> bool:
+    return not (node.uses_query or node.uses_candidate)
+
+
+def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Finding]:
+    from rules.conditions import Subject
+
+    findings: list[Finding] = []
+    pins = [r for r in ruleset.rules if r.action == "pin"]
+    for pin in pins:
+        for other in ruleset.rules:
+            if other.action not in ("exclude", "bury") or other.match is None or not may_fire_together(pin, other):
+                continue
+            if not _static(other.match):
+                continue  # depends on the query or scores: cannot be decided before a query
+            for doc_id in pin.docs:
+                row = table.row_of.get(doc_id)
+                if row is None or (other.docs and doc_id not in other.docs):
+                    continue
+                view = _NullView()
+                if other.match.evaluate(Subject(view, table.documents[row])):  # type: ignore[arg-type]
+                    code, severity, outcome = (
+                        ("pin_exclude_conflict", "error", "exclude wins, so the pin never shows it then")
+                        if other.action == "exclude" else ("pin_bury_conflict", "warning", "the pin wins")
+                    )
+                    findings.append(Finding(
+                        code, severity, other, ("match",),
+                        f"'{other.id}' matches '{doc_id}', which '{pin.id}' pins, for overlapping conditions; {outcome}",
+                    ))
+    return findings
+
+
+def _prefilter_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Finding]:
+    findings: list[Finding] = []
+    if table.size == 0:
+        return findings
+    for rule in ruleset.rules:
+        if rule.match is None or not _static(rule.match) or not rule.spec.enabled:
+            continue
+        matched = rule.match.vector(table, _NullView())  # type: ignore[arg-type]
+        removed = int(matched.sum()) if rule.effect == "exclude" else int((~matched).sum())
+        if removed == table.size:
+            findings.append(Finding(
+                "excludes_everything", "warning", rule, ("match",),
+                f"rule '{rule.id}' excludes all {table.size} documents whenever it applies",
+            ))
+    return findings
+
+
+class _NullView(QueryView):
+    """A query view for conditions that provably do not read the query."""
+
+    def __init__(self) -> None:  # noqa: D107 - nothing to set up
+        self.fields = {}
+        self.entities = []
+        self._variables = {}
+        self.errors = []
+
+    def get(self, path: str) -> Any:
+        from rules.conditions import MISSING
+
+        return MISSING

@@ -1,0 +1,152 @@
+"""The corpus as rules see it: documents by index row, with per-field columns built once.
+
+Prefilter rules are evaluated over the whole corpus for every query, so they must cost numpy
+operations, not a Python loop over documents. A field is *factorised* once (each row gets the
+code of its distinct value) and a test then runs once per distinct value — a handful for
+``acl``, ``jurisdiction`` or ``source`` — and is spread over all rows with one gather. Date and
+number comparisons use a float column (NaN where missing). Columns are built lazily, once per
+process, under a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any
+
+from rules.conditions import MISSING, doc_field
+from rules.expressions import parse_date
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from engine.index import Document, Index
+
+
+def _key(value: Any) -> Any:
+    """A hashable stand-in for a metadata value (lists become tuples, mappings canonical JSON)."""
+    if isinstance(value, list):
+        return ("__list__",) + tuple(_key(v) for v in value)
+    if isinstance(value, Mapping):
+        return ("__map__", json.dumps(value, sort_keys=True, default=str))
+    return (type(value).__name__, value)  # 1, 1.0 and True stay distinct
+
+
+class DocumentTable:
+    """Documents of an index by row, plus lazily built columns over them."""
+
+    def __init__(self, documents: Iterable["Document"]):
+        self.documents: list["Document"] = list(documents)
+        self.size = len(self.documents)
+        self.doc_ids = [d.doc_id for d in self.documents]
+        self.row_of = {doc_id: row for row, doc_id in enumerate(self.doc_ids)}
+        keys: set[str] = set()
+        for document in self.documents:
+            keys.update(k for k, v in document.metadata.items() if v is not None)
+        self.metadata_keys = frozenset(keys)
+        self._factorized: dict[str, tuple["np.ndarray", list[Any]]] = {}
+        self._numeric: dict[tuple[str, bool], "np.ndarray | None"] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_index(cls, index: "Index") -> "DocumentTable":
+        return cls(index.documents.iter_documents())
+
+    def has_field(self, path: str) -> bool:
+        """Does at least one document have ``doc.<...>`` (non-null)?"""
+        parts = path.split(".")
+        if parts[0] != "doc":
+            return True
+        if len(parts) == 2 and parts[1] in ("id", "title", "text"):
+            return True
+        if parts[1] not in self.metadata_keys:
+            return False
+        if len(parts) == 2:
+            return True
+        return any(doc_field(d, path) not in (MISSING, None) for d in self.documents)
+
+    def column(self, path: str) -> list[Any]:
+        return [doc_field(d, path) for d in self.documents]
+
+    def factorized(self, path: str) -> tuple["np.ndarray", list[Any]]:
+        """(code of each row's value, the distinct values) for ``doc.<...>``; missing is a value too."""
+        cached = self._factorized.get(path)
+        if cached is not None:
+            return cached
+        import numpy as np
+
+        with self._lock:
+            cached = self._factorized.get(path)
+            if cached is None:
+                codes = np.empty(self.size, dtype=np.int32)
+                index: dict[Any, int] = {}
+                uniques: list[Any] = []
+                for row, document in enumerate(self.documents):
+                    value = doc_field(document, path)
+                    key = ("__missing__",) if value is MISSING else _key(value)
+                    code = index.get(key)
+                    if code is None:
+                        code = index[key] = len(uniques)
+                        uniques.append(value)
+                    codes[row] = code
+                cached = self._factorized[path] = (codes, uniques)
+        return cached
+
+    def numeric(self, path: str, *, dates: bool) -> "np.ndarray | None":
+        """Float column (epoch seconds for dates), NaN where missing or unparsable.
+
+        None when some document holds a list for this field (the generic path handles "any element").
+        """
+        key = (path, dates)
+        if key in self._numeric:
+            return self._numeric[key]
+        import numpy as np
+
+        with self._lock:
+            if key not in self._numeric:
+                column = np.full(self.size, np.nan, dtype=np.float64)
+                result: "np.ndarray | None" = column
+                for row, document in enumerate(self.documents):
+                    value = doc_field(document, path)
+                    if value is MISSING or value is None:
+                        continue
+                    if isinstance(value, (list, tuple, Mapping)):
+                        result = None
+                        break
+                    column[row] = _to_float(value, dates)
+                self._numeric[key] = result
+        return self._numeric[key]
+
+    def unparsable_dates(self, path: str, limit: int = 3) -> tuple[int, list[str]]:
+        """How many documents hold a value for ``path`` that is not a date, and a few of their ids."""
+        count, examples = 0, []
+        for document in self.documents:
+            value = doc_field(document, path)
+            if value is MISSING or value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            if any(parse_date(v) is None for v in values):
+                count += 1
+                if len(examples) < limit:
+                    examples.append(document.doc_id)
+        return count, examples
+
+
+def _to_float(value: Any, dates: bool) -> float:
+    import math
+
+    if dates:
+        parsed = parse_date(value) if isinstance(value, (str, date, datetime)) else None
+        return parsed.timestamp() if parsed is not None else math.nan
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return math.nan

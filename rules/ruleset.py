@@ -1,0 +1,545 @@
+"""Rule files: their schema, loading with located errors, and the compiled rule set.
+
+A rule file is YAML owned by analysts::
+
+    version: 1
+    kind: prefilter            # or: override
+    strictness: default        # strict | default | lenient (how findings of the checks are graded)
+    default_deny: false        # prefilter only: acl rules deny documents that carry no ACL
+    rules:
+      - id: hide-drafts
+        description: drafts are never retrievable
+        action: exclude
+        match: {field: doc.status, op: eq, value: draft}
+
+Every rule has ``id``, optional ``description``, ``priority`` (default 0, higher wins),
+``enabled`` (default true), an optional validity window ``from``/``until`` judged against the
+query's ``as_of`` (so a replay is stable), and an optional query condition ``when``. Loading
+validates everything at once and reports each problem as ``file:line:col  path: message``.
+
+Validity windows: ``from`` is inclusive; ``until`` is inclusive when it is a date (the whole day)
+and exclusive when it is a date-time. Dates without a time zone are UTC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from engine.config import issues_from_validation
+from engine.errors import ConfigError, ConfigIssue, Location
+from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
+from rules.conditions import (
+    AllOf,
+    AnyOf,
+    CompileError,
+    Condition,
+    Constant,
+    Leaf,
+    Node,
+    Scope,
+    Subject,
+    compile_condition,
+)
+from rules.expressions import parse_date
+
+RULE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+Strictness = Literal["strict", "default", "lenient"]
+Kind = Literal["prefilter", "override"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+def _err(message: str) -> PydanticCustomError:
+    return PydanticCustomError("rule", message)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class RuleBase(_Strict):
+    id: str = Field(pattern=RULE_ID_PATTERN, max_length=100)
+    description: Optional[str] = None
+    action: str
+    priority: int = Field(0, ge=-1_000_000, le=1_000_000, description="higher wins among rules of one action")
+    enabled: bool = True
+    valid_from: Optional[Union[datetime, date]] = Field(None, alias="from", description="inclusive")
+    until: Optional[Union[datetime, date]] = Field(
+        None, description="inclusive when a date (the whole day), exclusive when a date-time"
+    )
+    when: Optional[Condition] = Field(None, description="condition on the query (text, entities, user, as_of)")
+
+    @field_validator("valid_from", "until", mode="before")
+    @classmethod
+    def _date_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parsed = parse_date(value)
+            if parsed is None:
+                raise _err("not an ISO date or date-time (e.g. 2025-06-30 or 2025-06-30T12:00:00Z)")
+            return parsed if "T" in value or " " in value.strip() else parsed.date()
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> "RuleBase":
+        start, end = window_bounds(self.valid_from, self.until)
+        if start is not None and end is not None and start >= end:
+            raise _err("the validity window is empty: 'from' is not before 'until'")
+        return self
+
+
+class PrefilterMatchRule(RuleBase):
+    """exclude: drop documents matching ``match``; include: keep only documents matching it."""
+
+    action: Literal["exclude", "include"]
+    match: Condition = Field(description="condition on the document (query-side operands allowed)")
+
+
+class AclRule(RuleBase):
+    """A document is visible when its ACL field shares a value with the user's groups (or roles)."""
+
+    action: Literal["acl"]
+    field_name: str = Field("acl", alias="field", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    user_field: Literal["groups", "roles"] = "groups"
+    public: list[str] = Field(default_factory=list, description="ACL values that make a document visible to all")
+    missing: Optional[Literal["allow", "deny"]] = Field(
+        None, description="documents without the field; None: the file's default_deny decides"
+    )
+
+
+class JurisdictionRule(RuleBase):
+    """A document is visible when its jurisdiction is one of the user's, or a global value."""
+
+    action: Literal["jurisdiction"]
+    field_name: str = Field("jurisdiction", alias="field", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    global_values: list[str] = Field(default_factory=lambda: ["global"], alias="global")
+    missing: Literal["allow", "deny"] = "allow"
+
+
+class DateRangeRule(RuleBase):
+    """A document is visible when its date lies in the window (bounds may be relative to as_of)."""
+
+    action: Literal["date_range"]
+    field_name: str = Field("date", alias="field", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    on_or_after: Optional[Union[datetime, date, str]] = None
+    before: Optional[Union[datetime, date, str]] = None
+    missing: Literal["allow", "deny"] = "allow"
+
+    @field_validator("on_or_after", "before", mode="before")
+    @classmethod
+    def _bound(cls, value: Any) -> Any:
+        from rules.conditions import RELATIVE_DATE
+
+        if isinstance(value, str) and not RELATIVE_DATE.match(value) and parse_date(value) is None:
+            raise _err("not a date: write an ISO date (2025-01-31) or a relative one (as_of, as_of - 30d, as_of - 1y)")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DateRangeRule":
+        if self.on_or_after is None and self.before is None:
+            raise _err("a date_range needs 'on_or_after', 'before' or both")
+        return self
+
+
+class OverrideRule(RuleBase):
+    """Shared by every override action: which documents it targets."""
+
+    docs: Optional[list[str]] = Field(None, min_length=1, description="doc ids targeted")
+    match: Optional[Condition] = Field(None, description="condition on each candidate (document, scores, query)")
+
+    @model_validator(mode="after")
+    def _targets(self) -> "OverrideRule":
+        if self.docs is None and self.match is None:
+            raise _err(f"a {self.action} rule needs 'docs', 'match' or both (both: a document must satisfy both)")
+        return self
+
+
+class PinRule(OverrideRule):
+    action: Literal["pin"]
+    position: int = Field(ge=1, le=10_000, description="1-based rank of the first listed document")
+    inject: bool = Field(True, description="bring in a pinned document even when recall did not return it")
+
+    @model_validator(mode="after")
+    def _pin_targets(self) -> "PinRule":
+        if self.docs is None or self.match is not None:
+            raise _err("a pin names its documents in 'docs' (in the order they take positions) and takes no 'match'")
+        if len(set(self.docs)) != len(self.docs):
+            raise _err("a document is listed twice in 'docs'")
+        return self
+
+
+class ExcludeRule(OverrideRule):
+    action: Literal["exclude"]
+
+
+class BuryRule(OverrideRule):
+    action: Literal["bury"]
+
+
+class BoostRule(OverrideRule):
+    """boost/demote: new score = score × factor + add (all firing boosts' factors multiply, adds sum)."""
+
+    action: Literal["boost", "demote"]
+    factor: Optional[float] = Field(None, gt=0, le=1_000_000, allow_inf_nan=False)
+    add: Optional[float] = Field(None, ge=-1e9, le=1e9, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _effect(self) -> "BoostRule":
+        if self.factor is None and self.add is None:
+            raise _err(f"a {self.action} needs 'factor' (multiplicative), 'add' (additive) or both")
+        if self.action == "boost" and ((self.factor is not None and self.factor < 1) or (self.add is not None and self.add < 0)):
+            raise _err("a boost raises scores: factor >= 1 and add >= 0 (use action: demote to lower them)")
+        if self.action == "demote" and ((self.factor is not None and self.factor > 1) or (self.add is not None and self.add > 0)):
+            raise _err("a demote lowers scores: factor <= 1 and add <= 0 (use action: boost to raise them)")
+        return self
+
+
+PREFILTER_ACTIONS: dict[str, type[RuleBase]] = {
+    "exclude": PrefilterMatchRule,
+    "include": PrefilterMatchRule,
+    "acl": AclRule,
+    "jurisdiction": JurisdictionRule,
+    "date_range": DateRangeRule,
+}
+OVERRIDE_ACTIONS: dict[str, type[RuleBase]] = {
+    "exclude": ExcludeRule,
+    "pin": PinRule,
+    "bury": BuryRule,
+    "boost": BoostRule,
+    "demote": BoostRule,
+}
+# Precedence among override actions (lower first): exclude > pin > bury > boost/demote.
+OVERRIDE_PRECEDENCE = {"exclude": 0, "pin": 1, "bury": 2, "boost": 3, "demote": 3}
+
+
+class RuleFileSchema(_Strict):
+    version: Literal[1]
+    kind: Kind
+    description: Optional[str] = None
+    strictness: Strictness = Field("default", description="strict: every finding is an error; lenient: a warning")
+    default_deny: bool = Field(False, description="prefilter: acl rules deny documents without an ACL")
+    rules: list[Any] = Field(description="the rules, in any order (precedence does not depend on it)")
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> "RuleFileSchema":
+        if self.kind == "override" and self.default_deny:
+            raise _err("default_deny applies to prefilter files only")
+        return self
+
+
+# --------------------------------------------------------------------------- compiled form
+
+
+def window_bounds(start: date | datetime | None, end: date | datetime | None) -> tuple[datetime | None, datetime | None]:
+    """Validity window as [start, end) in UTC; a date ``until`` covers its whole day."""
+    lower = parse_date(start) if start is not None else None
+    upper = None
+    if end is not None:
+        upper = parse_date(end)
+        if upper is not None and not isinstance(end, datetime):
+            upper = upper + timedelta(days=1)
+    return lower, upper
+
+
+@dataclass
+class CompiledRule:
+    """One rule, validated and with its conditions compiled."""
+
+    spec: RuleBase
+    number: int  # position in the file's rule list
+    when: Node
+    match: Node | None  # document/candidate condition (None: not used by this action)
+    docs: tuple[str, ...]
+    start: datetime | None
+    end: datetime | None
+    effect: Literal["include", "exclude"] | None = None  # prefilter rules
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def action(self) -> str:
+        return self.spec.action
+
+    @property
+    def priority(self) -> int:
+        return self.spec.priority
+
+    def active_at(self, as_of: datetime) -> bool:
+        return (self.start is None or as_of >= self.start) and (self.end is None or as_of < self.end)
+
+    def inactive_reason(self, as_of: datetime) -> str | None:
+        """Why this rule does not apply at ``as_of`` (disabled, not yet valid, expired), or None."""
+        if not self.spec.enabled:
+            return "disabled"
+        if self.start is not None and as_of < self.start:
+            return f"not valid before {self.start.isoformat()}"
+        if self.end is not None and as_of >= self.end:
+            return f"expired at {self.end.isoformat()}"
+        return None
+
+
+@dataclass
+class RuleSet:
+    """A loaded, compiled rule file."""
+
+    path: str
+    kind: Kind
+    strictness: Strictness
+    default_deny: bool
+    description: str | None
+    rules: list[CompiledRule]
+    source: SourceMap
+    sha256: str
+    by_id: dict[str, CompiledRule] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_id = {r.id: r for r in self.rules}
+
+    def locate(self, rule: CompiledRule | None, *path: str | int) -> Location:
+        if rule is None:
+            return self.source.locate(tuple(path))
+        return self.source.locate(("rules", rule.number) + tuple(path))
+
+    def dotted(self, rule: CompiledRule | None, *path: str | int) -> str:
+        prefix: tuple[str | int, ...] = ("rules", rule.number) if rule is not None else ()
+        return ".".join(str(p) for p in prefix + tuple(path))
+
+    def fields(self) -> set[str]:
+        """Every field path the rules read."""
+        found: set[str] = set()
+        for rule in self.rules:
+            found |= rule.when.fields()
+            if rule.match is not None:
+                found |= rule.match.fields()
+        return found
+
+    def describe(self) -> dict[str, Any]:
+        """What a trace records about the rule file (so a replay can tell if it changed)."""
+        return {"file": self.path, "sha256": self.sha256, "kind": self.kind, "rules": len(self.rules)}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_rule_file(path: str | Path, expected_kind: Kind | None = None) -> RuleSet:
+    """Load, validate and compile a rule file; every problem at once as a located ConfigError."""
+    path = Path(path)
+    loaded = load_yaml_file(path)
+    raw = path.read_bytes()
+    return compile_rules(loaded, hashlib.sha256(raw).hexdigest(), expected_kind)
+
+
+def compile_rules(loaded: LoadedYaml, sha256: str, expected_kind: Kind | None = None) -> RuleSet:
+    data, source = loaded.data, loaded.source
+    issues: list[ConfigIssue] = []
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(source.locate(()), "", "a rule file is a mapping with version, kind and rules")])
+    try:
+        header = RuleFileSchema.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(issues_from_validation(exc, source, (), RuleFileSchema))
+        header = None
+    kind = data.get("kind") if data.get("kind") in ("prefilter", "override") else None
+    if expected_kind is not None and kind is not None and kind != expected_kind:
+        issues.append(
+            ConfigIssue(source.locate(("kind",)), "kind",
+                        f"this stage needs a '{expected_kind}' rule file, but this one is kind '{kind}'")
+        )
+    raw_rules = data.get("rules") if isinstance(data.get("rules"), list) else []
+    default_deny = bool(data.get("default_deny")) if isinstance(data.get("default_deny"), bool) else False
+    compiled: list[CompiledRule] = []
+    first_seen: dict[str, int] = {}
+    if kind is not None:
+        for number, raw_rule in enumerate(raw_rules):
+            rule = _compile_rule(raw_rule, number, kind, default_deny, source, issues)
+            if rule is None:
+                continue
+            if rule.id in first_seen:
+                issues.append(
+                    ConfigIssue(source.locate(("rules", number, "id")), f"rules.{number}.id",
+                                f"duplicate rule id '{rule.id}' (first used by rules.{first_seen[rule.id]})")
+                )
+                continue
+            first_seen[rule.id] = number
+            compiled.append(rule)
+    if any(i.severity == "error" for i in issues) or header is None:
+        raise ConfigError(issues)
+    return RuleSet(
+        path=source.file,
+        kind=header.kind,
+        strictness=header.strictness,
+        default_deny=header.default_deny,
+        description=header.description,
+        rules=compiled,
+        source=source,
+        sha256=sha256,
+    )
+
+
+def _compile_rule(
+    raw: Any, number: int, kind: Kind, default_deny: bool, source: SourceMap, issues: list[ConfigIssue]
+) -> CompiledRule | None:
+    prefix: tuple[str | int, ...] = ("rules", number)
+    dotted = f"rules.{number}"
+    if not isinstance(raw, dict):
+        issues.append(ConfigIssue(source.locate(prefix), dotted, "each rule is a mapping with id and action"))
+        return None
+    rule_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    named = f"rule '{rule_id}': " if rule_id else ""
+    actions = PREFILTER_ACTIONS if kind == "prefilter" else OVERRIDE_ACTIONS
+    action = raw.get("action")
+    if action not in actions:
+        hint = get_close_matches(str(action), list(actions), n=1) if action is not None else []
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        message = (
+            "required field is missing" if action is None
+            else f"{named}unknown {kind} action '{action}'{did_you_mean}"
+        ) + f"; {kind} actions: {', '.join(actions)}"
+        where = source.locate(prefix + ("action",)) if action is not None else source.locate(prefix)
+        issues.append(ConfigIssue(where, f"{dotted}.action", message))
+        return None
+    model = actions[action]
+    try:
+        spec = model.model_validate(raw)
+    except ValidationError as exc:
+        for issue in issues_from_validation(exc, source, prefix, model):
+            issues.append(ConfigIssue(issue.location, issue.path, named + issue.message, issue.severity))
+        return None
+
+    def compile_at(condition: Condition | None, scope: Scope, key: str) -> Node | None:
+        if condition is None:
+            return None
+        try:
+            return compile_condition(condition, scope)
+        except CompileError as exc:
+            path = prefix + (key,) + exc.path
+            issues.append(ConfigIssue(source.locate(path), ".".join(map(str, path)), named + exc.message))
+            return None
+
+    when = compile_at(spec.when, "query", "when")
+    if spec.when is not None and when is None:
+        return None
+    start, end = window_bounds(spec.valid_from, spec.until)
+    docs: tuple[str, ...] = ()
+    effect: Literal["include", "exclude"] | None = None
+    match: Node | None = None
+    if kind == "prefilter":
+        if isinstance(spec, PrefilterMatchRule):
+            match = compile_at(spec.match, "document", "match")
+            if match is None:
+                return None
+            if match.uses_query and _has_query_expression(match):
+                issues.append(
+                    ConfigIssue(source.locate(prefix + ("match",)), f"{dotted}.match",
+                                f"{named}an expression in a prefilter match may read only 'doc' (it is evaluated "
+                                "once over the whole corpus); put query conditions in 'when' or use value_from")
+                )
+                return None
+            effect = spec.action  # type: ignore[assignment]
+        else:
+            match = _sugar(spec, default_deny)
+            effect = "include"
+    else:
+        assert isinstance(spec, OverrideRule)
+        docs = tuple(spec.docs or ())
+        match = compile_at(spec.match, "candidate", "match")
+        if spec.match is not None and match is None:
+            return None
+    return CompiledRule(
+        spec=spec, number=number, when=when if when is not None else Constant(True), match=match,
+        docs=docs, start=start, end=end, effect=effect,
+    )
+
+
+def _has_query_expression(node: Node) -> bool:
+    from rules.conditions import Expr, Not
+
+    if isinstance(node, Expr):
+        return node.uses_query or node.uses_candidate
+    if isinstance(node, (AllOf, AnyOf)):
+        return any(_has_query_expression(c) for c in node.children)
+    if isinstance(node, Not):
+        return _has_query_expression(node.child)
+    return False
+
+
+class Absent(Node):
+    """The document has no value for a field (absent or null; an empty list is a value)."""
+
+    uses_document = True
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        from rules.conditions import MISSING
+
+        value = subject.get(self.path)
+        result = value is MISSING or value is None
+        if result and evidence is not None:
+            evidence.append({"field": self.path, "op": "absent"})
+        return result
+
+    def fields(self) -> set[str]:
+        return {self.path}
+
+    def describe(self) -> str:
+        return f"{self.path} is absent"
+
+    def vector(self, table: Any, view: Any) -> Any:
+        import numpy as np
+
+        from rules.conditions import MISSING
+
+        codes, uniques = table.factorized(self.path)
+        lookup = np.fromiter((u is MISSING or u is None for u in uniques), dtype=bool, count=len(uniques))
+        return lookup[codes]
+
+
+def _sugar(spec: RuleBase, default_deny: bool) -> Node:
+    """acl / jurisdiction / date_range as the include condition they stand for."""
+    if isinstance(spec, AclRule):
+        path = f"doc.{spec.field_name}"
+        parts: list[Node] = [
+            Leaf(Condition(field=path, op="contains_any", value_from=f"user.{spec.user_field}", case_sensitive=True))
+        ]
+        if spec.public:
+            parts.append(Leaf(Condition(field=path, op="contains_any", value=list(spec.public), case_sensitive=True)))
+        missing = spec.missing if spec.missing is not None else ("deny" if default_deny else "allow")
+        if missing == "allow":
+            parts.append(Absent(path))
+        return AnyOf(parts)
+    if isinstance(spec, JurisdictionRule):
+        path = f"doc.{spec.field_name}"
+        parts = [Leaf(Condition(field=path, op="in", value_from="user.jurisdictions", case_sensitive=True))]
+        if spec.global_values:
+            parts.append(Leaf(Condition(field=path, op="in", value=list(spec.global_values), case_sensitive=True)))
+        if spec.missing == "allow":
+            parts.append(Absent(path))
+        return AnyOf(parts)
+    assert isinstance(spec, DateRangeRule)
+    path = f"doc.{spec.field_name}"
+    bounds: list[Node] = []
+    if spec.on_or_after is not None:
+        bounds.append(Leaf(Condition(field=path, op="ge", value=spec.on_or_after)))
+    if spec.before is not None:
+        bounds.append(Leaf(Condition(field=path, op="before", value=spec.before)))
+    inside: Node = bounds[0] if len(bounds) == 1 else AllOf(bounds)
+    return AnyOf([inside, Absent(path)]) if spec.missing == "allow" else inside
+
+
+
+
+def today_utc() -> datetime:
+    now = datetime.now(timezone.utc)
+    return datetime(now.year, now.month, now.day, tzinfo=timezone.utc)

@@ -1,0 +1,259 @@
+"""Analysts' regression tests for their rules, written next to the rule files.
+
+A test file (``*.tests.yaml``) names a pipeline and lists cases: a query, who asks, when, and
+what must (not) come back::
+
+    version: 1
+    pipeline: pipeline.yaml           # relative to this file
+    corpus: ../../examples/medical    # optional: build a fresh index from this corpus for the run
+    as_of: 2025-06-01                 # default query time for every case (replays are stable)
+    cases:
+      - name: the FDA alert leads metformin queries
+        query: metformin kidney function
+        user: {roles: [clinician], groups: [public], jurisdictions: [US]}
+        expect:
+          - {doc: med-003, rank: 1}
+          - {doc: med-025, max_rank: 5}
+          - {doc: med-006, absent: true}
+          - {doc: med-002, below: med-001}
+          - {fired: pin-fda-metformin-alert}
+          - {not_fired: pin-sema-brochure}
+
+Expectation kinds: ``rank`` (exactly), ``max_rank`` (at rank k or better), ``absent`` (never
+returned), ``present``, ``below`` (both returned, this one ranked lower), ``fired`` /
+``not_fired`` (an override rule changed some document, or a prefilter rule applied and
+excluded at least one document).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from engine.config import issues_from_validation
+from engine.errors import ConfigError, ConfigIssue, Location
+from engine.yamlsource import SourceMap, load_yaml_file
+from rules.expressions import parse_date
+
+TEST_FILE_SUFFIX = ".tests.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UserSpec(_Strict):
+    id: Optional[str] = None
+    roles: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    jurisdictions: list[str] = Field(default_factory=list)
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class EntitySpec(_Strict):
+    text: str
+    label: str
+
+
+class Expectation(_Strict):
+    doc: Optional[str] = None
+    rank: Optional[int] = Field(None, ge=1)
+    max_rank: Optional[int] = Field(None, ge=1)
+    absent: Optional[bool] = None
+    present: Optional[bool] = None
+    below: Optional[str] = None
+    fired: Optional[str] = None
+    not_fired: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_check(self) -> "Expectation":
+        checks = [n for n in ("rank", "max_rank", "absent", "present", "below", "fired", "not_fired")
+                  if getattr(self, n) is not None]
+        if len(checks) != 1:
+            raise PydanticCustomError(
+                "expectation",
+                "an expectation has exactly one of rank, max_rank, absent, present, below, fired, not_fired "
+                f"(found: {', '.join(checks) or 'none'})",
+            )
+        needs_doc = checks[0] not in ("fired", "not_fired")
+        if needs_doc and self.doc is None:
+            raise PydanticCustomError("expectation", f"'{checks[0]}' needs 'doc' (the document it is about)")
+        if not needs_doc and self.doc is not None:
+            raise PydanticCustomError("expectation", f"'{checks[0]}' is about a rule; it takes no 'doc'")
+        if checks[0] in ("absent", "present") and getattr(self, checks[0]) is not True:
+            raise PydanticCustomError("expectation", f"write '{checks[0]}: true'")
+        return self
+
+
+class Case(_Strict):
+    name: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    history: list[str] = Field(default_factory=list)
+    user: UserSpec = Field(default_factory=UserSpec)
+    as_of: Optional[Union[datetime, date]] = None
+    entities: list[EntitySpec] = Field(default_factory=list)
+    expect: list[Expectation] = Field(min_length=1)
+
+
+class RuleTestFile(_Strict):
+    version: int = Field(ge=1, le=1)
+    pipeline: str = Field(description="pipeline YAML, relative to this file")
+    corpus: Optional[str] = Field(None, description="build a fresh BM25 index from this BEIR corpus for the run")
+    index: Optional[str] = Field(None, description="index directory to use instead of the pipeline's")
+    as_of: Optional[Union[datetime, date]] = Field(None, description="default query time of every case")
+    cases: list[Case] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _index_source(self) -> "RuleTestFile":
+        if self.corpus is not None and self.index is not None:
+            raise PydanticCustomError("test_file", "give 'corpus' or 'index', not both")
+        return self
+
+
+@dataclass
+class CaseResult:
+    name: str
+    location: Location
+    failures: list[str] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class FileResult:
+    path: str
+    cases: list[CaseResult]
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for c in self.cases if not c.passed)
+
+
+def discover(paths: list[Path]) -> list[Path]:
+    """Test files among ``paths`` (files as given; directories searched for ``*.tests.yaml``)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(path.rglob(f"*{TEST_FILE_SUFFIX}")))
+        else:
+            found.append(path)
+    return found
+
+
+def load_test_file(path: Path) -> tuple[RuleTestFile, SourceMap]:
+    loaded = load_yaml_file(path)
+    if not isinstance(loaded.data, dict):
+        raise ConfigError([ConfigIssue(loaded.source.locate(()), "", "a rule test file is a mapping with pipeline and cases")])
+    try:
+        spec = RuleTestFile.model_validate(loaded.data)
+    except ValidationError as exc:
+        raise ConfigError(issues_from_validation(exc, loaded.source, (), RuleTestFile)) from None
+    issues = []
+    for number, case in enumerate(spec.cases):
+        if case.as_of is None and spec.as_of is None:
+            issues.append(ConfigIssue(loaded.source.locate(("cases", number)), f"cases.{number}.as_of",
+                                      "no as_of for this case and no file-wide as_of: rule tests need a fixed time"))
+    if issues:
+        raise ConfigError(issues)
+    return spec, loaded.source
+
+
+def run_test_file(path: Path, name_filter: str | None = None) -> FileResult:
+    """Run every case of one test file; ConfigError for a broken test, pipeline or rule file."""
+    from engine.compiler import compile_file
+    from engine.index import build_index
+    from engine.pipeline import Pipeline
+
+    spec, source = load_test_file(path)
+    base = path.resolve().parent
+    compiled = compile_file(base / spec.pipeline)
+    with tempfile.TemporaryDirectory(prefix="sieve-rule-tests-") as scratch:
+        index_path: Path | None = None
+        if spec.corpus is not None:
+            index_path = Path(scratch) / "index"
+            build_index(base / spec.corpus, index_path, {"bm25": {}})
+        elif spec.index is not None:
+            index_path = base / spec.index
+        pipeline = Pipeline(compiled, index_path=index_path)
+        results = []
+        for number, case in enumerate(spec.cases):
+            if name_filter is not None and name_filter.casefold() not in case.name.casefold():
+                continue
+            results.append(_run_case(pipeline, spec, case, source, number))
+    return FileResult(str(path), results)
+
+
+def _run_case(pipeline: Any, spec: RuleTestFile, case: Case, source: SourceMap, number: int) -> CaseResult:
+    from engine.model import UserContext
+
+    when = parse_date(case.as_of if case.as_of is not None else spec.as_of)
+    assert when is not None
+    user = UserContext(
+        user_id=case.user.id, roles=tuple(case.user.roles), groups=tuple(case.user.groups),
+        jurisdictions=tuple(case.user.jurisdictions), attributes=dict(case.user.attributes),
+    )
+    query = pipeline.make_query(case.query, history=tuple(case.history), user=user, as_of=when)
+    if case.entities:
+        query = query.model_copy(update={"entities": tuple({"text": e.text, "label": e.label} for e in case.entities)})
+    outcome = pipeline.run(query)
+    returned = [c.doc_id for c in outcome.results]
+    ranks = {doc_id: rank for rank, doc_id in enumerate(returned, start=1)}
+    fired = _fired_rules(outcome.trace)
+    result = CaseResult(case.name, source.locate(("cases", number)), results=returned)
+    for k, expectation in enumerate(case.expect):
+        problem = _check(expectation, ranks, fired)
+        if problem is not None:
+            where = source.locate(("cases", number, "expect", k))
+            result.failures.append(f"{where}  {problem}")
+    if result.failures:
+        shown = ", ".join(f"{r}:{d}" for d, r in list(ranks.items())[:10]) or "nothing"
+        result.failures.append(f"returned: {shown}")
+    return result
+
+
+def _fired_rules(trace: dict[str, Any]) -> set[str]:
+    fired: set[str] = set()
+    for stage in trace.get("stages", []):
+        details = stage.get("details") or {}
+        for firing in details.get("firings", []):
+            fired.add(firing["rule"])
+        for entry in details.get("rules", []):
+            if entry.get("status") == "applied" and entry.get("excluded", 0) > 0:
+                fired.add(entry["rule"])
+    return fired
+
+
+def _check(expectation: Expectation, ranks: dict[str, int], fired: set[str]) -> str | None:
+    doc = expectation.doc
+    got = ranks.get(doc) if doc is not None else None
+    shown = f"rank {got}" if got is not None else "not returned"
+    if expectation.rank is not None and got != expectation.rank:
+        return f"expected '{doc}' at rank {expectation.rank}, got {shown}"
+    if expectation.max_rank is not None and (got is None or got > expectation.max_rank):
+        return f"expected '{doc}' at rank {expectation.max_rank} or better, got {shown}"
+    if expectation.absent and got is not None:
+        return f"expected '{doc}' never to be returned, got rank {got}"
+    if expectation.present and got is None:
+        return f"expected '{doc}' to be returned, it was not"
+    if expectation.below is not None:
+        other = ranks.get(expectation.below)
+        if got is None or other is None:
+            missing = doc if got is None else expectation.below
+            return f"expected '{doc}' below '{expectation.below}', but '{missing}' was not returned"
+        if got <= other:
+            return f"expected '{doc}' below '{expectation.below}', got {got} vs {other}"
+    if expectation.fired is not None and expectation.fired not in fired:
+        return f"expected rule '{expectation.fired}' to fire; fired: {', '.join(sorted(fired)) or 'none'}"
+    if expectation.not_fired is not None and expectation.not_fired in fired:
+        return f"expected rule '{expectation.not_fired}' not to fire, but it did"
+    return None
+
