@@ -176,12 +176,17 @@ def check_rules(ruleset: RuleSet, today: datetime | None = None) -> list[ConfigI
         if rule.end is not None and rule.end <= today and rule.spec.enabled:
             findings.append(Finding(
                 "expired", "warning", rule, ("until",),
-                f"rule '{rule.id}' expired on {rule.end.date().isoformat()}: it no longer fires for current "
+                f"rule '{rule.id}' has expired (until {_shown_until(rule)}): it no longer fires for current "
                 "queries (keep it for replays, or remove it)",
             ))
     if ruleset.kind == "override":
         findings.extend(_pin_findings(ruleset))
     return sorted((_grade(ruleset, f) for f in findings), key=lambda i: (str(i.location), i.path))
+
+
+def _shown_until(rule: CompiledRule) -> str:
+    until = rule.spec.until
+    return until.isoformat() if until is not None else "?"
 
 
 def _pin_findings(ruleset: RuleSet) -> list[Finding]:

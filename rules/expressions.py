@@ -189,11 +189,11 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
         raise ExpressionError(f"syntax error: {exc.message}") from None
     every_node = [tree, *tree.find_all(nodes.Node)]  # find_all skips the root itself
     names = {node.name for node in every_node if isinstance(node, nodes.Name)}
-    unknown = sorted(names - set(allowed_names))
+    unknown = sorted(names - set(allowed_names) - set(env.globals))
     if unknown:
         raise ExpressionError(
             f"unknown name{'s' if len(unknown) > 1 else ''} {', '.join(repr(n) for n in unknown)}; "
-            f"available here: {', '.join(sorted(allowed_names))}"
+            f"available here: {', '.join(sorted(set(allowed_names) | set(env.globals)))}"
         )
     for node in every_node:
         if not isinstance(node, (nodes.Getattr, nodes.Getitem)):

@@ -1,0 +1,418 @@
+"""rules.prefilter, rules.override and select.threshold on a real BM25 index of the medical examples."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.compiler import compile_file
+from engine.errors import ConfigError
+from engine.model import Candidate, Query, ScoreEntry, UserContext
+from engine.pipeline import Pipeline
+from engine.stage import DocumentMask, StageContext
+
+ROOT = Path(__file__).resolve().parents[2]
+AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.index import build_index
+
+    out = tmp_path_factory.mktemp("rules-stage-index") / "medical"
+    build_index(ROOT / "examples" / "medical", out, {"bm25": {}})
+    return out
+
+
+def make_pipeline(tmp_path: Path, index: Path, *, access: str | None = None, overrides: str | None = None,
+                  floor: str | None = None, top_k: int = 50, include_query_text: bool = True) -> Pipeline:
+    stages = []
+    recall_inputs = []
+    if access is not None:
+        (tmp_path / "access.yaml").write_text("version: 1\nkind: prefilter\n" + access, encoding="utf-8")
+        stages.append("  - {id: access, type: rules.prefilter, params: {rules: access.yaml}}")
+        recall_inputs.append("access")
+    stages.append(f"  - {{id: bm25, type: recall.bm25, inputs: [{', '.join(recall_inputs)}], params: {{top_k: {top_k}}}}}")
+    last = "bm25"
+    if overrides is not None:
+        (tmp_path / "overrides.yaml").write_text("version: 1\nkind: override\n" + overrides, encoding="utf-8")
+        stages.append("  - {id: rules, type: rules.override, inputs: [bm25], params: {rules: overrides.yaml}}")
+        last = "rules"
+    if floor is not None:
+        stages.append(f"  - {{id: floor, type: select.threshold, inputs: [{last}], params: {floor}}}")
+        last = "floor"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n" + "\n".join(stages) + f"\noutput: {last}\n"
+        f"trace: {{log: null, include_query_text: {str(include_query_text).lower()}}}\n", encoding="utf-8")
+    return Pipeline(compile_file(config))
+
+
+def run(pipeline: Pipeline, text: str, as_of: datetime = AS_OF, **user):
+    query = pipeline.make_query(text, user=UserContext(**user), as_of=as_of)
+    return pipeline.run(query)
+
+
+def stage_record(result, stage_id: str) -> dict:
+    return next(s for s in result.trace["stages"] if s["id"] == stage_id)
+
+
+def ids(result) -> list[str]:
+    return [c.doc_id for c in result.results]
+
+
+# =========================================================================== prefilter
+
+ACL = """\
+default_deny: {deny}
+rules:
+  - {{id: acl, action: acl, public: [public]}}
+"""
+
+
+def test_acl_public_groups_and_default_deny(tmp_path, index):
+    allow = make_pipeline(tmp_path, index, access=ACL.format(deny="false"))
+    everything = "metformin trial protocol hand hygiene semaglutide investigator brochure"
+    visible = set(ids(run(allow, everything)))
+    assert {"med-006", "med-029", "med-007"}.isdisjoint(visible)  # restricted to their groups
+    assert "med-031" in visible  # no ACL at all: visible unless default_deny
+    investigator = set(ids(run(allow, everything, groups=("trial-investigators",))))
+    assert {"med-006", "med-029"} <= investigator and "med-007" not in investigator
+    (tmp_path / "deny").mkdir()
+    deny = make_pipeline(tmp_path / "deny", index, access=ACL.format(deny="true"))
+    assert "med-031" not in set(ids(run(deny, everything)))
+
+
+def test_mask_is_applied_inside_recall_and_reported(tmp_path, index):
+    access = """\
+rules:
+  - {id: no-fda, action: exclude, match: {field: doc.source, op: eq, value: fda}}
+  - {id: uk-only, action: jurisdiction}
+"""
+    pipeline = make_pipeline(tmp_path, index, access=access, top_k=3)
+    result = run(pipeline, "metformin insulin semaglutide diabetes", jurisdictions=("UK",))
+    assert len(result.results) == 3  # the forbidden documents did not take recall slots
+    record = stage_record(result, "access")
+    details = record["details"]
+    assert details["documents"] == 33
+    by_rule = {r["rule"]: r for r in details["rules"]}
+    assert by_rule["no-fda"]["excluded"] == 5  # med-003, 008, 009, 022, 023
+    assert by_rule["uk-only"]["excluded"] == 11 and by_rule["uk-only"]["newly_excluded"] == 6  # 8 US + 3 EU
+    assert details["allowed"] == 33 - 5 - 6 == record["mask"]["allowed"]
+    table_sources = {c.doc_id for c in result.results}
+    assert not table_sources & {"med-003", "med-008", "med-009", "med-022", "med-023"}
+
+
+def test_when_windows_and_relative_dates(tmp_path, index):
+    access = """\
+rules:
+  - id: recent-only-for-students
+    action: date_range
+    on_or_after: as_of - 3y
+    when: {field: user.roles, op: contains, value: student}
+  - id: summer-freeze
+    action: exclude
+    from: 2025-07-01
+    until: 2025-08-31
+    match: {field: doc.doc_type, op: eq, value: safety_alert}
+"""
+    pipeline = make_pipeline(tmp_path, index, access=access)
+    query = "metformin kidney lactic acidosis"
+    student = run(pipeline, query, roles=("student",))
+    details = {r["rule"]: r for r in stage_record(student, "access")["details"]["rules"]}
+    assert details["recent-only-for-students"]["status"] == "applied"
+    assert details["recent-only-for-students"]["when"] == [{"field": "user.roles", "op": "contains", "matched": "student"}]
+    assert details["summer-freeze"] == {"rule": "summer-freeze", "action": "exclude", "status": "inactive",
+                                        "reason": "not valid before 2025-07-01T00:00:00+00:00"}
+    assert "med-026" not in ids(student)  # 2020-05-01 is older than three years before 2025-06-01
+    assert "med-026" in ids(run(pipeline, query))
+    summer = run(pipeline, query, as_of=datetime(2025, 8, 1, tzinfo=timezone.utc))
+    assert "med-003" not in ids(summer) and "med-003" in ids(run(pipeline, query))
+
+
+def test_keyword_block_list_and_source_allow_list(tmp_path, index):
+    access = """\
+rules:
+  - id: block
+    action: exclude
+    match: {field: doc.text, op: contains_any, value: [patient-level data, anecdotal]}
+  - id: sources
+    action: include
+    match: {field: doc.source, op: in, value: [fda, nice, sponsor, cochrane, kdigo, patient-forum]}
+"""
+    result = run(make_pipeline(tmp_path, index, access=access), "metformin")
+    returned = set(ids(result))
+    assert "med-016" not in returned and "med-032" not in returned  # blocked by keyword
+    assert "med-004" not in returned  # ada is not an allowed source
+    assert {"med-001", "med-003", "med-025"} <= returned
+
+
+def test_expression_errors_fail_closed(tmp_path, index):
+    access = """\
+rules:
+  - id: odd
+    action: exclude
+    match: {expr: "doc.date[:4]|int > 2100 or (doc.drugs|length) / (doc.drugs|length) > 5"}
+"""
+    result = run(make_pipeline(tmp_path, index, access=access), "hand hygiene sepsis")
+    record = stage_record(result, "access")
+    assert any(d["code"] == "rule_error" for d in record["decisions"])  # empty drug lists divide by zero
+    assert not {"med-019", "med-031"} & set(ids(result))  # those documents are denied, not let through
+
+
+def test_prefilter_stage_run_directly_gives_a_full_mask(tmp_path, index):
+    pipeline = make_pipeline(tmp_path, index, access=ACL.format(deny="false"))
+    resources = pipeline.warm_up()
+    stage = pipeline.compiled.stages["access"]
+    query = Query(text="x", as_of=AS_OF, user=UserContext(groups=("trial-dsmb",)))
+    result = stage.run(StageContext("access", query, [], None, resources))
+    assert result.mask.allowed.shape == (33,) and result.mask.allowed.dtype == bool
+    assert result.mask.sources == ("access",)
+    assert result.mask.allowed[resources.index.row_of("med-007")]
+
+
+# =========================================================================== override
+
+
+def override_run(tmp_path, index, rules: str, incoming: list[tuple[str, float]], *, mask_out=(), user=None,
+                 include_query_text=True, text="metformin", as_of=AS_OF, strictness="default"):
+    """Run rules.override directly on a hand-made ranked list (scores from a stage called 'fused')."""
+    pipeline = make_pipeline(tmp_path, index, overrides=f"strictness: {strictness}\nrules:\n" + rules,
+                             include_query_text=include_query_text)
+    resources = pipeline.warm_up()
+    stage = pipeline.compiled.stages["rules"]
+    candidates = [Candidate(doc_id, resources.index.row_of(doc_id), (ScoreEntry("fused", "fused", score, rank),))
+                  for rank, (doc_id, score) in enumerate(incoming, start=1)]
+    mask = None
+    if mask_out:
+        allowed = np.ones(resources.index.doc_count, dtype=bool)
+        allowed[[resources.index.row_of(d) for d in mask_out]] = False
+        mask = DocumentMask(allowed, ("access",))
+    query = Query(text=text, as_of=as_of, user=user if user is not None else UserContext())
+    return stage, stage.run(StageContext("rules", query, [candidates], mask, resources, include_query_text))
+
+
+LIST = [("med-001", 0.9), ("med-002", 0.8), ("med-003", 0.7), ("med-004", 0.6), ("med-005", 0.5)]
+
+
+def order(result) -> list[str]:
+    return [c.doc_id for c in result.candidates]
+
+
+def test_pin_moves_a_recalled_document_and_injects_a_missing_one(tmp_path, index):
+    _, result = override_run(tmp_path, index, """\
+  - {id: lead, action: pin, docs: [med-004], position: 1}
+  - {id: third, action: pin, docs: [med-025, med-026], position: 3}
+""", LIST)
+    assert order(result) == ["med-004", "med-001", "med-025", "med-026", "med-002", "med-003", "med-005"]
+    firings = {(f["rule"], f["doc_id"]): f for f in result.details["firings"]}
+    assert firings[("lead", "med-004")]["rank_before"] == 4 and firings[("lead", "med-004")]["rank_after"] == 1
+    assert firings[("third", "med-025")]["rank_before"] is None
+    assert firings[("third", "med-025")]["effect"] == "pinned at 3 (injected: not recalled)"
+    injected = result.candidates[2]
+    assert [(e.stage, e.signal, e.value, e.rank) for e in injected.ledger] == [("rules", "override.pin", 0.0, 3)]
+    assert result.details["counts"]["injected"] == 2
+
+
+def test_every_returned_candidate_gets_one_override_entry_with_its_final_rank(tmp_path, index):
+    _, result = override_run(tmp_path, index, "  - {id: lead, action: pin, docs: [med-004], position: 1}\n", LIST)
+    for rank, candidate in enumerate(result.candidates, start=1):
+        entry = candidate.ledger[-1]
+        assert entry.stage == "rules" and entry.rank == rank
+        assert entry.signal == ("override.pin" if candidate.doc_id == "med-004" else "override")
+        assert candidate.score_of("fused") == dict(LIST)[candidate.doc_id]  # earlier scores untouched
+        assert entry.value == dict(LIST)[candidate.doc_id]
+
+
+def test_pin_of_a_forbidden_or_unknown_document_is_dropped_and_traced(tmp_path, index):
+    _, result = override_run(tmp_path, index, """\
+  - {id: secret, action: pin, docs: [med-007], position: 1}
+  - {id: ghost, action: pin, docs: [med-999], position: 2}
+  - {id: lazy, action: pin, docs: [med-030], position: 2, inject: false}
+""", LIST, mask_out=("med-007", "med-003"), strictness="lenient")
+    assert "med-007" not in order(result) and "med-999" not in order(result) and "med-030" not in order(result)
+    codes = {d.code: d for d in result.decisions}
+    assert "prefilter forbids" in codes["pin_forbidden"].detail and codes["pin_forbidden"].data["doc_id"] == "med-007"
+    assert codes["pin_unknown_document"].data["doc_id"] == "med-999"
+    assert codes["pin_not_recalled"].data["doc_id"] == "med-030"
+    # med-003 arrived although the mask forbids it (a recall stage ignoring masks): dropped too
+    assert "med-003" not in order(result)
+    assert any(d.doc_id == "med-003" and d.reason == "forbidden_by_prefilter" for d in result.drops)
+
+
+def test_bury_exclude_boost_and_demote(tmp_path, index):
+    _, result = override_run(tmp_path, index, """\
+  - {id: sink, action: bury, docs: [med-001]}
+  - {id: gone, action: exclude, match: {field: doc.source, op: eq, value: ema}}
+  - {id: up, action: boost, docs: [med-004], factor: 2.0}
+  - {id: up-more, action: boost, docs: [med-004], add: 0.1}
+  - {id: down, action: demote, docs: [med-002], factor: 0.5, add: -0.05}
+""", LIST)
+    assert order(result) == ["med-004", "med-003", "med-002", "med-001"]
+    scores = {c.doc_id: c.score for c in result.candidates}
+    assert scores["med-004"] == pytest.approx(0.6 * 2.0 + 0.1)  # factors multiply, adds sum
+    assert scores["med-002"] == pytest.approx(0.8 * 0.5 - 0.05)
+    assert [(d.doc_id, d.reason, d.detail) for d in result.drops] == [("med-005", "override_exclude", "rule 'gone'")]
+    sink = next(f for f in result.details["firings"] if f["rule"] == "sink")
+    assert (sink["rank_before"], sink["rank_after"], sink["effect"]) == (1, 4, "buried")
+    gone = next(f for f in result.details["firings"] if f["rule"] == "gone")
+    assert gone["match"] == [{"field": "doc.source", "op": "eq", "matched": "ema"}] and gone["rank_after"] is None
+    up = next(f for f in result.details["firings"] if f["rule"] == "up")
+    assert up["effect"] == "boost x2: score 0.6 -> 1.3"
+
+
+def test_precedence_exclude_then_pin_then_bury_then_boost(tmp_path, index):
+    _, result = override_run(tmp_path, index, """\
+  - {id: z-boost, action: boost, docs: [med-001, med-002], factor: 10}
+  - {id: y-bury, action: bury, docs: [med-002, med-003]}
+  - {id: x-pin, action: pin, docs: [med-003], position: 1}
+  - {id: w-exclude, action: exclude, docs: [med-001]}
+  - {id: v-pin-excluded, action: pin, docs: [med-001], position: 2}
+""", LIST, strictness="lenient")  # the checks flag these conflicts; lenient lets the runtime precedence show
+    # med-001 excluded (its pin and boost suppressed); med-003 pinned although buried; med-002 buried though boosted
+    assert order(result) == ["med-003", "med-004", "med-005", "med-002"]
+    suppressed = {(s["rule"], s["doc_id"]): s["reason"] for s in result.details["suppressed"]}
+    assert suppressed[("z-boost", "med-001")] == "excluded by 'w-exclude'"
+    assert suppressed[("v-pin-excluded", "med-001")] == "pin_excluded"
+    assert suppressed[("y-bury", "med-003")] == "pinned by 'x-pin' (pin wins)"
+    assert result.candidates[-1].score == pytest.approx(8.0)  # boosted, still below the unburied
+
+
+def test_competing_pins_resolve_by_priority_then_id(tmp_path, index):
+    _, result = override_run(tmp_path, index, """\
+  - {id: b-low, action: pin, docs: [med-005], position: 1, priority: 1}
+  - {id: a-high, action: pin, docs: [med-004], position: 1, priority: 5}
+  - {id: c-same-doc, action: pin, docs: [med-004], position: 4, priority: 0}
+  - {id: far, action: pin, docs: [med-003], position: 40}
+""", LIST)
+    assert order(result)[:2] == ["med-004", "med-005"]  # the loser takes the next free slot
+    assert order(result)[-1] == "med-003"  # beyond the end: lands last
+    codes = [d.code for d in result.decisions]
+    assert codes.count("pin_displaced") == 1 and "pin_superseded" in codes and "pin_position_clamped" in codes
+
+
+def test_query_conditions_windows_and_scores(tmp_path, index):
+    rules = """\
+  - id: alert
+    action: pin
+    docs: [med-005]
+    position: 1
+    until: 2025-06-30
+    when: {field: query.text, op: regex, value: '\\bmetformin\\b'}
+  - {id: strong, action: boost, add: 1, match: {field: score.fused, op: ge, value: 0.8}}
+  - {id: second, action: bury, match: {field: candidate.rank, op: eq, value: 2}}
+  - {id: clinicians, action: exclude, docs: [med-004], when: {field: user.roles, op: contains, value: clinician}}
+"""
+    _, early = override_run(tmp_path, index, rules, LIST, user=UserContext(roles=("clinician",)))
+    assert order(early) == ["med-005", "med-001", "med-003", "med-002"]
+    assert early.details["firings"][0]["when"] == [{"field": "query.text", "op": "regex", "matched": "metformin"}]
+    _, late = override_run(tmp_path, index, rules, LIST, as_of=datetime(2025, 7, 1, tzinfo=timezone.utc))
+    assert late.details["inactive_rules"]["alert"].startswith("expired at 2025-07-01")
+    assert late.details["inactive_rules"]["clinicians"] == "condition false"
+    assert order(late) == ["med-001", "med-003", "med-004", "med-005", "med-002"]
+
+
+def test_query_text_is_redacted_from_firings_when_traces_must_not_hold_it(tmp_path, index):
+    _, result = override_run(tmp_path, index,
+                             "  - {id: a, action: boost, factor: 2, docs: [med-001], when: {field: query.text, op: contains, value: metformin}}\n",
+                             LIST, include_query_text=False)
+    assert result.details["firings"][0]["when"] == [{"field": "query.text", "op": "contains", "matched": "<redacted>"}]
+
+
+def test_expression_match_with_query_and_document(tmp_path, index):
+    _, result = override_run(tmp_path, index, """\
+  - id: same-drug
+    action: boost
+    factor: 3
+    match: {expr: "doc.drugs|select('in', query.text|lower)|list|length > 0 and doc.jurisdiction != 'EU'"}
+""", LIST, text="metformin dose")
+    boosted = {f["doc_id"] for f in result.details["firings"]}
+    assert boosted == {"med-001", "med-002", "med-003", "med-004"}  # med-005 is EU
+
+
+def test_explain_names_the_boost_rules(tmp_path, index):
+    stage, result = override_run(tmp_path, index, "  - {id: up, action: boost, docs: [med-003], factor: 2}\n", LIST)
+    candidate = next(c for c in result.candidates if c.doc_id == "med-003")
+    query = Query(text="metformin", as_of=AS_OF)
+    explanation = stage.explain(query, candidate, candidate.score, 1, True)
+    assert explanation.value == pytest.approx(1.4)
+    assert [d.description for d in explanation.details] == ["x2 (boost rule 'up')"]
+
+
+def test_empty_input(tmp_path, index):
+    _, result = override_run(tmp_path, index, "  - {id: lead, action: pin, docs: [med-004], position: 3}\n", [])
+    assert order(result) == ["med-004"]
+    assert [d.code for d in result.decisions] == ["pin_position_clamped"]
+
+
+# =========================================================================== end to end
+
+
+def test_full_pipeline_never_surfaces_a_forbidden_pin(tmp_path, index):
+    pipeline = make_pipeline(
+        tmp_path, index,
+        access="rules:\n  - {id: acl, action: acl, public: [public]}\n",
+        overrides="rules:\n  - {id: brochure, action: pin, docs: [med-029], position: 1}\n",
+    )
+    outsider = run(pipeline, "semaglutide")
+    assert "med-029" not in ids(outsider)
+    decision = stage_record(outsider, "rules")["decisions"][0]
+    assert decision["code"] == "pin_forbidden"
+    insider = run(pipeline, "semaglutide", groups=("trial-investigators",))
+    assert ids(insider)[0] == "med-029"
+
+
+def test_broken_rule_file_fails_warm_up_with_located_errors(tmp_path, index):
+    pipeline = make_pipeline(tmp_path, index, overrides="rules:\n  - {id: x, action: pin, docs: [med-001]}\n")
+    with pytest.raises(ConfigError) as caught:
+        pipeline.warm_up()
+    assert str(caught.value.issues[0]).startswith(f"{tmp_path / 'overrides.yaml'}:4:5  rules.0.position:")
+
+
+# =========================================================================== threshold
+
+
+def threshold_run(tmp_path, index, params: str, incoming, pinned=()):
+    pipeline = make_pipeline(tmp_path, index, floor=params)
+    resources = pipeline.warm_up()
+    stage = pipeline.compiled.stages["floor"]
+    candidates = []
+    for rank, (doc_id, score) in enumerate(incoming, start=1):
+        ledger = (ScoreEntry("bm25", "bm25", score * 10, rank), ScoreEntry("fused", "fused", score, rank))
+        if doc_id in pinned:
+            ledger += (ScoreEntry("rules", "override.pin", score, rank),)
+        candidates.append(Candidate(doc_id, resources.index.row_of(doc_id), ledger))
+    return stage.run(StageContext("floor", Query(text="x", as_of=AS_OF), [candidates], None, resources))
+
+
+def test_threshold_raw_and_normalised(tmp_path, index):
+    raw = threshold_run(tmp_path, index, "{min_score: 0.55}", LIST)
+    assert order(raw) == ["med-001", "med-002", "med-003", "med-004"]
+    assert [(d.doc_id, d.reason, d.detail) for d in raw.drops] == [("med-005", "below_threshold", "0.5 < 0.55")]
+    relative = threshold_run(tmp_path, index, "{min_score: 0.7, normalize: max}", LIST)
+    assert order(relative) == ["med-001", "med-002", "med-003"]  # 0.6/0.9 = 0.667 < 0.7
+    assert "(max-normalised current score, raw 0.6)" in relative.drops[0].detail
+    minmax = threshold_run(tmp_path, index, "{min_score: 0.3, normalize: minmax}", LIST)
+    assert order(minmax) == ["med-001", "med-002", "med-003"]  # (0.6-0.5)/0.4 = 0.25
+
+
+def test_threshold_edge_cases(tmp_path, index):
+    tied = threshold_run(tmp_path, index, "{min_score: 0.9, normalize: minmax}", [("med-001", 0.2), ("med-002", 0.2)])
+    assert len(tied.candidates) == 2 and tied.decisions[0].code == "normalisation_tied"
+    negative = threshold_run(tmp_path, index, "{min_score: -1.0, normalize: max}", [("med-001", -0.5)])
+    assert negative.decisions[0].code == "normalisation_undefined" and len(negative.candidates) == 1
+    empty = threshold_run(tmp_path, index, "{min_score: 0.5}", [])
+    assert empty.candidates == [] and empty.drops == []
+    pinned = threshold_run(tmp_path, index, "{min_score: 0.75}", LIST, pinned=("med-005",))
+    assert order(pinned) == ["med-001", "med-002", "med-005"] and pinned.decisions[0].code == "pinned_kept"
+    by_stage = threshold_run(tmp_path, index, "{min_score: 7.5, score_of: bm25}", LIST)
+    assert order(by_stage) == ["med-001", "med-002"]
+
+
+def test_threshold_score_of_must_name_an_upstream_scorer(tmp_path, index):
+    with pytest.raises(ConfigError) as caught:
+        make_pipeline(tmp_path, index, floor="{min_score: 0.5, score_of: rerank}")
+    assert "'rerank' is not an upstream stage that scores candidates; scoring stages upstream: bm25" in str(caught.value)
