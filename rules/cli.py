@@ -70,7 +70,11 @@ def test(
                     for failure in case.failures:
                         out.print(f"    {escape(failure)}")
         colour = "green" if failed == 0 and not broken else "red"
-        out.print(f"[{colour}]{total - failed} passed, {failed} failed[/{colour}] in {len(reports)} file(s)")
+        could_not_run = len(files) - len(reports)
+        out.print(
+            f"[{colour}]{total - failed} passed, {failed} failed[/{colour}] in {len(reports)} file(s)"
+            + (f"; [red]{could_not_run} file(s) could not be run[/red]" if could_not_run else "")
+        )
     if broken:
         raise typer.Exit(2)
     if failed:

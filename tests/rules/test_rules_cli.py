@@ -1,0 +1,89 @@
+"""`sieve rules test` / `sieve rules check`: the example packs' suites pass, and the suites have
+teeth — weakening a rule makes them fail, with the failing expectation located."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rules.cli import rules_app
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("domain", ["medical", "finance"])
+def test_example_rule_packs_pass_their_own_tests(domain):
+    result = runner.invoke(rules_app, ["test", str(ROOT / "configs" / domain)])
+    assert result.exit_code == 0, result.output
+    assert " 0 failed" in result.output
+
+
+def _copy_pack(tmp_path: Path, domain: str) -> Path:
+    shutil.copytree(ROOT / "configs" / domain, tmp_path / "configs" / domain)
+    shutil.copytree(ROOT / "examples" / domain, tmp_path / "examples" / domain)
+    return tmp_path / "configs" / domain
+
+
+def test_weakening_an_access_rule_fails_the_suite(tmp_path):
+    pack = _copy_pack(tmp_path, "medical")
+    access = pack / "access.yaml"
+    text = access.read_text()
+    access.write_text(text.replace("action: acl\n", "action: acl\n    enabled: false\n"))
+    result = runner.invoke(rules_app, ["test", str(pack)])
+    assert result.exit_code == 1, result.output
+    assert "✗ trial protocol and DSMB report stay hidden from other clinicians" in result.output
+    tests_file = pack / "rules.tests.yaml"
+    assert f"{tests_file}:" in result.output and "expected 'med-006' never to be returned, got rank" in result.output
+
+
+def test_moving_a_pin_fails_the_suite(tmp_path):
+    pack = _copy_pack(tmp_path, "finance")
+    overrides = pack / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("docs: [fin-002]\n    position: 1", "docs: [fin-002]\n    position: 3"))
+    result = runner.invoke(rules_app, ["test", str(pack), "-k", "Form SHO"])
+    assert result.exit_code == 1
+    assert "expected 'fin-002' at rank 1, got rank 3" in result.output
+
+
+def test_broken_test_file_is_a_located_error(tmp_path):
+    pack = _copy_pack(tmp_path, "medical")
+    tests_file = pack / "rules.tests.yaml"
+    tests_file.write_text(tests_file.read_text().replace("{doc: med-003, rank: 1}", "{doc: med-003, rnk: 1}", 1))
+    result = runner.invoke(rules_app, ["test", str(tests_file)])
+    assert result.exit_code == 2
+    assert f"{tests_file}:12:24  cases.0.expect.0.rnk: unknown field 'rnk'" in result.output
+
+
+def test_broken_rule_file_is_reported_not_raised(tmp_path):
+    pack = _copy_pack(tmp_path, "medical")
+    overrides = pack / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("op: contains_any, value: [metformin, glucophage]",
+                                                       "op: contains_some, value: [metformin, glucophage]"))
+    result = runner.invoke(rules_app, ["test", str(pack)])
+    assert result.exit_code == 2
+    assert f"{overrides}:19:40  rules.0.when.any.0.op: rule 'pin-fda-metformin-alert': Input should be" in result.output
+    assert "1 file(s) could not be run" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_command_reports_conflicts_and_corpus_findings(tmp_path):
+    rules = tmp_path / "overrides.yaml"
+    rules.write_text(
+        "version: 1\nkind: override\nrules:\n"
+        "  - {id: a, action: pin, docs: [med-001], position: 1}\n"
+        "  - {id: b, action: exclude, docs: [med-001]}\n"
+        "  - {id: c, action: bury, match: {field: doc.colour, op: eq, value: red}}\n")
+    result = runner.invoke(rules_app, ["check", str(rules)])
+    assert result.exit_code == 2
+    assert "[pin_exclude_conflict]" in result.output
+    clean = runner.invoke(rules_app, ["check", str(ROOT / "configs" / "medical" / "access.yaml")])
+    assert clean.exit_code == 0 and "7 prefilter rules" in clean.output
+
+
+def test_no_test_files_found(tmp_path):
+    result = runner.invoke(rules_app, ["test", str(tmp_path)])
+    assert result.exit_code == 2 and "no rule test files" in result.output
