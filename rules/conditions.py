@@ -195,6 +195,10 @@ class RelativeDate:
         return f"as_of {'+' if self.offset_days > 0 else '-'} {abs(self.offset_days)}d"
 
 
+def _id(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -335,27 +339,27 @@ def doc_variables(document: Any) -> dict[str, Any]:
 
 
 class Subject:
-    """What one evaluation reads: the query view and, for document conditions, one document."""
+    """What one evaluation reads: the query view and, for document conditions, one document and
+    (override rules) the candidate — its ledger scores and its rank on arrival."""
 
-    __slots__ = ("view", "document", "scores", "candidate_score", "rank")
+    __slots__ = ("view", "document", "candidate", "rank")
 
-    def __init__(self, view: QueryView, document: Any = None, scores: Mapping[str, float] | None = None,
-                 candidate_score: float | None = None, rank: int | None = None):
+    def __init__(self, view: QueryView, document: Any = None, candidate: Any = None, rank: int | None = None):
         self.view = view
         self.document = document
-        self.scores = scores
-        self.candidate_score = candidate_score
+        self.candidate = candidate
         self.rank = rank
 
     def get(self, path: str) -> Any:
         if path.startswith("doc."):
             return MISSING if self.document is None else doc_field(self.document, path)
         if path.startswith("score."):
-            if self.scores is None:
+            if self.candidate is None:
                 return MISSING
-            return self.scores.get(path[len("score."):], MISSING)
+            value = self.candidate.score_of(path[len("score."):])
+            return MISSING if value is None else value
         if path == "candidate.score":
-            return MISSING if self.candidate_score is None else self.candidate_score
+            return self.candidate.score if self.candidate is not None and self.candidate.ledger else MISSING
         if path == "candidate.rank":
             return MISSING if self.rank is None else self.rank
         return self.view.get(path)
@@ -364,10 +368,63 @@ class Subject:
         variables = dict(self.view.variables())
         if self.document is not None:
             variables["doc"] = doc_variables(self.document)
-        if self.scores is not None:
-            variables["score"] = dict(self.scores)
-        variables["candidate"] = {"score": self.candidate_score, "rank": self.rank}
+        if self.candidate is not None:
+            variables["score"] = {e.stage: e.value for e in self.candidate.ledger}
+            score = self.candidate.score if self.candidate.ledger else None
+            variables["candidate"] = {"score": score, "rank": self.rank}
         return variables
+
+
+class NullView(QueryView):
+    """A query view for conditions that provably do not read the query (evaluated once, at warm-up)."""
+
+    def __init__(self) -> None:  # noqa: D107 - nothing to read
+        self.fields = {}
+        self.entities = []
+        self._variables = {}
+        self.errors = []
+
+    def get(self, path: str) -> Any:
+        return MISSING
+
+
+class Frame:
+    """A ranked candidate list that override conditions are evaluated over, column by column."""
+
+    def __init__(self, candidates: Sequence[Any], table: "DocumentTable"):
+        import numpy as np
+
+        self.candidates = candidates
+        self.table = table
+        self.rows = np.fromiter((c.row for c in candidates), dtype=np.int64, count=len(candidates))
+        self._columns: dict[str, list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def column(self, path: str) -> list[Any]:
+        """``score.<stage>``, ``candidate.score`` or ``candidate.rank`` of every candidate."""
+        cached = self._columns.get(path)
+        if cached is None:
+            if path.startswith("score."):
+                stage = path[len("score."):]
+                cached = [_or_missing(c.score_of(stage)) for c in self.candidates]
+            elif path == "candidate.score":
+                cached = [c.score if c.ledger else MISSING for c in self.candidates]
+            elif path == "candidate.rank":
+                cached = list(range(1, len(self.candidates) + 1))
+            else:
+                raise AssertionError(f"not a candidate field: {path}")  # pragma: no cover
+            self._columns[path] = cached
+        return cached
+
+    def subject(self, position: int, view: QueryView) -> Subject:
+        candidate = self.candidates[position]
+        return Subject(view, self.table.documents[candidate.row], candidate, position + 1)
+
+
+def _or_missing(value: Any) -> Any:
+    return MISSING if value is None else value
 
 
 # --------------------------------------------------------------------------- compiled nodes
@@ -383,11 +440,21 @@ class CompileError(ValueError):
 
 
 class Node:
-    """A compiled condition."""
+    """A compiled condition.
+
+    :meth:`evaluate` tests one subject in Python (and can record evidence of what matched);
+    :meth:`vector` tests many at once with numpy — every document of the table (prefilter), or
+    the candidates of a :class:`Frame` (override). Sub-conditions that read neither the query nor
+    the candidate are computed once over the whole corpus and reused.
+    """
 
     uses_query: bool = False  # reads the query side (when evaluated over documents)
     uses_document: bool = False
     uses_candidate: bool = False  # reads ledger scores or ranks (override rules only)
+
+    @property
+    def static(self) -> bool:
+        return not (self.uses_query or self.uses_candidate)
 
     def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
         raise NotImplementedError
@@ -399,9 +466,35 @@ class Node:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
-        """Value over every document of the table (prefilter use): numpy ops, not a loop, when possible."""
+    def vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None = None) -> "np.ndarray":
+        """Value for every document of ``table`` (or every candidate of ``frame``)."""
+        if self.static:
+            full, errors = table.static_vector(self, lambda: self._collect(table))
+            view.errors.extend(errors)
+            return full if frame is None else full[frame.rows]
+        return self._vector(table, view, frame)
+
+    def prepare(self, table: "DocumentTable") -> None:
+        """Compute every query-independent part over the corpus now (at warm-up), not on the first query."""
+        if self.static:
+            self.vector(table, NullView())
+            return
+        for child in getattr(self, "children", ()):
+            child.prepare(table)
+        inner = getattr(self, "child", None)
+        if inner is not None:
+            inner.prepare(table)
+
+    def _collect(self, table: "DocumentTable") -> tuple["np.ndarray", list[tuple[int, str]]]:
+        view = NullView()
+        return self._vector(table, view, None), list(view.errors)
+
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
         raise NotImplementedError
+
+
+def _size(table: "DocumentTable", frame: Frame | None) -> int:
+    return table.size if frame is None else len(frame)
 
 
 def _show(value: Any) -> str:
@@ -428,9 +521,12 @@ class Leaf(Node):
         self.pattern: re.Pattern[str] | None = None
         self.date_operand = False
         operand: Any = True if self.op == "exists" and spec.value is None else spec.value
+        if self.field == "doc.id":  # ids are text; YAML reads numeric ones as ints
+            operand = [_id(v) for v in operand] if isinstance(operand, list) else _id(operand)
         if self.value_from is None:
             self.literal = self._prepare(operand)
         self.relative = isinstance(self.literal, RelativeDate)
+        self._lookups: dict[Any, "np.ndarray"] = {}
         scope_roots = {self.field.split(".")[0]} | ({self.value_from.split(".")[0]} if self.value_from else set())
         self.uses_document = "doc" in scope_roots
         self.uses_candidate = bool(scope_roots & {"score", "candidate"})
@@ -582,24 +678,53 @@ class Leaf(Node):
         )
         return f"{self.field} {self.op} {operand}"
 
-    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
         import numpy as np
 
-        if not self.uses_document:  # a query-side test inside a document condition: one value for all
-            hit = self.evaluate(Subject(view))
-            return np.full(table.size, hit, dtype=bool)
+        if not (self.uses_document or self.uses_candidate):  # a query-side test: one value for all
+            return np.full(_size(table, frame), self.evaluate(Subject(view)), dtype=bool)
         operand = self._runtime_operand(view)
-        if self.positive in ORDER_OPS and operand is not MISSING and operand is not None:
+        ordered = self.positive in ORDER_OPS and operand is not MISSING and operand is not None
+        if self.field.startswith(("score.", "candidate.")):
+            assert frame is not None, "candidate fields exist only in override rules"
+            values = frame.column(self.field)
+            if ordered and not isinstance(operand, datetime):
+                column = np.fromiter((_nan_unless_number(v) for v in values), dtype=np.float64, count=len(values))
+                with np.errstate(invalid="ignore"):
+                    result = _VECTOR_COMPARE[self.positive](column, float(operand))
+            else:
+                result = np.fromiter((self.test_value(v, operand)[0] for v in values), dtype=bool, count=len(values))
+            return ~result if self.negated else result
+        if ordered:
             column = table.numeric(self.field, dates=isinstance(operand, datetime))
             if column is not None:
+                if frame is not None:
+                    column = column[frame.rows]
                 target = operand.timestamp() if isinstance(operand, datetime) else float(operand)
                 with np.errstate(invalid="ignore"):
                     result = _VECTOR_COMPARE[self.positive](column, target)
                 return ~result if self.negated else result
         codes, uniques = table.factorized(self.field)
-        lookup = np.fromiter((self.test_value(u, operand)[0] for u in uniques), dtype=bool, count=len(uniques))
-        result = lookup[codes]
+        lookup = self._lookup(uniques, operand)
+        result = lookup[codes if frame is None else codes[frame.rows]]
         return ~result if self.negated else result
+
+    def _lookup(self, uniques: list[Any], operand: Any) -> "np.ndarray":
+        """The test on each distinct value of the field, cached per operand (users repeat)."""
+        import numpy as np
+
+        key = (id(uniques), operand if _hashable(operand) else repr(operand))
+        cached = self._lookups.get(key)
+        if cached is None:
+            cached = np.fromiter((self.test_value(u, operand)[0] for u in uniques), dtype=bool, count=len(uniques))
+            if len(self._lookups) >= 256:
+                self._lookups.clear()
+            self._lookups[key] = cached
+        return cached
+
+
+def _nan_unless_number(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan
 
 
 def _hashable(value: Any) -> bool:
@@ -668,12 +793,12 @@ class AllOf(Node):
     def describe(self) -> str:
         return "(" + " and ".join(c.describe() for c in self.children) + ")"
 
-    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
-        result = self.children[0].vector(table, view)
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
+        result = self.children[0].vector(table, view, frame)
         for child in self.children[1:]:
             if not result.any():
                 break
-            result = result & child.vector(table, view)
+            result = result & child.vector(table, view, frame)
         return result
 
 
@@ -690,12 +815,12 @@ class AnyOf(AllOf):
     def describe(self) -> str:
         return "(" + " or ".join(c.describe() for c in self.children) + ")"
 
-    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
-        result = self.children[0].vector(table, view)
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
+        result = self.children[0].vector(table, view, frame)
         for child in self.children[1:]:
             if result.all():
                 break
-            result = result | child.vector(table, view)
+            result = result | child.vector(table, view, frame)
         return result
 
 
@@ -719,8 +844,8 @@ class Not(Node):
     def describe(self) -> str:
         return f"not {self.child.describe()}"
 
-    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
-        return ~self.child.vector(table, view)
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
+        return ~self.child.vector(table, view, frame)
 
 
 class Expr(Node):
@@ -742,14 +867,19 @@ class Expr(Node):
     def describe(self) -> str:
         return f"expr {self.compiled.source!r}"
 
-    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
-        """Evaluated per document; a document the expression fails on is false and noted in ``view.errors``."""
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
+        """Evaluated one by one; a document the expression fails on is false and noted in ``view.errors``."""
         import numpy as np
 
-        result = np.zeros(table.size, dtype=bool)
-        for row, document in enumerate(table.documents):
+        size = _size(table, frame)
+        result = np.zeros(size, dtype=bool)
+        for position in range(size):
+            if frame is None:
+                subject, row = Subject(view, table.documents[position]), position
+            else:
+                subject, row = frame.subject(position, view), int(frame.rows[position])
             try:
-                result[row] = self.compiled.truth(Subject(view, document).variables())
+                result[position] = self.compiled.truth(subject.variables())
             except ExpressionRuntimeError as exc:
                 view.errors.append((row, str(exc)))
         return result
@@ -767,10 +897,10 @@ class Constant(Node):
     def describe(self) -> str:
         return "always" if self.value else "never"
 
-    def vector(self, table: "DocumentTable", view: QueryView) -> "np.ndarray":
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
         import numpy as np
 
-        return np.full(table.size, self.value, dtype=bool)
+        return np.full(_size(table, frame), self.value, dtype=bool)
 
 
 def compile_condition(spec: Condition, scope: Scope, path: tuple[str | int, ...] = ()) -> Node:
@@ -825,6 +955,7 @@ def _check_field(field: str, scope: Scope, path: tuple[str | int, ...]) -> None:
 
 
 __all__ = [
-    "Condition", "Node", "Leaf", "AllOf", "AnyOf", "Not", "Expr", "Constant", "QueryView", "Subject",
+    "Condition", "Node", "Leaf", "AllOf", "AnyOf", "Not", "Expr", "Constant", "QueryView", "Subject", "Frame",
+    "NullView",
     "CompileError", "compile_condition", "MISSING", "RelativeDate", "ExpressionRuntimeError", "present",
 ]

@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ConfigIssue
-from rules.conditions import AllOf, Constant, Leaf, Node, Not, QueryView, RelativeDate
+from rules.conditions import AllOf, Constant, Leaf, Node, Not, NullView, RelativeDate
 from rules.ruleset import CompiledRule, RuleSet, today_utc
 
 if TYPE_CHECKING:
@@ -289,8 +289,8 @@ def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Findin
                 row = table.row_of.get(doc_id)
                 if row is None or (other.docs and doc_id not in other.docs):
                     continue
-                view = _NullView()
-                if other.match.evaluate(Subject(view, table.documents[row])):  # type: ignore[arg-type]
+                view = NullView()
+                if other.match.evaluate(Subject(view, table.documents[row])):
                     code, severity, outcome = (
                         ("pin_exclude_conflict", "error", "exclude wins, so the pin never shows it then")
                         if other.action == "exclude" else ("pin_bury_conflict", "warning", "the pin wins")
@@ -309,7 +309,7 @@ def _prefilter_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Findin
     for rule in ruleset.rules:
         if rule.match is None or not _static(rule.match) or not rule.spec.enabled:
             continue
-        matched = rule.match.vector(table, _NullView())  # type: ignore[arg-type]
+        matched = rule.match.vector(table, NullView())
         removed = int(matched.sum()) if rule.effect == "exclude" else int((~matched).sum())
         if removed == table.size:
             findings.append(Finding(
@@ -317,18 +317,3 @@ def _prefilter_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Findin
                 f"rule '{rule.id}' excludes all {table.size} documents whenever it applies",
             ))
     return findings
-
-
-class _NullView(QueryView):
-    """A query view for conditions that provably do not read the query."""
-
-    def __init__(self) -> None:  # noqa: D107 - nothing to set up
-        self.fields = {}
-        self.entities = []
-        self._variables = {}
-        self.errors = []
-
-    def get(self, path: str) -> Any:
-        from rules.conditions import MISSING
-
-        return MISSING

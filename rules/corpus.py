@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,9 @@ class DocumentTable:
         self.metadata_keys = frozenset(keys)
         self._factorized: dict[str, tuple["np.ndarray", list[Any]]] = {}
         self._numeric: dict[tuple[str, bool], "np.ndarray | None"] = {}
+        self._static: "weakref.WeakKeyDictionary[Any, tuple[np.ndarray, list[tuple[int, str]]]]" = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
 
     @classmethod
@@ -66,6 +70,18 @@ class DocumentTable:
         if len(parts) == 2:
             return True
         return any(doc_field(d, path) not in (MISSING, None) for d in self.documents)
+
+    def static_vector(
+        self, node: Any, compute: "Callable[[], tuple[np.ndarray, list[tuple[int, str]]]]"
+    ) -> "tuple[np.ndarray, list[tuple[int, str]]]":
+        """A query-independent condition's value over every document (and rows it failed on), computed once."""
+        cached = self._static.get(node)
+        if cached is None:
+            cached = compute()
+            cached[0].setflags(write=False)
+            with self._lock:
+                self._static[node] = cached
+        return cached
 
     def column(self, path: str) -> list[Any]:
         return [doc_field(d, path) for d in self.documents]

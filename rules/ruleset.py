@@ -155,6 +155,14 @@ class OverrideRule(RuleBase):
     docs: Optional[list[str]] = Field(None, min_length=1, description="doc ids targeted")
     match: Optional[Condition] = Field(None, description="condition on each candidate (document, scores, query)")
 
+    @field_validator("docs", mode="before")
+    @classmethod
+    def _numeric_ids(cls, value: Any) -> Any:
+        """``docs: [4983, 5836]`` (BEIR ids are often numbers; YAML reads them as ints) means the ids as text."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
     @model_validator(mode="after")
     def _targets(self) -> "OverrideRule":
         if self.docs is None and self.match is None:
@@ -496,14 +504,14 @@ class Absent(Node):
     def describe(self) -> str:
         return f"{self.path} is absent"
 
-    def vector(self, table: Any, view: Any) -> Any:
+    def _vector(self, table: Any, view: Any, frame: Any) -> Any:
         import numpy as np
 
         from rules.conditions import MISSING
 
         codes, uniques = table.factorized(self.path)
         lookup = np.fromiter((u is MISSING or u is None for u in uniques), dtype=bool, count=len(uniques))
-        return lookup[codes]
+        return lookup[codes if frame is None else codes[frame.rows]]
 
 
 def _sugar(spec: RuleBase, default_deny: bool) -> Node:

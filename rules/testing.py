@@ -33,7 +33,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config import issues_from_validation
@@ -61,6 +61,10 @@ class EntitySpec(_Strict):
     label: str
 
 
+def _id_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class Expectation(_Strict):
     doc: Optional[str] = None
     rank: Optional[int] = Field(None, ge=1)
@@ -70,6 +74,11 @@ class Expectation(_Strict):
     below: Optional[str] = None
     fired: Optional[str] = None
     not_fired: Optional[str] = None
+
+    @field_validator("doc", "below", mode="before")
+    @classmethod
+    def _numeric_ids(cls, value: Any) -> Any:
+        return _id_text(value)  # BEIR ids are often numbers; YAML reads them as ints
 
     @model_validator(mode="after")
     def _one_check(self) -> "Expectation":

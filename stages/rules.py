@@ -50,7 +50,8 @@ from engine.stage import (
     StageParams,
     StageResult,
 )
-from rules.conditions import ExpressionRuntimeError, QueryView, Subject
+from rules.conditions import ExpressionRuntimeError, Frame, QueryView, Subject
+from rules.ruleset import OVERRIDE_PRECEDENCE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -168,22 +169,10 @@ class RulesPrefilter(Stage):
         return _graph_check(node, graph, "prefilter")
 
     def warm_up(self, resources: Resources) -> None:
-        import numpy as np
-
-        from rules.conflicts import _NullView
-
         self._ruleset, self._table, self._warnings = _prepare(self, resources, "prefilter")
-        self._static: dict[str, np.ndarray] = {}
-        self._static_errors: dict[str, np.ndarray] = {}
-        for rule in self._ruleset.rules:
+        for rule in self._ruleset.rules:  # query-independent conditions: computed now, once
             assert rule.match is not None
-            if not (rule.match.uses_query or rule.match.uses_candidate):
-                view = _NullView()
-                self._static[rule.id] = rule.match.vector(self._table, view)
-                if view.errors:
-                    rows = np.zeros(self._table.size, dtype=bool)
-                    rows[[r for r, _ in view.errors]] = True
-                    self._static_errors[rule.id] = rows
+            rule.match.prepare(self._table)
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
@@ -209,15 +198,12 @@ class RulesPrefilter(Stage):
                 continue
             assert rule.match is not None
             view.errors = []
-            matched = self._static.get(rule.id)
-            if matched is None:
-                matched = rule.match.vector(table, view)
+            matched = rule.match.vector(table, view)
             denied = matched if rule.effect == "exclude" else ~matched
-            error_rows = self._static_errors.get(rule.id)
+            error_rows = None
             if view.errors:
-                dynamic_errors = np.zeros(table.size, dtype=bool)
-                dynamic_errors[[r for r, _ in view.errors]] = True
-                error_rows = dynamic_errors if error_rows is None else (error_rows | dynamic_errors)
+                error_rows = np.zeros(table.size, dtype=bool)
+                error_rows[[r for r, _ in view.errors]] = True
             if error_rows is not None:
                 denied = denied | error_rows  # a document a rule cannot be evaluated on is denied
                 decisions.append(Decision(
@@ -255,14 +241,6 @@ class RulesPrefilter(Stage):
 
 
 @dataclass
-class _Firing:
-    rule: "CompiledRule"
-    doc_id: str
-    when: list[dict[str, Any]]
-    match: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
 class _Pin:
     rule: "CompiledRule"
     doc_id: str
@@ -272,8 +250,17 @@ class _Pin:
     when: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _rank_map(candidates: list[Candidate]) -> dict[str, int]:
-    return {c.doc_id: rank for rank, c in enumerate(candidates, start=1)}
+def _effect(rule: "CompiledRule") -> str:
+    """What a non-pin rule does, as the trace states it (``boost x1.25 +0.1``)."""
+    if rule.action in ("exclude", "bury"):
+        return "excluded" if rule.action == "exclude" else "buried"
+    spec = rule.spec
+    parts = [rule.action]
+    if spec.factor is not None:  # type: ignore[attr-defined]
+        parts.append(f"x{spec.factor:g}")  # type: ignore[attr-defined]
+    if spec.add is not None:  # type: ignore[attr-defined]
+        parts.append(f"{spec.add:+g}")  # type: ignore[attr-defined]
+    return " ".join(parts)
 
 
 @register_stage
@@ -298,31 +285,19 @@ class RulesOverride(Stage):
     def warm_up(self, resources: Resources) -> None:
         import numpy as np
 
-        from rules.conflicts import _NullView
-
         self._ruleset, self._table, self._warnings = _prepare(self, resources, "override")
-        size = self._table.size
-        self._targets: dict[str, np.ndarray] = {}  # query-independent target rows per rule
-        self._dynamic: set[str] = set()  # rules whose match reads the query or the candidate's scores
+        self._listed: dict[str, np.ndarray] = {}  # rows named in each rule's `docs`
+        self._evidence: dict[tuple[str, int], list[dict[str, Any]]] = {}  # static match evidence by (rule, row)
         for rule in self._ruleset.rules:
             if rule.action == "pin":
                 continue
-            target = np.ones(size, dtype=bool)
             if rule.docs:
-                target[:] = False
-                rows = [self._table.row_of[d] for d in rule.docs if d in self._table.row_of]
-                target[rows] = True
-            if rule.match is not None:
-                if rule.match.uses_query or rule.match.uses_candidate:
-                    self._dynamic.add(rule.id)
-                else:
-                    view = _NullView()
-                    target &= rule.match.vector(self._table, view)
-                    if view.errors:  # an override that cannot be evaluated on a document does not fire on it
-                        failed = np.zeros(size, dtype=bool)
-                        failed[[r for r, _ in view.errors]] = True
-                        target &= ~failed
-            self._targets[rule.id] = target
+                listed = np.zeros(self._table.size, dtype=bool)
+                listed[[self._table.row_of[d] for d in rule.docs if d in self._table.row_of]] = True
+                listed.setflags(write=False)
+                self._listed[rule.id] = listed
+            if rule.match is not None:  # query-independent parts: computed now, once
+                rule.match.prepare(self._table)
 
     # ------------------------------------------------------------------ run
 
@@ -336,18 +311,21 @@ class RulesOverride(Stage):
         drops: list[Drop] = []
         began = time.perf_counter()
 
+        frame = Frame(incoming, table)
         # Defence in depth: nothing the prefilter forbids leaves this stage.
-        if ctx.mask is not None and incoming:
-            allowed = ctx.mask.allowed
-            forbidden = [c for c in incoming if not allowed[c.row]]
-            if forbidden:
-                incoming = [c for c in incoming if allowed[c.row]]
-                drops.extend(Drop(c.doc_id, "forbidden_by_prefilter", "arrived despite the mask") for c in forbidden)
+        if ctx.mask is not None and len(frame):
+            permitted = ctx.mask.allowed[frame.rows]
+            if not permitted.all():
+                forbidden = np.flatnonzero(~permitted).tolist()
+                drops.extend(Drop(incoming[i].doc_id, "forbidden_by_prefilter", "arrived despite the mask")
+                             for i in forbidden)
                 decisions.append(Decision(
                     "mask_enforced", f"{len(forbidden)} incoming candidates are forbidden by the prefilter; dropped",
                 ))
-        before = _rank_map(incoming)
-        rows = np.fromiter((c.row for c in incoming), dtype=np.int64, count=len(incoming))
+                incoming = [c for c, ok in zip(incoming, permitted.tolist()) if ok]
+                frame = Frame(incoming, table)
+        size = len(incoming)
+        position_of = {c.doc_id: i for i, c in enumerate(incoming)}
 
         inactive: dict[str, str] = {}
         active: list[tuple["CompiledRule", list[dict[str, Any]]]] = []
@@ -365,49 +343,48 @@ class RulesOverride(Stage):
                 active.append((rule, _redact(evidence, ctx.trace_text)))
             else:
                 inactive[rule.id] = "condition false"
-        # precedence first, then priority (higher first), then rule id
-        from rules.ruleset import OVERRIDE_PRECEDENCE
-
+        # precedence first (exclude > pin > bury > boost/demote), then priority (higher first), then rule id
         active.sort(key=lambda item: (OVERRIDE_PRECEDENCE[item[0].action], -item[0].priority, item[0].id))
 
-        firings: dict[str, list[_Firing]] = {}  # doc_id -> firings on it, in precedence order
-        pins: list[_Pin] = []
+        excluded = np.zeros(size, dtype=bool)
+        excluded_by: dict[int, str] = {}
+        buried = np.zeros(size, dtype=bool)
+        factor = np.ones(size, dtype=np.float64)
+        addend = np.zeros(size, dtype=np.float64)
+        boosted = np.zeros(size, dtype=bool)
+        fired: list[tuple["CompiledRule", int, list[dict[str, Any]]]] = []  # (rule, position, when evidence)
         suppressed: list[dict[str, Any]] = []
+        pins: list[_Pin] = []
         for rule, when_evidence in active:
-            if rule.action == "pin":
+            action = rule.action
+            if action == "pin":
                 for offset, doc_id in enumerate(rule.docs):
                     row = table.row_of.get(doc_id)
                     requested = rule.spec.position + offset  # type: ignore[attr-defined]
                     pins.append(_Pin(rule, doc_id, -1 if row is None else row, requested, when=when_evidence))
                 continue
-            for position in self._targets_among(rule, incoming, rows, view, decisions):
-                candidate = incoming[position]
-                evidence = self._match_evidence(rule, candidate, position, view)
-                firings.setdefault(candidate.doc_id, []).append(_Firing(rule, candidate.doc_id, when_evidence, evidence))
-
-        excluded: dict[str, "CompiledRule"] = {}
-        buried: set[str] = set()
-        factor: dict[str, float] = {}
-        addend: dict[str, float] = {}
-        applied: list[_Firing] = []
-        for doc_id, on_doc in firings.items():
-            for firing in on_doc:
-                action = firing.rule.action
-                if doc_id in excluded:
-                    suppressed.append({"rule": firing.rule.id, "doc_id": doc_id,
-                                       "reason": f"excluded by '{excluded[doc_id].id}'"})
-                    continue
-                if action == "exclude":
-                    excluded[doc_id] = firing.rule
-                elif action == "bury":
-                    buried.add(doc_id)
-                else:
-                    spec = firing.rule.spec
-                    if getattr(spec, "factor", None) is not None:
-                        factor[doc_id] = factor.get(doc_id, 1.0) * spec.factor  # type: ignore[attr-defined]
-                    if getattr(spec, "add", None) is not None:
-                        addend[doc_id] = addend.get(doc_id, 0.0) + spec.add  # type: ignore[attr-defined]
-                applied.append(firing)
+            selected = self._targets_among(rule, frame, view, decisions)
+            if not selected.any():
+                continue
+            blocked = selected & excluded
+            for position in np.flatnonzero(blocked).tolist():
+                suppressed.append({"rule": rule.id, "doc_id": incoming[position].doc_id,
+                                   "reason": f"excluded by '{excluded_by[position]}'"})
+            selected &= ~excluded
+            if action == "exclude":
+                for position in np.flatnonzero(selected).tolist():
+                    excluded_by[position] = rule.id
+                excluded |= selected
+            elif action == "bury":
+                buried |= selected
+            else:
+                spec = rule.spec
+                if spec.factor is not None:  # type: ignore[attr-defined]
+                    factor[selected] *= spec.factor  # type: ignore[attr-defined]
+                if spec.add is not None:  # type: ignore[attr-defined]
+                    addend[selected] += spec.add  # type: ignore[attr-defined]
+                boosted |= selected
+            fired.extend((rule, position, when_evidence) for position in np.flatnonzero(selected).tolist())
 
         # pins: validity of each request, then slots by precedence
         pinned: dict[str, _Pin] = {}
@@ -415,15 +392,16 @@ class RulesOverride(Stage):
         mask = ctx.mask.allowed if ctx.mask is not None else None
         for pin in sorted(pins, key=lambda p: (-p.rule.priority, p.rule.id, p.requested)):
             problem = None
+            position = position_of.get(pin.doc_id)
             if pin.row < 0:
                 problem = ("pin_unknown_document", f"rule '{pin.rule.id}' pins '{pin.doc_id}', which the index does not hold")
             elif mask is not None and not mask[pin.row]:
                 problem = ("pin_forbidden", f"rule '{pin.rule.id}' pins '{pin.doc_id}', which the prefilter forbids for this "
                            "query; not shown")
-            elif pin.doc_id in excluded:
+            elif position is not None and excluded[position]:
                 problem = ("pin_excluded", f"rule '{pin.rule.id}' pins '{pin.doc_id}', which rule "
-                           f"'{excluded[pin.doc_id].id}' excludes (exclude wins)")
-            elif pin.doc_id not in before and not pin.rule.spec.inject:  # type: ignore[attr-defined]
+                           f"'{excluded_by[position]}' excludes (exclude wins)")
+            elif position is None and not pin.rule.spec.inject:  # type: ignore[attr-defined]
                 problem = ("pin_not_recalled", f"rule '{pin.rule.id}' pins '{pin.doc_id}', which recall did not return "
                            "(inject: false)")
             elif pin.doc_id in pinned:
@@ -443,33 +421,32 @@ class RulesOverride(Stage):
             pin.slot = slot
             taken.add(slot)
             pinned[pin.doc_id] = pin
-        for doc_id in list(buried):
-            if doc_id in pinned:
-                buried.discard(doc_id)
-                for firing in applied:
-                    if firing.doc_id == doc_id and firing.rule.action == "bury":
-                        suppressed.append({"rule": firing.rule.id, "doc_id": doc_id,
-                                           "reason": f"pinned by '{pinned[doc_id].rule.id}' (pin wins)"})
-                applied = [f for f in applied if not (f.doc_id == doc_id and f.rule.action == "bury")]
+        pinned_positions = [position_of[d] for d in pinned if d in position_of]
+        if pinned_positions:
+            pinned_mask = np.zeros(size, dtype=bool)
+            pinned_mask[pinned_positions] = True
+            for rule, position, _ in fired:
+                if rule.action == "bury" and pinned_mask[position]:
+                    doc_id = incoming[position].doc_id
+                    suppressed.append({"rule": rule.id, "doc_id": doc_id,
+                                       "reason": f"pinned by '{pinned[doc_id].rule.id}' (pin wins)"})
+            fired = [f for f in fired if not (f[0].action == "bury" and pinned_mask[f[1]])]
+            buried &= ~pinned_mask
+        else:
+            pinned_mask = None
 
-        # assemble the new order
-        incoming_by_id = {c.doc_id: c for c in incoming}
-        score: dict[str, float] = {}
-        for candidate in incoming:
-            if candidate.doc_id in excluded:
-                continue
-            value = candidate.score
-            if candidate.doc_id in factor or candidate.doc_id in addend:
-                value = value * factor.get(candidate.doc_id, 1.0) + addend.get(candidate.doc_id, 0.0)
-            score[candidate.doc_id] = value
-        for doc_id in pinned:
-            score.setdefault(doc_id, 0.0)
-        free = [c.doc_id for c in incoming if c.doc_id in score and c.doc_id not in pinned and c.doc_id not in buried]
-        sunk = [c.doc_id for c in incoming if c.doc_id in buried and c.doc_id not in pinned]
-        if factor or addend:
-            free.sort(key=lambda d: (-score[d], d))
-            sunk.sort(key=lambda d: (-score[d], d))
-        base = free + sunk
+        # the new order: free documents, then buried ones, with pins in their slots
+        scores = [c.score for c in incoming]
+        if boosted.any():
+            for position in np.flatnonzero(boosted).tolist():
+                scores[position] = scores[position] * float(factor[position]) + float(addend[position])
+        placed = excluded | buried if pinned_mask is None else excluded | buried | pinned_mask
+        free = np.flatnonzero(~placed).tolist()
+        sunk = np.flatnonzero(buried & ~excluded).tolist()
+        if boosted.any():
+            free.sort(key=lambda i: (-scores[i], incoming[i].doc_id))
+            sunk.sort(key=lambda i: (-scores[i], incoming[i].doc_id))
+        base = [incoming[i].doc_id for i in free + sunk]
         order: list[str] = []
         cursor = 0
         for pin in sorted(pinned.values(), key=lambda p: p.slot):
@@ -483,32 +460,37 @@ class RulesOverride(Stage):
             order.append(pin.doc_id)
         order.extend(base[cursor:])
 
-        after = {doc_id: rank for rank, doc_id in enumerate(order, start=1)}
         results = []
+        after: dict[str, int] = {}
+        stage_id = self.id
         for rank, doc_id in enumerate(order, start=1):
+            after[doc_id] = rank
+            position = position_of.get(doc_id)
             signal = PIN_SIGNAL if doc_id in pinned else OVERRIDE_SIGNAL
-            existing = incoming_by_id.get(doc_id)
-            if existing is None:
-                existing = Candidate(doc_id, pinned[doc_id].row)
-            results.append(existing.with_score(ScoreEntry(self.id, signal, float(score[doc_id]), rank)))
-        for doc_id, rule in excluded.items():
-            drops.append(Drop(doc_id, "override_exclude", f"rule '{rule.id}'"))
+            if position is None:  # pinned in, not recalled
+                results.append(Candidate(doc_id, pinned[doc_id].row, (ScoreEntry(stage_id, signal, 0.0, rank),)))
+            else:
+                existing = incoming[position]  # one new ledger entry; this stage never scored it before
+                entry = ScoreEntry(stage_id, signal, float(scores[position]), rank)
+                results.append(Candidate(doc_id, existing.row, existing.ledger + (entry,)))
+        for position, rule_id in excluded_by.items():
+            drops.append(Drop(incoming[position].doc_id, "override_exclude", f"rule '{rule_id}'"))
 
-        fired = self._firing_records(applied, pinned, excluded, before, after, incoming_by_id, score, factor, addend)
         limit = self.params.max_traced_firings
+        records = self._firing_records(fired[:limit], pinned, frame, view, after, scores, position_of)
         details: dict[str, Any] = {
             "rules_file": self._ruleset.describe(),
             "active_rules": [rule.id for rule, _ in active],
             "inactive_rules": inactive,
-            "firings": fired[:limit],
+            "firings": records,
             "counts": {
-                "incoming": len(before), "returned": len(results), "excluded": len(excluded),
-                "pinned": len(pinned), "injected": sum(1 for d in pinned if d not in before),
-                "buried": len(buried), "boosted": len(set(factor) | set(addend)),
+                "incoming": size, "returned": len(results), "excluded": len(excluded_by),
+                "pinned": len(pinned), "injected": sum(1 for d in pinned if d not in position_of),
+                "buried": int(buried.sum()), "boosted": int(boosted.sum()),
             },
         }
-        if len(fired) > limit:
-            details["firings_truncated"] = len(fired) - limit
+        if len(fired) + len(pinned) > len(records):
+            details["firings_truncated"] = len(fired) + len(pinned) - len(records)
         if suppressed:
             details["suppressed"] = suppressed
         if self._warnings:
@@ -518,81 +500,76 @@ class RulesOverride(Stage):
             timings_ms={"rules": (time.perf_counter() - began) * 1000.0},
         )
 
-    def _targets_among(
-        self, rule: "CompiledRule", incoming: list[Candidate], rows: "np.ndarray", view: QueryView,
-        decisions: list[Decision],
-    ) -> list[int]:
-        """Positions (0-based, in the incoming list) of the candidates a non-pin rule targets."""
+    def _targets_among(self, rule: "CompiledRule", frame: Frame, view: QueryView, decisions: list[Decision]) -> "np.ndarray":
+        """Which candidates (by position in the incoming list) a non-pin rule targets."""
         import numpy as np
 
-        if not incoming:
-            return []
-        positions = np.flatnonzero(self._targets[rule.id][rows]).tolist()
-        if rule.id not in self._dynamic:
-            return positions
-        assert rule.match is not None
-        hits = []
-        failures = 0
-        for position in positions:
-            try:
-                if rule.match.evaluate(self._subject(incoming[position], position, view)):
-                    hits.append(position)
-            except ExpressionRuntimeError as exc:
-                failures += 1
-                first_error = str(exc)
-        if failures:
-            decisions.append(Decision("rule_error", f"rule '{rule.id}' failed on {failures} candidates "
-                                      f"({first_error}); it does not fire on them", {"rule": rule.id}))
-        return hits
+        if not len(frame):
+            return np.zeros(0, dtype=bool)
+        selected = np.ones(len(frame), dtype=bool)
+        listed = self._listed.get(rule.id)
+        if listed is not None:
+            selected &= listed[frame.rows]
+        if rule.match is not None and selected.any():
+            view.errors = []
+            selected &= rule.match.vector(self._table, view, frame)  # a candidate it fails on: no firing
+            if view.errors:
+                decisions.append(Decision(
+                    "rule_error", f"rule '{rule.id}' failed on {len(view.errors)} candidates ({view.errors[0][1]}); "
+                    "it does not fire on them", {"rule": rule.id},
+                ))
+        return selected
 
-    def _subject(self, candidate: Candidate, position: int, view: QueryView) -> Subject:
-        scores = {entry.stage: entry.value for entry in candidate.ledger}
-        document = self._table.documents[candidate.row]
-        return Subject(view, document, scores, candidate.score if candidate.ledger else None, position + 1)
-
-    def _match_evidence(self, rule: "CompiledRule", candidate: Candidate, position: int, view: QueryView) -> list[dict[str, Any]]:
+    def _match_evidence(self, rule: "CompiledRule", frame: Frame, position: int, view: QueryView) -> list[dict[str, Any]]:
+        """What the rule's target condition matched on this candidate (memoised when query-independent)."""
+        candidate = frame.candidates[position]
+        static = rule.match is None or rule.match.static
+        key = (rule.id, candidate.row)
+        if static:
+            cached = self._evidence.get(key)
+            if cached is not None:
+                return cached
         evidence: list[dict[str, Any]] = []
         if rule.docs:
             evidence.append({"field": "doc.id", "op": "in", "matched": candidate.doc_id})
         if rule.match is not None:
             try:
-                rule.match.evaluate(self._subject(candidate, position, view), evidence)
+                rule.match.evaluate(frame.subject(position, view), evidence)
             except ExpressionRuntimeError:  # reported by _targets_among
                 pass
+        if static:
+            if len(self._evidence) >= 100_000:
+                self._evidence.clear()
+            self._evidence[key] = evidence
         return evidence
 
     def _firing_records(
-        self, applied: list[_Firing], pinned: dict[str, _Pin], excluded: dict[str, "CompiledRule"],
-        before: dict[str, int], after: dict[str, int], incoming: dict[str, Candidate], score: dict[str, float],
-        factor: dict[str, float], addend: dict[str, float],
+        self, fired: list[tuple["CompiledRule", int, list[dict[str, Any]]]], pinned: dict[str, _Pin], frame: Frame,
+        view: QueryView, after: dict[str, int], scores: list[float], position_of: dict[str, int],
     ) -> list[dict[str, Any]]:
+        """One trace record per firing: rule, document, what matched, rank before -> after, effect."""
         records = []
         for pin in sorted(pinned.values(), key=lambda p: p.slot):
+            position = position_of.get(pin.doc_id)
             records.append({
                 "rule": pin.rule.id, "action": "pin", "doc_id": pin.doc_id, "when": pin.when,
-                "rank_before": before.get(pin.doc_id), "rank_after": after.get(pin.doc_id),
-                "effect": f"pinned at {after.get(pin.doc_id)}" + ("" if pin.doc_id in before else " (injected: not recalled)"),
+                "rank_before": None if position is None else position + 1, "rank_after": after.get(pin.doc_id),
+                "effect": f"pinned at {after.get(pin.doc_id)}" + ("" if position is not None else " (injected: not recalled)"),
             })
-        for firing in applied:
-            doc_id, action, spec = firing.doc_id, firing.rule.action, firing.rule.spec
-            if action == "exclude":
-                effect = "excluded"
-            elif action == "bury":
-                effect = "buried"
-            else:
-                parts = []
-                if getattr(spec, "factor", None) is not None:
-                    parts.append(f"x{spec.factor:g}")  # type: ignore[attr-defined]
-                if getattr(spec, "add", None) is not None:
-                    parts.append(f"{spec.add:+g}")  # type: ignore[attr-defined]
-                original = incoming[doc_id].score
-                effect = f"{action} {' '.join(parts)}: score {original:.6g} -> {score.get(doc_id, original):.6g}"
-                if doc_id in pinned:
-                    effect += " (position fixed by a pin)"
-            records.append({
-                "rule": firing.rule.id, "action": action, "doc_id": doc_id, "when": firing.when, "match": firing.match,
-                "rank_before": before.get(doc_id), "rank_after": after.get(doc_id), "effect": effect,
-            })
+        candidates = frame.candidates
+        for rule, position, when_evidence in fired:
+            candidate = candidates[position]
+            record: dict[str, Any] = {
+                "rule": rule.id, "action": rule.action, "doc_id": candidate.doc_id, "when": when_evidence,
+                "match": self._match_evidence(rule, frame, position, view),
+                "rank_before": position + 1, "rank_after": after.get(candidate.doc_id), "effect": _effect(rule),
+            }
+            if rule.action in ("boost", "demote"):
+                record["score_before"] = candidate.score
+                record["score_after"] = scores[position]
+                if candidate.doc_id in pinned:
+                    record["effect"] += " (position fixed by a pin)"
+            records.append(record)
         return records
 
     # ------------------------------------------------------------------ explain
@@ -603,17 +580,18 @@ class RulesOverride(Stage):
         previous = earlier[-1].value if earlier else None
         details: list[Explanation] = []
         view = QueryView(query)
-        subject = Subject(view, self._table.documents[candidate.row], {e.stage: e.value for e in earlier},
-                          previous, earlier[-1].rank if earlier else None)
+        arrived = Candidate(candidate.doc_id, candidate.row, tuple(earlier))
+        subject = Subject(view, self._table.documents[candidate.row], arrived, earlier[-1].rank if earlier else None)
         for rule in self._ruleset.rules:
             if rule.action not in ("boost", "demote") or rule.inactive_reason(query.as_of) is not None:
                 continue
             try:
                 if not rule.when.evaluate(Subject(view)):
                     continue
-                if not self._targets[rule.id][candidate.row]:
+                listed = self._listed.get(rule.id)
+                if listed is not None and not listed[candidate.row]:
                     continue
-                if rule.id in self._dynamic and rule.match is not None and not rule.match.evaluate(subject):
+                if rule.match is not None and not rule.match.evaluate(subject):
                     continue
             except ExpressionRuntimeError:
                 continue

@@ -261,7 +261,7 @@ def test_bury_exclude_boost_and_demote(tmp_path, index):
     gone = next(f for f in result.details["firings"] if f["rule"] == "gone")
     assert gone["match"] == [{"field": "doc.source", "op": "eq", "matched": "ema"}] and gone["rank_after"] is None
     up = next(f for f in result.details["firings"] if f["rule"] == "up")
-    assert up["effect"] == "boost x2: score 0.6 -> 1.3"
+    assert (up["effect"], up["score_before"], up["score_after"]) == ("boost x2", 0.6, pytest.approx(1.3))
 
 
 def test_precedence_exclude_then_pin_then_bury_then_boost(tmp_path, index):
