@@ -288,6 +288,7 @@ class RulesOverride(Stage):
         self._ruleset, self._table, self._warnings = _prepare(self, resources, "override")
         self._listed: dict[str, np.ndarray] = {}  # rows named in each rule's `docs`
         self._evidence: dict[tuple[str, int], list[dict[str, Any]]] = {}  # static match evidence by (rule, row)
+        self._effects = {rule.id: _effect(rule) for rule in self._ruleset.rules if rule.action != "pin"}
         for rule in self._ruleset.rules:
             if rule.action == "pin":
                 continue
@@ -384,7 +385,7 @@ class RulesOverride(Stage):
                 if spec.add is not None:  # type: ignore[attr-defined]
                     addend[selected] += spec.add  # type: ignore[attr-defined]
                 boosted |= selected
-            fired.extend((rule, position, when_evidence) for position in np.flatnonzero(selected).tolist())
+            fired += [(rule, position, when_evidence) for position in np.flatnonzero(selected).tolist()]
 
         # pins: validity of each request, then slots by precedence
         pinned: dict[str, _Pin] = {}
@@ -557,12 +558,13 @@ class RulesOverride(Stage):
                 "effect": f"pinned at {after.get(pin.doc_id)}" + ("" if position is not None else " (injected: not recalled)"),
             })
         candidates = frame.candidates
+        effects = self._effects
         for rule, position, when_evidence in fired:
             candidate = candidates[position]
             record: dict[str, Any] = {
                 "rule": rule.id, "action": rule.action, "doc_id": candidate.doc_id, "when": when_evidence,
                 "match": self._match_evidence(rule, frame, position, view),
-                "rank_before": position + 1, "rank_after": after.get(candidate.doc_id), "effect": _effect(rule),
+                "rank_before": position + 1, "rank_after": after.get(candidate.doc_id), "effect": effects[rule.id],
             }
             if rule.action in ("boost", "demote"):
                 record["score_before"] = candidate.score
