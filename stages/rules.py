@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 from pydantic import Field
 
-from engine.errors import ConfigError, ConfigIssue
+from engine.errors import ConfigError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -138,6 +138,14 @@ def _redact(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, 
     return redacted
 
 
+def _identity(stage: Stage) -> dict[str, Any] | None:
+    """The rule file a stage runs, by content hash: recorded with the trace so a replay can tell it changed."""
+    ruleset = getattr(stage, "_ruleset", None)
+    if ruleset is None:
+        return None
+    return {"rules_file": ruleset.path, "sha256": ruleset.sha256, "kind": ruleset.kind, "rules": len(ruleset.rules)}
+
+
 def _when(rule: "CompiledRule", view: QueryView) -> tuple[bool | None, list[dict[str, Any]], str | None]:
     """(does the rule's query condition hold — None on error, evidence, error message)."""
     evidence: list[dict[str, Any]] = []
@@ -173,6 +181,9 @@ class RulesPrefilter(Stage):
         for rule in self._ruleset.rules:  # query-independent conditions: computed now, once
             assert rule.match is not None
             rule.match.prepare(self._table)
+
+    def identity(self) -> dict[str, Any] | None:
+        return _identity(self)
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
@@ -301,6 +312,9 @@ class RulesOverride(Stage):
                 rule.match.prepare(self._table)
 
     # ------------------------------------------------------------------ run
+
+    def identity(self) -> dict[str, Any] | None:
+        return _identity(self)
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
@@ -603,9 +617,14 @@ class RulesOverride(Stage):
             if getattr(spec, "add", None) is not None:
                 details.append(Explanation(spec.add, f"{spec.add:+g} ({rule.action} rule '{rule.id}')"))  # type: ignore[attr-defined]
         if own is not None and own.signal == PIN_SIGNAL:
-            origin = f"score {previous:.6g} carried over" if previous is not None else "not recalled: no upstream score"
-            return Explanation(value, f"pinned at rank {rank} by an override rule in stage '{self.id}' ({origin}); "
-                               "see the stage's trace details for the rule", tuple(details))
+            if previous is None:
+                origin = "not recalled, so no upstream score"
+            elif details:
+                origin = f"score = {previous:.6g} x product(factors) + sum(adds)"
+            else:
+                origin = f"score {previous:.6g} carried over"
+            return Explanation(value, f"pinned at rank {rank} by an override rule in stage '{self.id}' (named in the "
+                               f"stage's trace details); {origin}", tuple(details))
         if details:
             return Explanation(value, f"score after override rules = {previous if previous is not None else 0.0:.6g} "
                                "x product(factors) + sum(adds); rank " + str(rank), tuple(details))

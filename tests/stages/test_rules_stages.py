@@ -363,6 +363,10 @@ def test_full_pipeline_never_surfaces_a_forbidden_pin(tmp_path, index):
     assert decision["code"] == "pin_forbidden"
     insider = run(pipeline, "semaglutide", groups=("trial-investigators",))
     assert ids(insider)[0] == "med-029"
+    # the rule files' hashes travel with the trace, so a replay can tell the rules changed
+    recorded = {m["stage"]: m for m in insider.trace["models"]}
+    assert len(recorded["rules"]["sha256"]) == 64
+    assert recorded["rules"]["rules_file"].endswith("overrides.yaml")
 
 
 def test_broken_rule_file_fails_warm_up_with_located_errors(tmp_path, index):
