@@ -126,14 +126,17 @@ def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "ove
 
 
 def _redact(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, Any]]:
-    """Query-derived values leave the trace unless the config allows query text in traces."""
+    """Values matched in the query text leave the trace unless the config allows query text in traces.
+
+    (The user context is recorded with every trace anyway; a rule's own expression is not query text.)
+    """
     if trace_text:
         return evidence
     redacted = []
     for item in evidence:
         field_name = item.get("field", "")
-        if (isinstance(field_name, str) and field_name.startswith(("query.", "user."))) or "expr" in item:
-            item = {k: (REDACTED if k in ("matched", "actual", "expr") else v) for k, v in item.items()}
+        if isinstance(field_name, str) and field_name.startswith("query."):
+            item = {k: (REDACTED if k in ("matched", "actual") else v) for k, v in item.items()}
         redacted.append(item)
     return redacted
 
