@@ -6,5 +6,7 @@ in each stage's ``warm_up``.
 
 from stages import select  # noqa: F401  (registers select.*)
 from stages.recall import bm25  # noqa: F401  (registers recall.bm25 and the bm25 index component)
+from stages.recall import dense  # noqa: F401  (registers recall.dense and the dense index component)
+from stages import fuse  # noqa: F401  (registers fuse.rrf and fuse.weighted)
 from stages.rerank import cross_encoder  # noqa: F401  (registers rerank.cross_encoder)
 from stages import rules, threshold  # noqa: F401  (registers rules.prefilter, rules.override, select.threshold)

@@ -1,0 +1,333 @@
+"""Bi-encoder text embeddings: one loaded model per process, shared by the dense index and stages.
+
+The model and tokenizer are loaded through FlagEmbedding's ``FlagModel`` (any Hugging Face
+encoder: all-MiniLM-L6-v2, bge-small, bge-m3, a local directory), and its ``pooling`` defines
+``cls`` and ``mean`` pooling. The batching loop is ours rather than ``FlagModel.encode``, because
+that one retries a smaller batch after *any* RuntimeError (silently, and forever once the batch
+reaches 0), runs its longest batch twice, prints tqdm bars, and truncates without telling anyone.
+Here texts are tokenised once without truncation, so every cut is counted, then cut to
+``max_length``, sorted by length, padded per batch and run under ``torch.inference_mode``;
+vectors are L2-normalised, so an inner product is a cosine. A parity test checks the vectors
+against ``FlagModel.encode_corpus`` and sentence-transformers.
+
+torch and FlagEmbedding are imported inside functions only (importing FlagEmbedding takes ~8 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.errors import MissingDependencyError, ModelLoadError, SieveError
+from engine.models import ResolvedModel, weights_hash
+
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+Pooling = Literal["auto", "cls", "mean"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+def detect_pooling(directory: Path) -> str | None:
+    """The pooling a sentence-transformers model directory declares (``1_Pooling/config.json``)."""
+    pooling_dirs: list[Path] = []
+    modules_file = directory / "modules.json"
+    if modules_file.is_file():
+        try:
+            modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            modules = []
+        for module in modules if isinstance(modules, list) else []:
+            if isinstance(module, dict) and str(module.get("type", "")).endswith("Pooling"):
+                pooling_dirs.append(directory / str(module.get("path", "")))
+    pooling_dirs.append(directory / "1_Pooling")
+    for pooling_dir in pooling_dirs:
+        config_file = pooling_dir / "config.json"
+        if not config_file.is_file():
+            continue
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if config.get("pooling_mode_cls_token"):
+            return "cls"
+        if config.get("pooling_mode_mean_tokens"):
+            return "mean"
+        modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v)
+        raise ModelLoadError(
+            f"{config_file} asks for pooling {', '.join(modes) or 'none'}; Sieve supports cls and mean "
+            "(set `pooling:` explicitly to use one of them)"
+        )
+    return None
+
+
+def declared_max_length(directory: Path) -> int | None:
+    """``max_seq_length`` from a sentence-transformers ``sentence_bert_config.json``, if present."""
+    config_file = directory / "sentence_bert_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        value = json.loads(config_file.read_text(encoding="utf-8")).get("max_seq_length")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _hub_snapshot(hub_id: str) -> Path | None:
+    """The local snapshot directory of a hub model after the loading library fetched it."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(hub_id, "config.json")
+    except Exception:  # noqa: BLE001 - a lookup in a local cache; absence is an answer
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+@dataclass(frozen=True)
+class EncodedTexts:
+    """Token ids ready for the model, and how long each text was before the cut."""
+
+    encodings: list[dict[str, list[int]]]
+    full_tokens: list[int]  # tokens each text had, special tokens included, before truncation
+    kept_tokens: list[int]  # tokens fed to the model
+
+    @property
+    def truncated(self) -> list[int]:
+        """Positions of texts that were cut."""
+        return [i for i, (full, kept) in enumerate(zip(self.full_tokens, self.kept_tokens)) if full > kept]
+
+
+class Embedder:
+    """A loaded bi-encoder: tokenizer, model, pooling, device and precision. Thread-safe."""
+
+    def __init__(self, resolved: ResolvedModel, pooling: str, device: str, precision: str):
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError("torch", "torch", "dense embeddings") from None
+        try:
+            from FlagEmbedding import FlagModel
+        except ImportError:
+            raise MissingDependencyError("FlagEmbedding", "FlagEmbedding", "dense embeddings") from None
+        self.torch = torch
+        self.resolved = resolved
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"embedding model '{resolved.name}': device 'cuda' was asked for but CUDA is not available")
+        if precision == "auto":
+            precision = "fp16" if device == "cuda" else "fp32"
+        if precision == "fp16" and device == "cpu":
+            raise ModelLoadError(f"embedding model '{resolved.name}': fp16 is not supported on CPU; use fp32 or bf16")
+        self.device = device
+        self.precision = precision
+        with _quiet_transformers():
+            try:
+                flag = FlagModel(
+                    resolved.location,
+                    pooling_method="cls" if pooling == "auto" else pooling,
+                    normalize_embeddings=True,
+                    use_fp16=precision == "fp16",
+                    devices=[device],
+                )
+            except Exception as exc:  # noqa: BLE001 - any library failure becomes a located ModelLoadError
+                raise ModelLoadError(
+                    f"cannot load embedding model '{resolved.name}' from {resolved.location}: {type(exc).__name__}: {exc}"
+                ) from None
+        self.flag = flag
+        self.tokenizer = flag.tokenizer
+        self.model = flag.model
+        local_dir = Path(resolved.location) if resolved.source != "hub" else _hub_snapshot(resolved.location)
+        self.local_dir = local_dir
+        if pooling == "auto":
+            detected = detect_pooling(local_dir) if local_dir is not None else None
+            if detected is None:
+                raise ModelLoadError(
+                    f"embedding model '{resolved.name}' does not declare its pooling (no sentence-transformers "
+                    "1_Pooling/config.json); set `pooling: cls` or `pooling: mean` (bge models: cls; "
+                    "all-MiniLM/mpnet sentence-transformers models: mean)"
+                )
+            pooling = detected
+        self.pooling = pooling
+        flag.pooling_method = pooling
+        self.weights_sha256 = resolved.weights_sha256
+        if self.weights_sha256 is None and local_dir is not None:
+            self.weights_sha256 = weights_hash(local_dir)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ModelLoadError(
+                f"embedding model '{resolved.name}' has no fast tokenizer (tokenizer.json); Sieve needs one to count "
+                "what it truncates"
+            )
+        config = self.model.config
+        self.dimension = int(getattr(config, "hidden_size", 0) or 0)
+        tokenizer_limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
+        if tokenizer_limit <= 0 or tokenizer_limit > 1_000_000:  # "unlimited" sentinel of some tokenizers
+            tokenizer_limit = 512
+        position_limit = int(getattr(config, "max_position_embeddings", 0) or tokenizer_limit)
+        if getattr(config, "model_type", "") in ("xlm-roberta", "roberta", "camembert"):
+            position_limit -= 2  # RoBERTa-style positions start after the padding index
+        self.model_limit = min(tokenizer_limit, position_limit)
+        declared = declared_max_length(local_dir) if local_dir is not None else None
+        self.default_max_length = min(declared, self.model_limit) if declared is not None else self.model_limit
+        try:
+            self.model.to(device)
+            if precision == "fp32":
+                self.model.float()
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            raise ModelLoadError(f"cannot move embedding model '{resolved.name}' to {device}: {exc}") from None
+        self.model.eval()
+        self.lock = threading.Lock()
+        self._query_cache: OrderedDict[tuple[str, int], tuple[Any, int, int]] = OrderedDict()
+
+    # ------------------------------------------------------------------ identity
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "model": self.resolved.name,
+            "source": self.resolved.source,
+            "location": self.resolved.location,
+            "weights_sha256": self.weights_sha256,
+            "architecture": (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0],
+            "pooling": self.pooling,
+            "normalized": True,
+            "dimension": self.dimension,
+            "device": self.device,
+            "precision": self.precision,
+        }
+
+    def check_max_length(self, max_length: int | None, what: str) -> int:
+        """``max_length`` as given (None: the model's declared one), refused beyond the model's limit."""
+        if max_length is None:
+            return self.default_max_length
+        if max_length > self.model_limit:
+            raise ModelLoadError(
+                f"{what} {max_length} exceeds what '{self.resolved.name}' can read ({self.model_limit} tokens)"
+            )
+        return max_length
+
+    # ------------------------------------------------------------------ encoding
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> EncodedTexts:
+        """Token ids for ``texts`` cut to ``max_length``, with the count before the cut."""
+        full = self.tokenizer(list(texts), truncation=False, verbose=False)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in full]
+        encodings = [{k: full[k][i] for k in keys} for i in range(len(texts))]
+        full_tokens = [len(e["input_ids"]) for e in encodings]
+        long_positions = [i for i, n in enumerate(full_tokens) if n > max_length]
+        if long_positions:
+            # Let the tokenizer cut (it keeps the closing special token), so the model sees what
+            # its own truncation would give it.
+            cut = self.tokenizer([texts[i] for i in long_positions], truncation=True, max_length=max_length)
+            for j, i in enumerate(long_positions):
+                encodings[i] = {k: cut[k][j] for k in keys}
+        return EncodedTexts(encodings, full_tokens, [len(e["input_ids"]) for e in encodings])
+
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        if self.precision == "bf16":
+            return self.torch.autocast(device_type=self.device, dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def embed_encoded(
+        self, encoded: EncodedTexts, batch_size: int, progress: Callable[[int], None] | None = None
+    ) -> Any:
+        """Unit-length float32 vectors (numpy, one row per text, in input order)."""
+        import numpy as np
+
+        torch = self.torch
+        count = len(encoded.encodings)
+        vectors = np.zeros((count, self.dimension), dtype=np.float32)
+        if count == 0:
+            return vectors
+        order = sorted(range(count), key=lambda i: (-encoded.kept_tokens[i], i))
+        with self.lock, torch.inference_mode(), self._autocast():
+            for start in range(0, count, batch_size):
+                chunk = order[start : start + batch_size]
+                features = {key: [encoded.encodings[i][key] for i in chunk] for key in encoded.encodings[chunk[0]]}
+                try:
+                    batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    hidden = self.model(**batch, return_dict=True).last_hidden_state
+                    pooled = self.flag.pooling(hidden, batch["attention_mask"]).float()
+                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                except Exception as exc:  # noqa: BLE001 - classified and re-raised with context
+                    if "out of memory" in str(exc).lower():
+                        raise SieveError(
+                            f"out of memory embedding a batch of {len(chunk)} texts (up to "
+                            f"{encoded.kept_tokens[chunk[0]]} tokens) on {self.device}; lower batch_size or max_length"
+                        ) from exc
+                    raise SieveError(
+                        f"embedding with '{self.resolved.name}' failed on {self.device}: {type(exc).__name__}: {exc}"
+                    ) from exc
+                vectors[chunk] = pooled.cpu().numpy()
+                if progress is not None:
+                    progress(len(chunk))
+        return vectors
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int,
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[Any, EncodedTexts]:
+        encoded = self.tokenize(texts, max_length)
+        return self.embed_encoded(encoded, batch_size, progress), encoded
+
+    def embed_query(self, text: str, *, instruction: str | None, max_length: int) -> tuple[Any, int, int]:
+        """(unit vector, tokens before the cut, tokens kept) for a query; recent queries are cached."""
+        full_text = f"{instruction}{text}" if instruction else text
+        key = (full_text, max_length)
+        with self.lock:
+            cached = self._query_cache.get(key)
+            if cached is not None:
+                self._query_cache.move_to_end(key)
+                return cached
+        encoded = self.tokenize([full_text], max_length)
+        vector = self.embed_encoded(encoded, batch_size=1)[0]
+        result = (vector, encoded.full_tokens[0], encoded.kept_tokens[0])
+        with self.lock:
+            self._query_cache[key] = result
+            while len(self._query_cache) > 256:
+                self._query_cache.popitem(last=False)
+        return result
+
+
+@contextlib.contextmanager
+def _quiet_transformers():  # type: ignore[no-untyped-def]
+    """No 'Loading weights' progress bar on the user's terminal while a model loads."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+_embedders: dict[tuple[str, str | None, str, str, str], Embedder] = {}
+_embedders_lock = threading.Lock()
+
+
+def load_embedder(resolved: ResolvedModel, *, pooling: str, device: str, precision: str) -> Embedder:
+    """The process-wide embedder for this model, pooling, device and precision (loaded once)."""
+    key = (resolved.location, resolved.weights_sha256, pooling, device, precision)
+    with _embedders_lock:
+        found = _embedders.get(key)
+        if found is None:
+            found = Embedder(resolved, pooling, device, precision)
+            _embedders[key] = found
+        return found
