@@ -17,7 +17,6 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field
@@ -36,7 +35,7 @@ from engine.stage import (
     StageParams,
     StageResult,
 )
-from stages.normalize import METHODS, Method, SignalStats, apply, formula
+from stages.normalize import FLAT_ZSCORE, METHODS, TIED_MINMAX, Method, SignalStats, apply, formula
 
 
 def union(lists: Sequence[Sequence[Candidate]]) -> dict[str, Candidate]:
@@ -72,14 +71,14 @@ def _weight_issues(weights: dict[str, float], valid: dict[str, str], what: str) 
 
 
 class _Notes:
-    """Per-document explanation notes for the most recent queries, keyed by the Query object."""
+    """What a stage computed for the most recent queries, for ``explain``; keyed by the Query object."""
 
     def __init__(self, capacity: int = 64):
-        self._items: OrderedDict[int, tuple[Query, dict[str, Any]]] = OrderedDict()
+        self._items: OrderedDict[int, tuple[Query, Any]] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def put(self, query: Query, notes: dict[str, Any]) -> None:
+    def put(self, query: Query, notes: Any) -> None:
         with self._lock:
             # The Query is held, so its id cannot be reused while the entry lives.
             self._items[id(query)] = (query, notes)
@@ -87,12 +86,18 @@ class _Notes:
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
 
-    def get(self, query: Query, doc_id: str) -> Any:
+    def get(self, query: Query) -> Any:
         with self._lock:
             found = self._items.get(id(query))
         if found is None or found[0] is not query:
             return None
-        return found[1].get(doc_id)
+        return found[1]
+
+
+def _scored(candidate: Candidate, entry: ScoreEntry) -> Candidate:
+    """``candidate`` with this stage's entry appended. A DAG never routes a candidate through the
+    same stage twice, so ``Candidate.with_score``'s duplicate scan (5 us a call here) is skipped."""
+    return Candidate(candidate.doc_id, candidate.row, candidate.ledger + (entry,))
 
 
 # The engine hands a stage its candidate lists (``StageContext.inputs``) without the ids of the
@@ -119,14 +124,6 @@ class RRFParams(StageParams):
         None, description="weight per input stage id; None: 1 for every input; an input not listed gets 1"
     )
     top_k: int | None = Field(None, ge=1, le=100_000, description="keep this many; None: the whole union")
-
-
-@dataclass(frozen=True)
-class _RRFTerm:
-    input_id: str
-    rank: int | None  # None: not retrieved by this input
-    weight: float
-    value: float
 
 
 @register_stage
@@ -171,33 +168,35 @@ class ReciprocalRankFusion(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         input_ids = self._candidate_input_ids(ctx)
         k = self.params.k
-        positions: list[dict[str, int]] = [
-            {c.doc_id: position for position, c in enumerate(items, start=1)} for items in ctx.inputs
-        ]
-        merged = union(ctx.inputs)
-        scores: dict[str, float] = {}
-        notes: dict[str, list[_RRFTerm]] = {}
-        for doc_id in merged:
-            terms = []
-            for input_id, ranks in zip(input_ids, positions):
-                rank = ranks.get(doc_id)
-                weight = self._weight(input_id)
-                value = weight / (k + rank) if rank is not None else 0.0
-                terms.append(_RRFTerm(input_id, rank, weight, value))
-            # Summed in input order with fsum: the same score whatever the hash order of the dict.
-            scores[doc_id] = math.fsum(t.value for t in terms)
-            notes[doc_id] = terms
+        weights = [self._weight(input_id) for input_id in input_ids]
+        width = len(ctx.inputs)
+        merged: dict[str, Candidate] = {}
+        positions: dict[str, list[int | None]] = {}  # doc_id -> its 1-based position in each input
+        for which, items in enumerate(ctx.inputs):
+            for position, candidate in enumerate(items, start=1):
+                doc_id = candidate.doc_id
+                found = positions.get(doc_id)
+                if found is None:
+                    found = positions[doc_id] = [None] * width
+                    merged[doc_id] = candidate
+                else:
+                    merged[doc_id] = merged[doc_id].merged(candidate)
+                found[which] = position
+        # Summed in input order with fsum: the same score whatever order the documents came in.
+        scores = {
+            doc_id: math.fsum(w / (k + p) for w, p in zip(weights, found) if p is not None)
+            for doc_id, found in positions.items()
+        }
         ordered = sorted(merged.values(), key=lambda c: (-scores[c.doc_id], c.doc_id))
         ranked = [
-            c.with_score(ScoreEntry(self.id, "rrf", scores[c.doc_id], rank)) for rank, c in enumerate(ordered, start=1)
+            _scored(c, ScoreEntry(self.id, "rrf", scores[c.doc_id], rank)) for rank, c in enumerate(ordered, start=1)
         ]
         kept, drops = _cut(ranked, self.params.top_k)
-        self._notes.put(ctx.query, notes)
-        in_all = sum(1 for terms in notes.values() if all(t.rank is not None for t in terms))
+        self._notes.put(ctx.query, (tuple(input_ids), tuple(weights), positions))
         details = {
             "inputs": {input_id: len(items) for input_id, items in zip(input_ids, ctx.inputs)},
             "union": len(merged),
-            "in_every_input": in_all,
+            "in_every_input": sum(1 for found in positions.values() if None not in found),
         }
         decisions = []
         if not merged:
@@ -218,19 +217,20 @@ class ReciprocalRankFusion(Stage):
         return list(ids)
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
-        description = (f"reciprocal rank fusion: sum over inputs of w / (k + rank), k={self.params.k:g}; "
-                       f"rank {rank} in stage '{self.id}'")
-        terms: list[_RRFTerm] | None = self._notes.get(query, candidate.doc_id)
-        if terms is None:
+        k = self.params.k
+        description = f"reciprocal rank fusion: sum over inputs of w / (k + rank), k={k:g}; rank {rank} in stage '{self.id}'"
+        notes = self._notes.get(query)
+        found = notes[2].get(candidate.doc_id) if notes is not None else None
+        if found is None:
             return Explanation(value, description)
+        input_ids, weights, _ = notes
         details = []
-        for term in terms:
-            if term.rank is None:
-                details.append(Explanation(0.0, f"input '{term.input_id}': not retrieved, adds 0"))
+        for input_id, weight, position in zip(input_ids, weights, found):
+            if position is None:
+                details.append(Explanation(0.0, f"input '{input_id}': not retrieved, adds 0"))
             else:
                 details.append(Explanation(
-                    term.value,
-                    f"input '{term.input_id}': rank {term.rank}, {term.weight:g} / ({self.params.k:g} + {term.rank})",
+                    weight / (k + position), f"input '{input_id}': rank {position}, {weight:g} / ({k:g} + {position})"
                 ))
         return Explanation(value, description, tuple(details))
 
@@ -250,21 +250,6 @@ class WeightedParams(StageParams):
         "zero", description="a document lacking a signal: zero: the term is 0; min: the lowest normalised value seen"
     )
     top_k: int | None = Field(None, ge=1, le=100_000, description="keep this many; None: all")
-
-
-@dataclass(frozen=True)
-class _WeightedTerm:
-    signal: str
-    weight: float
-    method: str
-    raw: float | None  # None: the document lacks this signal
-    rank: int | None
-    normalized: float
-    how: str  # the normalisation written out
-
-    @property
-    def weighted(self) -> float:
-        return self.weight * self.normalized
 
 
 @register_stage
@@ -308,106 +293,95 @@ class WeightedFusion(Stage):
         params = self.params
         merged = union(ctx.inputs)
         decisions: list[Decision] = []
-        details: dict[str, Any] = {"union": len(merged), "signals": {}}
-        columns: dict[str, dict[str, tuple[float, int]]] = {}
-        for signal in params.weights:
-            present: dict[str, tuple[float, int]] = {}
-            non_finite = []
-            for doc_id, candidate in merged.items():
-                entry = next((e for e in candidate.ledger if e.stage == signal), None)
-                if entry is None:
+        signals = list(params.weights)
+        # One pass over the ledgers: signal -> doc_id -> (raw value, the rank its stage gave).
+        columns: dict[str, dict[str, tuple[float, int]]] = {signal: {} for signal in signals}
+        non_finite: dict[str, list[str]] = {}
+        for doc_id, candidate in merged.items():
+            for entry in candidate.ledger:
+                column = columns.get(entry.stage)
+                if column is None or doc_id in column:
                     continue
-                if not math.isfinite(entry.value):
-                    non_finite.append(doc_id)
-                    continue
-                present[doc_id] = (entry.value, entry.rank)
-            if non_finite:
-                decisions.append(Decision(
-                    "non_finite_score", f"signal '{signal}': {len(non_finite)} non-finite scores treated as missing",
-                    {"doc_ids": sorted(non_finite)},
-                ))
-            columns[signal] = present
+                if math.isfinite(entry.value):
+                    column[doc_id] = (entry.value, entry.rank)
+                else:
+                    non_finite.setdefault(entry.stage, []).append(doc_id)
+        for signal, doc_ids in non_finite.items():
+            decisions.append(Decision(
+                "non_finite_score", f"signal '{signal}': {len(doc_ids)} non-finite scores treated as missing",
+                {"doc_ids": sorted(doc_ids)},
+            ))
 
+        details: dict[str, Any] = {"union": len(merged), "signals": {}}
         stats: dict[str, SignalStats] = {}
         normalized: dict[str, dict[str, float]] = {}
-        for signal, present in columns.items():
+        missing_value: dict[str, float] = {}
+        for signal in signals:
             method = self.method_of(signal)
-            ordered_ids = sorted(present)
-            values = [present[d][0] for d in ordered_ids]
-            ranks = [present[d][1] for d in ordered_ids]
-            signal_stats = SignalStats.of(values, ranks)
+            column = columns[signal]
+            signal_stats = SignalStats.of([v for v, _ in column.values()], [r for _, r in column.values()])
             stats[signal] = signal_stats
-            normalized[signal] = {d: apply(method, v, r, signal_stats) for d, v, r in zip(ordered_ids, values, ranks)}
-            details["signals"][signal] = {
-                "method": method, "present": len(present), "missing": len(merged) - len(present),
-            }
-            if not present and merged:
+            normalized[signal] = {d: apply(method, v, r, signal_stats) for d, (v, r) in column.items()}
+            missing_value[signal] = (
+                min(normalized[signal].values()) if params.missing == "min" and column else 0.0
+            )
+            details["signals"][signal] = {"method": method, "present": len(column), "missing": len(merged) - len(column)}
+            if not column and merged:
                 decisions.append(Decision("signal_absent", f"no candidate carries signal '{signal}'; its term is 0"))
             elif method == "minmax" and signal_stats.tied:
                 decisions.append(Decision(
                     "minmax_tied",
-                    f"signal '{signal}': {signal_stats.count} value(s), all equal; minmax maps each to "
-                    f"{apply('minmax', values[0], 1, signal_stats):g}",
+                    f"signal '{signal}': {signal_stats.count} value(s), all equal; minmax maps each to {TIED_MINMAX:g}",
                 ))
             elif method == "zscore" and signal_stats.flat:
                 decisions.append(Decision(
                     "zscore_flat", f"signal '{signal}': standard deviation 0 over {signal_stats.count} value(s); "
-                    "zscore maps each to 0",
+                    f"zscore maps each to {FLAT_ZSCORE:g}",
                 ))
 
-        scores: dict[str, float] = {}
-        notes: dict[str, list[_WeightedTerm]] = {}
-        for doc_id in merged:
-            terms = []
-            for signal, weight in params.weights.items():
-                method = self.method_of(signal)
-                if doc_id in columns[signal]:
-                    raw, rank = columns[signal][doc_id]
-                    value = normalized[signal][doc_id]
-                    how = formula(method, raw, rank, stats[signal])
-                    terms.append(_WeightedTerm(signal, weight, method, raw, rank, value, how))
-                else:
-                    value, how = self._missing_value(signal, normalized[signal])
-                    terms.append(_WeightedTerm(signal, weight, method, None, None, value, how))
-            scores[doc_id] = math.fsum(t.weighted for t in terms)
-            notes[doc_id] = terms
-
+        terms = [(params.weights[s], normalized[s], missing_value[s]) for s in signals]
+        scores = {
+            doc_id: math.fsum(w * values.get(doc_id, missing) for w, values, missing in terms) for doc_id in merged
+        }
         ordered = sorted(merged.values(), key=lambda c: (-scores[c.doc_id], c.doc_id))
         ranked = [
-            c.with_score(ScoreEntry(self.id, "fused", scores[c.doc_id], rank)) for rank, c in enumerate(ordered, start=1)
+            _scored(c, ScoreEntry(self.id, "fused", scores[c.doc_id], rank)) for rank, c in enumerate(ordered, start=1)
         ]
         kept, drops = _cut(ranked, params.top_k)
         if not merged:
             decisions.append(Decision("empty_input", "no candidates to fuse"))
-        self._notes.put(ctx.query, notes)
+        self._notes.put(ctx.query, (columns, normalized, missing_value, stats))
         return StageResult(candidates=kept, drops=drops, decisions=decisions, details=details)
 
-    def _missing_value(self, signal: str, normalized: dict[str, float]) -> tuple[float, str]:
-        if self.params.missing == "min" and normalized:
-            lowest = min(normalized.values())
-            return lowest, f"missing: policy 'min', the lowest normalised '{signal}' value in the list ({lowest:.6g})"
-        if self.params.missing == "min":
-            return 0.0, f"missing: policy 'min', but no candidate carries '{signal}', so 0"
-        return 0.0, "missing: policy 'zero', so 0"
+    def _missing_description(self, signal: str, present: int, value: float) -> str:
+        if self.params.missing == "zero":
+            return "missing: policy 'zero', so 0"
+        if present:
+            return f"missing: policy 'min', the lowest normalised '{signal}' value in the list ({value:.6g})"
+        return f"missing: policy 'min', but no candidate carries '{signal}', so 0"
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         weights = " + ".join(f"{w:g}*norm({s})" for s, w in self.params.weights.items())
         description = (f"weighted fusion: {weights} (weights not rescaled; missing signal policy "
                        f"'{self.params.missing}'); rank {rank} in stage '{self.id}'")
-        terms: list[_WeightedTerm] | None = self._notes.get(query, candidate.doc_id)
-        if terms is None:
+        notes = self._notes.get(query)
+        if notes is None:
             return Explanation(value, description)
+        columns, normalized, missing_value, stats = notes
+        doc_id = candidate.doc_id
         details = []
-        for term in terms:
-            if term.raw is None:
-                inner: tuple[Explanation, ...] = (Explanation(term.normalized, term.how),)
+        for signal, weight in self.params.weights.items():
+            method = self.method_of(signal)
+            if doc_id in columns[signal]:
+                raw, raw_rank = columns[signal][doc_id]
+                term = normalized[signal][doc_id]
+                inner = Explanation(term, formula(method, raw, raw_rank, stats[signal]), (
+                    Explanation(raw, f"raw '{signal}' score (rank {raw_rank} there)"),
+                ))
             else:
-                inner = (Explanation(term.normalized, term.how, (
-                    Explanation(term.raw, f"raw '{term.signal}' score (rank {term.rank} there)"),
-                )),)
+                term = missing_value[signal]
+                inner = Explanation(term, self._missing_description(signal, len(columns[signal]), term))
             details.append(Explanation(
-                term.weighted,
-                f"signal '{term.signal}': weight {term.weight:g} x normalised {term.normalized:.6g} ({term.method})",
-                inner,
+                weight * term, f"signal '{signal}': weight {weight:g} x normalised {term:.6g} ({method})", (inner,)
             ))
         return Explanation(value, description, tuple(details))
