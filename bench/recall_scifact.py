@@ -179,6 +179,11 @@ def markdown(payload: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+        f"One-off warm-up before the first query (opening the index, loading the model): "
+        + ", ".join(f"{name} {r['warm_up_seconds']:.1f} s" for name, r in payload["results"].items())
+        + (" (the embedding model was already loaded by the index build in this process)." if not index["reused"]
+           else "."),
+        "",
         "Latency is per query through `Pipeline.search`, trace and per-result explanations included "
         "(BM25's explanation rescoring each query term dominates it); \"stages\" is the sum of the stage "
         "timings the executor records. Dense latency is mostly the query embedding on CPU. Metrics from "

@@ -88,6 +88,7 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
             )
             all_specs_valid = False
             continue
+        validated = _validate_params(raw, prefix, source, issues)
         try:
             spec = StageSpec.model_validate(raw)
         except ValidationError as exc:
@@ -105,18 +106,10 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
             all_specs_valid = False
             continue
         first_seen[spec.id] = i
-        try:
-            cls = resolve_stage(spec.type)
-        except UnknownStageType as exc:
-            issues.append(ConfigIssue(source.locate(prefix + ("type",)), f"stages.{i}.type", exc.message))
+        if validated is None:
             all_specs_valid = False
             continue
-        try:
-            params = cls.Params.model_validate(spec.params)
-        except ValidationError as exc:
-            issues.extend(issues_from_validation(exc, source, prefix + ("params",), cls.Params))
-            all_specs_valid = False
-            continue
+        cls, params = validated
         specs[spec.id] = spec
         nodes[spec.id] = StageNode(spec.id, cls, params, tuple(spec.inputs))
 
@@ -155,6 +148,30 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
     )
 
 
+def _validate_params(
+    raw: dict[str, Any], prefix: tuple[str | int, ...], source: SourceMap, issues: list[ConfigIssue]
+) -> tuple[type[Stage], Any] | None:
+    """Resolve the stage type and validate its params, independently of the rest of the entry."""
+    type_ref = raw.get("type")
+    if not isinstance(type_ref, str):
+        return None  # the envelope validation reports a missing or non-string type
+    try:
+        cls = resolve_stage(type_ref)
+    except UnknownStageType as exc:
+        issues.append(ConfigIssue(source.locate(prefix + ("type",)), ".".join(map(str, prefix + ("type",))), exc.message))
+        return None
+    raw_params = raw.get("params", {})
+    if raw_params is None:
+        raw_params = {}
+    if not isinstance(raw_params, dict):
+        return None  # reported by the envelope (params must be a mapping)
+    try:
+        return cls, cls.Params.model_validate(raw_params)
+    except ValidationError as exc:
+        issues.extend(issues_from_validation(exc, source, prefix + ("params",), cls.Params))
+        return None
+
+
 def _check_graph(
     config: PipelineConfig,
     specs: dict[str, StageSpec],
@@ -171,18 +188,19 @@ def _check_graph(
     wiring_ok = True
     for sid, node in nodes.items():
         cls = node.cls
+        stage_ok = True
         candidate_inputs = 0
         seen_inputs: set[str] = set()
         for j, dep in enumerate(node.inputs):
             loc, dotted = where(sid, "inputs", j)
             if dep in seen_inputs:
                 issues.append(ConfigIssue(loc, dotted, f"input '{dep}' is listed twice"))
-                wiring_ok = False
+                stage_ok = False
                 continue
             seen_inputs.add(dep)
             if dep == sid:
                 issues.append(ConfigIssue(loc, dotted, "a stage cannot take its own output as input"))
-                wiring_ok = False
+                stage_ok = False
                 continue
             if dep not in nodes:
                 from difflib import get_close_matches
@@ -196,7 +214,7 @@ def _check_graph(
                         f"unknown input '{dep}'{did_you_mean}; stages defined: {', '.join(nodes)}",
                     )
                 )
-                wiring_ok = False
+                stage_ok = False
                 continue
             produced = nodes[dep].cls.produces
             if produced not in cls.accepts:
@@ -209,7 +227,7 @@ def _check_graph(
                         f"{cls.type_name} accepts: {accepted}",
                     )
                 )
-                wiring_ok = False
+                stage_ok = False
             if produced is Port.CANDIDATES:
                 candidate_inputs += 1
         query_inputs = [d for d in node.inputs if d in nodes and nodes[d].cls.produces is Port.QUERY]
@@ -218,8 +236,8 @@ def _check_graph(
             issues.append(
                 ConfigIssue(loc, dotted, f"at most one query-rewriting input, got {', '.join(query_inputs)}")
             )
-            wiring_ok = False
-        if wiring_ok:
+            stage_ok = False
+        if stage_ok:
             low, high = cls.min_candidate_inputs, cls.max_candidate_inputs
             if candidate_inputs < low or (high is not None and candidate_inputs > high):
                 expected = f"exactly {low}" if low == high else (
@@ -233,7 +251,8 @@ def _check_graph(
                         f"{cls.type_name} takes {expected} candidate input(s), got {candidate_inputs}",
                     )
                 )
-                wiring_ok = False
+                stage_ok = False
+        wiring_ok = wiring_ok and stage_ok
 
     sorter = graphlib.TopologicalSorter({sid: [d for d in n.inputs if d in nodes] for sid, n in nodes.items()})
     try:
@@ -244,6 +263,9 @@ def _check_graph(
         loc, dotted = where(first, "inputs")
         issues.append(ConfigIssue(loc, dotted, f"stages form a cycle: {' -> '.join(cycle)}"))
         return None, []
+
+    if not wiring_ok:
+        return None, order
 
     # The output: named, or the single stage nothing consumes.
     consumed = {dep for n in nodes.values() for dep in n.inputs}
@@ -290,9 +312,6 @@ def _check_graph(
             issues.append(
                 ConfigIssue(loc, dotted, f"stage '{sid}' does not feed the output '{output}' (unreachable)")
             )
-    if not wiring_ok:
-        return None, order
-
     for sid, node in nodes.items():
         for problem in node.cls.check_graph(node, graph):
             loc, dotted = where(sid, *problem.path)

@@ -53,6 +53,7 @@ class Pipeline:
         self.index_path = index_path if index_path is not None else compiled.index_path
         self.verify_index = verify_index
         self.resources: Resources | None = None
+        self.unavailable: dict[str, str] = {}  # stages whose warm-up failed under on_error: skip
         self._warm_lock = threading.Lock()
 
     @classmethod
@@ -72,12 +73,14 @@ class Pipeline:
                 stage = self.compiled.stages[stage_id]
                 try:
                     stage.warm_up(resources)
-                except SieveError:
-                    raise
-                except Exception as exc:  # a library error gets the stage's name on it
-                    raise StageError(
-                        stage_id, stage.qualified_name(), f"warm-up failed: {type(exc).__name__}: {exc}"
-                    ) from exc
+                except Exception as exc:
+                    message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
+                    if self.compiled.specs[stage_id].on_error == "skip":
+                        self.unavailable[stage_id] = f"warm-up failed: {message}"
+                        continue
+                    if isinstance(exc, SieveError):
+                        raise
+                    raise StageError(stage_id, stage.qualified_name(), f"warm-up failed: {message}") from exc
             self.resources = resources
             return resources
 
@@ -188,6 +191,8 @@ class Pipeline:
             "started_ms": round((begin - started) * 1000.0, 3),
         }
         try:
+            if stage_id in self.unavailable:
+                raise StageError(stage_id, stage.qualified_name(), self.unavailable[stage_id])
             result = stage.run(ctx)
             status, error = "ok", None
         except Exception as exc:

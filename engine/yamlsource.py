@@ -21,6 +21,7 @@ MAX_DEPTH = 64
 MAX_NODES = 200_000
 
 PathKey = tuple[str | int, ...]
+_PLAIN_COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
 
 
 @dataclass
@@ -116,6 +117,11 @@ class _Builder:
             except yaml.YAMLError as exc:
                 self.issues.append(_yaml_error_issue(self.source.file, exc))
                 return None
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and node.tag not in _PLAIN_COLLECTION_TAGS:
+            self.issues.append(
+                _issue(self.source.file, node.start_mark, f"not valid YAML here: unsupported tag '{node.tag}'")
+            )
+            return None
         if isinstance(node, yaml.SequenceNode):
             return [self.build(child, path + (i,), depth + 1) for i, child in enumerate(node.value)]
         if isinstance(node, yaml.MappingNode):

@@ -31,6 +31,7 @@ DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Pooling = Literal["auto", "cls", "mean"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+EMBED_CHUNK = 8192  # texts tokenised and length-sorted together when embedding a corpus
 
 
 def detect_pooling(directory: Path) -> str | None:
@@ -278,9 +279,24 @@ class Embedder:
         max_length: int,
         batch_size: int,
         progress: Callable[[int], None] | None = None,
-    ) -> tuple[Any, EncodedTexts]:
-        encoded = self.tokenize(texts, max_length)
-        return self.embed_encoded(encoded, batch_size, progress), encoded
+        chunk: int = EMBED_CHUNK,
+    ) -> tuple[Any, list[int], list[int]]:
+        """Unit vectors for ``texts``, with each text's token count before and after the cut.
+
+        Texts are tokenised and length-sorted ``chunk`` at a time, so a corpus of millions never
+        holds all its token ids in Python lists at once.
+        """
+        import numpy as np
+
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        full_tokens: list[int] = []
+        kept_tokens: list[int] = []
+        for start in range(0, len(texts), chunk):
+            encoded = self.tokenize(texts[start : start + chunk], max_length)
+            vectors[start : start + len(encoded.encodings)] = self.embed_encoded(encoded, batch_size, progress)
+            full_tokens.extend(encoded.full_tokens)
+            kept_tokens.extend(encoded.kept_tokens)
+        return vectors, full_tokens, kept_tokens
 
     def embed_query(self, text: str, *, instruction: str | None, max_length: int) -> tuple[Any, int, int]:
         """(unit vector, tokens before the cut, tokens kept) for a query; recent queries are cached."""

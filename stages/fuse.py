@@ -48,6 +48,33 @@ def union(lists: Sequence[Sequence[Candidate]]) -> dict[str, Candidate]:
     return merged
 
 
+class _Union:
+    """The union of the input lists, merging a document's ledgers only when it is kept.
+
+    Merging is the costly part of a fusion (a new ledger per overlapping document); documents cut
+    by ``top_k`` never need it. ``merged(doc_id)`` equals ``union(lists)[doc_id]``.
+    """
+
+    def __init__(self, lists: Sequence[Sequence[Candidate]]):
+        self.first: dict[str, Candidate] = {}
+        self.later: dict[str, list[Candidate]] = {}
+        for items in lists:
+            for candidate in items:
+                if candidate.doc_id in self.first:
+                    self.later.setdefault(candidate.doc_id, []).append(candidate)
+                else:
+                    self.first[candidate.doc_id] = candidate
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def merged(self, doc_id: str) -> Candidate:
+        candidate = self.first[doc_id]
+        for other in self.later.get(doc_id, ()):
+            candidate = candidate.merged(other)
+        return candidate
+
+
 def _weight_issues(weights: dict[str, float], valid: dict[str, str], what: str) -> list[GraphIssue]:
     """Non-finite, negative, all-zero, or unknown weights, each located at its key."""
     issues = []
@@ -109,10 +136,19 @@ def _scored(candidate: Candidate, entry: ScoreEntry) -> Candidate:
 _WIRING: dict[int, tuple[str, ...]] = {}
 
 
-def _cut(ranked: list[Candidate], top_k: int | None) -> tuple[list[Candidate], list[Drop]]:
-    if top_k is None or len(ranked) <= top_k:
-        return ranked, []
-    return ranked[:top_k], [Drop(c.doc_id, "beyond_top_k", f"top_k={top_k}") for c in ranked[top_k:]]
+def _rank_and_cut(
+    stage_id: str, signal: str, pool: _Union, scores: dict[str, float], top_k: int | None
+) -> tuple[list[Candidate], list[Drop]]:
+    """Order by score (ties on doc_id), keep ``top_k`` with this stage's ledger entry, report the rest."""
+    order = sorted(scores, key=lambda doc_id: (-scores[doc_id], doc_id))
+    keep = order if top_k is None else order[:top_k]
+    kept = [
+        _scored(pool.merged(doc_id), ScoreEntry(stage_id, signal, scores[doc_id], rank))
+        for rank, doc_id in enumerate(keep, start=1)
+    ]
+    detail = f"top_k={top_k}"
+    drops = [Drop(doc_id, "beyond_top_k", detail) for doc_id in order[len(keep):]]
+    return kept, drops
 
 
 # --------------------------------------------------------------------------- fuse.rrf
@@ -170,36 +206,25 @@ class ReciprocalRankFusion(Stage):
         k = self.params.k
         weights = [self._weight(input_id) for input_id in input_ids]
         width = len(ctx.inputs)
-        merged: dict[str, Candidate] = {}
-        positions: dict[str, list[int | None]] = {}  # doc_id -> its 1-based position in each input
-        for which, items in enumerate(ctx.inputs):
+        pool = _Union(ctx.inputs)
+        positions: dict[str, list[int | None]] = {doc_id: [None] * width for doc_id in pool.first}
+        for which, items in enumerate(ctx.inputs):  # 1-based position of each document in each input
             for position, candidate in enumerate(items, start=1):
-                doc_id = candidate.doc_id
-                found = positions.get(doc_id)
-                if found is None:
-                    found = positions[doc_id] = [None] * width
-                    merged[doc_id] = candidate
-                else:
-                    merged[doc_id] = merged[doc_id].merged(candidate)
-                found[which] = position
+                positions[candidate.doc_id][which] = position
         # Summed in input order with fsum: the same score whatever order the documents came in.
         scores = {
             doc_id: math.fsum(w / (k + p) for w, p in zip(weights, found) if p is not None)
             for doc_id, found in positions.items()
         }
-        ordered = sorted(merged.values(), key=lambda c: (-scores[c.doc_id], c.doc_id))
-        ranked = [
-            _scored(c, ScoreEntry(self.id, "rrf", scores[c.doc_id], rank)) for rank, c in enumerate(ordered, start=1)
-        ]
-        kept, drops = _cut(ranked, self.params.top_k)
+        kept, drops = _rank_and_cut(self.id, "rrf", pool, scores, self.params.top_k)
         self._notes.put(ctx.query, (tuple(input_ids), tuple(weights), positions))
         details = {
             "inputs": {input_id: len(items) for input_id, items in zip(input_ids, ctx.inputs)},
-            "union": len(merged),
+            "union": len(pool),
             "in_every_input": sum(1 for found in positions.values() if None not in found),
         }
         decisions = []
-        if not merged:
+        if not len(pool):
             decisions.append(Decision("empty_input", "no input retrieved anything"))
         return StageResult(candidates=kept, drops=drops, decisions=decisions, details=details)
 
@@ -291,13 +316,15 @@ class WeightedFusion(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         params = self.params
-        merged = union(ctx.inputs)
+        pool = _Union(ctx.inputs)
         decisions: list[Decision] = []
         signals = list(params.weights)
-        # One pass over the ledgers: signal -> doc_id -> (raw value, the rank its stage gave).
+        # One pass over the ledgers: signal -> doc_id -> (raw value, the rank its stage gave); the
+        # first entry seen for a document wins, as in Candidate.merged.
         columns: dict[str, dict[str, tuple[float, int]]] = {signal: {} for signal in signals}
         non_finite: dict[str, list[str]] = {}
-        for doc_id, candidate in merged.items():
+        for candidate in (c for items in ctx.inputs for c in items):
+            doc_id = candidate.doc_id
             for entry in candidate.ledger:
                 column = columns.get(entry.stage)
                 if column is None or doc_id in column:
@@ -312,7 +339,7 @@ class WeightedFusion(Stage):
                 {"doc_ids": sorted(doc_ids)},
             ))
 
-        details: dict[str, Any] = {"union": len(merged), "signals": {}}
+        details: dict[str, Any] = {"union": len(pool), "signals": {}}
         stats: dict[str, SignalStats] = {}
         normalized: dict[str, dict[str, float]] = {}
         missing_value: dict[str, float] = {}
@@ -325,8 +352,8 @@ class WeightedFusion(Stage):
             missing_value[signal] = (
                 min(normalized[signal].values()) if params.missing == "min" and column else 0.0
             )
-            details["signals"][signal] = {"method": method, "present": len(column), "missing": len(merged) - len(column)}
-            if not column and merged:
+            details["signals"][signal] = {"method": method, "present": len(column), "missing": len(pool) - len(column)}
+            if not column and len(pool):
                 decisions.append(Decision("signal_absent", f"no candidate carries signal '{signal}'; its term is 0"))
             elif method == "minmax" and signal_stats.tied:
                 decisions.append(Decision(
@@ -341,14 +368,10 @@ class WeightedFusion(Stage):
 
         terms = [(params.weights[s], normalized[s], missing_value[s]) for s in signals]
         scores = {
-            doc_id: math.fsum(w * values.get(doc_id, missing) for w, values, missing in terms) for doc_id in merged
+            doc_id: math.fsum(w * values.get(doc_id, missing) for w, values, missing in terms) for doc_id in pool.first
         }
-        ordered = sorted(merged.values(), key=lambda c: (-scores[c.doc_id], c.doc_id))
-        ranked = [
-            _scored(c, ScoreEntry(self.id, "fused", scores[c.doc_id], rank)) for rank, c in enumerate(ordered, start=1)
-        ]
-        kept, drops = _cut(ranked, params.top_k)
-        if not merged:
+        kept, drops = _rank_and_cut(self.id, "fused", pool, scores, params.top_k)
+        if not len(pool):
             decisions.append(Decision("empty_input", "no candidates to fuse"))
         self._notes.put(ctx.query, (columns, normalized, missing_value, stats))
         return StageResult(candidates=kept, drops=drops, decisions=decisions, details=details)

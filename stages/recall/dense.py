@@ -90,7 +90,7 @@ class DenseComponent(IndexComponent):
         )
         texts = [doc.content(settings.fields) for doc in documents]
         began = time.perf_counter()
-        vectors, encoded = embedder.embed(
+        vectors, full_tokens, kept_tokens = embedder.embed(
             texts,
             max_length=max_length,
             batch_size=settings.batch_size,
@@ -113,9 +113,9 @@ class DenseComponent(IndexComponent):
             index.add(block)
             progress("dense faiss add", len(block), count)
         faiss.write_index(index, str(out_dir / VECTORS_FILE))
-        token_counts = np.asarray(encoded.full_tokens, dtype=np.int32)
+        token_counts = np.asarray(full_tokens, dtype=np.int32)
         np.save(out_dir / TOKENS_FILE, token_counts)
-        truncated = encoded.truncated
+        truncated = sum(1 for full, kept in zip(full_tokens, kept_tokens) if full > kept)
         identity = embedder.identity()
         recorded = {
             "library": f"faiss {faiss.__version__}",
@@ -139,7 +139,7 @@ class DenseComponent(IndexComponent):
             "fields": list(settings.fields),
             "device": embedder.device,
             "precision": embedder.precision,
-            "truncated_documents": len(truncated),
+            "truncated_documents": truncated,
             "max_document_tokens": int(token_counts.max()) if count else 0,
             "empty_documents": sum(1 for t in texts if not t.strip()),
             "embed_seconds": round(embed_seconds, 2),

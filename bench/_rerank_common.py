@@ -1,0 +1,70 @@
+"""Helpers shared by the rerank benchmarks: the machine they ran on, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, torch threads, native bf16, GPU: printed and stored with every result."""
+    import torch
+
+    from stages.rerank.modeling import cpu_has_native_bf16, cpu_model_name
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": cpu_model_name(),
+        "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "git_revision": git_revision(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload}
+    json_path = RESULTS / f"{name}.json"
+    md_path = RESULTS / f"{name}.md"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown.rstrip() + "\n", encoding="utf-8")
+    return json_path, md_path
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['cuda']}" if info.get("cuda") else ", no GPU"
+    return (f"{info['cpu']}, {info['cpu_cores_usable']} usable cores, torch {info['torch']} with "
+            f"{info['torch_threads']} threads, CPU capability {info['cpu_capability']}, native bf16: "
+            f"{'yes' if info['cpu_native_bf16'] else 'no'}{gpu}; load average at start {info.get('load_average_at_start')}")

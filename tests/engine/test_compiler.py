@@ -1,0 +1,212 @@
+"""Config validation: every broken config gets precise, located errors, all at once."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.compiler import compile_file
+from engine.errors import ConfigError
+
+VALID = """\
+version: 1
+index: idx
+stages:
+  - id: bm25
+    type: recall.bm25
+    params: {top_k: 50}
+  - id: final
+    type: select.top_k
+    inputs: [bm25]
+    params: {k: 5}
+output: final
+"""
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        compile_file(path)
+    return [str(issue) for issue in caught.value.issues]
+
+
+def test_valid_config_compiles(write_config):
+    compiled = compile_file(write_config(VALID))
+    assert compiled.order == ["bm25", "final"]
+    assert compiled.output == "final"
+    assert compiled.canonical["stages"][0]["type"] == "recall.bm25@1"
+    assert re.fullmatch(r"[0-9a-f]{64}", compiled.config_sha256)
+
+
+def test_config_hash_ignores_comments_and_layout(write_config):
+    first = compile_file(write_config(VALID, "a.yaml"))
+    second = compile_file(write_config("# a comment\n" + VALID.replace("{top_k: 50}", "\n      top_k: 50"), "b.yaml"))
+    assert first.config_sha256 == second.config_sha256
+
+
+def test_misspelt_key_is_located_with_a_suggestion(write_config):
+    path = write_config(VALID.replace("top_k: 50", "top_kk: 50").replace("    params: {k: 5}", "    parms: {k: 5}"))
+    errors = errors_of(path)
+    assert len(errors) == 2
+    assert errors[0].startswith(f"{path}:6:14  stages.0.params.top_kk: unknown field 'top_kk' (did you mean 'top_k'?)")
+    assert errors[1].startswith(f"{path}:10:5  stages.1.parms: unknown field 'parms' (did you mean 'params'?)")
+    assert "valid fields: id, type, inputs, params, on_error, description" in errors[1]
+
+
+def test_unknown_type_lists_known_types_and_never_imports_a_path(write_config):
+    path = write_config(
+        VALID.replace("type: recall.bm25", "type: recall.bm52").replace("type: select.top_k", "type: os.path:join")
+    )
+    errors = errors_of(path)
+    assert errors[0].startswith(f"{path}:5:11  stages.0.type: unknown stage type 'recall.bm52' (did you mean 'recall.bm25'?)")
+    assert "known types:" in errors[0] and "select.top_k" in errors[0]
+    assert f"{path}:8:11  stages.1.type: 'os.path:join' is not a stage type name" in errors[1]
+    assert "Python paths are never loaded" in errors[1]
+
+
+def test_unknown_version_lists_available_versions(write_config):
+    errors = errors_of(write_config(VALID.replace("type: recall.bm25", "type: recall.bm25@9")))
+    assert "stage type 'recall.bm25' has no version 9; available: recall.bm25@1" in errors[0]
+
+
+def test_cycle_is_reported_with_its_path(write_config):
+    path = write_config(
+        "version: 1\nstages:\n"
+        "  - {id: a, type: select.top_k, inputs: [c]}\n"
+        "  - {id: b, type: select.top_k, inputs: [a]}\n"
+        "  - {id: c, type: select.top_k, inputs: [b]}\n"
+    )
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:3:")
+    assert "stages form a cycle:" in error
+    cycle = error.split("stages form a cycle: ")[1].split(" -> ")
+    assert cycle[0] == cycle[-1] and set(cycle) == {"a", "b", "c"}
+
+
+def test_dangling_input_suggests_the_close_name(write_config):
+    path = write_config(VALID.replace("inputs: [bm25]", "inputs: [bm52]"))
+    (error,) = errors_of(path)
+    assert error == f"{path}:9:14  stages.1.inputs.0: unknown input 'bm52' (did you mean 'bm25'?); stages defined: bm25, final"
+
+
+def test_bad_value_types_are_all_reported(write_config):
+    path = write_config(
+        VALID.replace("top_k: 50", "top_k: many").replace("{k: 5}", "{k: -3}").replace("output: final", "output: final\nlimits: {max_query_chars: zero}")
+    )
+    errors = errors_of(path)
+    assert any("stages.0.params.top_k: Input should be a valid integer" in e and "'many'" in e for e in errors)
+    assert any(e.startswith(f"{path}:10:") and "stages.1.params.k: Input should be greater than or equal to 1" in e for e in errors)
+    assert any("limits.max_query_chars" in e for e in errors)
+    assert len(errors) == 3
+
+
+def test_duplicate_stage_id(write_config):
+    path = write_config("version: 1\nstages:\n  - {id: bm25, type: recall.bm25}\n  - {id: bm25, type: select.top_k, inputs: [bm25]}\n")
+    (error,) = errors_of(path)
+    assert error == f"{path}:4:10  stages.1.id: duplicate stage id 'bm25' (first used by stages.0)"
+
+
+def test_duplicate_yaml_key(write_config):
+    path = write_config(VALID.replace("output: final", "output: final\noutput: bm25"))
+    (error,) = errors_of(path)
+    assert error == f"{path}:12:1  output: duplicate key 'output'"
+
+
+def test_empty_and_comment_only_files(write_config):
+    for text in ("", "\n\n", "# nothing here\n"):
+        (error,) = errors_of(write_config(text))
+        assert error.endswith("file is empty")
+
+
+def test_not_yaml(write_config):
+    path = write_config("version: 1\nstages: [\n  - {id: a\n")
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:3:3  not valid YAML:")
+
+
+def test_top_level_must_be_a_mapping(write_config):
+    (error,) = errors_of(write_config("- just\n- a list\n"))
+    assert "the top level must be a mapping" in error
+
+
+def test_yaml_bomb_is_refused(write_config):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    (error,) = errors_of(write_config("\n".join(lines) + "\nversion: 1\n"))
+    assert "aliases expanding exponentially" in error
+
+
+def test_very_deep_nesting_is_refused(write_config):
+    (error,) = errors_of(write_config("version: 1\nstages: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert "nesting is deeper than 64 levels" in error
+
+
+def test_python_tags_are_not_constructed(write_config):
+    path = write_config("version: 1\nstages: !!python/object/apply:os.system ['echo pwned']\n")
+    (error,) = errors_of(path)
+    assert "not valid YAML" in error and "python/object/apply" in error
+
+
+def test_wrong_port_and_input_count(write_config):
+    path = write_config(
+        "version: 1\nstages:\n  - {id: a, type: recall.bm25}\n  - {id: b, type: recall.bm25, inputs: [a]}\n"
+        "  - {id: c, type: select.top_k}\n"
+    )
+    errors = errors_of(path)
+    assert any("stages.1.inputs.0: 'a' (recall.bm25) produces candidates, but recall.bm25 accepts: mask, query" in e for e in errors)
+    assert any("stages.2.inputs: select.top_k takes exactly 1 candidate input(s), got 0" in e for e in errors)
+
+
+def test_unreachable_stage_and_missing_output(write_config):
+    unreachable = VALID.replace("output: final", "  - {id: orphan, type: recall.bm25}\noutput: final")
+    errors = errors_of(write_config(unreachable, "u.yaml"))
+    assert any("stage 'orphan' does not feed the output 'final' (unreachable)" in e for e in errors)
+    ambiguous = VALID.replace("output: final", "  - {id: other, type: recall.bm25}")
+    errors = errors_of(write_config(ambiguous, "o.yaml"))
+    assert any("several final stages (final, other)" in e for e in errors)
+
+
+def test_output_must_exist(write_config):
+    path = write_config(VALID.replace("output: final", "output: fnial"))
+    (error,) = errors_of(path)
+    assert error == f"{path}:11:9  output: output 'fnial' is not a stage; stages defined: bm25, final"
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    (error,) = errors_of(tmp_path / "nope.yaml")
+    assert error.endswith("file not found")
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"version: 1\nname: caf\xe9\n")
+    (error,) = errors_of(path)
+    assert "not UTF-8 text" in error
+
+
+def test_cli_validate_prints_located_errors_and_exits_non_zero(write_config):
+    path = write_config(VALID.replace("top_k: 50", "top_kk: 50"))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:6:14  stages.0.params.top_kk: unknown field 'top_kk'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_validate_ok(write_config):
+    result = CliRunner().invoke(app, ["validate", str(write_config(VALID))])
+    assert result.exit_code == 0, result.output
+    assert "2 stages, output 'final'" in result.output
+
+
+def test_installed_console_script_reports_errors_without_traceback(write_config):
+    path = write_config("version: 1\nstages: [\n")
+    sieve = Path(sys.executable).with_name("sieve")
+    done = subprocess.run([str(sieve), "validate", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{path}:3:1" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr

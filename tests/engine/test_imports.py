@@ -1,0 +1,27 @@
+"""`import engine` (and compiling a config) must not pull in heavy libraries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HEAVY = ["torch", "transformers", "FlagEmbedding", "spacy", "faiss", "sentence_transformers"]
+
+SCRIPT = """
+import json, sys
+import engine, engine.cli, engine.compiler, engine.pipeline, engine.index, engine.trace, engine.models
+import stages
+from engine.compiler import compile_file
+compile_file(sys.argv[1])
+print(json.dumps(sorted(m for m in {heavy} if m in sys.modules)))
+"""
+
+
+def test_engine_import_and_validation_stay_light(tmp_path: Path):
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    script = SCRIPT.format(heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

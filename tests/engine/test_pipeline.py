@@ -1,0 +1,199 @@
+"""End to end on a real bm25s index: search, trace content, replay, error policies, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.errors import QueryError, SieveError, SieveIndexError, StageError, TraceError
+from engine.index import Index, build_index
+from engine.pipeline import Pipeline
+from engine.replay import replay_trace
+from engine.trace import TraceLog
+
+QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
+
+
+def pipeline_yaml(index: Path, *, k: int = 5, top_k: int = 100, extra: str = "", bm25_extra: str = "") -> str:
+    return f"""\
+version: 1
+index: {index}
+stages:
+  - id: bm25
+    type: recall.bm25
+    params: {{top_k: {top_k}{bm25_extra}}}
+  - id: final
+    type: select.top_k
+    inputs: [bm25]
+    params: {{k: {k}}}
+output: final
+trace: {{log: null}}
+{extra}"""
+
+
+@pytest.fixture
+def pipeline(bm25_index, write_config) -> Pipeline:
+    return Pipeline.from_file(write_config(pipeline_yaml(bm25_index)))
+
+
+def test_search_returns_ranked_results_with_a_full_trace(pipeline):
+    result = pipeline.search(QUERY)
+    assert len(result.results) == 5
+    scores = [c.score for c in result.results]
+    assert scores == sorted(scores, reverse=True)
+    trace = result.trace
+    assert trace["schema"] == "sieve.trace/1"
+    assert trace["config"]["sha256"] == pipeline.compiled.config_sha256
+    assert trace["index"]["manifest_sha256"] == pipeline.resources.index.manifest_sha256
+    assert trace["query"]["text"] == QUERY and trace["query"]["as_of"]
+    bm25, final = trace["stages"]
+    assert bm25["type"] == "recall.bm25@1" and bm25["status"] == "ok" and bm25["duration_ms"] >= 0
+    assert len(bm25["output"]) == 100 and "bm25_scoring" in bm25["timings_ms"]
+    assert "homocystein" in bm25["details"]["terms"]
+    assert [d["reason"] for d in final["drops"]] == ["beyond_top_k"] * 95
+    top = trace["results"][0]
+    assert top["ledger"][0]["stage"] == "bm25"
+    explanation = top["explanation"]["details"][0]
+    assert "BM25 (lucene, k1=1.5, b=0.75)" in explanation["description"]
+    term_sum = sum(d["value"] for d in explanation["details"])
+    assert term_sum == pytest.approx(top["score"], rel=1e-5)
+
+
+def test_runs_are_deterministic_and_replay_identically(pipeline, tmp_path):
+    as_of = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    first = pipeline.search(QUERY, as_of=as_of)
+    second = pipeline.search(QUERY, as_of=as_of)
+    assert [(c.doc_id, c.score) for c in first.results] == [(c.doc_id, c.score) for c in second.results]
+    # through a file, as an auditor would
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(first.trace))
+    report = replay_trace(json.loads(path.read_text()))
+    assert report["identical"] and report["compared"] == 5 and report["differences"] == []
+
+
+def test_replay_detects_a_different_ranking(pipeline):
+    trace = pipeline.search(QUERY).trace
+    trace["results"][0], trace["results"][1] = trace["results"][1], trace["results"][0]
+    report = replay_trace(trace)
+    assert not report["identical"] and "rank 1" in report["differences"][0]
+
+
+def test_replay_detects_a_rebuilt_index(bm25_index, write_config, tmp_path):
+    index = tmp_path / "copy"
+    shutil.copytree(bm25_index, index)
+    trace = Pipeline.from_file(write_config(pipeline_yaml(index))).search(QUERY).trace
+    build_index(Path(__file__).resolve().parents[2] / "examples" / "scifact-mini", index, {"bm25": {"k1": 1.2}})
+    report = replay_trace(trace)
+    assert not report["identical"]
+    assert any("index manifest differs" in d for d in report["differences"])
+
+
+def test_query_text_can_be_kept_out_of_the_trace(bm25_index, write_config):
+    config = pipeline_yaml(bm25_index).replace("trace: {log: null}", "trace: {log: null, include_query_text: false}")
+    trace = Pipeline.from_file(write_config(config)).search(QUERY).trace
+    text = json.dumps(trace)
+    assert QUERY not in text and "homocystein" not in text
+    with pytest.raises(TraceError, match="pass the original text with --query"):
+        replay_trace(trace)
+    with pytest.raises(TraceError, match="does not match the sha256"):
+        replay_trace(trace, query_text="something else")
+    assert replay_trace(trace, query_text=QUERY)["identical"]
+
+
+def test_bad_queries_are_rejected(pipeline):
+    with pytest.raises(QueryError, match="query is empty"):
+        pipeline.search("  \n ")
+    with pytest.raises(QueryError, match="the limit is 4096"):
+        pipeline.search("vitamin " * 1000)
+
+
+def test_edge_cases_are_decided_and_recorded(bm25_index, write_config):
+    big_k = Pipeline.from_file(write_config(pipeline_yaml(bm25_index, top_k=100_000, k=10)))
+    trace = big_k.search(QUERY).trace
+    codes = [d["code"] for d in trace["stages"][0]["decisions"]]
+    assert codes[0] == "k_clamped" and "fewer_matches" in codes
+    nothing = big_k.search("zzzzqqq xxyyzz").trace
+    assert nothing["results"] == []
+    assert nothing["stages"][0]["decisions"][-1]["code"] == "no_matching_terms"
+    stopwords_only = big_k.search("the of and").trace
+    assert stopwords_only["results"] == []
+
+
+def test_on_error_skip_marks_the_trace_degraded(bm25_index, write_config):
+    config = pipeline_yaml(bm25_index, bm25_extra=", component: nope").replace(
+        "    params: {top_k: 100, component: nope}", "    params: {top_k: 100, component: nope}\n    on_error: skip"
+    )
+    result = Pipeline.from_file(write_config(config)).search(QUERY)
+    assert result.degraded and result.trace["degraded"]
+    stage = result.trace["stages"][0]
+    assert stage["status"] == "skipped" and "'nope' component" in stage["error"]
+    failing = Pipeline.from_file(write_config(pipeline_yaml(bm25_index, bm25_extra=", component: nope"), "f.yaml"))
+    with pytest.raises(SieveIndexError, match="needs the 'nope' component"):
+        failing.search(QUERY)
+
+
+def test_trace_log_is_appended(pipeline, tmp_path):
+    result = pipeline.search(QUERY)
+    log_path = pipeline.log_trace(result.trace, tmp_path / "log.jsonl")
+    assert TraceLog(log_path).find()["trace_id"] == result.trace["trace_id"]
+
+
+def test_missing_and_corrupt_indexes_are_reported(bm25_index, tmp_path, write_config):
+    with pytest.raises(SieveIndexError, match="no index at"):
+        Pipeline.from_file(write_config(pipeline_yaml(tmp_path / "nowhere"))).search(QUERY)
+    broken = tmp_path / "broken"
+    shutil.copytree(bm25_index, broken)
+    data = next((broken / "bm25").glob("data.csc.index.npy"))
+    data.write_bytes(data.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(SieveIndexError, match="is corrupt: bm25/data.csc.index.npy does not match"):
+        Index.open(broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(SieveIndexError, match="manifest.json is corrupt"):
+        Index.open(broken)
+
+
+def test_failed_build_leaves_the_old_index_intact(bm25_index, tmp_path):
+    target = tmp_path / "idx"
+    shutil.copytree(bm25_index, target)
+    before = (target / "manifest.json").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2", "text": 5}\nnot json\n')
+    with pytest.raises(SieveError) as caught:
+        build_index(bad, target, {"bm25": {}})
+    assert f"{bad}:2: 'text' must be a string" in str(caught.value)
+    assert f"{bad}:3: not a JSON object" in str(caught.value)
+    assert (target / "manifest.json").read_bytes() == before
+    Index.open(target)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_search_json_and_replay(bm25_index, write_config, tmp_path):
+    config = write_config(pipeline_yaml(bm25_index))
+    trace_file = tmp_path / "t.json"
+    runner = CliRunner()
+    result = runner.invoke(app, ["search", str(config), QUERY, "--json", "--no-log", "--trace-out", str(trace_file)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert len(payload["results"]) == 5
+    replayed = runner.invoke(app, ["replay", str(trace_file)])
+    assert replayed.exit_code == 0 and "identical" in replayed.output
+    shown = runner.invoke(app, ["search", str(config), QUERY, "--explain", "--no-log"])
+    assert shown.exit_code == 0 and "term 'homocystein'" in shown.output
+
+
+def test_cli_bad_input_is_a_message_not_a_traceback(bm25_index, write_config):
+    import subprocess
+    import sys
+
+    sieve = Path(sys.executable).with_name("sieve")
+    config = write_config(pipeline_yaml(bm25_index))
+    empty = subprocess.run([str(sieve), "search", str(config), " "], capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "query is empty" in empty.stderr and "Traceback" not in empty.stderr
+    missing = subprocess.run([str(sieve), "index", "/nonexistent/corpus.jsonl", "--out", "/tmp/x"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "corpus not found" in missing.stderr
