@@ -32,6 +32,12 @@ app = typer.Typer(
 trace_app = typer.Typer(help="Work with trace logs.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 
+from rules.cli import rules_app  # noqa: E402  (typer and rich only: cheap)
+from stages.rerank.train import train_reranker  # noqa: E402  (torch loads when training starts)
+
+app.add_typer(rules_app, name="rules")
+app.command("train-reranker")(train_reranker)
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -116,7 +116,7 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
     output: str | None = None
     order: list[str] = []
     if config is not None and all_specs_valid:
-        output, order = _check_graph(config, specs, nodes, source, first_seen, issues)
+        output, order = _check_graph(config, specs, nodes, source, first_seen, issues, base_dir)
 
     errors = [i for i in issues if i.severity == "error"]
     if errors or config is None or output is None:
@@ -179,6 +179,7 @@ def _check_graph(
     source: SourceMap,
     position: dict[str, int],
     issues: list[ConfigIssue],
+    base_dir: Path | None = None,
 ) -> tuple[str | None, list[str]]:
     """Wiring checks: inputs exist and have the right kind, no cycles, one reachable output."""
     def where(sid: str, *rest: str | int) -> tuple[Any, str]:
@@ -304,7 +305,7 @@ def _check_graph(
         )
         return None, order
 
-    graph = GraphView(nodes)
+    graph = GraphView(nodes, base_dir)
     reachable = {output} | {n.id for n in graph.ancestors(output)}
     for sid in nodes:
         if sid not in reachable:

@@ -112,8 +112,9 @@ class StageNode:
 class GraphView:
     """Read-only view of the compiled graph offered to :meth:`Stage.check_graph`."""
 
-    def __init__(self, nodes: dict[str, StageNode]):
+    def __init__(self, nodes: dict[str, StageNode], base_dir: Path | None = None):
         self._nodes = nodes
+        self.base_dir = base_dir  # the pipeline file's directory: where relative rule files live
 
     def node(self, stage_id: str) -> StageNode:
         return self._nodes[stage_id]
