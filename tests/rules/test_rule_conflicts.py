@@ -154,12 +154,11 @@ def _pipeline(tmp_path: Path, index: Path) -> Path:
     return config
 
 
-def test_conflicts_fail_warm_up_with_the_rule_file_location(tmp_path, medical_index):
+def test_conflicts_fail_compilation_with_the_rule_file_location(tmp_path, medical_index):
     (tmp_path / "overrides.yaml").write_text(CONFLICTING, encoding="utf-8")
-    pipeline = Pipeline(compile_file(_pipeline(tmp_path, medical_index)))
     with pytest.raises(ConfigError) as caught:
-        pipeline.warm_up()
-    assert str(caught.value.issues[0]).startswith(f"{tmp_path / 'overrides.yaml'}:5:")
+        compile_file(_pipeline(tmp_path, medical_index))  # what `sieve validate` runs: no index, no model
+    assert f"{tmp_path / 'overrides.yaml'}:5:" in str(caught.value.issues[0])
     assert "[pin_slot_conflict]" in str(caught.value)
 
 
@@ -172,19 +171,11 @@ def test_warnings_do_not_fail_and_reach_the_trace(tmp_path, medical_index):
     assert any("[pin_slot_conflict]" in w for w in details["rule_warnings"])
 
 
-class _GraphWithDir(GraphView):
-    """What the compiler would pass once GraphView carries the config's directory."""
-
-    def __init__(self, nodes, base_dir):
-        super().__init__(nodes)
-        self.base_dir = base_dir
-
-
 def test_compile_time_check_through_check_graph(tmp_path):
     (tmp_path / "overrides.yaml").write_text(CONFLICTING, encoding="utf-8")
     params = RulesOverride.Params.model_validate({"rules": "overrides.yaml"})
     node = StageNode("rules", RulesOverride, params, ("bm25",))
-    issues = RulesOverride.check_graph(node, _GraphWithDir({"rules": node}, tmp_path))
+    issues = RulesOverride.check_graph(node, GraphView({"rules": node}, tmp_path))
     (issue,) = issues
     assert issue.severity == "error" and issue.path == ("params", "rules")
     assert issue.message.startswith(f"{tmp_path / 'overrides.yaml'}:5:") and "[pin_slot_conflict]" in issue.message
@@ -192,5 +183,5 @@ def test_compile_time_check_through_check_graph(tmp_path):
     assert list(RulesOverride.check_graph(node, GraphView({"rules": node}))) == []
     # a broken rule file is reported through the same path
     (tmp_path / "overrides.yaml").write_text("version: 1\nkind: override\nrules:\n  - {id: x, action: zap}\n")
-    (broken,) = RulesOverride.check_graph(node, _GraphWithDir({"rules": node}, tmp_path))
+    (broken,) = RulesOverride.check_graph(node, GraphView({"rules": node}, tmp_path))
     assert "unknown override action 'zap'" in broken.message
