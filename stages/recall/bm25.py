@@ -79,6 +79,33 @@ class LoadedBM25:
         self.tokenizer = Tokenizer(tokenizer_settings)
         self.vocab: dict[str, int] = self.retriever.vocab_dict
         self.settings = entry.get("settings", {})
+        self._columns_sorted = self._check_sorted_columns()
+
+    def _check_sorted_columns(self) -> bool:
+        """Whether every column's document rows are increasing (what ``term_score`` searches)."""
+        import numpy as np
+
+        matrix = self.retriever.scores
+        starts = np.flatnonzero(np.diff(matrix["indices"]) <= 0) + 1  # where the rows stop increasing
+        return bool(np.isin(starts, matrix["indptr"]).all())
+
+    def term_score(self, term: str, row: int) -> float:
+        """One term's BM25 contribution to one document: a lookup in the term's column of the
+        precomputed score matrix (what ``get_scores([term])[row]`` gives, without scoring the corpus)."""
+        import numpy as np
+
+        column = self.vocab.get(term)
+        if column is None or column >= len(self.retriever.scores["indptr"]) - 1:
+            return 0.0  # unknown, or bm25s's placeholder "" token that has no column
+        if not self._columns_sorted:
+            return float(self.retriever.get_scores([term])[row])
+        matrix = self.retriever.scores
+        start, end = int(matrix["indptr"][column]), int(matrix["indptr"][column + 1])
+        rows = matrix["indices"][start:end]
+        at = int(np.searchsorted(rows, row))
+        if at < len(rows) and int(rows[at]) == row:
+            return float(matrix["data"][start + at])
+        return 0.0
 
 
 class BM25Params(StageParams):
@@ -184,7 +211,7 @@ class BM25Recall(Stage):
         for term, count in Counter(self._terms(query)).items():
             if term not in self._bm25.vocab:
                 continue
-            contribution = float(self._bm25.retriever.get_scores([term])[candidate.row])
+            contribution = self._bm25.term_score(term, candidate.row)
             if contribution > 0:
                 times = f" x{count} (repeated in the query)" if count > 1 else ""
                 details.append(Explanation(contribution * count, f"term '{term}'{times}"))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.index import build_index
+from engine.index import Index, build_index
 from engine.pipeline import Pipeline
 from engine.stage import DocumentMask, StageContext
 from stages.text import Tokenizer, TokenizerSettings
@@ -93,3 +93,17 @@ def test_chinese_index_end_to_end(tmp_path, write_config):
     )
     results = Pipeline.from_file(config).search("二甲双胍治疗糖尿病").results
     assert [c.doc_id for c in results][:2] == ["a", "b"]
+
+
+def test_term_score_lookup_equals_scoring_the_term(bm25_index):
+    """The explanation's per-term lookup gives exactly what bm25s scores for that term alone."""
+    from stages.recall.bm25 import LoadedBM25
+
+    directory, entry = Index.open(bm25_index).component("bm25", "test")
+    loaded = LoadedBM25(directory, entry)
+    terms = [t for t in sorted(loaded.vocab) if t][::97][:25]
+    for term in terms:
+        full = loaded.retriever.get_scores([term])
+        for row in range(0, len(full), 37):
+            assert loaded.term_score(term, row) == float(full[row])
+    assert loaded.term_score("no-such-term", 0) == 0.0
