@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from engine.errors import TraceError
 TRACE_SCHEMA = "sieve.trace/1"
 LOG_SCHEMA = "sieve.tracelog/1"
 GENESIS = "0" * 64
+_HEADER = re.compile(
+    rb'^\{"schema":"sieve\.tracelog/1","seq":(?P<seq>\d+),"prev":"[0-9a-f]{64}","hash":"(?P<hash>[0-9a-f]{64})",'
+)
 
 
 def canonical(data: Any) -> bytes:
@@ -77,22 +81,14 @@ class TraceLog:
                     os.fsync(handle.fileno())
                     last, start = _last_line(handle)
                 if last.strip():
-                    try:
-                        previous = json.loads(last)
-                        prev_hash, seq = previous["hash"], previous["seq"] + 1
-                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise TraceError(
-                            f"trace log {self.path} ends with an unreadable record ({exc}); "
-                            "run `sieve trace verify` on it"
-                        ) from None
-                record = {
-                    "schema": LOG_SCHEMA,
-                    "seq": seq,
-                    "prev": prev_hash,
-                    "hash": record_hash(prev_hash, trace),
-                    "trace": trace,
-                }
-                line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+                    prev_hash, seq = self._chain_position(last)
+                body = canonical(trace)
+                digest = hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
+                record = {"schema": LOG_SCHEMA, "seq": seq, "prev": prev_hash, "hash": digest, "trace": trace}
+                # The header fields first, then the trace exactly as hashed: encoded once, and the
+                # next append reads the chain position from the line's first bytes.
+                header = json.dumps({k: record[k] for k in ("schema", "seq", "prev", "hash")}, separators=(",", ":"))
+                line = header[:-1].encode("ascii") + b',"trace":' + body + b"}\n"
                 handle.seek(0, os.SEEK_END)
                 handle.write(line)
                 handle.flush()
@@ -100,6 +96,19 @@ class TraceLog:
                 return record
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _chain_position(self, last: bytes) -> tuple[str, int]:
+        """(hash, next seq) from the log's last record, read from its header when it has one."""
+        found = _HEADER.match(last)
+        if found is not None:
+            return found.group("hash").decode("ascii"), int(found.group("seq")) + 1
+        try:  # records written before headers came first, or by another writer
+            previous = json.loads(last)
+            return previous["hash"], previous["seq"] + 1
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise TraceError(
+                f"trace log {self.path} ends with an unreadable record ({exc}); run `sieve trace verify` on it"
+            ) from None
 
     def records(self) -> Iterator[dict[str, Any]]:
         if not self.path.is_file():

@@ -8,8 +8,9 @@ prefilter mask: masked documents score zero and never take a recall slot.
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -89,23 +90,53 @@ class LoadedBM25:
         starts = np.flatnonzero(np.diff(matrix["indices"]) <= 0) + 1  # where the rows stop increasing
         return bool(np.isin(starts, matrix["indptr"]).all())
 
-    def term_score(self, term: str, row: int) -> float:
-        """One term's BM25 contribution to one document: a lookup in the term's column of the
-        precomputed score matrix (what ``get_scores([term])[row]`` gives, without scoring the corpus)."""
+    def term_scores(self, term: str, rows: Any) -> Any:
+        """One term's BM25 contribution to each of ``rows`` (an int array): lookups in the term's
+        column of the precomputed score matrix, equal to ``get_scores([term])[rows]`` without
+        scoring the whole corpus."""
         import numpy as np
 
+        rows = np.asarray(rows, dtype=np.int64)
         column = self.vocab.get(term)
         if column is None or column >= len(self.retriever.scores["indptr"]) - 1:
-            return 0.0  # unknown, or bm25s's placeholder "" token that has no column
+            return np.zeros(len(rows), dtype=np.float32)  # unknown, or bm25s's placeholder "" token
         if not self._columns_sorted:
-            return float(self.retriever.get_scores([term])[row])
+            return self.retriever.get_scores([term])[rows]
         matrix = self.retriever.scores
         start, end = int(matrix["indptr"][column]), int(matrix["indptr"][column + 1])
-        rows = matrix["indices"][start:end]
-        at = int(np.searchsorted(rows, row))
-        if at < len(rows) and int(rows[at]) == row:
-            return float(matrix["data"][start + at])
-        return 0.0
+        column_rows = matrix["indices"][start:end]
+        at = np.minimum(np.searchsorted(column_rows, rows), max(end - start - 1, 0))
+        found = (end > start) & (column_rows[at] == rows) if end > start else np.zeros(len(rows), dtype=bool)
+        return np.where(found, matrix["data"][start + at] if end > start else 0.0, 0.0).astype(np.float32)
+
+
+class _TermContributions:
+    """Per-term contributions to the documents a recent query returned, kept for its explanations.
+
+    ``run`` fills it (a few vectorised lookups); ``explain``, called once per returned document,
+    reads it instead of tokenising the query and looking every term up again. Bounded, thread-safe.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self._capacity = capacity
+        self._entries: OrderedDict[str, tuple[Counter[str], dict[int, int], dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, text: str, terms: Counter[str], rows: list[int], scores: dict[str, Any]) -> None:
+        with self._lock:
+            self._entries[text] = (terms, {row: i for i, row in enumerate(rows)}, scores)
+            self._entries.move_to_end(text)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def get(self, text: str, row: int) -> tuple[Counter[str], dict[str, float]] | None:
+        with self._lock:
+            entry = self._entries.get(text)
+        if entry is None or row not in entry[1]:
+            return None
+        terms, position, scores = entry
+        at = position[row]
+        return terms, {term: float(values[at]) for term, values in scores.items()}
 
 
 class BM25Params(StageParams):
@@ -142,9 +173,15 @@ class BM25Recall(Stage):
                 f"documents but the document store has {len(self._doc_ids)}; rebuild the index"
             )
 
+    def __init__(self, stage_id: str, params: StageParams):
+        super().__init__(stage_id, params)
+        self._contributions = _TermContributions()
+
+    def _text(self, query: Query) -> str:
+        return query.text if self.params.query == "original" else query.effective_text
+
     def _terms(self, query: Query) -> list[str]:
-        text = query.text if self.params.query == "original" else query.effective_text
-        return self._bm25.tokenizer.tokenize(text)
+        return self._bm25.tokenizer.tokenize(self._text(query))
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
@@ -190,6 +227,10 @@ class BM25Recall(Stage):
             Candidate(doc_ids[row], row, (ScoreEntry(self.id, "bm25", float(scores[row]), rank),))
             for rank, row in enumerate(order, start=1)
         ]
+        counts = Counter(known)
+        self._contributions.put(
+            self._text(ctx.query), counts, order, {term: self._bm25.term_scores(term, order) for term in counts}
+        )
         return StageResult(
             candidates=candidates,
             decisions=decisions,
@@ -208,10 +249,13 @@ class BM25Recall(Stage):
         if not trace_text:
             return Explanation(value, formula)
         details = []
-        for term, count in Counter(self._terms(query)).items():
-            if term not in self._bm25.vocab:
-                continue
-            contribution = self._bm25.term_score(term, candidate.row)
+        remembered = self._contributions.get(self._text(query), candidate.row)
+        if remembered is None:  # explained outside the search that recalled it
+            counts = Counter(t for t in self._terms(query) if t in self._bm25.vocab)
+            remembered = counts, {t: float(self._bm25.term_scores(t, [candidate.row])[0]) for t in counts}
+        counts, contributions = remembered
+        for term, count in counts.items():
+            contribution = contributions[term]
             if contribution > 0:
                 times = f" x{count} (repeated in the query)" if count > 1 else ""
                 details.append(Explanation(contribution * count, f"term '{term}'{times}"))

@@ -74,3 +74,21 @@ def test_load_trace_rejects_non_traces(tmp_path):
     path.write_text('{"hello": 1}')
     with pytest.raises(TraceError, match="not a Sieve trace"):
         load_trace(path)
+
+
+def test_appends_after_a_record_without_the_header_layout(tmp_path):
+    """A log whose last line has its keys in another order (an older writer, a hand-made tool)
+    still chains: the position falls back to parsing the whole record."""
+    from engine.trace import GENESIS, LOG_SCHEMA, record_hash
+
+    path = tmp_path / "log.jsonl"
+    first = {"schema": "sieve.trace/1", "query": "q0"}
+    legacy = {"trace": first, "hash": record_hash(GENESIS, first), "prev": GENESIS, "seq": 0, "schema": LOG_SCHEMA}
+    path.write_text(json.dumps(legacy) + "\n", encoding="utf-8")
+    log = TraceLog(path)
+    record = log.append({"schema": "sieve.trace/1", "query": "q1"})
+    assert record["seq"] == 1 and record["prev"] == legacy["hash"]
+    assert record["hash"] == record_hash(legacy["hash"], record["trace"])
+    second = log.append({"schema": "sieve.trace/1", "query": "q2"})
+    assert second["seq"] == 2 and second["prev"] == record["hash"]
+    assert verify_log(path) == (3, [])

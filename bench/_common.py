@@ -1,4 +1,4 @@
-"""Helpers shared by the rerank benchmarks: the machine they ran on, result files."""
+"""Helpers shared by the benchmarks: the machine they ran on, result files."""
 
 from __future__ import annotations
 
