@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sieve-installed
 DEMO_INDEX := build/demo-index
-DEMO_QUERY ?= A deficiency of vitamin B12 increases blood levels of homocysteine
+DEMO_QUERY ?= Is metformin safe for patients with kidney disease?
+DEMO_USER ?= --role clinician --jurisdiction US --as-of 2025-06-01
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -21,12 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
-$(DEMO_INDEX)/manifest.json: $(STAMP) examples/scifact-mini/corpus.jsonl
-	$(BIN)/sieve index examples/scifact-mini --out $(DEMO_INDEX)
+$(DEMO_INDEX)/manifest.json: $(STAMP) examples/medical/corpus.jsonl
+	$(BIN)/sieve index examples/medical --out $(DEMO_INDEX) --with bm25 --with dense
 
 demo: $(DEMO_INDEX)/manifest.json
 	$(BIN)/sieve validate configs/demo.yaml
-	$(BIN)/sieve search configs/demo.yaml "$(DEMO_QUERY)" --explain --trace-out build/demo-trace.json
+	$(BIN)/sieve search configs/demo.yaml "$(DEMO_QUERY)" $(DEMO_USER) --explain --trace-out build/demo-trace.json
 	$(BIN)/sieve replay build/demo-trace.json
 	$(BIN)/sieve trace verify traces/trace.jsonl
 
