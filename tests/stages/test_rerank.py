@@ -277,6 +277,39 @@ def test_cache_is_bounded(tiny_segment_cosine, bm25_index, write_config):
     assert _stage_record(pipeline.search(QUERY).trace)["details"]["cache"]["size"] == 3
 
 
+def _run_out_of_memory_above(pipeline, limit):
+    """Make the warmed model fail like a GPU out of memory for batches above ``limit`` pairs."""
+    pipeline.warm_up()
+    model = pipeline.compiled.stages["rerank"]._model
+    real = model.score_encoded
+
+    def score_encoded(pairs, batch_size):
+        if batch_size > limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(pairs, batch_size)
+
+    model.score_encoded = score_encoded
+
+
+def test_out_of_memory_fails_the_stage_unless_backoff_is_on(tiny_segment_cosine, bm25_index, write_config):
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 8, batch_size: 8, cache_size: 0}}")
+    _run_out_of_memory_above(pipeline, 2)
+    with pytest.raises(SieveError, match="out of memory scoring 8 pairs at batch_size 8"):
+        pipeline.search(QUERY)
+
+
+def test_out_of_memory_backoff_halves_the_batch_and_says_so(tiny_segment_cosine, bm25_index, write_config):
+    params = f"{{model: {tiny_segment_cosine}, window: 8, batch_size: 8, cache_size: 0, oom_backoff: true}}"
+    reference = _pipeline(write_config, bm25_index, params, name="reference.yaml").search(QUERY)
+    pipeline = _pipeline(write_config, bm25_index, params, name="backoff.yaml")
+    _run_out_of_memory_above(pipeline, 2)
+    result = pipeline.search(QUERY)
+    record = _stage_record(result.trace)
+    assert [e["retry_with"] for e in record["details"]["oom_events"]] == [4, 2]
+    assert any(d["code"] == "oom_backoff" for d in record["decisions"])
+    assert [c.doc_id for c in result.results] == [c.doc_id for c in reference.results]
+
+
 # --------------------------------------------------------------------------- errors and config checks
 
 
