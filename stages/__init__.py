@@ -10,3 +10,4 @@ from stages.recall import dense  # noqa: F401  (registers recall.dense and the d
 from stages import fuse  # noqa: F401  (registers fuse.rrf and fuse.weighted)
 from stages.rerank import cross_encoder  # noqa: F401  (registers rerank.cross_encoder)
 from stages import rules, threshold  # noqa: F401  (registers rules.prefilter, rules.override, select.threshold)
+from stages import dedup, entities, recency  # noqa: F401  (registers boost.entity_consistency, boost.recency, dedup.near_duplicate, the entities index component)

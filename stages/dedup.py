@@ -1,0 +1,331 @@
+"""``dedup.near_duplicate``: drop near-duplicates of better-ranked candidates; optional MMR diversity.
+
+Candidates are visited in their input order (best first). A candidate whose similarity to an
+already kept one reaches ``threshold`` is dropped with reason ``near_duplicate`` and the detail
+``duplicate_of=<survivor>``; the survivor (the best-ranked of the group, since it was kept first)
+lists what it absorbed in the trace (``details.absorbed``). A candidate is compared with
+survivors only, so a chain a~b~c with a !~ c keeps a and c.
+
+Similarity:
+- ``embedding``: cosine of unit vectors. The index's dense vectors are reused when it has a dense
+  component (no model is loaded); otherwise the candidates' text is embedded with
+  :mod:`stages.embedding` (default all-MiniLM-L6-v2) and cached per row.
+- ``minhash``: estimated Jaccard similarity of word ``shingle_size``-gram sets, MinHash signatures
+  from ``datasketch`` (``num_perm`` permutations, fixed seed, so runs are deterministic), cached per row.
+
+The default threshold (0.95 cosine) was measured on SciFact (``bench/dedup_threshold.py``): the
+client's 0.7 would remove distinct relevant abstracts that merely share a topic.
+
+With ``mmr_lambda`` set, the survivors are then re-ordered by Maximal Marginal Relevance::
+
+    mmr(d) = lambda * rel(d) - (1 - lambda) * max over already selected s of sim(d, s)
+
+``rel`` is the current score min-max normalised over the survivors (a tied list: 1.0). Each
+reordered candidate gets a ledger entry (signal ``mmr``) whose value is its MMR value when it was
+selected. Without MMR the stage only drops: it writes no ledger entry.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from engine.errors import MissingDependencyError, SieveIndexError, StageError
+from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
+from engine.models import resolve_model
+from engine.registry import register_stage
+from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+
+DEFAULT_COSINE_THRESHOLD = 0.95
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class DedupParams(StageParams):
+    method: Literal["embedding", "minhash"] = Field(
+        "embedding", description="embedding: cosine of dense vectors; minhash: estimated Jaccard of word shingles"
+    )
+    threshold: float = Field(
+        DEFAULT_COSINE_THRESHOLD, gt=0, le=1,
+        description="a candidate this similar (cosine or Jaccard) to a better-ranked kept one is dropped",
+    )
+    window: int | None = Field(None, ge=1, le=100_000, description="only the first N candidates are compared; None: all")
+    vectors: Literal["auto", "index", "embed"] = Field(
+        "auto", description="embedding: index = the dense component's vectors; embed = embed the text; auto: index if present"
+    )
+    component: str = Field("dense", description="which dense component's vectors to reuse")
+    model: str | None = Field(None, description="embedding model when embedding text; None: all-MiniLM-L6-v2")
+    fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields compared (minhash, embed)")
+    shingle_size: int = Field(3, ge=1, le=20, description="words per shingle (minhash)")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (minhash)")
+    seed: int = Field(1, ge=0, description="MinHash seed (minhash)")
+    mmr_lambda: float | None = Field(
+        None, ge=0, le=1, description="re-order survivors by MMR with this relevance weight; None: no MMR"
+    )
+    mmr_top: int | None = Field(None, ge=1, le=100_000, description="how many survivors MMR orders; None: all")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DedupParams":
+        if self.method == "minhash" and (self.vectors != "auto" or self.model is not None):
+            raise ValueError("vectors and model apply to method: embedding only")
+        if self.mmr_top is not None and self.mmr_lambda is None:
+            raise ValueError("mmr_top needs mmr_lambda")
+        return self
+
+
+def shingles(text: str, size: int) -> set[str]:
+    """Word ``size``-grams of a case-folded text (the whole text if it has fewer words)."""
+    words = WORD.findall(text.casefold())
+    if len(words) <= size:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+class _RowCache:
+    """Per-row vectors or signatures (documents do not change under an open index); bounded LRU."""
+
+    def __init__(self, capacity: int = 50_000):
+        self._items: OrderedDict[int, Any] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get_many(self, rows: list[int]) -> dict[int, Any]:
+        with self._lock:
+            found = {r: self._items[r] for r in rows if r in self._items}
+            for r in found:
+                self._items.move_to_end(r)
+        return found
+
+    def put(self, row: int, value: Any) -> None:
+        with self._lock:
+            self._items[row] = value
+            self._items.move_to_end(row)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+@register_stage
+class NearDuplicateFilter(Stage):
+    """Drop near-duplicates (embedding cosine or MinHash Jaccard), keeping the best-ranked; optional MMR."""
+
+    type_name = "dedup.near_duplicate"
+    version = 1
+    Params = DedupParams
+    produces = Port.CANDIDATES
+    accepts = frozenset({Port.CANDIDATES, Port.QUERY, Port.MASK})
+    signal = None
+    summary = "near-duplicate removal (embedding cosine or MinHash), survivor records what it absorbed; optional MMR"
+    params: DedupParams
+
+    def __init__(self, stage_id: str, params: StageParams):
+        super().__init__(stage_id, params)
+        self._index: Any = None
+        self._dense: Any = None
+        self._embedder: Any = None
+        self._cache = _RowCache()
+        self._notes: OrderedDict[int, tuple[Query, dict[str, Any]]] = OrderedDict()
+        self._notes_lock = threading.Lock()
+        self._source = ""
+
+    def warm_up(self, resources: Resources) -> None:
+        p = self.params
+        index = resources.require_index(self.id)
+        self._index = index
+        if p.method == "minhash":
+            try:
+                import datasketch  # noqa: F401
+            except ImportError:
+                raise MissingDependencyError("datasketch", "datasketch", "dedup.near_duplicate with method: minhash") from None
+            self._source = f"MinHash (datasketch, {p.num_perm} permutations, seed {p.seed}) of word {p.shingle_size}-grams"
+            return
+        has_dense = p.component in index.manifest["components"]
+        if p.vectors == "index" or (p.vectors == "auto" and has_dense):
+            from stages.recall.dense import LoadedDenseIndex
+
+            directory, entry = index.component(p.component, self.id)
+            if p.model is not None:
+                raise SieveIndexError(
+                    f"stage '{self.id}': `model` is set, but the vectors come from the index's '{p.component}' "
+                    "component; set vectors: embed to embed with another model"
+                )
+            self._dense = resources.shared(f"dense-index:{directory}", lambda: LoadedDenseIndex(directory, entry))
+            model = entry.get("model", {})
+            self._source = (f"cosine of the index's '{p.component}' vectors ({model.get('name')}, weights sha256 "
+                            f"{str(model.get('weights_sha256'))[:12]})")
+            return
+        from stages.embedding import DEFAULT_EMBEDDING_MODEL, load_embedder
+
+        resolved = resolve_model(p.model if p.model is not None else DEFAULT_EMBEDDING_MODEL,
+                                 base_dir=resources.base_dir, purpose=f"dedup.near_duplicate stage '{self.id}'")
+        self._embedder = resources.shared(
+            f"dedup-model:{resolved.location}", lambda: load_embedder(resolved, pooling="auto", device="auto", precision="auto")
+        )
+        self._source = f"cosine of '{resolved.name}' embeddings of {'+'.join(p.fields)} (weights sha256 {str(resolved.weights_sha256)[:12]})"
+
+    def identity(self) -> dict[str, Any] | None:
+        if self._embedder is not None:
+            return {**self._embedder.identity(), "use": "dedup"}
+        return None
+
+    # ------------------------------------------------------------------ similarity
+
+    def similarity_matrix(self, rows: list[int]) -> Any:
+        """Pairwise similarity (n x n float64) of the documents at ``rows``, by the configured method."""
+        import numpy as np
+
+        if not rows:
+            return np.zeros((0, 0))
+        if self.params.method == "minhash":
+            signatures = self._signatures(rows)
+            equal = signatures[:, None, :] == signatures[None, :, :]
+            return equal.mean(axis=2)
+        vectors = self._vectors(rows)
+        return np.clip(vectors @ vectors.T, -1.0, 1.0).astype(np.float64)
+
+    def _texts(self, rows: list[int]) -> dict[int, str]:
+        documents = self._index.documents.get(rows)
+        return {row: documents[row].content(self.params.fields) for row in rows}
+
+    def _vectors(self, rows: list[int]) -> Any:
+        import numpy as np
+
+        if self._dense is not None:
+            ids = np.asarray(rows, dtype=np.int64)
+            try:
+                return np.asarray(self._dense.exact.reconstruct_batch(ids), dtype=np.float32)
+            except RuntimeError as exc:
+                raise StageError(self.id, self.qualified_name(), f"cannot read vectors from the dense index: {exc}") from None
+        cached = self._cache.get_many(rows)
+        missing = [r for r in dict.fromkeys(rows) if r not in cached]
+        if missing:
+            texts = self._texts(missing)
+            embedder = self._embedder
+            vectors, _, _ = embedder.embed([texts[r] for r in missing], max_length=embedder.default_max_length, batch_size=32)
+            for row, vector in zip(missing, vectors):
+                self._cache.put(row, vector)
+                cached[row] = vector
+        return np.stack([cached[r] for r in rows]).astype(np.float32)
+
+    def _signatures(self, rows: list[int]) -> Any:
+        import numpy as np
+        from datasketch import MinHash
+
+        p = self.params
+        cached = self._cache.get_many(rows)
+        missing = [r for r in dict.fromkeys(rows) if r not in cached]
+        if missing:
+            texts = self._texts(missing)
+            for row in missing:
+                minhash = MinHash(num_perm=p.num_perm, seed=p.seed)
+                grams = shingles(texts[row], p.shingle_size)
+                if grams:
+                    minhash.update_batch([g.encode("utf-8") for g in sorted(grams)])
+                    signature = np.asarray(minhash.hashvalues, dtype=np.uint64)
+                else:  # an empty text shares nothing with anything (not even another empty text)
+                    signature = np.full(p.num_perm, np.iinfo(np.uint64).max - row, dtype=np.uint64)
+                self._cache.put(row, signature)
+                cached[row] = signature
+        return np.stack([cached[r] for r in rows])
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import numpy as np
+
+        p = self.params
+        (incoming,) = ctx.inputs
+        compared = incoming if p.window is None else incoming[: p.window]
+        beyond = incoming[len(compared):]
+        decisions: list[Decision] = []
+        began = time.perf_counter()
+        similarity = self.similarity_matrix([c.row for c in compared])
+        similarity_ms = (time.perf_counter() - began) * 1000.0
+        kept_positions: list[int] = []
+        drops: list[Drop] = []
+        absorbed: dict[str, list[list[Any]]] = {}
+        measure = "Jaccard" if p.method == "minhash" else "cosine"
+        for position, candidate in enumerate(compared):
+            if kept_positions:
+                against = similarity[position, kept_positions]
+                best = int(np.argmax(against))  # the most similar survivor; ties: the better-ranked one
+                value = float(against[best])
+                if value >= p.threshold:
+                    survivor = compared[kept_positions[best]]
+                    drops.append(Drop(candidate.doc_id, "near_duplicate",
+                                      f"duplicate_of={survivor.doc_id} ({measure} {value:.4f} >= {p.threshold:g})"))
+                    absorbed.setdefault(survivor.doc_id, []).append([candidate.doc_id, round(value, 6)])
+                    continue
+            kept_positions.append(position)
+        survivors = [compared[i] for i in kept_positions]
+        mmr_notes: dict[str, tuple[float, float, float]] = {}
+        if p.mmr_lambda is not None and survivors:
+            survivors = self._mmr(survivors, similarity[np.ix_(kept_positions, kept_positions)], mmr_notes)
+        output = survivors + list(beyond)
+        if beyond:
+            decisions.append(Decision("beyond_window", f"{len(beyond)} candidates after the first {p.window} were "
+                                      "not compared and pass through"))
+        details: dict[str, Any] = {
+            "method": p.method, "threshold": p.threshold, "similarity": self._source,
+            "compared": len(compared), "dropped": len(drops), "absorbed": absorbed,
+        }
+        if p.mmr_lambda is not None:
+            details["mmr"] = {"lambda": p.mmr_lambda, "ordered": len(mmr_notes)}
+        with self._notes_lock:
+            self._notes[id(ctx.query)] = (ctx.query, {"absorbed": absorbed, "mmr": mmr_notes})
+            self._notes.move_to_end(id(ctx.query))
+            while len(self._notes) > 64:
+                self._notes.popitem(last=False)
+        return StageResult(candidates=output, drops=drops, decisions=decisions, details=details,
+                           timings_ms={"similarity": similarity_ms})
+
+    def _mmr(self, survivors: list[Candidate], similarity: Any, notes: dict[str, tuple[float, float, float]]) -> list[Candidate]:
+        """Greedy MMR over the first ``mmr_top`` survivors; each gets an ``mmr`` ledger entry."""
+        import numpy as np
+
+        p = self.params
+        lam = float(p.mmr_lambda)  # type: ignore[arg-type]
+        top = len(survivors) if p.mmr_top is None else min(p.mmr_top, len(survivors))
+        pool = survivors[:top]
+        scores = np.asarray([c.score for c in pool], dtype=np.float64)
+        span = scores.max() - scores.min()
+        relevance = np.ones_like(scores) if span == 0 else (scores - scores.min()) / span
+        remaining = list(range(top))
+        chosen: list[int] = []
+        ordered: list[Candidate] = []
+        while remaining:
+            if chosen:
+                redundancy = similarity[np.ix_(remaining, chosen)].max(axis=1)
+            else:
+                redundancy = np.zeros(len(remaining))
+            values = lam * relevance[remaining] - (1.0 - lam) * redundancy
+            # Highest MMR value; ties go to the better-ranked input (remaining is in input order).
+            pick = int(np.argmax(values))
+            position = remaining.pop(pick)
+            chosen.append(position)
+            candidate = pool[position]
+            value = float(values[pick])
+            notes[candidate.doc_id] = (value, float(relevance[position]), float(redundancy[pick]))
+            ordered.append(candidate.with_score(ScoreEntry(self.id, "mmr", value, len(ordered) + 1)))
+        return ordered + survivors[top:]
+
+    def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
+        """Written for MMR entries (the only ledger entries this stage makes)."""
+        lam = self.params.mmr_lambda
+        description = (f"MMR: {lam:g} x rel - {1 - (lam or 0):g} x max sim to already selected ({self._source}); "
+                       f"rank {rank} in stage '{self.id}'")
+        with self._notes_lock:
+            found = self._notes.get(id(query))
+        if found is None or found[0] is not query:
+            return Explanation(value, description)
+        details = []
+        note = found[1]["mmr"].get(candidate.doc_id)
+        if note is not None:
+            details.append(Explanation(note[1], "rel: current score min-max normalised over the survivors"))
+            details.append(Explanation(note[2], "max similarity to the documents selected before it"))
+        for doc_id, similarity in found[1]["absorbed"].get(candidate.doc_id, []):
+            details.append(Explanation(similarity, f"absorbed near-duplicate '{doc_id}'"))
+        return Explanation(value, description, tuple(details))

@@ -1,0 +1,613 @@
+"""Entities: the ``entities`` index component and the ``boost.entity_consistency`` stage.
+
+Entities come from two sources run in one spaCy pipeline: the model's NER (``en_core_web_sm`` by
+default, resolved to the packaged copy by :func:`engine.models.resolve_spacy`) and an analyst
+gazetteer — a YAML file of drug names, tickers, company names, codes — turned into an
+``EntityRuler`` placed before the NER, so a gazetteer match wins over the model's guess for the
+same span. Each entity is reduced to a ``(label, key)`` pair: the gazetteer entry's ``id`` (so
+"Glucophage" and "metformin" are one drug), otherwise the case-folded text.
+
+Documents are processed once, at index time (``sieve index ... --with entities``, ``nlp.pipe`` in
+batches); the component stores one line per document row, a copy of the gazetteer, and records
+the spaCy model (name, package, version) and the gazetteer's sha256 in the manifest. The stage
+extracts the query's entities with the same model and gazetteer (a different one is refused) and
+scores each candidate::
+
+    entity(d) = (match_weight * matched(d) - conflict_weight * conflicting(d)) / n
+
+over the ``n`` query entities considered: a query entity is *matched* when the document holds the
+same (label, key); *conflicting* when it does not, but holds another entity of the same label and
+that label is a conflict label (by default the gazetteer's closed vocabularies: a query about
+metformin against a document about insulin, both DRUG). Anything else adds 0. spaCy and the model
+are imported in ``build``/``warm_up`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.errors import ConfigError, ConfigIssue, MissingDependencyError, ModelLoadError, SieveIndexError, StageError
+from engine.index import ComponentSettings, Document, IndexComponent, Progress
+from engine.model import Candidate, Decision, Query, ScoreEntry
+from engine.registry import register_index_component, register_stage
+from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+
+ENTITIES_FILE = "entities.jsonl"
+GAZETTEER_COPY = "gazetteer.yaml"
+DEFAULT_SPACY_MODEL = "en_core_web_sm"
+# spaCy labels for numbers, amounts and times: they say little about what a text is about.
+NUMERIC_LABELS = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME")
+LABEL_PATTERN = r"^[A-Z][A-Z0-9_]*$"
+REDACTED = "<redacted>"
+
+
+def entity_key(text: str) -> str:
+    """The key of an entity found by the NER or a regex: whitespace collapsed, case-folded."""
+    return " ".join(text.split()).casefold()
+
+
+# --------------------------------------------------------------------------- gazetteer files
+
+
+class GazetteerEntry(BaseModel):
+    """One analyst entity: a label, a canonical id, and the names (or one-token regex) that mean it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: str = Field(pattern=LABEL_PATTERN, description="entity type, e.g. DRUG, TICKER, COMPANY, ICD10")
+    id: str | None = Field(None, min_length=1, description="canonical id; None: the first name (case-folded)")
+    names: tuple[str, ...] = Field((), description="surface forms, matched token by token")
+    regex: str | None = Field(None, min_length=1, description="a regular expression one token must match fully")
+    case_sensitive: bool = Field(False, description="match names exactly as written (tickers); default: any case")
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not name.strip():
+                raise ValueError("names must not be empty strings")
+        return names
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GazetteerEntry":
+        if not self.names and self.regex is None:
+            raise ValueError("give `names` (a list of surface forms) or `regex`")
+        if self.names and self.regex is not None:
+            raise ValueError("give either `names` or `regex`, not both (make two entries)")
+        return self
+
+    @property
+    def key(self) -> str | None:
+        """The (label-scoped) key every match of this entry gets; None for regex entries without id."""
+        if self.id is not None:
+            return self.id  # canonical ids are the analyst's, kept as written
+        return entity_key(self.names[0]) if self.names else None
+
+
+class GazetteerFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = Field(description="gazetteer file format version")
+    description: str | None = None
+    entities: tuple[GazetteerEntry, ...] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Gazetteer:
+    """A validated gazetteer file and its identity."""
+
+    path: str
+    sha256: str
+    text: str
+    entries: tuple[GazetteerEntry, ...]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(sorted({e.label for e in self.entries}))
+
+    def describe(self) -> dict[str, Any]:
+        return {"file": self.path, "sha256": self.sha256, "entries": len(self.entries), "labels": list(self.labels)}
+
+
+def load_gazetteer(path: str | Path) -> Gazetteer:
+    """Load and validate a gazetteer YAML file; every problem at once, located at file:line:col."""
+    from engine.config import issues_from_validation
+    from engine.yamlsource import load_yaml_file
+
+    path = Path(path)
+    loaded = load_yaml_file(path)
+    source = loaded.source
+    if not isinstance(loaded.data, dict):
+        raise ConfigError([ConfigIssue(source.locate(()), "", "a gazetteer is a mapping with version and entities")])
+    try:
+        parsed = GazetteerFile.model_validate(loaded.data)
+    except ValidationError as exc:
+        raise ConfigError(issues_from_validation(exc, source, (), GazetteerFile)) from None
+    issues: list[ConfigIssue] = []
+    seen: dict[tuple[bool, str], tuple[int, str, str | None]] = {}  # a surface form -> (entry, label, key)
+    for number, entry in enumerate(parsed.entities):
+        for position, name in enumerate(entry.names):
+            surface = name if entry.case_sensitive else entity_key(name)
+            found = seen.get((entry.case_sensitive, surface))
+            if found is not None and (found[1], found[2]) != (entry.label, entry.key):
+                issues.append(ConfigIssue(
+                    source.locate(("entities", number, "names", position)), f"entities.{number}.names.{position}",
+                    f"'{name}' already names {found[1]} '{found[2]}' (entities.{found[0]}); a name may mean one entity",
+                ))
+            else:
+                seen[(entry.case_sensitive, surface)] = (number, entry.label, entry.key)
+    if issues:
+        raise ConfigError(issues)
+    raw = path.read_bytes()
+    return Gazetteer(str(path), hashlib.sha256(raw).hexdigest(), raw.decode("utf-8"), parsed.entities)
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@dataclass(frozen=True, slots=True)
+class Mention:
+    """One entity of a text: label, key, the first surface form seen, how often it occurs."""
+
+    label: str
+    key: str
+    text: str
+    count: int = 1
+
+
+class EntityExtractor:
+    """A spaCy pipeline (tokenizer + optional NER) with the gazetteer's EntityRuler. Thread-safe."""
+
+    def __init__(self, model: str, gazetteer: Gazetteer | None, use_ner: bool):
+        from engine.models import resolve_spacy
+
+        try:
+            import spacy
+        except ImportError:
+            raise MissingDependencyError("spacy", "spacy", "entity extraction") from None
+        package = resolve_spacy(model)
+        keep = {"tok2vec", "ner"} if use_ner else set()
+        try:
+            probe = spacy.load(package, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load spaCy pipeline '{model}' ({package}): {exc}") from None
+        for name in list(probe.pipe_names):
+            if name not in keep:
+                probe.remove_pipe(name)
+        if use_ner and "ner" not in probe.pipe_names:
+            raise ModelLoadError(f"spaCy pipeline '{model}' ({package}) has no 'ner' component")
+        self.nlp = probe
+        self.spacy_version = spacy.__version__
+        self.model = model
+        self.package = package
+        self.model_version = str(probe.meta.get("version"))
+        self.gazetteer = gazetteer
+        self.use_ner = use_ner
+        self._regex_keys: set[str] = set()
+        if gazetteer is not None:
+            ruler = probe.add_pipe("entity_ruler", before="ner" if use_ner else None,
+                                   config={"validate": True, "overwrite_ents": True})
+            ruler.add_patterns(self._patterns(gazetteer))  # type: ignore[attr-defined]
+        self.lock = threading.Lock()
+        self._query_cache: OrderedDict[str, tuple[Mention, ...]] = OrderedDict()
+
+    def _patterns(self, gazetteer: Gazetteer) -> list[dict[str, Any]]:
+        patterns: list[dict[str, Any]] = []
+        for entry in gazetteer.entries:
+            key = entry.key
+            for name in entry.names:
+                attr = "ORTH" if entry.case_sensitive else "LOWER"
+                tokens = [t.text if entry.case_sensitive else t.text.lower() for t in self.nlp.make_doc(name)]
+                pattern: dict[str, Any] = {"label": entry.label, "pattern": [{attr: t} for t in tokens]}
+                if key is not None:
+                    pattern["id"] = key
+                patterns.append(pattern)
+            if entry.regex is not None:
+                flags = "" if entry.case_sensitive else "(?i)"
+                pattern = {"label": entry.label, "pattern": [{"TEXT": {"REGEX": f"{flags}^(?:{entry.regex})$"}}]}
+                if key is not None:
+                    pattern["id"] = key
+                patterns.append(pattern)
+        return patterns
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "package": self.package,
+            "model_version": self.model_version,
+            "spacy": self.spacy_version,
+            "ner": self.use_ner,
+            "gazetteer": self.gazetteer.describe() if self.gazetteer is not None else None,
+        }
+
+    def _mentions(self, doc: Any) -> tuple[Mention, ...]:
+        found: dict[tuple[str, str], Mention] = {}
+        for ent in doc.ents:
+            key = ent.ent_id_ or entity_key(ent.text)
+            if not key:
+                continue
+            where = (ent.label_, key)
+            known = found.get(where)
+            found[where] = Mention(ent.label_, key, ent.text, 1) if known is None else Mention(
+                known.label, known.key, known.text, known.count + 1
+            )
+        return tuple(sorted(found.values(), key=lambda m: (m.label, m.key)))
+
+    def extract(self, texts: Sequence[str], batch_size: int, progress: Any = None) -> list[tuple[Mention, ...]]:
+        """Entities of each text, in order (``nlp.pipe`` in batches; ``progress(n)`` after each batch)."""
+        results: list[tuple[Mention, ...]] = []
+        with self.lock:
+            for start in range(0, len(texts), batch_size):
+                batch = texts[start : start + batch_size]
+                results.extend(self._mentions(doc) for doc in self.nlp.pipe(batch, batch_size=batch_size))
+                if progress is not None:
+                    progress(len(batch))
+        return results
+
+    def extract_query(self, text: str) -> tuple[Mention, ...]:
+        """Entities of one query text; recent queries are cached."""
+        with self.lock:
+            cached = self._query_cache.get(text)
+            if cached is not None:
+                self._query_cache.move_to_end(text)
+                return cached
+            mentions = self._mentions(self.nlp(text))
+            self._query_cache[text] = mentions
+            while len(self._query_cache) > 1024:
+                self._query_cache.popitem(last=False)
+            return mentions
+
+
+_extractors: dict[tuple[str, str | None, bool], EntityExtractor] = {}
+_extractors_lock = threading.Lock()
+
+
+def load_extractor(model: str, gazetteer: Gazetteer | None, use_ner: bool) -> EntityExtractor:
+    """The process-wide extractor for this model, gazetteer content and NER switch (loaded once)."""
+    key = (model, gazetteer.sha256 if gazetteer is not None else None, use_ner)
+    with _extractors_lock:
+        found = _extractors.get(key)
+        if found is None:
+            found = EntityExtractor(model, gazetteer, use_ner)
+            _extractors[key] = found
+        return found
+
+
+# --------------------------------------------------------------------------- index component
+
+
+class EntitiesIndexSettings(ComponentSettings):
+    model: str = Field(DEFAULT_SPACY_MODEL, description="spaCy pipeline, as users know it (en_core_web_sm) or a path")
+    gazetteer: str | None = Field(None, description="gazetteer YAML (relative to the working directory); None: NER only")
+    ner: bool = Field(True, description="run the model's NER; false: gazetteer matches only (fast)")
+    fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields read, joined")
+    batch_size: int = Field(64, ge=1, le=10_000, description="texts per nlp.pipe batch")
+    max_chars: int = Field(100_000, ge=100, le=10_000_000, description="characters read per document (the rest is cut, counted)")
+
+    @model_validator(mode="after")
+    def _something(self) -> "EntitiesIndexSettings":
+        if not self.ner and self.gazetteer is None:
+            raise ValueError("with ner: false a gazetteer is required, or nothing would be extracted")
+        return self
+
+
+@register_index_component
+class EntitiesComponent(IndexComponent):
+    name = "entities"
+    Settings = EntitiesIndexSettings
+
+    def build(
+        self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
+    ) -> dict[str, Any]:
+        assert isinstance(settings, EntitiesIndexSettings)
+        gazetteer = load_gazetteer(Path(settings.gazetteer).expanduser().resolve()) if settings.gazetteer else None
+        extractor = load_extractor(settings.model, gazetteer, settings.ner)
+        texts = [doc.content(settings.fields) for doc in documents]
+        truncated = sum(1 for t in texts if len(t) > settings.max_chars)
+        texts = [t[: settings.max_chars] for t in texts]
+        began = time.perf_counter()
+        mentions = extractor.extract(
+            texts, settings.batch_size, progress=lambda n: progress("entities", n, len(texts))
+        )
+        seconds = time.perf_counter() - began
+        labels: Counter[str] = Counter()
+        with open(out_dir / ENTITIES_FILE, "w", encoding="utf-8") as handle:
+            for found in mentions:
+                labels.update(m.label for m in found)
+                handle.write(json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False))
+                handle.write("\n")
+        if gazetteer is not None:
+            (out_dir / GAZETTEER_COPY).write_text(gazetteer.text, encoding="utf-8")
+        return {
+            "library": f"spacy {extractor.spacy_version}",
+            "model": {"name": settings.model, "package": extractor.package, "version": extractor.model_version},
+            "ner": settings.ner,
+            "gazetteer": gazetteer.describe() if gazetteer is not None else None,
+            "documents_with_entities": sum(1 for m in mentions if m),
+            "labels": dict(sorted(labels.items())),
+            "truncated_documents": truncated,
+            "seconds": round(seconds, 2),
+        }
+
+
+class LoadedEntities:
+    """Per-row entity sets of an index, read once and shared by every stage that uses them."""
+
+    def __init__(self, directory: Path, entry: dict[str, Any], expected_rows: int):
+        self.entry = entry
+        self.rows: list[dict[str, tuple[Mention, ...]]] = []  # row -> label -> mentions
+        try:
+            with open(directory / ENTITIES_FILE, encoding="utf-8") as handle:
+                for line in handle:
+                    by_label: dict[str, list[Mention]] = {}
+                    for label, key, text, count in json.loads(line):
+                        by_label.setdefault(label, []).append(Mention(label, key, text, int(count)))
+                    self.rows.append({label: tuple(found) for label, found in by_label.items()})
+        except (OSError, ValueError, TypeError) as exc:
+            raise SieveIndexError(f"entities component at {directory} cannot be loaded: {exc}") from None
+        if len(self.rows) != expected_rows:
+            raise SieveIndexError(
+                f"the entities component at {directory} has {len(self.rows)} rows but the document store has "
+                f"{expected_rows}; rebuild the index"
+            )
+        copy = directory / GAZETTEER_COPY
+        self.gazetteer: Gazetteer | None = load_gazetteer(copy) if copy.is_file() else None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class EntityParams(StageParams):
+    component: str = Field("entities", description="which entities component of the index to read")
+    gazetteer: str | None = Field(
+        None, description="None: the gazetteer the index was built with; a file named here must be identical to it"
+    )
+    labels: tuple[str, ...] | None = Field(None, description="labels considered; None: every label but ignore_labels")
+    ignore_labels: tuple[str, ...] = Field(NUMERIC_LABELS, description="labels never considered (numbers, dates)")
+    conflict_labels: tuple[str, ...] | None = Field(
+        None, description="labels whose other entities conflict; None: the gazetteer's labels (closed vocabularies)"
+    )
+    match_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="credit per matched query entity (÷ n)")
+    conflict_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="penalty per conflicting query entity (÷ n)")
+    combine: Literal["signal", "add"] = Field(
+        "signal",
+        description="signal: the ledger value is the entity score and the input order is kept (feed it to "
+        "fuse.weighted); add: the value is the current score + the entity score, and the list is re-ordered",
+    )
+    query: Literal["effective", "original"] = Field(
+        "effective", description="effective: the rewritten query when a rewrite ran; original: as asked"
+    )
+    max_traced: int = Field(200, ge=0, le=100_000, description="documents whose matches/conflicts the trace lists")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "EntityParams":
+        if self.match_weight == 0 and self.conflict_weight == 0:
+            raise ValueError("match_weight and conflict_weight are both 0: the stage would score nothing")
+        return self
+
+
+@dataclass(frozen=True)
+class EntityVerdict:
+    """How one document stands against the query's entities."""
+
+    score: float
+    matched: tuple[Mention, ...]
+    conflicting: tuple[tuple[Mention, tuple[Mention, ...]], ...]  # query entity, the document's of that label
+
+
+@register_stage
+class EntityConsistency(Stage):
+    """Entity agreement between the query and each candidate: matches boost, same-label conflicts penalise."""
+
+    type_name = "boost.entity_consistency"
+    version = 1
+    Params = EntityParams
+    produces = Port.CANDIDATES
+    accepts = frozenset({Port.CANDIDATES, Port.QUERY, Port.MASK})
+    signal = "entity"
+    summary = "entity consistency: spaCy NER + analyst gazetteer, query vs document"
+    params: EntityParams
+
+    def __init__(self, stage_id: str, params: StageParams):
+        super().__init__(stage_id, params)
+        self._extractor: EntityExtractor | None = None
+        self._entities: LoadedEntities | None = None
+        self._notes: OrderedDict[int, tuple[Query, tuple[Mention, ...], dict[str, EntityVerdict]]] = OrderedDict()
+        self._notes_lock = threading.Lock()
+
+    def warm_up(self, resources: Resources) -> None:
+        index = resources.require_index(self.id)
+        directory, entry = index.component(self.params.component, self.id)
+        loaded: LoadedEntities = resources.shared(
+            f"entities:{directory}", lambda: LoadedEntities(directory, entry, index.doc_count)
+        )
+        gazetteer = loaded.gazetteer
+        if self.params.gazetteer is not None:
+            named = load_gazetteer(resources.resolve_path(self.params.gazetteer))
+            recorded = (entry.get("gazetteer") or {}).get("sha256")
+            if named.sha256 != recorded:
+                raise SieveIndexError(
+                    f"stage '{self.id}': gazetteer {named.path} (sha256 {named.sha256[:12]}) differs from the one the "
+                    f"index at {index.path} was built with (sha256 {str(recorded)[:12]}); queries and documents "
+                    "would be matched against different lists. Rebuild the index with this gazetteer, or drop "
+                    "`gazetteer:` from the stage to use the index's copy"
+                )
+            gazetteer = named
+        model = entry.get("model") or {}
+        extractor = load_extractor(str(model.get("name", DEFAULT_SPACY_MODEL)), gazetteer, bool(entry.get("ner", True)))
+        if str(model.get("version")) != extractor.model_version:
+            raise ModelLoadError(
+                f"stage '{self.id}': the index's entities were extracted with spaCy pipeline '{model.get('name')}' "
+                f"version {model.get('version')}, but version {extractor.model_version} is installed; rebuild the index"
+            )
+        self._extractor = extractor
+        self._entities = loaded
+        labels = gazetteer.labels if gazetteer is not None else ()
+        self._conflict_labels = frozenset(self.params.conflict_labels if self.params.conflict_labels is not None else labels)
+
+    def identity(self) -> dict[str, Any] | None:
+        if self._extractor is None:
+            return {"model": None, "loaded": False}
+        return self._extractor.identity()
+
+    def _considered(self, label: str) -> bool:
+        if self.params.labels is not None:
+            return label in self.params.labels
+        return label not in self.params.ignore_labels
+
+    def query_entities(self, query: Query) -> tuple[Mention, ...]:
+        """The query's entities considered by this stage: extracted, plus any set on the Query."""
+        assert self._extractor is not None
+        text = query.text if self.params.query == "original" else query.effective_text
+        found = {(m.label, m.key): m for m in self._extractor.extract_query(text)}
+        for given in query.entities:  # set by an upstream stage (e.g. a rewrite): {label, id or text}
+            label, given_id, given_text = given.get("label"), given.get("id"), given.get("text")
+            if not isinstance(label, str):
+                continue
+            if isinstance(given_id, str) and given_id.strip():
+                key = given_id
+            elif isinstance(given_text, str) and given_text.strip():
+                key = entity_key(given_text)
+            else:
+                continue
+            found.setdefault((label, key), Mention(label, key, str(given_text if given_text is not None else key)))
+        return tuple(m for _, m in sorted(found.items()) if self._considered(m.label))
+
+    def verdict(self, query_entities: tuple[Mention, ...], row: int) -> EntityVerdict:
+        """Matched and conflicting query entities for one document row, and the resulting score."""
+        assert self._entities is not None
+        document = self._entities.rows[row]
+        matched: list[Mention] = []
+        conflicting: list[tuple[Mention, tuple[Mention, ...]]] = []
+        for mention in query_entities:
+            same_label = document.get(mention.label, ())
+            if any(m.key == mention.key for m in same_label):
+                matched.append(mention)
+            elif same_label and mention.label in self._conflict_labels:
+                conflicting.append((mention, same_label))
+        n = len(query_entities)
+        score = 0.0
+        if n:
+            score = (self.params.match_weight * len(matched) - self.params.conflict_weight * len(conflicting)) / n
+        return EntityVerdict(score, tuple(matched), tuple(conflicting))
+
+    def run(self, ctx: StageContext) -> StageResult:
+        if self._extractor is None or self._entities is None:
+            raise StageError(self.id, self.qualified_name(), "the stage was not warmed up")
+        (incoming,) = ctx.inputs
+        began = time.perf_counter()
+        query_entities = self.query_entities(ctx.query)
+        extract_ms = (time.perf_counter() - began) * 1000.0
+        decisions: list[Decision] = []
+        details: dict[str, Any] = {"query_entities": len(query_entities), "combine": self.params.combine}
+        if ctx.trace_text:
+            details["query"] = [{"label": m.label, "key": m.key, "text": m.text} for m in query_entities]
+        else:
+            details["query"] = [{"label": m.label} for m in query_entities]
+        if not query_entities:
+            decisions.append(Decision("no_query_entities", "the query names no entity this stage considers; "
+                                      "every candidate scores 0"))
+        verdicts = {c.doc_id: self.verdict(query_entities, c.row) for c in incoming}
+        scores = {doc_id: v.score for doc_id, v in verdicts.items()}
+        if self.params.combine == "add":
+            values = {c.doc_id: c.score + scores[c.doc_id] for c in incoming}
+            order = sorted(incoming, key=lambda c: (-values[c.doc_id], c.doc_id))
+            output = [c.with_score(ScoreEntry(self.id, "entity", values[c.doc_id], rank))
+                      for rank, c in enumerate(order, start=1)]
+        else:
+            ranks = {doc_id: rank for rank, doc_id in enumerate(sorted(scores, key=lambda d: (-scores[d], d)), start=1)}
+            output = [c.with_score(ScoreEntry(self.id, "entity", scores[c.doc_id], ranks[c.doc_id])) for c in incoming]
+        traced: dict[str, Any] = {}
+        for candidate in incoming:
+            v = verdicts[candidate.doc_id]
+            if (v.matched or v.conflicting) and len(traced) < self.params.max_traced:
+                traced[candidate.doc_id] = self._describe(v, ctx.trace_text)
+        details.update({
+            "matched_documents": sum(1 for v in verdicts.values() if v.matched),
+            "conflicting_documents": sum(1 for v in verdicts.values() if v.conflicting),
+            "documents": traced,
+        })
+        self._remember(ctx.query, query_entities, verdicts)
+        return StageResult(candidates=output, decisions=decisions, details=details,
+                           timings_ms={"query_entities": extract_ms})
+
+    @staticmethod
+    def _describe(verdict: EntityVerdict, trace_text: bool) -> dict[str, Any]:
+        def show(m: Mention) -> str:
+            return f"{m.label}:{m.key}" if trace_text else f"{m.label}:{REDACTED}"
+
+        return {
+            "score": verdict.score,
+            "matched": [show(m) for m in verdict.matched],
+            "conflicting": [{"query": show(q), "document": [f"{d.label}:{d.key}" for d in found]}
+                            for q, found in verdict.conflicting],
+        }
+
+    def _remember(self, query: Query, entities: tuple[Mention, ...], verdicts: dict[str, EntityVerdict]) -> None:
+        with self._notes_lock:
+            self._notes[id(query)] = (query, entities, verdicts)
+            self._notes.move_to_end(id(query))
+            while len(self._notes) > 64:
+                self._notes.popitem(last=False)
+
+    def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
+        p = self.params
+        description = (
+            f"entity consistency: ({p.match_weight:g} x matched - {p.conflict_weight:g} x conflicting) / query "
+            f"entities; conflict labels {sorted(self._conflict_labels) if self._extractor else '?'}"
+            + ("; added to the current score" if p.combine == "add" else "")
+            + f"; rank {rank} in stage '{self.id}'"
+        )
+        with self._notes_lock:
+            found = self._notes.get(id(query))
+        if found is not None and found[0] is query:
+            entities, verdict = found[1], found[2].get(candidate.doc_id)
+        elif self._extractor is not None:
+            entities = self.query_entities(query)
+            verdict = self.verdict(entities, candidate.row)
+        else:
+            return Explanation(value, description)
+        if verdict is None:
+            verdict = self.verdict(entities, candidate.row)
+        n = len(entities)
+        matched = {(m.label, m.key) for m in verdict.matched}
+        conflicts = {(q.label, q.key): found_docs for q, found_docs in verdict.conflicting}
+        details = []
+        for mention in entities:
+            name = f"{mention.label} '{mention.key}'" if trace_text else f"{mention.label} {REDACTED}"
+            if (mention.label, mention.key) in matched:
+                details.append(Explanation(p.match_weight / n, f"matched: the document names {name}; +{p.match_weight:g}/{n}"))
+            elif (mention.label, mention.key) in conflicts:
+                others = ", ".join(f"'{d.key}'" for d in conflicts[(mention.label, mention.key)])
+                details.append(Explanation(
+                    -p.conflict_weight / n,
+                    f"conflict: the query names {name}, the document names other {mention.label} ({others}); "
+                    f"-{p.conflict_weight:g}/{n}",
+                ))
+            else:
+                details.append(Explanation(0.0, f"absent: the document does not name {name} nor another {mention.label}"
+                                           if mention.label in self._conflict_labels else
+                                           f"absent: the document does not name {name}; adds 0"))
+        if p.combine == "add":
+            details.append(Explanation(value - verdict.score, "current score before this stage"))
+        return Explanation(value, description, tuple(details))
