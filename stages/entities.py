@@ -109,7 +109,14 @@ class GazetteerFile(BaseModel):
 
     version: Literal[1] = Field(description="gazetteer file format version")
     description: str | None = None
-    entities: tuple[GazetteerEntry, ...] = Field(min_length=1)
+    entities: tuple[GazetteerEntry, ...]
+
+    @field_validator("entities")
+    @classmethod
+    def _not_empty(cls, entries: tuple[GazetteerEntry, ...]) -> tuple[GazetteerEntry, ...]:
+        if not entries:  # checked here, not with min_length: that one also fires when entries are invalid
+            raise ValueError("list at least one entity")
+        return entries
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,19 @@ class Gazetteer:
         return {"file": self.path, "sha256": self.sha256, "entries": len(self.entries), "labels": list(self.labels)}
 
 
+def _with_field_hint(issue: ConfigIssue) -> ConfigIssue:
+    """Add 'did you mean' and the valid fields to an unknown-field issue inside an entry."""
+    from difflib import get_close_matches
+
+    if not issue.message.startswith("unknown field '") or "valid fields" in issue.message:
+        return issue
+    key = issue.message.split("'")[1]
+    valid = list(GazetteerEntry.model_fields) if issue.path.startswith("entities.") else list(GazetteerFile.model_fields)
+    hint = get_close_matches(key, valid, n=1)
+    message = issue.message + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; valid fields: {', '.join(valid)}"
+    return ConfigIssue(issue.location, issue.path, message, issue.severity)
+
+
 def load_gazetteer(path: str | Path) -> Gazetteer:
     """Load and validate a gazetteer YAML file; every problem at once, located at file:line:col."""
     from engine.config import issues_from_validation
@@ -142,7 +162,7 @@ def load_gazetteer(path: str | Path) -> Gazetteer:
     try:
         parsed = GazetteerFile.model_validate(loaded.data)
     except ValidationError as exc:
-        raise ConfigError(issues_from_validation(exc, source, (), GazetteerFile)) from None
+        raise ConfigError([_with_field_hint(i) for i in issues_from_validation(exc, source, (), GazetteerFile)]) from None
     issues: list[ConfigIssue] = []
     seen: dict[tuple[bool, str], tuple[int, str, str | None]] = {}  # a surface form -> (entry, label, key)
     for number, entry in enumerate(parsed.entities):

