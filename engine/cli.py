@@ -273,6 +273,105 @@ def trace_verify(log: Annotated[Path, typer.Argument(help="trace log (.jsonl)")]
     out.print(f"[green]✓[/green] {count} records, chain intact")
 
 
+# ---------------------------------------------------------------------------- analyst workbench
+
+
+def _progress_bar(description: str):  # type: ignore[no-untyped-def]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=err, transient=False,
+    )
+
+
+def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, limit: int | None, recall_k: int, label: str):  # type: ignore[no-untyped-def]
+    """Evaluate one config with a progress bar on stderr."""
+    from engine.workbench.evaluate import evaluate_pipeline
+
+    with _progress_bar(label) as progress:
+        task = progress.add_task(f"{label}: warming up", total=None)
+
+        def start(total: int) -> None:
+            progress.update(task, description=label, total=total)
+
+        def advance(step: int) -> None:
+            progress.advance(task, step)
+
+        return evaluate_pipeline(
+            config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,
+            on_start=start, progress=advance,
+        )
+
+
+@app.command("eval")
+def eval_command(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="BEIR data set directory (corpus.jsonl, queries, qrels/)")],
+    split: Annotated[str, typer.Option(help="qrels split: qrels/<split>.tsv")] = "test",
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="override the config's index")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N judged queries (by id)")] = None,
+    recall_k: Annotated[int, typer.Option("--recall-k", help="Recall@k reported besides Recall@100")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON (pytrec_eval metric names)")] = False,
+    per_query: Annotated[bool, typer.Option("--per-query", help="with --json: include per-query figures")] = False,
+    run_out: Annotated[Optional[Path], typer.Option("--run-out", help="save the run (TREC format) for compare/reuse")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json-out", help="also write the JSON report to this file")] = None,
+) -> None:
+    """Evaluate a pipeline on a BEIR split: nDCG@10, MRR@10, Recall@k, MAP (pytrec_eval) and latency."""
+    from engine.evaluation import write_trec_run
+    from engine.trace import write_json_atomic
+    from engine.workbench.evaluate import ordered_metric_names
+
+    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}")
+    if run_out is not None:
+        write_trec_run(report.run, run_out, tag=(report.pipeline_name or config.stem).replace(" ", "_"))
+        report.run_file = str(run_out)
+    document = report.to_json(per_query=per_query)
+    if json_out is not None:
+        write_json_atomic(json_out, document)
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    index = report.index or {}
+    out.print(
+        f"[bold]{escape(report.pipeline_name or str(config))}[/bold] on {escape(str(dataset))} ({escape(split)}, "
+        f"{report.queries} queries); config {report.config_sha256[:12]}, index {str(index.get('manifest_sha256', '-'))[:12]}"
+    )
+    metrics = Table(title="retrieval quality (pytrec_eval)")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for name in ordered_metric_names(list(report.metrics)):
+        metrics.add_row(name, f"{report.metrics[name]:.4f}")
+    out.print(metrics)
+    latency = Table(title="latency per query (ms)")
+    for column in ("stage", "type", "p50", "p95", "mean"):
+        latency.add_column(column, justify="right" if column in ("p50", "p95", "mean") else "left")
+    for stage_id, figures in report.stage_latency_ms.items():
+        latency.add_row(stage_id, figures["type"], f"{figures['p50']:.2f}", f"{figures['p95']:.2f}", f"{figures['mean']:.2f}")
+    overall = report.latency_ms
+    latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}")
+    out.print(latency)
+    if run_out is not None:
+        out.print(f"run written to {escape(str(run_out))}")
+
+
+@app.command("schema")
+def schema_command(
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the schema here instead of stdout")] = None,
+) -> None:
+    """Print the JSON Schema of pipeline configs (every registered stage type's params), for editors."""
+    from engine.trace import write_json_atomic
+    from engine.workbench.schema import pipeline_json_schema
+
+    schema = pipeline_json_schema()
+    if out_file is None:
+        sys.stdout.write(json.dumps(schema, indent=2) + "\n")
+        return
+    write_json_atomic(out_file, schema)
+    branches = len(schema["properties"]["stages"]["items"].get("oneOf", []))
+    err.print(f"[green]✓[/green] schema with {branches} stage types written to {escape(str(out_file))}")
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
     import click
