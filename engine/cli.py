@@ -372,6 +372,87 @@ def schema_command(
     err.print(f"[green]✓[/green] schema with {branches} stage types written to {escape(str(out_file))}")
 
 
+@app.command("explain")
+def explain_command(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    query: Annotated[str, typer.Argument(help="the query text")],
+    docs: Annotated[Optional[list[str]], typer.Option("--doc", help="why not this document? (repeatable)")] = None,
+    history: Annotated[Optional[list[str]], typer.Option("--history", "-H", help="earlier turns, oldest first")] = None,
+    user: Annotated[Optional[str], typer.Option(help="user id")] = None,
+    role: Annotated[Optional[list[str]], typer.Option(help="user role (repeatable)")] = None,
+    group: Annotated[Optional[list[str]], typer.Option(help="user group (repeatable)")] = None,
+    jurisdiction: Annotated[Optional[list[str]], typer.Option(help="user jurisdiction (repeatable)")] = None,
+    as_of: Annotated[Optional[str], typer.Option("--as-of", help="query time, ISO 8601 (default: now)")] = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="override the config's index")] = None,
+    top: Annotated[Optional[int], typer.Option(help="explain only the first N results (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print explanations and verdicts as JSON")] = False,
+    trace_out: Annotated[Optional[Path], typer.Option("--trace-out", help="also write the trace to this file")] = None,
+) -> None:
+    """Explain a query's ranking: each result's score tree, rules fired, dedup merges; and why a --doc was not returned."""
+    from engine.compiler import compile_file
+    from engine.trace import write_json_atomic
+    from engine.workbench.inspect import InspectingPipeline, dedup_merges, rules_fired, signal_contributions, why_not
+
+    if top is not None and top < 0:
+        raise SieveError(f"--top must be 0 or more, got {top}")
+    pipeline = InspectingPipeline(compile_file(config), index_path=index_dir)
+    if not pipeline.compiled.config.trace.explain:
+        err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
+    q = pipeline.make_query(
+        query, history=tuple(history or ()), user=_user_context(user, role, group, jurisdiction),
+        as_of=_parse_time(as_of, "--as-of"),
+    )
+    result = pipeline.run(q)
+    trace = result.trace
+    if trace_out is not None:
+        write_json_atomic(trace_out, trace)
+    records = trace["results"] if top is None else trace["results"][:top]
+    verdicts = [why_not(pipeline, result, doc_id) for doc_id in (docs or [])]
+    if as_json:
+        out.print_json(json.dumps({
+            "trace_id": trace["trace_id"],
+            "results": [
+                {**record, "contributions": signal_contributions(record.get("explanation") or {}),
+                 "rules_fired": rules_fired(trace, record["doc_id"]), "merged": dedup_merges(trace, record["doc_id"])}
+                for record in records
+            ],
+            "why_not": [v.to_json() for v in verdicts],
+        }))
+        return
+    _print_results(pipeline, result.results, trace, explain=False)
+    for record in records:
+        tree = Tree(f"[bold]#{record['rank']} {escape(record['doc_id'])}[/bold]  score {record['score']:.6g}")
+        if "explanation" in record:
+            _add_explanation(tree, record["explanation"])
+        contributions = signal_contributions(record.get("explanation") or {})
+        if contributions:
+            parts = tree.add("signals (raw -> normalised -> weighted)")
+            for part in contributions:
+                raw = "-" if part["raw"] is None else f"{part['raw']:.4g}"
+                parts.add(f"{escape(part['signal'])}: raw {raw} -> {part['normalised']:.4f} ({escape(part['method'])}) "
+                          f"-> {part['weight']:g} x = [bold]{part['weighted']:.4f}[/bold]")
+        for firing in rules_fired(trace, record["doc_id"]):
+            tree.add(f"rule [bold]{escape(firing['rule'])}[/bold] fired ({escape(firing.get('action', ''))}, stage "
+                     f"'{escape(firing['stage'])}'): {escape(str(firing.get('effect', '')))}, rank "
+                     f"{firing.get('rank_before')} -> {firing.get('rank_after')}")
+        for merge in dedup_merges(trace, record["doc_id"]):
+            tree.add(f"absorbed near-duplicate {escape(merge['absorbed'])} (similarity {merge['similarity']:.4f}, "
+                     f"stage '{escape(merge['stage'])}')")
+        out.print(tree)
+    for verdict in verdicts:
+        colour = "green" if verdict.status == "returned" else "yellow"
+        out.print(f"\n[bold]why not {escape(verdict.doc_id)}?[/bold] [{colour}]{verdict.status}[/{colour}]: "
+                  f"{escape(verdict.message)}")
+        if verdict.journey:
+            table = Table(title=f"{verdict.doc_id} stage by stage")
+            for column in ("stage", "type", "rank", "score", "of"):
+                table.add_column(column, justify="right" if column in ("rank", "score", "of") else "left")
+            for step in verdict.journey:
+                table.add_row(step.stage, step.type, "-" if step.rank is None else str(step.rank),
+                              "-" if step.score is None else f"{step.score:.6g}", str(step.of))
+            out.print(table)
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
     import click
