@@ -137,10 +137,10 @@ def main() -> None:
         if number % 50 == 0:
             print(f"{number}/{len(data.queries)} queries, {time.perf_counter() - began:.0f} s", flush=True)
 
-    base = aggregate(per_query_metrics(runs["none"], data.qrels, {"ndcg_cut_10"}))["ndcg_cut_10"]
+    base = aggregate(per_query_metrics(runs["none"], data.qrels, {"ndcg_cut.10"}))["ndcg_cut_10"]
     table = []
     for name in variants:
-        ndcg = aggregate(per_query_metrics(runs[name], data.qrels, {"ndcg_cut_10"}))["ndcg_cut_10"]
+        ndcg = aggregate(per_query_metrics(runs[name], data.qrels, {"ndcg_cut.10"}))["ndcg_cut_10"]
         table.append({
             "threshold": name,
             "removed_per_query": round(removed[name]["documents"] / len(data.queries), 3),
