@@ -1,0 +1,277 @@
+"""``rewrite.coreference``: resolve pronouns and ellipsis against the conversation, then apply the glossary.
+
+"Is it treatable?" after "What is throat cancer?" becomes "Is throat cancer treatable?". The stage
+produces a query (port ``query``) whose ``text`` stays as asked and whose ``rewritten`` holds the
+rewrite; downstream recall stages use the rewrite by default (``query: effective``), the question
+as asked (``query: original``) or, for ``recall.bm25``, both (``query: both``).
+
+English runs on a spaCy pipeline (``en_core_web_sm`` by default, resolved to the packaged copy by
+:func:`engine.models.resolve_spacy`; noun chunks, entities, dependency parse) with the salience
+heuristics of :mod:`stages.rewrite.english`; Chinese on jieba (:mod:`stages.rewrite.chinese`).
+Then the analyst glossary (:mod:`stages.rewrite.glossary`) adds synonyms or substitutes canonical
+terms. The trace records the text before and after, and for every change its span, the
+antecedent, the turn it came from, its salience and the rule that fired. Models load in
+``warm_up``; nothing heavy is imported with this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from engine.errors import ConfigError, MissingDependencyError, ModelLoadError
+from engine.model import Decision, Query
+from engine.registry import register_stage
+from engine.stage import (
+    Explanation,
+    GraphIssue,
+    GraphView,
+    Port,
+    Resources,
+    Stage,
+    StageContext,
+    StageNode,
+    StageParams,
+    StageResult,
+)
+from stages.rewrite.discourse import Replacement, SalienceWeights
+from stages.rewrite.english import EnglishHeuristics, Resolution, describe_candidates
+from stages.rewrite.glossary import Glossary, GlossaryHit
+
+DEFAULT_SPACY_MODEL = "en_core_web_sm"
+GLOSSARY_FILE_PATTERN = r"^[^\x00]+\.(ya?ml)$"
+REQUIRED_SPACY_COMPONENTS = ("tagger", "parser", "ner")
+REDACTED = "<redacted>"
+
+
+class CoreferenceParams(StageParams):
+    model: str = Field(DEFAULT_SPACY_MODEL, min_length=1, description="spaCy pipeline for English (name or path)")
+    language: Literal["auto", "en", "zh"] = Field(
+        "auto", description="auto: the query's `language` if set, else Chinese when the text has Han characters"
+    )
+    glossary: str | None = Field(
+        None, pattern=GLOSSARY_FILE_PATTERN,
+        description="glossary/synonym file (YAML), relative to the pipeline config's directory; None: none",
+    )
+    max_history_turns: int | None = Field(
+        None, ge=0, le=1000, description="only the last N turns are read; None: the whole history"
+    )
+    heuristics: EnglishHeuristics = Field(default_factory=EnglishHeuristics)
+    salience: SalienceWeights = Field(default_factory=SalienceWeights)
+    trace_candidates: int = Field(5, ge=0, le=100, description="antecedent candidates listed in the trace")
+
+
+def _load_glossary(path: Path) -> Glossary:
+    from stages.rewrite.glossary import load_glossary
+
+    return load_glossary(path)
+
+
+def _load_spacy(name: str) -> tuple[Any, str]:
+    """The spaCy pipeline ``name`` (packaged stand-in resolved), checked for what the resolver needs."""
+    from engine.models import resolve_spacy
+
+    try:
+        import spacy
+    except ImportError:
+        raise MissingDependencyError("spacy", "spacy", "rewrite.coreference (English)") from None
+    package = resolve_spacy(name)
+    try:
+        nlp = spacy.load(package)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load spaCy pipeline '{name}' ({package}): {exc}") from None
+    missing = [c for c in REQUIRED_SPACY_COMPONENTS if c not in nlp.pipe_names]
+    if missing:
+        raise ModelLoadError(
+            f"spaCy pipeline '{name}' ({package}) lacks {', '.join(missing)}; rewrite.coreference needs a tagger, "
+            f"a dependency parser and NER (it has: {', '.join(nlp.pipe_names) or 'nothing'})"
+        )
+    return nlp, package
+
+
+@register_stage
+class CoreferenceRewrite(Stage):
+    """Multi-turn query rewriting: pronouns, possessives, ellipsis, glossary synonyms."""
+
+    type_name = "rewrite.coreference"
+    version = 1
+    Params = CoreferenceParams
+    produces = Port.QUERY
+    accepts = frozenset({Port.QUERY})
+    min_candidate_inputs = 0
+    max_candidate_inputs = 0
+    summary = "resolve pronouns/ellipsis against the conversation history; glossary rewrites"
+    params: CoreferenceParams
+
+    def __init__(self, stage_id: str, params: StageParams):
+        super().__init__(stage_id, params)
+        self._english: Any = None
+        self._chinese: Any = None
+        self._glossary: Glossary | None = None
+        self._identity: dict[str, Any] = {}
+        self._warmed = False
+
+    # ------------------------------------------------------------------ compile time / warm-up
+
+    @classmethod
+    def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
+        """Load the glossary at compile time when the compiler says where the config lives."""
+        params = node.params
+        assert isinstance(params, CoreferenceParams)
+        base_dir = getattr(graph, "base_dir", None)
+        if params.glossary is None or base_dir is None:
+            return []
+        path = Path(params.glossary).expanduser()
+        path = path if path.is_absolute() else Path(base_dir) / path
+        try:
+            _load_glossary(path)
+        except ConfigError as exc:
+            return [GraphIssue(str(issue), ("params", "glossary"), issue.severity) for issue in exc.issues]
+        return []
+
+    def warm_up(self, resources: Resources) -> None:
+        params = self.params
+        if params.glossary is not None:
+            self._glossary = _load_glossary(resources.resolve_path(params.glossary))
+            self._identity["glossary"] = self._glossary.describe()
+        if params.language in ("auto", "en"):
+            from stages.rewrite.english import EnglishResolver
+
+            nlp, package = _load_spacy(params.model)
+            self._english = EnglishResolver(nlp, params.salience, params.heuristics)
+            self._identity.update(model=params.model, package=package, model_version=str(nlp.meta.get("version")),
+                                  spacy_version=_spacy_version())
+        if params.language in ("auto", "zh"):
+            self._chinese = self._load_chinese()
+        self._warmed = True
+
+    def _load_chinese(self) -> Any:
+        try:
+            from stages.rewrite.chinese import ChineseResolver
+
+            resolver = ChineseResolver(self.params.salience)
+        except ImportError:
+            raise MissingDependencyError("jieba", "jieba", "rewrite.coreference (Chinese)") from None
+        import jieba
+
+        self._identity["jieba_version"] = getattr(jieba, "__version__", None)
+        return resolver
+
+    def identity(self) -> dict[str, Any] | None:
+        return dict(self._identity) if self._identity else None
+
+    # ------------------------------------------------------------------ per query
+
+    def _language(self, query: Query, text: str) -> str:
+        if self.params.language != "auto":
+            return self.params.language
+        if query.language is not None:
+            return "zh" if query.language.lower().startswith("zh") else "en"
+        from stages.rewrite.chinese import is_chinese
+
+        return "zh" if is_chinese(text) else "en"
+
+    def rewrite(self, query: Query) -> tuple[str, Resolution | None, list[GlossaryHit], dict[str, Any], list[Decision]]:
+        """The rewritten text, the resolution, the glossary hits, timings and decisions (no trace shaping)."""
+        if not self._warmed:
+            raise ModelLoadError(f"stage '{self.id}' was not warmed up (call Pipeline.warm_up or stage.warm_up first)")
+        source = query.effective_text
+        history = tuple(query.history)
+        decisions: list[Decision] = []
+        limit = self.params.max_history_turns
+        if limit is not None and len(history) > limit:
+            decisions.append(Decision("history_truncated", f"{len(history)} earlier turns; the last {limit} are read",
+                                      {"turns": len(history), "read": limit}))
+            history = history[len(history) - limit :] if limit else ()
+        language = self._language(query, source)
+        timings: dict[str, float] = {}
+        resolution: Resolution | None = None
+        if not history:
+            decisions.append(Decision("no_history", "no earlier turns: nothing to resolve against; pronouns kept"))
+        else:
+            resolver = self._resolver(language)
+            began = time.perf_counter()
+            resolution = resolver.resolve(source, history)
+            timings["resolve"] = (time.perf_counter() - began) * 1000.0
+        text = resolution.rewritten if resolution is not None else source
+        hits: list[GlossaryHit] = []
+        if self._glossary is not None:
+            began = time.perf_counter()
+            text, hits = self._glossary.apply(text)
+            timings["glossary"] = (time.perf_counter() - began) * 1000.0
+        return text, resolution, hits, timings, decisions
+
+    def _resolver(self, language: str) -> Any:
+        """The resolver for ``language``; warm-up loaded every one that ``params.language`` can pick."""
+        return self._chinese if language == "zh" else self._english
+
+    def run(self, ctx: StageContext) -> StageResult:
+        query = ctx.query
+        text, resolution, hits, timings, decisions = self.rewrite(query)
+        source = query.effective_text
+        trace_text = ctx.trace_text
+        replacements = resolution.replacements if resolution is not None else ()
+        details: dict[str, Any] = {
+            "language": self._language(query, source),
+            "changed": text != source,
+            "history_turns": len(query.history),
+            "replacements": [r.to_dict(trace_text) for r in replacements],
+            "glossary": [self._hit(h, trace_text) for h in hits],
+        }
+        if trace_text:
+            details = {"original": query.text, **({"input": source} if source != query.text else {}),
+                       "rewritten": text, **details}
+        if resolution is not None and self.params.trace_candidates:
+            details["candidates"] = describe_candidates(resolution.candidates, self.params.trace_candidates, trace_text)
+        if self._glossary is not None:
+            details["glossary_file"] = self._glossary.describe()
+        details["explanation"] = self._explanation(source, text, replacements, hits, trace_text).to_dict()
+        rewritten = query.model_copy(update={"rewritten": text})
+        return StageResult(query=rewritten, decisions=decisions, details=details, timings_ms=timings)
+
+    # ------------------------------------------------------------------ trace
+
+    @staticmethod
+    def _hit(hit: GlossaryHit, trace_text: bool) -> dict[str, Any]:
+        record: dict[str, Any] = {"entry": hit.entry, "action": hit.action, "start": hit.start, "end": hit.end}
+        if trace_text:
+            record.update(matched=hit.matched, added=hit.added)
+        return record
+
+    def _explanation(self, source: str, text: str, replacements: Sequence[Replacement], hits: Sequence[GlossaryHit],
+                     trace_text: bool) -> Explanation:
+        """value = number of changes; one child per change, stating its basis."""
+        parts: list[Explanation] = []
+        for replacement in replacements:
+            what = f"'{replacement.original}' -> '{replacement.replacement.strip()}'" if trace_text else replacement.kind
+            antecedent = replacement.antecedent
+            if antecedent is None:
+                parts.append(Explanation(0.0, f"{what}: {replacement.heuristic}"))
+                continue
+            factors = tuple(Explanation(v, k) for k, v in antecedent.factors.items())
+            parts.append(Explanation(
+                antecedent.salience,
+                f"{what} ({replacement.kind}): antecedent from turn {antecedent.turn}, salience "
+                f"{antecedent.salience:.3f} = sum(mention weight x decay^age) + first-turn bonus; {replacement.heuristic}",
+                factors,
+            ))
+        for hit in hits:
+            what = f"'{hit.matched}' -> {'+' if hit.action == 'expand' else ''}'{hit.added}'" if trace_text else hit.action
+            parts.append(Explanation(1.0, f"{what}: glossary entry '{hit.entry}' ({hit.action})"))
+        if trace_text:
+            description = f"rewrite '{source}' -> '{text}'" if text != source else f"'{source}' unchanged"
+        else:
+            description = "query rewritten (text redacted)" if text != source else "query unchanged"
+        return Explanation(float(len(parts)), f"{description} by stage '{self.id}': {len(parts)} change(s)", tuple(parts))
+
+
+def _spacy_version() -> str | None:
+    try:
+        import spacy
+    except ImportError:
+        return None
+    return spacy.__version__

@@ -1,0 +1,140 @@
+"""What the resolvers share: the salience model, mentions, antecedents and replacements.
+
+A conversation is read turn by turn, oldest first. Every turn adds *mentions* (noun phrases, and
+pronouns once resolved) to a discourse model; each discourse entity's salience when a new turn is
+read is
+
+    salience(e) = sum over its mentions m of weight(m) * recency_decay ** (turns since m)
+                  + first_turn_bonus   (if e was mentioned in the conversation's first turn)
+
+    weight(m)   = 1 + role bonus (subject / object) + entity bonus (a named entity)
+                    + proper-noun bonus
+
+so a recent subject beats an old oblique mention, a topic set in the first turn stays available,
+and an entity mentioned over and over accumulates weight (the recency-weighted salience of
+Lappin & Leass, 1994, reduced to what a query-length text supports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SalienceWeights(BaseModel):
+    """The salience model's weights (defaults tuned on CAsT 2019; see bench/cast_rewrite.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    recency_decay: float = Field(0.5, gt=0, le=1, description="a mention's weight is multiplied by this per turn of age")
+    subject: float = Field(0.5, ge=0, description="bonus for a mention in subject position")
+    object: float = Field(0.3, ge=0, description="bonus for a direct object or predicate noun")
+    entity: float = Field(0.5, ge=0, description="bonus for a named entity (spaCy NER, non-numeric)")
+    proper_noun: float = Field(0.3, ge=0, description="bonus for a proper noun phrase")
+    first_turn: float = Field(0.3, ge=0, description="bonus (not decayed) for entities of the first turn: the topic")
+    number_mismatch: float = Field(
+        0.5, ge=0, le=1, description="factor for a singular antecedent of they/them/their (or plural of it/its)"
+    )
+    min_salience: float = Field(0.05, ge=0, description="antecedents below this are not used")
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One mention of a discourse entity in a turn."""
+
+    key: str  # the entity it belongs to (case-folded text)
+    text: str  # its surface form, determiners normalised: what a pronoun is replaced by
+    bare: str  # without any leading determiner (what "one" is replaced by)
+    head: str  # lower-cased head word
+    turn: int  # 1-based turn number
+    role: str  # subject | object | other
+    plural: bool
+    person: bool  # a PERSON entity: he/she/his/her may refer to it, it/its may not
+    entity: str | None  # the NER label when the phrase is a named entity
+    proper: bool
+    via: str | None = None  # the pronoun this mention was resolved from, if any
+
+    def weight(self, weights: SalienceWeights) -> float:
+        bonus = {"subject": weights.subject, "object": weights.object}.get(self.role, 0.0)
+        if self.entity is not None:
+            bonus += weights.entity
+        if self.proper:
+            bonus += weights.proper_noun
+        return 1.0 + bonus
+
+
+@dataclass(frozen=True)
+class Antecedent:
+    """A discourse entity chosen for a pronoun, with what made it salient."""
+
+    key: str
+    text: str
+    bare: str
+    turn: int  # the turn of its most recent mention
+    salience: float
+    factors: dict[str, float]
+    plural: bool
+    person: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "turn": self.turn, "salience": round(self.salience, 4),
+                "factors": {k: round(v, 4) for k, v in self.factors.items()}}
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One change to the question: which span, by what, and why."""
+
+    start: int  # character offsets in the question as asked
+    end: int
+    original: str
+    replacement: str
+    kind: str  # pronoun | possessive | one_anaphora | definite_description | ellipsis
+    heuristic: str  # the rule that fired, in words
+    antecedent: Antecedent | None = None
+
+    def to_dict(self, trace_text: bool = True) -> dict[str, Any]:
+        record: dict[str, Any] = {"kind": self.kind, "heuristic": self.heuristic, "start": self.start, "end": self.end}
+        if trace_text:
+            record["original"] = self.original
+            record["replacement"] = self.replacement
+        if self.antecedent is not None:
+            antecedent = self.antecedent.to_dict()
+            if not trace_text:
+                antecedent.pop("text")
+            record["antecedent"] = antecedent
+        return record
+
+
+@dataclass
+class DiscourseModel:
+    """The mentions of the turns read so far (turn numbers are 1-based)."""
+
+    weights: SalienceWeights
+    mentions: list[Mention] = field(default_factory=list)
+
+    def copy(self) -> "DiscourseModel":
+        return DiscourseModel(self.weights, list(self.mentions))
+
+    def candidates(self, current_turn: int) -> list[Antecedent]:
+        """Every entity mentioned before ``current_turn``, most salient first (ties: most recent)."""
+        weights = self.weights
+        by_key: dict[str, list[Mention]] = {}
+        for mention in self.mentions:
+            if mention.turn < current_turn:
+                by_key.setdefault(mention.key, []).append(mention)
+        ranked: list[Antecedent] = []
+        for key, mentions in by_key.items():
+            recency = sum(m.weight(weights) * weights.recency_decay ** (current_turn - m.turn) for m in mentions)
+            first = weights.first_turn if any(m.turn == 1 for m in mentions) else 0.0
+            latest = max(mentions, key=lambda m: (m.turn, m.via is None))
+            named = next((m for m in reversed(mentions) if m.via is None), latest)  # a written form, not a pronoun's
+            ranked.append(Antecedent(
+                key=key, text=named.text, bare=named.bare, turn=latest.turn, salience=recency + first,
+                factors={"recency_weighted_mentions": recency, "first_turn_topic": first, "mentions": float(len(mentions))},
+                plural=named.plural, person=any(m.person for m in mentions),
+            ))
+        ranked.sort(key=lambda a: (-a.salience, -a.turn, a.key))
+        return ranked

@@ -1,0 +1,452 @@
+"""English coreference and ellipsis resolution for conversational questions, on a spaCy parse.
+
+Each turn is parsed (noun chunks, entities, dependencies). Its noun phrases become mentions of
+discourse entities (see :mod:`stages.rewrite.discourse` for the salience model); then, in the new
+question, these are rewritten:
+
+- **pronouns** it / they / them / this / that / these / those (as pronouns, not determiners),
+  he / him / she / her: replaced by the most salient earlier entity that agrees (he/she only
+  with a PERSON; it not with a PERSON; they/them prefer plurals). Pleonastic *it* ("is it
+  possible to ...", "how much does it cost to ...") and entities the question itself names are
+  left alone;
+- **possessives** its / their / his / her: ``X's`` (``X'`` after a plural in -s);
+- **one-anaphora** ("a new one", "a smart one"): ``one`` becomes the antecedent's head phrase;
+- **definite descriptions** ("the film" after "the Neverending Story film"): a definite noun
+  phrase whose words all occur in a more specific earlier entity with the same head noun;
+- **missing topic** (ellipsis, optional): a question that names nothing from the conversation,
+  no entity and no proper noun, but asks about a definite noun phrase with no complement ("What
+  are the main themes?") gets "of <topic>" after that phrase.
+
+Every change records its span, the antecedent, the turn it came from, its salience and the rule.
+History turns are resolved the same way first (their resolved pronouns count as mentions), and
+the model after each history prefix is cached, so a conversation costs one parse per new turn.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stages.rewrite.discourse import Antecedent, DiscourseModel, Mention, Replacement, SalienceWeights
+
+if TYPE_CHECKING:
+    from spacy.language import Language
+    from spacy.tokens import Doc, Span, Token
+
+# Pronoun -> (gender class, number, possessive?). "any" gender: people or things.
+PERSONAL_PRONOUNS: dict[str, tuple[str, str, bool]] = {
+    "it": ("neuter", "singular", False),
+    "its": ("neuter", "singular", True),
+    "they": ("any", "plural", False),
+    "them": ("any", "plural", False),
+    "their": ("any", "plural", True),
+    "he": ("person", "singular", False),
+    "him": ("person", "singular", False),
+    "his": ("person", "singular", True),
+    "she": ("person", "singular", False),
+    "her": ("person", "singular", False),  # possessive when the parser says ``poss``
+}
+DEMONSTRATIVES: dict[str, str] = {"this": "singular", "that": "singular", "these": "plural", "those": "plural"}
+ARGUMENT_DEPS = frozenset({"nsubj", "nsubjpass", "dobj", "pobj", "attr", "dative", "oprd"})
+SUBJECT_DEPS = frozenset({"nsubj", "nsubjpass"})
+OBJECT_DEPS = frozenset({"dobj", "attr", "oprd"})
+# Nouns too general to be what a later pronoun means ("the different types of X": X is meant).
+GENERIC_HEADS = frozenset(
+    "thing things one ones way ways kind kinds type types sort sorts lot lots part parts difference differences "
+    "example examples something anything everything nothing someone anyone everyone somebody anybody "
+    "everybody time times fact facts idea ideas information detail details more most some all other others "
+    "question questions answer answers reason reasons option options".split()
+)
+# Verbs and adjectives-with-"be" that take an extraposed clause with a dummy "it" subject.
+EXTRAPOSING_VERBS = frozenset("cost take seem appear matter help hurt pay make require mean happen".split())
+WEATHER_VERBS = frozenset("rain snow hail thunder drizzle".split())
+NUMERIC_LABELS = frozenset({"CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME"})
+LEADING_DROPPED = frozenset({"a", "an", "some", "any", "this", "that", "these", "those", "my", "your", "our",
+                             "his", "her", "its", "their", "which", "what", "another", "each", "every", "no"})
+
+
+class EnglishHeuristics(BaseModel):
+    """Which English rewrites are on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pronouns: bool = Field(True, description="it/they/them/he/she/him/her and demonstrative pronouns")
+    possessives: bool = Field(True, description="its/their/his/her -> X's")
+    one_anaphora: bool = Field(True, description="'a new one' -> 'a new <antecedent head phrase>'")
+    definite_descriptions: bool = Field(True, description="'the film' -> 'the Neverending Story film'")
+    missing_topic: bool = Field(
+        True, description="append 'of <topic>' to a definite noun phrase of a question that names nothing"
+    )
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The outcome for one question."""
+
+    rewritten: str
+    replacements: tuple[Replacement, ...]
+    candidates: tuple[Antecedent, ...]  # the discourse entities considered, most salient first
+    turn: int  # the question's turn number
+
+
+# --------------------------------------------------------------------------- mentions
+
+
+def _entity_of(span: "Span") -> "Span | None":
+    """The non-numeric named entity overlapping ``span``, if any."""
+    for ent in span.doc.ents:
+        if ent.label_ not in NUMERIC_LABELS and ent.start < span.end and span.start < ent.end:
+            return ent
+    return None
+
+
+def _content_start(span: "Span") -> int:
+    """Index of the first token after leading determiners/possessives other than 'the'."""
+    start = span.start
+    while start < span.end - 1 and span.doc[start].lower_ in LEADING_DROPPED:
+        start += 1
+    return start
+
+
+def _role(token: "Token") -> str:
+    if token.dep_ in SUBJECT_DEPS:
+        return "subject"
+    if token.dep_ in OBJECT_DEPS:
+        return "object"
+    return "other"
+
+
+def _plural(root: "Token") -> bool:
+    return root.tag_ in ("NNS", "NNPS") or any(child.dep_ == "conj" for child in root.children)
+
+
+def _key(span: "Span", start: int) -> str:
+    """Entity key: the phrase without determiners, its head lemmatised, case-folded."""
+    words = [t.lower_ for t in span.doc[start : span.end] if t.lower_ != "the"]
+    if words:
+        words[-1] = span.root.lemma_.lower() if span.root.i == span.end - 1 else words[-1]
+    return " ".join(words)
+
+
+def _is_candidate(chunk: "Span") -> bool:
+    root = chunk.root
+    if root.pos_ in ("PRON", "NUM") or root.tag_ in ("WP", "WDT", "PRP", "PRP$", "EX"):
+        return False
+    if root.lower_ in GENERIC_HEADS or root.lower_ in PERSONAL_PRONOUNS or root.lower_ in DEMONSTRATIVES:
+        return False
+    ent = _entity_of(chunk)
+    if ent is None and any(e.label_ in NUMERIC_LABELS and e.start <= root.i < e.end for e in chunk.doc.ents):
+        return False
+    return True
+
+
+def chunk_mention(chunk: "Span", turn: int) -> Mention:
+    """A noun chunk as a mention of a discourse entity."""
+    start = _content_start(chunk)
+    doc = chunk.doc
+    text = doc[start : chunk.end].text
+    bare_start = start + 1 if doc[start].lower_ == "the" and start < chunk.end - 1 else start
+    ent = _entity_of(chunk)
+    return Mention(
+        key=_key(chunk, start), text=text, bare=doc[bare_start : chunk.end].text, head=chunk.root.lower_,
+        turn=turn, role=_role(chunk.root), plural=_plural(chunk.root),
+        person=ent is not None and ent.label_ == "PERSON", entity=ent.label_ if ent is not None else None,
+        proper=any(t.pos_ == "PROPN" for t in doc[start : chunk.end]),
+    )
+
+
+def _mentions(doc: "Doc", turn: int) -> list[Mention]:
+    return [chunk_mention(chunk, turn) for chunk in doc.noun_chunks if _is_candidate(chunk)]
+
+
+# --------------------------------------------------------------------------- what to resolve
+
+
+def _pleonastic(token: "Token") -> bool:
+    """A dummy 'it': expletive, weather, or the subject of an extraposed clause ('it costs X to ...')."""
+    if token.dep_ == "expl":
+        return True
+    if token.dep_ not in SUBJECT_DEPS:
+        return False
+    head = token.head
+    if head.lemma_ in WEATHER_VERBS:
+        return True
+    extraposed = False
+    for other in head.subtree:
+        if other.i <= token.i:
+            continue
+        if other.tag_ == "TO" and other.head.pos_ in ("VERB", "AUX") and other.head.i > other.i:
+            extraposed = True
+        if other.dep_ == "mark" and other.lower_ in ("that", "whether", "if") and other.head.head == head:
+            extraposed = True
+    if not extraposed:
+        return False
+    if head.lemma_ in EXTRAPOSING_VERBS:
+        return True
+    return head.lemma_ == "be" and any(c.dep_ in ("acomp", "attr") and c.pos_ == "ADJ" for c in head.children)
+
+
+def _demonstrative_pronoun(token: "Token") -> bool:
+    """'this'/'that'/... standing alone as an argument, not determining a noun or introducing a clause."""
+    return (
+        token.lower_ in DEMONSTRATIVES
+        and token.tag_ == "DT"
+        and token.dep_ in ARGUMENT_DEPS
+        and not any(child.dep_ in ("prep", "relcl", "acl") for child in token.children)
+    )
+
+
+def _one_anaphor(token: "Token") -> bool:
+    """'one' as the head of a noun phrase with a determiner or adjective ('a new one', 'the blue one')."""
+    return (
+        token.lower_ == "one"
+        and token.dep_ != "nummod"
+        and any(child.dep_ in ("det", "amod") for child in token.children)
+        and not any(child.dep_ == "prep" and child.lower_ == "of" for child in token.children)
+    )
+
+
+# --------------------------------------------------------------------------- choosing antecedents
+
+
+def _agrees(antecedent: Antecedent, gender: str) -> bool:
+    if gender == "person":
+        return antecedent.person
+    if gender == "neuter":
+        return not antecedent.person
+    return True
+
+
+def _choose(candidates: Sequence[Antecedent], gender: str, number: str, weights: SalienceWeights,
+            exclude: set[str]) -> Antecedent | None:
+    """The most salient agreeing antecedent (number disagreement costs a factor, not a veto)."""
+    best: tuple[float, Antecedent] | None = None
+    for antecedent in candidates:
+        if antecedent.key in exclude or not _agrees(antecedent, gender):
+            continue
+        score = antecedent.salience
+        if (number == "plural") != antecedent.plural:
+            score *= weights.number_mismatch
+        if score < weights.min_salience:
+            continue
+        if best is None or score > best[0] + 1e-12:
+            best = (score, antecedent)
+    return best[1] if best is not None else None
+
+
+def _possessive(text: str, plural: bool) -> str:
+    return text + ("'" if plural and text.endswith("s") else "'s")
+
+
+def _cased(replacement: str, token: "Token") -> str:
+    """Capitalise a replacement that starts a sentence."""
+    if token.is_sent_start and replacement[:1].islower():
+        return replacement[:1].upper() + replacement[1:]
+    return replacement
+
+
+class EnglishResolver:
+    """Resolves a question against its conversation with a spaCy pipeline. Thread-safe."""
+
+    def __init__(self, nlp: "Language", weights: SalienceWeights, heuristics: EnglishHeuristics,
+                 cache_size: int = 512):
+        self.nlp = nlp
+        self.weights = weights
+        self.heuristics = heuristics
+        self._lock = threading.Lock()
+        self._states: OrderedDict[tuple[str, ...], DiscourseModel] = OrderedDict()
+        self._cache_size = cache_size
+
+    # ------------------------------------------------------------------ public
+
+    def resolve(self, question: str, history: Sequence[str]) -> Resolution:
+        """Rewrite ``question`` given the earlier turns ``history`` (oldest first)."""
+        model = self._state(tuple(history))
+        turn = len(history) + 1
+        with self._lock:
+            doc = self.nlp(question)
+        replacements, _ = self._analyse(doc, turn, model)
+        return Resolution(_apply(question, replacements), tuple(replacements), tuple(model.candidates(turn)), turn)
+
+    # ------------------------------------------------------------------ history
+
+    def _state(self, history: tuple[str, ...]) -> DiscourseModel:
+        """The discourse model after reading ``history`` (cached per prefix)."""
+        with self._lock:
+            cached = self._states.get(history)
+            if cached is not None:
+                self._states.move_to_end(history)
+                return cached
+        if not history:
+            model = DiscourseModel(self.weights)
+        else:
+            model = self._state(history[:-1]).copy()
+            turn = len(history)
+            with self._lock:
+                doc = self.nlp(history[-1])
+            _, mentions = self._analyse(doc, turn, model)
+            model.mentions.extend(mentions)
+        with self._lock:
+            self._states[history] = model
+            while len(self._states) > self._cache_size:
+                self._states.popitem(last=False)
+        return model
+
+    # ------------------------------------------------------------------ one turn
+
+    def _analyse(self, doc: "Doc", turn: int, model: DiscourseModel) -> tuple[list[Replacement], list[Mention]]:
+        """The replacements for one turn and the mentions it adds to the model."""
+        mentions = _mentions(doc, turn)
+        candidates = model.candidates(turn)
+        named_here = {m.key for m in mentions}
+        replacements: list[Replacement] = []
+        taken: set[int] = set()  # token indices already rewritten
+        heuristics = self.heuristics
+        if candidates:
+            for token in doc:
+                replacement = None
+                if heuristics.pronouns or heuristics.possessives:
+                    replacement = self._pronoun(token, candidates, named_here, mentions, turn)
+                if replacement is None and heuristics.one_anaphora and _one_anaphor(token):
+                    replacement = self._one(token, candidates, named_here, mentions, turn)
+                if replacement is not None:
+                    replacements.append(replacement)
+                    taken.add(token.i)
+            if heuristics.definite_descriptions:
+                replacements.extend(self._definites(doc, candidates, taken, mentions, turn))
+            if heuristics.missing_topic and not replacements:
+                replacement = self._missing_topic(doc, candidates, model, mentions)
+                if replacement is not None:
+                    replacements.append(replacement)
+        replacements.sort(key=lambda r: r.start)
+        return replacements, mentions
+
+    def _pronoun(self, token: "Token", candidates: list[Antecedent], named_here: set[str],
+                 mentions: list[Mention], turn: int) -> Replacement | None:
+        lower = token.lower_
+        if lower in PERSONAL_PRONOUNS and token.pos_ == "PRON":
+            gender, number, possessive = PERSONAL_PRONOUNS[lower]
+            if lower == "her":
+                possessive = token.dep_ == "poss"
+            if possessive and not self.heuristics.possessives:
+                return None
+            if not possessive and not self.heuristics.pronouns:
+                return None
+            if lower in ("it", "its") and _pleonastic(token):
+                return None
+            heuristic = f"{'possessive' if possessive else 'personal'} pronoun '{lower}' ({gender}, {number}): most salient agreeing antecedent"
+        elif self.heuristics.pronouns and _demonstrative_pronoun(token):
+            gender, number, possessive = "neuter", DEMONSTRATIVES[lower], False
+            heuristic = f"demonstrative pronoun '{lower}' ({number}): most salient antecedent"
+        else:
+            return None
+        antecedent = _choose(candidates, gender, number, self.weights, named_here)
+        if antecedent is None:
+            return None
+        text = _possessive(antecedent.text, antecedent.plural) if possessive else antecedent.text
+        mentions.append(Mention(
+            key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
+            turn=turn, role=_role(token) if not possessive else "other", plural=antecedent.plural,
+            person=antecedent.person, entity=None, proper=False, via=lower,
+        ))
+        return Replacement(token.idx, token.idx + len(token.text), token.text, _cased(text, token),
+                           "possessive" if possessive else "pronoun", heuristic, antecedent)
+
+    def _one(self, token: "Token", candidates: list[Antecedent], named_here: set[str],
+             mentions: list[Mention], turn: int) -> Replacement | None:
+        antecedent = _choose(candidates, "neuter", "singular", self.weights, named_here)
+        if antecedent is None:
+            return None
+        mentions.append(Mention(
+            key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
+            turn=turn, role=_role(token), plural=False, person=False, entity=None, proper=False, via="one",
+        ))
+        return Replacement(token.idx, token.idx + len(token.text), token.text, antecedent.bare, "one_anaphora",
+                           "'one' heading a noun phrase: the antecedent's head phrase", antecedent)
+
+    def _definites(self, doc: "Doc", candidates: list[Antecedent], taken: set[int], mentions: list[Mention],
+                   turn: int) -> list[Replacement]:
+        """'the film' -> 'the Neverending Story film': a definite phrase subsumed by a salient earlier entity."""
+        found = []
+        for chunk in doc.noun_chunks:
+            if doc[chunk.start].lower_ != "the" or len(chunk) < 2 or any(t.i in taken for t in chunk):
+                continue
+            if _entity_of(chunk) is not None or any(t.pos_ == "PROPN" for t in chunk) or chunk.root.pos_ != "NOUN":
+                continue
+            if any(child.dep_ == "prep" for child in chunk.root.children):
+                continue  # "the history of Rome" is specific already
+            words = {t.lower_ for t in chunk[1:]}
+            head = chunk.root.lemma_.lower()
+            for antecedent in candidates:
+                antecedent_words = set(antecedent.key.split())
+                if antecedent.salience < self.weights.min_salience or antecedent.person:
+                    continue
+                if antecedent.key.split()[-1] != head or len(antecedent_words) <= len(words):
+                    continue
+                if not {w for w in words if w != chunk.root.lower_} <= antecedent_words:
+                    continue
+                found.append(Replacement(
+                    chunk.start_char, chunk.end_char, chunk.text, _cased(antecedent.text, chunk[0]),
+                    "definite_description", f"definite '{chunk.text}' names an earlier, more specific entity with the same head noun",
+                    antecedent,
+                ))
+                for index, mention in enumerate(mentions):
+                    if mention.via is None and mention.key == _key(chunk, chunk.start):
+                        mentions[index] = Mention(antecedent.key, antecedent.text, antecedent.bare, mention.head, turn,
+                                                  mention.role, mention.plural, False, None, False, "the")
+                break
+        return found
+
+    def _missing_topic(self, doc: "Doc", candidates: list[Antecedent], model: DiscourseModel,
+                       mentions: list[Mention]) -> Replacement | None:
+        """A question naming nothing from the conversation: '<the definite phrase> of <topic>'."""
+        if any(m.entity is not None or m.proper for m in mentions):
+            return None
+        known = {m.key for m in model.mentions} | {m.head for m in model.mentions}
+        if any(m.key in known or m.head in known for m in mentions):
+            return None
+        target = None
+        for chunk in doc.noun_chunks:
+            if doc[chunk.start].lower_ == "the" and chunk.root.pos_ == "NOUN" and chunk.root.tag_ != "VBG" and not any(
+                child.dep_ in ("prep", "relcl", "acl") for child in chunk.root.children
+            ):
+                target = chunk
+        if target is None:
+            return None
+        topic = candidates[0]
+        if topic.salience < self.weights.min_salience or topic.person:
+            return None
+        return Replacement(
+            target.end_char, target.end_char, "", f" of {topic.text}", "ellipsis",
+            f"the question names nothing from the conversation; its definite phrase '{target.text}' is taken to be "
+            "about the most salient entity", topic,
+        )
+
+
+def _apply(text: str, replacements: Sequence[Replacement]) -> str:
+    pieces: list[str] = []
+    cursor = 0
+    for replacement in sorted(replacements, key=lambda r: r.start):
+        if replacement.start < cursor:
+            continue  # overlapping (should not happen): the first one wins
+        pieces.append(text[cursor : replacement.start])
+        pieces.append(replacement.replacement)
+        cursor = replacement.end
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
+def describe_candidates(candidates: Sequence[Antecedent], limit: int, trace_text: bool) -> list[dict[str, Any]]:
+    """The top antecedent candidates for the trace."""
+    records = []
+    for antecedent in candidates[:limit]:
+        record = antecedent.to_dict()
+        if not trace_text:
+            record.pop("text")
+        records.append(record)
+    return records
