@@ -453,6 +453,67 @@ def explain_command(
             out.print(table)
 
 
+@app.command("compare")
+def compare_command(
+    a: Annotated[Path, typer.Argument(help="A: pipeline YAML, or a saved TREC run file")],
+    b: Annotated[Path, typer.Argument(help="B: pipeline YAML, or a saved TREC run file")],
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="BEIR data set directory (queries, qrels/)")],
+    split: Annotated[str, typer.Option(help="qrels split: qrels/<split>.tsv")] = "test",
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="override both configs' index")] = None,
+    config_a: Annotated[Optional[Path], typer.Option("--config-a", help="when A is a run file: its config, to explain moves")] = None,
+    config_b: Annotated[Optional[Path], typer.Option("--config-b", help="when B is a run file: its config, to explain moves")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N judged queries (by id)")] = None,
+    recall_k: Annotated[int, typer.Option("--recall-k", help="Recall@k reported besides Recall@100")] = 10,
+    most_changed: Annotated[int, typer.Option("--most-changed", help="document-level diffs for this many queries")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the comparison as markdown")] = False,
+) -> None:
+    """Compare two pipelines or runs: metric deltas with paired significance tests, wins/losses, document moves."""
+    from engine.workbench.compare import Side, compare, is_config, load_run_side, to_markdown
+
+    if most_changed < 0:
+        raise SieveError(f"--most-changed must be 0 or more, got {most_changed}")
+    sides = []
+    for label, path, extra_config in (("A", a, config_a), ("B", b, config_b)):
+        if is_config(path):
+            if extra_config is not None:
+                raise SieveError(f"--config-{label.lower()} is for a run file, but {label} is already a config ({path})")
+            report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}")
+            sides.append(Side(path.name, report.run, "config", path, index_dir))
+        else:
+            sides.append(load_run_side(path, extra_config, index_dir))
+    if sides[0].label == sides[1].label:
+        sides[0].label, sides[1].label = f"A:{sides[0].label}", f"B:{sides[1].label}"
+    comparison = compare(sides[0], sides[1], dataset, split=split, recall_k=recall_k, most_changed=most_changed, limit=limit)
+    if as_json:
+        out.print_json(json.dumps(comparison.to_json()))
+        return
+    if markdown:
+        sys.stdout.write(to_markdown(comparison, "sieve compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None))
+        return
+    out.print(f"A = [bold]{escape(sides[0].label)}[/bold], B = [bold]{escape(sides[1].label)}[/bold] on "
+              f"{escape(str(dataset))} ({escape(split)}, {comparison.queries} queries)")
+    table = Table(title="B - A; p: paired t-test (t) and paired randomisation test (rand), two-sided; "
+                  "wins/losses: queries where B is better/worse")
+    for column in ("metric", "A", "B", "delta", "p(t)", "p(rand)", "wins", "losses", "ties"):
+        table.add_column(column, justify="left" if column == "metric" else "right", no_wrap=True)
+    for m in comparison.metrics:
+        colour = "green" if m.delta > 0 else "red" if m.delta < 0 else "white"
+        table.add_row(m.metric, f"{m.mean_a:.4f}", f"{m.mean_b:.4f}", f"[{colour}]{m.delta:+.4f}[/{colour}]",
+                      "n/a" if m.t_test_p is None else f"{m.t_test_p:.4f}",
+                      "n/a" if m.randomisation_p is None else f"{m.randomisation_p:.4f}", str(m.wins), str(m.losses), str(m.ties))
+    out.print(table)
+    for diff in comparison.diffs:
+        out.print(f"\n[bold]query {escape(diff.qid)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {escape(diff.text)}")
+        if diff.note:
+            out.print(f"[yellow]{escape(diff.note)}[/yellow]")
+        for move in diff.moves:
+            where = f"{move.rank_a if move.rank_a is not None else '-'} -> {move.rank_b if move.rank_b is not None else '-'}"
+            mark = "[green]relevant[/green]" if move.relevance else "[dim]not relevant[/dim]"
+            reasons = "; ".join(move.reasons) if move.reasons else "no explanation (no config for this side)"
+            out.print(f"  doc {escape(move.doc_id)} ({mark}) moved {where}: {escape(reasons)}")
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
     import click
