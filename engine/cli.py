@@ -514,6 +514,24 @@ def compare_command(
             out.print(f"  doc {escape(move.doc_id)} ({mark}) moved {where}: {escape(reasons)}")
 
 
+@app.command("report")
+def report_command(
+    trace_path: Annotated[Path, typer.Argument(help="a trace .json file (--trace-out), or a trace log .jsonl")],
+    html: Annotated[Path, typer.Option("--html", help="write the HTML report here")],
+    trace_id: Annotated[Optional[str], typer.Option("--id", help="trace id within a log (default: last)")] = None,
+    seq: Annotated[Optional[int], typer.Option("--seq", help="record number within a log")] = None,
+) -> None:
+    """Render a trace as a static HTML report: stages and timings, score bars, rules, drops, hashes."""
+    from engine.trace import load_trace
+    from engine.workbench.report import write_report
+
+    if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
+        raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
+    trace = load_trace(trace_path, trace_id, seq)
+    write_report(trace, html)
+    out.print(f"[green]✓[/green] report for trace {trace.get('trace_id')} written to {escape(str(html))}")
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
     import click

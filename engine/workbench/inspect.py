@@ -90,8 +90,12 @@ def score_parts(record: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"label": "score", "value": record.get("score", 0.0)}]
     fused = signal_contributions(explanation)
     if fused:
-        return [{"label": p["signal"], "value": p["weighted"], "detail": f"{p['weight']:g} x {p['normalised']:.3g}"}
-                for p in fused]
+        parts = [{"label": p["signal"], "value": p["weighted"], "detail": f"{p['weight']:g} x {p['normalised']:.3g}"}
+                 for p in fused]
+        rest = explanation.get("value", 0.0) - sum(p["weighted"] for p in fused)
+        if abs(rest) > 1e-9:  # stages after the fusion (override boosts, MMR, ...) moved the score
+            parts.append({"label": "after fusion", "value": rest, "detail": "later stages (e.g. override rules)"})
+        return parts
     # No fusion: the stage whose score is the final one, and its own parts when they add up to it.
     deciding = None
     for node in reversed(explanation.get("details", [])):
