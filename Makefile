@@ -9,7 +9,7 @@ DEMO_USER ?= --role clinician --jurisdiction US --as-of 2025-06-01
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean browser
 
 venv: $(STAMP)
 
@@ -31,7 +31,14 @@ demo: $(DEMO_INDEX)/manifest.json
 	$(BIN)/sieve replay build/demo-trace.json
 	$(BIN)/sieve trace verify traces/trace.jsonl
 
-test: $(STAMP)
+# The report test renders HTML in a real headless browser: Debian's chromium, installed when missing
+# (needs root and the apt mirror; without them the test skips and says why).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+		echo "warning: could not install chromium; the HTML report browser test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
