@@ -489,7 +489,12 @@ def compare_command(
         out.print_json(json.dumps(comparison.to_json()))
         return
     if markdown:
-        sys.stdout.write(to_markdown(comparison, "sieve compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None))
+        command = [f"sieve compare {a} {b} --dataset {dataset} --split {split}"]
+        for flag, value in (("--index", index_dir), ("--config-a", config_a), ("--config-b", config_b),
+                            ("--limit", limit), ("--recall-k", recall_k), ("--most-changed", most_changed)):
+            if value is not None:
+                command.append(f"{flag} {value}")
+        sys.stdout.write(to_markdown(comparison, " ".join(command) + " --markdown"))
         return
     out.print(f"A = [bold]{escape(sides[0].label)}[/bold], B = [bold]{escape(sides[1].label)}[/bold] on "
               f"{escape(str(dataset))} ({escape(split)}, {comparison.queries} queries)")

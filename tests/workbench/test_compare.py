@@ -1,0 +1,95 @@
+"""sieve compare: deltas with paired significance tests, wins/losses/ties, explained document moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytrec_eval")
+stats = pytest.importorskip("scipy.stats")
+
+FLOOR = "  - {id: floor, type: select.threshold, inputs: [bm25], params: {min_score: 0.5, normalize: max}}\n"
+
+
+def test_compare_two_configs(cli_json, mini_config, mini_corpus: Path):
+    a = mini_config(k=10, name="wide.yaml")
+    b = mini_config(k=5, name="narrow.yaml", extra=FLOOR)
+    report = cli_json("compare", a, b, "--dataset", mini_corpus, "--most-changed", "3")
+    assert report["queries"] == 50
+    metrics = {m["metric"]: m for m in report["metrics"]}
+    ndcg = metrics["ndcg_cut_10"]
+    assert ndcg["delta"] == pytest.approx(ndcg["mean_b"] - ndcg["mean_a"])
+    assert ndcg["delta"] < 0  # cutting to 5 behind a floor can only lose relevant documents here
+    assert ndcg["wins"] + ndcg["losses"] + ndcg["ties"] == 50 and ndcg["wins"] == 0 and ndcg["losses"] > 0
+    assert 0 < ndcg["t_test_p"] <= 1 and 0 < ndcg["randomisation_p"] <= 1
+    assert "ttest_rel" in report["tests"]["t_test"] and "permutation_test" in report["tests"]["randomisation"]
+
+    changed = report["most_changed"]
+    assert 1 <= len(changed) <= 3
+    first = changed[0]
+    assert first["ndcg_cut_10_b"] < first["ndcg_cut_10_a"]
+    # Every document that left B's list is explained by the stage of B that dropped it.
+    gone = [m for m in first["moves"] if m["rank_b"] is None]
+    assert gone
+    for move in gone:
+        assert any("dropped by stage 'final'" in r or "dropped by stage 'floor'" in r for r in move["reasons"]), move
+
+
+def test_compare_significance_matches_scipy(cli_json, mini_config, mini_corpus: Path, tmp_path: Path):
+    """The p-values are scipy's on the per-query figures (no hand-rolled statistics)."""
+    import numpy as np
+
+    from engine.evaluation import load_beir, per_query_metrics, read_trec_run
+
+    run_a, run_b = tmp_path / "a.trec", tmp_path / "b.trec"
+    cli_json("eval", mini_config(k=10, name="a.yaml"), "--dataset", mini_corpus, "--run-out", run_a)
+    cli_json("eval", mini_config(k=3, name="b.yaml"), "--dataset", mini_corpus, "--run-out", run_b)
+    report = cli_json("compare", run_a, run_b, "--dataset", mini_corpus, "--most-changed", "1",
+                      "--config-b", tmp_path / "b.yaml")
+    qrels = load_beir(mini_corpus).qrels
+    per_a = per_query_metrics(read_trec_run(run_a), qrels)
+    per_b = per_query_metrics(read_trec_run(run_b), qrels)
+    qids = sorted(qrels)
+    x = np.array([per_a[q]["ndcg_cut_10"] for q in qids])
+    y = np.array([per_b[q]["ndcg_cut_10"] for q in qids])
+    ndcg = next(m for m in report["metrics"] if m["metric"] == "ndcg_cut_10")
+    assert ndcg["t_test_p"] == pytest.approx(stats.ttest_rel(y, x).pvalue)
+    assert ndcg["mean_a"] == pytest.approx(x.mean()) and ndcg["mean_b"] == pytest.approx(y.mean())
+    # B's config reproduces its run file, so its side of the moves is explained; A (a bare run) is not.
+    moves = report["most_changed"][0]["moves"]
+    assert report["most_changed"][0]["note"] is None
+    assert any("B: dropped by stage 'final'" in r for m in moves for r in m["reasons"])
+
+
+def test_compare_identical_runs_have_no_difference(cli_json, mini_config, mini_corpus: Path, tmp_path: Path):
+    run = tmp_path / "same.trec"
+    cli_json("eval", mini_config(), "--dataset", mini_corpus, "--run-out", run, "--limit", "10")
+    report = cli_json("compare", run, run, "--dataset", mini_corpus, "--limit", "10")
+    for metric in report["metrics"]:
+        assert metric["delta"] == 0 and metric["ties"] == 10
+        assert metric["t_test_p"] == 1.0 and metric["randomisation_p"] == 1.0
+    assert report["most_changed"] == []
+
+
+def test_compare_markdown_and_table(cli, mini_config, mini_corpus: Path):
+    a, b = mini_config(k=10, name="a.yaml"), mini_config(k=2, name="b.yaml")
+    markdown = cli("compare", a, b, "--dataset", mini_corpus, "--markdown")
+    assert markdown.exit_code == 0, markdown.output
+    assert "| ndcg_cut_10 |" in markdown.stdout and "paired randomisation test" in markdown.stdout
+    assert "moved" in markdown.stdout and f"sieve compare {a} {b} --dataset {mini_corpus}" in markdown.stdout
+    table = cli("compare", a, b, "--dataset", mini_corpus, "--limit", "10")
+    assert table.exit_code == 0 and "p(rand)" in table.stdout and "ndcg_cut_10" in table.stdout
+
+
+def test_compare_rejects_a_run_with_no_judged_query(mini_corpus: Path, tmp_path: Path):
+    from tests.workbench.conftest import run_sieve
+
+    bogus = tmp_path / "bogus.trec"
+    bogus.write_text("nope Q0 doc 1 1.0 x\n")
+    done = run_sieve("compare", bogus, bogus, "--dataset", mini_corpus)
+    assert done.returncode == 2 and "none of its 1 queries is judged" in done.stderr
+    broken = tmp_path / "broken.trec"
+    broken.write_text("1 Q0 doc 1\n")
+    done = run_sieve("compare", broken, bogus, "--dataset", mini_corpus)
+    assert done.returncode == 2 and "a TREC run line has 6 fields" in done.stderr and "Traceback" not in done.stderr

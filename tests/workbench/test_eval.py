@@ -1,0 +1,76 @@
+"""sieve eval: pytrec_eval parity on a fixed run, latency figures, run files, precise errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.evaluation import load_beir, read_trec_run
+from tests.workbench.conftest import run_sieve
+
+pytrec_eval = pytest.importorskip("pytrec_eval")
+
+
+def test_eval_metrics_match_pytrec_eval_on_the_saved_run(cli_json, mini_config, mini_corpus: Path, tmp_path: Path):
+    config = mini_config(recall_top_k=100, k=100)
+    run_file = tmp_path / "bm25.trec"
+    report = cli_json("eval", config, "--dataset", mini_corpus, "--run-out", run_file, "--recall-k", "20")
+    assert report["queries"] == 50 and report["run_file"] == str(run_file)
+    metrics = report["metrics"]
+    assert set(metrics) == {"ndcg_cut_10", "recall_20", "recall_100", "map", "recip_rank", "mrr_10"}
+
+    # Independently: the saved run through pytrec_eval, straight from its own API.
+    run = read_trec_run(run_file)
+    qrels = load_beir(mini_corpus, "test").qrels
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.20,100", "map", "recip_rank"})
+    per_query = evaluator.evaluate(run)
+    for name in ("ndcg_cut_10", "recall_20", "recall_100", "map", "recip_rank"):
+        expected = sum(per_query[q][name] for q in qrels) / len(qrels)
+        assert metrics[name] == pytest.approx(expected, abs=1e-6), name
+    # MRR@10: reciprocal rank of the run cut at 10 (documents beyond rank 10 earn nothing).
+    cut = {q: dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:10]) for q, d in run.items()}
+    rr10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    assert metrics["mrr_10"] == pytest.approx(sum(rr10[q]["recip_rank"] for q in qrels) / len(qrels), abs=1e-6)
+    # The slice is easy for BM25, and the figure is stable: a regression guard, not a tautology.
+    assert 0.85 < metrics["ndcg_cut_10"] < 0.95
+
+
+def test_eval_reports_latency_overall_and_per_stage(cli_json, mini_config, mini_corpus: Path):
+    report = cli_json("eval", mini_config(), "--dataset", mini_corpus, "--limit", "7")
+    assert report["queries"] == 7 and report["latency_ms"]["count"] == 7
+    assert set(report["stage_latency_ms"]) == {"bm25", "final"}
+    for figures in [report["latency_ms"], *report["stage_latency_ms"].values()]:
+        assert 0 <= figures["p50"] <= figures["p95"]
+    assert report["stage_latency_ms"]["bm25"]["type"] == "recall.bm25@1"
+    assert report["index"]["doc_count"] == 601 and len(report["config_sha256"]) == 64
+
+
+def test_eval_table_is_the_default_output(cli, mini_config, mini_corpus: Path):
+    result = cli("eval", mini_config(), "--dataset", mini_corpus, "--limit", "3")
+    assert result.exit_code == 0, result.output
+    for text in ("ndcg_cut_10", "mrr_10", "recall_100", "map", "p95", "bm25", "total"):
+        assert text in result.stdout
+
+
+def test_eval_json_out_and_per_query(cli_json, mini_config, mini_corpus: Path, tmp_path: Path):
+    saved = tmp_path / "report.json"
+    report = cli_json("eval", mini_config(), "--dataset", mini_corpus, "--limit", "4", "--per-query",
+                      "--json-out", saved)
+    assert json.loads(saved.read_text())["metrics"] == report["metrics"]
+    assert len(report["per_query"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--split", "dev"], "no judgements for split 'dev'"),
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--recall-k", "0"], "--recall-k must be at least 1"),
+    ],
+)
+def test_eval_bad_input_is_a_message_not_a_traceback(mini_config, mini_corpus: Path, extra: list[str], message: str):
+    done = run_sieve("eval", mini_config(), "--dataset", mini_corpus, *extra)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
