@@ -507,7 +507,8 @@ def compare_command(
         table.add_row(m.metric, f"{m.mean_a:.4f}", f"{m.mean_b:.4f}", f"[{colour}]{m.delta:+.4f}[/{colour}]",
                       "n/a" if m.t_test_p is None else f"{m.t_test_p:.4f}",
                       "n/a" if m.randomisation_p is None else f"{m.randomisation_p:.4f}", str(m.wins), str(m.losses), str(m.ties))
-    out.print(table, width=max(out.width, 100))  # nine columns: never crop a p-value on a narrow or piped output
+    # Nine columns: never crop a p-value on a narrow terminal or piped output (rich assumes 80 there).
+    Console(highlight=False, soft_wrap=True, width=max(out.width, 110)).print(table)
     for diff in comparison.diffs:
         out.print(f"\n[bold]query {escape(diff.qid)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {escape(diff.text)}")
         if diff.note:
