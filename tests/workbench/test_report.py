@@ -1,0 +1,149 @@
+"""sieve report: the HTML is rendered by a real headless browser (Debian's chromium), screenshot and DOM checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from engine.trace import TraceLog
+from tests.workbench.conftest import ROOT
+
+MEDICAL_CONFIG = ROOT / "configs" / "medical" / "pipeline.yaml"
+US_CLINICIAN = ("--role", "clinician", "--jurisdiction", "US", "--as-of", "2025-06-01")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-dev-shm-usage", "--hide-scrollbars"]
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("chromium not found on PATH (`make test` installs Debian's chromium via the 'browser' target; "
+                "install it with `apt-get install -y chromium`)")
+
+
+def _png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
+    """Decode an 8-bit RGB/RGBA, non-interlaced PNG (what chromium writes) into rows of raw pixels."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    position, idat, header = 8, b"", None
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind = data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        position += 12 + length
+    assert header is not None
+    width, height, depth, colour, _, _, interlace = header
+    assert depth == 8 and colour in (2, 6) and interlace == 0, header
+    channels = 3 if colour == 2 else 4
+    raw = zlib.decompress(idat)
+    stride = width * channels
+    rows, previous = [], bytearray(stride)
+    for y in range(height):
+        kind = raw[y * (stride + 1)]
+        line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up = previous[i]
+            upper_left = previous[i - channels] if i >= channels else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                estimate = left + up - upper_left
+                pa, pb, pc = abs(estimate - left), abs(estimate - up), abs(estimate - upper_left)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else upper_left)) & 0xFF
+        rows.append(bytes(line))
+        previous = line
+    return width, height, [bytes(r[i:i + 3]) for r in rows[::8] for i in range(0, stride, channels * 8)]
+
+
+@pytest.fixture(scope="module")
+def medical_trace(tmp_path_factory: pytest.TempPathFactory, medical_index: Path) -> Path:
+    """A real trace with rules fired, a mask, a threshold drop and top-k; the query text carries markup."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    out = tmp_path_factory.mktemp("report") / "trace.json"
+    result = CliRunner().invoke(app, ["explain", str(MEDICAL_CONFIG), "metformin kidney <script>alert(1)</script>",
+                                      *US_CLINICIAN, "--index", str(medical_index), "--trace-out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_report_renders_in_a_real_browser(cli, medical_trace: Path, tmp_path: Path):
+    chromium = _chromium()
+    html = tmp_path / "report.html"
+    result = cli("report", medical_trace, "--html", html)
+    assert result.exit_code == 0, result.output
+    text = html.read_text(encoding="utf-8")
+    # Self-contained: no script, no external asset; user text escaped, never markup.
+    assert "<script" not in text and "&lt;script&gt;" in text
+    assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text
+    assert "@media print" in text
+
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, "--dump-dom", html.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    trace = json.loads(medical_trace.read_text())
+    for element in ('id="stage-table"', 'id="result-table"', 'id="firings"', 'id="drop-table"', 'id="config-hash"',
+                    'id="index-hash"', 'id="models"', 'id="rewrite"', 'class="segment"'):
+        assert element in dom.stdout, element
+    assert trace["config"]["sha256"] in dom.stdout and trace["index"]["manifest_sha256"] in dom.stdout
+    for stage in ("access", "bm25", "overrides", "floor", "final"):
+        assert f'data-stage="{stage}"' in dom.stdout
+    assert "pin-fda-metformin-alert" in dom.stdout and "below_threshold" in dom.stdout
+    assert 'data-doc="med-003"' in dom.stdout
+    assert "<script>alert(1)</script>" not in dom.stdout  # the browser saw text, not a script element
+
+    shot = tmp_path / "report.png"
+    done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--screenshot={shot}", "--window-size=1280,1800",
+                           html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    width, height, sample = _png_pixels(shot)
+    assert (width, height) == (1280, 1800)
+    colours = set(sample)
+    assert len(colours) > 20, f"screenshot looks blank: {len(colours)} distinct colours"
+    # The score bars' palette blue (#4C78A8) is on the page, i.e. the inline CSS bars were painted.
+    assert any(abs(c[0] - 0x4C) < 12 and abs(c[1] - 0x78) < 12 and abs(c[2] - 0xA8) < 12 for c in colours)
+
+
+def test_report_from_a_trace_log_record(cli, medical_trace: Path, tmp_path: Path):
+    trace = json.loads(medical_trace.read_text())
+    log = tmp_path / "traces.jsonl"
+    TraceLog(log).append({**trace, "trace_id": "first"})
+    TraceLog(log).append(trace)
+    html = tmp_path / "from-log.html"
+    result = cli("report", log, "--html", html, "--seq", "0")
+    assert result.exit_code == 0, result.output
+    assert "first" in html.read_text(encoding="utf-8")
+    result = cli("report", log, "--html", html, "--id", trace["trace_id"])
+    assert result.exit_code == 0 and trace["trace_id"] in html.read_text(encoding="utf-8")
+
+
+def test_report_errors_are_messages(tmp_path: Path, medical_trace: Path):
+    from tests.workbench.conftest import run_sieve
+
+    missing = run_sieve("report", tmp_path / "nope.json", "--html", tmp_path / "x.html")
+    assert missing.returncode == 2 and "trace not found" in missing.stderr
+    not_a_trace = tmp_path / "bad.json"
+    not_a_trace.write_text('{"hello": 1}')
+    bad = run_sieve("report", not_a_trace, "--html", tmp_path / "x.html")
+    assert bad.returncode == 2 and "is not a Sieve trace" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = run_sieve("report", medical_trace, "--html", tmp_path / "x.html", "--seq", "1")
+    assert wrong.returncode == 2 and "--seq select a record in a trace log" in wrong.stderr
