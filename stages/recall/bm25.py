@@ -141,8 +141,10 @@ class _TermContributions:
 
 class BM25Params(StageParams):
     top_k: int = Field(100, ge=1, le=100_000, description="how many candidates to recall")
-    query: Literal["effective", "original"] = Field(
-        "effective", description="effective: the rewritten query when a rewrite ran; original: as asked"
+    query: Literal["effective", "original", "both"] = Field(
+        "effective",
+        description="effective: the rewritten query when a rewrite ran; original: as asked; both: the terms as "
+        "asked plus the terms only the rewrite has (each added once)",
     )
     component: str = Field("bm25", description="which bm25 component of the index to search")
 
@@ -178,10 +180,21 @@ class BM25Recall(Stage):
         self._contributions = _TermContributions()
 
     def _text(self, query: Query) -> str:
-        return query.text if self.params.query == "original" else query.effective_text
+        """The text searched (with ``query: both``, both texts: also the key of the explanation cache)."""
+        if self.params.query == "original":
+            return query.text
+        if self.params.query == "both" and query.effective_text != query.text:
+            return f"{query.text}\n{query.effective_text}"
+        return query.effective_text
 
     def _terms(self, query: Query) -> list[str]:
-        return self._bm25.tokenizer.tokenize(self._text(query))
+        tokenize = self._bm25.tokenizer.tokenize
+        if self.params.query != "both" or query.effective_text == query.text:
+            return tokenize(self._text(query))
+        asked = tokenize(query.text)  # as asked, repetitions kept; the rewrite's new terms added once
+        seen = set(asked)
+        added = [t for t in dict.fromkeys(tokenize(query.effective_text)) if t not in seen]
+        return asked + added
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np

@@ -28,12 +28,22 @@ class SalienceWeights(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    recency_decay: float = Field(0.5, gt=0, le=1, description="a mention's weight is multiplied by this per turn of age")
+    recency_decay: float = Field(0.4, gt=0, le=1, description="a mention's weight is multiplied by this per turn of age")
     subject: float = Field(0.5, ge=0, description="bonus for a mention in subject position")
     object: float = Field(0.3, ge=0, description="bonus for a direct object or predicate noun")
     entity: float = Field(0.5, ge=0, description="bonus for a named entity (spaCy NER, non-numeric)")
     proper_noun: float = Field(0.3, ge=0, description="bonus for a proper noun phrase")
     first_turn: float = Field(0.3, ge=0, description="bonus (not decayed) for entities of the first turn: the topic")
+    of_complement: float = Field(
+        0.5, ge=0, description="bonus for the complement of a relational noun ('the history of X': X)"
+    )
+    relational_head: float = Field(
+        0.5, ge=0, le=1, description="factor for a noun with an of-complement ('the history of X': history)"
+    )
+    adjunct: float = Field(0.5, ge=0, le=1, description="factor for a noun in an adverbial phrase ('in a nutshell')")
+    pronoun_continuation: float = Field(
+        0.5, ge=0, description="bonus for a mention made by a pronoun: the entity the conversation is about"
+    )
     number_mismatch: float = Field(
         0.5, ge=0, le=1, description="factor for a singular antecedent of they/them/their (or plural of it/its)"
     )
@@ -49,7 +59,7 @@ class Mention:
     bare: str  # without any leading determiner (what "one" is replaced by)
     head: str  # lower-cased head word
     turn: int  # 1-based turn number
-    role: str  # subject | object | other
+    role: str  # subject | object | complement | relational | adjunct | other
     plural: bool
     person: bool  # a PERSON entity: he/she/his/her may refer to it, it/its may not
     entity: str | None  # the NER label when the phrase is a named entity
@@ -57,12 +67,17 @@ class Mention:
     via: str | None = None  # the pronoun this mention was resolved from, if any
 
     def weight(self, weights: SalienceWeights) -> float:
-        bonus = {"subject": weights.subject, "object": weights.object}.get(self.role, 0.0)
+        bonus = {"subject": weights.subject, "object": weights.object, "complement": weights.of_complement}.get(
+            self.role, 0.0
+        )
         if self.entity is not None:
             bonus += weights.entity
         if self.proper:
             bonus += weights.proper_noun
-        return 1.0 + bonus
+        if self.via is not None:
+            bonus += weights.pronoun_continuation
+        factor = {"relational": weights.relational_head, "adjunct": weights.adjunct}.get(self.role, 1.0)
+        return (1.0 + bonus) * factor
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ GENERIC_HEADS = frozenset(
 EXTRAPOSING_VERBS = frozenset("cost take seem appear matter help hurt pay make require mean happen".split())
 WEATHER_VERBS = frozenset("rain snow hail thunder drizzle".split())
 NUMERIC_LABELS = frozenset({"CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME"})
+NOT_IN_PHRASE = frozenset({"VERB", "AUX", "ADV", "SCONJ", "ADP", "PRON", "INTJ"})
+ADVERBIAL_PREPOSITIONS = frozenset("in on at during within after before since until by".split())
 LEADING_DROPPED = frozenset({"a", "an", "some", "any", "this", "that", "these", "those", "my", "your", "our",
                              "his", "her", "its", "their", "which", "what", "another", "each", "every", "no"})
 
@@ -106,19 +108,43 @@ def _entity_of(span: "Span") -> "Span | None":
 
 
 def _content_start(span: "Span") -> int:
-    """Index of the first token after leading determiners/possessives other than 'the'."""
+    """Index of the phrase's first word: after anything the parser wrongly put in the chunk (a verb, an
+    auxiliary, a wh-word) and after leading determiners/possessives other than 'the'."""
     start = span.start
+    for token in span:
+        if token.i < span.root.i and (token.pos_ in NOT_IN_PHRASE or token.tag_ in ("WP", "WRB", "WDT")):
+            start = token.i + 1
     while start < span.end - 1 and span.doc[start].lower_ in LEADING_DROPPED:
         start += 1
     return start
 
 
 def _role(token: "Token") -> str:
+    """The grammatical role that weighs a mention (see :class:`SalienceWeights`)."""
     if token.dep_ in SUBJECT_DEPS:
         return "subject"
     if token.dep_ in OBJECT_DEPS:
         return "object"
+    if token.dep_ == "pobj":
+        preposition, governor = token.head, token.head.head
+        if preposition.lower_ == "of" and governor.pos_ in ("NOUN", "PROPN", "PRON"):
+            return "complement"
+        if preposition.lower_ in ADVERBIAL_PREPOSITIONS and governor.pos_ in ("VERB", "AUX", "ADJ"):
+            return "adjunct"
     return "other"
+
+
+def _has_of_complement(token: "Token") -> bool:
+    return any(child.dep_ == "prep" and child.lower_ == "of" and any(g.dep_ == "pobj" for g in child.children)
+               for child in token.children)
+
+
+def _clause(token: "Token") -> int:
+    """Index of the verb or auxiliary heading the clause ``token`` is in."""
+    current = token
+    while current.pos_ not in ("VERB", "AUX") and current.head.i != current.i:
+        current = current.head
+    return current.i
 
 
 def _plural(root: "Token") -> bool:
@@ -152,16 +178,29 @@ def chunk_mention(chunk: "Span", turn: int) -> Mention:
     text = doc[start : chunk.end].text
     bare_start = start + 1 if doc[start].lower_ == "the" and start < chunk.end - 1 else start
     ent = _entity_of(chunk)
+    root = chunk.root
+    role = "relational" if _has_of_complement(root) else _role(root)
     return Mention(
-        key=_key(chunk, start), text=text, bare=doc[bare_start : chunk.end].text, head=chunk.root.lower_,
-        turn=turn, role=_role(chunk.root), plural=_plural(chunk.root),
-        person=ent is not None and ent.label_ == "PERSON", entity=ent.label_ if ent is not None else None,
+        key=_key(chunk, start), text=text, bare=doc[bare_start : chunk.end].text, head=root.lower_,
+        turn=turn, role=role, plural=_plural(root),
+        person=ent is not None and ent.label_ == "PERSON" and ent.start <= root.i < ent.end,
+        entity=ent.label_ if ent is not None else None,
         proper=any(t.pos_ == "PROPN" for t in doc[start : chunk.end]),
     )
 
 
-def _mentions(doc: "Doc", turn: int) -> list[Mention]:
-    return [chunk_mention(chunk, turn) for chunk in doc.noun_chunks if _is_candidate(chunk)]
+@dataclass(frozen=True)
+class _Placed:
+    """A mention of the turn being read, with where it is (for antecedents inside the same question)."""
+
+    mention: Mention
+    end: int  # token index after the phrase
+    clause: int
+
+
+def _mentions(doc: "Doc", turn: int) -> list[_Placed]:
+    return [_Placed(chunk_mention(chunk, turn), chunk.end, _clause(chunk.root))
+            for chunk in doc.noun_chunks if _is_candidate(chunk)]
 
 
 # --------------------------------------------------------------------------- what to resolve
@@ -239,8 +278,8 @@ def _choose(candidates: Sequence[Antecedent], gender: str, number: str, weights:
     return best[1] if best is not None else None
 
 
-def _possessive(text: str, plural: bool) -> str:
-    return text + ("'" if plural and text.endswith("s") else "'s")
+def _possessive(text: str) -> str:
+    return text + ("'" if text.endswith("s") else "'s")
 
 
 def _cased(replacement: str, token: "Token") -> str:
@@ -301,19 +340,20 @@ class EnglishResolver:
 
     def _analyse(self, doc: "Doc", turn: int, model: DiscourseModel) -> tuple[list[Replacement], list[Mention]]:
         """The replacements for one turn and the mentions it adds to the model."""
-        mentions = _mentions(doc, turn)
+        placed = _mentions(doc, turn)
+        mentions = [p.mention for p in placed]
         candidates = model.candidates(turn)
-        named_here = {m.key for m in mentions}
         replacements: list[Replacement] = []
         taken: set[int] = set()  # token indices already rewritten
+        numbers: dict[str, str] = {}  # antecedent key -> number of the pronoun that took it
         heuristics = self.heuristics
         if candidates:
             for token in doc:
                 replacement = None
                 if heuristics.pronouns or heuristics.possessives:
-                    replacement = self._pronoun(token, candidates, named_here, mentions, turn)
+                    replacement = self._pronoun(token, self._pool(token, candidates, placed), numbers, mentions, turn)
                 if replacement is None and heuristics.one_anaphora and _one_anaphor(token):
-                    replacement = self._one(token, candidates, named_here, mentions, turn)
+                    replacement = self._one(token, self._pool(token, candidates, placed), mentions, turn)
                 if replacement is not None:
                     replacements.append(replacement)
                     taken.add(token.i)
@@ -326,7 +366,35 @@ class EnglishResolver:
         replacements.sort(key=lambda r: r.start)
         return replacements, mentions
 
-    def _pronoun(self, token: "Token", candidates: list[Antecedent], named_here: set[str],
+    def _pool(self, token: "Token", candidates: list[Antecedent], placed: list[_Placed]) -> list[Antecedent]:
+        """Antecedents for ``token``: earlier turns' entities the question does not name itself, plus, for
+        the subject of a coordinated clause, a subject or object of an earlier clause ("who are X and what
+        were they ...")."""
+        here = {p.mention.key for p in placed}
+        clause = _clause(token)
+        previous = {a.key: a for a in candidates}
+        local: dict[str, Antecedent] = {}
+        # only a subject pronoun of a coordinated clause looks back inside the question
+        coordinated = token.dep_ in SUBJECT_DEPS and token.doc[clause].dep_ == "conj"
+        for item in placed:
+            if not coordinated or item.end > token.i or item.clause == clause or item.mention.key in local:
+                continue
+            if item.mention.role not in ("subject", "object"):
+                continue
+            mention = item.mention
+            weight = mention.weight(self.weights)
+            earlier = previous.get(mention.key)
+            local[mention.key] = Antecedent(
+                key=mention.key, text=mention.text, bare=mention.bare, turn=mention.turn,
+                salience=weight + (earlier.salience if earlier is not None else 0.0),
+                factors={"same_question": weight, "earlier_turns": earlier.salience if earlier is not None else 0.0},
+                plural=mention.plural, person=mention.person,
+            )
+        pool = list(local.values()) + [a for a in candidates if a.key not in here]
+        pool.sort(key=lambda a: (-a.salience, -a.turn, a.key))
+        return pool
+
+    def _pronoun(self, token: "Token", candidates: list[Antecedent], numbers: dict[str, str],
                  mentions: list[Mention], turn: int) -> Replacement | None:
         lower = token.lower_
         if lower in PERSONAL_PRONOUNS and token.pos_ == "PRON":
@@ -345,10 +413,13 @@ class EnglishResolver:
             heuristic = f"demonstrative pronoun '{lower}' ({number}): most salient antecedent"
         else:
             return None
-        antecedent = _choose(candidates, gender, number, self.weights, named_here)
+        # a plural and a singular pronoun in one question do not mean the same thing ("their role in it")
+        disjoint = {key for key, taken_by in numbers.items() if taken_by != number}
+        antecedent = _choose(candidates, gender, number, self.weights, disjoint)
         if antecedent is None:
             return None
-        text = _possessive(antecedent.text, antecedent.plural) if possessive else antecedent.text
+        numbers.setdefault(antecedent.key, number)
+        text = _possessive(antecedent.text) if possessive else antecedent.text
         mentions.append(Mention(
             key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
             turn=turn, role=_role(token) if not possessive else "other", plural=antecedent.plural,
@@ -357,9 +428,8 @@ class EnglishResolver:
         return Replacement(token.idx, token.idx + len(token.text), token.text, _cased(text, token),
                            "possessive" if possessive else "pronoun", heuristic, antecedent)
 
-    def _one(self, token: "Token", candidates: list[Antecedent], named_here: set[str],
-             mentions: list[Mention], turn: int) -> Replacement | None:
-        antecedent = _choose(candidates, "neuter", "singular", self.weights, named_here)
+    def _one(self, token: "Token", candidates: list[Antecedent], mentions: list[Mention], turn: int) -> Replacement | None:
+        antecedent = _choose(candidates, "neuter", "singular", self.weights, set())
         if antecedent is None:
             return None
         mentions.append(Mention(
@@ -378,8 +448,10 @@ class EnglishResolver:
                 continue
             if _entity_of(chunk) is not None or any(t.pos_ == "PROPN" for t in chunk) or chunk.root.pos_ != "NOUN":
                 continue
-            if any(child.dep_ == "prep" for child in chunk.root.children):
-                continue  # "the history of Rome" is specific already
+            if any(child.dep_ in ("prep", "appos") for child in chunk.root.children):
+                continue  # "the history of Rome", "the horse Artax" are specific already
+            if chunk.end < len(doc) and doc[chunk.end].pos_ == "PROPN":
+                continue
             words = {t.lower_ for t in chunk[1:]}
             head = chunk.root.lemma_.lower()
             for antecedent in candidates:
