@@ -255,7 +255,8 @@ class CoreferenceRewrite(Stage):
             factors = tuple(Explanation(v, k) for k, v in antecedent.factors.items())
             parts.append(Explanation(
                 antecedent.salience,
-                f"{what} ({replacement.kind}): antecedent from turn {antecedent.turn}, salience "
+                f"{what} ({replacement.kind}): antecedent named in turn {antecedent.named_turn} (last mentioned in turn "
+                f"{antecedent.turn}), salience "
                 f"{antecedent.salience:.3f} = sum(mention weight x decay^age) + first-turn bonus; {replacement.heuristic}",
                 factors,
             ))

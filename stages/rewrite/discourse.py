@@ -41,6 +41,9 @@ class SalienceWeights(BaseModel):
         0.5, ge=0, le=1, description="factor for a noun with an of-complement ('the history of X': history)"
     )
     adjunct: float = Field(0.5, ge=0, le=1, description="factor for a noun in an adverbial phrase ('in a nutshell')")
+    new_entity: float = Field(
+        0.0, ge=0, description="bonus for the first mention of an entity: a turn that brings one in shifts the focus"
+    )
     pronoun_continuation: float = Field(
         0.5, ge=0, description="bonus for a mention made by a pronoun: the entity the conversation is about"
     )
@@ -65,6 +68,7 @@ class Mention:
     entity: str | None  # the NER label when the phrase is a named entity
     proper: bool
     via: str | None = None  # the pronoun this mention was resolved from, if any
+    new: bool = False  # the entity's first mention in the conversation
 
     def weight(self, weights: SalienceWeights) -> float:
         bonus = {"subject": weights.subject, "object": weights.object, "complement": weights.of_complement}.get(
@@ -76,6 +80,8 @@ class Mention:
             bonus += weights.proper_noun
         if self.via is not None:
             bonus += weights.pronoun_continuation
+        if self.new:
+            bonus += weights.new_entity
         factor = {"relational": weights.relational_head, "adjunct": weights.adjunct}.get(self.role, 1.0)
         return (1.0 + bonus) * factor
 
@@ -87,14 +93,15 @@ class Antecedent:
     key: str
     text: str
     bare: str
-    turn: int  # the turn of its most recent mention
+    turn: int  # the turn of its most recent mention (perhaps by a pronoun)
+    named_turn: int  # the turn its replacement text was written in
     salience: float
     factors: dict[str, float]
     plural: bool
     person: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "turn": self.turn, "salience": round(self.salience, 4),
+        return {"text": self.text, "turn": self.turn, "named_in_turn": self.named_turn, "salience": round(self.salience, 4),
                 "factors": {k: round(v, 4) for k, v in self.factors.items()}}
 
 
@@ -147,7 +154,7 @@ class DiscourseModel:
             latest = max(mentions, key=lambda m: (m.turn, m.via is None))
             named = next((m for m in reversed(mentions) if m.via is None), latest)  # a written form, not a pronoun's
             ranked.append(Antecedent(
-                key=key, text=named.text, bare=named.bare, turn=latest.turn, salience=recency + first,
+                key=key, text=named.text, bare=named.bare, turn=latest.turn, named_turn=named.turn, salience=recency + first,
                 factors={"recency_weighted_mentions": recency, "first_turn_topic": first, "mentions": float(len(mentions))},
                 plural=named.plural, person=any(m.person for m in mentions),
             ))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -329,7 +329,7 @@ class EnglishResolver:
             with self._lock:
                 doc = self.nlp(history[-1])
             _, mentions = self._analyse(doc, turn, model)
-            model.mentions.extend(mentions)
+            model.mentions.extend(_mark_new(mentions, model))
         with self._lock:
             self._states[history] = model
             while len(self._states) > self._cache_size:
@@ -385,7 +385,7 @@ class EnglishResolver:
             weight = mention.weight(self.weights)
             earlier = previous.get(mention.key)
             local[mention.key] = Antecedent(
-                key=mention.key, text=mention.text, bare=mention.bare, turn=mention.turn,
+                key=mention.key, text=mention.text, bare=mention.bare, turn=mention.turn, named_turn=mention.turn,
                 salience=weight + (earlier.salience if earlier is not None else 0.0),
                 factors={"same_question": weight, "earlier_turns": earlier.salience if earlier is not None else 0.0},
                 plural=mention.plural, person=mention.person,
@@ -498,6 +498,18 @@ class EnglishResolver:
             f"the question names nothing from the conversation; its definite phrase '{target.text}' is taken to be "
             "about the most salient entity", topic,
         )
+
+
+def _mark_new(mentions: list[Mention], model: DiscourseModel) -> list[Mention]:
+    """Flag the mentions whose entity the conversation has not mentioned before."""
+    known = {m.key for m in model.mentions}
+    marked = []
+    for mention in mentions:
+        if mention.key not in known and mention.via is None:
+            mention = replace(mention, new=True)
+            known.add(mention.key)
+        marked.append(mention)
+    return marked
 
 
 def _apply(text: str, replacements: Sequence[Replacement]) -> str:
