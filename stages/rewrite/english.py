@@ -309,7 +309,11 @@ class EnglishResolver:
         turn = len(history) + 1
         with self._lock:
             doc = self.nlp(question)
-        replacements, _ = self._analyse(doc, turn, model)
+        replacements, mentions = self._analyse(doc, turn, model)
+        # the next turn's history is this one's plus this question: keep the model it will need
+        following = model.copy()
+        following.mentions.extend(_mark_new(mentions, model))
+        self._remember((*history, question), following)
         return Resolution(_apply(question, replacements), tuple(replacements), tuple(model.candidates(turn)), turn)
 
     # ------------------------------------------------------------------ history
@@ -330,11 +334,15 @@ class EnglishResolver:
                 doc = self.nlp(history[-1])
             _, mentions = self._analyse(doc, turn, model)
             model.mentions.extend(_mark_new(mentions, model))
+        self._remember(history, model)
+        return model
+
+    def _remember(self, history: tuple[str, ...], model: DiscourseModel) -> None:
         with self._lock:
             self._states[history] = model
+            self._states.move_to_end(history)
             while len(self._states) > self._cache_size:
                 self._states.popitem(last=False)
-        return model
 
     # ------------------------------------------------------------------ one turn
 
@@ -493,8 +501,12 @@ class EnglishResolver:
         topic = candidates[0]
         if topic.salience < self.weights.min_salience or topic.person:
             return None
+        end = target.end_char  # after a coordination: "the pros and cons" + " of X"
+        for conjunct in target.root.conjuncts:
+            if conjunct.i > target.root.i and conjunct.pos_ in ("NOUN", "PROPN"):
+                end = max(end, conjunct.idx + len(conjunct.text))
         return Replacement(
-            target.end_char, target.end_char, "", f" of {topic.text}", "ellipsis",
+            end, end, "", f" of {topic.text}", "ellipsis",
             f"the question names nothing from the conversation; its definite phrase '{target.text}' is taken to be "
             "about the most salient entity", topic,
         )

@@ -104,6 +104,19 @@ def test_possessives(stage):
     assert rewritten(stage, "What was his first job?", ["Who is Barack Obama?"]) == "What was Barack Obama's first job?"
 
 
+def test_missing_topic_ellipsis(stage):
+    history = ["Tell me about the Bronze Age collapse."]
+    assert rewritten(stage, "What are the main causes?", history) == (
+        "What are the main causes of the Bronze Age collapse?"
+    )
+    assert rewritten(stage, "What are the advantages and disadvantages?", ["Tell me about nuclear power."]) == (
+        "What are the advantages and disadvantages of nuclear power?"
+    )
+    result = rewrite(stage, "What are the main causes?", history)
+    (replacement,) = result.details["replacements"]
+    assert replacement["kind"] == "ellipsis" and replacement["original"] == ""
+
+
 def test_plural_and_singular_pronouns_in_one_question_are_disjoint(stage):
     history = ["Tell me about the Bronze Age collapse.", "Who were the Sea Peoples?"]
     assert rewritten(stage, "What was their role in it?", history) == (
