@@ -184,7 +184,8 @@ def main() -> None:
         if args.errors == year:
             for turn, output in zip(subset, ours):
                 if normalise(output) != normalise(turn["gold_rewrite"]):
-                    print(f"  {turn['turn_id']:6s} raw : {turn['raw']}\n         ours: {output}\n         gold: {turn['gold_rewrite']}")
+                    print(f"  {turn['turn_id']:6s} raw : {turn['raw']}\n         ours: {output}\n"
+                          f"         gold: {turn['gold_rewrite']}")
     if args.no_write or args.limit:
         return
     payload = {

@@ -152,7 +152,8 @@ class ChineseResolver:
         if word == ZH_POSSESSIVE:
             return index + 1, "neuter", "singular", True, "'其' (its): the most salient antecedent + 的"
         if word in ("该", "这个", "那个", "此", "这", "那") and following is not None and following.tag in NOUN_TAGS:
-            return index + 2, "neuter", "singular", False, f"demonstrative description '{word}{following.text}': the most salient antecedent"
+            rule = f"demonstrative description '{word}{following.text}': the most salient antecedent"
+            return index + 2, "neuter", "singular", False, rule
         if word in ZH_PRONOUNS:
             gender, number = ZH_PRONOUNS[word]
             return index + 1, gender, number, False, f"pronoun '{word}' ({gender}, {number}): the most salient agreeing antecedent"

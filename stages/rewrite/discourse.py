@@ -5,14 +5,22 @@ pronouns once resolved) to a discourse model; each discourse entity's salience w
 read is
 
     salience(e) = sum over its mentions m of weight(m) * recency_decay ** (turns since m)
-                  + first_turn_bonus   (if e was mentioned in the conversation's first turn)
+                  + first_turn        (if e was mentioned in the conversation's first turn: the topic)
 
-    weight(m)   = 1 + role bonus (subject / object) + entity bonus (a named entity)
-                    + proper-noun bonus
+    weight(m)   = (1 + role bonus       subject / object / of-complement ("the history of X": X)
+                     + entity bonus      a named entity (spaCy NER, non-numeric)
+                     + proper_noun bonus
+                     + pronoun_continuation   the mention was a resolved pronoun
+                     + new_entity        the entity's first mention (0 by default))
+                  * relational_head     for "history" in "the history of X"
+                  * adjunct             for a noun in an adverbial phrase ("in a nutshell")
 
 so a recent subject beats an old oblique mention, a topic set in the first turn stays available,
-and an entity mentioned over and over accumulates weight (the recency-weighted salience of
-Lappin & Leass, 1994, reduced to what a query-length text supports).
+the entity the conversation keeps pronominalising stays in focus, and an entity mentioned over and
+over accumulates weight (the recency-weighted salience of Lappin & Leass, 1994, reduced to what a
+query-length text supports). Pronouns pick the most salient *agreeing* entity; disagreement in
+number costs the factor ``number_mismatch`` rather than ruling the entity out (annotators and users
+say "it" of plurals and "they" of organisations).
 """
 
 from __future__ import annotations

@@ -415,7 +415,8 @@ class EnglishResolver:
                 return None
             if lower in ("it", "its") and _pleonastic(token):
                 return None
-            heuristic = f"{'possessive' if possessive else 'personal'} pronoun '{lower}' ({gender}, {number}): most salient agreeing antecedent"
+            kind = "possessive" if possessive else "personal"
+            heuristic = f"{kind} pronoun '{lower}' ({gender}, {number}): most salient agreeing antecedent"
         elif self.heuristics.pronouns and _demonstrative_pronoun(token):
             gender, number, possessive = "neuter", DEMONSTRATIVES[lower], False
             heuristic = f"demonstrative pronoun '{lower}' ({number}): most salient antecedent"
@@ -472,7 +473,8 @@ class EnglishResolver:
                     continue
                 found.append(Replacement(
                     chunk.start_char, chunk.end_char, chunk.text, _cased(antecedent.text, chunk[0]),
-                    "definite_description", f"definite '{chunk.text}' names an earlier, more specific entity with the same head noun",
+                    "definite_description",
+                    f"definite '{chunk.text}' names an earlier, more specific entity with the same head noun",
                     antecedent,
                 ))
                 for index, mention in enumerate(mentions):
@@ -493,8 +495,8 @@ class EnglishResolver:
         target = None
         for chunk in doc.noun_chunks:
             if doc[chunk.start].lower_ == "the" and chunk.root.pos_ == "NOUN" and chunk.root.tag_ != "VBG" and not any(
-                child.dep_ in ("prep", "relcl", "acl") for child in chunk.root.children
-            ):
+                child.dep_ in ("prep", "relcl", "acl", "appos") for child in chunk.root.children
+            ) and not (chunk.end < len(doc) and doc[chunk.end].pos_ == "PROPN"):
                 target = chunk
         if target is None:
             return None

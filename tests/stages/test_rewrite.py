@@ -270,7 +270,8 @@ def test_pipeline_rewrite_then_bm25(tmp_path, bm25_index, glossary_dir, write_co
         "output: final\ntrace: {log: null}\n"
     )
     pipeline = Pipeline(compile_file(config))
-    result = pipeline.search("Does it reduce the risk?", history=["What are the benefits of vitamin D supplementation?"], as_of=AS_OF)
+    history = ["What are the benefits of vitamin D supplementation?"]
+    result = pipeline.search("Does it reduce the risk?", history=history, as_of=AS_OF)
     trace = result.trace
     assert trace["query"]["text"] == "Does it reduce the risk?"
     assert trace["query"]["rewritten"] == "Does vitamin D supplementation reduce the risk?"
