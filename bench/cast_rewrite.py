@@ -103,6 +103,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def git_revision() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def make_stage() -> Any:
     """The stage with its default parameters (English and Chinese loaded, as in production)."""
     import stages  # noqa: F401  (registers the stage types)
@@ -191,6 +201,7 @@ def main() -> None:
     payload = {
         "benchmark": "cast_rewrite",
         "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
         "command": " ".join([".venv/bin/python", "bench/cast_rewrite.py", *sys.argv[1:]]),
         "machine": info,
         "data": str(args.data.name),
