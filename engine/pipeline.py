@@ -9,6 +9,7 @@ trace degraded.
 
 from __future__ import annotations
 
+import hashlib
 import graphlib
 import threading
 import time
@@ -216,7 +217,12 @@ class Pipeline:
         if stage.produces is Port.CANDIDATES and candidates is None:
             candidates = []
         if stage.produces is Port.QUERY and result.query is not None:
-            record["query"] = {"rewritten": result.query.rewritten}
+            rewritten = result.query.rewritten
+            if self.compiled.config.trace.include_query_text:
+                record["query"] = {"rewritten": rewritten}
+            else:  # the text stays out of the trace; its hash lets an auditor match it
+                record["query"] = {"rewritten_sha256": None if rewritten is None else
+                                   hashlib.sha256(rewritten.encode("utf-8")).hexdigest()}
         if stage.produces is Port.MASK and result.mask is not None:
             record["mask"] = {"allowed": int(result.mask.allowed.sum()), "total": int(result.mask.allowed.size)}
         if candidates is not None:

@@ -288,6 +288,24 @@ def test_pipeline_rewrite_then_bm25(tmp_path, bm25_index, glossary_dir, write_co
     assert any(e["stage"] == "rewrite" for e in trace["models"])  # spaCy identity recorded
 
 
+def test_pipeline_trace_without_query_text_keeps_the_rewrite_out(bm25_index, write_config):
+    """With include_query_text: false neither the question nor its rewrite reaches the trace."""
+    config = write_config(
+        f"version: 1\nindex: {bm25_index}\nstages:\n"
+        "  - {id: rewrite, type: rewrite.coreference}\n"
+        "  - {id: bm25, type: recall.bm25, inputs: [rewrite], params: {top_k: 5}}\n"
+        "output: bm25\ntrace: {log: null, include_query_text: false, explain: false}\n",
+        "redacted.yaml",
+    )
+    result = Pipeline(compile_file(config)).search(
+        "Does it reduce the risk?", history=["What are the benefits of vitamin D supplementation?"], as_of=AS_OF
+    )
+    serialised = json.dumps(result.trace)
+    assert "vitamin" not in serialised and "reduce the risk" not in serialised
+    record = next(s for s in result.trace["stages"] if s["id"] == "rewrite")
+    assert len(record["query"]["rewritten_sha256"]) == 64
+
+
 # --------------------------------------------------------------------------- CAsT slice
 
 
