@@ -312,7 +312,10 @@ def to_markdown(comparison: Comparison, command: str | None = None) -> str:
         "",
         "Significance: *t* = paired Student's t-test (scipy.stats.ttest_rel); *rand* = paired randomisation test "
         f"(scipy.stats.permutation_test, samples permuted within each query pair, {PERMUTATION_RESAMPLES:,} resamples, "
-        f"seed {PERMUTATION_SEED}); both two-sided. Wins/losses/ties count queries where B is better/worse/equal.",
+        f"seed {PERMUTATION_SEED}; its p-value cannot go below about {2 / (PERMUTATION_RESAMPLES + 1):.4f}); "
+        "both two-sided. Wins/losses/ties count queries where B is better/worse/equal. In the document moves, "
+        "`signal +x` is the signal's weighted contribution to B's fused score, `a -> b` a change between A and B, "
+        "and `stage value (rank r)` a ledger score B has and A has not.",
         "",
         "| metric | A | B | Δ (B−A) | p (t) | p (rand) | B wins | B losses | ties |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
