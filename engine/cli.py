@@ -290,13 +290,13 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
     from engine.workbench.evaluate import evaluate_pipeline
 
     with _progress_bar(label) as progress:
-        task = progress.add_task(f"{label}: warming up", total=None)
+        tasks: list[Any] = []  # the bar appears once the data set is read and the pipeline warmed up
 
         def start(total: int) -> None:
-            progress.update(task, description=label, total=total)
+            tasks.append(progress.add_task(label, total=total))
 
         def advance(step: int) -> None:
-            progress.advance(task, step)
+            progress.advance(tasks[0], step)
 
         return evaluate_pipeline(
             config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,

@@ -56,6 +56,8 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     queries_path = directory / f"queries_{split}.jsonl"
     if not queries_path.is_file():
         queries_path = directory / "queries.jsonl"
+    if not queries_path.is_file():
+        raise SieveError(f"no queries for split '{split}': neither queries_{split}.jsonl nor queries.jsonl in {directory}")
     queries: dict[str, str] = {}
     with open(queries_path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):

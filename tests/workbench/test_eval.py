@@ -74,3 +74,10 @@ def test_eval_bad_input_is_a_message_not_a_traceback(mini_config, mini_corpus: P
     done = run_sieve("eval", mini_config(), "--dataset", mini_corpus, *extra)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_eval_names_a_data_set_without_queries(mini_config, tmp_path: Path, mini_corpus: Path):
+    (tmp_path / "data" / "qrels").mkdir(parents=True)
+    (tmp_path / "data" / "qrels" / "test.tsv").write_text((mini_corpus / "qrels" / "test.tsv").read_text())
+    done = run_sieve("eval", mini_config(), "--dataset", tmp_path / "data")
+    assert done.returncode == 2 and "no queries for split 'test'" in done.stderr and "Traceback" not in done.stderr
