@@ -86,8 +86,18 @@ def report_context(trace: dict[str, Any]) -> dict[str, Any]:
             drops.append({"stage": stage["id"], "doc_id": "…", "reason": "more",
                           "detail": f"{len(stage_drops) - MAX_DROPS_PER_STAGE} more drops in the trace"})
     query = trace.get("query") or {}
-    rewrites = [{"stage": s["id"], "rewritten": (s.get("query") or {}).get("rewritten")}
-                for s in trace.get("stages", []) if "query" in s]
+    rewrites = []
+    for stage in trace.get("stages", []):
+        if "query" not in stage:
+            continue
+        record = stage.get("query") or {}
+        if "rewritten" in record:
+            shown = record["rewritten"] if record["rewritten"] is not None else "(unchanged)"
+        elif record.get("rewritten_sha256"):
+            shown = f"(text not stored; sha256 {record['rewritten_sha256']})"
+        else:
+            shown = "(unchanged)"
+        rewrites.append({"stage": stage["id"], "rewritten": shown})
     config = trace.get("config") or {}
     return {
         "trace": trace, "query": query, "config": config, "index": trace.get("index") or {},

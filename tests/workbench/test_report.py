@@ -147,3 +147,28 @@ def test_report_errors_are_messages(tmp_path: Path, medical_trace: Path):
     assert bad.returncode == 2 and "is not a Sieve trace" in bad.stderr and "Traceback" not in bad.stderr
     wrong = run_sieve("report", medical_trace, "--html", tmp_path / "x.html", "--seq", "1")
     assert wrong.returncode == 2 and "--seq select a record in a trace log" in wrong.stderr
+
+
+def test_report_shows_a_rewrite_before_and_after(cli, bm25_index: Path, write_config, tmp_path: Path):
+    """A real coreference rewrite (spaCy) in a conversation; the report shows the question and its rewrite."""
+    pytest.importorskip("spacy")
+    config = write_config(f"""
+version: 1
+index: {bm25_index}
+stages:
+  - {{id: rewrite, type: rewrite.coreference, params: {{model: en_core_web_sm}}}}
+  - {{id: bm25, type: recall.bm25, inputs: [rewrite], params: {{top_k: 20}}}}
+output: bm25
+trace: {{log: null}}
+""")
+    trace_file = tmp_path / "conversation.json"
+    result = cli("search", config, "Is it treatable?", "-H", "Tell me about throat cancer", "--trace-out", trace_file,
+                 "--no-log")
+    assert result.exit_code == 0, result.output
+    rewritten = json.loads(trace_file.read_text())["query"]["rewritten"]
+    assert rewritten and "throat cancer" in rewritten
+    html = tmp_path / "conversation.html"
+    assert cli("report", trace_file, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    assert '<span class="before">Is it treatable?</span>' in page
+    assert f'<span class="after">{rewritten}</span>' in page
