@@ -29,6 +29,7 @@ demo: $(DEMO_INDEX)/manifest.json
 	$(BIN)/sieve validate configs/demo.yaml
 	$(BIN)/sieve search configs/demo.yaml "$(DEMO_QUERY)" $(DEMO_USER) --explain --trace-out build/demo-trace.json
 	$(BIN)/sieve replay build/demo-trace.json
+	$(BIN)/sieve report build/demo-trace.json --html build/demo-report.html
 	$(BIN)/sieve trace verify traces/trace.jsonl
 
 # The report test renders HTML in a real headless browser: Debian's chromium, installed when missing
@@ -41,8 +42,13 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
+# The quick benchmarks (minutes on 2 cores); the SciFact quality runs that rerank every test query
+# (bench/rerank_quality.py, bench/signals_scifact.py, `sieve eval`) are listed in the README.
 bench: $(STAMP)
 	$(BIN)/python bench/bm25_scifact.py
+	$(BIN)/python bench/rules_overhead.py --queries 100 --repeats 5
+	$(BIN)/python bench/rerank_throughput.py
+	$(BIN)/python bench/cast_rewrite.py
 
 clean:
 	rm -rf build traces .pytest_cache

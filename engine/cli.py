@@ -543,6 +543,9 @@ def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
     import click
 
+    # Model libraries' own download/loading bars would interleave with Sieve's output; a user
+    # who wants them sets the variable to 0.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         code = app(standalone_mode=False)
     except SieveError as exc:
