@@ -1,15 +1,16 @@
-"""Rerank quality on SciFact **test**: BM25 top-100, reranked by the shipped model, and fused.
+"""Rerank quality on SciFact **test**: BM25 top-N reranked by the shipped model, and fused.
 
 Runs the engine itself: an index of the full SciFact corpus (built once under build/), a
-``recall.bm25 (top 100) -> rerank.cross_encoder (window 100)`` pipeline, every test query. From
-each query's ledger (bm25 and rerank scores of the 100 candidates) it also derives:
-- rerank of the top 30 only (the same scores, re-sorted within BM25's first 30: identical to a
-  window-30 stage, without scoring the pairs twice);
-- BM25 + rerank fusion: ``w * minmax(rerank) + (1 - w) * minmax(bm25)`` over the 100 candidates,
+``recall.bm25 (top N) -> rerank.cross_encoder (window N)`` pipeline (N = ``--depth``, 30 by
+default as in the configs), every test query. From each query's ledger (bm25 and rerank scores)
+it also derives:
+- with ``--depth`` above 30, rerank of the top 30 only (the same scores re-sorted within BM25's
+  first 30: identical to a window-30 stage, without scoring the pairs twice);
+- BM25 + rerank fusion: ``w * minmax(rerank) + (1 - w) * minmax(bm25)`` over the N candidates,
   with ``w`` taken from the model card — chosen on queries held out of the *training* split,
   never on test.
-If ``fuse.weighted`` / ``recall.dense`` / ``fuse.rrf`` are registered (configs/hybrid-rerank.yaml),
-that full pipeline is evaluated too.
+Unless ``--no-hybrid``, ``configs/hybrid-rerank.yaml`` (BM25 + dense, RRF, rerank, blend) is
+evaluated too, on ``indexes/scifact``.
 
 Usage: HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python bench/rerank_quality.py
 Writes bench/results/rerank_quality.{json,md}.
@@ -59,7 +60,8 @@ def ranked_run(scores: dict[str, float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(SHIPPED))
-    parser.add_argument("--depth", type=int, default=100)
+    parser.add_argument("--depth", type=int, default=30, help="BM25 depth reranked (the configs use 30)")
+    parser.add_argument("--no-hybrid", action="store_true", help="skip configs/hybrid-rerank.yaml")
     parser.add_argument("--limit", type=int, default=None, help="first N test queries only (smoke runs)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -133,7 +135,8 @@ trace: {{log: null, explain: false}}
     for qid, ids in bm25_order.items():
         head = sorted(ids[:30], key=lambda d: (-ledgers[qid][d][1], d))
         top30[qid] = head + ids[30:]
-    runs[f"BM25 top-{args.depth} -> rerank (window 30)"] = positional(top30)
+    if args.depth > 30:
+        runs[f"BM25 top-{args.depth} -> rerank (window 30)"] = positional(top30)
     weights = [fusion_weight] if fusion_weight is not None else []
     for weight in weights:
         fused = {}
@@ -148,7 +151,7 @@ trace: {{log: null, explain: false}}
     try:
         for name in ("recall.dense", "fuse.rrf", "fuse.weighted"):
             resolve_stage(name)
-        hybrid = ROOT / "configs" / "hybrid-rerank.yaml"
+        hybrid = None if args.no_hybrid else ROOT / "configs" / "hybrid-rerank.yaml"
     except UnknownStageType:
         print("recall.dense / fuse.rrf / fuse.weighted are not registered yet: skipping configs/hybrid-rerank.yaml")
     hybrid_error = None
