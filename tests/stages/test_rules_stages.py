@@ -369,11 +369,10 @@ def test_full_pipeline_never_surfaces_a_forbidden_pin(tmp_path, index):
     assert recorded["rules"]["rules_file"].endswith("overrides.yaml")
 
 
-def test_broken_rule_file_fails_warm_up_with_located_errors(tmp_path, index):
-    pipeline = make_pipeline(tmp_path, index, overrides="rules:\n  - {id: x, action: pin, docs: [med-001]}\n")
-    with pytest.raises(ConfigError) as caught:
-        pipeline.warm_up()
-    assert str(caught.value.issues[0]).startswith(f"{tmp_path / 'overrides.yaml'}:4:5  rules.0.position:")
+def test_broken_rule_file_fails_compilation_with_located_errors(tmp_path, index):
+    with pytest.raises(ConfigError) as caught:  # found by `sieve validate`, before any index or model
+        make_pipeline(tmp_path, index, overrides="rules:\n  - {id: x, action: pin, docs: [med-001]}\n")
+    assert f"{tmp_path / 'overrides.yaml'}:4:5  rules.0.position:" in str(caught.value.issues[0])
 
 
 # =========================================================================== threshold
