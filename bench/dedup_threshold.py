@@ -1,7 +1,8 @@
-"""How aggressive may near-duplicate removal be? Measured on SciFact test, where every document is
+"""How aggressive may near-duplicate removal be? Measured on SciFact (train by default: the default
+threshold is chosen there; ``--split test`` reports test), where every document is
 a distinct abstract, so every relevant document a threshold removes is a loss.
 
-For each test query the hybrid list (BM25 top 100 + dense top 100, RRF, top ``--depth``) is taken
+For each judged query the hybrid list (BM25 top 100 + dense top 100, RRF, top ``--depth``) is taken
 from the real pipeline; the similarities are the ``dedup.near_duplicate`` stage's own (cosine of the
 index's all-MiniLM-L6-v2 vectors; MinHash Jaccard of word 3-grams), and the removals are what the
 stage itself drops at each threshold (greedy, best-ranked survives). Reported: the distribution of
@@ -9,7 +10,7 @@ pairwise cosines in the top-k and of each document's highest similarity to a bet
 and per threshold the documents removed, the distinct relevant documents removed, the queries
 that lose one, and nDCG@10 before/after.
 
-    .venv/bin/python bench/dedup_threshold.py [--index indexes/scifact] [--depth 30]
+    .venv/bin/python bench/dedup_threshold.py [--index indexes/scifact] [--depth 30] [--split train]
 
 Writes ``bench/results/dedup_threshold.{json,md}``.
 """
@@ -70,10 +71,11 @@ def main() -> None:
     parser.add_argument("--index", type=Path, default=ROOT / "indexes" / "scifact")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "scifact")
     parser.add_argument("--depth", type=int, default=30)
+    parser.add_argument("--split", default="train", help="judged split to measure on (train: where the default is chosen)")
     args = parser.parse_args()
     info = machine()
     print(machine_line(info), flush=True)
-    data = load_beir(args.data, "test")
+    data = load_beir(args.data, args.split)
 
     dedup_yaml = "\n".join(
         [f"  - {{id: cos, type: dedup.near_duplicate, inputs: [hybrid], params: {{threshold: 0.99}}}}",
@@ -171,11 +173,11 @@ def main() -> None:
         "seconds": round(time.perf_counter() - began, 1),
     }
     lines = [
-        "# Near-duplicate threshold: SciFact test",
+        f"# Near-duplicate threshold: SciFact {args.split}",
         "",
         f"Machine: {machine_line(info)}.",
         "",
-        f"{len(data.queries)} test queries; the hybrid list (BM25 top 100 + dense top 100, RRF k=60) cut to the top "
+        f"{len(data.queries)} {args.split} queries; the hybrid list (BM25 top 100 + dense top 100, RRF k=60) cut to the top "
         f"{args.depth}. Similarities are the `dedup.near_duplicate` stage's own: {cosine_stage._source}; "
         f"{jaccard_stage._source}. Removals are what the stage drops (greedy, best-ranked survives). "
         "SciFact documents are distinct abstracts, so every relevant document removed is a loss.",
@@ -205,9 +207,9 @@ def main() -> None:
         f"Exact duplicates in the corpus (same title and text): {exact_groups} groups.",
         "",
         f"Run time {payload['seconds']} s. Command: `HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python "
-        f"bench/dedup_threshold.py --index {args.index} --depth {args.depth}`",
+        f"bench/dedup_threshold.py --index {args.index} --depth {args.depth} --split {args.split}`",
     ]
-    json_path, md_path = write_results("dedup_threshold", payload, "\n".join(lines))
+    json_path, md_path = write_results("dedup_threshold" if args.split == "train" else f"dedup_threshold_{args.split}", payload, "\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {json_path} and {md_path}")
 
