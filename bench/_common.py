@@ -17,31 +17,36 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch threads, native bf16, GPU: printed and stored with every result."""
-    import torch
-
-    from stages.rerank.modeling import cpu_has_native_bf16, cpu_model_name
+def host(**libraries: str) -> dict[str, Any]:
+    """CPU model, usable cores, Python, load average at start, plus the given library versions."""
+    from stages.rerank.modeling import cpu_model_name  # plain Python: no torch at import
 
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    info: dict[str, Any] = {
-        "cpu": cpu_model_name(),
-        "cpu_cores_usable": usable,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_native_bf16": cpu_has_native_bf16(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    info: dict[str, Any] = {"cpu": cpu_model_name(), "cpu_cores_usable": usable, "python": platform.python_version(),
+                            **libraries}
     try:
         info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
     return info
+
+
+def machine() -> dict[str, Any]:
+    """``host()`` plus torch threads, native bf16 and GPU: stored with every model benchmark."""
+    import torch
+
+    from stages.rerank.modeling import cpu_has_native_bf16
+
+    return host(
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        cpu_native_bf16=cpu_has_native_bf16(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
 
 
 def git_revision() -> str | None:

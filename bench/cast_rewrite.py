@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from bench._common import git_revision, host  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cast" / "rewrites_2019_2020.jsonl"
 RESULTS = ROOT / "bench" / "results"
@@ -76,41 +77,10 @@ def load_turns(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict[str, Any]:
     import spacy
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info: dict[str, Any] = {"cpu": cpu_model(), "cpu_cores_usable": usable, "python": platform.python_version(),
-                            "spacy": spacy.__version__}
-    try:
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
-def git_revision() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return host(spacy=spacy.__version__)
 
 
 def make_stage() -> Any:

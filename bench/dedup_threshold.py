@@ -18,7 +18,6 @@ Writes ``bench/results/dedup_threshold.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time

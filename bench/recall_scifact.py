@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,6 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench._common import git_revision, host  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -37,44 +37,17 @@ DESIGN_NOTES = {"bm25": 0.686, "dense": 0.646, "hybrid": 0.717}
 METRICS = {"ndcg_cut_10": "nDCG@10", "recall_100": "Recall@100", "mrr_10": "MRR@10"}
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict[str, Any]:
     import faiss
     import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu": cpu_model(),
-        "cpu_cores_usable": usable,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "faiss": faiss.__version__,
-        "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
-def git_revision() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return host(
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        faiss=faiss.__version__,
+        faiss_omp_threads=faiss.omp_get_max_threads(),
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
 
 
 def ensure_index(data_dir: Path, index_dir: Path, rebuild: bool) -> dict[str, Any]:

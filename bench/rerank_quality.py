@@ -19,7 +19,6 @@ Writes bench/results/rerank_quality.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench._common import git_revision, host  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "data" / "scifact"
 AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -110,33 +110,7 @@ rules:
 def machine() -> dict[str, Any]:
     import numpy
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info: dict[str, Any] = {"cpu": cpu, "cpu_cores_usable": usable, "python": platform.python_version(),
-                            "numpy": numpy.__version__, "platform": platform.platform()}
-    try:
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
-def git_revision() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return host(numpy=numpy.__version__, platform=platform.platform())
 
 
 def synthetic_corpus(target: Path, seed: int = 0) -> list[str]:
