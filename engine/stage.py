@@ -9,7 +9,9 @@ heavy (an index, a model) is loaded in :meth:`Stage.warm_up`, once per process.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -164,6 +166,38 @@ class Resources:
         if key not in self._shared:
             self._shared[key] = factory()
         return self._shared[key]
+
+
+class RecentNotes:
+    """What a stage computed for its most recent queries, kept for ``explain`` (bounded, thread-safe).
+
+    ``put``/``get`` key by any hashable (e.g. the query text); ``put_for``/``get_for`` key by the
+    :class:`Query` object itself, so a note is only ever read back for the very query it was made
+    for (the Query is held, so its id cannot be reused while the entry lives).
+    """
+
+    def __init__(self, capacity: int = 64):
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def put(self, key: Hashable, notes: Any) -> None:
+        with self._lock:
+            self._items[key] = notes
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            return self._items.get(key)
+
+    def put_for(self, query: Query, notes: Any) -> None:
+        self.put(id(query), (query, notes))
+
+    def get_for(self, query: Query) -> Any:
+        found = self.get(id(query))
+        return found[1] if found is not None and found[0] is query else None
 
 
 class Stage:

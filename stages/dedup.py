@@ -39,7 +39,7 @@ from engine.errors import MissingDependencyError, SieveIndexError, StageError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.models import resolve_model
 from engine.registry import register_stage
-from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
 
 DEFAULT_COSINE_THRESHOLD = 0.95
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -127,8 +127,7 @@ class NearDuplicateFilter(Stage):
         self._dense: Any = None
         self._embedder: Any = None
         self._cache = _RowCache()
-        self._notes: OrderedDict[int, tuple[Query, dict[str, Any]]] = OrderedDict()
-        self._notes_lock = threading.Lock()
+        self._notes = RecentNotes()
         self._source = ""
 
     def warm_up(self, resources: Resources) -> None:
@@ -274,11 +273,7 @@ class NearDuplicateFilter(Stage):
         }
         if p.mmr_lambda is not None:
             details["mmr"] = {"lambda": p.mmr_lambda, "ordered": len(mmr_notes)}
-        with self._notes_lock:
-            self._notes[id(ctx.query)] = (ctx.query, {"absorbed": absorbed, "mmr": mmr_notes})
-            self._notes.move_to_end(id(ctx.query))
-            while len(self._notes) > 64:
-                self._notes.popitem(last=False)
+        self._notes.put_for(ctx.query, {"absorbed": absorbed, "mmr": mmr_notes})
         return StageResult(candidates=output, drops=drops, decisions=decisions, details=details,
                            timings_ms={"similarity": similarity_ms})
 
@@ -317,12 +312,11 @@ class NearDuplicateFilter(Stage):
         lam = self.params.mmr_lambda
         description = (f"MMR: {lam:g} x rel - {1 - (lam or 0):g} x max sim to already selected ({self._source}); "
                        f"rank {rank} in stage '{self.id}'")
-        with self._notes_lock:
-            found = self._notes.get(id(query))
-        if found is None or found[0] is not query:
+        found = self._notes.get_for(query)
+        if found is None:
             return Explanation(value, description)
         details = []
-        note = found[1]["mmr"].get(candidate.doc_id)
+        note = found["mmr"].get(candidate.doc_id)
         if note is not None:
             details.append(Explanation(note[1], "rel: current score min-max normalised over the survivors"))
             details.append(Explanation(note[2], "max similarity to the documents selected before it"))

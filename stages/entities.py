@@ -40,7 +40,7 @@ from engine.errors import ConfigError, ConfigIssue, MissingDependencyError, Mode
 from engine.index import ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_index_component, register_stage
-from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
 
 ENTITIES_FILE = "entities.jsonl"
 GAZETTEER_COPY = "gazetteer.yaml"
@@ -452,8 +452,7 @@ class EntityConsistency(Stage):
         super().__init__(stage_id, params)
         self._extractor: EntityExtractor | None = None
         self._entities: LoadedEntities | None = None
-        self._notes: OrderedDict[int, tuple[Query, tuple[Mention, ...], dict[str, EntityVerdict]]] = OrderedDict()
-        self._notes_lock = threading.Lock()
+        self._notes = RecentNotes()  # query -> (its entities, doc_id -> verdict)
 
     def warm_up(self, resources: Resources) -> None:
         index = resources.require_index(self.id)
@@ -584,11 +583,7 @@ class EntityConsistency(Stage):
         }
 
     def _remember(self, query: Query, entities: tuple[Mention, ...], verdicts: dict[str, EntityVerdict]) -> None:
-        with self._notes_lock:
-            self._notes[id(query)] = (query, entities, verdicts)
-            self._notes.move_to_end(id(query))
-            while len(self._notes) > 64:
-                self._notes.popitem(last=False)
+        self._notes.put_for(query, (entities, verdicts))
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         p = self.params
@@ -598,10 +593,9 @@ class EntityConsistency(Stage):
             + ("; added to the current score" if p.combine == "add" else "")
             + f"; rank {rank} in stage '{self.id}'"
         )
-        with self._notes_lock:
-            found = self._notes.get(id(query))
-        if found is not None and found[0] is query:
-            entities, verdict = found[1], found[2].get(candidate.doc_id)
+        found = self._notes.get_for(query)
+        if found is not None:
+            entities, verdict = found[0], found[1].get(candidate.doc_id)
         elif self._extractor is not None:
             entities = self.query_entities(query)
             verdict = self.verdict(entities, candidate.row)

@@ -14,8 +14,6 @@ Both take the union of their inputs; a document's ledger keeps every input's ent
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -29,6 +27,7 @@ from engine.stage import (
     GraphIssue,
     GraphView,
     Port,
+    RecentNotes,
     Stage,
     StageContext,
     StageNode,
@@ -97,30 +96,6 @@ def _weight_issues(weights: dict[str, float], valid: dict[str, str], what: str) 
     return issues
 
 
-class _Notes:
-    """What a stage computed for the most recent queries, for ``explain``; keyed by the Query object."""
-
-    def __init__(self, capacity: int = 64):
-        self._items: OrderedDict[int, tuple[Query, Any]] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def put(self, query: Query, notes: Any) -> None:
-        with self._lock:
-            # The Query is held, so its id cannot be reused while the entry lives.
-            self._items[id(query)] = (query, notes)
-            self._items.move_to_end(id(query))
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-
-    def get(self, query: Query) -> Any:
-        with self._lock:
-            found = self._items.get(id(query))
-        if found is None or found[0] is not query:
-            return None
-        return found[1]
-
-
 def _scored(candidate: Candidate, entry: ScoreEntry) -> Candidate:
     """``candidate`` with this stage's entry appended. A DAG never routes a candidate through the
     same stage twice, so ``Candidate.with_score``'s duplicate scan (5 us a call here) is skipped."""
@@ -179,7 +154,7 @@ class ReciprocalRankFusion(Stage):
 
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)
-        self._notes = _Notes()
+        self._notes = RecentNotes()
         # See _WIRING: the ids of the candidate inputs, in the order the engine passes their lists.
         self._input_ids: tuple[str, ...] | None = _WIRING.pop(id(params), None)
 
@@ -217,7 +192,7 @@ class ReciprocalRankFusion(Stage):
             for doc_id, found in positions.items()
         }
         kept, drops = _rank_and_cut(self.id, "rrf", pool, scores, self.params.top_k)
-        self._notes.put(ctx.query, (tuple(input_ids), tuple(weights), positions))
+        self._notes.put_for(ctx.query, (tuple(input_ids), tuple(weights), positions))
         details = {
             "inputs": {input_id: len(items) for input_id, items in zip(input_ids, ctx.inputs)},
             "union": len(pool),
@@ -244,7 +219,7 @@ class ReciprocalRankFusion(Stage):
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         k = self.params.k
         description = f"reciprocal rank fusion: sum over inputs of w / (k + rank), k={k:g}; rank {rank} in stage '{self.id}'"
-        notes = self._notes.get(query)
+        notes = self._notes.get_for(query)
         found = notes[2].get(candidate.doc_id) if notes is not None else None
         if found is None:
             return Explanation(value, description)
@@ -294,7 +269,7 @@ class WeightedFusion(Stage):
 
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)
-        self._notes = _Notes()
+        self._notes = RecentNotes()
 
     @classmethod
     def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
@@ -373,7 +348,7 @@ class WeightedFusion(Stage):
         kept, drops = _rank_and_cut(self.id, "fused", pool, scores, params.top_k)
         if not len(pool):
             decisions.append(Decision("empty_input", "no candidates to fuse"))
-        self._notes.put(ctx.query, (columns, normalized, missing_value, stats))
+        self._notes.put_for(ctx.query, (columns, normalized, missing_value, stats))
         return StageResult(candidates=kept, drops=drops, decisions=decisions, details=details)
 
     def _missing_description(self, signal: str, present: int, value: float) -> str:
@@ -387,7 +362,7 @@ class WeightedFusion(Stage):
         weights = " + ".join(f"{w:g}*norm({s})" for s, w in self.params.weights.items())
         description = (f"weighted fusion: {weights} (weights not rescaled; missing signal policy "
                        f"'{self.params.missing}'); rank {rank} in stage '{self.id}'")
-        notes = self._notes.get(query)
+        notes = self._notes.get_for(query)
         if notes is None:
             return Explanation(value, description)
         columns, normalized, missing_value, stats = notes

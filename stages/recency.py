@@ -27,8 +27,6 @@ naive datetime is UTC), or numbers as Unix seconds.
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, Literal
@@ -38,7 +36,7 @@ from pydantic import Field, model_validator
 from engine.errors import StageError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.registry import register_stage
-from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
 
 SECONDS_PER_DAY = 86_400.0
 DecayFunction = Literal["exp", "linear", "gauss"]
@@ -179,8 +177,7 @@ class RecencyBoost(Stage):
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)
         self._dates: DateColumn | None = None
-        self._notes: OrderedDict[int, tuple[Query, dict[str, RecencyNote], dict[str, float]]] = OrderedDict()
-        self._notes_lock = threading.Lock()
+        self._notes = RecentNotes()  # query -> (doc_id -> note, doc_id -> score)
 
     def warm_up(self, resources: Resources) -> None:
         index = resources.require_index(self.id)
@@ -276,11 +273,7 @@ class RecencyBoost(Stage):
                 for doc_id, n in notes.items()
             },
         }
-        with self._notes_lock:
-            self._notes[id(ctx.query)] = (ctx.query, notes, {c.doc_id: c.score for c in survivors})
-            self._notes.move_to_end(id(ctx.query))
-            while len(self._notes) > 64:
-                self._notes.popitem(last=False)
+        self._notes.put_for(ctx.query, (notes, {c.doc_id: c.score for c in survivors}))
         return StageResult(candidates=output, drops=drops, decisions=decisions, details=details)
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
@@ -289,9 +282,8 @@ class RecencyBoost(Stage):
         description = (f"recency ({p.function}) of '{p.field}' relative to as_of {query.as_of.isoformat()}: "
                        f"factor = {formula}" + ("; multiplied into the current score" if p.combine == "multiply" else "")
                        + f"; rank {rank} in stage '{self.id}'")
-        with self._notes_lock:
-            found = self._notes.get(id(query))
-        note = found[1].get(candidate.doc_id) if found is not None and found[0] is query else None
+        found = self._notes.get_for(query)
+        note = found[0].get(candidate.doc_id) if found is not None else None
         if note is None:
             return Explanation(value, description)
         if note.age_days is None:

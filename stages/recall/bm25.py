@@ -8,9 +8,8 @@ prefilter mask: masked documents score zero and never take a recall slot.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -20,7 +19,7 @@ from engine.errors import SieveIndexError
 from engine.index import ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_index_component, register_stage
-from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
 from stages.text import Tokenizer, TokenizerSettings
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -117,21 +116,14 @@ class _TermContributions:
     reads it instead of tokenising the query and looking every term up again. Bounded, thread-safe.
     """
 
-    def __init__(self, capacity: int = 64):
-        self._capacity = capacity
-        self._entries: OrderedDict[str, tuple[Counter[str], dict[int, int], dict[str, Any]]] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self) -> None:
+        self._entries = RecentNotes()  # query text -> (term counts, row -> position, term -> scores)
 
     def put(self, text: str, terms: Counter[str], rows: list[int], scores: dict[str, Any]) -> None:
-        with self._lock:
-            self._entries[text] = (terms, {row: i for i, row in enumerate(rows)}, scores)
-            self._entries.move_to_end(text)
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+        self._entries.put(text, (terms, {row: i for i, row in enumerate(rows)}, scores))
 
     def get(self, text: str, row: int) -> tuple[Counter[str], dict[str, float]] | None:
-        with self._lock:
-            entry = self._entries.get(text)
+        entry = self._entries.get(text)
         if entry is None or row not in entry[1]:
             return None
         terms, position, scores = entry

@@ -37,6 +37,7 @@ from engine.stage import (
     GraphIssue,
     GraphView,
     Port,
+    RecentNotes,
     Resources,
     Stage,
     StageContext,
@@ -411,8 +412,7 @@ class CrossEncoderRerank(Stage):
         self._model: LoadedReranker | None = None
         self._light: LoadedReranker | None = None
         self._cache = ScoreCache(self.params.cache_size)
-        self._notes: OrderedDict[str, dict[str, Any]] = OrderedDict()  # query text -> doc_id -> note
-        self._notes_lock = threading.Lock()
+        self._notes = RecentNotes()  # query text -> doc_id -> note
 
     # ------------------------------------------------------------------ compile time
 
@@ -632,17 +632,12 @@ class CrossEncoderRerank(Stage):
                                  "cut": s.document_cut, "tokens": s.document_tokens, "chunks": s.chunks,
                                  "best_chunk": s.best_chunk, "chunk_start": s.best_chunk_start,
                                  "cached": doc_id in hit_set}
-        with self._notes_lock:
-            self._notes[query_text] = notes
-            self._notes.move_to_end(query_text)
-            while len(self._notes) > 64:
-                self._notes.popitem(last=False)
+        self._notes.put(query_text, notes)
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         assert self._model is not None
         query_text = query.text if self.params.query == "original" else query.effective_text
-        with self._notes_lock:
-            note = self._notes.get(query_text, {}).get(candidate.doc_id)
+        note = (self._notes.get(query_text) or {}).get(candidate.doc_id)
         model = self._model
         if note is not None and note["tier"] == "light" and self._light is not None:
             model = self._light
