@@ -233,7 +233,7 @@ class LoadedReranker:
             self.model.to(self.device)
             if self.precision == "fp16":
                 self.model.half()
-            elif self.precision == "fp32":
+            else:  # fp32, and bf16 (autocast over fp32 weights: weights stored as fp16 must not stay fp16)
                 self.model.float()
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             raise ModelLoadError(f"rerank.cross_encoder: cannot move the model to {self.device}: {exc}") from None
@@ -274,15 +274,19 @@ class LoadedReranker:
         scores = [0.0] * len(encoded)
         with_segments = self.head == SEGMENT_COSINE
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pinned = self.device != "cpu"
+        outputs = []
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                batch = collate([encoded[i] for i in chunk], pad_id, with_segments)
-                if self.device != "cpu":
-                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                values = forward_scores(self.model, batch, self.head, self.scale).float().cpu().tolist()
-                for i, value in zip(chunk, values):
-                    scores[i] = value
+                batch = collate([encoded[i] for i in order[start : start + batch_size]], pad_id, with_segments)
+                if pinned:
+                    batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                outputs.append(forward_scores(self.model, batch, self.head, self.scale).float())
+            # One copy back at the end: no synchronisation per batch, so on a GPU the next batch is
+            # collated while the previous one runs.
+            values = torch.cat(outputs).cpu().tolist()
+        for i, value in zip(order, values):
+            scores[i] = value
         return scores
 
     def score(

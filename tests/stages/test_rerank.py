@@ -142,6 +142,28 @@ def test_sequence_classification_matches_flagreranker_and_keeps_the_rest_below(t
     assert any("sequence-classification logit" in d["description"] for d in explanation["details"])
 
 
+def test_weights_stored_as_fp16_run_in_fp32_and_bf16_on_cpu(tmp_path, bm25_index, write_config):
+    """Hub rerankers ship fp16 weights; on a CPU they are computed in fp32 or bf16-autocast over fp32
+    (fp16 parameters under a bf16 autocast fail in LayerNorm: 'mixed dtype')."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    stored = tmp_path / "fp16-classifier"
+    BertForSequenceClassification(_tiny_config(num_labels=1)).half().save_pretrained(stored)
+    _minilm_tokenizer().save_pretrained(stored)
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        pipeline = _pipeline(write_config, bm25_index, f"{{model: {stored}, window: 5, device: cpu, precision: {precision}}}",
+                             name=f"{precision}.yaml")
+        result = pipeline.search(QUERY)
+        assert next(m for m in result.trace["models"] if m["stage"] == "rerank")["precision"] == precision
+        scores[precision] = {c.doc_id: c.score_of("rerank") for c in result.results[:5]}
+    assert scores["bf16"].keys() == scores["fp32"].keys()
+    for doc_id, value in scores["fp32"].items():
+        assert scores["bf16"][doc_id] == pytest.approx(value, abs=5e-2)
+
+
 # --------------------------------------------------------------------------- segment_cosine
 
 
