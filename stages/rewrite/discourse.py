@@ -77,6 +77,7 @@ class Mention:
     proper: bool
     via: str | None = None  # the pronoun this mention was resolved from, if any
     new: bool = False  # the entity's first mention in the conversation
+    other_number: str | None = None  # ``text`` in the other grammatical number (common nouns only)
 
     def weight(self, weights: SalienceWeights) -> float:
         bonus = {"subject": weights.subject, "object": weights.object, "complement": weights.of_complement}.get(
@@ -107,6 +108,7 @@ class Antecedent:
     factors: dict[str, float]
     plural: bool
     person: bool
+    other_number: str | None = None  # ``text`` in the other grammatical number, where it can be formed
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "turn": self.turn, "named_in_turn": self.named_turn, "salience": round(self.salience, 4),
@@ -164,7 +166,7 @@ class DiscourseModel:
             ranked.append(Antecedent(
                 key=key, text=named.text, bare=named.bare, turn=latest.turn, named_turn=named.turn, salience=recency + first,
                 factors={"recency_weighted_mentions": recency, "first_turn_topic": first, "mentions": float(len(mentions))},
-                plural=named.plural, person=any(m.person for m in mentions),
+                plural=named.plural, person=any(m.person for m in mentions), other_number=named.other_number,
             ))
         ranked.sort(key=lambda a: (-a.salience, -a.turn, a.key))
         return ranked

@@ -80,6 +80,9 @@ class EnglishHeuristics(BaseModel):
     pronouns: bool = Field(True, description="it/they/them/he/she/him/her and demonstrative pronouns")
     possessives: bool = Field(True, description="its/their/his/her -> X's")
     one_anaphora: bool = Field(True, description="'a new one' -> 'a new <antecedent head phrase>'")
+    number_agreement: bool = Field(
+        True, description="a replacement takes the pronoun's number: 'they' after 'virtual machine' -> 'virtual machines'"
+    )
     definite_descriptions: bool = Field(True, description="'the film' -> 'the Neverending Story film'")
     missing_topic: bool = Field(
         True, description="append 'of <topic>' to a definite noun phrase of a question that names nothing"
@@ -175,18 +178,40 @@ def chunk_mention(chunk: "Span", turn: int) -> Mention:
     """A noun chunk as a mention of a discourse entity."""
     start = _content_start(chunk)
     doc = chunk.doc
-    text = doc[start : chunk.end].text
+    text_start = start - 1 if start > chunk.start and doc[start - 1].lower_ in ("a", "an") else start
+    text = doc[text_start : chunk.end].text
     bare_start = start + 1 if doc[start].lower_ == "the" and start < chunk.end - 1 else start
     ent = _entity_of(chunk)
     root = chunk.root
     role = "relational" if _has_of_complement(root) else _role(root)
+    proper = any(t.pos_ == "PROPN" for t in doc[start : chunk.end])
+    other_number = None
+    if root.i == chunk.end - 1 and root.pos_ == "NOUN" and ent is None and not proper and root.is_alpha:
+        stem = doc[start : chunk.end - 1].text_with_ws if root.i > start else ""
+        if root.tag_ == "NNS" and root.lemma_.lower() != root.lower_:
+            other_number = stem + (root.lemma_ if root.text.islower() else root.text[: len(root.lemma_)])
+        elif root.tag_ == "NN" and not any(child.dep_ == "conj" for child in root.children):
+            other_number = stem + pluralise(root.text)
     return Mention(
         key=_key(chunk, start), text=text, bare=doc[bare_start : chunk.end].text, head=root.lower_,
         turn=turn, role=role, plural=_plural(root),
         person=ent is not None and ent.label_ == "PERSON" and ent.start <= root.i < ent.end,
-        entity=ent.label_ if ent is not None else None,
-        proper=any(t.pos_ == "PROPN" for t in doc[start : chunk.end]),
+        entity=ent.label_ if ent is not None else None, proper=proper, other_number=other_number,
     )
+
+
+def pluralise(noun: str) -> str:
+    """The regular English plural of a singular noun ('machine' -> 'machines', 'box' -> 'boxes',
+    'study' -> 'studies'); nouns already ending in -s are left as they are (they are often mass nouns:
+    'physics', 'diabetes')."""
+    lower = noun.lower()
+    if lower.endswith("s"):
+        return noun
+    if lower.endswith(("x", "z", "ch", "sh")):
+        return noun + "es"
+    if lower.endswith("y") and len(lower) > 1 and lower[-2] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + "s"
 
 
 @dataclass(frozen=True)
@@ -196,11 +221,48 @@ class _Placed:
     mention: Mention
     end: int  # token index after the phrase
     clause: int
+    root: int  # token index of the phrase's head
+
+
+MISTAGGED_POS = frozenset({"VERB", "ADJ", "ADV", "X", "INTJ"})
+NOMINAL_MODIFIER_DEPS = frozenset({"compound", "amod", "det", "nmod", "poss"})
+
+
+def _mistagged_nominal(token: "Token") -> bool:
+    """A word the tagger got wrong in a place only a noun can be: 'Does melatonin help?' (melatonin: VERB,
+    nsubj), 'What is blockchain?' (blockchain: ADJ, the complement of a 'What is ...?' question)."""
+    if token.pos_ not in MISTAGGED_POS or token.tag_ in ("WP", "WRB", "WDT") or not token.is_alpha:
+        return False
+    if token.dep_ in ARGUMENT_DEPS:
+        # a real verb or adjective there governs its own clause; a mis-tagged noun governs nothing of that kind
+        return not any(child.dep_ in ("nsubj", "nsubjpass", "aux", "auxpass", "dobj", "mark", "ccomp", "xcomp")
+                       for child in token.children)
+    if token.dep_ == "acomp" and token.head.lemma_ == "be":
+        # "What is X?": the question defines X
+        asks_what = any(child.tag_ == "WP" and child.dep_ in ("nsubj", "attr") for child in token.head.children)
+        last = all(t.is_punct for t in token.doc[token.i + 1 :])
+        return asks_what and last and not any(child.dep_ in ("advmod", "prep") for child in token.children)
+    return False
+
+
+def noun_phrases(doc: "Doc") -> list["Span"]:
+    """spaCy's noun chunks plus mis-tagged nominals (see :func:`_mistagged_nominal`), in text order."""
+    chunks = list(doc.noun_chunks)
+    covered = {token.i for chunk in chunks for token in chunk}
+    for token in doc:
+        if token.i in covered or not _mistagged_nominal(token):
+            continue
+        start = token.i
+        while start > 0 and doc[start - 1].dep_ in NOMINAL_MODIFIER_DEPS and doc[start - 1].head.i >= token.i \
+                and doc[start - 1].i not in covered:
+            start -= 1
+        chunks.append(doc[start : token.i + 1])
+    return sorted(chunks, key=lambda span: span.start)
 
 
 def _mentions(doc: "Doc", turn: int) -> list[_Placed]:
-    return [_Placed(chunk_mention(chunk, turn), chunk.end, _clause(chunk.root))
-            for chunk in doc.noun_chunks if _is_candidate(chunk)]
+    return [_Placed(chunk_mention(chunk, turn), chunk.end, _clause(chunk.root), chunk.root.i)
+            for chunk in noun_phrases(doc) if _is_candidate(chunk)]
 
 
 # --------------------------------------------------------------------------- what to resolve
@@ -382,12 +444,18 @@ class EnglishResolver:
         clause = _clause(token)
         previous = {a.key: a for a in candidates}
         local: dict[str, Antecedent] = {}
-        # only a subject pronoun of a coordinated clause looks back inside the question
+        # only a subject pronoun of a coordinated clause looks back inside the question, and a possessive
+        # in a coordinated noun phrase ("feijoada and its significance": feijoada)
         coordinated = token.dep_ in SUBJECT_DEPS and token.doc[clause].dep_ == "conj"
+        head = token.head
+        conjunct_of = head.head.i if token.dep_ == "poss" and head.dep_ == "conj" and head.head.i < token.i else None
         for item in placed:
-            if not coordinated or item.end > token.i or item.clause == clause or item.mention.key in local:
+            if item.mention.key in local:
                 continue
-            if item.mention.role not in ("subject", "object"):
+            if item.root != conjunct_of and (
+                not coordinated or item.end > token.i or item.clause == clause
+                or item.mention.role not in ("subject", "object")
+            ):
                 continue
             mention = item.mention
             weight = mention.weight(self.weights)
@@ -396,7 +464,7 @@ class EnglishResolver:
                 key=mention.key, text=mention.text, bare=mention.bare, turn=mention.turn, named_turn=mention.turn,
                 salience=weight + (earlier.salience if earlier is not None else 0.0),
                 factors={"same_question": weight, "earlier_turns": earlier.salience if earlier is not None else 0.0},
-                plural=mention.plural, person=mention.person,
+                plural=mention.plural, person=mention.person, other_number=mention.other_number,
             )
         pool = list(local.values()) + [a for a in candidates if a.key not in here]
         pool.sort(key=lambda a: (-a.salience, -a.turn, a.key))
@@ -428,7 +496,19 @@ class EnglishResolver:
         if antecedent is None:
             return None
         numbers.setdefault(antecedent.key, number)
-        text = _possessive(antecedent.text) if possessive else antecedent.text
+        if "same_question" in antecedent.factors:
+            # "What is X and why is it important?": the question says what "it" is; it stays as asked
+            # (the discourse model still learns that X was mentioned again).
+            mentions.append(Mention(
+                key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
+                turn=turn, role=_role(token) if not possessive else "other", plural=antecedent.plural,
+                person=antecedent.person, entity=None, proper=False, via=lower,
+            ))
+            return None
+        text = antecedent.text
+        if self.heuristics.number_agreement and antecedent.other_number and (number == "plural") != antecedent.plural:
+            text = antecedent.other_number  # "How do they work?" after "a virtual machine": virtual machines
+        text = _possessive(text) if possessive else text
         mentions.append(Mention(
             key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
             turn=turn, role=_role(token) if not possessive else "other", plural=antecedent.plural,
@@ -445,7 +525,11 @@ class EnglishResolver:
             key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
             turn=turn, role=_role(token), plural=False, person=False, entity=None, proper=False, via="one",
         ))
-        return Replacement(token.idx, token.idx + len(token.text), token.text, antecedent.bare, "one_anaphora",
+        bare = antecedent.bare
+        if self.heuristics.number_agreement and antecedent.plural and antecedent.other_number:
+            # "one" is singular: "the largest one" after "mammals" -> "the largest mammal"
+            bare = antecedent.other_number[4:] if antecedent.other_number.lower().startswith("the ") else antecedent.other_number
+        return Replacement(token.idx, token.idx + len(token.text), token.text, bare, "one_anaphora",
                            "'one' heading a noun phrase: the antecedent's head phrase", antecedent)
 
     def _definites(self, doc: "Doc", candidates: list[Antecedent], taken: set[int], mentions: list[Mention],
