@@ -303,9 +303,9 @@ def _demonstrative_pronoun(token: "Token") -> bool:
 
 
 def _one_anaphor(token: "Token") -> bool:
-    """'one' as the head of a noun phrase with a determiner or adjective ('a new one', 'the blue one')."""
+    """'one'/'ones' heading a noun phrase with a determiner or adjective ('a new one', 'important ones')."""
     return (
-        token.lower_ == "one"
+        token.lower_ in ("one", "ones")
         and token.dep_ != "nummod"
         and any(child.dep_ in ("det", "amod") for child in token.children)
         and not any(child.dep_ == "prep" and child.lower_ == "of" for child in token.children)
@@ -518,19 +518,21 @@ class EnglishResolver:
                            "possessive" if possessive else "pronoun", heuristic, antecedent)
 
     def _one(self, token: "Token", candidates: list[Antecedent], mentions: list[Mention], turn: int) -> Replacement | None:
-        antecedent = _choose(candidates, "neuter", "singular", self.weights, set())
+        plural = token.lower_ == "ones"
+        antecedent = _choose(candidates, "neuter", "plural" if plural else "singular", self.weights, set())
         if antecedent is None:
             return None
         mentions.append(Mention(
             key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
-            turn=turn, role=_role(token), plural=False, person=False, entity=None, proper=False, via="one",
+            turn=turn, role=_role(token), plural=plural, person=False, entity=None, proper=False, via=token.lower_,
         ))
         bare = antecedent.bare
-        if self.heuristics.number_agreement and antecedent.plural and antecedent.other_number:
-            # "one" is singular: "the largest one" after "mammals" -> "the largest mammal"
-            bare = antecedent.other_number[4:] if antecedent.other_number.lower().startswith("the ") else antecedent.other_number
+        if self.heuristics.number_agreement and antecedent.plural != plural and antecedent.other_number:
+            # "the largest one" after "mammals" -> "the largest mammal"; "important ones" after "database"
+            other = antecedent.other_number
+            bare = other[4:] if other.lower().startswith("the ") else other
         return Replacement(token.idx, token.idx + len(token.text), token.text, bare, "one_anaphora",
-                           "'one' heading a noun phrase: the antecedent's head phrase", antecedent)
+                           f"'{token.lower_}' heading a noun phrase: the antecedent's head phrase", antecedent)
 
     def _definites(self, doc: "Doc", candidates: list[Antecedent], taken: set[int], mentions: list[Mention],
                    turn: int) -> list[Replacement]:
