@@ -138,8 +138,8 @@ def _role(token: "Token") -> str:
 
 
 def _has_of_complement(token: "Token") -> bool:
-    return any(child.dep_ == "prep" and child.lower_ == "of" and any(g.dep_ == "pobj" for g in child.children)
-               for child in token.children)
+    return any(child.dep_ == "prep" and child.lower_ == "of" and any(g.dep_ in ("pobj", "pcomp") for g in child.children)
+               for child in token.children)  # pcomp: "the effects of consuming energy drinks"
 
 
 def _clause(token: "Token") -> int:
@@ -171,6 +171,8 @@ def _is_candidate(chunk: "Span") -> bool:
     ent = _entity_of(chunk)
     if ent is None and any(e.label_ in NUMERIC_LABELS and e.start <= root.i < e.end for e in chunk.doc.ents):
         return False
+    if ent is None and any(child.dep_ == "det" and child.tag_ in ("WDT", "WP") for child in root.children):
+        return False  # "What variety ...?", "Which foods ...?": the question's unknown, not something known
     return True
 
 
@@ -430,7 +432,7 @@ class EnglishResolver:
             if heuristics.definite_descriptions:
                 replacements.extend(self._definites(doc, candidates, taken, mentions, turn))
             if heuristics.missing_topic and not replacements:
-                replacement = self._missing_topic(doc, candidates, model, mentions)
+                replacement = self._missing_topic(doc, candidates, model, mentions, turn)
                 if replacement is not None:
                     replacements.append(replacement)
         replacements.sort(key=lambda r: r.start)
@@ -571,7 +573,7 @@ class EnglishResolver:
         return found
 
     def _missing_topic(self, doc: "Doc", candidates: list[Antecedent], model: DiscourseModel,
-                       mentions: list[Mention]) -> Replacement | None:
+                       mentions: list[Mention], turn: int) -> Replacement | None:
         """A question naming nothing from the conversation: '<the definite phrase> of <topic>'."""
         if any(m.entity is not None or m.proper for m in mentions):
             return None
@@ -589,6 +591,17 @@ class EnglishResolver:
         topic = candidates[0]
         if topic.salience < self.weights.min_salience or topic.person:
             return None
+        # The phrase is relational ("the symptoms" of X: weak as a later antecedent), and X is mentioned
+        # again, as its complement.
+        target_key = _key(target, _content_start(target))
+        for index, mention in enumerate(mentions):
+            if mention.via is None and mention.key == target_key:
+                mentions[index] = replace(mention, role="relational")
+        mentions.append(Mention(
+            key=topic.key, text=topic.text, bare=topic.bare, head=topic.key.split()[-1], turn=turn,
+            role="complement", plural=topic.plural, person=False, entity=None, proper=False,
+            other_number=topic.other_number,
+        ))
         end = target.end_char  # after a coordination: "the pros and cons" + " of X"
         for conjunct in target.root.conjuncts:
             if conjunct.i > target.root.i and conjunct.pos_ in ("NOUN", "PROPN"):
