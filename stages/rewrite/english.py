@@ -128,6 +128,8 @@ def _role(token: "Token") -> str:
         return "subject"
     if token.dep_ in OBJECT_DEPS:
         return "object"
+    if token.dep_ == "pobj" and token.head.lower_ == "about" and token.head.dep_ == "ROOT":
+        return "subject"  # "What about X?", "How about X?": X is what the turn is about
     if token.dep_ == "pobj":
         preposition, governor = token.head, token.head.head
         if preposition.lower_ == "of" and governor.pos_ in ("NOUN", "PROPN", "PRON"):
@@ -251,6 +253,13 @@ def noun_phrases(doc: "Doc") -> list["Span"]:
     """spaCy's noun chunks plus mis-tagged nominals (see :func:`_mistagged_nominal`), in text order."""
     chunks = list(doc.noun_chunks)
     covered = {token.i for chunk in chunks for token in chunk}
+    for token in doc:
+        if token.dep_ == "poss" and token.pos_ in ("PROPN", "NOUN"):
+            # the possessor of "Melania Trump's religion" is a mention of its own (spaCy's chunk is the whole)
+            start = token.i
+            while start > 0 and doc[start - 1].dep_ in ("compound", "amod", "det") and doc[start - 1].head.i == token.i:
+                start -= 1
+            chunks.append(doc[start : token.i + 1])
     for token in doc:
         if token.i in covered or not _mistagged_nominal(token):
             continue
@@ -497,25 +506,21 @@ class EnglishResolver:
         antecedent = _choose(candidates, gender, number, self.weights, disjoint)
         if antecedent is None:
             return None
+        already = antecedent.key in numbers
         numbers.setdefault(antecedent.key, number)
-        if "same_question" in antecedent.factors:
-            # "What is X and why is it important?": the question says what "it" is; it stays as asked
-            # (the discourse model still learns that X was mentioned again).
-            mentions.append(Mention(
-                key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
-                turn=turn, role=_role(token) if not possessive else "other", plural=antecedent.plural,
-                person=antecedent.person, entity=None, proper=False, via=lower,
-            ))
-            return None
-        text = antecedent.text
-        if self.heuristics.number_agreement and antecedent.other_number and (number == "plural") != antecedent.plural:
-            text = antecedent.other_number  # "How do they work?" after "a virtual machine": virtual machines
-        text = _possessive(text) if possessive else text
         mentions.append(Mention(
             key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
             turn=turn, role=_role(token) if not possessive else "other", plural=antecedent.plural,
             person=antecedent.person, entity=None, proper=False, via=lower,
         ))
+        if already or "same_question" in antecedent.factors:
+            # "What is X and why is it important?", "How did it get its name?" (once "it" is rewritten): the
+            # question itself says what the pronoun is, so it stays as asked (the model still records the mention)
+            return None
+        text = antecedent.text
+        if self.heuristics.number_agreement and antecedent.other_number and (number == "plural") != antecedent.plural:
+            text = antecedent.other_number  # "How do they work?" after "a virtual machine": virtual machines
+        text = _possessive(text) if possessive else text
         return Replacement(token.idx, token.idx + len(token.text), token.text, _cased(text, token),
                            "possessive" if possessive else "pronoun", heuristic, antecedent)
 
@@ -524,15 +529,28 @@ class EnglishResolver:
         antecedent = _choose(candidates, "neuter", "plural" if plural else "singular", self.weights, set())
         if antecedent is None:
             return None
-        mentions.append(Mention(
-            key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
-            turn=turn, role=_role(token), plural=plural, person=False, entity=None, proper=False, via=token.lower_,
-        ))
-        bare = antecedent.bare
-        if self.heuristics.number_agreement and antecedent.plural != plural and antecedent.other_number:
+        bare, other = antecedent.bare, None
+        if antecedent.other_number:
+            other = antecedent.other_number[4:] if antecedent.other_number.lower().startswith("the ") else antecedent.other_number
+        if self.heuristics.number_agreement and antecedent.plural != plural and other:
             # "the largest one" after "mammals" -> "the largest mammal"; "important ones" after "database"
-            other = antecedent.other_number
-            bare = other[4:] if other.lower().startswith("the ") else other
+            bare, other = other, bare
+        modifiers = [child for child in token.lefts if child.dep_ in ("amod", "compound", "nmod")]
+        if modifiers:
+            # "a smart one": a new, more specific entity (a smart garage door opener), which later
+            # pronouns may mean ("How could they be hacked?")
+            words = token.doc[min(m.left_edge.i for m in modifiers) : token.i].text
+            mentions.append(Mention(
+                key=f"{words.lower()} {antecedent.key}", text=f"{words} {bare}", bare=f"{words} {bare}",
+                head=antecedent.key.split()[-1], turn=turn, role=_role(token), plural=plural, person=False,
+                entity=None, proper=False, other_number=f"{words} {other}" if other else None,
+            ))
+        else:
+            mentions.append(Mention(
+                key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
+                turn=turn, role=_role(token), plural=plural, person=False, entity=None, proper=False,
+                via=token.lower_, other_number=antecedent.other_number,
+            ))
         return Replacement(token.idx, token.idx + len(token.text), token.text, bare, "one_anaphora",
                            f"'{token.lower_}' heading a noun phrase: the antecedent's head phrase", antecedent)
 
