@@ -117,6 +117,8 @@ def _content_start(span: "Span") -> int:
     for token in span:
         if token.i < span.root.i and (token.pos_ in NOT_IN_PHRASE or token.tag_ in ("WP", "WRB", "WDT")):
             start = token.i + 1
+    if start == span.start and span.doc[start].pos_ == "CCONJ" and start < span.end - 1:
+        start += 1  # "And Jared?"
     while start < span.end - 1 and span.doc[start].lower_ in LEADING_DROPPED:
         start += 1
     return start
@@ -328,7 +330,7 @@ def _one_anaphor(token: "Token") -> bool:
 
 def _agrees(antecedent: Antecedent, gender: str) -> bool:
     if gender == "person":
-        return antecedent.person
+        return antecedent.person or antecedent.maybe_person
     if gender == "neuter":
         return not antecedent.person
     return True
@@ -460,10 +462,12 @@ class EnglishResolver:
         coordinated = token.dep_ in SUBJECT_DEPS and token.doc[clause].dep_ == "conj"
         head = token.head
         conjunct_of = head.head.i if token.dep_ == "poss" and head.dep_ == "conj" and head.head.i < token.i else None
+        sentence_start = token.sent.start
         for item in placed:
             if item.mention.key in local:
                 continue
-            if item.root != conjunct_of and (
+            earlier_sentence = item.end <= sentence_start  # "They met at the Kit Kat Club? Where is that?"
+            if item.root != conjunct_of and not earlier_sentence and (
                 not coordinated or item.end > token.i or item.clause == clause
                 or item.mention.role not in ("subject", "object")
             ):
@@ -474,7 +478,8 @@ class EnglishResolver:
             local[mention.key] = Antecedent(
                 key=mention.key, text=mention.text, bare=mention.bare, turn=mention.turn, named_turn=mention.turn,
                 salience=weight + (earlier.salience if earlier is not None else 0.0),
-                factors={"same_question": weight, "earlier_turns": earlier.salience if earlier is not None else 0.0},
+                factors={("earlier_sentence" if earlier_sentence else "same_question"): weight,
+                         "earlier_turns": earlier.salience if earlier is not None else 0.0},
                 plural=mention.plural, person=mention.person, other_number=mention.other_number,
             )
         pool = list(local.values()) + [a for a in candidates if a.key not in here]
