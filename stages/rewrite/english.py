@@ -67,6 +67,7 @@ EXTRAPOSING_VERBS = frozenset("cost take seem appear matter help hurt pay make r
 WEATHER_VERBS = frozenset("rain snow hail thunder drizzle".split())
 NUMERIC_LABELS = frozenset({"CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME"})
 NOT_IN_PHRASE = frozenset({"VERB", "AUX", "ADV", "SCONJ", "ADP", "PRON", "INTJ"})
+TYPE_NOUNS = frozenset("type kind sort variety style".split())
 ADVERBIAL_PREPOSITIONS = frozenset("in on at during within after before since until by".split())
 LEADING_DROPPED = frozenset({"a", "an", "some", "any", "this", "that", "these", "those", "my", "your", "our",
                              "his", "her", "its", "their", "which", "what", "another", "each", "every", "no"})
@@ -82,6 +83,10 @@ class EnglishHeuristics(BaseModel):
     one_anaphora: bool = Field(True, description="'a new one' -> 'a new <antecedent head phrase>'")
     number_agreement: bool = Field(
         True, description="a replacement takes the pronoun's number: 'they' after 'virtual machine' -> 'virtual machines'"
+    )
+    nominal_ellipsis: bool = Field(
+        True, description="a missing head noun gets the topic's: 'the largest' -> 'the largest mammal', "
+        "'so many' -> 'so many bees', 'what type' -> 'what type of orange tree'",
     )
     definite_descriptions: bool = Field(True, description="'the film' -> 'the Neverending Story film'")
     missing_topic: bool = Field(
@@ -440,6 +445,8 @@ class EnglishResolver:
                 if replacement is not None:
                     replacements.append(replacement)
                     taken.add(token.i)
+            if heuristics.nominal_ellipsis:
+                replacements.extend(self._nominal_ellipsis(doc, candidates, placed, taken))
             if heuristics.definite_descriptions:
                 replacements.extend(self._definites(doc, candidates, taken, mentions, turn))
             if heuristics.missing_topic and not replacements:
@@ -558,6 +565,45 @@ class EnglishResolver:
             ))
         return Replacement(token.idx, token.idx + len(token.text), token.text, bare, "one_anaphora",
                            f"'{token.lower_}' heading a noun phrase: the antecedent's head phrase", antecedent)
+
+    def _nominal_ellipsis(self, doc: "Doc", candidates: list[Antecedent], placed: list[_Placed],
+                          taken: set[int]) -> list[Replacement]:
+        """Noun phrases without their noun take the topic's: a superlative ('What is the largest in the
+        world?' -> 'the largest mammal'), 'so/how many' with no noun ('Why are so many dying?'), and a
+        wh-determined 'type/kind/sort/variety' with no complement ('What type has thorns?' -> 'What type
+        of orange tree')."""
+        here = {p.mention.key for p in placed}
+        topic = next((a for a in candidates if a.key not in here and not a.person), None)
+        if topic is None or topic.salience < self.weights.min_salience:
+            return []
+
+        def form(plural: bool) -> str:
+            text = topic.other_number if topic.other_number and topic.plural != plural else topic.bare
+            return text[4:] if text.lower().startswith("the ") else text
+
+        found = []
+        for token in doc:
+            if token.i in taken:
+                continue
+            nominal = token.dep_ in ARGUMENT_DEPS
+            if token.pos_ == "ADJ" and nominal and (
+                token.tag_ == "JJS" or any(c.lower_ in ("most", "least") for c in token.children)
+            ) and any(c.lower_ == "the" and c.dep_ == "det" for c in token.children):
+                insert, rule, plural = f" {form(False)}", f"superlative '{token.text}' without a noun", False
+            elif token.lower_ in ("many", "few") and token.head.pos_ in ("VERB", "AUX") and token.i > 0 \
+                    and doc[token.i - 1].lower_ in ("so", "how", "too"):
+                insert, rule, plural = f" {form(True)}", f"'{doc[token.i - 1].text} {token.text}' without a noun", True
+            elif token.lower_ in TYPE_NOUNS and any(c.dep_ == "det" and c.tag_ in ("WDT", "WP") for c in token.children) \
+                    and not any(c.dep_ == "prep" and c.lower_ == "of" for c in token.children) \
+                    and not (token.i + 1 < len(doc) and doc[token.i + 1].pos_ in ("NOUN", "PROPN")):
+                insert, rule, plural = f" of {form(False)}", f"'{token.text}' without its complement", False
+            else:
+                continue
+            end = token.idx + len(token.text)
+            found.append(Replacement(end, end, "", insert, "ellipsis",
+                                     f"{rule}: the topic's noun ('{topic.text}')", topic))
+            taken.add(token.i)
+        return found
 
     def _definites(self, doc: "Doc", candidates: list[Antecedent], taken: set[int], mentions: list[Mention],
                    turn: int) -> list[Replacement]:
