@@ -260,6 +260,13 @@ def noun_phrases(doc: "Doc") -> list["Span"]:
     """spaCy's noun chunks plus mis-tagged nominals (see :func:`_mistagged_nominal`), in text order."""
     chunks = list(doc.noun_chunks)
     covered = {token.i for chunk in chunks for token in chunk}
+    for chunk in list(chunks):
+        # people named inside a phrase about something else ("the Lewis and Clark expedition"): "they" may
+        # mean them ("What did they discover?"); coordinated names form one group
+        people = [e for e in doc.ents if e.label_ == "PERSON" and chunk.start <= e.start and e.end <= chunk.root.i
+                  and e.root.dep_ in ("compound", "nmod", "conj")]
+        if people:
+            chunks.append(doc[people[0].start : people[-1].end])
     for token in doc:
         if token.dep_ == "poss" and token.pos_ in ("PROPN", "NOUN"):
             # the possessor of "Melania Trump's religion" is a mention of its own (spaCy's chunk is the whole)
