@@ -242,9 +242,13 @@ NOMINAL_MODIFIER_DEPS = frozenset({"compound", "amod", "det", "nmod", "poss"})
 def _mistagged_nominal(token: "Token") -> bool:
     """A word the tagger got wrong in a place only a noun can be: 'Does melatonin help?' (melatonin: VERB,
     nsubj), 'What is blockchain?' (blockchain: ADJ, the complement of a 'What is ...?' question)."""
-    if token.pos_ not in MISTAGGED_POS or token.tag_ in ("WP", "WRB", "WDT") or not token.is_alpha:
+    if token.pos_ not in MISTAGGED_POS or token.tag_ in ("WP", "WRB", "WDT", "JJS", "JJR", "RBS", "RBR") \
+            or not token.is_alpha:
         return False
-    if token.dep_ in ARGUMENT_DEPS:
+    if any(child.lower_ in ("most", "least", "more", "less") for child in token.children):
+        return False  # "the most famous": an adjective whose noun is elided, see _nominal_ellipsis
+    if token.dep_ in ARGUMENT_DEPS and not (token.pos_ == "ADJ" and token.dep_ in ("attr", "oprd")):
+        # (a predicative adjective is an adjective: "Why is learning a language difficult?")
         # a real verb or adjective there governs its own clause; a mis-tagged noun governs nothing of that kind
         return not any(child.dep_ in ("nsubj", "nsubjpass", "aux", "auxpass", "dobj", "mark", "ccomp", "xcomp")
                        for child in token.children)
@@ -664,8 +668,8 @@ class EnglishResolver:
                 target = chunk
         if target is None:
             return None
-        topic = candidates[0]
-        if topic.salience < self.weights.min_salience or topic.person:
+        topic = next((a for a in candidates if not a.person), None)
+        if topic is None or topic.salience < self.weights.min_salience:
             return None
         # The phrase is relational ("the symptoms" of X: weak as a later antecedent), and X is mentioned
         # again, as its complement.
