@@ -88,6 +88,10 @@ class EnglishHeuristics(BaseModel):
         True, description="a missing head noun gets the topic's: 'the largest' -> 'the largest mammal', "
         "'so many' -> 'so many bees', 'what type' -> 'what type of orange tree'",
     )
+    acronyms: bool = Field(
+        True, description="an acronym whose letters are the initials of an earlier phrase is spelt out ('VMs' -> "
+        "'virtual machines')",
+    )
     definite_descriptions: bool = Field(True, description="'the film' -> 'the Neverending Story film'")
     missing_topic: bool = Field(
         True, description="append 'of <topic>' to a definite noun phrase of a question that names nothing"
@@ -456,6 +460,8 @@ class EnglishResolver:
                 if replacement is not None:
                     replacements.append(replacement)
                     taken.add(token.i)
+            if heuristics.acronyms:
+                replacements.extend(self._acronyms(doc, candidates, taken))
             if heuristics.nominal_ellipsis:
                 replacements.extend(self._nominal_ellipsis(doc, candidates, placed, taken))
             if heuristics.definite_descriptions:
@@ -559,6 +565,8 @@ class EnglishResolver:
             # "the largest one" after "mammals" -> "the largest mammal"; "important ones" after "database"
             bare, other = other, bare
         modifiers = [child for child in token.lefts if child.dep_ in ("amod", "compound", "nmod")]
+        for modifier in modifiers:  # "the largest one" after "the largest mammals": not "largest largest"
+            bare, other = _after_word(bare, modifier.lower_), _after_word(other, modifier.lower_) if other else other
         if modifiers:
             # "a smart one": a new, more specific entity (a smart garage door opener), which later
             # pronouns may mean ("How could they be hacked?")
@@ -577,6 +585,29 @@ class EnglishResolver:
         return Replacement(token.idx, token.idx + len(token.text), token.text, bare, "one_anaphora",
                            f"'{token.lower_}' heading a noun phrase: the antecedent's head phrase", antecedent)
 
+    def _acronyms(self, doc: "Doc", candidates: list[Antecedent], taken: set[int]) -> list[Replacement]:
+        """'VMs' after 'a virtual machine' -> 'virtual machines': the letters are the phrase's initials."""
+        found = []
+        for token in doc:
+            text = token.text
+            plural = len(text) > 2 and text.endswith("s") and text[:-1].isupper()
+            letters = text[:-1] if plural else text
+            if token.i in taken or not (2 <= len(letters) <= 6 and letters.isalpha() and letters.isupper()):
+                continue
+            for antecedent in candidates:
+                words = [w for w in antecedent.bare.split() if w.lower() not in ("a", "an", "the")]
+                if len(words) != len(letters) or any(w[0].lower() != l.lower() for w, l in zip(words, letters)):
+                    continue
+                expansion = antecedent.bare
+                if antecedent.other_number and antecedent.plural != plural:
+                    expansion = antecedent.other_number
+                expansion = expansion[4:] if expansion.lower().startswith("the ") else expansion
+                found.append(Replacement(token.idx, token.idx + len(text), text, expansion, "acronym",
+                                         f"'{text}' spells the initials of '{antecedent.text}'", antecedent))
+                taken.add(token.i)
+                break
+        return found
+
     def _nominal_ellipsis(self, doc: "Doc", candidates: list[Antecedent], placed: list[_Placed],
                           taken: set[int]) -> list[Replacement]:
         """Noun phrases without their noun take the topic's: a superlative ('What is the largest in the
@@ -588,9 +619,10 @@ class EnglishResolver:
         if topic is None or topic.salience < self.weights.min_salience:
             return []
 
-        def form(plural: bool) -> str:
+        def form(plural: bool, adjective: str = "") -> str:
             text = topic.other_number if topic.other_number and topic.plural != plural else topic.bare
-            return text[4:] if text.lower().startswith("the ") else text
+            text = text[4:] if text.lower().startswith("the ") else text
+            return _after_word(text, adjective)
 
         found = []
         for token in doc:
@@ -600,7 +632,7 @@ class EnglishResolver:
             if token.pos_ == "ADJ" and nominal and (
                 token.tag_ == "JJS" or any(c.lower_ in ("most", "least") for c in token.children)
             ) and any(c.lower_ == "the" and c.dep_ == "det" for c in token.children):
-                insert, rule, plural = f" {form(False)}", f"superlative '{token.text}' without a noun", False
+                insert, rule, plural = f" {form(False, token.lower_)}", f"superlative '{token.text}' without a noun", False
             elif token.lower_ in ("many", "few") and token.head.pos_ in ("VERB", "AUX") and token.i > 0 \
                     and doc[token.i - 1].lower_ in ("so", "how", "too"):
                 insert, rule, plural = f" {form(True)}", f"'{doc[token.i - 1].text} {token.text}' without a noun", True
@@ -691,6 +723,16 @@ class EnglishResolver:
             f"the question names nothing from the conversation; its definite phrase '{target.text}' is taken to be "
             "about the most salient entity", topic,
         )
+
+
+def _after_word(text: str, word: str) -> str:
+    """``text`` without its words up to ``word`` when ``word`` is one of them but not the last (the
+    modifier is already in the question: 'the largest' + 'largest mammals' -> 'mammals')."""
+    words = text.split()
+    lowered = [w.lower() for w in words]
+    if word and word in lowered[:-1]:
+        return " ".join(words[lowered.index(word) + 1 :])
+    return text
 
 
 def _mark_new(mentions: list[Mention], model: DiscourseModel) -> list[Mention]:

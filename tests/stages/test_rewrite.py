@@ -119,6 +119,105 @@ def test_missing_topic_ellipsis(stage):
     assert replacement["kind"] == "ellipsis" and replacement["original"] == ""
 
 
+@pytest.mark.parametrize(
+    ("history", "question", "expected"),
+    [
+        # the tagger calls 'blockchain' an adjective and 'melatonin' a verb; they are still what 'it' means
+        (["What is blockchain?"], "How does it work?", "How does blockchain work?"),
+        (["How do you sleep after jet lag?", "Does melatonin help?"], "How was it discovered?",
+         "How was melatonin discovered?"),
+        # a possessor is a mention of its own (spaCy's chunk is the whole 'Melania Trump's religion')
+        (["What is Melania Trump's religion?"], "Does she have children?", "Does Melania Trump have children?"),
+        # people named inside a phrase about something else
+        (["What were the purposes of the Lewis and Clark expedition?"], "What did they discover?",
+         "What did Lewis and Clark discover?"),
+        # what/how about X: X becomes the turn's subject
+        (["What is the relationship between predator and prey?", "What about Venus flytraps in particular?"],
+         "How do they catch prey?", "How do Venus flytraps catch prey?"),
+        # a wh-determined phrase is the question's unknown, not an antecedent
+        (["What is lavender?", "What variety is best for tea?"], "Is it edible?", "Is lavender edible?"),
+        # an earlier sentence of the same question holds the antecedent
+        (["Tell me about jazz in Chicago."], "I heard of the Green Mill. Where is that?",
+         "I heard of the Green Mill. Where is the Green Mill?"),
+    ],
+)
+def test_antecedents(stage, history, question, expected):
+    assert rewritten(stage, question, history) == expected
+
+
+@pytest.mark.parametrize(
+    ("history", "question", "expected"),
+    [
+        # the antecedent is in the question itself: the pronoun stays
+        (["Tell me about satellites."], "What is the Galileo system and why is it important?",
+         "What is the Galileo system and why is it important?"),
+        (["What is a stew?"], "Tell me about feijoada and its significance.",
+         "Tell me about feijoada and its significance."),
+        # once the question names the entity, a second pronoun for it stays
+        (["Tell me about Chicago."], "How did it get its name?", "How did Chicago get its name?"),
+    ],
+)
+def test_pronouns_the_question_resolves_itself_stay(stage, history, question, expected):
+    assert rewritten(stage, question, history) == expected
+
+
+@pytest.mark.parametrize(
+    ("history", "question", "expected"),
+    [
+        # the replacement takes the pronoun's number, and keeps the antecedent's article
+        (["What is a virtual machine?"], "How do they work?", "How do virtual machines work?"),
+        (["What is a virtual machine?"], "What are its advantages?", "What are a virtual machine's advantages?"),
+        (["Why do we eat turkeys?"], "Why is it eaten on Thanksgiving?", "Why is turkey eaten on Thanksgiving?"),
+        # one/ones take the number of the anaphor
+        (["What are the largest mammals?"], "What is the largest one on land?", "What is the largest mammal on land?"),
+        (["What is a real-time database?"], "What are examples of important ones?",
+         "What are examples of important real-time databases?"),
+        # 'a smart one' brings in a more specific entity that 'they' may mean later
+        (["How do you know when your garage door opener is going bad?", "What does a smart one do?"],
+         "How could they be hacked?", "How could smart garage door openers be hacked?"),
+    ],
+)
+def test_number_and_articles(stage, history, question, expected):
+    assert rewritten(stage, question, history) == expected
+
+
+@pytest.mark.parametrize(
+    ("history", "question", "expected"),
+    [
+        (["What are the largest mammals?"], "What is the largest in the world?", "What is the largest mammal in the world?"),
+        (["What are some interesting facts about bees?"], "Why are so many dying?", "Why are so many bees dying?"),
+        (["What are the different types of orange trees?"], "What type has thorns?",
+         "What type of orange tree has thorns?"),
+    ],
+)
+def test_nominal_ellipsis_takes_the_topic_noun(stage, history, question, expected):
+    assert rewritten(stage, question, history) == expected
+    (replacement,) = rewrite(stage, question, history).details["replacements"]
+    assert replacement["kind"] == "ellipsis" and "the topic's noun" in replacement["heuristic"]
+
+
+def test_acronym_spelling_out_an_earlier_phrase(stage):
+    result = rewrite(stage, "What are the main types of VMs?", ["What is a virtual machine?"])
+    assert result.query.rewritten == "What are the main types of virtual machines?"
+    (replacement,) = result.details["replacements"]
+    assert replacement["kind"] == "acronym" and replacement["original"] == "VMs"
+    # an acronym nothing spells out stays
+    assert rewritten(stage, "What is the cause of CCD?", ["Tell me about bees."]) == "What is the cause of CCD?"
+
+
+def test_each_heuristic_can_be_switched_off(glossary_dir):
+    off = CoreferenceRewrite("rewrite", CoreferenceParams(heuristics={
+        "nominal_ellipsis": False, "acronyms": False, "number_agreement": False, "missing_topic": False}))
+    off.warm_up(Resources(None, glossary_dir))
+    assert rewritten(off, "What is the largest in the world?", ["What are the largest mammals?"]) == (
+        "What is the largest in the world?"
+    )
+    assert rewritten(off, "What are the main types of VMs?", ["What is a virtual machine?"]) == (
+        "What are the main types of VMs?"
+    )
+    assert rewritten(off, "How do they work?", ["What is a virtual machine?"]) == "How do a virtual machine work?"
+
+
 def test_plural_and_singular_pronouns_in_one_question_are_disjoint(stage):
     history = ["Tell me about the Bronze Age collapse.", "Who were the Sea Peoples?"]
     assert rewritten(stage, "What was their role in it?", history) == (
