@@ -139,8 +139,9 @@ def _role(token: "Token") -> str:
         return "subject"
     if token.dep_ in OBJECT_DEPS:
         return "object"
-    if token.dep_ == "pobj" and token.head.lower_ == "about" and token.head.dep_ == "ROOT":
-        return "subject"  # "What about X?", "How about X?": X is what the turn is about
+    if token.dep_ == "pobj" and (token.head.lower_ == "about" and token.head.dep_ == "ROOT" or (
+            token.head.dep_ == "prep" and token.head.head.lower_ == "about" and token.head.head.dep_ == "ROOT")):
+        return "subject"  # "What about X?", "How about for X?": X is what the turn is about
     if token.dep_ == "pobj":
         preposition, governor = token.head, token.head.head
         if preposition.lower_ == "of" and governor.pos_ in ("NOUN", "PROPN", "PRON"):
