@@ -188,6 +188,26 @@ class RulesPrefilter(Stage):
     def identity(self) -> dict[str, Any] | None:
         return _identity(self)
 
+    def denying_rules(self, query: Query, row: int) -> list[str]:
+        """The ids of the rules that deny index row ``row`` for ``query``, evaluated as :meth:`run` does
+        (a rule inactive at ``as_of`` or whose ``when`` is false denies nothing; a rule whose ``when``
+        fails applies, and a rule that fails on the document denies it: access rules fail closed)."""
+        view = QueryView(query)
+        denying = []
+        for rule in self._ruleset.rules:
+            if rule.inactive_reason(query.as_of) is not None:
+                continue
+            holds, _, error = _when(rule, view)
+            if error is None and not holds:
+                continue
+            assert rule.match is not None
+            view.errors = []
+            matched = bool(rule.match.vector(self._table, view)[row])
+            denied = matched if rule.effect == "exclude" else not matched
+            if denied or any(r == row for r, _ in view.errors):
+                denying.append(rule.id)
+        return denying
+
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
 

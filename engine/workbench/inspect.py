@@ -176,34 +176,10 @@ def _position(candidates: list[Candidate] | None, doc_id: str) -> tuple[int, Can
 
 
 def _denying_rules(pipeline: InspectingPipeline, stage_id: str, query: Query, row: int) -> list[str] | None:
-    """Which rules of a rules.prefilter stage deny ``row`` for ``query``; None when it cannot be told.
-
-    Re-evaluates the stage's compiled rules for one row, exactly as the stage's run does (rules
-    that do not apply at ``as_of`` or whose ``when`` is false deny nothing; a rule whose ``when``
-    fails applies, since access rules fail closed).
-    """
-    stage = pipeline.compiled.stages[stage_id]
-    ruleset = getattr(stage, "_ruleset", None)
-    table = getattr(stage, "_table", None)
-    if ruleset is None or table is None:
-        return None
-    from rules.conditions import QueryView
-    from stages.rules import _when
-
-    view = QueryView(query)
-    denying = []
-    for rule in ruleset.rules:
-        if rule.inactive_reason(query.as_of) is not None:
-            continue
-        holds, _, error = _when(rule, view)
-        if error is None and not holds:
-            continue
-        view.errors = []
-        matched = bool(rule.match.vector(table, view)[row])
-        denied = matched if rule.effect == "exclude" else not matched
-        if denied or any(r == row for r, _ in view.errors):
-            denying.append(rule.id)
-    return denying
+    """Which rules of a mask stage deny ``row`` for ``query`` (``rules.prefilter.denying_rules``); None when
+    the stage type cannot say."""
+    denying_rules = getattr(pipeline.compiled.stages[stage_id], "denying_rules", None)
+    return denying_rules(query, row) if denying_rules is not None else None
 
 
 def _probe_recall(pipeline: InspectingPipeline, stage_id: str, query: Query, row: int, doc_id: str) -> dict[str, Any] | None:
