@@ -142,17 +142,36 @@ def _user_context(user: str | None, roles: list[str] | None, groups: list[str] |
     )
 
 
+# The query context options `search` and `explain` share (one definition each).
+HistoryOption = Annotated[Optional[list[str]], typer.Option("--history", "-H", help="earlier turns, oldest first")]
+UserOption = Annotated[Optional[str], typer.Option("--user", help="user id")]
+RoleOption = Annotated[Optional[list[str]], typer.Option("--role", help="user role (repeatable)")]
+GroupOption = Annotated[Optional[list[str]], typer.Option("--group", help="user group (repeatable)")]
+JurisdictionOption = Annotated[Optional[list[str]], typer.Option("--jurisdiction", help="user jurisdiction (repeatable)")]
+AsOfOption = Annotated[Optional[str], typer.Option("--as-of", help="query time, ISO 8601 (default: now)")]
+IndexOption = Annotated[Optional[Path], typer.Option("--index", help="override the config's index")]
+
+
+def _make_query(pipeline: Any, text: str, history: Optional[list[str]], user: Optional[str],
+                roles: Optional[list[str]], groups: Optional[list[str]], jurisdictions: Optional[list[str]],
+                as_of: Optional[str]) -> Any:
+    return pipeline.make_query(
+        text, history=tuple(history or ()), user=_user_context(user, roles, groups, jurisdictions),
+        as_of=_parse_time(as_of, "--as-of"),
+    )
+
+
 @app.command()
 def search(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     query: Annotated[str, typer.Argument(help="the query text")],
-    history: Annotated[Optional[list[str]], typer.Option("--history", "-H", help="earlier turns, oldest first")] = None,
-    user: Annotated[Optional[str], typer.Option(help="user id")] = None,
-    role: Annotated[Optional[list[str]], typer.Option(help="user role (repeatable)")] = None,
-    group: Annotated[Optional[list[str]], typer.Option(help="user group (repeatable)")] = None,
-    jurisdiction: Annotated[Optional[list[str]], typer.Option(help="user jurisdiction (repeatable)")] = None,
-    as_of: Annotated[Optional[str], typer.Option("--as-of", help="query time, ISO 8601 (default: now)")] = None,
-    index_dir: Annotated[Optional[Path], typer.Option("--index", help="override the config's index")] = None,
+    history: HistoryOption = None,
+    user: UserOption = None,
+    role: RoleOption = None,
+    group: GroupOption = None,
+    jurisdiction: JurisdictionOption = None,
+    as_of: AsOfOption = None,
+    index_dir: IndexOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results and trace as JSON")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="show each result's explanation tree")] = False,
     trace_out: Annotated[Optional[Path], typer.Option("--trace-out", help="also write the trace to this file")] = None,
@@ -164,13 +183,7 @@ def search(
     from engine.trace import write_json_atomic
 
     pipeline = Pipeline.from_file(config, index_path=index_dir)
-    q = pipeline.make_query(
-        query,
-        history=tuple(history or ()),
-        user=_user_context(user, role, group, jurisdiction),
-        as_of=_parse_time(as_of, "--as-of"),
-    )
-    result = pipeline.run(q)
+    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of))
     trace = result.trace
     log_path = None if no_log else pipeline.log_trace(trace, log)
     if trace_out is not None:
@@ -378,13 +391,13 @@ def explain_command(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     query: Annotated[str, typer.Argument(help="the query text")],
     docs: Annotated[Optional[list[str]], typer.Option("--doc", help="why not this document? (repeatable)")] = None,
-    history: Annotated[Optional[list[str]], typer.Option("--history", "-H", help="earlier turns, oldest first")] = None,
-    user: Annotated[Optional[str], typer.Option(help="user id")] = None,
-    role: Annotated[Optional[list[str]], typer.Option(help="user role (repeatable)")] = None,
-    group: Annotated[Optional[list[str]], typer.Option(help="user group (repeatable)")] = None,
-    jurisdiction: Annotated[Optional[list[str]], typer.Option(help="user jurisdiction (repeatable)")] = None,
-    as_of: Annotated[Optional[str], typer.Option("--as-of", help="query time, ISO 8601 (default: now)")] = None,
-    index_dir: Annotated[Optional[Path], typer.Option("--index", help="override the config's index")] = None,
+    history: HistoryOption = None,
+    user: UserOption = None,
+    role: RoleOption = None,
+    group: GroupOption = None,
+    jurisdiction: JurisdictionOption = None,
+    as_of: AsOfOption = None,
+    index_dir: IndexOption = None,
     top: Annotated[Optional[int], typer.Option(help="explain only the first N results (default: all)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print explanations and verdicts as JSON")] = False,
     trace_out: Annotated[Optional[Path], typer.Option("--trace-out", help="also write the trace to this file")] = None,
@@ -399,11 +412,7 @@ def explain_command(
     pipeline = InspectingPipeline(compile_file(config), index_path=index_dir)
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
-    q = pipeline.make_query(
-        query, history=tuple(history or ()), user=_user_context(user, role, group, jurisdiction),
-        as_of=_parse_time(as_of, "--as-of"),
-    )
-    result = pipeline.run(q)
+    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of))
     trace = result.trace
     if trace_out is not None:
         write_json_atomic(trace_out, trace)
