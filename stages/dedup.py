@@ -288,23 +288,20 @@ class NearDuplicateFilter(Stage):
         scores = np.asarray([c.score for c in pool], dtype=np.float64)
         span = scores.max() - scores.min()
         relevance = np.ones_like(scores) if span == 0 else (scores - scores.min()) / span
-        remaining = list(range(top))
-        chosen: list[int] = []
+        # redundancy[i]: max similarity of pool[i] to the documents selected so far, kept up to date with
+        # one vector maximum per step (O(top^2) in all, not a max over the selected set per step).
+        redundancy = np.zeros(top)
+        available = np.ones(top, dtype=bool)
         ordered: list[Candidate] = []
-        while remaining:
-            if chosen:
-                redundancy = similarity[np.ix_(remaining, chosen)].max(axis=1)
-            else:
-                redundancy = np.zeros(len(remaining))
-            values = lam * relevance[remaining] - (1.0 - lam) * redundancy
-            # Highest MMR value; ties go to the better-ranked input (remaining is in input order).
-            pick = int(np.argmax(values))
-            position = remaining.pop(pick)
-            chosen.append(position)
+        for _ in range(top):
+            values = np.where(available, lam * relevance - (1.0 - lam) * redundancy, -np.inf)
+            position = int(np.argmax(values))  # ties go to the better-ranked input (the lowest position)
+            available[position] = False
             candidate = pool[position]
-            value = float(values[pick])
-            notes[candidate.doc_id] = (value, float(relevance[position]), float(redundancy[pick]))
+            value = float(values[position])
+            notes[candidate.doc_id] = (value, float(relevance[position]), float(redundancy[position]))
             ordered.append(candidate.with_score(ScoreEntry(self.id, "mmr", value, len(ordered) + 1)))
+            np.maximum(redundancy, similarity[:top, position], out=redundancy)
         return ordered + survivors[top:]
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
@@ -320,6 +317,6 @@ class NearDuplicateFilter(Stage):
         if note is not None:
             details.append(Explanation(note[1], "rel: current score min-max normalised over the survivors"))
             details.append(Explanation(note[2], "max similarity to the documents selected before it"))
-        for doc_id, similarity in found[1]["absorbed"].get(candidate.doc_id, []):
+        for doc_id, similarity in found["absorbed"].get(candidate.doc_id, []):
             details.append(Explanation(similarity, f"absorbed near-duplicate '{doc_id}'"))
         return Explanation(value, description, tuple(details))

@@ -433,6 +433,44 @@ def test_mmr_orders_survivors_and_writes_its_own_entries(tmp_path, dup_index):
     assert all(c.ledger[-1].signal == "mmr" and c.ledger[-1].rank == r for r, c in enumerate(diverse.candidates, 1))
 
 
+@pytest.mark.parametrize("lam, top", [(0.3, None), (0.7, None), (0.5, 6)])
+def test_mmr_matches_the_textbook_greedy_selection(tmp_path, dup_index, lam, top):
+    """The incremental maximum gives exactly the order of recomputing max sim to the selected set each step."""
+    import numpy as np
+
+    incoming = candidates(dup_index, ranked_ids(dup_index))
+    params = f"{{threshold: 1.0, mmr_lambda: {lam}" + (f", mmr_top: {top}}}" if top else "}")
+    pipeline = dedup_pipeline(tmp_path, dup_index, params)
+    result = run_stage(pipeline, "dedup", incoming, Query.create("anything", as_of=AS_OF))
+    survivors = [c for c in incoming if c.doc_id in {r.doc_id for r in result.candidates}]
+    n = len(survivors) if top is None else top
+    sim = np.asarray(pipeline.compiled.stages["dedup"].similarity_matrix([c.row for c in survivors[:n]]))
+    scores = np.asarray([c.score for c in survivors[:n]])
+    rel = (scores - scores.min()) / (scores.max() - scores.min())
+    chosen: list[int] = []
+    while len(chosen) < n:
+        rest = [i for i in range(n) if i not in chosen]
+        values = [lam * rel[i] - (1 - lam) * (max(sim[i, j] for j in chosen) if chosen else 0.0) for i in rest]
+        chosen.append(rest[int(np.argmax(values))])
+    expected = [survivors[i].doc_id for i in chosen] + [c.doc_id for c in survivors[n:]]
+    assert [c.doc_id for c in result.candidates] == expected
+
+
+def test_mmr_explanation_lists_relevance_redundancy_and_absorbed_duplicates(tmp_path, dup_index):
+    incoming = candidates(dup_index, ranked_ids(dup_index))
+    query = Query.create("anything", as_of=AS_OF)
+    pipeline = dedup_pipeline(tmp_path, dup_index, "{mmr_lambda: 0.5}")
+    result = run_stage(pipeline, "dedup", incoming, query)
+    first = result.candidates[0]
+    assert first.doc_id == "copy-of-0" and result.details["absorbed"]["copy-of-0"]
+    explanation = pipeline.compiled.stages["dedup"].explain(query, first, first.score, 1, True)
+    descriptions = [d.description for d in explanation.details]
+    assert explanation.description.startswith("MMR: 0.5 x rel")
+    assert descriptions[:2] == ["rel: current score min-max normalised over the survivors",
+                                "max similarity to the documents selected before it"]
+    assert any(d.startswith("absorbed near-duplicate") for d in descriptions)
+
+
 @pytest.mark.parametrize("params, message", [
     ("{threshold: 0}", "threshold"),
     ("{threshold: 1.2}", "threshold"),
