@@ -121,6 +121,10 @@ class GraphView:
     def node(self, stage_id: str) -> StageNode:
         return self._nodes[stage_id]
 
+    def nodes(self) -> list[StageNode]:
+        """Every stage of the pipeline, in the order the config lists them."""
+        return list(self._nodes.values())
+
     def ancestors(self, stage_id: str) -> list[StageNode]:
         """Every stage upstream of ``stage_id`` (transitively), in no particular order."""
         seen: dict[str, StageNode] = {}

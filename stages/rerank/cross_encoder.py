@@ -426,8 +426,7 @@ class CrossEncoderRerank(Stage):
         params = node.params
         assert isinstance(params, CrossEncoderParams)
         issues = []
-        nodes: dict[str, StageNode] = getattr(graph, "_nodes", {})  # GraphView has no public node list yet
-        for other in nodes.values():
+        for other in graph.nodes():
             if other.cls.type_name != "select.top_k" or node.id not in {a.id for a in graph.ancestors(other.id)}:
                 continue
             k = getattr(other.params, "k", None)
