@@ -65,6 +65,9 @@ GENERIC_HEADS = frozenset(
 # Verbs and adjectives-with-"be" that take an extraposed clause with a dummy "it" subject.
 EXTRAPOSING_VERBS = frozenset("cost take seem appear matter help hurt pay make require mean happen".split())
 WEATHER_VERBS = frozenset("rain snow hail thunder drizzle".split())
+# Adjectives of "tough movement": "it is hard to learn" may say something of "it".
+TOUGH_ADJECTIVES = frozenset("easy easier easiest hard harder hardest difficult tough tougher simple simpler "
+                             "impossible pleasant fun".split())
 NUMERIC_LABELS = frozenset({"CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME"})
 NOT_IN_PHRASE = frozenset({"VERB", "AUX", "ADV", "SCONJ", "ADP", "PRON", "INTJ"})
 TYPE_NOUNS = frozenset("type kind sort variety style".split())
@@ -312,18 +315,27 @@ def _pleonastic(token: "Token") -> bool:
     if head.lemma_ in WEATHER_VERBS:
         return True
     extraposed = False
+    infinitive = None
     for other in head.subtree:
         if other.i <= token.i:
             continue
         if other.tag_ == "TO" and other.head.pos_ in ("VERB", "AUX") and other.head.i > other.i:
             extraposed = True
+            infinitive = other.head
         if other.dep_ == "mark" and other.lower_ in ("that", "whether", "if") and other.head.head == head:
             extraposed = True
     if not extraposed:
         return False
     if head.lemma_ in EXTRAPOSING_VERBS:
         return True
-    return head.lemma_ == "be" and any(c.dep_ in ("acomp", "attr") and c.pos_ == "ADJ" for c in head.children)
+    adjectives = [c for c in head.children if c.dep_ in ("acomp", "attr") and c.pos_ == "ADJ"]
+    if head.lemma_ != "be" or not adjectives:
+        return False
+    # "Is it easier to learn than Spanish?": a tough adjective whose infinitive lacks its object says
+    # something of "it" (it is easy to learn it), so "it" refers
+    tough = any(a.lemma_.lower() in TOUGH_ADJECTIVES or a.lower_ in TOUGH_ADJECTIVES for a in adjectives)
+    return not (tough and infinitive is not None and not any(c.dep_ in ("dobj", "ccomp", "xcomp")
+                                                             for c in infinitive.children))
 
 
 def _demonstrative_pronoun(token: "Token") -> bool:

@@ -81,6 +81,9 @@ def rewritten(stage: CoreferenceRewrite, text: str, history: list[str]) -> str:
         # pleonastic it stays
         (["What is throat cancer?"], "Is it possible to survive without treatment?",
          "Is it possible to survive without treatment?"),
+        # ... but with a tough adjective and an infinitive missing its object, "it" refers
+        (["How can I begin learning Norwegian?"], "Is it easier to learn than Spanish?",
+         "Is Norwegian easier to learn than Spanish?"),
         # one-anaphora
         (["How do you know when your garage door opener is going bad?"], "How do I choose a new one?",
          "How do I choose a new garage door opener?"),
