@@ -110,6 +110,7 @@ class Antecedent:
     person: bool
     other_number: str | None = None  # ``text`` in the other grammatical number, where it can be formed
     maybe_person: bool = False  # a one-word proper noun: NER often misses or mislabels first names ('Ivanka')
+    proper: bool = False  # its written form is a proper noun phrase
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "turn": self.turn, "named_in_turn": self.named_turn, "salience": round(self.salience, 4),
@@ -168,7 +169,7 @@ class DiscourseModel:
                 key=key, text=named.text, bare=named.bare, turn=latest.turn, named_turn=named.turn, salience=recency + first,
                 factors={"recency_weighted_mentions": recency, "first_turn_topic": first, "mentions": float(len(mentions))},
                 plural=named.plural, person=any(m.person for m in mentions), other_number=named.other_number,
-                maybe_person=named.proper and len(named.text.split()) == 1,
+                maybe_person=named.proper and len(named.text.split()) == 1, proper=named.proper,
             ))
         ranked.sort(key=lambda a: (-a.salience, -a.turn, a.key))
         return ranked

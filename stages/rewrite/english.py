@@ -142,9 +142,8 @@ def _role(token: "Token") -> str:
         return "subject"
     if token.dep_ in OBJECT_DEPS:
         return "object"
-    if token.dep_ == "pobj" and (token.head.lower_ == "about" and token.head.dep_ == "ROOT" or (
-            token.head.dep_ == "prep" and token.head.head.lower_ == "about" and token.head.head.dep_ == "ROOT")):
-        return "subject"  # "What about X?", "How about for X?": X is what the turn is about
+    if token.dep_ == "pobj" and token.head.lower_ == "about" and token.head.dep_ == "ROOT":
+        return "subject"  # "What about X?", "How about X?": X is what the turn is about
     if token.dep_ == "pobj":
         preposition, governor = token.head, token.head.head
         if preposition.lower_ == "of" and governor.pos_ in ("NOUN", "PROPN", "PRON"):
@@ -628,7 +627,8 @@ class EnglishResolver:
         wh-determined 'type/kind/sort/variety' with no complement ('What type has thorns?' -> 'What type
         of orange tree')."""
         here = {p.mention.key for p in placed}
-        topic = next((a for a in candidates if a.key not in here and not a.person), None)
+        # a common noun: what a superlative or 'so many' leaves out is never a name
+        topic = next((a for a in candidates if a.key not in here and not a.person and not a.proper), None)
         if topic is None or topic.salience < self.weights.min_salience:
             return []
 
@@ -644,7 +644,7 @@ class EnglishResolver:
             nominal = token.dep_ in ARGUMENT_DEPS
             if token.pos_ == "ADJ" and nominal and (
                 token.tag_ == "JJS" or any(c.lower_ in ("most", "least") for c in token.children)
-            ) and any(c.lower_ == "the" and c.dep_ == "det" for c in token.children):
+            ) and any(c.lower_ == "the" and c.dep_ == "det" for c in token.children) and not _has_noun_subject(token):
                 insert, rule, plural = f" {form(False, token.lower_)}", f"superlative '{token.text}' without a noun", False
             elif token.lower_ in ("many", "few") and token.head.pos_ in ("VERB", "AUX") and token.i > 0 \
                     and doc[token.i - 1].lower_ in ("so", "how", "too"):
@@ -736,6 +736,12 @@ class EnglishResolver:
             f"the question names nothing from the conversation; its definite phrase '{target.text}' is taken to be "
             "about the most salient entity", topic,
         )
+
+
+def _has_noun_subject(adjective: "Token") -> bool:
+    """'Which museums are the most popular?': the clause's own subject supplies the superlative's noun."""
+    return any(child.dep_ in SUBJECT_DEPS and child.i != adjective.i and child.pos_ in ("NOUN", "PROPN")
+               for child in adjective.head.children)
 
 
 def _after_word(text: str, word: str) -> str:
