@@ -68,6 +68,7 @@ def replay_trace(
             "index manifest differs: trace "
             f"{str(recorded_index.get('manifest_sha256'))[:12]}, now {str(now_index.get('manifest_sha256'))[:12]}"
         )
+    differences.extend(_model_differences(trace.get("models") or [], result.trace.get("models") or []))
     before = [(r["doc_id"], r["score"]) for r in trace.get("results", [])]
     after = [(r["doc_id"], r["score"]) for r in result.trace["results"]]
     if len(before) != len(after):
@@ -88,3 +89,27 @@ def replay_trace(
         "index_manifest_sha256": now_index.get("manifest_sha256") or "",
         "replay_trace_id": result.trace["trace_id"],
     }
+
+
+MODEL_FIELDS = ("weights_sha256", "device", "precision", "max_length")
+
+
+def _model_differences(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:
+    """How each stage's model differs between the trace and the replay: other weights, or the same
+    weights run differently (``device``/``precision: auto`` resolve per machine: bf16 on a CPU with
+    native bf16, fp16 on CUDA), which changes scores in their last digits."""
+    current = {m.get("stage"): m for m in now}
+    differences = []
+    for model in recorded:
+        stage = model.get("stage")
+        other = current.get(stage)
+        if other is None:
+            differences.append(f"stage '{stage}' recorded a model ({model.get('model')}); the replay used none")
+            continue
+        changed = [f"{field} {model.get(field)!r} -> {other.get(field)!r}" for field in MODEL_FIELDS
+                   if model.get(field) != other.get(field)]
+        if changed:
+            hint = ("; pin device and precision in the config for bit-identical replays across machines"
+                    if any(c.startswith(("device", "precision")) for c in changed) else "")
+            differences.append(f"model of stage '{stage}' differs: {', '.join(changed)}{hint}")
+    return differences

@@ -164,6 +164,24 @@ def test_weights_stored_as_fp16_run_in_fp32_and_bf16_on_cpu(tmp_path, bm25_index
         assert scores["bf16"][doc_id] == pytest.approx(value, abs=5e-2)
 
 
+def test_replay_names_a_model_run_at_another_precision(tiny_classifier, bm25_index, write_config):
+    """precision: auto resolves per machine (bf16 on CPUs with native bf16); a trace recorded on another
+    machine replays with a stated reason for its score differences, not bare score mismatches."""
+    from engine.replay import replay_trace
+
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_classifier}, window: 5}}")
+    trace = pipeline.search(QUERY).trace
+    assert replay_trace(trace)["identical"]
+    recorded = next(m for m in trace["models"] if m["stage"] == "rerank")
+    here = recorded["precision"]
+    recorded["precision"] = "fp32" if here == "bf16" else "bf16"  # as if recorded on the other kind of CPU
+    report = replay_trace(trace)
+    assert not report["identical"]
+    (difference,) = [d for d in report["differences"] if d.startswith("model of stage 'rerank'")]
+    assert f"precision '{recorded['precision']}' -> '{here}'" in difference
+    assert "pin device and precision" in difference
+
+
 # --------------------------------------------------------------------------- segment_cosine
 
 
