@@ -299,7 +299,8 @@ def _progress_bar(description: str):  # type: ignore[no-untyped-def]
     )
 
 
-def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, limit: int | None, recall_k: int, label: str):  # type: ignore[no-untyped-def]
+def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, limit: int | None, recall_k: int, label: str,  # type: ignore[no-untyped-def]
+              trace_log: Path | None = None):
     """Evaluate one config with a progress bar on stderr."""
     from engine.workbench.evaluate import evaluate_pipeline
 
@@ -314,7 +315,7 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
 
         return evaluate_pipeline(
             config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,
-            on_start=start, progress=advance,
+            on_start=start, progress=advance, trace_log=trace_log,
         )
 
 
@@ -330,13 +331,15 @@ def eval_command(
     per_query: Annotated[bool, typer.Option("--per-query", help="with --json: include per-query figures")] = False,
     run_out: Annotated[Optional[Path], typer.Option("--run-out", help="save the run (TREC format) for compare/reuse")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="also write the JSON report to this file")] = None,
+    trace_log: Annotated[Optional[Path], typer.Option(
+        "--trace-log", help="append every query's trace to this hash-chained log (for audit or `sieve explain`)")] = None,
 ) -> None:
     """Evaluate a pipeline on a BEIR split: nDCG@10, MRR@10, Recall@k, MAP (pytrec_eval) and latency."""
     from engine.evaluation import write_trec_run
     from engine.trace import write_json_atomic
     from engine.workbench.evaluate import ordered_metric_names
 
-    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}")
+    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log)
     if run_out is not None:
         write_trec_run(report.run, run_out, tag=(report.pipeline_name or config.stem).replace(" ", "_"))
         report.run_file = str(run_out)

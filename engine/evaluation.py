@@ -89,11 +89,13 @@ def run_pipeline(
     pipeline: Any,
     queries: dict[str, str],
     progress: Callable[[int], None] | None = None,
+    trace_log: Path | None = None,
 ) -> RunOutput:
-    """Run every query through a warmed-up :class:`engine.pipeline.Pipeline`; no trace log written.
+    """Run every query through a warmed-up :class:`engine.pipeline.Pipeline`.
 
     Ranks are turned into strictly decreasing run scores so that trec_eval (which sorts by score)
-    sees exactly the pipeline's order, pins and ties included.
+    sees exactly the pipeline's order, pins and ties included. With ``trace_log``, every query's
+    trace is appended to that hash-chained log (after its latency is taken); without, none is written.
     """
     pipeline.warm_up()
     output = RunOutput(run={})
@@ -101,6 +103,8 @@ def run_pipeline(
         began = time.perf_counter()
         result = pipeline.search(text)
         output.latency_ms.append((time.perf_counter() - began) * 1000.0)
+        if trace_log is not None:
+            pipeline.log_trace(result.trace, trace_log)
         for stage in result.trace["stages"]:
             output.stage_latency_ms.setdefault(stage["id"], []).append(stage["duration_ms"])
         total = len(result.results)

@@ -85,6 +85,7 @@ class EvalReport:
     run: dict[str, dict[str, float]] = field(repr=False)
     machine: dict[str, Any] = field(default_factory=machine_summary)
     run_file: str | None = None
+    trace_log: str | None = None  # where each query's trace was appended, if anywhere
 
     def to_json(self, *, per_query: bool = False) -> dict[str, Any]:
         """The ``--json`` document; per-query figures only when asked (they are long)."""
@@ -102,6 +103,7 @@ class EvalReport:
             "latency_ms": self.latency_ms,
             "stage_latency_ms": self.stage_latency_ms,
             "run_file": self.run_file,
+            "trace_log": self.trace_log,
             "machine": self.machine,
         }
         if per_query:
@@ -131,6 +133,7 @@ def evaluate_pipeline(
     recall_k: int = 10,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    trace_log: Path | None = None,
 ) -> EvalReport:
     """Run ``config`` over the judged queries of ``dataset``/``split`` and score the run."""
     from engine.pipeline import Pipeline
@@ -147,7 +150,7 @@ def evaluate_pipeline(
     pipeline.warm_up()
     if on_start is not None:
         on_start(len(queries))
-    output: RunOutput = run_pipeline(pipeline, queries, progress)
+    output: RunOutput = run_pipeline(pipeline, queries, progress, trace_log=trace_log)
     per_query = per_query_metrics(output.run, qrels, measures)
     compiled = pipeline.compiled
     resources = pipeline.resources
@@ -170,4 +173,5 @@ def evaluate_pipeline(
             for sid, values in output.stage_latency_ms.items()
         },
         run=output.run,
+        trace_log=str(trace_log) if trace_log is not None else None,
     )

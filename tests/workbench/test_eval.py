@@ -62,6 +62,23 @@ def test_eval_json_out_and_per_query(cli_json, mini_config, mini_corpus: Path, t
     assert len(report["per_query"]) == 4
 
 
+def test_eval_trace_log_holds_every_query_and_replays(cli_json, mini_config, mini_corpus: Path, tmp_path: Path):
+    from engine.replay import replay_trace
+    from engine.trace import TraceLog
+
+    log = tmp_path / "eval-traces.jsonl"
+    report = cli_json("eval", mini_config(), "--dataset", mini_corpus, "--limit", "5", "--trace-log", log)
+    assert report["trace_log"] == str(log)
+    records = [record["trace"] for record in TraceLog(log).records()]
+    assert len(records) == 5
+    queries = load_beir(mini_corpus, "test").queries
+    assert [r["query"]["text"] for r in records] == list(queries.values())[:5]
+    assert run_sieve("trace", "verify", log).returncode == 0
+    assert replay_trace(records[0])["identical"]
+    # without --trace-log, nothing is written anywhere
+    assert cli_json("eval", mini_config(), "--dataset", mini_corpus, "--limit", "2")["trace_log"] is None
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
