@@ -13,8 +13,26 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+BUILD = ROOT / "build" / "bench"  # indexes and configs the benchmarks make (git-ignored)
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+SHIPPED_RERANKER = ROOT / "models" / "sieve-reranker-scifact-minilm"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never reach for a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def scifact_bm25_index() -> Path:
+    """The BM25 index of the full SciFact corpus under build/bench, built when missing or stale."""
+    from engine.index import Index, build_index
+
+    index_dir = BUILD / "scifact-index"
+    try:
+        Index.open(index_dir, verify=False)
+    except Exception:  # noqa: BLE001 - (re)build when missing or stale
+        print(f"building the BM25 index of {SCIFACT} in {index_dir}")
+        build_index(SCIFACT, index_dir, {"bm25": {}})
+    return index_dir
 
 
 def host(**libraries: str) -> dict[str, Any]:

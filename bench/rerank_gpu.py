@@ -229,7 +229,7 @@ def main() -> None:
 
         # fp16 vs fp32 on the same GPU, same pairs.
         fp16_scores = score_ours(batch_sizes[0])
-        del reference
+        reference = None  # free the second copy of the weights
         ours.model.float()
         ours.precision = "fp32"
         fp32_scores = score_ours(batch_sizes[0])
@@ -245,7 +245,7 @@ def main() -> None:
         }
         print(f"fp16 vs fp32: max |diff| {results['fp16_vs_fp32']['max_abs_difference']:.2e} on a score range of "
               f"{spread:.2e}; fp32 {fp32_time * 1000:.1f} ms")
-        del ours
+        ours = None  # free the GPU memory for the pipeline's own copy
 
         results["pipeline"] = pipeline_run(model_dir, args.assets, scratch, device, batch_sizes[0], args.max_length,
                                            args.repeats)

@@ -19,7 +19,6 @@ Writes bench/results/rerank_quality.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -27,13 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, machine, machine_line, write_results  # noqa: E402
+from _common import BUILD, ROOT, machine, machine_line, scifact_bm25_index, write_results  # noqa: E402
+from _common import SCIFACT as DATA  # noqa: E402
+from _common import SHIPPED_RERANKER as SHIPPED  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-DATA = ROOT.parent / "shared" / "data" / "scifact"
-SHIPPED = ROOT / "models" / "sieve-reranker-scifact-minilm"
-BUILD = ROOT / "build" / "bench"
 
 # Reference points (not measured here): see DESIGN.md "Bars to beat".
 REFERENCES = {
@@ -67,7 +63,6 @@ def main() -> None:
 
     import stages  # noqa: F401  (registers the stage types)
     from engine.evaluation import evaluate_run, load_beir, percentile
-    from engine.index import Index, build_index
     from engine.models import model_card
     from engine.pipeline import Pipeline
     from engine.registry import UnknownStageType, resolve_stage
@@ -77,12 +72,7 @@ def main() -> None:
     data = load_beir(DATA, "test")
     queries = dict(list(data.queries.items())[: args.limit]) if args.limit else data.queries
     qrels = {q: data.qrels[q] for q in queries}
-    index_dir = BUILD / "scifact-index"
-    try:
-        Index.open(index_dir, verify=False)
-    except Exception:  # noqa: BLE001 - (re)build when missing or stale
-        print(f"building the BM25 index of {DATA} in {index_dir}")
-        build_index(DATA, index_dir, {"bm25": {}})
+    index_dir = scifact_bm25_index()
 
     card = model_card(Path(args.model)) or {}
     fusion_weight = ((card.get("fusion") or {}).get("weights") or {}).get("rerank")

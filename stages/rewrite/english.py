@@ -645,14 +645,14 @@ class EnglishResolver:
             if token.pos_ == "ADJ" and nominal and (
                 token.tag_ == "JJS" or any(c.lower_ in ("most", "least") for c in token.children)
             ) and any(c.lower_ == "the" and c.dep_ == "det" for c in token.children) and not _has_noun_subject(token):
-                insert, rule, plural = f" {form(False, token.lower_)}", f"superlative '{token.text}' without a noun", False
+                insert, rule = f" {form(False, token.lower_)}", f"superlative '{token.text}' without a noun"
             elif token.lower_ in ("many", "few") and token.head.pos_ in ("VERB", "AUX") and token.i > 0 \
                     and doc[token.i - 1].lower_ in ("so", "how", "too"):
-                insert, rule, plural = f" {form(True)}", f"'{doc[token.i - 1].text} {token.text}' without a noun", True
+                insert, rule = f" {form(True)}", f"'{doc[token.i - 1].text} {token.text}' without a noun"
             elif token.lower_ in TYPE_NOUNS and any(c.dep_ == "det" and c.tag_ in ("WDT", "WP") for c in token.children) \
                     and not any(c.dep_ == "prep" and c.lower_ == "of" for c in token.children) \
                     and not (token.i + 1 < len(doc) and doc[token.i + 1].pos_ in ("NOUN", "PROPN")):
-                insert, rule, plural = f" of {form(False)}", f"'{token.text}' without its complement", False
+                insert, rule = f" of {form(False)}", f"'{token.text}' without its complement"
             else:
                 continue
             end = token.idx + len(token.text)
