@@ -109,8 +109,26 @@ class Antecedent:
     plural: bool
     person: bool
     other_number: str | None = None  # ``text`` in the other grammatical number, where it can be formed
-    maybe_person: bool = False  # a one-word proper noun: NER often misses or mislabels first names ('Ivanka')
     proper: bool = False  # its written form is a proper noun phrase
+
+    @property
+    def maybe_person(self) -> bool:
+        """A one-word proper noun: NER often misses or mislabels first names ('Ivanka')."""
+        return self.proper and len(self.text.split()) == 1
+
+    def bare_in(self, plural: bool) -> str:
+        """``bare`` in the given grammatical number, where the other form is known (else as written)."""
+        if plural == self.plural or not self.other_number:
+            return self.bare
+        return self.other_number[4:] if self.other_number.lower().startswith("the ") else self.other_number
+
+    def mention(self, turn: int, role: str, *, via: str | None = None, plural: bool | None = None) -> Mention:
+        """A further mention of this entity in ``turn`` (by a pronoun ``via``, or implicitly)."""
+        return Mention(
+            key=self.key, text=self.text, bare=self.bare, head=self.key.split()[-1], turn=turn, role=role,
+            plural=self.plural if plural is None else plural, person=self.person, entity=None, proper=False,
+            via=via, other_number=self.other_number,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "turn": self.turn, "named_in_turn": self.named_turn, "salience": round(self.salience, 4),
@@ -169,7 +187,7 @@ class DiscourseModel:
                 key=key, text=named.text, bare=named.bare, turn=latest.turn, named_turn=named.turn, salience=recency + first,
                 factors={"recency_weighted_mentions": recency, "first_turn_topic": first, "mentions": float(len(mentions))},
                 plural=named.plural, person=any(m.person for m in mentions), other_number=named.other_number,
-                maybe_person=named.proper and len(named.text.split()) == 1, proper=named.proper,
+                proper=named.proper,
             ))
         ranked.sort(key=lambda a: (-a.salience, -a.turn, a.key))
         return ranked

@@ -549,11 +549,7 @@ class EnglishResolver:
             return None
         already = antecedent.key in numbers
         numbers.setdefault(antecedent.key, number)
-        mentions.append(Mention(
-            key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
-            turn=turn, role=_role(token) if not possessive else "other", plural=antecedent.plural,
-            person=antecedent.person, entity=None, proper=False, via=lower,
-        ))
+        mentions.append(antecedent.mention(turn, _role(token) if not possessive else "other", via=lower))
         if already or "same_question" in antecedent.factors:
             # "What is X and why is it important?", "How did it get its name?" (once "it" is rewritten): the
             # question itself says what the pronoun is, so it stays as asked (the model still records the mention)
@@ -570,12 +566,10 @@ class EnglishResolver:
         antecedent = _choose(candidates, "neuter", "plural" if plural else "singular", self.weights, set())
         if antecedent is None:
             return None
-        bare, other = antecedent.bare, None
-        if antecedent.other_number:
-            other = antecedent.other_number[4:] if antecedent.other_number.lower().startswith("the ") else antecedent.other_number
-        if self.heuristics.number_agreement and antecedent.plural != plural and other:
-            # "the largest one" after "mammals" -> "the largest mammal"; "important ones" after "database"
-            bare, other = other, bare
+        # "the largest one" after "mammals" -> "the largest mammal"; "important ones" after "database"
+        number = plural if self.heuristics.number_agreement else antecedent.plural
+        bare = antecedent.bare_in(number)
+        other = antecedent.bare_in(not number) if antecedent.other_number else None
         modifiers = [child for child in token.lefts if child.dep_ in ("amod", "compound", "nmod")]
         for modifier in modifiers:  # "the largest one" after "the largest mammals": not "largest largest"
             bare, other = _after_word(bare, modifier.lower_), _after_word(other, modifier.lower_) if other else other
@@ -589,11 +583,7 @@ class EnglishResolver:
                 entity=None, proper=False, other_number=f"{words} {other}" if other else None,
             ))
         else:
-            mentions.append(Mention(
-                key=antecedent.key, text=antecedent.text, bare=antecedent.bare, head=antecedent.key.split()[-1],
-                turn=turn, role=_role(token), plural=plural, person=False, entity=None, proper=False,
-                via=token.lower_, other_number=antecedent.other_number,
-            ))
+            mentions.append(antecedent.mention(turn, _role(token), via=token.lower_, plural=plural))
         return Replacement(token.idx, token.idx + len(token.text), token.text, bare, "one_anaphora",
                            f"'{token.lower_}' heading a noun phrase: the antecedent's head phrase", antecedent)
 
@@ -610,10 +600,7 @@ class EnglishResolver:
                 words = [w for w in antecedent.bare.split() if w.lower() not in ("a", "an", "the")]
                 if len(words) != len(letters) or any(w[0].lower() != l.lower() for w, l in zip(words, letters)):
                     continue
-                expansion = antecedent.bare
-                if antecedent.other_number and antecedent.plural != plural:
-                    expansion = antecedent.other_number
-                expansion = expansion[4:] if expansion.lower().startswith("the ") else expansion
+                expansion = antecedent.bare_in(plural)
                 found.append(Replacement(token.idx, token.idx + len(text), text, expansion, "acronym",
                                          f"'{text}' spells the initials of '{antecedent.text}'", antecedent))
                 taken.add(token.i)
@@ -633,9 +620,7 @@ class EnglishResolver:
             return []
 
         def form(plural: bool, adjective: str = "") -> str:
-            text = topic.other_number if topic.other_number and topic.plural != plural else topic.bare
-            text = text[4:] if text.lower().startswith("the ") else text
-            return _after_word(text, adjective)
+            return _after_word(topic.bare_in(plural), adjective)
 
         found = []
         for token in doc:
@@ -722,11 +707,7 @@ class EnglishResolver:
         for index, mention in enumerate(mentions):
             if mention.via is None and mention.key == target_key:
                 mentions[index] = replace(mention, role="relational")
-        mentions.append(Mention(
-            key=topic.key, text=topic.text, bare=topic.bare, head=topic.key.split()[-1], turn=turn,
-            role="complement", plural=topic.plural, person=False, entity=None, proper=False,
-            other_number=topic.other_number,
-        ))
+        mentions.append(topic.mention(turn, "complement"))
         end = target.end_char  # after a coordination: "the pros and cons" + " of X"
         for conjunct in target.root.conjuncts:
             if conjunct.i > target.root.i and conjunct.pos_ in ("NOUN", "PROPN"):
