@@ -200,13 +200,25 @@ class RulesPrefilter(Stage):
             holds, _, error = _when(rule, view)
             if error is None and not holds:
                 continue
-            assert rule.match is not None
-            view.errors = []
-            matched = bool(rule.match.vector(self._table, view)[row])
-            denied = matched if rule.effect == "exclude" else not matched
-            if denied or any(r == row for r, _ in view.errors):
+            denied, _ = self._denied(rule, view)
+            if denied[row]:
                 denying.append(rule.id)
         return denying
+
+    def _denied(self, rule: "CompiledRule", view: QueryView) -> tuple["np.ndarray", "np.ndarray | None"]:
+        """The rows ``rule`` denies (fail closed: a row the rule cannot be evaluated on is denied too),
+        and those error rows (None when there are none)."""
+        import numpy as np
+
+        assert rule.match is not None
+        view.errors = []
+        matched = rule.match.vector(self._table, view)
+        denied = matched if rule.effect == "exclude" else ~matched
+        if not view.errors:
+            return denied, None
+        error_rows = np.zeros(self._table.size, dtype=bool)
+        error_rows[[r for r, _ in view.errors]] = True
+        return denied | error_rows, error_rows
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
@@ -230,16 +242,8 @@ class RulesPrefilter(Stage):
             elif not holds:
                 report.append({**entry, "status": "condition_false"})
                 continue
-            assert rule.match is not None
-            view.errors = []
-            matched = rule.match.vector(table, view)
-            denied = matched if rule.effect == "exclude" else ~matched
-            error_rows = None
-            if view.errors:
-                error_rows = np.zeros(table.size, dtype=bool)
-                error_rows[[r for r, _ in view.errors]] = True
+            denied, error_rows = self._denied(rule, view)
             if error_rows is not None:
-                denied = denied | error_rows  # a document a rule cannot be evaluated on is denied
                 decisions.append(Decision(
                     "rule_error", f"rule '{rule.id}' failed on {int(error_rows.sum())} documents; they are denied",
                     {"rule": rule.id, "documents": int(error_rows.sum())},
