@@ -301,7 +301,7 @@ fp16 against fp32 on the same GPU (same pairs): largest score difference {fp['ma
 fp32 score range of {fp['fp32_score_range']:.1e}; same top 10: {fp['same_top10']}; fp32 takes
 {fp['fp32_median_s'] * 1000:.1f} ms. Sieve and FlagReranker scores agree to {first['max_abs_score_difference_vs_flagreranker']:.1e}.
 
-Command (on the GPU machine; `--prepare .device/assets` first, where SciFact and the packaged MiniLM are):
+Command (on the GPU machine, through `bench/rerank_gpu_device.sh`, which lists the preparation; `--prepare .device/assets` first, where SciFact and the packaged MiniLM are):
 `python bench/rerank_gpu.py --assets .device/assets`
 """
 
