@@ -143,9 +143,10 @@ class Replacement:
     end: int
     original: str
     replacement: str
-    kind: str  # pronoun | possessive | one_anaphora | definite_description | ellipsis
+    kind: str  # pronoun | possessive | one_anaphora | acronym | definite_description | ellipsis | predicate_ellipsis
     heuristic: str  # the rule that fired, in words
     antecedent: Antecedent | None = None
+    parts: tuple["Replacement", ...] = ()  # changes folded into this one (inside a rebuilt question)
 
     def to_dict(self, trace_text: bool = True) -> dict[str, Any]:
         record: dict[str, Any] = {"kind": self.kind, "heuristic": self.heuristic, "start": self.start, "end": self.end}
@@ -157,6 +158,8 @@ class Replacement:
             if not trace_text:
                 antecedent.pop("text")
             record["antecedent"] = antecedent
+        if self.parts:
+            record["parts"] = [part.to_dict(trace_text) for part in self.parts]
         return record
 
 
@@ -166,9 +169,10 @@ class DiscourseModel:
 
     weights: SalienceWeights
     mentions: list[Mention] = field(default_factory=list)
+    previous: str | None = None  # the latest turn as resolved (what "What about X?" asks again)
 
     def copy(self) -> "DiscourseModel":
-        return DiscourseModel(self.weights, list(self.mentions))
+        return DiscourseModel(self.weights, list(self.mentions), self.previous)
 
     def candidates(self, current_turn: int) -> list[Antecedent]:
         """Every entity mentioned before ``current_turn``, most salient first (ties: most recent)."""

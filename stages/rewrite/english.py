@@ -72,6 +72,13 @@ NUMERIC_LABELS = frozenset({"CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY
 NOT_IN_PHRASE = frozenset({"VERB", "AUX", "ADV", "SCONJ", "ADP", "PRON", "INTJ"})
 TYPE_NOUNS = frozenset("type kind sort variety style".split())
 ADVERBIAL_PREPOSITIONS = frozenset("in on at during within after before since until by".split())
+# Words that may open a verbless follow-up ("And Jared?", "OK, what about ...") and adverbials that may close
+# one ("What about Venus flytraps in particular?").
+FRAGMENT_OPENERS = frozenset("and but so then also ok okay oh well interesting".split())
+FRAGMENT_CLOSERS = (("in", "particular"), ("as", "well"), ("instead",), ("then",), ("too",), ("also",),
+                    ("specifically",), ("now",))
+NAME_POS = frozenset({"PROPN", "NOUN", "ADJ", "VERB"})  # what a capitalised word inside a name may be tagged
+FINITE_TAGS = frozenset({"VBD", "VBZ", "VBP", "MD"})
 LEADING_DROPPED = frozenset({"a", "an", "some", "any", "this", "that", "these", "those", "my", "your", "our",
                              "his", "her", "its", "their", "which", "what", "another", "each", "every", "no"})
 
@@ -98,6 +105,10 @@ class EnglishHeuristics(BaseModel):
     definite_descriptions: bool = Field(True, description="'the film' -> 'the Neverending Story film'")
     missing_topic: bool = Field(
         True, description="append 'of <topic>' to a definite noun phrase of a question that names nothing"
+    )
+    predicate_ellipsis: bool = Field(
+        True, description="'What about X?' / 'How about X?' / 'And X?' asks the previous question again with X in "
+        "place of its counterpart there ('Is chilli a stew?' ... 'How about goulash?' -> 'Is goulash a stew?')",
     )
 
 
@@ -202,7 +213,7 @@ def chunk_mention(chunk: "Span", turn: int) -> Mention:
     ent = _entity_of(chunk)
     root = chunk.root
     role = "relational" if _has_of_complement(root) else _role(root)
-    proper = any(t.pos_ == "PROPN" for t in doc[start : chunk.end])
+    proper = any(t.pos_ == "PROPN" or t.is_title and not t.is_sent_start for t in doc[start : chunk.end])
     other_number = None
     if root.i == chunk.end - 1 and root.pos_ == "NOUN" and ent is None and not proper and root.is_alpha:
         stem = doc[start : chunk.end - 1].text_with_ws if root.i > start else ""
@@ -249,6 +260,8 @@ NOMINAL_MODIFIER_DEPS = frozenset({"compound", "amod", "det", "nmod", "poss"})
 def _mistagged_nominal(token: "Token") -> bool:
     """A word the tagger got wrong in a place only a noun can be: 'Does melatonin help?' (melatonin: VERB,
     nsubj), 'What is blockchain?' (blockchain: ADJ, the complement of a 'What is ...?' question)."""
+    if token.pos_ == "NOUN" and token.dep_ == "acomp" and token.is_alpha:
+        return True  # "Is chilli a stew?": a noun parsed as an adjectival complement
     if token.pos_ not in MISTAGGED_POS or token.tag_ in ("WP", "WRB", "WDT", "JJS", "JJR", "RBS", "RBR") \
             or not token.is_alpha:
         return False
@@ -269,7 +282,8 @@ def _mistagged_nominal(token: "Token") -> bool:
 
 def noun_phrases(doc: "Doc") -> list["Span"]:
     """spaCy's noun chunks plus mis-tagged nominals (see :func:`_mistagged_nominal`), in text order."""
-    chunks = list(doc.noun_chunks)
+    chunks = [_repaired(chunk) for chunk in doc.noun_chunks]
+    chunks = [c for c in chunks if len(c) and not any(o.start < c.start < o.end for o in chunks)]
     covered = {token.i for chunk in chunks for token in chunk}
     for chunk in list(chunks):
         # people named inside a phrase about something else ("the Lewis and Clark expedition"): "they" may
@@ -294,6 +308,30 @@ def noun_phrases(doc: "Doc") -> list["Span"]:
             start -= 1
         chunks.append(doc[start : token.i + 1])
     return sorted(chunks, key=lambda span: span.start)
+
+
+def _repaired(chunk: "Span") -> "Span":
+    """Two mistakes of the parser, mended: a name cut short ('[the Black Lives] Matter campaign': the
+    capitalised words that follow and the noun they modify belong to it) and a do-support question's
+    verb taken for a noun ('How much does [a used Lamborghini cost]?': no verb after 'does', so the
+    question's last word is it)."""
+    doc = chunk.doc
+    end = chunk.end
+    if doc[end - 1].is_title and not doc[end - 1].is_sent_start:
+        while end < len(doc) and doc[end].is_title and not doc[end].is_sent_start and doc[end].pos_ in NAME_POS:
+            end += 1
+        if end > chunk.end and end < len(doc) and doc[end].pos_ == "NOUN" and doc[end - 1].head.i == end:
+            end += 1
+        if end > chunk.end:
+            return doc[chunk.start : end]
+    last = doc[end - 1]
+    sentence = last.sent
+    if last.pos_ == "NOUN" and last.dep_ in SUBJECT_DEPS and end - chunk.start > 1 \
+            and all(t.is_punct for t in doc[end : sentence.end]) \
+            and any(t.lemma_ == "do" and t.i < chunk.start for t in sentence) \
+            and not any(t.pos_ == "VERB" and t.lemma_ != "do" and t.dep_ not in ("amod", "compound") for t in sentence):
+        return doc[chunk.start : end - 1]
+    return chunk
 
 
 def _mentions(doc: "Doc", turn: int) -> list[_Placed]:
@@ -417,11 +455,13 @@ class EnglishResolver:
         with self._lock:
             doc = self.nlp(question)
         replacements, mentions = self._analyse(doc, turn, model)
+        rewritten = _apply(question, replacements)
         # the next turn's history is this one's plus this question: keep the model it will need
         following = model.copy()
         following.mentions.extend(_mark_new(mentions, model))
+        following.previous = rewritten
         self._remember((*history, question), following)
-        return Resolution(_apply(question, replacements), tuple(replacements), tuple(model.candidates(turn)), turn)
+        return Resolution(rewritten, tuple(replacements), tuple(model.candidates(turn)), turn)
 
     # ------------------------------------------------------------------ history
 
@@ -439,8 +479,9 @@ class EnglishResolver:
             turn = len(history)
             with self._lock:
                 doc = self.nlp(history[-1])
-            _, mentions = self._analyse(doc, turn, model)
+            replacements, mentions = self._analyse(doc, turn, model)
             model.mentions.extend(_mark_new(mentions, model))
+            model.previous = _apply(history[-1], replacements)
         self._remember(history, model)
         return model
 
@@ -478,6 +519,12 @@ class EnglishResolver:
                 replacements.extend(self._nominal_ellipsis(doc, candidates, placed, taken))
             if heuristics.definite_descriptions:
                 replacements.extend(self._definites(doc, candidates, taken, mentions, turn))
+            if heuristics.predicate_ellipsis and model.previous:
+                rebuilt = self._predicate_ellipsis(doc, model.previous, replacements, mentions, turn)
+                if rebuilt is not None:
+                    replacements = [r for r in replacements if not rebuilt.start <= r.start < rebuilt.end] + [rebuilt]
+                    replacements.sort(key=lambda r: r.start)
+                    return replacements, mentions
             if heuristics.missing_topic and not replacements:
                 replacement = self._missing_topic(doc, candidates, model, mentions, turn)
                 if replacement is not None:
@@ -630,7 +677,7 @@ class EnglishResolver:
             if token.pos_ == "ADJ" and nominal and (
                 token.tag_ == "JJS" or any(c.lower_ in ("most", "least") for c in token.children)
             ) and any(c.lower_ == "the" and c.dep_ == "det" for c in token.children) and not _has_noun_subject(token):
-                insert, rule = f" {form(False, token.lower_)}", f"superlative '{token.text}' without a noun"
+                insert, rule = f" {self._ungraded(form(False, token.lower_))}", f"superlative '{token.text}' without a noun"
             elif token.lower_ in ("many", "few") and token.head.pos_ in ("VERB", "AUX") and token.i > 0 \
                     and doc[token.i - 1].lower_ in ("so", "how", "too"):
                 insert, rule = f" {form(True)}", f"'{doc[token.i - 1].text} {token.text}' without a noun"
@@ -645,6 +692,14 @@ class EnglishResolver:
                                      f"{rule}: the topic's noun ('{topic.text}')", topic))
             taken.add(token.i)
         return found
+
+    def _ungraded(self, phrase: str) -> str:
+        """``phrase`` after its last superlative or comparative ('youngest rock' -> 'rock'): the question's
+        own superlative takes its place ('the oldest' -> 'the oldest rock', not 'the oldest youngest rock')."""
+        with self._lock:
+            tokens = self.nlp(phrase)
+        graded = [t.i for t in tokens if t.tag_ in ("JJS", "JJR", "RBS", "RBR") and t.i < len(tokens) - 1]
+        return tokens[graded[-1] + 1 :].text if graded else phrase
 
     def _definites(self, doc: "Doc", candidates: list[Antecedent], taken: set[int], mentions: list[Mention],
                    turn: int) -> list[Replacement]:
@@ -717,6 +772,137 @@ class EnglishResolver:
             f"the question names nothing from the conversation; its definite phrase '{target.text}' is taken to be "
             "about the most salient entity", topic,
         )
+
+    def _predicate_ellipsis(self, doc: "Doc", previous: str, replacements: list[Replacement], mentions: list[Mention],
+                            turn: int) -> Replacement | None:
+        """'What about X?', 'How about X?', 'And X?' (no verb of their own) borrow the previous question's
+        predicate: that question again, as resolved, with X in place of its counterpart there. The
+        counterpart is, by X's form: a phrase with X's preposition ('What is the largest mammal in the
+        world?' / 'What about in the UK?'), else, for a place or time, X is added ('... on Christmas eve');
+        the phrase with a superlative ('the youngest crust' / 'the oldest'); the infinitive ('to fix it' /
+        'replacing it'); for a noun phrase, an argument of the same kind (proper or common noun) and
+        number, the subject first ('Is chilli a stew?' / 'How about goulash?'). No counterpart: unchanged."""
+        span = _fragment(doc)
+        if span is None:
+            return None
+        inside = [r for r in replacements if span.start_char <= r.start and r.end <= span.end_char]
+        resolved = _apply(doc.text[span.start_char : span.end_char],
+                          [replace(r, start=r.start - span.start_char, end=r.end - span.start_char) for r in inside])
+        with self._lock:
+            before = self.nlp(previous)
+        sentence = list(before.sents)[-1]
+        found = _counterpart(span, resolved, sentence)
+        if found is None:
+            return None
+        start, end, text, counterpart = found
+        body = before.text[sentence.start_char : start] + text + before.text[end : sentence.end_char]
+        body = body[:1].upper() + body[1:]
+        sentence_end = span.sent.end_char
+        original = doc.text[span.sent.start_char : sentence_end]
+        # the arguments the rebuilt question repeats are mentioned again
+        for chunk in noun_phrases(before):
+            if sentence.start <= chunk.start and chunk.end <= sentence.end and (chunk.end_char <= start or chunk.start_char >= end) \
+                    and _is_candidate(chunk):
+                mentions.append(replace(chunk_mention(chunk, turn), role="other"))
+        where = f"in place of '{counterpart}'" if counterpart else "added"
+        return Replacement(
+            span.sent.start_char, sentence_end, original, body, "predicate_ellipsis",
+            f"'{original}' has no predicate of its own: the previous question ('{sentence.text}') asked again with "
+            f"'{resolved}' {where}", None, tuple(inside),
+        )
+
+
+def _fragment(doc: "Doc") -> "Span | None":
+    """The X of a verbless follow-up question in ``doc``'s last sentence: 'What about X?', 'How about X?',
+    'And X?' (after an optional 'and', 'so', 'OK', ...; before an optional 'in particular', 'instead',
+    ...). None when the sentence is anything else, or X is a clause of its own ('And how about what
+    happened to Brown?')."""
+    sentence = list(doc.sents)[-1]
+    tokens = [t for t in sentence if not t.is_punct]
+    lead = 0
+    while lead < len(tokens) and (tokens[lead].lower_ in FRAGMENT_OPENERS or tokens[lead].pos_ == "INTJ"):
+        lead += 1
+    rest = tokens[lead:]
+    if len(rest) >= 2 and rest[0].lower_ in ("what", "how") and rest[1].lower_ == "about":
+        rest = rest[2:]
+    elif not (lead and tokens[0].lower_ == "and"):
+        return None
+    lowered = [t.lower_ for t in rest]
+    for closer in FRAGMENT_CLOSERS:
+        if len(rest) > len(closer) and tuple(lowered[-len(closer):]) == closer:
+            rest = rest[: -len(closer)]
+            break
+    if not rest or any(t.tag_ in FINITE_TAGS or t.tag_ in ("WP", "WRB", "WDT") for t in rest):
+        return None
+    return doc[rest[0].i : rest[-1].i + 1]
+
+
+def _root(span: "Span") -> "Token":
+    return next((t for t in span if not span.start <= t.head.i < span.end or t.head.i == t.i), span.root)
+
+
+def _counterpart(fragment: "Span", resolved: str, sentence: "Span") -> tuple[int, int, str, str] | None:
+    """Where the fragment ``resolved`` goes in the previous question ``sentence``: (start, end) character
+    offsets in its document, the text to put there and what it replaces ("" for an addition)."""
+    first, root = fragment[0], _root(fragment)
+
+    def subtree(token: "Token") -> tuple[int, int, str]:
+        left, right = token.left_edge, token.right_edge
+        return left.idx, right.idx + len(right.text), sentence.doc[left.i : right.i + 1].text
+
+    if first.pos_ == "ADP" and first.dep_ in ("prep", "ROOT"):  # "What about in the UK?", "And for a cat?"
+        same = [t for t in sentence if t.dep_ == "prep" and t.lower_ == first.lower_]
+        if same:
+            start, end, text = subtree(same[-1])
+            return start, end, resolved, text
+        if first.lower_ not in ADVERBIAL_PREPOSITIONS:
+            return None
+        last = sentence[-1]
+        end = last.idx if last.is_punct else last.idx + len(last.text)
+        return end, end, (" " if last.is_punct else " ") + resolved, ""
+    if root.tag_ == "JJS":  # "What about the oldest?"
+        for token in sentence:
+            if token.tag_ == "JJS" and token.pos_ == "ADJ":
+                phrase = token.head if token.dep_ == "amod" else token
+                start, end, text = subtree(phrase)
+                return start, end, resolved, text
+        return None
+    if root.tag_ == "VBG" and root.i == first.i:  # "How about replacing it instead?"
+        for token in sentence:
+            if token.tag_ == "VB" and any(c.tag_ == "TO" for c in token.children):
+                right = token.right_edge
+                end = right.idx + len(right.text)
+                verb = root.lemma_ + resolved[len(first.text):]
+                return token.idx, end, verb, sentence.doc[token.i : right.i + 1].text
+        return None
+    if root.pos_ not in ("NOUN", "PROPN"):
+        return None
+    proper = root.pos_ == "PROPN"
+    plural = _plural(root)
+    coordinated = any(c.dep_ == "conj" for c in root.children)
+    best = None
+    for chunk in noun_phrases(sentence.doc):
+        if not (sentence.start <= chunk.start and chunk.end <= sentence.end) or not _is_candidate(chunk):
+            continue
+        head = chunk.root
+        if head.dep_ not in ARGUMENT_DEPS and not (head.dep_ == "acomp" and head.pos_ == "NOUN"):
+            continue
+        if head.dep_ == "attr" and head.head.lemma_ == "be" and any(c.lower_ in ("a", "an") for c in head.children):
+            continue  # "Is chilli a stew?": a classification, not the thing asked about
+        if (head.pos_ == "PROPN") != proper or (not coordinated and _plural(head) != plural):
+            continue
+        rank = 0 if head.dep_ in SUBJECT_DEPS or head.dep_ == "acomp" else 1 if head.dep_ in OBJECT_DEPS or head.dep_ == "dative" else 2
+        if best is None or rank <= best[0]:
+            best = (rank, head)
+    if best is None:
+        return None
+    head = best[1]
+    start, end, text = subtree(head)
+    if _has_of_complement(head) and not _has_of_complement(root) and not any(c.dep_ == "poss" for c in root.children):
+        # "What are the symptoms of flu?" / "What about treatments?": the treatments of flu
+        end = head.idx + len(head.text)
+        text = sentence.doc.text[start:end]
+    return start, end, resolved, text
 
 
 def _has_noun_subject(adjective: "Token") -> bool:

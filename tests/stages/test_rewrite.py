@@ -199,6 +199,74 @@ def test_nominal_ellipsis_takes_the_topic_noun(stage, history, question, expecte
     assert replacement["kind"] == "ellipsis" and "the topic's noun" in replacement["heuristic"]
 
 
+@pytest.mark.parametrize(
+    ("history", "question", "expected"),
+    [
+        # a noun phrase takes the place of the argument of its kind: the subject first
+        (["Is sushi a healthy food?"], "What about pizza?", "Is pizza a healthy food?"),
+        (["What do giant pandas eat?"], "What about red pandas in particular?", "What do red pandas eat?"),
+        (["What is throat cancer?"], "What about lung cancer?", "What is lung cancer?"),
+        # a relational noun keeps its complement; a possessive fragment brings its own
+        (["What are the symptoms of flu?"], "What about treatments?", "What are treatments of flu?"),
+        (["What are the benefits of yoga?"], "What about its risks?", "What are yoga's risks?"),
+        # a phrase with the same preposition is replaced; a place or time is added
+        (["What is the tallest building in Europe?"], "What about in Asia?", "What is the tallest building in Asia?"),
+        (["What do Italians eat for breakfast?"], "How about on Sundays?", "What do Italians eat for breakfast on Sundays?"),
+        # a superlative replaces the superlative phrase (not 'the oldest youngest rock')
+        (["Where is the youngest rock found?"], "What about the oldest?", "Where is the oldest rock found?"),
+        # a gerund replaces the infinitive
+        (["How much does it cost to paint a house?"], "How about cleaning it instead?",
+         "How much does it cost to clean a house?"),
+        # the leading sentence stays; the previous question is used as resolved
+        (["Tell me about the Eiffel Tower.", "How tall is it?"], "Nice. What about the Statue of Liberty?",
+         "Nice. How tall is the Statue of Liberty?"),
+    ],
+)
+def test_predicate_ellipsis_asks_the_previous_question_again(stage, history, question, expected):
+    assert rewritten(stage, question, history) == expected
+
+
+@pytest.mark.parametrize(
+    ("history", "question"),
+    [
+        # no counterpart of X's kind and number in the previous question
+        (["What were the differences between the two studies?"], "What about the BBC experiment?"),
+        (["How do I brew coffee?"], "What about for tea?"),  # no 'for' phrase, and 'for' is not a place or time
+        # X is a clause of its own
+        (["Why was the driver arrested?"], "And how about what happened next?"),
+    ],
+)
+def test_predicate_ellipsis_without_a_counterpart_leaves_the_question(stage, history, question):
+    assert rewritten(stage, question, history) == question
+
+
+def test_predicate_ellipsis_chains_and_records_the_folded_changes(stage):
+    history = ["What is the best food for a puppy?", "What about for a kitten?"]
+    assert rewritten(stage, "What about for a kitten?", history[:1]) == "What is the best food for a kitten?"
+    result = rewrite(stage, "And for an old cat?", history)
+    assert result.query.rewritten == "What is the best food for an old cat?"
+    (replacement,) = result.details["replacements"]
+    assert replacement["kind"] == "predicate_ellipsis" and "previous question" in replacement["heuristic"]
+    assert replacement["original"] == "And for an old cat?"
+    # a pronoun inside the fragment is resolved first, and recorded inside the rebuilt question
+    result = rewrite(stage, "What about its risks?", ["What are the benefits of yoga?"])
+    (replacement,) = result.details["replacements"]
+    (part,) = replacement["parts"]
+    assert part["kind"] == "possessive" and part["replacement"] == "yoga's"
+    assert json.dumps(result.details)
+
+
+def test_parser_repairs_names_and_do_support(stage):
+    # "[the Black Lives] Matter campaign": the name is one phrase, and it keeps its number
+    assert rewritten(stage, "What was the reaction to it?", ["When did the Black Lives Matter campaign begin?"]) == (
+        "What was the reaction to the Black Lives Matter campaign?"
+    )
+    # "How much does [a used Lamborghini cost]?": 'cost' is the verb
+    assert rewritten(stage, "How does it compare to a Ferrari?", ["How much does a used Lamborghini cost?"]) == (
+        "How does a used Lamborghini compare to a Ferrari?"
+    )
+
+
 def test_acronym_spelling_out_an_earlier_phrase(stage):
     result = rewrite(stage, "What are the main types of VMs?", ["What is a virtual machine?"])
     assert result.query.rewritten == "What are the main types of virtual machines?"
@@ -210,7 +278,8 @@ def test_acronym_spelling_out_an_earlier_phrase(stage):
 
 def test_each_heuristic_can_be_switched_off(glossary_dir):
     off = CoreferenceRewrite("rewrite", CoreferenceParams(heuristics={
-        "nominal_ellipsis": False, "acronyms": False, "number_agreement": False, "missing_topic": False}))
+        "nominal_ellipsis": False, "acronyms": False, "number_agreement": False, "missing_topic": False,
+        "predicate_ellipsis": False}))
     off.warm_up(Resources(None, glossary_dir))
     assert rewritten(off, "What is the largest in the world?", ["What are the largest mammals?"]) == (
         "What is the largest in the world?"
@@ -219,6 +288,7 @@ def test_each_heuristic_can_be_switched_off(glossary_dir):
         "What are the main types of VMs?"
     )
     assert rewritten(off, "How do they work?", ["What is a virtual machine?"]) == "How do a virtual machine work?"
+    assert rewritten(off, "What about pizza?", ["Is sushi a healthy food?"]) == "What about pizza?"
 
 
 def test_plural_and_singular_pronouns_in_one_question_are_disjoint(stage):
