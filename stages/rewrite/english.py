@@ -200,6 +200,8 @@ def _is_candidate(chunk: "Span") -> bool:
         return False
     if ent is None and any(child.dep_ == "det" and child.tag_ in ("WDT", "WP") for child in root.children):
         return False  # "What variety ...?", "Which foods ...?": the question's unknown, not something known
+    if any(child.lower_ in ("many", "much") and any(g.lower_ == "how" for g in child.children) for child in root.children):
+        return False  # "How many barrels ...?": likewise
     return True
 
 
@@ -215,7 +217,8 @@ def chunk_mention(chunk: "Span", turn: int) -> Mention:
     role = "relational" if _has_of_complement(root) else _role(root)
     proper = any(t.pos_ == "PROPN" or t.is_title and not t.is_sent_start for t in doc[start : chunk.end])
     other_number = None
-    if root.i == chunk.end - 1 and root.pos_ == "NOUN" and ent is None and not proper and root.is_alpha:
+    if root.i == chunk.end - 1 and root.pos_ == "NOUN" and root.is_alpha and not root.is_title \
+            and not (ent is not None and ent.start <= root.i < ent.end):  # "Venus flytraps" -> "Venus flytrap"
         stem = doc[start : chunk.end - 1].text_with_ws if root.i > start else ""
         if root.tag_ == "NNS" and root.lemma_.lower() != root.lower_:
             other_number = stem + (root.lemma_ if root.text.islower() else root.text[: len(root.lemma_)])
@@ -326,11 +329,11 @@ def _repaired(chunk: "Span") -> "Span":
             return doc[chunk.start : end]
     last = doc[end - 1]
     sentence = last.sent
-    if last.pos_ == "NOUN" and last.dep_ in SUBJECT_DEPS and end - chunk.start > 1 \
+    support = [t.i for t in sentence if t.lemma_ == "do" and t.pos_ in ("AUX", "VERB") and t.i < last.i - 1]
+    if support and last.pos_ == "NOUN" and (last.dep_ in SUBJECT_DEPS or last.dep_ == "ROOT") \
             and all(t.is_punct for t in doc[end : sentence.end]) \
-            and any(t.lemma_ == "do" and t.i < chunk.start for t in sentence) \
             and not any(t.pos_ == "VERB" and t.lemma_ != "do" and t.dep_ not in ("amod", "compound") for t in sentence):
-        return doc[chunk.start : end - 1]
+        return doc[max(chunk.start, support[-1] + 1) : end - 1]
     return chunk
 
 
