@@ -7,7 +7,8 @@ read is
     salience(e) = sum over its mentions m of weight(m) * recency_decay ** (turns since m)
                   + first_turn        (if e was mentioned in the conversation's first turn: the topic)
 
-    weight(m)   = (1 + role bonus       subject / object / of-complement ("the history of X": X)
+    weight(m)   = (1 + role bonus       subject / object / of-complement ("the history of X": X) /
+                                         focus (X of "What about X?", in its counterpart's place)
                      + entity bonus      a named entity (spaCy NER, non-numeric)
                      + proper_noun bonus
                      + pronoun_continuation   the mention was a resolved pronoun
@@ -49,6 +50,10 @@ class SalienceWeights(BaseModel):
         0.5, ge=0, le=1, description="factor for a noun with an of-complement ('the history of X': history)"
     )
     adjunct: float = Field(0.5, ge=0, le=1, description="factor for a noun in an adverbial phrase ('in a nutshell')")
+    focus: float = Field(
+        1.0, ge=0,
+        description="bonus for X in 'What about X?': it takes its counterpart's place in the conversation",
+    )
     new_entity: float = Field(
         0.0, ge=0, description="bonus for the first mention of an entity: a turn that brings one in shifts the focus"
     )
@@ -80,7 +85,8 @@ class Mention:
     other_number: str | None = None  # ``text`` in the other grammatical number (common nouns only)
 
     def weight(self, weights: SalienceWeights) -> float:
-        bonus = {"subject": weights.subject, "object": weights.object, "complement": weights.of_complement}.get(
+        bonus = {"subject": weights.subject, "object": weights.object, "complement": weights.of_complement,
+                 "focus": weights.focus}.get(
             self.role, 0.0
         )
         if self.entity is not None:

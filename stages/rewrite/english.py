@@ -802,6 +802,14 @@ class EnglishResolver:
         body = body[:1].upper() + body[1:]
         sentence_end = span.sent.end_char
         original = doc.text[span.sent.start_char : sentence_end]
+        # a noun phrase X takes its counterpart's place as what the conversation is about now (a place or
+        # time does not)
+        focus = {_key(chunk, _content_start(chunk)) for chunk in noun_phrases(doc)
+                 if span.start <= chunk.root.i < span.end and _is_candidate(chunk)} if counterpart and \
+            span[0].pos_ != "ADP" and _root(span).pos_ in ("NOUN", "PROPN") else set()
+        for index, mention in enumerate(mentions):
+            if mention.via is None and mention.key in focus:
+                mentions[index] = replace(mention, role="focus")
         # the arguments the rebuilt question repeats are mentioned again
         for chunk in noun_phrases(before):
             if sentence.start <= chunk.start and chunk.end <= sentence.end and (chunk.end_char <= start or chunk.start_char >= end) \

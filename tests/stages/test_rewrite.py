@@ -256,6 +256,24 @@ def test_predicate_ellipsis_chains_and_records_the_folded_changes(stage):
     assert json.dumps(result.details)
 
 
+def test_what_about_x_moves_the_focus_to_x(stage):
+    history = ["What is high blood pressure?", "What should you do to treat it?", "How about high cholesterol?"]
+    assert rewritten(stage, history[2], history[:2]) == "What should you do to treat high cholesterol?"
+    # the next pronoun means the new entity, not the conversation's first topic
+    assert rewritten(stage, "What should I eat to improve it?", history) == (
+        "What should I eat to improve high cholesterol?"
+    )
+
+
+def test_how_many_asks_and_names_keep_their_number_forms(stage):
+    # "How many barrels ...": the question's unknown, not an antecedent of the superlative's noun
+    assert rewritten(stage, "What is the largest in the world?", ["What is a supertanker?", "How many barrels can it carry?"]) == (
+        "What is the largest supertanker in the world?"
+    )
+    # a common head noun under a proper modifier takes the pronoun's number
+    assert rewritten(stage, "How big is it?", ["What do Bengal tigers eat?"]) == "How big is Bengal tiger?"
+
+
 def test_parser_repairs_names_and_do_support(stage):
     # "[the Black Lives] Matter campaign": the name is one phrase, and it keeps its number
     assert rewritten(stage, "What was the reaction to it?", ["When did the Black Lives Matter campaign begin?"]) == (
