@@ -16,6 +16,13 @@ question, these are rewritten:
 - **missing topic** (ellipsis, optional): a question that names nothing from the conversation,
   no entity and no proper noun, but asks about a definite noun phrase with no complement ("What
   are the main themes?") gets "of <topic>" after that phrase.
+- **predicate ellipsis**: "What about X?", "How about X?", "And X?" ask the previous question again
+  (as resolved) with X in place of its counterpart there: a phrase with X's preposition, a
+  superlative phrase, an infinitive for a gerund, or an argument of X's kind and number ("Is chilli
+  a stew?" ... "How about goulash?" -> "Is goulash a stew?"); X then holds the conversation's focus.
+
+Before mentions are read, two parser mistakes are mended: a name cut short ("[the Black Lives]
+Matter campaign") and a do-support question's verb read as a noun ("How much does [a used car cost]?").
 
 Every change records its span, the antecedent, the turn it came from, its salience and the rule.
 History turns are resolved the same way first (their resolved pronouns count as mentions), and
