@@ -207,7 +207,7 @@ def _is_candidate(chunk: "Span") -> bool:
         return False
     if ent is None and any(child.dep_ == "det" and child.tag_ in ("WDT", "WP") for child in root.children):
         return False  # "What variety ...?", "Which foods ...?": the question's unknown, not something known
-    if any(child.lower_ in ("many", "much") and any(g.lower_ == "how" for g in child.children) for child in root.children):
+    if any(c.lower_ in ("many", "much") and any(g.lower_ == "how" for g in c.children) for c in root.children):
         return False  # "How many barrels ...?": likewise
     return True
 
@@ -687,7 +687,8 @@ class EnglishResolver:
             if token.pos_ == "ADJ" and nominal and (
                 token.tag_ == "JJS" or any(c.lower_ in ("most", "least") for c in token.children)
             ) and any(c.lower_ == "the" and c.dep_ == "det" for c in token.children) and not _has_noun_subject(token):
-                insert, rule = f" {self._ungraded(form(False, token.lower_))}", f"superlative '{token.text}' without a noun"
+                insert = f" {self._ungraded(form(False, token.lower_))}"
+                rule = f"superlative '{token.text}' without a noun"
             elif token.lower_ in ("many", "few") and token.head.pos_ in ("VERB", "AUX") and token.i > 0 \
                     and doc[token.i - 1].lower_ in ("so", "how", "too"):
                 insert, rule = f" {form(True)}", f"'{doc[token.i - 1].text} {token.text}' without a noun"
@@ -819,8 +820,8 @@ class EnglishResolver:
                 mentions[index] = replace(mention, role="focus")
         # the arguments the rebuilt question repeats are mentioned again
         for chunk in noun_phrases(before):
-            if sentence.start <= chunk.start and chunk.end <= sentence.end and (chunk.end_char <= start or chunk.start_char >= end) \
-                    and _is_candidate(chunk):
+            outside = chunk.end_char <= start or chunk.start_char >= end
+            if sentence.start <= chunk.start and chunk.end <= sentence.end and outside and _is_candidate(chunk):
                 mentions.append(replace(chunk_mention(chunk, turn), role="other"))
         where = f"in place of '{counterpart}'" if counterpart else "added"
         return Replacement(
@@ -877,7 +878,7 @@ def _counterpart(fragment: "Span", resolved: str, sentence: "Span") -> tuple[int
             return None
         last = sentence[-1]
         end = last.idx if last.is_punct else last.idx + len(last.text)
-        return end, end, (" " if last.is_punct else " ") + resolved, ""
+        return end, end, " " + resolved, ""
     if root.tag_ == "JJS":  # "What about the oldest?"
         for token in sentence:
             if token.tag_ == "JJS" and token.pos_ == "ADJ":
@@ -909,7 +910,10 @@ def _counterpart(fragment: "Span", resolved: str, sentence: "Span") -> tuple[int
             continue  # "Is chilli a stew?": a classification, not the thing asked about
         if (head.pos_ == "PROPN") != proper or (not coordinated and _plural(head) != plural):
             continue
-        rank = 0 if head.dep_ in SUBJECT_DEPS or head.dep_ == "acomp" else 1 if head.dep_ in OBJECT_DEPS or head.dep_ == "dative" else 2
+        if head.dep_ in SUBJECT_DEPS or head.dep_ == "acomp":
+            rank = 0
+        else:
+            rank = 1 if head.dep_ in OBJECT_DEPS or head.dep_ == "dative" else 2
         if best is None or rank <= best[0]:
             best = (rank, head)
     if best is None:

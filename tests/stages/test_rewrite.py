@@ -211,7 +211,8 @@ def test_nominal_ellipsis_takes_the_topic_noun(stage, history, question, expecte
         (["What are the benefits of yoga?"], "What about its risks?", "What are yoga's risks?"),
         # a phrase with the same preposition is replaced; a place or time is added
         (["What is the tallest building in Europe?"], "What about in Asia?", "What is the tallest building in Asia?"),
-        (["What do Italians eat for breakfast?"], "How about on Sundays?", "What do Italians eat for breakfast on Sundays?"),
+        (["What do Italians eat for breakfast?"], "How about on Sundays?",
+         "What do Italians eat for breakfast on Sundays?"),
         # a superlative replaces the superlative phrase (not 'the oldest youngest rock')
         (["Where is the youngest rock found?"], "What about the oldest?", "Where is the oldest rock found?"),
         # a gerund replaces the infinitive
@@ -267,9 +268,8 @@ def test_what_about_x_moves_the_focus_to_x(stage):
 
 def test_how_many_asks_and_names_keep_their_number_forms(stage):
     # "How many barrels ...": the question's unknown, not an antecedent of the superlative's noun
-    assert rewritten(stage, "What is the largest in the world?", ["What is a supertanker?", "How many barrels can it carry?"]) == (
-        "What is the largest supertanker in the world?"
-    )
+    history = ["What is a supertanker?", "How many barrels can it carry?"]
+    assert rewritten(stage, "What is the largest in the world?", history) == "What is the largest supertanker in the world?"
     # a common head noun under a proper modifier takes the pronoun's number
     assert rewritten(stage, "How big is it?", ["What do Bengal tigers eat?"]) == "How big is Bengal tiger?"
 
