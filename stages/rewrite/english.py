@@ -530,7 +530,7 @@ class EnglishResolver:
             if heuristics.definite_descriptions:
                 replacements.extend(self._definites(doc, candidates, taken, mentions, turn))
             if heuristics.predicate_ellipsis and model.previous:
-                rebuilt = self._predicate_ellipsis(doc, model.previous, replacements, mentions, turn)
+                rebuilt = self._predicate_ellipsis(doc, model.previous, replacements, placed, mentions, turn)
                 if rebuilt is not None:
                     replacements = [r for r in replacements if not rebuilt.start <= r.start < rebuilt.end] + [rebuilt]
                     replacements.sort(key=lambda r: r.start)
@@ -784,8 +784,8 @@ class EnglishResolver:
             "about the most salient entity", topic,
         )
 
-    def _predicate_ellipsis(self, doc: "Doc", previous: str, replacements: list[Replacement], mentions: list[Mention],
-                            turn: int) -> Replacement | None:
+    def _predicate_ellipsis(self, doc: "Doc", previous: str, replacements: list[Replacement], placed: list[_Placed],
+                            mentions: list[Mention], turn: int) -> Replacement | None:
         """'What about X?', 'How about X?', 'And X?' (no verb of their own) borrow the previous question's
         predicate: that question again, as resolved, with X in place of its counterpart there. The
         counterpart is, by X's form: a phrase with X's preposition ('What is the largest mammal in the
@@ -802,7 +802,9 @@ class EnglishResolver:
         with self._lock:
             before = self.nlp(previous)
         sentence = list(before.sents)[-1]
-        found = _counterpart(span, resolved, sentence)
+        phrases = [c for c in noun_phrases(before) if sentence.start <= c.start and c.end <= sentence.end
+                   and _is_candidate(c)]
+        found = _counterpart(span, resolved, sentence, phrases)
         if found is None:
             return None
         start, end, text, counterpart = found
@@ -812,16 +814,14 @@ class EnglishResolver:
         original = doc.text[span.sent.start_char : sentence_end]
         # a noun phrase X takes its counterpart's place as what the conversation is about now (a place or
         # time does not)
-        focus = {_key(chunk, _content_start(chunk)) for chunk in noun_phrases(doc)
-                 if span.start <= chunk.root.i < span.end and _is_candidate(chunk)} if counterpart and \
-            span[0].pos_ != "ADP" and _root(span).pos_ in ("NOUN", "PROPN") else set()
+        focus = {p.mention.key for p in placed if span.start <= p.root < span.end} if counterpart and \
+            span[0].pos_ != "ADP" and span.root.pos_ in ("NOUN", "PROPN") else set()
         for index, mention in enumerate(mentions):
             if mention.via is None and mention.key in focus:
                 mentions[index] = replace(mention, role="focus")
         # the arguments the rebuilt question repeats are mentioned again
-        for chunk in noun_phrases(before):
-            outside = chunk.end_char <= start or chunk.start_char >= end
-            if sentence.start <= chunk.start and chunk.end <= sentence.end and outside and _is_candidate(chunk):
+        for chunk in phrases:
+            if chunk.end_char <= start or chunk.start_char >= end:
                 mentions.append(replace(chunk_mention(chunk, turn), role="other"))
         where = f"in place of '{counterpart}'" if counterpart else "added"
         return Replacement(
@@ -856,14 +856,12 @@ def _fragment(doc: "Doc") -> "Span | None":
     return doc[rest[0].i : rest[-1].i + 1]
 
 
-def _root(span: "Span") -> "Token":
-    return next((t for t in span if not span.start <= t.head.i < span.end or t.head.i == t.i), span.root)
-
-
-def _counterpart(fragment: "Span", resolved: str, sentence: "Span") -> tuple[int, int, str, str] | None:
-    """Where the fragment ``resolved`` goes in the previous question ``sentence``: (start, end) character
-    offsets in its document, the text to put there and what it replaces ("" for an addition)."""
-    first, root = fragment[0], _root(fragment)
+def _counterpart(fragment: "Span", resolved: str, sentence: "Span",
+                 phrases: list["Span"]) -> tuple[int, int, str, str] | None:
+    """Where the fragment ``resolved`` goes in the previous question ``sentence`` (whose candidate noun
+    phrases are ``phrases``): (start, end) character offsets in its document, the text to put there and
+    what it replaces ("" for an addition)."""
+    first, root = fragment[0], fragment.root
 
     def subtree(token: "Token") -> tuple[int, int, str]:
         left, right = token.left_edge, token.right_edge
@@ -900,9 +898,7 @@ def _counterpart(fragment: "Span", resolved: str, sentence: "Span") -> tuple[int
     plural = _plural(root)
     coordinated = any(c.dep_ == "conj" for c in root.children)
     best = None
-    for chunk in noun_phrases(sentence.doc):
-        if not (sentence.start <= chunk.start and chunk.end <= sentence.end) or not _is_candidate(chunk):
-            continue
+    for chunk in phrases:
         head = chunk.root
         if head.dep_ not in ARGUMENT_DEPS and not (head.dep_ == "acomp" and head.pos_ == "NOUN"):
             continue
