@@ -152,7 +152,8 @@ class Replacement:
     kind: str  # pronoun | possessive | one_anaphora | acronym | definite_description | ellipsis | predicate_ellipsis
     heuristic: str  # the rule that fired, in words
     antecedent: Antecedent | None = None
-    parts: tuple["Replacement", ...] = ()  # changes folded into this one (inside a rebuilt question)
+    # changes folded into this one: those inside a rebuilt question, or the two entities of "they" -> "X and Y"
+    parts: tuple["Replacement", ...] = ()
 
     def to_dict(self, trace_text: bool = True) -> dict[str, Any]:
         record: dict[str, Any] = {"kind": self.kind, "heuristic": self.heuristic, "start": self.start, "end": self.end}

@@ -10,6 +10,9 @@ question, these are rewritten:
   possible to ...", "how much does it cost to ...") and entities the question itself names are
   left alone;
 - **possessives** its / their / his / her: ``X's`` (``X'`` after a plural in -s);
+- **split antecedents**: they / them / their as a term of a symmetric predicate ("What do they have
+  in common?", "How do they differ?", "between them", "the difference in their symptoms") with no
+  plural antecedent: the two most salient earlier entities, "X and Y";
 - **one-anaphora** ("a new one", "a smart one"): ``one`` becomes the antecedent's head phrase;
 - **definite descriptions** ("the film" after "the Neverending Story film"): a definite noun
   phrase whose words all occur in a more specific earlier entity with the same head noun;
@@ -75,6 +78,16 @@ WEATHER_VERBS = frozenset("rain snow hail thunder drizzle".split())
 # Adjectives of "tough movement": "it is hard to learn" may say something of "it".
 TOUGH_ADJECTIVES = frozenset("easy easier easiest hard harder hardest difficult tough tougher simple simpler "
                              "impossible pleasant fun".split())
+# Symmetric predicates: "they" as their subject (or "them" after "between") needs two things, so a single
+# most-salient antecedent is half the answer ("What do they have in common?" after "the keto diet" ... "paleo").
+SYMMETRIC_VERBS = frozenset("differ compare relate interact overlap agree conflict coexist correlate contrast "
+                            "resemble meet".split())
+SYMMETRIC_ADJECTIVES = frozenset("different similar alike same related comparable equivalent identical "
+                                 "interchangeable compatible distinct".split())
+SYMMETRIC_NOUNS = frozenset("difference similarity relationship relation comparison contrast distinction link "
+                            "connection".split())
+# Prepositions that name the second term of a symmetric predicate ("compare with X", "different from X").
+SECOND_TERM_PREPOSITIONS = frozenset("with to from than as against".split())
 NUMERIC_LABELS = frozenset({"CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME"})
 NOT_IN_PHRASE = frozenset({"VERB", "AUX", "ADV", "SCONJ", "ADP", "PRON", "INTJ"})
 TYPE_NOUNS = frozenset("type kind sort variety style".split())
@@ -112,6 +125,10 @@ class EnglishHeuristics(BaseModel):
     definite_descriptions: bool = Field(True, description="'the film' -> 'the Neverending Story film'")
     missing_topic: bool = Field(
         True, description="append 'of <topic>' to a definite noun phrase of a question that names nothing"
+    )
+    split_antecedents: bool = Field(
+        True, description="they/them/their of a symmetric predicate ('have in common', 'differ', 'between them', "
+        "'the difference in their ...') with no plural antecedent: the two most salient earlier entities, 'X and Y'",
     )
     predicate_ellipsis: bool = Field(
         True, description="'What about X?' / 'How about X?' / 'And X?' asks the previous question again with X in "
@@ -405,6 +422,36 @@ def _one_anaphor(token: "Token") -> bool:
     )
 
 
+def _symmetric(token: "Token") -> bool:
+    """A plural pronoun that a symmetric predicate asks for both terms of: 'What do they have in common?',
+    'How are they different?', 'How do they differ?', 'compare between them', 'the difference in their
+    symptoms' (not 'How do they compare with tigers?', which names the second term)."""
+    def names_second_term(word: "Token") -> bool:
+        return any(c.dep_ == "prep" and c.lower_ in SECOND_TERM_PREPOSITIONS
+                   and any(g.dep_ == "pobj" for g in c.children) for c in word.children)
+
+    if token.dep_ == "pobj":
+        return token.head.lower_ in ("between", "among")
+    if token.dep_ == "poss":
+        return any(a.pos_ == "NOUN" and a.lemma_.lower() in SYMMETRIC_NOUNS and not names_second_term(a)
+                   for a in token.ancestors)
+    head = token.head
+    if token.dep_ not in SUBJECT_DEPS and not (token.dep_ == "dobj" and head.lemma_ == "compare"):
+        return False
+    if names_second_term(head):
+        return False
+    if head.lemma_ in SYMMETRIC_VERBS:
+        return True
+    in_common = any(c.dep_ == "prep" and c.lower_ == "in" and [g.lower_ for g in c.children] == ["common"]
+                    for c in head.children)
+    if head.lemma_ == "have" and in_common:
+        return True
+    return head.lemma_ == "be" and any(
+        c.dep_ in ("acomp", "attr") and c.lemma_.lower() in SYMMETRIC_ADJECTIVES and not names_second_term(c)
+        for c in head.children
+    )
+
+
 # --------------------------------------------------------------------------- choosing antecedents
 
 
@@ -604,6 +651,11 @@ class EnglishResolver:
         antecedent = _choose(candidates, gender, number, self.weights, disjoint)
         if antecedent is None:
             return None
+        if number == "plural" and not antecedent.plural and self.heuristics.split_antecedents and _symmetric(token):
+            second = next((a for a in candidates if a.key != antecedent.key and not a.plural
+                           and a.person == antecedent.person and a.salience >= self.weights.min_salience), None)
+            if second is not None:
+                return self._split(token, (antecedent, second), possessive, numbers, mentions, turn)
         already = antecedent.key in numbers
         numbers.setdefault(antecedent.key, number)
         mentions.append(antecedent.mention(turn, _role(token) if not possessive else "other", via=lower))
@@ -617,6 +669,24 @@ class EnglishResolver:
         text = _possessive(text) if possessive else text
         return Replacement(token.idx, token.idx + len(token.text), token.text, _cased(text, token),
                            "possessive" if possessive else "pronoun", heuristic, antecedent)
+
+    def _split(self, token: "Token", antecedents: tuple[Antecedent, Antecedent], possessive: bool,
+               numbers: dict[str, str], mentions: list[Mention], turn: int) -> Replacement:
+        """'they' of a symmetric predicate -> 'X and Y': both entities are mentioned again."""
+        parts = []
+        for antecedent in antecedents:
+            numbers.setdefault(antecedent.key, "plural")
+            mentions.append(antecedent.mention(turn, "other"))
+            parts.append(Replacement(token.idx, token.idx + len(token.text), token.text, antecedent.text, "pronoun",
+                                     "one of the two terms of the symmetric predicate", antecedent))
+        text = " and ".join(a.text for a in antecedents)
+        text = _possessive(text) if possessive else text
+        return Replacement(
+            token.idx, token.idx + len(token.text), token.text, _cased(text, token),
+            "possessive" if possessive else "pronoun",
+            f"'{token.lower_}' of a symmetric predicate and no plural antecedent: the two most salient entities",
+            antecedents[0], tuple(parts),
+        )
 
     def _one(self, token: "Token", candidates: list[Antecedent], mentions: list[Mention], turn: int) -> Replacement | None:
         plural = token.lower_ == "ones"

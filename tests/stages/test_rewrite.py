@@ -285,6 +285,35 @@ def test_parser_repairs_names_and_do_support(stage):
     )
 
 
+def test_they_of_a_symmetric_predicate_means_the_two_latest_entities(stage):
+    diets = ["What is the keto diet?", "What is paleo?"]
+    for question, expected in [
+        ("What do they have in common?", "What do paleo and the keto diet have in common?"),
+        ("How are they different?", "How are paleo and the keto diet different?"),
+        ("How do they differ?", "How do paleo and the keto diet differ?"),
+        ("What is the relationship between them?", "What is the relationship between paleo and the keto diet?"),
+        ("How do you compare them?", "How do you compare paleo and the keto diet?"),
+    ]:
+        assert rewritten(stage, question, diets) == expected
+    cancers = ["What is throat cancer?", "Is it the same as esophageal cancer?"]
+    result = rewrite(stage, "What's the difference in their symptoms?", cancers)
+    assert result.query.rewritten == "What's the difference in throat cancer and esophageal cancer's symptoms?"
+    (replacement,) = result.details["replacements"]
+    assert replacement["kind"] == "possessive" and "symmetric predicate" in replacement["heuristic"]
+    assert [part["antecedent"]["text"] for part in replacement["parts"]] == ["throat cancer", "esophageal cancer"]
+    people = ["Who is Donald Trump?", "Who is Melania Trump?"]
+    assert rewritten(stage, "When did they meet?", people) == "When did Melania Trump and Donald Trump meet?"
+    # the predicate names its second term, or a plural antecedent is there: one antecedent, as before
+    cats = ["What is a lion?", "What is a puma?"]
+    assert " and " not in rewritten(stage, "How are they different from tigers?", cats)
+    assert rewritten(stage, "How are they different?", ["What are virtual machines?", "What are containers?"]) == (
+        "How are containers different?"
+    )
+    # and the two are mentioned again, without taking the focus from a newer entity
+    history = [*diets, "What do they have in common?", "What is intermittent fasting?"]
+    assert rewritten(stage, "How is it related to keto?", history) == "How is intermittent fasting related to keto?"
+
+
 def test_acronym_spelling_out_an_earlier_phrase(stage):
     result = rewrite(stage, "What are the main types of VMs?", ["What is a virtual machine?"])
     assert result.query.rewritten == "What are the main types of virtual machines?"
@@ -297,7 +326,7 @@ def test_acronym_spelling_out_an_earlier_phrase(stage):
 def test_each_heuristic_can_be_switched_off(glossary_dir):
     off = CoreferenceRewrite("rewrite", CoreferenceParams(heuristics={
         "nominal_ellipsis": False, "acronyms": False, "number_agreement": False, "missing_topic": False,
-        "predicate_ellipsis": False}))
+        "predicate_ellipsis": False, "split_antecedents": False}))
     off.warm_up(Resources(None, glossary_dir))
     assert rewritten(off, "What is the largest in the world?", ["What are the largest mammals?"]) == (
         "What is the largest in the world?"
@@ -307,6 +336,7 @@ def test_each_heuristic_can_be_switched_off(glossary_dir):
     )
     assert rewritten(off, "How do they work?", ["What is a virtual machine?"]) == "How do a virtual machine work?"
     assert rewritten(off, "What about pizza?", ["Is sushi a healthy food?"]) == "What about pizza?"
+    assert rewritten(off, "How do they differ?", ["What is the keto diet?", "What is paleo?"]) == "How do paleo differ?"
 
 
 def test_plural_and_singular_pronouns_in_one_question_are_disjoint(stage):
