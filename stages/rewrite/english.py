@@ -339,11 +339,15 @@ def noun_phrases(doc: "Doc") -> list["Span"]:
 
 def _repaired(chunk: "Span") -> "Span":
     """Two mistakes of the parser, mended: a name cut short ('[the Black Lives] Matter campaign': the
-    capitalised words that follow and the noun they modify belong to it) and a do-support question's
+    capitalised words that follow and the noun they modify belong to it; '[the Model] 3': so does the
+    number after a proper noun) and a do-support question's
     verb taken for a noun ('How much does [a used Lamborghini cost]?': no verb after 'does', so the
     question's last word is it)."""
     doc = chunk.doc
     end = chunk.end
+    if end < len(doc) and doc[end].pos_ == "NUM" and doc[end].dep_ == "nummod" and doc[end - 1].pos_ == "PROPN" \
+            and chunk.start <= doc[end].head.i < end and not any(e.end == end for e in doc.ents):
+        return doc[chunk.start : end + 1]  # a name's number ("the Model 3"), unless NER ends the name before it
     if doc[end - 1].is_title and not doc[end - 1].is_sent_start:
         while end < len(doc) and doc[end].is_title and not doc[end].is_sent_start and doc[end].pos_ in NAME_POS:
             end += 1

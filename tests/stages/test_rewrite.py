@@ -279,6 +279,10 @@ def test_parser_repairs_names_and_do_support(stage):
     assert rewritten(stage, "What was the reaction to it?", ["When did the Black Lives Matter campaign begin?"]) == (
         "What was the reaction to the Black Lives Matter campaign?"
     )
+    # "[the Model] 3": the number is part of the name
+    assert rewritten(stage, "What are its safety features?", ["What is unique about the Model 3?"]) == (
+        "What are the Model 3's safety features?"
+    )
     # "How much does [a used Lamborghini cost]?": 'cost' is the verb
     assert rewritten(stage, "How does it compare to a Ferrari?", ["How much does a used Lamborghini cost?"]) == (
         "How does a used Lamborghini compare to a Ferrari?"
