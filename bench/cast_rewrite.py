@@ -271,10 +271,13 @@ def markdown(payload: dict[str, Any], machine_line: str) -> str:
         "to many questions, which earns F1 whenever the gold mentions the topic too; adding it more often here (as "
         "'of X', as 'in X', or as a compound modifier) lowered EM and F1 on both development splits, so the stage "
         "does not. Predicate ellipsis is handled (\"How about goulash?\" after \"Is chilli a stew?\" -> \"Is goulash "
-        "a stew?\"; \"How about replacing it instead?\" takes the previous question's infinitive). Not handled: a "
-        "topic added as a place or time (\"... in Ann Arbor\"), the topic as a compound modifier (\"the Lyme "
-        "Disease test\"), split antecedents (\"they\" = two entities named in different turns), acronyms nothing "
-        "in the conversation spells out (\"GDPR\").",
+        "a stew?\"; \"How about replacing it instead?\" takes the previous question's infinitive), and so are split "
+        "antecedents of symmetric predicates (\"What do they have in common?\" after the keto diet ... paleo -> "
+        "\"paleo and the keto diet\"). Not handled: a topic added as a place or time (\"... in Ann Arbor\": "
+        "appending a first turn's place to later questions lowered 2019 EM and F1, since a place in a first turn is "
+        "as often a qualifier, \"the drinking age in the US\", as the conversation's setting), the topic as a "
+        "compound modifier (\"the Lyme Disease test\"), acronyms nothing in the conversation spells out "
+        "(\"GDPR\").",
         "",
         "Our normalisation reproduces the published exact-match baselines exactly; our token F1 for the raw question "
         "differs from the published one by at most 0.004 (2019: 0.822 vs 0.818), presumably a tokenisation detail of "
