@@ -24,8 +24,9 @@ question, these are rewritten:
   superlative phrase, an infinitive for a gerund, or an argument of X's kind and number ("Is chilli
   a stew?" ... "How about goulash?" -> "Is goulash a stew?"); X then holds the conversation's focus.
 
-Before mentions are read, two parser mistakes are mended: a name cut short ("[the Black Lives]
-Matter campaign") and a do-support question's verb read as a noun ("How much does [a used car cost]?").
+Before mentions are read, parser mistakes are mended: a name cut short ("[the Black Lives] Matter
+campaign", "[the Model] 3") and a do-support question's verb read as a noun ("How much does [a used
+car cost]?").
 
 Every change records its span, the antecedent, the turn it came from, its salience and the rule.
 History turns are resolved the same way first (their resolved pronouns count as mentions), and
@@ -338,7 +339,7 @@ def noun_phrases(doc: "Doc") -> list["Span"]:
 
 
 def _repaired(chunk: "Span") -> "Span":
-    """Two mistakes of the parser, mended: a name cut short ('[the Black Lives] Matter campaign': the
+    """Mistakes of the parser, mended: a name cut short ('[the Black Lives] Matter campaign': the
     capitalised words that follow and the noun they modify belong to it; '[the Model] 3': so does the
     number after a proper noun) and a do-support question's
     verb taken for a noun ('How much does [a used Lamborghini cost]?': no verb after 'does', so the
@@ -655,9 +656,11 @@ class EnglishResolver:
         antecedent = _choose(candidates, gender, number, self.weights, disjoint)
         if antecedent is None:
             return None
-        if number == "plural" and not antecedent.plural and self.heuristics.split_antecedents and _symmetric(token):
-            second = next((a for a in candidates if a.key != antecedent.key and not a.plural
-                           and a.person == antecedent.person and a.salience >= self.weights.min_salience), None)
+        if number == "plural" and not antecedent.plural and self.heuristics.split_antecedents \
+                and antecedent.key not in numbers and "same_question" not in antecedent.factors and _symmetric(token):
+            second = next((a for a in candidates if a.key != antecedent.key and a.key not in disjoint and not a.plural
+                           and a.person == antecedent.person and "same_question" not in a.factors
+                           and a.salience >= self.weights.min_salience), None)
             if second is not None:
                 return self._split(token, (antecedent, second), possessive, numbers, mentions, turn)
         already = antecedent.key in numbers
@@ -676,7 +679,9 @@ class EnglishResolver:
 
     def _split(self, token: "Token", antecedents: tuple[Antecedent, Antecedent], possessive: bool,
                numbers: dict[str, str], mentions: list[Mention], turn: int) -> Replacement:
-        """'they' of a symmetric predicate -> 'X and Y': both entities are mentioned again."""
+        """'they' of a symmetric predicate -> 'X and Y'. Both entities are mentioned again, as plain mentions
+        (no subject or pronoun-continuation bonus): each is half of what the pronoun meant, and a newer entity
+        keeps the focus ("How is it related to keto?" after "What is intermittent fasting?")."""
         parts = []
         for antecedent in antecedents:
             numbers.setdefault(antecedent.key, "plural")
