@@ -895,9 +895,12 @@ class EnglishResolver:
         # time does not)
         focus = {p.mention.key for p in placed if span.start <= p.root < span.end} if counterpart and \
             span[0].pos_ != "ADP" and span.root.pos_ in ("NOUN", "PROPN") else set()
+        # ... unless the counterpart was relational ("the main advantages" of X / "disadvantages"): then X is
+        # too, and the conversation is still about X's complement
+        role = "relational" if any(c.start_char == start and _has_of_complement(c.root) for c in phrases) else "focus"
         for index, mention in enumerate(mentions):
             if mention.via is None and mention.key in focus:
-                mentions[index] = replace(mention, role="focus")
+                mentions[index] = replace(mention, role=role)
         # the arguments the rebuilt question repeats are mentioned again
         for chunk in phrases:
             if chunk.end_char <= start or chunk.start_char >= end:

@@ -266,6 +266,12 @@ def test_what_about_x_moves_the_focus_to_x(stage):
     )
 
 
+def test_what_about_a_relational_x_keeps_the_focus_on_its_complement(stage):
+    history = ["What is a 529 plan?", "What are the main advantages?", "What about disadvantages?"]
+    assert rewritten(stage, history[2], history[:2]) == "What are disadvantages of a 529 plan?"
+    assert rewritten(stage, "How long have they been around?", history) == "How long have 529 plans been around?"
+
+
 def test_how_many_asks_and_names_keep_their_number_forms(stage):
     # "How many barrels ...": the question's unknown, not an antecedent of the superlative's noun
     history = ["What is a supertanker?", "How many barrels can it carry?"]
