@@ -75,13 +75,22 @@ def git_revision() -> str | None:
         return None
 
 
+def run_record(name: str) -> dict[str, Any]:
+    """What every result file starts with: which benchmark, when, at which commit, by which command."""
+    executable = Path(sys.executable)
+    if executable.is_relative_to(ROOT):
+        executable = executable.relative_to(ROOT)  # ".venv/bin/python", as the README writes it
+    return {"benchmark": name, "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_revision": git_revision(), "command": " ".join([str(executable), *sys.argv])}
+
+
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """bench/results/<name>.json (``run_record`` first, unless the payload holds it already) and <name>.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "git_revision": git_revision(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload}
+    payload = {**run_record(name), **payload}
     json_path = RESULTS / f"{name}.json"
     md_path = RESULTS / f"{name}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     md_path.write_text(markdown.rstrip() + "\n", encoding="utf-8")
     return json_path, md_path
 

@@ -40,10 +40,9 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench._common import git_revision, host  # noqa: E402
+from bench._common import host, run_record, write_results  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cast" / "rewrites_2019_2020.jsonl"
-RESULTS = ROOT / "bench" / "results"
 # Published reference figures (shared/data/README.md): raw question and organisers' rewrite vs gold.
 PUBLISHED = {
     ("raw", 2019): {"em": 0.288, "f1": 0.818},
@@ -197,10 +196,7 @@ def main() -> None:
     if args.no_write or args.limit:
         return
     payload = {
-        "benchmark": "cast_rewrite",
-        "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": git_revision(),
-        "command": " ".join([".venv/bin/python", "bench/cast_rewrite.py", *sys.argv[1:]]),
+        **run_record("cast_rewrite"),
         "machine": info,
         "data": str(args.data.name),
         "normalisation": "lower-case; delete Unicode punctuation (category P*); collapse whitespace",
@@ -211,10 +207,8 @@ def main() -> None:
         "splits": per_split,
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cast_rewrite.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (RESULTS / "cast_rewrite.md").write_text(markdown(payload, line), encoding="utf-8")
-    print(f"wrote {RESULTS / 'cast_rewrite.json'} and {RESULTS / 'cast_rewrite.md'}")
+    json_path, md_path = write_results("cast_rewrite", payload, markdown(payload, line))
+    print(f"wrote {json_path} and {md_path}")
 
 
 def markdown(payload: dict[str, Any], machine_line: str) -> str:

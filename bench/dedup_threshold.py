@@ -77,8 +77,8 @@ def main() -> None:
     data = load_beir(args.data, args.split)
 
     dedup_yaml = "\n".join(
-        [f"  - {{id: cos, type: dedup.near_duplicate, inputs: [hybrid], params: {{threshold: 0.99}}}}",
-         f"  - {{id: jac, type: dedup.near_duplicate, inputs: [cos], params: {{method: minhash, threshold: 0.99}}}}"]
+        ["  - {id: cos, type: dedup.near_duplicate, inputs: [hybrid], params: {threshold: 0.99}}",
+         "  - {id: jac, type: dedup.near_duplicate, inputs: [cos], params: {method: minhash, threshold: 0.99}}"]
     )
     text = PIPELINE.format(index=args.index.resolve(), depth=args.depth, dedup=dedup_yaml, output="jac")
     loaded = load_yaml_text(text, "<dedup_threshold>")

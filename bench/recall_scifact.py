@@ -18,19 +18,17 @@ import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from bench._common import git_revision, host  # noqa: E402
+from bench._common import host, run_record, write_results  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-RESULTS = ROOT / "bench" / "results"
 CONFIGS = {"bm25": "configs/bm25.yaml", "dense": "configs/dense.yaml", "hybrid": "configs/hybrid.yaml"}
 # Measured before the first line of code (shared/DESIGN.md), same corpus and split.
 DESIGN_NOTES = {"bm25": 0.686, "dense": 0.646, "hybrid": 0.717}
@@ -152,7 +150,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"One-off warm-up before the first query (opening the index, loading the model): "
+        "One-off warm-up before the first query (opening the index, loading the model): "
         + ", ".join(f"{name} {r['warm_up_seconds']:.1f} s" for name, r in payload["results"].items())
         + (" (the embedding model was already loaded by the index build in this process)." if not index["reused"]
            else "."),
@@ -193,10 +191,7 @@ def main() -> None:
               f"latency p50 {results[name]['latency_ms']['p50']:.1f} ms p95 {results[name]['latency_ms']['p95']:.1f} ms",
               flush=True)
     payload = {
-        "benchmark": "recall_scifact",
-        "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": git_revision(),
-        "command": " ".join([".venv/bin/python", "bench/recall_scifact.py", *sys.argv[1:]]),
+        **run_record("recall_scifact"),
         "machine": info,
         "data": {"directory": str(args.data), "split": args.split, "corpus_docs": manifest["corpus"]["doc_count"],
                  "queries": len(data.queries)},
@@ -208,10 +203,8 @@ def main() -> None:
     print()
     print(text)
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "recall_scifact.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        (RESULTS / "recall_scifact.md").write_text(text + "\n", encoding="utf-8")
-        print(f"\nwrote {RESULTS / 'recall_scifact.json'} and {RESULTS / 'recall_scifact.md'}")
+        json_path, md_path = write_results("recall_scifact", payload, text)
+        print(f"\nwrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from bench._common import git_revision, host  # noqa: E402
+from bench._common import host, run_record, write_results  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "data" / "scifact"
 AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
 
@@ -248,10 +247,7 @@ def main() -> None:
                     direct["both"].append((t2 - t0) * 1000.0)
 
     payload: dict[str, Any] = {
-        "benchmark": "rules_overhead",
-        "ran_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": git_revision(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **run_record("rules_overhead"),
         "machine": info,
         "corpus": {"documents": len(doc_ids), "source": "SciFact corpus + seeded synthetic metadata"},
         "queries": len(queries),
@@ -299,9 +295,7 @@ whole corpus): {payload['rules_warm_up_s']:.2f} s.
 
 Command: `.venv/bin/python bench/rules_overhead.py --queries {args.queries} --repeats {args.repeats}`
 """
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rules_overhead.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / "rules_overhead.md").write_text(markdown, encoding="utf-8")
+    write_results("rules_overhead", payload, markdown)
     print(markdown)
 
 
