@@ -155,10 +155,10 @@ def markdown(payload: dict[str, Any]) -> str:
         + (" (the embedding model was already loaded by the index build in this process)." if not index["reused"]
            else "."),
         "",
-        "Latency is per query through `Pipeline.search`, trace and per-result explanations included "
-        "(BM25's explanation rescoring each query term dominates it); \"stages\" is the sum of the stage "
-        "timings the executor records. Dense latency is mostly the query embedding on CPU. Metrics from "
-        "pytrec_eval (`engine.evaluation`); MRR@10 is reciprocal rank on the run cut at 10.",
+        "Latency is per query through `Pipeline.search`, trace and per-result explanations included; \"stages\" "
+        "is the sum of the stage timings the executor records (the rest is the executor's own work: contexts, "
+        "trace, explanations). Dense latency is mostly the query embedding on CPU. Metrics from pytrec_eval "
+        "(`engine.evaluation`); MRR@10 is reciprocal rank on the run cut at 10.",
         "",
         f"Command: `{payload['command']}`",
     ])
