@@ -215,9 +215,9 @@ def main() -> None:
     train_qrels = {q: train.qrels[q] for q in train_ids}
     print(f"{len(test.queries)} test queries, {len(train_queries)} train queries (stride {args.train_stride})", flush=True)
 
-    from stages.rerank.cross_encoder import ScoreCache
+    from engine.cache import LRUCache
 
-    cache = ScoreCache(1_000_000)
+    cache: LRUCache[tuple[str, str, str], Any] = LRUCache(1_000_000)
 
     # ---- choose the entity weight on TRAIN (fusion with the fixed 0.65/0.35 blend, no dedup)
     train_rows = []

@@ -9,8 +9,6 @@ heavy (an index, a model) is loaded in :meth:`Stage.warm_up`, once per process.
 from __future__ import annotations
 
 import enum
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.cache import LRUCache
 from engine.model import Candidate, Decision, Drop, Query
 
 if TYPE_CHECKING:
@@ -181,20 +180,13 @@ class RecentNotes:
     """
 
     def __init__(self, capacity: int = 64):
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
+        self._items: LRUCache[Hashable, Any] = LRUCache(capacity)
 
     def put(self, key: Hashable, notes: Any) -> None:
-        with self._lock:
-            self._items[key] = notes
-            self._items.move_to_end(key)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
+        self._items.put(key, notes)
 
     def get(self, key: Hashable) -> Any:
-        with self._lock:
-            return self._items.get(key)
+        return self._items.get(key)
 
     def put_for(self, query: Query, notes: Any) -> None:
         self.put(id(query), (query, notes))

@@ -28,13 +28,12 @@ selected. Without MMR the stage only drops: it writes no ledger entry.
 from __future__ import annotations
 
 import re
-import threading
 import time
-from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, SieveIndexError, StageError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.models import resolve_model
@@ -85,29 +84,6 @@ def shingles(text: str, size: int) -> set[str]:
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
-class _RowCache:
-    """Per-row vectors or signatures (documents do not change under an open index); bounded LRU."""
-
-    def __init__(self, capacity: int = 50_000):
-        self._items: OrderedDict[int, Any] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def get_many(self, rows: list[int]) -> dict[int, Any]:
-        with self._lock:
-            found = {r: self._items[r] for r in rows if r in self._items}
-            for r in found:
-                self._items.move_to_end(r)
-        return found
-
-    def put(self, row: int, value: Any) -> None:
-        with self._lock:
-            self._items[row] = value
-            self._items.move_to_end(row)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-
-
 @register_stage
 class NearDuplicateFilter(Stage):
     """Drop near-duplicates (embedding cosine or MinHash Jaccard), keeping the best-ranked; optional MMR."""
@@ -126,7 +102,7 @@ class NearDuplicateFilter(Stage):
         self._index: Any = None
         self._dense: Any = None
         self._embedder: Any = None
-        self._cache = _RowCache()
+        self._cache: LRUCache[int, Any] = LRUCache(50_000)  # row -> vector or signature (fixed under an open index)
         self._notes = RecentNotes()
         self._source = ""
 

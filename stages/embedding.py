@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
 from engine.models import ResolvedModel, weights_hash
 
@@ -186,7 +186,7 @@ class Embedder:
             raise ModelLoadError(f"cannot move embedding model '{resolved.name}' to {device}: {exc}") from None
         self.model.eval()
         self.lock = threading.Lock()
-        self._query_cache: OrderedDict[tuple[str, int], tuple[Any, int, int]] = OrderedDict()
+        self._query_cache: LRUCache[tuple[str, int], tuple[Any, int, int]] = LRUCache(256)
 
     # ------------------------------------------------------------------ identity
 
@@ -302,18 +302,13 @@ class Embedder:
         """(unit vector, tokens before the cut, tokens kept) for a query; recent queries are cached."""
         full_text = f"{instruction}{text}" if instruction else text
         key = (full_text, max_length)
-        with self.lock:
-            cached = self._query_cache.get(key)
-            if cached is not None:
-                self._query_cache.move_to_end(key)
-                return cached
+        cached = self._query_cache.get(key)
+        if cached is not None:
+            return cached
         encoded = self.tokenize([full_text], max_length)
         vector = self.embed_encoded(encoded, batch_size=1)[0]
         result = (vector, encoded.full_tokens[0], encoded.kept_tokens[0])
-        with self.lock:
-            self._query_cache[key] = result
-            while len(self._query_cache) > 256:
-                self._query_cache.popitem(last=False)
+        self._query_cache.put(key, result)
         return result
 
 

@@ -29,13 +29,14 @@ import json
 import re
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue, MissingDependencyError, ModelLoadError, SieveIndexError, StageError
 from engine.index import ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
@@ -229,7 +230,7 @@ class EntityExtractor:
                                    config={"validate": True, "overwrite_ents": True})
             ruler.add_patterns(self._patterns(gazetteer))  # type: ignore[attr-defined]
         self.lock = threading.Lock()
-        self._query_cache: OrderedDict[str, tuple[Mention, ...]] = OrderedDict()
+        self._query_cache: LRUCache[str, tuple[Mention, ...]] = LRUCache(1024)
 
     def _patterns(self, gazetteer: Gazetteer) -> list[dict[str, Any]]:
         patterns: list[dict[str, Any]] = []
@@ -286,16 +287,13 @@ class EntityExtractor:
 
     def extract_query(self, text: str) -> tuple[Mention, ...]:
         """Entities of one query text; recent queries are cached."""
+        cached = self._query_cache.get(text)
+        if cached is not None:
+            return cached
         with self.lock:
-            cached = self._query_cache.get(text)
-            if cached is not None:
-                self._query_cache.move_to_end(text)
-                return cached
             mentions = self._mentions(self.nlp(text))
-            self._query_cache[text] = mentions
-            while len(self._query_cache) > 1024:
-                self._query_cache.popitem(last=False)
-            return mentions
+        self._query_cache.put(text, mentions)
+        return mentions
 
 
 _extractors: dict[tuple[str, str | None, bool], EntityExtractor] = {}

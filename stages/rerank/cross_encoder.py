@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
@@ -363,36 +363,6 @@ def _hub_weights_hash(hub_id: str) -> str | None:
     return None
 
 
-class ScoreCache:
-    """Bounded LRU of scores keyed by (model identity, query text, document content sha256)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str, str], PairScore] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str, str]) -> PairScore | None:
-        if self.capacity == 0:
-            return None
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[str, str, str], value: PairScore) -> None:
-        if self.capacity == 0:
-            return
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -415,7 +385,8 @@ class CrossEncoderRerank(Stage):
         super().__init__(stage_id, params)
         self._model: LoadedReranker | None = None
         self._light: LoadedReranker | None = None
-        self._cache = ScoreCache(self.params.cache_size)
+        # scores keyed by (model variant, query text, document content sha256)
+        self._cache: LRUCache[tuple[str, str, str], PairScore] = LRUCache(self.params.cache_size)
         self._notes = RecentNotes()  # query text -> doc_id -> note
 
     # ------------------------------------------------------------------ compile time

@@ -36,13 +36,13 @@ the model after each history prefix is cached, so a conversation costs one parse
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.cache import LRUCache
 from stages.rewrite.discourse import Antecedent, DiscourseModel, Mention, Replacement, SalienceWeights
 
 if TYPE_CHECKING:
@@ -505,8 +505,7 @@ class EnglishResolver:
         self.weights = weights
         self.heuristics = heuristics
         self._lock = threading.Lock()
-        self._states: OrderedDict[tuple[str, ...], DiscourseModel] = OrderedDict()
-        self._cache_size = cache_size
+        self._states: LRUCache[tuple[str, ...], DiscourseModel] = LRUCache(cache_size)
 
     # ------------------------------------------------------------------ public
 
@@ -522,18 +521,16 @@ class EnglishResolver:
         following = model.copy()
         following.mentions.extend(_mark_new(mentions, model))
         following.previous = rewritten
-        self._remember((*history, question), following)
+        self._states.put((*history, question), following)
         return Resolution(rewritten, tuple(replacements), tuple(model.candidates(turn)), turn)
 
     # ------------------------------------------------------------------ history
 
     def _state(self, history: tuple[str, ...]) -> DiscourseModel:
         """The discourse model after reading ``history`` (cached per prefix)."""
-        with self._lock:
-            cached = self._states.get(history)
-            if cached is not None:
-                self._states.move_to_end(history)
-                return cached
+        cached = self._states.get(history)
+        if cached is not None:
+            return cached
         if not history:
             model = DiscourseModel(self.weights)
         else:
@@ -544,15 +541,8 @@ class EnglishResolver:
             replacements, mentions = self._analyse(doc, turn, model)
             model.mentions.extend(_mark_new(mentions, model))
             model.previous = _apply(history[-1], replacements)
-        self._remember(history, model)
+        self._states.put(history, model)
         return model
-
-    def _remember(self, history: tuple[str, ...], model: DiscourseModel) -> None:
-        with self._lock:
-            self._states[history] = model
-            self._states.move_to_end(history)
-            while len(self._states) > self._cache_size:
-                self._states.popitem(last=False)
 
     # ------------------------------------------------------------------ one turn
 
