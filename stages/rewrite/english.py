@@ -527,21 +527,24 @@ class EnglishResolver:
     # ------------------------------------------------------------------ history
 
     def _state(self, history: tuple[str, ...]) -> DiscourseModel:
-        """The discourse model after reading ``history`` (cached per prefix)."""
-        cached = self._states.get(history)
-        if cached is not None:
-            return cached
-        if not history:
+        """The discourse model after reading ``history`` (cached per prefix): from the longest prefix
+        already read, the remaining turns are read in order (a loop, so any length of history works)."""
+        read = len(history)
+        model = self._states.get(history)
+        while model is None and read > 0:
+            read -= 1
+            model = self._states.get(history[:read])
+        if model is None:
             model = DiscourseModel(self.weights)
-        else:
-            model = self._state(history[:-1]).copy()
-            turn = len(history)
+            self._states.put((), model)
+        for turn in range(read + 1, len(history) + 1):
+            model = model.copy()
             with self._lock:
-                doc = self.nlp(history[-1])
+                doc = self.nlp(history[turn - 1])
             replacements, mentions = self._analyse(doc, turn, model)
             model.mentions.extend(_mark_new(mentions, model))
-            model.previous = _apply(history[-1], replacements)
-        self._states.put(history, model)
+            model.previous = _apply(history[turn - 1], replacements)
+            self._states.put(history[:turn], model)
         return model
 
     # ------------------------------------------------------------------ one turn

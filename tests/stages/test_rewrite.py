@@ -356,6 +356,12 @@ def test_plural_and_singular_pronouns_in_one_question_are_disjoint(stage):
     )
 
 
+def test_a_history_longer_than_the_recursion_limit_is_read(stage):
+    # the discourse model is built turn by turn in a loop: no RecursionError, whatever the length
+    history = ["What is throat cancer?"] + ["OK."] * 1200
+    assert rewritten(stage, "Is it treatable?", history) == "Is throat cancer treatable?"
+
+
 def test_no_history_leaves_the_question_unchanged(stage):
     result = rewrite(stage, "Is it treatable?", [])
     assert result.query.rewritten == "Is it treatable?"
