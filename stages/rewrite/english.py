@@ -873,6 +873,8 @@ class EnglishResolver:
                           [replace(r, start=r.start - span.start_char, end=r.end - span.start_char) for r in inside])
         with self._lock:
             before = self.nlp(previous)
+        if not len(before):
+            return None  # an empty previous turn asked nothing to ask again
         sentence = list(before.sents)[-1]
         phrases = [c for c in noun_phrases(before) if sentence.start <= c.start and c.end <= sentence.end
                    and _is_candidate(c)]
@@ -911,6 +913,8 @@ def _fragment(doc: "Doc") -> "Span | None":
     'And X?' (after an optional 'and', 'so', 'OK', ...; before an optional 'in particular', 'instead',
     ...). None when the sentence is anything else, or X is a clause of its own ('And how about what
     happened to Brown?')."""
+    if not len(doc):
+        return None
     sentence = list(doc.sents)[-1]
     tokens = [t for t in sentence if not t.is_punct]
     lead = 0

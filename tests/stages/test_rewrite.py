@@ -362,6 +362,15 @@ def test_a_history_longer_than_the_recursion_limit_is_read(stage):
     assert rewritten(stage, "Is it treatable?", history) == "Is throat cancer treatable?"
 
 
+def test_empty_and_odd_turns_do_not_break_the_resolver(stage):
+    # an empty previous turn gave "What about X?" nothing to ask again (it raised IndexError)
+    assert rewritten(stage, "What about paleo?", ["What is the keto diet?", ""]) == "What about paleo?"
+    assert rewritten(stage, "Is it treatable?", ["", "   ", "What is throat cancer?", "?!"]) == (
+        "Is throat cancer treatable?"
+    )
+    assert rewritten(stage, "And?", ["What is the keto diet?"]) == "And?"
+
+
 def test_no_history_leaves_the_question_unchanged(stage):
     result = rewrite(stage, "Is it treatable?", [])
     assert result.query.rewritten == "Is it treatable?"
