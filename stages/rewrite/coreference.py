@@ -242,24 +242,26 @@ class CoreferenceRewrite(Stage):
             record.update(matched=hit.matched, added=hit.added)
         return record
 
+    def _change(self, replacement: Replacement, trace_text: bool) -> Explanation:
+        """One change and its basis: the antecedent's salience and its factors; for a change made of parts (a
+        question rebuilt around "What about X?", "they" -> "X and Y"), each part in turn."""
+        what = f"'{replacement.original}' -> '{replacement.replacement.strip()}'" if trace_text else replacement.kind
+        antecedent = replacement.antecedent
+        if replacement.parts or antecedent is None:
+            return Explanation(0.0, f"{what} ({replacement.kind}): {replacement.heuristic}",
+                               tuple(self._change(part, trace_text) for part in replacement.parts))
+        return Explanation(
+            antecedent.salience,
+            f"{what} ({replacement.kind}): antecedent named in turn {antecedent.named_turn} (last mentioned in turn "
+            f"{antecedent.turn}), salience "
+            f"{antecedent.salience:.3f} = sum(mention weight x decay^age) + first-turn bonus; {replacement.heuristic}",
+            tuple(Explanation(v, k) for k, v in antecedent.factors.items()),
+        )
+
     def _explanation(self, source: str, text: str, replacements: Sequence[Replacement], hits: Sequence[GlossaryHit],
                      trace_text: bool) -> Explanation:
         """value = number of changes; one child per change, stating its basis."""
-        parts: list[Explanation] = []
-        for replacement in replacements:
-            what = f"'{replacement.original}' -> '{replacement.replacement.strip()}'" if trace_text else replacement.kind
-            antecedent = replacement.antecedent
-            if antecedent is None:
-                parts.append(Explanation(0.0, f"{what}: {replacement.heuristic}"))
-                continue
-            factors = tuple(Explanation(v, k) for k, v in antecedent.factors.items())
-            parts.append(Explanation(
-                antecedent.salience,
-                f"{what} ({replacement.kind}): antecedent named in turn {antecedent.named_turn} (last mentioned in turn "
-                f"{antecedent.turn}), salience "
-                f"{antecedent.salience:.3f} = sum(mention weight x decay^age) + first-turn bonus; {replacement.heuristic}",
-                factors,
-            ))
+        parts = [self._change(replacement, trace_text) for replacement in replacements]
         for hit in hits:
             what = f"'{hit.matched}' -> {'+' if hit.action == 'expand' else ''}'{hit.added}'" if trace_text else hit.action
             parts.append(Explanation(1.0, f"{what}: glossary entry '{hit.entry}' ({hit.action})"))

@@ -254,6 +254,9 @@ def test_predicate_ellipsis_chains_and_records_the_folded_changes(stage):
     (replacement,) = result.details["replacements"]
     (part,) = replacement["parts"]
     assert part["kind"] == "possessive" and part["replacement"] == "yoga's"
+    (change,) = result.details["explanation"]["details"]  # the explanation names the folded change and its basis
+    (inner,) = change["details"]
+    assert inner["description"].startswith("'its' -> 'yoga's' (possessive): antecedent named in turn 1")
     assert json.dumps(result.details)
 
 
@@ -311,6 +314,11 @@ def test_they_of_a_symmetric_predicate_means_the_two_latest_entities(stage):
     (replacement,) = result.details["replacements"]
     assert replacement["kind"] == "possessive" and "symmetric predicate" in replacement["heuristic"]
     assert [part["antecedent"]["text"] for part in replacement["parts"]] == ["throat cancer", "esophageal cancer"]
+    (change,) = result.details["explanation"]["details"]
+    assert "symmetric predicate" in change["description"]
+    assert [c["description"].split(":")[0] for c in change["details"]] == [
+        "'their' -> 'throat cancer' (pronoun)", "'their' -> 'esophageal cancer' (pronoun)"]
+    assert all("named in turn" in c["description"] and c["value"] > 0 for c in change["details"])
     people = ["Who is Donald Trump?", "Who is Melania Trump?"]
     assert rewritten(stage, "When did they meet?", people) == "When did Melania Trump and Donald Trump meet?"
     # the predicate names its second term, or a plural antecedent is there: one antecedent, as before
