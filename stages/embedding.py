@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
-from engine.models import ResolvedModel, weights_hash
+from engine.models import ResolvedModel, quiet_transformers, weights_hash
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Pooling = Literal["auto", "cls", "mean"]
@@ -130,7 +130,7 @@ class Embedder:
             raise ModelLoadError(f"embedding model '{resolved.name}': fp16 is not supported on CPU; use fp32 or bf16")
         self.device = device
         self.precision = precision
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 flag = FlagModel(
                     resolved.location,
@@ -310,23 +310,6 @@ class Embedder:
         result = (vector, encoded.full_tokens[0], encoded.kept_tokens[0])
         self._query_cache.put(key, result)
         return result
-
-
-@contextlib.contextmanager
-def _quiet_transformers():  # type: ignore[no-untyped-def]
-    """No 'Loading weights' progress bar on the user's terminal while a model loads."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 _embedders: dict[tuple[str, str | None, str, str, str], Embedder] = {}

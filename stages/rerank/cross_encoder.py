@@ -134,7 +134,7 @@ class LoadedReranker:
     """A cross-encoder ready for inference: model, tokenizer, scoring head, device, precision."""
 
     def __init__(self, name: str, base_dir: Path, device: str, precision: str, max_length: int | None):
-        from engine.models import model_card, resolve_model
+        from engine.models import model_card, quiet_transformers, resolve_model
 
         try:
             import torch
@@ -159,10 +159,11 @@ class LoadedReranker:
         if self.head not in (SEGMENT_COSINE, SEQUENCE_CLASSIFICATION):
             raise ModelLoadError(f"rerank.cross_encoder: {resolved.location}/sieve_model.json names an unknown head '{self.head}'")
         self.scale = float((card or {}).get("scale") or DEFAULT_SCALE)
-        if self.head == SEGMENT_COSINE:
-            self._load_segment_cosine()
-        else:
-            self._load_flag_reranker()
+        with quiet_transformers():
+            if self.head == SEGMENT_COSINE:
+                self._load_segment_cosine()
+            else:
+                self._load_flag_reranker()
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelLoadError(
                 f"rerank.cross_encoder: the tokenizer of '{name}' is not a fast tokenizer (no tokenizer.json); "

@@ -353,6 +353,16 @@ def test_out_of_memory_backoff_halves_the_batch_and_says_so(tiny_segment_cosine,
 # --------------------------------------------------------------------------- errors and config checks
 
 
+def test_loading_a_model_draws_no_progress_bar(tiny_classifier, tiny_segment_cosine, capfd):
+    from stages.rerank.cross_encoder import LoadedReranker
+
+    capfd.readouterr()
+    for directory in (tiny_classifier, tiny_segment_cosine):
+        LoadedReranker(str(directory), ROOT, "cpu", "fp32", None)
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err and "it/s" not in out + err
+
+
 def test_missing_model_directory_is_a_clear_error(bm25_index, write_config, tmp_path):
     pipeline = _pipeline(write_config, bm25_index, "{model: ./no-such-model, window: 5}")
     with pytest.raises(ModelLoadError, match="no-such-model"):
