@@ -551,6 +551,10 @@ def report_command(
     out.print(f"[green]✓[/green] report for trace {trace.get('trace_id')} written to {escape(str(html))}")
 
 
+# Typer >= 0.2x raises the usage errors of its own copy of click, which are not click's classes.
+_TYPER_ERRORS: tuple[type[Exception], ...] = tuple(c for c in (getattr(typer, "TyperException", None),) if c is not None)
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
     import click
@@ -563,10 +567,13 @@ def main() -> None:
     except SieveError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(exc.exit_code)
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except (click.exceptions.ClickException, *_TYPER_ERRORS) as exc:  # usage: unknown command, missing argument
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            err.print(f"[red]error:[/red] {escape(exc.format_message())}")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         err.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:

@@ -210,3 +210,13 @@ def test_installed_console_script_reports_errors_without_traceback(write_config)
     assert done.returncode == 2
     assert f"{path}:3:1" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_usage_errors_are_usage_errors_not_internal_ones(tmp_path):
+    # typer's own copy of click raises its own UsageError: it was reported as "internal error ... a bug"
+    sieve = Path(sys.executable).with_name("sieve")
+    for args, expected in ((["serve"], "No such command 'serve'"), (["search"], "Missing argument"),
+                           (["validate", "--bogus"], "No such option")):
+        done = subprocess.run([str(sieve), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert expected in done.stderr and "internal error" not in done.stderr and "Traceback" not in done.stderr
