@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from engine import __version__
-from engine.errors import ConfigError, SieveError
+from engine.errors import ConfigError, MissingDependencyError, SieveError
 
 app = typer.Typer(
     name="sieve",
@@ -551,8 +551,28 @@ def report_command(
     out.print(f"[green]✓[/green] report for trace {trace.get('trace_id')} written to {escape(str(html))}")
 
 
+@app.command()
+def serve(
+    configs: Annotated[list[Path], typer.Argument(help="pipeline YAML files, each served under its name")],
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve pipelines over HTTP (JSON API: /v1/pipelines/{name}/search, /healthz, /readyz)."""
+    import importlib.util
+
+    for module in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(module, "sieve-retrieval[server]", "sieve serve")
+    from engine.server import serve as run_server
+
+    run_server(configs, host, port, log_level)
+
+
 # Typer >= 0.2x raises the usage errors of its own copy of click, which are not click's classes.
-_TYPER_ERRORS: tuple[type[Exception], ...] = tuple(c for c in (getattr(typer, "TyperException", None),) if c is not None)
+_TYPER_ERRORS: tuple[type[Exception], ...] = tuple(
+    c for c in (getattr(typer, "TyperException", None),) if c is not None
+)
 
 
 def main() -> None:

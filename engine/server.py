@@ -1,0 +1,226 @@
+"""HTTP server: pipelines behind a small JSON API (FastAPI, served by uvicorn via ``sieve serve``).
+
+    GET  /healthz                          the process is up
+    GET  /readyz                           every pipeline is warmed up (200) or not (503)
+    GET  /v1/pipelines                     each pipeline: name, config file and sha256, stages, output,
+                                           stages unavailable after warm-up (``on_error: skip``)
+    POST /v1/pipelines/{name}/search       one query: {"query", "history", "user", "as_of", "language",
+                                           "explain", "include_trace"} -> ranked results with their
+                                           documents, the trace id, whether the run was degraded
+
+Every pipeline is compiled and warmed up before the server accepts a request, so a bad config, a
+missing index or a model that fails to load stops ``sieve serve`` at start with the same message
+``sieve validate`` / ``sieve search`` give. Each query's trace is appended to the pipeline's
+tamper-evident log (``trace.log``), as ``sieve search`` does; the response carries its ``trace_id``
+so an auditor can find and replay it.
+
+Errors are JSON, ``{"error": {"type": ..., "message": ...}}``, never a stack trace: 400 for a query
+the pipeline refuses (empty, too long, too much history), 404 for an unknown pipeline, 413 for a
+body over ``max_body_bytes``, 422 for a malformed body (with each field's location), 500 when a
+stage fails (its message; the traceback goes to the server's log only).
+
+Requests are served concurrently: FastAPI runs each search in its thread pool, and a warmed
+pipeline is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.errors import QueryError, SieveError
+from engine.model import UserContext
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from engine.pipeline import Pipeline
+
+log = logging.getLogger("sieve.server")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above the longest query and history the limits allow
+_LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
+
+
+class UserBody(BaseModel):
+    """Who is asking (access rules read it; the trace records it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str | None = Field(None, max_length=256)
+    roles: list[str] = Field(default_factory=list, max_length=64)
+    groups: list[str] = Field(default_factory=list, max_length=256)
+    jurisdictions: list[str] = Field(default_factory=list, max_length=64)
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class SearchBody(BaseModel):
+    """One query. ``as_of`` without a time zone is UTC; absent, it is the time of the request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str
+    history: list[str] = Field(default_factory=list, description="earlier turns of the conversation, oldest first")
+    user: UserBody | None = None
+    as_of: datetime | None = None
+    language: str | None = Field(None, max_length=35, description="a language tag, e.g. en or zh-CN")
+    explain: bool = Field(False, description="return each result's explanation tree (when the config traces them)")
+    include_trace: bool = Field(False, description="return the whole trace as well")
+
+    @field_validator("language")
+    @classmethod
+    def _tag(cls, value: str | None) -> str | None:
+        if value is not None and not _LANGUAGE_TAG.match(value):
+            raise ValueError(f"not a language tag: {value!r} (e.g. en, zh-CN)")
+        return value
+
+
+def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
+    """Compile and warm up each config; pipelines are addressed by their config's ``name`` (else the file's
+    stem)."""
+    from engine.pipeline import Pipeline
+
+    pipelines: dict[str, Pipeline] = {}
+    for path in configs:
+        pipeline = Pipeline.from_file(path)
+        name = pipeline.compiled.config.name or Path(path).stem
+        if name in pipelines:
+            raise SieveError(
+                f"two configs are named '{name}' ({pipelines[name].compiled.source_file} and {path}): "
+                "the server addresses pipelines by name; rename one"
+            )
+        pipeline.warm_up()
+        pipelines[name] = pipeline
+    if not pipelines:
+        raise SieveError("no pipeline to serve: give at least one config")
+    return pipelines
+
+
+def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> "FastAPI":
+    """The application over already-loaded pipelines."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    from engine import __version__
+
+    app = FastAPI(title="Sieve", version=__version__, description="Auditable rules-plus-model retrieval")
+
+    def error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}})
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return error(413, "body_too_large", f"request body over {max_body_bytes} bytes")
+        if length is None and request.method == "POST":
+            body = await request.body()  # chunked: read it once, within the limit
+            if len(body) > max_body_bytes:
+                return error(413, "body_too_large", f"request body over {max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"location": ".".join(str(part) for part in problem.get("loc", ())),
+                     "message": problem.get("msg", "")} for problem in exc.errors()]
+        summary = "; ".join(f"{p['location']}: {p['message']}" for p in problems)
+        return error(422, "invalid_request", f"malformed request: {summary}", problems=problems)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error(500, "internal_error",
+                     f"{type(exc).__name__}: {exc} (a bug in Sieve; the server log has the traceback)")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> Any:
+        waiting = [name for name, pipeline in pipelines.items() if pipeline.resources is None]
+        if waiting:
+            return error(503, "not_ready", f"not warmed up: {', '.join(waiting)}")
+        return {"status": "ready", "pipelines": sorted(pipelines)}
+
+    @app.get("/v1/pipelines")
+    def list_pipelines() -> dict[str, Any]:
+        return {"pipelines": [describe(name, pipeline) for name, pipeline in sorted(pipelines.items())]}
+
+    @app.post("/v1/pipelines/{name}/search")
+    def search(name: str, body: SearchBody) -> Any:
+        pipeline = pipelines.get(name)
+        if pipeline is None:
+            return error(404, "unknown_pipeline", f"no pipeline named '{name}'; served: {', '.join(sorted(pipelines))}")
+        user = UserContext(**body.user.model_dump()) if body.user is not None else None
+        try:
+            query = pipeline.make_query(body.query, history=body.history, user=user, as_of=body.as_of,
+                                        language=body.language)
+        except QueryError as exc:
+            return error(400, "bad_query", str(exc))
+        try:
+            result = pipeline.run(query)
+        except SieveError as exc:
+            log.error("pipeline '%s' failed: %s", name, exc)
+            return error(500, "stage_failed", str(exc))
+        trace = result.trace
+        log_path = pipeline.log_trace(trace)
+        return respond(name, pipeline, result, body, log_path)
+
+    return app
+
+
+def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
+    compiled = pipeline.compiled
+    return {
+        "name": name,
+        "description": compiled.config.description,
+        "config": str(compiled.source_file),
+        "config_sha256": compiled.config_sha256,
+        "stages": [{"id": stage_id, "type": compiled.specs[stage_id].type} for stage_id in compiled.order],
+        "output": compiled.output,
+        "unavailable": dict(pipeline.unavailable),
+    }
+
+
+def respond(name: str, pipeline: "Pipeline", result: Any, body: SearchBody, log_path: Path | None) -> dict[str, Any]:
+    """The search response: results with their documents (read from the index), the trace's identity."""
+    trace = result.trace
+    index = pipeline.resources.index if pipeline.resources is not None else None
+    documents = index.documents.get([c.row for c in result.results]) if index is not None and result.results else {}
+    results = []
+    for record, candidate in zip(trace["results"], result.results):
+        item: dict[str, Any] = {"rank": record["rank"], "doc_id": record["doc_id"], "score": record["score"]}
+        document = documents.get(candidate.row)
+        if document is not None:
+            item["document"] = {"title": document.title, "text": document.text, "metadata": document.metadata}
+        if body.explain and "explanation" in record:
+            item["explanation"] = record["explanation"]
+        results.append(item)
+    response: dict[str, Any] = {
+        "pipeline": name,
+        "trace_id": trace["trace_id"],
+        "trace_log": str(log_path) if log_path is not None else None,
+        "query": {"text": body.query, "rewritten": trace["query"].get("rewritten")},
+        "degraded": result.degraded,
+        "timing_ms": trace["timing_ms"]["total"],
+        "results": results,
+    }
+    if body.include_trace:
+        response["trace"] = trace
+    return response
+
+
+def serve(configs: list[Path], host: str, port: int, log_level: str = "info") -> None:
+    """Load and warm every pipeline, then serve until interrupted."""
+    import uvicorn
+
+    pipelines = load_pipelines(configs)
+    app = create_app(pipelines)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
