@@ -80,6 +80,56 @@ class SearchBody(BaseModel):
         return value
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 as soon as it is seen to be (from its
+    Content-Length, or while a chunked body arrives), never read into memory whole."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._reject(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client has gone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse(status_code=413, content={"error": {
+            "type": "body_too_large", "message": f"request body over {self.limit} bytes"}})
+        await response(scope, receive, send)
+
+
 def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
     """Compile and warm up each config; pipelines are addressed by their config's ``name`` (else the file's
     stem)."""
@@ -114,16 +164,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int = DEFAUL
     def error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}})
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error(413, "body_too_large", f"request body over {max_body_bytes} bytes")
-        if length is None and request.method == "POST":
-            body = await request.body()  # chunked: read it once, within the limit
-            if len(body) > max_body_bytes:
-                return error(413, "body_too_large", f"request body over {max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:

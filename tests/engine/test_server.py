@@ -151,6 +151,17 @@ def test_unknown_pipeline_malformed_json_and_oversized_body(server):
     huge = httpx.post(f"{base}/v1/pipelines/mini/search", content=b"x" * (2 << 20), timeout=30,
                       headers={"content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "body_too_large"
+    # a chunked body (no Content-Length) is cut off as it arrives; a small chunked one goes through
+    def chunks(data: bytes):
+        for start in range(0, len(data), 65536):
+            yield data[start : start + 65536]
+
+    url = f"{base}/v1/pipelines/mini/search"
+    headers = {"content-type": "application/json"}
+    big = json.dumps({"query": "a" * (3 << 20)}).encode()
+    assert httpx.post(url, content=chunks(big), headers=headers, timeout=30).status_code == 413
+    small = json.dumps({"query": "vitamin D"}).encode()
+    assert httpx.post(url, content=chunks(small), headers=headers, timeout=30).status_code == 200
 
 
 def test_concurrent_requests_get_the_sequential_answers(server):
