@@ -215,7 +215,7 @@ def test_installed_console_script_reports_errors_without_traceback(write_config)
 def test_usage_errors_are_usage_errors_not_internal_ones(tmp_path):
     # typer's own copy of click raises its own UsageError: it was reported as "internal error ... a bug"
     sieve = Path(sys.executable).with_name("sieve")
-    for args, expected in ((["serve"], "No such command 'serve'"), (["search"], "Missing argument"),
+    for args, expected in ((["frobnicate"], "No such command 'frobnicate'"), (["search"], "Missing argument"),
                            (["validate", "--bogus"], "No such option")):
         done = subprocess.run([str(sieve), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stderr)
