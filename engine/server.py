@@ -17,7 +17,8 @@ so an auditor can find and replay it.
 Errors are JSON, ``{"error": {"type": ..., "message": ...}}``, never a stack trace: 400 for a query
 the pipeline refuses (empty, too long, too much history), 404 for an unknown pipeline, 413 for a
 body over ``max_body_bytes``, 422 for a malformed body (with each field's location), 500 when a
-stage fails (its message; the traceback goes to the server's log only).
+stage fails (its message; the traceback goes to the server's log only) and 500 when the trace cannot
+be appended to the log: results are never returned without their audit record.
 
 Requests are served concurrently: FastAPI runs each search in its thread pool, and a warmed
 pipeline is safe to share between threads.
@@ -210,8 +211,12 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int = DEFAUL
         except SieveError as exc:
             log.error("pipeline '%s' failed: %s", name, exc)
             return error(500, "stage_failed", str(exc))
-        trace = result.trace
-        log_path = pipeline.log_trace(trace)
+        try:
+            log_path = pipeline.log_trace(result.trace)
+        except (OSError, SieveError) as exc:  # no unaudited answers: the results are withheld
+            log.error("pipeline '%s': trace %s not logged: %s", name, result.trace["trace_id"], exc)
+            return error(500, "trace_not_logged", f"the query ran but its trace could not be appended to the log "
+                         f"({type(exc).__name__}: {exc}); results are withheld", trace_id=result.trace["trace_id"])
         return respond(name, pipeline, result, body, log_path)
 
     return app

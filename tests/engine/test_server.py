@@ -175,6 +175,26 @@ def test_concurrent_requests_get_the_sequential_answers(server):
     assert all([r["doc_id"] for r in a.json()["results"]] == expected[q] for q, a in zip(queries, answers))
 
 
+def test_results_are_withheld_when_the_trace_cannot_be_logged(server):
+    base, log = server
+    aside = log.with_name("trace.aside")
+    had_log = log.exists()
+    if had_log:
+        log.rename(aside)
+    log.mkdir()  # the log path is now a directory: the append fails (even for root)
+    try:
+        response = search(base, {"query": "vitamin D"})
+        assert response.status_code == 500, response.text
+        body = response.json()
+        assert body["error"]["type"] == "trace_not_logged" and "withheld" in body["error"]["message"]
+        assert "results" not in body and len(body["error"]["trace_id"]) == 32
+    finally:
+        log.rmdir()
+        if had_log:
+            aside.rename(log)
+    assert search(base, {"query": "vitamin D"}).status_code == 200
+
+
 def test_a_bad_config_stops_the_server_at_start_with_its_location(tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("version: 1\nstages:\n  - id: a\n    type: recall.bm25x\noutput: a\n", encoding="utf-8")
