@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rules_overhead.py --queries 100 --repeats 5
 	$(BIN)/python bench/rerank_throughput.py
 	$(BIN)/python bench/cast_rewrite.py
+	$(BIN)/python bench/server_overhead.py
 
 clean:
 	rm -rf build traces .pytest_cache
