@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from bench._common import SCIFACT, host, run_record, scifact_bm25_index, write_results  # noqa: E402
+from engine.server import serve_in_subprocess  # noqa: E402
 
 CONFIG = """version: 1
 name: bm25-served
@@ -54,20 +53,11 @@ trace:
 """
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-
-
 def summary(values: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(statistics.median(values), 3), "p95_ms": round(percentile(values, 0.95), 3),
+    from engine.evaluation import percentile
+
+    return {"p50_ms": round(statistics.median(values), 3), "p95_ms": round(percentile(values, 95), 3),
             "mean_ms": round(statistics.fmean(values), 3)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -102,22 +92,7 @@ def main() -> None:
             pipeline.log_trace(result.trace)
             return (time.perf_counter() - began) * 1000
 
-        port = free_port()
-        server = subprocess.Popen([str(Path(sys.executable).with_name("sieve")), "serve", str(served_config),
-                                   "--port", str(port), "--log-level", "warning"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start: {server.stdout.read() if server.stdout else ''}")
-                time.sleep(0.2)
+        with serve_in_subprocess([served_config], cwd=work) as base:
             url = f"{base}/v1/pipelines/bm25-served/search"
             with httpx.Client(timeout=60) as client:
 
@@ -153,12 +128,6 @@ def main() -> None:
 
                 local_qps = throughput(in_process)
                 remote_qps = throughput(concurrent_http)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
     payload = {
         **run_record("server_overhead"),

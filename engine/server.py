@@ -26,8 +26,15 @@ pipeline is safe to share between threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,6 +268,42 @@ def respond(name: str, pipeline: "Pipeline", result: Any, body: SearchBody, log_
     if body.include_trace:
         response["trace"] = trace
     return response
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout: float = 120.0,
+                        log_level: str = "warning") -> Iterator[str]:
+    """``sieve serve`` in a child process on a free loopback port: yields its base URL once ``/readyz``
+    answers 200, stops it on exit. A server that exits, or is not ready within ``timeout`` seconds,
+    raises SieveError with its output. For integration tests and benchmarks."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sieve = Path(sys.executable).with_name("sieve")
+    process = subprocess.Popen([str(sieve), "serve", *map(str, configs), "--port", str(port), "--log-level", log_level],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:  # not listening yet, or 503 while warming up
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                output = process.stdout.read() if process.stdout is not None else ""
+                raise SieveError(f"sieve serve did not become ready on {base}:\n{output}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def serve(configs: list[Path], host: str, port: int, log_level: str = "info") -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+
+from engine.server import serve_in_subprocess
 
 SIEVE = Path(sys.executable).with_name("sieve")
 
@@ -39,12 +39,6 @@ limits:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
     """(base URL, trace log path) of a running `sieve serve` over the SciFact slice."""
@@ -52,27 +46,8 @@ def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
     log = directory / "trace.jsonl"
     config = directory / "mini.yaml"
     config.write_text(PIPELINE.format(index=bm25_index, log=log), encoding="utf-8")
-    port = _free_port()
-    process = subprocess.Popen([str(SIEVE), "serve", str(config), "--port", str(port), "--log-level", "warning"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=directory)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{process.stdout.read() if process.stdout else ''}")
-        time.sleep(0.2)
-    yield base, log
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with serve_in_subprocess([config], cwd=directory) as base:
+        yield base, log
 
 
 def search(base: str, body: dict, pipeline: str = "mini") -> httpx.Response:
@@ -198,8 +173,8 @@ def test_results_are_withheld_when_the_trace_cannot_be_logged(server):
 def test_a_bad_config_stops_the_server_at_start_with_its_location(tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("version: 1\nstages:\n  - id: a\n    type: recall.bm25x\noutput: a\n", encoding="utf-8")
-    done = subprocess.run([str(SIEVE), "serve", str(config), "--port", str(_free_port())], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([str(SIEVE), "serve", str(config), "--port", "65000"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 2
     assert f"{config}:4:11" in done.stderr and "unknown stage type 'recall.bm25x'" in done.stderr
     assert "Traceback" not in done.stderr
