@@ -283,11 +283,12 @@ def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout
     process = subprocess.Popen([str(sieve), "serve", *map(str, configs), "--port", str(port), "--log-level", log_level],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                with direct.open(f"{base}/readyz", timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:  # not listening yet, or 503 while warming up
