@@ -20,6 +20,10 @@ body over ``max_body_bytes``, 422 for a malformed body (with each field's locati
 stage fails (its message; the traceback goes to the server's log only) and 500 when the trace cannot
 be appended to the log: results are never returned without their audit record.
 
+The server has no authentication of its own and trusts the ``user`` in the body (access rules read
+it): it belongs behind the gateway that authenticates callers; ``sieve serve`` listens on loopback
+unless told otherwise.
+
 Requests are served concurrently: FastAPI runs each search in its thread pool, and a warmed
 pipeline is safe to share between threads.
 """
