@@ -513,16 +513,10 @@ class EnglishResolver:
         """Rewrite ``question`` given the earlier turns ``history`` (oldest first)."""
         model = self._state(tuple(history))
         turn = len(history) + 1
-        with self._lock:
-            doc = self.nlp(question)
-        replacements, mentions = self._analyse(doc, turn, model)
-        rewritten = _apply(question, replacements)
+        replacements, following = self._read(model, question, turn)
         # the next turn's history is this one's plus this question: keep the model it will need
-        following = model.copy()
-        following.mentions.extend(_mark_new(mentions, model))
-        following.previous = rewritten
         self._states.put((*history, question), following)
-        return Resolution(rewritten, tuple(replacements), tuple(model.candidates(turn)), turn)
+        return Resolution(_apply(question, replacements), tuple(replacements), tuple(model.candidates(turn)), turn)
 
     # ------------------------------------------------------------------ history
 
@@ -538,14 +532,20 @@ class EnglishResolver:
             model = DiscourseModel(self.weights)
             self._states.put((), model)
         for turn in range(read + 1, len(history) + 1):
-            model = model.copy()
-            with self._lock:
-                doc = self.nlp(history[turn - 1])
-            replacements, mentions = self._analyse(doc, turn, model)
-            model.mentions.extend(_mark_new(mentions, model))
-            model.previous = _apply(history[turn - 1], replacements)
+            _, model = self._read(model, history[turn - 1], turn)
             self._states.put(history[:turn], model)
         return model
+
+    def _read(self, model: DiscourseModel, text: str, turn: int) -> tuple[list[Replacement], DiscourseModel]:
+        """Turn ``turn`` read against the model of the turns before it: its replacements, and the model
+        after it (its mentions added, the turn as resolved kept for "What about X?")."""
+        with self._lock:
+            doc = self.nlp(text)
+        replacements, mentions = self._analyse(doc, turn, model)
+        following = model.copy()
+        following.mentions.extend(_mark_new(mentions, model))
+        following.previous = _apply(text, replacements)
+        return replacements, following
 
     # ------------------------------------------------------------------ one turn
 
@@ -813,10 +813,9 @@ class EnglishResolver:
                     f"definite '{chunk.text}' names an earlier, more specific entity with the same head noun",
                     antecedent,
                 ))
-                for index, mention in enumerate(mentions):
-                    if mention.via is None and mention.key == _key(chunk, chunk.start):
-                        mentions[index] = Mention(antecedent.key, antecedent.text, antecedent.bare, mention.head, turn,
-                                                  mention.role, mention.plural, False, None, False, "the")
+                # the phrase is a mention of that entity
+                _relabel(mentions, {_key(chunk, chunk.start)}, key=antecedent.key, text=antecedent.text,
+                         bare=antecedent.bare, person=False, entity=None, proper=False, via="the", other_number=None)
                 break
         return found
 
@@ -841,10 +840,7 @@ class EnglishResolver:
             return None
         # The phrase is relational ("the symptoms" of X: weak as a later antecedent), and X is mentioned
         # again, as its complement.
-        target_key = _key(target, _content_start(target))
-        for index, mention in enumerate(mentions):
-            if mention.via is None and mention.key == target_key:
-                mentions[index] = replace(mention, role="relational")
+        _relabel(mentions, {_key(target, _content_start(target))}, role="relational")
         mentions.append(topic.mention(turn, "complement"))
         end = target.end_char  # after a coordination: "the pros and cons" + " of X"
         for conjunct in target.root.conjuncts:
@@ -893,9 +889,7 @@ class EnglishResolver:
         # ... unless the counterpart was relational ("the main advantages" of X / "disadvantages"): then X is
         # too, and the conversation is still about X's complement
         role = "relational" if any(c.start_char == start and _has_of_complement(c.root) for c in phrases) else "focus"
-        for index, mention in enumerate(mentions):
-            if mention.via is None and mention.key in focus:
-                mentions[index] = replace(mention, role=role)
+        _relabel(mentions, focus, role=role)
         # the arguments the rebuilt question repeats are mentioned again
         for chunk in phrases:
             if chunk.end_char <= start or chunk.start_char >= end:
@@ -1016,6 +1010,13 @@ def _after_word(text: str, word: str) -> str:
     if word and word in lowered[:-1]:
         return " ".join(words[lowered.index(word) + 1 :])
     return text
+
+
+def _relabel(mentions: list[Mention], keys: set[str], **changes: Any) -> None:
+    """The turn's own mentions (not a pronoun's) of the entities ``keys``, changed in place."""
+    for index, mention in enumerate(mentions):
+        if mention.via is None and mention.key in keys:
+            mentions[index] = replace(mention, **changes)
 
 
 def _mark_new(mentions: list[Mention], model: DiscourseModel) -> list[Mention]:
