@@ -41,6 +41,7 @@ from engine.registry import register_stage
 from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
 
 DEFAULT_COSINE_THRESHOLD = 0.95
+MINHASH_SCHEME = "affine32"  # datasketch >= 2.0: 32-bit values, pinned so an upgrade cannot change them
 WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -115,7 +116,8 @@ class NearDuplicateFilter(Stage):
                 import datasketch  # noqa: F401
             except ImportError:
                 raise MissingDependencyError("datasketch", "datasketch", "dedup.near_duplicate with method: minhash") from None
-            self._source = f"MinHash (datasketch, {p.num_perm} permutations, seed {p.seed}) of word {p.shingle_size}-grams"
+            self._source = (f"MinHash (datasketch, {MINHASH_SCHEME}, {p.num_perm} permutations, seed {p.seed}) of word"
+                            f" {p.shingle_size}-grams")
             return
         has_dense = p.component in index.manifest["components"]
         if p.vectors == "index" or (p.vectors == "auto" and has_dense):
@@ -155,9 +157,15 @@ class NearDuplicateFilter(Stage):
         if not rows:
             return np.zeros((0, 0))
         if self.params.method == "minhash":
-            signatures = self._signatures(rows)
+            signatures, empty = self._signatures(rows)
+            # 32-bit hash values compared as uint32: half the memory traffic of uint64, same result
             equal = signatures[:, None, :] == signatures[None, :, :]
-            return equal.mean(axis=2)
+            similarity = equal.sum(axis=2, dtype=np.uint16) / signatures.shape[1]
+            if empty.any():  # an empty text shares nothing with anything, not even another empty text
+                similarity[empty, :] = 0.0
+                similarity[:, empty] = 0.0
+                similarity[empty, empty] = 1.0
+            return similarity
         vectors = self._vectors(rows)
         return np.clip(vectors @ vectors.T, -1.0, 1.0).astype(np.float64)
 
@@ -185,7 +193,9 @@ class NearDuplicateFilter(Stage):
                 cached[row] = vector
         return np.stack([cached[r] for r in rows]).astype(np.float32)
 
-    def _signatures(self, rows: list[int]) -> Any:
+    def _signatures(self, rows: list[int]) -> tuple[Any, Any]:
+        """MinHash signatures (n x num_perm, uint32) of the documents at ``rows``, and which of them have an
+        empty text (their row is zeros)."""
         import numpy as np
         from datasketch import MinHash
 
@@ -194,17 +204,20 @@ class NearDuplicateFilter(Stage):
         missing = [r for r in dict.fromkeys(rows) if r not in cached]
         if missing:
             texts = self._texts(missing)
+            grams = {row: sorted(shingles(texts[row], p.shingle_size)) for row in missing}
+            filled = [row for row in missing if grams[row]]
+            # one MinHash state reused for the whole batch (datasketch's bulk API): same values as one at a time
+            sketches = MinHash.generator([[g.encode("utf-8") for g in grams[row]] for row in filled],
+                                         num_perm=p.num_perm, seed=p.seed, scheme=MINHASH_SCHEME)
+            for row, sketch in zip(filled, sketches):
+                cached[row] = np.asarray(sketch.hashvalues, dtype=np.uint32)
             for row in missing:
-                minhash = MinHash(num_perm=p.num_perm, seed=p.seed)
-                grams = shingles(texts[row], p.shingle_size)
-                if grams:
-                    minhash.update_batch([g.encode("utf-8") for g in sorted(grams)])
-                    signature = np.asarray(minhash.hashvalues, dtype=np.uint64)
-                else:  # an empty text shares nothing with anything (not even another empty text)
-                    signature = np.full(p.num_perm, np.iinfo(np.uint64).max - row, dtype=np.uint64)
-                self._cache.put(row, signature)
-                cached[row] = signature
-        return np.stack([cached[r] for r in rows])
+                if not grams[row]:
+                    cached[row] = np.zeros(0, dtype=np.uint32)  # the marker of an empty text
+                self._cache.put(row, cached[row])
+        empty = np.asarray([cached[r].size == 0 for r in rows], dtype=bool)
+        blank = np.zeros(p.num_perm, dtype=np.uint32)
+        return np.stack([blank if cached[r].size == 0 else cached[r] for r in rows]), empty
 
     # ------------------------------------------------------------------ running
 
@@ -219,22 +232,28 @@ class NearDuplicateFilter(Stage):
         began = time.perf_counter()
         similarity = self.similarity_matrix([c.row for c in compared])
         similarity_ms = (time.perf_counter() - began) * 1000.0
-        kept_positions: list[int] = []
         drops: list[Drop] = []
         absorbed: dict[str, list[list[Any]]] = {}
         measure = "Jaccard" if p.method == "minhash" else "cosine"
-        for position, candidate in enumerate(compared):
-            if kept_positions:
-                against = similarity[position, kept_positions]
-                best = int(np.argmax(against))  # the most similar survivor; ties: the better-ranked one
-                value = float(against[best])
-                if value >= p.threshold:
-                    survivor = compared[kept_positions[best]]
-                    drops.append(Drop(candidate.doc_id, "near_duplicate",
-                                      f"duplicate_of={survivor.doc_id} ({measure} {value:.4f} >= {p.threshold:g})"))
-                    absorbed.setdefault(survivor.doc_id, []).append([candidate.doc_id, round(value, 6)])
-                    continue
-            kept_positions.append(position)
+        # Greedy in rank order: a candidate goes if it is at least `threshold` similar to a better-ranked
+        # survivor. Only a candidate with some better-ranked document over the threshold can go, so the
+        # loop visits those few; everything else is kept without looking.
+        n = len(compared)
+        over = np.tril(similarity >= p.threshold, k=-1)
+        kept = np.ones(n, dtype=bool)
+        for position in np.flatnonzero(over.any(axis=1)).tolist():
+            if not over[position, :position][kept[:position]].any():
+                continue
+            against = np.where(kept[:position], similarity[position, :position], -np.inf)
+            best = int(np.argmax(against))  # the most similar survivor; ties: the better-ranked one
+            value = float(against[best])
+            kept[position] = False
+            survivor = compared[best]
+            candidate = compared[position]
+            drops.append(Drop(candidate.doc_id, "near_duplicate",
+                              f"duplicate_of={survivor.doc_id} ({measure} {value:.4f} >= {p.threshold:g})"))
+            absorbed.setdefault(survivor.doc_id, []).append([candidate.doc_id, round(value, 6)])
+        kept_positions = np.flatnonzero(kept).tolist()
         survivors = [compared[i] for i in kept_positions]
         mmr_notes: dict[str, tuple[float, float, float]] = {}
         if p.mmr_lambda is not None and survivors:
@@ -267,12 +286,14 @@ class NearDuplicateFilter(Stage):
         # redundancy[i]: max similarity of pool[i] to the documents selected so far, kept up to date with
         # one vector maximum per step (O(top^2) in all, not a max over the selected set per step).
         redundancy = np.zeros(top)
-        available = np.ones(top, dtype=bool)
+        gain = lam * relevance  # -inf once selected, so no mask is rebuilt per step
+        values = np.empty(top)
         ordered: list[Candidate] = []
         for _ in range(top):
-            values = np.where(available, lam * relevance - (1.0 - lam) * redundancy, -np.inf)
+            np.multiply(redundancy, -(1.0 - lam), out=values)
+            values += gain
             position = int(np.argmax(values))  # ties go to the better-ranked input (the lowest position)
-            available[position] = False
+            gain[position] = -np.inf
             candidate = pool[position]
             value = float(values[position])
             notes[candidate.doc_id] = (value, float(relevance[position]), float(redundancy[position]))

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from engine.cache import LRUCache
 from engine.errors import StageError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.registry import register_stage
@@ -107,6 +108,16 @@ class DateColumn:
             else:
                 self.seconds[row] = parsed
         self.dated = int((~np.isnan(self.seconds)).sum())
+        self._stamps: LRUCache[int, str] = LRUCache(100_000)
+
+    def stamps(self, rows: list[int]) -> dict[int, str]:
+        """ISO 8601 (UTC) of the dated ones among ``rows``: formatted once per row, not once per query."""
+        found = self._stamps.get_many(rows)
+        for row in rows:
+            if row not in found and not math.isnan(self.seconds[row]):
+                found[row] = datetime.fromtimestamp(float(self.seconds[row]), tz=timezone.utc).isoformat()
+                self._stamps.put(row, found[row])
+        return found
 
 
 class RecencyParams(StageParams):
@@ -198,6 +209,7 @@ class RecencyBoost(Stage):
         kept: list[Candidate] = []
         undated: list[Candidate] = []
         future_ids: list[str] = []
+        stamps = self._dates.stamps([c.row for c in incoming])
         for candidate in incoming:
             seconds = float(self._dates.seconds[candidate.row])
             if math.isnan(seconds):
@@ -210,7 +222,7 @@ class RecencyBoost(Stage):
                     notes[candidate.doc_id] = RecencyNote(invalid, None, math.nan, "invalid" if invalid is not None else "missing")
                 continue
             age = (origin - seconds) / SECONDS_PER_DAY
-            stamp = datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat()
+            stamp = stamps[candidate.row]
             how = "decayed"
             if age < 0:
                 future_ids.append(candidate.doc_id)

@@ -401,6 +401,56 @@ def test_dedup_keeps_the_best_ranked_and_records_duplicate_of(tmp_path, dup_inde
     assert all(c.ledger == i.ledger for c, i in zip(result.candidates, [i for i in incoming if i.doc_id in kept]))
 
 
+@pytest.mark.parametrize("params, threshold", [("{threshold: 0.3}", 0.3), ("{method: minhash, threshold: 0.005}", 0.005)])
+def test_dedup_matches_the_textbook_greedy_pass(tmp_path, dup_index, params, threshold):
+    """Only candidates with a better-ranked document over the threshold are visited; the result is exactly
+    that of comparing every candidate with every survivor before it (low thresholds: chains of drops)."""
+    import numpy as np
+
+    pipeline = dedup_pipeline(tmp_path, dup_index, params)
+    incoming = candidates(dup_index, ranked_ids(dup_index))
+    result = run_stage(pipeline, "dedup", incoming, Query.create("anything", as_of=AS_OF))
+    sim = np.asarray(pipeline.compiled.stages["dedup"].similarity_matrix([c.row for c in incoming]))
+    kept: list[int] = []
+    expected_drops = []
+    for i in range(len(incoming)):
+        best = max(kept, key=lambda j: (sim[i, j], -j), default=None)
+        if best is not None and sim[i, best] >= threshold:
+            expected_drops.append((incoming[i].doc_id, incoming[best].doc_id))
+        else:
+            kept.append(i)
+    assert len(expected_drops) >= 3  # the threshold makes chains, not just the two copies
+    assert [c.doc_id for c in result.candidates] == [incoming[i].doc_id for i in kept]
+    assert [(d.doc_id, d.detail.split()[0]) for d in result.drops] == [
+        (dropped, f"duplicate_of={survivor}") for dropped, survivor in expected_drops]
+
+
+def test_minhash_signatures_are_datasketch_minhash_and_empty_texts_share_nothing(tmp_path_factory, tmp_path):
+    import numpy as np
+    from datasketch import MinHash
+
+    from stages.dedup import shingles
+
+    corpus = tmp_path_factory.mktemp("corpora") / "empties"
+    corpus.mkdir()
+    records = [{"_id": "a", "title": "", "text": "Metformin lowers blood glucose in type 2 diabetes."},
+               {"_id": "b", "title": "", "text": "..."}, {"_id": "c", "title": "", "text": "—"},
+               {"_id": "d", "title": "", "text": "Metformin lowers blood glucose in type 2 diabetes."}]
+    (corpus / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    index = tmp_path_factory.mktemp("indexes") / "empties"
+    build_index(corpus, index, {"bm25": {}})
+    pipeline = dedup_pipeline(tmp_path, index, "{method: minhash, threshold: 0.7}")
+    pipeline.warm_up()
+    stage = pipeline.compiled.stages["dedup"]
+    signatures, empty = stage._signatures([0, 1, 2, 3])
+    one_at_a_time = MinHash(num_perm=128, seed=1)
+    one_at_a_time.update_batch([g.encode("utf-8") for g in sorted(shingles(records[0]["text"], 3))])
+    assert signatures[0].tolist() == [int(v) for v in one_at_a_time.hashvalues]
+    assert empty.tolist() == [False, True, True, False]
+    sim = stage.similarity_matrix([0, 1, 2, 3])
+    assert sim.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]]
+
+
 def test_dedup_index_vectors_equal_embedding_the_text(tmp_path, dup_index):
     rows = list(range(10))
     from_index = dedup_pipeline(tmp_path, dup_index, "{}")
