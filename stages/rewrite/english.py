@@ -89,6 +89,11 @@ SYMMETRIC_NOUNS = frozenset("difference similarity relationship relation compari
                             "connection".split())
 # Prepositions that name the second term of a symmetric predicate ("compare with X", "different from X").
 SECOND_TERM_PREPOSITIONS = frozenset("with to from than as against".split())
+# The preposition that introduces a left-out second term ("different from X", "similar to X").
+SECOND_TERM_OF = {"different": "from", "distinct": "from", "differ": "from", "similar": "to", "related": "to",
+                  "comparable": "to", "identical": "to", "equivalent": "to", "compare": "to"}
+# Nouns whose two terms are coordinated under 'between' ("the difference between X and Y").
+BETWEEN_NOUNS = frozenset("difference similarity contrast distinction comparison".split())
 NUMERIC_LABELS = frozenset({"CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME"})
 NOT_IN_PHRASE = frozenset({"VERB", "AUX", "ADV", "SCONJ", "ADP", "PRON", "INTJ"})
 TYPE_NOUNS = frozenset("type kind sort variety style".split())
@@ -130,6 +135,11 @@ class EnglishHeuristics(BaseModel):
     split_antecedents: bool = Field(
         True, description="they/them/their of a symmetric predicate ('have in common', 'differ', 'between them', "
         "'the difference in their ...') with no plural antecedent: the two most salient earlier entities, 'X and Y'",
+    )
+    second_term: bool = Field(
+        True, description="a symmetric predicate naming one term only takes the topic as the other: 'What is the "
+        "difference with Bologna?' -> 'the difference between mortadella and Bologna', 'How is a container "
+        "different?' -> 'different from a virtual machine', 'How does an ESA compare?' -> 'compare to a 529 plan'",
     )
     predicate_ellipsis: bool = Field(
         True, description="'What about X?' / 'How about X?' / 'And X?' asks the previous question again with X in "
@@ -574,6 +584,8 @@ class EnglishResolver:
                 replacements.extend(self._nominal_ellipsis(doc, candidates, placed, taken))
             if heuristics.definite_descriptions:
                 replacements.extend(self._definites(doc, candidates, taken, mentions, turn))
+            if heuristics.second_term:
+                replacements.extend(self._second_term(doc, candidates, placed, taken, mentions, turn))
             if heuristics.predicate_ellipsis and model.previous:
                 rebuilt = self._predicate_ellipsis(doc, model.previous, replacements, placed, mentions, turn)
                 if rebuilt is not None:
@@ -775,6 +787,82 @@ class EnglishResolver:
                                      f"{rule}: the topic's noun ('{topic.text}')", topic))
             taken.add(token.i)
         return found
+
+    def _second_term(self, doc: "Doc", candidates: list[Antecedent], placed: list[_Placed], taken: set[int],
+                     mentions: list[Mention], turn: int) -> list[Replacement]:
+        """A symmetric predicate that names one term and leaves the other out takes the topic as the other:
+        'the difference with Y' -> 'the difference between X and Y', 'the relationship to Y' -> 'the
+        relationship of X to Y', 'How is Y different?' -> 'different from X', 'How does Y compare?' ->
+        'compare to X'. Not for a pronoun or a coordinated or plural term ('How are they different?', 'How
+        did the results differ?': they may mean each other), nor when the question names both terms."""
+        here = {p.mention.key for p in placed}
+        topic = next((a for a in candidates if a.key not in here and a.salience >= self.weights.min_salience), None)
+        if topic is None:
+            return []
+        found: list[Replacement] = []
+        for token in doc:
+            if token.i in taken:
+                continue
+            lemma = token.lemma_.lower()
+            preps = [c for c in token.children if c.dep_ == "prep"]
+            if token.pos_ == "NOUN" and lemma in SYMMETRIC_NOUNS:
+                # 'the difference with Y' / 'the relationship to Y': one term, no 'between', 'of', 'in' or possessor
+                term_prep = next((c for c in preps if c.lower_ in ("with", "to")), None)
+                if term_prep is None or any(c.lower_ in ("between", "among", "of", "in") for c in preps) \
+                        or any(c.dep_ == "poss" for c in token.children):
+                    continue
+                objects = [g for g in term_prep.children if g.dep_ == "pobj"]
+                if len(objects) != 1 or not self._single_term(objects[0], plural=True):
+                    continue
+                term_end = objects[0].right_edge.idx + len(objects[0].right_edge.text)
+                if lemma in BETWEEN_NOUNS:
+                    term = doc.text[objects[0].left_edge.idx:term_end]
+                    change = Replacement(term_prep.idx, term_end, doc.text[term_prep.idx:term_end],
+                                         f"between {topic.text} and {term}", "ellipsis",
+                                         f"'{token.text} {term_prep.text} ...' names one term: the topic is the other", topic)
+                else:
+                    end = token.idx + len(token.text)
+                    change = Replacement(end, end, "", f" of {topic.text}", "ellipsis",
+                                         f"'{token.text} {term_prep.text} ...' names one term: the topic is the other", topic)
+            elif lemma in SECOND_TERM_OF and not any(c.lower_ in SECOND_TERM_PREPOSITIONS | {"between", "among"} for c in preps):
+                subject = self._predicate_subject(token)
+                if subject is None or not self._single_term(subject):
+                    continue
+                end = token.idx + len(token.text)
+                change = Replacement(end, end, "", f" {SECOND_TERM_OF[lemma]} {topic.text}", "ellipsis",
+                                     f"'{token.text}' with one term ('{subject.text}'): the topic is the other", topic)
+            else:
+                continue
+            found.append(change)
+            taken.add(token.i)
+            break  # one left-out term per question
+        return found
+
+    @staticmethod
+    def _single_term(token: "Token", plural: bool = False) -> bool:
+        """A noun phrase that is one term: not a pronoun, not coordinated, and not plural unless ``plural``
+        (a plural subject of 'differ' may mean its members differ from each other)."""
+        return token.pos_ in ("NOUN", "PROPN", "ADJ") and (plural or token.tag_ not in ("NNS", "NNPS")) \
+            and not any(c.dep_ in ("conj", "cc") for c in token.children)
+
+    @staticmethod
+    def _predicate_subject(token: "Token") -> "Token | None":
+        """The subject of 'Y is different' / 'Y differs' / 'does Y compare', where ``token`` ends the question
+        (a do-support verb the parser read as a noun, 'does [an ESA compare]', included)."""
+        doc = token.doc
+        rest = [t for t in doc[token.i + 1 : token.sent.end] if not t.is_punct]
+        if rest:
+            return None
+        if token.pos_ == "ADJ" and token.dep_ == "acomp" and token.head.lemma_ == "be":
+            return next((c for c in token.head.children if c.dep_ in ("nsubj", "nsubjpass")), None)
+        if token.pos_ == "VERB" and not any(c.dep_ in ("dobj", "obj") for c in token.children):
+            return next((c for c in token.children if c.dep_ == "nsubj"), None)
+        if token.pos_ == "NOUN" and token.tag_ == "NN" and token.dep_ == "ROOT" and token.i > 0:
+            # 'How does an ESA compare?': the parser took the verb for the head noun of its subject
+            previous = doc[token.i - 1]
+            auxiliary = any(t.lower_ in ("does", "do", "did") for t in doc[token.sent.start : token.i])
+            return previous if auxiliary and previous.dep_ == "compound" else None
+        return None
 
     def _ungraded(self, phrase: str) -> str:
         """``phrase`` after its last superlative or comparative ('youngest rock' -> 'rock'): the question's

@@ -332,6 +332,51 @@ def test_they_of_a_symmetric_predicate_means_the_two_latest_entities(stage):
     assert rewritten(stage, "How is it related to keto?", history) == "How is intermittent fasting related to keto?"
 
 
+@pytest.mark.parametrize(
+    "history, question, expected",
+    [
+        (["What is mortadella?"], "What's the difference with Bologna?", "What's the difference between mortadella and Bologna?"),
+        (["What are baby backs?"], "What are the differences with spareribs?",
+         "What are the differences between baby backs and spareribs?"),
+        (["What is Darwin's theory?"], "What is the relationship to speciation?",
+         "What is the relationship of Darwin's theory to speciation?"),
+        (["What is a virtual machine?"], "How is a container different?", "How is a container different from a virtual machine?"),
+        (["What is a 529 plan?"], "How does an ESA compare?", "How does an ESA compare to a 529 plan?"),
+        (["What is a Roth IRA?"], "How does a traditional IRA differ?", "How does a traditional IRA differ from a Roth IRA?"),
+    ],
+)
+def test_a_symmetric_predicate_with_one_term_takes_the_topic_as_the_other(stage, history, question, expected):
+    assert rewritten(stage, question, history) == expected
+
+
+@pytest.mark.parametrize(
+    "history, question",
+    [
+        (["What is a virtual machine?"], "How is Docker different from Kubernetes?"),  # both terms named
+        (["What is a virtual machine?"], "What is the difference between Docker and Kubernetes?"),
+        (["What are lavender plants?"], "What are the different types?"),  # 'different' is no predicate here
+        (["What was the Milgram experiment?"], "How did the results differ?"),  # may differ from each other
+        (["What is depression?"], "How are anxiety and stress related?"),  # coordinated: both terms
+        (["What is a virtual machine?"], "What is the relationship of Docker to Kubernetes?"),
+    ],
+)
+def test_a_symmetric_predicate_naming_both_terms_or_a_plural_gets_no_second_term(stage, history, question):
+    result = rewrite(stage, question, history)
+    assert not any("names one term" in r["heuristic"] or "with one term" in r["heuristic"]
+                   for r in result.details["replacements"])
+
+
+def test_second_term_is_recorded_and_can_be_switched_off(stage, glossary_dir):
+    result = rewrite(stage, "How is a container different?", ["What is a virtual machine?"])
+    (replacement,) = result.details["replacements"]
+    assert replacement["kind"] == "ellipsis" and replacement["replacement"] == " from a virtual machine"
+    assert "one term ('container')" in replacement["heuristic"]
+    assert replacement["antecedent"]["text"] == "a virtual machine"
+    off = CoreferenceRewrite("rewrite", CoreferenceParams(heuristics={"second_term": False}))
+    off.warm_up(Resources(None, glossary_dir))
+    assert rewritten(off, "How is a container different?", ["What is a virtual machine?"]) == "How is a container different?"
+
+
 def test_acronym_spelling_out_an_earlier_phrase(stage):
     result = rewrite(stage, "What are the main types of VMs?", ["What is a virtual machine?"])
     assert result.query.rewritten == "What are the main types of virtual machines?"
