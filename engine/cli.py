@@ -408,7 +408,9 @@ def explain_command(
     """Explain a query's ranking: each result's score tree, rules fired, dedup merges; and why a --doc was not returned."""
     from engine.compiler import compile_file
     from engine.trace import write_json_atomic
-    from engine.workbench.inspect import InspectingPipeline, dedup_merges, rules_fired, signal_contributions, why_not
+    from engine.workbench.inspect import (
+        InspectingPipeline, dedup_merges, explain_report, rules_fired, signal_contributions, why_not,
+    )
 
     if top is not None and top < 0:
         raise SieveError(f"--top must be 0 or more, got {top}")
@@ -422,15 +424,7 @@ def explain_command(
     records = trace["results"] if top is None else trace["results"][:top]
     verdicts = [why_not(pipeline, result, doc_id) for doc_id in (docs or [])]
     if as_json:
-        out.print_json(json.dumps({
-            "trace_id": trace["trace_id"],
-            "results": [
-                {**record, "contributions": signal_contributions(record.get("explanation") or {}),
-                 "rules_fired": rules_fired(trace, record["doc_id"]), "merged": dedup_merges(trace, record["doc_id"])}
-                for record in records
-            ],
-            "why_not": [v.to_json() for v in verdicts],
-        }))
+        out.print_json(json.dumps(explain_report(trace, verdicts, top)))
         return
     _print_results(pipeline, result.results, trace, explain=False)
     for record in records:

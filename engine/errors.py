@@ -73,6 +73,7 @@ class StageError(SieveError):
     def __init__(self, stage_id: str, stage_type: str, message: str):
         self.stage_id = stage_id
         self.stage_type = stage_type
+        self.detail = message  # what went wrong, without the stage's name
         super().__init__(f"stage '{stage_id}' ({stage_type}) failed: {message}")
 
 

@@ -44,6 +44,10 @@ class RunResult:
     results: list[Candidate]
     trace: dict[str, Any]
     degraded: bool
+    # every stage's outcome and the query as asked, kept only when run(keep_outcomes=True): what
+    # engine.workbench.inspect.why_not walks to say where a document left the pipeline
+    outcomes: dict[str, StageOutcome] | None = None
+    query: Query | None = None
 
 
 class Pipeline:
@@ -111,7 +115,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, query: Query) -> RunResult:
+    def run(self, query: Query, *, keep_outcomes: bool = False) -> RunResult:
+        """Run one query. ``keep_outcomes``: the result also holds every stage's full candidate list and mask
+        (the trace only summarises them), for ``why_not``; it costs nothing but the memory while it is held."""
         resources = self.warm_up()
         compiled = self.compiled
         started = time.perf_counter()
@@ -152,6 +158,8 @@ class Pipeline:
         results = final.candidates or []
         degraded = any(o.record.get("status") == "skipped" for o in outcomes.values())
         trace = self._trace(query, final.query, outcomes, results, total_ms, degraded)
+        if keep_outcomes:
+            return RunResult(results, trace, degraded, outcomes, query)
         return RunResult(results, trace, degraded)
 
     def _inherit(self, stage_id: str, query: Query, outcomes: dict[str, StageOutcome]) -> tuple[Query, DocumentMask | None, list[list[Candidate]]]:
@@ -197,7 +205,10 @@ class Pipeline:
             result = stage.run(ctx)
             status, error = "ok", None
         except Exception as exc:
-            message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, StageError) and exc.stage_id == stage_id:
+                message = exc.detail  # the stage's own error: named once, not twice
+            else:
+                message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
             if spec.on_error == "fail":
                 raise StageError(stage_id, stage.qualified_name(), message) from exc
             result = self._pass_through(stage.produces, lists)

@@ -7,6 +7,11 @@
     POST /v1/pipelines/{name}/search       one query: {"query", "history", "user", "as_of", "language",
                                            "explain", "include_trace"} -> ranked results with their
                                            documents, the trace id, whether the run was degraded
+    POST /v1/pipelines/{name}/explain      the same body plus "doc_ids" and "top" -> each result's score
+                                           tree, signal contributions, rules fired and dedup merges, and
+                                           for each doc id where it left the pipeline (masked by which rule,
+                                           never recalled and its would-be rank, dropped by which stage),
+                                           as ``sieve explain --json``; the query's trace is logged too
 
 Every pipeline is compiled and warmed up before the server accepts a request, so a bad config, a
 missing index or a model that fails to load stops ``sieve serve`` at start with the same message
@@ -89,6 +94,23 @@ class SearchBody(BaseModel):
     def _tag(cls, value: str | None) -> str | None:
         if value is not None and not _LANGUAGE_TAG.match(value):
             raise ValueError(f"not a language tag: {value!r} (e.g. en, zh-CN)")
+        return value
+
+
+class ExplainBody(SearchBody):
+    """A query to explain: each result's score tree, signal contributions, rules fired and dedup merges
+    (the first ``top``), and for each of ``doc_ids`` where it left the pipeline ('why not this document?')."""
+
+    doc_ids: list[str] = Field(default_factory=list, max_length=100, description="why not these documents?")
+    top: int | None = Field(None, ge=0, le=10_000, description="explain only the first N results (default: all)")
+    explain: bool = Field(True, description="(always on here)")
+
+    @field_validator("doc_ids")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        for doc_id in value:
+            if not doc_id or len(doc_id) > 512:
+                raise ValueError("a document id is 1 to 512 characters")
         return value
 
 
@@ -206,8 +228,9 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int = DEFAUL
     def list_pipelines() -> dict[str, Any]:
         return {"pipelines": [describe(name, pipeline) for name, pipeline in sorted(pipelines.items())]}
 
-    @app.post("/v1/pipelines/{name}/search")
-    def search(name: str, body: SearchBody) -> Any:
+    def run(name: str, body: SearchBody, keep_outcomes: bool = False) -> Any:
+        """The pipeline's run of the body's query, its trace appended to the log: (pipeline, result, log
+        path), or the error response."""
         pipeline = pipelines.get(name)
         if pipeline is None:
             return error(404, "unknown_pipeline", f"no pipeline named '{name}'; served: {', '.join(sorted(pipelines))}")
@@ -218,7 +241,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int = DEFAUL
         except QueryError as exc:
             return error(400, "bad_query", str(exc))
         try:
-            result = pipeline.run(query)
+            result = pipeline.run(query, keep_outcomes=keep_outcomes)
         except SieveError as exc:
             log.error("pipeline '%s' failed: %s", name, exc)
             return error(500, "stage_failed", str(exc))
@@ -228,7 +251,33 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int = DEFAUL
             log.error("pipeline '%s': trace %s not logged: %s", name, result.trace["trace_id"], exc)
             return error(500, "trace_not_logged", f"the query ran but its trace could not be appended to the log "
                          f"({type(exc).__name__}: {exc}); results are withheld", trace_id=result.trace["trace_id"])
+        return pipeline, result, log_path
+
+    @app.post("/v1/pipelines/{name}/search")
+    def search(name: str, body: SearchBody) -> Any:
+        ran = run(name, body)
+        if isinstance(ran, JSONResponse):
+            return ran
+        pipeline, result, log_path = ran
         return respond(name, pipeline, result, body, log_path)
+
+    @app.post("/v1/pipelines/{name}/explain")
+    def explain(name: str, body: ExplainBody) -> Any:
+        from engine.workbench.inspect import explain_report, why_not
+
+        ran = run(name, body, keep_outcomes=True)
+        if isinstance(ran, JSONResponse):
+            return ran
+        pipeline, result, log_path = ran
+        verdicts = [why_not(pipeline, result, doc_id) for doc_id in dict.fromkeys(body.doc_ids)]
+        return {
+            "pipeline": name,
+            "trace_log": str(log_path) if log_path is not None else None,
+            "query": {"text": body.query, "rewritten": result.trace["query"].get("rewritten")},
+            "degraded": result.degraded,
+            "explain_in_trace": pipeline.compiled.config.trace.explain,
+            **explain_report(result.trace, verdicts, body.top),
+        }
 
     return app
 

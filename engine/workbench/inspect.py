@@ -1,8 +1,8 @@
 """Looking inside one query's run: captured stage outcomes, score contributions, "why not doc X?".
 
-:class:`InspectingPipeline` is a :class:`engine.pipeline.Pipeline` that keeps every stage's
-outcome (its candidate list and the document mask in effect), which the trace only summarises.
-:func:`why_not` walks those outcomes to say where a document left the pipeline: masked by a
+A run with ``keep_outcomes=True`` (what :class:`InspectingPipeline` does by default) keeps every
+stage's outcome (its candidate list and the document mask in effect), which the trace only
+summarises. :func:`why_not` walks those outcomes to say where a document left the pipeline: masked by a
 prefilter (and by which rule), never recalled (with its would-be recall rank and score against
 the cut-off, from a probe run of the recall stage over the whole corpus), or dropped by a stage
 (with the stage's recorded reason and its score against the last candidate kept).
@@ -11,7 +11,6 @@ the cut-off, from a probe run of the recall stage over the whole corpus), or dro
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,25 +22,11 @@ _SIGNAL_NODE = re.compile(r"^signal '(?P<signal>[^']+)': weight (?P<weight>\S+) 
 
 
 class InspectingPipeline(Pipeline):
-    """A pipeline that also keeps the per-stage outcomes of its most recent run (one query at a time)."""
+    """A pipeline whose runs keep every stage's outcome (``RunResult.outcomes``), for :func:`why_not`.
+    The outcomes belong to each result, so one instance serves concurrent queries."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._capture_lock = threading.Lock()
-        self.outcomes: dict[str, StageOutcome] = {}
-        self.query: Query | None = None
-
-    def run(self, query: Query) -> RunResult:
-        with self._capture_lock:
-            self.outcomes = {}
-            self.query = query
-            return super().run(query)
-
-    def _run_stage(self, stage_id: str, original: Query, outcomes: dict[str, StageOutcome], resources: Any,
-                   started: float) -> StageOutcome:
-        outcome = super()._run_stage(stage_id, original, outcomes, resources, started)
-        self.outcomes[stage_id] = outcome
-        return outcome
+    def run(self, query: Query, *, keep_outcomes: bool = True) -> RunResult:
+        return super().run(query, keep_outcomes=keep_outcomes)
 
 
 # ----------------------------------------------------------------------------- contributions
@@ -175,14 +160,15 @@ def _position(candidates: list[Candidate] | None, doc_id: str) -> tuple[int, Can
     return None
 
 
-def _denying_rules(pipeline: InspectingPipeline, stage_id: str, query: Query, row: int) -> list[str] | None:
+def _denying_rules(pipeline: Pipeline, stage_id: str, query: Query, row: int) -> list[str] | None:
     """Which rules of a mask stage deny ``row`` for ``query`` (``rules.prefilter.denying_rules``); None when
     the stage type cannot say."""
     denying_rules = getattr(pipeline.compiled.stages[stage_id], "denying_rules", None)
     return denying_rules(query, row) if denying_rules is not None else None
 
 
-def _probe_recall(pipeline: InspectingPipeline, stage_id: str, query: Query, row: int, doc_id: str) -> dict[str, Any] | None:
+def _probe_recall(pipeline: Pipeline, stage_id: str, query: Query, row: int, doc_id: str,
+                  outcomes: dict[str, StageOutcome]) -> dict[str, Any] | None:
     """Re-run a recall stage over the whole corpus (same query and mask) to find the document's rank and score."""
     stage = pipeline.compiled.stages[stage_id]
     params = stage.params
@@ -192,7 +178,7 @@ def _probe_recall(pipeline: InspectingPipeline, stage_id: str, query: Query, row
     corpus = resources.index.doc_count
     probe = type(stage)(stage_id, params.model_copy(update={"top_k": corpus}))
     probe.warm_up(resources)  # shares the loaded index and model through resources.shared
-    effective, mask, lists = pipeline._inherit(stage_id, query, pipeline.outcomes)
+    effective, mask, lists = pipeline._inherit(stage_id, query, outcomes)
     result = probe.run(StageContext(stage_id, effective, lists, mask, resources, True))
     found = _position(result.candidates, doc_id)
     answer: dict[str, Any] = {"top_k": params.top_k, "corpus": corpus, "scored": len(result.candidates or [])}
@@ -201,19 +187,20 @@ def _probe_recall(pipeline: InspectingPipeline, stage_id: str, query: Query, row
     return answer
 
 
-def why_not(pipeline: InspectingPipeline, result: RunResult, doc_id: str) -> Verdict:
-    """Where ``doc_id`` went in the last run of ``pipeline`` (which must have produced ``result``)."""
+def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
+    """Where ``doc_id`` went in ``result``, a run of ``pipeline`` with ``keep_outcomes=True``."""
     compiled = pipeline.compiled
     resources = pipeline.resources
-    query = pipeline.query
-    assert resources is not None and query is not None
+    query = result.query
+    if result.outcomes is None or query is None or resources is None:
+        raise ValueError("why_not needs a result of run(query, keep_outcomes=True)")
     index = resources.index
     row = index.row_of(doc_id) if index is not None else None
     if row is None:
         return Verdict(doc_id, "not_in_index", f"'{doc_id}' is not in the index"
                        + (f" ({index.path}, {index.doc_count} documents)" if index is not None else ""))
 
-    outcomes = pipeline.outcomes
+    outcomes = result.outcomes
     records = {r["id"]: r for r in result.trace["stages"]}
     journey: list[StageStep] = []
     for stage_id in compiled.order:
@@ -281,7 +268,7 @@ def why_not(pipeline: InspectingPipeline, result: RunResult, doc_id: str) -> Ver
     probes: dict[str, Any] = {}
     parts = []
     for stage_id in recall_ids:
-        probe = _probe_recall(pipeline, stage_id, query, row, doc_id)
+        probe = _probe_recall(pipeline, stage_id, query, row, doc_id, outcomes)
         probes[stage_id] = probe
         kept = outcomes[stage_id].candidates or []
         cutoff = kept[-1].score if kept else None
@@ -297,3 +284,18 @@ def why_not(pipeline: InspectingPipeline, result: RunResult, doc_id: str) -> Ver
                    stage=recall_ids[0] if recall_ids else None, reason="not_recalled",
                    score=first["score"] if first else None, rank=first["rank"] if first else None,
                    journey=journey, details={"probes": probes})
+
+
+def explain_report(trace: dict[str, Any], verdicts: list[Verdict], top: int | None = None) -> dict[str, Any]:
+    """What ``sieve explain --json`` prints and the server's explain endpoint returns: each result (the first
+    ``top``) with its explanation tree, signal contributions, rules fired and dedup merges; the verdicts."""
+    records = trace["results"] if top is None else trace["results"][:top]
+    return {
+        "trace_id": trace["trace_id"],
+        "results": [
+            {**record, "contributions": signal_contributions(record.get("explanation") or {}),
+             "rules_fired": rules_fired(trace, record["doc_id"]), "merged": dedup_merges(trace, record["doc_id"])}
+            for record in records
+        ],
+        "why_not": [v.to_json() for v in verdicts],
+    }

@@ -39,14 +39,39 @@ limits:
 """
 
 
+# Multiplying a decay into z-scores (negative for half the list) is refused at run time.
+FAILING = """version: 1
+name: failing
+index: {index}
+stages:
+  - id: bm25
+    type: recall.bm25
+    params: {{top_k: 20}}
+  - id: z
+    type: fuse.weighted
+    inputs: [bm25]
+    params: {{weights: {{bm25: 1.0}}, normalize: zscore}}
+  - id: recent
+    type: boost.recency
+    inputs: [z]
+    params: {{half_life_days: 365, combine: multiply}}
+output: recent
+trace:
+  log: {log}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(base URL, trace log path) of a running `sieve serve` over the SciFact slice."""
+    """(base URL, trace log path) of a running `sieve serve` over the SciFact slice: pipelines 'mini' and
+    'failing'."""
     directory = tmp_path_factory.mktemp("server")
     log = directory / "trace.jsonl"
     config = directory / "mini.yaml"
     config.write_text(PIPELINE.format(index=bm25_index, log=log), encoding="utf-8")
-    with serve_in_subprocess([config], cwd=directory) as base:
+    failing = directory / "failing.yaml"
+    failing.write_text(FAILING.format(index=bm25_index, log=directory / "failing.jsonl"), encoding="utf-8")
+    with serve_in_subprocess([config, failing], cwd=directory) as base:
         yield base, log
 
 
@@ -89,8 +114,8 @@ def test_conversation_history_is_rewritten(server):
 def test_pipelines_health_and_readiness(server):
     base, _ = server
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "pipelines": ["mini"]}
-    (pipeline,) = httpx.get(f"{base}/v1/pipelines").json()["pipelines"]
+    assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "pipelines": ["failing", "mini"]}
+    _, pipeline = httpx.get(f"{base}/v1/pipelines").json()["pipelines"]
     assert pipeline["name"] == "mini" and len(pipeline["config_sha256"]) == 64
     assert [s["id"] for s in pipeline["stages"]] == ["rewrite", "bm25", "final"] and pipeline["unavailable"] == {}
 
@@ -119,7 +144,7 @@ def test_bad_requests_get_a_precise_json_error(server, body, status, kind, says)
 def test_unknown_pipeline_malformed_json_and_oversized_body(server):
     base, _ = server
     missing = search(base, {"query": "x"}, pipeline="nope")
-    assert missing.status_code == 404 and "served: mini" in missing.json()["error"]["message"]
+    assert missing.status_code == 404 and "served: failing, mini" in missing.json()["error"]["message"]
     broken = httpx.post(f"{base}/v1/pipelines/mini/search", content=b"{not json", timeout=30,
                         headers={"content-type": "application/json"})
     assert broken.status_code == 422 and broken.json()["error"]["type"] == "invalid_request"
@@ -167,6 +192,43 @@ def test_results_are_withheld_when_the_trace_cannot_be_logged(server):
         log.rmdir()
         if had_log:
             aside.rename(log)
+    assert search(base, {"query": "vitamin D"}).status_code == 200
+
+
+def test_explain_gives_score_trees_and_why_not_each_document(server):
+    base, log = server
+    logged = len(log.read_text(encoding="utf-8").splitlines())
+    returned = [r["doc_id"] for r in search(base, {"query": "vitamin D and bone density"}).json()["results"]]
+    recalled = [d for d, _ in httpx.post(f"{base}/v1/pipelines/mini/search", timeout=60, json={
+        "query": "vitamin D and bone density", "include_trace": True}).json()["trace"]["stages"][1]["output"]]
+    cut = next(d for d in recalled if d not in returned)
+    response = httpx.post(f"{base}/v1/pipelines/mini/explain", timeout=60, json={
+        "query": "vitamin D and bone density", "doc_ids": [returned[0], cut, "no-such-doc"], "top": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["doc_id"] for r in body["results"]] == returned[:2]
+    assert all("explanation" in r and "rules_fired" in r and "merged" in r for r in body["results"])
+    verdicts = {v["doc_id"]: v for v in body["why_not"]}
+    assert verdicts[returned[0]]["status"] == "returned" and verdicts[returned[0]]["rank"] == 1
+    assert verdicts[cut]["status"] == "dropped" and verdicts[cut]["stage"] == "final"
+    assert verdicts["no-such-doc"]["status"] == "not_in_index"
+    # an explained query is a query: its trace is logged like any other
+    assert body["trace_id"] in log.read_text(encoding="utf-8")
+    assert len(log.read_text(encoding="utf-8").splitlines()) == logged + 3
+    bad = httpx.post(f"{base}/v1/pipelines/mini/explain", timeout=60, json={"query": "x", "doc_ids": [""]})
+    assert bad.status_code == 422 and "1 to 512 characters" in bad.json()["error"]["message"]
+    too_many = httpx.post(f"{base}/v1/pipelines/mini/explain", timeout=60, json={"query": "x", "doc_ids": ["a"] * 101})
+    assert too_many.status_code == 422 and "body.doc_ids" in too_many.json()["error"]["message"]
+
+
+def test_a_stage_failing_at_run_time_is_a_json_500_and_the_server_goes_on(server):
+    base, _ = server
+    response = search(base, {"query": "vitamin D and bone density"}, pipeline="failing")
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["type"] == "stage_failed"
+    assert error["message"].startswith("stage 'recent' (boost.recency@1) failed: combine: multiply needs non-negative")
+    assert "Traceback" not in response.text
     assert search(base, {"query": "vitamin D"}).status_code == 200
 
 
