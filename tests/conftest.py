@@ -44,3 +44,23 @@ def write_config(tmp_path: Path):
         return path
 
     return write
+
+
+# A pipeline that fails at run time: z-scores are negative for half the list, and multiplying a decay
+# into them is refused ({extra}: more of the recency stage, e.g. its on_error).
+FAILS_AT_RUN_TIME = """version: 1
+index: {index}
+stages:
+  - id: bm25
+    type: recall.bm25
+    params: {{top_k: 20}}
+  - id: z
+    type: fuse.weighted
+    inputs: [bm25]
+    params: {{weights: {{bm25: 1.0}}, normalize: zscore}}
+  - id: recent
+    type: boost.recency
+    inputs: [z]
+    params: {{half_life_days: 365, combine: multiply}}{extra}
+output: recent
+"""

@@ -16,6 +16,7 @@ from engine.index import Index, build_index
 from engine.pipeline import Pipeline
 from engine.replay import replay_trace
 from engine.trace import TraceLog
+from tests.conftest import FAILS_AT_RUN_TIME
 
 QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
 
@@ -138,33 +139,15 @@ def test_on_error_skip_marks_the_trace_degraded(bm25_index, write_config):
         failing.search(QUERY)
 
 
-FAILS_AT_RUN_TIME = """version: 1
-index: {index}
-stages:
-  - id: bm25
-    type: recall.bm25
-    params: {{top_k: 20}}
-  - id: z
-    type: fuse.weighted
-    inputs: [bm25]
-    params: {{weights: {{bm25: 1.0}}, normalize: zscore}}
-  - id: recent
-    type: boost.recency
-    inputs: [z]
-    params: {{half_life_days: 365, combine: multiply}}{on_error}
-output: recent
-"""
-
-
 def test_a_stage_failing_at_run_time_is_named_once(bm25_index, write_config):
     """z-scores are negative for half the list, and multiplying a decay into them is refused at run time."""
-    failing = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, on_error="")))
+    failing = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="")))
     with pytest.raises(StageError) as caught:
         failing.search(QUERY)
     message = str(caught.value)
     assert message.startswith("stage 'recent' (boost.recency@1) failed: combine: multiply needs non-negative scores")
     assert message.count("failed:") == 1
-    skipping = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, on_error="\n    on_error: skip"),
+    skipping = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="\n    on_error: skip"),
                                                "skip.yaml"))
     result = skipping.search(QUERY)
     stage = next(s for s in result.trace["stages"] if s["id"] == "recent")

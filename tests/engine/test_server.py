@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from engine.server import serve_in_subprocess
+from tests.conftest import FAILS_AT_RUN_TIME
 
 SIEVE = Path(sys.executable).with_name("sieve")
 
@@ -39,28 +40,6 @@ limits:
 """
 
 
-# Multiplying a decay into z-scores (negative for half the list) is refused at run time.
-FAILING = """version: 1
-name: failing
-index: {index}
-stages:
-  - id: bm25
-    type: recall.bm25
-    params: {{top_k: 20}}
-  - id: z
-    type: fuse.weighted
-    inputs: [bm25]
-    params: {{weights: {{bm25: 1.0}}, normalize: zscore}}
-  - id: recent
-    type: boost.recency
-    inputs: [z]
-    params: {{half_life_days: 365, combine: multiply}}
-output: recent
-trace:
-  log: {log}
-"""
-
-
 @pytest.fixture(scope="module")
 def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
     """(base URL, trace log path) of a running `sieve serve` over the SciFact slice: pipelines 'mini' and
@@ -70,7 +49,8 @@ def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
     config = directory / "mini.yaml"
     config.write_text(PIPELINE.format(index=bm25_index, log=log), encoding="utf-8")
     failing = directory / "failing.yaml"
-    failing.write_text(FAILING.format(index=bm25_index, log=directory / "failing.jsonl"), encoding="utf-8")
+    failing.write_text(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="") + "name: failing\n"
+                       f"trace: {{log: {directory / 'failing.jsonl'}}}\n", encoding="utf-8")
     with serve_in_subprocess([config, failing], cwd=directory) as base:
         yield base, log
 
