@@ -45,6 +45,9 @@ class CompiledPipeline:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
+_YAML_KIND = {list: "list", str: "string", int: "number", float: "number", bool: "true/false"}
+
+
 def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
@@ -52,8 +55,8 @@ def canonical_json(data: Any) -> str:
 def compile_file(path: str | Path) -> CompiledPipeline:
     """Load, validate and compile a pipeline YAML file."""
     path = Path(path)
-    loaded = load_yaml_file(path)
-    return compile_loaded(loaded, base_dir=path.resolve().parent)
+    loaded = load_yaml_file(path, collect=True)
+    return compile_loaded(loaded, base_dir=path.resolve().parent, check_log_path=True)
 
 
 def compile_data(data: Any, *, label: str, base_dir: Path) -> CompiledPipeline:
@@ -61,25 +64,41 @@ def compile_data(data: Any, *, label: str, base_dir: Path) -> CompiledPipeline:
     return compile_loaded(LoadedYaml(data, SourceMap(label)), base_dir=base_dir)
 
 
-def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
+def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool = False) -> CompiledPipeline:
+    """Validate and compile loaded config data. ``check_log_path``: also check that ``trace.log`` can be a
+    file here (a config file being compiled to run; not a config replayed from a trace)."""
     data, source = loaded.data, loaded.source
     issues: list[ConfigIssue] = []
     if not isinstance(data, dict):
-        got = type(data).__name__
-        raise ConfigError(
-            [ConfigIssue(source.locate(()), "", f"the top level must be a mapping of settings, got {got}")]
-        )
+        got = "nothing" if data is None else f"a {_YAML_KIND.get(type(data), type(data).__name__)}"
+        raise ConfigError([*loaded.issues, ConfigIssue(
+            source.locate(()), "", f"the top level must be a mapping of settings (version, stages, ...), got {got}")])
+    kind = data.get("kind")
+    if "stages" not in data and kind in ("prefilter", "override"):
+        raise ConfigError([ConfigIssue(
+            source.locate(("kind",)), "kind", f"this is a rule file (kind: {kind}), not a pipeline config: a pipeline "
+            f"names it in a rules.{kind} stage's params.rules; check rule files with `sieve rules check`")])
+    if "stages" not in data and ("entities" in data or "entries" in data):
+        raise ConfigError([ConfigIssue(
+            source.locate(()), "", "this looks like a gazetteer or glossary file, not a pipeline config: a pipeline "
+            "names it in a stage's params (gazetteer:, glossary:); `sieve validate` on that pipeline checks it")])
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         issues.extend(issues_from_validation(exc, source, (), PipelineConfig))
         config = None
+    if config is not None and check_log_path and config.trace.log is not None:
+        problem = _log_path_problem(config.trace.log)
+        if problem is not None:
+            issues.append(ConfigIssue(source.locate(("trace", "log")), "trace.log", problem))
     raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
 
     specs: dict[str, StageSpec] = {}
     nodes: dict[str, StageNode] = {}
     first_seen: dict[str, int] = {}
     all_specs_valid = True
+    # ids of every stage entry, valid or not: an input naming one of them is not an unknown input
+    declared = {raw["id"] for raw in raw_stages if isinstance(raw, dict) and isinstance(raw.get("id"), str)}
     for i, raw in enumerate(raw_stages):
         prefix: tuple[str | int, ...] = ("stages", i)
         if not isinstance(raw, dict):
@@ -110,16 +129,31 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
             all_specs_valid = False
             continue
         cls, params = validated
+        if params is None:  # reported; the stage still takes part in the wiring checks
+            all_specs_valid = False
+        if spec.on_error == "skip" and cls.produces is Port.MASK:
+            issues.append(ConfigIssue(
+                source.locate(prefix + ("on_error",), prefer_key=True), f"stages.{i}.on_error",
+                f"{cls.type_name} decides which documents may be retrieved: skipping it on a failure would let "
+                "every document through (fail open); it must fail the query instead (on_error: fail)"))
         specs[spec.id] = spec
         nodes[spec.id] = StageNode(spec.id, cls, params, tuple(spec.inputs))
 
+    # The wiring is checked even when some entries are invalid, so every problem is reported at once;
+    # the stage types' own graph checks (which read params) only when every entry is valid.
     output: str | None = None
     order: list[str] = []
-    if config is not None and all_specs_valid:
-        output, order = _check_graph(config, specs, nodes, source, first_seen, issues, base_dir)
+    raw_output = data.get("output")
+    if nodes and (config is not None or raw_output is None or isinstance(raw_output, str)):
+        output, order = _check_graph(
+            config.output if config is not None else raw_output, nodes, source, first_seen, issues, base_dir,
+            declared=declared, deep=config is not None and all_specs_valid,
+        )
 
+    if loaded.issues:  # the loader's problems first; a value it could not make is not reported again
+        issues = [*loaded.issues, *(i for i in issues if i.path not in loaded.unmade)]
     errors = [i for i in issues if i.severity == "error"]
-    if errors or config is None or output is None:
+    if errors or config is None or output is None or not all_specs_valid:
         raise ConfigError(issues)
 
     canonical = json.loads(canonical_json(config.model_dump(mode="json")))
@@ -148,10 +182,26 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path) -> CompiledPipeline:
     )
 
 
+def _log_path_problem(log: str) -> str | None:
+    """Why the trace log could not be a file at ``log`` (relative to the working directory), if it could not."""
+    if "\x00" in log:
+        return "the path contains a NUL character"
+    path = Path(log).expanduser()
+    if path.is_dir():
+        return f"'{log}' is a directory; name the log file (e.g. {(path / 'trace.jsonl').as_posix()})"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"'{parent}' is a file, so the log cannot be created under it"
+            break
+    return None
+
+
 def _validate_params(
     raw: dict[str, Any], prefix: tuple[str | int, ...], source: SourceMap, issues: list[ConfigIssue]
 ) -> tuple[type[Stage], Any] | None:
-    """Resolve the stage type and validate its params, independently of the rest of the entry."""
+    """Resolve the stage type and validate its params, independently of the rest of the entry: (type, params),
+    (type, None) when the params are invalid, None when the type is unknown or missing."""
     type_ref = raw.get("type")
     if not isinstance(type_ref, str):
         return None  # the envelope validation reports a missing or non-string type
@@ -169,19 +219,23 @@ def _validate_params(
         return cls, cls.Params.model_validate(raw_params)
     except ValidationError as exc:
         issues.extend(issues_from_validation(exc, source, prefix + ("params",), cls.Params))
-        return None
+        return cls, None
 
 
 def _check_graph(
-    config: PipelineConfig,
-    specs: dict[str, StageSpec],
+    output: str | None,
     nodes: dict[str, StageNode],
     source: SourceMap,
     position: dict[str, int],
     issues: list[ConfigIssue],
     base_dir: Path | None = None,
+    *,
+    declared: set[str] = frozenset(),  # type: ignore[assignment]
+    deep: bool = True,
 ) -> tuple[str | None, list[str]]:
-    """Wiring checks: inputs exist and have the right kind, no cycles, one reachable output."""
+    """Wiring checks: inputs exist and have the right kind, no cycles, one reachable output. ``declared``:
+    ids of entries that are not in ``nodes`` because they are invalid (inputs naming them are not
+    reported again). ``deep``: every node has valid params, so the stage types' own checks run too."""
     def where(sid: str, *rest: str | int) -> tuple[Any, str]:
         path = ("stages", position[sid]) + rest
         return source.locate(path), ".".join(str(p) for p in path)
@@ -201,6 +255,9 @@ def _check_graph(
             seen_inputs.add(dep)
             if dep == sid:
                 issues.append(ConfigIssue(loc, dotted, "a stage cannot take its own output as input"))
+                stage_ok = False
+                continue
+            if dep not in nodes and dep in declared:  # an invalid entry, reported already
                 stage_ok = False
                 continue
             if dep not in nodes:
@@ -265,13 +322,26 @@ def _check_graph(
         issues.append(ConfigIssue(loc, dotted, f"stages form a cycle: {' -> '.join(cycle)}"))
         return None, []
 
+    # The output: named, or the single stage nothing consumes.
+    if output is not None and output not in nodes:
+        if output in declared:
+            return None, order
+        from difflib import get_close_matches
+
+        hint = get_close_matches(output, list(declared), n=1)
+        issues.append(
+            ConfigIssue(
+                source.locate(("output",)),
+                "output",
+                f"output '{output}' is not a stage" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; stages defined: {', '.join(nodes)}",
+            )
+        )
+        return None, order
     if not wiring_ok:
         return None, order
-
-    # The output: named, or the single stage nothing consumes.
     consumed = {dep for n in nodes.values() for dep in n.inputs}
     sinks = [sid for sid in nodes if sid not in consumed]
-    output = config.output
     if output is None:
         if len(sinks) != 1:
             issues.append(
@@ -285,15 +355,6 @@ def _check_graph(
             )
             return None, order
         output = sinks[0]
-    elif output not in nodes:
-        issues.append(
-            ConfigIssue(
-                source.locate(("output",)),
-                "output",
-                f"output '{output}' is not a stage; stages defined: {', '.join(nodes)}",
-            )
-        )
-        return None, order
     if nodes[output].cls.produces is not Port.CANDIDATES:
         issues.append(
             ConfigIssue(
@@ -313,6 +374,8 @@ def _check_graph(
             issues.append(
                 ConfigIssue(loc, dotted, f"stage '{sid}' does not feed the output '{output}' (unreachable)")
             )
+    if not deep:
+        return output, order
     for sid, node in nodes.items():
         for problem in node.cls.check_graph(node, graph):
             loc, dotted = where(sid, *problem.path)

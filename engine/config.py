@@ -12,13 +12,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ConfigIssue
+from engine.strictness import NoCoercion
 from engine.yamlsource import PathKey, SourceMap
 
 STAGE_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Strict(NoCoercion):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class StageSpec(Strict):
@@ -46,8 +47,8 @@ class TraceSettings(Strict):
 
 
 class Limits(Strict):
-    max_query_chars: int = Field(4096, ge=1)
-    max_history_turns: int = Field(20, ge=0)
+    max_query_chars: int = Field(4096, ge=1, le=1_000_000)
+    max_history_turns: int = Field(20, ge=0, le=10_000)
 
 
 class ExecutorSettings(Strict):
@@ -114,6 +115,8 @@ def issues_from_validation(
             issues.append(ConfigIssue(source.locate(path[:-1]), dotted, message))
             continue
         message = error["msg"]
+        if kind == "value_error":
+            message = message.removeprefix("Value error, ")
         if "input" in error and kind not in ("literal_error",) and not isinstance(error["input"], (dict, list)):
             message += f" (got {error['input']!r})"
         issues.append(ConfigIssue(source.locate(path), dotted, message))

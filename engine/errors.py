@@ -40,9 +40,14 @@ class ConfigIssue:
     severity: str = "error"  # "error" or "warning"
 
     def __str__(self) -> str:
-        where = f"{self.path}: " if self.path else ""
         tag = "" if self.severity == "error" else "warning: "
-        return f"{self.location}  {tag}{where}{self.message}"
+        return f"{self.location}  {tag}{self.detail()}"
+
+    def detail(self) -> str:
+        """The issue without its location or severity tag: for an issue quoted inside another one (a rule file's
+        issue reported at the config field that names the file), whose own severity says it once."""
+        where = f"{self.path}: " if self.path else ""
+        return f"{where}{self.message}"
 
 
 class ConfigError(SieveError):

@@ -26,10 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from engine import __version__
 from engine.errors import SieveError, SieveIndexError
+from engine.strictness import NoCoercion
 
 INDEX_FORMAT = "sieve.index/1"
 MANIFEST = "manifest.json"
@@ -64,7 +65,7 @@ class Document:
         return hashlib.sha256(payload).hexdigest()
 
 
-class ComponentSettings(BaseModel):
+class ComponentSettings(NoCoercion):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 

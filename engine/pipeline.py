@@ -22,7 +22,7 @@ from typing import Any
 
 from engine import __version__
 from engine.compiler import CompiledPipeline, compile_file
-from engine.errors import SieveError, StageError
+from engine.errors import SieveError, StageError, TraceError
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, UserContext
 from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult
@@ -353,7 +353,11 @@ class Pipeline:
             target = Path(self.compiled.config.trace.log)
         if target is None:
             return None
-        TraceLog(target).append(trace)
+        try:
+            TraceLog(target).append(trace)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, text that is not valid Unicode
+            raise TraceError(f"cannot append to the trace log {target}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from exc
         return target
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from engine.cache import LRUCache
 from engine.model import Candidate, Decision, Drop, Query
+from engine.strictness import NoCoercion
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,10 +34,11 @@ class Port(str, enum.Enum):
     CANDIDATES = "candidates"  # a ranked candidate list
 
 
-class StageParams(BaseModel):
-    """Base of every stage's parameter model: frozen, and a misspelt key is an error."""
+class StageParams(NoCoercion):
+    """Base of every stage's parameter model: frozen, a misspelt key is an error, numbers and booleans are
+    taken as written (no "10" -> 10, no true -> 1) and must be finite."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class GraphView:
 
     def upstream_signals(self, stage_id: str) -> dict[str, str]:
         """Ledger keys (stage ids) that upstream stages write, mapped to their signal kind."""
-        return {n.id: n.cls.signal for n in self.ancestors(stage_id) if n.cls.signal is not None}
+        found = {n.id: n.cls.signal_for(n.params) for n in self.ancestors(stage_id)}
+        return {stage: signal for stage, signal in found.items() if signal is not None}
 
 
 class Resources:
@@ -216,6 +219,12 @@ class Stage:
     @classmethod
     def qualified_name(cls) -> str:
         return f"{cls.type_name}@{cls.version}"
+
+    @classmethod
+    def signal_for(cls, params: StageParams | None) -> str | None:
+        """The ledger signal a stage of this type with these params writes (``signal`` unless the params
+        decide, as dedup's ``mmr_lambda`` does)."""
+        return cls.signal
 
     @classmethod
     def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re
+import stat
+
 import yaml
 
 from engine.errors import ConfigError, ConfigIssue, Location
@@ -22,6 +25,26 @@ MAX_NODES = 200_000
 
 PathKey = tuple[str | int, ...]
 _PLAIN_COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2's booleans and no implicit dates.
+
+    YAML 1.1 (PyYAML's default) reads ``yes/no/on/off`` as booleans, so the country code ``NO`` in a
+    list of jurisdictions silently becomes ``false``; here only ``true``/``false`` are booleans. And a
+    date-looking scalar stays text (``2025-02-30`` is not a crash in the loader): the models parse it,
+    so a bad date is an ordinary located error."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL_TAG, _TIMESTAMP_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 @dataclass
@@ -51,6 +74,10 @@ class SourceMap:
 class LoadedYaml:
     data: Any
     source: SourceMap
+    # problems found while loading that left the data usable (a duplicate key: the first value is kept; a
+    # value an explicit tag cannot make: None), when the caller asked to collect them (``collect=True``)
+    issues: list[ConfigIssue] = field(default_factory=list)
+    unmade: set[str] = field(default_factory=set)  # dotted paths of values that could not be made (None)
 
 
 def _issue(file: str, mark: Any, message: str, path: str = "") -> ConfigIssue:
@@ -73,10 +100,16 @@ def _check_events(text: str, file: str) -> None:
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
     except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_error_issue(file, exc)]) from None
+        raise ConfigError([_yaml_error_issue(file, exc, text)]) from None
 
 
-def _yaml_error_issue(file: str, exc: yaml.YAMLError) -> ConfigIssue:
+def _yaml_error_issue(file: str, exc: yaml.YAMLError, text: str | None = None) -> ConfigIssue:
+    if isinstance(exc, yaml.reader.ReaderError) and text is not None:  # a character YAML forbids (NUL, ...)
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return ConfigIssue(Location(file, line, column), "",
+                           f"not valid YAML: character U+{code:04X} is not allowed in YAML text")
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
@@ -92,6 +125,7 @@ class _Builder:
         self.source = SourceMap(file)
         self.visited = 0
         self.issues: list[ConfigIssue] = []
+        self.unmade: set[str] = set()
 
     def build(self, node: yaml.Node, path: PathKey, depth: int = 0) -> Any:
         self.visited += 1
@@ -112,15 +146,12 @@ class _Builder:
             )
         self.source.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.ScalarNode):
-            try:
-                return self.loader.construct_object(node, deep=True)
-            except yaml.YAMLError as exc:
-                self.issues.append(_yaml_error_issue(self.source.file, exc))
-                return None
+            return self._scalar(node, path)
         if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and node.tag not in _PLAIN_COLLECTION_TAGS:
-            self.issues.append(
-                _issue(self.source.file, node.start_mark, f"not valid YAML here: unsupported tag '{node.tag}'")
-            )
+            dotted = ".".join(str(p) for p in path)
+            self.issues.append(_issue(self.source.file, node.start_mark, f"not valid YAML here: unsupported tag "
+                                      f"'{node.tag}'", dotted))
+            self.unmade.add(dotted)
             return None
         if isinstance(node, yaml.SequenceNode):
             return [self.build(child, path + (i,), depth + 1) for i, child in enumerate(node.value)]
@@ -137,8 +168,14 @@ class _Builder:
                         _issue(self.source.file, key_node.start_mark, "mapping keys must be plain scalars")
                     )
                     continue
-                key = self.loader.construct_object(key_node)
-                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                key = self._scalar(key_node, path)
+                if key is None:
+                    if key_node.tag == "tag:yaml.org,2002:null":
+                        self.issues.append(_issue(self.source.file, key_node.start_mark, "a key is empty or null "
+                                                  "(quote it if you mean the text, e.g. 'null')",
+                                                  ".".join(str(p) for p in path)))
+                    continue
+                if not isinstance(key, (str, int, float, bool)):
                     key = str(key)
                 dotted = ".".join(str(p) for p in path + (key,))
                 if key in result:
@@ -151,9 +188,29 @@ class _Builder:
             return result
         raise ConfigError([_issue(self.source.file, node.start_mark, f"unsupported YAML node {node.tag}")])
 
+    def _scalar(self, node: yaml.ScalarNode, path: PathKey) -> Any:
+        """A scalar's value; one an explicit tag cannot make ('!!int abc', '!!timestamp 2025-02-30') is an issue."""
+        dotted = ".".join(str(p) for p in path)
+        self.unmade.add(dotted)  # until it is made
+        try:
+            value = self.loader.construct_object(node, deep=True)
+            self.unmade.discard(dotted)
+            return value
+        except yaml.YAMLError as exc:
+            issue = _yaml_error_issue(self.source.file, exc)
+            self.issues.append(ConfigIssue(issue.location, dotted, issue.message))
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            tag = node.tag.rsplit(":", 1)[-1]
+            detail = f": {exc}" if isinstance(exc, (ValueError, OverflowError)) and str(exc) else ""
+            self.issues.append(_issue(self.source.file, node.start_mark,
+                                      f"'{node.value}' is not a valid !!{tag}{detail}", dotted))
+        return None
 
-def load_yaml_text(text: str, file: str) -> LoadedYaml:
-    """Parse YAML text into plain data plus a :class:`SourceMap`; raise ConfigError on any problem."""
+
+def load_yaml_text(text: str, file: str, *, collect: bool = False) -> LoadedYaml:
+    """Parse YAML text into plain data plus a :class:`SourceMap`; raise ConfigError on any problem, or,
+    with ``collect``, return the problems that left the data usable in ``issues`` (so that a caller can
+    report them together with its own validation's)."""
     if len(text.encode("utf-8", errors="replace")) > MAX_BYTES:
         raise ConfigError([ConfigIssue(Location(file), "", f"file is larger than {MAX_BYTES} bytes")])
     if not text.strip() or all(
@@ -161,7 +218,7 @@ def load_yaml_text(text: str, file: str) -> LoadedYaml:
     ):
         raise ConfigError([ConfigIssue(Location(file, 1, 1), "", "file is empty")])
     _check_events(text, file)
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -169,22 +226,27 @@ def load_yaml_text(text: str, file: str) -> LoadedYaml:
         builder = _Builder(loader, file)
         data = builder.build(node, ())
     except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_error_issue(file, exc)]) from None
+        raise ConfigError([_yaml_error_issue(file, exc, text)]) from None
     except RecursionError:
         raise ConfigError([ConfigIssue(Location(file), "", "document is nested too deeply")]) from None
     finally:
         loader.dispose()
-    if builder.issues:
+    if builder.issues and not collect:
         raise ConfigError(builder.issues)
-    return LoadedYaml(data, builder.source)
+    return LoadedYaml(data, builder.source, builder.issues, builder.unmade)
 
 
-def load_yaml_file(path: str | Path) -> LoadedYaml:
+def load_yaml_file(path: str | Path, *, collect: bool = False) -> LoadedYaml:
     """Read and parse a YAML file; unreadable or non-UTF-8 files are reported as ConfigError."""
     path = Path(path)
     name = str(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+            raise ConfigError([ConfigIssue(Location(name), "", "not a regular file")])
+        size = info.st_size
         if size > MAX_BYTES:
             raise ConfigError([ConfigIssue(Location(name), "", f"file is larger than {MAX_BYTES} bytes")])
         raw = path.read_bytes()
@@ -197,7 +259,9 @@ def load_yaml_file(path: str | Path) -> LoadedYaml:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError(
-            [ConfigIssue(Location(name), "", f"not UTF-8 text (bad byte at offset {exc.start})")]
+            [ConfigIssue(Location(name, line, column), "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}; save the file as UTF-8)")]
         ) from None
-    return load_yaml_text(text, name)
+    return load_yaml_text(text, name, collect=collect)

@@ -89,8 +89,7 @@ def check(
     ] = None,
 ) -> None:
     """Validate rule files and look for conflicts, expired rules and (with --index) unknown fields."""
-    from rules.conflicts import check_against_corpus, check_rules
-    from rules.ruleset import load_rule_file
+    from rules.conflicts import check_against_corpus, check_rule_file
 
     table = None
     if index_dir is not None:
@@ -104,13 +103,12 @@ def check(
             raise typer.Exit(2) from None
     failed = False
     for path in files:
-        try:
-            ruleset = load_rule_file(path)
-        except ConfigError as exc:
+        ruleset, issues = check_rule_file(path)  # the checks run on every rule that validated
+        if ruleset is None:
             failed = True
-            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(exc))}")
+            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(ConfigError(issues)))}")
             continue
-        issues = check_rules(ruleset) + (check_against_corpus(ruleset, table) if table is not None else [])
+        issues = issues + (check_against_corpus(ruleset, table) if table is not None else [])
         errors = [i for i in issues if i.severity == "error"]
         for issue in issues:
             colour = "red" if issue.severity == "error" else "yellow"

@@ -22,7 +22,9 @@ Operators (a list-valued field matches when any of its elements does):
 before after``. String comparisons ignore case unless ``case_sensitive: true``. ``lt``..``ge``
 compare numbers, or dates when the value is a date; ``before``/``after`` compare dates. A date
 value may be relative to the query's time: ``as_of``, ``as_of - 30d``, ``as_of + 2w``,
-``as_of - 1y`` (365 days). A missing field (or null) makes every operator false except the
+``as_of - 1y`` (365 days), by at most 1000 years either way (a further shift is refused when the
+file is loaded; one that leaves years 1..9999 for an extreme ``as_of`` is clamped to the first or
+last representable instant). A missing field (or null) makes every operator false except the
 negated ones (``ne``, ``not_in``, ``not_contains``) and ``exists: false``.
 """
 
@@ -32,12 +34,13 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from engine.strictness import NoCoercion
 from rules.expressions import (
     CompiledExpression,
     ExpressionError,
@@ -64,6 +67,12 @@ MAX_REGEX_CHARS = 500
 FIELD_PATTERN = re.compile(r"^(as_of|(query|user|doc|score|candidate)(\.[A-Za-z0-9_\-]+)+)$")
 RELATIVE_DATE = re.compile(r"^\s*as_of\s*(?:(?P<sign>[+-])\s*(?P<amount>\d{1,5})\s*(?P<unit>[dwy]))?\s*$")
 UNIT_DAYS = {"d": 1, "w": 7, "y": 365}
+# How far a relative date may move as_of: 1000 years (of 365 days) either way. Further is almost
+# surely a typo, and would leave the dates Python can represent (years 1 to 9999) for any as_of.
+MAX_RELATIVE_YEARS = 1000
+MAX_RELATIVE_DAYS = MAX_RELATIVE_YEARS * UNIT_DAYS["y"]
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+LATEST = datetime.max.replace(tzinfo=timezone.utc)
 
 QUERY_FIELDS = ("text", "rewritten", "effective", "language", "history", "entities", "entity_labels")
 USER_FIELDS = ("id", "roles", "groups", "jurisdictions", "attributes")
@@ -88,14 +97,38 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
-def _err(message: str) -> PydanticCustomError:
-    return PydanticCustomError("rule_condition", message)
+def _err(message: str, shows_input: bool = False) -> PydanticCustomError:
+    return PydanticCustomError("rule_condition", message, {"shows_input": True} if shows_input else None)
 
 
-class Condition(BaseModel):
+def relative_offset_days(text: str) -> int | None:
+    """The shift in days of a relative date (``as_of - 30d`` -> -30), or None when ``text`` is not one."""
+    match = RELATIVE_DATE.match(text)
+    if not match:
+        return None
+    if match.group("sign") is None:
+        return 0
+    days = int(match.group("amount")) * UNIT_DAYS[match.group("unit")]
+    return days if match.group("sign") == "+" else -days
+
+
+def relative_date_problem(value: Any) -> str | None:
+    """Why a relative date cannot be used (it moves as_of too far), or None (fine, or not one)."""
+    if not isinstance(value, str):
+        return None
+    days = relative_offset_days(value)
+    if days is None or abs(days) <= MAX_RELATIVE_DAYS:
+        return None
+    return (
+        f"{' '.join(value.split())} is outside the supported date range: a relative date may move as_of by at "
+        f"most {MAX_RELATIVE_YEARS} years ({MAX_RELATIVE_DAYS} days)"
+    )
+
+
+class Condition(NoCoercion):
     """A condition as written in YAML (validated; compile it with :func:`compile_condition`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # keys as written in YAML only (`not`, never `not_`)
 
     field: Optional[str] = Field(None, description="what to test, e.g. query.text or doc.status")
     op: Optional[Op] = None
@@ -141,6 +174,9 @@ class Condition(BaseModel):
             except re.error as exc:
                 raise _err(f"invalid regular expression: {exc}") from None
         elif op in ORDER_OPS:
+            problem = relative_date_problem(value)
+            if problem is not None:
+                raise _err(problem, shows_input=True)
             if _as_date_operand(value) is None and (op in DATE_ONLY_OPS or not _is_number(value)):
                 wanted = "a date" if op in DATE_ONLY_OPS else "a number or a date"
                 raise _err(
@@ -187,7 +223,12 @@ class RelativeDate:
     offset_days: int
 
     def resolve(self, as_of: datetime) -> datetime:
-        return as_of + timedelta(days=self.offset_days)
+        """``as_of`` shifted; clamped to the first or last representable instant when the shift leaves
+        them (a bound before year 1 behaves as "before every date", after 9999 as "after every date")."""
+        try:
+            return as_of + timedelta(days=self.offset_days)
+        except OverflowError:
+            return EARLIEST if self.offset_days < 0 else LATEST
 
     def __str__(self) -> str:
         if self.offset_days == 0:
@@ -207,12 +248,9 @@ def _as_date_operand(value: Any) -> datetime | RelativeDate | None:
     if isinstance(value, (date, datetime)):
         return parse_date(value)
     if isinstance(value, str):
-        match = RELATIVE_DATE.match(value)
-        if match:
-            if match.group("sign") is None:
-                return RelativeDate(0)
-            days = int(match.group("amount")) * UNIT_DAYS[match.group("unit")]
-            return RelativeDate(days if match.group("sign") == "+" else -days)
+        days = relative_offset_days(value)
+        if days is not None:
+            return RelativeDate(days)
         return parse_date(value)
     return None
 

@@ -10,6 +10,10 @@ Two families:
   document has, ``docs`` naming ids the index does not hold, exclude/bury ``match`` conditions
   that catch a pinned document, prefilter rules that exclude every document.
 
+:func:`check_rule_file` loads a file and runs :func:`check_rules` (and a caller's own checks, such
+as ``rules.override``'s check of ``score.<stage>`` fields against the stages upstream of it) on
+every rule that validated, so that a broken rule does not hide the conflicts among the others.
+
 "Overlapping conditions" is decided conservatively: two rules are treated as able to fire for
 the same query unless their validity windows are disjoint or their ``when`` conditions are
 provably exclusive (e.g. ``query.language eq en`` vs ``eq fr``, ``x`` vs ``not x``,
@@ -23,11 +27,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from engine.errors import ConfigIssue
-from rules.conditions import AllOf, Constant, Leaf, Node, Not, NullView, RelativeDate
-from rules.ruleset import CompiledRule, RuleSet, today_utc
+from engine.errors import ConfigError, ConfigIssue
+from rules.conditions import AllOf, AnyOf, Constant, Expr, Leaf, Node, Not, NullView, RelativeDate
+from rules.ruleset import CompiledRule, Kind, RuleFileError, RuleSet, load_rule_file, today_utc
 
 if TYPE_CHECKING:
     from rules.corpus import DocumentTable
@@ -166,6 +171,58 @@ def _precedence_note(first: CompiledRule, second: CompiledRule) -> tuple[str, st
 
 
 # --------------------------------------------------------------------------- rule-file checks
+
+
+def check_rule_file(
+    path: str | Path,
+    kind: Kind | None = None,
+    strictness: str | None = None,
+    extra: Callable[[RuleSet], list[ConfigIssue]] | None = None,
+) -> tuple[RuleSet | None, list[ConfigIssue]]:
+    """Load a rule file and run the rule-file checks (:func:`check_rules`, then ``extra``).
+
+    Returns (the rule set, or None when the file itself has errors; every issue, in file order:
+    the file's errors and the checks' findings, graded by the strictness, errors among them). A rule
+    that fails validation does not hide the others: the checks run on every rule that validated,
+    and their findings are reported with the errors. ``strictness`` overrides the file's own.
+    """
+    try:
+        ruleset: RuleSet | None = load_rule_file(path, kind)
+        checked, issues = ruleset, []
+    except RuleFileError as exc:
+        ruleset, checked, issues = None, exc.partial, list(exc.issues)
+    except ConfigError as exc:  # the YAML itself is unreadable
+        return None, list(exc.issues)
+    if checked is not None:
+        if strictness is not None:
+            checked.strictness = strictness  # type: ignore[assignment]
+        issues += check_rules(checked)
+        if extra is not None:
+            issues += extra(checked)
+    issues.sort(key=lambda i: (i.location.file, i.location.line or 0, i.location.column or 0, i.path))
+    return ruleset, issues
+
+
+def score_references(rule: CompiledRule) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
+    """Each ``score.<stage>`` a rule's ``match`` reads: (path of the field or expression in the rule,
+    stage id, whether it is read in an expression)."""
+
+    def walk(node: Node, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
+        if isinstance(node, AllOf):
+            key = "any" if isinstance(node, AnyOf) else "all"
+            for i, child in enumerate(node.children):
+                yield from walk(child, path + (key, i))
+        elif isinstance(node, Not):
+            yield from walk(node.child, path + ("not",))
+        elif isinstance(node, Leaf):
+            if node.field.startswith("score."):
+                yield path + ("field",), node.field[len("score."):], False
+        elif isinstance(node, Expr):
+            for stage in sorted(node.compiled.members.get("score", ())):
+                yield path + ("expr",), stage, True
+
+    if rule.match is not None and getattr(rule.spec, "match", None) is not None:  # not the acl/... sugar
+        yield from walk(rule.match, ("match",))
 
 
 def check_rules(ruleset: RuleSet, today: datetime | None = None) -> list[ConfigIssue]:

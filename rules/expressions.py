@@ -153,9 +153,13 @@ def regex_search(value: Any, pattern: str, ignore_case: bool = True) -> bool:
 class CompiledExpression:
     """A checked, compiled expression; call :meth:`evaluate` with the scope's variables."""
 
-    def __init__(self, source: str, names: frozenset[str], template_expression: Any):
+    def __init__(
+        self, source: str, names: frozenset[str], template_expression: Any,
+        members: dict[str, frozenset[str]] | None = None,
+    ):
         self.source = source
         self.names = names  # the top-level variables it reads
+        self.members = members or {}  # name -> constant keys read on it (`score.rerank`, `score['x']`)
         self._expression = template_expression
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
@@ -195,6 +199,7 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
             f"unknown name{'s' if len(unknown) > 1 else ''} {', '.join(repr(n) for n in unknown)}; "
             f"available here: {', '.join(sorted(set(allowed_names) | set(env.globals)))}"
         )
+    members: dict[str, set[str]] = {}
     for node in every_node:
         if not isinstance(node, (nodes.Getattr, nodes.Getitem)):
             continue
@@ -203,8 +208,10 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
             attr = node.arg.value
         if attr is not None and attr.startswith("_"):
             raise ExpressionError(f"access to {attr!r} is not allowed (names starting with '_' are internals)")
+        if attr is not None and isinstance(node.node, nodes.Name):
+            members.setdefault(node.node.name, set()).add(attr)
     try:
         compiled = env.compile_expression(source, undefined_to_none=False)
     except TemplateSyntaxError as exc:  # pragma: no cover - parse above already caught these
         raise ExpressionError(f"syntax error: {exc.message}") from None
-    return CompiledExpression(source, frozenset(names), compiled)
+    return CompiledExpression(source, frozenset(names), compiled, {k: frozenset(v) for k, v in members.items()})

@@ -24,18 +24,19 @@ and exclusive when it is a date-time. Dates without a time zone are UTC.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.config import issues_from_validation
 from engine.errors import ConfigError, ConfigIssue, Location
 from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
+from engine.strictness import NoCoercion
 from rules.conditions import (
     AllOf,
     AnyOf,
@@ -47,27 +48,43 @@ from rules.conditions import (
     Scope,
     Subject,
     compile_condition,
+    relative_date_problem,
 )
 from rules.expressions import parse_date
+from rules.messages import analyst_issues
 
 RULE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+FIELD_NAME_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"
+_RULE_ID = re.compile(RULE_ID_PATTERN)
+_FIELD_NAME = re.compile(FIELD_NAME_PATTERN)
 Strictness = Literal["strict", "default", "lenient"]
 Kind = Literal["prefilter", "override"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+class _Strict(NoCoercion):
+    # keys as written in YAML only: `from`, `field`, `global` (never the Python names behind them)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _err(message: str) -> PydanticCustomError:
-    return PydanticCustomError("rule", message)
+def _err(message: str, shows_input: bool = False) -> PydanticCustomError:
+    return PydanticCustomError("rule", message, {"shows_input": True} if shows_input else None)
+
+
+def _field_name(value: Any) -> Any:
+    """A metadata field named by an acl / jurisdiction / date_range rule (``acl``, ``access.groups``)."""
+    if isinstance(value, str) and not _FIELD_NAME.match(value):
+        raise _err(
+            "not a metadata field name: write the field's key, e.g. acl or access.groups (without 'doc.'; "
+            "letters, digits, '_' and '-', with '.' between nested keys)"
+        )
+    return value
 
 
 # --------------------------------------------------------------------------- schema
 
 
 class RuleBase(_Strict):
-    id: str = Field(pattern=RULE_ID_PATTERN, max_length=100)
+    id: str = Field(max_length=100, json_schema_extra={"pattern": RULE_ID_PATTERN})
     description: Optional[str] = None
     action: str
     priority: int = Field(0, ge=-1_000_000, le=1_000_000, description="higher wins among rules of one action")
@@ -77,6 +94,21 @@ class RuleBase(_Strict):
         None, description="inclusive when a date (the whole day), exclusive when a date-time"
     )
     when: Optional[Condition] = Field(None, description="condition on the query (text, entities, user, as_of)")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _RULE_ID.match(value):
+            raise _err(
+                "not a valid rule id: start with a letter or digit and use only letters, digits, '_', '.' "
+                "and '-' (no spaces)"
+            )
+        return value
+
+    @field_validator("field_name", check_fields=False)  # acl, jurisdiction and date_range rules
+    @classmethod
+    def _field_name(cls, value: Any) -> Any:
+        return _field_name(value)
 
     @field_validator("valid_from", "until", mode="before")
     @classmethod
@@ -107,7 +139,7 @@ class AclRule(RuleBase):
     """A document is visible when its ACL field shares a value with the user's groups (or roles)."""
 
     action: Literal["acl"]
-    field_name: str = Field("acl", alias="field", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    field_name: str = Field("acl", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
     user_field: Literal["groups", "roles"] = "groups"
     public: list[str] = Field(default_factory=list, description="ACL values that make a document visible to all")
     missing: Optional[Literal["allow", "deny"]] = Field(
@@ -119,7 +151,7 @@ class JurisdictionRule(RuleBase):
     """A document is visible when its jurisdiction is one of the user's, or a global value."""
 
     action: Literal["jurisdiction"]
-    field_name: str = Field("jurisdiction", alias="field", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    field_name: str = Field("jurisdiction", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
     global_values: list[str] = Field(default_factory=lambda: ["global"], alias="global")
     missing: Literal["allow", "deny"] = "allow"
 
@@ -128,7 +160,7 @@ class DateRangeRule(RuleBase):
     """A document is visible when its date lies in the window (bounds may be relative to as_of)."""
 
     action: Literal["date_range"]
-    field_name: str = Field("date", alias="field", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    field_name: str = Field("date", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
     on_or_after: Optional[Union[datetime, date, str]] = None
     before: Optional[Union[datetime, date, str]] = None
     missing: Literal["allow", "deny"] = "allow"
@@ -140,6 +172,9 @@ class DateRangeRule(RuleBase):
 
         if isinstance(value, str) and not RELATIVE_DATE.match(value) and parse_date(value) is None:
             raise _err("not a date: write an ISO date (2025-01-31) or a relative one (as_of, as_of - 30d, as_of - 1y)")
+        problem = relative_date_problem(value)
+        if problem is not None:
+            raise _err(problem, shows_input=True)
         return value
 
     @model_validator(mode="after")
@@ -253,7 +288,10 @@ def window_bounds(start: date | datetime | None, end: date | datetime | None) ->
     if end is not None:
         upper = parse_date(end)
         if upper is not None and not isinstance(end, datetime):
-            upper = upper + timedelta(days=1)
+            try:
+                upper = upper + timedelta(days=1)
+            except OverflowError:  # until: 9999-12-31 -- the whole last day there is
+                upper = datetime.max.replace(tzinfo=timezone.utc)
     return lower, upper
 
 
@@ -347,15 +385,30 @@ def load_rule_file(path: str | Path, expected_kind: Kind | None = None) -> RuleS
     return compile_rules(loaded, hashlib.sha256(raw).hexdigest(), expected_kind)
 
 
+class RuleFileError(ConfigError):
+    """A rule file with errors. ``partial`` holds the rules that did validate (None when the file's
+    kind is unknown), so that the checks on a rule set can still run on them and report their
+    findings with the errors: for checking only, never for running queries."""
+
+    def __init__(self, issues: list[ConfigIssue], partial: "RuleSet | None" = None):
+        super().__init__(issues)
+        self.partial = partial
+
+
 def compile_rules(loaded: LoadedYaml, sha256: str, expected_kind: Kind | None = None) -> RuleSet:
+    """Validate and compile a loaded rule file; every problem at once as a :class:`RuleFileError`.
+
+    A rule that fails validation does not stop the others from being checked: duplicate ids are
+    found among every rule by the id as written, and the error carries the rules that validated.
+    """
     data, source = loaded.data, loaded.source
     issues: list[ConfigIssue] = []
     if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue(source.locate(()), "", "a rule file is a mapping with version, kind and rules")])
+        raise RuleFileError([ConfigIssue(source.locate(()), "", "a rule file is a mapping with version, kind and rules")])
     try:
         header = RuleFileSchema.model_validate(data)
     except ValidationError as exc:
-        issues.extend(issues_from_validation(exc, source, (), RuleFileSchema))
+        issues.extend(analyst_issues(exc, source, (), RuleFileSchema))
         header = None
     kind = data.get("kind") if data.get("kind") in ("prefilter", "override") else None
     if expected_kind is not None and kind is not None and kind != expected_kind:
@@ -367,21 +420,36 @@ def compile_rules(loaded: LoadedYaml, sha256: str, expected_kind: Kind | None = 
     default_deny = bool(data.get("default_deny")) if isinstance(data.get("default_deny"), bool) else False
     compiled: list[CompiledRule] = []
     first_seen: dict[str, int] = {}
-    if kind is not None:
-        for number, raw_rule in enumerate(raw_rules):
-            rule = _compile_rule(raw_rule, number, kind, default_deny, source, issues)
-            if rule is None:
-                continue
-            if rule.id in first_seen:
-                issues.append(
-                    ConfigIssue(source.locate(("rules", number, "id")), f"rules.{number}.id",
-                                f"duplicate rule id '{rule.id}' (first used by rules.{first_seen[rule.id]})")
-                )
-                continue
-            first_seen[rule.id] = number
+    for number, raw_rule in enumerate(raw_rules):
+        raw_id = raw_rule.get("id") if isinstance(raw_rule, dict) else None
+        duplicate = isinstance(raw_id, str) and raw_id in first_seen
+        if duplicate:
+            issues.append(
+                ConfigIssue(source.locate(("rules", number, "id")), f"rules.{number}.id",
+                            f"duplicate rule id '{raw_id}' (first used by rules.{first_seen[raw_id]})")
+            )
+        elif isinstance(raw_id, str):
+            first_seen[raw_id] = number
+        if kind is None:
+            continue  # which actions exist depends on the kind (reported above)
+        rule = _compile_rule(raw_rule, number, kind, default_deny, source, issues)
+        if rule is not None and not duplicate:
             compiled.append(rule)
     if any(i.severity == "error" for i in issues) or header is None:
-        raise ConfigError(issues)
+        partial = None
+        if kind is not None:
+            strictness = data.get("strictness")
+            partial = RuleSet(
+                path=source.file,
+                kind=kind,  # type: ignore[arg-type]
+                strictness=strictness if strictness in ("strict", "default", "lenient") else "default",
+                default_deny=default_deny,
+                description=None,
+                rules=compiled,
+                source=source,
+                sha256=sha256,
+            )
+        raise RuleFileError(issues, partial)
     return RuleSet(
         path=source.file,
         kind=header.kind,
@@ -420,7 +488,7 @@ def _compile_rule(
     try:
         spec = model.model_validate(raw)
     except ValidationError as exc:
-        for issue in issues_from_validation(exc, source, prefix, model):
+        for issue in analyst_issues(exc, source, prefix, model):
             issues.append(ConfigIssue(issue.location, issue.path, named + issue.message, issue.severity))
         return None
 
@@ -435,8 +503,7 @@ def _compile_rule(
             return None
 
     when = compile_at(spec.when, "query", "when")
-    if spec.when is not None and when is None:
-        return None
+    when_failed = spec.when is not None and when is None  # the match is still checked, then the rule dropped
     start, end = window_bounds(spec.valid_from, spec.until)
     docs: tuple[str, ...] = ()
     effect: Literal["include", "exclude"] | None = None
@@ -463,6 +530,8 @@ def _compile_rule(
         match = compile_at(spec.match, "candidate", "match")
         if spec.match is not None and match is None:
             return None
+    if when_failed:
+        return None
     return CompiledRule(
         spec=spec, number=number, when=when if when is not None else Constant(True), match=match,
         docs=docs, start=start, end=end, effect=effect,

@@ -33,18 +33,19 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config import issues_from_validation
 from engine.errors import ConfigError, ConfigIssue, Location
 from engine.yamlsource import SourceMap, load_yaml_file
+from engine.strictness import NoCoercion
 from rules.expressions import parse_date
 
 TEST_FILE_SUFFIX = ".tests.yaml"
 
 
-class _Strict(BaseModel):
+class _Strict(NoCoercion):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 

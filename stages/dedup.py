@@ -98,6 +98,11 @@ class NearDuplicateFilter(Stage):
     summary = "near-duplicate removal (embedding cosine or MinHash), survivor records what it absorbed; optional MMR"
     params: DedupParams
 
+    @classmethod
+    def signal_for(cls, params: StageParams | None) -> str | None:
+        """With MMR the stage scores (an ``mmr`` ledger entry per ordered survivor); without, it only drops."""
+        return "mmr" if isinstance(params, DedupParams) and params.mmr_lambda is not None else None
+
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)
         self._index: Any = None

@@ -34,14 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue, MissingDependencyError, ModelLoadError, SieveIndexError, StageError
 from engine.index import ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_index_component, register_stage
-from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
+from engine.stage import (
+    Explanation, GraphIssue, GraphView, Port, RecentNotes, Resources, Stage, StageContext, StageNode, StageParams,
+    StageResult,
+)
+from engine.strictness import NoCoercion
 
 ENTITIES_FILE = "entities.jsonl"
 GAZETTEER_COPY = "gazetteer.yaml"
@@ -60,7 +64,7 @@ def entity_key(text: str) -> str:
 # --------------------------------------------------------------------------- gazetteer files
 
 
-class GazetteerEntry(BaseModel):
+class GazetteerEntry(NoCoercion):
     """One analyst entity: a label, a canonical id, and the names (or one-token regex) that mean it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -105,7 +109,7 @@ class GazetteerEntry(BaseModel):
         return entity_key(self.names[0]) if self.names else None
 
 
-class GazetteerFile(BaseModel):
+class GazetteerFile(NoCoercion):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: Literal[1] = Field(description="gazetteer file format version")
@@ -419,6 +423,9 @@ class EntityParams(StageParams):
 
     @model_validator(mode="after")
     def _weights(self) -> "EntityParams":
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels: [] considers no label, so the stage would score nothing; leave labels out "
+                             "(every label but ignore_labels) or name the labels to consider")
         if self.match_weight == 0 and self.conflict_weight == 0:
             raise ValueError("match_weight and conflict_weight are both 0: the stage would score nothing")
         return self
@@ -445,6 +452,22 @@ class EntityConsistency(Stage):
     signal = "entity"
     summary = "entity consistency: spaCy NER + analyst gazetteer, query vs document"
     params: EntityParams
+
+    @classmethod
+    def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
+        """A gazetteer named in the config is read and checked at compile time (``sieve validate``), when
+        the compiler says where the config lives; whether it equals the index's is checked at warm-up."""
+        base_dir = getattr(graph, "base_dir", None)
+        params = node.params
+        if base_dir is None or not isinstance(params, EntityParams) or params.gazetteer is None:
+            return []
+        path = Path(params.gazetteer).expanduser()
+        try:
+            load_gazetteer(path if path.is_absolute() else Path(base_dir) / path)
+        except ConfigError as exc:
+            return [GraphIssue(f"{issue.location}  {issue.detail()}", ("params", "gazetteer"), issue.severity)
+                    for issue in exc.issues]
+        return []
 
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)

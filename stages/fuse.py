@@ -92,7 +92,8 @@ def _weight_issues(weights: dict[str, float], valid: dict[str, str], what: str) 
             issues.append(GraphIssue(f"'{key}' is not {what}{did_you_mean}; available: {known}", path))
     finite = [w for w in weights.values() if math.isfinite(w)]
     if weights and finite and len(finite) == len(weights) and not any(w > 0 for w in finite):
-        issues.append(GraphIssue("at least one weight must be positive (all are 0)", ("params", "weights")))
+        issues.append(GraphIssue("no weight is positive, so every document would score 0; give at least one "
+                                 "input a weight above 0", ("params", "weights")))
     return issues
 
 

@@ -27,14 +27,16 @@ Documents pinned in without an upstream score get 0.0.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ConfigIssue
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -63,63 +65,117 @@ OVERRIDE_SIGNAL = "override"
 PIN_SIGNAL = "override.pin"  # ledger signal of a pinned document (select.threshold keeps these)
 REDACTED = "<redacted>"
 RULE_FILE_PATTERN = r"^[^\x00]+\.(ya?ml)$"
+_RULE_FILE = re.compile(RULE_FILE_PATTERN)
 
 
 class RulesParams(StageParams):
     rules: str = Field(
-        pattern=RULE_FILE_PATTERN, description="rule file (YAML), relative to the pipeline config's directory"
+        description="rule file (YAML), relative to the pipeline config's directory",
+        json_schema_extra={"pattern": RULE_FILE_PATTERN},
     )
     strictness: Optional[Literal["strict", "default", "lenient"]] = Field(
         None, description="grade of findings of the rule checks; None: the rule file's own setting"
     )
+
+    @field_validator("rules")
+    @classmethod
+    def _yaml_file(cls, value: str) -> str:
+        if not _RULE_FILE.match(value):
+            raise PydanticCustomError(
+                "rule_file",
+                "a rule file is a YAML file: its name must end in .yaml or .yml",
+            )
+        return value
 
 
 class OverrideParams(RulesParams):
     max_traced_firings: int = Field(500, ge=0, le=100_000, description="firings listed in the trace per query")
 
 
-def _load(path: Path, kind: Literal["prefilter", "override"], strictness: str | None) -> "RuleSet":
-    from rules.ruleset import load_rule_file
+def _rule_file_issues(
+    path: Path, kind: Literal["prefilter", "override"], strictness: str | None,
+    extra: "Callable[[RuleSet], list[ConfigIssue]] | None" = None,
+) -> tuple["RuleSet | None", list[ConfigIssue]]:
+    """Load the rule file and run every rule-file check, on every rule that validated."""
+    from rules.conflicts import check_rule_file
 
-    ruleset = load_rule_file(path, kind)
-    if strictness is not None:
-        ruleset.strictness = strictness  # type: ignore[assignment]
-    return ruleset
+    return check_rule_file(path, kind, strictness, extra)
+
+
+def _scoring_upstream(node: StageNode, graph: GraphView) -> dict[str, str]:
+    """Stages upstream of ``node`` that write a score into the candidates' ledgers: id -> signal."""
+    return graph.upstream_signals(node.id)
+
+
+def _score_field_issues(ruleset: "RuleSet", node: StageNode, graph: GraphView) -> list[ConfigIssue]:
+    """A ``score.<stage>`` (field or expression) that names no scoring stage upstream can never be
+    read: the condition is never true, the rule never fires. An error, whatever the strictness."""
+    from difflib import get_close_matches
+
+    from rules.conflicts import score_references
+
+    scoring = _scoring_upstream(node, graph)
+    upstream = {n.id: n for n in graph.ancestors(node.id)}
+    every = {n.id: n for n in graph.nodes()}
+    known = ", ".join(sorted(scoring)) or "none that scores"
+    issues = []
+    for rule in ruleset.rules:
+        for path, stage, in_expression in score_references(rule):
+            if stage in scoring:
+                continue
+            notes = []
+            if stage == node.id:
+                notes.append(f"'{stage}' is this stage: it writes its score after its rules have run")
+            elif stage in upstream:
+                notes.append(f"'{stage}' ({upstream[stage].cls.type_name}) is upstream but writes no score")
+            elif stage in every:
+                notes.append(f"'{stage}' is not upstream of '{node.id}'")
+            notes.append(f"upstream: {known}")
+            hint = get_close_matches(stage, list(scoring), n=1)
+            if hint:
+                notes.append(f"did you mean 'score.{hint[0]}'?")
+            what = f"the expression reads 'score.{stage}', which" if in_expression else f"'score.{stage}'"
+            issues.append(ConfigIssue(
+                ruleset.locate(rule, *path), ruleset.dotted(rule, *path),
+                f"rule '{rule.id}': {what} names no scoring stage upstream of '{node.id}' ({'; '.join(notes)}); "
+                "the condition can never hold",
+            ))
+    return issues
 
 
 def _graph_check(node: StageNode, graph: GraphView, kind: Literal["prefilter", "override"]) -> list[GraphIssue]:
     """Load and check the rule file at compile time when the compiler says where the config lives.
 
     Needs ``GraphView.base_dir`` (the pipeline file's directory). Without it, the same checks run
-    at warm-up, where ``resources.resolve_path`` knows the directory.
+    at warm-up, where ``resources.resolve_path`` knows the directory (all but the check of
+    ``score.<stage>`` fields against the upstream stages, which needs the graph).
     """
     base_dir = getattr(graph, "base_dir", None)
     if base_dir is None:
         return []
-    from rules.conflicts import check_rules
-
     params = node.params
     assert isinstance(params, RulesParams)
     path = Path(params.rules).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
-    try:
-        ruleset = _load(path, kind, params.strictness)
-    except ConfigError as exc:
-        return [GraphIssue(str(issue), ("params", "rules"), issue.severity) for issue in exc.issues]
-    return [GraphIssue(str(issue), ("params", "rules"), issue.severity) for issue in check_rules(ruleset)]
+    extra = (lambda ruleset: _score_field_issues(ruleset, node, graph)) if kind == "override" else None
+    _, issues = _rule_file_issues(path, kind, params.strictness, extra)
+    # the rule file's own location, quoted at the config's `rules:` field; its severity is said once
+    return [GraphIssue(f"{issue.location}  {issue.detail()}", ("params", "rules"), issue.severity) for issue in issues]
 
 
 def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "override"]) -> tuple["RuleSet", "DocumentTable", list[str]]:
     """Load the rule file, build (or share) the document table, run every check; errors raise."""
-    from rules.conflicts import check_against_corpus, check_rules
+    from rules.conflicts import check_against_corpus
     from rules.corpus import DocumentTable
 
     params = stage.params
     assert isinstance(params, RulesParams)
     index = resources.require_index(stage.id)
-    ruleset = _load(resources.resolve_path(params.rules), kind, params.strictness)
+    ruleset, issues = _rule_file_issues(resources.resolve_path(params.rules), kind, params.strictness)
+    if ruleset is None:
+        raise ConfigError(issues)
     table: DocumentTable = resources.shared(f"rules.table:{index.path}", lambda: DocumentTable.from_index(index))
-    issues = check_rules(ruleset) + check_against_corpus(ruleset, table)
+    issues = issues + check_against_corpus(ruleset, table)
     if any(i.severity == "error" for i in issues):
         raise ConfigError(issues)
     return ruleset, table, [str(i) for i in issues]

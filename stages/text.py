@@ -12,9 +12,10 @@ import threading
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from engine.errors import MissingDependencyError
+from engine.strictness import NoCoercion
 
 # A compact Chinese function-word list (particles, pronouns, conjunctions): enough to keep
 # BM25 from rewarding "的" and "是"; analysts with a domain list can disable it.
@@ -25,7 +26,7 @@ CHINESE_STOPWORDS = frozenset(
 _HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
-class TokenizerSettings(BaseModel):
+class TokenizerSettings(NoCoercion):
     """How text becomes index terms. Recorded in the index manifest; queries reuse it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import ConfigDict, Field, TypeAdapter, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
-from engine.config import STAGE_ID_PATTERN, ExecutorSettings, Limits, PipelineConfig, StageSpec, Strict, TraceSettings
+from engine.config import STAGE_ID_PATTERN, ExecutorSettings, Limits, PipelineConfig, StageSpec, TraceSettings
 from engine.registry import resolve_stage, stage_versions
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -23,9 +23,9 @@ def _model_name(type_name: str, version: int) -> str:
     return "Stage_" + type_name.replace(".", "_") + f"_v{version}"
 
 
-def _stage_branches() -> list[type[Strict]]:
+def _stage_branches() -> list[type[BaseModel]]:
     """One envelope model per registered stage type and version, ``type`` a literal of its spellings."""
-    branches: list[type[Strict]] = []
+    branches: list[type[BaseModel]] = []
     envelope = StageSpec.model_fields
     for type_name, versions in stage_versions().items():
         latest = max(versions)
@@ -39,7 +39,9 @@ def _stage_branches() -> list[type[Strict]]:
             branches.append(
                 create_model(  # type: ignore[call-overload]
                     _model_name(type_name, version),
-                    __base__=Strict,
+                    # not Strict: its field validator may not sit on the union's discriminator ('type'); the
+                    # schema needs only the shape (the compiler validates with the real models)
+                    __config__=ConfigDict(frozen=True, extra="forbid"),
                     __doc__=f"{type_name}@{version}: {description}" if description else f"{type_name}@{version}",
                     id=(str, Field(pattern=STAGE_ID_PATTERN, max_length=64, description="unique stage id")),
                     type=(Literal[spellings], Field(description=f"{type_name} (latest) or {type_name}@{version}")),  # type: ignore[valid-type]

@@ -16,12 +16,14 @@ antecedent, the turn it came from, its salience and the rule that fired. Models 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError, MissingDependencyError, ModelLoadError
 from engine.model import Decision, Query
@@ -54,7 +56,7 @@ class CoreferenceParams(StageParams):
         "auto", description="auto: the query's `language` if set, else Chinese when the text has Han characters"
     )
     glossary: str | None = Field(
-        None, pattern=GLOSSARY_FILE_PATTERN,
+        None, json_schema_extra={"pattern": GLOSSARY_FILE_PATTERN},
         description="glossary/synonym file (YAML), relative to the pipeline config's directory; None: none",
     )
     max_history_turns: int | None = Field(
@@ -63,6 +65,13 @@ class CoreferenceParams(StageParams):
     heuristics: EnglishHeuristics = Field(default_factory=EnglishHeuristics)
     salience: SalienceWeights = Field(default_factory=SalienceWeights)
     trace_candidates: int = Field(5, ge=0, le=100, description="antecedent candidates listed in the trace")
+
+    @field_validator("glossary")
+    @classmethod
+    def _yaml_file(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(GLOSSARY_FILE_PATTERN, value):
+            raise PydanticCustomError("glossary_file", "a glossary is a YAML file: its name must end in .yaml or .yml")
+        return value
 
 
 def _load_glossary(path: Path) -> Glossary:

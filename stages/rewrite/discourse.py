@@ -29,10 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from engine.strictness import NoCoercion
 
 
-class SalienceWeights(BaseModel):
+class SalienceWeights(NoCoercion):
     """The salience model's weights (defaults tuned on CAsT 2019; see bench/cast_rewrite.py)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

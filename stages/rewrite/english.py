@@ -40,9 +40,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from engine.cache import LRUCache
+from engine.strictness import NoCoercion
 from stages.rewrite.discourse import Antecedent, DiscourseModel, Mention, Replacement, SalienceWeights
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ LEADING_DROPPED = frozenset({"a", "an", "some", "any", "this", "that", "these", 
                              "his", "her", "its", "their", "which", "what", "another", "each", "every", "no"})
 
 
-class EnglishHeuristics(BaseModel):
+class EnglishHeuristics(NoCoercion):
     """Which English rewrites are on."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -24,19 +24,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError, ConfigIssue
+from engine.strictness import NoCoercion
 
 _HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 ENTRY_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+_ENTRY_ID = re.compile(ENTRY_ID_PATTERN)
 
 
-class GlossaryEntry(BaseModel):
+def _err(message: str) -> PydanticCustomError:
+    """A validation error worded for the analyst (no pydantic ``Value error,`` prefix)."""
+    return PydanticCustomError("glossary", message)
+
+
+class GlossaryEntry(NoCoercion):
     """One group of equivalent terms and what to do when one of them occurs."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(pattern=ENTRY_ID_PATTERN, max_length=100, description="names the entry in the trace")
+    id: str = Field(max_length=100, description="names the entry in the trace", json_schema_extra={"pattern": ENTRY_ID_PATTERN})
     terms: tuple[str, ...] = Field(description="the terms of the group, matched whole-word, any case")
     action: Literal["expand", "replace"] = Field(
         "expand", description="expand: append the group's other terms; replace: substitute `canonical`"
@@ -44,29 +52,39 @@ class GlossaryEntry(BaseModel):
     canonical: str | None = Field(None, description="the term a `replace` entry substitutes")
     description: str | None = None
 
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _ENTRY_ID.match(value):
+            raise _err(
+                "not a valid entry id: start with a letter, digit or '_' and use only letters, digits, '_', '.' "
+                "and '-' (no spaces)"
+            )
+        return value
+
     @field_validator("terms")
     @classmethod
     def _terms(cls, terms: tuple[str, ...]) -> tuple[str, ...]:
         if not terms:
-            raise ValueError("list at least one term")
+            raise _err("list at least one term")
         for term in terms:
             if not term.strip():
-                raise ValueError("terms must not be empty strings")
+                raise _err("terms must not be empty strings")
         return tuple(" ".join(t.split()) for t in terms)
 
     @model_validator(mode="after")
     def _action_fields(self) -> "GlossaryEntry":
         if self.action == "replace":
             if self.canonical is None or not self.canonical.strip():
-                raise ValueError("a `replace` entry needs `canonical`: the term the others are replaced by")
+                raise _err("a `replace` entry needs `canonical`: the term the others are replaced by")
         elif self.canonical is not None:
-            raise ValueError("`canonical` is only used by `action: replace`; an `expand` entry adds every other term")
+            raise _err("`canonical` is only used by `action: replace`; an `expand` entry adds every other term")
         if self.action == "expand" and len(self.terms) < 2:
-            raise ValueError("an `expand` entry needs at least two terms (one to find, one to add)")
+            raise _err("an `expand` entry needs at least two terms (one to find, one to add)")
         return self
 
 
-class GlossaryFile(BaseModel):
+class GlossaryFile(NoCoercion):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: Literal[1] = Field(description="glossary file format version")
@@ -77,7 +95,25 @@ class GlossaryFile(BaseModel):
     @classmethod
     def _not_empty(cls, entries: tuple[GlossaryEntry, ...]) -> tuple[GlossaryEntry, ...]:
         if not entries:
-            raise ValueError("list at least one entry")
+            raise _err("list at least one entry")
+        return entries
+
+
+class _Envelope(BaseModel):
+    """A glossary file's top level, its entries not yet validated (each is validated on its own, so one
+    bad entry does not hide the problems of the others)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = Field(description="glossary file format version")
+    description: str | None = None
+    entries: list[Any]
+
+    @field_validator("entries")
+    @classmethod
+    def _not_empty(cls, entries: list[Any]) -> list[Any]:
+        if not entries:
+            raise _err("list at least one entry")
         return entries
 
 
@@ -159,30 +195,58 @@ class Glossary:
         return rewritten, hits
 
 
+def _raw_terms(raw: Any) -> list[tuple[int, str]]:
+    """(position, term) of the text terms of an entry that failed validation (for duplicate checks)."""
+    terms = raw.get("terms") if isinstance(raw, dict) else None
+    if not isinstance(terms, list):
+        return []
+    return [(position, " ".join(t.split())) for position, t in enumerate(terms) if isinstance(t, str) and t.strip()]
+
+
 def load_glossary(path: str | Path) -> Glossary:
-    """Load and validate a glossary YAML file; every problem at once, located at file:line:col."""
-    from engine.config import issues_from_validation
+    """Load and validate a glossary YAML file; every problem at once, located at file:line:col.
+
+    Each entry is validated on its own; duplicate ids are found among every entry by the id as
+    written, duplicate terms among every entry's text terms, whether or not the entry validated.
+    """
     from engine.yamlsource import load_yaml_file
+    from rules.messages import analyst_issues
 
     path = Path(path)
     loaded = load_yaml_file(path)
     source = loaded.source
-    if not isinstance(loaded.data, dict):
+    data = loaded.data
+    if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(source.locate(()), "", "a glossary is a mapping with `version` and `entries`")])
-    try:
-        parsed = GlossaryFile.model_validate(loaded.data)
-    except ValidationError as exc:
-        raise ConfigError(issues_from_validation(exc, source, (), GlossaryFile)) from None
     issues: list[ConfigIssue] = []
+    try:
+        _Envelope.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(analyst_issues(exc, source, (), _Envelope))
+    raw_entries = data.get("entries") if isinstance(data.get("entries"), list) else []
+    entries: list[GlossaryEntry] = []
     seen_terms: dict[str, tuple[int, str]] = {}
     seen_ids: dict[str, int] = {}
-    for number, entry in enumerate(parsed.entries):
-        if entry.id in seen_ids:
-            issues.append(ConfigIssue(source.locate(("entries", number, "id")), f"entries.{number}.id",
-                                      f"id '{entry.id}' is already used by entries.{seen_ids[entry.id]}"))
-        else:
-            seen_ids[entry.id] = number
-        for position, term in enumerate(entry.terms):
+    for number, raw in enumerate(raw_entries):
+        entry: GlossaryEntry | None = None
+        if not isinstance(raw, dict):
+            issues.append(ConfigIssue(source.locate(("entries", number)), f"entries.{number}",
+                                      "each entry is a mapping with `id` and `terms`"))
+            continue
+        try:
+            entry = GlossaryEntry.model_validate(raw)
+        except ValidationError as exc:
+            issues.extend(analyst_issues(exc, source, ("entries", number), GlossaryEntry))
+        entry_id = entry.id if entry is not None else raw.get("id")
+        if isinstance(entry_id, str):
+            if entry_id in seen_ids:
+                issues.append(ConfigIssue(source.locate(("entries", number, "id")), f"entries.{number}.id",
+                                          f"id '{entry_id}' is already used by entries.{seen_ids[entry_id]}"))
+            else:
+                seen_ids[entry_id] = number
+        named = entry_id if isinstance(entry_id, str) else f"entries.{number}"
+        terms = list(enumerate(entry.terms)) if entry is not None else _raw_terms(raw)
+        for position, term in terms:
             found = seen_terms.get(_key(term))
             if found is not None and found[0] != number:
                 issues.append(ConfigIssue(
@@ -190,8 +254,10 @@ def load_glossary(path: str | Path) -> Glossary:
                     f"'{term}' is already a term of entry '{found[1]}' (entries.{found[0]}); a term may belong to one entry",
                 ))
             else:
-                seen_terms[_key(term)] = (number, entry.id)
+                seen_terms[_key(term)] = (number, named)
+        if entry is not None:
+            entries.append(entry)
     if issues:
         raise ConfigError(issues)
-    raw = path.read_bytes()
-    return Glossary(str(path), hashlib.sha256(raw).hexdigest(), parsed.entries)
+    raw_bytes = path.read_bytes()
+    return Glossary(str(path), hashlib.sha256(raw_bytes).hexdigest(), tuple(entries))

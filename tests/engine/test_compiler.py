@@ -174,7 +174,7 @@ def test_unreachable_stage_and_missing_output(write_config):
 def test_output_must_exist(write_config):
     path = write_config(VALID.replace("output: final", "output: fnial"))
     (error,) = errors_of(path)
-    assert error == f"{path}:11:9  output: output 'fnial' is not a stage; stages defined: bm25, final"
+    assert error == f"{path}:11:9  output: output 'fnial' is not a stage (did you mean 'final'?); stages defined: bm25, final"
 
 
 def test_missing_file_is_a_config_error(tmp_path):
@@ -220,3 +220,119 @@ def test_usage_errors_are_usage_errors_not_internal_ones(tmp_path):
         done = subprocess.run([str(sieve), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stderr)
         assert expected in done.stderr and "internal error" not in done.stderr and "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- found by an audit of bad configs
+
+
+def test_one_problem_does_not_hide_the_others(write_config):
+    path = write_config(
+        "version: 1\nstages:\n  - {id: bm25, type: recall.bm25, params: {top_k: 0, top_k: 3}}\n"
+        "  - {id: final, type: select.top_k, inputs: [bm52], params: {k: 5}}\n"
+        "  - {id: gone, type: recall.bm25x}\n  - {id: after, type: select.top_k, inputs: [gone]}\n"
+        "output: finall\noutptu: x\n"
+    )
+    errors = errors_of(path)
+    assert any(f"{path}:3:54  stages.0.params.top_k: duplicate key 'top_k'" in e for e in errors)
+    assert any("stages.0.params.top_k: Input should be greater than or equal to 1" in e for e in errors)
+    assert any("stages.1.inputs.0: unknown input 'bm52' (did you mean 'bm25'?)" in e for e in errors)
+    assert any("stages.2.type: unknown stage type 'recall.bm25x'" in e for e in errors)
+    assert any("output: output 'finall' is not a stage (did you mean 'final'?)" in e for e in errors)
+    assert any("outptu: unknown field 'outptu' (did you mean 'output'?)" in e for e in errors)
+    # an input naming an entry that is itself invalid is not reported again
+    assert not any("unknown input 'gone'" in e for e in errors)
+
+
+def test_values_an_explicit_tag_cannot_make_are_located_not_crashes(write_config, tmp_path):
+    path = write_config("version: 1\nname: !!timestamp yesterday\nstages:\n"
+                        "  - {id: b, type: recall.bm25, params: {top_k: !!int abc}}\n")
+    errors = errors_of(path)
+    assert errors[0] == f"{path}:2:7  name: 'yesterday' is not a valid !!timestamp"
+    assert errors[1].startswith(f"{path}:4:48  stages.0.params.top_k: 'abc' is not a valid !!int")
+    assert len(errors) == 2  # the value is not reported again by the schema
+    done = subprocess.run([str(Path(sys.executable).with_name("sieve")), "validate", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "internal error" not in done.stderr
+
+
+def test_yaml_12_booleans_and_dates_stay_text():
+    from engine.yamlsource import load_yaml_text
+
+    data = load_yaml_text("a: [SE, NO, yes, off, On]\nb: true\nc: FALSE\nd: 2025-02-30\ne: 2025-01-31\n", "t.yaml").data
+    assert data == {"a": ["SE", "NO", "yes", "off", "On"], "b": True, "c": False, "d": "2025-02-30", "e": "2025-01-31"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (("top_k: 50", 'top_k: "50"'), "stages.0.params.top_k: expected a number, not text (write it without quotes)"),
+    (("top_k: 50", "top_k: true"), "stages.0.params.top_k: expected a number, not true/false"),
+    (("top_k: 50", "top_k: 50.0"), "stages.0.params.top_k: expected a whole number (write 50, not 50.0)"),
+    (("{k: 5}", "{k: 5, min_score: .inf}"), "stages.1.params.min_score: Input should be a finite number"),
+    (("output: final", "output: final\ntrace: {explain: 'off'}"), "trace.explain: expected true or false, not text"),
+    (("output: final", "output: final\ntrace: {explain: yes}"), "trace.explain: expected true or false, not text"),
+    (("output: final", "output: final\nexecutor: {max_workers: 2.0}"), "executor.max_workers: expected a whole number"),
+    (("output: final", "output: final\nlimits: {max_query_chars: 99999999999}"), "limits.max_query_chars: Input should be less"),
+])
+def test_values_are_taken_as_written(write_config, change, message):
+    errors = errors_of(write_config(VALID.replace(*change)))
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_nested_numbers_are_taken_as_written(write_config):
+    config = ("version: 1\nstages:\n  - {id: a, type: recall.bm25}\n  - {id: b, type: recall.bm25}\n"
+              "  - {id: f, type: fuse.rrf, inputs: [a, b], params: {weights: {a: '1', b: 1}}}\n")
+    (error,) = errors_of(write_config(config))
+    assert "stages.2.params.weights: 'a': expected a number, not text" in error
+
+
+def test_a_trace_log_that_cannot_be_a_file_is_located(write_config, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    for log, says in [(str(tmp_path), "is a directory; name the log file"),
+                      (str(tmp_path / "file.txt" / "t.jsonl"), "is a file, so the log cannot be created under it")]:
+        (error,) = errors_of(write_config(VALID + f"trace: {{log: '{log}'}}\n"))
+        assert f":12:14  trace.log: '" in error and says in error
+
+
+def test_an_access_stage_cannot_fail_open(write_config):
+    config = VALID.replace("  - id: bm25\n", "  - id: access\n    type: rules.prefilter\n    on_error: skip\n"
+                           "    params: {rules: access.yaml}\n  - id: bm25\n    inputs: [access]\n")
+    errors = errors_of(write_config(config))
+    assert any("stages.0.on_error: rules.prefilter decides which documents may be retrieved: skipping it on a "
+               "failure would let every document through (fail open)" in e for e in errors)
+
+
+def test_files_that_are_not_pipeline_configs(write_config, tmp_path):
+    (error,) = errors_of(write_config("version: 1\nkind: prefilter\nrules: []\n"))
+    assert "kind: this is a rule file (kind: prefilter), not a pipeline config" in error
+    (error,) = errors_of(write_config("version: 1\nentries: []\n"))
+    assert "this looks like a gazetteer or glossary file, not a pipeline config" in error
+    (error,) = errors_of(write_config("---\n"))
+    assert "the top level must be a mapping of settings (version, stages, ...), got nothing" in error
+    (error,) = errors_of(write_config("- version: 1\n"))
+    assert error.endswith("got a list")
+    (error,) = errors_of(write_config(VALID + "~: 1\n"))
+    assert ":12:1  a key is empty or null" in error
+
+
+def test_unreadable_and_undecodable_files_are_located(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert errors_of(fifo) == [f"{fifo}  not a regular file"]  # not a hang
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"version: 1\nstages:\n  - {id: b, type: recall.bm25}\n\x00\n")
+    assert errors_of(nul) == [f"{nul}:4:1  not valid YAML: character U+0000 is not allowed in YAML text"]
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"version: 1\ndescription: caf\xe9\n")
+    assert errors_of(latin) == [f"{latin}:2:17  not UTF-8 text (byte 0xe9; save the file as UTF-8)"]
+
+
+def test_a_named_gazetteer_is_checked_at_validate(write_config):
+    config = VALID.replace("output: final", "").replace(
+        "    params: {k: 5}\n", "    params: {k: 5}\n  - {id: ent, type: boost.entity_consistency, inputs: [final], "
+        "params: {gazetteer: missing.yaml}}\n")
+    (error,) = errors_of(write_config(config))
+    assert "stages.2.params.gazetteer:" in error and "missing.yaml  file not found" in error
+    config = config.replace("gazetteer: missing.yaml", "labels: []")
+    (error,) = errors_of(write_config(config))
+    assert "stages.2.params: labels: [] considers no label" in error

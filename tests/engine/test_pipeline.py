@@ -214,3 +214,11 @@ def test_cli_bad_input_is_a_message_not_a_traceback(bm25_index, write_config):
     assert empty.returncode == 2 and "query is empty" in empty.stderr and "Traceback" not in empty.stderr
     missing = subprocess.run([str(sieve), "index", "/nonexistent/corpus.jsonl", "--out", "/tmp/x"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "corpus not found" in missing.stderr
+
+
+def test_a_log_that_cannot_be_appended_is_a_trace_error(pipeline, tmp_path):
+    result = pipeline.search(QUERY)
+    with pytest.raises(TraceError, match=f"cannot append to the trace log {tmp_path}: Is a directory"):
+        pipeline.log_trace(result.trace, tmp_path)
+    with pytest.raises(TraceError, match="cannot append to the trace log"):
+        pipeline.log_trace(result.trace, Path(f"{tmp_path}/x\0.jsonl"))

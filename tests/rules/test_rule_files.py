@@ -45,13 +45,15 @@ def test_all_problems_reported_at_once_and_located(write_rules):
         "    prority: 3\n"                                         # 24
     )
     errors = errors_of(path)
-    assert len(errors) == 5, errors
+    assert len(errors) == 6, errors
     assert errors[0].startswith(f"{path}:5:13  rules.0.action: rule 'pin-a': unknown override action 'pinn' (did you mean 'pin'?)")
     assert errors[1].startswith(f"{path}:7:5  rules.1: rule 'boost-b': a boost raises scores")
     assert errors[2].startswith(f"{path}:13:18  rules.2.when.expr: rule 'bad-expr': syntax error")
     assert "in expression 'query.text =='" in errors[2]
     assert errors[3].startswith(f"{path}:20:18  rules.3.match.all.1.expr: rule 'escape': access to '__mro__' is not allowed")
-    assert errors[4].startswith(f"{path}:24:5  rules.4.prority: rule 'escape': unknown field 'prority' (did you mean 'priority'?)")
+    # both rules named 'escape' fail validation; their shared id is reported all the same
+    assert errors[4] == f"{path}:21:9  rules.4.id: duplicate rule id 'escape' (first used by rules.3)"
+    assert errors[5].startswith(f"{path}:24:5  rules.4.prority: rule 'escape': unknown field 'prority' (did you mean 'priority'?)")
 
 
 def test_duplicate_rule_ids(write_rules):

@@ -266,7 +266,8 @@ def test_all_zero_weights_and_rrf_weights_for_a_non_input_are_errors(write_confi
     issues = {issue.path: (issue.location.line, issue.message) for issue in caught.value.issues}
     assert issues["stages.2.params.weights.rerank"][0] == 6
     assert "not a candidate input of this stage" in issues["stages.2.params.weights.rerank"][1]
-    assert issues["stages.3.params.weights"] == (7, "at least one weight must be positive (all are 0)")
+    assert issues["stages.3.params.weights"] == (
+        7, "no weight is positive, so every document would score 0; give at least one input a weight above 0")
 
 
 def test_rrf_needs_two_inputs(write_config):

@@ -179,12 +179,12 @@ def test_prefilter_stage_run_directly_gives_a_full_mask(tmp_path, index):
 
 def override_run(tmp_path, index, rules: str, incoming: list[tuple[str, float]], *, mask_out=(), user=None,
                  include_query_text=True, text="metformin", as_of=AS_OF, strictness="default"):
-    """Run rules.override directly on a hand-made ranked list (scores from a stage called 'fused')."""
+    """Run rules.override directly on a hand-made ranked list (scores from its upstream stage 'bm25')."""
     pipeline = make_pipeline(tmp_path, index, overrides=f"strictness: {strictness}\nrules:\n" + rules,
                              include_query_text=include_query_text)
     resources = pipeline.warm_up()
     stage = pipeline.compiled.stages["rules"]
-    candidates = [Candidate(doc_id, resources.index.row_of(doc_id), (ScoreEntry("fused", "fused", score, rank),))
+    candidates = [Candidate(doc_id, resources.index.row_of(doc_id), (ScoreEntry("bm25", "bm25", score, rank),))
                   for rank, (doc_id, score) in enumerate(incoming, start=1)]
     mask = None
     if mask_out:
@@ -223,7 +223,7 @@ def test_every_returned_candidate_gets_one_override_entry_with_its_final_rank(tm
         entry = candidate.ledger[-1]
         assert entry.stage == "rules" and entry.rank == rank
         assert entry.signal == ("override.pin" if candidate.doc_id == "med-004" else "override")
-        assert candidate.score_of("fused") == dict(LIST)[candidate.doc_id]  # earlier scores untouched
+        assert candidate.score_of("bm25") == dict(LIST)[candidate.doc_id]  # earlier scores untouched
         assert entry.value == dict(LIST)[candidate.doc_id]
 
 
@@ -302,7 +302,7 @@ def test_query_conditions_windows_and_scores(tmp_path, index):
     position: 1
     until: 2025-06-30
     when: {field: query.text, op: regex, value: '\\bmetformin\\b'}
-  - {id: strong, action: boost, add: 1, match: {field: score.fused, op: ge, value: 0.8}}
+  - {id: strong, action: boost, add: 1, match: {field: score.bm25, op: ge, value: 0.8}}
   - {id: second, action: bury, match: {field: candidate.rank, op: eq, value: 2}}
   - {id: clinicians, action: exclude, docs: [med-004], when: {field: user.roles, op: contains, value: clinician}}
 """

@@ -1,0 +1,106 @@
+"""No silent coercion of configuration values.
+
+pydantic's default ("lax") mode turns ``top_k: "10"`` into 10, ``top_k: true`` into 1 and
+``explain: "off"`` into false. In a file an analyst wrote, each of those is more likely a
+mistake than an intention, and a config that means something other than it says is exactly what
+an auditor must not be handed. :class:`NoCoercion` rejects them, located at the field:
+
+- a number field (int, float) takes a number: not true/false, not text ("10");
+- an integer field does not take 2.0 written as a float (pydantic refuses 2.5 itself);
+- a true/false field takes true or false: not 1/0, not text ("yes", "off").
+
+Values pydantic refuses anyway ("many" for a number) keep pydantic's own message.
+
+The same holds inside lists, tuples and dict values of those types (``weights: {bm25: "1"}``).
+Everything else (strings, dates as text, paths, literals) validates as before.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+_NUMBER = (int, float)
+# the strings pydantic's lax mode would turn into a boolean
+_BOOLEAN_WORDS = frozenset("true false t f yes no y n on off 1 0".split())
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _arms(annotation: Any) -> tuple[Any, ...]:
+    """The non-None alternatives of an Optional/Union annotation (the annotation itself otherwise)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return tuple(a for a in typing.get_args(annotation) if a is not type(None))
+    return (annotation,)
+
+
+def coercion_problem(value: Any, annotation: Any) -> str | None:
+    """Why ``value`` would only fit ``annotation`` by coercion (None: it fits as it is, or is not ours to judge)."""
+    arms = _arms(annotation)
+    if value is None:
+        return None
+    if len(arms) != 1:
+        scalar = [a for a in arms if a in (int, float, bool)]
+        if scalar and len(scalar) == len(arms):  # e.g. int | float
+            arms = (float,) if float in scalar else (scalar[0],)
+        else:
+            return None
+    (annotation,) = arms
+    if annotation is bool:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return "expected true or false, not a number"
+        if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+            return "expected true or false, not text (write true or false without quotes)"
+        return None  # anything else pydantic refuses with its own message
+    if annotation in _NUMBER:
+        if isinstance(value, bool):
+            return "expected a number, not true/false"
+        if isinstance(value, str) and _numeric(value):
+            return "expected a number, not text (write it without quotes)"
+        if annotation is int and isinstance(value, float) and value.is_integer():
+            return f"expected a whole number (write {int(value)}, not {value})"
+        return None
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (list, set, frozenset, tuple) and isinstance(value, (list, tuple)) and args:
+        item = args[0] if origin is not tuple or (len(args) == 2 and args[1] is Ellipsis) else None
+        for index, element in enumerate(value):
+            element_type = item if item is not None else (args[index] if index < len(args) else None)
+            if element_type is None:
+                continue
+            problem = coercion_problem(element, element_type)
+            if problem is not None:
+                return f"item {index}: {problem} (got {element!r})"
+        return None
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        for key, element in value.items():
+            problem = coercion_problem(element, args[1])
+            if problem is not None:
+                return f"'{key}': {problem} (got {element!r})"
+    return None
+
+
+class NoCoercion(BaseModel):
+    """Mixin for configuration models: numbers, booleans (and lists / dicts of them) are taken as written."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_written(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is None:
+            return value
+        problem = coercion_problem(value, field.annotation)
+        if problem is not None:
+            raise PydanticCustomError("as_written", problem)
+        return value
