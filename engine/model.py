@@ -8,6 +8,7 @@ scores break ties on ``doc_id``.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,8 +72,9 @@ class Query(BaseModel):
         """Validate user input into a Query; empty or oversized text is a QueryError."""
         if not isinstance(text, str):
             raise QueryError(f"query text must be a string, got {type(text).__name__}")
-        if not text.strip():
+        if not _visible(text):
             raise QueryError("query is empty: give some text to search for")
+        _check_text(text, "query")
         if len(text) > max_chars:
             raise QueryError(
                 f"query is {len(text)} characters long; the limit is {max_chars} "
@@ -83,6 +85,7 @@ class Query(BaseModel):
                 raise QueryError(f"history turn {i + 1} must be a string")
             if len(turn) > max_chars:
                 raise QueryError(f"history turn {i + 1} is longer than {max_chars} characters")
+            _check_text(turn, f"history turn {i + 1}")
         return cls(
             text=text,
             history=tuple(history),
@@ -93,6 +96,23 @@ class Query(BaseModel):
 
     def text_sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` has anything but whitespace and invisible format characters (zero-width space...)."""
+    return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text a person could have typed: no control characters but tab and line breaks, no lone surrogates
+    (which are not Unicode text and could not be written to the trace)."""
+    for position, ch in enumerate(text):
+        category = unicodedata.category(ch)
+        if category == "Cc" and ch not in "\t\n\r":
+            raise QueryError(f"{what} contains a control character (U+{ord(ch):04X} at position {position + 1})")
+        if category == "Cs":
+            raise QueryError(f"{what} contains a lone surrogate (U+{ord(ch):04X} at position {position + 1}), "
+                             "which is not valid Unicode text")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timezone
 
 import pytest
@@ -40,3 +41,18 @@ def test_query_validation():
     query = Query.create("hello")
     assert query.as_of.tzinfo is not None and query.as_of.tzinfo.utcoffset(None) == timezone.utc.utcoffset(None)
     assert query.effective_text == "hello"
+
+
+@pytest.mark.parametrize("text, history, message", [
+    ("\u200b\u200b \u2060", (), "query is empty"),  # only invisible format characters and spaces
+    ("vitamin\x00D", (), "query contains a control character (U+0000 at position 8)"),
+    ("vitamin \ud800 D", (), "query contains a lone surrogate (U+D800 at position 9)"),
+    ("Is it treatable?", ("What is throat cancer?", "\x07"), "history turn 2 contains a control character (U+0007"),
+])
+def test_text_no_one_could_have_typed_is_refused(text, history, message):
+    with pytest.raises(QueryError, match=re.escape(message)):
+        Query.create(text, history=history)
+
+
+def test_emoji_tabs_and_line_breaks_are_text():
+    assert Query.create("🧬\tgene\nediting\r").text == "🧬\tgene\nediting\r"
