@@ -20,10 +20,21 @@ tamper-evident log (``trace.log``), as ``sieve search`` does; the response carri
 so an auditor can find and replay it.
 
 Errors are JSON, ``{"error": {"type": ..., "message": ...}}``, never a stack trace: 400 for a query
-the pipeline refuses (empty, too long, too much history), 404 for an unknown pipeline, 413 for a
-body over ``max_body_bytes``, 422 for a malformed body (with each field's location), 500 when a
-stage fails (its message; the traceback goes to the server's log only) and 500 when the trace cannot
-be appended to the log: results are never returned without their audit record.
+the pipeline refuses (empty, too long, too much history), 404 for an unknown pipeline (``unknown_pipeline``)
+or path (``not_found``), 405 for a wrong method, 413 for a body over ``max_body_bytes``, 415 for a body
+that is not ``application/json`` (UTF-8) or is compressed (``Content-Encoding``: the server decodes
+none), 422 for a malformed body (``invalid_request``: not UTF-8, not JSON, nested too deeply, a key given
+twice, a field of the wrong type or a string holding a lone surrogate; each problem located, the first
+20 listed), 500 when a stage fails (its message; the traceback goes to the server's log only) and 500
+when the trace cannot be appended to the log: results are never returned without their audit record.
+
+Bodies are read strictly: booleans are ``true``/``false``, ``top`` an integer, strings strings (no
+coercion between types), ``as_of`` an ISO 8601 date or date-time string (never a Unix timestamp), and
+``history`` at most 1000 turns (the pipeline's ``limits.max_history_turns`` is checked after, as 400).
+``max_body_bytes`` defaults to what the served pipelines' limits allow, JSON-escaped at worst (12 bytes a
+character, an astral character being two ``\\uXXXX`` escapes): 12 bytes x ``max_query_chars`` x
+(``max_history_turns`` + 1) for the query and its history, 12 bytes x 512 characters x 100 for ``doc_ids``,
+plus 256 KiB for the user and the rest, for the most generous pipeline; never below 1 MiB.
 
 The server has no authentication of its own and trusts the ``user`` in the body (access rules read
 it): it belongs behind the gateway that authenticates callers; ``sieve serve`` listens on loopback
@@ -36,19 +47,24 @@ pipeline is safe to share between threads.
 from __future__ import annotations
 
 import contextlib
+import email.message
+import json
 import logging
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt
+from pydantic import StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.errors import QueryError, SieveError
 from engine.model import UserContext
@@ -60,8 +76,40 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sieve.server")
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above the longest query and history the limits allow
-_LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
+MIN_MAX_BODY_BYTES = 1 << 20  # the default body limit is never below 1 MiB (see default_max_body_bytes)
+ESCAPED_CHAR_BYTES = 12  # the most JSON bytes one character can take: an astral one as two \uXXXX escapes
+BODY_OVERHEAD_BYTES = 256 << 10  # the user, as_of, language and the JSON around them
+MAX_HISTORY_ITEMS = 1000  # the schema's cap; the pipeline's limits.max_history_turns applies within it
+MAX_DOC_IDS = 100
+MAX_DOC_ID_CHARS = 512
+MAX_PROBLEMS = 20  # a 422 lists the first 20 problems and counts the rest
+_SUMMARY_PROBLEMS = 3  # ... and its message names the first 3
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
+_PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # one URL path segment, as it is, with no escaping
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins escaped pairs: any left is a lone one
+
+
+def _unicode_text(value: Any) -> Any:
+    """A string as JSON can carry it but UTF-8 cannot (``"\\ud800"``) is refused before it goes anywhere (a
+    BeforeValidator: pydantic's own string checks would fail on it with a less helpful message)."""
+    found = _SURROGATE.search(value) if isinstance(value, str) else None
+    if found is not None:
+        raise PydanticCustomError("lone_surrogate", "contains a lone surrogate ({code}), not valid Unicode text",
+                                  {"code": f"\\u{ord(found.group()):04x}"})
+    return value
+
+
+def _doc_id(value: str) -> str:
+    if not 1 <= len(value) <= MAX_DOC_ID_CHARS:
+        raise PydanticCustomError("doc_id", f"a document id is 1 to {MAX_DOC_ID_CHARS} characters")
+    return value
+
+
+# strings are strings (no coercion from numbers), and valid Unicode text
+Text = Annotated[str, Strict(), BeforeValidator(_unicode_text)]
+UserId = Annotated[str, Strict(), StringConstraints(max_length=256), BeforeValidator(_unicode_text)]
+LanguageTag = Annotated[str, Strict(), StringConstraints(max_length=35), BeforeValidator(_unicode_text)]
+DocId = Annotated[str, Strict(), AfterValidator(_doc_id), BeforeValidator(_unicode_text)]
 
 
 class UserBody(BaseModel):
@@ -69,30 +117,50 @@ class UserBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str | None = Field(None, max_length=256)
-    roles: list[str] = Field(default_factory=list, max_length=64)
-    groups: list[str] = Field(default_factory=list, max_length=256)
-    jurisdictions: list[str] = Field(default_factory=list, max_length=64)
-    attributes: dict[str, str] = Field(default_factory=dict)
+    user_id: UserId | None = None
+    roles: list[Text] = Field(default_factory=list, max_length=64)
+    groups: list[Text] = Field(default_factory=list, max_length=256)
+    jurisdictions: list[Text] = Field(default_factory=list, max_length=64)
+    attributes: dict[Text, Text] = Field(default_factory=dict)
 
 
 class SearchBody(BaseModel):
-    """One query. ``as_of`` without a time zone is UTC; absent, it is the time of the request."""
+    """One query. ``as_of`` is an ISO 8601 date or date-time string; without a time zone it is UTC; absent, it
+    is the time of the request. Types are strict: no string is read as a boolean or a number, nor a number as a
+    string or a time."""
 
     model_config = ConfigDict(extra="forbid")
 
-    query: str
-    history: list[str] = Field(default_factory=list, description="earlier turns of the conversation, oldest first")
+    query: Text
+    history: list[Text] = Field(default_factory=list, max_length=MAX_HISTORY_ITEMS,
+                                description="earlier turns of the conversation, oldest first")
     user: UserBody | None = None
-    as_of: datetime | None = None
-    language: str | None = Field(None, max_length=35, description="a language tag, e.g. en or zh-CN")
-    explain: bool = Field(False, description="return each result's explanation tree (when the config traces them)")
-    include_trace: bool = Field(False, description="return the whole trace as well")
+    as_of: datetime | None = Field(None, description="ISO 8601, e.g. 2025-06-01 or 2025-06-01T12:00:00Z")
+    language: LanguageTag | None = Field(None, description="a language tag, e.g. en or zh-CN")
+    explain: StrictBool = Field(False, description="return each result's explanation tree (when the config traces "
+                                "them)")
+    include_trace: StrictBool = Field(False, description="return the whole trace as well")
+
+    @field_validator("as_of", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: Any) -> Any:
+        """Only an ISO 8601 string: a number (or a string of digits) would otherwise be read as Unix seconds or
+        milliseconds, silently."""
+        if value is None:
+            return value
+        if not isinstance(value, str):
+            raise PydanticCustomError("iso_8601", "must be an ISO 8601 date or date-time string (e.g. 2025-06-01 "
+                                      "or 2025-06-01T12:00:00Z), not a {kind}", {"kind": _json_kind(value)})
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise PydanticCustomError("iso_8601", "not an ISO 8601 date or date-time (e.g. 2025-06-01 or "
+                                      "2025-06-01T12:00:00Z)") from None
 
     @field_validator("language")
     @classmethod
     def _tag(cls, value: str | None) -> str | None:
-        if value is not None and not _LANGUAGE_TAG.match(value):
+        if value is not None and not _LANGUAGE_TAG.fullmatch(value):
             raise ValueError(f"not a language tag: {value!r} (e.g. en, zh-CN)")
         return value
 
@@ -101,17 +169,140 @@ class ExplainBody(SearchBody):
     """A query to explain: each result's score tree, signal contributions, rules fired and dedup merges
     (the first ``top``), and for each of ``doc_ids`` where it left the pipeline ('why not this document?')."""
 
-    doc_ids: list[str] = Field(default_factory=list, max_length=100, description="why not these documents?")
-    top: int | None = Field(None, ge=0, le=10_000, description="explain only the first N results (default: all)")
-    explain: bool = Field(True, description="(always on here)")
+    doc_ids: list[DocId] = Field(default_factory=list, max_length=MAX_DOC_IDS, description="why not these documents?")
+    top: StrictInt | None = Field(None, ge=0, le=10_000, description="explain only the first N results (default: "
+                                  "all)")
+    explain: StrictBool = Field(True, description="(always on here)")
 
-    @field_validator("doc_ids")
-    @classmethod
-    def _ids(cls, value: list[str]) -> list[str]:
-        for doc_id in value:
-            if not doc_id or len(doc_id) > 512:
-                raise ValueError("a document id is 1 to 512 characters")
-        return value
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+class BodyError(Exception):
+    """A request body the server will not read: ``status`` and ``kind`` for the error, and for a 422 the
+    problems, each ``(location, message)``."""
+
+    def __init__(self, status: int, kind: str, message: str, problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.problems = problems or []
+
+
+class _Flawed(dict):  # type: ignore[type-arg]
+    """A JSON object with keys the server refuses: given more than once (``duplicated``), or holding a lone
+    surrogate (``unreadable``)."""
+
+    duplicated: list[str]
+    unreadable: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s object_pairs_hook: the object, marked (a ``_Flawed``) when it gives a key twice (json
+    would keep the last, silently) or a key that is not valid Unicode text."""
+    obj = dict(pairs)
+    unreadable = [key for key in obj if _SURROGATE.search(key)]
+    if len(obj) == len(pairs) and not unreadable:
+        return obj
+    marked = _Flawed(obj)
+    marked.unreadable = unreadable
+    marked.duplicated = []
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen and key not in marked.duplicated:
+            marked.duplicated.append(key)
+        seen.add(key)
+    return marked
+
+
+def _flawed_keys(document: Any) -> list[tuple[str, str]]:
+    """Each refused key in an object of the parsed ``document``: (its location, the message)."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ("body",))]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key in getattr(value, "unreadable", ()):
+                code = f"\\u{ord(_SURROGATE.search(key).group()):04x}"  # type: ignore[union-attr]
+                found.append((".".join((*path, key)), f"the key contains a lone surrogate ({code}), not valid "
+                              "Unicode text"))
+            for key in getattr(value, "duplicated", ()):
+                found.append((".".join((*path, key)), f"duplicate key {key!r}: a JSON object gives each key once"))
+            stack.extend((item, (*path, key)) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
+    return found
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+_MAX_INT_DIGITS = 30
+
+
+def _json_int(digits: str) -> int:
+    """``json.loads``'s parse_int: no field takes an integer near 30 digits, and one of thousands would stop
+    ``int()`` with a ValueError json.loads does not locate."""
+    if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _NumberTooLong(f"a JSON integer of {len(digits.lstrip('-'))} digits is too long (the server reads "
+                             f"at most {_MAX_INT_DIGITS})")
+    return int(digits)
+
+
+def read_json_body(content_type: str | None, content_encoding: str | None, raw: bytes) -> Any:
+    """The JSON document a request body holds, read strictly: BodyError (415) unless it is ``application/json``
+    in UTF-8 and not compressed; BodyError (422) when it is empty, not UTF-8, not JSON, nested too deeply, gives
+    a key twice in one object or a key with a lone surrogate (strings are checked by the body's model)."""
+    if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
+        raise BodyError(415, "unsupported_media_type", f"the body has Content-Encoding {content_encoding!r}: the "
+                        "server decodes no compressed body; send it as it is")
+    header = email.message.Message()
+    header["content-type"] = content_type or ""
+    if not content_type or header.get_content_type() != "application/json":
+        given = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        raise BodyError(415, "unsupported_media_type", f"the body must be JSON, sent as Content-Type: "
+                        f"application/json (the request has {given})")
+    charset = header.get_param("charset")
+    if isinstance(charset, str) and charset.strip().lower().replace("_", "-") not in ("utf-8", "utf8"):
+        raise BodyError(415, "unsupported_media_type", f"JSON is UTF-8: charset {charset!r} is not read")
+
+    def invalid(message: str) -> BodyError:
+        return BodyError(422, "invalid_request", message, [("body", message)])
+
+    if not raw:
+        raise invalid("empty: send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    flawed = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal flawed
+        obj = _object(items)
+        flawed = flawed or isinstance(obj, _Flawed)
+        return obj
+
+    try:
+        document = json.loads(text, object_pairs_hook=pairs, parse_int=_json_int)
+    except json.JSONDecodeError as exc:
+        raise invalid(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except _NumberTooLong as exc:
+        raise invalid(str(exc)) from None
+    except RecursionError:
+        raise invalid("JSON nested too deeply") from None
+    if flawed:
+        raise BodyError(422, "invalid_request", "refused keys", _flawed_keys(document))
+    return document
 
 
 class BodyLimit:
@@ -165,47 +356,158 @@ class BodyLimit:
 
 
 def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
-    """Compile and warm up each config; pipelines are addressed by their config's ``name`` (else the file's
-    stem)."""
+    """Compile each config, then warm each up; pipelines are addressed by their config's ``name`` (else the
+    file's stem), which must do as one URL path segment (letters, digits, '.', '_', '-') and be unique."""
     from engine.pipeline import Pipeline
 
     pipelines: dict[str, Pipeline] = {}
     for path in configs:
         pipeline = Pipeline.from_file(path)
         name = pipeline.compiled.config.name or Path(path).stem
+        if not _PIPELINE_NAME.fullmatch(name) or name in (".", ".."):
+            raise SieveError(
+                f"{path}: pipeline name {name!r} cannot be served: the server addresses a pipeline by its name as "
+                "one URL path segment (/v1/pipelines/{name}/search), so a name may use only letters, digits, '.', "
+                "'_' and '-' (and is not '.' or '..'); rename it (the config's `name`, else the file's name)"
+            )
         if name in pipelines:
             raise SieveError(
                 f"two configs are named '{name}' ({pipelines[name].compiled.source_file} and {path}): "
                 "the server addresses pipelines by name; rename one"
             )
-        pipeline.warm_up()
         pipelines[name] = pipeline
     if not pipelines:
         raise SieveError("no pipeline to serve: give at least one config")
+    for pipeline in pipelines.values():  # only once every config is known to be servable
+        pipeline.warm_up()
     return pipelines
 
 
-def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> "FastAPI":
-    """The application over already-loaded pipelines."""
+def default_max_body_bytes(pipelines: dict[str, "Pipeline"]) -> int:
+    """The largest body the pipelines' limits allow, JSON-escaped at worst (12 bytes a character): the query and
+    each turn of history at ``max_query_chars`` (history capped by the schema's 1000 turns), 100 document ids of
+    512 characters (``/explain``), plus 256 KiB for the user and the rest; the most of any pipeline, and never
+    below 1 MiB."""
+    chars = max((limits.max_query_chars * (min(limits.max_history_turns, MAX_HISTORY_ITEMS) + 1)
+                 for limits in (pipeline.compiled.config.limits for pipeline in pipelines.values())), default=0)
+    needed = ESCAPED_CHAR_BYTES * (chars + MAX_DOC_IDS * MAX_DOC_ID_CHARS) + BODY_OVERHEAD_BYTES
+    return max(MIN_MAX_BODY_BYTES, needed)
+
+
+def _printable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate becomes its escape (``\\ud800``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _clip(text: str, limit: int) -> str:
+    text = _printable(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _invalid_request(problems: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
+    """A 422's message and extra fields: the first MAX_PROBLEMS problems (each location and message clipped)
+    and the count of the rest; the message names the first few. However many problems a body has, the answer
+    stays small."""
+    listed = [{"location": _clip(location, 200), "message": _clip(message, 300)}
+              for location, message in problems[:MAX_PROBLEMS]]
+    summary = "; ".join(f"{p['location']}: {p['message']}" for p in listed[:_SUMMARY_PROBLEMS])
+    rest = len(problems) - _SUMMARY_PROBLEMS
+    if rest > 0:
+        summary += f"; and {rest} more problem{'s' if rest > 1 else ''}"
+    extra: dict[str, Any] = {"problems": listed}
+    if len(problems) > MAX_PROBLEMS:
+        extra["more_problems"] = len(problems) - MAX_PROBLEMS
+    return f"malformed request: {summary}", extra
+
+
+_HTTP_ERRORS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                415: "unsupported_media_type"}
+_ROUTES = ("GET /healthz, GET /readyz, GET /v1/pipelines, POST /v1/pipelines/{name}/search, "
+           "POST /v1/pipelines/{name}/explain")
+
+
+def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None = None) -> "FastAPI":
+    """The application over already-loaded pipelines; ``max_body_bytes`` defaults to
+    ``default_max_body_bytes(pipelines)``."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    from fastapi.routing import APIRoute
+    from starlette.exceptions import HTTPException
 
     from engine import __version__
 
+    class ReadRequest(Request):
+        """The request with its body already read and parsed (by ``read_json_body``)."""
+
+        def __init__(self, request: Request, raw: bytes, document: Any):
+            super().__init__(request.scope, request.receive)
+            self._raw = raw
+            self._document = document
+
+        async def body(self) -> bytes:
+            return self._raw
+
+        async def json(self) -> Any:
+            return self._document
+
+    class StrictJSONRoute(APIRoute):
+        """A route whose body is read by ``read_json_body`` (415 unless JSON; 422 for bytes that are not UTF-8, not
+        JSON, too deep or with a key given twice) before FastAPI validates it against the body's model."""
+
+        def get_route_handler(self) -> Any:
+            handler = super().get_route_handler()
+            if self.body_field is None:
+                return handler
+
+            async def read_then_handle(request: Request) -> Response:
+                raw = await request.body()
+                document = read_json_body(request.headers.get("content-type"),
+                                          request.headers.get("content-encoding"), raw)
+                return await handler(ReadRequest(request, raw, document))
+
+            return read_then_handle
+
     app = FastAPI(title="Sieve", version=__version__, description="Auditable rules-plus-model retrieval")
+    app.router.route_class = StrictJSONRoute
 
     def error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}})
+        return JSONResponse(status_code=status, content={"error": {"type": kind, "message": _printable(message),
+                                                                   **extra}})
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes if max_body_bytes is not None else
+                       default_max_body_bytes(pipelines))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"location": ".".join(str(part) for part in problem.get("loc", ())),
-                     "message": problem.get("msg", "")} for problem in exc.errors()]
-        summary = "; ".join(f"{p['location']}: {p['message']}" for p in problems)
-        return error(422, "invalid_request", f"malformed request: {summary}", problems=problems)
+        problems = [(".".join(str(part) for part in problem.get("loc", ())), str(problem.get("msg", "")))
+                    for problem in exc.errors()]
+        message, extra = _invalid_request(problems)
+        return error(422, "invalid_request", message, **extra)
+
+    @app.exception_handler(BodyError)
+    async def unreadable_body(request: Request, exc: BodyError) -> JSONResponse:
+        if exc.problems:
+            message, extra = _invalid_request(exc.problems)
+            return error(exc.status, exc.kind, message, **extra)
+        return error(exc.status, exc.kind, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's and FastAPI's own errors (no route, wrong method, ...) in the server's error shape."""
+        headers = dict(exc.headers or {})
+        if exc.status_code in (204, 304) or exc.status_code < 200:
+            return Response(status_code=exc.status_code, headers=headers)
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"{where}: no such path (the API: {_ROUTES})"
+        elif exc.status_code == 405:
+            message = f"{where}: method not allowed here (allowed: {headers.get('Allow', 'none')})"
+        else:
+            message = f"{where}: {exc.detail}"
+        response = error(exc.status_code, _HTTP_ERRORS.get(exc.status_code, "http_error"), message)
+        response.headers.update(headers)
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -328,13 +630,15 @@ def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout
                         log_level: str = "warning") -> Iterator[str]:
     """``sieve serve`` in a child process on a free loopback port: yields its base URL once ``/readyz``
     answers 200, stops it on exit. A server that exits, or is not ready within ``timeout`` seconds,
-    raises SieveError with its output. For integration tests and benchmarks."""
+    raises SieveError with its output. For integration tests and benchmarks. The server's output goes to a
+    temporary file, not a pipe: a pipe no one reads would stop the server once its buffer is full."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     sieve = Path(sys.executable).with_name("sieve")
+    output = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
     process = subprocess.Popen([str(sieve), "serve", *map(str, configs), "--port", str(port), "--log-level", log_level],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+                               stdout=output, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
     try:
@@ -348,8 +652,9 @@ def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                output = process.stdout.read() if process.stdout is not None else ""
-                raise SieveError(f"sieve serve did not become ready on {base}:\n{output}")
+                process.wait()
+                output.seek(0)
+                raise SieveError(f"sieve serve did not become ready on {base}:\n{output.read()}")
             time.sleep(0.2)
         yield base
     finally:
@@ -358,6 +663,7 @@ def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+        output.close()
 
 
 def serve(configs: list[Path], host: str, port: int, log_level: str = "info") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import http.client
 import json
 import subprocess
 import sys
@@ -11,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.server import serve_in_subprocess
+from engine.errors import SieveError
+from engine.server import load_pipelines, serve_in_subprocess
 from tests.conftest import FAILS_AT_RUN_TIME
 
 SIEVE = Path(sys.executable).with_name("sieve")
@@ -40,10 +43,28 @@ limits:
 """
 
 
+# the default limits (4096 characters a query, 20 turns of history): the server's body limit follows them
+ROOMY = """version: 1
+name: roomy
+index: {index}
+stages:
+  - id: bm25
+    type: recall.bm25
+    params: {{top_k: 20}}
+  - id: final
+    type: select.top_k
+    inputs: [bm25]
+    params: {{k: 5}}
+output: final
+trace:
+  log: {log}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(base URL, trace log path) of a running `sieve serve` over the SciFact slice: pipelines 'mini' and
-    'failing'."""
+    """(base URL, trace log path) of a running `sieve serve` over the SciFact slice: pipelines 'mini',
+    'failing' and 'roomy' (default limits)."""
     directory = tmp_path_factory.mktemp("server")
     log = directory / "trace.jsonl"
     config = directory / "mini.yaml"
@@ -51,7 +72,9 @@ def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
     failing = directory / "failing.yaml"
     failing.write_text(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="") + "name: failing\n"
                        f"trace: {{log: {directory / 'failing.jsonl'}}}\n", encoding="utf-8")
-    with serve_in_subprocess([config, failing], cwd=directory) as base:
+    roomy = directory / "roomy.yaml"
+    roomy.write_text(ROOMY.format(index=bm25_index, log=directory / "roomy.jsonl"), encoding="utf-8")
+    with serve_in_subprocess([config, failing, roomy], cwd=directory) as base:
         yield base, log
 
 
@@ -94,8 +117,8 @@ def test_conversation_history_is_rewritten(server):
 def test_pipelines_health_and_readiness(server):
     base, _ = server
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "pipelines": ["failing", "mini"]}
-    _, pipeline = httpx.get(f"{base}/v1/pipelines").json()["pipelines"]
+    assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "pipelines": ["failing", "mini", "roomy"]}
+    _, pipeline, _ = httpx.get(f"{base}/v1/pipelines").json()["pipelines"]
     assert pipeline["name"] == "mini" and len(pipeline["config_sha256"]) == 64
     assert [s["id"] for s in pipeline["stages"]] == ["rewrite", "bm25", "final"] and pipeline["unavailable"] == {}
 
@@ -124,13 +147,14 @@ def test_bad_requests_get_a_precise_json_error(server, body, status, kind, says)
 def test_unknown_pipeline_malformed_json_and_oversized_body(server):
     base, _ = server
     missing = search(base, {"query": "x"}, pipeline="nope")
-    assert missing.status_code == 404 and "served: failing, mini" in missing.json()["error"]["message"]
+    assert missing.status_code == 404 and "served: failing, mini, roomy" in missing.json()["error"]["message"]
     broken = httpx.post(f"{base}/v1/pipelines/mini/search", content=b"{not json", timeout=30,
                         headers={"content-type": "application/json"})
     assert broken.status_code == 422 and broken.json()["error"]["type"] == "invalid_request"
     huge = httpx.post(f"{base}/v1/pipelines/mini/search", content=b"x" * (2 << 20), timeout=30,
                       headers={"content-type": "application/json"})
-    assert huge.status_code == 413 and huge.json()["error"]["type"] == "body_too_large"
+    assert huge.status_code == 413 and huge.json()["error"] == {
+        "type": "body_too_large", "message": f"request body over {ROOMY_BODY_LIMIT} bytes"}
     # a chunked body (no Content-Length) is cut off as it arrives; a small chunked one goes through
     def chunks(data: bytes):
         for start in range(0, len(data), 65536):
@@ -220,3 +244,223 @@ def test_a_bad_config_stops_the_server_at_start_with_its_location(tmp_path):
     assert done.returncode == 2
     assert f"{config}:4:11" in done.stderr and "unknown stage type 'recall.bm25x'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- the error contract, request by request
+
+
+def post_raw(base: str, path: str, content: bytes, headers: dict | None = None) -> httpx.Response:
+    """POST bytes as they are (httpx's json= would never send a lone surrogate or a duplicate key)."""
+    return httpx.post(f"{base}{path}", content=content, timeout=60,
+                      headers={"content-type": "application/json", **(headers or {})})
+
+
+def assert_error(response: httpx.Response, status: int, kind: str, *says: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["type"] == kind, body
+    assert all(s in body["error"]["message"] for s in says), body["error"]["message"]
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "path, content, location, code",
+    [
+        ("search", rb'{"query":"vitamin \ud800 D"}', "body.query", r"\ud800"),
+        ("search", rb'{"query":"x","history":["ok","a\udc00"]}', "body.history.1", r"\udc00"),
+        ("search", rb'{"query":"x","user":{"roles":["clinician","\ud800"]}}', "body.user.roles.1", r"\ud800"),
+        ("search", rb'{"query":"x","user":{"user_id":"u\ud800"}}', "body.user.user_id", r"\ud800"),
+        ("search", rb'{"query":"x","user":{"groups":["\ud800"]}}', "body.user.groups.0", r"\ud800"),
+        ("search", rb'{"query":"x","user":{"jurisdictions":["\ud800"]}}', "body.user.jurisdictions.0", r"\ud800"),
+        ("search", rb'{"query":"x","user":{"attributes":{"k":"v\udfff"}}}', "body.user.attributes.k", r"\udfff"),
+        ("search", rb'{"query":"x","user":{"attributes":{"\ud800":"v"}}}', r"body.user.attributes.\ud800", r"\ud800"),
+        ("search", rb'{"query":"x","\udbff":1}', r"body.\udbff", r"\udbff"),
+        ("search", rb'{"query":"x","language":"e\ud800"}', "body.language", r"\ud800"),
+        ("explain", rb'{"query":"x","doc_ids":["a","\ud800"]}', "body.doc_ids.1", r"\ud800"),
+        ("explain", rb'{"query":"x\ud800"}', "body.query", r"\ud800"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_a_located_422_before_anything_runs(server, path, content, location, code):
+    base, log = server
+    logged = log.read_text(encoding="utf-8").count("\n") if log.exists() else 0
+    error = assert_error(post_raw(base, f"/v1/pipelines/mini/{path}", content), 422, "invalid_request",
+                         f"{location}", f"contains a lone surrogate ({code}), not valid Unicode text")
+    assert error["problems"][0]["location"].startswith(location)
+    assert (log.read_text(encoding="utf-8").count("\n") if log.exists() else 0) == logged  # nothing ran
+
+
+def test_a_lone_surrogate_keeps_the_connection_alive(server):
+    base, _ = server
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=60)
+    try:
+        connection.request("POST", "/v1/pipelines/mini/search", body=rb'{"query":"vitamin \ud800 D"}',
+                           headers={"content-type": "application/json"})
+        first = connection.getresponse()
+        assert first.status == 422 and json.loads(first.read())["error"]["type"] == "invalid_request"
+        sock = connection.sock
+        connection.request("POST", "/v1/pipelines/mini/search", body=b'{"query":"vitamin D"}',
+                           headers={"content-type": "application/json"})
+        second = connection.getresponse()
+        assert second.status == 200 and json.loads(second.read())["results"]
+        assert connection.sock is sock  # the same keep-alive connection served both
+    finally:
+        connection.close()
+
+
+def test_unknown_paths_wrong_methods_and_unreadable_bodies_get_the_json_error_shape(server):
+    base, _ = server
+    assert_error(httpx.get(f"{base}/nowhere"), 404, "not_found", "/nowhere")
+    assert_error(httpx.post(f"{base}/v1/pipelines/mini/nonsense", json={"query": "x"}), 404, "not_found")
+    wrong = assert_error(httpx.get(f"{base}/v1/pipelines/mini/search"), 405, "method_not_allowed", "POST")
+    assert wrong["message"].startswith("GET ")
+    assert httpx.get(f"{base}/v1/pipelines/mini/search").headers["allow"] == "POST"
+    url = "/v1/pipelines/mini/search"
+    assert_error(post_raw(base, url, b'{"query": "caf\xe9"}'), 422, "invalid_request",
+                 "body: not valid UTF-8 text")
+    assert_error(post_raw(base, url, b"[" * 50_000 + b"]" * 50_000), 422, "invalid_request",
+                 "body: JSON nested too deeply")
+    assert_error(post_raw(base, url, b""), 422, "invalid_request", "body: empty")
+    assert_error(post_raw(base, url, b'{"query": "x", "top": ' + b"9" * 5000 + b"}"), 422, "invalid_request",
+                 "body: a JSON integer of 5000 digits is too long")
+    assert_error(post_raw(base, url, b'["vitamin D"]'), 422, "invalid_request", "body:")
+    # the server decodes no compressed body, and reads only JSON
+    assert_error(post_raw(base, url, gzip.compress(b'{"query": "vitamin D"}'), {"content-encoding": "gzip"}),
+                 415, "unsupported_media_type", "Content-Encoding", "gzip")
+    assert_error(post_raw(base, url, b'{"query": "vitamin D"}', {"content-type": "text/plain"}),
+                 415, "unsupported_media_type", "application/json", "text/plain")
+    no_type = httpx.post(f"{base}{url}", content=b'{"query": "vitamin D"}', timeout=60)
+    assert_error(no_type, 415, "unsupported_media_type", "application/json")
+    assert_error(post_raw(base, url, b'{"query": "vitamin D"}', {"content-type": "application/json; charset=latin-1"}),
+                 415, "unsupported_media_type", "UTF-8")
+    utf8 = post_raw(base, url, b'{"query": "vitamin D"}', {"content-type": "application/json; charset=UTF-8"})
+    assert utf8.status_code == 200, utf8.text
+
+
+@pytest.mark.parametrize(
+    "path, body, location, says",
+    [
+        ("search", {"query": "x", "explain": "yes"}, "body.explain", "valid boolean"),
+        ("search", {"query": "x", "explain": 1}, "body.explain", "valid boolean"),
+        ("search", {"query": "x", "include_trace": "true"}, "body.include_trace", "valid boolean"),
+        ("search", {"query": "x", "include_trace": 0}, "body.include_trace", "valid boolean"),
+        ("explain", {"query": "x", "top": "3"}, "body.top", "valid integer"),
+        ("explain", {"query": "x", "top": True}, "body.top", "valid integer"),
+        ("explain", {"query": "x", "top": 2.0}, "body.top", "valid integer"),
+        ("explain", {"query": "x", "explain": "no"}, "body.explain", "valid boolean"),
+        ("search", {"query": "x", "as_of": 1700000000}, "body.as_of", "ISO 8601"),
+        ("search", {"query": "x", "as_of": 1700000000000}, "body.as_of", "ISO 8601"),
+        ("search", {"query": "x", "as_of": "1700000000"}, "body.as_of", "ISO 8601"),
+        ("search", {"query": 42}, "body.query", "valid string"),
+        ("search", {"query": "x", "history": [1]}, "body.history.0", "valid string"),
+        ("search", {"query": "x", "user": {"user_id": 7}}, "body.user.user_id", "valid string"),
+        ("search", {"query": "x", "user": {"attributes": {"age": 40}}}, "body.user.attributes.age", "valid string"),
+        ("explain", {"query": "x", "doc_ids": [12]}, "body.doc_ids.0", "valid string"),
+    ],
+)
+def test_wrong_json_types_are_refused_not_coerced(server, path, body, location, says):
+    base, _ = server
+    response = httpx.post(f"{base}/v1/pipelines/mini/{path}", json=body, timeout=60)
+    assert_error(response, 422, "invalid_request", f"{location}: ", says)
+
+
+def test_as_of_takes_iso_8601_dates_and_times(server):
+    base, _ = server
+    for as_of in ("2025-06-01", "2025-06-01T12:00:00Z", "2025-06-01T12:00:00+02:00"):
+        response = search(base, {"query": "vitamin D", "as_of": as_of, "include_trace": True})
+        assert response.status_code == 200, response.text
+        assert response.json()["trace"]["query"]["as_of"].startswith("2025-06-01")
+
+
+@pytest.mark.parametrize(
+    "content, location, key",
+    [
+        (b'{"query":"a","query":"b"}', "body.query", "query"),
+        (b'{"query":"a","user":{"roles":["x"]},"user":{"roles":["admin"]}}', "body.user", "user"),
+        (b'{"query":"a","user":{"roles":["x"],"roles":["admin"]}}', "body.user.roles", "roles"),
+        (b'{"query":"a","user":{"attributes":{"k":"1","k":"2"}}}', "body.user.attributes.k", "k"),
+    ],
+)
+def test_duplicate_json_keys_are_refused_with_their_path(server, content, location, key):
+    base, _ = server
+    error = assert_error(post_raw(base, "/v1/pipelines/mini/search", content), 422, "invalid_request",
+                         f"{location}: duplicate key '{key}'")
+    assert error["problems"] == [{"location": location, "message": error["problems"][0]["message"]}]
+
+
+def test_a_422_stays_small_however_many_problems_the_body_has(server):
+    base, _ = server
+    many = search(base, {"query": "x", "history": [0] * 50_000})
+    assert_error(many, 422, "invalid_request", "body.history")
+    assert len(many.content) < 2_000, len(many.content)
+    wide = search(base, {"query": "x", "user": {"attributes": {f"k{i}": i for i in range(500)}}})
+    error = assert_error(wide, 422, "invalid_request", "body.user.attributes.k0", "and 497 more problems")
+    assert len(error["problems"]) == 20 and error["more_problems"] == 480
+    assert len(wide.content) < 4_000, len(wide.content)
+    # the schema caps history at 1000 turns; within it, the pipeline's own limit answers (400)
+    capped = search(base, {"query": "x", "history": ["turn"] * 1001})
+    assert_error(capped, 422, "invalid_request", "body.history", "at most 1000")
+    assert_error(search(base, {"query": "x", "history": ["turn"] * 1000}), 400, "bad_query", "the limit is 3")
+
+
+def test_a_language_tag_with_a_trailing_newline_is_not_a_tag(server):
+    base, _ = server
+    assert_error(search(base, {"query": "x", "language": "en\n"}), 422, "invalid_request", "body.language",
+                 "not a language tag")
+    assert search(base, {"query": "vitamin D", "language": "zh-CN"}).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["a/b", "a b", "..", ".", "naïve", "x?y", "a%2Fb"])
+def test_a_pipeline_name_unusable_in_a_url_is_refused_at_start(tmp_path, name):
+    config = tmp_path / "named.yaml"  # its index does not exist: the name is refused before any warm-up
+    config.write_text(PIPELINE.format(index=tmp_path / "no-index", log=tmp_path / "t.jsonl").replace(
+        "name: mini", f"name: {json.dumps(name)}"), encoding="utf-8")
+    with pytest.raises(SieveError) as refused:
+        load_pipelines([config])
+    message = str(refused.value)
+    assert str(config) in message and repr(name) in message
+    assert "letters, digits, '.', '_' and '-'" in message
+
+
+def test_two_configs_with_one_name_are_refused_before_any_warms_up(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    for path in (first, second):  # no index: warming the first up would fail
+        path.write_text(PIPELINE.format(index=tmp_path / "no-index", log=tmp_path / "t.jsonl"), encoding="utf-8")
+    with pytest.raises(SieveError, match="two configs are named 'mini'") as refused:
+        load_pipelines([first, second])
+    assert str(first) in str(refused.value) and str(second) in str(refused.value)
+    # the name of a config without one is its file's stem, held to the same rule
+    unnamed = tmp_path / "my pipeline.yaml"
+    unnamed.write_text(first.read_text(encoding="utf-8").replace("name: mini\n", ""), encoding="utf-8")
+    with pytest.raises(SieveError, match="pipeline name 'my pipeline' cannot be served"):
+        load_pipelines([unnamed])
+
+
+# 12 bytes a character (an astral character is two \uXXXX escapes) for the query and each turn of history,
+# and 100 document ids of 512 characters, plus 256 KiB: for roomy's 4096 characters and 20 turns
+ROOMY_BODY_LIMIT = 12 * (4096 * 21 + 100 * 512) + (256 << 10)
+
+
+def test_the_body_limit_admits_the_longest_request_the_pipelines_allow(server):
+    base, _ = server
+    emoji = "\U0001f9ec" * 4096  # each JSON-escaped as a surrogate pair: 12 bytes a character
+    body = {"query": emoji, "history": [emoji] * 20, "doc_ids": [f"{i:03d}" + "\U0001f9ec" * 509 for i in range(100)],
+            "user": {"roles": ["clinician"], "attributes": {"unit": "oncology"}}, "top": 1}
+    content = json.dumps(body).encode()  # ensure_ascii: the worst case
+    assert (1 << 20) < len(content) < ROOMY_BODY_LIMIT
+    response = post_raw(base, "/v1/pipelines/roomy/explain", content)
+    assert response.status_code == 200, response.text[:500]
+    assert len(response.json()["why_not"]) == 100
+
+
+def test_422_locations_name_the_item_and_malformed_json_its_position(server):
+    base, _ = server
+    bad_id = httpx.post(f"{base}/v1/pipelines/mini/explain", timeout=60, json={"query": "x", "doc_ids": ["ok", ""]})
+    error = assert_error(bad_id, 422, "invalid_request", "body.doc_ids.1: a document id is 1 to 512 characters")
+    assert error["problems"] == [{"location": "body.doc_ids.1", "message": "a document id is 1 to 512 characters"}]
+    broken = post_raw(base, "/v1/pipelines/mini/search", b'{"query": }')
+    said = "malformed JSON at line 1, column 11: Expecting value"
+    error = assert_error(broken, 422, "invalid_request", f"body: {said}")
+    assert error["problems"] == [{"location": "body", "message": said}]
+    two_lines = post_raw(base, "/v1/pipelines/mini/search", b'{"query": "x",\n "top": 1,}')
+    assert_error(two_lines, 422, "invalid_request", "malformed JSON at line 2, column 11")
