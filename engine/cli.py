@@ -58,6 +58,22 @@ def version() -> None:
     out.print(__version__)
 
 
+def _writable_file(path: Optional[Path], option: str) -> None:
+    """Refuse, before any work, an output file path that could not be written: a directory, a path under a
+    file, a directory that cannot be created or written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise SieveError(f"{option} {path} is a directory; give a file path")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SieveError(f"{option} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise SieveError(f"{option} {path}: cannot write in {parent} (permission denied)")
+            return
+
+
 @app.command()
 def validate(
     configs: Annotated[list[Path], typer.Argument(help="pipeline YAML file(s) to check")],
@@ -182,6 +198,7 @@ def search(
     from engine.pipeline import Pipeline
     from engine.trace import write_json_atomic
 
+    _writable_file(trace_out, "--trace-out")
     pipeline = Pipeline.from_file(config, index_path=index_dir)
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of))
     trace = result.trace
@@ -339,6 +356,8 @@ def eval_command(
     from engine.trace import write_json_atomic
     from engine.workbench.evaluate import ordered_metric_names
 
+    _writable_file(run_out, "--run-out")
+    _writable_file(json_out, "--json-out")
     report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log)
     if run_out is not None:
         write_trec_run(report.run, run_out, tag=(report.pipeline_name or config.stem).replace(" ", "_"))
@@ -380,6 +399,7 @@ def schema_command(
     from engine.trace import write_json_atomic
     from engine.workbench.schema import pipeline_json_schema
 
+    _writable_file(out_file, "--out")
     schema = pipeline_json_schema()
     if out_file is None:
         sys.stdout.write(json.dumps(schema, indent=2) + "\n")
@@ -412,6 +432,7 @@ def explain_command(
         InspectingPipeline, dedup_merges, explain_report, rules_fired, signal_contributions, why_not,
     )
 
+    _writable_file(trace_out, "--trace-out")
     if top is not None and top < 0:
         raise SieveError(f"--top must be 0 or more, got {top}")
     pipeline = InspectingPipeline(compile_file(config), index_path=index_dir)
@@ -540,6 +561,7 @@ def report_command(
 
     if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
         raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
+    _writable_file(html, "--html")
     trace = load_trace(trace_path, trace_id, seq)
     write_report(trace, html)
     out.print(f"[green]✓[/green] report for trace {trace.get('trace_id')} written to {escape(str(html))}")

@@ -443,6 +443,21 @@ def evaluate_dev(
 Log = Callable[[str], None]
 
 
+def check_output_directory(out: Path) -> None:
+    """Refuse, before training, an --out that is a file, lies under a file, or is a non-empty directory other
+    than an earlier model of ``sieve train-reranker`` (which is replaced): a user's files are never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise SieveError(f"--out {out} is a file; give a directory for the model")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SieveError(f"--out {out}: {parent} is a file, not a directory")
+            break
+    if out.is_dir() and any(out.iterdir()) and not (out / "sieve_model.json").is_file():
+        raise SieveError(f"--out {out} is a directory with other files in it (no sieve_model.json: not a model "
+                         "this command wrote); choose a new or empty directory")
+
+
 def train(config: TrainConfig, log: Log = print, command: str | None = None) -> dict[str, Any]:
     """Run the recipe; write the model directory; return the model card (``sieve_model.json``)."""
     import torch
@@ -453,6 +468,7 @@ def train(config: TrainConfig, log: Log = print, command: str | None = None) -> 
                              ("max_length", config.max_length, 16), ("groups_per_step", config.groups_per_step, 1)):
         if value < low:
             raise SieveError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    check_output_directory(Path(config.out))
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     began = time.perf_counter()
@@ -773,10 +789,12 @@ def train_reranker(
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where native, else fp32), fp32 or bf16")] = "auto",
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after this many steps")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads")] = None,
+    allow_test_split: Annotated[bool, typer.Option("--allow-test-split", help="train on a split named 'test' anyway")] = False,
 ) -> None:
     """Fine-tune a cross-encoder from labelled pairs or feedback, with BM25 hard negatives."""
-    if split == "test" and feedback is None:
-        typer.echo("warning: training on the test split makes test-set metrics meaningless", err=True)
+    if split == "test" and feedback is None and not allow_test_split:
+        raise SieveError("refusing to train on the test split: the test set's metrics would mean nothing; pass "
+                         "--allow-test-split if this data set's 'test' split is not used to evaluate")
     if precision not in ("auto", "fp32", "bf16"):
         raise SieveError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     config = TrainConfig(

@@ -1,0 +1,45 @@
+"""Output paths are checked before any work: a directory, a path under a file, a user's own files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.workbench.conftest import ROOT, run_sieve
+
+
+@pytest.fixture()
+def places(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "adir").mkdir()
+    return {"dir": tmp_path / "adir", "under_file": tmp_path / "afile" / "out.json"}
+
+
+@pytest.mark.parametrize("kind, says", [("dir", "is a directory; give a file path"), ("under_file", "is a file, not a directory")])
+def test_file_outputs_that_could_not_be_written_are_refused_first(places, tmp_path, kind, says):
+    target = places[kind]
+    for args, option in [
+        (("schema", "--out", target), "--out"),
+        (("report", tmp_path / "no-trace.json", "--html", target), "--html"),
+        (("search", ROOT / "configs" / "bm25.yaml", "vitamin", "--no-log", "--trace-out", target), "--trace-out"),
+    ]:
+        done = run_sieve(*args, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert f"error: {option} {target}" in done.stderr and says in done.stderr
+        assert "internal error" not in done.stderr
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_train_reranker_never_overwrites_a_users_directory(tmp_path):
+    mine = tmp_path / "myproj"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "config"}')
+    done = run_sieve("train-reranker", "--data", ROOT / "examples" / "scifact-mini", "--out", mine, "--split", "test",
+                     "--allow-test-split", "--max-steps", "1", cwd=tmp_path)
+    assert done.returncode == 2 and "is a directory with other files in it" in done.stderr
+    assert (mine / "config.json").read_text() == '{"my": "config"}'
+    done = run_sieve("train-reranker", "--data", ROOT / "examples" / "scifact-mini", "--out", tmp_path / "new",
+                     "--split", "test", "--max-steps", "1", cwd=tmp_path)
+    assert done.returncode == 2 and "refusing to train on the test split" in done.stderr
+    assert not (tmp_path / "new").exists()
