@@ -171,6 +171,11 @@ IndexOption = Annotated[Optional[Path], typer.Option("--index", help="override t
 def _make_query(pipeline: Any, text: str, history: Optional[list[str]], user: Optional[str],
                 roles: Optional[list[str]], groups: Optional[list[str]], jurisdictions: Optional[list[str]],
                 as_of: Optional[str]) -> Any:
+    from engine.stage import Port
+
+    if history and not any(stage.produces is Port.QUERY for stage in pipeline.compiled.stages.values()):
+        err.print("[yellow]warning:[/yellow] this pipeline has no query-rewriting stage (rewrite.coreference): "
+                  "--history is recorded in the trace but does not change the query")
     return pipeline.make_query(
         text, history=tuple(history or ()), user=_user_context(user, roles, groups, jurisdictions),
         as_of=_parse_time(as_of, "--as-of"),
@@ -513,6 +518,8 @@ def compare_command(
     if sides[0].label == sides[1].label:
         sides[0].label, sides[1].label = f"A:{sides[0].label}", f"B:{sides[1].label}"
     comparison = compare(sides[0], sides[1], dataset, split=split, recall_k=recall_k, most_changed=most_changed, limit=limit)
+    for warning in comparison.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if as_json:
         out.print_json(json.dumps(comparison.to_json()))
         return

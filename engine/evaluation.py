@@ -7,16 +7,18 @@ cut at 10 and is reported as ``mrr_10``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import MissingDependencyError, SieveError
+from engine.errors import MissingDependencyError, QueryError, SieveError
 
 DEFAULT_MEASURES = ("ndcg_cut.10", "recall.100", "map", "recip_rank")
 
@@ -39,10 +41,12 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     """Read ``qrels/<split>.tsv`` and the matching queries (``queries_<split>.jsonl`` or ``queries.jsonl``)."""
     directory = Path(directory)
     qrels_path = directory / "qrels" / f"{split}.tsv"
+    if qrels_path.is_dir():
+        raise SieveError(f"no judgements for split '{split}': {qrels_path} is a directory, not a file")
     if not qrels_path.is_file():
         raise SieveError(f"no judgements for split '{split}': {qrels_path} does not exist")
     qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_path, encoding="utf-8") as handle:
+    with _text_file(qrels_path) as handle:
         reader = csv.reader(handle, delimiter="\t")
         for number, row in enumerate(reader, start=1):
             if number == 1 and row and row[0] == "query-id":
@@ -53,13 +57,15 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
                 qrels.setdefault(row[0], {})[row[1]] = int(row[2])
             except ValueError:
                 raise SieveError(f"{qrels_path}:{number}: score must be an integer, got {row[2]!r}") from None
+    if not qrels:
+        raise SieveError(f"no judged queries in {qrels_path}: the file has no query-id, corpus-id, score rows")
     queries_path = directory / f"queries_{split}.jsonl"
     if not queries_path.is_file():
         queries_path = directory / "queries.jsonl"
     if not queries_path.is_file():
         raise SieveError(f"no queries for split '{split}': neither queries_{split}.jsonl nor queries.jsonl in {directory}")
     queries: dict[str, str] = {}
-    with open(queries_path, encoding="utf-8") as handle:
+    with _text_file(queries_path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -101,7 +107,10 @@ def run_pipeline(
     output = RunOutput(run={})
     for qid, text in queries.items():
         began = time.perf_counter()
-        result = pipeline.search(text)
+        try:
+            result = pipeline.search(text)
+        except QueryError as exc:
+            raise QueryError(f"query {qid}: {exc}") from None
         output.latency_ms.append((time.perf_counter() - began) * 1000.0)
         if trace_log is not None:
             pipeline.log_trace(result.trace, trace_log)
@@ -184,8 +193,13 @@ def write_trec_run(run: dict[str, dict[str, float]], path: str | Path, tag: str 
 
 
 def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
+    path = Path(path)
+    if path.is_dir():
+        raise SieveError(f"run file {path} is a directory, not a file")
+    if not path.is_file():
+        raise SieveError(f"run file not found: {path}")
     run: dict[str, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as handle:
+    with _text_file(path) as handle:
         for number, line in enumerate(handle, start=1):
             parts = line.split()
             if not parts:
@@ -193,7 +207,30 @@ def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
             if len(parts) != 6:
                 raise SieveError(f"{path}:{number}: a TREC run line has 6 fields (qid Q0 docid rank score tag)")
             try:
-                run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+                score = float(parts[4])
+                int(parts[3])
             except ValueError:
-                raise SieveError(f"{path}:{number}: score {parts[4]!r} is not a number") from None
+                raise SieveError(f"{path}:{number}: rank {parts[3]!r} must be an integer and score {parts[4]!r} a "
+                                 "number") from None
+            if not math.isfinite(score):
+                raise SieveError(f"{path}:{number}: score {parts[4]!r} is not a finite number")
+            run.setdefault(parts[0], {})[parts[2]] = score
+    if not run:
+        raise SieveError(f"run file {path} holds no ranked documents")
     return run
+
+
+@contextlib.contextmanager
+def _text_file(path: Path) -> Iterator[Any]:
+    """``path`` opened as UTF-8 text; a byte that is not UTF-8 is a SieveError naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            yield handle
+        except UnicodeDecodeError:
+            raw = path.read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # the offset in the whole file, not in the chunk being read
+                line = raw.count(b"\n", 0, exc.start) + 1
+                raise SieveError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+            raise

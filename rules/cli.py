@@ -77,6 +77,9 @@ def test(
         )
     if broken:
         raise typer.Exit(2)
+    if total == 0:  # a filter that selects nothing would otherwise pass
+        err.print(f"[red]error:[/red] no test case matches {name!r}" if name else "[red]error:[/red] no test cases")
+        raise typer.Exit(2)
     if failed:
         raise typer.Exit(1)
 

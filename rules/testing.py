@@ -194,12 +194,44 @@ def run_test_file(path: Path, name_filter: str | None = None) -> FileResult:
         elif spec.index is not None:
             index_path = base / spec.index
         pipeline = Pipeline(compiled, index_path=index_path)
+        _check_names(pipeline, spec, source)
         results = []
         for number, case in enumerate(spec.cases):
             if name_filter is not None and name_filter.casefold() not in case.name.casefold():
                 continue
             results.append(_run_case(pipeline, spec, case, source, number))
     return FileResult(str(path), results)
+
+
+def _check_names(pipeline: Any, spec: RuleTestFile, source: SourceMap) -> None:
+    """Every document and rule a case names must exist: an expectation about a document the index does not
+    hold ('absent') or a rule no rule file defines ('not_fired') would pass whatever the rules do."""
+    resources = pipeline.warm_up()
+    index = resources.index
+    rule_ids: set[str] = set()
+    for stage in pipeline.compiled.stages.values():
+        ruleset = getattr(stage, "_ruleset", None)
+        if ruleset is not None:
+            rule_ids.update(rule.id for rule in ruleset.rules)
+    issues = []
+    for number, case in enumerate(spec.cases):
+        for k, expectation in enumerate(case.expect):
+            for key in ("doc", "below"):
+                doc_id = getattr(expectation, key)
+                if doc_id is not None and index is not None and index.row_of(doc_id) is None:
+                    issues.append(ConfigIssue(
+                        source.locate(("cases", number, "expect", k, key)), f"cases.{number}.expect.{k}.{key}",
+                        f"document '{doc_id}' is not in the index ({index.doc_count} documents): the expectation "
+                        "could never fail"))
+            for key in ("fired", "not_fired"):
+                rule_id = getattr(expectation, key)
+                if rule_id is not None and rule_id not in rule_ids:
+                    known = ", ".join(sorted(rule_ids)) or "none"
+                    issues.append(ConfigIssue(
+                        source.locate(("cases", number, "expect", k, key)), f"cases.{number}.expect.{k}.{key}",
+                        f"no rule '{rule_id}' in the pipeline's rule files (rules: {known})"))
+    if issues:
+        raise ConfigError(issues)
 
 
 def _run_case(pipeline: Any, spec: RuleTestFile, case: Case, source: SourceMap, number: int) -> CaseResult:

@@ -81,6 +81,7 @@ class Comparison:
     metrics: list[MetricComparison]
     per_query: dict[str, dict[str, tuple[float, float]]]
     diffs: list[QueryDiff]
+    warnings: list[str] = field(default_factory=list)  # e.g. a run that ranks only some judged queries
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,7 @@ class Comparison:
                 "randomisation": f"paired randomisation test (scipy.stats.permutation_test, permutation_type='samples', "
                                  f"{PERMUTATION_RESAMPLES} resamples, seed {PERMUTATION_SEED}), two-sided, mean difference",
             },
+            "warnings": self.warnings,
             "metrics": [m.__dict__ for m in self.metrics],
             "most_changed": [
                 {"qid": d.qid, "text": d.text, PRIMARY_METRIC + "_a": d.score_a, PRIMARY_METRIC + "_b": d.score_b,
@@ -273,23 +275,26 @@ def compare(
     if limit is not None:
         queries = dict(list(queries.items())[:limit])
     qrels = {qid: data.qrels[qid] for qid in queries}
+    warnings = []
     for side in (a, b):
         unknown = sorted(set(side.run) - set(data.qrels))
         if side.source == "run" and len(unknown) == len(side.run) and side.run:
             raise SieveError(f"run {side.label}: none of its {len(side.run)} queries is judged in {dataset} ({split}); "
                              f"e.g. query '{unknown[0]}'")
+        unranked = sorted(set(queries) - set(side.run))
+        if side.source == "run" and unranked:
+            warnings.append(f"run {side.label} ranks nothing for {len(unranked)} of the {len(queries)} judged queries "
+                            f"(e.g. '{unranked[0]}'): they score 0 for it, which the comparison counts")
     measures = measures_for(recall_k)
     per_a = per_query_metrics(a.run, qrels, measures)
     per_b = per_query_metrics(b.run, qrels, measures)
     metrics = compare_metrics(per_a, per_b)
     diffs = query_diffs(a, b, queries, qrels, per_a, per_b, most_changed)
     per_query = {q: {m: (per_a[q][m], per_b[q][m]) for m in per_a[q]} for q in per_a}
-    return Comparison(a, b, str(dataset), split, len(queries), metrics, per_query, diffs)
+    return Comparison(a, b, str(dataset), split, len(queries), metrics, per_query, diffs, warnings)
 
 
 def load_run_side(path: Path, config: Path | None, index_path: Path | None) -> Side:
-    if not path.is_file():
-        raise SieveError(f"run file not found: {path}")
     return Side(path.name, read_trec_run(path), "run", config, index_path)
 
 

@@ -87,3 +87,21 @@ def test_check_command_reports_conflicts_and_corpus_findings(tmp_path):
 def test_no_test_files_found(tmp_path):
     result = runner.invoke(rules_app, ["test", str(tmp_path)])
     assert result.exit_code == 2 and "no rule test files" in result.output
+
+
+def test_expectations_that_could_never_fail_are_errors(tmp_path):
+    pack = _copy_pack(tmp_path, "medical")
+    tests_file = pack / "rules.tests.yaml"
+    text = tests_file.read_text()
+    assert "{doc: med-006, absent: true}" in text and "{fired: pin-fda-metformin-alert}" in text
+    tests_file.write_text(text.replace("{doc: med-006, absent: true}", "{doc: no-such-doc, absent: true}", 1)
+                          .replace("{fired: pin-fda-metformin-alert}", "{fired: no-such-rule}", 1))
+    result = runner.invoke(rules_app, ["test", str(tests_file)])
+    assert result.exit_code == 2, result.output
+    assert "document 'no-such-doc' is not in the index" in result.output
+    assert "no rule 'no-such-rule' in the pipeline's rule files" in result.output
+
+
+def test_a_filter_that_selects_no_case_fails(tmp_path):
+    result = runner.invoke(rules_app, ["test", str(ROOT / "configs" / "medical"), "-k", "zzzz-no-such-case"])
+    assert result.exit_code == 2 and "no test case matches 'zzzz-no-such-case'" in result.output

@@ -98,3 +98,37 @@ def test_eval_names_a_data_set_without_queries(mini_config, tmp_path: Path, mini
     (tmp_path / "data" / "qrels" / "test.tsv").write_text((mini_corpus / "qrels" / "test.tsv").read_text())
     done = run_sieve("eval", mini_config(), "--dataset", tmp_path / "data")
     assert done.returncode == 2 and "no queries for split 'test'" in done.stderr and "Traceback" not in done.stderr
+
+
+def _dataset(tmp_path: Path, mini_corpus: Path, qrels: bytes | None = None, queries: str | None = None) -> Path:
+    data = tmp_path / "data"
+    (data / "qrels").mkdir(parents=True)
+    (data / "qrels" / "test.tsv").write_bytes(qrels if qrels is not None else (mini_corpus / "qrels" / "test.tsv").read_bytes())
+    (data / "queries.jsonl").write_text(queries if queries is not None else (mini_corpus / "queries.jsonl").read_text())
+    return data
+
+
+def test_eval_refuses_what_would_measure_nothing_and_names_the_query(mini_config, tmp_path: Path, mini_corpus: Path):
+    empty = run_sieve("eval", mini_config(), "--dataset", _dataset(tmp_path / "a", mini_corpus, qrels=b"query-id\tcorpus-id\tscore\n"))
+    assert empty.returncode == 2 and "no judged queries in" in empty.stderr
+    binary = run_sieve("eval", mini_config(), "--dataset", _dataset(tmp_path / "b", mini_corpus, qrels=b"q\td\t1\n\x97\xff\n"))
+    assert binary.returncode == 2 and "test.tsv:2: not UTF-8 text (byte 0x97)" in binary.stderr
+    first = json.loads((mini_corpus / "queries.jsonl").read_text().splitlines()[0])
+    lines = (mini_corpus / "queries.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({**first, "text": "  "})
+    blank = run_sieve("eval", mini_config(), "--dataset", _dataset(tmp_path / "c", mini_corpus, queries="\n".join(lines) + "\n"))
+    assert blank.returncode == 2 and f"query {first['_id']}: query is empty" in blank.stderr
+
+
+def test_compare_warns_about_a_run_that_ranks_only_some_queries(mini_corpus: Path, tmp_path: Path):
+    run = (mini_corpus / "qrels" / "test.tsv").read_text().splitlines()[1:]
+    full = [f"{q} Q0 {d} 1 1.0 t" for q, d, _ in (line.split("\t") for line in run)]
+    (tmp_path / "a.trec").write_text("\n".join(full) + "\n")
+    (tmp_path / "b.trec").write_text(full[0] + "\n")
+    done = run_sieve("compare", tmp_path / "a.trec", tmp_path / "b.trec", "--dataset", mini_corpus)
+    assert done.returncode == 0 and "warning: run b.trec ranks nothing for" in done.stderr
+    (tmp_path / "c.trec").write_text(full[0].replace(" 1 1.0 ", " one nan ") + "\n")
+    bad = run_sieve("compare", tmp_path / "a.trec", tmp_path / "c.trec", "--dataset", mini_corpus)
+    assert bad.returncode == 2 and "c.trec:1: rank 'one' must be an integer" in bad.stderr
+    folder = run_sieve("compare", tmp_path / "a.trec", tmp_path, "--dataset", mini_corpus)
+    assert folder.returncode == 2 and "is a directory, not a file" in folder.stderr
