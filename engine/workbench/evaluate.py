@@ -147,7 +147,12 @@ def evaluate_pipeline(
         queries = dict(list(queries.items())[:limit])
     qrels = {qid: data.qrels[qid] for qid in queries}
     pipeline = Pipeline.from_file(config, index_path=index_path)
-    pipeline.warm_up()
+    resources = pipeline.warm_up()
+    if resources.index is not None:
+        judged = {doc_id for judgements in qrels.values() for doc_id, grade in judgements.items() if grade > 0}
+        if judged and not any(resources.index.row_of(doc_id) is not None for doc_id in sorted(judged)):
+            raise SieveError(f"none of the {len(judged)} relevant documents judged in {dataset} ({split}) is in the "
+                             f"index {resources.index.path}: every metric would be 0; is it the index of this data set?")
     if on_start is not None:
         on_start(len(queries))
     output: RunOutput = run_pipeline(pipeline, queries, progress, trace_log=trace_log)

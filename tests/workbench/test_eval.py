@@ -132,3 +132,14 @@ def test_compare_warns_about_a_run_that_ranks_only_some_queries(mini_corpus: Pat
     assert bad.returncode == 2 and "c.trec:1: rank 'one' must be an integer" in bad.stderr
     folder = run_sieve("compare", tmp_path / "a.trec", tmp_path, "--dataset", mini_corpus)
     assert folder.returncode == 2 and "is a directory, not a file" in folder.stderr
+
+
+def test_eval_against_an_index_holding_none_of_the_judged_documents_is_refused(mini_config, mini_corpus, tmp_path):
+    from engine.index import build_index
+
+    other = tmp_path / "other"
+    (other / "c").mkdir(parents=True)
+    (other / "c" / "corpus.jsonl").write_text('{"_id": "x1", "title": "t", "text": "vitamin d"}\n')
+    build_index(other / "c", other / "idx", {"bm25": {}})
+    done = run_sieve("eval", mini_config(), "--dataset", mini_corpus, "--index", other / "idx")
+    assert done.returncode == 2 and "relevant documents judged in" in done.stderr and "is in the index" in done.stderr
