@@ -7,8 +7,12 @@ Layout of an index directory::
     <component>/       one directory per component, written by its IndexComponent
 
 Building writes into a temporary sibling directory and swaps it in with renames, so a failure
-half-way never leaves a broken index where a good one was. Opening verifies the manifest and
-(by default) every file's hash, so a corrupt index is reported, never half-used.
+half-way never leaves a broken index where a good one was. Only nothing, an empty directory or a
+Sieve index (a manifest.json of this format) is ever replaced: anything else at ``--out`` is
+refused before any work is done, and again at swap time. A failed, interrupted (Ctrl-C) or
+terminated (SIGTERM) build removes its staging directory; those of dead processes are removed by
+the next build. Opening verifies the manifest's structure and (by default) every file's hash, and
+a damaged document store is reported when read, so a corrupt index is reported, never half-used.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -92,41 +99,56 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 # --------------------------------------------------------------------------- corpus reading
 
+# Deepest nesting of a corpus record's values (metadata): real corpora nest a few levels; far deeper
+# records would overflow the JSON encoder's and decoder's recursion limits when stored or read back.
+MAX_NESTING = 100
 
-def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
-    """Read a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``, other fields as metadata)."""
+
+def corpus_path(path: Path) -> Path:
+    """The corpus.jsonl that ``path`` names (itself, or the one in the directory); an error if there is none."""
     if path.is_dir():
         path = path / "corpus.jsonl"
     if not path.is_file():
         raise SieveError(f"corpus not found: {path} (expected a BEIR corpus.jsonl or a directory holding one)")
+    return path
+
+
+def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
+    """Read a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``, other fields as metadata)."""
+    path = corpus_path(path)
     documents: list[Document] = []
     seen: dict[str, int] = {}
     problems: list[str] = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                problems.append(f"{path}:{number}: not a JSON object ({exc})")
-            else:
-                problem = _check_record(record)
-                if problem is None:
-                    doc_id = str(record["_id"])
-                    if doc_id in seen:
-                        problems.append(f"{path}:{number}: duplicate _id '{doc_id}' (first on line {seen[doc_id]})")
-                    else:
-                        seen[doc_id] = number
-                        metadata = {k: v for k, v in record.items() if k not in ("_id", "title", "text")}
-                        documents.append(
-                            Document(doc_id, record.get("title") or "", record.get("text") or "", metadata)
-                        )
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except RecursionError:
+                    problems.append(f"{path}:{number}: the JSON is nested too deeply (more than {MAX_NESTING} levels)")
+                except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
+                    problems.append(f"{path}:{number}: not a JSON object ({exc})")
                 else:
-                    problems.append(f"{path}:{number}: {problem}")
-            if len(problems) >= max_errors:
-                problems.append("(stopped after too many errors)")
-                break
+                    problem = _check_record(record)
+                    if problem is None:
+                        doc_id = str(record["_id"])
+                        if doc_id in seen:
+                            problems.append(f"{path}:{number}: duplicate _id '{doc_id}' (first on line {seen[doc_id]})")
+                        else:
+                            seen[doc_id] = number
+                            metadata = {k: v for k, v in record.items() if k not in ("_id", "title", "text")}
+                            documents.append(
+                                Document(doc_id, record.get("title") or "", record.get("text") or "", metadata)
+                            )
+                    else:
+                        problems.append(f"{path}:{number}: {problem}")
+                if len(problems) >= max_errors:
+                    problems.append("(stopped after too many errors)")
+                    break
+    except OSError as exc:
+        raise SieveError(f"cannot read the corpus {path}: {exc.strerror or exc}") from None
     if problems:
         raise SieveError("the corpus has errors:\n" + "\n".join(problems))
     if not documents:
@@ -134,16 +156,71 @@ def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
     return documents
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, for messages ("a boolean", "a number (1.5)", "an object", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 def _check_record(record: Any) -> str | None:
     if not isinstance(record, dict):
-        return "each line must be a JSON object"
-    if "_id" not in record or not isinstance(record["_id"], (str, int)) or str(record["_id"]).strip() == "":
-        return "missing or empty '_id'"
+        return f"each line must be a JSON object, got {_json_kind(record)}"
+    if "_id" not in record:
+        return "missing '_id'"
+    doc_id = record["_id"]
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        return f"'_id' must be a string or an integer, got {_json_kind(doc_id)}"
+    if isinstance(doc_id, str) and doc_id.strip() == "":
+        return "empty '_id'"
     for name in ("title", "text"):
         if name in record and record[name] is not None and not isinstance(record[name], str):
-            return f"'{name}' must be a string"
+            return f"'{name}' must be a string, got {_json_kind(record[name])}"
     if not (record.get("title") or record.get("text")):
         return "the document has neither title nor text"
+    for name, value in record.items():
+        problem = _value_problem(value)
+        if problem is None and not name.isascii():
+            problem = _value_problem(name)
+        if problem is not None:
+            shown = name.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, escaped
+            return f"'{shown}' {problem}"
+    return None
+
+
+def _value_problem(value: Any) -> str | None:
+    """Why a parsed JSON value cannot be stored: a string that is not valid Unicode (a lone surrogate
+    such as ``"\\ud800"``, which JSON escapes allow but UTF-8 cannot encode), or nesting too deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return (
+                        f"is not valid Unicode: it holds a lone surrogate "
+                        f"(\\u{ord(item[exc.start]):04x}), which cannot be stored"
+                    )
+        elif isinstance(item, (list, dict)):
+            if depth > MAX_NESTING:
+                return f"is nested too deeply (more than {MAX_NESTING} levels)"
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((element, depth + 1) for element in item.values())
+            else:
+                stack.extend((element, depth + 1) for element in item)
     return None
 
 
@@ -156,7 +233,13 @@ def build_index(
     components: dict[str, dict[str, Any]],
     progress: Progress = _no_progress,
 ) -> dict[str, Any]:
-    """Build an index with the named components (``{"bm25": {settings}}``) and swap it in atomically."""
+    """Build an index with the named components (``{"bm25": {settings}}``) and swap it in atomically.
+
+    ``out_dir`` may be new, an empty directory or an existing Sieve index (replaced); anything else is
+    refused before any work is done. The index is built in a staging directory next to ``out_dir``
+    (``.NAME.tmp-PID-MILLIS``) that is removed on any failure, Ctrl-C or SIGTERM, so a failed build
+    leaves the previous index as it was; staging directories left by dead processes are removed.
+    """
     from engine.registry import UnknownStageType, resolve_component
 
     resolved = {}
@@ -168,51 +251,243 @@ def build_index(
         try:
             resolved[name] = (cls(), cls.Settings.model_validate(raw_settings or {}))
         except ValidationError as exc:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
-            )
-            raise SieveError(f"bad settings for index component '{name}': {details}") from None
+            raise SieveError(f"bad settings for index component '{name}': {_validation_details(exc)}") from None
 
-    corpus_file = corpus / "corpus.jsonl" if corpus.is_dir() else corpus
-    documents = read_corpus(corpus_file)
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    corpus_file = corpus_path(corpus)
+    out_dir = _output_path(out_dir)
+    _check_target(out_dir)
+    _remove_stale_builds(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
-    staging.mkdir()
-    try:
-        _write_documents(documents, staging / DOCS_DB, progress)
-        manifest_components = {}
-        for name, (component, settings) in resolved.items():
-            component_dir = staging / name
-            component_dir.mkdir()
-            recorded = component.build(documents, component_dir, settings, progress)
-            manifest_components[name] = {"settings": settings.model_dump(mode="json"), **recorded}
-        files = {
-            str(p.relative_to(staging)): sha256_file(p)
-            for p in sorted(staging.rglob("*"))
-            if p.is_file()
-        }
-        manifest = {
-            "format": INDEX_FORMAT,
-            "engine_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "corpus": {
-                "source": str(corpus_file),
-                "sha256": sha256_file(corpus_file),
-                "doc_count": len(documents),
-            },
-            "components": manifest_components,
-            "files": files,
-        }
-        with open(staging / MANIFEST, "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _swap_in(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    created: list[Path] = []
+    with _TerminationAsExit():
+        try:
+            _make_directories(out_dir, staging, created)
+            documents = read_corpus(corpus_file)
+            try:
+                corpus_sha256 = sha256_file(corpus_file)
+            except OSError as exc:
+                raise SieveError(f"cannot read the corpus {corpus_file}: {exc.strerror or exc}") from None
+            _write_documents(documents, staging / DOCS_DB, progress)
+            manifest_components = {}
+            for name, (component, settings) in resolved.items():
+                component_dir = staging / name
+                component_dir.mkdir()
+                recorded = component.build(documents, component_dir, settings, progress)
+                manifest_components[name] = {"settings": settings.model_dump(mode="json"), **recorded}
+            files = {
+                str(p.relative_to(staging)): sha256_file(p)
+                for p in sorted(staging.rglob("*"))
+                if p.is_file()
+            }
+            manifest = {
+                "format": INDEX_FORMAT,
+                "engine_version": __version__,
+                "created_at": datetime.now(timezone.utc).isoformat(),
+                "corpus": {
+                    "source": str(corpus_file),
+                    "sha256": corpus_sha256,
+                    "doc_count": len(documents),
+                },
+                "components": manifest_components,
+                "files": files,
+            }
+            with open(staging / MANIFEST, "w", encoding="utf-8") as handle:
+                json.dump(manifest, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _swap_in(staging, out_dir)
+        except (OSError, sqlite3.OperationalError) as exc:
+            _discard(staging, created)
+            raise SieveIndexError(
+                f"cannot build the index at {out_dir}: {_io_reason(exc)}; any previous index there is unchanged"
+            ) from exc
+        except BaseException:
+            _discard(staging, created)
+            raise
     return manifest
+
+
+def _validation_details(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
+    )
+
+
+def _io_reason(exc: OSError | sqlite3.Error) -> str:
+    """An I/O failure in words: the file and the system's reason ("No space left on device")."""
+    if isinstance(exc, sqlite3.Error):  # only the document store is SQLite
+        hint = " (is the disk full?)" if "full" in str(exc) else ""
+        return f"writing {DOCS_DB} failed: {exc}{hint}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+def _output_path(out_dir: Path) -> Path:
+    """``--out`` made absolute, with what can be seen wrong with it before building reported."""
+    try:
+        resolved = Path(out_dir).resolve()
+    except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+        raise SieveIndexError(f"cannot use --out {out_dir}: {getattr(exc, 'strerror', None) or exc}") from None
+    if resolved.name in ("", ".", ".."):
+        raise SieveIndexError(f"cannot use --out {out_dir}: name a directory to create, not {resolved}")
+    for ancestor in resolved.parents:
+        try:
+            mode = os.stat(ancestor).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise SieveIndexError(f"cannot build the index at {resolved}: {ancestor}: {exc.strerror or exc}") from None
+        if not stat.S_ISDIR(mode):
+            raise SieveIndexError(
+                f"cannot build the index at {resolved}: {ancestor} is a file, not a directory; choose another --out"
+            )
+        break
+    return resolved
+
+
+def _check_target(target: Path) -> None:
+    """Refuse to replace anything but nothing, an empty directory or a Sieve index (never a user's folder)."""
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SieveIndexError(f"cannot build the index at {target}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(mode):
+        raise SieveIndexError(
+            f"{target} exists and is not a Sieve index; choose another --out or remove it yourself (it is a file)"
+        )
+    why = _not_an_index(target)
+    if why is not None:
+        raise SieveIndexError(
+            f"{target} exists and is not a Sieve index; choose another --out or remove it yourself ({why})"
+        )
+
+
+_MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists a few files; a bigger "manifest.json" is someone else's
+
+
+def _not_an_index(directory: Path) -> str | None:
+    """Why ``directory`` is not a Sieve index that a build may replace (None: it is one, or is empty)."""
+    manifest_path = directory / MANIFEST
+    try:
+        if not manifest_path.is_file():
+            return None if not any(directory.iterdir()) else f"it has no {MANIFEST}"
+        if manifest_path.stat().st_size > _MAX_MANIFEST_BYTES:
+            return f"its {MANIFEST} is far larger than a Sieve index manifest"
+        manifest = json.loads(manifest_path.read_bytes())
+    except OSError as exc:
+        return f"it cannot be read: {exc.strerror or exc}"
+    except (ValueError, RecursionError):
+        return f"its {MANIFEST} is not JSON"
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        return f"its {MANIFEST} is not a Sieve index manifest"
+    return None
+
+
+def _make_directories(out_dir: Path, staging: Path, created: list[Path]) -> None:
+    """Create ``out_dir``'s missing parents and the staging directory, recording each one created."""
+    missing = [p for p in reversed(staging.parents) if not p.exists()] + [staging]
+    for directory in missing:
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if directory == staging:
+                raise
+            continue
+        except OSError as exc:
+            raise SieveIndexError(
+                f"cannot build the index at {out_dir}: cannot create {directory}: {exc.strerror or exc}"
+            ) from None
+        created.append(directory)
+
+
+def _discard(staging: Path, created: list[Path]) -> None:
+    """Remove the staging directory and the (then empty) parents this build created."""
+    shutil.rmtree(staging, ignore_errors=True)
+    for directory in reversed(created):
+        if directory != staging:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
+def _build_leftover(out_dir: Path, name: str) -> tuple[str, int] | None:
+    """("tmp" or "old", pid) when ``name`` is a staging or retired directory of ``out_dir``'s builds."""
+    prefix = f".{out_dir.name}."
+    if not name.startswith(prefix):
+        return None
+    match = re.fullmatch(r"(tmp|old)-([0-9]{1,10})-[0-9]+", name[len(prefix):])
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return True  # not ours to judge / a build in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it exists, as another user's process
+        return True
+    return True
+
+
+def _remove_stale_builds(out_dir: Path) -> None:
+    """Remove staging directories of ``out_dir`` whose build process no longer exists (killed with
+    SIGKILL, a power cut...), and retired copies of a replaced index once a newer one is in place."""
+    try:
+        entries = list(os.scandir(out_dir.parent))
+    except OSError:
+        return
+    target_exists = out_dir.is_dir()
+    for entry in entries:
+        leftover = _build_leftover(out_dir, entry.name)
+        if leftover is None:
+            continue
+        kind, pid = leftover
+        if kind == "old" and not target_exists:
+            continue  # a build died between its two renames: this is the previous index, keep it
+        try:
+            is_directory = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        if is_directory and not _process_exists(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+class _TerminationAsExit:
+    """While building, SIGTERM raises ``SystemExit(143)`` (as Ctrl-C raises KeyboardInterrupt), so the
+    staging directory is removed instead of left behind at full size. Only in the main thread and only
+    where SIGTERM has its default action (an application's own handler is left alone); a second SIGTERM
+    during the clean-up is ignored; the previous handler is restored afterwards."""
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._installed = False
+        self._fired = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self._fired:
+            self._fired = True
+            raise SystemExit(128 + signum)
+
+    def __enter__(self) -> "_TerminationAsExit":
+        if threading.current_thread() is threading.main_thread():
+            try:
+                previous = signal.getsignal(signal.SIGTERM)
+                if previous == signal.SIG_DFL:
+                    signal.signal(signal.SIGTERM, self._handle)
+                    self._previous, self._installed = previous, True
+            except (ValueError, OSError):  # not the main interpreter
+                pass
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
 
 def _write_documents(documents: Sequence[Document], db_path: Path, progress: Progress) -> None:
@@ -237,29 +512,53 @@ def _write_documents(documents: Sequence[Document], db_path: Path, progress: Pro
 
 def _swap_in(staging: Path, target: Path) -> None:
     """Replace ``target`` with ``staging`` so that a crash leaves either the old or the new index."""
-    if target.exists() and not (target / MANIFEST).is_file() and any(target.iterdir()):
-        raise SieveError(
-            f"{target} exists and is not a Sieve index (no {MANIFEST}); refusing to overwrite it"
-        )
-    retired = None
-    if target.exists():
-        retired = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
-        os.rename(target, retired)
-    os.rename(staging, target)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    _check_target(target)  # again: the directory may have changed during the build
+    retired = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
+    previous_mask = _block_interrupts()
+    try:
+        try:
+            if target.exists():
+                os.rename(target, retired)
+            os.rename(staging, target)
+        except BaseException:
+            if retired.exists() and not target.exists():
+                os.rename(retired, target)  # put the previous index back
+            raise
+    finally:
+        _unblock_interrupts(previous_mask)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _block_interrupts() -> Any:
+    """Hold SIGINT and SIGTERM back during the two renames of a swap (delivered right after); returns
+    the signal mask to restore (None where signals cannot be blocked here)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _unblock_interrupts(previous_mask: Any) -> None:
+    if previous_mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 # --------------------------------------------------------------------------- opening
 
 
 class DocumentStore:
-    """Read-only access to documents by row, thread-safe."""
+    """Read-only access to documents by row, thread-safe.
+
+    A damaged store (unreadable pages, text that is not UTF-8, bodies that are not the JSON the build
+    wrote) raises :class:`SieveIndexError` naming the index, never a raw sqlite3 or JSON error.
+    """
 
     def __init__(self, path: Path, count: int):
         self._path = path
         self._local = threading.local()
         self.count = count
+
+    def _corrupt(self, detail: Any) -> SieveIndexError:
+        return SieveIndexError(f"index at {self._path.parent} is corrupt: {self._path.name}: {detail}; rebuild it")
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -268,21 +567,42 @@ class DocumentStore:
             self._local.connection = connection
         return connection
 
+    def _query(self, sql: str, parameters: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query, fetched in batches; any SQLite failure reported as a corrupt index."""
+        try:
+            cursor = self._connection().execute(sql, parameters)
+            while batch := cursor.fetchmany(1000):
+                yield from batch
+        except sqlite3.Error as exc:
+            raise self._corrupt(exc) from None
+
+    def _document(self, row: Any, doc_id: Any, body: Any) -> Document:
+        if not isinstance(doc_id, str):
+            raise self._corrupt(f"row {row}: doc_id is not text")
+        try:
+            fields = json.loads(body)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise self._corrupt(f"row {row}: the document body is not valid JSON ({exc})") from None
+        if (
+            not isinstance(fields, dict)
+            or not isinstance(fields.get("title"), str)
+            or not isinstance(fields.get("text"), str)
+            or not isinstance(fields.get("metadata"), dict)
+        ):
+            raise self._corrupt(f"row {row}: the document body lacks its title, text or metadata")
+        return Document(doc_id, fields["title"], fields["text"], fields["metadata"])
+
     def get(self, rows: Sequence[int]) -> dict[int, Document]:
         """Documents for the given rows (missing rows are an index error)."""
         if not rows:
             return {}
         result: dict[int, Document] = {}
         unique = sorted(set(int(r) for r in rows))
-        connection = self._connection()
         for start in range(0, len(unique), 900):
             chunk = unique[start : start + 900]
             marks = ",".join("?" * len(chunk))
-            for row, doc_id, body in connection.execute(
-                f"SELECT row, doc_id, body FROM docs WHERE row IN ({marks})", chunk
-            ):
-                fields = json.loads(body)
-                result[row] = Document(doc_id, fields["title"], fields["text"], fields["metadata"])
+            for row, doc_id, body in self._query(f"SELECT row, doc_id, body FROM docs WHERE row IN ({marks})", chunk):
+                result[row] = self._document(row, doc_id, body)
         if len(result) != len(unique):
             missing = [r for r in unique if r not in result][:5]
             raise SieveIndexError(f"document store {self._path} lacks rows {missing}: the index is corrupt")
@@ -290,13 +610,65 @@ class DocumentStore:
 
     def doc_ids(self) -> list[str]:
         """Every doc_id, by row."""
-        rows = self._connection().execute("SELECT doc_id FROM docs ORDER BY row").fetchall()
-        return [r[0] for r in rows]
+        ids = [r[0] for r in self._query("SELECT doc_id FROM docs ORDER BY row")]
+        for row, doc_id in enumerate(ids):
+            if not isinstance(doc_id, str):
+                raise self._corrupt(f"row {row}: doc_id is not text")
+        return ids
 
     def iter_documents(self) -> Iterator[Document]:
-        for _row, doc_id, body in self._connection().execute("SELECT row, doc_id, body FROM docs ORDER BY row"):
-            fields = json.loads(body)
-            yield Document(doc_id, fields["title"], fields["text"], fields["metadata"])
+        for row, doc_id, body in self._query("SELECT row, doc_id, body FROM docs ORDER BY row"):
+            yield self._document(row, doc_id, body)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a manifest that names the right format (None: nothing)."""
+    for key in ("corpus", "components", "files"):
+        if key not in manifest:
+            return f"no '{key}' section"
+        if not isinstance(manifest[key], dict):
+            return f"'{key}' must be an object, got {_json_kind(manifest[key])}"
+    count = manifest["corpus"].get("doc_count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return f"'corpus.doc_count' must be a non-negative integer, got {_json_kind(count)}"
+    for name, entry in manifest["components"].items():
+        if not isinstance(entry, dict):
+            return f"'components.{name}' must be an object, got {_json_kind(entry)}"
+        if "settings" in entry:
+            problem = _settings_problem(name, entry["settings"])
+            if problem is not None:
+                return f"'components.{name}.settings' {problem}"
+    files = manifest["files"]
+    if DOCS_DB not in files:
+        return f"'files' does not list {DOCS_DB}"
+    for relative, expected in files.items():
+        parts = Path(relative).parts
+        if not relative or Path(relative).is_absolute() or ".." in parts:
+            return f"'files' names {relative!r}, which is not a path inside the index"
+        if not isinstance(expected, str) or not _SHA256.fullmatch(expected):
+            return f"'files.{relative}' must be a sha256 hex digest, got {_json_kind(expected)}"
+    return None
+
+
+def _settings_problem(name: str, settings: Any) -> str | None:
+    """Why a component's recorded settings are unusable: not an object, or (for a registered component)
+    not valid settings of that component."""
+    if not isinstance(settings, dict):
+        return f"must be an object, got {_json_kind(settings)}"
+    from engine.registry import UnknownStageType, resolve_component
+
+    try:
+        cls = resolve_component(name)
+    except UnknownStageType:
+        return None  # a stage needing it will say the component is unknown
+    try:
+        cls.Settings.model_validate(settings)
+    except ValidationError as exc:
+        return f"are not valid {name} settings: {_validation_details(exc)}"
+    return None
 
 
 class Index:
@@ -320,22 +692,35 @@ class Index:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise SieveIndexError(f"{path} is not a Sieve index: {MANIFEST} is missing")
-        raw = manifest_path.read_bytes()
+        try:
+            raw = manifest_path.read_bytes()
+        except OSError as exc:
+            raise SieveIndexError(f"cannot read {manifest_path}: {exc.strerror or exc}") from None
         try:
             manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            raise SieveIndexError(f"{manifest_path} is corrupt: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             raise SieveIndexError(f"{manifest_path} is corrupt: not valid JSON ({exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise SieveIndexError(
+                f"index at {path} is corrupt: {MANIFEST} must hold a JSON object, got {_json_kind(manifest)}"
+            )
+        if manifest.get("format") != INDEX_FORMAT:
+            found = manifest.get("format")
             raise SieveIndexError(f"{manifest_path}: unsupported index format {found!r} (expected {INDEX_FORMAT})")
-        for key in ("corpus", "components", "files"):
-            if key not in manifest:
-                raise SieveIndexError(f"{manifest_path} is corrupt: no '{key}' section")
+        problem = _manifest_problem(manifest)
+        if problem is not None:
+            raise SieveIndexError(f"index at {path} is corrupt: {MANIFEST}: {problem}; rebuild it")
         for relative, expected in manifest["files"].items():
             file_path = path / relative
             if not file_path.is_file():
                 raise SieveIndexError(f"index {path} is incomplete: {relative} is missing")
-            if verify and sha256_file(file_path) != expected:
+            try:
+                matches = not verify or sha256_file(file_path) == expected
+            except OSError as exc:
+                raise SieveIndexError(f"cannot read {file_path}: {exc.strerror or exc}") from None
+            if not matches:
                 raise SieveIndexError(
                     f"index {path} is corrupt: {relative} does not match the hash in {MANIFEST}; rebuild it"
                 )

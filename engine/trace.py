@@ -4,16 +4,27 @@ A trace is one JSON document per query (schema ``sieve.trace/1``): what ran, wit
 index and models, every stage's output scores, drops with reasons and decisions, and for every
 returned document an explanation tree. The log is JSONL where each record carries the hash of
 the previous one, so any edit, deletion or reordering is detected by ``verify_log``.
+
+Crash safety: an append that fails while writing (a full disk, an I/O error) truncates the log back to
+where its record started before raising. A writer that died mid-record leaves a torn last line; the next
+append copies it to a new ``LOG.torn-<offset>`` file (``-1``, ``-2``… when that name is taken: an earlier
+set-aside is never overwritten) and cuts it off; ``check_log`` lists those files. A last record that is
+whole and checks out but lacks its newline is kept: the next append completes the line and chains after it.
+Reading a record (``TraceLog.find``, ``load_trace``) checks it and the chain up to it: an edited record is
+refused, never returned as genuine.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +46,22 @@ def record_hash(prev_hash: str, trace: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical(trace)).hexdigest()
 
 
-def _last_line(handle: Any) -> tuple[bytes, int]:
-    """The last line of a file opened 'rb+' and the offset where it starts (reads backwards)."""
-    handle.seek(0, os.SEEK_END)
-    end = handle.tell()
+def _read_at(handle: Any, offset: int, size: int) -> bytes:
+    """``size`` bytes from ``offset`` of a raw (unbuffered) file; fewer only at the end of the file."""
+    handle.seek(offset)
+    chunks, wanted = [], size
+    while wanted > 0:
+        chunk = handle.read(wanted)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        wanted -= len(chunk)
+    return b"".join(chunks)
+
+
+def _last_line(handle: Any, end: int) -> tuple[bytes, int]:
+    """The line ending at offset ``end`` of a file (its newline included, if it has one) and the offset
+    where it starts; reads backwards."""
     if end == 0:
         return b"", 0
     position = end
@@ -46,13 +69,136 @@ def _last_line(handle: Any) -> tuple[bytes, int]:
     while position > 0:
         step = min(65536, position)
         position -= step
-        handle.seek(position)
-        buffer = handle.read(step) + buffer
+        buffer = _read_at(handle, position, step) + buffer
         newline = buffer.rfind(b"\n", 0, len(buffer) - 1)
         if newline != -1:
             start = position + newline + 1
             return buffer[newline + 1 :], start
     return buffer, 0
+
+
+def _last_record_line(handle: Any, end: int) -> tuple[bytes, int]:
+    """Like ``_last_line``, skipping blank lines: the last line before ``end`` with something on it."""
+    line, start = _last_line(handle, end)
+    while line and not line.strip() and start > 0:
+        line, start = _last_line(handle, start)
+    return (line, start) if line.strip() else (b"", 0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # a regular file never does this; never spin on it
+            raise OSError(errno.EIO, f"write returned {written}")
+        view = view[written:]
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a new directory entry durable (best effort: not every file system can fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- reading records
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHAIN_KEYS = ("seq", "prev", "hash")
+
+
+def _decode_line(raw: bytes) -> tuple[Any, str | None]:
+    """(the line's JSON value, None), or (None, what is wrong with it), the latter worded to follow
+    "line N" (" is not UTF-8 text (…)", ": unreadable record (…)")."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f" is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start} of the line)"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f": unreadable record ({exc.msg}, column {exc.colno})"
+    except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
+        return None, f": unreadable record ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+def _line_problem(raw: bytes) -> tuple[Any, str | None]:
+    """(the record, None) when the line is a well-shaped log record, else (its JSON value or None, problem);
+    the problem worded to follow "line N", as in ``_decode_line``."""
+    data, problem = _decode_line(raw)
+    if problem is None:
+        shape = _shape_problem(data)
+        if shape is not None:
+            problem = f": {shape}"
+    return data, problem
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _shape_problem(data: Any) -> str | None:
+    """Why a JSON value is not a log record (``{schema, seq, prev, hash, trace}``), or None."""
+    if not isinstance(data, dict):
+        kind = "null" if data is None else _JSON_TYPES.get(type(data), type(data).__name__)
+        return f"not a trace log record (a JSON {kind}, not an object)"
+    if data.get("schema") != LOG_SCHEMA:
+        return f"not a trace log record (schema {_clip(data.get('schema'))}, expected {LOG_SCHEMA!r})"
+    seq = data.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return f"not a trace log record (seq {_clip(seq)} is not a whole number)"
+    for key in ("prev", "hash"):
+        value = data.get(key)
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            return f"not a trace log record ({key} {_clip(value)} is not a sha256 in hex)"
+    if not isinstance(data.get("trace"), dict):
+        return f"not a trace log record (trace is {_clip(data.get('trace'))}, not an object)"
+    return None
+
+
+def _clip(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:39] + "…"
+
+
+def _content_hash(record: dict[str, Any]) -> str | None:
+    """The hash a (well-shaped) record's content and link give; None when the content cannot be hashed."""
+    try:
+        return record_hash(record["prev"], record["trace"])
+    except (ValueError, TypeError, RecursionError):  # a lone surrogate (\ud800) in a string, nesting too deep
+        return None
+
+
+def _is_foreign(data: Any) -> bool:
+    """A JSON object that is no trace log record at all (a corpus line, a config): no chain field, no log schema."""
+    return isinstance(data, dict) and not any(k in data for k in _CHAIN_KEYS) and data.get("schema") != LOG_SCHEMA
+
+
+def _open_log(path: Path) -> Any:
+    if path.is_dir():
+        raise TraceError(f"{path} is a directory, not a trace log")
+    if not path.exists():
+        raise TraceError(f"trace log not found: {path}")
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise TraceError(f"cannot read the trace log {path}: {exc.strerror or exc}") from None
+
+
+@dataclass
+class _Line:
+    """One non-blank line of a log as read by ``TraceLog.scan``."""
+
+    number: int
+    record: dict[str, Any] | None  # the record when the line is one (even one whose hash or link is wrong)
+    problems: list[str]  # what is wrong with it as the next link of the chain; empty when it checks out
+    terminated: bool
 
 
 class TraceLog:
@@ -62,118 +208,323 @@ class TraceLog:
         self.path = Path(path)
 
     def append(self, trace: dict[str, Any]) -> dict[str, Any]:
-        """Append one trace; returns the record written (seq, prev, hash, trace)."""
+        """Append one trace; returns the record written (seq, prev, hash, trace).
+
+        On any failure while writing (a full disk, an I/O error, an interrupt), the log is truncated back
+        to where the record started and the error is raised: the log never keeps half a record."""
+        body = canonical(trace)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        with os.fdopen(fd, "rb+") as handle:
+        # Unbuffered: every byte written is written by _write_all, none is left in a buffer that a later
+        # close could flush after a rollback.
+        with open(fd, "rb+", buffering=0) as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
-                last, start = _last_line(handle)
-                prev_hash, seq = GENESIS, 0
-                if last and not last.endswith(b"\n"):
-                    # A writer died mid-record: move the torn bytes aside, keep the chain intact.
-                    handle.seek(start)
-                    torn = handle.read()
-                    aside = self.path.with_name(f"{self.path.name}.torn-{start}")
-                    aside.write_bytes(torn)
-                    handle.truncate(start)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    last, start = _last_line(handle)
-                if last.strip():
-                    prev_hash, seq = self._chain_position(last)
-                body = canonical(trace)
+                prev_hash, seq, end, prefix = self._tail(handle)
                 digest = hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
                 record = {"schema": LOG_SCHEMA, "seq": seq, "prev": prev_hash, "hash": digest, "trace": trace}
                 # The header fields first, then the trace exactly as hashed: encoded once, and the
                 # next append reads the chain position from the line's first bytes.
                 header = json.dumps({k: record[k] for k in ("schema", "seq", "prev", "hash")}, separators=(",", ":"))
-                line = header[:-1].encode("ascii") + b',"trace":' + body + b"}\n"
-                handle.seek(0, os.SEEK_END)
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+                line = prefix + header[:-1].encode("ascii") + b',"trace":' + body + b"}\n"
+                self._write_at(handle.fileno(), end, line)
                 return record
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _tail(self, handle: Any) -> tuple[str, int, int, bytes]:
+        """(previous hash, next seq, offset to write at, bytes to write before the record)."""
+        end = handle.seek(0, os.SEEK_END)
+        last, start = _last_line(handle, end)
+        if last and not last.endswith(b"\n"):
+            kept = self._complete_last_record(handle, last, start)
+            if kept is not None:
+                # The writer died between a whole, valid record and its newline: keep the record.
+                return kept[0], kept[1], end, b"\n"
+            # A writer died mid-record: move the torn bytes aside, keep the chain intact.
+            self._set_aside(handle, start, end)
+            end = start
+        last, _ = _last_record_line(handle, end)
+        if last:
+            prev_hash, seq = self._chain_position(last)
+            return prev_hash, seq, end, b""
+        return GENESIS, 0, end, b""
+
+    def _complete_last_record(self, handle: Any, last: bytes, start: int) -> tuple[str, int] | None:
+        """(hash, next seq) when the unterminated last line is a whole record that chains after the line
+        before it; None when it is torn (or otherwise not the chain's next record)."""
+        data, problem = _line_problem(last)
+        if problem is not None:
+            return None
+        previous, _ = _last_record_line(handle, start)
+        if previous:
+            try:
+                prev_hash, seq = self._chain_position(previous)
+            except TraceError:
+                return None
+        else:
+            prev_hash, seq = GENESIS, 0
+        if data["seq"] != seq or data["prev"] != prev_hash or _content_hash(data) != data["hash"]:
+            return None
+        return data["hash"], data["seq"] + 1
+
+    def _set_aside(self, handle: Any, start: int, end: int) -> Path:
+        """Copy the bytes from ``start`` to ``end`` into a new LOG.torn-<offset>[-<n>] file (never one that
+        exists), make it durable, then cut them off the log."""
+        torn = _read_at(handle, start, end - start)
+        for attempt in range(100000):
+            aside = self.path.with_name(f"{self.path.name}.torn-{start}" + (f"-{attempt}" if attempt else ""))
+            try:
+                fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise TraceError(
+                f"cannot set aside the torn tail of {self.path}: too many {self.path.name}.torn-{start}* files"
+            )
+        try:
+            _write_all(fd, torn)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            aside.unlink(missing_ok=True)  # the torn bytes are still in the log; nothing is lost
+            raise
+        os.close(fd)
+        _fsync_directory(aside.parent)
+        handle.truncate(start)
+        os.fsync(handle.fileno())
+        return aside
+
+    @staticmethod
+    def _write_at(fd: int, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (the end of the file) and fsync; on any failure truncate the file back
+        to ``offset`` (and fsync) before raising, so no partial record stays in the log."""
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException as exc:
+            try:
+                os.ftruncate(fd, offset)
+                os.fsync(fd)
+            except OSError as cleanup:
+                exc.add_note(f"and the partial record could not be removed ({cleanup}); "
+                             "the next append sets it aside")
+            raise
 
     def _chain_position(self, last: bytes) -> tuple[str, int]:
         """(hash, next seq) from the log's last record, read from its header when it has one."""
         found = _HEADER.match(last)
         if found is not None:
             return found.group("hash").decode("ascii"), int(found.group("seq")) + 1
-        try:  # records written before headers came first, or by another writer
-            previous = json.loads(last)
-            return previous["hash"], previous["seq"] + 1
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        # records written before headers came first, or by another writer
+        data, problem = _line_problem(last)
+        if _is_foreign(data):
+            raise TraceError(f"{self.path} is not a Sieve trace log (its last line has no seq/prev/hash)")
+        if problem is not None:
             raise TraceError(
-                f"trace log {self.path} ends with an unreadable record ({exc}); run `sieve trace verify` on it"
-            ) from None
+                f"trace log {self.path} ends with an unreadable record (the last line{problem}); "
+                "run `sieve trace verify` on it"
+            )
+        return data["hash"], data["seq"] + 1
+
+    def scan(self) -> Iterator[_Line]:
+        """Every non-blank line, checked as the next link of the chain: its shape, sequence number, link to
+        the record before it and hash. After a line that is no record the chain resumes at the next record
+        (its own hash is checked; its link cannot be). Raises TraceError when the path is no trace log."""
+        with _open_log(self.path) as handle:
+            prev_hash: str | None = GENESIS
+            expected_seq: int | None = 0
+            first = True
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                terminated = raw.endswith(b"\n")
+                data, problem = _line_problem(raw)
+                if first:
+                    first = False
+                    if _is_foreign(data):
+                        raise TraceError(f"{self.path} is not a Sieve trace log (line {number} has no seq/prev/hash)")
+                if problem is not None:
+                    problem = f"line {number}{problem}"
+                    if not terminated and raw.startswith(b"{"):
+                        problem += (" (the last line, without its newline: a write in progress or a writer that died"
+                                    " mid-record; the next append sets it aside)")
+                    yield _Line(number, None, [problem], terminated)
+                    prev_hash = expected_seq = None  # unknown: the chain resumes at the next record
+                    continue
+                seq = data["seq"]
+                problems = []
+                if expected_seq is not None and seq != expected_seq:
+                    problems.append(
+                        f"line {number}: sequence {seq}, expected {expected_seq} (a record is missing or moved)"
+                    )
+                if prev_hash is not None and data["prev"] != prev_hash:
+                    problems.append(f"line {number} (seq {seq}): does not link to the previous record")
+                actual = _content_hash(data)
+                if actual is None:
+                    problems.append(
+                        f"line {number} (seq {seq}): content cannot be hashed (text that is not valid Unicode)"
+                    )
+                elif data["hash"] != actual:
+                    problems.append(f"line {number} (seq {seq}): content does not match its hash (edited)")
+                yield _Line(number, data, problems, terminated)
+                prev_hash, expected_seq = data["hash"], seq + 1
 
     def records(self) -> Iterator[dict[str, Any]]:
-        if not self.path.is_file():
-            raise TraceError(f"trace log not found: {self.path}")
-        with open(self.path, "rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TraceError(f"{self.path}:{number}: unreadable record ({exc.msg})") from None
+        """Every record in order, shape-checked (not chain-checked: see ``scan``, ``find`` and ``verify_log``)."""
+        for line in self.scan():
+            if line.record is None:
+                raise TraceError(f"{self.path}: {line.problems[0]}")
+            yield line.record
 
     def find(self, trace_id: str | None = None, seq: int | None = None) -> dict[str, Any]:
-        """A trace by id or sequence number; the most recent one when neither is given."""
-        found = None
-        for record in self.records():
-            trace = record.get("trace", {})
-            if trace_id is not None and trace.get("trace_id") == trace_id:
-                return trace
-            if seq is not None and record.get("seq") == seq:
-                return trace
-            found = trace
-        if trace_id is not None or seq is not None or found is None:
-            wanted = f"id {trace_id}" if trace_id is not None else f"seq {seq}" if seq is not None else "any trace"
-            raise TraceError(f"{self.path} holds no trace with {wanted}")
-        return found
+        """A trace by id or sequence number; the most recent one when neither is given.
+
+        The record must check out: its hash must match its content, and every record up to it must form an
+        intact chain; otherwise TraceError (an edited record is never returned as if genuine)."""
+        broken: _Line | None = None  # the first line where the chain is broken
+        found: _Line | None = None
+        tail: _Line | None = None  # an unterminated last line that is no record
+        for line in self.scan():
+            record = line.record
+            if record is None and not line.terminated:
+                # The unterminated last line is no record: a write in progress, or a torn tail the next append
+                # sets aside. It is not part of the chain (verify reports it); the latest record is before it.
+                tail = line
+                continue
+            matches = record is not None and (
+                (trace_id is not None and record["trace"].get("trace_id") == trace_id)
+                or (seq is not None and record["seq"] == seq)
+            )
+            if line.problems and broken is None:
+                broken = line
+            if matches:
+                found = line
+                break
+            if trace_id is None and seq is None:
+                found = line
+        verify = f"run `sieve trace verify {self.path}`"
+        if found is None:
+            wanted = f" with id {trace_id}" if trace_id is not None else f" with seq {seq}" if seq is not None else ""
+            hint = next((f" (and its chain is broken: {p.problems[0]}; {verify})" for p in (broken, tail) if p), "")
+            raise TraceError(f"{self.path} holds no trace{wanted}{hint}")
+        if found.record is None:  # the most recent line is no record
+            first = "" if broken is None or broken is found else f"the chain is broken ({broken.problems[0]}), and "
+            raise TraceError(
+                f"{self.path}: cannot read the latest trace: {first}the last line is no record ({found.problems[0]}); "
+                f"{verify}"
+            )
+        label = f"seq {found.record['seq']}" + (f", id {trace_id}" if trace_id is not None else "")
+        refusing = f"{self.path}: refusing the record {label} (line {found.number}):"
+        if found is broken:
+            edited = [p for p in found.problems if "does not match its hash" in p or "cannot be hashed" in p]
+            others = [p for p in found.problems if p not in edited]
+            if edited:
+                what = "it does not match its hash: it was edited after it was logged" + (
+                    f" ({'; '.join(others)})" if others else "")
+            else:
+                what = f"the chain is broken at it ({'; '.join(others)})"
+            raise TraceError(f"{refusing} {what}; {verify}")
+        if broken is not None:
+            raise TraceError(f"{refusing} the chain is broken before it ({broken.problems[0]}); {verify}")
+        return found.record["trace"]
+
+
+MAX_PROBLEMS = 100
+
+
+def set_aside_files(path: str | Path) -> list[Path]:
+    """The LOG.torn-* files next to a log: bytes of records torn by crashed writers, set aside by appends."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+
+    def order(aside: Path) -> tuple[int, int, str]:
+        found = re.fullmatch(r"(\d+)(?:-(\d+))?", aside.name[len(path.name) + len(".torn-") :])
+        return (int(found.group(1)), int(found.group(2) or 0), "") if found else (-1, 0, aside.name)
+
+    return sorted((p for p in path.parent.glob(glob.escape(path.name) + ".torn-*") if p.is_file()), key=order)
+
+
+@dataclass
+class LogCheck:
+    """What ``check_log`` found: records checked, problems (the chain is broken) and set-aside files."""
+
+    path: Path
+    records: int
+    problems: list[str]
+    set_aside: list[Path] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        if not self.set_aside:
+            return []
+        count = len(self.set_aside)
+        return [
+            f"{count} file{'s' if count > 1 else ''} next to the log hold{'s' if count == 1 else ''} bytes set aside "
+            f"from records torn by a crashed writer (not part of the chain; inspect "
+            f"{'them' if count > 1 else 'it'}): {', '.join(p.name for p in self.set_aside)}"
+        ]
+
+
+def check_log(path: str | Path) -> LogCheck:
+    """Check every record's shape, hash and link, and look for set-aside torn records next to the log.
+
+    Raises TraceError when the path is missing, a directory, unreadable or no trace log at all."""
+    log = TraceLog(path)
+    problems: list[str] = []
+    count = 0
+    for line in log.scan():
+        count += 1
+        problems.extend(line.problems)
+    if len(problems) > MAX_PROBLEMS:
+        problems = problems[:MAX_PROBLEMS] + [f"… and {len(problems) - MAX_PROBLEMS} more problems"]
+    return LogCheck(log.path, count, problems, set_aside_files(log.path))
 
 
 def verify_log(path: str | Path) -> tuple[int, list[str]]:
-    """Check every record's hash and link; returns (records checked, problems found)."""
-    problems: list[str] = []
-    prev_hash, expected_seq, count = GENESIS, 0, 0
-    log = TraceLog(path)
-    try:
-        for record in log.records():
-            count += 1
-            seq = record.get("seq")
-            if seq != expected_seq:
-                problems.append(f"record {count}: sequence {seq}, expected {expected_seq} (a record is missing or moved)")
-            if record.get("prev") != prev_hash:
-                problems.append(f"record {count} (seq {seq}): does not link to the previous record")
-            actual = record_hash(record.get("prev", ""), record.get("trace", {}))
-            if record.get("hash") != actual:
-                problems.append(f"record {count} (seq {seq}): content does not match its hash (edited)")
-            prev_hash = record.get("hash", "")
-            expected_seq = (seq if isinstance(seq, int) else expected_seq) + 1
-    except TraceError as exc:
-        problems.append(str(exc))
-    return count, problems
+    """Check every record's hash and link; returns (records checked, problems found).
+
+    Raises TraceError when the path is missing, a directory, unreadable or no trace log at all."""
+    check = check_log(path)
+    return check.records, check.problems
 
 
 def load_trace(path: str | Path, trace_id: str | None = None, seq: int | None = None) -> dict[str, Any]:
-    """A trace from a ``.json`` trace file or from a trace log (``.jsonl``)."""
+    """A trace from a ``.json`` trace file or from a trace log (``.jsonl``).
+
+    A record read from a log is checked against its hash and the chain up to it (``TraceLog.find``); a
+    ``.json`` file holding one log record is checked against its own hash."""
     path = Path(path)
+    if path.is_dir():
+        raise TraceError(f"{path} is a directory, not a trace")
     if not path.is_file():
         raise TraceError(f"trace not found: {path}")
     if path.suffix == ".jsonl":
         return TraceLog(path).find(trace_id, seq)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TraceError(f"cannot read the trace {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+                         "not a Sieve trace") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise TraceError(f"{path} is not a readable trace: {exc}") from None
     if isinstance(data, dict) and data.get("schema") == LOG_SCHEMA:
-        data = data.get("trace", {})
+        problem = _shape_problem(data)
+        if problem is not None:
+            raise TraceError(f"{path}: {problem}")
+        if _content_hash(data) != data["hash"]:
+            raise TraceError(f"{path}: the log record seq {data['seq']} does not match its hash: it was edited "
+                             "after it was logged; refusing to use it")
+        data = data["trace"]
     if not isinstance(data, dict) or data.get("schema") != TRACE_SCHEMA:
         raise TraceError(f"{path} is not a Sieve trace (expected schema {TRACE_SCHEMA})")
     return data
