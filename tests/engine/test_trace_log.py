@@ -509,3 +509,12 @@ def test_cli_verify_warns_about_set_aside_files(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "2 records, chain intact" in done.stdout
     assert "warning:" in done.stderr and "log.jsonl.torn-" in done.stderr
+
+
+def test_write_json_atomic_leaves_nothing_behind_when_it_fails(tmp_path):
+    from engine.trace import write_json_atomic
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        write_json_atomic(tmp_path / "taken", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
