@@ -108,6 +108,8 @@ def _doc_id(value: str) -> str:
 # strings are strings (no coercion from numbers), and valid Unicode text
 Text = Annotated[str, Strict(), BeforeValidator(_unicode_text)]
 UserId = Annotated[str, Strict(), StringConstraints(max_length=256), BeforeValidator(_unicode_text)]
+AttributeName = Annotated[str, Strict(), StringConstraints(max_length=128), BeforeValidator(_unicode_text)]
+AttributeValue = Annotated[str, Strict(), StringConstraints(max_length=256), BeforeValidator(_unicode_text)]
 LanguageTag = Annotated[str, Strict(), StringConstraints(max_length=35), BeforeValidator(_unicode_text)]
 DocId = Annotated[str, Strict(), AfterValidator(_doc_id), BeforeValidator(_unicode_text)]
 
@@ -121,7 +123,7 @@ class UserBody(BaseModel):
     roles: list[Text] = Field(default_factory=list, max_length=64)
     groups: list[Text] = Field(default_factory=list, max_length=256)
     jurisdictions: list[Text] = Field(default_factory=list, max_length=64)
-    attributes: dict[Text, Text] = Field(default_factory=dict)
+    attributes: dict[AttributeName, AttributeValue] = Field(default_factory=dict, max_length=32)
 
 
 class SearchBody(BaseModel):

@@ -464,3 +464,13 @@ def test_422_locations_name_the_item_and_malformed_json_its_position(server):
     assert error["problems"] == [{"location": "body", "message": said}]
     two_lines = post_raw(base, "/v1/pipelines/mini/search", b'{"query": "x",\n "top": 1,}')
     assert_error(two_lines, 422, "invalid_request", "malformed JSON at line 2, column 11")
+
+
+def test_user_attributes_are_bounded(server):
+    base, _ = server
+    for attributes, says in [({str(i): "x" for i in range(33)}, "at most 32 items"),
+                             ({"k" * 129: "v"}, "at most 128 characters"), ({"team": "v" * 257}, "at most 256 characters")]:
+        response = search(base, {"query": "vitamin D", "user": {"attributes": attributes}})
+        assert response.status_code == 422 and says in response.json()["error"]["message"], response.text
+    assert search(base, {"query": "vitamin D", "user": {"attributes": {"team": "oncology"}}}).status_code == 200
+
