@@ -121,6 +121,11 @@ def _hub_cache_directory(hub_id: str) -> Path | None:
     return None
 
 
+# files of which a Hugging Face model directory holds at least one (its vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json")
+
+
 def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "model") -> ResolvedModel:
     """Resolve a config's model name to files: packaged copy, local path, or hub id."""
     if not isinstance(name, str) or not name.strip():
@@ -134,6 +139,12 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
         if not (candidate / "config.json").is_file() and not (candidate / "meta.json").is_file():
             raise ModelLoadError(
                 f"{purpose}: {candidate} is a directory but not a model (no config.json or meta.json)"
+            )
+        if (candidate / "config.json").is_file() and not any((candidate / f).is_file() for f in TOKENIZER_FILES):
+            # transformers would build an empty tokenizer and read every word as [UNK]: results, but garbage
+            raise ModelLoadError(
+                f"{purpose}: {candidate} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); without them "
+                "every word would be read as unknown. Copy the model's tokenizer files into the directory"
             )
         return ResolvedModel(name, str(candidate.resolve()), "path", weights_hash(candidate))
     if candidate.exists():
@@ -159,9 +170,21 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
     return ResolvedModel(name, name, "hub", None)
 
 
-def resolve_spacy(name: str) -> str:
-    """The spaCy package to load for a pipeline name users know (``en_core_web_sm``)."""
-    if importlib.util.find_spec(name) is not None or Path(name).is_dir():
+def resolve_spacy(name: str, base_dir: Path | None = None) -> str:
+    """The spaCy package (or pipeline directory) to load for a name users know (``en_core_web_sm``) or a path
+    (relative to ``base_dir``, the config's directory, when it is not absolute)."""
+    if name.startswith((".", "~")) or os.sep in name:  # a path, never a module name
+        path = Path(name).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_dir():
+            raise ModelLoadError(f"spaCy pipeline directory {path} does not exist")
+        return str(path.resolve())
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # e.g. 'en_core_web_sm-3.8.0' is no module name
+        found = False
+    if found:
         return name
     packaged = PACKAGED_SPACY.get(name)
     if packaged is not None and importlib.util.find_spec(packaged) is not None:
@@ -179,6 +202,11 @@ def model_card(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:  # the card picks the scoring head: a broken one is not ignored
+        raise ModelLoadError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path} is not UTF-8 text") from None
+    if not isinstance(card, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object (the model card)")
+    return card

@@ -22,7 +22,7 @@ from typing import Any
 
 from engine import __version__
 from engine.compiler import CompiledPipeline, compile_file
-from engine.errors import SieveError, StageError, TraceError
+from engine.errors import ModelLoadError, SieveError, SieveIndexError, StageError, TraceError
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, UserContext
 from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult
@@ -83,6 +83,9 @@ class Pipeline:
                     if self.compiled.specs[stage_id].on_error == "skip":
                         self.unavailable[stage_id] = f"warm-up failed: {message}"
                         continue
+                    if type(exc) in (ModelLoadError, SieveIndexError) and not message.startswith("stage '"):
+                        # say which stage (a pipeline may load several models from one index)
+                        raise type(exc)(f"stage '{stage_id}' ({stage.qualified_name()}): {message}") from exc
                     if isinstance(exc, SieveError):
                         raise
                     raise StageError(stage_id, stage.qualified_name(), f"warm-up failed: {message}") from exc

@@ -380,8 +380,11 @@ def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
         pipelines[name] = pipeline
     if not pipelines:
         raise SieveError("no pipeline to serve: give at least one config")
-    for pipeline in pipelines.values():  # only once every config is known to be servable
-        pipeline.warm_up()
+    for name, pipeline in pipelines.items():  # only once every config is known to be servable
+        try:
+            pipeline.warm_up()
+        except SieveError as exc:  # which of the served configs failed
+            raise SieveError(f"pipeline '{name}' ({pipeline.compiled.source_file}): {exc}") from exc
     return pipelines
 
 

@@ -153,8 +153,9 @@ class Embedder:
             if detected is None:
                 raise ModelLoadError(
                     f"embedding model '{resolved.name}' does not declare its pooling (no sentence-transformers "
-                    "1_Pooling/config.json); set `pooling: cls` or `pooling: mean` (bge models: cls; "
-                    "all-MiniLM/mpnet sentence-transformers models: mean)"
+                    "1_Pooling/config.json), so it may not be an embedding model at all (a cross-encoder?); for an "
+                    "embedding model, set its pooling where it is configured (the index's dense settings: `pooling: "
+                    "cls` for bge models, `mean` for all-MiniLM/mpnet sentence-transformers models)"
                 )
             pooling = detected
         self.pooling = pooling

@@ -214,7 +214,7 @@ class EntityExtractor:
         keep = {"tok2vec", "ner"} if use_ner else set()
         try:
             probe = spacy.load(package, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(f"cannot load spaCy pipeline '{model}' ({package}): {exc}") from None
         for name in list(probe.pipe_names):
             if name not in keep:

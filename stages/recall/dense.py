@@ -256,8 +256,10 @@ class DenseRecall(Stage):
         return ModelLoadError(
             f"stage '{self.id}': the index at {path} was embedded with '{recorded['name']}' (weights sha256 "
             f"{str(recorded.get('weights_sha256'))[:12]}), but '{resolved.name}' resolves to {resolved.location} "
-            f"(weights sha256 {found[:12]}); query vectors would live in a different space. Use the same model, "
-            "or drop `model:` from the stage, or rebuild the index with this model"
+            f"(weights sha256 {found[:12]}); query vectors would live in a different space. "
+            + ("Drop `model:` from the stage (the index's own model is then used), or rebuild the index with this "
+               "model" if self.params.model is not None else
+               "Install or point to the model the index was built with, or rebuild the index with this one")
         )
 
     # ------------------------------------------------------------------ running

@@ -19,6 +19,7 @@ ones and get no ``rerank`` ledger entry. torch and FlagEmbedding are imported in
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -130,6 +131,25 @@ class PairScore:
     best_chunk_start: int = 0
 
 
+def _checkpoint_keys(directory: Path) -> set[str] | None:
+    """The tensor names of a local safetensors checkpoint (sharded or not), read from its header only; None
+    when the weights are in another format."""
+    index = directory / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+        single = directory / "model.safetensors"
+        if single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as handle:
+                return set(handle.keys())
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is a load error, named
+        raise ModelLoadError(f"rerank.cross_encoder: cannot read the checkpoint in {directory}: "
+                             f"{type(exc).__name__}: {exc}") from None
+    return None
+
+
 class LoadedReranker:
     """A cross-encoder ready for inference: model, tokenizer, scoring head, device, precision."""
 
@@ -210,6 +230,13 @@ class LoadedReranker:
         except ImportError:
             raise MissingDependencyError("FlagEmbedding", "FlagEmbedding", "the cross-encoder reranker") from None
         location = self.resolved.location
+        keys = _checkpoint_keys(Path(location)) if self.resolved.source != "hub" else None
+        if keys is not None and not any(part in ("classifier", "score") for key in keys for part in key.split(".")[:2]):
+            raise ModelLoadError(
+                f"rerank.cross_encoder: '{self.resolved.name}' ({location}) has no trained classification head in its "
+                "checkpoint (no classifier weights): transformers would add a random one and the scores would mean "
+                "nothing. Is it an encoder rather than a cross-encoder? (A Sieve-trained model carries sieve_model.json.)"
+            )
         try:
             reranker = FlagReranker(location, use_fp16=self.precision == "fp16", devices=[self.device])
         except Exception as exc:  # noqa: BLE001 - any library failure becomes a located ModelLoadError

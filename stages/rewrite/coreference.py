@@ -80,7 +80,7 @@ def _load_glossary(path: Path) -> Glossary:
     return load_glossary(path)
 
 
-def _load_spacy(name: str) -> tuple[Any, str]:
+def _load_spacy(name: str, base_dir: Path | None = None) -> tuple[Any, str]:
     """The spaCy pipeline ``name`` (packaged stand-in resolved), checked for what the resolver needs."""
     from engine.models import resolve_spacy
 
@@ -88,7 +88,7 @@ def _load_spacy(name: str) -> tuple[Any, str]:
         import spacy
     except ImportError:
         raise MissingDependencyError("spacy", "spacy", "rewrite.coreference (English)") from None
-    package = resolve_spacy(name)
+    package = resolve_spacy(name, base_dir)
     try:
         nlp = spacy.load(package)
     except (OSError, ValueError, ImportError) as exc:
@@ -139,7 +139,8 @@ class CoreferenceRewrite(Stage):
         try:
             _load_glossary(path)
         except ConfigError as exc:
-            return [GraphIssue(str(issue), ("params", "glossary"), issue.severity) for issue in exc.issues]
+            return [GraphIssue(f"{issue.location}  {issue.detail()}", ("params", "glossary"), issue.severity)
+                    for issue in exc.issues]
         return []
 
     def warm_up(self, resources: Resources) -> None:
@@ -150,7 +151,7 @@ class CoreferenceRewrite(Stage):
         if params.language in ("auto", "en"):
             from stages.rewrite.english import EnglishResolver
 
-            nlp, package = _load_spacy(params.model)
+            nlp, package = _load_spacy(params.model, resources.base_dir)
             self._english = EnglishResolver(nlp, params.salience, params.heuristics)
             self._identity.update(model=params.model, package=package, model_version=str(nlp.meta.get("version")),
                                   spacy_version=_spacy_version())

@@ -265,7 +265,7 @@ def test_any_encoder_by_path_with_explicit_pooling_and_instruction(tmp_path, min
 
 def test_pooling_auto_without_a_declaration_asks_for_one(tmp_path, mini_corpus, tiny_encoder):
     corpus = _write_corpus(tmp_path / "corpus", _documents(mini_corpus)[:3])
-    with pytest.raises(ModelLoadError, match="set `pooling: cls` or `pooling: mean`"):
+    with pytest.raises(ModelLoadError, match="does not declare its pooling .* `pooling: cls` for bge models, `mean` for"):
         build_index(corpus, tmp_path / "index", {"dense": {"model": str(tiny_encoder)}})
     assert not (tmp_path / "index").exists()
 

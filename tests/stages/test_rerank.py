@@ -385,6 +385,50 @@ def test_broken_weights_are_a_model_load_error(bm25_index, write_config, tmp_pat
         pipeline.warm_up()
 
 
+def test_models_that_would_load_but_score_garbage_are_refused(bm25_index, write_config, tmp_path, tiny_classifier,
+                                                              tiny_segment_cosine, tiny_base):
+    """Found by an audit: each of these loaded, ran and exited 0 with meaningless scores."""
+    import json
+    import shutil
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_classifier, no_tokenizer)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {no_tokenizer}, window: 5}}", name="a.yaml")
+    with pytest.raises(ModelLoadError, match="^stage 'rerank' \\(rerank.cross_encoder@1\\): .* has no tokenizer files"):
+        pipeline.warm_up()
+    # an encoder without a classification head: transformers would add a random one
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_base, encoder)
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {encoder}, window: 5}}", name="b.yaml")
+    with pytest.raises(ModelLoadError, match="no trained classification head"):
+        pipeline.warm_up()
+    # a model card that is not JSON is not ignored (it picks the scoring head)
+    bad_card = tmp_path / "bad-card"
+    shutil.copytree(tiny_segment_cosine, bad_card)
+    (bad_card / "sieve_model.json").write_text('{"head": "segment_cosine",')
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {bad_card}, window: 5}}", name="c.yaml")
+    with pytest.raises(ModelLoadError, match="sieve_model.json is not valid JSON"):
+        pipeline.warm_up()
+    assert json.loads((tiny_segment_cosine / "sieve_model.json").read_text())  # the original is fine
+
+
+def test_spacy_pipelines_given_as_paths(tmp_path):
+    import spacy
+
+    from engine.models import resolve_spacy
+
+    dotted = tmp_path / "en_core_web_sm-3.8.0"
+    spacy.blank("en").to_disk(dotted)
+    assert resolve_spacy(str(dotted)) == str(dotted.resolve())  # was ModuleNotFoundError: '.../en_core_web_sm-3'
+    with pytest.raises(ModelLoadError, match="'en_core_web_sm-3.8.0' is not installed"):  # a name, not a path
+        resolve_spacy("en_core_web_sm-3.8.0", tmp_path)
+    assert resolve_spacy("./en_core_web_sm-3.8.0", tmp_path) == str(dotted.resolve())  # relative to the config
+    with pytest.raises(ModelLoadError, match="spaCy pipeline directory .*/nowhere does not exist"):
+        resolve_spacy(str(tmp_path / "nowhere"))
+
+
 def test_unavailable_model_with_on_error_skip_degrades_the_trace(bm25_index, write_config):
     config = write_config(
         f"""version: 1
