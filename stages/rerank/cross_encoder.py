@@ -468,7 +468,10 @@ class CrossEncoderRerank(Stage):
         if params.cascade is not None and params.cascade.light_model is not None:
             light = params.cascade.light_model
             light_key = f"cross_encoder:{light}:{base_dir}:{params.device}:{params.precision}:{params.max_length}"
-            self._light = resources.shared(light_key, lambda: load(light))
+            try:
+                self._light = resources.shared(light_key, lambda: load(light))
+            except ModelLoadError as exc:  # say it is the cascade's light model, not the main one
+                raise ModelLoadError(f"cascade.light_model: {exc}") from exc
 
     # ------------------------------------------------------------------ running
 

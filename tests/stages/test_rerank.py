@@ -286,6 +286,13 @@ def test_cascade_scores_the_top_with_the_full_model_and_the_rest_with_the_light_
     assert identity["cascade_light"]["kind"] == "sequence_classification"
 
 
+def test_a_missing_light_model_is_named_as_the_cascades(tiny_segment_cosine, bm25_index, write_config):
+    pipeline = _pipeline(write_config, bm25_index,
+                         f"{{model: {tiny_segment_cosine}, window: 8, cascade: {{full_top: 3, light_model: ./no-light}}}}")
+    with pytest.raises(ModelLoadError, match="^stage 'rerank' \\(rerank.cross_encoder@1\\): cascade.light_model: .*no-light"):
+        pipeline.warm_up()
+
+
 def test_cascade_without_a_light_model_leaves_the_rest_unscored(tiny_segment_cosine, bm25_index, write_config):
     pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 8, cascade: {{full_top: 3}}}}", k=20)
     result = pipeline.search(QUERY)
