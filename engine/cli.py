@@ -65,13 +65,13 @@ def _writable_file(path: Optional[Path], option: str) -> None:
         return
     if path.is_dir():
         raise SieveError(f"{option} {path} is a directory; give a file path")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SieveError(f"{option} {path}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise SieveError(f"{option} {path}: cannot write in {parent} (permission denied)")
-            return
+    from engine.paths import nearest_existing_parent
+
+    parent = nearest_existing_parent(path.absolute())
+    if parent is not None and not parent.is_dir():
+        raise SieveError(f"{option} {path}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise SieveError(f"{option} {path}: cannot write in {parent} (permission denied)")
 
 
 @app.command()

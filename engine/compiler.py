@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from engine.config import PipelineConfig, StageSpec, issues_from_validation
 from engine.errors import ConfigError, ConfigIssue
+from engine.paths import nearest_existing_parent
 from engine.registry import UnknownStageType, resolve_stage
 from engine.stage import GraphView, Port, Stage, StageNode
 from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
@@ -189,11 +190,9 @@ def _log_path_problem(log: str) -> str | None:
     path = Path(log).expanduser()
     if path.is_dir():
         return f"'{log}' is a directory; name the log file (e.g. {(path / 'trace.jsonl').as_posix()})"
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"'{parent}' is a file, so the log cannot be created under it"
-            break
+    parent = nearest_existing_parent(path)
+    if parent is not None and not parent.is_dir():
+        return f"'{parent}' is a file, so the log cannot be created under it"
     return None
 
 

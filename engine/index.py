@@ -37,7 +37,7 @@ from pydantic import ConfigDict, ValidationError
 
 from engine import __version__
 from engine.errors import SieveError, SieveIndexError
-from engine.strictness import NoCoercion
+from engine.strictness import NoCoercion, json_kind
 
 INDEX_FORMAT = "sieve.index/1"
 MANIFEST = "manifest.json"
@@ -158,19 +158,12 @@ def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
 
 def _json_kind(value: Any) -> str:
     """What a JSON value is, for messages ("a boolean", "a number (1.5)", "an object", ...)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
+    kind = json_kind(value)
+    if kind == "number":
         return f"a number ({value!r})"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    if kind == "null":
+        return kind
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def _check_record(record: Any) -> str | None:

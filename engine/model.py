@@ -8,6 +8,7 @@ scores break ties on ``doc_id``.
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -103,16 +104,21 @@ def _visible(text: str) -> bool:
     return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
 
 
+# control characters (Unicode category Cc) but tab and line breaks, and lone surrogates (category Cs)
+_UNTYPABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _check_text(text: str, what: str) -> None:
     """Text a person could have typed: no control characters but tab and line breaks, no lone surrogates
-    (which are not Unicode text and could not be written to the trace)."""
-    for position, ch in enumerate(text):
-        category = unicodedata.category(ch)
-        if category == "Cc" and ch not in "\t\n\r":
-            raise QueryError(f"{what} contains a control character (U+{ord(ch):04X} at position {position + 1})")
-        if category == "Cs":
-            raise QueryError(f"{what} contains a lone surrogate (U+{ord(ch):04X} at position {position + 1}), "
-                             "which is not valid Unicode text")
+    (which are not Unicode text and could not be written to the trace). One regex scan: it runs per query."""
+    found = _UNTYPABLE.search(text)
+    if found is None:
+        return
+    ch, position = found.group(), found.start() + 1
+    if unicodedata.category(ch) == "Cs":
+        raise QueryError(f"{what} contains a lone surrogate (U+{ord(ch):04X} at position {position}), "
+                         "which is not valid Unicode text")
+    raise QueryError(f"{what} contains a control character (U+{ord(ch):04X} at position {position})")
 
 
 @dataclass(frozen=True, slots=True)

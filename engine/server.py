@@ -68,6 +68,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.errors import QueryError, SieveError
 from engine.model import UserContext
+from engine.strictness import json_kind
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -152,7 +153,7 @@ class SearchBody(BaseModel):
             return value
         if not isinstance(value, str):
             raise PydanticCustomError("iso_8601", "must be an ISO 8601 date or date-time string (e.g. 2025-06-01 "
-                                      "or 2025-06-01T12:00:00Z), not a {kind}", {"kind": _json_kind(value)})
+                                      "or 2025-06-01T12:00:00Z), not a {kind}", {"kind": json_kind(value)})
         try:
             return datetime.fromisoformat(value)
         except ValueError:
@@ -175,17 +176,6 @@ class ExplainBody(SearchBody):
     top: StrictInt | None = Field(None, ge=0, le=10_000, description="explain only the first N results (default: "
                                   "all)")
     explain: StrictBool = Field(True, description="(always on here)")
-
-
-def _json_kind(value: Any) -> str:
-    """What a parsed JSON value is, in JSON's words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
 class BodyError(Exception):

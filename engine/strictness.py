@@ -104,3 +104,14 @@ class NoCoercion(BaseModel):
         if problem is not None:
             raise PydanticCustomError("as_written", problem)
         return value
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: null, boolean, number, string, array, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)

@@ -102,11 +102,6 @@ def _rule_file_issues(
     return check_rule_file(path, kind, strictness, extra)
 
 
-def _scoring_upstream(node: StageNode, graph: GraphView) -> dict[str, str]:
-    """Stages upstream of ``node`` that write a score into the candidates' ledgers: id -> signal."""
-    return graph.upstream_signals(node.id)
-
-
 def _score_field_issues(ruleset: "RuleSet", node: StageNode, graph: GraphView) -> list[ConfigIssue]:
     """A ``score.<stage>`` (field or expression) that names no scoring stage upstream can never be
     read: the condition is never true, the rule never fires. An error, whatever the strictness."""
@@ -114,7 +109,7 @@ def _score_field_issues(ruleset: "RuleSet", node: StageNode, graph: GraphView) -
 
     from rules.conflicts import score_references
 
-    scoring = _scoring_upstream(node, graph)
+    scoring = graph.upstream_signals(node.id)  # the stages upstream that write a ledger score: id -> signal
     upstream = {n.id: n for n in graph.ancestors(node.id)}
     every = {n.id: n for n in graph.nodes()}
     known = ", ".join(sorted(scoring)) or "none that scores"

@@ -38,6 +38,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from engine.errors import ModelLoadError, SieveError
+from engine.paths import nearest_existing_parent
 from stages.rerank.modeling import (
     DEFAULT_MAX_QUERY_TOKENS,
     DEFAULT_SCALE,
@@ -448,11 +449,9 @@ def check_output_directory(out: Path) -> None:
     than an earlier model of ``sieve train-reranker`` (which is replaced): a user's files are never overwritten."""
     if out.exists() and not out.is_dir():
         raise SieveError(f"--out {out} is a file; give a directory for the model")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SieveError(f"--out {out}: {parent} is a file, not a directory")
-            break
+    parent = nearest_existing_parent(out.absolute())
+    if parent is not None and not parent.is_dir():
+        raise SieveError(f"--out {out}: {parent} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "sieve_model.json").is_file():
         raise SieveError(f"--out {out} is a directory with other files in it (no sieve_model.json: not a model "
                          "this command wrote); choose a new or empty directory")
