@@ -126,6 +126,24 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.mod
                    "vocab.json")
 
 
+def load_failure(location: str | Path, exc: BaseException) -> str:
+    """Why a model directory failed to load, for an error message: the damaged JSON file when one is (a library
+    only says "Invalid control character at line 1 column 9", not in which of the directory's files), else the
+    library's own error."""
+    directory = Path(location)
+    if directory.is_dir():
+        for path in sorted(directory.glob("*.json")) + sorted(directory.glob("*/config.json")):
+            try:
+                json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                return f"{path} is not UTF-8 text"
+            except json.JSONDecodeError as error:
+                return f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+            except OSError as error:
+                return f"cannot read {path}: {error.strerror or error}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "model") -> ResolvedModel:
     """Resolve a config's model name to files: packaged copy, local path, or hub id."""
     if not isinstance(name, str) or not name.strip():

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
-from engine.models import ResolvedModel, quiet_transformers, weights_hash
+from engine.models import ResolvedModel, load_failure, quiet_transformers, weights_hash
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Pooling = Literal["auto", "cls", "mean"]
@@ -141,7 +141,8 @@ class Embedder:
                 )
             except Exception as exc:  # noqa: BLE001 - any library failure becomes a located ModelLoadError
                 raise ModelLoadError(
-                    f"cannot load embedding model '{resolved.name}' from {resolved.location}: {type(exc).__name__}: {exc}"
+                    f"cannot load embedding model '{resolved.name}' from {resolved.location}: "
+                    f"{load_failure(resolved.location, exc)}"
                 ) from None
         self.flag = flag
         self.tokenizer = flag.tokenizer

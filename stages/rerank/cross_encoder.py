@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
+from engine.models import load_failure, model_card, quiet_transformers, resolve_model, weights_hash
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -154,7 +155,6 @@ class LoadedReranker:
     """A cross-encoder ready for inference: model, tokenizer, scoring head, device, precision."""
 
     def __init__(self, name: str, base_dir: Path, device: str, precision: str, max_length: int | None):
-        from engine.models import model_card, quiet_transformers, resolve_model
 
         try:
             import torch
@@ -220,7 +220,7 @@ class LoadedReranker:
                 self.model = AutoModel.from_pretrained(location, dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - any library failure becomes a located ModelLoadError
             raise ModelLoadError(
-                f"rerank.cross_encoder: cannot load the segment_cosine model at {location}: {type(exc).__name__}: {exc}"
+                f"rerank.cross_encoder: cannot load the segment_cosine model at {location}: {load_failure(location, exc)}"
             ) from None
         self._place()
 
@@ -242,7 +242,7 @@ class LoadedReranker:
         except Exception as exc:  # noqa: BLE001 - any library failure becomes a located ModelLoadError
             raise ModelLoadError(
                 f"rerank.cross_encoder: FlagReranker cannot load '{self.resolved.name}' from {location}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{load_failure(location, exc)}"
             ) from None
         num_labels = getattr(reranker.model.config, "num_labels", 1)
         if num_labels != 1:
@@ -381,7 +381,6 @@ def _hub_weights_hash(hub_id: str) -> str | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        from engine.models import weights_hash
 
         config_path = try_to_load_from_cache(hub_id, "config.json")
         if isinstance(config_path, str):

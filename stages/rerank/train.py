@@ -310,7 +310,7 @@ def load_base(base: str, head: str) -> tuple[Any, Any, dict[str, Any]]:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from engine.models import resolve_model
+    from engine.models import load_failure, resolve_model
 
     resolved = resolve_model(base, purpose="train-reranker --base")
     try:
@@ -321,8 +321,10 @@ def load_base(base: str, head: str) -> tuple[Any, Any, dict[str, Any]]:
             model = AutoModelForSequenceClassification.from_pretrained(
                 resolved.location, dtype=torch.float32, num_labels=1
             )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"train-reranker: cannot load base model '{base}' from {resolved.location}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any library failure becomes a named ModelLoadError
+        raise ModelLoadError(
+            f"train-reranker: cannot load base model '{base}' from {resolved.location}: {load_failure(resolved.location, exc)}"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"train-reranker: base model '{base}' has no fast tokenizer (tokenizer.json)")
     return tokenizer, model, resolved.to_dict()

@@ -421,6 +421,35 @@ def test_models_that_would_load_but_score_garbage_are_refused(bm25_index, write_
     assert json.loads((tiny_segment_cosine / "sieve_model.json").read_text())  # the original is fine
 
 
+def test_a_damaged_json_file_of_a_model_is_named(bm25_index, write_config, tmp_path, tiny_classifier,
+                                                 tiny_segment_cosine):
+    """The libraries say only "Invalid control character at line 1 column 9", not in which file."""
+    import shutil
+
+    for source, name in ((tiny_classifier, "classifier"), (tiny_segment_cosine, "cosine")):
+        for damaged in ("tokenizer.json", "config.json"):
+            broken = tmp_path / f"{name}-{damaged}"
+            shutil.copytree(source, broken)
+            (broken / damaged).write_text('{"broken')
+            pipeline = _pipeline(write_config, bm25_index, f"{{model: {broken}, window: 5}}", name=f"{broken.name}.yaml")
+            with pytest.raises(ModelLoadError, match=f"{broken / damaged} is not valid JSON \\(line 1, column "):
+                pipeline.warm_up()
+
+
+def test_a_damaged_embedding_model_names_the_file(tmp_path):
+    import shutil
+
+    from engine.models import resolve_model
+    from stages.embedding import load_embedder
+
+    source = Path(resolve_model("sentence-transformers/all-MiniLM-L6-v2").location)
+    broken = tmp_path / "minilm"
+    shutil.copytree(source, broken)
+    (broken / "tokenizer_config.json").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ModelLoadError, match=f"{broken / 'tokenizer_config.json'} is not UTF-8 text"):
+        load_embedder(resolve_model(str(broken)), pooling="mean", device="cpu", precision="fp32")
+
+
 def test_spacy_pipelines_given_as_paths(tmp_path):
     import spacy
 
