@@ -54,17 +54,22 @@ class ResolvedModel:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """No 'Loading weights' progress bar on the user's terminal while a model loads."""
+    """No 'Loading weights' progress bar and no 'LOAD REPORT' table of missing or unexpected tensors on the user's
+    terminal while a model loads: Sieve checks what matters itself (a cross-encoder without a trained head is
+    refused; a pooler the segment-cosine head does not use, or the new head train-reranker trains, is expected)."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
         yield
         return
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 

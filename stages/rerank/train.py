@@ -310,17 +310,18 @@ def load_base(base: str, head: str) -> tuple[Any, Any, dict[str, Any]]:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from engine.models import load_failure, resolve_model
+    from engine.models import load_failure, quiet_transformers, resolve_model
 
     resolved = resolve_model(base, purpose="train-reranker --base")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.location)
-        if head == SEGMENT_COSINE:
-            model = AutoModel.from_pretrained(resolved.location, dtype=torch.float32, add_pooling_layer=False)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                resolved.location, dtype=torch.float32, num_labels=1
-            )
+        with quiet_transformers():  # the new classification head is expected: no 'MISSING' table
+            tokenizer = AutoTokenizer.from_pretrained(resolved.location)
+            if head == SEGMENT_COSINE:
+                model = AutoModel.from_pretrained(resolved.location, dtype=torch.float32, add_pooling_layer=False)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    resolved.location, dtype=torch.float32, num_labels=1
+                )
     except Exception as exc:  # noqa: BLE001 - any library failure becomes a named ModelLoadError
         raise ModelLoadError(
             f"train-reranker: cannot load base model '{base}' from {resolved.location}: {load_failure(resolved.location, exc)}"

@@ -685,3 +685,19 @@ def test_cuda_fp16_scores_match_cpu(tiny_classifier, bm25_index, write_config):
     assert identity["device"] == "cuda" and identity["precision"] == "fp16"
     for candidate in result.results[:8]:
         assert candidate.score_of("rerank") == pytest.approx(on_cpu[candidate.doc_id], abs=2e-2)
+
+
+def test_loading_a_base_model_prints_no_transformers_tables(capfd):
+    """A new head (train-reranker) or an unused pooler is expected: no 'LOAD REPORT' of MISSING/UNEXPECTED tensors
+    and no progress bar on the user's terminal; and the library's logging level is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from stages.rerank.train import SEGMENT_COSINE, SEQUENCE_CLASSIFICATION, load_base
+
+    before = hf_logging.get_verbosity()
+    for head in (SEQUENCE_CLASSIFICATION, SEGMENT_COSINE):
+        load_base("sentence-transformers/all-MiniLM-L6-v2", head)
+    captured = capfd.readouterr()
+    assert "LOAD REPORT" not in captured.err + captured.out
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.get_verbosity() == before
