@@ -494,7 +494,13 @@ class EntityConsistency(Stage):
                 )
             gazetteer = named
         model = entry.get("model") or {}
-        extractor = load_extractor(str(model.get("name", DEFAULT_SPACY_MODEL)), gazetteer, bool(entry.get("ner", True)))
+        try:
+            extractor = load_extractor(str(model.get("name", DEFAULT_SPACY_MODEL)), gazetteer, bool(entry.get("ner", True)))
+        except ModelLoadError as exc:  # the name is not in the config: say where it came from
+            raise ModelLoadError(
+                f"the index at {index.path} extracted its documents' entities with spaCy pipeline "
+                f"'{model.get('name', DEFAULT_SPACY_MODEL)}' (its manifest says so), and queries need the same one: {exc}"
+            ) from None
         if str(model.get("version")) != extractor.model_version:
             raise ModelLoadError(
                 f"stage '{self.id}': the index's entities were extracted with spaCy pipeline '{model.get('name')}' "

@@ -121,6 +121,26 @@ def test_entities_component_records_model_and_gazetteer(medical_index):
     assert ("DRUG", "metformin") in first and ("CONDITION", "E11") in first
 
 
+def test_an_index_naming_a_spacy_pipeline_not_installed_says_the_name_came_from_the_index(tmp_path, medical_index):
+    """The config names no spaCy pipeline: the message must say where 'xx_not_installed' came from."""
+    import shutil
+
+    from engine.errors import ModelLoadError
+
+    copy = tmp_path / "medical"
+    shutil.copytree(medical_index, copy)
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["components"]["entities"]["model"]["name"] = "xx_not_installed"
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    pipeline = make_pipeline(tmp_path, copy, ENTITY_STAGES, "entity")
+    with pytest.raises(ModelLoadError) as caught:
+        pipeline.warm_up()
+    message = str(caught.value)
+    assert f"the index at {copy} extracted its documents' entities with spaCy pipeline 'xx_not_installed'" in message
+    assert "spaCy pipeline 'xx_not_installed' is not installed" in message
+
+
 ENTITY_STAGES = """\
   - {id: bm25, type: recall.bm25, params: {top_k: 40}}
   - {id: entity, type: boost.entity_consistency, inputs: [bm25]}
