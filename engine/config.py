@@ -51,6 +51,25 @@ class Limits(Strict):
     max_history_turns: int = Field(20, ge=0, le=10_000)
 
 
+class ServerSettings(Strict):
+    """What an HTTP request may ask of this pipeline under ``sieve serve`` (the CLI and the Python API, used by
+    operators, may do all of it). Each gives a caller more than the results its user may see, so each is off
+    unless the config turns it on, for a gateway that admits only trusted callers (auditors)."""
+
+    request_as_of: bool = Field(
+        False, description="a request may set the query's as_of: the rules are then judged at a time the caller "
+        "chooses (an archived or an embargoed document becomes visible); off: the server's clock"
+    )
+    include_trace: bool = Field(
+        False, description="a search may ask for its whole trace (\"include_trace\": true): every stage's output, "
+        "rule counts, ids of documents access rules suppressed, rule-file paths"
+    )
+    explain: bool = Field(
+        False, description="POST /v1/pipelines/{name}/explain answers: where given document ids left the pipeline "
+        "(which access rule masked one, whether an id exists at all)"
+    )
+
+
 class ExecutorSettings(Strict):
     max_workers: int = Field(2, ge=1, le=64, description="threads for independent branches of the DAG")
 
@@ -66,6 +85,7 @@ class PipelineConfig(Strict):
     output: str | None = Field(None, description="the stage whose candidates are returned")
     trace: TraceSettings = Field(default_factory=TraceSettings)
     limits: Limits = Field(default_factory=Limits)
+    server: ServerSettings = Field(default_factory=ServerSettings)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
 
 

@@ -21,7 +21,8 @@ so an auditor can find and replay it.
 
 Errors are JSON, ``{"error": {"type": ..., "message": ...}}``, never a stack trace: 400 for a query
 the pipeline refuses (empty, too long, too much history), 404 for an unknown pipeline (``unknown_pipeline``)
-or path (``not_found``), 405 for a wrong method, 413 for a body over ``max_body_bytes``, 415 for a body
+or path (``not_found``), 403 (``not_allowed``) for ``as_of``, ``include_trace`` or the explain endpoint where
+the pipeline's ``server:`` settings do not allow them (each off by default), 405 for a wrong method, 413 for a body over ``max_body_bytes``, 415 for a body
 that is not ``application/json`` (UTF-8) or is compressed (``Content-Encoding``: the server decodes
 none), 422 for a malformed body (``invalid_request``: not UTF-8, not JSON, nested too deeply, a key given
 twice, a field of the wrong type or a string holding a lone surrogate; each problem located, the first
@@ -38,7 +39,9 @@ plus 256 KiB for the user and the rest, for the most generous pipeline; never be
 
 The server has no authentication of its own and trusts the ``user`` in the body (access rules read
 it): it belongs behind the gateway that authenticates callers; ``sieve serve`` listens on loopback
-unless told otherwise.
+unless told otherwise. What gives a caller more than its user's results (choosing the time the rules are
+judged at, the whole trace, the explain endpoint) is each refused unless the pipeline's config allows it
+(``server:``, see ``engine.config.ServerSettings``).
 
 Requests are served concurrently: FastAPI runs each search in its thread pool, and a warmed
 pipeline is safe to share between threads.
@@ -525,12 +528,26 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
     def list_pipelines() -> dict[str, Any]:
         return {"pipelines": [describe(name, pipeline) for name, pipeline in sorted(pipelines.items())]}
 
-    def run(name: str, body: SearchBody, keep_outcomes: bool = False) -> Any:
+    def refused(name: str, setting: str, what: str) -> JSONResponse:
+        return error(403, "not_allowed", f"pipeline '{name}' does not allow {what}; its config allows it with "
+                     f"`server: {{{setting}: true}}`, for a gateway that admits only trusted callers")
+
+    def run(name: str, body: SearchBody, explaining: bool = False) -> Any:
         """The pipeline's run of the body's query, its trace appended to the log: (pipeline, result, log
         path), or the error response."""
         pipeline = pipelines.get(name)
         if pipeline is None:
             return error(404, "unknown_pipeline", f"no pipeline named '{name}'; served: {', '.join(sorted(pipelines))}")
+        allowed = pipeline.compiled.config.server
+        if body.as_of is not None and not allowed.request_as_of:
+            return refused(name, "request_as_of", "as_of in requests (the rules would be judged at a time the caller "
+                           "chooses: archived or embargoed documents would become visible); it uses the server's clock")
+        if body.include_trace and not allowed.include_trace:
+            return refused(name, "include_trace", "include_trace (the whole trace names documents access rules "
+                           "suppressed)")
+        if explaining and not allowed.explain:
+            return refused(name, "explain", "the explain endpoint (it says where any document id left the pipeline, "
+                           "which access rule masked it, whether it exists)")
         user = UserContext(**body.user.model_dump()) if body.user is not None else None
         try:
             query = pipeline.make_query(body.query, history=body.history, user=user, as_of=body.as_of,
@@ -538,7 +555,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
         except QueryError as exc:
             return error(400, "bad_query", str(exc))
         try:
-            result = pipeline.run(query, keep_outcomes=keep_outcomes)
+            result = pipeline.run(query, keep_outcomes=explaining)
         except SieveError as exc:
             log.error("pipeline '%s' failed: %s", name, exc)
             return error(500, "stage_failed", str(exc))
@@ -562,7 +579,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
     def explain(name: str, body: ExplainBody) -> Any:
         from engine.workbench.inspect import explain_report, why_not
 
-        ran = run(name, body, keep_outcomes=True)
+        ran = run(name, body, explaining=True)
         if isinstance(ran, JSONResponse):
             return ran
         pipeline, result, log_path = ran
@@ -589,6 +606,7 @@ def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
         "stages": [{"id": stage_id, "type": compiled.specs[stage_id].type} for stage_id in compiled.order],
         "output": compiled.output,
         "unavailable": dict(pipeline.unavailable),
+        "allows": compiled.config.server.model_dump(),
     }
 
 

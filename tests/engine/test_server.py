@@ -40,6 +40,7 @@ trace:
 limits:
   max_query_chars: 500
   max_history_turns: 3
+server: {{request_as_of: true, include_trace: true, explain: true}}
 """
 
 
@@ -58,13 +59,14 @@ stages:
 output: final
 trace:
   log: {log}
+server: {{explain: true}}
 """
 
 
 @pytest.fixture(scope="module")
 def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
     """(base URL, trace log path) of a running `sieve serve` over the SciFact slice: pipelines 'mini',
-    'failing' and 'roomy' (default limits)."""
+    'failing' (nothing allowed but search) and 'roomy' (default limits; explain allowed)."""
     directory = tmp_path_factory.mktemp("server")
     log = directory / "trace.jsonl"
     config = directory / "mini.yaml"
@@ -362,6 +364,24 @@ def test_wrong_json_types_are_refused_not_coerced(server, path, body, location, 
     base, _ = server
     response = httpx.post(f"{base}/v1/pipelines/mini/{path}", json=body, timeout=60)
     assert_error(response, 422, "invalid_request", f"{location}: ", says)
+
+
+def test_what_a_request_may_ask_beyond_results_is_the_configs_choice(server):
+    """as_of (time travel past retention and embargo rules), the whole trace (ids of suppressed documents) and the
+    explain endpoint (which access rule masked an id, whether it exists) are refused unless the config allows them."""
+    base, _ = server
+    as_of = search(base, {"query": "vitamin D", "as_of": "1990-01-01"}, pipeline="roomy")
+    assert_error(as_of, 403, "not_allowed", "pipeline 'roomy' does not allow as_of in requests")
+    assert "`server: {request_as_of: true}`" in as_of.json()["error"]["message"]
+    trace = search(base, {"query": "vitamin D", "include_trace": True}, pipeline="roomy")
+    assert_error(trace, 403, "not_allowed", "pipeline 'roomy' does not allow include_trace")
+    explain = httpx.post(f"{base}/v1/pipelines/failing/explain", timeout=60, json={"query": "x", "doc_ids": ["a"]})
+    assert_error(explain, 403, "not_allowed", "pipeline 'failing' does not allow the explain endpoint")
+    plain = search(base, {"query": "vitamin D", "explain": True}, pipeline="roomy")  # results and their scores: yes
+    assert plain.status_code == 200 and plain.json()["results"]
+    allows = {p["name"]: p["allows"] for p in httpx.get(f"{base}/v1/pipelines").json()["pipelines"]}
+    assert allows["roomy"] == {"request_as_of": False, "include_trace": False, "explain": True}
+    assert allows["mini"] == {"request_as_of": True, "include_trace": True, "explain": True}
 
 
 def test_as_of_takes_iso_8601_dates_and_times(server):
