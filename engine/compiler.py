@@ -373,6 +373,24 @@ def _check_graph(
             issues.append(
                 ConfigIssue(loc, dotted, f"stage '{sid}' does not feed the output '{output}' (unreachable)")
             )
+    # Access rules apply to every recall: a candidate source (a stage with no candidate input) that no prefilter
+    # feeds would bring back documents the rules deny, and a fusion downstream would pass them on.
+    masks = [sid for sid, n in nodes.items() if n.cls.produces is Port.MASK]
+    for sid, node in nodes.items():
+        if not masks or node.cls.produces is not Port.CANDIDATES:
+            continue
+        if any(d in nodes and nodes[d].cls.produces is Port.CANDIDATES for d in node.inputs):
+            continue
+        above = {n.id for n in graph.ancestors(sid)}
+        bypassed = [m for m in masks if m not in above]
+        if bypassed:
+            loc, dotted = where(sid, "inputs")
+            named = ", ".join(f"'{m}' ({nodes[m].cls.type_name})" for m in bypassed)
+            issues.append(ConfigIssue(
+                loc, dotted,
+                f"stage '{sid}' ({node.cls.type_name}) retrieves documents without the access rules of {named}: it "
+                f"would return documents they deny. Add {' and '.join(repr(m) for m in bypassed)} to its inputs",
+            ))
     if not deep:
         return output, order
     for sid, node in nodes.items():

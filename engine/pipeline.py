@@ -230,6 +230,8 @@ class Pipeline:
         candidates = result.candidates if stage.produces is Port.CANDIDATES else None
         if stage.produces is Port.CANDIDATES and candidates is None:
             candidates = []
+        if candidates and mask is not None:
+            candidates = self._enforce_mask(candidates, mask, result)
         if stage.produces is Port.QUERY and result.query is not None:
             rewritten = result.query.rewritten
             if self.compiled.config.trace.include_query_text:
@@ -248,6 +250,23 @@ class Pipeline:
         if result.details:
             record["details"] = result.details
         return StageOutcome(out_query, out_mask, candidates, record)
+
+    @staticmethod
+    def _enforce_mask(candidates: list[Candidate], mask: DocumentMask, result: StageResult) -> list[Candidate]:
+        """No stage hands on a document the access rules upstream of it deny: recall applies the mask itself, and
+        this guarantees it for every stage (a fusion, an injected pin, a stage written without the mask in mind)."""
+        import numpy as np
+
+        rows = np.fromiter((c.row for c in candidates), dtype=np.int64, count=len(candidates))
+        permitted = mask.allowed[rows]
+        if permitted.all():
+            return candidates
+        sources = ", ".join(dict.fromkeys(mask.sources))
+        result.drops = list(result.drops) + [
+            Drop(c.doc_id, "access_mask", f"denied by the access rules of {sources}; removed by the engine")
+            for c, ok in zip(candidates, permitted.tolist()) if not ok
+        ]
+        return [c for c, ok in zip(candidates, permitted.tolist()) if ok]
 
     @staticmethod
     def _pass_through(produces: Port, lists: list[list[Candidate]]) -> StageResult:

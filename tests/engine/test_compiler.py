@@ -336,3 +336,37 @@ def test_a_named_gazetteer_is_checked_at_validate(write_config):
     config = config.replace("gazetteer: missing.yaml", "labels: []")
     (error,) = errors_of(write_config(config))
     assert "stages.2.params: labels: [] considers no label" in error
+
+
+def test_a_recall_that_bypasses_the_access_rules_is_refused(write_config, tmp_path):
+    """An audit wired a second recall without the prefilter and fused it with the masked one: validate passed and
+    the search returned documents the access rules deny."""
+    rules = Path(__file__).resolve().parents[2] / "configs" / "medical" / "access.yaml"
+    path = write_config(f"""\
+version: 1
+index: idx
+stages:
+  - {{id: access, type: rules.prefilter, params: {{rules: {rules}}}}}
+  - {{id: bm25, type: recall.bm25, inputs: [access], params: {{top_k: 20}}}}
+  - {{id: raw, type: recall.bm25, params: {{top_k: 20}}}}
+  - {{id: hybrid, type: fuse.rrf, inputs: [bm25, raw]}}
+output: hybrid
+""")
+    errors = errors_of(path)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:6:5  stages.2.inputs: stage 'raw' (recall.bm25) retrieves documents without "
+                                "the access rules of 'access' (rules.prefilter): it would return documents they deny. "
+                                "Add 'access' to its inputs")
+    # both recalls under the rules (one also taking a rewrite): accepted
+    fine = write_config(f"""\
+version: 1
+index: idx
+stages:
+  - {{id: access, type: rules.prefilter, params: {{rules: {rules}}}}}
+  - {{id: rewrite, type: rewrite.coreference}}
+  - {{id: bm25, type: recall.bm25, inputs: [access], params: {{top_k: 20}}}}
+  - {{id: raw, type: recall.bm25, inputs: [rewrite, access], params: {{top_k: 20}}}}
+  - {{id: hybrid, type: fuse.rrf, inputs: [bm25, raw]}}
+output: hybrid
+""", "fine.yaml")
+    assert compile_file(fine).output == "hybrid"

@@ -222,3 +222,66 @@ def test_a_log_that_cannot_be_appended_is_a_trace_error(pipeline, tmp_path):
         pipeline.log_trace(result.trace, tmp_path)
     with pytest.raises(TraceError, match="cannot append to the trace log"):
         pipeline.log_trace(result.trace, Path(f"{tmp_path}/x\0.jsonl"))
+
+
+@pytest.fixture
+def careless_stage():
+    """A stage written without the mask in mind: it adds a fixed document to whatever it is given (a third-party
+    stage, or a bug). Registered for one test only."""
+    from engine import registry
+    from engine.model import Candidate, ScoreEntry
+    from engine.stage import Port, Stage, StageParams, StageResult
+
+    class AddParams(StageParams):
+        doc_id: str
+
+    class AddsADocument(Stage):
+        type_name = "test.adds_a_document"
+        version = 1
+        Params = AddParams
+        produces = Port.CANDIDATES
+        accepts = frozenset({Port.CANDIDATES})
+        summary = "test only: appends params.doc_id, ignoring the mask"
+
+        def run(self, ctx):
+            (incoming,) = ctx.inputs
+            row = ctx.resources.index.row_of(self.params.doc_id)
+            added = Candidate(self.params.doc_id, row, (ScoreEntry(self.id, "added", 0.0, len(incoming) + 1),))
+            return StageResult(candidates=[*incoming, added])
+
+    registry.register_stage(AddsADocument)
+    yield AddsADocument.type_name
+    registry._stages.pop(AddsADocument.type_name)
+
+
+def test_no_stage_hands_on_a_document_the_access_rules_deny(careless_stage, tmp_path):
+    """The engine filters every stage's output by the mask it received: a denied document never reaches the
+    results (nor a later stage's input), and the trace says which stage produced it and which rules deny it."""
+    root = Path(__file__).resolve().parents[2]
+    index = tmp_path / "medical"
+    build_index(root / "examples" / "medical", index, {"bm25": {}})
+    config = tmp_path / "careless.yaml"
+    config.write_text(f"""\
+version: 1
+index: {index}
+stages:
+  - {{id: access, type: rules.prefilter, params: {{rules: {root / 'configs' / 'medical' / 'access.yaml'}}}}}
+  - {{id: bm25, type: recall.bm25, inputs: [access], params: {{top_k: 5}}}}
+  - {{id: careless, type: {careless_stage}, inputs: [bm25], params: {{doc_id: med-007}}}}
+  - {{id: final, type: select.top_k, inputs: [careless], params: {{k: 10}}}}
+output: final
+trace: {{log: null}}
+""", encoding="utf-8")
+    pipeline = Pipeline.from_file(config)
+    from engine.model import UserContext
+
+    clinician = UserContext(roles=("clinician",), jurisdictions=("US",))
+    allowed = pipeline.search("metformin trial protocol", user=clinician, as_of=datetime(2025, 6, 1, tzinfo=timezone.utc))
+    assert "med-007" not in [c.doc_id for c in allowed.results]  # the monitoring board's only: the clinician may not see it
+    careless = next(s for s in allowed.trace["stages"] if s["id"] == "careless")
+    assert {"doc_id": "med-007", "reason": "access_mask",
+            "detail": "denied by the access rules of access; removed by the engine"} in careless["drops"]
+    assert "med-007" not in [doc_id for doc_id, _ in careless["output"]]
+    monitor = UserContext(roles=("clinician",), groups=("trial-dsmb",), jurisdictions=("US",))
+    seen = pipeline.search("metformin trial protocol", user=monitor, as_of=datetime(2025, 6, 1, tzinfo=timezone.utc))
+    assert "med-007" in [c.doc_id for c in seen.results]  # where the rules allow it, it stays
