@@ -150,11 +150,21 @@ def index(
     )
 
 
-def _user_context(user: str | None, roles: list[str] | None, groups: list[str] | None, jurisdictions: list[str] | None):
+def _user_context(user: str | None, roles: list[str] | None, groups: list[str] | None, jurisdictions: list[str] | None,
+                  attributes: list[str] | None = None):
     from engine.model import UserContext
 
+    named: dict[str, str] = {}
+    for item in attributes or ():
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip():
+            raise SieveError(f"--attribute takes NAME=VALUE (e.g. wall_crossed=yes), got {item!r}")
+        if name in named:
+            raise SieveError(f"--attribute {name} is given twice")
+        named[name] = value
     return UserContext(
-        user_id=user, roles=tuple(roles or ()), groups=tuple(groups or ()), jurisdictions=tuple(jurisdictions or ())
+        user_id=user, roles=tuple(roles or ()), groups=tuple(groups or ()), jurisdictions=tuple(jurisdictions or ()),
+        attributes=named,
     )
 
 
@@ -164,20 +174,22 @@ UserOption = Annotated[Optional[str], typer.Option("--user", help="user id")]
 RoleOption = Annotated[Optional[list[str]], typer.Option("--role", help="user role (repeatable)")]
 GroupOption = Annotated[Optional[list[str]], typer.Option("--group", help="user group (repeatable)")]
 JurisdictionOption = Annotated[Optional[list[str]], typer.Option("--jurisdiction", help="user jurisdiction (repeatable)")]
+AttributeOption = Annotated[Optional[list[str]], typer.Option(
+    "--attribute", help="user attribute NAME=VALUE, as access rules read user.attributes.NAME (repeatable)")]
 AsOfOption = Annotated[Optional[str], typer.Option("--as-of", help="query time, ISO 8601 (default: now)")]
 IndexOption = Annotated[Optional[Path], typer.Option("--index", help="override the config's index")]
 
 
 def _make_query(pipeline: Any, text: str, history: Optional[list[str]], user: Optional[str],
                 roles: Optional[list[str]], groups: Optional[list[str]], jurisdictions: Optional[list[str]],
-                as_of: Optional[str]) -> Any:
+                as_of: Optional[str], attributes: Optional[list[str]] = None) -> Any:
     from engine.stage import Port
 
     if history and not any(stage.produces is Port.QUERY for stage in pipeline.compiled.stages.values()):
         err.print("[yellow]warning:[/yellow] this pipeline has no query-rewriting stage (rewrite.coreference): "
                   "--history is recorded in the trace but does not change the query")
     return pipeline.make_query(
-        text, history=tuple(history or ()), user=_user_context(user, roles, groups, jurisdictions),
+        text, history=tuple(history or ()), user=_user_context(user, roles, groups, jurisdictions, attributes),
         as_of=_parse_time(as_of, "--as-of"),
     )
 
@@ -191,6 +203,7 @@ def search(
     role: RoleOption = None,
     group: GroupOption = None,
     jurisdiction: JurisdictionOption = None,
+    attribute: AttributeOption = None,
     as_of: AsOfOption = None,
     index_dir: IndexOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results and trace as JSON")] = False,
@@ -205,7 +218,7 @@ def search(
 
     _writable_file(trace_out, "--trace-out")
     pipeline = Pipeline.from_file(config, index_path=index_dir)
-    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of))
+    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
     trace = result.trace
     log_path = None if no_log else pipeline.log_trace(trace, log)
     if trace_out is not None:
@@ -426,6 +439,7 @@ def explain_command(
     role: RoleOption = None,
     group: GroupOption = None,
     jurisdiction: JurisdictionOption = None,
+    attribute: AttributeOption = None,
     as_of: AsOfOption = None,
     index_dir: IndexOption = None,
     top: Annotated[Optional[int], typer.Option(help="explain only the first N results (default: all)")] = None,
@@ -445,7 +459,7 @@ def explain_command(
     pipeline = InspectingPipeline(compile_file(config), index_path=index_dir)
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
-    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of))
+    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
     trace = result.trace
     if trace_out is not None:
         write_json_atomic(trace_out, trace)

@@ -285,3 +285,34 @@ trace: {{log: null}}
     monitor = UserContext(roles=("clinician",), groups=("trial-dsmb",), jurisdictions=("US",))
     seen = pipeline.search("metformin trial protocol", user=monitor, as_of=datetime(2025, 6, 1, tzinfo=timezone.utc))
     assert "med-007" in [c.doc_id for c in seen.results]  # where the rules allow it, it stays
+
+
+def test_the_cli_passes_user_attributes_that_access_rules_read(tmp_path):
+    """The finance rules let wall-crossed staff see restricted issuers (user.attributes.wall_crossed): the CLI could
+    not say so (an audit found no way to pass attributes but HTTP)."""
+    root = Path(__file__).resolve().parents[2]
+    index = tmp_path / "finance"
+    build_index(root / "examples" / "finance", index, {"bm25": {}})
+    config = tmp_path / "finance.yaml"
+    config.write_text(f"""\
+version: 1
+index: {index}
+stages:
+  - {{id: access, type: rules.prefilter, params: {{rules: {root / 'configs' / 'finance' / 'access.yaml'}}}}}
+  - {{id: bm25, type: recall.bm25, inputs: [access], params: {{top_k: 10}}}}
+output: bm25
+trace: {{log: null}}
+""", encoding="utf-8")
+    runner = CliRunner()
+    base = ["search", str(config), "Acme Robotics earnings", "--group", "research", "--as-of", "2025-06-01", "--json"]
+
+    def returned(*extra: str) -> list[str]:
+        outcome = runner.invoke(app, [*base, *extra])
+        assert outcome.exit_code == 0, outcome.output
+        return [r["doc_id"] for r in json.loads(outcome.output)["results"]]
+
+    assert "fin-008" not in returned()  # restricted issuer
+    assert "fin-008" in returned("--attribute", "wall_crossed=yes")
+    bad = runner.invoke(app, [*base, "--attribute", "wall_crossed"])
+    assert isinstance(bad.exception, SieveError)  # the console entry point prints it and exits 2
+    assert str(bad.exception) == "--attribute takes NAME=VALUE (e.g. wall_crossed=yes), got 'wall_crossed'"
