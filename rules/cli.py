@@ -88,10 +88,11 @@ def test(
 def check(
     files: Annotated[list[Path], typer.Argument(help="rule files to check")],
     index_dir: Annotated[
-        Optional[Path], typer.Option("--index", help="also check against this index (fields, doc ids)")
+        Optional[Path], typer.Option("--index", help="also check against this index (fields, doc ids, values the rules cannot judge)")
     ] = None,
 ) -> None:
-    """Validate rule files and look for conflicts, expired rules and (with --index) unknown fields."""
+    """Validate rule files and look for conflicts, expired rules and (with --index) unknown fields and
+    documents a rule cannot judge (unparsable dates or numbers, malformed nested fields)."""
     from rules.conflicts import check_against_corpus, check_rule_file
 
     table = None

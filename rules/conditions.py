@@ -22,10 +22,24 @@ Operators (a list-valued field matches when any of its elements does):
 before after``. String comparisons ignore case unless ``case_sensitive: true``. ``lt``..``ge``
 compare numbers, or dates when the value is a date; ``before``/``after`` compare dates. A date
 value may be relative to the query's time: ``as_of``, ``as_of - 30d``, ``as_of + 2w``,
-``as_of - 1y`` (365 days), by at most 1000 years either way (a further shift is refused when the
-file is loaded; one that leaves years 1..9999 for an extreme ``as_of`` is clamped to the first or
-last representable instant). A missing field (or null) makes every operator false except the
-negated ones (``ne``, ``not_in``, ``not_contains``) and ``exists: false``.
+``as_of - 12h``, ``as_of - 6mo``, ``as_of - 1y``. Years and months are calendar arithmetic
+(2025-06-01 - 15y is 2010-06-01; a day the target month lacks becomes its last day, so
+2024-02-29 - 1y is 2023-02-28); hours, days and weeks are exact. A shift may move ``as_of`` by at
+most 1000 years either way (a further shift is refused when the file is loaded; one that leaves
+years 1..9999 for an extreme ``as_of`` is clamped to the first or last representable instant). A
+missing field (or null) makes every operator false except the negated ones (``ne``, ``not_in``,
+``not_contains``) and ``exists: false``.
+
+``contains`` on a text value is a plain substring test of that one field, after case folding
+(unless ``case_sensitive``): no hyphen, space or Unicode normalisation (``patient-level data`` does
+not find ``patient level data`` nor a non-breaking hyphen), and ``doc.text`` is not ``doc.title``.
+On a list it is whole-element equality (``doc.tags contains x``: an element equal to ``x``).
+
+A document value a comparison cannot judge -- an ordered comparison (``lt``..``after``) on a
+value that is not a date (or not a number), or a nested path (``doc.access.groups``) that runs
+through a value that is not a mapping -- is *undecidable*: the vector evaluation records it in
+``QueryView.errors`` (row, reason), and ``rules.prefilter`` denies such documents (fail closed)
+and says so in its trace; ``rules.override`` does not fire on them.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as _dataclass_field
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -65,12 +80,17 @@ DATE_ONLY_OPS = frozenset({"before", "after"})
 NEGATED = {"ne": "eq", "not_in": "in", "not_contains": "contains"}
 MAX_REGEX_CHARS = 500
 FIELD_PATTERN = re.compile(r"^(as_of|(query|user|doc|score|candidate)(\.[A-Za-z0-9_\-]+)+)$")
-RELATIVE_DATE = re.compile(r"^\s*as_of\s*(?:(?P<sign>[+-])\s*(?P<amount>\d{1,5})\s*(?P<unit>[dwy]))?\s*$")
-UNIT_DAYS = {"d": 1, "w": 7, "y": 365}
-# How far a relative date may move as_of: 1000 years (of 365 days) either way. Further is almost
-# surely a typo, and would leave the dates Python can represent (years 1 to 9999) for any as_of.
+RELATIVE_DATE = re.compile(
+    r"^\s*as_of\s*(?:(?P<sign>[+-])\s*(?P<amount>\d{1,7})\s*(?P<unit>mo|[hdwy]))?\s*$"
+)
+UNIT_DAYS = {"d": 1, "w": 7, "y": 365}  # exact units in days (y: only for the 1000-year bound below)
+# How far a relative date may move as_of: 1000 years either way (365,000 days for the exact units,
+# 12,000 months, 1,000 years). Further is almost surely a typo, and would leave the dates Python
+# can represent (years 1 to 9999) for any as_of.
 MAX_RELATIVE_YEARS = 1000
 MAX_RELATIVE_DAYS = MAX_RELATIVE_YEARS * UNIT_DAYS["y"]
+_UNIT_LIMIT = {"h": MAX_RELATIVE_DAYS * 24, "d": MAX_RELATIVE_DAYS, "w": MAX_RELATIVE_DAYS // 7,
+               "mo": MAX_RELATIVE_YEARS * 12, "y": MAX_RELATIVE_YEARS}
 EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 LATEST = datetime.max.replace(tzinfo=timezone.utc)
 
@@ -101,23 +121,32 @@ def _err(message: str, shows_input: bool = False) -> PydanticCustomError:
     return PydanticCustomError("rule_condition", message, {"shows_input": True} if shows_input else None)
 
 
-def relative_offset_days(text: str) -> int | None:
-    """The shift in days of a relative date (``as_of - 30d`` -> -30), or None when ``text`` is not one."""
+def parse_relative(text: str) -> "RelativeDate | None":
+    """A relative date (``as_of - 30d``, ``as_of - 6mo``, ``as_of - 1y``) or None when ``text`` is not one."""
     match = RELATIVE_DATE.match(text)
     if not match:
         return None
     if match.group("sign") is None:
-        return 0
-    days = int(match.group("amount")) * UNIT_DAYS[match.group("unit")]
-    return days if match.group("sign") == "+" else -days
+        return RelativeDate(0)
+    amount = int(match.group("amount")) * (1 if match.group("sign") == "+" else -1)
+    unit = match.group("unit")
+    if unit == "y":
+        return RelativeDate(months=12 * amount, unit="y")
+    if unit == "mo":
+        return RelativeDate(months=amount, unit="mo")
+    if unit == "h":
+        return RelativeDate(hours=amount, unit="h")
+    return RelativeDate(amount * UNIT_DAYS[unit], unit=unit)
 
 
 def relative_date_problem(value: Any) -> str | None:
     """Why a relative date cannot be used (it moves as_of too far), or None (fine, or not one)."""
     if not isinstance(value, str):
         return None
-    days = relative_offset_days(value)
-    if days is None or abs(days) <= MAX_RELATIVE_DAYS:
+    match = RELATIVE_DATE.match(value)
+    if not match or match.group("sign") is None:
+        return None
+    if int(match.group("amount")) <= _UNIT_LIMIT[match.group("unit")]:
         return None
     return (
         f"{' '.join(value.split())} is outside the supported date range: a relative date may move as_of by at "
@@ -180,7 +209,8 @@ class Condition(NoCoercion):
             if _as_date_operand(value) is None and (op in DATE_ONLY_OPS or not _is_number(value)):
                 wanted = "a date" if op in DATE_ONLY_OPS else "a number or a date"
                 raise _err(
-                    f"'{op}' needs {wanted} (ISO 2025-01-31, or relative: as_of, as_of - 30d, as_of + 2w, as_of - 1y)"
+                    f"'{op}' needs {wanted} (ISO 2025-01-31, or relative: as_of, as_of - 30d, as_of + 2w, as_of - 6mo, "
+                    "as_of - 1y)"
                 )
         elif isinstance(value, (list, dict)):
             raise _err(f"'{op}' compares with a single value; use 'in' or 'contains_any' for a list")
@@ -218,22 +248,48 @@ Condition.model_rebuild()
 
 @dataclass(frozen=True)
 class RelativeDate:
-    """``as_of`` shifted by a number of days, resolved against each query's time."""
+    """``as_of`` shifted, resolved against each query's time: by calendar months (years are 12
+    months; a day the target month lacks becomes its last day), then by exact days and hours."""
 
-    offset_days: int
+    offset_days: int = 0
+    months: int = 0
+    hours: int = 0
+    unit: str = _dataclass_field(default="d", compare=False)  # as written, for messages: y, mo, w, d, h
 
     def resolve(self, as_of: datetime) -> datetime:
         """``as_of`` shifted; clamped to the first or last representable instant when the shift leaves
         them (a bound before year 1 behaves as "before every date", after 9999 as "after every date")."""
         try:
-            return as_of + timedelta(days=self.offset_days)
+            shifted = _add_months(as_of, self.months) if self.months else as_of
+            return shifted + timedelta(days=self.offset_days, hours=self.hours)
         except OverflowError:
-            return EARLIEST if self.offset_days < 0 else LATEST
+            backwards = (self.months or self.offset_days or self.hours) < 0
+            return EARLIEST if backwards else LATEST
 
     def __str__(self) -> str:
-        if self.offset_days == 0:
+        if not (self.offset_days or self.months or self.hours):
             return "as_of"
-        return f"as_of {'+' if self.offset_days > 0 else '-'} {abs(self.offset_days)}d"
+        if self.months:
+            amount, unit = (self.months // 12, "y") if self.unit == "y" and self.months % 12 == 0 else (self.months, "mo")
+        elif self.hours:
+            amount, unit = self.hours, "h"
+        elif self.unit == "w" and self.offset_days % 7 == 0:
+            amount, unit = self.offset_days // 7, "w"
+        else:
+            amount, unit = self.offset_days, "d"
+        return f"as_of {'+' if amount > 0 else '-'} {abs(amount)}{unit}"
+
+
+def _add_months(moment: datetime, months: int) -> datetime:
+    """``moment`` moved by calendar months (Jan 31 + 1 month is Feb 28/29); OverflowError outside years 1..9999."""
+    import calendar
+
+    total = moment.year * 12 + (moment.month - 1) + months
+    year, month = divmod(total, 12)
+    if not 1 <= year <= 9999:
+        raise OverflowError("date value out of range")
+    day = min(moment.day, calendar.monthrange(year, month + 1)[1])
+    return moment.replace(year=year, month=month + 1, day=day)
 
 
 def _id(value: Any) -> Any:
@@ -248,9 +304,9 @@ def _as_date_operand(value: Any) -> datetime | RelativeDate | None:
     if isinstance(value, (date, datetime)):
         return parse_date(value)
     if isinstance(value, str):
-        days = relative_offset_days(value)
-        if days is not None:
-            return RelativeDate(days)
+        relative = parse_relative(value)
+        if relative is not None:
+            return relative
         return parse_date(value)
     return None
 
@@ -371,6 +427,40 @@ def doc_field(document: Any, path: str) -> Any:
     return value
 
 
+def doc_path_problem(document: Any, path: str) -> str | None:
+    """Why ``doc.<a>.<b>...`` cannot be read on this document: the path runs through a value that is
+    not a mapping (``access.groups`` where ``access`` is a list or a string). None when the path is
+    readable, or simply absent (a missing key, or null on the way)."""
+    parts = path.split(".")[1:]
+    if len(parts) < 2:
+        return None
+    value: Any = document.metadata
+    for depth, part in enumerate(parts):
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            return f"'{'.'.join(parts[:depth])}' is {shape_of(value)}, not a mapping with '{part}'"
+        if part not in value:
+            return None
+        value = value[part]
+    return None
+
+
+def shape_of(value: Any) -> str:
+    """``a list``, ``a string``... for messages about a value's shape."""
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
+
+
 def doc_variables(document: Any) -> dict[str, Any]:
     return {**document.metadata, "id": document.doc_id, "title": document.title, "text": document.text,
             "metadata": document.metadata}
@@ -429,11 +519,13 @@ class NullView(QueryView):
 class Frame:
     """A ranked candidate list that override conditions are evaluated over, column by column."""
 
-    def __init__(self, candidates: Sequence[Any], table: "DocumentTable"):
+    def __init__(self, candidates: Sequence[Any], table: "DocumentTable", arrived: bool = True):
+        """``arrived``: the candidates came in ranked (False for documents a pin brings in: no rank on arrival)."""
         import numpy as np
 
         self.candidates = candidates
         self.table = table
+        self.arrived = arrived
         self.rows = np.fromiter((c.row for c in candidates), dtype=np.int64, count=len(candidates))
         self._columns: dict[str, list[Any]] = {}
 
@@ -450,7 +542,7 @@ class Frame:
             elif path == "candidate.score":
                 cached = [c.score if c.ledger else MISSING for c in self.candidates]
             elif path == "candidate.rank":
-                cached = list(range(1, len(self.candidates) + 1))
+                cached = list(range(1, len(self.candidates) + 1)) if self.arrived else [MISSING] * len(self.candidates)
             else:
                 raise AssertionError(f"not a candidate field: {path}")  # pragma: no cover
             self._columns[path] = cached
@@ -458,7 +550,7 @@ class Frame:
 
     def subject(self, position: int, view: QueryView) -> Subject:
         candidate = self.candidates[position]
-        return Subject(view, self.table.documents[candidate.row], candidate, position + 1)
+        return Subject(view, self.table.documents[candidate.row], candidate, position + 1 if self.arrived else None)
 
 
 def _or_missing(value: Any) -> Any:
@@ -733,6 +825,10 @@ class Leaf(Node):
             else:
                 result = np.fromiter((self.test_value(v, operand)[0] for v in values), dtype=bool, count=len(values))
             return ~result if self.negated else result
+        # documents this test cannot judge (a nested path through a non-mapping; for an ordered
+        # comparison, a value that is not a date / number): noted for the stage to deny or skip
+        mode = ("date" if isinstance(operand, datetime) else "number") if ordered else "path"
+        note_undecidable(table, self.field, mode, view, frame)
         if ordered:
             column = table.numeric(self.field, dates=isinstance(operand, datetime))
             if column is not None:
@@ -759,6 +855,20 @@ class Leaf(Node):
                 self._lookups.clear()
             self._lookups[key] = cached
         return cached
+
+
+def note_undecidable(table: "DocumentTable", path: str, mode: str, view: QueryView, frame: Frame | None) -> None:
+    """Add to ``view.errors`` the documents (of ``frame``, or all) whose ``path`` cannot be judged in ``mode``."""
+    if not path.startswith("doc.") or (mode == "path" and path.count(".") < 2):
+        return
+    _, reasons = table.undecidable(path, mode)
+    if not reasons:
+        return
+    if frame is None:
+        view.errors.extend(reasons)
+    else:
+        present_rows = set(frame.rows.tolist())
+        view.errors.extend(r for r in reasons if r[0] in present_rows)
 
 
 def _nan_unless_number(value: Any) -> float:

@@ -7,8 +7,12 @@ Two families:
   exclude of the same document, a pin and a bury of the same document, one document pinned to
   two places, rules whose validity window has ended.
 - :func:`check_against_corpus` needs the index (run at warm-up): rules reading a field no
-  document has, ``docs`` naming ids the index does not hold, exclude/bury ``match`` conditions
-  that catch a pinned document, prefilter rules that exclude every document.
+  document has (for a prefilter's ``acl`` / ``jurisdiction`` / ``date_range`` rule an error
+  whatever the strictness: a misspelt access field turns the rule off), documents a rule cannot
+  judge (a date or number comparison on a value that is not one, a nested path through a
+  non-mapping, an access value that is not a string or a list of strings: a prefilter denies
+  them), ``docs`` naming ids the index does not hold, exclude/bury ``match`` conditions that catch
+  a pinned document, prefilter rules that exclude every document.
 
 :func:`check_rule_file` loads a file and runs :func:`check_rules` (and a caller's own checks, such
 as ``rules.override``'s check of ``score.<stage>`` fields against the stages upstream of it) on
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from engine.errors import ConfigError, ConfigIssue
-from rules.conditions import AllOf, AnyOf, Constant, Expr, Leaf, Node, Not, NullView, RelativeDate
+from rules.conditions import AllOf, AnyOf, Constant, Expr, ExpressionRuntimeError, Leaf, Node, Not, NullView, RelativeDate
 from rules.ruleset import CompiledRule, Kind, RuleFileError, RuleSet, load_rule_file, today_utc
 
 if TYPE_CHECKING:
@@ -48,11 +52,14 @@ class Finding:
     rule: CompiledRule | None
     path: tuple[str | int, ...]
     message: str
+    graded: bool = True  # False: the severity stands whatever the file's strictness
 
 
 def _grade(ruleset: RuleSet, finding: Finding) -> ConfigIssue:
     severity = finding.severity
-    if ruleset.strictness == "strict":
+    if not finding.graded:
+        pass
+    elif ruleset.strictness == "strict":
         severity = "error"
     elif ruleset.strictness == "lenient":
         severity = "warning"
@@ -306,7 +313,10 @@ def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[Confi
     findings: list[Finding] = []
     for rule in ruleset.rules:
         fields = rule.when.fields() | (rule.match.fields() if rule.match is not None else set())
-        for name in sorted(f for f in fields if f.startswith("doc.")):
+        access_field = _access_field(ruleset, rule)
+        if access_field is not None and table.size and not table.has_field(access_field):
+            findings.append(_unknown_access_field(rule, access_field, table))
+        for name in sorted(f for f in fields if f.startswith("doc.") and f != access_field):
             if not table.has_field(name):
                 known = ", ".join(sorted(table.metadata_keys)[:20]) or "none"
                 findings.append(Finding(
@@ -320,11 +330,97 @@ def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[Confi
                     "unknown_document", "warning", rule, ("docs", number),
                     f"rule '{rule.id}' names document '{doc_id}', which the index does not hold",
                 ))
+        findings.extend(_undecidable_findings(ruleset, rule, table))
     if ruleset.kind == "override":
         findings.extend(_pin_match_findings(ruleset, table))
     else:
         findings.extend(_prefilter_findings(ruleset, table))
     return sorted((_grade(ruleset, f) for f in findings), key=lambda i: (str(i.location), i.path))
+
+
+ACCESS_ACTIONS = ("acl", "jurisdiction", "date_range")
+
+
+def _access_field(ruleset: RuleSet, rule: CompiledRule) -> str | None:
+    """``doc.<field>`` of a prefilter's acl / jurisdiction / date_range rule (None for other rules)."""
+    if ruleset.kind != "prefilter" or rule.action not in ACCESS_ACTIONS:
+        return None
+    return f"doc.{rule.spec.field_name}"  # type: ignore[attr-defined]
+
+
+def _unknown_access_field(rule: CompiledRule, path: str, table: "DocumentTable") -> Finding:
+    """A prefilter access rule on a field no document has: the rule sees no value anywhere, so it either
+    lets every document through (missing: allow) or hides every one. Always an error."""
+    from difflib import get_close_matches
+
+    name = path[len("doc."):]
+    known = [f[len("doc."):] for f in table.field_names(path)]
+    hint = get_close_matches(name, known, n=1, cutoff=0.6)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "") if known else "none"
+    return Finding(
+        "unknown_access_field", "error", rule, ("field",),
+        f"rule '{rule.id}' ({rule.action}) reads the field '{name}', which no document of the index has"
+        f"{did_you_mean}; fields of the index: {shown}. An access rule on a missing field would judge no "
+        "document by it (every document would count as lacking it), so this is an error whatever the strictness",
+        graded=False,
+    )
+
+
+def _judged_fields(node: Node | None) -> dict[str, set[str]]:
+    """The ``doc.<...>`` paths a compiled condition reads, each with how it judges them (``path``, ``date``,
+    ``number``, ``values``; see :meth:`rules.corpus.DocumentTable.undecidable`)."""
+    from rules.ruleset import Absent, AccessMatch
+
+    found: dict[str, set[str]] = {}
+
+    def walk(item: Node) -> None:
+        if isinstance(item, AllOf):
+            for child in item.children:
+                walk(child)
+        elif isinstance(item, Not):
+            walk(item.child)
+        elif isinstance(item, AccessMatch):
+            found.setdefault(item.path, set()).update({"path", "values"})
+        elif isinstance(item, Absent):
+            found.setdefault(item.path, set()).add("path")
+        elif isinstance(item, Leaf) and item.field.startswith("doc."):
+            modes = found.setdefault(item.field, {"path"})
+            if item.positive in ("lt", "le", "gt", "ge", "before", "after"):
+                if item.value_from is None:
+                    if item.literal is not None:
+                        modes.add("date" if item.date_operand else "number")
+                elif item.value_from == "as_of":
+                    modes.add("date")
+
+    if node is not None:
+        walk(node)
+    return found
+
+
+def _undecidable_findings(ruleset: RuleSet, rule: CompiledRule, table: "DocumentTable") -> list[Finding]:
+    """Documents a rule cannot judge: a date/number comparison on a value that is not one, a nested path
+    through a value that is not a mapping, an access value that is not a string or a list of strings."""
+    findings = []
+    consequence = ("the prefilter denies them whenever the rule applies (it cannot judge them)"
+                   if ruleset.kind == "prefilter" else "the rule does not fire on them")
+    where = ("field",) if getattr(rule.spec, "match", None) is None and ruleset.kind == "prefilter" else ("match",)
+    for path, modes in sorted(_judged_fields(rule.match).items()):
+        reasons: dict[int, str] = {}
+        for mode in sorted(modes):
+            if mode == "path" and path.count(".") < 2:
+                continue
+            for row, reason in table.undecidable(path, mode)[1]:
+                reasons.setdefault(row, reason)
+        if not reasons:
+            continue
+        shown = [reasons[row] for row in sorted(reasons)[:3]]
+        findings.append(Finding(
+            "undecidable_values", "warning", rule, where,
+            f"rule '{rule.id}' cannot judge {path} on {len(reasons)} document(s): {'; '.join(shown)}"
+            f"{'; ...' if len(reasons) > len(shown) else ''}; {consequence}",
+        ))
+    return findings
 
 
 def _static(node: Node) -> bool:
@@ -347,7 +443,17 @@ def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Findin
                 if row is None or (other.docs and doc_id not in other.docs):
                     continue
                 view = NullView()
-                if other.match.evaluate(Subject(view, table.documents[row])):
+                try:
+                    hit = other.match.evaluate(Subject(view, table.documents[row]))
+                except ExpressionRuntimeError as exc:
+                    if other.action == "exclude":
+                        findings.append(Finding(
+                            "pin_exclude_conflict", "warning", other, ("match",),
+                            f"'{other.id}' cannot be evaluated on '{doc_id}', which '{pin.id}' pins ({exc}); it does "
+                            "not fire on it when recalled, and keeps it out when the pin would bring it in",
+                        ))
+                    continue
+                if hit:
                     code, severity, outcome = (
                         ("pin_exclude_conflict", "error", "exclude wins, so the pin never shows it then")
                         if other.action == "exclude" else ("pin_bury_conflict", "warning", "the pin wins")

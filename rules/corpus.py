@@ -6,6 +6,11 @@ code of its distinct value) and a test then runs once per distinct value — a h
 ``acl``, ``jurisdiction`` or ``source`` — and is spread over all rows with one gather. Date and
 number comparisons use a float column (NaN where missing). Columns are built lazily, once per
 process, under a lock.
+
+:meth:`DocumentTable.undecidable` lists, once per field, the documents a rule cannot judge: a
+nested path through a value that is not a mapping, a value that is not a date (or a number) for an
+ordered comparison, an access value that is neither a string nor a list of strings. Prefilter
+rules deny those documents (fail closed); ``sieve rules check --index`` reports them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
-from rules.conditions import MISSING, doc_field
+from rules.conditions import MISSING, _number, doc_field, doc_path_problem, shape_of
 from rules.expressions import parse_date
 
 if TYPE_CHECKING:
@@ -49,6 +54,7 @@ class DocumentTable:
         self.metadata_keys = frozenset(keys)
         self._factorized: dict[str, tuple["np.ndarray", list[Any]]] = {}
         self._numeric: dict[tuple[str, bool], "np.ndarray | None"] = {}
+        self._undecidable: dict[tuple[str, str], tuple["np.ndarray", list[tuple[int, str]]]] = {}
         self._static: "weakref.WeakKeyDictionary[Any, tuple[np.ndarray, list[tuple[int, str]]]]" = (
             weakref.WeakKeyDictionary()
         )
@@ -135,6 +141,58 @@ class DocumentTable:
                 self._numeric[key] = result
         return self._numeric[key]
 
+    def undecidable(self, path: str, mode: str) -> "tuple[np.ndarray, list[tuple[int, str]]]":
+        """The rows whose ``doc.<...>`` value a rule cannot judge, and why (``(row, reason)`` each).
+
+        ``mode``: ``path`` (only a nested path through a value that is not a mapping), ``date`` (also a
+        present value with an element that is not an ISO date), ``number`` (an element that is not a
+        number; true/false is not one), ``values`` (an access value: anything but a string or a list of
+        strings and numbers, e.g. a mapping or a nested list). Missing and null values are not
+        undecidable (rules say what missing means); neither is an empty list. Cached per process.
+        """
+        key = (path, mode)
+        cached = self._undecidable.get(key)
+        if cached is not None:
+            return cached
+        import numpy as np
+
+        with self._lock:
+            cached = self._undecidable.get(key)
+            if cached is None:
+                rows = np.zeros(self.size, dtype=bool)
+                reasons: list[tuple[int, str]] = []
+                nested = path.startswith("doc.") and path.count(".") >= 2
+                for row, document in enumerate(self.documents):
+                    problem = doc_path_problem(document, path) if nested else None
+                    if problem is None and mode != "path":
+                        problem = _value_problem(doc_field(document, path), mode)
+                    if problem is not None:
+                        rows[row] = True
+                        reasons.append((row, f"{path} of '{document.doc_id}': {problem}"))
+                rows.setflags(write=False)
+                cached = self._undecidable[key] = (rows, reasons)
+        return cached
+
+    def field_names(self, path: str) -> list[str]:
+        """Every ``doc.<...>`` path of the index with as many parts as ``path`` (for did-you-mean hints)."""
+        depth = path.count(".")
+        found: set[str] = set()
+
+        def walk(value: Any, prefix: str, level: int) -> None:
+            if not isinstance(value, Mapping):
+                return
+            for key, inner in value.items():
+                name = f"{prefix}.{key}"
+                if level == depth:
+                    if inner is not None:
+                        found.add(name)
+                else:
+                    walk(inner, name, level + 1)
+
+        for document in self.documents:
+            walk(document.metadata, "doc", 1)
+        return sorted(found)
+
     def unparsable_dates(self, path: str, limit: int = 3) -> tuple[int, list[str]]:
         """How many documents hold a value for ``path`` that is not a date, and a few of their ids."""
         count, examples = 0, []
@@ -166,3 +224,28 @@ def _to_float(value: Any, dates: bool) -> float:
         except ValueError:
             return math.nan
     return math.nan
+
+
+def _value_problem(value: Any, mode: str) -> str | None:
+    """Why a present value cannot be judged in ``mode`` (see :meth:`DocumentTable.undecidable`), or None."""
+    if value is MISSING or value is None:
+        return None
+    elements = value if isinstance(value, (list, tuple)) else [value]
+    if mode == "values":
+        if isinstance(value, Mapping):
+            return "is a mapping, not a value or a list of values"
+        for element in elements:
+            if isinstance(element, (list, tuple, Mapping)):
+                return f"holds {shape_of(element)} inside the list, not a plain value"
+        return None
+    for element in elements:
+        if element is None:
+            continue
+        if mode == "date":
+            ok = isinstance(element, (str, date, datetime)) and parse_date(element) is not None
+        else:
+            ok = _number(element) is not None
+        if not ok:
+            shown = repr(element) if len(repr(element)) <= 60 else repr(element)[:57] + "..."
+            return f"{shown} is not {'an ISO date' if mode == 'date' else 'a number'}"
+    return None

@@ -5,17 +5,26 @@ A rule file is YAML owned by analysts::
     version: 1
     kind: prefilter            # or: override
     strictness: default        # strict | default | lenient (how findings of the checks are graded)
-    default_deny: false        # prefilter only: acl rules deny documents that carry no ACL
+    default_deny: false        # prefilter only: acl, jurisdiction and date_range rules deny documents
+                               # without their field (unless the rule sets `missing:` itself)
     rules:
       - id: hide-drafts
         description: drafts are never retrievable
         action: exclude
         match: {field: doc.status, op: eq, value: draft}
 
-Every rule has ``id``, optional ``description``, ``priority`` (default 0, higher wins),
-``enabled`` (default true), an optional validity window ``from``/``until`` judged against the
-query's ``as_of`` (so a replay is stable), and an optional query condition ``when``. Loading
+Every rule has ``id``, optional ``description``, ``enabled`` (default true), an optional validity
+window ``from``/``until`` judged against the query's ``as_of`` (so a replay is stable), and an
+optional query condition ``when``. Override rules also take ``priority`` (default 0, higher wins);
+a prefilter rule refuses it (every prefilter rule must pass, so none outranks another). Loading
 validates everything at once and reports each problem as ``file:line:col  path: message``.
+
+The access actions (``acl``, ``jurisdiction``) compare whole values: the document's field is a
+string or a list of strings (a string is a one-element list, never searched for substrings), the
+user's groups / roles / jurisdictions likewise, and the document passes when one value is equal on
+both sides (or is one of ``public`` / ``global``), ignoring case unless ``case_sensitive: true``.
+An empty string matches nothing. A document whose field has another shape (a mapping, a nested
+list, a nested path through a non-mapping) cannot be judged and is denied.
 
 Validity windows: ``from`` is inclusive; ``until`` is inclusive when it is a date (the whole day)
 and exclusive when it is a date-time. Dates without a time zone are UTC.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from difflib import get_close_matches
@@ -135,16 +145,18 @@ class PrefilterMatchRule(RuleBase):
     match: Condition = Field(description="condition on the document (query-side operands allowed)")
 
 
+MISSING_POLICY = "documents without the field (absent or null); unset: deny when the file sets default_deny, else allow"
+
+
 class AclRule(RuleBase):
-    """A document is visible when its ACL field shares a value with the user's groups (or roles)."""
+    """A document is visible when its ACL field shares a whole value with the user's groups (or roles)."""
 
     action: Literal["acl"]
     field_name: str = Field("acl", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
     user_field: Literal["groups", "roles"] = "groups"
     public: list[str] = Field(default_factory=list, description="ACL values that make a document visible to all")
-    missing: Optional[Literal["allow", "deny"]] = Field(
-        None, description="documents without the field; None: the file's default_deny decides"
-    )
+    case_sensitive: bool = Field(False, description="compare ACL values with their case (default: ignore case)")
+    missing: Optional[Literal["allow", "deny"]] = Field(None, description=MISSING_POLICY)
 
 
 class JurisdictionRule(RuleBase):
@@ -153,7 +165,8 @@ class JurisdictionRule(RuleBase):
     action: Literal["jurisdiction"]
     field_name: str = Field("jurisdiction", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
     global_values: list[str] = Field(default_factory=lambda: ["global"], alias="global")
-    missing: Literal["allow", "deny"] = "allow"
+    case_sensitive: bool = Field(False, description="compare jurisdictions with their case (default: ignore case)")
+    missing: Optional[Literal["allow", "deny"]] = Field(None, description=MISSING_POLICY)
 
 
 class DateRangeRule(RuleBase):
@@ -163,7 +176,7 @@ class DateRangeRule(RuleBase):
     field_name: str = Field("date", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
     on_or_after: Optional[Union[datetime, date, str]] = None
     before: Optional[Union[datetime, date, str]] = None
-    missing: Literal["allow", "deny"] = "allow"
+    missing: Optional[Literal["allow", "deny"]] = Field(None, description=MISSING_POLICY)
 
     @field_validator("on_or_after", "before", mode="before")
     @classmethod
@@ -171,7 +184,7 @@ class DateRangeRule(RuleBase):
         from rules.conditions import RELATIVE_DATE
 
         if isinstance(value, str) and not RELATIVE_DATE.match(value) and parse_date(value) is None:
-            raise _err("not a date: write an ISO date (2025-01-31) or a relative one (as_of, as_of - 30d, as_of - 1y)")
+            raise _err("not a date: write an ISO date (2025-01-31) or a relative one (as_of, as_of - 30d, as_of - 6mo, as_of - 1y)")
         problem = relative_date_problem(value)
         if problem is not None:
             raise _err(problem, shows_input=True)
@@ -268,7 +281,10 @@ class RuleFileSchema(_Strict):
     kind: Kind
     description: Optional[str] = None
     strictness: Strictness = Field("default", description="strict: every finding is an error; lenient: a warning")
-    default_deny: bool = Field(False, description="prefilter: acl rules deny documents without an ACL")
+    default_deny: bool = Field(
+        False, description="prefilter: acl, jurisdiction and date_range rules without their own `missing:` deny "
+        "documents that lack the field"
+    )
     rules: list[Any] = Field(description="the rules, in any order (precedence does not depend on it)")
 
     @model_validator(mode="after")
@@ -484,6 +500,12 @@ def _compile_rule(
         where = source.locate(prefix + ("action",)) if action is not None else source.locate(prefix)
         issues.append(ConfigIssue(where, f"{dotted}.action", message))
         return None
+    if kind == "prefilter" and "priority" in raw:
+        issues.append(ConfigIssue(
+            source.locate(prefix + ("priority",), prefer_key=True), f"{dotted}.priority",
+            f"{named}'priority' has no effect in a prefilter file: a document must pass every prefilter rule, so "
+            "no rule outranks another; remove it (priority orders override rules only)",
+        ))
     model = actions[action]
     try:
         spec = model.model_validate(raw)
@@ -551,7 +573,8 @@ def _has_query_expression(node: Node) -> bool:
 
 
 class Absent(Node):
-    """The document has no value for a field (absent or null; an empty list is a value)."""
+    """The document has no value for a field (absent or null; an empty list is a value). A nested path
+    through a value that is not a mapping is not absent: it is undecidable (see :class:`AccessMatch`)."""
 
     uses_document = True
 
@@ -559,10 +582,12 @@ class Absent(Node):
         self.path = path
 
     def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
-        from rules.conditions import MISSING
+        from rules.conditions import MISSING, doc_path_problem
 
         value = subject.get(self.path)
         result = value is MISSING or value is None
+        if result and subject.document is not None and doc_path_problem(subject.document, self.path) is not None:
+            result = False
         if result and evidence is not None:
             evidence.append({"field": self.path, "op": "absent"})
         return result
@@ -576,32 +601,125 @@ class Absent(Node):
     def _vector(self, table: Any, view: Any, frame: Any) -> Any:
         import numpy as np
 
-        from rules.conditions import MISSING
+        from rules.conditions import MISSING, note_undecidable
 
         codes, uniques = table.factorized(self.path)
         lookup = np.fromiter((u is MISSING or u is None for u in uniques), dtype=bool, count=len(uniques))
+        result = lookup[codes]
+        if self.path.count(".") >= 2:
+            result = result & ~table.undecidable(self.path, "path")[0]
+            note_undecidable(table, self.path, "path", view, None if frame is None else frame)
+        return result if frame is None else result[frame.rows]
+
+
+class AccessMatch(Node):
+    """An ``acl`` / ``jurisdiction`` test: does the document's value share a *whole* value with the
+    user's (``value_from``, e.g. ``user.groups``) or with fixed ones (``public`` / ``global``)?
+
+    Both sides are a string or a list of strings (a string is a one-element list: ``"trial-investigators"``
+    is not found by the group ``trial``); values are compared case-folded unless ``case_sensitive``;
+    an empty (or blank) string matches nothing. Non-string elements (numbers, true/false) match nothing.
+    A document value of another shape (a mapping, a list inside the list) or a nested path through a
+    non-mapping cannot be judged: it matches nothing and is noted in ``view.errors``, so a prefilter
+    denies it.
+    """
+
+    uses_document = True
+
+    def __init__(self, path: str, *, value_from: str | None = None, values: Sequence[str] = (),
+                 case_sensitive: bool = False):
+        self.path = path
+        self.value_from = value_from
+        self.case_sensitive = case_sensitive
+        self.values = frozenset(v for v in (self._norm(x) for x in values) if v is not None)
+        self.uses_query = value_from is not None
+        self._lookups: dict[Any, Any] = {}
+
+    def _norm(self, value: Any) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return None
+        return value if self.case_sensitive else value.casefold()
+
+    def wanted(self, view: Any) -> frozenset[str]:
+        from rules.conditions import MISSING
+
+        if self.value_from is None:
+            return self.values
+        raw = view.get(self.value_from)
+        if raw is MISSING or raw is None:
+            return frozenset()
+        items = raw if isinstance(raw, (list, tuple, set, frozenset)) else [raw]
+        return frozenset(v for v in (self._norm(x) for x in items) if v is not None)
+
+    def test_value(self, value: Any, wanted: frozenset[str]) -> tuple[bool, Any]:
+        from rules.conditions import MISSING
+
+        if value is MISSING or value is None or isinstance(value, Mapping) or not wanted:
+            return False, None
+        for element in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(element, (list, tuple, Mapping)):
+                return False, None  # a malformed value matches nothing (and is denied as undecidable)
+        for element in value if isinstance(value, (list, tuple)) else [value]:
+            folded = self._norm(element)
+            if folded is not None and folded in wanted:
+                return True, element
+        return False, None
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        hit, matched = self.test_value(subject.get(self.path), self.wanted(subject.view))
+        if hit and evidence is not None:
+            record: dict[str, Any] = {"field": self.path, "op": "equals one of", "matched": matched}
+            if self.value_from is not None:
+                record["value_from"] = self.value_from
+            evidence.append(record)
+        return hit
+
+    def fields(self) -> set[str]:
+        return {self.path} | ({self.value_from} if self.value_from else set())
+
+    def describe(self) -> str:
+        other = self.value_from if self.value_from is not None else "[" + ", ".join(sorted(self.values)) + "]"
+        return f"{self.path} equals one of {other}" + (" (case-sensitive)" if self.case_sensitive else "")
+
+    def _vector(self, table: Any, view: Any, frame: Any) -> Any:
+        import numpy as np
+
+        from rules.conditions import note_undecidable
+
+        wanted = self.wanted(view)
+        codes, uniques = table.factorized(self.path)
+        key = (id(uniques), wanted)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = np.fromiter((self.test_value(u, wanted)[0] for u in uniques), dtype=bool, count=len(uniques))
+            if len(self._lookups) >= 256:
+                self._lookups.clear()
+            self._lookups[key] = lookup
+        note_undecidable(table, self.path, "path", view, frame)
+        note_undecidable(table, self.path, "values", view, frame)
         return lookup[codes if frame is None else codes[frame.rows]]
+
+
+def missing_policy(spec: RuleBase, default_deny: bool) -> str:
+    """What an access rule does with documents lacking its field: its own ``missing:``, else the file's
+    ``default_deny`` (deny), else allow."""
+    missing = getattr(spec, "missing", None)
+    return missing if missing is not None else ("deny" if default_deny else "allow")
 
 
 def _sugar(spec: RuleBase, default_deny: bool) -> Node:
     """acl / jurisdiction / date_range as the include condition they stand for."""
-    if isinstance(spec, AclRule):
+    missing = missing_policy(spec, default_deny)
+    if isinstance(spec, (AclRule, JurisdictionRule)):
         path = f"doc.{spec.field_name}"
-        parts: list[Node] = [
-            Leaf(Condition(field=path, op="contains_any", value_from=f"user.{spec.user_field}", case_sensitive=True))
-        ]
-        if spec.public:
-            parts.append(Leaf(Condition(field=path, op="contains_any", value=list(spec.public), case_sensitive=True)))
-        missing = spec.missing if spec.missing is not None else ("deny" if default_deny else "allow")
+        if isinstance(spec, AclRule):
+            own, shared = f"user.{spec.user_field}", spec.public
+        else:
+            own, shared = "user.jurisdictions", spec.global_values
+        parts: list[Node] = [AccessMatch(path, value_from=own, case_sensitive=spec.case_sensitive)]
+        if shared:
+            parts.append(AccessMatch(path, values=list(shared), case_sensitive=spec.case_sensitive))
         if missing == "allow":
-            parts.append(Absent(path))
-        return AnyOf(parts)
-    if isinstance(spec, JurisdictionRule):
-        path = f"doc.{spec.field_name}"
-        parts = [Leaf(Condition(field=path, op="in", value_from="user.jurisdictions", case_sensitive=True))]
-        if spec.global_values:
-            parts.append(Leaf(Condition(field=path, op="in", value=list(spec.global_values), case_sensitive=True)))
-        if spec.missing == "allow":
             parts.append(Absent(path))
         return AnyOf(parts)
     assert isinstance(spec, DateRangeRule)
@@ -612,9 +730,7 @@ def _sugar(spec: RuleBase, default_deny: bool) -> Node:
     if spec.before is not None:
         bounds.append(Leaf(Condition(field=path, op="before", value=spec.before)))
     inside: Node = bounds[0] if len(bounds) == 1 else AllOf(bounds)
-    return AnyOf([inside, Absent(path)]) if spec.missing == "allow" else inside
-
-
+    return AnyOf([inside, Absent(path)]) if missing == "allow" else inside
 
 
 def today_utc() -> datetime:

@@ -3,12 +3,17 @@
 ``rules.prefilter`` decides which documents may be retrieved at all. It produces a mask over
 every index row; recall stages apply it inside recall, so a forbidden document never takes a
 recall slot. Conditions that do not depend on the query are evaluated once, at warm-up; the rest
-cost a few numpy operations per query over per-field columns (see :mod:`rules.corpus`).
+cost a few numpy operations per query over per-field columns (see :mod:`rules.corpus`). Access
+rules fail closed: a document a rule cannot judge (an expression that raises, a date or number
+comparison on a value that is not one, a malformed nested path or access value) is denied, and the
+trace says how many and why (a ``rule_error`` decision; ``undecidable`` in the rule's report).
 
 ``rules.override`` applies pins, buries, excludes and boosts/demotes to a ranked list. Its
 precedence is fixed and does not depend on the order of rules in the file:
 
-1. **exclude** — the document is removed (any other rule on it is reported as suppressed);
+1. **exclude** — the document is removed (any other rule on it is reported as suppressed); a
+   document a pin would bring in (recall did not return it) is checked against the excludes too,
+   and is not brought in when one matches it or cannot be evaluated on it;
 2. **pin** — the document takes the pinned position; pins contending for a document or a slot
    are resolved by priority (higher first), then rule id; a pin that loses its slot takes the
    next free one after it; a pin beyond the end of the list lands at the end;
@@ -294,14 +299,20 @@ class RulesPrefilter(Stage):
                 report.append({**entry, "status": "condition_false"})
                 continue
             denied, error_rows = self._denied(rule, view)
+            undecided = 0
             if error_rows is not None:
+                undecided = int(error_rows.sum())
+                reasons = list(dict.fromkeys(message for _, message in view.errors))[:3]
                 decisions.append(Decision(
-                    "rule_error", f"rule '{rule.id}' failed on {int(error_rows.sum())} documents; they are denied",
-                    {"rule": rule.id, "documents": int(error_rows.sum())},
+                    "rule_error", f"rule '{rule.id}' cannot judge {undecided} documents ({'; '.join(reasons)}"
+                    f"{'; ...' if undecided > len(reasons) else ''}); they are denied (access rules fail closed)",
+                    {"rule": rule.id, "documents": undecided, "reasons": reasons},
                 ))
             newly = int(np.count_nonzero(denied & allowed))
             allowed &= ~denied
             entry.update(status="applied", excluded=int(np.count_nonzero(denied)), newly_excluded=newly)
+            if undecided:
+                entry["undecidable"] = undecided  # among `excluded`: documents the rule could not judge
             if evidence:
                 entry["when"] = _redact(evidence, ctx.trace_text)
             report.append(entry)
@@ -483,6 +494,7 @@ class RulesOverride(Stage):
         pinned: dict[str, _Pin] = {}
         taken: set[int] = set()
         mask = ctx.mask.allowed if ctx.mask is not None else None
+        injected_excluded = self._excluded_injections(pins, position_of, mask, active, view)
         for pin in sorted(pins, key=lambda p: (-p.rule.priority, p.rule.id, p.requested)):
             problem = None
             position = position_of.get(pin.doc_id)
@@ -497,6 +509,9 @@ class RulesOverride(Stage):
             elif position is None and not pin.rule.spec.inject:  # type: ignore[attr-defined]
                 problem = ("pin_not_recalled", f"rule '{pin.rule.id}' pins '{pin.doc_id}', which recall did not return "
                            "(inject: false)")
+            elif position is None and pin.doc_id in injected_excluded:
+                problem = ("pin_excluded", f"rule '{pin.rule.id}' would bring in '{pin.doc_id}' (not recalled), which "
+                           f"{injected_excluded[pin.doc_id]} (exclude wins)")
             elif pin.doc_id in pinned:
                 problem = ("pin_superseded", f"rule '{pin.rule.id}' pins '{pin.doc_id}' at {pin.requested}, but rule "
                            f"'{pinned[pin.doc_id].rule.id}' already pins it at {pinned[pin.doc_id].slot}")
@@ -592,6 +607,47 @@ class RulesOverride(Stage):
             candidates=results, drops=drops, decisions=decisions, details=details,
             timings_ms={"rules": (time.perf_counter() - began) * 1000.0},
         )
+
+    def _excluded_injections(
+        self, pins: list[_Pin], position_of: dict[str, int], mask: "np.ndarray | None",
+        active: list[tuple["CompiledRule", list[dict[str, Any]]]], view: QueryView,
+    ) -> dict[str, str]:
+        """The documents pins would bring in (recall did not return them) that an active exclude rule
+        removes, with why. Exclude beats pin for them too: the excludes are evaluated on each such
+        document as on a recalled one (it has no upstream scores and no rank on arrival), and an
+        exclude that cannot be evaluated on it keeps it out (a pin may not surface what an exclude might
+        remove)."""
+        import numpy as np
+
+        rows: dict[str, int] = {}
+        for pin in pins:
+            if (pin.row >= 0 and pin.doc_id not in position_of and pin.rule.spec.inject  # type: ignore[attr-defined]
+                    and (mask is None or mask[pin.row])):
+                rows.setdefault(pin.doc_id, pin.row)
+        excludes = [rule for rule, _ in active if rule.action == "exclude"]
+        if not rows or not excludes:
+            return {}
+        frame = Frame([Candidate(doc_id, row, ()) for doc_id, row in rows.items()], self._table, arrived=False)
+        found: dict[str, str] = {}
+        for rule in excludes:  # in precedence order: the first exclude that removes a document names it
+            selected = np.ones(len(frame), dtype=bool)
+            listed = self._listed.get(rule.id)
+            if listed is not None:
+                selected &= listed[frame.rows]
+            failed: dict[int, str] = {}
+            if rule.match is not None and selected.any():
+                view.errors = []
+                selected &= rule.match.vector(self._table, view, frame)  # expression errors: in view.errors
+                failed = {row: message for row, message in view.errors}
+            for position, candidate in enumerate(frame.candidates):
+                if candidate.doc_id in found:
+                    continue
+                if selected[position]:
+                    found[candidate.doc_id] = f"rule '{rule.id}' excludes"
+                elif candidate.row in failed and (listed is None or listed[candidate.row]):
+                    found[candidate.doc_id] = (f"rule '{rule.id}' might exclude (it cannot be evaluated on it: "
+                                               f"{failed[candidate.row]})")
+        return found
 
     def _targets_among(self, rule: "CompiledRule", frame: Frame, view: QueryView, decisions: list[Decision]) -> "np.ndarray":
         """Which candidates (by position in the incoming list) a non-pin rule targets."""

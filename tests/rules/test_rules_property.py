@@ -9,10 +9,12 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.compiler import compile_file
+from engine.errors import ConfigError
 from engine.index import build_index
 from engine.model import UserContext
 from engine.pipeline import Pipeline
@@ -129,6 +131,13 @@ def test_no_returned_document_violates_access(docs, access, overrides, people, t
         config = write_pack(root, docs, access, overrides, top_k)
         build_index(root / "corpus.jsonl", root / "index", {"bm25": {}})
         pipeline = Pipeline(compile_file(config))
+        unknown = [f for f in ("acl", "jurisdiction") if (f == "acl" or access["jurisdiction"])
+                   and all(doc.get(f) is None for doc in docs)]
+        if unknown:  # an access rule on a field no document has is refused at warm-up, whatever the strictness
+            with pytest.raises(ConfigError) as caught:
+                pipeline.warm_up()
+            assert all(f"reads the field '{f}', which no document of the index has" in str(caught.value) for f in unknown)
+            return
         for user in people:
             result = pipeline.run(pipeline.make_query(text, user=user, as_of=AS_OF))
             returned = [c.doc_id for c in result.results]

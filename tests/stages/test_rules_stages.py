@@ -281,6 +281,57 @@ def test_precedence_exclude_then_pin_then_bury_then_boost(tmp_path, index):
     assert result.candidates[-1].score == pytest.approx(8.0)  # boosted, still below the unburied
 
 
+EXCLUDE_BY_USER = """\
+  - {id: blocked-types, action: exclude, match: {field: doc.doc_type, op: in, value_from: user.groups}}
+  - {id: listed, action: exclude, docs: [med-026], when: {field: user.roles, op: contains, value: patient}}
+  - {id: lead, action: pin, docs: [med-017], position: 1}
+  - {id: second, action: pin, docs: [med-026], position: 2}
+"""
+
+
+def test_exclude_beats_a_pin_that_would_inject_a_document(tmp_path, index):
+    # med-017 and med-026 are reviews that recall did not return; the excludes depend on the user
+    _, reviewer = override_run(tmp_path, index, EXCLUDE_BY_USER, LIST, user=UserContext(groups=("review",)),
+                               strictness="lenient")  # the checks flag the `docs` exclude of a pinned document
+    # before: med-017 and med-026 were injected at 1 and 2 (the excludes ran on recalled documents only)
+    assert "med-017" not in order(reviewer) and "med-026" not in order(reviewer)
+    excluded = {d.data["doc_id"]: d for d in reviewer.decisions if d.code == "pin_excluded"}
+    assert excluded["med-017"].detail == ("rule 'lead' would bring in 'med-017' (not recalled), which rule "
+                                          "'blocked-types' excludes (exclude wins)")
+    assert set(excluded) == {"med-017", "med-026"}
+    assert {(s["rule"], s["doc_id"], s["reason"]) for s in reviewer.details["suppressed"]} == {
+        ("lead", "med-017", "pin_excluded"), ("second", "med-026", "pin_excluded")}
+    assert reviewer.details["counts"]["injected"] == 0
+    _, patient = override_run(tmp_path, index, EXCLUDE_BY_USER, LIST, user=UserContext(roles=("patient",)),
+                              strictness="lenient")
+    assert order(patient)[0] == "med-017" and "med-026" not in order(patient)  # a `docs` exclude with a `when`
+    _, anyone = override_run(tmp_path, index, EXCLUDE_BY_USER, LIST, strictness="lenient")
+    assert order(anyone)[:2] == ["med-017", "med-026"]
+
+
+def test_an_exclude_that_cannot_be_evaluated_keeps_an_injected_pin_out(tmp_path, index):
+    rules = """\
+  - {id: odd, action: exclude, match: {expr: "(doc.drugs|length) / (doc.drugs|length) > 5"}}
+  - {id: lead, action: pin, docs: [med-019], position: 1}
+"""
+    # med-019 has no drugs: 0 / 0. before: warm-up crashed (the pin/exclude check evaluated the expression)
+    stage, result = override_run(tmp_path, index, rules, LIST)
+    assert any("[pin_exclude_conflict] 'odd' cannot be evaluated on 'med-019'" in w for w in stage._warnings)
+    assert "med-019" not in order(result)
+    (decision,) = [d for d in result.decisions if d.code == "pin_excluded"]
+    assert "which rule 'odd' might exclude (it cannot be evaluated on it: ZeroDivisionError" in decision.detail
+
+
+def test_an_injected_pin_has_no_arrival_rank_or_upstream_score(tmp_path, index):
+    rules = """\
+  - {id: top-only, action: exclude, match: {field: candidate.rank, op: le, value: 1}}
+  - {id: weak, action: exclude, match: {field: score.bm25, op: lt, value: 0.55}}
+  - {id: lead, action: pin, docs: [med-017], position: 1}
+"""
+    _, result = override_run(tmp_path, index, rules, LIST)
+    assert order(result) == ["med-017", "med-002", "med-003", "med-004"]  # med-001 (rank 1), med-005 (0.5) excluded
+
+
 def test_competing_pins_resolve_by_priority_then_id(tmp_path, index):
     _, result = override_run(tmp_path, index, """\
   - {id: b-low, action: pin, docs: [med-005], position: 1, priority: 1}
