@@ -286,42 +286,97 @@ def replay(
     seq: Annotated[Optional[int], typer.Option("--seq", help="record number within a log")] = None,
     index_dir: Annotated[Optional[Path], typer.Option("--index", help="index to replay against")] = None,
     query: Annotated[Optional[str], typer.Option("--query", help="query text, when the trace stores only its hash")] = None,
+    history: Annotated[Optional[list[str]], typer.Option(
+        "--history", "-H", help="an earlier conversation turn, oldest first (repeatable), when the trace stores "
+        "only their hashes")] = None,
+    log: Annotated[Optional[Path], typer.Option(
+        "--log", help="the trace log a standalone trace file was appended to (default: the path it records)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Re-run a traced query with its recorded config, index and time; report if the ranking is identical."""
+    """Re-run a traced query with its recorded config, index and time; report whatever a re-run does not
+    reproduce (ranking, scores, every stage's output, drops, decisions, rules fired, explanations) and why."""
     from engine.replay import replay_trace
-    from engine.trace import load_trace
+    from engine.trace import load_trace_checked
 
-    trace = load_trace(trace_path, trace_id, seq)
-    report = replay_trace(trace, index_path=index_dir, query_text=query)
+    if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
+        raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
+    trace, source = load_trace_checked(trace_path, trace_id, seq, log)
+    report = replay_trace(trace, index_path=index_dir, query_text=query, history=history)
+    report["source"] = source.to_json()
     if as_json:
         out.print_json(json.dumps(report))
-    elif report["identical"]:
-        out.print(
-            f"[green]✓ identical[/green]: {report['compared']} results of trace {report['trace_id']} reproduced "
-            f"exactly (config {report['config_sha256'][:12]}, index {report['index_manifest_sha256'][:12]})"
-        )
     else:
-        out.print(f"[red]✗ different[/red]: trace {report['trace_id']}")
-        for line in report["differences"]:
-            out.print(f"  {escape(line)}")
+        if source.verified:
+            out.print(f"[dim]source: {escape(source.message)}[/dim]")
+        else:
+            out.print(f"[yellow]{escape(source.message)}[/yellow]")
+        for note in report["notes"]:
+            out.print(f"[dim]note: {escape(note)}[/dim]")
+        if report["identical"]:
+            out.print(
+                f"[green]✓ identical[/green]: {report['compared']} results of trace {report['trace_id']} and every "
+                f"stage's output reproduced exactly (config {report['config_sha256'][:12]}, index "
+                f"{report['index_manifest_sha256'][:12]})"
+            )
+        else:
+            out.print(f"[red]✗ different[/red]: trace {report['trace_id']}")
+            for line in report["differences"]:
+                out.print(f"  {escape(line)}")
     if not report["identical"]:
         raise typer.Exit(1)
 
 
 @trace_app.command("verify")
-def trace_verify(log: Annotated[Path, typer.Argument(help="trace log (.jsonl)")]) -> None:
-    """Check a trace log's hash chain: detects edited, removed or reordered records."""
+def trace_verify(
+    log: Annotated[Path, typer.Argument(help="trace log (.jsonl)")],
+    expect_head: Annotated[Optional[str], typer.Option(
+        "--expect-head", help="hash of the record that ended the log when it was anchored (sieve trace head): "
+        "it must still be there")] = None,
+    expect_count: Annotated[Optional[int], typer.Option(
+        "--expect-count", help="how many records the log held when it was anchored: at least that many must "
+        "still be there")] = None,
+) -> None:
+    """Check a trace log's hash chain: detects edited, reordered and rewritten records, and records removed
+    before the last one. Records cut from the end (or an emptied log) leave a chain that still links up: only
+    an anchored head (sieve trace head, kept outside the log) shows them, with --expect-head/--expect-count."""
     from engine.trace import check_log
 
-    check = check_log(log)
+    check = check_log(log, expect_head=expect_head, expect_count=expect_count)
     for warning in check.warnings:  # e.g. bytes of a torn record set aside next to the log
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if check.problems:
         for problem in check.problems:
             err.print(f"[red]✗[/red] {escape(problem)}")
         raise typer.Exit(1)
-    out.print(f"[green]✓[/green] {check.records} records, chain intact")
+    anchored = expect_head is not None or expect_count is not None
+    out.print(f"[green]✓[/green] {check.records} records, chain intact"
+              + (", the anchored head is present" if anchored else ""))
+    if not anchored:
+        out.print("[dim]records cut from the log's end cannot be seen in the chain: anchor its head outside the log "
+                  f"(sieve trace head {escape(str(log))}) and check it with --expect-head[/dim]")
+
+
+@trace_app.command("head")
+def trace_head(
+    log: Annotated[Path, typer.Argument(help="trace log (.jsonl)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the head as JSON")] = False,
+) -> None:
+    """Print an intact log's record count and last record's hash, to anchor outside the log (a ticket, a WORM
+    store); `sieve trace verify LOG --expect-head HASH --expect-count N` later shows whether records were cut
+    from its end."""
+    from engine.trace import log_head
+
+    head = log_head(log)
+    if as_json:
+        out.print_json(json.dumps({"log": str(head.path), "records": head.records, "seq": head.seq,
+                                   "hash": head.hash}))
+        return
+    if head.hash is None:
+        out.print(f"{escape(str(log))}: 0 records (an empty log); anchor: --expect-count 0")
+        return
+    out.print(f"{escape(str(log))}: {head.records} records; head seq {head.seq} hash {head.hash}")
+    out.print(f"check later: sieve trace verify {escape(str(log))} --expect-head {head.hash} "
+              f"--expect-count {head.records}")
 
 
 # ---------------------------------------------------------------------------- analyst workbench
@@ -577,16 +632,20 @@ def report_command(
     html: Annotated[Path, typer.Option("--html", help="write the HTML report here")],
     trace_id: Annotated[Optional[str], typer.Option("--id", help="trace id within a log (default: last)")] = None,
     seq: Annotated[Optional[int], typer.Option("--seq", help="record number within a log")] = None,
+    log: Annotated[Optional[Path], typer.Option(
+        "--log", help="the trace log a standalone trace file was appended to (default: the path it records)")] = None,
 ) -> None:
     """Render a trace as a static HTML report: stages and timings, score bars, rules, drops, hashes."""
-    from engine.trace import load_trace
+    from engine.trace import load_trace_checked
     from engine.workbench.report import write_report
 
     if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
         raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
     _writable_file(html, "--html")
-    trace = load_trace(trace_path, trace_id, seq)
-    write_report(trace, html)
+    trace, source = load_trace_checked(trace_path, trace_id, seq, log)
+    write_report(trace, html, source=source)
+    if not source.verified:
+        err.print(f"[yellow]{escape(source.message)}[/yellow] (the report says so at its top)")
     out.print(f"[green]✓[/green] report for trace {trace.get('trace_id')} written to {escape(str(html))}")
 
 

@@ -26,7 +26,7 @@ from engine.errors import ModelLoadError, SieveError, SieveIndexError, StageErro
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, UserContext
 from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult
-from engine.trace import TRACE_SCHEMA, TraceLog
+from engine.trace import TRACE_SCHEMA, TraceLog, canonical
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Pipeline:
         self.resources: Resources | None = None
         self.unavailable: dict[str, str] = {}  # stages whose warm-up failed under on_error: skip
         self._warm_lock = threading.Lock()
+        self._index_identity: tuple[Index, dict[str, Any]] | None = None  # the trace's index record, per index
 
     @classmethod
     def from_file(cls, path: str | Path, *, index_path: Path | None = None) -> "Pipeline":
@@ -305,6 +306,8 @@ class Pipeline:
             query_record["text"] = query.text
             query_record["history"] = list(query.history)
             query_record["rewritten"] = final_query.rewritten
+        elif query.history:  # the turns stay out of the trace; their hashes let a replay check the turns given
+            query_record["history_sha256"] = [hashlib.sha256(turn.encode("utf-8")).hexdigest() for turn in query.history]
         models = []
         for stage_id in compiled.order:
             identity = compiled.stages[stage_id].identity()
@@ -341,7 +344,7 @@ class Pipeline:
                 "sha256": compiled.config_sha256,
                 "resolved": compiled.canonical,
             },
-            "index": resources.index.describe() if resources.index is not None else None,
+            "index": self._index_record(resources.index) if resources.index is not None else None,
             "models": models,
             "query": query_record,
             "degraded": degraded,
@@ -350,6 +353,30 @@ class Pipeline:
             "output": compiled.output,
             "results": result_records,
         }
+
+    def _index_record(self, index: Index) -> dict[str, Any]:
+        """What a trace records about the index: its description, the corpus's sha256 and a sha256 per component
+        over its files' hashes (so a replay against a rebuilt index can say whether the corpus was the same and
+        which components' files differ). Computed once per index."""
+        cached = self._index_identity
+        if cached is not None and cached[0] is index:
+            return dict(cached[1])
+        record = index.describe()
+        manifest = index.manifest if isinstance(getattr(index, "manifest", None), dict) else {}
+        corpus = manifest.get("corpus") if isinstance(manifest.get("corpus"), dict) else {}
+        if isinstance(corpus.get("sha256"), str):
+            record["corpus_sha256"] = corpus["sha256"]
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        if files:
+            parts: dict[str, dict[str, Any]] = {}
+            for name, digest in files.items():
+                component = name.split("/", 1)[0] if "/" in name else "documents"
+                parts.setdefault(component, {})[name] = digest
+            record["component_sha256"] = {
+                component: hashlib.sha256(canonical(entries)).hexdigest() for component, entries in sorted(parts.items())
+            }
+        self._index_identity = (index, record)
+        return dict(record)
 
     def explain(self, candidate: Candidate, outcomes: dict[str, StageOutcome]) -> Explanation:
         """Explanation tree: the final score at the root, each ledger entry's own tree below."""
@@ -369,17 +396,23 @@ class Pipeline:
         )
 
     def log_trace(self, trace: dict[str, Any], log_path: Path | None = None) -> Path | None:
-        """Append to the configured tamper-evident log (or ``log_path``); returns the log's path."""
+        """Append to the configured tamper-evident log (or ``log_path``); returns the log's path.
+
+        Once logged, the trace says where (``trace["log"]``: the log's absolute path, the record's seq and hash;
+        not part of what was hashed), so a copy of it written elsewhere (``--trace-out``) can be checked against
+        that record by ``sieve replay`` and ``sieve report``."""
         target = log_path
         if target is None and self.compiled.config.trace.log is not None:
             target = Path(self.compiled.config.trace.log)
         if target is None:
             return None
+        logged = {k: v for k, v in trace.items() if k != "log"}
         try:
-            TraceLog(target).append(trace)
+            record = TraceLog(target).append(logged)
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, text that is not valid Unicode
             raise TraceError(f"cannot append to the trace log {target}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from exc
+        trace["log"] = {"path": str(Path(target).absolute()), "seq": record["seq"], "hash": record["hash"]}
         return target
 
 

@@ -1,23 +1,49 @@
 """Replay a traced query: same config (embedded in the trace), same index, same ``as_of``.
 
-The replay reports whether the ranking is identical: the same documents in the same order with
-the same scores. An index whose manifest changed since the trace is reported, not silently used.
+The replay re-runs the query and compares everything a re-run must reproduce, not only the final ranking:
+every stage's output ids and scores, drops, decisions, details (rules fired) and rewritten query, and every
+result's ledger and explanation tree. Only volatile fields are left out: timings and durations, the trace id,
+the time it was written, where it was logged, and a reranker's score-cache counters.
+
+Each difference comes with its cause where one can be named: another index manifest (rebuilt from the same
+corpus or not, and which components' files changed), a config that differs, a rule, glossary or gazetteer
+file whose content changed (by its recorded sha256), a model with other weights or run at another precision.
+What does not make a replay differ is reported as a note: the engine's version, and settings a newer engine
+adds at their defaults (they change the config's sha256 but not what ran).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from engine.compiler import compile_data
+from engine import __version__
+from engine.compiler import canonical_json, compile_data
 from engine.errors import TraceError
 from engine.model import Query, UserContext
 from engine.pipeline import Pipeline
 
+MAX_DETAILED = 20  # path-by-path differences listed before "… and N more"
 
-def _recorded_query(trace: dict[str, Any], query_text: str | None) -> Query:
+# Fields that differ between two runs of the same query by nature; never compared.
+VOLATILE_KEYS = frozenset({"started_ms", "duration_ms", "timings_ms", "timing_ms", "trace_id", "created_at",
+                           "host", "hostname", "pid", "log"})
+# Inside a stage's details: a reranker's score-cache counters (warm or cold cache) and the rule files' loader
+# warnings (they name the file's path and judge expiry against the wall clock).
+VOLATILE_DETAILS = frozenset({"cache", "rule_warnings"})
+# Machine-specific locations: a replay on another machine, or of a moved config, finds the same content elsewhere.
+LOCATION_KEYS = frozenset({"file", "location", "path", "dir"})
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _recorded_query(trace: dict[str, Any], query_text: str | None, history: list[str] | None,
+                    notes: list[str]) -> Query:
     recorded = trace.get("query") or {}
     text = recorded.get("text")
     if text is None:
@@ -27,12 +53,13 @@ def _recorded_query(trace: dict[str, Any], query_text: str | None) -> Query:
                 "pass the original text with --query"
             )
         text = query_text
-    if hashlib.sha256(text.encode("utf-8")).hexdigest() != recorded.get("text_sha256"):
+    if _sha256(text) != recorded.get("text_sha256"):
         raise TraceError("the query text does not match the sha256 recorded in the trace")
+    turns = _recorded_history(recorded, history, notes)
     try:
         return Query(
             text=text,
-            history=tuple(recorded.get("history") or ()),
+            history=turns,
             user=UserContext.model_validate(recorded.get("user") or {}),
             as_of=datetime.fromisoformat(recorded["as_of"]),
             language=recorded.get("language"),
@@ -41,10 +68,46 @@ def _recorded_query(trace: dict[str, Any], query_text: str | None) -> Query:
         raise TraceError(f"the trace's query record is malformed: {exc}") from None
 
 
+def _recorded_history(recorded: dict[str, Any], given: list[str] | None, notes: list[str]) -> tuple[str, ...]:
+    """The conversation's earlier turns: stored in the trace, or given (``--history``) and checked against the
+    sha256 of each turn the trace records when it does not store their text."""
+    if "history" in recorded:
+        stored = tuple(recorded.get("history") or ())
+        if given and tuple(given) != stored:
+            raise TraceError("the trace stores its conversation history, and --history differs from it; "
+                             "leave --history out to replay the recorded turns")
+        return stored
+    count = recorded.get("history_turns") or 0
+    hashes = recorded.get("history_sha256")
+    if not count:
+        if given:
+            raise TraceError(f"the trace records no conversation history, but {len(given)} --history turn(s) "
+                             "were given")
+        return ()
+    if not given:
+        raise TraceError(
+            f"this trace records {count} earlier conversation turn{'s' if count != 1 else ''} by "
+            f"{'their sha256 only' if hashes else 'count only'} (trace.include_query_text is off); pass each "
+            "turn, oldest first, with --history (repeatable)"
+        )
+    if len(given) != count:
+        raise TraceError(f"the trace records {count} earlier conversation turns; {len(given)} --history given")
+    if hashes is None:
+        notes.append(f"the trace records only how many earlier turns there were ({count}), not their sha256: "
+                     "the --history given cannot be checked (a trace written before Sieve recorded them)")
+        return tuple(given)
+    for number, (turn, digest) in enumerate(zip(given, hashes), start=1):
+        if _sha256(turn) != digest:
+            raise TraceError(f"--history turn {number} does not match the sha256 recorded in the trace for it")
+    return tuple(given)
+
+
 def replay_trace(
-    trace: dict[str, Any], *, index_path: Path | None = None, query_text: str | None = None
+    trace: dict[str, Any], *, index_path: Path | None = None, query_text: str | None = None,
+    history: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Re-run the trace's query; returns a report with ``identical`` and any differences."""
+    """Re-run the trace's query; returns a report with ``identical``, ``differences`` (each breaks
+    ``identical``) and ``notes`` (what changed without changing what ran: they do not)."""
     config = trace.get("config") or {}
     if "resolved" not in config:
         raise TraceError("the trace has no embedded configuration to replay")
@@ -52,25 +115,24 @@ def replay_trace(
         config["resolved"], label=f"<config in trace {trace.get('trace_id')}>", base_dir=Path(config.get("dir", "."))
     )
     differences: list[str] = []
-    if compiled.config_sha256 != config.get("sha256"):
-        differences.append(
-            f"config sha256 differs: trace {config.get('sha256', '?')[:12]}, now {compiled.config_sha256[:12]}"
-        )
+    notes: list[str] = []
+    recorded_version = trace.get("engine_version")
+    if recorded_version != __version__:
+        notes.append(f"engine version {recorded_version or '(not recorded)'} in the trace, {__version__} now")
+    _config_differences(trace, compiled.canonical, compiled.config_sha256, differences, notes)
     recorded_index = trace.get("index") or {}
     if index_path is None and recorded_index.get("path"):
         index_path = Path(recorded_index["path"])
     pipeline = Pipeline(compiled, index_path=index_path)
-    query = _recorded_query(trace, query_text)
+    query = _recorded_query(trace, query_text, history, notes)
     result = pipeline.run(query)
-    now_index = result.trace.get("index") or {}
-    if recorded_index.get("manifest_sha256") != now_index.get("manifest_sha256"):
-        differences.append(
-            "index manifest differs: trace "
-            f"{str(recorded_index.get('manifest_sha256'))[:12]}, now {str(now_index.get('manifest_sha256'))[:12]}"
-        )
-    differences.extend(_model_differences(trace.get("models") or [], result.trace.get("models") or []))
-    before = [(r["doc_id"], r["score"]) for r in trace.get("results", [])]
-    after = [(r["doc_id"], r["score"]) for r in result.trace["results"]]
+    now = _plain(result.trace)
+    before_trace = _plain({k: v for k, v in trace.items() if k != "log"})
+    differences.extend(_index_differences(recorded_index, now.get("index") or {}))
+    differences.extend(_model_differences(before_trace.get("models") or [], now.get("models") or []))
+    differences.extend(_rewrite_differences(before_trace.get("query") or {}, now.get("query") or {}))
+    before = [(r.get("doc_id"), r.get("score")) for r in before_trace.get("results", [])]
+    after = [(r["doc_id"], r["score"]) for r in now["results"]]
     if len(before) != len(after):
         differences.append(f"{len(before)} results in the trace, {len(after)} now")
     for rank, (old, new) in enumerate(zip(before, after), start=1):
@@ -78,6 +140,12 @@ def replay_trace(
             differences.append(f"rank {rank}: trace has {old[0]}, replay has {new[0]}")
         elif old[1] != new[1]:
             differences.append(f"rank {rank} ({old[0]}): score {old[1]!r} in the trace, {new[1]!r} now")
+    detailed = _content_differences(before_trace, now)
+    if detailed:
+        shown = detailed[:MAX_DETAILED]
+        differences.extend(shown)
+        if len(detailed) > len(shown):
+            differences.append(f"… and {len(detailed) - len(shown)} more differences in the trace's content")
     ranking_identical = [d for d, _ in before] == [d for d, _ in after]
     return {
         "trace_id": trace.get("trace_id"),
@@ -85,31 +153,249 @@ def replay_trace(
         "ranking_identical": ranking_identical,
         "compared": len(before),
         "differences": differences,
+        "notes": notes,
+        "engine_version": {"trace": recorded_version, "now": __version__},
         "config_sha256": compiled.config_sha256,
-        "index_manifest_sha256": now_index.get("manifest_sha256") or "",
+        "index_manifest_sha256": (now.get("index") or {}).get("manifest_sha256") or "",
         "replay_trace_id": result.trace["trace_id"],
     }
+
+
+def _plain(value: Any) -> Any:
+    """The value as JSON gives it back (tuples as lists, keys as strings): what a trace file holds."""
+    return json.loads(json.dumps(value, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _config_differences(trace: dict[str, Any], canonical: dict[str, Any], sha_now: str,
+                        differences: list[str], notes: list[str]) -> None:
+    """The recorded config against the canonical form this engine gives it. Settings the recorded config lacks
+    that are now present (at their defaults: compiling the recorded config filled them in) are a note; a value
+    that differs, or a recorded setting this engine no longer has, is a difference, named by its dotted path."""
+    config = trace.get("config") or {}
+    recorded = config["resolved"]
+    recorded_sha = config.get("sha256")
+    try:
+        own_sha = hashlib.sha256(canonical_json(recorded).encode("utf-8")).hexdigest()
+    except (TypeError, ValueError):
+        own_sha = None
+    if recorded_sha is not None and own_sha is not None and own_sha != recorded_sha:
+        differences.append(
+            f"the trace's config sha256 {str(recorded_sha)[:12]} is not the sha256 of the config it records "
+            f"({own_sha[:12]}): the recorded config was edited"
+        )
+    if sha_now == recorded_sha:
+        return
+    added: list[str] = []
+    changed: list[str] = []
+    _diff_config(_by_stage_id(recorded), _by_stage_id(canonical), "", added, changed)
+    if added:
+        version = trace.get("engine_version") or "(not recorded)"
+        step = (f"engine {version} -> {__version__}" if version != __version__
+                else f"engine {version} (the same version number) since the trace")
+        notes.append(f"{step}: settings added at their defaults: {', '.join(added)} "
+                     f"(config sha256 {str(recorded_sha)[:12]} -> {sha_now[:12]}; the settings that ran are unchanged)")
+    if changed:
+        differences.append(f"config differs from the trace's: {'; '.join(changed[:MAX_DETAILED])}"
+                           + (f"; … and {len(changed) - MAX_DETAILED} more" if len(changed) > MAX_DETAILED else ""))
+    if not added and not changed:
+        differences.append(
+            f"config sha256 differs: trace {str(recorded_sha or '?')[:12]}, now {sha_now[:12]}"
+        )
+
+
+def _by_stage_id(config: Any) -> Any:
+    """The config with its stage list keyed by stage id (a path then reads ``stages.bm25.params.top_k``)."""
+    if not isinstance(config, dict) or not isinstance(config.get("stages"), list):
+        return config
+    stages = config["stages"]
+    if not all(isinstance(s, dict) and isinstance(s.get("id"), str) for s in stages):
+        return config
+    return {**config, "stages": {s["id"]: s for s in stages}}
+
+
+def _diff_config(old: Any, new: Any, path: str, added: list[str], changed: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old:
+                added.append(f"{where}.*" if isinstance(new[key], dict) else where)
+            elif key not in new:
+                changed.append(f"{where} {_show(old[key])} is no longer a setting")
+            else:
+                _diff_config(old[key], new[key], where, added, changed)
+    elif old != new or type(old) is not type(new) and not _same_number(old, new):
+        changed.append(f"{path} {_show(old)} -> {_show(new)}")
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    numbers = (int, float)
+    return (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)
+            and not isinstance(b, bool) and a == b)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    shown = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------- index
+
+
+def _index_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    if recorded.get("manifest_sha256") == now.get("manifest_sha256"):
+        return []
+    message = (f"index manifest differs: trace {str(recorded.get('manifest_sha256'))[:12]}, "
+               f"now {str(now.get('manifest_sha256'))[:12]}")
+    old_corpus, new_corpus = recorded.get("corpus_sha256"), now.get("corpus_sha256")
+    if old_corpus is not None and old_corpus == new_corpus:
+        message += f"; the corpus is the same (sha256 {old_corpus[:12]}): the index was rebuilt from an identical corpus"
+        old_parts, new_parts = recorded.get("component_sha256") or {}, now.get("component_sha256") or {}
+        if old_parts and new_parts:
+            names = sorted(set(old_parts) | set(new_parts))
+            differ = [n for n in names if old_parts.get(n) != new_parts.get(n)]
+            if differ:
+                message += f"; the files of {', '.join(differ)} differ"
+            else:
+                message += "; every component's files are identical (only the manifest's build metadata differs)"
+    elif old_corpus is not None and new_corpus is not None:
+        message += f"; the corpus differs (sha256 {old_corpus[:12]} -> {new_corpus[:12]})"
+    return [message]
+
+
+# ---------------------------------------------------------------------------- models and rule files
 
 
 MODEL_FIELDS = ("weights_sha256", "device", "precision", "max_length")
 
 
+def _flatten(value: Any, path: str = "") -> dict[str, Any]:
+    """Nested identity fields by dotted path; machine-specific locations left out."""
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            if key in LOCATION_KEYS and (isinstance(item, str) or item is None):
+                continue
+            flat.update(_flatten(item, f"{path}.{key}" if path else str(key)))
+        return flat
+    return {path: value}
+
+
+_NAMES = {
+    "sha256": "rule file sha256",
+    "rules": "rule count",
+    "glossary.sha256": "glossary sha256",
+    "glossary.entries": "glossary entries",
+    "gazetteer.sha256": "gazetteer sha256",
+    "gazetteer.entries": "gazetteer entries",
+}
+
+
 def _model_differences(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:
-    """How each stage's model differs between the trace and the replay: other weights, or the same
-    weights run differently (``device``/``precision: auto`` resolve per machine: bf16 on a CPU with
-    native bf16, fp16 on CUDA), which changes scores in their last digits."""
+    """How each stage's identity (model, rule file, glossary, gazetteer, reranker scale…) differs between the
+    trace and the replay: every recorded field is compared except machine-specific locations. Other weights or
+    file contents are named; the same weights run differently (``device``/``precision: auto`` resolve per
+    machine: bf16 on a CPU with native bf16, fp16 on CUDA) change scores in their last digits."""
     current = {m.get("stage"): m for m in now}
+    recorded_stages = {m.get("stage") for m in recorded}
     differences = []
     for model in recorded:
         stage = model.get("stage")
         other = current.get(stage)
         if other is None:
-            differences.append(f"stage '{stage}' recorded a model ({model.get('model')}); the replay used none")
+            what = model.get("model") or model.get("rules_file") or "an identity"
+            differences.append(f"stage '{stage}' recorded {what}; the replay recorded none")
             continue
-        changed = [f"{field} {model.get(field)!r} -> {other.get(field)!r}" for field in MODEL_FIELDS
-                   if model.get(field) != other.get(field)]
+        old, new = _flatten(model), _flatten(other)
+        fields = [f for f in MODEL_FIELDS if f in old or f in new]
+        fields += [f for f in sorted(set(old) | set(new)) if f not in fields and f != "stage"]
+        changed = []
+        for field in fields:
+            if old.get(field) == new.get(field):
+                continue
+            if field not in old:
+                changed.append(f"{field} (not recorded) -> {new[field]!r}")
+            else:
+                changed.append(f"{_NAMES.get(field, field)} {old[field]!r} -> {new.get(field)!r}"
+                               if field not in MODEL_FIELDS else f"{field} {old[field]!r} -> {new.get(field)!r}")
         if changed:
             hint = ("; pin device and precision in the config for bit-identical replays across machines"
                     if any(c.startswith(("device", "precision")) for c in changed) else "")
-            differences.append(f"model of stage '{stage}' differs: {', '.join(changed)}{hint}")
+            cause = _file_cause(model, old, new)
+            differences.append(f"model of stage '{stage}' differs: {', '.join(changed)}{cause}{hint}"
+                               if "model" in model or "weights_sha256" in model
+                               else f"stage '{stage}' differs: {', '.join(changed)}{cause}")
+    for stage, other in current.items():
+        if stage not in recorded_stages:
+            what = other.get("model") or other.get("rules_file") or "an identity"
+            differences.append(f"stage '{stage}' now records {what}, which the trace does not")
     return differences
+
+
+def _file_cause(model: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Which file's content changed since the trace, named by its (recorded) path."""
+    causes = []
+    if old.get("sha256") != new.get("sha256") and model.get("rules_file"):
+        causes.append(f"the rule file {Path(str(model['rules_file'])).name} changed since the trace")
+    for part in ("glossary", "gazetteer"):
+        if old.get(f"{part}.sha256") != new.get(f"{part}.sha256") and isinstance(model.get(part), dict):
+            causes.append(f"the {part} {Path(str(model[part].get('file') or part)).name} changed since the trace")
+    if old.get("weights_sha256") != new.get("weights_sha256") and "weights_sha256" in old:
+        causes.append("other weights")
+    return f" ({'; '.join(causes)})" if causes else ""
+
+
+def _rewrite_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    if "rewritten" in recorded and recorded.get("rewritten") != now.get("rewritten"):
+        return [f"rewritten query differs: {recorded.get('rewritten')!r} in the trace, {now.get('rewritten')!r} now"]
+    return []
+
+
+# ---------------------------------------------------------------------------- content
+
+
+def _content_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Path-by-path differences in what a re-run must reproduce: the query record, whether the run was degraded,
+    the output stage, every stage's record (output ids and scores, drops, decisions, details, rewritten query)
+    and every result (ledger, explanation tree, document). Volatile fields are left out (``VOLATILE_KEYS``)."""
+    found: list[str] = []
+    for key in ("query", "degraded", "output"):
+        _diff(before.get(key), now.get(key), key, found)
+    old_stages = {s.get("id"): s for s in before.get("stages", []) if isinstance(s, dict)}
+    new_stages = {s.get("id"): s for s in now.get("stages", [])}
+    if list(old_stages) != list(new_stages):
+        found.append(f"stages: trace has {list(old_stages)}, replay has {list(new_stages)}")
+    for stage_id, record in old_stages.items():
+        if stage_id in new_stages:
+            _diff(record, new_stages[stage_id], f"stages[{stage_id}]", found)
+    for position, (old, new) in enumerate(zip(before.get("results", []), now.get("results", []))):
+        _diff(old, new, f"results[{position}]", found)
+    return found
+
+
+def _diff(old: Any, new: Any, path: str, found: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        in_details = path.endswith(".details")
+        for key in list(old) + [k for k in new if k not in old]:
+            if key in VOLATILE_KEYS or (in_details and key in VOLATILE_DETAILS):
+                continue
+            if key in LOCATION_KEYS and isinstance(old.get(key, new.get(key)), str):
+                continue
+            where = f"{path}.{key}"
+            if key not in new:
+                found.append(f"{where}: {_show(old[key])} in the trace, absent in the replay")
+            elif key not in old:
+                if new[key] in (None, False, [], {}, "") or where == "query.history_sha256":
+                    continue  # a field a newer engine writes, empty here (or the turns' hashes, checked above)
+                found.append(f"{where}: absent in the trace, {_show(new[key])} in the replay")
+            else:
+                _diff(old[key], new[key], where, found)
+    elif isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            found.append(f"{path}: {len(old)} entries in the trace, {len(new)} in the replay")
+        for position, (a, b) in enumerate(zip(old, new)):
+            _diff(a, b, f"{path}[{position}]", found)
+    elif old != new or (type(old) is not type(new) and not _same_number(old, new)):
+        found.append(f"{path}: {_show(old)} in the trace, {_show(new)} in the replay")

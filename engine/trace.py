@@ -3,7 +3,11 @@
 A trace is one JSON document per query (schema ``sieve.trace/1``): what ran, with which config,
 index and models, every stage's output scores, drops with reasons and decisions, and for every
 returned document an explanation tree. The log is JSONL where each record carries the hash of
-the previous one, so any edit, deletion or reordering is detected by ``verify_log``.
+the previous one, so an edit, a reordering or a deletion before the last record is detected by ``verify_log``;
+every line must be the writer's canonical serialisation (no duplicated key, no other spelling of the same
+value). Records cut from the end (or an emptied log) leave a chain that still links up: ``log_head`` gives the
+record count and last hash to anchor outside the log, and ``check_log(expect_head=..., expect_count=...)``
+checks that the anchored record is still there.
 
 Crash safety: an append that fails while writing (a full disk, an I/O error) truncates the log back to
 where its record started before raising. A writer that died mid-record leaves a torn last line; the next
@@ -175,6 +179,48 @@ def _content_hash(record: dict[str, Any]) -> str | None:
         return None
 
 
+def _writer_form(data: dict[str, Any]) -> bytes | None:
+    """The bytes the log's writer produces for this record (compact, UTF-8, keys in the line's order: the header
+    layout ``append`` writes, or a whole-record dump by earlier writers); None when it cannot be encoded."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # a lone surrogate: reported as content that cannot be hashed
+        return None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _canonical_problem(raw: bytes, data: dict[str, Any]) -> str | None:
+    """Why a record's line is not the canonical serialisation the writer produces, worded to follow
+    "line N (seq S)"; None when it is. A duplicated key (a reader keeps the last one, a hash the last one, a
+    person perhaps the first) and any other spelling of the same value (whitespace, escapes, number forms)
+    are refused: the line must say one thing, in one way."""
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    expected = _writer_form(data)
+    if expected is None or body == expected:
+        return None
+    try:
+        json.loads(body.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as exc:
+        return f"the key {str(exc)!r} appears twice in one object (readers disagree on which one counts)"
+    except (ValueError, RecursionError):
+        pass
+    column = next((i for i, (a, b) in enumerate(zip(body, expected)) if a != b), min(len(body), len(expected)))
+    return (f"not in the canonical form the log's writer produces (it differs at column {column + 1}: "
+            "whitespace, escapes or number forms): the line was rewritten after it was logged")
+
+
 def _is_foreign(data: Any) -> bool:
     """A JSON object that is no trace log record at all (a corpus line, a config): no chain field, no log schema."""
     return isinstance(data, dict) and not any(k in data for k in _CHAIN_KEYS) and data.get("schema") != LOG_SCHEMA
@@ -189,6 +235,25 @@ def _open_log(path: Path) -> Any:
         return open(path, "rb")
     except OSError as exc:
         raise TraceError(f"cannot read the trace log {path}: {exc.strerror or exc}") from None
+
+
+MAX_SINGLE_TRACE_BYTES = 1 << 30
+
+
+def _is_single_trace(path: Path, first_line: bytes, data: Any) -> bool:
+    """Whether a file handed over as a log is one trace document (``--trace-out`` writes it indented over many
+    lines: its first line is a lone ``{``; a compact one is a single line with the trace schema)."""
+    if isinstance(data, dict):
+        return data.get("schema") == TRACE_SCHEMA and not any(k in data for k in _CHAIN_KEYS)
+    if first_line.strip() != b"{":
+        return False
+    try:
+        if path.stat().st_size > MAX_SINGLE_TRACE_BYTES:
+            return False
+        whole = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(whole, dict) and whole.get("schema") == TRACE_SCHEMA
 
 
 @dataclass
@@ -344,6 +409,11 @@ class TraceLog:
                 data, problem = _line_problem(raw)
                 if first:
                     first = False
+                    if _is_single_trace(self.path, raw, data):
+                        raise TraceError(
+                            f"{self.path} is a single trace (sieve search --trace-out), not a log; "
+                            "use sieve replay / sieve report on it"
+                        )
                     if _is_foreign(data):
                         raise TraceError(f"{self.path} is not a Sieve trace log (line {number} has no seq/prev/hash)")
                 if problem is not None:
@@ -369,6 +439,10 @@ class TraceLog:
                     )
                 elif data["hash"] != actual:
                     problems.append(f"line {number} (seq {seq}): content does not match its hash (edited)")
+                else:
+                    form = _canonical_problem(raw, data)
+                    if form is not None:
+                        problems.append(f"line {number} (seq {seq}): {form}")
                 yield _Line(number, data, problems, terminated)
                 prev_hash, expected_seq = data["hash"], seq + 1
 
@@ -384,6 +458,10 @@ class TraceLog:
 
         The record must check out: its hash must match its content, and every record up to it must form an
         intact chain; otherwise TraceError (an edited record is never returned as if genuine)."""
+        return self.find_record(trace_id, seq)["trace"]
+
+    def find_record(self, trace_id: str | None = None, seq: int | None = None) -> dict[str, Any]:
+        """Like ``find``, the whole record: ``{schema, seq, prev, hash, trace}``."""
         broken: _Line | None = None  # the first line where the chain is broken
         found: _Line | None = None
         tail: _Line | None = None  # an unterminated last line that is no record
@@ -421,15 +499,19 @@ class TraceLog:
         if found is broken:
             edited = [p for p in found.problems if "does not match its hash" in p or "cannot be hashed" in p]
             others = [p for p in found.problems if p not in edited]
+            rewritten = [p for p in others if "canonical form" in p or "appears twice" in p]
+            others = [p for p in others if p not in rewritten]
             if edited:
                 what = "it does not match its hash: it was edited after it was logged" + (
-                    f" ({'; '.join(others)})" if others else "")
+                    f" ({'; '.join(others + rewritten)})" if others or rewritten else "")
+            elif rewritten:
+                what = f"it is not as the log's writer wrote it ({'; '.join(rewritten + others)})"
             else:
                 what = f"the chain is broken at it ({'; '.join(others)})"
             raise TraceError(f"{refusing} {what}; {verify}")
         if broken is not None:
             raise TraceError(f"{refusing} the chain is broken before it ({broken.problems[0]}); {verify}")
-        return found.record["trace"]
+        return found.record
 
 
 MAX_PROBLEMS = 100
@@ -469,19 +551,84 @@ class LogCheck:
         ]
 
 
-def check_log(path: str | Path) -> LogCheck:
+def check_log(path: str | Path, *, expect_head: str | None = None, expect_count: int | None = None) -> LogCheck:
     """Check every record's shape, hash and link, and look for set-aside torn records next to the log.
 
+    The chain alone cannot show that records were cut from the log's end (what is left still links up, and so
+    does an empty file): ``expect_head`` (the hash of the last record when the log was anchored, from
+    ``log_head``) and/or ``expect_count`` (how many records it held then) check that the anchored record is
+    still there, at its seq with that hash; records appended since are fine.
+
     Raises TraceError when the path is missing, a directory, unreadable or no trace log at all."""
+    if expect_head is not None and not _HEX64.fullmatch(expect_head):
+        raise TraceError(f"--expect-head must be a record hash (64 hex digits, from `sieve trace head`), "
+                         f"got {_clip(expect_head)}")
+    if expect_count is not None and expect_count < 0:
+        raise TraceError(f"--expect-count must be 0 or more, got {expect_count}")
     log = TraceLog(path)
     problems: list[str] = []
     count = 0
+    hashes: dict[int, str] = {}  # seq -> hash of the records that check out
     for line in log.scan():
         count += 1
         problems.extend(line.problems)
+        if line.record is not None and (expect_head is not None or expect_count is not None):
+            hashes.setdefault(line.record["seq"], line.record["hash"])
+    problems.extend(_anchor_problems(hashes, count, expect_head, expect_count))
     if len(problems) > MAX_PROBLEMS:
         problems = problems[:MAX_PROBLEMS] + [f"… and {len(problems) - MAX_PROBLEMS} more problems"]
     return LogCheck(log.path, count, problems, set_aside_files(log.path))
+
+
+def _anchor_problems(hashes: dict[int, str], count: int, expect_head: str | None,
+                     expect_count: int | None) -> list[str]:
+    if expect_head is None and expect_count is None:
+        return []
+    held = f"the log holds {count} record{'s' if count != 1 else ''}"
+    if expect_count is not None:
+        if count < expect_count:
+            return [f"{held}, the anchor says {expect_count}: records were removed from the log's end"]
+        if expect_head is None or expect_count == 0:
+            return []
+        seq = expect_count - 1
+        if seq not in hashes:
+            return [f"the anchored record seq {seq} is missing ({held}): records were removed or replaced"]
+        if hashes[seq] != expect_head:
+            return [f"the record at seq {seq} has hash {hashes[seq][:16]}…, not the anchored {expect_head[:16]}…: "
+                    "the log's end was cut and rewritten (or the anchor is of another log)"]
+        return []
+    assert expect_head is not None
+    if expect_head not in hashes.values():
+        return [f"no record has the anchored hash {expect_head[:16]}… ({held}): the anchored record was removed "
+                "(records cut from the log's end) or replaced (or the anchor is of another log)"]
+    return []
+
+
+@dataclass
+class LogHead:
+    """The end of an intact log, to anchor outside it (a ticket, a WORM store): how many records it holds and
+    the last record's seq and hash (None for an empty log)."""
+
+    path: Path
+    records: int
+    seq: int | None
+    hash: str | None
+
+
+def log_head(path: str | Path) -> LogHead:
+    """The log's head; TraceError when its chain does not check out (anchor only an intact log)."""
+    log = TraceLog(path)
+    count = 0
+    last: dict[str, Any] | None = None
+    for line in log.scan():
+        count += 1
+        if line.problems:
+            raise TraceError(f"{log.path}: the chain is broken ({line.problems[0]}); "
+                             f"run `sieve trace verify {log.path}`: anchor only an intact log")
+        last = line.record
+    if last is None:
+        return LogHead(log.path, 0, None, None)
+    return LogHead(log.path, count, last["seq"], last["hash"])
 
 
 def verify_log(path: str | Path) -> tuple[int, list[str]]:
@@ -504,6 +651,15 @@ def load_trace(path: str | Path, trace_id: str | None = None, seq: int | None = 
         raise TraceError(f"trace not found: {path}")
     if path.suffix == ".jsonl":
         return TraceLog(path).find(trace_id, seq)
+    return _read_trace_file(path)[0]
+
+
+def _read_trace_file(path: Path) -> tuple[dict[str, Any], bool]:
+    """The trace in a ``.json`` file, and whether the file held it as one log record (checked against its hash)."""
+    if path.is_dir():
+        raise TraceError(f"{path} is a directory, not a trace")
+    if not path.is_file():
+        raise TraceError(f"trace not found: {path}")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -517,7 +673,8 @@ def load_trace(path: str | Path, trace_id: str | None = None, seq: int | None = 
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise TraceError(f"{path} is not a readable trace: {exc}") from None
-    if isinstance(data, dict) and data.get("schema") == LOG_SCHEMA:
+    copied_record = isinstance(data, dict) and data.get("schema") == LOG_SCHEMA
+    if copied_record:
         problem = _shape_problem(data)
         if problem is not None:
             raise TraceError(f"{path}: {problem}")
@@ -527,7 +684,107 @@ def load_trace(path: str | Path, trace_id: str | None = None, seq: int | None = 
         data = data["trace"]
     if not isinstance(data, dict) or data.get("schema") != TRACE_SCHEMA:
         raise TraceError(f"{path} is not a Sieve trace (expected schema {TRACE_SCHEMA})")
-    return data
+    return data, copied_record
+
+
+@dataclass
+class TraceSource:
+    """Where a trace was read from and how far it is vouched for: ``verified`` when it is a record of an intact
+    log chain, or a standalone file that matches the log record it says it was logged as."""
+
+    verified: bool
+    message: str
+    log: str | None = None
+    seq: int | None = None
+    hash: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verified": self.verified, "message": self.message, "log": self.log, "seq": self.seq,
+                "hash": self.hash}
+
+
+def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int | None = None,
+                       log: str | Path | None = None) -> tuple[dict[str, Any], TraceSource]:
+    """A trace (as ``load_trace``) and how far it is vouched for.
+
+    A standalone trace file that was also logged records where (``log``: path, seq, hash): it is checked
+    against that record (``log`` here overrides the recorded path, for a copy of the log) and refused when
+    it differs or the record is not there. A file without one (``trace.log: null``, ``--no-log``) is
+    returned marked unverified."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        if log is not None:
+            raise TraceError("--log is for a standalone trace file (.json); this is a trace log")
+        if not path.is_file():
+            load_trace(path, trace_id, seq)  # says why: missing, a directory
+        record = TraceLog(path).find_record(trace_id, seq)
+        return record["trace"], TraceSource(
+            True, f"record seq {record['seq']} of the trace log {path}; the chain checks out up to it", str(path),
+            record["seq"], record["hash"])
+    trace, copied_record = _read_trace_file(path)
+    if copied_record:
+        return trace, TraceSource(False, "unverified: a log record copied out of its log, checked only against its "
+                                  "own hash (which anyone can recompute); check it in its log")
+    where = trace.get("log")
+    if where is None:
+        if log is not None:
+            raise TraceError(f"{path} records no trace log it was appended to; --log has nothing to check it against")
+        return trace, TraceSource(False, "unverified: this trace file was not logged (trace.log: null, or --no-log), "
+                                  "so nothing vouches that it is what the engine wrote")
+    if (not isinstance(where, dict) or not isinstance(where.get("path"), str)
+            or not isinstance(where.get("seq"), int) or isinstance(where.get("seq"), bool)
+            or not isinstance(where.get("hash"), str) or not _HEX64.fullmatch(where["hash"])):
+        raise TraceError(f"{path}: its 'log' field {_clip(where)} is not {{path, seq, hash}}; refusing the file")
+    target = Path(log) if log is not None else Path(where["path"])
+    label = f"{target} seq {where['seq']}"
+    if not target.is_file():
+        raise TraceError(
+            f"{path} was logged to {where['path']} (seq {where['seq']}), "
+            + (f"and {target} is not a file" if log is not None else "which is not found here")
+            + "; pass --log with a copy of that log to check the file against its record"
+        )
+    record = TraceLog(target).find_record(seq=where["seq"])
+    if record["hash"] != where["hash"]:
+        raise TraceError(
+            f"{path} does not match its log record: {label} has hash {record['hash']}, the file records "
+            f"{where['hash']}; refusing it"
+        )
+    content = {k: v for k, v in trace.items() if k != "log"}
+    if canonical(content) != canonical(record["trace"]):
+        at = _first_difference(content, record["trace"], "") or "(its serialisation)"
+        raise TraceError(
+            f"{path} differs from the record it was logged as ({label}) at {at}; refusing a file edited after it "
+            "was written"
+        )
+    return trace, TraceSource(True, f"matches record seq {where['seq']} of the trace log {target} (hash "
+                              f"{where['hash'][:12]}; the chain checks out up to it)", str(target), where["seq"],
+                              where["hash"])
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+    """The dotted path of the first place two JSON values differ, with both values; None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in b:
+                return f"{where} (only in the file: {_clip(a[key])})"
+            if key not in a:
+                return f"{where} (only in the log: {_clip(b[key])})"
+            found = _first_difference(a[key], b[key], where)
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        for position, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{path}[{position}]")
+            if found is not None:
+                return found
+        if len(a) != len(b):
+            return f"{path} ({len(a)} entries in the file, {len(b)} in the log)"
+        return None
+    if canonical(a) != canonical(b):
+        return f"{path} (the file has {_clip(a)}, the log {_clip(b)})"
+    return None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

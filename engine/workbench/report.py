@@ -9,11 +9,21 @@ stylesheet keeps it readable on paper (explanation trees open, colours kept, no 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
 from engine.errors import SieveError, TraceError
 from engine.workbench.inspect import dedup_merges, rules_fired, score_parts
+
+# Characters that reorder or hide text (bidirectional overrides and isolates, marks, zero-width characters):
+# in an id or title they make it read as something else (U+202E turns "fdp.exe" around). Shown as [U+XXXX].
+INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def visible(text: str) -> str:
+    """``text`` with every bidi control and invisible format character written out as ``[U+XXXX]``."""
+    return INVISIBLE.sub(lambda found: f"[U+{ord(found.group()):04X}]", text)
 
 PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D", "#BAB0AC", "#EECA3B")
 MAX_DROPS_PER_STAGE = 200
@@ -33,7 +43,68 @@ def _short(label: str, limit: int = 60) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
-def report_context(trace: dict[str, Any]) -> dict[str, Any]:
+PIN_WITHOUT_RULE = re.compile(r"by an override rule in stage '(?P<stage>[^']*)' \(named in the stage's trace details\)")
+
+
+def _name_pin_rules(node: Any, firings: list[dict[str, Any]]) -> Any:
+    """The explanation tree with "pinned ... by an override rule (named in the stage's trace details)" naming the
+    rule, from the stage's firings on this document."""
+    if not isinstance(node, dict):
+        return node
+    description = node.get("description")
+    if isinstance(description, str):
+        def name(found: re.Match[str]) -> str:
+            rules = [f.get("rule") for f in firings if f.get("stage") == found.group("stage") and f.get("action") == "pin"]
+            if len(rules) != 1:
+                return found.group(0)
+            return f"by override rule '{rules[0]}' in stage '{found.group('stage')}'"
+
+        description = PIN_WITHOUT_RULE.sub(name, description)
+    details = node.get("details")
+    return {**node, "description": description,
+            **({"details": [_name_pin_rules(child, firings) for child in details]} if isinstance(details, list) else {})}
+
+
+def _identity_rows(models: list[Any]) -> list[dict[str, Any]]:
+    """One row per recorded stage identity: what it is, where it came from, and every content hash it records
+    (weights, rule file, and nested ones: a rewrite's glossary, an entity stage's gazetteer, a cascade's light
+    model)."""
+    rows = []
+    for model in models:
+        if not isinstance(model, dict):
+            continue
+        hashes = []
+        for key, label in (("weights_sha256", "weights"), ("sha256", "file")):
+            if isinstance(model.get(key), str):
+                hashes.append({"label": label, "sha256": model[key]})
+        for key, value in model.items():
+            if isinstance(value, dict):
+                digest = value.get("sha256") or value.get("weights_sha256")
+                if isinstance(digest, str):
+                    where = value.get("file") or value.get("model") or ""
+                    hashes.append({"label": f"{key}" + (f" ({Path(str(where)).name})" if where else ""),
+                                   "sha256": digest})
+        rows.append({
+            "stage": model.get("stage"), "name": model.get("model") or model.get("rules_file") or "-",
+            "source": model.get("source") or model.get("kind") or "-", "hashes": hashes,
+            "device": model.get("device") or "-", "precision": model.get("precision") or "-",
+            "scale": model.get("scale"),
+        })
+    return rows
+
+
+def _history(query: dict[str, Any]) -> list[str]:
+    """The conversation's earlier turns as shown: their text, or their sha256 when the text is not stored."""
+    if isinstance(query.get("history"), list):
+        return [str(turn) for turn in query["history"]]
+    hashes = query.get("history_sha256")
+    if isinstance(hashes, list):
+        return [f"(text not stored; sha256 {digest})" for digest in hashes]
+    count = query.get("history_turns") or 0
+    return ["(text not stored)"] * int(count) if isinstance(count, int) else []
+
+
+def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
     """Everything the template shows, computed from the trace (no pipeline, index or model needed)."""
     total_ms = float((trace.get("timing_ms") or {}).get("total") or 0.0)
     stages = []
@@ -63,11 +134,12 @@ def report_context(trace: dict[str, Any]) -> dict[str, Any]:
         ]
         negatives = [p for p in parts if p["value"] <= 0]
         document = record.get("document") or {}
+        fired = rules_fired(trace, record["doc_id"])
         results.append({
             "rank": record["rank"], "doc_id": record["doc_id"], "score": record["score"],
             "title": document.get("title") or "", "segments": segments, "negatives": negatives,
-            "ledger": record.get("ledger", []), "explanation": record.get("explanation"),
-            "rules": rules_fired(trace, record["doc_id"]), "merged": dedup_merges(trace, record["doc_id"]),
+            "ledger": record.get("ledger", []), "explanation": _name_pin_rules(record.get("explanation"), fired),
+            "rules": fired, "merged": dedup_merges(trace, record["doc_id"]),
         })
     firings = []
     prefilter_rules = []
@@ -103,30 +175,41 @@ def report_context(trace: dict[str, Any]) -> dict[str, Any]:
         "trace": trace, "query": query, "config": config, "index": trace.get("index") or {},
         "models": trace.get("models", []), "stages": stages, "total_ms": total_ms, "results": results,
         "legend": list(colours.items()), "firings": firings, "prefilter_rules": prefilter_rules, "drops": drops,
-        "rewrites": rewrites,
+        "rewrites": rewrites, "identities": _identity_rows(trace.get("models", [])), "history": _history(query),
+        "source": source,
     }
 
 
-def render_report(trace: dict[str, Any]) -> str:
-    """The HTML page for one trace."""
+def _finalize(value: Any) -> Any:
+    """Every value the template prints, text with its invisible characters made visible (before escaping)."""
+    from markupsafe import Markup
+
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return visible(value)
+    return value
+
+
+def render_report(trace: dict[str, Any], source: Any = None) -> str:
+    """The HTML page for one trace; ``source`` (``engine.trace.TraceSource``): whether the trace is vouched for by
+    its log, shown at the top (an unverified one in a banner)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateNotFound
 
     if not isinstance(trace, dict) or "stages" not in trace:
         raise TraceError("not a Sieve trace: it has no stages")
     environment = Environment(
         loader=PackageLoader("engine", "templates"), autoescape=True, undefined=StrictUndefined,
-        trim_blocks=True, lstrip_blocks=True,
+        trim_blocks=True, lstrip_blocks=True, finalize=_finalize,
     )
     environment.filters["num"] = lambda value, digits=4: "-" if value is None else f"{float(value):.{digits}g}"
     try:
         template = environment.get_template("report.html.j2")
     except TemplateNotFound:
         raise SieveError("the report template engine/templates/report.html.j2 is missing from this installation") from None
-    return template.render(**report_context(trace))
+    return template.render(**report_context(trace, source))
 
 
-def write_report(trace: dict[str, Any], out: Path) -> Path:
-    html = render_report(trace)
+def write_report(trace: dict[str, Any], out: Path, source: Any = None) -> Path:
+    html = render_report(trace, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")
     return out

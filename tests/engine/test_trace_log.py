@@ -92,7 +92,8 @@ def test_appends_after_a_record_without_the_header_layout(tmp_path):
     path = tmp_path / "log.jsonl"
     first = {"schema": "sieve.trace/1", "query": "q0"}
     legacy = {"trace": first, "hash": record_hash(GENESIS, first), "prev": GENESIS, "seq": 0, "schema": LOG_SCHEMA}
-    path.write_text(json.dumps(legacy) + "\n", encoding="utf-8")
+    # the first writer dumped the whole record, compact (its keys in their own order)
+    path.write_text(json.dumps(legacy, separators=(",", ":"), ensure_ascii=False) + "\n", encoding="utf-8")
     log = TraceLog(path)
     record = log.append({"schema": "sieve.trace/1", "query": "q1"})
     assert record["seq"] == 1 and record["prev"] == legacy["hash"]
@@ -297,7 +298,7 @@ def test_an_edited_record_with_its_hash_recomputed_does_not_link(tmp_path):
     record = json.loads(lines[1])
     record["trace"]["results"][0]["doc_id"] = "forged"
     record["hash"] = record_hash(record["prev"], record["trace"])
-    lines[1] = json.dumps(record)
+    lines[1] = json.dumps(record, separators=(",", ":"), ensure_ascii=False)  # as the writer writes it
     log.path.write_text("\n".join(lines) + "\n")
     assert load_trace(log.path, seq=1)["results"][0]["doc_id"] == "forged"  # its own link and hash check out
     with pytest.raises(TraceError, match=r"seq 2.*does not link"):  # but the next record no longer links to it
@@ -366,7 +367,7 @@ def _record_after(previous_line: bytes, seq: int) -> bytes:
     trace = _trace(f"t{seq}")
     record = {"schema": LOG_SCHEMA, "seq": seq, "prev": previous["hash"], "hash": "", "trace": trace}
     record["hash"] = record_hash(previous["hash"], trace)
-    return json.dumps(record).encode() + b"\n"
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 @pytest.mark.parametrize("line", NOT_RECORDS[:4])
@@ -518,3 +519,104 @@ def test_write_json_atomic_leaves_nothing_behind_when_it_fails(tmp_path):
     with pytest.raises(OSError):
         write_json_atomic(tmp_path / "taken", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+# ---------------------------------------------------------------------------- second audit
+
+
+# 4. records cut from the end: an anchored head shows them
+
+
+def test_records_cut_from_the_end_fail_against_an_anchored_head(tmp_path):
+    from engine.trace import check_log, log_head
+
+    log = _fill(tmp_path / "log.jsonl", 4)
+    head = log_head(log.path)
+    assert (head.records, head.seq) == (4, 3) and head.hash == json.loads(log.path.read_text().splitlines()[-1])["hash"]
+    assert check_log(log.path, expect_head=head.hash, expect_count=4).problems == []
+    full = log.path.read_bytes()
+    log.append(_trace("later"))  # a later append is fine: the anchored record is still there at its seq
+    assert check_log(log.path, expect_head=head.hash, expect_count=4).problems == []
+    assert check_log(log.path, expect_head=head.hash).problems == []
+
+    log.path.write_bytes(b"".join(full.splitlines(keepends=True)[:3]))  # the last record cut off
+    assert verify_log(log.path) == (3, [])  # the chain alone cannot tell
+    [problem] = check_log(log.path, expect_head=head.hash).problems
+    assert "no record has the anchored hash" in problem
+    [problem] = check_log(log.path, expect_count=4).problems
+    assert "holds 3 records, the anchor says 4" in problem
+    log.append(_trace("replacement"))  # cut and appended again: as many records, another last hash
+    [problem] = check_log(log.path, expect_head=head.hash, expect_count=4).problems
+    assert "the record at seq 3 has hash" in problem
+
+    log.path.write_bytes(b"")  # an emptied log
+    assert verify_log(log.path) == (0, [])
+    assert check_log(log.path, expect_head=head.hash, expect_count=4).problems
+
+
+def test_cli_trace_head_and_verify_expect_head(tmp_path):
+    log = _fill(tmp_path / "log.jsonl", 3)
+    head = CliRunner().invoke(app, ["trace", "head", str(log.path), "--json"])
+    assert head.exit_code == 0, head.output
+    anchor = json.loads(head.stdout)
+    assert anchor["records"] == 3 and anchor["seq"] == 2 and len(anchor["hash"]) == 64
+    args = ["trace", "verify", str(log.path), "--expect-head", anchor["hash"], "--expect-count", "3"]
+    ok = CliRunner().invoke(app, args)
+    assert ok.exit_code == 0 and "the anchored head is present" in ok.output
+    log.path.write_bytes(b"".join(log.path.read_bytes().splitlines(keepends=True)[:2]))
+    cut = _run_sieve(*args)
+    assert cut.returncode == 1 and "records were removed from the log's end" in cut.stderr, cut.stderr
+    plain = _run_sieve("trace", "verify", log.path)  # without an anchor: intact, and it says what it cannot see
+    assert plain.returncode == 0 and "cannot be seen in the chain" in plain.stdout
+    bad = _run_sieve("trace", "verify", log.path, "--expect-head", "nothex")
+    assert bad.returncode == 2 and "64 hex digits" in bad.stderr
+    help_text = _run_sieve("trace", "verify", "--help").stdout
+    assert "detects edited, removed or reordered records." not in help_text and "--expect-head" in help_text
+
+
+# 6. a single trace handed to verify
+
+
+def test_verify_on_a_single_trace_file_says_what_it_is(tmp_path):
+    from engine.trace import write_json_atomic
+
+    single = tmp_path / "trace.json"
+    write_json_atomic(single, {"schema": "sieve.trace/1", "trace_id": "t", "stages": [], "results": [
+        {"doc_id": str(i)} for i in range(50)]})
+    done = _run_sieve("trace", "verify", single)
+    assert done.returncode == 2, done.stderr
+    assert "is a single trace (sieve search --trace-out), not a log; use sieve replay / sieve report" in done.stderr
+    assert "unreadable record" not in done.stderr and done.stderr.count("\n") <= 2
+    compact = tmp_path / "compact.jsonl"
+    compact.write_text(json.dumps({"schema": "sieve.trace/1", "trace_id": "t"}) + "\n")
+    with pytest.raises(TraceError, match="is a single trace"):
+        verify_log(compact)
+
+
+# 7. a line must be the writer's canonical serialisation
+
+
+def test_a_duplicated_key_or_a_non_canonical_line_is_refused(tmp_path):
+    log = _fill(tmp_path / "log.jsonl", 3)
+    lines = log.path.read_bytes().splitlines(keepends=True)
+    # a forged "trace" first, the genuine one after it: a JSON reader keeps the last, a person reads the first
+    forged = lines[1].replace(b'"trace":', b'"trace":{"schema":"sieve.trace/1","trace_id":"forged"},"trace":', 1)
+    log.path.write_bytes(lines[0] + forged + lines[2])
+    _, problems = verify_log(log.path)
+    assert problems == ["line 2 (seq 1): the key 'trace' appears twice in one object (readers disagree on which one "
+                        "counts)"]
+    with pytest.raises(TraceError, match="line 2.*appears twice"):
+        load_trace(log.path, seq=1)
+
+    spaced = lines[1].replace(b'"seq":1,', b'"seq": 1,', 1)  # same value, other whitespace
+    log.path.write_bytes(lines[0] + spaced + lines[2])
+    _, problems = verify_log(log.path)
+    assert len(problems) == 1 and problems[0].startswith("line 2 (seq 1): not in the canonical form")
+    escaped = lines[1].replace(b'"doc_id":"1"', b'"doc_id":"\\u0031"', 1)  # the same string, escaped
+    log.path.write_bytes(lines[0] + escaped + lines[2])
+    _, problems = verify_log(log.path)
+    assert len(problems) == 1 and "not in the canonical form" in problems[0]
+    with pytest.raises(TraceError, match="seq 1.*not as the log's writer wrote it"):
+        load_trace(log.path, seq=1)
+    log.path.write_bytes(b"".join(lines))
+    assert verify_log(log.path) == (3, [])

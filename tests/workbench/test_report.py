@@ -172,3 +172,88 @@ trace: {{log: null}}
     page = html.read_text(encoding="utf-8")
     assert '<span class="before">Is it treatable?</span>' in page
     assert f'<span class="after">{rewritten}</span>' in page
+
+
+# ---------------------------------------------------------------------------- second audit
+
+
+def test_report_says_whether_the_trace_is_vouched_for_by_its_log(cli, medical_trace: Path, medical_index: Path,
+                                                                  tmp_path: Path):
+    html = tmp_path / "unlogged.html"
+    assert cli("report", medical_trace, "--html", html).exit_code == 0  # written by `explain`: never logged
+    page = html.read_text(encoding="utf-8")
+    assert 'id="unverified"' in page and "Unverified: this trace file was not logged" in page
+
+    config = tmp_path / "pipeline.yaml"
+    for name in ("access.yaml", "overrides.yaml"):
+        shutil.copy(MEDICAL_CONFIG.parent / name, tmp_path / name)
+    config.write_text(MEDICAL_CONFIG.read_text(encoding="utf-8")
+                      .replace("index: ../../build/medical-index", f"index: {medical_index}")
+                      .replace("trace:\n  log: null", f"trace: {{log: {tmp_path / 'log.jsonl'}}}"), encoding="utf-8")
+    trace_file = tmp_path / "logged.json"
+    assert cli("search", config, "metformin kidney", *US_CLINICIAN, "--trace-out", trace_file).exit_code == 0
+    html = tmp_path / "logged.html"
+    assert cli("report", trace_file, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    assert 'id="unverified"' not in page and 'id="verified"' in page and "matches record seq 0" in page
+
+
+def test_report_names_the_pinning_rule(cli, medical_trace: Path, tmp_path: Path):
+    html = tmp_path / "report.html"
+    assert cli("report", medical_trace, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    assert "by override rule &#39;pin-fda-metformin-alert&#39; in stage &#39;overrides&#39;" in page
+    assert "named in the stage" not in page
+
+
+def test_report_shows_the_history_and_a_glossary_hash(cli, bm25_index: Path, write_config, tmp_path: Path):
+    pytest.importorskip("jieba")
+    glossary = tmp_path / "glossary.yaml"
+    glossary.write_text("version: 1\nentries:\n  - {id: b12, terms: [vitamin B12, cobalamin]}\n", encoding="utf-8")
+    config = write_config(f"""
+version: 1
+index: {bm25_index}
+stages:
+  - {{id: rewrite, type: rewrite.coreference, params: {{language: zh, glossary: {glossary}}}}}
+  - {{id: bm25, type: recall.bm25, inputs: [rewrite], params: {{top_k: 20}}}}
+output: bm25
+trace: {{log: null}}
+""")
+    trace_file = tmp_path / "conversation.json"
+    assert cli("search", config, "vitamin B12 and homocysteine", "-H", "Tell me about anaemia", "-H",
+               "What causes it?", "--trace-out", trace_file).exit_code == 0
+    trace = json.loads(trace_file.read_text())
+    digest = next(m for m in trace["models"] if m["stage"] == "rewrite")["glossary"]["sha256"]
+    html = tmp_path / "conversation.html"
+    assert cli("report", trace_file, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    assert digest in page and "glossary (glossary.yaml)" in page
+    assert '<ol class="history"><li>Tell me about anaemia</li><li>What causes it?</li></ol>' in page
+
+
+def test_report_makes_bidi_controls_visible(cli, write_config, tmp_path: Path):
+    from engine.index import build_index
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sneaky = "invoice\u202efdp.exe"
+    (corpus / "corpus.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in [
+        {"_id": sneaky, "title": "refund \u2067approved\u2069 policy", "text": "refund policy for invoices"},
+        {"_id": "plain", "title": "other", "text": "refund of something else"},
+    ]), encoding="utf-8")
+    build_index(corpus, tmp_path / "idx", {"bm25": {}})
+    config = write_config(f"""
+version: 1
+index: {tmp_path / 'idx'}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}
+output: bm25
+trace: {{log: null, include_document_text: true}}
+""")
+    trace_file = tmp_path / "t.json"
+    assert cli("search", config, "refund policy", "--trace-out", trace_file).exit_code == 0
+    html = tmp_path / "r.html"
+    assert cli("report", trace_file, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    assert "invoice[U+202E]fdp.exe" in page and "refund [U+2067]approved[U+2069] policy" in page
+    assert not any(c in page for c in "\u202e\u2067\u2069")

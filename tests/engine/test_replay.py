@@ -1,0 +1,268 @@
+"""sieve replay: what a re-run must reproduce, and the named cause of every difference (audit findings).
+
+Real pipelines on the SciFact-slice and medical indexes; traces are edited only where the test plays an
+older engine, a forger or a changed file on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.compiler import canonical_json
+from engine.errors import TraceError
+from engine.index import build_index
+from engine.pipeline import Pipeline
+from engine.replay import replay_trace
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDICAL = ROOT / "examples" / "medical"
+QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
+US_CLINICIAN = ["--role", "clinician", "--jurisdiction", "US", "--as-of", "2025-06-01"]
+
+
+def _yaml(index: Path, trace: str = "{log: null}", stages: str = "") -> str:
+    return f"""\
+version: 1
+index: {index}
+stages:
+{stages or '''  - {id: bm25, type: recall.bm25, params: {top_k: 50}}
+  - {id: final, type: select.top_k, inputs: [bm25], params: {k: 5}}'''}
+output: final
+trace: {trace}
+"""
+
+
+def _sha(data: object) -> str:
+    return hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()
+
+
+def _replay_cli(*args: object):
+    return CliRunner().invoke(app, ["replay", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def medical_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("replay-indexes") / "medical"
+    build_index(MEDICAL, out, {"bm25": {}})
+    return out
+
+
+@pytest.fixture
+def medical_config(tmp_path: Path, medical_index: Path):
+    """The medical rules pipeline in tmp_path (its rule files copied beside it, so a test can edit them)."""
+
+    def write(trace: str = "{log: null}") -> Path:
+        for name in ("access.yaml", "overrides.yaml"):
+            shutil.copy(ROOT / "configs" / "medical" / name, tmp_path / name)
+        text = (ROOT / "configs" / "medical" / "pipeline.yaml").read_text(encoding="utf-8")
+        text = text.replace("index: ../../build/medical-index", f"index: {medical_index}")
+        text = text.replace("trace:\n  log: null", f"trace: {trace}")
+        assert f"index: {medical_index}" in text and f"trace: {trace}" in text
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def _medical_trace(config: Path, trace_out: Path) -> dict:
+    result = CliRunner().invoke(app, ["search", str(config), "metformin kidney", *US_CLINICIAN,
+                                      "--trace-out", str(trace_out)])
+    assert result.exit_code == 0, result.output
+    return json.loads(trace_out.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------- 1. config and engine version
+
+
+def test_settings_a_newer_engine_adds_at_their_defaults_are_a_note_not_a_difference(bm25_index, write_config):
+    trace = Pipeline.from_file(write_config(_yaml(bm25_index))).search(QUERY).trace
+    # the trace as an engine without the `server:` section wrote it: no such section, its sha256 over the rest
+    resolved = trace["config"]["resolved"]
+    assert "server" in resolved
+    del resolved["server"]
+    trace["config"]["sha256"] = _sha(resolved)
+    trace["engine_version"] = "0.0.9"
+    report = replay_trace(trace)
+    assert report["identical"], report["differences"]
+    assert report["differences"] == []
+    assert any("engine version 0.0.9 in the trace" in n for n in report["notes"]), report["notes"]
+    assert any(n.startswith("engine 0.0.9 -> ") and "settings added at their defaults: server.*" in n
+               for n in report["notes"]), report["notes"]
+
+
+def test_a_config_value_the_engine_reads_otherwise_is_a_difference_by_dotted_path(bm25_index, write_config):
+    trace = Pipeline.from_file(write_config(_yaml(bm25_index))).search(QUERY).trace
+    resolved = trace["config"]["resolved"]
+    bm25 = next(s for s in resolved["stages"] if s["id"] == "bm25")
+    assert bm25["type"] == "recall.bm25@1"
+    bm25["type"] = "recall.bm25"  # as an engine that recorded stage types without their version
+    trace["config"]["sha256"] = _sha(resolved)
+    report = replay_trace(trace)
+    assert not report["identical"]
+    assert any("stages.bm25.type 'recall.bm25' -> 'recall.bm25@1'" in d for d in report["differences"]), report
+
+
+def test_a_recorded_config_edited_without_its_sha256_is_named(bm25_index, write_config):
+    trace = Pipeline.from_file(write_config(_yaml(bm25_index))).search(QUERY).trace
+    next(s for s in trace["config"]["resolved"]["stages"] if s["id"] == "final")["params"]["k"] = 3
+    report = replay_trace(trace)
+    assert not report["identical"]
+    assert any("the recorded config was edited" in d for d in report["differences"]), report["differences"]
+
+
+# ---------------------------------------------------------------------------- 2. identity hashes
+
+
+def test_an_edited_rule_file_is_named_as_the_cause(medical_config, tmp_path):
+    config = medical_config()
+    trace = _medical_trace(config, tmp_path / "t.json")
+    assert replay_trace(trace)["identical"]
+    # a comment-only edit: nothing ranks differently, but the rule file that ran is not the one on disk now
+    access = tmp_path / "access.yaml"
+    access.write_text(access.read_text(encoding="utf-8") + "# reviewed 2025-07-01\n", encoding="utf-8")
+    report = replay_trace(trace)
+    assert not report["identical"]
+    assert report["ranking_identical"]
+    [named] = [d for d in report["differences"] if d.startswith("stage 'access'")]
+    assert "rule file sha256" in named and "the rule file access.yaml changed since the trace" in named
+
+
+def test_an_identity_field_of_a_glossary_is_compared(bm25_index, write_config, tmp_path):
+    """A rewrite's glossary (nested in its identity) edited since the trace: named, and the rewrite that
+    changed with it is compared too."""
+    pytest.importorskip("jieba")
+    glossary = tmp_path / "glossary.yaml"
+    glossary.write_text("version: 1\nentries:\n  - {id: b12, terms: [vitamin B12, cobalamin]}\n", encoding="utf-8")
+    stages = f"""\
+  - {{id: rewrite, type: rewrite.coreference, params: {{language: zh, glossary: {glossary}}}}}
+  - {{id: bm25, type: recall.bm25, inputs: [rewrite], params: {{top_k: 50}}}}
+  - {{id: final, type: select.top_k, inputs: [bm25], params: {{k: 5}}}}"""
+    trace = Pipeline.from_file(write_config(_yaml(bm25_index, stages=stages))).search(QUERY).trace
+    recorded = next(m for m in trace["models"] if m["stage"] == "rewrite")
+    assert len(recorded["glossary"]["sha256"]) == 64
+    assert replay_trace(trace)["identical"]
+    glossary.write_text("version: 1\nentries:\n  - {id: b12, terms: [vitamin B12, cyanocobalamin]}\n", encoding="utf-8")
+    report = replay_trace(trace)
+    assert not report["identical"]
+    [named] = [d for d in report["differences"] if d.startswith("stage 'rewrite'")]
+    assert "glossary sha256" in named and "the glossary glossary.yaml changed since the trace" in named
+    assert any(d.startswith("rewritten query differs") and "cyanocobalamin" in d for d in report["differences"])
+
+
+# ---------------------------------------------------------------------------- 3a. everything a re-run reproduces
+
+
+def test_a_forged_stage_record_or_explanation_is_a_difference_by_path(medical_config, tmp_path):
+    trace = _medical_trace(medical_config(), tmp_path / "t.json")
+    overrides = next(s for s in trace["stages"] if s["id"] == "overrides")
+    floor = next(s for s in trace["stages"] if s["id"] == "floor")
+    assert overrides["details"]["firings"] and floor.get("drops"), "the fixture query must fire a rule and drop"
+    overrides["details"]["firings"][0]["rule"] = "pin-approved-by-CMO"
+    floor["drops"][0]["reason"] = "withdrawn_by_legal"
+    trace["results"][0]["explanation"]["description"] = "score approved by reviewer"
+    for stage in trace["stages"]:  # volatile fields are not compared
+        stage["duration_ms"] = 1.0
+    trace["timing_ms"] = {"total": 1.0}
+    report = replay_trace(trace)
+    assert not report["identical"] and report["ranking_identical"]
+    text = "\n".join(report["differences"])
+    assert "stages[overrides].details.firings[0].rule: 'pin-approved-by-CMO' in the trace" in text
+    assert "stages[floor].drops[0].reason: 'withdrawn_by_legal' in the trace, 'below_threshold'" in text
+    assert "results[0].explanation.description: 'score approved by reviewer' in the trace" in text
+    assert "duration_ms" not in text and "timing_ms" not in text
+
+
+# ---------------------------------------------------------------------------- 3b. a standalone file and its log
+
+
+def test_a_logged_trace_file_is_checked_against_its_log_record(medical_config, tmp_path):
+    log = tmp_path / "log.jsonl"
+    trace_file = tmp_path / "t.json"
+    trace = _medical_trace(medical_config(f"{{log: {log}}}"), trace_file)
+    assert trace["log"]["path"] == str(log) and trace["log"]["seq"] == 0 and len(trace["log"]["hash"]) == 64
+    ok = _replay_cli(trace_file)
+    assert ok.exit_code == 0, ok.output
+    assert "matches record seq 0 of the trace log" in ok.output and "identical" in ok.output
+
+    forged = json.loads(trace_file.read_text(encoding="utf-8"))
+    next(s for s in forged["stages"] if s["id"] == "floor")["drops"][0]["reason"] = "withdrawn_by_legal"
+    trace_file.write_text(json.dumps(forged, indent=2), encoding="utf-8")
+    refused = _replay_cli(trace_file)
+    assert isinstance(refused.exception, TraceError), refused.output
+    message = str(refused.exception)
+    assert "differs from the record it was logged as" in message and "seq 0" in message
+    assert "drops[0].reason" in message and "withdrawn_by_legal" in message
+    html = tmp_path / "r.html"
+    report = CliRunner().invoke(app, ["report", str(trace_file), "--html", str(html)])
+    assert isinstance(report.exception, TraceError) and not html.exists()
+
+    forged = {**trace, "log": {**trace["log"], "hash": "0" * 64}}
+    trace_file.write_text(json.dumps(forged), encoding="utf-8")
+    refused = _replay_cli(trace_file)
+    assert isinstance(refused.exception, TraceError) and "does not match its log record" in str(refused.exception)
+
+    # the log moved: say so, and check against a copy given with --log
+    trace_file.write_text(json.dumps(trace), encoding="utf-8")
+    moved = tmp_path / "archive.jsonl"
+    log.rename(moved)
+    refused = _replay_cli(trace_file)
+    assert isinstance(refused.exception, TraceError) and "not found here; pass --log" in str(refused.exception)
+    assert _replay_cli(trace_file, "--log", moved).exit_code == 0
+
+
+def test_a_trace_file_that_was_not_logged_replays_as_unverified(medical_config, tmp_path):
+    trace_file = tmp_path / "t.json"
+    trace = _medical_trace(medical_config(), trace_file)
+    assert "log" not in trace
+    done = _replay_cli(trace_file)
+    assert done.exit_code == 0, done.output
+    assert "unverified: this trace file was not logged" in done.output
+    as_json = json.loads(_replay_cli(trace_file, "--json").stdout)
+    assert as_json["source"]["verified"] is False and as_json["identical"]
+
+
+# ---------------------------------------------------------------------------- 5. conversation history by hash
+
+
+def test_history_kept_out_of_the_trace_is_recorded_by_hash_and_given_back_to_replay(bm25_index, write_config,
+                                                                                    tmp_path):
+    config = write_config(_yaml(bm25_index, trace="{log: null, include_query_text: false}"))
+    turns = ["Tell me about homocysteine", "and folate?"]
+    trace = Pipeline.from_file(config).search(QUERY, history=turns).trace
+    text = json.dumps(trace)
+    assert "folate" not in text and trace["query"]["history_turns"] == 2
+    assert trace["query"]["history_sha256"] == [hashlib.sha256(t.encode()).hexdigest() for t in turns]
+    with pytest.raises(TraceError, match="records 2 earlier conversation turns by their sha256 only.*--history"):
+        replay_trace(trace, query_text=QUERY)
+    with pytest.raises(TraceError, match="--history turn 2 does not match"):
+        replay_trace(trace, query_text=QUERY, history=[turns[0], "and iron?"])
+    with pytest.raises(TraceError, match="records 2 earlier conversation turns; 1 --history given"):
+        replay_trace(trace, query_text=QUERY, history=turns[:1])
+    assert replay_trace(trace, query_text=QUERY, history=turns)["identical"]
+    trace_file = tmp_path / "t.json"
+    trace_file.write_text(json.dumps(trace), encoding="utf-8")
+    done = _replay_cli(trace_file, "--query", QUERY, "--history", turns[0], "--history", turns[1])
+    assert done.exit_code == 0 and "identical" in done.output, done.output
+
+
+# ---------------------------------------------------------------------------- 8. an index rebuilt from the same corpus
+
+
+def test_an_index_rebuilt_from_the_same_corpus_says_so_and_names_the_components(bm25_index, write_config, tmp_path):
+    index = tmp_path / "copy"
+    shutil.copytree(bm25_index, index)
+    trace = Pipeline.from_file(write_config(_yaml(index))).search(QUERY).trace
+    assert len(trace["index"]["corpus_sha256"]) == 64 and set(trace["index"]["component_sha256"]) >= {"bm25"}
+    build_index(ROOT / "examples" / "scifact-mini", index, {"bm25": {"k1": 1.2}})
+    report = replay_trace(trace)
+    [named] = [d for d in report["differences"] if d.startswith("index manifest differs")]
+    assert "the corpus is the same" in named and "rebuilt from an identical corpus" in named
+    assert "the files of bm25 differ" in named and "documents" not in named
