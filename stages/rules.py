@@ -724,6 +724,23 @@ class RulesOverride(Stage):
 
     # ------------------------------------------------------------------ explain
 
+    def _pinning_rule(self, query: Query, view: QueryView, doc_id: str) -> str:
+        """The pin rule that holds ``doc_id``'s position: of the active pins naming it whose condition holds, the
+        one that wins a contended document in ``run`` (higher priority, then rule id)."""
+        contenders = []
+        for rule in self._ruleset.rules:
+            if rule.action != "pin" or doc_id not in rule.docs or rule.inactive_reason(query.as_of) is not None:
+                continue
+            try:
+                if rule.when.evaluate(Subject(view)):
+                    contenders.append(rule)
+            except ExpressionRuntimeError:
+                continue
+        if not contenders:
+            return "an override rule"
+        winner = min(contenders, key=lambda rule: (-rule.priority, rule.id))
+        return f"override rule '{winner.id}'"
+
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         own = next((e for e in candidate.ledger if e.stage == self.id), None)
         earlier = [e for e in candidate.ledger if e.stage != self.id]
@@ -757,8 +774,8 @@ class RulesOverride(Stage):
                 origin = f"score = {previous:.6g} x product(factors) + sum(adds)"
             else:
                 origin = f"score {previous:.6g} carried over"
-            return Explanation(value, f"pinned at rank {rank} by an override rule in stage '{self.id}' (named in the "
-                               f"stage's trace details); {origin}", tuple(details))
+            return Explanation(value, f"pinned at rank {rank} by {self._pinning_rule(query, view, candidate.doc_id)} "
+                               f"in stage '{self.id}'; {origin}", tuple(details))
         if details:
             return Explanation(value, f"score after override rules = {previous if previous is not None else 0.0:.6g} "
                                "x product(factors) + sum(adds); rank " + str(rank), tuple(details))

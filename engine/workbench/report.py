@@ -47,8 +47,8 @@ PIN_WITHOUT_RULE = re.compile(r"by an override rule in stage '(?P<stage>[^']*)' 
 
 
 def _name_pin_rules(node: Any, firings: list[dict[str, Any]]) -> Any:
-    """The explanation tree with "pinned ... by an override rule (named in the stage's trace details)" naming the
-    rule, from the stage's firings on this document."""
+    """For traces written before the override stage named its pin rules: the explanation tree with "pinned ... by an
+    override rule (named in the stage's trace details)" naming the rule, from the stage's firings on this document."""
     if not isinstance(node, dict):
         return node
     description = node.get("description")

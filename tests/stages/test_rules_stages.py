@@ -470,3 +470,20 @@ def test_threshold_score_of_must_name_an_upstream_scorer(tmp_path, index):
     with pytest.raises(ConfigError) as caught:
         make_pipeline(tmp_path, index, floor="{min_score: 0.5, score_of: rerank}")
     assert "'rerank' is not an upstream stage that scores candidates; scoring stages upstream: bm25" in str(caught.value)
+
+
+def test_explain_names_the_pin_rule_that_holds_the_position(tmp_path, index):
+    """The explanation said 'by an override rule (named in the stage's trace details)'; with contending pins on one
+    document it names the winner (higher priority, then id), as run() resolves them."""
+    stage, result = override_run(tmp_path, index, """\
+  - {id: a-high, action: pin, docs: [med-004], position: 1, priority: 5}
+  - {id: c-same-doc, action: pin, docs: [med-004], position: 4, priority: 0}
+  - {id: new-one, action: pin, docs: [med-025], position: 2}
+""", LIST)
+    query = Query(text="metformin", as_of=AS_OF)
+    described = {}
+    for rank, candidate in enumerate(result.candidates, start=1):
+        described[candidate.doc_id] = stage.explain(query, candidate, candidate.score, rank, True).description
+    assert described["med-004"].startswith("pinned at rank 1 by override rule 'a-high' in stage 'rules'; score 0.6")
+    assert described["med-025"] == ("pinned at rank 2 by override rule 'new-one' in stage 'rules'; not recalled, so "
+                                    "no upstream score")
