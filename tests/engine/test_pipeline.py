@@ -224,6 +224,23 @@ def test_a_log_that_cannot_be_appended_is_a_trace_error(pipeline, tmp_path):
         pipeline.log_trace(result.trace, Path(f"{tmp_path}/x\0.jsonl"))
 
 
+def _access_pipeline(tmp_path: Path, domain: str, top_k: int, more_stages: str = "") -> Path:
+    """A config over examples/<domain> (a BM25 index built in tmp_path): that domain's access rules, masked BM25
+    recall ('bm25'), then ``more_stages`` (YAML list items; the last one is the output)."""
+    root = Path(__file__).resolve().parents[2]
+    index = tmp_path / domain
+    build_index(root / "examples" / domain, index, {"bm25": {}})
+    config = tmp_path / f"{domain}.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n"
+        f"  - {{id: access, type: rules.prefilter, params: {{rules: {root / 'configs' / domain / 'access.yaml'}}}}}\n"
+        f"  - {{id: bm25, type: recall.bm25, inputs: [access], params: {{top_k: {top_k}}}}}\n"
+        f"{more_stages}trace: {{log: null}}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
 @pytest.fixture
 def careless_stage():
     """A stage written without the mask in mind: it adds a fixed document to whatever it is given (a third-party
@@ -257,22 +274,10 @@ def careless_stage():
 def test_no_stage_hands_on_a_document_the_access_rules_deny(careless_stage, tmp_path):
     """The engine filters every stage's output by the mask it received: a denied document never reaches the
     results (nor a later stage's input), and the trace says which stage produced it and which rules deny it."""
-    root = Path(__file__).resolve().parents[2]
-    index = tmp_path / "medical"
-    build_index(root / "examples" / "medical", index, {"bm25": {}})
-    config = tmp_path / "careless.yaml"
-    config.write_text(f"""\
-version: 1
-index: {index}
-stages:
-  - {{id: access, type: rules.prefilter, params: {{rules: {root / 'configs' / 'medical' / 'access.yaml'}}}}}
-  - {{id: bm25, type: recall.bm25, inputs: [access], params: {{top_k: 5}}}}
+    pipeline = Pipeline.from_file(_access_pipeline(tmp_path, "medical", 5, f"""\
   - {{id: careless, type: {careless_stage}, inputs: [bm25], params: {{doc_id: med-007}}}}
   - {{id: final, type: select.top_k, inputs: [careless], params: {{k: 10}}}}
-output: final
-trace: {{log: null}}
-""", encoding="utf-8")
-    pipeline = Pipeline.from_file(config)
+"""))
     from engine.model import UserContext
 
     clinician = UserContext(roles=("clinician",), jurisdictions=("US",))
@@ -290,19 +295,7 @@ trace: {{log: null}}
 def test_the_cli_passes_user_attributes_that_access_rules_read(tmp_path):
     """The finance rules let wall-crossed staff see restricted issuers (user.attributes.wall_crossed): the CLI could
     not say so (an audit found no way to pass attributes but HTTP)."""
-    root = Path(__file__).resolve().parents[2]
-    index = tmp_path / "finance"
-    build_index(root / "examples" / "finance", index, {"bm25": {}})
-    config = tmp_path / "finance.yaml"
-    config.write_text(f"""\
-version: 1
-index: {index}
-stages:
-  - {{id: access, type: rules.prefilter, params: {{rules: {root / 'configs' / 'finance' / 'access.yaml'}}}}}
-  - {{id: bm25, type: recall.bm25, inputs: [access], params: {{top_k: 10}}}}
-output: bm25
-trace: {{log: null}}
-""", encoding="utf-8")
+    config = _access_pipeline(tmp_path, "finance", 10)
     runner = CliRunner()
     base = ["search", str(config), "Acme Robotics earnings", "--group", "research", "--as-of", "2025-06-01", "--json"]
 
