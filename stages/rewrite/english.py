@@ -74,6 +74,11 @@ GENERIC_HEADS = frozenset(
     "everybody time times fact facts idea ideas information detail details more most some all other others "
     "question questions answer answers reason reasons option options".split()
 )
+# Singular nouns that end in -s (diseases, fields of study): the tagger reads them as plurals and the
+# lemmatiser strips the -s ("diabetes" -> "diabete"); they take singular verbs and "it".
+SINGULAR_IN_S = frozenset("news diabetes measles mumps rabies herpes rickets shingles scabies physics mathematics "
+                          "economics politics ethics genetics genomics linguistics athletics gymnastics aerobics "
+                          "logistics robotics".split())
 # Verbs and adjectives-with-"be" that take an extraposed clause with a dummy "it" subject.
 EXTRAPOSING_VERBS = frozenset("cost take seem appear matter help hurt pay make require mean happen".split())
 WEATHER_VERBS = frozenset("rain snow hail thunder drizzle".split())
@@ -213,8 +218,26 @@ def _clause(token: "Token") -> int:
     return current.i
 
 
-def _plural(root: "Token") -> bool:
-    return root.tag_ in ("NNS", "NNPS") or any(child.dep_ == "conj" for child in root.children)
+def _singular_in_use(root: "Token") -> bool:
+    """A noun tagged plural that is singular here: one of :data:`SINGULAR_IN_S`, or the subject of a verb in
+    the singular ("What is diabetes?", "Mumps spreads ...": subject-verb agreement outranks the -s)."""
+    if root.tag_ != "NNS":
+        return False
+    if root.lower_ in SINGULAR_IN_S:
+        return True
+    head = root.head
+    if head.tag_ != "VBZ" and head.lower_ not in ("was", "has", "does"):
+        return False
+    if root.dep_ in SUBJECT_DEPS:
+        return True
+    # "What is X?": X is the copula's attribute, and the verb agrees with it (the subject is the wh-word)
+    return root.dep_ == "attr" and all(c.tag_ in ("WP", "WDT") for c in head.children if c.dep_ in SUBJECT_DEPS)
+
+
+def _plural(root: "Token", end: int | None = None) -> bool:
+    """A plural noun, or the head of a coordination that ends before ``end`` (the phrase includes a conjunct)."""
+    return (root.tag_ in ("NNS", "NNPS") and not _singular_in_use(root)) or any(
+        child.dep_ == "conj" and (end is None or child.i < end) for child in root.children)
 
 
 def _key(span: "Span", start: int) -> str:
@@ -227,10 +250,16 @@ def _key(span: "Span", start: int) -> str:
 
 def _is_candidate(chunk: "Span") -> bool:
     root = chunk.root
+    if not any(ch.isalnum() for ch in chunk.text):
+        return False  # an emoji or a symbol is not a name a question can be rewritten with
     if root.pos_ in ("PRON", "NUM") or root.tag_ in ("WP", "WDT", "PRP", "PRP$", "EX"):
         return False
-    if root.lower_ in GENERIC_HEADS or root.lower_ in PERSONAL_PRONOUNS or root.lower_ in DEMONSTRATIVES:
+    if root.lower_ in GENERIC_HEADS and not any(c.dep_ == "compound" for c in root.children):
+        return False  # "the types of X" means X; but a "stock option" or "blood type" is a thing of its own
+    if root.lower_ in PERSONAL_PRONOUNS or root.lower_ in DEMONSTRATIVES:
         return False
+    if root.pos_ == "VERB" and root.lemma_ in WEATHER_VERBS:
+        return False  # "It's raining": weather, not a thing a pronoun goes back to
     ent = _entity_of(chunk)
     if ent is None and any(e.label_ in NUMERIC_LABELS and e.start <= root.i < e.end for e in chunk.doc.ents):
         return False
@@ -256,13 +285,13 @@ def chunk_mention(chunk: "Span", turn: int) -> Mention:
     if root.i == chunk.end - 1 and root.pos_ == "NOUN" and root.is_alpha and not root.is_title \
             and not (ent is not None and ent.start <= root.i < ent.end):  # "Venus flytraps" -> "Venus flytrap"
         stem = doc[start : chunk.end - 1].text_with_ws if root.i > start else ""
-        if root.tag_ == "NNS" and root.lemma_.lower() != root.lower_:
+        if root.tag_ == "NNS" and root.lemma_.lower() != root.lower_ and not _singular_in_use(root):
             other_number = stem + (root.lemma_ if root.text.islower() else root.text[: len(root.lemma_)])
         elif root.tag_ == "NN" and not any(child.dep_ == "conj" for child in root.children):
             other_number = stem + pluralise(root.text)
     return Mention(
         key=_key(chunk, start), text=text, bare=doc[bare_start : chunk.end].text, head=root.lower_,
-        turn=turn, role=role, plural=_plural(root),
+        turn=turn, role=role, plural=_plural(root, chunk.end),
         person=ent is not None and ent.label_ == "PERSON" and ent.start <= root.i < ent.end,
         entity=ent.label_ if ent is not None else None, proper=proper, other_number=other_number,
     )
@@ -331,6 +360,16 @@ def noun_phrases(doc: "Doc") -> list["Span"]:
                   and e.root.dep_ in ("compound", "nmod", "conj")]
         if people:
             chunks.append(doc[people[0].start : people[-1].end])
+    for chunk in list(chunks):
+        # a coordination of things ("metformin and lisinopril") is a plural mention of its own, the group a later
+        # "they" means; each conjunct stays a singular mention
+        conjuncts = [c for c in chunk.root.conjuncts if c.i > chunk.root.i and c.pos_ in ("NOUN", "PROPN")]
+        if conjuncts and chunk.root.pos_ in ("NOUN", "PROPN") and chunk.end <= conjuncts[-1].i:
+            last = next((c for c in chunks if c.start <= conjuncts[-1].i < c.end), None)
+            if last is not None and all(doc[i].dep_ in ("cc", "conj", "punct", "det", "amod", "compound", "poss",
+                                                       "nmod", "case") or doc[i].pos_ in ("NOUN", "PROPN", "ADJ")
+                                        for i in range(chunk.end, last.start)):
+                chunks.append(doc[chunk.start : last.end])
     for token in doc:
         if token.dep_ == "poss" and token.pos_ in ("PROPN", "NOUN"):
             # the possessor of "Melania Trump's religion" is a mention of its own (spaCy's chunk is the whole)
@@ -392,7 +431,15 @@ def _pleonastic(token: "Token") -> bool:
     if token.dep_ not in SUBJECT_DEPS:
         return False
     head = token.head
-    if head.lemma_ in WEATHER_VERBS:
+    # weather: "it rains", "it's raining" (the parser makes the verb the copula's attribute), "is it going to rain?"
+    predicates = [head, *(c for c in head.children if c.dep_ in ("attr", "xcomp", "acomp"))]
+    predicates += [g for p in predicates[1:] for g in p.children if g.dep_ == "xcomp"]
+    if any(p.lemma_ in WEATHER_VERBS for p in predicates):
+        return True
+    if any(c.dep_ == "ccomp" and c.i > token.i for c in head.children) and (
+        token.dep_ == "nsubjpass"  # "it is said that ...", "it is believed ..."
+        or head.lemma_ == "be" and any(c.dep_ in ("acomp", "attr") and c.pos_ == "ADJ" for c in head.children)
+    ):  # "is it true (that) coffee raises ...?": the clause is the real subject, whether or not 'that' is parsed
         return True
     extraposed = False
     infinitive = None
@@ -416,6 +463,14 @@ def _pleonastic(token: "Token") -> bool:
     tough = any(a.lemma_.lower() in TOUGH_ADJECTIVES or a.lower_ in TOUGH_ADJECTIVES for a in adjectives)
     return not (tough and infinitive is not None and not any(c.dep_ in ("dobj", "ccomp", "xcomp")
                                                              for c in infinitive.children))
+
+
+QUOTES = frozenset('"\u201c\u201d\u00ab\u00bb')
+
+
+def _quoted(token: "Token") -> bool:
+    """Whether ``token`` lies inside double quotation marks (an odd number of them before it in the text)."""
+    return sum(ch in QUOTES for ch in token.doc.text[: token.idx]) % 2 == 1
 
 
 def _demonstrative_pronoun(token: "Token") -> bool:
@@ -500,11 +555,22 @@ def _possessive(text: str) -> str:
     return text + ("'" if text.endswith("s") else "'s")
 
 
+def _shouted(doc: "Doc") -> bool:
+    """A question written in capitals ("IS IT CURABLE?")."""
+    letters = [ch for ch in doc.text if ch.isalpha()]
+    return len(letters) > 1 and all(ch.isupper() for ch in letters)
+
+
 def _cased(replacement: str, token: "Token") -> str:
-    """Capitalise a replacement that starts a sentence."""
+    """Capitalise a replacement that starts a sentence; all of it in a question written in capitals."""
+    if _shouted(token.doc):
+        return replacement.upper()
     if token.is_sent_start and replacement[:1].islower():
         return replacement[:1].upper() + replacement[1:]
     return replacement
+
+
+PARSE_CACHE_CHARS = 2000  # longer turns are parsed each time they are read, not kept
 
 
 class EnglishResolver:
@@ -517,6 +583,8 @@ class EnglishResolver:
         self.heuristics = heuristics
         self._lock = threading.Lock()
         self._states: LRUCache[tuple[str, ...], DiscourseModel] = LRUCache(cache_size)
+        # parses by text: a history read again (its oldest turns dropped by a window, or edited) costs no re-parse
+        self._parses: LRUCache[str, "Doc"] = LRUCache(cache_size * 2)
 
     # ------------------------------------------------------------------ public
 
@@ -547,15 +615,30 @@ class EnglishResolver:
             self._states.put(history[:turn], model)
         return model
 
+    def _parse(self, text: str) -> "Doc":
+        """spaCy's parse of ``text``; parses of texts up to PARSE_CACHE_CHARS are kept (without the tok2vec
+        tensor, which nothing here reads: a cached Doc costs about its tokens), since a Doc is only read."""
+        doc = self._parses.get(text)
+        if doc is None:
+            with self._lock:
+                doc = self.nlp(text)
+            if len(text) <= PARSE_CACHE_CHARS:
+                doc.tensor = doc.tensor[:, :0]
+                self._parses.put(text, doc)
+        return doc
+
     def _read(self, model: DiscourseModel, text: str, turn: int) -> tuple[list[Replacement], DiscourseModel]:
         """Turn ``turn`` read against the model of the turns before it: its replacements, and the model
         after it (its mentions added, the turn as resolved kept for "What about X?")."""
-        with self._lock:
-            doc = self.nlp(text)
+        if not text.strip():  # an empty turn says nothing and is no question to go back to
+            return [], model
+        doc = self._parse(text)
         replacements, mentions = self._analyse(doc, turn, model)
         following = model.copy()
         following.mentions.extend(_mark_new(mentions, model))
-        following.previous = _apply(text, replacements)
+        if any(t.pos_ in ("VERB", "AUX") for t in doc) or any(r.kind == "predicate_ellipsis" for r in replacements):
+            following.previous = _apply(text, replacements)
+        # else: "thanks", "ok", "?!": no predicate for a later "What about X?" to reuse; the question before stays
         return replacements, following
 
     # ------------------------------------------------------------------ one turn
@@ -640,6 +723,8 @@ class EnglishResolver:
     def _pronoun(self, token: "Token", candidates: list[Antecedent], numbers: dict[str, str],
                  mentions: list[Mention], turn: int) -> Replacement | None:
         lower = token.lower_
+        if _quoted(token) or (token.text[:1].isupper() and not token.is_sent_start and not _shouted(token.doc)):
+            return None  # a title or a quotation ('the book "It Ends With Us"'): not the speaker's reference
         if lower in PERSONAL_PRONOUNS and token.pos_ == "PRON":
             gender, number, possessive = PERSONAL_PRONOUNS[lower]
             if lower == "her":
@@ -913,6 +998,8 @@ class EnglishResolver:
         """A question naming nothing from the conversation: '<the definite phrase> of <topic>'."""
         if any(m.entity is not None or m.proper for m in mentions):
             return None
+        if any(t.tag_ in ("JJS", "RBS") and t.head.pos_ == "NOUN" for t in doc):
+            return None  # "the largest organ in the body", "the safest antibiotic": a superlative sets its own scope
         known = {m.key for m in model.mentions} | {m.head for m in model.mentions}
         if any(m.key in known or m.head in known for m in mentions):
             return None
@@ -956,8 +1043,7 @@ class EnglishResolver:
         inside = [r for r in replacements if span.start_char <= r.start and r.end <= span.end_char]
         resolved = _apply(doc.text[span.start_char : span.end_char],
                           [replace(r, start=r.start - span.start_char, end=r.end - span.start_char) for r in inside])
-        with self._lock:
-            before = self.nlp(previous)
+        before = self._parse(previous)
         if not len(before):
             return None  # an empty previous turn asked nothing to ask again
         sentence = list(before.sents)[-1]

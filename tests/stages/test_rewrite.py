@@ -416,12 +416,74 @@ def test_a_history_longer_than_the_recursion_limit_is_read(stage):
 
 
 def test_empty_and_odd_turns_do_not_break_the_resolver(stage):
-    # an empty previous turn gave "What about X?" nothing to ask again (it raised IndexError)
-    assert rewritten(stage, "What about paleo?", ["What is the keto diet?", ""]) == "What about paleo?"
+    # an empty previous turn (it raised IndexError) is skipped: "What about X?" asks the question before it again
+    assert rewritten(stage, "What about paleo?", ["What is the keto diet?", ""]) == "What is paleo?"
     assert rewritten(stage, "Is it treatable?", ["", "   ", "What is throat cancer?", "?!"]) == (
         "Is throat cancer treatable?"
     )
     assert rewritten(stage, "And?", ["What is the keto diet?"]) == "And?"
+
+
+@pytest.mark.parametrize(
+    ("history", "question", "expected"),
+    [
+        # an acknowledgement between the question and "What about X?" was taken for the question ("Thanks in children")
+        (["What is asthma?", "thanks"], "What about in children?", "What is asthma in children?"),
+        (["What is asthma?", "ok"], "What about in children?", "What is asthma in children?"),
+        (["What is asthma?", "   "], "What about in children?", "What is asthma in children?"),
+        (["What is asthma?", "?!?"], "What about in children?", "What is asthma in children?"),
+        # singular nouns in -s kept whole ("diabete", "measle"): a singular verb or the lexicon says singular
+        (["What is diabetes?"], "Is it genetic?", "Is diabetes genetic?"),
+        (["What is measles?"], "How is it spread?", "How is measles spread?"),
+        (["Tell me about rabies."], "Is it curable?", "Is rabies curable?"),
+        (["What is mumps?"], "What are its complications?", "What are mumps' complications?"),
+        (["What are cookies?"], "How are they made?", "How are cookies made?"),  # a real plural stays plural
+        # a dummy "it": extraposed clauses and weather
+        (["What is metformin?"], "Is it true that coffee raises blood pressure?",
+         "Is it true that coffee raises blood pressure?"),
+        (["What is metformin?"], "It is said that it helps.", "It is said that metformin helps."),
+        (["What is an ACE inhibitor?"], "Is it going to rain?", "Is it going to rain?"),
+        (["What is an ACE inhibitor?"], "It's raining today. Should I take it?",
+         "It's raining today. Should I take an ACE inhibitor?"),
+        # a title or a quotation is not the speaker's reference; a question in capitals gets a capital rewrite
+        (["What is metformin?"], 'What does the book "It Ends With Us" say about it?',
+         'What does the book "It Ends With Us" say about metformin?'),
+        (["What is asthma?"], "IS IT CURABLE?", "IS ASTHMA CURABLE?"),
+        # a coordination is the group a later "they" means
+        (["I take metformin and lisinopril."], "Can they interact?", "Can metformin and lisinopril interact?"),
+        (["I take metformin and lisinopril."], "What do they have in common?",
+         "What do metformin and lisinopril have in common?"),
+        # a general head with a noun modifier is a thing of its own
+        (["What is a stock option?"], "How is it taxed?", "How is a stock option taxed?"),
+        # a superlative question sets its own scope: no topic appended
+        (["What is metformin?", "Is metformin safe?"], "What is the largest organ in the body?",
+         "What is the largest organ in the body?"),
+        (["What is metformin?", "Is metformin safe?"], "Which is the safest antibiotic?", "Which is the safest antibiotic?"),
+        (["I have 😷."], "Is it curable?", "Is it curable?"),  # an emoji is no antecedent
+    ],
+)
+def test_found_by_an_audit_of_ordinary_conversations(stage, history, question, expected):
+    assert rewritten(stage, question, history) == expected
+
+
+def test_a_sliding_window_of_history_reuses_the_parses(stage):
+    """The discourse model is cached per history prefix, so a window that drops the oldest turn missed every
+    prefix and re-parsed every turn (63-120 ms a question from turn 12 of a 10-turn window); parses are now
+    cached by text, so a slid window parses nothing it has read before."""
+    resolver = stage._english
+    drugs = "metformin insulin aspirin ibuprofen warfarin lisinopril atorvastatin omeprazole sertraline " \
+            "amoxicillin prednisone levothyroxine".split()
+    turns = [f"What are the side effects of {drug}?" for drug in drugs]
+    for n in range(1, 12):
+        rewritten(stage, "Is it safe for children?", turns[max(0, n - 5) : n])
+    parse = resolver.nlp
+    texts: list[str] = []
+    resolver.nlp = lambda text: texts.append(text) or parse(text)  # counts the parser's calls, then parses
+    try:
+        assert rewritten(stage, "Is it safe for children?", turns[7:12]) == "Is levothyroxine safe for children?"
+    finally:
+        resolver.nlp = parse
+    assert texts == [turns[11]]  # only the newest turn: the four before it were parsed in earlier windows
 
 
 def test_no_history_leaves_the_question_unchanged(stage):
