@@ -196,6 +196,17 @@ def _log_path_problem(log: str) -> str | None:
     return None
 
 
+def _keys_sorted(value: Any) -> Any:
+    """``value`` with every mapping's keys in sorted order. A stage sees its params the same whichever order the
+    YAML wrote them in, and the same again when a replay compiles the config from a trace log (which stores
+    keys sorted): e.g. the order of a weighted fusion's terms in its explanation."""
+    if isinstance(value, dict):
+        return {key: _keys_sorted(value[key]) for key in sorted(value, key=str)}
+    if isinstance(value, list):
+        return [_keys_sorted(item) for item in value]
+    return value
+
+
 def _validate_params(
     raw: dict[str, Any], prefix: tuple[str | int, ...], source: SourceMap, issues: list[ConfigIssue]
 ) -> tuple[type[Stage], Any] | None:
@@ -215,7 +226,7 @@ def _validate_params(
     if not isinstance(raw_params, dict):
         return None  # reported by the envelope (params must be a mapping)
     try:
-        return cls, cls.Params.model_validate(raw_params)
+        return cls, cls.Params.model_validate(_keys_sorted(raw_params))
     except ValidationError as exc:
         issues.extend(issues_from_validation(exc, source, prefix + ("params",), cls.Params))
         return cls, None

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
-from engine.config import STAGE_ID_PATTERN, ExecutorSettings, Limits, PipelineConfig, StageSpec, TraceSettings
+from engine.config import STAGE_ID_PATTERN, PipelineConfig, StageSpec
 from engine.registry import resolve_stage, stage_versions
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -59,20 +59,15 @@ def pipeline_json_schema() -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of a pipeline YAML file, stage params included."""
     branches = _stage_branches()
     stage_union = Annotated[Union[tuple(branches)], Field(discriminator="type")]  # type: ignore[valid-type]
-    top = PipelineConfig.model_fields
+    # every top-level setting as PipelineConfig declares it (a section added there is in the schema too), but the
+    # stages: one branch per registered stage type, with its params
+    fields: dict[str, Any] = {name: (info.annotation, info) for name, info in PipelineConfig.model_fields.items()}
+    fields["stages"] = (list[stage_union], Field(min_length=1, description="the DAG's stages; each names a registered type"))  # type: ignore[valid-type]
     model = create_model(
         "SievePipeline",
         __config__=ConfigDict(frozen=True, extra="forbid", title="Sieve pipeline"),
         __doc__=(PipelineConfig.__doc__ or "").strip(),
-        version=(Literal[1], Field(description="config format version")),
-        name=(Optional[str], None),
-        description=(Optional[str], None),
-        index=(Optional[str], Field(None, description=top["index"].description)),
-        stages=(list[stage_union], Field(min_length=1, description="the DAG's stages; each names a registered type")),  # type: ignore[valid-type]
-        output=(Optional[str], Field(None, description=top["output"].description)),
-        trace=(TraceSettings, Field(default_factory=TraceSettings)),
-        limits=(Limits, Field(default_factory=Limits)),
-        executor=(ExecutorSettings, Field(default_factory=ExecutorSettings)),
+        **fields,
     )
     schema = TypeAdapter(model).json_schema(mode="validation")
     return {"$schema": JSON_SCHEMA_DIALECT, **schema}

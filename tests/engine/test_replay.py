@@ -266,3 +266,24 @@ def test_an_index_rebuilt_from_the_same_corpus_says_so_and_names_the_components(
     [named] = [d for d in report["differences"] if d.startswith("index manifest differs")]
     assert "the corpus is the same" in named and "rebuilt from an identical corpus" in named
     assert "the files of bm25 differ" in named and "documents" not in named
+
+
+def test_a_record_read_back_from_the_log_replays_whatever_order_the_yaml_wrote_a_mapping_in(bm25_index, write_config,
+                                                                                           tmp_path):
+    """The log stores keys sorted, so a config compiled from it saw `weights: {rerank, hybrid}` as {hybrid, rerank}
+    and the weighted fusion's explanation listed its terms in the other order: every demo query replayed from the
+    log was 'different'. Params are compiled with their mappings' keys sorted, whatever the source."""
+    log = tmp_path / "log.jsonl"
+    pipeline = Pipeline.from_file(write_config(_yaml(bm25_index, trace=f"{{log: {log}}}", stages='''\
+  - {id: bm25, type: recall.bm25, params: {top_k: 50}}
+  - {id: short, type: recall.bm25, params: {top_k: 10}}
+  - {id: rrf, type: fuse.rrf, inputs: [bm25, short]}
+  - {id: blend, type: fuse.weighted, inputs: [rrf], params: {weights: {rrf: 0.6, bm25: 0.4}}}
+  - {id: final, type: select.top_k, inputs: [blend], params: {k: 5}}''')))
+    trace = pipeline.search(QUERY).trace
+    pipeline.log_trace(trace)
+    fusion = trace["results"][0]["explanation"]["details"][-1]["description"]
+    assert "0.4*norm(bm25) + 0.6*norm(rrf)" in fusion, fusion
+    replayed = _replay_cli(log, "--seq", 0)
+    assert replayed.exit_code == 0, replayed.output
+    assert "identical" in replayed.output

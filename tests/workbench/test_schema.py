@@ -72,3 +72,16 @@ def test_schema_command_writes_a_file(cli, tmp_path: Path):
     assert json.loads(out.read_text())["$schema"].endswith("2020-12/schema")
     printed = cli("schema")
     assert json.loads(printed.stdout)["title"] == "Sieve pipeline"
+
+
+def test_every_top_level_setting_is_in_the_schema(validator):
+    """The schema listed its top-level sections by hand and missed `server:` when it was added: an editor then
+    rejected a config that `sieve validate` accepts."""
+    from engine.config import PipelineConfig
+
+    assert set(validator.schema["properties"]) == set(PipelineConfig.model_fields)
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    config["server"] = {"request_as_of": True, "include_trace": True, "explain": True}
+    assert not list(validator.iter_errors(config))
+    config["server"]["typo"] = True
+    assert list(validator.iter_errors(config))
