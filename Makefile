@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
-$(DEMO_INDEX)/manifest.json: $(STAMP) examples/medical/corpus.jsonl
-	$(BIN)/sieve index examples/medical --out $(DEMO_INDEX) --with bm25 --with dense
+$(DEMO_INDEX)/manifest.json: $(STAMP) examples/medical/corpus.jsonl configs/medical/entities.yaml configs/medical/index-settings.yaml
+	$(BIN)/sieve index examples/medical --out $(DEMO_INDEX) --with bm25 --with dense --with entities \
+		--settings configs/medical/index-settings.yaml
 
 demo: $(DEMO_INDEX)/manifest.json
 	$(BIN)/sieve validate configs/demo.yaml

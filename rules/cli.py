@@ -93,15 +93,16 @@ def check(
 ) -> None:
     """Validate rule files and look for conflicts, expired rules and (with --index) unknown fields and
     documents a rule cannot judge (unparsable dates or numbers, malformed nested fields)."""
-    from rules.conflicts import check_against_corpus, check_rule_file
+    from rules.conflicts import check_against_corpus, check_query_entities, check_rule_file
 
-    table = None
+    table = index = None
     if index_dir is not None:
         from engine.index import Index
         from rules.corpus import DocumentTable
 
         try:
-            table = DocumentTable.from_index(Index.open(index_dir))
+            index = Index.open(index_dir)
+            table = DocumentTable.from_index(index)
         except SieveError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(2) from None
@@ -112,7 +113,8 @@ def check(
             failed = True
             err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(ConfigError(issues)))}")
             continue
-        issues = issues + (check_against_corpus(ruleset, table) if table is not None else [])
+        if table is not None:
+            issues = issues + check_against_corpus(ruleset, table) + check_query_entities(ruleset, index)
         errors = [i for i in issues if i.severity == "error"]
         for issue in issues:
             colour = "red" if issue.severity == "error" else "yellow"

@@ -10,8 +10,10 @@ A condition is one of::
 Fields (``field`` and ``value_from``):
 
 - query side: ``query.text`` (as asked), ``query.rewritten``, ``query.effective`` (the rewrite when
-  there is one), ``query.language``, ``query.history``, ``query.entities`` (entity texts),
-  ``query.entity_labels``, ``query.entities.<LABEL>`` (texts of one label), ``user.id``,
+  there is one), ``query.language``, ``query.history``, ``query.entities`` (entity texts and, for
+  gazetteer entities, their canonical ids; extracted by the rule stages with the index's entities
+  component when a rule reads them), ``query.entity_labels``, ``query.entities.<LABEL>`` (those of one
+  label), ``user.id``,
   ``user.roles``, ``user.groups``, ``user.jurisdictions``, ``user.attributes.<name>``, ``as_of``;
 - document side: ``doc.id``, ``doc.title``, ``doc.text``, ``doc.<metadata field>[.<key>...]``;
 - candidate side (override rules only): ``score.<stage id>`` (that stage's ledger score),
@@ -353,7 +355,11 @@ class QueryView:
             if isinstance(entity, Mapping):
                 text = entity.get("text", entity.get("value", entity.get("name")))
                 label = entity.get("label", entity.get("type"))
-                entities.append((None if text is None else str(text), None if label is None else str(label)))
+                label = None if label is None else str(label)
+                entities.append((None if text is None else str(text), label))
+                ident = entity.get("id")  # a gazetteer's canonical id ("Glucophage" is metformin; "Acme" is ACME)
+                if ident is not None and str(ident) != text:
+                    entities.append((str(ident), label))
         self.entities = entities
         user = query.user
         self.fields: dict[str, Any] = {

@@ -308,6 +308,32 @@ def _pin_findings(ruleset: RuleSet) -> list[Finding]:
 # --------------------------------------------------------------------------- corpus checks
 
 
+QUERY_ENTITY_FIELDS = ("query.entities", "query.entity_labels")
+
+
+def reads_query_entities(rule: CompiledRule) -> list[str]:
+    """The query-entity fields ``rule`` reads (``query.entities``, ``query.entities.<LABEL>``, ``query.entity_labels``)."""
+    fields = rule.when.fields() | (rule.match.fields() if rule.match is not None else set())
+    return sorted(f for f in fields if f.startswith(QUERY_ENTITY_FIELDS))
+
+
+def check_query_entities(ruleset: RuleSet, index: Any) -> list[ConfigIssue]:
+    """A finding for each rule that reads the query's entities when the index has no entities component to
+    extract them with: the condition then sees only entities a caller supplies (the Python API, rule tests).
+    Graded by the file's strictness."""
+    if "entities" in index.manifest["components"]:
+        return []
+    return [
+        _grade(ruleset, Finding(
+            "no_query_entities", "warning", rule, (),
+            f"rule '{rule.id}' reads {', '.join(fields)}, but the index at {index.path} has no entities component to "
+            "extract a query's entities with (build it with `sieve index ... --with entities`): the rule sees only "
+            "entities a caller supplies (the Python API, rule tests), never a served or searched query's",
+        ))
+        for rule in ruleset.rules if (fields := reads_query_entities(rule))
+    ]
+
+
 def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[ConfigIssue]:
     """Findings that need the index (run at warm-up), graded by the file's strictness."""
     findings: list[Finding] = []

@@ -6,6 +6,7 @@ what must (not) come back::
     version: 1
     pipeline: pipeline.yaml           # relative to this file
     corpus: ../../examples/medical    # optional: build a fresh index from this corpus for the run
+    gazetteer: entities.yaml          # optional, with corpus: its entities component too (query.entities rules)
     as_of: 2025-06-01                 # default query time for every case (replays are stable)
     cases:
       - name: the FDA alert leads metformin queries
@@ -115,6 +116,10 @@ class RuleTestFile(_Strict):
     version: int = Field(ge=1, le=1)
     pipeline: str = Field(description="pipeline YAML, relative to this file")
     corpus: Optional[str] = Field(None, description="build a fresh BM25 index from this BEIR corpus for the run")
+    gazetteer: Optional[str] = Field(
+        None, description="with corpus: also build the entities component with this gazetteer (relative to this "
+        "file), for rules that read the query's entities (query.entities.<LABEL>)"
+    )
     index: Optional[str] = Field(None, description="index directory to use instead of the pipeline's")
     as_of: Optional[Union[datetime, date]] = Field(None, description="default query time of every case")
     cases: list[Case] = Field(min_length=1)
@@ -123,6 +128,8 @@ class RuleTestFile(_Strict):
     def _index_source(self) -> "RuleTestFile":
         if self.corpus is not None and self.index is not None:
             raise PydanticCustomError("test_file", "give 'corpus' or 'index', not both")
+        if self.gazetteer is not None and self.corpus is None:
+            raise PydanticCustomError("test_file", "'gazetteer' goes with 'corpus' (the index built for the run)")
         return self
 
 
@@ -190,7 +197,10 @@ def run_test_file(path: Path, name_filter: str | None = None) -> FileResult:
         index_path: Path | None = None
         if spec.corpus is not None:
             index_path = Path(scratch) / "index"
-            build_index(base / spec.corpus, index_path, {"bm25": {}})
+            components: dict[str, dict[str, Any]] = {"bm25": {}}
+            if spec.gazetteer is not None:
+                components["entities"] = {"gazetteer": str(base / spec.gazetteer)}
+            build_index(base / spec.corpus, index_path, components)
         elif spec.index is not None:
             index_path = base / spec.index
         pipeline = Pipeline(compiled, index_path=index_path)

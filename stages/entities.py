@@ -396,6 +396,34 @@ class LoadedEntities:
         self.gazetteer: Gazetteer | None = load_gazetteer(copy) if copy.is_file() else None
 
 
+def index_extractor(index: Any, entry: dict[str, Any], gazetteer: Gazetteer | None) -> EntityExtractor:
+    """The extractor a query's entities must come from to be compared with the documents' of the index's
+    entities component ``entry``: the spaCy pipeline (same version) and NER switch it was built with."""
+    model = entry.get("model") or {}
+    name = str(model.get("name", DEFAULT_SPACY_MODEL))
+    try:
+        extractor = load_extractor(name, gazetteer, bool(entry.get("ner", True)))
+    except ModelLoadError as exc:  # the name is not in the config: say where it came from
+        raise ModelLoadError(
+            f"the index at {index.path} extracted its documents' entities with spaCy pipeline "
+            f"'{name}' (its manifest says so), and queries need the same one: {exc}"
+        ) from None
+    if str(model.get("version")) != extractor.model_version:
+        raise ModelLoadError(
+            f"the index's entities were extracted with spaCy pipeline '{name}' version {model.get('version')}, but "
+            f"version {extractor.model_version} is installed; rebuild the index"
+        )
+    return extractor
+
+
+def query_entity_source(index: Any, stage_id: str, component: str = "entities") -> EntityExtractor:
+    """For stages that read the query's entities (rules on ``query.entities``): the extractor of the index's
+    entities component, with the gazetteer the index was built with."""
+    directory, entry = index.component(component, stage_id)
+    copy = Path(directory) / GAZETTEER_COPY
+    return index_extractor(index, entry, load_gazetteer(copy) if copy.is_file() else None)
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -493,20 +521,7 @@ class EntityConsistency(Stage):
                     "`gazetteer:` from the stage to use the index's copy"
                 )
             gazetteer = named
-        model = entry.get("model") or {}
-        try:
-            extractor = load_extractor(str(model.get("name", DEFAULT_SPACY_MODEL)), gazetteer, bool(entry.get("ner", True)))
-        except ModelLoadError as exc:  # the name is not in the config: say where it came from
-            raise ModelLoadError(
-                f"the index at {index.path} extracted its documents' entities with spaCy pipeline "
-                f"'{model.get('name', DEFAULT_SPACY_MODEL)}' (its manifest says so), and queries need the same one: {exc}"
-            ) from None
-        if str(model.get("version")) != extractor.model_version:
-            raise ModelLoadError(
-                f"stage '{self.id}': the index's entities were extracted with spaCy pipeline '{model.get('name')}' "
-                f"version {model.get('version')}, but version {extractor.model_version} is installed; rebuild the index"
-            )
-        self._extractor = extractor
+        self._extractor = index_extractor(index, entry, gazetteer)
         self._entities = loaded
         labels = gazetteer.labels if gazetteer is not None else ()
         self._conflict_labels = frozenset(self.params.conflict_labels if self.params.conflict_labels is not None else labels)

@@ -165,7 +165,7 @@ def _graph_check(node: StageNode, graph: GraphView, kind: Literal["prefilter", "
 
 def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "override"]) -> tuple["RuleSet", "DocumentTable", list[str]]:
     """Load the rule file, build (or share) the document table, run every check; errors raise."""
-    from rules.conflicts import check_against_corpus
+    from rules.conflicts import check_against_corpus, check_query_entities
     from rules.corpus import DocumentTable
 
     params = stage.params
@@ -175,10 +175,35 @@ def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "ove
     if ruleset is None:
         raise ConfigError(issues)
     table: DocumentTable = resources.shared(f"rules.table:{index.path}", lambda: DocumentTable.from_index(index))
-    issues = issues + check_against_corpus(ruleset, table)
+    issues = issues + check_against_corpus(ruleset, table) + check_query_entities(ruleset, index)
     if any(i.severity == "error" for i in issues):
         raise ConfigError(issues)
+    stage._entity_reader = _entity_reader(index, ruleset)  # type: ignore[attr-defined]
     return ruleset, table, [str(i) for i in issues]
+
+
+def _entity_reader(index: Any, ruleset: "RuleSet") -> Any:
+    """The extractor of the query's entities, when a rule reads them (``query.entities``, ``query.entities.<LABEL>``,
+    ``query.entity_labels``) and the index has an entities component: the extractor it was built with, so a
+    query's 'Glucophage' is the documents' metformin. None otherwise (:func:`check_query_entities` says so)."""
+    from rules.conflicts import reads_query_entities
+
+    if "entities" not in index.manifest["components"] or not any(reads_query_entities(r) for r in ruleset.rules):
+        return None
+    from stages.entities import query_entity_source
+
+    return query_entity_source(index, "rules")
+
+
+def _view(stage: Stage, query: Query) -> QueryView:
+    """The query side of the rules, with the query's entities extracted when a rule reads them and the caller
+    gave none (a rule test may give them)."""
+    reader = getattr(stage, "_entity_reader", None)
+    if reader is not None and not query.entities:
+        found = reader.extract_query(query.effective_text)
+        query = query.model_copy(update={"entities": tuple(
+            {"text": m.text, "id": m.key, "label": m.label} for m in found)})
+    return QueryView(query)
 
 
 def _redact(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, Any]]:
@@ -248,7 +273,7 @@ class RulesPrefilter(Stage):
         """The ids of the rules that deny index row ``row`` for ``query``, evaluated as :meth:`run` does
         (a rule inactive at ``as_of`` or whose ``when`` is false denies nothing; a rule whose ``when``
         fails applies, and a rule that fails on the document denies it: access rules fail closed)."""
-        view = QueryView(query)
+        view = _view(self, query)
         denying = []
         for rule in self._ruleset.rules:
             if rule.inactive_reason(query.as_of) is not None:
@@ -280,7 +305,7 @@ class RulesPrefilter(Stage):
         import numpy as np
 
         table = self._table
-        view = QueryView(ctx.query)
+        view = _view(self, ctx.query)
         allowed = np.ones(table.size, dtype=bool)
         report: list[dict[str, Any]] = []
         decisions: list[Decision] = []
@@ -410,7 +435,7 @@ class RulesOverride(Stage):
 
         (incoming,) = ctx.inputs
         table = self._table
-        view = QueryView(ctx.query)
+        view = _view(self, ctx.query)
         decisions: list[Decision] = []
         drops: list[Drop] = []
         began = time.perf_counter()
@@ -746,7 +771,7 @@ class RulesOverride(Stage):
         earlier = [e for e in candidate.ledger if e.stage != self.id]
         previous = earlier[-1].value if earlier else None
         details: list[Explanation] = []
-        view = QueryView(query)
+        view = _view(self, query)
         arrived = Candidate(candidate.doc_id, candidate.row, tuple(earlier))
         subject = Subject(view, self._table.documents[candidate.row], arrived, earlier[-1].rank if earlier else None)
         for rule in self._ruleset.rules:

@@ -55,7 +55,7 @@ def test_broken_test_file_is_a_located_error(tmp_path):
     tests_file.write_text(tests_file.read_text().replace("{doc: med-003, rank: 1}", "{doc: med-003, rnk: 1}", 1))
     result = runner.invoke(rules_app, ["test", str(tests_file)])
     assert result.exit_code == 2
-    assert f"{tests_file}:12:24  cases.0.expect.0.rnk: unknown field 'rnk'" in result.output
+    assert f"{tests_file}:13:24  cases.0.expect.0.rnk: unknown field 'rnk'" in result.output
 
 
 def test_broken_rule_file_is_reported_not_raised(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -487,3 +488,45 @@ def test_explain_names_the_pin_rule_that_holds_the_position(tmp_path, index):
     assert described["med-004"].startswith("pinned at rank 1 by override rule 'a-high' in stage 'rules'; score 0.6")
     assert described["med-025"] == ("pinned at rank 2 by override rule 'new-one' in stage 'rules'; not recalled, so "
                                     "no upstream score")
+
+
+ASKED_DRUG = """\
+rules:
+  - id: asked-drug
+    action: boost
+    factor: 3
+    match: {field: doc.drugs, op: contains_any, value_from: query.entities.DRUG}
+"""
+
+
+def test_rules_read_the_query_entities_the_index_extracts(tmp_path):
+    """query.entities was filled only by rule tests: in a real search a rule on it never fired. The rule stages
+    extract the query's entities as the index's entities component was built (its gazetteer: Glucophage is
+    metformin), unless the caller gave them."""
+    from engine.index import build_index
+
+    index = tmp_path / "medical-entities"
+    build_index(ROOT / "examples" / "medical", index,
+                {"bm25": {}, "entities": {"gazetteer": str(ROOT / "configs" / "medical" / "entities.yaml")}})
+    pipeline = make_pipeline(tmp_path, index, overrides=ASKED_DRUG)
+    result = run(pipeline, "Glucophage dosing in kidney disease")
+    firings = stage_record(result, "rules")["details"]["firings"]
+    boosted = {f["doc_id"] for f in firings if f["rule"] == "asked-drug"}
+    corpus = [json.loads(line) for line in (ROOT / "examples" / "medical" / "corpus.jsonl").read_text().splitlines()]
+    with_metformin = {d["_id"] for d in corpus if "metformin" in d.get("drugs", [])}
+    assert boosted and boosted <= with_metformin
+    assert "rule_warnings" not in stage_record(result, "rules")["details"]
+    given = pipeline.run(pipeline.make_query("Glucophage dosing", as_of=AS_OF).model_copy(
+        update={"entities": ({"text": "insulin", "label": "DRUG"},)}))  # the caller's entities win
+    assert {f["doc_id"] for f in stage_record(given, "rules")["details"]["firings"]} != boosted
+
+
+def test_rules_reading_query_entities_on_an_index_without_them_are_a_finding(tmp_path, index):
+    """Without an entities component nothing extracts the query's entities: a warning in the trace (and from
+    `sieve rules check --index`), an error under strictness: strict."""
+    result = run(make_pipeline(tmp_path, index, overrides=ASKED_DRUG), "metformin dosing")
+    (warning,) = stage_record(result, "rules")["details"]["rule_warnings"]
+    assert "[no_query_entities] rule 'asked-drug' reads query.entities.DRUG, but the index at" in warning
+    strict = make_pipeline(tmp_path, index, overrides="strictness: strict\n" + ASKED_DRUG)
+    with pytest.raises(ConfigError, match=r"\[no_query_entities\]"):
+        strict.warm_up()
