@@ -40,7 +40,7 @@ from engine.stage import (
     StageParams,
     StageResult,
 )
-from stages.rewrite.discourse import Replacement, SalienceWeights
+from stages.rewrite.discourse import Redactor, Replacement, SalienceWeights
 from stages.rewrite.english import EnglishHeuristics, Resolution, describe_candidates
 from stages.rewrite.glossary import Glossary, GlossaryHit
 
@@ -53,7 +53,8 @@ REDACTED = "<redacted>"
 class CoreferenceParams(StageParams):
     model: str = Field(DEFAULT_SPACY_MODEL, min_length=1, description="spaCy pipeline for English (name or path)")
     language: Literal["auto", "en", "zh"] = Field(
-        "auto", description="auto: the query's `language` if set, else Chinese when the text has Han characters"
+        "auto", description="auto: the query's `language` if set, else Chinese when Han characters, counted twice, "
+        "are at least as many as the other letters; each history turn is read only by its own language's resolver",
     )
     glossary: str | None = Field(
         None, json_schema_extra={"pattern": GLOSSARY_FILE_PATTERN},
@@ -137,16 +138,24 @@ class CoreferenceRewrite(Stage):
         path = Path(params.glossary).expanduser()
         path = path if path.is_absolute() else Path(base_dir) / path
         try:
-            _load_glossary(path)
+            glossary = _load_glossary(path)
         except ConfigError as exc:
             return [GraphIssue(f"{issue.location}  {issue.detail()}", ("params", "glossary"), issue.severity)
                     for issue in exc.issues]
-        return []
+        # what loads but is probably not meant (a chain of replacements, a pronoun), located in the glossary
+        return [GraphIssue(f"{issue.location}  {issue.detail()}", ("params", "glossary"), "warning")
+                for issue in glossary.warnings]
 
     def warm_up(self, resources: Resources) -> None:
         params = self.params
         if params.glossary is not None:
-            self._glossary = _load_glossary(resources.resolve_path(params.glossary))
+            self._glossary = _load_glossary(resources.resolve_path(params.glossary))  # parsed once: cached by content
+            try:
+                self._glossary.prepare()  # the term index (and jieba for Chinese terms): now, not on the first query
+            except ImportError:
+                raise MissingDependencyError(
+                    "jieba", "jieba", "rewrite.coreference (a glossary with Chinese terms)"
+                ) from None
             self._identity["glossary"] = self._glossary.describe()
         if params.language in ("auto", "en"):
             from stages.rewrite.english import EnglishResolver
@@ -177,13 +186,32 @@ class CoreferenceRewrite(Stage):
     # ------------------------------------------------------------------ per query
 
     def _language(self, query: Query, text: str) -> str:
+        """The question's language: the stage's ``language``, else the query's, else by its letters
+        (:func:`stages.rewrite.chinese.language_of`; English when it has none)."""
         if self.params.language != "auto":
             return self.params.language
         if query.language is not None:
             return "zh" if query.language.lower().startswith("zh") else "en"
-        from stages.rewrite.chinese import is_chinese
+        from stages.rewrite.chinese import language_of
 
-        return "zh" if is_chinese(text) else "en"
+        return language_of(text) or "en"
+
+    @staticmethod
+    def _own_language(history: tuple[str, ...], language: str) -> tuple[tuple[str, ...], list[int]]:
+        """``history`` with the turns in another language blanked (so turn numbers stay those of the
+        conversation), and the 1-based numbers of those turns. A turn with no letters is kept."""
+        from stages.rewrite.chinese import language_of
+
+        kept: list[str] = []
+        skipped: list[int] = []
+        for number, turn in enumerate(history, start=1):
+            found = language_of(turn)
+            if found is not None and found != language:
+                skipped.append(number)
+                kept.append("")
+            else:
+                kept.append(turn)
+        return tuple(kept), skipped
 
     def rewrite(self, query: Query) -> tuple[str, Resolution | None, list[GlossaryHit], dict[str, Any], list[Decision]]:
         """The rewritten text, the resolution, the glossary hits, timings and decisions (no trace shaping)."""
@@ -200,9 +228,21 @@ class CoreferenceRewrite(Stage):
         language = self._language(query, source)
         timings: dict[str, float] = {}
         resolution: Resolution | None = None
+        first = len(query.history) - len(history)  # turns before the window
+        history, skipped = self._own_language(history, language)
+        if skipped:
+            name = {"en": "English", "zh": "Chinese"}[language]
+            numbers = [first + n for n in skipped]
+            listed = f"turn{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+            decisions.append(Decision(
+                "history_other_language",
+                f"{len(skipped)} earlier turn(s) not in {name} skipped: the question is {name}, and the {name} "
+                f"resolver takes antecedents only from {name} turns ({listed} of the conversation)",
+                {"skipped": len(skipped), "turns": numbers, "language": language},
+            ))
         if not history:
             decisions.append(Decision("no_history", "no earlier turns: nothing to resolve against; pronouns kept"))
-        else:
+        elif len(skipped) < len(history):
             resolver = self._resolver(language)
             began = time.perf_counter()
             resolution = resolver.resolve(source, history)
@@ -225,25 +265,44 @@ class CoreferenceRewrite(Stage):
         source = query.effective_text
         trace_text = ctx.trace_text
         replacements = resolution.replacements if resolution is not None else ()
+        redactor = None if trace_text else self._redactor(query, source, text, resolution)
+        skipped = next((d.data["skipped"] for d in decisions if d.code == "history_other_language"), 0)
         details: dict[str, Any] = {
             "language": self._language(query, source),
             "changed": text != source,
             "history_turns": len(query.history),
-            "replacements": [r.to_dict(trace_text) for r in replacements],
+            **({"history_other_language": skipped} if skipped else {}),
+            "replacements": [r.to_dict(trace_text, redactor) for r in replacements],
             "glossary": [self._hit(h, trace_text) for h in hits],
+            # what the character offsets count in: replacements in the question as the stage got it, glossary
+            # hits in the question once resolved (before the glossary), which `resolved` holds when it differs
+            "offsets": {"replacements": "input" if source != query.text else "original", "glossary": "resolved"},
         }
         if trace_text:
+            resolved = resolution.rewritten if resolution is not None else source
             details = {"original": query.text, **({"input": source} if source != query.text else {}),
-                       "rewritten": text, **details}
+                       **({"resolved": resolved} if resolved != text else {}), "rewritten": text, **details}
         if resolution is not None and self.params.trace_candidates:
             details["candidates"] = describe_candidates(resolution.candidates, self.params.trace_candidates, trace_text)
         if self._glossary is not None:
             details["glossary_file"] = self._glossary.describe()
-        details["explanation"] = self._explanation(source, text, replacements, hits, trace_text).to_dict()
+        details["explanation"] = self._explanation(source, text, replacements, hits, trace_text, redactor).to_dict()
         rewritten = query.model_copy(update={"rewritten": text})
         return StageResult(query=rewritten, decisions=decisions, details=details, timings_ms=timings)
 
     # ------------------------------------------------------------------ trace
+
+    @staticmethod
+    def _redactor(query: Query, source: str, text: str, resolution: Resolution | None) -> Redactor:
+        """What takes the conversation's text out of rule descriptions when the trace holds no query text:
+        every text a quoted fragment may come from, and the words of the question and history."""
+        said = [query.text, source, *query.history]
+        texts = [*said, text]
+        if resolution is not None:
+            texts.append(resolution.rewritten)
+            for replacement in resolution.replacements:
+                texts.extend(replacement.texts())
+        return Redactor(texts, said)
 
     @staticmethod
     def _hit(hit: GlossaryHit, trace_text: bool) -> dict[str, Any]:
@@ -252,26 +311,31 @@ class CoreferenceRewrite(Stage):
             record.update(matched=hit.matched, added=hit.added)
         return record
 
-    def _change(self, replacement: Replacement, trace_text: bool) -> Explanation:
+    def _change(self, replacement: Replacement, trace_text: bool, redactor: Redactor | None = None) -> Explanation:
         """One change and its basis: the antecedent's salience and its factors; for a change made of parts (a
-        question rebuilt around "What about X?", "they" -> "X and Y"), each part in turn."""
+        question rebuilt around "What about X?", "they" -> "X and Y"), each part in turn. Without query text,
+        the text the rule quotes is redacted."""
         what = f"'{replacement.original}' -> '{replacement.replacement.strip()}'" if trace_text else replacement.kind
+        heuristic = replacement.heuristic
+        if not trace_text:
+            heuristic = (redactor or Redactor(replacement.texts())).redact(heuristic)
         antecedent = replacement.antecedent
         if replacement.parts or antecedent is None:
-            return Explanation(0.0, f"{what} ({replacement.kind}): {replacement.heuristic}",
-                               tuple(self._change(part, trace_text) for part in replacement.parts))
+            return Explanation(0.0, f"{what} ({replacement.kind}): {heuristic}",
+                               tuple(self._change(part, trace_text, redactor) for part in replacement.parts))
         return Explanation(
             antecedent.salience,
             f"{what} ({replacement.kind}): antecedent named in turn {antecedent.named_turn} (last mentioned in turn "
             f"{antecedent.turn}), salience "
-            f"{antecedent.salience:.3f} = sum(mention weight x decay^age) + first-turn bonus; {replacement.heuristic}",
+            f"{antecedent.salience:.3f} = sum(mention weight x decay^age) + first-turn bonus; {heuristic}",
             tuple(Explanation(v, k) for k, v in antecedent.factors.items()),
         )
 
     def _explanation(self, source: str, text: str, replacements: Sequence[Replacement], hits: Sequence[GlossaryHit],
-                     trace_text: bool) -> Explanation:
-        """value = number of changes; one child per change, stating its basis."""
-        parts = [self._change(replacement, trace_text) for replacement in replacements]
+                     trace_text: bool, redactor: Redactor | None = None) -> Explanation:
+        """value = number of changes; one child per change, stating its basis. A glossary change names its entry
+        by id even without query text: an id names the analyst's rule, as a rule id does."""
+        parts = [self._change(replacement, trace_text, redactor) for replacement in replacements]
         for hit in hits:
             what = f"'{hit.matched}' -> {'+' if hit.action == 'expand' else ''}'{hit.added}'" if trace_text else hit.action
             parts.append(Explanation(1.0, f"{what}: glossary entry '{hit.entry}' ({hit.action})"))

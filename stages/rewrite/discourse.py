@@ -26,6 +26,8 @@ say "it" of plurals and "they" of organisations).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,8 +159,24 @@ class Replacement:
     # changes folded into this one: those inside a rebuilt question, or the two entities of "they" -> "X and Y"
     parts: tuple["Replacement", ...] = ()
 
-    def to_dict(self, trace_text: bool = True) -> dict[str, Any]:
-        record: dict[str, Any] = {"kind": self.kind, "heuristic": self.heuristic, "start": self.start, "end": self.end}
+    def texts(self) -> list[str]:
+        """Every text this change carries (its span, replacement, antecedent), parts included: where the
+        fragments quoted in its ``heuristic`` come from."""
+        found = [self.original, self.replacement]
+        if self.antecedent is not None:
+            found += [self.antecedent.text, self.antecedent.bare]
+        for part in self.parts:
+            found += part.texts()
+        return found
+
+    def to_dict(self, trace_text: bool = True, redactor: "Redactor | None" = None) -> dict[str, Any]:
+        """The change for the trace. Without query text (``trace_text`` false) the span's text, the
+        replacement and the antecedent's text are left out, and the text quoted in ``heuristic`` is
+        redacted (by ``redactor``, which knows the conversation's texts; else by quotes alone)."""
+        heuristic = self.heuristic
+        if not trace_text:
+            heuristic = (redactor or Redactor(self.texts())).redact(heuristic)
+        record: dict[str, Any] = {"kind": self.kind, "heuristic": heuristic, "start": self.start, "end": self.end}
         if trace_text:
             record["original"] = self.original
             record["replacement"] = self.replacement
@@ -168,8 +186,78 @@ class Replacement:
                 antecedent.pop("text")
             record["antecedent"] = antecedent
         if self.parts:
-            record["parts"] = [part.to_dict(trace_text) for part in self.parts]
+            record["parts"] = [part.to_dict(trace_text, redactor) for part in self.parts]
         return record
+
+
+REDACTED = "<redacted>"
+_REDACTIONS = re.compile(f"(?:{REDACTED})+")
+_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W\u3400-\u9fff\uf900-\ufaff]+")
+# Words a rule's own wording shares with almost any question (English function words): left in place outside
+# quotes even when the conversation has them too.
+FUNCTION_WORDS = frozenset(
+    "a an the of to in on at by for from with without into about between and or but not no nor as is are was were "
+    "be been being am has have had do does did can could will would shall should may might must its it this that "
+    "these those than then there here what which who whom whose how when where why most more less least very so "
+    "too also again only own same other others one two some any all each both such".split()
+)
+
+
+class Redactor:
+    """Takes the conversation's text out of a rule's description (``Replacement.heuristic``, an explanation),
+    for traces without query text.
+
+    The rules quote every piece of question or history text they name in single quotes ("pronoun 'it'",
+    "'VMs' spells the initials of 'a virtual machine'"): each quoted fragment becomes ``<redacted>``. A
+    fragment may hold an apostrophe of its own ("'What about St. John's wort?'"): a quote closes a fragment
+    only where no letter or digit follows, and of such quotes the furthest whose fragment is text of the
+    conversation is taken (else the nearest). Then, as a safety net for a rule that forgets its quotes, any
+    word (a Han character for Chinese) left outside quotes that the conversation's texts contain, bar English
+    function words, is redacted too; a quote left unpaired redacts the rest of the description."""
+
+    def __init__(self, texts: Iterable[str], vocabulary_texts: Iterable[str] | None = None):
+        """``texts``: what a quoted fragment may be taken from (the question, the history, the changes' texts);
+        ``vocabulary_texts``: the texts whose words are redacted outside quotes too (default: ``texts``)."""
+        known = [t for t in texts if t]
+        self._known = "\x00".join(known)
+        vocabulary: set[str] = set()
+        for text in (known if vocabulary_texts is None else vocabulary_texts):
+            vocabulary.update(w.casefold() for w in _WORD.findall(text))
+        self._vocabulary = vocabulary - FUNCTION_WORDS
+
+    def _is_known(self, fragment: str) -> bool:
+        fragment = fragment[:-4] if fragment.endswith(" ...") else fragment
+        return bool(fragment) and fragment in self._known
+
+    def redact(self, description: str) -> str:
+        pieces: list[str] = []
+        cursor = 0
+        index = 0
+        length = len(description)
+        while index < length:
+            if description[index] != "'" or (index and description[index - 1].isalnum()):
+                index += 1
+                continue
+            closers = [j for j in range(index + 1, length) if description[j] == "'"
+                       and (j + 1 == length or not description[j + 1].isalnum())]
+            pieces.append(self._outside(description[cursor:index]))
+            pieces.append(REDACTED)
+            if not closers:  # an unpaired quote: nothing after it can be told apart from the text
+                return _REDACTIONS.sub(REDACTED, "".join(pieces))
+            known = [j for j in closers if self._is_known(description[index + 1 : j])]
+            close = known[-1] if known else closers[0]
+            cursor = index = close + 1
+        pieces.append(self._outside(description[cursor:]))
+        return _REDACTIONS.sub(REDACTED, "".join(pieces))
+
+    def _outside(self, text: str) -> str:
+        """Text outside quotes: any word of the conversation (bar function words) and any Han character
+        redacted."""
+        def word(match: "re.Match[str]") -> str:
+            found = match.group(0)
+            return REDACTED if found.casefold() in self._vocabulary else found
+
+        return _REDACTIONS.sub(REDACTED, _WORD.sub(word, text))
 
 
 @dataclass

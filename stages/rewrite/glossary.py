@@ -9,17 +9,29 @@ A glossary file lists groups of terms that mean the same thing to the analyst's 
 
 ``expand`` (the default): when one term of the group occurs in the query, the group's other terms
 are appended to it (``phone cover`` -> ``phone cover phone case``), so lexical recall finds either
-wording. ``replace``: every non-canonical term is replaced by ``canonical``. Terms match whole
-words, case-insensitively; Chinese terms match anywhere (Chinese has no spaces between words).
-Longer terms win over shorter ones that overlap them. Errors are reported all at once, located at
-``file:line:col``.
+wording. ``replace``: every non-canonical term is replaced by ``canonical``.
+
+Matching works on tokens, not on a regular expression over every term: the text is cut into word
+tokens (runs of letters and digits), single punctuation characters and, for Chinese, single Han
+characters whose word boundaries jieba gives (dictionary segmentation, no HMM guessing); a term is
+the same token sequence, whitespace between tokens where the term has a space (any run of
+whitespace matches). At each token the longest term that starts there wins, so the cost is that of
+the text times the longest term, whatever the glossary's size. A term matches whole words: it
+starts and ends on a word boundary (for Chinese, on a jieba word boundary: 药 does not match inside
+药物 or 药房). Case: a term written in capitals (no lower-case letter: ``IT``, ``MS``, ``US``,
+``WHO``) matches only as written, any other in any case; ``case_sensitive`` (the file's default, an
+entry's override) sets it for every term. Errors are reported all at once, located at
+``file:line:col``; what is allowed but probably not meant (a replacement that another entry would
+rewrite: the glossary is applied in one pass; a replacement by a pronoun) are warnings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +41,19 @@ from pydantic_core import PydanticCustomError
 from engine.errors import ConfigError, ConfigIssue
 from engine.strictness import NoCoercion
 
-_HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+HAN_RANGES = "\u3400-\u9fff\uf900-\ufaff"
+_HAN = re.compile(f"[{HAN_RANGES}]")
+_HAN_RUN = re.compile(f"[{HAN_RANGES}]+")
+# a Han character, a run of other word characters (letters, digits, '_'), or any other visible character
+_TOKEN = re.compile(rf"[{HAN_RANGES}]|[^\W{HAN_RANGES}]+|\S")
+_LATIN_WORD = re.compile(rf"[^\W{HAN_RANGES}]")
 ENTRY_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
 _ENTRY_ID = re.compile(ENTRY_ID_PATTERN)
+# A replacement by one of these loses the term: recall then searches for a pronoun.
+PRONOUNS = frozenset(
+    "it its they them their theirs this that these those he him his she her hers we us our you your i me my "
+    "one ones something someone 它 它们 他 她 他们 她们 其 此 这 那 这个 那个 这些 那些 该".split()
+)
 
 
 def _err(message: str) -> PydanticCustomError:
@@ -45,11 +67,14 @@ class GlossaryEntry(NoCoercion):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(max_length=100, description="names the entry in the trace", json_schema_extra={"pattern": ENTRY_ID_PATTERN})
-    terms: tuple[str, ...] = Field(description="the terms of the group, matched whole-word, any case")
+    terms: tuple[str, ...] = Field(description="the terms of the group, matched whole-word")
     action: Literal["expand", "replace"] = Field(
         "expand", description="expand: append the group's other terms; replace: substitute `canonical`"
     )
     canonical: str | None = Field(None, description="the term a `replace` entry substitutes")
+    case_sensitive: bool | None = Field(
+        None, description="true: terms match only as written; false: in any case; unset: the file's `case_sensitive`"
+    )
     description: str | None = None
 
     @field_validator("id")
@@ -89,6 +114,10 @@ class GlossaryFile(NoCoercion):
 
     version: Literal[1] = Field(description="glossary file format version")
     description: str | None = None
+    case_sensitive: bool | None = Field(
+        None, description="true: every term matches only as written; false: in any case; unset (default): a term "
+        "written in capitals (IT, MS, US) only as written, any other in any case",
+    )
     entries: tuple[GlossaryEntry, ...]
 
     @field_validator("entries")
@@ -107,6 +136,7 @@ class _Envelope(BaseModel):
 
     version: Literal[1] = Field(description="glossary file format version")
     description: str | None = None
+    case_sensitive: bool | None = None
     entries: list[Any]
 
     @field_validator("entries")
@@ -133,61 +163,203 @@ def _key(term: str) -> str:
     return " ".join(term.split()).casefold()
 
 
-def _pattern(term: str) -> str:
-    """A regex for ``term``: whole words for Latin script, anywhere for Chinese; any whitespace run."""
-    body = r"\s+".join(re.escape(part) for part in term.split())
-    if _HAN.search(term):
-        return body
-    return rf"(?<!\w){body}(?!\w)"
+def is_acronym(term: str) -> bool:
+    """A term written in capitals: at least one upper-case letter and no lower-case one ('IT', 'T2DM', '.NET')."""
+    return term.isupper()
+
+
+def term_case_sensitive(term: str, entry_setting: bool | None, file_setting: bool | None) -> bool:
+    """Whether ``term`` matches only as written: the entry's setting, else the file's, else: written in capitals."""
+    if entry_setting is not None:
+        return entry_setting
+    if file_setting is not None:
+        return file_setting
+    return is_acronym(term)
+
+
+@dataclass(frozen=True)
+class _Token:
+    text: str
+    start: int
+    end: int
+    spaced: bool  # whitespace between it and the token before
+    han: bool
+
+
+def _tokens(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    previous_end = 0
+    for match in _TOKEN.finditer(text):
+        start = match.start()
+        word = match.group(0)
+        tokens.append(_Token(word, start, match.end(), start > previous_end, _HAN.match(word) is not None))
+        previous_end = match.end()
+    return tokens
+
+
+def _term_key(term: str, fold: bool) -> tuple[str, ...]:
+    """A term as the token sequence it matches: a token after whitespace carries a leading space."""
+    tokens = _tokens(term)
+    parts = [(" " if t.spaced and i else "") + (t.text.casefold() if fold else t.text) for i, t in enumerate(tokens)]
+    return tuple(parts)
+
+
+_JIEBA_LOCK = threading.Lock()
+
+
+def _han_boundaries(text: str) -> set[int]:
+    """Character offsets where a Chinese word starts or ends (jieba, dictionary only), for every run of Han
+    characters in ``text``."""
+    import jieba
+
+    boundaries: set[int] = set()
+    for run in _HAN_RUN.finditer(text):
+        offset = run.start()
+        boundaries.add(offset)
+        with _JIEBA_LOCK:
+            words = jieba.lcut(run.group(0), HMM=False)
+        for word in words:
+            offset += len(word)
+            boundaries.add(offset)
+    return boundaries
+
+
+@dataclass(frozen=True)
+class _Index:
+    """Term token sequences -> (entry, term), split by case sensitivity; the lengths (in tokens) of the terms
+    that start with each (case-folded) first token, longest first."""
+
+    exact: dict[tuple[str, ...], GlossaryEntry]
+    folded: dict[tuple[str, ...], GlossaryEntry]
+    lengths: dict[str, tuple[int, ...]]
+    han: bool  # some term has Han characters: Chinese word boundaries are needed
+
+
+def build_index(entries: tuple[GlossaryEntry, ...], file_case_sensitive: bool | None) -> _Index:
+    exact: dict[tuple[str, ...], GlossaryEntry] = {}
+    folded: dict[tuple[str, ...], GlossaryEntry] = {}
+    lengths: dict[str, set[int]] = {}
+    han = False
+    for entry in entries:
+        for term in entry.terms:
+            sensitive = term_case_sensitive(term, entry.case_sensitive, file_case_sensitive)
+            key = _term_key(term, fold=not sensitive)
+            if not key:
+                continue
+            (exact if sensitive else folded).setdefault(key, entry)
+            lengths.setdefault(key[0].casefold(), set()).add(len(key))
+            han = han or _HAN.search(term) is not None
+    return _Index(exact, folded, {k: tuple(sorted(v, reverse=True)) for k, v in lengths.items()}, han)
 
 
 @dataclass(frozen=True)
 class Glossary:
-    """A validated glossary file, its identity, and a matcher over all its terms."""
+    """A validated glossary file, its identity, and a token index over all its terms."""
 
     path: str
     sha256: str
     entries: tuple[GlossaryEntry, ...]
+    case_sensitive: bool | None = None
+    # problems that do not stop the glossary from loading (chains, pronoun replacements), located
+    warnings: tuple[ConfigIssue, ...] = field(default=(), compare=False)
 
     def describe(self) -> dict[str, Any]:
         return {"file": self.path, "sha256": self.sha256, "entries": len(self.entries)}
 
-    def _matcher(self) -> tuple[re.Pattern[str], dict[str, GlossaryEntry]]:
-        cached = self.__dict__.get("_compiled")
-        if cached is not None:
-            return cached
-        owner: dict[str, GlossaryEntry] = {}
-        for entry in self.entries:
-            for term in entry.terms:
-                owner.setdefault(_key(term), entry)
-        terms = sorted(owner, key=lambda t: (-len(t), t))  # longest first: alternation takes the first that fits
-        regex = re.compile("|".join(_pattern(t) for t in terms), re.IGNORECASE)
-        object.__setattr__(self, "_compiled", (regex, owner))
-        return regex, owner
+    def prepare(self) -> None:
+        """Build the term index (and load jieba when a term is Chinese): at warm-up, not on the first query."""
+        index = self._index()
+        if index.han:
+            import logging
+
+            import jieba
+
+            jieba.setLogLevel(logging.WARNING)
+            with _JIEBA_LOCK:
+                jieba.initialize()
+
+    def _index(self) -> _Index:
+        index = self.__dict__.get("_built")
+        if index is None:
+            index = build_index(self.entries, self.case_sensitive)
+            object.__setattr__(self, "_built", index)
+        return index
+
+    def matches(self, text: str) -> list[tuple[int, int, GlossaryEntry]]:
+        """(start, end, entry) of every term occurrence in ``text``, left to right, the longest at each place."""
+        index = self._index()
+        tokens = _tokens(text)
+        boundaries = _han_boundaries(text) if index.han and _HAN.search(text) else set()
+        found: list[tuple[int, int, GlossaryEntry]] = []
+        count = len(tokens)
+        i = 0
+        while i < count:
+            first = tokens[i]
+            lengths = index.lengths.get(first.text.casefold())
+            if lengths and self._starts_word(text, first, boundaries):
+                hit = self._longest(text, tokens, i, lengths, index, boundaries)
+                if hit is not None:
+                    length, entry = hit
+                    found.append((first.start, tokens[i + length - 1].end, entry))
+                    i += length
+                    continue
+            i += 1
+        return found
+
+    @staticmethod
+    def _starts_word(text: str, token: _Token, boundaries: set[int]) -> bool:
+        if token.han:
+            return token.start in boundaries
+        return token.start == 0 or not _LATIN_WORD.match(text[token.start - 1])
+
+    @staticmethod
+    def _ends_word(text: str, token: _Token, boundaries: set[int]) -> bool:
+        if token.han:
+            return token.end in boundaries
+        return token.end == len(text) or not _LATIN_WORD.match(text[token.end])
+
+    def _longest(self, text: str, tokens: list[_Token], i: int, lengths: tuple[int, ...], index: _Index,
+                 boundaries: set[int]) -> tuple[int, GlossaryEntry] | None:
+        for length in lengths:
+            last = i + length - 1
+            if last >= len(tokens) or not self._ends_word(text, tokens[last], boundaries):
+                continue
+            span = tokens[i : last + 1]
+            if index.exact:
+                entry = index.exact.get(tuple((" " if t.spaced and n else "") + t.text for n, t in enumerate(span)))
+                if entry is not None:
+                    return length, entry
+            if index.folded:
+                entry = index.folded.get(
+                    tuple((" " if t.spaced and n else "") + t.text.casefold() for n, t in enumerate(span))
+                )
+                if entry is not None:
+                    return length, entry
+        return None
 
     def apply(self, text: str) -> tuple[str, list[GlossaryHit]]:
         """The text with every glossary rewrite applied, and what was applied (in text order)."""
-        regex, owner = self._matcher()
+        found = self.matches(text)
         hits: list[GlossaryHit] = []
         pieces: list[str] = []
         appended: list[str] = []
-        present = {_key(m.group(0)) for m in regex.finditer(text)}
+        present = {_key(text[start:end]) for start, end, _ in found}
         cursor = 0
-        for match in regex.finditer(text):
-            entry = owner[_key(match.group(0))]
+        for start, end, entry in found:
+            matched = text[start:end]
             if entry.action == "replace":
                 assert entry.canonical is not None
-                if _key(match.group(0)) == _key(entry.canonical):
+                if _key(matched) == _key(entry.canonical):
                     continue
-                pieces.append(text[cursor : match.start()])
+                pieces.append(text[cursor:start])
                 pieces.append(entry.canonical)
-                cursor = match.end()
-                hits.append(GlossaryHit(entry.id, "replace", match.group(0), entry.canonical, match.start(), match.end()))
+                cursor = end
+                hits.append(GlossaryHit(entry.id, "replace", matched, entry.canonical, start, end))
             else:
                 others = [t for t in entry.terms if _key(t) not in present and t not in appended]
                 if others:
                     appended.extend(others)
-                    hits.append(GlossaryHit(entry.id, "expand", match.group(0), " ".join(others), match.start(), match.end()))
+                    hits.append(GlossaryHit(entry.id, "expand", matched, " ".join(others), start, end))
         pieces.append(text[cursor:])
         rewritten = "".join(pieces)
         if appended:
@@ -203,16 +375,73 @@ def _raw_terms(raw: Any) -> list[tuple[int, str]]:
     return [(position, " ".join(t.split())) for position, t in enumerate(terms) if isinstance(t, str) and t.strip()]
 
 
+def _optional_bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _warnings(entries: list[tuple[int, GlossaryEntry]], probe: Glossary, source: Any) -> list[ConfigIssue]:
+    """Replacements the analyst probably did not mean: one that another entry's term would match (the glossary
+    is applied in one pass, so that entry does not rewrite it), and one that is a pronoun."""
+    issues: list[ConfigIssue] = []
+    numbers = {entry.id: number for number, entry in entries}
+    for number, entry in entries:
+        if entry.action != "replace" or entry.canonical is None:
+            continue
+        canonical = entry.canonical
+        where = source.locate(("entries", number, "canonical"))
+        dotted = f"entries.{number}.canonical"
+        if " ".join(canonical.split()).casefold() in PRONOUNS:
+            issues.append(ConfigIssue(where, dotted, (
+                f"entry '{entry.id}' replaces its terms by the pronoun '{canonical}': the rewritten query then "
+                "searches for a pronoun and loses the term; name the thing instead"), "warning"))
+        for start, end, other in probe.matches(canonical):
+            if other.id == entry.id:
+                continue
+            whole = start == 0 and end == len(canonical)
+            found = "is" if whole else f"contains '{canonical[start:end]}',"
+            issues.append(ConfigIssue(where, dotted, (
+                f"the replacement '{canonical}' of entry '{entry.id}' {found} a term of entry "
+                f"'{other.id}' (entries.{numbers[other.id]}): the glossary is applied in one pass, so '{other.id}' "
+                f"does not rewrite what '{entry.id}' put in (no chain); write the final term as the canonical"),
+                "warning"))
+    return issues
+
+
+_CACHE_SIZE = 16
+_CACHE: OrderedDict[tuple[str, str], Glossary] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
 def load_glossary(path: str | Path) -> Glossary:
     """Load and validate a glossary YAML file; every problem at once, located at file:line:col.
 
     Each entry is validated on its own; duplicate ids are found among every entry by the id as
     written, duplicate terms among every entry's text terms, whether or not the entry validated.
+    A file already loaded with the same content (the compile-time check, then warm-up) is not parsed again.
     """
+    path = Path(path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    if digest is not None:
+        with _CACHE_LOCK:
+            cached = _CACHE.get((str(path), digest))
+            if cached is not None:
+                _CACHE.move_to_end((str(path), digest))
+                return cached
+    glossary = _load(path)
+    with _CACHE_LOCK:
+        _CACHE[(glossary.path, glossary.sha256)] = glossary
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return glossary
+
+
+def _load(path: Path) -> Glossary:
     from engine.yamlsource import load_yaml_file
     from rules.messages import analyst_issues
 
-    path = Path(path)
     loaded = load_yaml_file(path)
     source = loaded.source
     data = loaded.data
@@ -223,9 +452,11 @@ def load_glossary(path: str | Path) -> Glossary:
         _Envelope.model_validate(data)
     except ValidationError as exc:
         issues.extend(analyst_issues(exc, source, (), _Envelope))
+    file_case_sensitive = _optional_bool(data.get("case_sensitive"))
     raw_entries = data.get("entries") if isinstance(data.get("entries"), list) else []
-    entries: list[GlossaryEntry] = []
-    seen_terms: dict[str, tuple[int, str]] = {}
+    entries: list[tuple[int, GlossaryEntry]] = []
+    # a term's case-folded form -> (entry number, entry name, the term as written, matched only as written?)
+    seen_terms: dict[str, list[tuple[int, str, str, bool]]] = {}
     seen_ids: dict[str, int] = {}
     for number, raw in enumerate(raw_entries):
         entry: GlossaryEntry | None = None
@@ -245,19 +476,28 @@ def load_glossary(path: str | Path) -> Glossary:
             else:
                 seen_ids[entry_id] = number
         named = entry_id if isinstance(entry_id, str) else f"entries.{number}"
+        entry_setting = entry.case_sensitive if entry is not None else _optional_bool(raw.get("case_sensitive"))
         terms = list(enumerate(entry.terms)) if entry is not None else _raw_terms(raw)
         for position, term in terms:
-            found = seen_terms.get(_key(term))
-            if found is not None and found[0] != number:
+            sensitive = term_case_sensitive(term, entry_setting, file_case_sensitive)
+            # two terms clash when one could match what the other matches: same letters in another case
+            # clash unless both match only as written ('MS' and 'Ms')
+            clash = next((seen for seen in seen_terms.get(_key(term), ())
+                          if seen[0] != number and not (sensitive and seen[3] and seen[2] != term)), None)
+            if clash is not None:
                 issues.append(ConfigIssue(
                     source.locate(("entries", number, "terms", position)), f"entries.{number}.terms.{position}",
-                    f"'{term}' is already a term of entry '{found[1]}' (entries.{found[0]}); a term may belong to one entry",
+                    f"'{term}' is already a term of entry '{clash[1]}' (entries.{clash[0]}); a term may belong to one entry",
                 ))
             else:
-                seen_terms[_key(term)] = (number, named)
+                seen_terms.setdefault(_key(term), []).append((number, named, term, sensitive))
         if entry is not None:
-            entries.append(entry)
+            entries.append((number, entry))
     if issues:
         raise ConfigError(issues)
     raw_bytes = path.read_bytes()
-    return Glossary(str(path), hashlib.sha256(raw_bytes).hexdigest(), tuple(entries))
+    glossary = Glossary(str(path), hashlib.sha256(raw_bytes).hexdigest(), tuple(e for _, e in entries),
+                        file_case_sensitive)
+    # the warnings look the replacements up in the glossary's own index (built once, kept for warm-up)
+    object.__setattr__(glossary, "warnings", tuple(_warnings(entries, glossary, source)))
+    return glossary

@@ -286,7 +286,7 @@ def test_glossary_messages_have_no_pydantic_prefix_or_pattern(tmp_path):
         "digits, '_', '.' and '-' (no spaces) (got 'c d')",
         f"{path}:6:5  entries.3.terms: required field is missing",
         f"{path}:6:13  entries.3.term: unknown field 'term' (did you mean 'terms'?); "
-        "valid fields: id, terms, action, canonical, description",
+        "valid fields: id, terms, action, canonical, case_sensitive, description",
     ]
 
 
