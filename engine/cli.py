@@ -424,7 +424,7 @@ def eval_command(
     run_out: Annotated[Optional[Path], typer.Option("--run-out", help="save the run (TREC format) for compare/reuse")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="also write the JSON report to this file")] = None,
     trace_log: Annotated[Optional[Path], typer.Option(
-        "--trace-log", help="append every query's trace to this hash-chained log (for audit or `sieve explain`)")] = None,
+        "--trace-log", help="append every query's trace to this hash-chained log (for audit: sieve replay / sieve report --seq)")] = None,
 ) -> None:
     """Evaluate a pipeline on a BEIR split: nDCG@10, MRR@10, Recall@k, MAP (pytrec_eval) and latency."""
     from engine.evaluation import write_trec_run
@@ -656,7 +656,8 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Serve pipelines over HTTP (JSON API: /v1/pipelines/{name}/search, /healthz, /readyz)."""
+    """Serve pipelines over HTTP (JSON API: POST /v1/pipelines/{name}/search and .../explain, GET /v1/pipelines,
+    /healthz, /readyz)."""
     import importlib.util
 
     for module in ("fastapi", "uvicorn"):

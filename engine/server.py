@@ -3,7 +3,8 @@
     GET  /healthz                          the process is up
     GET  /readyz                           every pipeline is warmed up (200) or not (503)
     GET  /v1/pipelines                     each pipeline: name, config file and sha256, stages, output,
-                                           stages unavailable after warm-up (``on_error: skip``)
+                                           stages unavailable after warm-up (``on_error: skip``), what
+                                           its requests may ask beyond results (``allows``)
     POST /v1/pipelines/{name}/search       one query: {"query", "history", "user", "as_of", "language",
                                            "explain", "include_trace"} -> ranked results with their
                                            documents, the trace id, whether the run was degraded
