@@ -655,6 +655,12 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds a request body may take to arrive whole (then 408)", min=0.1)] = 30.0,
+    shutdown_grace: Annotated[float, typer.Option(
+        help="seconds in-flight requests get after SIGTERM/SIGINT before the server exits anyway", min=0.0)] = 30.0,
+    limit_concurrency: Annotated[int, typer.Option(
+        help="connections and requests at once before new ones get 503 (0: no limit)", min=0)] = 512,
 ) -> None:
     """Serve pipelines over HTTP (JSON API: POST /v1/pipelines/{name}/search and .../explain, GET /v1/pipelines,
     /healthz, /readyz)."""
@@ -665,7 +671,8 @@ def serve(
             raise MissingDependencyError(module, "sieve-retrieval[server]", "sieve serve")
     from engine.server import serve as run_server
 
-    run_server(configs, host, port, log_level)
+    run_server(configs, host, port, log_level, body_timeout=body_timeout, shutdown_grace=shutdown_grace,
+               limit_concurrency=limit_concurrency or None)
 
 
 # Typer >= 0.2x raises the usage errors of its own copy of click, which are not click's classes.

@@ -303,11 +303,14 @@ def read_json_body(content_type: str | None, content_encoding: str | None, raw: 
 
 class BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes gets 413 as soon as it is seen to be (from its
-    Content-Length, or while a chunked body arrives), never read into memory whole."""
+    Content-Length, or while a chunked body arrives), never read into memory whole; a body that has not
+    arrived whole within ``timeout`` seconds gets 408 (a client that stalls mid-body would otherwise hold its
+    connection, and a graceful shutdown, for ever)."""
 
-    def __init__(self, app: Any, limit: int):
+    def __init__(self, app: Any, limit: int, timeout: float = 30.0):
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -317,11 +320,18 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await self._reject(scope, receive, send)
             return
+        import asyncio
+
         chunks: list[bytes] = []
         size = 0
         more = True
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                await self._timed_out(scope, send)
+                return
             if message["type"] == "http.disconnect":
                 return  # the client has gone
             chunk = message.get("body", b"")
@@ -342,6 +352,17 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _timed_out(self, scope: dict[str, Any], send: Any) -> None:
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse(status_code=408, headers={"connection": "close"}, content={"error": {
+            "type": "body_timeout", "message": f"the request body did not arrive whole within {self.timeout:g} s"}})
+
+        async def gone() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        await response(scope, gone, send)
 
     async def _reject(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         from fastapi.responses import JSONResponse
@@ -425,9 +446,10 @@ _ROUTES = ("GET /healthz, GET /readyz, GET /v1/pipelines, POST /v1/pipelines/{na
            "POST /v1/pipelines/{name}/explain")
 
 
-def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None = None) -> "FastAPI":
+def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None = None,
+               body_timeout: float = 30.0) -> "FastAPI":
     """The application over already-loaded pipelines; ``max_body_bytes`` defaults to
-    ``default_max_body_bytes(pipelines)``."""
+    ``default_max_body_bytes(pipelines)``; a body not whole within ``body_timeout`` seconds gets 408."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -475,7 +497,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
                                                                    **extra}})
 
     app.add_middleware(BodyLimit, limit=max_body_bytes if max_body_bytes is not None else
-                       default_max_body_bytes(pipelines))
+                       default_max_body_bytes(pipelines), timeout=body_timeout)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -641,7 +663,7 @@ def respond(name: str, pipeline: "Pipeline", result: Any, body: SearchBody, log_
 
 @contextlib.contextmanager
 def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout: float = 120.0,
-                        log_level: str = "warning") -> Iterator[str]:
+                        log_level: str = "warning", options: tuple[str, ...] = ()) -> Iterator[str]:
     """``sieve serve`` in a child process on a free loopback port: yields its base URL once ``/readyz``
     answers 200, stops it on exit. A server that exits, or is not ready within ``timeout`` seconds,
     raises SieveError with its output. For integration tests and benchmarks. The server's output goes to a
@@ -651,7 +673,8 @@ def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout
         port = probe.getsockname()[1]
     sieve = Path(sys.executable).with_name("sieve")
     output = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
-    process = subprocess.Popen([str(sieve), "serve", *map(str, configs), "--port", str(port), "--log-level", log_level],
+    process = subprocess.Popen([str(sieve), "serve", *map(str, configs), "--port", str(port), "--log-level", log_level,
+                                *options],
                                stdout=output, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
@@ -680,10 +703,23 @@ def serve_in_subprocess(configs: list[Path], *, cwd: Path | None = None, timeout
         output.close()
 
 
-def serve(configs: list[Path], host: str, port: int, log_level: str = "info") -> None:
-    """Load and warm every pipeline, then serve until interrupted."""
+def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *, body_timeout: float = 30.0,
+          shutdown_grace: float = 30.0, limit_concurrency: int | None = 512) -> None:
+    """Load and warm every pipeline, then serve until interrupted.
+
+    The port is checked before the (possibly long) warm-up, so a port in use is said at once. ``body_timeout``:
+    seconds a request body may take to arrive (408 after). ``shutdown_grace``: seconds in-flight requests get
+    after SIGTERM/SIGINT before the server exits anyway (a stalled client held it open for ever).
+    ``limit_concurrency``: connections and requests at once before new ones get 503 (None: no limit)."""
     import uvicorn
 
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SieveError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     pipelines = load_pipelines(configs)
-    app = create_app(pipelines)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(pipelines, body_timeout=body_timeout)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
+                limit_concurrency=limit_concurrency)

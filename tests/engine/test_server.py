@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -494,3 +495,74 @@ def test_user_attributes_are_bounded(server):
         assert response.status_code == 422 and says in response.json()["error"]["message"], response.text
     assert search(base, {"query": "vitamin D", "user": {"attributes": {"team": "oncology"}}}).status_code == 200
 
+
+
+def _stall_mid_body(base: str) -> socket.socket:
+    """A client that sends its headers and part of its body, then goes quiet (the connection stays open)."""
+    host, port = base.removeprefix("http://").split(":")
+    client = socket.create_connection((host, int(port)))
+    client.sendall(b"POST /v1/pipelines/roomy/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: 100\r\n\r\n{\"query\": ")
+    return client
+
+
+def test_a_client_that_stalls_mid_body_gets_408_and_cannot_hold_a_shutdown(bm25_index, tmp_path):
+    """An audit's client sent headers and half a body, then stalled: the connection stayed open for ever, and
+    SIGTERM waited on it for ever ('Waiting for connections to close'). Bodies now have a deadline (408) and a
+    shutdown a grace period."""
+    import signal
+    import time
+
+    config = tmp_path / "roomy.yaml"
+    config.write_text(ROOMY.format(index=bm25_index, log=tmp_path / "roomy.jsonl"), encoding="utf-8")
+    with serve_in_subprocess([config], cwd=tmp_path, options=("--body-timeout", "1")) as base:
+        client = _stall_mid_body(base)
+        client.settimeout(10)
+        began = time.monotonic()
+        answer = client.recv(65536).decode()
+        client.close()
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert '"type":"body_timeout"' in answer and time.monotonic() - began < 5
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([str(SIEVE), "serve", str(config), "--port", str(port), "--log-level", "warning",
+                                "--body-timeout", "600", "--shutdown-grace", "1"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = _stall_mid_body(f"http://127.0.0.1:{port}")
+        time.sleep(0.5)
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)  # was: still running 40 s after SIGTERM
+        assert time.monotonic() - began < 10
+        client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_port_in_use_is_said_before_the_warm_up(bm25_index, tmp_path):
+    import time
+
+    config = tmp_path / "roomy.yaml"
+    config.write_text(ROOMY.format(index=bm25_index, log=tmp_path / "roomy.jsonl"), encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        result = subprocess.run([str(SIEVE), "serve", str(config), "--port", str(port)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert "Application startup" not in result.stderr + result.stdout
+    assert time.monotonic() - began < 30
