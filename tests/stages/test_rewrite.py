@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,17 @@ from pydantic import ValidationError
 
 from engine.compiler import compile_file
 from engine.errors import ConfigError, ModelLoadError
-from engine.model import Query
 from engine.pipeline import Pipeline
-from engine.stage import Resources, StageContext
+from engine.stage import Resources
 from stages.rewrite.coreference import CoreferenceParams, CoreferenceRewrite
 from stages.rewrite.glossary import load_glossary
+from tests.stages.conftest import REWRITE_AS_OF as AS_OF
+from tests.stages.conftest import rewrite_stage, run_rewrite
 
 ROOT = Path(__file__).resolve().parents[2]
 # Conversations 31-34 and 36 of CAsT 2019 (the tuning year), copied from
 # ../shared/data/cast/rewrites_2019_2020.jsonl so the suite runs on a bare checkout.
 CAST = ROOT / "tests" / "data" / "cast-2019-slice.jsonl"
-AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
 GLOSSARY = """\
 version: 1
 entries:
@@ -38,22 +37,16 @@ entries:
 
 @pytest.fixture(scope="module")
 def glossary_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("rewrite-glossary")
-    (directory / "glossary.yaml").write_text(GLOSSARY, encoding="utf-8")
-    return directory
+    return tmp_path_factory.mktemp("rewrite-glossary")
 
 
 @pytest.fixture(scope="module")
 def stage(glossary_dir: Path) -> CoreferenceRewrite:
-    """The stage with spaCy and jieba loaded once for the module, and a glossary."""
-    stage = CoreferenceRewrite("rewrite", CoreferenceParams(glossary="glossary.yaml"))
-    stage.warm_up(Resources(None, glossary_dir))
-    return stage
+    """The stage with spaCy and jieba loaded once for the module, and the module's glossary."""
+    return rewrite_stage(glossary_dir, GLOSSARY)
 
 
-def rewrite(stage: CoreferenceRewrite, text: str, history: list[str], trace_text: bool = True):
-    query = Query.create(text, history=history, as_of=AS_OF)
-    return stage.run(StageContext("rewrite", query, [], None, Resources(None, ROOT), trace_text))
+rewrite = run_rewrite
 
 
 def rewritten(stage: CoreferenceRewrite, text: str, history: list[str]) -> str:

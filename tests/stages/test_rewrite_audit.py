@@ -19,21 +19,19 @@ from __future__ import annotations
 import json
 import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from engine.compiler import compile_file
 from engine.errors import ConfigError
-from engine.model import Query
 from engine.pipeline import Pipeline
-from engine.stage import Resources, StageContext
-from stages.rewrite.coreference import CoreferenceParams, CoreferenceRewrite
+from stages.rewrite.coreference import CoreferenceRewrite
 from stages.rewrite.glossary import load_glossary
+from tests.stages.conftest import REWRITE_AS_OF as AS_OF
+from tests.stages.conftest import rewrite_stage, run_rewrite
 
 ROOT = Path(__file__).resolve().parents[2]
-AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
 # ids name the analyst's rules and stay in the trace; these do not spell any word of the questions below
 GLOSSARY = """\
 version: 1
@@ -53,21 +51,16 @@ entries:
 
 @pytest.fixture(scope="module")
 def glossary_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("rewrite-audit")
-    (directory / "glossary.yaml").write_text(GLOSSARY, encoding="utf-8")
-    return directory
+    return tmp_path_factory.mktemp("rewrite-audit")
 
 
 @pytest.fixture(scope="module")
 def stage(glossary_dir: Path) -> CoreferenceRewrite:
-    stage = CoreferenceRewrite("rewrite", CoreferenceParams(glossary="glossary.yaml"))
-    stage.warm_up(Resources(None, glossary_dir))
-    return stage
+    """The stage with spaCy and jieba loaded once for the module, and the module's glossary."""
+    return rewrite_stage(glossary_dir, GLOSSARY)
 
 
-def rewrite(stage: CoreferenceRewrite, text: str, history: list[str], trace_text: bool = True):
-    query = Query.create(text, history=history, as_of=AS_OF)
-    return stage.run(StageContext("rewrite", query, [], None, Resources(None, ROOT), trace_text))
+rewrite = run_rewrite
 
 
 def rewritten(stage: CoreferenceRewrite, text: str, history: list[str]) -> str:
