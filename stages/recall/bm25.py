@@ -179,25 +179,38 @@ class BM25Recall(Stage):
             return f"{query.text}\n{query.effective_text}"
         return query.effective_text
 
-    def _terms(self, query: Query) -> list[str]:
+    def _split_terms(self, query: Query) -> tuple[list[str], list[str]]:
+        """(the terms of the text searched, the terms only the rewrite adds: ``query: both``, else none)."""
         tokenize = self._bm25.tokenizer.tokenize
         if self.params.query != "both" or query.effective_text == query.text:
-            return tokenize(self._text(query))
+            return tokenize(self._text(query)), []
         asked = tokenize(query.text)  # as asked, repetitions kept; the rewrite's new terms added once
         seen = set(asked)
-        added = [t for t in dict.fromkeys(tokenize(query.effective_text)) if t not in seen]
+        return asked, [t for t in dict.fromkeys(tokenize(query.effective_text)) if t not in seen]
+
+    def _terms(self, query: Query) -> list[str]:
+        asked, added = self._split_terms(query)
         return asked + added
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
 
-        terms = self._terms(ctx.query)
+        asked, added = self._split_terms(ctx.query)
+        terms = asked + added
         known = [t for t in terms if t in self._bm25.vocab]
         unknown = [t for t in terms if t not in self._bm25.vocab]
-        details: dict[str, Any] = {"query_terms": len(terms), "unmatched_terms": len(unknown)}
+        rewritten = ctx.query.effective_text != ctx.query.text
+        # which text was searched: as asked, the rewrite, or both (the rewrite's new terms added to the asked ones)
+        searched = "asked" if not rewritten or self.params.query == "original" else (
+            "both" if self.params.query == "both" else "rewritten")
+        details: dict[str, Any] = {"searched": searched, "query_terms": len(terms), "unmatched_terms": len(unknown)}
+        if searched == "both":
+            details["terms_added_by_rewrite"] = len(added)
         if ctx.trace_text:
             details["terms"] = terms
             details["unmatched"] = unknown
+            if searched == "both":
+                details["added_by_rewrite"] = added
         decisions = []
         corpus_size = len(self._doc_ids)
         k = self.params.top_k

@@ -639,6 +639,11 @@ def test_pipeline_rewrite_then_bm25(tmp_path, bm25_index, glossary_dir, write_co
         records["asked"]["details"]["terms"]
     )
     assert "vitamin" in records["both"]["details"]["terms"]
+    # which text each searched, and which terms only the rewrite brought (the trace did not say)
+    assert [records[s]["details"]["searched"] for s in ("asked", "both", "bm25")] == ["asked", "both", "rewritten"]
+    added = records["both"]["details"]["added_by_rewrite"]
+    assert {"vitamin", "supplement"} <= set(added) and not set(added) & set(records["asked"]["details"]["terms"])
+    assert records["both"]["details"]["terms_added_by_rewrite"] == len(added)
     assert len(result.results) == 5
     assert any(e["stage"] == "rewrite" for e in trace["models"])  # spaCy identity recorded
 
