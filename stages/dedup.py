@@ -28,6 +28,7 @@ selected. Without MMR the stage only drops: it writes no ledger entry.
 from __future__ import annotations
 
 import re
+import unicodedata
 import time
 from typing import Any, Literal
 
@@ -43,6 +44,11 @@ from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, Stage
 DEFAULT_COSINE_THRESHOLD = 0.95
 MINHASH_SCHEME = "affine32"  # datasketch >= 2.0: 32-bit values, pinned so an upgrade cannot change them
 WORD = re.compile(r"\w+", re.UNICODE)
+
+
+# Similarities within this of the threshold reach it: float32 cosines of identical vectors come out at 0.99999994,
+# so `threshold: 1.0` (exact duplicates only) removed nothing.
+SIMILARITY_TOLERANCE = 1e-6
 
 
 class DedupParams(StageParams):
@@ -78,8 +84,8 @@ class DedupParams(StageParams):
 
 
 def shingles(text: str, size: int) -> set[str]:
-    """Word ``size``-grams of a case-folded text (the whole text if it has fewer words)."""
-    words = WORD.findall(text.casefold())
+    """Word ``size``-grams of a case-folded, NFC-normalised text (the whole text if it has fewer words)."""
+    words = WORD.findall(unicodedata.normalize("NFC", text).casefold())
     if len(words) <= size:
         return {" ".join(words)} if words else set()
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
@@ -244,7 +250,7 @@ class NearDuplicateFilter(Stage):
         # survivor. Only a candidate with some better-ranked document over the threshold can go, so the
         # loop visits those few; everything else is kept without looking.
         n = len(compared)
-        over = np.tril(similarity >= p.threshold, k=-1)
+        over = np.tril(similarity >= p.threshold - SIMILARITY_TOLERANCE, k=-1)
         kept = np.ones(n, dtype=bool)
         for position in np.flatnonzero(over.any(axis=1)).tolist():
             if not over[position, :position][kept[:position]].any():

@@ -46,10 +46,13 @@ class SignalStats:
         if not values:
             return cls(0, 0.0, 0.0, 0.0, 0.0, 0)
         count = len(values)
+        low, high = min(values), max(values)
+        if low == high:  # all equal: the mean is that value and the spread 0 (fsum / n can miss both by an ulp)
+            return cls(count, low, high, low, 0.0, max(ranks) if ranks else count)
         mean = math.fsum(values) / count
         variance = math.fsum((v - mean) ** 2 for v in values) / count
         depth = max(ranks) if ranks else count
-        return cls(count, min(values), max(values), mean, math.sqrt(variance), depth)
+        return cls(count, low, high, mean, math.sqrt(variance), depth)
 
     @property
     def tied(self) -> bool:

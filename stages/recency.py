@@ -66,12 +66,19 @@ def decay_formula(function: str, scale_days: float, offset_days: float, decay: f
     return f"exp(-{x}^2 / (2 sigma^2)), sigma^2 = -{scale_days:g}^2 / (2 ln({decay:g}))"
 
 
+# Unix seconds of 0001-01-01 and of the end of 9999-12-31: the dates Python can hold (a number beyond them, e.g. a
+# millisecond timestamp read as seconds, is no date: it failed every query that recalled the document)
+EARLIEST_SECONDS = -62135596800.0
+LATEST_SECONDS = 253402300799.0
+
+
 def parse_date(value: Any) -> float | None:
-    """Unix seconds (UTC) of a metadata date value, or None if it is not one."""
+    """Unix seconds (UTC) of a metadata date value (an ISO 8601 date or date-time, or a number of Unix seconds
+    within years 1-9999), or None if it is not one."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
+        return float(value) if math.isfinite(value) and EARLIEST_SECONDS <= value <= LATEST_SECONDS else None
     if not isinstance(value, str) or not value.strip():
         return None
     text = value.strip()
@@ -123,12 +130,16 @@ class DateColumn:
 class RecencyParams(StageParams):
     field: str = Field("date", min_length=1, description="metadata field holding the document's date")
     function: DecayFunction = Field("exp", description="decay shape (Elasticsearch semantics): exp, linear, gauss")
+    # bounds: from about a minute to 10,000 years (beyond them the formulas give NaN or overflow: 1e-320 days gave a
+    # NaN factor, a gauss scale of 1e-170 divided by zero)
     half_life_days: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="shorthand for function exp, scale = half-life, decay 0.5"
+        None, ge=0.001, le=3_650_000, allow_inf_nan=False,
+        description="shorthand for function exp, scale = half-life, decay 0.5"
     )
-    scale_days: float | None = Field(None, gt=0, allow_inf_nan=False, description="age beyond offset at which factor = decay")
-    offset_days: float = Field(0.0, ge=0, allow_inf_nan=False, description="ages up to this are not decayed")
-    decay: float = Field(0.5, gt=0, lt=1, description="the factor at age offset + scale")
+    scale_days: float | None = Field(None, ge=0.001, le=3_650_000, allow_inf_nan=False,
+                                     description="age beyond offset at which factor = decay")
+    offset_days: float = Field(0.0, ge=0, le=3_650_000, allow_inf_nan=False, description="ages up to this are not decayed")
+    decay: float = Field(0.5, ge=1e-9, le=0.999999, description="the factor at age offset + scale")
     missing: Literal["neutral", "oldest", "fixed", "drop"] = Field(
         "neutral", description="no (valid) date: neutral = factor 1; oldest = the list's lowest factor; "
         "fixed = missing_factor; drop = remove the document"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
 from engine.model import Drop
@@ -33,8 +35,9 @@ class TopK(Stage):
         floor = self.params.min_score
         kept, drops = [], []
         for candidate in incoming:
-            if floor is not None and candidate.score < floor:
-                drops.append(Drop(candidate.doc_id, "below_min_score", f"{candidate.score:.6g} < {floor:g}"))
+            if floor is not None and not candidate.score >= floor:  # a NaN score is below any floor
+                drops.append(Drop(candidate.doc_id, "below_min_score", f"{candidate.score:.6g} < {floor:g}"
+                                  if math.isfinite(candidate.score) else f"score {candidate.score} is not a number"))
             elif len(kept) >= self.params.k:
                 drops.append(Drop(candidate.doc_id, "beyond_top_k", f"k={self.params.k}"))
             else:

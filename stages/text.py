@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import unicodedata
 from functools import cached_property
 from typing import Literal
 
@@ -101,6 +102,8 @@ class Tokenizer:
         return self._regex.findall(text)
 
     def tokenize(self, text: str) -> list[str]:
+        if not unicodedata.is_normalized("NFC", text):  # "café" typed decomposed (e + U+0301) is the same word
+            text = unicodedata.normalize("NFC", text)
         if self.settings.lowercase:
             text = text.lower()
         stop = self._stopwords

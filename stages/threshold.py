@@ -70,11 +70,15 @@ class Threshold(Stage):
         decisions: list[Decision] = []
         source = params.score_of if params.score_of is not None else "current score"
         raw: dict[str, float | None] = {}
+        not_numbers: dict[str, float] = {}  # scored, but not with a finite number (NaN, inf)
         for candidate in incoming:
             value = candidate.score_of(params.score_of) if params.score_of is not None else (
                 candidate.score if candidate.ledger else None
             )
-            raw[candidate.doc_id] = value if value is None or math.isfinite(value) else None
+            if value is not None and not math.isfinite(value):
+                not_numbers[candidate.doc_id] = value
+                value = None
+            raw[candidate.doc_id] = value
         present = [v for v in raw.values() if v is not None]
         scale = _normaliser(params.normalize, present, decisions)
         kept: list[Candidate] = []
@@ -87,7 +91,9 @@ class Threshold(Stage):
                 if pinned or params.missing == "keep":
                     kept.append(candidate)
                 else:
-                    drops.append(Drop(candidate.doc_id, "no_score", f"not scored by '{params.score_of}'"))
+                    drops.append(Drop(candidate.doc_id, "no_score", (
+                        f"{source} is {not_numbers[candidate.doc_id]}, not a number" if candidate.doc_id in not_numbers
+                        else f"not scored by '{source}'")))
                 continue
             normalised = scale(value)
             if normalised >= params.min_score:

@@ -101,7 +101,9 @@ class CrossEncoderParams(StageParams):
     chunk_overlap: int = Field(64, ge=0, le=4096, description="tokens shared by consecutive chunks")
     max_chunks: int = Field(8, ge=1, le=256, description="chunks per document at most (what lies beyond is cut, recorded)")
     cascade: CascadeParams | None = None
-    cache_size: int = Field(10_000, ge=0, le=10_000_000, description="scores kept in an in-memory LRU; 0: no cache")
+    cache_size: int = Field(10_000, ge=0, le=10_000_000, description=(
+        "scores kept in an in-memory LRU, about (whole windows: a repeated query and window is served from it; "
+        "0: no cache)"))
     oom_backoff: bool = Field(
         False, description="on out-of-memory, halve the batch size and retry (recorded in the trace); off: fail"
     )
@@ -412,8 +414,11 @@ class CrossEncoderRerank(Stage):
         super().__init__(stage_id, params)
         self._model: LoadedReranker | None = None
         self._light: LoadedReranker | None = None
-        # scores keyed by (model variant, query text, document content sha256)
-        self._cache: LRUCache[tuple[str, str, str], PairScore] = LRUCache(self.params.cache_size)
+        # a window's scores keyed by (model variant, query text, the window's document contents): a score depends
+        # in its last digits on the batch it was computed in (padding), so only the same window is served from
+        # the cache, and a cached answer is exactly what a fresh run (a replay) computes
+        self._cache: LRUCache[tuple[str, str, str], dict[str, PairScore]] = LRUCache(
+            max(1, self.params.cache_size // self.params.window) if self.params.cache_size else 0)
         self._notes = RecentNotes()  # query text -> doc_id -> note
 
     # ------------------------------------------------------------------ compile time
@@ -489,26 +494,25 @@ class CrossEncoderRerank(Stage):
         variant = f"{model.key}:{model.max_length}:{params.max_query_tokens}:" + (
             f"chunks{params.chunk_overlap}x{params.max_chunks}" if chunking else "truncate"
         )
+        window = hashlib.sha256("\x00".join([str(batch_size), *(digest for _, _, digest in items)]).encode()).hexdigest()
+        cached = self._cache.get((variant, query_text, window))
+        if cached is not None:
+            hits.extend(candidate.doc_id for candidate, _, _ in items)
+            return {candidate.doc_id: cached[digest] for candidate, _, digest in items}
         found: dict[str, PairScore] = {}
-        missing: list[tuple[Candidate, str, str]] = []
-        for candidate, text, digest in items:
-            cached = self._cache.get((variant, query_text, digest))
-            if cached is not None:
-                found[candidate.doc_id] = cached
-                hits.append(candidate.doc_id)
-            else:
-                missing.append((candidate, text, digest))
-        if missing:
+        if items:
             with model.lock:
                 scored = model.score(
-                    query_text, [text for _, text, _ in missing], batch_size=batch_size,
+                    query_text, [text for _, text, _ in items], batch_size=batch_size,
                     max_query_tokens=params.max_query_tokens,
                     chunk_overlap=params.chunk_overlap if chunking else None,
                     max_chunks=params.max_chunks, oom_backoff=params.oom_backoff, events=events,
                 )
-            for (candidate, _, digest), result in zip(missing, scored):
+            by_digest = {}
+            for (candidate, _, digest), result in zip(items, scored):
                 found[candidate.doc_id] = result
-                self._cache.put((variant, query_text, digest), result)
+                by_digest[digest] = result
+            self._cache.put((variant, query_text, window), by_digest)
         return found
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -591,7 +595,7 @@ class CrossEncoderRerank(Stage):
             "max_length": self._model.max_length,
             "truncated": {"count": len(truncated), "documents": sorted(truncated, key=lambda t: t["doc_id"])},
             "cache": {"hits": len(hits), "misses": len(scored_all) - len(hits), "hit_doc_ids": sorted(hits),
-                      "size": len(self._cache)},
+                      "windows": len(self._cache)},
         })
         if query_cut:
             details["query_tokens_cut"] = query_cut
@@ -661,9 +665,7 @@ class CrossEncoderRerank(Stage):
             details.append(Explanation(float(note["best_chunk"]),
                                        f"best of {note['chunks']} chunks (max over chunks), starting at document "
                                        f"token {note['chunk_start']}"))
-        if note["cached"]:
-            details.append(Explanation(value, "score served from the stage's score cache"))
-        return Explanation(value, description, tuple(details))
+        return Explanation(value, description, tuple(details))  # served from the cache or not: the same tree
 
     def identity(self) -> dict[str, Any] | None:
         if self._model is None:

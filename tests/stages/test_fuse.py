@@ -343,3 +343,11 @@ def test_weighted_pipeline_over_real_signals(dense_index, write_config):
         assert candidate.score == pytest.approx(expected, rel=1e-9)
     scores = [c.score for c in result.results]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_zscore_of_exactly_tied_values_is_flat():
+    """fsum / n of [0.1] * 3 is 0.10000000000000002: the spread came out 5.6e-17, not 0, and every value got a
+    z-score of -1 or +1 (12% of random tied lists), with no `zscore_flat` decision."""
+    stats = norm.SignalStats.of([0.1] * 3)
+    assert stats.flat and stats.std == 0.0 and stats.mean == 0.1
+    assert norm.normalize("zscore", [0.3746360517252655] * 3) == [norm.FLAT_ZSCORE] * 3

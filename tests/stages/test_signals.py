@@ -556,3 +556,71 @@ def test_dedup_bad_parameters(tmp_path, dup_index, params, message):
 def test_dedup_vectors_index_without_dense_component_is_a_clear_error(tmp_path, bm25_index):
     with pytest.raises(SieveIndexError, match="--with dense"):
         dedup_pipeline(tmp_path, bm25_index, "{vectors: index}").warm_up()
+
+
+# =========================================================================== found by a run-time audit
+
+
+def test_a_number_beyond_the_dates_python_holds_is_no_date():
+    """A millisecond timestamp read as seconds (year 56385) failed every query that recalled the document."""
+    assert parse_date(1717200000) == 1717200000.0
+    assert parse_date(1717200000000) is None and parse_date(1e300) is None and parse_date(-1e12) is None
+
+
+def test_an_exact_copy_goes_at_threshold_one_by_embedding_too(tmp_path):
+    """float32 cosines of identical vectors come out at 0.99999994: `threshold: 1.0` removed nothing."""
+    source = (ROOT / "examples" / "scifact-mini" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:4]
+    records = [json.loads(line) for line in source]
+    corpus = tmp_path / "copies"
+    corpus.mkdir()
+    (corpus / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in records + [{**records[0], "_id": "same"}]),
+                                         encoding="utf-8")
+    index = tmp_path / "index"
+    build_index(corpus, index, {"bm25": {}, "dense": {}})
+    order = ["same"] + [r["_id"] for r in records]
+    incoming = candidates(index, [(doc_id, float(len(order) - i)) for i, doc_id in enumerate(order)])
+    for params in ("{threshold: 1.0}", "{threshold: 1.0, vectors: embed}", "{method: minhash, threshold: 1.0}"):
+        result = run_stage(dedup_pipeline(tmp_path, index, params), "dedup", incoming, Query.create("x", as_of=AS_OF))
+        assert [d.doc_id for d in result.drops] == [records[0]["_id"]], params
+
+
+def test_a_decomposed_accent_is_the_same_word():
+    """'café' typed as e + U+0301 was the terms 'cafe' and nothing: BM25 and MinHash compare NFC text."""
+    import unicodedata
+
+    from stages.dedup import shingles
+    from stages.text import Tokenizer, TokenizerSettings
+
+    composed, decomposed = "café résumé crèche", unicodedata.normalize("NFD", "café résumé crèche")
+    tokenizer = Tokenizer(TokenizerSettings())
+    assert tokenizer.tokenize(decomposed) == tokenizer.tokenize(composed)
+    assert shingles(decomposed, 2) == shingles(composed, 2)
+
+
+@pytest.mark.parametrize("params, field", [
+    ("{scale_days: 1.0e-320}", "scale_days"), ("{function: gauss, scale_days: 1.0e-170}", "scale_days"),
+    ("{half_life_days: 1.0e+300}", "half_life_days"), ("{offset_days: 1.0e+300, scale_days: 10}", "offset_days"),
+])
+def test_recency_scales_that_would_give_nan_or_overflow_are_refused(tmp_path, medical_index, params, field):
+    with pytest.raises(ConfigError, match=f"stages.1.params.{field}"):
+        make_pipeline(tmp_path, medical_index, f"""\
+  - {{id: bm25, type: recall.bm25}}
+  - {{id: rec, type: boost.recency, inputs: [bm25], params: {params}}}
+""", "rec")
+
+
+def test_a_nan_score_is_below_any_floor_and_said(tmp_path, medical_index):
+    """select.top_k kept a NaN score over min_score (NaN < 0.5 is false); select.threshold said 'not scored by
+    None' of a document scored NaN."""
+    from stages.select import TopK, TopKParams
+    from stages.threshold import Threshold, ThresholdParams
+
+    scored = [Candidate("med-001", 0, (ScoreEntry("up", "bm25", float("nan"), 1),)),
+              Candidate("med-002", 1, (ScoreEntry("up", "bm25", 0.9, 2),))]
+    context = StageContext("s", Query.create("x", as_of=AS_OF), [scored], None, None)
+    top = TopK("s", TopKParams(k=5, min_score=0.5)).run(context)
+    assert [c.doc_id for c in top.candidates] == ["med-002"]
+    assert top.drops[0].detail == "score nan is not a number"
+    floor = Threshold("s", ThresholdParams(min_score=0.1)).run(context)
+    assert [c.doc_id for c in floor.candidates] == ["med-002"]
+    assert floor.drops[0].detail == "current score is nan, not a number"
