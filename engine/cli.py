@@ -63,11 +63,15 @@ def _writable_file(path: Optional[Path], option: str) -> None:
     file, a directory that cannot be created or written."""
     if path is None:
         return
-    if path.is_dir():
-        raise SieveError(f"{option} {path} is a directory; give a file path")
     from engine.paths import nearest_existing_parent
 
-    parent = nearest_existing_parent(path.absolute())
+    try:  # a name too long for the file system fails even to be looked at: say so, with the OS's words
+        is_dir = path.is_dir()
+        parent = nearest_existing_parent(path.absolute())
+    except OSError as exc:
+        raise SieveError(f"{option} {path}: {exc.strerror or exc}") from None
+    if is_dir:
+        raise SieveError(f"{option} {path} is a directory; give a file path")
     if parent is not None and not parent.is_dir():
         raise SieveError(f"{option} {path}: {parent} is a file, not a directory")
     if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
@@ -411,13 +415,55 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
         )
 
 
+def _output_file(path: Optional[Path], option: str) -> None:
+    """:func:`_writable_file`, and a target that is not a regular file (a FIFO, device or socket; a symlink is
+    judged by its target), refused before an evaluation starts rather than found when its output is written."""
+    if path is None:
+        return
+    _writable_file(path, option)
+    from engine.trace import atomic_write_target
+
+    try:
+        atomic_write_target(path)
+    except SieveError as exc:
+        raise SieveError(f"{option} {exc}") from None
+
+
+def _write_output(option: str, path: Path, write: Any) -> None:
+    """Run ``write()``; a failure (a full disk, a target that changed since the start) is a SieveError naming the
+    file and the OS's reason. Called after the figures are printed, so they are never lost to it."""
+    try:
+        write()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SieveError(f"could not write {option} {path}: {reason} (the figures above are complete; this file "
+                         "was not written)") from None
+    except SieveError as exc:
+        raise SieveError(f"could not write {option} {path}: {exc} (the figures above are complete; this file was "
+                         "not written)") from None
+
+
+def _index_lookup(index_path: Optional[str]):  # type: ignore[no-untyped-def]
+    """A doc-id membership test over the index at ``index_path`` (None: no index, nothing to test)."""
+    if index_path is None:
+        return None
+    from engine.index import Index
+
+    index = Index.open(Path(index_path), verify=False)
+    return lambda doc_id: index.row_of(doc_id) is not None
+
+
+_LIMIT_HELP = "only the first N judged queries, in natural order of id (2 before 10, q2 before q10)"
+_SPLIT_HELP = "qrels split: qrels/<split>.tsv (BEIR or TREC qrels); a plain name (letters, digits, '.', '_', '-')"
+
+
 @app.command("eval")
 def eval_command(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     dataset: Annotated[Path, typer.Option("--dataset", "-d", help="BEIR data set directory (corpus.jsonl, queries, qrels/)")],
-    split: Annotated[str, typer.Option(help="qrels split: qrels/<split>.tsv")] = "test",
+    split: Annotated[str, typer.Option(help=_SPLIT_HELP)] = "test",
     index_dir: Annotated[Optional[Path], typer.Option("--index", help="override the config's index")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N judged queries (by id)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help=_LIMIT_HELP)] = None,
     recall_k: Annotated[int, typer.Option("--recall-k", help="Recall@k reported besides Recall@100")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON (pytrec_eval metric names)")] = False,
     per_query: Annotated[bool, typer.Option("--per-query", help="with --json: include per-query figures")] = False,
@@ -426,44 +472,72 @@ def eval_command(
     trace_log: Annotated[Optional[Path], typer.Option(
         "--trace-log", help="append every query's trace to this hash-chained log (for audit: sieve replay / sieve report --seq)")] = None,
 ) -> None:
-    """Evaluate a pipeline on a BEIR split: nDCG@10, MRR@10, Recall@k, MAP (pytrec_eval) and latency."""
-    from engine.evaluation import write_trec_run
+    """Evaluate a pipeline on a BEIR split: nDCG@10, MRR@10, Recall@k, MAP (pytrec_eval) and latency.
+
+    The figures are printed first, then --run-out and --json-out are written (atomically): a file that cannot be
+    written is an error that leaves the printed figures complete."""
+    from engine.evaluation import coverage_warnings, judgement_coverage, load_beir, write_trec_run
     from engine.trace import write_json_atomic
     from engine.workbench.evaluate import ordered_metric_names
 
-    _writable_file(run_out, "--run-out")
-    _writable_file(json_out, "--json-out")
-    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log)
+    _output_file(run_out, "--run-out")
+    _output_file(json_out, "--json-out")
+    data = load_beir(dataset, split)
     if run_out is not None:
-        write_trec_run(report.run, run_out, tag=(report.pipeline_name or config.stem).replace(" ", "_"))
+        chosen = list(data.queries)[:limit] if limit is not None and limit >= 1 else list(data.queries)
+        spaced = next((qid for qid in chosen if not qid or any(ch.isspace() for ch in qid)), None)
+        if spaced is not None:
+            raise SieveError(f"--run-out: query id {spaced!r} contains whitespace, which a TREC run line cannot hold")
+    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log)
+    index = report.index or {}
+    qrels = {qid: data.qrels[qid] for qid in report.per_query}
+    coverage = judgement_coverage(report.run, qrels, data.qrels, _index_lookup(index.get("path")))
+    if run_out is not None:
         report.run_file = str(run_out)
     document = report.to_json(per_query=per_query)
-    if json_out is not None:
-        write_json_atomic(json_out, document)
+    document["qrels_format"] = data.qrels_format
+    document["judgements"] = {**coverage, "index": index.get("path")}
+    for warning in coverage_warnings(coverage, index=index.get("path")):
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if as_json:
         out.print_json(json.dumps(document))
-        return
-    index = report.index or {}
-    out.print(
-        f"[bold]{escape(report.pipeline_name or str(config))}[/bold] on {escape(str(dataset))} ({escape(split)}, "
-        f"{report.queries} queries); config {report.config_sha256[:12]}, index {str(index.get('manifest_sha256', '-'))[:12]}"
-    )
-    metrics = Table(title="retrieval quality (pytrec_eval)")
-    metrics.add_column("metric")
-    metrics.add_column("value", justify="right")
-    for name in ordered_metric_names(list(report.metrics)):
-        metrics.add_row(name, f"{report.metrics[name]:.4f}")
-    out.print(metrics)
-    latency = Table(title="latency per query (ms)")
-    for column in ("stage", "type", "p50", "p95", "mean"):
-        latency.add_column(column, justify="right" if column in ("p50", "p95", "mean") else "left")
-    for stage_id, figures in report.stage_latency_ms.items():
-        latency.add_row(stage_id, figures["type"], f"{figures['p50']:.2f}", f"{figures['p95']:.2f}", f"{figures['mean']:.2f}")
-    overall = report.latency_ms
-    latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}")
-    out.print(latency)
+    else:
+        out.print(
+            f"[bold]{escape(report.pipeline_name or str(config))}[/bold] on {escape(str(dataset))} ({escape(split)}, "
+            f"{report.queries} queries; qrels: {escape(data.qrels_format)}); config {report.config_sha256[:12]}, "
+            f"index {str(index.get('manifest_sha256', '-'))[:12]}"
+        )
+        metrics = Table(title="retrieval quality (pytrec_eval)")
+        metrics.add_column("metric")
+        metrics.add_column("value", justify="right")
+        for name in ordered_metric_names(list(report.metrics)):
+            metrics.add_row(name, f"{report.metrics[name]:.4f}")
+        out.print(metrics)
+        latency = Table(title="latency per query (ms)")
+        for column in ("stage", "type", "p50", "p95", "mean"):
+            latency.add_column(column, justify="right" if column in ("p50", "p95", "mean") else "left")
+        for stage_id, figures in report.stage_latency_ms.items():
+            latency.add_row(stage_id, figures["type"], f"{figures['p50']:.2f}", f"{figures['p95']:.2f}", f"{figures['mean']:.2f}")
+        overall = report.latency_ms
+        latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}")
+        out.print(latency)
+    failures = []
     if run_out is not None:
-        out.print(f"run written to {escape(str(run_out))}")
+        tag = "".join("_" if ch.isspace() else ch for ch in (report.pipeline_name or config.stem)) or "sieve"
+        try:
+            _write_output("--run-out", run_out, lambda: write_trec_run(report.run, run_out, tag=tag))
+        except SieveError as exc:
+            failures.append(str(exc))
+        else:
+            if not as_json:
+                out.print(f"run written to {escape(str(run_out))}")
+    if json_out is not None:
+        try:
+            _write_output("--json-out", json_out, lambda: write_json_atomic(json_out, document))
+        except SieveError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise SieveError("; ".join(failures))
 
 
 @app.command("schema")
@@ -562,11 +636,11 @@ def compare_command(
     a: Annotated[Path, typer.Argument(help="A: pipeline YAML, or a saved TREC run file")],
     b: Annotated[Path, typer.Argument(help="B: pipeline YAML, or a saved TREC run file")],
     dataset: Annotated[Path, typer.Option("--dataset", "-d", help="BEIR data set directory (queries, qrels/)")],
-    split: Annotated[str, typer.Option(help="qrels split: qrels/<split>.tsv")] = "test",
+    split: Annotated[str, typer.Option(help=_SPLIT_HELP)] = "test",
     index_dir: Annotated[Optional[Path], typer.Option("--index", help="override both configs' index")] = None,
     config_a: Annotated[Optional[Path], typer.Option("--config-a", help="when A is a run file: its config, to explain moves")] = None,
     config_b: Annotated[Optional[Path], typer.Option("--config-b", help="when B is a run file: its config, to explain moves")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="only the first N judged queries (by id)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help=_LIMIT_HELP)] = None,
     recall_k: Annotated[int, typer.Option("--recall-k", help="Recall@k reported besides Recall@100")] = 10,
     most_changed: Annotated[int, typer.Option("--most-changed", help="document-level diffs for this many queries")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
@@ -577,18 +651,24 @@ def compare_command(
 
     if most_changed < 0:
         raise SieveError(f"--most-changed must be 0 or more, got {most_changed}")
+    if limit is not None and limit < 1:
+        raise SieveError(f"--limit must be at least 1, got {limit}")
     sides = []
+    judged_index = index_dir  # the index the judgement coverage is checked against: --index, else a config's
     for label, path, extra_config in (("A", a, config_a), ("B", b, config_b)):
         if is_config(path):
             if extra_config is not None:
                 raise SieveError(f"--config-{label.lower()} is for a run file, but {label} is already a config ({path})")
             report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}")
+            if judged_index is None and report.index is not None:
+                judged_index = Path(report.index["path"])
             sides.append(Side(path.name, report.run, "config", path, index_dir))
         else:
             sides.append(load_run_side(path, extra_config, index_dir))
     if sides[0].label == sides[1].label:
         sides[0].label, sides[1].label = f"A:{sides[0].label}", f"B:{sides[1].label}"
-    comparison = compare(sides[0], sides[1], dataset, split=split, recall_k=recall_k, most_changed=most_changed, limit=limit)
+    comparison = compare(sides[0], sides[1], dataset, split=split, recall_k=recall_k, most_changed=most_changed,
+                         limit=limit, index_path=judged_index)
     for warning in comparison.warnings:
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if as_json:
@@ -603,7 +683,8 @@ def compare_command(
         sys.stdout.write(to_markdown(comparison, " ".join(command) + " --markdown"))
         return
     out.print(f"A = [bold]{escape(sides[0].label)}[/bold], B = [bold]{escape(sides[1].label)}[/bold] on "
-              f"{escape(str(dataset))} ({escape(split)}, {comparison.queries} queries)")
+              f"{escape(str(dataset))} ({escape(split)}, {comparison.queries} queries; qrels: "
+              f"{escape(comparison.qrels_format or '-')})")
     table = Table(title="B - A; p: paired t-test (t) and paired randomisation test (rand), two-sided; "
                   "wins/losses: queries where B is better/worse")
     for column in ("metric", "A", "B", "delta", "p(t)", "p(rand)", "wins", "losses", "ties"):

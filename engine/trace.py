@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import TraceError
+from engine.errors import SieveError, TraceError
 
 TRACE_SCHEMA = "sieve.trace/1"
 LOG_SCHEMA = "sieve.tracelog/1"
@@ -787,17 +787,69 @@ def _first_difference(a: Any, b: Any, path: str) -> str | None:
     return None
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
+def atomic_write_target(path: str | Path) -> Path:
+    """The file an atomic write to ``path`` replaces: the target of a symlink (followed to the end), else ``path``.
+
+    A target that exists but is not a regular file (a FIFO, a character or block device, a socket) is refused
+    with a SieveError: renaming a new file over it would destroy it (``--json-out /dev/full`` run as root once
+    replaced the device). A directory is left to the write, which fails on it with the OS's own error.
+    """
+    import stat
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
+        mode = os.stat(target).st_mode
+    except OSError:  # absent (the usual case), or a path the write itself will report on
+        return target
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    for test, kind in kinds:
+        if test(mode):
+            via = f" (the target of symlink {path})" if target != path else ""
+            raise SieveError(f"{target}{via} is {kind}, not a regular file: refusing to replace it")
+    return target
+
+
+def _write_atomic(path: str | Path, write: Any) -> None:
+    """Call ``write(handle)`` on a temporary file beside the target, fsync it, and rename it over the target.
+
+    Through a symlink, the symlink's target is replaced (the link stays); an existing file keeps its permission
+    bits; a FIFO, device or socket is refused (:func:`atomic_write_target`). On any failure (a full disk, a
+    directory at the target, Ctrl-C) the temporary file is removed and the target is untouched.
+    """
+    import secrets
+
+    target = atomic_write_target(path)
+    try:
+        keep_mode: int | None = os.stat(target).st_mode & 0o777
+    except OSError:
+        keep_mode = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A short name, whatever the target's length: a target name near the file system's limit still gets one.
+    temporary = target.with_name(f".{target.name[:96]}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:  # a full disk, a directory at ``path``, Ctrl-C: no half-written file left behind
-        temporary.unlink(missing_ok=True)
+        if keep_mode is not None:
+            os.chmod(temporary, keep_mode)
+        os.replace(temporary, target)
+    except BaseException:  # no half-written file left behind
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file (see
+    :func:`_write_atomic`: symlinks are written through, a FIFO or device is refused)."""
+    _write_atomic(path, lambda handle: json.dump(data, handle, indent=2, ensure_ascii=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to ``path`` the way :func:`write_json_atomic` writes JSON."""
+    _write_atomic(path, lambda handle: handle.write(text))

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import SieveError
-from engine.evaluation import aggregate, load_beir, per_query_metrics, read_trec_run
+from engine.evaluation import (aggregate, coverage_warnings, judgement_coverage, load_beir, natural_key,
+                               per_query_metrics, read_trec_run, trec_order)
 from engine.workbench.evaluate import measures_for, ordered_metric_names
 
 PRIMARY_METRIC = "ndcg_cut_10"
@@ -82,6 +83,8 @@ class Comparison:
     per_query: dict[str, dict[str, tuple[float, float]]]
     diffs: list[QueryDiff]
     warnings: list[str] = field(default_factory=list)  # e.g. a run that ranks only some judged queries
+    qrels_format: str | None = None
+    judgements: dict[str, Any] = field(default_factory=dict)  # evaluation.judgement_coverage, per side for the runs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +96,8 @@ class Comparison:
                 "randomisation": f"paired randomisation test (scipy.stats.permutation_test, permutation_type='samples', "
                                  f"{PERMUTATION_RESAMPLES} resamples, seed {PERMUTATION_SEED}), two-sided, mean difference",
             },
+            "qrels_format": self.qrels_format,
+            "judgements": self.judgements,
             "warnings": self.warnings,
             "metrics": [m.__dict__ for m in self.metrics],
             "most_changed": [
@@ -146,8 +151,8 @@ def compare_metrics(per_a: dict[str, dict[str, float]], per_b: dict[str, dict[st
 
 
 def _ranks(run_for_query: dict[str, float]) -> dict[str, int]:
-    ordered = sorted(run_for_query.items(), key=lambda kv: (-kv[1], kv[0]))
-    return {doc_id: rank for rank, (doc_id, _) in enumerate(ordered, start=1)}
+    """Each document's rank as trec_eval sees it (ties by document id descending, :func:`trec_order`)."""
+    return {doc_id: rank for rank, (doc_id, _) in enumerate(trec_order(run_for_query), start=1)}
 
 
 def _fmt(value: float | None) -> str:
@@ -269,19 +274,38 @@ def query_diffs(
 
 def compare(
     a: Side, b: Side, dataset: Path, *, split: str, recall_k: int, most_changed: int, limit: int | None,
+    index_path: Path | None = None,
 ) -> Comparison:
+    """Compare the two sides on the judged queries (the first ``limit`` in natural order of id). ``index_path``:
+    the index whose documents the judgement coverage checks (None: not checked)."""
+    if limit is not None and limit < 1:
+        raise SieveError(f"--limit must be at least 1, got {limit}")
     data = load_beir(dataset, split)
     queries = data.queries
     if limit is not None:
         queries = dict(list(queries.items())[:limit])
     qrels = {qid: data.qrels[qid] for qid in queries}
     warnings = []
-    for side in (a, b):
-        unknown = sorted(set(side.run) - set(data.qrels))
+    in_index = None
+    if index_path is not None:
+        from engine.index import Index
+
+        index = Index.open(Path(index_path), verify=False)
+        in_index = lambda doc_id: index.row_of(doc_id) is not None  # noqa: E731
+    coverage = judgement_coverage({}, qrels, data.qrels, in_index)
+    del coverage["run_queries_not_judged"], coverage["examples"]["run_query_not_judged"]
+    judgements: dict[str, Any] = {**coverage, "index": str(index_path) if index_path is not None else None}
+    warnings += coverage_warnings(coverage, index=str(index_path) if index_path is not None else None)
+    for side, key in ((a, "run_queries_not_judged_a"), (b, "run_queries_not_judged_b")):
+        unknown = sorted(set(side.run) - set(data.qrels), key=natural_key)
         if side.source == "run" and len(unknown) == len(side.run) and side.run:
             raise SieveError(f"run {side.label}: none of its {len(side.run)} queries is judged in {dataset} ({split}); "
                              f"e.g. query '{unknown[0]}'")
-        unranked = sorted(set(queries) - set(side.run))
+        judgements[key] = len(unknown)
+        if unknown:
+            warnings.append(f"run {side.label}: {len(unknown)} of its {len(side.run)} queries are not in the qrels "
+                            f"(e.g. '{unknown[0]}'): they are left out of every figure")
+        unranked = sorted(set(queries) - set(side.run), key=natural_key)
         if side.source == "run" and unranked:
             warnings.append(f"run {side.label} ranks nothing for {len(unranked)} of the {len(queries)} judged queries "
                             f"(e.g. '{unranked[0]}'): they score 0 for it, which the comparison counts")
@@ -291,7 +315,8 @@ def compare(
     metrics = compare_metrics(per_a, per_b)
     diffs = query_diffs(a, b, queries, qrels, per_a, per_b, most_changed)
     per_query = {q: {m: (per_a[q][m], per_b[q][m]) for m in per_a[q]} for q in per_a}
-    return Comparison(a, b, str(dataset), split, len(queries), metrics, per_query, diffs, warnings)
+    return Comparison(a, b, str(dataset), split, len(queries), metrics, per_query, diffs, warnings,
+                      data.qrels_format, judgements)
 
 
 def load_run_side(path: Path, config: Path | None, index_path: Path | None) -> Side:
@@ -311,7 +336,8 @@ def to_markdown(comparison: Comparison, command: str | None = None) -> str:
     if command:
         lines += ["```", command, "```", ""]
     lines += [
-        f"{comparison.dataset}, split `{comparison.split}`, {comparison.queries} judged queries. "
+        f"{comparison.dataset}, split `{comparison.split}`, {comparison.queries} judged queries"
+        + (f" (qrels: {comparison.qrels_format})" if comparison.qrels_format else "") + ". "
         f"A from {a.source}" + (f" ({a.config})" if a.config else "") + f", B from {b.source}"
         + (f" ({b.config})" if b.config else "") + ".",
         "",

@@ -93,3 +93,66 @@ def test_compare_rejects_a_run_with_no_judged_query(mini_corpus: Path, tmp_path:
     broken.write_text("1 Q0 doc 1\n")
     done = run_sieve("compare", broken, bogus, "--dataset", mini_corpus)
     assert done.returncode == 2 and "a TREC run line has 6 fields" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------- evaluation audit
+
+
+def _ties_dataset(tmp_path: Path) -> Path:
+    data = tmp_path / "ties"
+    (data / "qrels").mkdir(parents=True)
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\td00\t1\n")
+    (data / "queries.jsonl").write_text('{"_id": "q", "text": "tie"}\n')
+    return data
+
+
+def test_compare_ranks_tied_documents_as_trec_eval_does(cli_json, tmp_path: Path):
+    """A: twelve documents tied at 1.0 (trec_eval ranks d11 first, d00 twelfth); B lifts d00 to the top. The
+    nDCG@10 change (0 -> 1) must come with its document moves, ranked as trec_eval ranked them."""
+    data = _ties_dataset(tmp_path)
+    docs = [f"d{i:02d}" for i in range(12)]
+    (tmp_path / "a.trec").write_text("".join(f"q Q0 {d} {r} 1.0 a\n" for r, d in enumerate(docs, start=1)))
+    (tmp_path / "b.trec").write_text("".join(f"q Q0 {d} {r} {2.0 if d == 'd00' else 1.0} b\n"
+                                             for r, d in enumerate(docs, start=1)))
+    report = cli_json("compare", tmp_path / "a.trec", tmp_path / "b.trec", "--dataset", data)
+    ndcg = next(m for m in report["metrics"] if m["metric"] == "ndcg_cut_10")
+    mrr = next(m for m in report["metrics"] if m["metric"] == "mrr_10")
+    assert (ndcg["mean_a"], ndcg["mean_b"]) == (0.0, 1.0) and (mrr["mean_a"], mrr["mean_b"]) == (0.0, 1.0)
+    moves = {m["doc_id"]: (m["rank_a"], m["rank_b"]) for m in report["most_changed"][0]["moves"]}
+    assert moves["d00"] == (12, 1)  # was no move at all: both sides ranked ties by ascending id
+    assert moves["d11"] == (1, 2) and moves["d02"] == (10, 11)
+
+
+def test_compare_refuses_a_limit_below_one(mini_corpus: Path, tmp_path: Path):
+    from tests.workbench.conftest import run_sieve
+
+    run = tmp_path / "r.trec"
+    run.write_text("1 Q0 31715818 1 1.0 x\n3 Q0 14717500 1 1.0 x\n")
+    for value in ("-1", "0"):
+        done = run_sieve("compare", run, run, "--dataset", mini_corpus, "--limit", value)
+        assert done.returncode == 2 and f"--limit must be at least 1, got {value}" in done.stderr, done.stderr
+
+
+def test_compare_discloses_unjudged_run_queries_and_duplicate_lines(mini_corpus: Path, mini_config, tmp_path: Path):
+    import json
+
+    from tests.workbench.conftest import run_sieve
+
+    good = tmp_path / "a.trec"
+    good.write_text("1 Q0 31715818 1 1.0 x\n3 Q0 14717500 1 1.0 x\n")
+    extra = tmp_path / "b.trec"
+    extra.write_text("1 Q0 31715818 1 1.0 x\nnot-judged Q0 31715818 1 1.0 x\n")
+    done = run_sieve("compare", good, extra, "--dataset", mini_corpus, "--json")
+    assert done.returncode == 0, done.stderr
+    judgements = json.loads(done.stdout)["judgements"]
+    assert judgements["run_queries_not_judged_a"] == 0 and judgements["run_queries_not_judged_b"] == 1
+    assert judgements["queries_without_relevant"] == 0 and judgements["relevant_not_in_index"] is None  # no index
+    assert "run b.trec: 1 of its 2 queries are not in the qrels (e.g. 'not-judged')" in done.stderr
+    # with a config, the index it searched is checked for the relevant documents
+    with_index = run_sieve("compare", mini_config(), good, "--dataset", mini_corpus, "--json", "--limit", "3")
+    assert json.loads(with_index.stdout)["judgements"]["relevant_not_in_index"] == 0, with_index.stderr
+    duplicated = tmp_path / "dup.trec"
+    duplicated.write_text("1 Q0 31715818 1 2.0 x\n1 Q0 31715818 2 1.0 x\n")
+    refused = run_sieve("compare", good, duplicated, "--dataset", mini_corpus)
+    assert refused.returncode == 2 and f"dup.trec:2: document '31715818' is listed a second time for query '1' " \
+                                       f"(first at {duplicated}:1)" in refused.stderr
