@@ -37,7 +37,8 @@ class _Loader(yaml.SafeLoader):
     YAML 1.1 (PyYAML's default) reads ``yes/no/on/off`` as booleans, so the country code ``NO`` in a
     list of jurisdictions silently becomes ``false``; here only ``true``/``false`` are booleans. And a
     date-looking scalar stays text (``2025-02-30`` is not a crash in the loader): the models parse it,
-    so a bad date is an ordinary located error."""
+    so a bad date is an ordinary located error. Numbers with an exponent are floats as in YAML 1.2
+    (``1e3``, ``1e-3``), not text."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -45,6 +46,12 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2 floats YAML 1.1 lacks: an exponent without a dot or without a sign (1e3, 1e-3, 1.5e3, 2E6), which
+# PyYAML read as text ("expected a number, not text"). Tried after the integer resolver, so 10 stays an int.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 @dataclass

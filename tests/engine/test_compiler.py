@@ -370,3 +370,12 @@ stages:
 output: hybrid
 """, "fine.yaml")
     assert compile_file(fine).output == "hybrid"
+
+
+def test_numbers_with_an_exponent_are_numbers_as_in_yaml_1_2(write_config):
+    """PyYAML (YAML 1.1) read 1e-3 and 1.5e3 as text, so `min_score: 1e-3` was 'expected a number, not text'."""
+    for written, value in (("1e-3", 0.001), ("1.5e3", 1500.0), ("2E2", 200.0), ("1.0e+3", 1000.0)):
+        path = write_config(VALID.replace("params: {k: 5}", f"params: {{k: 5, min_score: {written}}}"), f"{written}.yaml")
+        assert compile_file(path).stages["final"].params.min_score == value
+    path = write_config(VALID.replace("params: {k: 5}", "params: {k: 5, min_score: v1e3}"), "text.yaml")
+    assert any("min_score" in e for e in errors_of(path))  # text that only looks like one stays text
