@@ -49,6 +49,7 @@ from engine.strictness import NoCoercion
 
 ENTITIES_FILE = "entities.jsonl"
 GAZETTEER_COPY = "gazetteer.yaml"
+TRUNCATED_FILE = "truncated.json"  # {"max_chars": N, "rows": {row: characters}}: documents read only in part
 DEFAULT_SPACY_MODEL = "en_core_web_sm"
 # spaCy labels for numbers, amounts and times: they say little about what a text is about.
 NUMERIC_LABELS = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME")
@@ -345,7 +346,7 @@ class EntitiesComponent(IndexComponent):
         gazetteer = load_gazetteer(Path(settings.gazetteer).expanduser().resolve()) if settings.gazetteer else None
         extractor = load_extractor(settings.model, gazetteer, settings.ner)
         texts = [doc.content(settings.fields) for doc in documents]
-        truncated = sum(1 for t in texts if len(t) > settings.max_chars)
+        truncated = {row: len(t) for row, t in enumerate(texts) if len(t) > settings.max_chars}
         texts = [t[: settings.max_chars] for t in texts]
         began = time.perf_counter()
         mentions = extractor.extract(
@@ -360,6 +361,9 @@ class EntitiesComponent(IndexComponent):
                 handle.write("\n")
         if gazetteer is not None:
             (out_dir / GAZETTEER_COPY).write_text(gazetteer.text, encoding="utf-8")
+        if truncated:  # which documents' entities come from their first max_chars only (explanations say so)
+            (out_dir / TRUNCATED_FILE).write_text(json.dumps(
+                {"max_chars": settings.max_chars, "rows": {str(row): n for row, n in truncated.items()}}), encoding="utf-8")
         return {
             "library": f"spacy {extractor.spacy_version}",
             "model": {"name": settings.model, "package": extractor.package, "version": extractor.model_version},
@@ -367,7 +371,7 @@ class EntitiesComponent(IndexComponent):
             "gazetteer": gazetteer.describe() if gazetteer is not None else None,
             "documents_with_entities": sum(1 for m in mentions if m),
             "labels": dict(sorted(labels.items())),
-            "truncated_documents": truncated,
+            "truncated_documents": len(truncated),
             "seconds": round(seconds, 2),
         }
 
@@ -394,6 +398,16 @@ class LoadedEntities:
             )
         copy = directory / GAZETTEER_COPY
         self.gazetteer: Gazetteer | None = load_gazetteer(copy) if copy.is_file() else None
+        self.max_chars = 0
+        self.truncated: dict[int, int] = {}  # row -> the document's length, for documents read only in part
+        cut = directory / TRUNCATED_FILE
+        if cut.is_file():
+            try:
+                recorded = json.loads(cut.read_text(encoding="utf-8"))
+                self.max_chars = int(recorded["max_chars"])
+                self.truncated = {int(row): int(n) for row, n in recorded["rows"].items()}
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                raise SieveIndexError(f"entities component at {directory}: {TRUNCATED_FILE} cannot be read: {exc}") from None
 
 
 def index_extractor(index: Any, entry: dict[str, Any], gazetteer: Gazetteer | None) -> EntityExtractor:
@@ -590,6 +604,10 @@ class EntityConsistency(Stage):
                                       "every candidate scores 0"))
         verdicts = {c.doc_id: self.verdict(query_entities, c.row) for c in incoming}
         scores = {doc_id: v.score for doc_id, v in verdicts.items()}
+        assert self._entities is not None
+        cut = sorted(c.doc_id for c in incoming if c.row in self._entities.truncated)
+        if cut:  # their entities come from the first max_chars characters only
+            details["read_in_part"] = {"max_chars": self._entities.max_chars, "doc_ids": cut}
         if self.params.combine == "add":
             values = {c.doc_id: c.score + scores[c.doc_id] for c in incoming}
             order = sorted(incoming, key=lambda c: (-values[c.doc_id], c.doc_id))
@@ -664,6 +682,10 @@ class EntityConsistency(Stage):
                 details.append(Explanation(0.0, f"absent: the document does not name {name} nor another {mention.label}"
                                            if mention.label in self._conflict_labels else
                                            f"absent: the document does not name {name}; adds 0"))
+        length = self._entities.truncated.get(candidate.row) if self._entities is not None else None
+        if length is not None:  # a name beyond the cut is not seen: a conflict may be an artefact of it
+            details.append(Explanation(0.0, f"the document's entities were read from its first "
+                                       f"{self._entities.max_chars} characters of {length} (the index's max_chars)"))
         if p.combine == "add":
             details.append(Explanation(value - verdict.score, "current score before this stage"))
         return Explanation(value, description, tuple(details))

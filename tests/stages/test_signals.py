@@ -624,3 +624,22 @@ def test_a_nan_score_is_below_any_floor_and_said(tmp_path, medical_index):
     floor = Threshold("s", ThresholdParams(min_score=0.1)).run(context)
     assert [c.doc_id for c in floor.candidates] == ["med-002"]
     assert floor.drops[0].detail == "current score is nan, not a number"
+
+
+def test_a_document_whose_entities_were_read_in_part_says_so(tmp_path):
+    """An entity past the entities component's max_chars is not seen: a conflict penalty for it went unexplained."""
+    corpus = tmp_path / "long"
+    corpus.mkdir()
+    filler = "Kidney function is monitored in this cohort. " * 30
+    records = [{"_id": "long", "title": "Diabetes care", "text": "Metformin is first line. " + filler + "Insulin glargine."},
+               {"_id": "short", "title": "Insulin", "text": "Insulin glargine dosing."}]
+    (corpus / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    index = tmp_path / "index"
+    build_index(corpus, index, {"bm25": {}, "entities": {"gazetteer": str(MEDICAL_GAZETTEER), "max_chars": 200}})
+    assert Index.open(index).manifest["components"]["entities"]["truncated_documents"] == 1
+    result = make_pipeline(tmp_path, index, ENTITY_STAGES, "entity").search("insulin glargine dosing", as_of=AS_OF)
+    assert record(result, "entity")["details"]["read_in_part"] == {"max_chars": 200, "doc_ids": ["long"]}
+    tree = next(r for r in result.trace["results"] if r["doc_id"] == "long")["explanation"]
+    entity = next(d for d in tree["details"] if d["description"].startswith("entity consistency"))
+    assert any(d["description"].startswith("the document's entities were read from its first 200 characters of ")
+               for d in entity["details"])
