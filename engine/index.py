@@ -406,16 +406,30 @@ def _discard(staging: Path, created: list[Path]) -> None:
                 pass
 
 
-def _build_leftover(out_dir: Path, name: str) -> tuple[str, int] | None:
-    """("tmp" or "old", pid) when ``name`` is a staging or retired directory of ``out_dir``'s builds."""
+def _build_leftover(out_dir: Path, name: str) -> tuple[str, int, float] | None:
+    """("tmp" or "old", pid, when it was made in Unix seconds) when ``name`` is a staging or retired directory
+    of ``out_dir``'s builds."""
     prefix = f".{out_dir.name}."
     if not name.startswith(prefix):
         return None
-    match = re.fullmatch(r"(tmp|old)-([0-9]{1,10})-[0-9]+", name[len(prefix):])
-    return (match.group(1), int(match.group(2))) if match else None
+    match = re.fullmatch(r"(tmp|old)-([0-9]{1,10})-([0-9]+)", name[len(prefix):])
+    return (match.group(1), int(match.group(2)), int(match.group(3)) / 1000.0) if match else None
 
 
-def _process_exists(pid: int) -> bool:
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started, in Unix seconds (Linux /proc; None where that cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _process_exists(pid: int, since: float | None = None) -> bool:
+    """Whether the build process ``pid`` (which made its directory at ``since``) still runs: a process with
+    that pid that started after the directory was made is another one (the pid was reused)."""
     if pid <= 0 or pid == os.getpid():
         return True  # not ours to judge / a build in this process
     try:
@@ -423,8 +437,9 @@ def _process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (OSError, OverflowError):  # PermissionError: it exists, as another user's process
-        return True
-    return True
+        pass
+    started = _process_started(pid) if since is not None else None
+    return started is None or started <= since + 2.0  # 2 s: the clock-tick and boot-time rounding
 
 
 def _remove_stale_builds(out_dir: Path) -> None:
@@ -439,14 +454,14 @@ def _remove_stale_builds(out_dir: Path) -> None:
         leftover = _build_leftover(out_dir, entry.name)
         if leftover is None:
             continue
-        kind, pid = leftover
+        kind, pid, made = leftover
         if kind == "old" and not target_exists:
             continue  # a build died between its two renames: this is the previous index, keep it
         try:
             is_directory = entry.is_dir(follow_symlinks=False)
         except OSError:
             continue
-        if is_directory and not _process_exists(pid):
+        if is_directory and not _process_exists(pid, made):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 

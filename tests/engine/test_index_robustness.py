@@ -284,11 +284,13 @@ def dead_pid() -> int:
 def test_stale_staging_directories_of_dead_builds_are_removed(previous, tiny):
     parent = previous.parent
     dead, alive = dead_pid(), os.getppid()
+    now = int(time.time() * 1000)
     made = {}
     for name in (
         f".idx.tmp-{dead}-1700000000000",  # a killed build of this --out: removed
         f".idx.old-{dead}-1700000000000",  # a retired copy left by a killed build, the index exists: removed
-        f".idx.tmp-{alive}-1700000000000",  # a build still running: kept
+        f".idx.tmp-{alive}-{now}",  # a build still running (its process started before the directory): kept
+        f".idx.tmp-{alive}-1000000000000",  # made in 2001 by a process whose pid a newer one reuses: removed
         f".other.tmp-{dead}-1700000000000",  # another --out's: kept
         f".idx.tmp-{dead}-x",  # not a name a build makes: kept
     ):
@@ -297,7 +299,7 @@ def test_stale_staging_directories_of_dead_builds_are_removed(previous, tiny):
         made[name] = parent / name
     build_index(tiny, previous, {"bm25": {}})
     remaining = sorted(p.name for p in parent.iterdir() if p.name != "idx")
-    assert remaining == sorted([f".idx.tmp-{alive}-1700000000000", f".other.tmp-{dead}-1700000000000", f".idx.tmp-{dead}-x"])
+    assert remaining == sorted([f".idx.tmp-{alive}-{now}", f".other.tmp-{dead}-1700000000000", f".idx.tmp-{dead}-x"])
 
 
 def test_a_retired_index_is_kept_while_the_target_is_missing(tmp_path, tiny):
