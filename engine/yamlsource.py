@@ -8,12 +8,12 @@ problem as a located :class:`~engine.errors.ConfigIssue`.
 
 from __future__ import annotations
 
+import copy
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import re
-import stat
 
 import yaml
 
@@ -39,6 +39,16 @@ class _Loader(yaml.SafeLoader):
     date-looking scalar stays text (``2025-02-30`` is not a crash in the loader): the models parse it,
     so a bad date is an ordinary located error. Numbers with an exponent are floats as in YAML 1.2
     (``1e3``, ``1e-3``), not text."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """An alias (``*name``) is its anchor's node, so every problem inside it was located at the anchor: a
+        shallow copy carries the alias's position (``alias_mark``), which the builder uses for it and all inside."""
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            node = copy.copy(super().compose_node(parent, index))
+            node.alias_mark = mark
+            return node
+        return super().compose_node(parent, index)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -134,7 +144,10 @@ class _Builder:
         self.issues: list[ConfigIssue] = []
         self.unmade: set[str] = set()
 
-    def build(self, node: yaml.Node, path: PathKey, depth: int = 0) -> Any:
+    def build(self, node: yaml.Node, path: PathKey, depth: int = 0, at: Any = None) -> Any:
+        """Plain data of ``node``; ``at``: the mark of the alias this node was reached through (inside an alias,
+        every value and key is located at the alias, where the reader wrote it into this place)."""
+        at = getattr(node, "alias_mark", None) or at
         self.visited += 1
         if self.visited > MAX_NODES:
             raise ConfigError(
@@ -151,9 +164,10 @@ class _Builder:
             raise ConfigError(
                 [_issue(self.source.file, node.start_mark, f"nesting is deeper than {MAX_DEPTH} levels")]
             )
-        self.source.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        mark = at or node.start_mark
+        self.source.values[path] = (mark.line + 1, mark.column + 1)
         if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node, path)
+            return self._scalar(node, path, mark)
         if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and node.tag not in _PLAIN_COLLECTION_TAGS:
             dotted = ".".join(str(p) for p in path)
             self.issues.append(_issue(self.source.file, node.start_mark, f"not valid YAML here: unsupported tag "
@@ -161,7 +175,7 @@ class _Builder:
             self.unmade.add(dotted)
             return None
         if isinstance(node, yaml.SequenceNode):
-            return [self.build(child, path + (i,), depth + 1) for i, child in enumerate(node.value)]
+            return [self.build(child, path + (i,), depth + 1, at) for i, child in enumerate(node.value)]
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
@@ -175,7 +189,7 @@ class _Builder:
                         _issue(self.source.file, key_node.start_mark, "mapping keys must be plain scalars")
                     )
                     continue
-                key = self._scalar(key_node, path)
+                key = self._scalar(key_node, path, at or key_node.start_mark)
                 if key is None:
                     if key_node.tag == "tag:yaml.org,2002:null":
                         self.issues.append(_issue(self.source.file, key_node.start_mark, "a key is empty or null "
@@ -190,12 +204,13 @@ class _Builder:
                         _issue(self.source.file, key_node.start_mark, f"duplicate key '{key}'", dotted)
                     )
                     continue
-                self.source.keys[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                result[key] = self.build(value_node, path + (key,), depth + 1)
+                key_mark = at or key_node.start_mark
+                self.source.keys[path + (key,)] = (key_mark.line + 1, key_mark.column + 1)
+                result[key] = self.build(value_node, path + (key,), depth + 1, at)
             return result
         raise ConfigError([_issue(self.source.file, node.start_mark, f"unsupported YAML node {node.tag}")])
 
-    def _scalar(self, node: yaml.ScalarNode, path: PathKey) -> Any:
+    def _scalar(self, node: yaml.ScalarNode, path: PathKey, mark: Any = None) -> Any:
         """A scalar's value; one an explicit tag cannot make ('!!int abc', '!!timestamp 2025-02-30') is an issue."""
         dotted = ".".join(str(p) for p in path)
         self.unmade.add(dotted)  # until it is made
@@ -209,7 +224,7 @@ class _Builder:
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             tag = node.tag.rsplit(":", 1)[-1]
             detail = f": {exc}" if isinstance(exc, (ValueError, OverflowError)) and str(exc) else ""
-            self.issues.append(_issue(self.source.file, node.start_mark,
+            self.issues.append(_issue(self.source.file, mark or node.start_mark,
                                       f"'{node.value}' is not a valid !!{tag}{detail}", dotted))
         return None
 

@@ -379,3 +379,20 @@ def test_numbers_with_an_exponent_are_numbers_as_in_yaml_1_2(write_config):
         assert compile_file(path).stages["final"].params.min_score == value
     path = write_config(VALID.replace("params: {k: 5}", "params: {k: 5, min_score: v1e3}"), "text.yaml")
     assert any("min_score" in e for e in errors_of(path))  # text that only looks like one stays text
+
+
+def test_a_problem_inside_an_alias_is_located_where_the_alias_is_used(write_config):
+    """An alias is its anchor's node: an error in the second stage's params pointed at the first stage's line."""
+    path = write_config("""\
+version: 1
+index: idx
+stages:
+  - {id: bm25, type: recall.bm25, params: &shared {top_k: 50}}
+  - id: final
+    type: select.top_k
+    inputs: [bm25]
+    params: *shared
+output: final
+""")
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:8:13  stages.1.params.top_k: unknown field 'top_k'"), error
