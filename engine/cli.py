@@ -39,8 +39,8 @@ from stages.rerank.train import train_reranker  # noqa: E402  (torch loads when 
 app.add_typer(rules_app, name="rules")
 app.command("train-reranker")(train_reranker)
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # ":100:" in a message is a line number
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
@@ -695,7 +695,7 @@ def compare_command(
                       "n/a" if m.t_test_p is None else f"{m.t_test_p:.4f}",
                       "n/a" if m.randomisation_p is None else f"{m.randomisation_p:.4f}", str(m.wins), str(m.losses), str(m.ties))
     # Nine columns: never crop a p-value on a narrow terminal or piped output (rich assumes 80 there).
-    Console(highlight=False, soft_wrap=True, width=max(out.width, 110)).print(table)
+    Console(highlight=False, soft_wrap=True, emoji=False, width=max(out.width, 110)).print(table)
     for diff in comparison.diffs:
         out.print(f"\n[bold]query {escape(diff.qid)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {escape(diff.text)}")
         if diff.note:

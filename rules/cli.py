@@ -24,8 +24,8 @@ rules_app = typer.Typer(
     add_completion=False,
 )
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # ":100:" in a message is a line number
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 @rules_app.command("test")

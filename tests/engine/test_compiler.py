@@ -396,3 +396,10 @@ output: final
 """)
     (error,) = errors_of(path)
     assert error.startswith(f"{path}:8:13  stages.1.params.top_k: unknown field 'top_k'"), error
+
+
+def test_a_line_number_in_a_message_is_not_an_emoji(write_config):
+    """rich read ':100:' in 'file:100: ...' as the emoji code for 💯 (and ':fire:' in a file name as 🔥)."""
+    path = write_config(VALID.replace("top_k: 50", "top_kk: 50"), ":fire:.yaml")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert f"{path}:6:14" in result.output and "🔥" not in result.output
