@@ -181,6 +181,14 @@ class LoadedReranker:
         if self.head not in (SEGMENT_COSINE, SEQUENCE_CLASSIFICATION):
             raise ModelLoadError(f"rerank.cross_encoder: {resolved.location}/sieve_model.json names an unknown head '{self.head}'")
         self.scale = float((card or {}).get("scale") or DEFAULT_SCALE)
+        recorded = (card or {}).get("weights_hash")  # written by train-reranker since cards record it
+        if recorded is not None and resolved.weights_sha256 is not None and recorded != resolved.weights_sha256:
+            raise ModelLoadError(
+                f"rerank.cross_encoder: the weights in {resolved.location} are not the ones its sieve_model.json "
+                f"describes (weights hash {resolved.weights_sha256}, the card records {recorded}): the card's head "
+                "and scale would score with the wrong model (a copy or save that did not finish?); retrain, or "
+                "restore the directory"
+            )
         with quiet_transformers():
             if self.head == SEGMENT_COSINE:
                 self._load_segment_cosine()

@@ -13,11 +13,15 @@ CPU has native bf16 (fp32 otherwise; CUDA uses bf16 autocast). The default head 
 [CLS] head trained from a bi-encoder start (0.722 vs 0.647 nDCG@10 after one epoch).
 
 Reproducible: one seed drives python, numpy and torch; data order, negative sampling and the
-held-out split are deterministic functions of it. A held-out part of the *training* split
-(``dev_fraction``) chooses the epoch and the fusion weight with BM25; the test split is never read.
+held-out split are deterministic functions of it. A held-out part of the *training* data
+(``dev_fraction``) chooses the epoch and the fusion weight with BM25 (so its figures are optimistic).
+The test split is not trained on unless ``allow_test_split`` says so (also for feedback queries that
+are test-split queries: the test queries are read only to find those); the card records which.
 
 The saved directory is a standard HF model (config, tokenizer, fp16 safetensors) plus
-``sieve_model.json`` (head, scale, recipe, data, metrics) and a human README.md model card.
+``sieve_model.json`` (head, scale, recipe, data, metrics, progress, the weights' hash) and a human
+README.md model card. Every save writes the whole directory beside ``--out`` and swaps it in by
+rename: an interruption leaves the previous model or the last saved epoch (``"complete": false``).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shlex
+import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +59,12 @@ from stages.rerank.modeling import (
 
 SIEVE_MODEL_FORMAT = "sieve.reranker/1"
 DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
+MAX_QUERY_CHARS = 4096  # the pipeline's default limits.max_query_chars: a longer feedback query is refused
+MAX_FEEDBACK_LINE_BYTES = 256 * 1024  # one record: a query of MAX_QUERY_CHARS (escaped), a doc_id and a verdict
+MAX_FEEDBACK_PROBLEMS = 20
+DOCUMENT_CHARS_PER_TOKEN = 64  # document text past max_length x this many characters is never tokenized
+WEIGHTS_HASH_METHOD = ("engine.models.weights_hash: sha256 over each weight file's name and sha256 "
+                       "(not the sha256sum of one file)")
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     max_steps: int | None = None  # stop early (tests, smoke runs)
     threads: int | None = None
+    allow_test_split: bool = False  # train on the test split / on feedback queries that are test queries
 
 
 @dataclass
@@ -110,6 +123,11 @@ def _document_text(title: str, text: str) -> str:
     return f"{title} {text}".strip() if title else text
 
 
+def _same_text_key(text: str) -> str:
+    """Two queries are 'the same text' when they differ only in case and whitespace."""
+    return " ".join(text.split()).casefold()
+
+
 def load_training_data(config: TrainConfig) -> TrainingData:
     """Read the BEIR split or the feedback file; split off the held-out queries (by seed)."""
     from engine.evaluation import load_beir
@@ -117,16 +135,29 @@ def load_training_data(config: TrainConfig) -> TrainingData:
 
     if config.data is None:
         raise SieveError("train-reranker needs --data DIR (a BEIR directory with corpus.jsonl)")
-    data_dir = Path(config.data)
-    corpus = read_corpus(data_dir / "corpus.jsonl")
+    data_dir = Path(config.data).absolute()
+    corpus_file = data_dir / "corpus.jsonl"
+    corpus = read_corpus(corpus_file)
     documents = {d.doc_id: _document_text(d.title, d.text) for d in corpus}
+    document_chars = config.max_length * DOCUMENT_CHARS_PER_TOKEN
+    cut_documents = 0
+    for doc_id, text in documents.items():  # text past this cannot fit in max_length tokens: never tokenized
+        if len(text) > document_chars:
+            documents[doc_id] = text[:document_chars]
+            cut_documents += 1
     queries: dict[str, str] = {}
     positives: dict[str, list[str]] = {}
     explicit_negatives: dict[str, list[str]] = {}
-    source: dict[str, Any] = {"corpus": str(data_dir / "corpus.jsonl"), "corpus_documents": len(documents)}
+    source: dict[str, Any] = {"corpus": str(corpus_file), "corpus_sha256": _sha256(corpus_file),
+                              "corpus_documents": len(documents)}
+    if cut_documents:
+        source["documents_cut_to_chars"] = {"chars": document_chars, "documents": cut_documents}
     if config.feedback is not None:
-        queries, positives, explicit_negatives = _read_feedback(Path(config.feedback), documents)
-        source.update({"feedback": str(config.feedback), "feedback_sha256": _sha256(Path(config.feedback))})
+        feedback_path = Path(config.feedback).absolute()
+        queries, positives, explicit_negatives, counts = _read_feedback(feedback_path, documents)
+        source.update({"feedback": str(feedback_path), "feedback_sha256": _sha256(feedback_path),
+                       "feedback_records": counts})
+        source.update(_test_queries_in_feedback(data_dir, queries, config.allow_test_split))
     else:
         beir = load_beir(data_dir, config.split)
         queries = beir.queries
@@ -138,7 +169,11 @@ def load_training_data(config: TrainConfig) -> TrainingData:
             if docs:
                 positives[qid] = docs
         qrels_path = data_dir / "qrels" / f"{config.split}.tsv"
-        source.update({"split": config.split, "qrels": str(qrels_path), "qrels_sha256": _sha256(qrels_path)})
+        queries_path = Path(beir.queries_path).absolute()
+        source.update({"split": config.split, "qrels": str(qrels_path), "qrels_sha256": _sha256(qrels_path),
+                       "queries": str(queries_path), "queries_sha256": _sha256(queries_path)})
+        if config.split == "test":
+            source["test_split_trained_on"] = True
     query_ids = sorted(q for q in queries if positives.get(q))
     if not query_ids:
         raise SieveError("no training query has a positive (relevant / helpful) document")
@@ -167,24 +202,74 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     return TrainingData(documents, groups, explicit_negatives, dev_queries, dev_qrels, source)
 
 
+def _test_queries_in_feedback(data_dir: Path, queries: dict[str, str], allow: bool) -> dict[str, Any]:
+    """Refuse feedback queries that are the data set's test-split queries (same text) unless ``allow``."""
+    from engine.evaluation import load_beir
+
+    if not (data_dir / "qrels" / "test.tsv").is_file():
+        return {"test_split_checked": False}
+    test = load_beir(data_dir, "test")
+    test_texts = {_same_text_key(t) for t in test.queries.values()}
+    shared = sorted(q for q in queries.values() if _same_text_key(q) in test_texts)
+    if shared and not allow:
+        raise SieveError(
+            f"{len(shared)} of the {len(queries)} feedback queries are test-split queries of {data_dir} (same text, "
+            f"e.g. {shared[0][:80]!r}): training on them makes the test metrics meaningless; remove them, or pass "
+            "--allow-test-split if this data set's test split is not used to evaluate"
+        )
+    return {"test_split_checked": True, "test_queries_in_feedback": len(shared)}
+
+
+def _feedback_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the file's non-blank lines; a line that is too long or not UTF-8 is a problem."""
+    with open(path, "rb") as handle:
+        number = 0
+        while True:
+            raw = handle.readline(MAX_FEEDBACK_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_FEEDBACK_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line without keeping it
+                    raw = handle.readline(1 << 20)
+                problems.append(f"{path}:{number}: line longer than {MAX_FEEDBACK_LINE_BYTES} bytes "
+                                "(a record is one query, a doc_id and a verdict)")
+                yield number, ""
+                continue
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                                "of the line); save the file as UTF-8")
+                yield number, ""
+                continue
+            yield number, text
+
+
 def _read_feedback(
     path: Path, documents: dict[str, str]
-) -> tuple[dict[str, str], dict[str, list[str]], dict[str, list[str]]]:
-    """Feedback lines -> queries (id = sha256 of the text), helpful and unhelpful doc ids."""
+) -> tuple[dict[str, str], dict[str, list[str]], dict[str, list[str]], dict[str, Any]]:
+    """Feedback lines -> queries (id = sha256 of the text), helpful and unhelpful doc ids, and the counts of what
+    was collapsed, resolved or dropped (recorded in the model card)."""
     if not path.is_file():
         raise SieveError(f"feedback file not found: {path}")
     queries: dict[str, str] = {}
-    helpful: dict[str, set[str]] = {}
-    unhelpful: dict[str, set[str]] = {}
+    verdicts: dict[tuple[str, str], set[bool]] = {}
     problems: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    records = duplicates = 0
+    try:
+        for number, line in _feedback_lines(path, problems):
+            if len(problems) >= MAX_FEEDBACK_PROBLEMS:
+                problems.append(f"(stopped after {MAX_FEEDBACK_PROBLEMS} problems)")
+                break
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{number}: not JSON ({exc.msg})")
+            except (json.JSONDecodeError, RecursionError) as exc:
+                problems.append(f"{path}:{number}: not JSON ({getattr(exc, 'msg', 'nested too deeply')})")
                 continue
             if not isinstance(record, dict):
                 problems.append(f"{path}:{number}: expected an object with query, doc_id, helpful")
@@ -192,24 +277,51 @@ def _read_feedback(
             query, doc_id, verdict = record.get("query"), record.get("doc_id"), record.get("helpful")
             if not isinstance(query, str) or not query.strip():
                 problems.append(f"{path}:{number}: 'query' must be a non-empty string")
-            elif not isinstance(doc_id, (str, int)) or str(doc_id) not in documents:
-                problems.append(f"{path}:{number}: 'doc_id' {doc_id!r} is not in the corpus")
+            elif len(query) > MAX_QUERY_CHARS:
+                problems.append(f"{path}:{number}: 'query' is {len(query)} characters long; the limit is "
+                                f"{MAX_QUERY_CHARS} (the pipeline's default max_query_chars)")
+            elif not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) not in documents:
+                shown = doc_id if not isinstance(doc_id, str) or len(doc_id) <= 80 else doc_id[:80] + "..."
+                problems.append(f"{path}:{number}: 'doc_id' {shown!r} is not in the corpus")
             elif not isinstance(verdict, bool):
                 problems.append(f"{path}:{number}: 'helpful' must be true or false")
             else:
+                records += 1
                 qid = hashlib.sha256(query.encode("utf-8")).hexdigest()[:16]
                 queries[qid] = query
-                (helpful if verdict else unhelpful).setdefault(qid, set()).add(str(doc_id))
-            if len(problems) >= 20:
-                break
+                seen = verdicts.setdefault((qid, str(doc_id)), set())
+                if verdict in seen:
+                    duplicates += 1
+                seen.add(verdict)
+    except OSError as exc:
+        raise SieveError(f"cannot read the feedback file {path}: {exc.strerror or exc}") from None
     if problems:
         raise SieveError("the feedback file has errors:\n" + "\n".join(problems))
-    for qid in helpful:  # a document marked both ways counts as helpful
-        unhelpful.get(qid, set()).difference_update(helpful[qid])
+    if not records:
+        raise SieveError(f"the feedback file {path} holds no records (it is empty or only blank lines); each line is "
+                         '{"query": ..., "doc_id": ..., "helpful": true|false}')
+    helpful: dict[str, set[str]] = {}
+    unhelpful: dict[str, set[str]] = {}
+    conflicts = 0
+    for (qid, doc_id), seen in verdicts.items():
+        if len(seen) == 2:
+            conflicts += 1  # marked both ways: counts as helpful
+        (helpful if True in seen else unhelpful).setdefault(qid, set()).add(doc_id)
+    without_positive = sorted(q for q in queries if q not in helpful)
+    counts = {
+        "records": records,
+        "queries": len(queries),
+        "pairs": len(verdicts),
+        "duplicates_collapsed": duplicates,
+        "conflicting_pairs": conflicts,
+        "conflict_resolution": "a document marked both helpful and unhelpful for a query counts as helpful",
+        "queries_dropped_without_helpful": len(without_positive),
+    }
     return (
         queries,
         {q: sorted(d) for q, d in helpful.items()},
         {q: sorted(d) for q, d in unhelpful.items()},
+        counts,
     )
 
 
@@ -446,31 +558,268 @@ def evaluate_dev(
 
 Log = Callable[[str], None]
 
+# Files a model directory written by this command (or a Hugging Face save) may hold; anything else in --out is a
+# user's file, and the directory is not replaced.
+MODEL_FILE_NAMES = frozenset({
+    "sieve_model.json", "README.md", "config.json", "generation_config.json", "model.safetensors",
+    "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+    "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "chat_template.jinja",
+})
+_MAX_CARD_BYTES = 16 << 20
 
-def check_output_directory(out: Path) -> None:
-    """Refuse, before training, an --out that is a file, lies under a file, or is a non-empty directory other
-    than an earlier model of ``sieve train-reranker`` (which is replaced): a user's files are never overwritten."""
+
+def _is_model_file(name: str) -> bool:
+    import re
+
+    return name in MODEL_FILE_NAMES or re.fullmatch(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors", name) is not None
+
+
+def _not_a_model(directory: Path) -> str | None:
+    """Why ``directory`` is not a model this command wrote, that a new one may replace (None: it is one)."""
+    try:
+        entries = sorted(directory.iterdir())
+        card_path = directory / "sieve_model.json"
+        if not card_path.is_file():
+            return "no sieve_model.json"
+        if card_path.stat().st_size > _MAX_CARD_BYTES:
+            return "its sieve_model.json is far larger than a model card"
+        card = json.loads(card_path.read_bytes())
+    except OSError as exc:
+        return f"it cannot be read: {exc.strerror or exc}"
+    except (ValueError, RecursionError):
+        return "its sieve_model.json is not valid JSON"
+    if not isinstance(card, dict) or card.get("format") != SIEVE_MODEL_FORMAT:
+        return f"its sieve_model.json is not a Sieve model card (no \"format\": \"{SIEVE_MODEL_FORMAT}\")"
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_file() or not _is_model_file(entry.name):
+            return f"it holds {entry.name}, which is not a file of a model"
+    return None
+
+
+def _staging_path(out: Path) -> Path:
+    """The directory a save is written into, beside ``out`` (the name ``engine.index`` gives its staging
+    directories, so that leftovers of killed processes are recognised and removed the same way)."""
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
+
+
+def _probe_writable(out: Path) -> None:
+    """Create (then remove) a staging directory beside ``out`` and any missing parents: an --out that cannot be
+    written is found before training, not after it."""
+    staging = _staging_path(out)
+    created: list[Path] = []
+    try:
+        for directory in [p for p in reversed(staging.parents) if not p.exists()] + [staging]:
+            try:
+                directory.mkdir()
+            except OSError as exc:
+                raise SieveError(f"cannot write the model to --out {out}: cannot create {directory}: "
+                                 f"{exc.strerror or exc}") from None
+            created.append(directory)
+    finally:
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
+def check_output_directory(out: Path, base: str | None = None) -> dict[str, Any] | None:
+    """Refuse, before training, an --out that is a file, lies under a file, is the --base model, cannot be
+    written, or is a non-empty directory other than a model of ``sieve train-reranker`` (a valid Sieve card and
+    only model files): a user's files are never overwritten. Returns the card of the model --out holds, which the
+    first save replaces (None: --out is new or empty)."""
+    out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
         raise SieveError(f"--out {out} is a file; give a directory for the model")
-    parent = nearest_existing_parent(out.absolute())
+    parent = nearest_existing_parent(out)
     if parent is not None and not parent.is_dir():
         raise SieveError(f"--out {out}: {parent} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sieve_model.json").is_file():
-        raise SieveError(f"--out {out} is a directory with other files in it (no sieve_model.json: not a model "
-                         "this command wrote); choose a new or empty directory")
+    if base is not None and Path(base).exists() and Path(base).resolve() == out.resolve():
+        raise SieveError(f"--out {out} is the --base model: training would replace the model it starts from; "
+                         "choose another --out")
+    previous = None
+    if out.is_dir() and any(out.iterdir()):
+        why = _not_a_model(out)
+        if why is not None:
+            raise SieveError(f"--out {out} is a directory with other files in it, not a model this command wrote "
+                             f"({why}); choose a new or empty directory")
+        previous = json.loads((out / "sieve_model.json").read_bytes())
+    _probe_writable(out)
+    return previous
 
 
-def train(config: TrainConfig, log: Log = print, command: str | None = None) -> dict[str, Any]:
-    """Run the recipe; write the model directory; return the model card (``sieve_model.json``)."""
-    import torch
+def _match_umask(directory: Path) -> None:
+    """Give every saved file the mode a new file gets here (safetensors writes its file 0600, the rest 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
 
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` with ``staging`` by two renames (SIGINT and SIGTERM held back between them): a crash
+    leaves the previous model or the new one, never a mix; the previous model's files go with it."""
+    from engine.index import _block_interrupts, _unblock_interrupts
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _not_a_model(out) is not None)):
+        raise SieveError(f"--out {out} changed during training and is no longer a model this command wrote; "
+                         f"nothing was replaced (the new model was not kept)")
+    retired = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
+    previous_mask = _block_interrupts()
+    try:
+        try:
+            if out.exists():
+                os.rename(out, retired)
+            os.rename(staging, out)
+        except BaseException:
+            if retired.exists() and not out.exists():
+                os.rename(retired, out)  # put the previous model back
+            raise
+    finally:
+        _unblock_interrupts(previous_mask)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _publish(out: Path, card: dict[str, Any], fill: Callable[[Path], None]) -> dict[str, Any]:
+    """Write a whole model directory (``fill`` puts the weights and tokenizer in; then the card, which records
+    the weights' hash, and README.md) into a staging directory beside ``out`` and swap it in. Returns the card."""
+    from engine.index import _remove_stale_builds
+    from engine.models import weights_hash
+
+    out = Path(os.path.abspath(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(out)
+        staging = _staging_path(out)
+        staging.mkdir()
+    except OSError as exc:
+        raise SieveError(f"cannot write the model to {out}: {exc.strerror or exc}") from None
+    try:
+        fill(staging)
+        card = {**card, "weights_hash": weights_hash(staging), "weights_hash_method": WEIGHTS_HASH_METHOD}
+        _write_card(staging, card)
+        _match_umask(staging)
+        _swap_in(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise SieveError(f"cannot write the model to {out}: {where}{exc.strerror or exc}; any previous model "
+                         "there is unchanged") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return card
+
+
+def save_model(model: Any, tokenizer: Any, out: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Standard HF directory with fp16 safetensors, plus sieve_model.json and README.md, swapped in whole."""
+
+    def fill(staging: Path) -> None:
+        import copy
+
+        import torch
+
+        from engine.models import quiet_transformers
+
+        half = copy.deepcopy(model).to("cpu").to(torch.float16)
+        with quiet_transformers():  # no 'Writing model shards' bar between the log lines
+            half.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        del half
+
+    return _publish(out, card, fill)
+
+
+def update_card(out: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Swap in a new card (and README) for the weights ``out`` holds (hard links, else copies, of its files)."""
+    source = Path(os.path.abspath(out))
+
+    def fill(staging: Path) -> None:
+        for entry in source.iterdir():
+            if entry.name in ("sieve_model.json", "README.md"):
+                continue
+            try:
+                os.link(entry, staging / entry.name)
+            except OSError:
+                shutil.copy2(entry, staging / entry.name)
+
+    return _publish(out, card, fill)
+
+
+def _write_card(out: Path, card: dict[str, Any]) -> None:
+    (out / "sieve_model.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(render_readme(card), encoding="utf-8")
+
+
+def _validate(config: TrainConfig) -> None:
     if config.head not in (SEGMENT_COSINE, SEQUENCE_CLASSIFICATION):
         raise SieveError(f"--head must be {SEGMENT_COSINE} or {SEQUENCE_CLASSIFICATION}, got {config.head!r}")
     for name, value, low in (("epochs", config.epochs, 1), ("negatives", config.negatives, 1),
                              ("max_length", config.max_length, 16), ("groups_per_step", config.groups_per_step, 1)):
         if value < low:
             raise SieveError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    check_output_directory(Path(config.out))
+    if not isinstance(config.learning_rate, (int, float)) or not math.isfinite(config.learning_rate) \
+            or config.learning_rate <= 0:
+        raise SieveError(f"--lr must be a finite number above 0, got {config.learning_rate}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed <= 2**32 - 1:
+        raise SieveError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {config.seed}")
+    if config.head == SEGMENT_COSINE and (not math.isfinite(config.scale) or config.scale <= 0):
+        raise SieveError(f"--scale must be a finite number above 0, got {config.scale} (at 0 every score is 0 and "
+                         "nothing is learned)")
+    if config.split == "test" and not config.allow_test_split:
+        raise SieveError("refusing to train on the test split: the test set's metrics would mean nothing; pass "
+                         "--allow-test-split if this data set's 'test' split is not used to evaluate")
+    if config.feedback is not None and config.split not in ("train", "test"):
+        raise SieveError(f"--split {config.split!r} does not apply with --feedback (the feedback file is the "
+                         "training data)")
+
+
+def command_line(config: TrainConfig) -> str:
+    """A ``sieve train-reranker`` command that reruns ``config`` (input paths absolute)."""
+    default = TrainConfig()
+
+    def path(value: str) -> str:
+        return os.path.abspath(value)
+
+    args = ["sieve", "train-reranker", "--data", path(str(config.data)), "--out", path(config.out)]
+    base = path(config.base) if Path(config.base).exists() else config.base
+    args += ["--base", base]
+    if config.feedback is not None:
+        args += ["--feedback", path(config.feedback)]
+    options = (("split", "--split"), ("head", "--head"), ("scale", "--scale"), ("epochs", "--epochs"),
+               ("negatives", "--negatives"), ("mine_depth", "--mine-depth"), ("groups_per_step", "--groups-per-step"),
+               ("learning_rate", "--lr"), ("max_length", "--max-length"), ("seed", "--seed"),
+               ("dev_fraction", "--dev-fraction"), ("dev_depth", "--dev-depth"), ("precision", "--precision"),
+               ("max_steps", "--max-steps"), ("threads", "--threads"))
+    for name, option in options:
+        value = getattr(config, name)
+        if value is not None and (value != getattr(default, name) or name in ("epochs", "seed")):
+            args += [option, str(value)]
+    if config.allow_test_split:
+        args.append("--allow-test-split")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def train(config: TrainConfig, log: Log = print, command: str | None = None) -> dict[str, Any]:
+    """Run the recipe; write the model directory; return the model card (``sieve_model.json``).
+
+    Every save writes the whole directory beside --out and swaps it in (:func:`save_model`): an interruption leaves
+    the previous model or the last saved epoch, whose card says ``"complete": false`` until the run ends."""
+    import torch
+
+    from engine.index import _TerminationAsExit
+
+    _validate(config)
+    out = Path(os.path.abspath(config.out))
+    previous = check_output_directory(out, config.base)
+    if previous is not None:
+        log(f"--out {out} holds a model of sieve train-reranker (epoch {previous.get('selected_epoch')}, "
+            f"{(previous.get('training') or {}).get('command') or 'command not recorded'}): it is replaced when the "
+            "first epoch is saved, and stays as it is until then")
+    if command is None:
+        command = command_line(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     began = time.perf_counter()
@@ -480,6 +829,15 @@ def train(config: TrainConfig, log: Log = print, command: str | None = None) -> 
 
     log(f"loading data from {config.data} ({'feedback ' + str(config.feedback) if config.feedback else 'split ' + config.split})")
     data = load_training_data(config)
+    counts = data.source.get("feedback_records")
+    if counts:
+        log(f"feedback: {counts['records']} records, {counts['queries']} queries; "
+            f"{counts['queries_dropped_without_helpful']} queries dropped (no helpful document), "
+            f"{counts['duplicates_collapsed']} duplicate records collapsed, {counts['conflicting_pairs']} "
+            "documents marked both helpful and unhelpful for a query (counted as helpful)")
+    if data.source.get("test_queries_in_feedback"):
+        log(f"warning: {data.source['test_queries_in_feedback']} feedback queries are test-split queries "
+            "(--allow-test-split); the card records it")
     log(f"{len(data.groups)} groups from {data.source['train_queries']} queries; {len(data.dev_queries)} held out")
     miner = BM25Miner(data.documents)
     positives_of: dict[str, set[str]] = {}
@@ -490,7 +848,8 @@ def train(config: TrainConfig, log: Log = print, command: str | None = None) -> 
     tokenizer, model, base_identity = load_base(config.base, config.head)
     model.to(device)
     steps_per_epoch = math.ceil(len(data.groups) / config.groups_per_step)
-    total_steps = steps_per_epoch * config.epochs
+    full_steps = steps_per_epoch * config.epochs
+    total_steps = full_steps
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     warmup_steps = max(1, round(total_steps * config.warmup_fraction))
@@ -511,87 +870,106 @@ def train(config: TrainConfig, log: Log = print, command: str | None = None) -> 
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
+    saved: dict[str, Any] | None = None  # the card of what --out holds from this run
     step = 0
     losses: list[float] = []
     truncated_pairs = 0
     seen_pairs = 0
     random_fill = 0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        ordered, filled = epoch_groups(data, pools, positives_of, config.negatives, config.seed, epoch)
-        random_fill += filled
-        epoch_losses: list[float] = []
-        epoch_began = time.perf_counter()
-        for start in range(0, len(ordered), config.groups_per_step):
-            if config.max_steps is not None and step >= config.max_steps:
-                break
-            chunk = ordered[start : start + config.groups_per_step]
-            queries, docs = [], []
-            for group, negatives in chunk:
-                for doc_id in [group.positive, *negatives]:
-                    queries.append(group.query)
-                    docs.append(data.documents[doc_id])
-            encoded = [e[0] for e in encode_pairs(tokenizer, queries, docs, config.max_length,
-                                                    max_query_tokens=config.max_query_tokens)]
-            truncated_pairs += sum(1 for e in encoded if e.document_cut or e.query_cut)
-            seen_pairs += len(encoded)
-            batch = collate(encoded, tokenizer.pad_token_id, config.head == SEGMENT_COSINE)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device, precision):
-                scores = forward_scores(model, batch, config.head, config.scale)
-            logits = scores.float().view(len(chunk), 1 + config.negatives)
-            loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(chunk), dtype=torch.long, device=device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            epoch_losses.append(float(loss.item()))
-            losses.append(float(loss.item()))
-            if step % 20 == 0 or step == 1:
-                elapsed = time.perf_counter() - epoch_began
-                done = start // config.groups_per_step + 1
-                log(f"epoch {epoch} step {step}/{total_steps} loss {sum(epoch_losses[-20:]) / len(epoch_losses[-20:]):.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {elapsed / done:.2f}s/step")
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "steps": step,
-            "mean_loss": round(sum(epoch_losses) / max(1, len(epoch_losses)), 4),
-            "seconds": round(time.perf_counter() - epoch_began, 1),
-        }
-        if data.dev_queries:
-            dev_began = time.perf_counter()
-            record["dev"] = evaluate_dev(model, tokenizer, data, miner, config, device, precision)
-            record["dev"]["seconds"] = round(time.perf_counter() - dev_began, 1)
-            log(f"epoch {epoch} held-out nDCG@10: {record['dev']['ndcg_cut_10']}, "
-                f"fusion {record['dev']['fusion']['weights']} -> {record['dev']['fusion']['ndcg_cut_10']}")
-        else:
-            log(f"epoch {epoch} done, mean loss {record['mean_loss']}")
-        history.append(record)
-        better = best is None or (
-            data.dev_queries and record["dev"]["ndcg_cut_10"]["rerank"] > best["dev"]["ndcg_cut_10"]["rerank"]
-        ) or not data.dev_queries
-        if better:
-            best = record
-            card = _model_card(config, base_identity, data, history, best, precision, device,
-                               time.perf_counter() - began, command, truncated_pairs, seen_pairs, random_fill)
-            save_model(model, tokenizer, Path(config.out), card)
-            log(f"saved epoch {epoch} to {config.out}")
-        else:
-            card_path = Path(config.out) / "sieve_model.json"
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-            card["training"]["history"] = history
-            card["training"]["seconds"] = round(time.perf_counter() - began, 1)
-            _write_card(Path(config.out), card)
-        if config.max_steps is not None and step >= config.max_steps:
-            break
-    card = json.loads((Path(config.out) / "sieve_model.json").read_text(encoding="utf-8"))
-    card["training"]["seconds"] = round(time.perf_counter() - began, 1)
-    card["training"]["history"] = history
-    _write_card(Path(config.out), card)
-    log(f"done in {card['training']['seconds']:.0f}s; model in {config.out}")
-    return card
+    epoch = 0
+
+    def card_now(complete: bool) -> dict[str, Any]:
+        assert best is not None
+        progress = {"complete": complete, "epochs_done": len(history), "epochs_planned": config.epochs,
+                    "steps_done": step, "steps_planned": full_steps,
+                    "cut_by_max_steps": config.max_steps is not None and step < full_steps and step >= config.max_steps}
+        return _model_card(config, base_identity, data, history, best, precision, device,
+                           time.perf_counter() - began, command, truncated_pairs, seen_pairs, random_fill, progress)
+
+    with _TerminationAsExit():  # SIGTERM raises SystemExit: a save in progress is discarded, the message says so
+        try:
+            for epoch in range(1, config.epochs + 1):
+                model.train()
+                ordered, filled = epoch_groups(data, pools, positives_of, config.negatives, config.seed, epoch)
+                random_fill += filled
+                epoch_losses: list[float] = []
+                epoch_began = time.perf_counter()
+                for start in range(0, len(ordered), config.groups_per_step):
+                    if config.max_steps is not None and step >= config.max_steps:
+                        break
+                    chunk = ordered[start : start + config.groups_per_step]
+                    queries, docs = [], []
+                    for group, negatives in chunk:
+                        for doc_id in [group.positive, *negatives]:
+                            queries.append(group.query)
+                            docs.append(data.documents[doc_id])
+                    encoded = [e[0] for e in encode_pairs(tokenizer, queries, docs, config.max_length,
+                                                            max_query_tokens=config.max_query_tokens)]
+                    truncated_pairs += sum(1 for e in encoded if e.document_cut or e.query_cut)
+                    seen_pairs += len(encoded)
+                    batch = collate(encoded, tokenizer.pad_token_id, config.head == SEGMENT_COSINE)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with _autocast(device, precision):
+                        scores = forward_scores(model, batch, config.head, config.scale)
+                    logits = scores.float().view(len(chunk), 1 + config.negatives)
+                    loss = torch.nn.functional.cross_entropy(
+                        logits, torch.zeros(len(chunk), dtype=torch.long, device=device))
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    epoch_losses.append(float(loss.item()))
+                    losses.append(float(loss.item()))
+                    if step % 20 == 0 or step == 1:
+                        elapsed = time.perf_counter() - epoch_began
+                        done = start // config.groups_per_step + 1
+                        log(f"epoch {epoch} step {step}/{total_steps} loss "
+                            f"{sum(epoch_losses[-20:]) / len(epoch_losses[-20:]):.4f} "
+                            f"lr {scheduler.get_last_lr()[0]:.2e} {elapsed / done:.2f}s/step")
+                record: dict[str, Any] = {
+                    "epoch": epoch,
+                    "steps": step,
+                    "mean_loss": round(sum(epoch_losses) / max(1, len(epoch_losses)), 4),
+                    "seconds": round(time.perf_counter() - epoch_began, 1),
+                }
+                if data.dev_queries:
+                    dev_began = time.perf_counter()
+                    record["dev"] = evaluate_dev(model, tokenizer, data, miner, config, device, precision)
+                    record["dev"]["seconds"] = round(time.perf_counter() - dev_began, 1)
+                    log(f"epoch {epoch} held-out nDCG@10: {record['dev']['ndcg_cut_10']}, "
+                        f"fusion {record['dev']['fusion']['weights']} -> {record['dev']['fusion']['ndcg_cut_10']}")
+                else:
+                    log(f"epoch {epoch} done, mean loss {record['mean_loss']}")
+                history.append(record)
+                better = best is None or (
+                    data.dev_queries and record["dev"]["ndcg_cut_10"]["rerank"] > best["dev"]["ndcg_cut_10"]["rerank"]
+                ) or not data.dev_queries
+                last = epoch == config.epochs or (config.max_steps is not None and step >= config.max_steps)
+                if better:
+                    best = record
+                    saved = save_model(model, tokenizer, out, card_now(complete=last))
+                    log(f"saved epoch {epoch} to {out}")
+                else:
+                    saved = update_card(out, card_now(complete=last))
+                if last:
+                    break
+        except (KeyboardInterrupt, SystemExit):
+            what = "interrupted" if epoch == 0 else f"interrupted in epoch {epoch} of {config.epochs}"
+            if saved is None:
+                log(f"{what}: no epoch was saved; {out} "
+                    + ("still holds the previous model" if previous is not None else "was not written"))
+            else:
+                progress = saved["training"]
+                state = ("the finished run" if progress.get("complete")
+                         else f"epoch {saved['selected_epoch']}, saved after epoch {progress['epochs_done']} of "
+                              f"{config.epochs}; its card says \"complete\": false")
+                log(f"{what}: {out} holds {state}")
+            raise
+    assert saved is not None
+    log(f"done in {saved['training']['seconds']:.0f}s; model in {out}")
+    return saved
 
 
 def _model_card(
@@ -607,22 +985,29 @@ def _model_card(
     truncated_pairs: int,
     seen_pairs: int,
     random_fill: int,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import torch
     import transformers
 
     from engine import __version__
 
+    progress = progress or {"complete": True}
     metrics: dict[str, Any] = {}
     fusion = None
     if "dev" in best:
         metrics["held_out_train"] = {
             "what": f"nDCG@10 reranking BM25 top-{best['dev']['depth']} on {best['dev']['queries']} "
-                    "queries held out of the training split (never the test split)",
+                    f"queries held out of {_training_data_phrase(data.source)}; these queries also chose the "
+                    "epoch and the fusion weight, so the figures are optimistic",
             **best["dev"]["ndcg_cut_10"],
             "fused_with_bm25": best["dev"]["fusion"]["ndcg_cut_10"],
         }
         fusion = {k: best["dev"]["fusion"][k] for k in ("normalize", "weights")}
+    excluded = {"out", "data", "feedback", "base", "threads"} | ({"split"} if config.feedback is not None else set())
+    base = {k: v for k, v in base_identity.items() if k != "weights_sha256"}
+    base["weights_hash"] = base_identity.get("weights_sha256")
+    base["weights_hash_method"] = WEIGHTS_HASH_METHOD
     return {
         "format": SIEVE_MODEL_FORMAT,
         "kind": "cross_encoder",
@@ -630,14 +1015,15 @@ def _model_card(
         "scale": config.scale if config.head == SEGMENT_COSINE else None,
         "max_length": config.max_length,
         "max_query_tokens": config.max_query_tokens,
-        "base_model": base_identity,
+        "base_model": base,
         "data": data.source,
-        "recipe": {k: v for k, v in asdict(config).items() if k not in ("out", "data", "feedback", "base", "threads")},
+        "recipe": {k: v for k, v in asdict(config).items() if k not in excluded},
         "seed": config.seed,
         "selected_epoch": best["epoch"],
         "fusion": fusion,
         "metrics": metrics,
         "training": {
+            **progress,
             "command": command,
             "seconds": round(seconds, 1),
             "device": device,
@@ -648,7 +1034,9 @@ def _model_card(
             "pairs_seen": seen_pairs,
             "random_negatives_filled": random_fill,
             "history": history,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": (datetime.now(timezone.utc).isoformat(timespec="seconds")
+                            if progress.get("complete") else None),
             "versions": {"sieve": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0]},
         },
@@ -656,23 +1044,18 @@ def _model_card(
     }
 
 
-def save_model(model: Any, tokenizer: Any, out: Path, card: dict[str, Any]) -> None:
-    """Standard HF directory with fp16 safetensors, plus sieve_model.json and README.md."""
-    import copy
-
-    import torch
-
-    out.mkdir(parents=True, exist_ok=True)
-    half = copy.deepcopy(model).to("cpu").to(torch.float16)
-    half.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    del half
-    _write_card(out, card)
-
-
-def _write_card(out: Path, card: dict[str, Any]) -> None:
-    (out / "sieve_model.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(render_readme(card), encoding="utf-8")
+def _training_data_phrase(source: dict[str, Any]) -> str:
+    """What the training queries were, in words true of this card's data."""
+    if "feedback" in source:
+        shared = source.get("test_queries_in_feedback")
+        tail = (f"; {shared} of its queries are test-split queries (--allow-test-split)" if shared
+                else "; none of its queries is a test-split query" if source.get("test_split_checked")
+                else "; no test split was found to check it against")
+        return f"the feedback file{tail}"
+    split = source.get("split", "train")
+    if split == "test":
+        return "the test split (trained on with --allow-test-split: not an independent evaluation)"
+    return f"the '{split}' split (the test split was not read)"
 
 
 def render_readme(card: dict[str, Any]) -> str:
@@ -686,6 +1069,11 @@ def render_readme(card: dict[str, Any]) -> str:
         "Trained by `sieve train-reranker`. Load it with the `rerank.cross_encoder` stage "
         "(it reads `sieve_model.json` to pick the scoring head).",
         "",
+    ]
+    status = _status_line(card)
+    if status:
+        lines += [status, ""]
+    lines += [
         "## What it computes",
         "",
     ]
@@ -703,16 +1091,34 @@ def render_readme(card: dict[str, Any]) -> str:
         "",
         "## Base model and data",
         "",
-        f"- Base: `{card['base_model']['name']}` (weights sha256 `{card['base_model'].get('weights_sha256')}`)",
-        f"- Corpus: `{data.get('corpus')}` ({data.get('corpus_documents')} documents)",
+        f"- Base: `{card['base_model']['name']}` ({_base_hash_phrase(card['base_model'])})",
+        f"- Corpus: `{data.get('corpus')}` ({data.get('corpus_documents')} documents"
+        + (f", sha256 `{data['corpus_sha256']}`" if data.get("corpus_sha256") else "") + ")",
     ]
+    if data.get("documents_cut_to_chars"):
+        cut = data["documents_cut_to_chars"]
+        lines.append(f"- {cut['documents']} documents longer than {cut['chars']} characters were cut there before "
+                     "tokenizing (that much text cannot fit in the token limit)")
     if "split" in data:
         lines.append(f"- Judgements: split `{data['split']}` (`{data.get('qrels')}`, sha256 `{data.get('qrels_sha256')}`)")
+        if data.get("queries"):
+            lines.append(f"- Queries: `{data['queries']}` (sha256 `{data.get('queries_sha256')}`)")
     if "feedback" in data:
         lines.append(f"- Feedback: `{data['feedback']}` (sha256 `{data.get('feedback_sha256')}`)")
+        counts = data.get("feedback_records")
+        if counts:
+            lines.append(
+                f"- Feedback records: {counts['records']} ({counts['queries']} queries); "
+                f"{counts['queries_dropped_without_helpful']} queries dropped for having no helpful document; "
+                f"{counts['duplicates_collapsed']} duplicate records collapsed; {counts['conflicting_pairs']} "
+                f"documents marked both ways ({counts['conflict_resolution']})"
+            )
+    held_from = ("the feedback file's queries" if "feedback" in data
+                 else f"the queries of split `{data.get('split', 'train')}`")
     lines += [
         f"- {data.get('train_groups')} training groups from {data.get('train_queries')} queries; "
-        f"{data.get('dev_queries')} queries of the same split held out for choosing the epoch and fusion weight",
+        f"{data.get('dev_queries')} of {held_from} held out for choosing the epoch and fusion weight",
+        f"- Test split: {_test_split_phrase(card)}",
         "",
         "## Recipe",
         "",
@@ -722,7 +1128,9 @@ def render_readme(card: dict[str, Any]) -> str:
         f"{int(recipe['warmup_fraction'] * 100)}% of the steps then linear decay; {recipe['groups_per_step']} "
         f"groups per step; {recipe['epochs']} epoch(s), epoch {card['selected_epoch']} kept; seed {card['seed']}; "
         f"precision {training['precision']} on {training['device']} ({training['cpu']}, "
-        f"{training['torch_threads']} threads). Weights saved as float16.",
+        f"{training['torch_threads']} threads). Weights saved as float16."
+        + (f" Stopped by --max-steps {recipe.get('max_steps')} after {training.get('steps_done')} of "
+           f"{training.get('steps_planned')} steps." if training.get("cut_by_max_steps") else ""),
         "",
         f"Training took {training['seconds'] / 60:.1f} minutes. {training['truncated_pairs']} of "
         f"{training['pairs_seen']} training pairs were cut to {card['max_length']} tokens.",
@@ -746,7 +1154,8 @@ def render_readme(card: dict[str, Any]) -> str:
     if card.get("fusion"):
         weights = card["fusion"]["weights"]
         lines += ["", f"Fusion weights chosen on the held-out training queries ({card['fusion']['normalize']}): "
-                  + ", ".join(f"{k} {v}" for k, v in weights.items())]
+                  + ", ".join(f"{k} {v}" for k, v in weights.items())
+                  + ". The same queries chose the epoch and this weight, so the held-out figures are optimistic."]
     history = training.get("history") or []
     if history:
         lines += ["", "| epoch | mean loss | held-out rerank nDCG@10 | fused | minutes |", "|---|---|---|---|---|"]
@@ -760,12 +1169,45 @@ def render_readme(card: dict[str, Any]) -> str:
         "",
         "## Limits",
         "",
-        "Trained on scientific claims vs abstracts (English); expect less on other domains. "
-        "Text beyond the token limit is not seen (the stage records every cut). Scores are not "
-        "probabilities; calibrate or min-max normalise before fusing.",
+        "Trained only on the queries of "
+        + (f"the feedback file `{data['feedback']}`" if "feedback" in data else f"split `{data.get('split', 'train')}`")
+        + f" over the documents of `{data.get('corpus')}`; expect less on other domains and languages. Text beyond the token limit is not seen (the stage records every "
+        "cut). Scores are not probabilities; calibrate or min-max normalise before fusing.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _status_line(card: dict[str, Any]) -> str | None:
+    training = card.get("training") or {}
+    if training.get("complete") is False:
+        return (f"**Unfinished run**: training stopped after epoch {training.get('epochs_done')} of "
+                f"{training.get('epochs_planned')} (interrupted, or still running); this directory holds epoch "
+                f"{card.get('selected_epoch')}.")
+    if training.get("cut_by_max_steps"):
+        return (f"**Shortened run**: stopped by --max-steps after {training.get('steps_done')} of "
+                f"{training.get('steps_planned')} steps (epoch {training.get('epochs_done')} of "
+                f"{training.get('epochs_planned')}).")
+    return None
+
+
+def _base_hash_phrase(base: dict[str, Any]) -> str:
+    if base.get("weights_hash"):
+        return f"weights hash `{base['weights_hash']}`: {base.get('weights_hash_method') or WEIGHTS_HASH_METHOD}"
+    return f"weights hash `{base.get('weights_sha256')}`: {WEIGHTS_HASH_METHOD}"
+
+
+def _test_split_phrase(card: dict[str, Any]) -> str:
+    data = card["data"]
+    if "feedback" in data:
+        if not data.get("test_split_checked"):
+            return "none in the data directory; the feedback queries were not checked against one"
+        shared = data.get("test_queries_in_feedback") or 0
+        return (f"{shared} feedback queries are test-split queries (same text), trained on with --allow-test-split"
+                if shared else "no feedback query is a test-split query (same text)")
+    if data.get("split") == "test":
+        return "trained on (--allow-test-split); its metrics are not an independent evaluation"
+    return "not read"
 
 
 # --------------------------------------------------------------------------- CLI
@@ -791,12 +1233,9 @@ def train_reranker(
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where native, else fp32), fp32 or bf16")] = "auto",
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after this many steps")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads")] = None,
-    allow_test_split: Annotated[bool, typer.Option("--allow-test-split", help="train on a split named 'test' anyway")] = False,
+    allow_test_split: Annotated[bool, typer.Option("--allow-test-split", help="train on a split named 'test', or on feedback queries that are test-split queries, anyway (recorded in the card)")] = False,
 ) -> None:
     """Fine-tune a cross-encoder from labelled pairs or feedback, with BM25 hard negatives."""
-    if split == "test" and feedback is None and not allow_test_split:
-        raise SieveError("refusing to train on the test split: the test set's metrics would mean nothing; pass "
-                         "--allow-test-split if this data set's 'test' split is not used to evaluate")
     if precision not in ("auto", "fp32", "bf16"):
         raise SieveError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     config = TrainConfig(
@@ -804,10 +1243,9 @@ def train_reranker(
         out=str(out), head=head, scale=scale, epochs=epochs, negatives=negatives, mine_depth=mine_depth,
         groups_per_step=groups_per_step, learning_rate=learning_rate, max_length=max_length, seed=seed,
         dev_fraction=dev_fraction, dev_depth=dev_depth, precision=precision, max_steps=max_steps, threads=threads,
+        allow_test_split=allow_test_split,
     )
-    program = "python -m stages.rerank.train" if sys.argv[0].endswith("train.py") else "sieve train-reranker"
-    command = " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
-    train(config, log=lambda line: typer.echo(line, err=True), command=command)
+    train(config, log=lambda line: typer.echo(line, err=True))
 
 
 if __name__ == "__main__":  # python -m stages.rerank.train ... (before the CLI registers it)

@@ -717,3 +717,261 @@ def test_loading_a_base_model_prints_no_transformers_tables(capfd):
     assert "LOAD REPORT" not in captured.err + captured.out
     assert "Loading weights" not in captured.err + captured.out
     assert hf_logging.get_verbosity() == before
+
+
+# --------------------------------------------------------------------------- training: saving, card, inputs (audit)
+
+
+def _train_tiny(tiny_base: Path, data: Path, out: Path, logs: list[str] | None = None, **overrides):
+    from stages.rerank.train import TrainConfig, train
+
+    settings = dict(base=str(tiny_base), data=str(data), out=str(out), negatives=3, groups_per_step=2, max_steps=1,
+                    max_length=32, mine_depth=10, learning_rate=1e-3)
+    settings.update(overrides)
+    return train(TrainConfig(**settings), log=(logs.append if logs is not None else lambda line: None))
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_an_interrupted_save_leaves_the_previous_model_whole(tiny_base, mini_corpus, tmp_path, monkeypatch):
+    """A signal while the new card is written (weights already saved) must not leave new weights under the old
+    card (another head): the save is written beside --out and swapped in whole, or not at all."""
+    import stages.rerank.train as train_module
+
+    data = _tiny_training_data(mini_corpus, tmp_path / "data")
+    out = tmp_path / "model"
+    _train_tiny(tiny_base, data, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(directory, card):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_write_card", interrupted)
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(tiny_base, data, out, logs, head="sequence_classification", seed=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+    assert any("no epoch was saved" in line and "previous model" in line for line in logs), logs
+
+
+def test_a_new_save_replaces_the_previous_model_entirely(tiny_base, mini_corpus, tmp_path):
+    import stat
+
+    data = _tiny_training_data(mini_corpus, tmp_path / "data")
+    out = tmp_path / "model"
+    _train_tiny(tiny_base, data, out)
+    (out / "vocab.txt").write_text("[PAD]\n")  # a file of the previous model that the new save does not write
+    logs: list[str] = []
+    card = _train_tiny(tiny_base, data, out, logs, seed=5)
+    assert any("holds a model of sieve train-reranker" in line and "replaced" in line for line in logs), logs
+    assert not (out / "vocab.txt").exists()
+    assert json.loads((out / "sieve_model.json").read_text())["seed"] == 5 == card["seed"]
+    assert _leftovers(tmp_path) == []
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors is not 0600 when the rest is 0644
+
+
+def test_the_reranker_refuses_weights_its_card_does_not_describe(tiny_base, tiny_segment_cosine, mini_corpus, tmp_path):
+    import shutil
+
+    from engine.models import weights_hash
+    from stages.rerank.cross_encoder import LoadedReranker
+
+    data = _tiny_training_data(mini_corpus, tmp_path / "data")
+    out = tmp_path / "model"
+    card = _train_tiny(tiny_base, data, out)
+    assert card["weights_hash"] == weights_hash(out) and "weights_hash" in card["weights_hash_method"]
+    LoadedReranker(str(out), tmp_path, "cpu", "fp32", None)  # its own weights load
+    shutil.copy(tiny_segment_cosine / "model.safetensors", out / "model.safetensors")  # same shapes, other weights
+    with pytest.raises(ModelLoadError, match="not the ones its sieve_model.json describes") as caught:
+        LoadedReranker(str(out), tmp_path, "cpu", "fp32", None)
+    assert card["weights_hash"] in str(caught.value) and weights_hash(out) in str(caught.value)
+    older = {k: v for k, v in card.items() if k != "weights_hash"}  # cards written before the field still load
+    (out / "sieve_model.json").write_text(json.dumps(older))
+    assert LoadedReranker(str(out), tmp_path, "cpu", "fp32", None).head == "segment_cosine"
+
+
+def test_an_interrupted_run_says_so_in_its_card(tiny_base, mini_corpus, tmp_path, monkeypatch):
+    import stages.rerank.train as train_module
+
+    data = _tiny_training_data(mini_corpus, tmp_path / "data")
+    real = train_module.epoch_groups
+
+    def stop_in_epoch_two(*args, **kwargs):
+        if args[5] == 2:  # epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "epoch_groups", stop_in_epoch_two)
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(tiny_base, data, tmp_path / "model", logs, epochs=2, max_steps=None)
+    card = json.loads((tmp_path / "model" / "sieve_model.json").read_text())
+    assert card["training"]["complete"] is False and card["training"]["epochs_done"] == 1
+    assert card["training"]["epochs_planned"] == 2 and card["training"]["finished_at"] is None
+    assert "stopped after epoch 1 of 2" in (tmp_path / "model" / "README.md").read_text()
+    assert any("interrupted in epoch 2 of 2" in line and "holds epoch 1" in line for line in logs), logs
+    monkeypatch.setattr(train_module, "epoch_groups", real)
+    finished = _train_tiny(tiny_base, data, tmp_path / "done", epochs=2, max_steps=None)
+    assert finished["training"]["complete"] is True and finished["training"]["epochs_done"] == 2
+    assert "Unfinished" not in (tmp_path / "done" / "README.md").read_text()
+
+
+def _data_with_test_split(mini_corpus: Path, out: Path) -> tuple[Path, list[str]]:
+    """The tiny training data plus qrels/test.tsv; returns the texts of its test queries."""
+    import shutil
+
+    data = _tiny_training_data(mini_corpus, out)
+    shutil.copy(mini_corpus / "qrels" / "test.tsv", data / "qrels" / "test.tsv")
+    test_ids = {line.split("\t")[0] for line in (data / "qrels" / "test.tsv").read_text().splitlines()[1:]}
+    queries = [json.loads(line) for line in (data / "queries.jsonl").read_text().splitlines()]
+    return data, [q["text"] for q in queries if q["_id"] in test_ids]
+
+
+def test_feedback_queries_that_are_test_queries_are_refused_unless_allowed(tiny_base, mini_corpus, tmp_path):
+    from stages.rerank.train import TrainConfig, load_training_data, train
+
+    data, test_texts = _data_with_test_split(mini_corpus, tmp_path / "data")
+    doc_ids = [json.loads(line)["_id"] for line in (data / "corpus.jsonl").read_text().splitlines()[:3]]
+    feedback = tmp_path / "feedback.jsonl"
+    feedback.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "  " + test_texts[0].upper() + " ", "doc_id": doc_ids[0], "helpful": True},  # same text
+        {"query": "aspirin and stroke", "doc_id": doc_ids[1], "helpful": True},
+    ]) + "\n")
+    config = TrainConfig(base=str(tiny_base), data=str(data), feedback=str(feedback), out=str(tmp_path / "m"),
+                         negatives=2, max_steps=1, max_length=32, mine_depth=10)
+    with pytest.raises(SieveError, match="1 of the 2 feedback queries are test-split queries"):
+        load_training_data(config)
+    with pytest.raises(SieveError, match="refusing to train on the test split"):  # --split test --feedback F
+        train(TrainConfig(**{**config.__dict__, "split": "test"}), log=lambda line: None)
+    assert not (tmp_path / "m").exists()
+    allowed = TrainConfig(**{**config.__dict__, "allow_test_split": True})
+    card = train(allowed, log=lambda line: None)
+    assert card["recipe"]["allow_test_split"] is True and "split" not in card["recipe"]
+    assert card["data"]["test_queries_in_feedback"] == 1
+    readme = (tmp_path / "m" / "README.md").read_text()
+    assert "1 feedback queries are test-split queries (same text), trained on with --allow-test-split" in readme
+    assert "same split" not in readme and "never the test split" not in readme
+
+
+def test_the_card_records_a_command_that_reruns_it_and_its_inputs(tiny_base, mini_corpus, tmp_path, monkeypatch):
+    import shlex
+
+    from typer.testing import CliRunner
+
+    import stages.rerank.train as train_module
+    from engine.cli import app
+    from stages.rerank.train import TrainConfig
+
+    _tiny_training_data(mini_corpus, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    card = _train_tiny(tiny_base, Path("data"), Path("model"), dev_fraction=0.34)  # relative paths
+    argv = shlex.split(card["training"]["command"])
+    assert argv[:2] == ["sieve", "train-reranker"] and argv[2] != "train-reranker"
+    assert argv[argv.index("--data") + 1] == str(tmp_path / "data")
+    source = card["data"]
+    assert source["corpus"] == str(tmp_path / "data" / "corpus.jsonl") and len(source["corpus_sha256"]) == 64
+    assert source["queries"] == str(tmp_path / "data" / "queries.jsonl") and len(source["queries_sha256"]) == 64
+    assert source["qrels"] == str(tmp_path / "data" / "qrels" / "train.tsv")
+    assert "weights_hash" in card["base_model"] and "name" in card["base_model"]["weights_hash_method"]
+    ran: list[TrainConfig] = []
+    monkeypatch.setattr(train_module, "train", lambda config, **kwargs: ran.append(config))
+    result = CliRunner().invoke(app, argv[1:])
+    assert result.exit_code == 0, result.output
+    expected = TrainConfig(base=str(tiny_base), data=str(tmp_path / "data"), out=str(tmp_path / "model"), negatives=3,
+                           groups_per_step=2, max_steps=1, max_length=32, mine_depth=10, learning_rate=1e-3,
+                           dev_fraction=0.34)
+    assert ran == [expected]
+    # What the card says is true of this run: the held-out queries chose the epoch and weight; the cut is named.
+    readme = (tmp_path / "model" / "README.md").read_text()
+    assert "optimistic" in card["metrics"]["held_out_train"]["what"] and "'train' split" in card["metrics"]["held_out_train"]["what"]
+    assert "optimistic" in readme and "scientific claims" not in readme
+    assert "stopped by --max-steps after 1 of" in readme
+
+
+def test_out_that_is_not_a_model_of_this_command_or_cannot_be_written_is_refused(tiny_base, tmp_path):
+    import os
+
+    from stages.rerank.train import check_output_directory
+
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "sieve_model.json").write_text("{not json")
+    (bogus / "data.csv").write_text("a,b\n")
+    with pytest.raises(SieveError, match="not valid JSON"):
+        check_output_directory(bogus)
+    (bogus / "sieve_model.json").write_text(json.dumps({"format": "sieve.reranker/1"}))
+    with pytest.raises(SieveError, match="data.csv, which is not a file of a model"):
+        check_output_directory(bogus)
+    with pytest.raises(SieveError, match="is the --base model"):
+        check_output_directory(tiny_base, str(tiny_base))
+    with pytest.raises(SieveError, match="cannot write the model to --out"):
+        check_output_directory(Path("/proc/sieve-model"))
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            with pytest.raises(SieveError, match="cannot write the model to --out"):
+                check_output_directory(locked / "model")
+        finally:
+            locked.chmod(0o755)
+    assert check_output_directory(tmp_path / "new" / "model") is None
+    assert not (tmp_path / "new").exists()  # the probe leaves nothing behind
+
+
+def test_feedback_problems_are_located_capped_and_counted(mini_corpus, tmp_path):
+    from stages.rerank.train import TrainConfig, load_training_data
+
+    data = _tiny_training_data(mini_corpus, tmp_path / "data")
+    doc_ids = [json.loads(line)["_id"] for line in (data / "corpus.jsonl").read_text().splitlines()[:4]]
+    feedback = tmp_path / "feedback.jsonl"
+    config = TrainConfig(data=str(data), feedback=str(feedback))
+
+    def problems(content: bytes) -> str:
+        feedback.write_bytes(content)
+        with pytest.raises(SieveError) as caught:
+            load_training_data(config)
+        return str(caught.value)
+
+    good = json.dumps({"query": "q", "doc_id": doc_ids[0], "helpful": True}).encode()
+    message = problems(good + b"\n" + '{"query": "caf\xe9", "doc_id": "1", "helpful": true}\n'.encode("latin-1"))
+    assert "feedback.jsonl:2: not UTF-8 text" in message
+    message = problems(b"not json\n" * 30)
+    assert message.count("not JSON") == 20 and "stopped after 20 problems" in message
+    message = problems(json.dumps({"query": "x" * 5000, "doc_id": doc_ids[0], "helpful": True}).encode() + b"\n")
+    assert "feedback.jsonl:1: 'query' is 5000 characters long; the limit is 4096" in message
+    message = problems(good + b"\n" + b"x" * 300_000 + b"\n")
+    assert "feedback.jsonl:2: line longer than" in message
+    assert str(feedback) in problems(b"") and "holds no records" in problems(b"\n  \n")
+    feedback.write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps(r).encode() for r in [
+        {"query": "a", "doc_id": doc_ids[0], "helpful": True},
+        {"query": "a", "doc_id": doc_ids[0], "helpful": True},  # duplicate
+        {"query": "a", "doc_id": doc_ids[1], "helpful": True},
+        {"query": "a", "doc_id": doc_ids[1], "helpful": False},  # conflict: counts as helpful
+        {"query": "b", "doc_id": doc_ids[2], "helpful": False},  # no helpful document: dropped
+    ]) + b"\n")
+    counts = load_training_data(config).source["feedback_records"]
+    assert counts["records"] == 5 and counts["duplicates_collapsed"] == 1 and counts["conflicting_pairs"] == 1
+    assert counts["queries_dropped_without_helpful"] == 1 and "helpful" in counts["conflict_resolution"]
+    short = load_training_data(TrainConfig(data=str(data), feedback=str(feedback), max_length=16))
+    assert short.source["documents_cut_to_chars"]["chars"] == 16 * 64  # text that cannot fit is not kept
+    assert short.source["documents_cut_to_chars"]["documents"] > 0 and max(map(len, short.documents.values())) <= 1024
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"learning_rate": -1.0}, "--lr must be a finite number above 0"),
+    ({"learning_rate": float("nan")}, "--lr must be a finite number above 0"),
+    ({"seed": -1}, "--seed must be a whole number from 0 to 4294967295"),
+    ({"seed": 10**23}, "--seed must be a whole number"),
+    ({"scale": 0.0}, "--scale must be a finite number above 0"),
+])
+def test_numbers_that_cannot_train_are_refused_before_work(tmp_path, overrides, message):
+    from stages.rerank.train import TrainConfig, train
+
+    config = TrainConfig(**{"data": str(tmp_path / "missing"), "out": str(tmp_path / "m"), **overrides})
+    with pytest.raises(SieveError, match=message):
+        train(config, log=lambda line: None)
