@@ -521,6 +521,13 @@ def _write_documents(documents: Sequence[Document], db_path: Path, progress: Pro
 def _swap_in(staging: Path, target: Path) -> None:
     """Replace ``target`` with ``staging`` so that a crash leaves either the old or the new index."""
     _check_target(target)  # again: the directory may have changed during the build
+    swap_directory(staging, target)
+
+
+def swap_directory(staging: Path, target: Path) -> None:
+    """Replace directory ``target`` (if any) with ``staging`` by two renames, SIGINT and SIGTERM held back
+    between them: a crash leaves the previous directory or the new one, never a mix; the previous one's files
+    go with it (its retired copy ``.NAME.old-PID-MILLIS`` is removed after, or by the next build if killed)."""
     retired = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
     previous_mask = _block_interrupts()
     try:
@@ -530,7 +537,7 @@ def _swap_in(staging: Path, target: Path) -> None:
             os.rename(staging, target)
         except BaseException:
             if retired.exists() and not target.exists():
-                os.rename(retired, target)  # put the previous index back
+                os.rename(retired, target)  # put the previous directory back
             raise
     finally:
         _unblock_interrupts(previous_mask)

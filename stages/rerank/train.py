@@ -659,27 +659,14 @@ def _match_umask(directory: Path) -> None:
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    """Replace ``out`` with ``staging`` by two renames (SIGINT and SIGTERM held back between them): a crash
-    leaves the previous model or the new one, never a mix; the previous model's files go with it."""
-    from engine.index import _block_interrupts, _unblock_interrupts
+    """Replace ``out`` with ``staging`` (:func:`engine.index.swap_directory`: a crash leaves the previous model or
+    the new one, never a mix; the previous model's files go with it)."""
+    from engine.index import swap_directory
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _not_a_model(out) is not None)):
         raise SieveError(f"--out {out} changed during training and is no longer a model this command wrote; "
                          f"nothing was replaced (the new model was not kept)")
-    retired = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
-    previous_mask = _block_interrupts()
-    try:
-        try:
-            if out.exists():
-                os.rename(out, retired)
-            os.rename(staging, out)
-        except BaseException:
-            if retired.exists() and not out.exists():
-                os.rename(retired, out)  # put the previous model back
-            raise
-    finally:
-        _unblock_interrupts(previous_mask)
-    shutil.rmtree(retired, ignore_errors=True)
+    swap_directory(staging, out)
 
 
 def _publish(out: Path, card: dict[str, Any], fill: Callable[[Path], None]) -> dict[str, Any]:
