@@ -645,21 +645,23 @@ def load_trace(path: str | Path, trace_id: str | None = None, seq: int | None = 
     A record read from a log is checked against its hash and the chain up to it (``TraceLog.find``); a
     ``.json`` file holding one log record is checked against its own hash."""
     path = Path(path)
-    if path.is_dir():
-        raise TraceError(f"{path} is a directory, not a trace")
-    if not path.is_file():
-        raise TraceError(f"trace not found: {path}")
     if path.suffix == ".jsonl":
+        _require_file(path)
         return TraceLog(path).find(trace_id, seq)
     return _read_trace_file(path)[0]
 
 
-def _read_trace_file(path: Path) -> tuple[dict[str, Any], bool]:
-    """The trace in a ``.json`` file, and whether the file held it as one log record (checked against its hash)."""
+def _require_file(path: Path) -> None:
+    """TraceError unless ``path`` is a file: a directory, or nothing there, says so."""
     if path.is_dir():
         raise TraceError(f"{path} is a directory, not a trace")
     if not path.is_file():
         raise TraceError(f"trace not found: {path}")
+
+
+def _read_trace_file(path: Path) -> tuple[dict[str, Any], bool]:
+    """The trace in a ``.json`` file, and whether the file held it as one log record (checked against its hash)."""
+    _require_file(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -715,8 +717,7 @@ def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int |
     if path.suffix == ".jsonl":
         if log is not None:
             raise TraceError("--log is for a standalone trace file (.json); this is a trace log")
-        if not path.is_file():
-            load_trace(path, trace_id, seq)  # says why: missing, a directory
+        _require_file(path)
         record = TraceLog(path).find_record(trace_id, seq)
         return record["trace"], TraceSource(
             True, f"record seq {record['seq']} of the trace log {path}; the chain checks out up to it", str(path),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue
 from engine.strictness import NoCoercion
 
@@ -407,9 +407,7 @@ def _warnings(entries: list[tuple[int, GlossaryEntry]], probe: Glossary, source:
     return issues
 
 
-_CACHE_SIZE = 16
-_CACHE: OrderedDict[tuple[str, str], Glossary] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
+_CACHE: LRUCache[tuple[str, str], Glossary] = LRUCache(16)
 
 
 def load_glossary(path: str | Path) -> Glossary:
@@ -424,17 +422,11 @@ def load_glossary(path: str | Path) -> Glossary:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         digest = None
-    if digest is not None:
-        with _CACHE_LOCK:
-            cached = _CACHE.get((str(path), digest))
-            if cached is not None:
-                _CACHE.move_to_end((str(path), digest))
-                return cached
+    cached = _CACHE.get((str(path), digest)) if digest is not None else None
+    if cached is not None:
+        return cached
     glossary = _load(path)
-    with _CACHE_LOCK:
-        _CACHE[(glossary.path, glossary.sha256)] = glossary
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+    _CACHE.put((glossary.path, glossary.sha256), glossary)
     return glossary
 
 
