@@ -396,7 +396,7 @@ def _progress_bar(description: str):  # type: ignore[no-untyped-def]
 
 
 def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, limit: int | None, recall_k: int, label: str,  # type: ignore[no-untyped-def]
-              trace_log: Path | None = None):
+              trace_log: Path | None = None, data: Any = None):
     """Evaluate one config with a progress bar on stderr."""
     from engine.workbench.evaluate import evaluate_pipeline
 
@@ -411,7 +411,7 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
 
         return evaluate_pipeline(
             config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,
-            on_start=start, progress=advance, trace_log=trace_log,
+            on_start=start, progress=advance, trace_log=trace_log, data=data,
         )
 
 
@@ -488,7 +488,7 @@ def eval_command(
         spaced = next((qid for qid in chosen if not qid or any(ch.isspace() for ch in qid)), None)
         if spaced is not None:
             raise SieveError(f"--run-out: query id {spaced!r} contains whitespace, which a TREC run line cannot hold")
-    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log)
+    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log, data)
     index = report.index or {}
     qrels = {qid: data.qrels[qid] for qid in report.per_query}
     coverage = judgement_coverage(report.run, qrels, data.qrels, _index_lookup(index.get("path")))

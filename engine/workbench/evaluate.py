@@ -134,14 +134,17 @@ def evaluate_pipeline(
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
     trace_log: Path | None = None,
+    data: BeirData | None = None,
 ) -> EvalReport:
-    """Run ``config`` over the judged queries of ``dataset``/``split`` and score the run."""
+    """Run ``config`` over the judged queries of ``dataset``/``split`` and score the run (``data``: that data set
+    when the caller has already read it)."""
     from engine.pipeline import Pipeline
 
     measures = measures_for(recall_k)
     if limit is not None and limit < 1:
         raise SieveError(f"--limit must be at least 1, got {limit}")
-    data: BeirData = load_beir(dataset, split)
+    if data is None:
+        data = load_beir(dataset, split)
     queries = data.queries
     if limit is not None:
         queries = dict(list(queries.items())[:limit])
