@@ -166,6 +166,9 @@ class Resolution:
 # --------------------------------------------------------------------------- mentions
 
 
+_CONTRASTIVE = frozenset({"other", "former", "latter", "same"})
+
+
 def _entity_of(span: "Span") -> "Span | None":
     """The non-numeric named entity overlapping ``span``, if any."""
     for ent in span.doc.ents:
@@ -1007,7 +1010,10 @@ class EnglishResolver:
         for chunk in doc.noun_chunks:
             if doc[chunk.start].lower_ == "the" and chunk.root.pos_ == "NOUN" and chunk.root.tag_ != "VBG" and not any(
                 child.dep_ in ("prep", "relcl", "acl", "appos") for child in chunk.root.children
-            ) and not (chunk.end < len(doc) and doc[chunk.end].pos_ == "PROPN"):
+            ) and not (chunk.end < len(doc) and doc[chunk.end].pos_ == "PROPN") and not any(
+                (t.dep_ == "nummod" and chunk.root.tag_ == "NNS") or t.lower_ in _CONTRASTIVE for t in chunk[1:]
+            ):  # "the two fats", "the other fat": a set or a contrast within the conversation, not a relation
+                # ("the 321 method" is a name)
                 target = chunk
         if target is None:
             return None

@@ -116,6 +116,26 @@ def test_missing_topic_ellipsis(stage):
 
 
 @pytest.mark.parametrize(
+    "question",
+    [
+        # a numbered plural is a set the conversation named, and 'other' contrasts with an earlier mention:
+        # neither is a relation to the topic ('the two fats of high cholesterol' was the rewrite)
+        "What are the differences between the two fats?",
+        "Is the other treatment any better?",
+    ],
+)
+def test_missing_topic_not_for_a_set_or_a_contrast(stage, question):
+    assert rewritten(stage, question, ["What is high cholesterol?", "What should I eat to improve it?"]) == question
+
+
+def test_missing_topic_for_a_numbered_name(stage):
+    # a number before a singular noun is part of a name ('the 321 method'), which can be about the topic
+    assert rewritten(stage, "Describe the 321 method.", ["How do you smoke spareribs?"]) == (
+        "Describe the 321 method of spareribs."
+    )
+
+
+@pytest.mark.parametrize(
     ("history", "question", "expected"),
     [
         # the tagger calls 'blockchain' an adjective and 'melatonin' a verb; they are still what 'it' means
