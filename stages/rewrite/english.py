@@ -472,8 +472,19 @@ QUOTES = frozenset('"\u201c\u201d\u00ab\u00bb')
 
 
 def _quoted(token: "Token") -> bool:
-    """Whether ``token`` lies inside double quotation marks (an odd number of them before it in the text)."""
-    return sum(ch in QUOTES for ch in token.doc.text[: token.idx]) % 2 == 1
+    """Whether ``token`` lies inside double quotation marks (an odd number of them before it in the text).
+    The quoted token indices are found in one pass and kept with the parse (``Doc.text`` is rebuilt on every
+    read: counting per pronoun made a long question full of pronouns quadratic)."""
+    doc = token.doc
+    quoted = doc.user_data.get("sieve_quoted")
+    if quoted is None:
+        inside, found = False, set()
+        for t in doc:
+            if inside:
+                found.add(t.i)
+            inside ^= sum(ch in QUOTES for ch in t.text) % 2 == 1
+        quoted = doc.user_data["sieve_quoted"] = frozenset(found)
+    return token.i in quoted
 
 
 def _demonstrative_pronoun(token: "Token") -> bool:

@@ -461,6 +461,8 @@ def test_empty_and_odd_turns_do_not_break_the_resolver(stage):
         # a title or a quotation is not the speaker's reference; a question in capitals gets a capital rewrite
         (["What is metformin?"], 'What does the book "It Ends With Us" say about it?',
          'What does the book "It Ends With Us" say about metformin?'),
+        (["What is metformin?"], 'Does the saying \u201cuse it or lose it\u201d apply to it?',
+         'Does the saying \u201cuse it or lose it\u201d apply to metformin?'),
         (["What is asthma?"], "IS IT CURABLE?", "IS ASTHMA CURABLE?"),
         # a coordination is the group a later "they" means
         (["I take metformin and lisinopril."], "Can they interact?", "Can metformin and lisinopril interact?"),
