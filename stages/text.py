@@ -37,6 +37,12 @@ class TokenizerSettings(NoCoercion):
     stemmer: Literal["english", "none"] = "english"
     stopwords: Literal["default", "none"] = Field("default", description="the language's stop-word list, or none")
     pattern: str = Field(r"(?u)\b\w\w+\b", description="regex of a token (for non-Chinese text)")
+    normalization: Literal["nfkc", "nfc"] = Field(
+        "nfkc",
+        description="Unicode normal form applied before tokenising: nfkc also folds compatibility forms "
+        "(full-width 'ＨＩＶ' -> 'HIV', the ligature 'ﬁ' -> 'fi', '５０' -> '50', superscripts); nfc only composes "
+        "accents. An index built before this setting existed reads as nfc",
+    )
 
 
 class Tokenizer:
@@ -102,8 +108,11 @@ class Tokenizer:
         return self._regex.findall(text)
 
     def tokenize(self, text: str) -> list[str]:
-        if not unicodedata.is_normalized("NFC", text):  # "café" typed decomposed (e + U+0301) is the same word
-            text = unicodedata.normalize("NFC", text)
+        # "café" typed decomposed (e + U+0301) is the same word; under NFKC, so is "ＣＯＶＩＤ－１９" (jieba cut
+        # full-width letters one by one and the word pattern then dropped every piece)
+        form = "NFKC" if self.settings.normalization == "nfkc" else "NFC"
+        if not unicodedata.is_normalized(form, text):
+            text = unicodedata.normalize(form, text)
         if self.settings.lowercase:
             text = text.lower()
         stop = self._stopwords

@@ -24,6 +24,20 @@ from stages.text import Tokenizer, TokenizerSettings
 
 TOKENIZER_FILE = "tokenizer.json"
 
+# What bm25s computes for each method (bm25s/scoring.py; Kamphuis et al., ECIR 2020), as the explanation states it.
+# N documents, df(t) of them holding t, tf its count in the document, dl the document's length in terms.
+_NORM = "(1-b+b*dl/avgdl)"
+FORMULAS = {
+    "lucene": f"idf(t) * tf / (tf + k1*{_NORM}), idf(t) = ln(1 + (N-df+0.5)/(df+0.5))",
+    "robertson": f"idf(t) * tf / (tf + k1*{_NORM}), idf(t) = ln((N-df+0.5)/(df+0.5)), "
+    "0 for a term in more than about half the documents",
+    "atire": f"idf(t) * tf*(k1+1) / (tf + k1*{_NORM}), idf(t) = ln(N/df), 0 for a term in every document",
+    "bm25l": f"idf(t) * (k1+1)*(c+delta) / (k1+c+delta), c = tf/{_NORM}, idf(t) = ln((N+1)/(df+0.5)), "
+    "delta = {delta}; a query term the document lacks still scores idf(t)*(k1+1)*delta/(k1+delta)",
+    "bm25+": f"idf(t) * ((k1+1)*tf / (k1*{_NORM} + tf) + delta), idf(t) = ln((N+1)/df), delta = {{delta}}; "
+    "a query term the document lacks still scores idf(t)*delta",
+}
+
 
 class BM25IndexSettings(ComponentSettings):
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
@@ -71,9 +85,10 @@ class LoadedBM25:
 
         try:
             self.retriever = bm25s.BM25.load(str(directory), show_progress=False)
-            tokenizer_settings = TokenizerSettings.model_validate_json(
-                (directory / TOKENIZER_FILE).read_text(encoding="utf-8")
-            )
+            recorded = json.loads((directory / TOKENIZER_FILE).read_text(encoding="utf-8"))
+            if isinstance(recorded, dict):
+                recorded.setdefault("normalization", "nfc")  # built before the setting: queries as its documents were
+            tokenizer_settings = TokenizerSettings.model_validate(recorded)
         except (OSError, ValueError, json.JSONDecodeError) as exc:
             raise SieveIndexError(f"BM25 component at {directory} cannot be loaded: {exc}") from None
         self.tokenizer = Tokenizer(tokenizer_settings)
@@ -89,24 +104,60 @@ class LoadedBM25:
         starts = np.flatnonzero(np.diff(matrix["indices"]) <= 0) + 1  # where the rows stop increasing
         return bool(np.isin(starts, matrix["indptr"]).all())
 
+    def _column(self, term: str) -> int | None:
+        column = self.vocab.get(term)
+        if column is None or column >= len(self.retriever.scores["indptr"]) - 1:
+            return None  # unknown, or bm25s's placeholder "" token
+        return column
+
+    def matching(self, terms: Sequence[str]) -> Any:
+        """A boolean per document: whether it holds any of ``terms`` (the score matrix's columns). Not
+        ``score > 0``: under bm25l and bm25+ every document scores for a term it lacks, and under robertson
+        and atire a term in most documents scores 0 where it occurs."""
+        import numpy as np
+
+        matrix = self.retriever.scores
+        found = np.zeros(int(matrix["num_docs"]), dtype=bool)
+        for column in {self._column(t) for t in terms} - {None}:
+            found[matrix["indices"][int(matrix["indptr"][column]) : int(matrix["indptr"][column + 1])]] = True
+        return found
+
+    def holds(self, term: str, row: int) -> bool:
+        """Whether document ``row`` holds ``term``."""
+        column = self._column(term)
+        if column is None:
+            return False
+        matrix = self.retriever.scores
+        rows = matrix["indices"][int(matrix["indptr"][column]) : int(matrix["indptr"][column + 1])]
+        return bool((rows == row).any())
+
+    def absent_score(self, term: str) -> float:
+        """What ``term`` adds to a document that lacks it: 0 but under bm25l and bm25+ (non-occurrence)."""
+        column = self._column(term)
+        array = getattr(self.retriever, "nonoccurrence_array", None)
+        return 0.0 if column is None or array is None else float(array[column])
+
     def term_scores(self, term: str, rows: Any) -> Any:
         """One term's BM25 contribution to each of ``rows`` (an int array): lookups in the term's
-        column of the precomputed score matrix, equal to ``get_scores([term])[rows]`` without
-        scoring the whole corpus."""
+        column of the precomputed score matrix (plus, under bm25l and bm25+, the score of a term
+        the document lacks, which the matrix stores its entries net of), equal to
+        ``get_scores([term])[rows]`` without scoring the whole corpus."""
         import numpy as np
 
         rows = np.asarray(rows, dtype=np.int64)
-        column = self.vocab.get(term)
-        if column is None or column >= len(self.retriever.scores["indptr"]) - 1:
-            return np.zeros(len(rows), dtype=np.float32)  # unknown, or bm25s's placeholder "" token
+        column = self._column(term)
+        if column is None:
+            return np.zeros(len(rows), dtype=np.float32)
         if not self._columns_sorted:
             return self.retriever.get_scores([term])[rows]
+        absent = np.float32(self.absent_score(term))
         matrix = self.retriever.scores
         start, end = int(matrix["indptr"][column]), int(matrix["indptr"][column + 1])
         column_rows = matrix["indices"][start:end]
         at = np.minimum(np.searchsorted(column_rows, rows), max(end - start - 1, 0))
         found = (end > start) & (column_rows[at] == rows) if end > start else np.zeros(len(rows), dtype=bool)
-        return np.where(found, matrix["data"][start + at] if end > start else 0.0, 0.0).astype(np.float32)
+        stored = np.where(found, matrix["data"][start + at] if end > start else 0.0, 0.0).astype(np.float32)
+        return stored + absent if absent else stored
 
 
 class _TermContributions:
@@ -231,7 +282,18 @@ class BM25Recall(Stage):
         scores = self._bm25.retriever.get_scores(known, weight_mask=weight_mask)
         scored_ms = (time.perf_counter() - began) * 1000.0
 
-        rows = np.flatnonzero(scores > 0)
+        matching = self._bm25.matching(known)
+        if ctx.mask is not None:
+            matching &= ctx.mask.allowed
+        rows = np.flatnonzero(matching)
+        zero = int(np.count_nonzero(scores[rows] <= 0))
+        if zero:
+            method = self._bm25.settings.get("method", "lucene")
+            decisions.append(Decision(
+                "zero_scores", f"{zero} of the {len(rows)} documents holding a query term score 0 (under "
+                f"{method}, a term in most documents has idf 0); they are recalled, ordered by doc_id",
+                {"documents": zero},
+            ))
         if len(rows) > k:
             kth = np.partition(scores[rows], len(rows) - k)[len(rows) - k]
             rows = rows[scores[rows] >= kth]  # keeps every tie at the boundary; cut after sorting
@@ -239,7 +301,7 @@ class BM25Recall(Stage):
         order = sorted(rows.tolist(), key=lambda r: (-float(scores[r]), doc_ids[r]))[:k]
         if len(order) < k:
             decisions.append(
-                Decision("fewer_matches", f"only {len(order)} documents match any query term (top_k {k})")
+                Decision("fewer_matches", f"only {len(order)} documents hold any query term (top_k {k})")
             )
         candidates = [
             Candidate(doc_ids[row], row, (ScoreEntry(self.id, "bm25", float(scores[row]), rank),))
@@ -258,10 +320,12 @@ class BM25Recall(Stage):
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         settings = self._bm25.settings
+        method = settings.get("method", "lucene")
+        delta = getattr(self._bm25.retriever, "delta", 0.5)
         formula = (
-            f"BM25 ({settings.get('method', 'lucene')}, k1={settings.get('k1')}, b={settings.get('b')}) "
+            f"BM25 ({method}, k1={settings.get('k1')}, b={settings.get('b')}) "
             f"over {'+'.join(settings.get('fields', ['title', 'text']))}: "
-            "sum over terms of idf(t) * tf*(k1+1) / (tf + k1*(1-b+b*dl/avgdl)); "
+            f"sum over query terms of {FORMULAS.get(method, FORMULAS['lucene']).format(delta=delta)}; "
             f"rank {rank} in stage '{self.id}'"
         )
         if not trace_text:
@@ -276,5 +340,8 @@ class BM25Recall(Stage):
             contribution = contributions[term]
             if contribution > 0:
                 times = f" x{count} (repeated in the query)" if count > 1 else ""
-                details.append(Explanation(contribution * count, f"term '{term}'{times}"))
+                absent = self._bm25.absent_score(term)
+                lacks = " (not in the document: the method's non-occurrence score)" if absent and not (
+                    self._bm25.holds(term, candidate.row)) else ""
+                details.append(Explanation(contribution * count, f"term '{term}'{times}{lacks}"))
         return Explanation(value, formula, tuple(details))

@@ -134,3 +134,115 @@ def test_explanation_terms_add_up_to_the_bm25_score(bm25_index, write_config):
     again = stage.explain(Query.create("metformin lowers blood glucose in type 2 diabetes"), first,
                           first.score_of("bm25"), 1, True)
     assert [d.to_dict() for d in again.details] == entries[0]["explanation"]["details"][0]["details"]
+
+
+# ---------------------------------------------------------------------- from an audit of recall at run time
+
+
+def _tiny_index(tmp_path, docs, settings=None, name="idx"):
+    corpus = tmp_path / f"{name}.jsonl"
+    corpus.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs), encoding="utf-8")
+    build_index(corpus, tmp_path / name, {"bm25": settings or {}})
+    return tmp_path / name
+
+
+def _bm25_pipeline(write_config, index, top_k=10):
+    return Pipeline.from_file(write_config(
+        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: {top_k}}}}}\n"
+        "trace: {log: null}\n"
+    ))
+
+
+def test_compatibility_forms_are_folded():
+    """Full-width letters and digits, ligatures: the same terms as their plain forms (jieba cut 'ＨＩＶ' into
+    single letters and the word pattern dropped them all; 'ﬁbrosis' never matched 'fibrosis')."""
+    zh = Tokenizer(TokenizerSettings(language="zh"))
+    assert zh.tokenize("ＨＩＶ感染") == zh.tokenize("HIV感染") == ["hiv", "感染"]
+    assert "500mg" in zh.tokenize("每日５００ｍｇ二甲双胍")
+    en = Tokenizer(TokenizerSettings())
+    assert en.tokenize("pulmonary ﬁbrosis, ５０ mg") == en.tokenize("pulmonary fibrosis, 50 mg")
+    # nfc keeps compatibility forms apart (how indexes built before the setting tokenised)
+    assert Tokenizer(TokenizerSettings(language="zh", normalization="nfc")).tokenize("ＨＩＶ感染") == ["感染"]
+
+
+def test_full_width_document_found_by_ascii_query(tmp_path, write_config):
+    docs = [{"_id": "z1", "title": "", "text": "ＣＯＶＩＤ－１９ 疫苗接种"},
+            {"_id": "z2", "title": "", "text": "流感疫苗"}]
+    pipeline = _bm25_pipeline(write_config, _tiny_index(tmp_path, docs, {"tokenizer": {"language": "zh"}}))
+    assert [c.doc_id for c in pipeline.search("COVID-19").results] == ["z1"]
+    assert [c.doc_id for c in pipeline.search("ＣＯＶＩＤ－１９ 疫苗").results][0] == "z1"
+
+
+def test_index_built_before_normalization_setting_reads_as_nfc(tmp_path):
+    """An index whose tokenizer.json predates the setting keeps tokenising queries as its documents were."""
+    from stages.recall.bm25 import TOKENIZER_FILE, LoadedBM25
+
+    index = _tiny_index(tmp_path, [{"_id": "a", "title": "", "text": "fibrosis"}])
+    directory, entry = Index.open(index).component("bm25", "test")
+    recorded = json.loads((directory / TOKENIZER_FILE).read_text())
+    assert recorded["normalization"] == "nfkc"  # new indexes record it
+    del recorded["normalization"]
+    (directory / TOKENIZER_FILE).write_text(json.dumps(recorded))
+    assert LoadedBM25(directory, entry).tokenizer.settings.normalization == "nfc"
+
+
+def _lucene(docs_terms, query_terms, row, k1=1.5, b=0.75):
+    """The explanation's stated Lucene formula, computed by hand."""
+    import math
+
+    n = len(docs_terms)
+    avgdl = sum(len(d) for d in docs_terms) / n
+    total = 0.0
+    for term in query_terms:
+        df = sum(term in d for d in docs_terms)
+        tf = docs_terms[row].count(term)
+        if tf:
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            total += idf * tf / (tf + k1 * (1 - b + b * len(docs_terms[row]) / avgdl))
+    return total
+
+
+def test_explanation_formula_is_what_is_computed(tmp_path, write_config):
+    """The formula the explanation states gives the score (it said tf*(k1+1), 2.5 times the score)."""
+    docs = [{"_id": f"d{i}", "title": "", "text": text} for i, text in enumerate([
+        "metformin lowers glucose", "insulin lowers glucose quickly and insulin is injected",
+        "metformin metformin tablets", "exercise helps", "diet and exercise lower glucose"])]
+    index = _tiny_index(tmp_path, docs)
+    pipeline = _bm25_pipeline(write_config, index)
+    tokenizer = Tokenizer(TokenizerSettings())
+    docs_terms = [tokenizer.tokenize(d["text"]) for d in docs]
+    result = pipeline.search("metformin glucose")
+    assert result.results
+    for candidate, entry in zip(result.results, result.trace["results"]):
+        row = int(candidate.doc_id[1:])
+        assert candidate.score_of("bm25") == pytest.approx(_lucene(docs_terms, tokenizer.tokenize("metformin glucose"),
+                                                                   row), rel=1e-5)
+        description = entry["explanation"]["details"][0]["description"]
+        assert "tf / (tf + k1*(1-b+b*dl/avgdl))" in description and "ln(1 + (N-df+0.5)/(df+0.5))" in description
+
+
+def test_documents_holding_a_term_are_recalled_under_every_method(tmp_path, write_config):
+    """robertson gives a term in most documents idf 0: its documents were dropped and the trace said none
+    matched; bm25l and bm25+ score every document for a term it lacks: documents with no query term were
+    recalled. Recall is the documents holding a query term, under every method, and the explanation's
+    terms add up to the score."""
+    docs = [{"_id": "a", "title": "", "text": "aspirin relieves pain"},
+            {"_id": "b", "title": "", "text": "aspirin thins blood"},
+            {"_id": "c", "title": "", "text": "aspirin and ibuprofen"},
+            {"_id": "d", "title": "", "text": "paracetamol for fever"}]
+    for method in ("robertson", "atire", "bm25l", "bm25+", "lucene"):
+        index = _tiny_index(tmp_path, docs, {"method": method}, name=f"idx-{method}")
+        result = _bm25_pipeline(write_config, index).search("aspirin")
+        assert sorted(c.doc_id for c in result.results) == ["a", "b", "c"], method
+        codes = {d["code"] for stage in result.trace["stages"] for d in stage.get("decisions", [])}
+        assert ("zero_scores" in codes) == (method == "robertson"), method
+        for entry in result.trace["results"]:
+            node = entry["explanation"]["details"][0]
+            assert sum(t["value"] for t in node["details"]) == pytest.approx(node["value"], rel=1e-5), method
+        both = _bm25_pipeline(write_config, index).search("aspirin fever")
+        assert sorted(c.doc_id for c in both.results) == ["a", "b", "c", "d"], method
+        if method in ("bm25l", "bm25+"):  # 'd' lacks 'aspirin' and still scores for it: said so
+            entry = next(e for e in both.trace["results"] if e["doc_id"] == "a")
+            node = entry["explanation"]["details"][0]
+            assert any("not in the document" in t["description"] for t in node["details"])
+            assert sum(t["value"] for t in node["details"]) == pytest.approx(node["value"], rel=1e-5)
