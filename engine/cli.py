@@ -30,6 +30,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print Sieve's version and exit.")] = False,
+) -> None:
+    """Sieve: a configurable, auditable rules-plus-model retrieval engine."""
+
+
 trace_app = typer.Typer(help="Work with trace logs.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 

@@ -43,3 +43,15 @@ def test_train_reranker_never_overwrites_a_users_directory(tmp_path):
                      "--split", "test", "--max-steps", "1", cwd=tmp_path)
     assert done.returncode == 2 and "refusing to train on the test split" in done.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_version_option_and_command(tmp_path):
+    """`sieve --version` (as most tools spell it) and `sieve version` print the package's one version."""
+    from importlib.metadata import version
+
+    from engine import __version__
+
+    for args in (("--version",), ("version",)):
+        done = run_sieve(*args, cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.strip() == __version__, done.stderr
+    assert version("sieve-retrieval") == __version__  # pyproject reads it from engine.__version__
