@@ -6,11 +6,12 @@ Two kinds of model:
 - Sieve's own ``segment_cosine`` models (``sieve train-reranker``), recognised by the
   ``sieve_model.json`` they carry.
 
-Inference is our own loop over the loaded model (not ``FlagReranker.compute_score``): one batched
-tokenizer call, length-sorted batches with dynamic padding, ``torch.inference_mode``, bf16
-autocast on CPUs with native bf16, fp16 on CUDA. Every cut is recorded in the trace (which
-documents, how many tokens); with ``long_documents: chunks`` a long document is scored as
-overlapping windows and keeps its best window (recorded too).
+Inference is our own loop over the loaded model (not ``FlagReranker.compute_score``): batched
+tokenizer calls that read a long document only as far as the pair needs, length-sorted batches with
+dynamic padding, ``torch.inference_mode``, bf16 autocast on CPUs with native bf16, fp16 on CUDA.
+Every cut is recorded in the trace (which documents, at least how many tokens); with
+``long_documents: chunks`` a long document is scored as overlapping windows and keeps its best
+window (recorded too). ``max_query_tokens`` left unset is the model card's (what it was trained with).
 
 Candidates beyond ``window`` are not scored: they keep their input order beneath the reranked
 ones and get no ``rerank`` ledger entry. torch and FlagEmbedding are imported in ``warm_up``.
@@ -85,8 +86,11 @@ class CrossEncoderParams(StageParams):
         None, ge=16, le=8192,
         description="tokens per pair; None: the model card's (Sieve models) or 512 capped by the tokenizer's limit",
     )
-    max_query_tokens: int = Field(DEFAULT_MAX_QUERY_TOKENS, ge=1, le=8192,
-                                  description="query tokens kept when a pair must be cut")
+    max_query_tokens: int | None = Field(
+        None, ge=1, le=8192,
+        description=f"query tokens kept when a pair must be cut; None: the model card's (Sieve models), else "
+                    f"{DEFAULT_MAX_QUERY_TOKENS}",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA; bf16 on CPUs with native bf16, else fp32"
@@ -126,8 +130,8 @@ class CrossEncoderParams(StageParams):
 @dataclass
 class PairScore:
     score: float
-    document_tokens: int
-    document_cut: int
+    document_tokens: int  # a lower bound: a long document's prefix is tokenised, not its whole text
+    document_cut: int  # > 0 when the document was cut; a lower bound of the tokens cut
     query_cut: int
     chunks: int = 1
     best_chunk: int = 0
@@ -181,6 +185,13 @@ class LoadedReranker:
         if self.head not in (SEGMENT_COSINE, SEQUENCE_CLASSIFICATION):
             raise ModelLoadError(f"rerank.cross_encoder: {resolved.location}/sieve_model.json names an unknown head '{self.head}'")
         self.scale = float((card or {}).get("scale") or DEFAULT_SCALE)
+        card_query_tokens = (card or {}).get("max_query_tokens")
+        if card_query_tokens is not None and (type(card_query_tokens) is not int or card_query_tokens < 1):
+            raise ModelLoadError(f"rerank.cross_encoder: {resolved.location}/sieve_model.json: max_query_tokens "
+                                 f"must be a positive integer, not {card_query_tokens!r}")
+        # what the model was trained with, used when the stage's config does not set max_query_tokens
+        self.max_query_tokens = card_query_tokens if card_query_tokens is not None else DEFAULT_MAX_QUERY_TOKENS
+        self.max_query_tokens_from = "model card" if card_query_tokens is not None else "default"
         recorded = (card or {}).get("weights_hash")  # written by train-reranker since cards record it
         if recorded is not None and resolved.weights_sha256 is not None and recorded != resolved.weights_sha256:
             raise ModelLoadError(
@@ -487,6 +498,13 @@ class CrossEncoderRerank(Stage):
 
     # ------------------------------------------------------------------ running
 
+    def _query_tokens(self, model: LoadedReranker) -> tuple[int, str]:
+        """``max_query_tokens`` for ``model`` and where it comes from: the config, else the model card, else the
+        default."""
+        if self.params.max_query_tokens is not None:
+            return self.params.max_query_tokens, "config"
+        return model.max_query_tokens, model.max_query_tokens_from
+
     def _score_with(
         self,
         model: LoadedReranker,
@@ -499,7 +517,8 @@ class CrossEncoderRerank(Stage):
         """Scores by doc_id, from the cache where possible."""
         params = self.params
         chunking = params.long_documents == "chunks"
-        variant = f"{model.key}:{model.max_length}:{params.max_query_tokens}:" + (
+        max_query_tokens, _ = self._query_tokens(model)
+        variant = f"{model.key}:{model.max_length}:{max_query_tokens}:" + (
             f"chunks{params.chunk_overlap}x{params.max_chunks}" if chunking else "truncate"
         )
         window = hashlib.sha256("\x00".join([str(batch_size), *(digest for _, _, digest in items)]).encode()).hexdigest()
@@ -512,7 +531,7 @@ class CrossEncoderRerank(Stage):
             with model.lock:
                 scored = model.score(
                     query_text, [text for _, text, _ in items], batch_size=batch_size,
-                    max_query_tokens=params.max_query_tokens,
+                    max_query_tokens=max_query_tokens,
                     chunk_overlap=params.chunk_overlap if chunking else None,
                     max_chunks=params.max_chunks, oom_backoff=params.oom_backoff, events=events,
                 )
@@ -592,15 +611,21 @@ class CrossEncoderRerank(Stage):
         output.extend(rest)
 
         scored_all = {**full, **light}
+        characters = {candidate.doc_id: len(text) for candidate, text, _ in items}
+        # Token counts are lower bounds: of a long document only a prefix long enough for what is kept is tokenised.
         truncated = [
-            {"doc_id": doc_id, "document_tokens": s.document_tokens, "cut_tokens": s.document_cut}
+            {"doc_id": doc_id, "document_chars": characters[doc_id], "document_tokens_at_least": s.document_tokens,
+             "cut_tokens_at_least": s.document_cut}
             for doc_id, s in scored_all.items() if s.document_cut > 0
         ]
         query_cut = max((s.query_cut for s in scored_all.values()), default=0)
+        max_query_tokens, max_query_tokens_from = self._query_tokens(self._model)
         details.update({
             "reranked": len(scored_all),
             "passed_through": len(unscored) + len(rest),
             "max_length": self._model.max_length,
+            "max_query_tokens": max_query_tokens,
+            "max_query_tokens_from": max_query_tokens_from,
             "truncated": {"count": len(truncated), "documents": sorted(truncated, key=lambda t: t["doc_id"])},
             "cache": {"hits": len(hits), "misses": len(scored_all) - len(hits), "hit_doc_ids": sorted(hits),
                       "windows": len(self._cache)},
@@ -608,12 +633,16 @@ class CrossEncoderRerank(Stage):
         if query_cut:
             details["query_tokens_cut"] = query_cut
             decisions.append(Decision("query_truncated", f"the query was cut by {query_cut} tokens to "
-                                      f"max_query_tokens={params.max_query_tokens}"))
+                                      f"max_query_tokens={max_query_tokens} ({max_query_tokens_from})"))
         if truncated:
+            # The pair overflows, not necessarily the document: one shorter than max_length is cut when the query
+            # and the special tokens leave it less room.
+            how = (f"cut beyond their last chunk to fit {params.max_chunks} chunks of"
+                   if params.long_documents == "chunks" else "cut at their end to fit")
             decisions.append(Decision(
                 "documents_truncated",
-                f"{len(truncated)} of {len(scored_all)} documents exceed max_length {self._model.max_length} and "
-                + ("were cut beyond the last chunk" if params.long_documents == "chunks" else "were cut at the end"),
+                f"{len(truncated)} of {len(scored_all)} documents {how} max_length {self._model.max_length} "
+                "with the query",
             ))
         if params.long_documents == "chunks":
             details["chunked"] = sorted(
@@ -627,6 +656,7 @@ class CrossEncoderRerank(Stage):
                 "full_scored": len(full),
                 "light_model": self._light.resolved.name if self._light is not None else None,
                 "light_scored": len(light),
+                **({"light_max_query_tokens": self._query_tokens(self._light)[0]} if self._light is not None else {}),
                 "light_offset": light_offset,
                 "unscored": [c.doc_id for c in unscored],
             }
@@ -668,7 +698,9 @@ class CrossEncoderRerank(Stage):
             if note["offset"]:
                 details.append(Explanation(note["offset"], "shift keeping the light tier below the full tier"))
         if note["cut"]:
-            details.append(Explanation(float(note["cut"]), f"document tokens not seen (of {note['tokens']}; truncated)"))
+            details.append(Explanation(float(note["cut"]), (
+                f"document tokens not seen, at least (the document has at least {note['tokens']}; cut to fit "
+                f"max_length {model.max_length} with the query)")))
         if note["chunks"] > 1:
             details.append(Explanation(float(note["best_chunk"]),
                                        f"best of {note['chunks']} chunks (max over chunks), starting at document "

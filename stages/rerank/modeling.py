@@ -1,7 +1,8 @@
 """Cross-encoder plumbing shared by training and the rerank stage: pair encoding, heads, precision.
 
-Pairs are tokenised once, *without* library truncation, and cut here, so the caller learns
-exactly how many query and document tokens were dropped (truncation is recorded, never silent).
+Pairs are tokenised *without* library truncation and cut here, so the caller learns how many query and
+document tokens were dropped (truncation is recorded, never silent). A long document is tokenised as a prefix
+long enough for what is kept (the cost does not grow with its length), so its total is then a lower bound.
 The segment positions come from the fast tokenizer's ``sequence_ids``, so the same code serves a
 BERT template (``[CLS] q [SEP] d [SEP]``) and an XLM-R one (``<s> q </s></s> d </s>``).
 
@@ -15,6 +16,7 @@ torch is imported inside functions only.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +27,11 @@ SEGMENT_COSINE = "segment_cosine"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 DEFAULT_SCALE = 20.0
 DEFAULT_MAX_QUERY_TOKENS = 64
+# A long document is tokenised first as a prefix of this many characters per token the pair may keep (English runs
+# at 4 to 5 characters a token; numbers and symbols fewer), and at least MIN_PREFIX_CHARS: one tokenisation almost
+# always suffices, and a prefix too short is doubled.
+PREFIX_CHARS_PER_TOKEN = 8
+MIN_PREFIX_CHARS = 2048
 
 
 @dataclass(frozen=True)
@@ -36,11 +43,12 @@ class EncodedPair:
     query_positions: tuple[int, int]  # [start, end) of the query segment
     document_positions: tuple[int, int]  # [start, end) of the document segment
     query_tokens: int  # before any cut
-    document_tokens: int  # before any cut
+    document_tokens: int  # before any cut; a lower bound unless document_tokens_exact
     query_cut: int
-    document_cut: int
+    document_cut: int  # > 0 when the document was cut; a lower bound unless document_tokens_exact
     chunk: int = 0  # which chunk of the document (long-document mode)
     chunk_start: int = 0  # first document token of this chunk
+    document_tokens_exact: bool = True  # False: a prefix of a long document was tokenised, not the whole text
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -76,6 +84,55 @@ def _slice(
     return new_ids, new_types, (q0, q0 + query_keep), (new_d0, new_d1)
 
 
+def splits_at_spaces(tokenizer: Any) -> bool:
+    """True when the tokenizer's pre-tokenizer always ends a piece at a space (BERT, WordPiece/BPE ``Whitespace``,
+    SentencePiece ``Metaspace``, byte-level BPE): then the tokens of ``text[:j]``, where ``text[j]`` is a space after
+    a non-space, are exactly the first tokens of ``text``, and a long document can be tokenised as a prefix."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre_tokenizer = getattr(backend, "pre_tokenizer", None)
+    if pre_tokenizer is None:
+        return False
+    try:
+        spec = json.loads(pre_tokenizer.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return _spec_splits_at_spaces(spec)
+
+
+def _spec_splits_at_spaces(spec: Any) -> bool:
+    if not isinstance(spec, dict):
+        return False
+    kind = spec.get("type")
+    if kind in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit"):
+        return True
+    if kind == "Metaspace":
+        return spec.get("split", True) is True
+    if kind == "ByteLevel":
+        return spec.get("use_regex", True) is True
+    if kind == "Sequence":  # later pre-tokenizers only split further
+        return any(_spec_splits_at_spaces(part) for part in spec.get("pretokenizers") or [])
+    return False
+
+
+def _prefix_before_space(text: str, limit: int) -> str:
+    """The longest ``text[:j]`` with ``j <= limit``, ``text[j]`` a space and ``text[j - 1]`` no whitespace; "" if none.
+
+    Whitespace before the cut is left out too: a normalizer may turn a newline or a control character into a space
+    or drop it, and a prefix ending in one could tokenise differently from the same place in the whole text."""
+    cut = text.rfind(" ", 0, limit + 1)
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.rfind(" ", 0, cut)
+    return text[:cut] if cut > 0 else ""
+
+
+def document_tokens_read(max_length: int, chunk_overlap: int | None, max_chunks: int) -> int:
+    """At most how many document tokens a pair keeps: ``max_length`` when truncating, ``max_chunks`` windows with
+    ``chunk_overlap`` when chunking (what sizes the prefix ``encode_pairs`` tokenises first)."""
+    if chunk_overlap is None:
+        return max_length
+    return max_length + (max_chunks - 1) * max(1, max_length - chunk_overlap)
+
+
 def encode_pairs(
     tokenizer: Any,
     queries: Sequence[str],
@@ -91,65 +148,108 @@ def encode_pairs(
     Cutting policy: the query keeps at most ``max_query_tokens`` tokens when the pair is too long;
     the document then loses tokens from its end. With ``chunk_overlap`` set, a long document is
     instead split into overlapping windows (at most ``max_chunks``; what lies beyond is cut).
+
+    Cost: a document longer than ``PREFIX_CHARS_PER_TOKEN`` characters per token it may keep (at least
+    ``MIN_PREFIX_CHARS``) is tokenised as a prefix ending before a space, doubled until it yields more tokens than
+    are kept, else the whole text; so the cost does not grow with the document's length. The pairs are the ones
+    the whole text gives, token for token; only the document's total (``document_tokens``, ``document_cut``) is
+    then a lower bound (``document_tokens_exact`` False). A tokenizer that may join words across a space
+    (``splits_at_spaces`` False) reads whole texts.
     """
-    encoded = tokenizer(
-        list(queries),
-        list(documents),
-        add_special_tokens=True,
-        truncation=False,
-        padding=False,
-        return_attention_mask=False,
-        verbose=False,
-    )
-    results: list[list[EncodedPair]] = []
-    has_types = "token_type_ids" in encoded
-    for index in range(len(queries)):
-        ids = list(encoded["input_ids"][index])
-        types = list(encoded["token_type_ids"][index]) if has_types else None
-        sequence_ids = encoded.sequence_ids(index)
-        query_span = _segment_span(sequence_ids, 0)
-        doc_span = _segment_span(sequence_ids, 1)
-        if doc_span == (0, 0):
-            doc_span = (len(ids) - 1, len(ids) - 1)
-        query_tokens = query_span[1] - query_span[0]
-        doc_tokens = doc_span[1] - doc_span[0]
-        specials = len(ids) - query_tokens - doc_tokens
-        overflow = len(ids) - max_length
-        if overflow <= 0:
-            results.append(
-                [EncodedPair(tuple(ids), tuple(types) if types is not None else None, query_span, doc_span,
-                             query_tokens, doc_tokens, 0, 0)]
-            )
-            continue
-        query_keep = min(query_tokens, max_query_tokens)
-        room = max_length - specials - query_keep
-        if room < 1:  # absurdly small max_length: keep one document token, cut the query further
-            query_keep = max(0, max_length - specials - 1)
-            room = max(0, max_length - specials - query_keep)
-        query_cut = query_tokens - query_keep
-        if chunk_overlap is None or doc_tokens <= room:
-            doc_keep = min(doc_tokens, room)
-            new = _slice(ids, types, query_span, doc_span, query_keep, 0, doc_keep)
-            results.append([EncodedPair(new[0], new[1], new[2], new[3], query_tokens, doc_tokens,
-                                        query_cut, doc_tokens - doc_keep)])
-            continue
-        stride = max(1, room - chunk_overlap)
-        chunks = []
-        start = 0
-        while len(chunks) < max_chunks:
-            keep = min(room, doc_tokens - start)
-            new = _slice(ids, types, query_span, doc_span, query_keep, start, keep)
-            covered_to = start + keep
-            chunks.append((new, start, covered_to))
-            if covered_to >= doc_tokens:
-                break
-            start += stride
-        uncovered = doc_tokens - chunks[-1][2]
-        results.append(
-            [EncodedPair(n[0], n[1], n[2], n[3], query_tokens, doc_tokens, query_cut, uncovered, i, s)
-             for i, (n, s, _) in enumerate(chunks)]
+    queries, documents = list(queries), list(documents)
+    prefix_chars = max(MIN_PREFIX_CHARS,
+                       PREFIX_CHARS_PER_TOKEN * document_tokens_read(max_length, chunk_overlap, max_chunks))
+    # characters read of each document; None: the whole text
+    limits: list[int | None] = [prefix_chars if splits_at_spaces(tokenizer) else None] * len(documents)
+    results: list[list[EncodedPair] | None] = [None] * len(documents)
+    pending = list(range(len(documents)))
+    while pending:
+        texts = []
+        for index in pending:
+            limit = limits[index]
+            if limit is not None and limit >= len(documents[index]):
+                limits[index] = limit = None
+            texts.append(documents[index] if limit is None else _prefix_before_space(documents[index], limit))
+        encoded = tokenizer(
+            [queries[index] for index in pending],
+            texts,
+            add_special_tokens=True,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            verbose=False,
         )
-    return results
+        short = []
+        for row, index in enumerate(pending):
+            pairs = _cut_pair(encoded, row, max_length, max_query_tokens, chunk_overlap, max_chunks,
+                              whole=limits[index] is None)
+            if pairs is None:  # the prefix ends before what is kept: read twice as much
+                limits[index] = 2 * limits[index]  # type: ignore[operator]
+                short.append(index)
+            else:
+                results[index] = pairs
+        pending = short
+    return results  # type: ignore[return-value]
+
+
+def _cut_pair(
+    encoded: Any,
+    row: int,
+    max_length: int,
+    max_query_tokens: int,
+    chunk_overlap: int | None,
+    max_chunks: int,
+    *,
+    whole: bool,
+) -> list[EncodedPair] | None:
+    """The pair (or its chunks) of ``encoded``'s row ``row``; ``whole`` False: the row holds a prefix of the
+    document, and None says it is too short to give what the whole text would."""
+    ids = list(encoded["input_ids"][row])
+    types = list(encoded["token_type_ids"][row]) if "token_type_ids" in encoded else None
+    sequence_ids = encoded.sequence_ids(row)
+    query_span = _segment_span(sequence_ids, 0)
+    doc_span = _segment_span(sequence_ids, 1)
+    if doc_span == (0, 0):
+        doc_span = (len(ids) - 1, len(ids) - 1)
+    query_tokens = query_span[1] - query_span[0]
+    doc_tokens = doc_span[1] - doc_span[0]
+    specials = len(ids) - query_tokens - doc_tokens
+    overflow = len(ids) - max_length
+    if whole and overflow <= 0:
+        return [EncodedPair(tuple(ids), tuple(types) if types is not None else None, query_span, doc_span,
+                            query_tokens, doc_tokens, 0, 0)]
+    query_keep = min(query_tokens, max_query_tokens)
+    room = max_length - specials - query_keep
+    if room < 1:  # absurdly small max_length: keep one document token, cut the query further
+        query_keep = max(0, max_length - specials - 1)
+        room = max(0, max_length - specials - query_keep)
+    query_cut = query_tokens - query_keep
+    stride = max(1, room - chunk_overlap) if chunk_overlap is not None else 0
+    if not whole:
+        # The whole text has at least doc_tokens tokens. More than the pair keeps (more than the chunks reach):
+        # then it is cut as the prefix is, the same tokens kept; else the cut may lie beyond the prefix.
+        kept_at_most = room if chunk_overlap is None else room + (max_chunks - 1) * stride
+        if doc_tokens <= kept_at_most:
+            return None
+    if chunk_overlap is None or doc_tokens <= room:
+        doc_keep = min(doc_tokens, room)
+        new = _slice(ids, types, query_span, doc_span, query_keep, 0, doc_keep)
+        return [EncodedPair(new[0], new[1], new[2], new[3], query_tokens, doc_tokens, query_cut, doc_tokens - doc_keep,
+                            document_tokens_exact=whole)]
+    chunks = []
+    start = 0
+    while len(chunks) < max_chunks:
+        keep = min(room, doc_tokens - start)
+        new = _slice(ids, types, query_span, doc_span, query_keep, start, keep)
+        covered_to = start + keep
+        chunks.append((new, start, covered_to))
+        if covered_to >= doc_tokens:
+            break
+        start += stride
+    uncovered = doc_tokens - chunks[-1][2]
+    return [EncodedPair(n[0], n[1], n[2], n[3], query_tokens, doc_tokens, query_cut, uncovered, i, s,
+                        document_tokens_exact=whole)
+            for i, (n, s, _) in enumerate(chunks)]
 
 
 def collate(pairs: Sequence[EncodedPair], pad_token_id: int, with_segments: bool) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -222,15 +223,84 @@ def test_truncation_is_recorded_per_document(tiny_segment_cosine, bm25_index, wr
     assert any(d["code"] == "documents_truncated" for d in record["decisions"])
     tokenizer = _minilm_tokenizer()
     query_tokens = len(tokenizer(QUERY, add_special_tokens=False)["input_ids"])
+    kept = 48 - 3 - query_tokens
     by_id = {d["doc_id"]: d for d in truncated["documents"]}
     reranked = [c.doc_id for c in result.results if c.score_of("rerank") is not None]
     for doc_id, text in zip(reranked, _documents(pipeline, reranked)):
         doc_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        expected_cut = max(0, doc_tokens - (48 - 3 - query_tokens))
-        if expected_cut:
-            assert by_id[doc_id] == {"doc_id": doc_id, "document_tokens": doc_tokens, "cut_tokens": expected_cut}
+        if doc_tokens > kept:
+            # Only a prefix of a long document is tokenised: its counts are lower bounds, exact for a short one.
+            entry = by_id[doc_id]
+            assert entry["document_chars"] == len(text)
+            assert kept < entry["document_tokens_at_least"] <= doc_tokens
+            assert entry["cut_tokens_at_least"] == entry["document_tokens_at_least"] - kept
+            if len(text) <= 2048:
+                assert entry["document_tokens_at_least"] == doc_tokens
         else:
             assert doc_id not in by_id
+
+
+def test_a_document_cut_for_the_querys_room_is_not_said_to_exceed_max_length(tiny_segment_cosine, bm25_index,
+                                                                             write_config):
+    """Titles alone are shorter than max_length 32, but with the query and the special tokens some pairs are not:
+    the decision says that the pair is cut to fit, not that the documents exceed max_length."""
+    pipeline = _pipeline(write_config, bm25_index,
+                         f"{{model: {tiny_segment_cosine}, window: 10, max_length: 32, fields: [title]}}")
+    record = _stage_record(pipeline.search(QUERY).trace)
+    truncated = record["details"]["truncated"]
+    (decision,) = [d for d in record["decisions"] if d["code"] == "documents_truncated"]
+    assert decision["detail"] == (f"{truncated['count']} of 10 documents cut at their end to fit max_length 32 "
+                                   "with the query")
+    assert any(d["document_tokens_at_least"] < 32 for d in truncated["documents"]), truncated
+
+
+@pytest.fixture(scope="module")
+def tiny_segment_cosine_short_queries(tiny_segment_cosine, tmp_path_factory) -> Path:
+    """tiny_segment_cosine with a card that says it was trained with queries of at most 4 tokens."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("models") / "tiny-segment-cosine-q4"
+    shutil.copytree(tiny_segment_cosine, out)
+    card = json.loads((out / "sieve_model.json").read_text())
+    (out / "sieve_model.json").write_text(json.dumps({**card, "max_query_tokens": 4}))
+    return out
+
+
+def test_max_query_tokens_is_the_model_cards_unless_the_config_sets_it(
+    tiny_segment_cosine, tiny_segment_cosine_short_queries, bm25_index, write_config
+):
+    query_tokens = len(_minilm_tokenizer()(QUERY, add_special_tokens=False)["input_ids"])
+    assert 6 < query_tokens < 64
+    runs = {
+        "card": f"{{model: {tiny_segment_cosine_short_queries}, window: 3, max_length: 64}}",
+        "config": f"{{model: {tiny_segment_cosine_short_queries}, window: 3, max_length: 64, max_query_tokens: 6}}",
+        "no card value": f"{{model: {tiny_segment_cosine}, window: 3, max_length: 64}}",
+    }
+    records = {name: _stage_record(_pipeline(write_config, bm25_index, params, name=f"{i}.yaml").search(QUERY).trace)
+               for i, (name, params) in enumerate(runs.items())}
+    card = records["card"]
+    assert card["details"].get("query_tokens_cut") == query_tokens - 4
+    assert (card["details"]["max_query_tokens"], card["details"]["max_query_tokens_from"]) == (4, "model card")
+    assert "max_query_tokens=4 (model card)" in next(d["detail"] for d in card["decisions"]
+                                                       if d["code"] == "query_truncated")
+    config = records["config"]
+    assert (config["details"]["max_query_tokens"], config["details"]["max_query_tokens_from"]) == (6, "config")
+    assert config["details"]["query_tokens_cut"] == query_tokens - 6
+    default = records["no card value"]
+    assert (default["details"]["max_query_tokens"], default["details"]["max_query_tokens_from"]) == (64, "default")
+    assert "query_tokens_cut" not in default["details"]
+
+
+def test_a_card_with_a_bad_max_query_tokens_is_a_load_error(tiny_segment_cosine, tmp_path, bm25_index, write_config):
+    import shutil
+
+    model = tmp_path / "bad-card"
+    shutil.copytree(tiny_segment_cosine, model)
+    card = json.loads((model / "sieve_model.json").read_text())
+    (model / "sieve_model.json").write_text(json.dumps({**card, "max_query_tokens": "64"}))
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {model}, window: 3}}")
+    with pytest.raises(ModelLoadError, match="max_query_tokens must be a positive integer, not '64'"):
+        pipeline.warm_up()
 
 
 def test_query_longer_than_its_budget_is_cut_and_recorded(tiny_segment_cosine, bm25_index, write_config):
@@ -259,6 +329,7 @@ def test_chunk_mode_takes_the_best_chunk(tiny_segment_cosine, bm25_index, write_
         if doc_id in chunk_records and chunk_records[doc_id]["best_chunk"] == 0:
             assert score == pytest.approx(first_chunk[doc_id], abs=1e-4)
     assert details["truncated"]["count"] < _stage_record(truncating.trace)["details"]["truncated"]["count"]
+    assert all(c["chunks"] <= 50 for c in details["chunked"])
 
 
 # --------------------------------------------------------------------------- cascade, cache
@@ -570,6 +641,192 @@ def test_encoding_cuts_only_what_does_not_fit():
     assert len(chunks) == 1 + -(-(100 - room) // (room - 5))
     assert chunks[-1].document_cut == 0 and all(len(c) <= 40 for c in chunks)
     assert [c.chunk_start for c in chunks][:2] == [0, room - 5]
+
+
+class _CountingTokenizer:
+    """The real tokenizer, counting the characters of the documents it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.document_chars = 0
+
+    def __call__(self, queries, documents, **options):
+        self.document_chars += sum(len(d) for d in documents)
+        return self.tokenizer(queries, documents, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def _abstracts(mini_corpus: Path) -> list[str]:
+    rows = (mini_corpus / "corpus.jsonl").read_text().splitlines()
+    return [f"{d['title']} {d['text']}" for d in map(json.loads, rows)]
+
+
+def _long_documents(mini_corpus: Path, limits: Sequence[int]) -> list[str]:
+    """SciFact abstracts joined into long documents, and copies with awkward text put where a prefix would be cut
+    (at and around each of ``limits``): a word longer than WordPiece reads, runs of spaces, a newline or a control
+    character before a space, CJK, an accent as a combining mark, a no-break space, digits and punctuation."""
+    import random
+
+    texts = _abstracts(mini_corpus)
+    awkward = ["x" * 150 + " ", "   ", "\n \n", "\x1c ", "\t  ", "日本語のテキスト ", "cafe\u0301 ",
+               "a\u00a0b ", "12,345.67% ", "(p<0.05). "]
+    rng = random.Random(0)
+    documents = []
+    for number in range(2):
+        base = " ".join(rng.sample(texts, 2 + max(limits, default=0) // 1000))
+        documents.append(base)
+        for limit in limits:
+            for shift, junk in enumerate(awkward):
+                at = limit - 60 + 13 * shift + number
+                documents.append(base[:at] + junk + base[at:])
+    return documents
+
+
+def _whole_text_pairs(tokenizer, query: str, document: str, max_length: int, overlap: int | None, chunks: int):
+    """What the tokenizer itself gives for the pair from the whole text: (ids, types) of the first windows
+    (HF truncation ``only_second``; with ``overlap``, its overflowing windows, ``overlap`` tokens shared)."""
+    options = {"truncation": "only_second", "max_length": max_length}
+    if overlap is not None:
+        options.update(return_overflowing_tokens=True, stride=overlap)
+        encoded = tokenizer(query, document, **options)
+        return [(tuple(i), tuple(t)) for i, t in zip(encoded["input_ids"], encoded["token_type_ids"])][:chunks]
+    encoded = tokenizer(query, document, **options)
+    return [(tuple(encoded["input_ids"]), tuple(encoded["token_type_ids"]))]
+
+
+@pytest.mark.parametrize("overlap, chunks", [(None, 1), (16, 3)], ids=["truncate", "chunks"])
+def test_a_long_document_is_read_only_as_far_as_the_pair_needs(mini_corpus, overlap, chunks):
+    """The shipped model's tokenizer: a document of hundreds of thousands of characters is tokenised only as far
+    as the pair keeps (the cost no longer grows with its length), and the pair is, token for token, the one the
+    whole text gives; the document's token count is then a lower bound, and says so."""
+    from transformers import AutoTokenizer
+
+    from stages.rerank.modeling import encode_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    query = "insulin therapy"
+    huge = " ".join(_abstracts(mini_corpus))
+    assert len(huge) > 500_000
+    counting = _CountingTokenizer(tokenizer)
+    (pairs,) = encode_pairs(counting, [query], [huge], 128, chunk_overlap=overlap, max_chunks=chunks)
+    assert counting.document_chars < 40_000
+    assert [(p.input_ids, p.token_type_ids) for p in pairs] == _whole_text_pairs(tokenizer, query, huge, 128,
+                                                                                 overlap, chunks)
+    whole = len(tokenizer(huge, add_special_tokens=False)["input_ids"])
+    assert not pairs[0].document_tokens_exact and 0 < pairs[-1].document_cut < whole - 128
+    assert pairs[0].document_tokens < whole
+
+
+@pytest.mark.parametrize("overlap, chunks", [(None, 1), (16, 3)], ids=["truncate", "chunks"])
+def test_the_prefix_read_gives_the_whole_texts_pairs_wherever_it_ends(mini_corpus, overlap, chunks):
+    """Awkward text where the prefix that is read ends (and where its doubling ends) changes nothing: every pair
+    is, token for token, the one the whole text gives, so the scores cannot differ."""
+    from transformers import AutoTokenizer
+
+    from stages.rerank.modeling import MIN_PREFIX_CHARS, PREFIX_CHARS_PER_TOKEN, document_tokens_read, encode_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    query = "insulin therapy"
+    query_tokens = len(tokenizer(query, add_special_tokens=False)["input_ids"])
+    assert tokenizer.tokenize("insu") == ["ins", "##u"] and tokenizer.tokenize("insulin") == ["insulin"]
+    lengths = (64, 300)
+    prefixes = {n: max(MIN_PREFIX_CHARS, PREFIX_CHARS_PER_TOKEN * document_tokens_read(n, overlap, chunks))
+                for n in lengths}
+    # where a prefix ends
+    documents = _long_documents(mini_corpus, sorted(set(prefixes.values()) | {2 * p for p in prefixes.values()}))
+    for max_length in lengths:
+        # A word split by the prefix's end ("insu|lin": "ins ##u") right after one token fewer than the pair keeps:
+        # a prefix cut inside the word would hand the pair "ins" for "insulin".
+        room = max_length - 3 - query_tokens
+        kept = room if overlap is None else room + (chunks - 1) * (room - overlap)
+        gap = (prefixes[max_length] - 4) // (kept - 1)
+        filler = ("a" + " " * (gap - 1)) * (kept - 1)
+        split_word = filler + " " * (prefixes[max_length] - 4 - len(filler)) + "insulin therapy " * 100
+        encoded = encode_pairs(tokenizer, [query] * (len(documents) + 1), [*documents, split_word], max_length,
+                               chunk_overlap=overlap, max_chunks=chunks)
+        assert len(encoded[-1][-1].input_ids) == max_length
+        for document, pairs in zip([*documents, split_word], encoded):
+            assert [(p.input_ids, p.token_type_ids) for p in pairs] == _whole_text_pairs(
+                tokenizer, query, document, max_length, overlap, chunks)
+
+
+def test_a_tokenizer_that_may_join_words_across_a_space_reads_whole_documents(mini_corpus, tmp_path):
+    """Prefixes are read only where the pre-tokenizer splits at spaces (BERT, Metaspace, byte-level BPE): tiny
+    tokenizers of each kind trained here on the slice give the whole text's pairs; one without a pre-tokenizer
+    (its pieces may span a space) is given the whole texts."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.rerank.modeling import encode_pairs, splits_at_spaces
+
+    corpus = _abstracts(mini_corpus)[:100]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+
+    def fast(model, trainer, normalizer=None, pre_tokenizer=None, decoder=None):
+        tokenizer = Tokenizer(model)
+        if normalizer is not None:
+            tokenizer.normalizer = normalizer
+        if pre_tokenizer is not None:
+            tokenizer.pre_tokenizer = pre_tokenizer
+        if decoder is not None:
+            tokenizer.decoder = decoder
+        tokenizer.train_from_iterator(corpus, trainer)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B:1 </s>:1",
+            special_tokens=[("<s>", tokenizer.token_to_id("<s>")), ("</s>", tokenizer.token_to_id("</s>"))],
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>", unk_token="<unk>")
+
+    byte_level = fast(models.BPE(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+                      pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False), decoder=decoders.ByteLevel())
+    metaspace = fast(models.Unigram(),
+                     trainers.UnigramTrainer(vocab_size=600, special_tokens=specials, unk_token="<unk>",
+                                             show_progress=False),
+                     normalizer=normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]),
+                     pre_tokenizer=pre_tokenizers.Metaspace())
+    # no pre-tokenizer: its merges may span a space
+    joining = fast(models.BPE(unk_token="<unk>"), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                                      show_progress=False))
+    assert splits_at_spaces(byte_level) and splits_at_spaces(metaspace) and not splits_at_spaces(joining)
+
+    documents = _long_documents(mini_corpus, [2048, 4096])
+    query = "insulin therapy"
+    for tokenizer in (byte_level, metaspace, joining):
+        counting = _CountingTokenizer(tokenizer)
+        encoded = encode_pairs(counting, [query] * len(documents), documents, 64)
+        for document, (pair,) in zip(documents, encoded):
+            expected = tokenizer(query, document, truncation="only_second", max_length=64)["input_ids"]
+            assert pair.input_ids == tuple(expected)
+        read_whole = counting.document_chars == sum(len(d) for d in documents)
+        assert read_whole == (tokenizer is joining)
+
+
+def test_the_score_of_a_long_document_is_the_whole_texts(mini_corpus):
+    """The shipped model scores a long document's pair exactly as the pair that the whole text gives."""
+    from stages.rerank.cross_encoder import LoadedReranker
+    from stages.rerank.modeling import EncodedPair
+
+    model = LoadedReranker(str(SHIPPED_MODEL), ROOT, "cpu", "fp32", None)
+    query = "insulin therapy"
+    documents = _long_documents(mini_corpus, [4096])[:4]
+    scored = model.score(query, documents, batch_size=4, max_query_tokens=64, chunk_overlap=None, max_chunks=8,
+                         oom_backoff=False, events=[])
+    reference = []
+    for document in documents:
+        encoded = model.tokenizer(query, document, truncation="only_second", max_length=model.max_length)
+        segments = encoded.sequence_ids(0)
+        query_rows = [i for i, s in enumerate(segments) if s == 0]
+        document_rows = [i for i, s in enumerate(segments) if s == 1]
+        reference.append(EncodedPair(
+            tuple(encoded["input_ids"]), tuple(encoded["token_type_ids"]), (query_rows[0], query_rows[-1] + 1),
+            (document_rows[0], document_rows[-1] + 1), len(query_rows), len(document_rows), 0, 0,
+        ))
+    assert [s.score for s in scored] == model.score_encoded(reference, 4)
+    assert all(s.document_cut > 0 for s in scored)
 
 
 # --------------------------------------------------------------------------- training
