@@ -285,20 +285,41 @@ class Embedder:
     ) -> tuple[Any, list[int], list[int]]:
         """Unit vectors for ``texts``, with each text's token count before and after the cut.
 
-        Texts are tokenised and length-sorted ``chunk`` at a time, so a corpus of millions never
-        holds all its token ids in Python lists at once.
+        Each distinct text is embedded once and its vector reused for every repeat of it: run again,
+        a repeat could share a batch padded to another width and come out a few ulps apart, and
+        documents with the same text would no longer tie. Distinct texts are tokenised and
+        length-sorted ``chunk`` at a time, so a corpus of millions never holds all its token ids in
+        Python lists at once. ``progress`` counts repeats too, once every distinct text is done.
         """
         import numpy as np
 
+        slot_of: dict[str, int] = {}  # distinct text -> its position among the distinct texts
+        slot_list: list[int] = []  # each text's slot
+        first_list: list[int] = []  # each slot's first row
+        for row, text in enumerate(texts):
+            slot = slot_of.setdefault(text, len(slot_of))
+            if slot == len(first_list):
+                first_list.append(row)
+            slot_list.append(slot)
+        distinct = list(slot_of)
+        del slot_of
+        slots = np.asarray(slot_list, dtype=np.int64)
+        first_row = np.asarray(first_list, dtype=np.int64)
         vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        full_tokens: list[int] = []
-        kept_tokens: list[int] = []
-        for start in range(0, len(texts), chunk):
-            encoded = self.tokenize(texts[start : start + chunk], max_length)
-            vectors[start : start + len(encoded.encodings)] = self.embed_encoded(encoded, batch_size, progress)
-            full_tokens.extend(encoded.full_tokens)
-            kept_tokens.extend(encoded.kept_tokens)
-        return vectors, full_tokens, kept_tokens
+        full_tokens = np.zeros(len(distinct), dtype=np.int64)
+        kept_tokens = np.zeros(len(distinct), dtype=np.int64)
+        for start in range(0, len(distinct), chunk):
+            encoded = self.tokenize(distinct[start : start + chunk], max_length)
+            stop = start + len(encoded.encodings)
+            vectors[first_row[start:stop]] = self.embed_encoded(encoded, batch_size, progress)
+            full_tokens[start:stop] = encoded.full_tokens
+            kept_tokens[start:stop] = encoded.kept_tokens
+        repeats = np.flatnonzero(first_row[slots] != np.arange(len(texts)))
+        if repeats.size:
+            vectors[repeats] = vectors[first_row[slots[repeats]]]
+            if progress is not None:
+                progress(int(repeats.size))
+        return vectors, full_tokens[slots].tolist(), kept_tokens[slots].tolist()
 
     def embed_query(self, text: str, *, instruction: str | None, max_length: int) -> tuple[Any, int, int]:
         """(unit vector, tokens before the cut, tokens kept) for a query; recent queries are cached."""

@@ -4,6 +4,7 @@ Documents are embedded by a bi-encoder (default ``sentence-transformers/all-Mini
 pooling, no query instruction; see :mod:`stages.embedding`), L2-normalised, and stored in faiss:
 an exact ``IndexFlatIP`` up to ``hnsw_above`` documents, an HNSW graph above that. The manifest
 records the model (name, source, weights sha256), pooling, lengths, dimension and index type.
+Documents with the same text share one embedding, bit for bit, so they tie and rank by doc_id.
 
 The stage embeds the query with the same model (a different one is refused: the vectors would
 live in another space), searches with the prefilter mask *inside* faiss (an ``IDSelectorBitmap``),
@@ -142,6 +143,7 @@ class DenseComponent(IndexComponent):
             "truncated_documents": truncated,
             "max_document_tokens": int(token_counts.max()) if count else 0,
             "empty_documents": sum(1 for t in texts if not t.strip()),
+            "duplicate_texts": len(texts) - len(set(texts)),  # repeats of an earlier text: they reuse its vector
             "embed_seconds": round(embed_seconds, 2),
         }
         (out_dir / META_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True), encoding="utf-8")

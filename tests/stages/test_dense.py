@@ -193,6 +193,40 @@ def test_equal_scores_break_on_doc_id_even_at_the_k_boundary(tmp_path, write_con
     assert top3.results[0].score == top3.results[2].score
 
 
+def test_documents_with_the_same_text_share_one_vector_and_rank_by_doc_id(tmp_path, write_config):
+    """Repeats of a text reuse its vector bit for bit, wherever the length-sorted batches split them.
+
+    Embedded again, the two repeats that share a batch with the longer documents were padded to their
+    width and came out a few ulps apart: the top 12 began d02, d07 instead of d00, d01.
+    """
+    text = "Zebra stripes camouflage in the savanna grassland"
+    same = [f"d{i:02d}" for i in range(12)]
+    others = [
+        {"_id": f"o{n}", "title": "Markets", "text": " ".join(["stock markets fell on tuesday"] * n)} for n in (2, 3, 5)
+    ] + [{"_id": "s1", "title": "", "text": "Tides."}, {"_id": "s2", "title": "", "text": "Bread rises."}]
+    shuffled = [same[i] for i in (7, 2, 11, 0, 5, 9, 3, 10, 1, 6, 4, 8)]
+    docs = others[:2] + [{"_id": d, "title": "", "text": text} for d in shuffled] + others[2:]
+    index = tmp_path / "repeats"
+    reported: list[tuple[int, int | None]] = []
+
+    def progress(task: str, advance: int, total: int | None) -> None:
+        if task == "dense embed":
+            reported.append((advance, total))
+
+    # batch_size 5: the 3 longer documents share the first batch with 2 repeats, padded to their width.
+    manifest = build_index(_write_corpus(tmp_path / "corpus", docs), index, {"dense": {"batch_size": 5}}, progress)
+    assert manifest["components"]["dense"]["duplicate_texts"] == 11
+    assert sum(advance for advance, _ in reported) == len(docs)  # the reused vectors are counted too
+    assert {total for _, total in reported} == {len(docs)}
+    vectors = _vectors(index)
+    rows = [Index.open(index).doc_ids().index(d) for d in same]
+    assert all(np.array_equal(vectors[row], vectors[rows[0]]) for row in rows)
+
+    result = _pipeline(write_config, index, "top_k: 12").search("zebra stripes camouflage")
+    assert [c.doc_id for c in result.results] == same
+    assert len({c.score for c in result.results}) == 1
+
+
 def test_hnsw_above_a_size_gives_an_hnsw_index_with_the_same_answers(tmp_path, mini_corpus, dense_index, write_config):
     docs = _documents(mini_corpus)[:120]
     index = tmp_path / "hnsw"
