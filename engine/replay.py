@@ -8,8 +8,10 @@ the time it was written, where it was logged, and a reranker's score-cache count
 Each difference comes with its cause where one can be named: another index manifest (rebuilt from the same
 corpus or not, and which components' files changed), a config that differs, a rule, glossary or gazetteer
 file whose content changed (by its recorded sha256), a model with other weights or run at another precision.
-What does not make a replay differ is reported as a note: the engine's version, and settings a newer engine
-adds at their defaults (they change the config's sha256 but not what ran).
+What does not make a replay differ is reported as a note: the engine's version, settings a newer engine
+adds at their defaults (they change the config's sha256 but not what ran), and, for a trace another engine
+version wrote, prose worded differently (descriptions, decision details) and fields only one of the two
+engines records; ids, scores and the values of fields both record must still be the same.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ VOLATILE_KEYS = frozenset({"started_ms", "duration_ms", "timings_ms", "timing_ms
 VOLATILE_DETAILS = frozenset({"cache", "rule_warnings"})
 # Machine-specific locations: a replay on another machine, or of a moved config, finds the same content elsewhere.
 LOCATION_KEYS = frozenset({"file", "location", "path", "dir"})
+# Prose a newer engine may word differently: across engine versions a change here is a note, not a difference
+WORDING_KEYS = frozenset({"description", "detail", "message"})
+MAX_WORDING_NOTED = 8
 
 
 def _sha256(text: str) -> str:
@@ -140,7 +145,15 @@ def replay_trace(
             differences.append(f"rank {rank}: trace has {old[0]}, replay has {new[0]}")
         elif old[1] != new[1]:
             differences.append(f"rank {rank} ({old[0]}): score {old[1]!r} in the trace, {new[1]!r} now")
-    detailed = _content_differences(before_trace, now)
+    # Across engine versions, wording and fields one engine records and the other does not are notes: what
+    # ran (ids, scores, values of fields both record) must still be the same
+    wording: list[str] | None = [] if recorded_version != __version__ else None
+    detailed = _content_differences(before_trace, now, wording)
+    if wording:
+        listed = "; ".join(wording[:MAX_WORDING_NOTED]) + (
+            f"; … and {len(wording) - MAX_WORDING_NOTED} more" if len(wording) > MAX_WORDING_NOTED else "")
+        notes.append(f"engine {recorded_version or '(not recorded)'} -> {__version__}: {len(wording)} differences "
+                     f"in wording or in fields only one of them records, not counted: {listed}")
     if detailed:
         shown = detailed[:MAX_DETAILED]
         differences.extend(shown)
@@ -356,26 +369,29 @@ def _rewrite_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[
 # ---------------------------------------------------------------------------- content
 
 
-def _content_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def _content_differences(before: dict[str, Any], now: dict[str, Any],
+                         wording: list[str] | None = None) -> list[str]:
     """Path-by-path differences in what a re-run must reproduce: the query record, whether the run was degraded,
     the output stage, every stage's record (output ids and scores, drops, decisions, details, rewritten query)
     and every result (ledger, explanation tree, document). Volatile fields are left out (``VOLATILE_KEYS``)."""
     found: list[str] = []
     for key in ("query", "degraded", "output"):
-        _diff(before.get(key), now.get(key), key, found)
+        _diff(before.get(key), now.get(key), key, found, wording)
     old_stages = {s.get("id"): s for s in before.get("stages", []) if isinstance(s, dict)}
     new_stages = {s.get("id"): s for s in now.get("stages", [])}
     if list(old_stages) != list(new_stages):
         found.append(f"stages: trace has {list(old_stages)}, replay has {list(new_stages)}")
     for stage_id, record in old_stages.items():
         if stage_id in new_stages:
-            _diff(record, new_stages[stage_id], f"stages[{stage_id}]", found)
+            _diff(record, new_stages[stage_id], f"stages[{stage_id}]", found, wording)
     for position, (old, new) in enumerate(zip(before.get("results", []), now.get("results", []))):
-        _diff(old, new, f"results[{position}]", found)
+        _diff(old, new, f"results[{position}]", found, wording)
     return found
 
 
-def _diff(old: Any, new: Any, path: str, found: list[str]) -> None:
+def _diff(old: Any, new: Any, path: str, found: list[str], wording: list[str] | None = None) -> None:
+    """Differences into ``found``; with ``wording`` (a trace from another engine version), differences in
+    prose (``WORDING_KEYS``) and fields only one side records go there instead."""
     if isinstance(old, dict) and isinstance(new, dict):
         in_details = path.endswith(".details")
         for key in list(old) + [k for k in new if k not in old]:
@@ -385,17 +401,23 @@ def _diff(old: Any, new: Any, path: str, found: list[str]) -> None:
                 continue
             where = f"{path}.{key}"
             if key not in new:
-                found.append(f"{where}: {_show(old[key])} in the trace, absent in the replay")
+                (found if wording is None else wording).append(
+                    f"{where}: {_show(old[key])} in the trace, absent in the replay")
             elif key not in old:
                 if new[key] in (None, False, [], {}, "") or where == "query.history_sha256":
                     continue  # a field a newer engine writes, empty here (or the turns' hashes, checked above)
-                found.append(f"{where}: absent in the trace, {_show(new[key])} in the replay")
+                (found if wording is None else wording).append(
+                    f"{where}: absent in the trace, {_show(new[key])} in the replay")
+            elif wording is not None and key in WORDING_KEYS and isinstance(old[key], str) and isinstance(
+                    new[key], str):
+                if old[key] != new[key]:
+                    wording.append(f"{where} worded differently")
             else:
-                _diff(old[key], new[key], where, found)
+                _diff(old[key], new[key], where, found, wording)
     elif isinstance(old, list) and isinstance(new, list):
         if len(old) != len(new):
             found.append(f"{path}: {len(old)} entries in the trace, {len(new)} in the replay")
         for position, (a, b) in enumerate(zip(old, new)):
-            _diff(a, b, f"{path}[{position}]", found)
+            _diff(a, b, f"{path}[{position}]", found, wording)
     elif old != new or (type(old) is not type(new) and not _same_number(old, new)):
         found.append(f"{path}: {_show(old)} in the trace, {_show(new)} in the replay")

@@ -157,6 +157,36 @@ def test_an_identity_field_of_a_glossary_is_compared(bm25_index, write_config, t
     assert any(d.startswith("rewritten query differs") and "cyanocobalamin" in d for d in report["differences"])
 
 
+def test_another_engine_versions_wording_and_fields_are_notes_but_what_ran_is_compared(medical_config, tmp_path):
+    """A trace an older engine wrote: a reworded description or decision, and a detail it did not record, are
+    notes (every older trace replayed 'different' after a message was reworded); a drop reason, a rule id
+    and a score are still differences. The same edits under the current version are differences."""
+    trace = _medical_trace(medical_config(), tmp_path / "t.json")
+    floor = next(s for s in trace["stages"] if s["id"] == "floor")
+    bm25 = next(s for s in trace["stages"] if s["id"] == "bm25")
+    trace["results"][0]["explanation"]["details"][0]["description"] = "an older engine's words"
+    floor["drops"][0]["detail"] = "an older engine's words"
+    del bm25["details"]["searched"]  # a field the older engine did not record
+
+    same_version = replay_trace(json.loads(json.dumps(trace)))
+    assert not same_version["identical"] and len(same_version["differences"]) == 3, same_version["differences"]
+
+    trace["engine_version"] = "0.0.9"
+    older = replay_trace(json.loads(json.dumps(trace)))
+    assert older["identical"], older["differences"]
+    note = next(n for n in older["notes"] if n.startswith("engine 0.0.9 -> ") and "not counted" in n)
+    assert "3 differences in wording or in fields only one of them records" in note
+    assert "stages[bm25].details.searched: absent in the trace" in note
+
+    floor["drops"][0]["reason"] = "withdrawn_by_legal"
+    trace["results"][1]["score"] += 0.5
+    edited = replay_trace(trace)
+    assert not edited["identical"]
+    text = "\n".join(edited["differences"])
+    assert "stages[floor].drops[0].reason: 'withdrawn_by_legal' in the trace" in text
+    assert "rank 2" in text and "score" in text
+
+
 # ---------------------------------------------------------------------------- 3a. everything a re-run reproduces
 
 
