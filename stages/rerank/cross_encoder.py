@@ -477,6 +477,12 @@ class CrossEncoderRerank(Stage):
         params = self.params
         name = self._model_name()
         base_dir = resources.base_dir
+        if params.model is None and not (REPO_ROOT / DEFAULT_MODEL_DIR).is_dir():
+            raise ModelLoadError(
+                f"stage '{self.id}': the shipped reranker ({DEFAULT_MODEL_DIR}) comes with a checkout of Sieve and "
+                f"is not in {REPO_ROOT} (an installed wheel does not carry it): install Sieve from its checkout "
+                "(pip install -e .), or set the stage's `model:` to a model directory or hub id"
+            )
 
         def load(model_name: str) -> LoadedReranker:
             return LoadedReranker(model_name, base_dir, params.device, params.precision, params.max_length)

@@ -1232,3 +1232,17 @@ def test_numbers_that_cannot_train_are_refused_before_work(tmp_path, overrides, 
     config = TrainConfig(**{"data": str(tmp_path / "missing"), "out": str(tmp_path / "m"), **overrides})
     with pytest.raises(SieveError, match=message):
         train(config, log=lambda line: None)
+
+
+def test_the_shipped_model_missing_from_an_installed_copy_is_said_plainly(bm25_index, write_config, tmp_path,
+                                                                          monkeypatch):
+    """Installed from a wheel, the default model path pointed into site-packages: 'model directory
+    .../site-packages/models/... does not exist'. The error now says why and what to do."""
+    from engine.errors import ModelLoadError
+    from stages.rerank import cross_encoder
+
+    monkeypatch.setattr(cross_encoder, "REPO_ROOT", tmp_path / "site-packages")
+    pipeline = _pipeline(write_config, bm25_index, "{window: 5}")
+    with pytest.raises(ModelLoadError, match=r"the shipped reranker \(models/sieve-reranker-scifact-minilm\) comes "
+                                             r"with a checkout of Sieve.*set the stage's `model:`"):
+        pipeline.warm_up()
