@@ -9,6 +9,7 @@ trace degraded.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import graphlib
 import threading
@@ -25,7 +26,7 @@ from engine.compiler import CompiledPipeline, compile_file
 from engine.errors import ModelLoadError, SieveError, SieveIndexError, StageError, TraceError
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, UserContext
-from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult
+from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult, run_notes
 from engine.trace import TRACE_SCHEMA, TraceLog, canonical
 
 
@@ -122,6 +123,10 @@ class Pipeline:
     def run(self, query: Query, *, keep_outcomes: bool = False) -> RunResult:
         """Run one query. ``keep_outcomes``: the result also holds every stage's full candidate list and mask
         (the trace only summarises them), for ``why_not``; it costs nothing but the memory while it is held."""
+        with run_notes():  # what stages note for explanations lives as long as the run, whatever the load
+            return self._run(query, keep_outcomes)
+
+    def _run(self, query: Query, keep_outcomes: bool) -> RunResult:
         resources = self.warm_up()
         compiled = self.compiled
         started = time.perf_counter()
@@ -145,7 +150,7 @@ class Pipeline:
                 while sorter.is_active():
                     ready = list(sorter.get_ready())
                     for stage_id in ready[1:]:
-                        pending[pool.submit(execute, stage_id)] = stage_id
+                        pending[pool.submit(contextvars.copy_context().run, execute, stage_id)] = stage_id
                     if ready:
                         # One ready stage runs on this thread: no hand-off cost for linear chains.
                         outcomes[ready[0]] = execute(ready[0])

@@ -9,7 +9,9 @@ heavy (an index, a model) is loaded in :meth:`Stage.warm_up`, once per process.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -174,21 +176,48 @@ class Resources:
         return self._shared[key]
 
 
+# The notes the stages of the pipeline run in progress made, by (store, key): see ``RecentNotes``
+_RUN_NOTES: ContextVar[dict[tuple[int, Hashable], Any] | None] = ContextVar("sieve_run_notes", default=None)
+_ABSENT = object()
+
+
+@contextmanager
+def run_notes() -> Iterator[None]:
+    """Within it (one pipeline run, its stage threads given a copy of the context), every note a stage puts
+    is also kept for the run: the run's explanations read them whatever other queries evicted meanwhile."""
+    token = _RUN_NOTES.set({})
+    try:
+        yield
+    finally:
+        _RUN_NOTES.reset(token)
+
+
 class RecentNotes:
     """What a stage computed for its most recent queries, kept for ``explain`` (bounded, thread-safe).
 
     ``put``/``get`` key by any hashable (e.g. the query text); ``put_for``/``get_for`` key by the
     :class:`Query` object itself, so a note is only ever read back for the very query it was made
-    for (the Query is held, so its id cannot be reused while the entry lives).
+    for (the Query is held, so its id cannot be reused while the entry lives). Inside a pipeline run
+    (:func:`run_notes`) a note is also held by the run until it ends: on a busy server 64 other queries
+    could pass a stage between a slow query's run of it and that query's explanations, which then lost
+    their detail (and its trace replayed as different).
     """
 
     def __init__(self, capacity: int = 64):
         self._items: LRUCache[Hashable, Any] = LRUCache(capacity)
 
     def put(self, key: Hashable, notes: Any) -> None:
+        run = _RUN_NOTES.get()
+        if run is not None:
+            run[(id(self), key)] = notes
         self._items.put(key, notes)
 
     def get(self, key: Hashable) -> Any:
+        run = _RUN_NOTES.get()
+        if run is not None:
+            found = run.get((id(self), key), _ABSENT)
+            if found is not _ABSENT:
+                return found
         return self._items.get(key)
 
     def put_for(self, query: Query, notes: Any) -> None:

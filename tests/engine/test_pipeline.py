@@ -309,3 +309,56 @@ def test_the_cli_passes_user_attributes_that_access_rules_read(tmp_path):
     bad = runner.invoke(app, [*base, "--attribute", "wall_crossed"])
     assert isinstance(bad.exception, SieveError)  # the console entry point prints it and exits 2
     assert str(bad.exception) == "--attribute takes NAME=VALUE (e.g. wall_crossed=yes), got 'wall_crossed'"
+
+
+@pytest.fixture
+def busy_stage():
+    """A stage during whose run 100 other queries go through the same pipeline (as on a busy server, while one
+    query waits on a slow stage). Registered for one test only."""
+    from engine import registry
+    from engine.stage import Stage, StageParams, StageResult
+
+    class Busy(Stage):
+        type_name = "test.busy"
+        version = 1
+        Params = StageParams
+        summary = "test only: runs 100 other queries through its pipeline, then passes its input on"
+        pipeline: Pipeline | None = None
+
+        def run(self, ctx):
+            if Busy.pipeline is not None and ctx.query.text.endswith("slow"):
+                for i in range(100):
+                    Busy.pipeline.search(f"vitamin dose {i}")
+            (incoming,) = ctx.inputs
+            return StageResult(candidates=list(incoming))
+
+    registry.register_stage(Busy)
+    yield Busy
+    registry._stages.pop(Busy.type_name)
+
+
+def test_explanations_keep_their_detail_however_many_queries_pass_meanwhile(busy_stage, bm25_index, write_config):
+    """Stages note what explain() needs in a store of the 64 most recent queries, and explanations are built when
+    the run ends: 64 queries passing a stage meanwhile evicted a slow query's notes, its fusion explanation lost
+    its parts and its trace replayed as different. The notes now live as long as the run."""
+    config = write_config(f"""\
+version: 1
+index: {bm25_index}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 10}}}}
+  - {{id: bm25b, type: recall.bm25, params: {{top_k: 5}}}}
+  - {{id: hybrid, type: fuse.rrf, inputs: [bm25, bm25b], params: {{k: 60, top_k: 10}}}}
+  - {{id: busy, type: {busy_stage.type_name}, inputs: [hybrid]}}
+  - {{id: final, type: select.top_k, inputs: [busy], params: {{k: 3}}}}
+output: final
+trace: {{log: null}}
+""")
+    pipeline = Pipeline.from_file(config)
+    quiet = pipeline.search("vitamin B12 homocysteine slow").trace
+    busy_stage.pipeline = pipeline
+    busy = pipeline.search("vitamin B12 homocysteine slow").trace
+    fusion = busy["results"][0]["explanation"]["details"][-1]
+    assert len(fusion["details"]) == 2, fusion  # one part per input: it had none
+    assert [r["explanation"] for r in busy["results"]] == [r["explanation"] for r in quiet["results"]]
+    busy_stage.pipeline = None
+    assert replay_trace(busy)["identical"]
