@@ -25,7 +25,8 @@ from engine import __version__
 from engine.compiler import CompiledPipeline, compile_file
 from engine.errors import ModelLoadError, SieveError, SieveIndexError, StageError, TraceError
 from engine.index import Index
-from engine.model import Candidate, Decision, Drop, Query, UserContext
+from engine.model import Candidate, Decision, Drop, Query, ScoreEntry, UserContext
+from engine.registry import plugin_of
 from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult, run_notes
 from engine.trace import TRACE_SCHEMA, TraceLog, canonical
 
@@ -208,10 +209,15 @@ class Pipeline:
             "input_counts": [len(items) for items in lists],
             "started_ms": round((begin - started) * 1000.0, 3),
         }
+        plugin = plugin_of(stage.type_name, stage.version)
+        if plugin is not None:  # a third party's stage: which package ran it (replay needs it installed)
+            record["plugin"] = plugin
         try:
             if stage_id in self.unavailable:
                 raise StageError(stage_id, stage.qualified_name(), self.unavailable[stage_id])
             result = stage.run(ctx)
+            if plugin is not None:
+                _check_plugin_result(stage_id, stage.produces, result, lists, resources)
             status, error = "ok", None
         except Exception as exc:
             if isinstance(exc, StageError) and exc.stage_id == stage_id:
@@ -433,3 +439,61 @@ def _decision(decision: Decision) -> dict[str, Any]:
     if decision.data:
         record["data"] = decision.data
     return record
+
+
+def _check_plugin_result(stage_id: str, produces: Port, result: Any, lists: list[list[Candidate]],
+                         resources: Resources) -> None:
+    """A third party's stage result, checked before the engine takes it (a bad one is the stage's error, so
+    ``on_error`` applies): a StageResult; candidates that are Candidates of real rows, each document once;
+    a ledger that keeps its inputs' entries as they were plus at most one of the stage's own (a score under
+    another stage's name would be credited to that stage in the trace); finite scores; drops, decisions and
+    details of the right kinds, the details plain JSON."""
+    import json
+    import math
+
+    def fail(message: str) -> None:
+        raise SieveError(f"the plugin stage returned {message}")
+
+    if not isinstance(result, StageResult):
+        fail(f"a {type(result).__name__}, not a StageResult")
+    if produces is Port.CANDIDATES and result.candidates is not None:
+        if not isinstance(result.candidates, list):
+            fail(f"candidates as a {type(result.candidates).__name__}, not a list")
+        index = resources.index
+        doc_ids = index.doc_ids() if index is not None else None
+        given = {}
+        for items in lists:
+            for candidate in items:
+                for entry in candidate.ledger:
+                    given[(candidate.doc_id, entry.stage)] = entry
+        seen: set[str] = set()
+        for position, candidate in enumerate(result.candidates):
+            if not isinstance(candidate, Candidate):
+                fail(f"a {type(candidate).__name__} at position {position} of its candidates, not a Candidate")
+            if candidate.doc_id in seen:
+                fail(f"document '{candidate.doc_id}' twice")
+            seen.add(candidate.doc_id)
+            if doc_ids is not None and not (isinstance(candidate.row, int) and 0 <= candidate.row < len(doc_ids)
+                                            and doc_ids[candidate.row] == candidate.doc_id):
+                fail(f"document '{candidate.doc_id}' with row {candidate.row!r}, which is not its row in the index")
+            own = 0
+            for entry in candidate.ledger:
+                if not isinstance(entry, ScoreEntry) or not isinstance(entry.value, (int, float)) or isinstance(
+                        entry.value, bool) or not math.isfinite(entry.value):
+                    fail(f"a ledger entry {entry!r} of document '{candidate.doc_id}' that is not a finite score")
+                if entry.stage == stage_id:
+                    own += 1
+                elif given.get((candidate.doc_id, entry.stage)) != entry:
+                    fail(f"a score of document '{candidate.doc_id}' under stage '{entry.stage}', which did not give "
+                         "it (a stage scores under its own id only)")
+            if own > 1:
+                fail(f"{own} scores of its own for document '{candidate.doc_id}' (one at most)")
+    for name, kind, items in (("drops", Drop, result.drops), ("decisions", Decision, result.decisions)):
+        if not isinstance(items, list) or not all(isinstance(item, kind) for item in items):
+            fail(f"{name} that are not a list of {kind.__name__}")
+    if not isinstance(result.details, dict):
+        fail(f"details as a {type(result.details).__name__}, not a dict")
+    try:
+        json.dumps(result.details, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        fail(f"details that are not plain JSON ({exc})")

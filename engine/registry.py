@@ -12,6 +12,8 @@ import threading
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, TypeVar
 
+from engine.errors import SieveError
+
 if TYPE_CHECKING:
     from engine.index import IndexComponent
     from engine.stage import Stage
@@ -23,7 +25,11 @@ TYPE_REF = re.compile(r"^(?P<name>[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*)(?:@(?P<versi
 _stages: dict[str, dict[int, type["Stage"]]] = {}
 _components: dict[str, type["IndexComponent"]] = {}
 _plugins_loaded = False
-_lock = threading.Lock()
+_lock = threading.RLock()
+_loading: str | None = None  # the third-party plugin being loaded ("entry point (distribution version)")
+_builtin: frozenset[str] = frozenset()  # Sieve's own stage types, which no plugin may register again
+_origins: dict[tuple[str, int], str] = {}  # a plugin's types -> the plugin that registered them
+BUILTIN_ENTRY_POINT = "stages"  # Sieve's own: the value of its entry point
 
 S = TypeVar("S", bound="type[Stage]")
 C = TypeVar("C", bound="type[IndexComponent]")
@@ -37,12 +43,25 @@ def register_stage(cls: S) -> S:
     version = cls.version
     if not isinstance(version, int) or version < 1:
         raise ValueError(f"{cls.__name__}.version must be a positive integer")
+    if _loading is not None and name in _builtin:
+        # a plugin must not replace Sieve's own stages, least of all the access prefilter, by a newer version
+        # that unpinned configs would silently resolve to
+        raise PluginError(f"plugin {_loading} registers the stage type {name}@{version}, a type of Sieve's own; "
+                          f"a plugin's types need a family of their own (e.g. 'acme.{name.split('.')[1]}')")
     versions = _stages.setdefault(name, {})
     existing = versions.get(version)
     if existing is not None and existing is not cls:
-        raise ValueError(f"stage type {name}@{version} is registered twice")
+        raise PluginError(f"stage type {name}@{version} is registered twice"
+                          + (f" (the second time by plugin {_loading})" if _loading is not None else ""))
     versions[version] = cls
+    if _loading is not None:
+        _origins[(name, version)] = _loading
     return cls
+
+
+def plugin_of(name: str, version: int) -> str | None:
+    """The plugin (entry point and distribution) that registered a stage type, or None for Sieve's own."""
+    return _origins.get((name, version))
 
 
 def register_index_component(cls: C) -> C:
@@ -55,16 +74,44 @@ def register_index_component(cls: C) -> C:
     return cls
 
 
+class PluginError(SieveError, ValueError):
+    """A stage plugin that cannot be loaded, or registers what it may not."""
+
+
+def _describe(ep: object) -> str:
+    dist = getattr(ep, "dist", None)
+    where = f" ({dist.name} {dist.version})" if dist is not None else ""
+    return f"'{getattr(ep, 'name', '?')} = {getattr(ep, 'value', '?')}'{where}"
+
+
 def load_plugins() -> None:
-    """Import every package registered under the ``sieve.stages`` entry point group, once."""
-    global _plugins_loaded
+    """Import every package registered under the ``sieve.stages`` entry point group, once: Sieve's own first,
+    then the others, each named in any error it causes (a plugin that fails to import, or registers one of
+    Sieve's own types again)."""
+    global _plugins_loaded, _loading, _builtin
     if _plugins_loaded:
         return
     with _lock:
         if _plugins_loaded:
             return
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found = list(entry_points(group=ENTRY_POINT_GROUP))
+        own = [ep for ep in found if ep.value == BUILTIN_ENTRY_POINT]
+        for ep in own:
             ep.load()
+        _builtin = frozenset(_stages)
+        try:
+            for ep in found:
+                if ep in own:
+                    continue
+                _loading = _describe(ep)
+                try:
+                    ep.load()
+                except PluginError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (whatever a third party's import raises, name the plugin)
+                    raise PluginError(f"stage plugin {_loading} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        finally:
+            _loading = None
         _plugins_loaded = True
 
 
