@@ -139,13 +139,13 @@ trace: {{log: null, explain: false}}
 """, encoding="utf-8")
     pipeline = Pipeline.from_file(config)
     text = payload["query"] + " gpubench"
-    result = pipeline.search(text)
+    result = pipeline.search(text, log=False)
     reranked = sum(1 for c in result.results if c.score_of("rerank") is not None)
     identity = next(m for m in result.trace["models"] if m["stage"] == "rerank")
     wall, stage = [], []
     for _ in range(repeats):
         began = time.perf_counter()
-        result = pipeline.search(text)
+        result = pipeline.search(text, log=False)
         wall.append(time.perf_counter() - began)
         record = next(s for s in result.trace["stages"] if s["id"] == "rerank")
         stage.append(record.get("duration_ms", float("nan")) / 1000.0)

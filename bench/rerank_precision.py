@@ -69,7 +69,7 @@ trace: {{log: null, explain: false}}
     bm25: dict[str, list[str]] = {}
     for number, (qid, text) in enumerate(queries.items(), start=1):
         for precision in (PRECISIONS if number % 2 else PRECISIONS[::-1]):  # alternate who goes first
-            result = pipelines[precision].search(text)
+            result = pipelines[precision].search(text, log=False)
             record = next(s for s in result.trace["stages"] if s["id"] == "rerank")
             stage_ms[precision].append(record["duration_ms"])
             orders[precision][qid] = [c.doc_id for c in result.results]

@@ -101,7 +101,7 @@ trace: {{log: null, explain: false}}
     truncated = 0
     pairs = 0
     for number, (qid, text) in enumerate(queries.items(), start=1):
-        result = pipeline.search(text)
+        result = pipeline.search(text, log=False)
         record = next(s for s in result.trace["stages"] if s["id"] == "rerank")
         stage_ms.append(record["duration_ms"])
         truncated += record["details"]["truncated"]["count"]

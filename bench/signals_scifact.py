@@ -105,7 +105,7 @@ def evaluate(pipeline: Any, queries: dict[str, str], qrels: dict[str, dict[str, 
     latency: list[float] = []
     for qid, text in queries.items():
         began = time.perf_counter()
-        result = pipeline.search(text)
+        result = pipeline.search(text, log=False)
         latency.append((time.perf_counter() - began) * 1000.0)
         total = len(result.results)
         run[qid] = {c.doc_id: float(total - rank) for rank, c in enumerate(result.results)}

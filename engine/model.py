@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from engine.errors import QueryError
 
 DEFAULT_MAX_QUERY_CHARS = 4096
+LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")  # BCP 47's shape: en, zh-CN, zh-Hant-TW
 
 
 class UserContext(BaseModel):
@@ -81,6 +82,16 @@ class Query(BaseModel):
                 f"query is {len(text)} characters long; the limit is {max_chars} "
                 "(raise `limits.max_query_chars` in the config if this is intended)"
             )
+        if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+            # a string is a sequence too: "Is it safe?" became eleven one-character turns
+            raise QueryError(f"history must be a list of the earlier turns (strings), not a {type(history).__name__}")
+        user = _user(user)
+        if as_of is not None and not isinstance(as_of, datetime):
+            # a number would be read as Unix seconds, a string not at all: the caller converts, knowingly
+            raise QueryError(f"as_of must be a datetime (e.g. datetime.fromisoformat('2025-06-01T00:00:00+00:00')), "
+                             f"not a {type(as_of).__name__}")
+        if language is not None and not (isinstance(language, str) and LANGUAGE_TAG.fullmatch(language)):
+            raise QueryError(f"language must be a language tag such as en or zh-CN, not {language!r}")
         for i, turn in enumerate(history):
             if not isinstance(turn, str):
                 raise QueryError(f"history turn {i + 1} must be a string")
@@ -194,3 +205,20 @@ def ranked(candidates: Iterable[Candidate], scores: dict[str, float] | None = No
     if scores is None:
         return sorted(candidates, key=lambda c: sort_key(c.score, c.doc_id))
     return sorted(candidates, key=lambda c: sort_key(scores[c.doc_id], c.doc_id))
+
+
+def _user(user: Any) -> UserContext:
+    """The caller's user as a UserContext: one, None (anonymous), or a mapping of its fields."""
+    if user is None:
+        return UserContext()
+    if isinstance(user, UserContext):
+        return user
+    if isinstance(user, dict):
+        from pydantic import ValidationError
+
+        try:
+            return UserContext.model_validate(user)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'user'}: {e['msg']}" for e in exc.errors())
+            raise QueryError(f"user: {problems}") from None
+    raise QueryError(f"user must be a UserContext or a mapping of its fields, not a {type(user).__name__}")

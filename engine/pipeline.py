@@ -104,9 +104,11 @@ class Pipeline:
         as_of: datetime | None = None,
         language: str | None = None,
     ) -> Query:
-        """Validate user input against this pipeline's limits."""
+        """Validate user input against this pipeline's limits (a :class:`~engine.errors.QueryError` says what is
+        wrong): ``history`` the earlier turns, oldest first; ``user`` a UserContext or a mapping of its fields;
+        ``as_of`` a datetime (naive is UTC); ``language`` a tag such as ``en`` or ``zh-CN``."""
         limits = self.compiled.config.limits
-        if len(history) > limits.max_history_turns:
+        if not isinstance(history, (str, bytes)) and len(history) > limits.max_history_turns:
             from engine.errors import QueryError
 
             raise QueryError(
@@ -116,8 +118,16 @@ class Pipeline:
             text, history=history, user=user, as_of=as_of, language=language, max_chars=limits.max_query_chars
         )
 
-    def search(self, text: str, **kwargs: Any) -> RunResult:
-        return self.run(self.make_query(text, **kwargs))
+    def search(self, text: str, *, log: bool = True, **kwargs: Any) -> RunResult:
+        """Run one query (``kwargs``: see :meth:`make_query`) and, with ``log`` (the default), append its trace to
+        the config's trace log before the results are returned: every query has its audit record, or the caller
+        gets a :class:`~engine.errors.TraceError` instead of results (as the server withholds them). A config
+        without a log (``trace: {log: null}``) logs nothing. ``log=False`` leaves it to the caller
+        (:meth:`log_trace`)."""
+        result = self.run(self.make_query(text, **kwargs))
+        if log:
+            self.log_trace(result.trace)
+        return result
 
     # ------------------------------------------------------------------ running
 

@@ -71,7 +71,7 @@ from pydantic import StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from engine.errors import QueryError, SieveError
-from engine.model import UserContext
+from engine.model import LANGUAGE_TAG, UserContext
 from engine.strictness import json_kind
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ MAX_DOC_IDS = 100
 MAX_DOC_ID_CHARS = 512
 MAX_PROBLEMS = 20  # a 422 lists the first 20 problems and counts the rest
 _SUMMARY_PROBLEMS = 3  # ... and its message names the first 3
-_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
+
 _PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # one URL path segment, as it is, with no escaping
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins escaped pairs: any left is a lone one
 
@@ -167,7 +167,7 @@ class SearchBody(BaseModel):
     @field_validator("language")
     @classmethod
     def _tag(cls, value: str | None) -> str | None:
-        if value is not None and not _LANGUAGE_TAG.fullmatch(value):
+        if value is not None and not LANGUAGE_TAG.fullmatch(value):
             raise ValueError(f"not a language tag: {value!r} (e.g. en, zh-CN)")
         return value
 

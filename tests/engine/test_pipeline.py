@@ -362,3 +362,39 @@ trace: {{log: null}}
     assert [r["explanation"] for r in busy["results"]] == [r["explanation"] for r in quiet["results"]]
     busy_stage.pipeline = None
     assert replay_trace(busy)["identical"]
+
+
+def test_search_logs_its_trace_unless_told_not_to(bm25_index, write_config, tmp_path):
+    """Pipeline.search wrote no audit record (the caller had to know of log_trace); it now appends the trace to
+    the config's log before returning, and says where (trace['log'])."""
+    log = tmp_path / "audit.jsonl"
+    pipeline = Pipeline.from_file(write_config(pipeline_yaml(bm25_index).replace("trace: {log: null}",
+                                                                                    f"trace: {{log: {log}}}")))
+    logged = pipeline.search(QUERY)
+    assert logged.trace["log"]["seq"] == 0 and logged.trace["log"]["path"] == str(log)
+    unlogged = pipeline.search(QUERY, log=False)
+    assert "log" not in unlogged.trace
+    assert [json.loads(line)["trace"]["trace_id"] for line in log.read_text().splitlines()] == [logged.trace["trace_id"]]
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"history": "Is it safe?"}, "history must be a list of the earlier turns (strings), not a str"),
+    ({"user": {"roles": "clinician"}}, "user: roles: "),
+    ({"user": {"role": ["clinician"]}}, "user: role: Extra inputs are not permitted"),
+    ({"user": ["clinician"]}, "user must be a UserContext or a mapping of its fields, not a list"),
+    ({"as_of": "yesterday"}, "as_of must be a datetime"),
+    ({"as_of": 1700000000}, "as_of must be a datetime"),
+    ({"language": "xx-not-a-tag!"}, "language must be a language tag such as en or zh-CN"),
+    ({"language": 5}, "language must be a language tag"),
+])
+def test_bad_arguments_to_the_python_api_are_query_errors(pipeline, kwargs, says):
+    """From the library audit: a string history became one turn per character, a bad user, as_of or language
+    raised pydantic's ValidationError (or passed: a number as Unix seconds, any language string)."""
+    with pytest.raises(QueryError) as raised:
+        pipeline.search(QUERY, **kwargs)
+    assert says in str(raised.value)
+
+
+def test_a_user_given_as_a_mapping_is_a_user(pipeline):
+    result = pipeline.search(QUERY, user={"roles": ["clinician"], "jurisdictions": ["US"]}, language="en")
+    assert result.trace["query"]["user"]["roles"] == ["clinician"]

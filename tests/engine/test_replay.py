@@ -310,8 +310,7 @@ def test_a_record_read_back_from_the_log_replays_whatever_order_the_yaml_wrote_a
   - {id: rrf, type: fuse.rrf, inputs: [bm25, short]}
   - {id: blend, type: fuse.weighted, inputs: [rrf], params: {weights: {rrf: 0.6, bm25: 0.4}}}
   - {id: final, type: select.top_k, inputs: [blend], params: {k: 5}}''')))
-    trace = pipeline.search(QUERY).trace
-    pipeline.log_trace(trace)
+    trace = pipeline.search(QUERY).trace  # search logs it
     fusion = trace["results"][0]["explanation"]["details"][-1]["description"]
     assert "0.4*norm(bm25) + 0.6*norm(rrf)" in fusion, fusion
     replayed = _replay_cli(log, "--seq", 0)
