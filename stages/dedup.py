@@ -43,7 +43,10 @@ from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, Stage
 
 DEFAULT_COSINE_THRESHOLD = 0.95
 MINHASH_SCHEME = "affine32"  # datasketch >= 2.0: 32-bit values, pinned so an upgrade cannot change them
-WORD = re.compile(r"\w+", re.UNICODE)
+# A Han character is a token of its own (Chinese has no spaces: a clause was one "word", so one changed character
+# made two reprints share no shingle); other word characters run together as words
+_HAN_CHARS = "\u3400-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+WORD = re.compile(f"[{_HAN_CHARS}]|[^\\W{_HAN_CHARS}]+", re.UNICODE)
 
 
 # Similarities within this of the threshold reach it: float32 cosines of identical vectors come out at 0.99999994,
@@ -84,7 +87,8 @@ class DedupParams(StageParams):
 
 
 def shingles(text: str, size: int) -> set[str]:
-    """Word ``size``-grams of a case-folded, NFC-normalised text (the whole text if it has fewer words)."""
+    """Word ``size``-grams of a case-folded, NFC-normalised text (the whole text if it has fewer words); in Chinese
+    (Han) text each character counts as a word, so these are character ``size``-grams there."""
     words = WORD.findall(unicodedata.normalize("NFC", text).casefold())
     if len(words) <= size:
         return {" ".join(words)} if words else set()

@@ -37,6 +37,12 @@ class TokenizerSettings(NoCoercion):
     stemmer: Literal["english", "none"] = "english"
     stopwords: Literal["default", "none"] = Field("default", description="the language's stop-word list, or none")
     pattern: str = Field(r"(?u)\b\w\w+\b", description="regex of a token (for non-Chinese text)")
+    segmentation: Literal["search", "precise"] = Field(
+        "search",
+        description="Chinese word segmentation (jieba): search also emits the words inside a compound ('癌症病人' "
+        "-> 癌症, 病人, 癌症病人), so a query for 癌症 finds it; precise gives the compound alone. An index "
+        "built before this setting existed reads as precise",
+    )
     normalization: Literal["nfkc", "nfc"] = Field(
         "nfkc",
         description="Unicode normal form applied before tokenising: nfkc also folds compatibility forms "
@@ -96,7 +102,8 @@ class Tokenizer:
     def _words(self, text: str) -> list[str]:
         if self.settings.language == "zh" and _HAN.search(text):
             words = []
-            for piece in self._jieba.lcut(text):
+            cut = self._jieba.lcut_for_search if self.settings.segmentation == "search" else self._jieba.lcut
+            for piece in cut(text):
                 piece = piece.strip()
                 if not piece:
                     continue

@@ -87,7 +87,9 @@ class LoadedBM25:
             self.retriever = bm25s.BM25.load(str(directory), show_progress=False)
             recorded = json.loads((directory / TOKENIZER_FILE).read_text(encoding="utf-8"))
             if isinstance(recorded, dict):
-                recorded.setdefault("normalization", "nfc")  # built before the setting: queries as its documents were
+                # built before these settings: queries are tokenised as its documents were
+                recorded.setdefault("normalization", "nfc")
+                recorded.setdefault("segmentation", "precise")
             tokenizer_settings = TokenizerSettings.model_validate(recorded)
         except (OSError, ValueError, json.JSONDecodeError) as exc:
             raise SieveIndexError(f"BM25 component at {directory} cannot be loaded: {exc}") from None

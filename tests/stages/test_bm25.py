@@ -181,9 +181,26 @@ def test_index_built_before_normalization_setting_reads_as_nfc(tmp_path):
     directory, entry = Index.open(index).component("bm25", "test")
     recorded = json.loads((directory / TOKENIZER_FILE).read_text())
     assert recorded["normalization"] == "nfkc"  # new indexes record it
-    del recorded["normalization"]
+    assert recorded["segmentation"] == "search"
+    del recorded["normalization"], recorded["segmentation"]
     (directory / TOKENIZER_FILE).write_text(json.dumps(recorded))
-    assert LoadedBM25(directory, entry).tokenizer.settings.normalization == "nfc"
+    settings = LoadedBM25(directory, entry).tokenizer.settings
+    assert (settings.normalization, settings.segmentation) == ("nfc", "precise")
+
+
+def test_a_chinese_word_inside_a_compound_is_found(tmp_path, write_config):
+    """jieba's precise mode makes '癌症病人' and '糖尿病人' one term each: a search for 癌症 or 糖尿病 found nothing
+    (an audit for a Chinese team). Search-mode segmentation also indexes the words inside a compound."""
+    docs = [{"_id": "a", "title": "", "text": "癌症病人的疼痛应按照三阶梯原则处理。"},
+            {"_id": "b", "title": "", "text": "糖尿病人应定期监测血糖。"},
+            {"_id": "c", "title": "", "text": "高血压患者应限制食盐。"}]
+    zh = {"tokenizer": {"language": "zh"}}
+    pipeline = _bm25_pipeline(write_config, _tiny_index(tmp_path, docs, zh))
+    assert [c.doc_id for c in pipeline.search("癌症").results] == ["a"]
+    assert [c.doc_id for c in pipeline.search("糖尿病").results] == ["b"]
+    precise = {"tokenizer": {"language": "zh", "segmentation": "precise"}}
+    old = _bm25_pipeline(write_config, _tiny_index(tmp_path, docs, precise, name="precise"))
+    assert old.search("癌症").results == []  # what precise mode does
 
 
 def _lucene(docs_terms, query_terms, row, k1=1.5, b=0.75):
