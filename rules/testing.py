@@ -7,6 +7,7 @@ what must (not) come back::
     pipeline: pipeline.yaml           # relative to this file
     corpus: ../../examples/medical    # optional: build a fresh index from this corpus for the run
     gazetteer: entities.yaml          # optional, with corpus: its entities component too (query.entities rules)
+    index_settings: {bm25: {tokenizer: {language: zh}}}   # optional, with corpus: as `sieve index --settings`
     as_of: 2025-06-01                 # default query time for every case (replays are stable)
     cases:
       - name: the FDA alert leads metformin queries
@@ -120,6 +121,10 @@ class RuleTestFile(_Strict):
         None, description="with corpus: also build the entities component with this gazetteer (relative to this "
         "file), for rules that read the query's entities (query.entities.<LABEL>)"
     )
+    index_settings: Optional[dict[str, dict[str, Any]]] = Field(
+        None, description="with corpus: settings of the index built for the run, as `sieve index --settings` takes "
+        "them, e.g. {bm25: {tokenizer: {language: zh}}} for Chinese (else an English BM25 index is built)"
+    )
     index: Optional[str] = Field(None, description="index directory to use instead of the pipeline's")
     as_of: Optional[Union[datetime, date]] = Field(None, description="default query time of every case")
     cases: list[Case] = Field(min_length=1)
@@ -130,6 +135,15 @@ class RuleTestFile(_Strict):
             raise PydanticCustomError("test_file", "give 'corpus' or 'index', not both")
         if self.gazetteer is not None and self.corpus is None:
             raise PydanticCustomError("test_file", "'gazetteer' goes with 'corpus' (the index built for the run)")
+        if self.index_settings is not None:
+            if self.corpus is None:
+                raise PydanticCustomError("test_file", "'index_settings' go with 'corpus' (the index built for the run)")
+            extra = sorted(set(self.index_settings) - {"bm25", "entities"})
+            if extra:
+                raise PydanticCustomError("test_file", "index_settings for {names}: the index built for the run has "
+                                          "bm25 and, with gazetteer, entities", {"names": ", ".join(extra)})
+            if "entities" in self.index_settings and self.gazetteer is None:
+                raise PydanticCustomError("test_file", "index_settings for entities need 'gazetteer'")
         return self
 
 
@@ -197,9 +211,10 @@ def run_test_file(path: Path, name_filter: str | None = None) -> FileResult:
         index_path: Path | None = None
         if spec.corpus is not None:
             index_path = Path(scratch) / "index"
-            components: dict[str, dict[str, Any]] = {"bm25": {}}
+            given = spec.index_settings or {}
+            components: dict[str, dict[str, Any]] = {"bm25": dict(given.get("bm25") or {})}
             if spec.gazetteer is not None:
-                components["entities"] = {"gazetteer": str(base / spec.gazetteer)}
+                components["entities"] = {**(given.get("entities") or {}), "gazetteer": str(base / spec.gazetteer)}
             build_index(base / spec.corpus, index_path, components)
         elif spec.index is not None:
             index_path = base / spec.index

@@ -105,3 +105,48 @@ def test_expectations_that_could_never_fail_are_errors(tmp_path):
 def test_a_filter_that_selects_no_case_fails(tmp_path):
     result = runner.invoke(rules_app, ["test", str(ROOT / "configs" / "medical"), "-k", "zzzz-no-such-case"])
     assert result.exit_code == 2 and "no test case matches 'zzzz-no-such-case'" in result.output
+
+
+def _chinese_pack(tmp_path: Path, settings: str) -> Path:
+    import json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(parents=True)
+    docs = [{"_id": "zh-1", "title": "二甲双胍", "text": "肾功能不全患者使用二甲双胍应减量。"},
+            {"_id": "zh-2", "title": "阿司匹林", "text": "阿司匹林可用于预防心血管疾病。"}]
+    (corpus / "corpus.jsonl").write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs), encoding="utf-8")
+    (tmp_path / "pipeline.yaml").write_text("""\
+version: 1
+index: nowhere
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 10}}
+  - {id: final, type: select.top_k, inputs: [bm25], params: {k: 5}}
+output: final
+trace: {log: null}
+""", encoding="utf-8")
+    tests = tmp_path / "zh.tests.yaml"
+    tests.write_text(f"""\
+version: 1
+pipeline: pipeline.yaml
+corpus: corpus
+as_of: 2025-06-01
+{settings}cases:
+  - name: kidney function finds the metformin advice
+    query: 肾功能不全
+    expect:
+      - {{doc: zh-1, rank: 1}}
+""", encoding="utf-8")
+    return tests
+
+
+def test_a_chinese_suite_builds_its_index_with_the_settings_it_gives(tmp_path):
+    """The index built for a run was always English BM25: a Chinese case returned nothing there and passed against
+    the real (Chinese) index, with no hint why. index_settings gives the index its settings."""
+    english = runner.invoke(rules_app, ["test", str(_chinese_pack(tmp_path / "en", ""))])
+    assert english.exit_code == 1 and "returned: nothing" in english.output, english.output
+    chinese = runner.invoke(rules_app, ["test", str(_chinese_pack(tmp_path / "zh",
+                                                                   "index_settings: {bm25: {tokenizer: {language: zh}}}\n"))])
+    assert chinese.exit_code == 0 and " 0 failed" in chinese.output, chinese.output
+    misplaced = runner.invoke(rules_app, ["test", str(_chinese_pack(tmp_path / "bad",
+                                                                     "index_settings: {dense: {}}\n"))])
+    assert misplaced.exit_code == 2 and "index_settings for dense" in misplaced.output, misplaced.output
