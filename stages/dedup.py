@@ -202,7 +202,7 @@ class NearDuplicateFilter(Stage):
         if missing:
             texts = self._texts(missing)
             embedder = self._embedder
-            vectors, _, _ = embedder.embed([texts[r] for r in missing], max_length=embedder.default_max_length, batch_size=32)
+            vectors, *_ = embedder.embed([texts[r] for r in missing], max_length=embedder.default_max_length, batch_size=32)
             for row, vector in zip(missing, vectors):
                 self._cache.put(row, vector)
                 cached[row] = vector

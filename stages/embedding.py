@@ -19,7 +19,8 @@ import contextlib
 import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,7 @@ class EncodedTexts:
     encodings: list[dict[str, list[int]]]
     full_tokens: list[int]  # tokens each text had, special tokens included, before truncation
     kept_tokens: list[int]  # tokens fed to the model
+    unknown_tokens: list[int] = field(default_factory=list)  # of those, the model's unknown token ([UNK])
 
     @property
     def truncated(self) -> list[int]:
@@ -231,7 +233,14 @@ class Embedder:
             cut = self.tokenizer([texts[i] for i in long_positions], truncation=True, max_length=max_length)
             for j, i in enumerate(long_positions):
                 encodings[i] = {k: cut[k][j] for k in keys}
-        return EncodedTexts(encodings, full_tokens, [len(e["input_ids"]) for e in encodings])
+        unk = self.tokenizer.unk_token_id
+        unknown = [0 if unk is None else e["input_ids"].count(unk) for e in encodings]
+        return EncodedTexts(encodings, full_tokens, [len(e["input_ids"]) for e in encodings], unknown)
+
+    @cached_property
+    def special_tokens(self) -> int:
+        """Special tokens the tokenizer adds to one text ([CLS] and [SEP]: 2)."""
+        return int(self.tokenizer.num_special_tokens_to_add(pair=False))
 
     def _autocast(self):  # type: ignore[no-untyped-def]
         if self.precision == "bf16":
@@ -282,8 +291,9 @@ class Embedder:
         batch_size: int,
         progress: Callable[[int], None] | None = None,
         chunk: int = EMBED_CHUNK,
-    ) -> tuple[Any, list[int], list[int]]:
-        """Unit vectors for ``texts``, with each text's token count before and after the cut.
+    ) -> tuple[Any, list[int], list[int], list[int]]:
+        """Unit vectors for ``texts``, with each text's token count before and after the cut and how many of the
+        kept tokens are the model's unknown token.
 
         Each distinct text is embedded once and its vector reused for every repeat of it: run again,
         a repeat could share a batch padded to another width and come out a few ulps apart, and
@@ -308,21 +318,24 @@ class Embedder:
         vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
         full_tokens = np.zeros(len(distinct), dtype=np.int64)
         kept_tokens = np.zeros(len(distinct), dtype=np.int64)
+        unknown_tokens = np.zeros(len(distinct), dtype=np.int64)
         for start in range(0, len(distinct), chunk):
             encoded = self.tokenize(distinct[start : start + chunk], max_length)
             stop = start + len(encoded.encodings)
             vectors[first_row[start:stop]] = self.embed_encoded(encoded, batch_size, progress)
             full_tokens[start:stop] = encoded.full_tokens
             kept_tokens[start:stop] = encoded.kept_tokens
+            unknown_tokens[start:stop] = encoded.unknown_tokens
         repeats = np.flatnonzero(first_row[slots] != np.arange(len(texts)))
         if repeats.size:
             vectors[repeats] = vectors[first_row[slots[repeats]]]
             if progress is not None:
                 progress(int(repeats.size))
-        return vectors, full_tokens[slots].tolist(), kept_tokens[slots].tolist()
+        return vectors, full_tokens[slots].tolist(), kept_tokens[slots].tolist(), unknown_tokens[slots].tolist()
 
-    def embed_query(self, text: str, *, instruction: str | None, max_length: int) -> tuple[Any, int, int]:
-        """(unit vector, tokens before the cut, tokens kept) for a query; recent queries are cached."""
+    def embed_query(self, text: str, *, instruction: str | None, max_length: int) -> tuple[Any, int, int, int]:
+        """(unit vector, tokens before the cut, tokens kept, of those unknown to the model) for a query; recent
+        queries are cached."""
         full_text = f"{instruction}{text}" if instruction else text
         key = (full_text, max_length)
         cached = self._query_cache.get(key)
@@ -330,7 +343,7 @@ class Embedder:
             return cached
         encoded = self.tokenize([full_text], max_length)
         vector = self.embed_encoded(encoded, batch_size=1)[0]
-        result = (vector, encoded.full_tokens[0], encoded.kept_tokens[0])
+        result = (vector, encoded.full_tokens[0], encoded.kept_tokens[0], encoded.unknown_tokens[0])
         self._query_cache.put(key, result)
         return result
 

@@ -91,7 +91,7 @@ class DenseComponent(IndexComponent):
         )
         texts = [doc.content(settings.fields) for doc in documents]
         began = time.perf_counter()
-        vectors, full_tokens, kept_tokens = embedder.embed(
+        vectors, full_tokens, kept_tokens, unknown_tokens = embedder.embed(
             texts,
             max_length=max_length,
             batch_size=settings.batch_size,
@@ -144,6 +144,10 @@ class DenseComponent(IndexComponent):
             "max_document_tokens": int(token_counts.max()) if count else 0,
             "empty_documents": sum(1 for t in texts if not t.strip()),
             "duplicate_texts": len(texts) - len(set(texts)),  # repeats of an earlier text: they reuse its vector
+            # the share of the embedded tokens the model does not know ([UNK]): text in a script or language it was
+            # not trained on (Chinese for an English model) is embedded as next to nothing
+            "unknown_token_share": round(sum(unknown_tokens) / max(1, sum(kept_tokens) - embedder.special_tokens
+                                                                   * count), 4),
             "embed_seconds": round(embed_seconds, 2),
         }
         (out_dir / META_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True), encoding="utf-8")
@@ -282,11 +286,19 @@ class DenseRecall(Stage):
         details: dict[str, Any] = {"index_type": dense.kind}
 
         began = time.perf_counter()
-        vector, query_tokens, kept_tokens = self._embedder.embed_query(
+        vector, query_tokens, kept_tokens, unknown = self._embedder.embed_query(
             self._query_text(ctx.query), instruction=self._instruction, max_length=self._query_max_length
         )
         embed_ms = (time.perf_counter() - began) * 1000.0
         details["query_tokens"] = query_tokens
+        words = kept_tokens - self._embedder.special_tokens
+        if unknown and unknown * 2 >= words:
+            details["unknown_query_tokens"] = unknown
+            decisions.append(Decision(
+                "unknown_query_tokens",
+                f"{unknown} of the query's {words} tokens are unknown to the embedding model (a script or language "
+                "it was not trained on, e.g. Chinese for an English model): its dense similarities say little",
+            ))
         if query_tokens > kept_tokens:
             decisions.append(Decision(
                 "query_truncated",

@@ -327,3 +327,28 @@ def test_importing_and_compiling_the_hybrid_config_stays_light():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_text_the_model_does_not_know_is_said(tmp_path, write_config):
+    """All-MiniLM knows few Chinese characters: '腾讯控股股息' and '特斯拉交付量' were six [UNK] each, embedded
+    alike, and returned the same list with the same scores without a word (an audit for a Chinese team). The
+    index records the share of unknown tokens; a query that is mostly unknown tokens gets a decision."""
+    import json as _json
+
+    from engine.index import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"_id": "a", "title": "", "text": "腾讯控股宣布派发股息。"},
+            {"_id": "b", "title": "", "text": "Metformin lowers blood glucose."}]
+    corpus.write_text("\n".join(_json.dumps(d, ensure_ascii=False) for d in docs), encoding="utf-8")
+    build_index(corpus, tmp_path / "idx", {"dense": {}})
+    recorded = _json.loads((tmp_path / "idx" / "manifest.json").read_text())["components"]["dense"]
+    assert recorded["unknown_token_share"] > 0.3
+    pipeline = Pipeline.from_file(write_config(
+        f"version: 1\nindex: {tmp_path / 'idx'}\nstages:\n  - {{id: dense, type: recall.dense, params: {{top_k: 2}}}}\n"
+        "trace: {log: null}\n"))
+    chinese = pipeline.search("腾讯控股股息").trace["stages"][0]
+    assert [d["code"] for d in chinese["decisions"]] == ["unknown_query_tokens"]
+    assert chinese["details"]["unknown_query_tokens"] >= 3
+    english = pipeline.search("metformin glucose").trace["stages"][0]
+    assert "decisions" not in english and "unknown_query_tokens" not in english["details"]
