@@ -110,8 +110,8 @@ class RuleBase(_Strict):
     def _id(cls, value: str) -> str:
         if not _RULE_ID.match(value):
             raise _err(
-                "not a valid rule id: start with a letter or digit and use only letters, digits, '_', '.' "
-                "and '-' (no spaces)"
+                "not a valid rule id: start with an ASCII letter or digit and use only ASCII letters, digits, '_', "
+                "'.' and '-' (no spaces; ids appear in URLs, logs and file names)"
             )
         return value
 

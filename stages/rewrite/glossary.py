@@ -210,8 +210,11 @@ _JIEBA_LOCK = threading.Lock()
 def _han_boundaries(text: str) -> set[int]:
     """Character offsets where a Chinese word starts or ends (jieba, dictionary only), for every run of Han
     characters in ``text``."""
+    import logging
+
     import jieba
 
+    jieba.setLogLevel(logging.WARNING)  # its dictionary-loading chatter on stderr is not the user's business
     boundaries: set[int] = set()
     for run in _HAN_RUN.finditer(text):
         offset = run.start()

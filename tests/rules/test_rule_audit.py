@@ -242,8 +242,9 @@ def test_no_raw_patterns_in_rule_file_messages(write_rules):
     )
     # before: "String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.\\-]*$'" and "...'^[A-Za-z0-9_\\-]+(...)*$'"
     assert errors_of(path) == [
-        f"{path}:4:10  rules.0.id: rule 'hide drafts': not a valid rule id: start with a letter or digit and use "
-        "only letters, digits, '_', '.' and '-' (no spaces) (got 'hide drafts')",
+        f"{path}:4:10  rules.0.id: rule 'hide drafts': not a valid rule id: start with an ASCII letter or digit and "
+        "use only ASCII letters, digits, '_', '.' and '-' (no spaces; ids appear in URLs, logs and file names) (got "
+        "'hide drafts')",
         f"{path}:5:35  rules.1.field: rule 'acl': not a metadata field name: write the field's key, e.g. acl or "
         "access.groups (without 'doc.'; letters, digits, '_' and '-', with '.' between nested keys) (got 'doc acl')",
     ]
