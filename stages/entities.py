@@ -20,6 +20,17 @@ same (label, key); *conflicting* when it does not, but holds another entity of t
 that label is a conflict label (by default the gazetteer's closed vocabularies: a query about
 metformin against a document about insulin, both DRUG). Anything else adds 0. spaCy and the model
 are imported in ``build``/``warm_up`` only.
+
+Text holding Han characters (Chinese, Japanese kanji) does not go through the spaCy pipeline: an
+English tokenizer makes an unspaced Chinese clause one token, so no gazetteer name matched in it,
+and the NER labelled whole Chinese sentences PERSON/ORG/GPE. Such a text is read in Unicode NFKC
+and the gazetteer's names are matched on the characters themselves (longest first, no overlaps; a
+Han name anywhere, since Chinese has no spaces; a Latin name or number only where it is not part of
+a longer Latin word or number: ``TSLA`` not in ``TSLAX``, ``0700`` not in ``10700``); the NER runs
+only on its runs of Latin text of at least ``NER_MIN_WORDS`` words (an English sentence in a Chinese
+document), never on Han text nor on a lone word in brackets. The manifest records this as
+``han_text: phrases``; an index built before records nothing and keeps being read (documents and
+queries alike) the old way, ``spacy``, until it is rebuilt.
 """
 
 from __future__ import annotations
@@ -29,10 +40,11 @@ import json
 import re
 import threading
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -55,6 +67,18 @@ DEFAULT_SPACY_MODEL = "en_core_web_sm"
 NUMERIC_LABELS = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME")
 LABEL_PATTERN = r"^[A-Z][A-Z0-9_]*$"
 REDACTED = "<redacted>"
+# How text with Han characters is read: "phrases" (gazetteer names on the NFKC text, NER on Latin runs
+# only); "spacy" (the whole text through the spaCy pipeline), what indexes built before recorded no mode.
+HanText = Literal["spacy", "phrases"]
+HAN_TEXT: HanText = "phrases"
+LEGACY_HAN_TEXT: HanText = "spacy"
+NER_MIN_WORDS = 4  # the NER reads a Latin run inside Han text only from this many words (a sentence, not a name)
+_HAN = re.compile(r"[\u2e80-\u2fdf\u3005\u3007\u3021-\u3029\u3038-\u303b\u3400-\u4dbf\u4e00-\u9fff"
+                  r"\uf900-\ufaff\U00020000-\U0003134f]")
+# Scripts written without spaces (Han, kana) or next to Latin without one (Hangul): no boundary against Latin.
+_CJK = re.compile(r"[\u2e80-\u2fdf\u3005-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+                  r"\uf900-\ufaff\U00020000-\U0003134f]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
 
 
 def entity_key(text: str) -> str:
@@ -201,10 +225,142 @@ class Mention:
     count: int = 1
 
 
-class EntityExtractor:
-    """A spaCy pipeline (tokenizer + optional NER) with the gazetteer's EntityRuler. Thread-safe."""
+def has_han(text: str) -> bool:
+    """Whether a text holds Han characters (then its entities are read by :class:`HanTextReader`)."""
+    return _HAN.search(text) is not None
 
-    def __init__(self, model: str, gazetteer: Gazetteer | None, use_ner: bool):
+
+def _is_word(char: str) -> bool:
+    """A character that continues a Latin word or number (letters, digits, _ of any script but CJK)."""
+    return (char.isalnum() or char == "_") and _CJK.match(char) is None
+
+
+def _fold(char: str) -> str:
+    """Case-fold one character to one character (offsets stay those of the text); others kept as written."""
+    folded = char.casefold()
+    return folded if len(folded) == 1 else char
+
+
+def _starts_word(text: str, start: int) -> bool:
+    """A match may begin at ``start``: not inside a Latin word or number ('0700' not in '10700' nor '1.0700')."""
+    if start == 0 or not _is_word(text[start]):
+        return True
+    before = text[start - 1]
+    if _is_word(before):
+        return False
+    return not (before in ".," and text[start].isdigit() and start >= 2 and text[start - 2].isdigit())
+
+
+def _ends_word(text: str, end: int) -> bool:
+    """A match may end before ``end``: not inside a Latin word or number ('TSLA' not in 'TSLAX', '30' not in '30.8')."""
+    if end >= len(text) or not _is_word(text[end - 1]):
+        return True
+    after = text[end]
+    if _is_word(after):
+        return False
+    return not (after in ".," and text[end - 1].isdigit() and end + 1 < len(text) and text[end + 1].isdigit())
+
+
+class HanTextReader:
+    """The gazetteer's names matched as phrases on NFKC text (a character trie, one per case rule), and its
+    regex entries on the text, both with Latin word boundaries; longest match first, without overlaps."""
+
+    def __init__(self, gazetteer: Gazetteer | None):
+        self._exact: dict[str, Any] = {}  # case_sensitive names: char -> node; node[""] = (order, label, key)
+        self._folded: dict[str, Any] = {}
+        self._regexes: list[tuple[int, re.Pattern[str], str, str | None]] = []
+        order = 0
+        for entry in gazetteer.entries if gazetteer is not None else ():
+            for name in entry.names:
+                phrase = " ".join(unicodedata.normalize("NFKC", name).split())
+                if not entry.case_sensitive:
+                    phrase = "".join(_fold(c) for c in phrase)
+                node = self._exact if entry.case_sensitive else self._folded
+                for char in phrase:
+                    node = node.setdefault(char, {})
+                node.setdefault("", (order, entry.label, entry.key))  # a name meaning two entities is refused at load
+                order += 1
+            if entry.regex is not None:
+                flags = 0 if entry.case_sensitive else re.IGNORECASE
+                self._regexes.append((order, re.compile(entry.regex, flags), entry.label, entry.key))
+                order += 1
+
+    @staticmethod
+    def _longest(
+        trie: dict[str, Any], text: str, start: int, fold: bool
+    ) -> tuple[int, tuple[int, str, str | None]] | None:
+        """The longest name of ``trie`` at ``start`` that ends on a word boundary: (end, entry) or None."""
+        node, i, best = trie, start, None
+        while i < len(text):
+            char = text[i]
+            if char.isspace():  # a space in a name matches any run of whitespace
+                node = node.get(" ")
+                while i < len(text) and text[i].isspace():
+                    i += 1
+            else:
+                node = node.get(_fold(char) if fold else char)
+                i += 1
+            if node is None:
+                break
+            if "" in node and not text[i - 1].isspace() and _ends_word(text, i):
+                best = (i, node[""])
+        return best
+
+    def matches(self, text: str) -> list[tuple[int, int, str, str | None]]:
+        """(start, end, label, key) of the gazetteer's matches in ``text`` (NFKC), in text order."""
+        found: list[tuple[int, int, int, str, str | None]] = []  # start, end, order, label, key
+        if self._exact or self._folded:
+            for start in range(len(text)):
+                if text[start].isspace() or not _starts_word(text, start):
+                    continue
+                for trie, fold in ((self._exact, False), (self._folded, True)):
+                    hit = self._longest(trie, text, start, fold) if trie else None
+                    if hit is not None:
+                        end, (order, label, key) = hit
+                        found.append((start, end, order, label, key))
+        for order, pattern, label, key in self._regexes:
+            for match in pattern.finditer(text):
+                start, end = match.span()
+                if end > start and _starts_word(text, start) and _ends_word(text, end):
+                    found.append((start, end, order, label, key))
+        taken: list[tuple[int, int, str, str | None]] = []
+        covered: set[int] = set()
+        for start, end, _, label, key in sorted(found, key=lambda f: (f[0] - f[1], f[0], f[2])):
+            if covered.isdisjoint(range(start, end)):
+                covered.update(range(start, end))
+                taken.append((start, end, label, key))
+        return sorted(taken)
+
+
+def latin_runs(text: str) -> list[tuple[int, str]]:
+    """The runs of a Han text the NER may read: (offset, run) for each stretch between Han characters that
+    holds at least NER_MIN_WORDS Latin words."""
+    runs = []
+    for match in re.finditer(r"[^\u2e80-\u2fdf\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                             r"\U00020000-\U0003134f\uff00-\uffef]+", text):
+        if len(_LATIN_WORD.findall(match.group())) >= NER_MIN_WORDS:
+            runs.append((match.start(), match.group()))
+    return runs
+
+
+def _count(found: Sequence[tuple[str, str, str]]) -> tuple[Mention, ...]:
+    """Mentions of (label, key, surface) triples in text order: the first surface form, how often each occurs."""
+    mentions: dict[tuple[str, str], Mention] = {}
+    for label, key, text in found:
+        if not key:
+            continue
+        known = mentions.get((label, key))
+        mentions[(label, key)] = Mention(label, key, text, 1) if known is None else Mention(
+            known.label, known.key, known.text, known.count + 1
+        )
+    return tuple(sorted(mentions.values(), key=lambda m: (m.label, m.key)))
+
+
+class EntityExtractor:
+    """A spaCy pipeline (tokenizer + optional NER) with the gazetteer's EntityRuler, and for text with Han
+    characters (``han_text="phrases"``) the gazetteer's names matched on the text. Thread-safe."""
+
+    def __init__(self, model: str, gazetteer: Gazetteer | None, use_ner: bool, han_text: HanText = HAN_TEXT):
         from engine.models import resolve_spacy
 
         try:
@@ -229,6 +385,8 @@ class EntityExtractor:
         self.model_version = str(probe.meta.get("version"))
         self.gazetteer = gazetteer
         self.use_ner = use_ner
+        self.han_text = han_text
+        self._han_reader = HanTextReader(gazetteer) if han_text == "phrases" else None
         self._regex_keys: set[str] = set()
         if gazetteer is not None:
             ruler = probe.add_pipe("entity_ruler", before="ner" if use_ner else None,
@@ -263,21 +421,47 @@ class EntityExtractor:
             "model_version": self.model_version,
             "spacy": self.spacy_version,
             "ner": self.use_ner,
+            "han_text": self.han_text,
             "gazetteer": self.gazetteer.describe() if self.gazetteer is not None else None,
         }
 
     def _mentions(self, doc: Any) -> tuple[Mention, ...]:
-        found: dict[tuple[str, str], Mention] = {}
-        for ent in doc.ents:
-            key = ent.ent_id_ or entity_key(ent.text)
-            if not key:
-                continue
-            where = (ent.label_, key)
-            known = found.get(where)
-            found[where] = Mention(ent.label_, key, ent.text, 1) if known is None else Mention(
-                known.label, known.key, known.text, known.count + 1
-            )
-        return tuple(sorted(found.values(), key=lambda m: (m.label, m.key)))
+        return _count([(ent.label_, ent.ent_id_ or entity_key(ent.text), ent.text) for ent in doc.ents])
+
+    def _han_mentions(self, text: str, ner_docs: Sequence[tuple[int, Any]]) -> tuple[Mention, ...]:
+        """A Han text's entities: the gazetteer's matches, and the NER's (found in its Latin runs, at their
+        offsets) where no gazetteer match overlaps them — a gazetteer match wins, as the EntityRuler's does."""
+        assert self._han_reader is not None
+        spans = [(start, end, label, key or entity_key(text[start:end]))
+                 for start, end, label, key in self._han_reader.matches(text)]
+        covered = {i for start, end, _, _ in spans for i in range(start, end)}
+        for offset, doc in ner_docs:
+            for ent in doc.ents:
+                start, end = offset + ent.start_char, offset + ent.end_char
+                if covered.isdisjoint(range(start, end)):
+                    spans.append((start, end, ent.label_, entity_key(ent.text)))
+        return _count([(label, key, text[start:end]) for start, end, label, key in sorted(spans)])
+
+    def _extract_han(self, texts: Sequence[str], batch_size: int) -> list[tuple[Mention, ...]]:
+        """Entities of texts holding Han characters, read in NFKC (the caller holds the lock)."""
+        normalised = [unicodedata.normalize("NFKC", t) for t in texts]
+        runs = [latin_runs(t) if self.use_ner else [] for t in normalised]
+        flat = [run for found in runs for _, run in found]
+        skip = [name for name in self.nlp.pipe_names if name == "entity_ruler"]  # the gazetteer is matched above
+        docs = iter(list(self.nlp.pipe(flat, batch_size=batch_size, disable=skip)) if flat else [])
+        return [self._han_mentions(text, [(offset, next(docs)) for offset, _ in found])
+                for text, found in zip(normalised, runs)]
+
+    def _extract(self, texts: Sequence[str], batch_size: int) -> list[tuple[Mention, ...]]:
+        """Entities of each text, in order: Han texts read as phrases (when so set), the others by spaCy."""
+        han = [i for i, t in enumerate(texts) if self._han_reader is not None and has_han(t)]
+        results: list[tuple[Mention, ...]] = [()] * len(texts)
+        for i, mentions in zip(han, self._extract_han([texts[i] for i in han], batch_size)):
+            results[i] = mentions
+        rest = sorted(set(range(len(texts))) - set(han))
+        for i, doc in zip(rest, self.nlp.pipe([texts[i] for i in rest], batch_size=batch_size)):
+            results[i] = self._mentions(doc)
+        return results
 
     def extract(self, texts: Sequence[str], batch_size: int, progress: Any = None) -> list[tuple[Mention, ...]]:
         """Entities of each text, in order (``nlp.pipe`` in batches; ``progress(n)`` after each batch)."""
@@ -285,33 +469,35 @@ class EntityExtractor:
         with self.lock:
             for start in range(0, len(texts), batch_size):
                 batch = texts[start : start + batch_size]
-                results.extend(self._mentions(doc) for doc in self.nlp.pipe(batch, batch_size=batch_size))
+                results.extend(self._extract(batch, batch_size))
                 if progress is not None:
                     progress(len(batch))
         return results
 
     def extract_query(self, text: str) -> tuple[Mention, ...]:
-        """Entities of one query text; recent queries are cached."""
+        """Entities of one query text (read as a document's would be); recent queries are cached."""
         cached = self._query_cache.get(text)
         if cached is not None:
             return cached
         with self.lock:
-            mentions = self._mentions(self.nlp(text))
+            (mentions,) = self._extract([text], 1)
         self._query_cache.put(text, mentions)
         return mentions
 
 
-_extractors: dict[tuple[str, str | None, bool], EntityExtractor] = {}
+_extractors: dict[tuple[str, str | None, bool, str], EntityExtractor] = {}
 _extractors_lock = threading.Lock()
 
 
-def load_extractor(model: str, gazetteer: Gazetteer | None, use_ner: bool) -> EntityExtractor:
-    """The process-wide extractor for this model, gazetteer content and NER switch (loaded once)."""
-    key = (model, gazetteer.sha256 if gazetteer is not None else None, use_ner)
+def load_extractor(
+    model: str, gazetteer: Gazetteer | None, use_ner: bool, han_text: HanText = HAN_TEXT
+) -> EntityExtractor:
+    """The process-wide extractor for this model, gazetteer content, NER switch and Han mode (loaded once)."""
+    key = (model, gazetteer.sha256 if gazetteer is not None else None, use_ner, han_text)
     with _extractors_lock:
         found = _extractors.get(key)
         if found is None:
-            found = EntityExtractor(model, gazetteer, use_ner)
+            found = EntityExtractor(model, gazetteer, use_ner, han_text)
             _extractors[key] = found
         return found
 
@@ -368,6 +554,7 @@ class EntitiesComponent(IndexComponent):
             "library": f"spacy {extractor.spacy_version}",
             "model": {"name": settings.model, "package": extractor.package, "version": extractor.model_version},
             "ner": settings.ner,
+            "han_text": extractor.han_text,
             "gazetteer": gazetteer.describe() if gazetteer is not None else None,
             "documents_with_entities": sum(1 for m in mentions if m),
             "labels": dict(sorted(labels.items())),
@@ -412,11 +599,16 @@ class LoadedEntities:
 
 def index_extractor(index: Any, entry: dict[str, Any], gazetteer: Gazetteer | None) -> EntityExtractor:
     """The extractor a query's entities must come from to be compared with the documents' of the index's
-    entities component ``entry``: the spaCy pipeline (same version) and NER switch it was built with."""
+    entities component ``entry``: the spaCy pipeline (same version), NER switch and Han mode it was built with
+    (an index that records no Han mode was built before there was one: ``spacy``, until it is rebuilt)."""
     model = entry.get("model") or {}
     name = str(model.get("name", DEFAULT_SPACY_MODEL))
+    han_text = entry.get("han_text", LEGACY_HAN_TEXT)
+    if han_text not in get_args(HanText):
+        raise SieveIndexError(f"the index at {index.path} read Han text as '{han_text}', which this version of Sieve "
+                              f"does not know (it knows {', '.join(get_args(HanText))}); rebuild the index")
     try:
-        extractor = load_extractor(name, gazetteer, bool(entry.get("ner", True)))
+        extractor = load_extractor(name, gazetteer, bool(entry.get("ner", True)), han_text)
     except ModelLoadError as exc:  # the name is not in the config: say where it came from
         raise ModelLoadError(
             f"the index at {index.path} extracted its documents' entities with spaCy pipeline "
@@ -599,6 +791,12 @@ class EntityConsistency(Stage):
             details["query"] = [{"label": m.label, "key": m.key, "text": m.text} for m in query_entities]
         else:
             details["query"] = [{"label": m.label} for m in query_entities]
+        read = ctx.query.text if self.params.query == "original" else ctx.query.effective_text
+        if self._extractor.han_text == LEGACY_HAN_TEXT and has_han(read):
+            decisions.append(Decision("han_text_read_by_spacy", "the index's entities were extracted before Sieve "
+                                      "matched gazetteer names in Han text (its manifest records no han_text), so "
+                                      "the query is read the same old way and Chinese names are mostly missed; "
+                                      "rebuild the index"))
         if not query_entities:
             decisions.append(Decision("no_query_entities", "the query names no entity this stage considers; "
                                       "every candidate scores 0"))
