@@ -60,6 +60,11 @@ class CoreferenceParams(StageParams):
         None, json_schema_extra={"pattern": GLOSSARY_FILE_PATTERN},
         description="glossary/synonym file (YAML), relative to the pipeline config's directory; None: none",
     )
+    user_dict: str | None = Field(
+        None, description="words the Chinese resolver's segmenter must know (names, drugs, companies), one a line "
+        "as jieba writes them: `word [frequency] [tag]`, relative to the pipeline config's directory; the "
+        "glossary's Chinese terms are added anyway; None: none",
+    )
     max_history_turns: int | None = Field(
         None, ge=0, le=1000, description="only the last N turns are read; None: the whole history"
     )
@@ -165,19 +170,30 @@ class CoreferenceRewrite(Stage):
             self._identity.update(model=params.model, package=package, model_version=str(nlp.meta.get("version")),
                                   spacy_version=_spacy_version())
         if params.language in ("auto", "zh"):
-            self._chinese = self._load_chinese()
+            self._chinese = self._load_chinese(resources)
         self._warmed = True
 
-    def _load_chinese(self) -> Any:
+    def _load_chinese(self, resources: Resources) -> Any:
+        """The Chinese resolver, its segmenter taught the glossary's terms and the user dictionary's words."""
+        words: list[tuple[str, str | None]] = []
+        if self._glossary is not None:
+            for entry in self._glossary.entries:
+                words += [(term, None) for term in (*entry.terms, *filter(None, [entry.canonical]))]
+        if self.params.user_dict is not None:
+            path = resources.resolve_path(self.params.user_dict)
+            user_words, sha256 = _load_user_dict(path)
+            words += user_words
+            self._identity["user_dict"] = {"file": str(path), "sha256": sha256, "words": len(user_words)}
         try:
             from stages.rewrite.chinese import ChineseResolver
 
-            resolver = ChineseResolver(self.params.salience)
+            resolver = ChineseResolver(self.params.salience, words)
         except ImportError:
             raise MissingDependencyError("jieba", "jieba", "rewrite.coreference (Chinese)") from None
         import jieba
 
         self._identity["jieba_version"] = getattr(jieba, "__version__", None)
+        self._identity["segmenter_words_added"] = resolver.added_words
         return resolver
 
     def identity(self) -> dict[str, Any] | None:
@@ -344,6 +360,42 @@ class CoreferenceRewrite(Stage):
         else:
             description = "query rewritten (text redacted)" if text != source else "query unchanged"
         return Explanation(float(len(parts)), f"{description} by stage '{self.id}': {len(parts)} change(s)", tuple(parts))
+
+
+def _load_user_dict(path: Path) -> tuple[list[tuple[str, str | None]], str]:
+    """(word, tag or None) pairs of a jieba user dictionary (`word [frequency] [tag]` a line; blank lines
+    and lines opening with # skipped), and the file's sha256. A malformed line is a ConfigError at
+    file:line."""
+    import hashlib
+
+    from engine.errors import ConfigIssue, Location
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        issue = ConfigIssue(Location(str(path)), "params.user_dict", f"cannot read: {exc.strerror}")
+        raise ConfigError([issue]) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(Location(str(path)), "params.user_dict", "not UTF-8 text")]) from None
+    words: list[tuple[str, str | None]] = []
+    issues: list[ConfigIssue] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        word, rest = fields[0], fields[1:]
+        if rest and rest[0].isdigit():
+            rest = rest[1:]  # a frequency: the resolver uses the one that keeps the word whole
+        if len(rest) > 1 or (rest and not rest[0].isalpha()):
+            issues.append(ConfigIssue(Location(str(path), number), "params.user_dict",
+                                      f"'{line.strip()}': expected `word [frequency] [tag]`"))
+            continue
+        words.append((word, rest[0] if rest else None))
+    if issues:
+        raise ConfigError(issues)
+    return words, hashlib.sha256(data).hexdigest()
 
 
 def _spacy_version() -> str | None:

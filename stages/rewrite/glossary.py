@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -197,9 +198,24 @@ def _tokens(text: str) -> list[_Token]:
     return tokens
 
 
+def _nfkc(text: str) -> tuple[str, list[int], list[int]]:
+    """``text`` in NFKC (full-width 'ＨＩＶ' is 'HIV', the ligature 'ﬁ' is 'fi', as BM25 reads them), with, for
+    each of its characters, where it starts and ends in ``text``: matches are found in the normal form and
+    rewritten in the text as typed."""
+    if unicodedata.is_normalized("NFKC", text):
+        return text, list(range(len(text))), list(range(1, len(text) + 1))
+    pieces, starts, ends = [], [], []
+    for position, char in enumerate(text):  # char by char, so each piece knows where it was typed
+        folded = unicodedata.normalize("NFKC", char)
+        pieces.append(folded)
+        starts.extend([position] * len(folded))
+        ends.extend([position + 1] * len(folded))
+    return "".join(pieces), starts, ends
+
+
 def _term_key(term: str, fold: bool) -> tuple[str, ...]:
     """A term as the token sequence it matches: a token after whitespace carries a leading space."""
-    tokens = _tokens(term)
+    tokens = _tokens(unicodedata.normalize("NFKC", term))
     parts = [(" " if t.spaced and i else "") + (t.text.casefold() if fold else t.text) for i, t in enumerate(tokens)]
     return tuple(parts)
 
@@ -291,6 +307,7 @@ class Glossary:
     def matches(self, text: str) -> list[tuple[int, int, GlossaryEntry]]:
         """(start, end, entry) of every term occurrence in ``text``, left to right, the longest at each place."""
         index = self._index()
+        text, starts, ends = _nfkc(text)
         tokens = _tokens(text)
         boundaries = _han_boundaries(text) if index.han and _HAN.search(text) else set()
         found: list[tuple[int, int, GlossaryEntry]] = []
@@ -303,7 +320,8 @@ class Glossary:
                 hit = self._longest(text, tokens, i, lengths, index, boundaries)
                 if hit is not None:
                     length, entry = hit
-                    found.append((first.start, tokens[i + length - 1].end, entry))
+                    end = tokens[i + length - 1].end
+                    found.append((starts[first.start], ends[end - 1], entry))
                     i += length
                     continue
             i += 1

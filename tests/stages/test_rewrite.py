@@ -711,3 +711,21 @@ def test_cast_slice_beats_the_raw_question(stage):
         for t in slice_
     ) / len(slice_)
     assert ours > raw + 0.1, (ours, raw)
+
+
+def test_glossary_terms_match_full_width_and_ligature_forms(tmp_path):
+    """Terms are matched in NFKC, as BM25 reads text: full-width 'ＨＩＶ' (Chinese input methods type it) missed
+    the entry 'HIV'; the rewrite keeps the text as typed around the replacement."""
+    path = tmp_path / "glossary.yaml"
+    path.write_text("""\
+version: 1
+entries:
+  - {id: hiv, terms: [HIV, 艾滋病病毒]}
+  - {id: fibrosis, action: replace, terms: [fibrosis, scarring], canonical: fibrosis}
+""", encoding="utf-8")
+    glossary = load_glossary(path)
+    assert glossary.apply("HIV暴露前预防")[0] == "HIV暴露前预防 艾滋病病毒"
+    # the typed form stays; the entry's other terms are added (its ASCII form among them, not typed as such)
+    assert glossary.apply("ＨＩＶ暴露前预防")[0] == "ＨＩＶ暴露前预防 HIV 艾滋病病毒"
+    assert glossary.apply("Is pulmonary scarring ﬁxable?")[0] == "Is pulmonary fibrosis ﬁxable?"
+    assert glossary.apply("ﬁbrosis of the lung")[0] == "ﬁbrosis of the lung"  # already the canonical term
