@@ -18,6 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 MINI = ROOT / "examples" / "scifact-mini"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _the_checkouts_audit_log_is_not_written():
+    """A test writes its traces under its own tmp_path: the checkout's traces/trace.jsonl (the default log, relative
+    to the working directory) is a user's audit record, and ``Pipeline.search`` logs by default."""
+    log = ROOT / "traces" / "trace.jsonl"
+    before = log.stat().st_size if log.exists() else None
+    yield
+    after = log.stat().st_size if log.exists() else None
+    assert after == before, f"the test session appended to {log}: give the test's config `trace: {{log: null}}`"
+
+
 @pytest.fixture(scope="session")
 def mini_corpus() -> Path:
     """Directory of the bundled SciFact slice (corpus.jsonl, queries.jsonl, qrels/test.tsv)."""
@@ -63,4 +74,5 @@ stages:
     inputs: [z]
     params: {{half_life_days: 365, combine: multiply}}{extra}
 output: recent
+trace: {{log: null}}
 """

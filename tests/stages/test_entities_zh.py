@@ -150,7 +150,7 @@ def make_pipeline(tmp_path: Path, index: Path) -> Pipeline:
     config.write_text(
         f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
         "  - {id: entity, type: boost.entity_consistency, inputs: [bm25]}\noutput: entity\n"
-        "trace: {include_query_text: true}\n",
+        "trace: {log: null, include_query_text: true}\n",
         encoding="utf-8",
     )
     return Pipeline.from_file(config)

@@ -37,7 +37,7 @@ def make_pipeline(tmp_path: Path, index: Path, stages_yaml: str, output: str, *,
     config = tmp_path / "pipeline.yaml"
     config.write_text(
         f"version: 1\nindex: {index}\nstages:\n{stages_yaml}\noutput: {output}\n"
-        f"trace: {{include_query_text: {str(trace_text).lower()}}}\n",
+        f"trace: {{log: null, include_query_text: {str(trace_text).lower()}}}\n",
         encoding="utf-8",
     )
     return Pipeline.from_file(config)
