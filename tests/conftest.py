@@ -74,5 +74,4 @@ stages:
     inputs: [z]
     params: {{half_life_days: 365, combine: multiply}}{extra}
 output: recent
-trace: {{log: null}}
 """

@@ -141,13 +141,13 @@ def test_on_error_skip_marks_the_trace_degraded(bm25_index, write_config):
 
 def test_a_stage_failing_at_run_time_is_named_once(bm25_index, write_config):
     """z-scores are negative for half the list, and multiplying a decay into them is refused at run time."""
-    failing = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="")))
+    failing = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="") + "trace: {log: null}\n"))
     with pytest.raises(StageError) as caught:
         failing.search(QUERY)
     message = str(caught.value)
     assert message.startswith("stage 'recent' (boost.recency@1) failed: combine: multiply needs non-negative scores")
     assert message.count("failed:") == 1
-    skipping = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="\n    on_error: skip"),
+    skipping = Pipeline.from_file(write_config(FAILS_AT_RUN_TIME.format(index=bm25_index, extra="\n    on_error: skip") + "trace: {log: null}\n",
                                                "skip.yaml"))
     result = skipping.search(QUERY)
     stage = next(s for s in result.trace["stages"] if s["id"] == "recent")
