@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import MissingDependencyError, QueryError, SieveError
+from engine.strictness import a_json_kind
 
 DEFAULT_MEASURES = ("ndcg_cut.10", "recall.100", "map", "recip_rank")
 
@@ -67,20 +68,6 @@ def trec_order(docs: dict[str, float]) -> list[tuple[str, float]]:
     ``strcmp`` is. Sieve's own runs have strictly decreasing scores, so the tie rule never applies to them.
     """
     return sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], str]:
@@ -144,13 +131,13 @@ def _read_queries(path: Path, judged: dict[str, dict[str, int]]) -> dict[str, st
             raw_id, text = record["_id"], record["text"]
             if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
                 raise SieveError(f"{path}:{number}: _id must be a non-empty string or an integer, got "
-                                 f"{_json_kind(raw_id) if not isinstance(raw_id, str) else repr(raw_id)}")
+                                 f"{a_json_kind(raw_id) if not isinstance(raw_id, str) else repr(raw_id)}")
             qid = str(raw_id)
             seen = first_line.setdefault(qid, number)
             if seen != number:
                 raise SieveError(f"{path}:{number}: query id {qid!r} appears a second time (first at {path}:{seen})")
             if not isinstance(text, str):
-                raise SieveError(f"{path}:{number}: query {qid}: text must be a string, got {_json_kind(text)}")
+                raise SieveError(f"{path}:{number}: query {qid}: text must be a string, got {a_json_kind(text)}")
             if qid in judged:
                 try:
                     if not _visible(text):

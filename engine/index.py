@@ -37,7 +37,7 @@ from pydantic import ConfigDict, ValidationError
 
 from engine import __version__
 from engine.errors import SieveError, SieveIndexError
-from engine.strictness import NoCoercion, json_kind
+from engine.strictness import NoCoercion, a_json_kind, json_kind
 
 INDEX_FORMAT = "sieve.index/1"
 MANIFEST = "manifest.json"
@@ -158,12 +158,7 @@ def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
 
 def _json_kind(value: Any) -> str:
     """What a JSON value is, for messages ("a boolean", "a number (1.5)", "an object", ...)."""
-    kind = json_kind(value)
-    if kind == "number":
-        return f"a number ({value!r})"
-    if kind == "null":
-        return kind
-    return ("an " if kind[0] in "aeiou" else "a ") + kind
+    return f"a number ({value!r})" if json_kind(value) == "number" else a_json_kind(value)
 
 
 def _check_record(record: Any) -> str | None:

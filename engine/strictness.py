@@ -115,3 +115,9 @@ def json_kind(value: Any) -> str:
     if isinstance(value, (int, float)):
         return "number"
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def a_json_kind(value: Any) -> str:
+    """:func:`json_kind` as a message says it: "null", "a boolean", "a number", "an array", "an object"."""
+    kind = json_kind(value)
+    return kind if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind

@@ -40,12 +40,13 @@ from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.models import resolve_model
 from engine.registry import register_stage
 from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
+from stages.text import HAN_RANGES
 
 DEFAULT_COSINE_THRESHOLD = 0.95
 MINHASH_SCHEME = "affine32"  # datasketch >= 2.0: 32-bit values, pinned so an upgrade cannot change them
 # A Han character is a token of its own (Chinese has no spaces: a clause was one "word", so one changed character
 # made two reprints share no shingle); other word characters run together as words
-_HAN_CHARS = "\u3400-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_HAN_CHARS = HAN_RANGES + "\U00020000-\U0002fa1f"  # and the supplementary planes' extensions
 WORD = re.compile(f"[{_HAN_CHARS}]|[^\\W{_HAN_CHARS}]+", re.UNICODE)
 
 

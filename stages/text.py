@@ -24,7 +24,10 @@ CHINESE_STOPWORDS = frozenset(
     "的 了 和 是 在 也 有 就 不 都 而 及 与 着 或 一个 没有 我们 你们 他们 她们 它们 这 那 这个 那个 "
     "之 被 把 让 给 从 对 向 为 以 于 其 此 该 吗 呢 吧 啊 呀 么 什么 怎么 如何 哪 哪些 还 又 很 更 最".split()
 )
-_HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+HAN_RANGES = "\u3400-\u9fff\uf900-\ufaff"  # CJK unified ideographs (with extension A) and compatibility ideographs
+HAN = re.compile(f"[{HAN_RANGES}]")
+# a Han character (Chinese has no spaces: each is a word of its own), or a run of other word characters
+HAN_OR_WORD = re.compile(f"[{HAN_RANGES}]|[^\\W{HAN_RANGES}]+")
 
 
 class TokenizerSettings(NoCoercion):
@@ -100,14 +103,14 @@ class Tokenizer:
         return jieba
 
     def _words(self, text: str) -> list[str]:
-        if self.settings.language == "zh" and _HAN.search(text):
+        if self.settings.language == "zh" and HAN.search(text):
             words = []
             cut = self._jieba.lcut_for_search if self.settings.segmentation == "search" else self._jieba.lcut
             for piece in cut(text):
                 piece = piece.strip()
                 if not piece:
                     continue
-                if _HAN.search(piece):
+                if HAN.search(piece):
                     words.append(piece)
                 else:
                     words.extend(self._regex.findall(piece))
@@ -128,7 +131,7 @@ class Tokenizer:
         for word in self._words(text):
             if word in stop:
                 continue
-            if stem is not None and not _HAN.search(word):
+            if stem is not None and not HAN.search(word):
                 word = stem(word)
             terms.append(word)
         return terms

@@ -155,10 +155,6 @@ def _ranks(run_for_query: dict[str, float]) -> dict[str, int]:
     return {doc_id: rank for rank, (doc_id, _) in enumerate(trec_order(run_for_query), start=1)}
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
-
-
 def _record(trace: dict[str, Any] | None, doc_id: str) -> dict[str, Any] | None:
     if trace is None:
         return None

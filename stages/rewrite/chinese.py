@@ -28,15 +28,14 @@ forms.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from stages.rewrite.discourse import Antecedent, DiscourseModel, Mention, Replacement, SalienceWeights
 from stages.rewrite.english import Resolution
+from stages.text import HAN
 
-HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 NOUN_TAGS = frozenset({"n", "nr", "nrt", "nrfg", "ns", "nt", "nz", "vn", "eng", "nw", "an"})
 PERSON_TAGS = frozenset({"nr", "nrt", "nrfg"})
 PROPER_TAGS = frozenset({"nr", "nrt", "nrfg", "ns", "nt", "nz"})

@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from engine.strictness import NoCoercion
+from stages.text import HAN_OR_WORD
 
 
 class SalienceWeights(NoCoercion):
@@ -192,7 +193,7 @@ class Replacement:
 
 REDACTED = "<redacted>"
 _REDACTIONS = re.compile(f"(?:{REDACTED})+")
-_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W\u3400-\u9fff\uf900-\ufaff]+")
+_WORD = HAN_OR_WORD
 # Words a rule's own wording shares with almost any question (English function words): left in place outside
 # quotes even when the conversation has them too.
 FUNCTION_WORDS = frozenset(

@@ -41,9 +41,8 @@ from pydantic_core import PydanticCustomError
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue
 from engine.strictness import NoCoercion
+from stages.text import HAN, HAN_RANGES
 
-HAN_RANGES = "\u3400-\u9fff\uf900-\ufaff"
-_HAN = re.compile(f"[{HAN_RANGES}]")
 _HAN_RUN = re.compile(f"[{HAN_RANGES}]+")
 # a Han character, a run of other word characters (letters, digits, '_'), or any other visible character
 _TOKEN = re.compile(rf"[{HAN_RANGES}]|[^\W{HAN_RANGES}]+|\S")
@@ -193,7 +192,7 @@ def _tokens(text: str) -> list[_Token]:
     for match in _TOKEN.finditer(text):
         start = match.start()
         word = match.group(0)
-        tokens.append(_Token(word, start, match.end(), start > previous_end, _HAN.match(word) is not None))
+        tokens.append(_Token(word, start, match.end(), start > previous_end, HAN.match(word) is not None))
         previous_end = match.end()
     return tokens
 
@@ -267,7 +266,7 @@ def build_index(entries: tuple[GlossaryEntry, ...], file_case_sensitive: bool | 
                 continue
             (exact if sensitive else folded).setdefault(key, entry)
             lengths.setdefault(key[0].casefold(), set()).add(len(key))
-            han = han or _HAN.search(term) is not None
+            han = han or HAN.search(term) is not None
     return _Index(exact, folded, {k: tuple(sorted(v, reverse=True)) for k, v in lengths.items()}, han)
 
 
@@ -309,7 +308,7 @@ class Glossary:
         index = self._index()
         text, starts, ends = _nfkc(text)
         tokens = _tokens(text)
-        boundaries = _han_boundaries(text) if index.han and _HAN.search(text) else set()
+        boundaries = _han_boundaries(text) if index.han and HAN.search(text) else set()
         found: list[tuple[int, int, GlossaryEntry]] = []
         count = len(tokens)
         i = 0
