@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Literal
 
 from pydantic import ConfigDict, Field
@@ -28,6 +28,19 @@ HAN_RANGES = "\u3400-\u9fff\uf900-\ufaff"  # CJK unified ideographs (with extens
 HAN = re.compile(f"[{HAN_RANGES}]")
 # a Han character (Chinese has no spaces: each is a word of its own), or a run of other word characters
 HAN_OR_WORD = re.compile(f"[{HAN_RANGES}]|[^\\W{HAN_RANGES}]+")
+
+
+@cache
+def quiet_jieba():  # type: ignore[no-untyped-def]
+    """The jieba module, its dictionary-loading chatter on stderr turned off (once per process)."""
+    try:
+        import jieba
+    except ImportError:
+        raise MissingDependencyError("jieba", "jieba", "Chinese tokenisation") from None
+    import logging
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
 
 
 class TokenizerSettings(NoCoercion):
@@ -92,13 +105,7 @@ class Tokenizer:
 
     @cached_property
     def _jieba(self):  # type: ignore[no-untyped-def]
-        try:
-            import jieba
-        except ImportError:
-            raise MissingDependencyError("jieba", "jieba", "Chinese tokenisation") from None
-        import logging
-
-        jieba.setLogLevel(logging.WARNING)
+        jieba = quiet_jieba()
         jieba.initialize()
         return jieba
 

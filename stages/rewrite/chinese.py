@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 from stages.rewrite.discourse import Antecedent, DiscourseModel, Mention, Replacement, SalienceWeights
 from stages.rewrite.english import Resolution
-from stages.text import HAN
+from stages.text import HAN, quiet_jieba
 
 NOUN_TAGS = frozenset({"n", "nr", "nrt", "nrfg", "ns", "nt", "nz", "vn", "eng", "nw", "an"})
 PERSON_TAGS = frozenset({"nr", "nrt", "nrfg"})
@@ -138,15 +138,12 @@ class ChineseResolver:
     name, is tagged ``nz`` (a glossary term is a term, not a person)."""
 
     def __init__(self, weights: SalienceWeights, words: Sequence[tuple[str, str | None]] = ()):
-        import logging
+        jieba = quiet_jieba()
+        from jieba import posseg
 
-        import jieba
-        import jieba.posseg
-
-        jieba.setLogLevel(logging.WARNING)
         tokenizer = jieba.Tokenizer()
         tokenizer.initialize()
-        self._posseg = jieba.posseg.POSTokenizer(tokenizer)
+        self._posseg = posseg.POSTokenizer(tokenizer)
         added = 0
         for word, tag in words:
             word = word.strip()

@@ -188,7 +188,7 @@ class CoreferenceRewrite(Stage):
             from stages.rewrite.chinese import ChineseResolver
 
             resolver = ChineseResolver(self.params.salience, words)
-        except ImportError:
+        except (ImportError, MissingDependencyError):
             raise MissingDependencyError("jieba", "jieba", "rewrite.coreference (Chinese)") from None
         import jieba
 

@@ -41,7 +41,7 @@ from pydantic_core import PydanticCustomError
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue
 from engine.strictness import NoCoercion
-from stages.text import HAN, HAN_RANGES
+from stages.text import HAN, HAN_RANGES, quiet_jieba
 
 _HAN_RUN = re.compile(f"[{HAN_RANGES}]+")
 # a Han character, a run of other word characters (letters, digits, '_'), or any other visible character
@@ -225,11 +225,7 @@ _JIEBA_LOCK = threading.Lock()
 def _han_boundaries(text: str) -> set[int]:
     """Character offsets where a Chinese word starts or ends (jieba, dictionary only), for every run of Han
     characters in ``text``."""
-    import logging
-
-    import jieba
-
-    jieba.setLogLevel(logging.WARNING)  # its dictionary-loading chatter on stderr is not the user's business
+    jieba = quiet_jieba()
     boundaries: set[int] = set()
     for run in _HAN_RUN.finditer(text):
         offset = run.start()
@@ -288,13 +284,8 @@ class Glossary:
         """Build the term index (and load jieba when a term is Chinese): at warm-up, not on the first query."""
         index = self._index()
         if index.han:
-            import logging
-
-            import jieba
-
-            jieba.setLogLevel(logging.WARNING)
             with _JIEBA_LOCK:
-                jieba.initialize()
+                quiet_jieba().initialize()
 
     def _index(self) -> _Index:
         index = self.__dict__.get("_built")
