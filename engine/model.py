@@ -70,6 +70,7 @@ class Query(BaseModel):
         as_of: datetime | None = None,
         language: str | None = None,
         max_chars: int = DEFAULT_MAX_QUERY_CHARS,
+        max_history_turns: int | None = None,
     ) -> "Query":
         """Validate user input into a Query; empty or oversized text is a QueryError."""
         if not isinstance(text, str):
@@ -85,6 +86,8 @@ class Query(BaseModel):
         if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
             # a string is a sequence too: "Is it safe?" became eleven one-character turns
             raise QueryError(f"history must be a list of the earlier turns (strings), not a {type(history).__name__}")
+        if max_history_turns is not None and len(history) > max_history_turns:
+            raise QueryError(f"conversation history has {len(history)} turns; the limit is {max_history_turns}")
         user = _user(user)
         if as_of is not None and not isinstance(as_of, datetime):
             # a number would be read as Unix seconds, a string not at all: the caller converts, knowingly

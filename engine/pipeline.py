@@ -108,15 +108,8 @@ class Pipeline:
         wrong): ``history`` the earlier turns, oldest first; ``user`` a UserContext or a mapping of its fields;
         ``as_of`` a datetime (naive is UTC); ``language`` a tag such as ``en`` or ``zh-CN``."""
         limits = self.compiled.config.limits
-        if not isinstance(history, (str, bytes)) and len(history) > limits.max_history_turns:
-            from engine.errors import QueryError
-
-            raise QueryError(
-                f"conversation history has {len(history)} turns; the limit is {limits.max_history_turns}"
-            )
-        return Query.create(
-            text, history=history, user=user, as_of=as_of, language=language, max_chars=limits.max_query_chars
-        )
+        return Query.create(text, history=history, user=user, as_of=as_of, language=language,
+                            max_chars=limits.max_query_chars, max_history_turns=limits.max_history_turns)
 
     def search(self, text: str, *, log: bool = True, **kwargs: Any) -> RunResult:
         """Run one query (``kwargs``: see :meth:`make_query`) and, with ``log`` (the default), append its trace to
