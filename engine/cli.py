@@ -369,8 +369,11 @@ def trace_verify(
             err.print(f"[red]✗[/red] {escape(problem)}")
         raise typer.Exit(1)
     anchored = expect_head is not None or expect_count is not None
-    out.print(f"[green]✓[/green] {check.records} records, chain intact"
-              + (", the anchored head is present" if anchored else ""))
+    rotated = len(check.segments) > 1
+    out.print(f"[green]✓[/green] {check.records} records"
+              + (f" in {len(check.segments)} segments ({escape(', '.join(p.name for p in check.segments))})"
+                 if rotated else "")
+              + ", chain intact" + (", the anchored head is present" if anchored else ""))
     if not anchored:
         out.print("[dim]records cut from the log's end cannot be seen in the chain: anchor its head outside the log "
                   f"(sieve trace head {escape(str(log))}) and check it with --expect-head[/dim]")
@@ -397,6 +400,34 @@ def trace_head(
     out.print(f"{escape(str(log))}: {head.records} records; head seq {head.seq} hash {head.hash}")
     out.print(f"check later: sieve trace verify {escape(str(log))} --expect-head {head.hash} "
               f"--expect-count {head.records}")
+
+
+@trace_app.command("rotate")
+def trace_rotate(
+    log: Annotated[Path, typer.Argument(help="trace log (.jsonl)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print what was done as JSON")] = False,
+) -> None:
+    """Move a log's records to an archived segment beside it (LOG-STEM.FIRST-LAST.jsonl) and start the log
+    again with a record that links to the archive's last one: the chain stays unbroken, and `sieve trace
+    verify`, `replay` and `report` follow it back through the segments beside the log. Safe while a server or
+    other processes append (they wait for the rotation, then append to the new log)."""
+    from engine.trace import rotate_log
+
+    rotation = rotate_log(log)
+    marker = rotation.marker
+    if as_json:
+        out.print_json(json.dumps({"log": str(rotation.path), "archive": str(rotation.archive),
+                                   "first_seq": rotation.first_seq, "last_seq": rotation.last_seq,
+                                   "records": marker["seq"] + 1, "seq": marker["seq"], "hash": marker["hash"]}))
+        return
+    moved = rotation.last_seq - rotation.first_seq + 1
+    out.print(f"{escape(str(rotation.path))}: seq {rotation.first_seq}..{rotation.last_seq} ({moved} record"
+              f"{'s' if moved != 1 else ''}) moved to {escape(str(rotation.archive))}")
+    out.print(f"the log goes on at seq {marker['seq']}, with a record linking to the archive's last "
+              f"(hash {rotation.marker['prev'][:16]}…); keep the archive beside the log for verify and replay to "
+              "follow the chain")
+    out.print(f"anchor: sieve trace verify {escape(str(rotation.path))} --expect-head {marker['hash']} "
+              f"--expect-count {marker['seq'] + 1}")
 
 
 # ---------------------------------------------------------------------------- analyst workbench

@@ -16,6 +16,10 @@ set-aside is never overwritten) and cuts it off; ``check_log`` lists those files
 whole and checks out but lacks its newline is kept: the next append completes the line and chains after it.
 Reading a record (``TraceLog.find``, ``load_trace``) checks it and the chain up to it: an edited record is
 refused, never returned as genuine.
+
+Rotation (``rotate_log``): the log's records move to an archived segment beside it and the log starts again
+with a segment marker, a record at the next seq that links to the archive's last hash and names the archive.
+``check_log`` and ``TraceLog.find_record`` follow the chain back through the segments beside the log.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,17 @@ def canonical(data: Any) -> bytes:
 
 def record_hash(prev_hash: str, trace: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical(trace)).hexdigest()
+
+
+def _record_line(prev_hash: str, seq: int, trace: dict[str, Any], body: bytes | None = None) -> tuple[dict[str, Any], bytes]:
+    """The record that chains ``trace`` after ``prev_hash`` at ``seq``, and its line as the writer lays it out:
+    the header fields first, then the trace exactly as hashed (encoded once; the next append reads the chain
+    position from the line's first bytes)."""
+    body = canonical(trace) if body is None else body
+    digest = hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
+    record = {"schema": LOG_SCHEMA, "seq": seq, "prev": prev_hash, "hash": digest, "trace": trace}
+    header = json.dumps({k: record[k] for k in ("schema", "seq", "prev", "hash")}, separators=(",", ":"))
+    return record, header[:-1].encode("ascii") + b',"trace":' + body + b"}\n"
 
 
 def _read_at(handle: Any, offset: int, size: int) -> bytes:
@@ -226,11 +244,15 @@ def _is_foreign(data: Any) -> bool:
     return isinstance(data, dict) and not any(k in data for k in _CHAIN_KEYS) and data.get("schema") != LOG_SCHEMA
 
 
-def _open_log(path: Path) -> Any:
+def _require_log(path: Path) -> None:
     if path.is_dir():
         raise TraceError(f"{path} is a directory, not a trace log")
     if not path.exists():
         raise TraceError(f"trace log not found: {path}")
+
+
+def _open_log(path: Path) -> Any:
+    _require_log(path)
     try:
         return open(path, "rb")
     except OSError as exc:
@@ -279,23 +301,38 @@ class TraceLog:
         to where the record started and the error is raised: the log never keeps half a record."""
         body = canonical(trace)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        # Unbuffered: every byte written is written by _write_all, none is left in a buffer that a later
-        # close could flush after a rollback.
-        with open(fd, "rb+", buffering=0) as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        with self._locked(create=True) as handle:
+            prev_hash, seq, end, prefix = self._tail(handle)
+            record, line = _record_line(prev_hash, seq, trace, body)
+            self._write_at(handle.fileno(), end, prefix + line)
+            return record
+
+    @contextmanager
+    def _locked(self, *, create: bool) -> Iterator[Any]:
+        """The log file, open unbuffered for reading and writing, under an exclusive lock. The lock is taken on
+        the file the path names *when the lock is granted*: a rotation (``rotate_log``) that moved the file
+        away while this process waited leaves it holding the archive, so it opens the path again."""
+        while True:
             try:
-                prev_hash, seq, end, prefix = self._tail(handle)
-                digest = hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
-                record = {"schema": LOG_SCHEMA, "seq": seq, "prev": prev_hash, "hash": digest, "trace": trace}
-                # The header fields first, then the trace exactly as hashed: encoded once, and the
-                # next append reads the chain position from the line's first bytes.
-                header = json.dumps({k: record[k] for k in ("schema", "seq", "prev", "hash")}, separators=(",", ":"))
-                line = prefix + header[:-1].encode("ascii") + b',"trace":' + body + b"}\n"
-                self._write_at(handle.fileno(), end, line)
-                return record
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o640)
+            except FileNotFoundError:
+                raise TraceError(f"trace log not found: {self.path}") from None
+            # Unbuffered: every byte written is written by _write_all, none is left in a buffer that a later
+            # close could flush after a rollback.
+            with open(fd, "rb+", buffering=0) as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                try:
+                    try:
+                        current = os.stat(self.path)
+                    except FileNotFoundError:
+                        current = None
+                    opened = os.fstat(handle.fileno())
+                    if current is None or (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+                        continue  # rotated (or moved away) while this process waited for the lock
+                    yield handle
+                    return
+                finally:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def _tail(self, handle: Any) -> tuple[str, int, int, bytes]:
         """(previous hash, next seq, offset to write at, bytes to write before the record)."""
@@ -407,6 +444,7 @@ class TraceLog:
                     continue
                 terminated = raw.endswith(b"\n")
                 data, problem = _line_problem(raw)
+                starts = first
                 if first:
                     first = False
                     if _is_single_trace(self.path, raw, data):
@@ -416,6 +454,17 @@ class TraceLog:
                         )
                     if _is_foreign(data):
                         raise TraceError(f"{self.path} is not a Sieve trace log (line {number} has no seq/prev/hash)")
+                if problem is None and _is_segment_marker(data["trace"]):
+                    marker_problem = _marker_problem(data["trace"])
+                    if marker_problem is not None:
+                        problem = f" (seq {data['seq']}): a segment marker {marker_problem}"
+                    elif starts:
+                        # A rotated log starts with the marker that links it to the end of the segment rotated
+                        # out of it (``check_log`` checks that link): the chain goes on from there.
+                        prev_hash, expected_seq = data["prev"], data["seq"]
+                    else:
+                        problem = (f" (seq {data['seq']}): a segment marker in the middle of the log (only the first "
+                                   "line of a rotated log is one)")
                 if problem is not None:
                     problem = f"line {number}{problem}"
                     if not terminated and raw.startswith(b"{"):
@@ -460,8 +509,42 @@ class TraceLog:
         intact chain; otherwise TraceError (an edited record is never returned as if genuine)."""
         return self.find_record(trace_id, seq)["trace"]
 
+    def last_record(self) -> dict[str, Any] | None:
+        """The log's last record as written (shape-checked, not chain-checked); None for an empty log."""
+        with _open_log(self.path) as handle:
+            last, _ = _last_record_line(handle, handle.seek(0, os.SEEK_END))
+        if not last:
+            return None
+        data, problem = _line_problem(last)
+        if problem is not None:
+            raise TraceError(f"{self.path}: its last line{problem}")
+        return data
+
     def find_record(self, trace_id: str | None = None, seq: int | None = None) -> dict[str, Any]:
-        """Like ``find``, the whole record: ``{schema, seq, prev, hash, trace}``."""
+        """Like ``find``, the whole record: ``{schema, seq, prev, hash, trace}``. A rotated log (``rotate_log``)
+        is searched back through the segments rotated out of it that are beside it, newest first."""
+        log, searched = self, [self.path]
+        while True:
+            try:
+                return log._find_in_segment(trace_id, seq)
+            except _NotInSegment as missing:
+                previous = _previous_segment(log.path)
+                if previous is None:
+                    raise TraceError(str(missing) + _searched_also(searched)) from None
+                if not previous.path.is_file():
+                    raise TraceError(
+                        f"{missing}{_searched_also(searched)}; {log.path.name} continues {previous.path.name} (seq "
+                        f"{previous.first_seq}..{previous.last_seq}), which is not beside it: put the archived segment "
+                        "back to search it"
+                    ) from None
+                if previous.path in searched:
+                    raise TraceError(f"{missing}{_searched_also(searched)} (the segments name each other in a loop)") \
+                        from None
+                log = TraceLog(previous.path)
+                searched.append(previous.path)
+
+    def _find_in_segment(self, trace_id: str | None, seq: int | None) -> dict[str, Any]:
+        """``find_record`` in this file alone; _NotInSegment when the record is not in it."""
         broken: _Line | None = None  # the first line where the chain is broken
         found: _Line | None = None
         tail: _Line | None = None  # an unterminated last line that is no record
@@ -481,13 +564,16 @@ class TraceLog:
             if matches:
                 found = line
                 break
-            if trace_id is None and seq is None:
-                found = line
+            if trace_id is None and seq is None and not (record is not None and _is_segment_marker(record["trace"])):
+                found = line  # the latest trace (a rotated log's marker is no trace)
         verify = f"run `sieve trace verify {self.path}`"
         if found is None:
             wanted = f" with id {trace_id}" if trace_id is not None else f" with seq {seq}" if seq is not None else ""
             hint = next((f" (and its chain is broken: {p.problems[0]}; {verify})" for p in (broken, tail) if p), "")
-            raise TraceError(f"{self.path} holds no trace{wanted}{hint}")
+            raise _NotInSegment(f"{self.path} holds no trace{wanted}{hint}")
+        if found.record is not None and _is_segment_marker(found.record["trace"]):
+            raise TraceError(f"{self.path}: seq {found.record['seq']} is the marker that starts the log after a "
+                             f"rotation (it links to {found.record['trace']['previous']['file']}), not a trace")
         if found.record is None:  # the most recent line is no record
             first = "" if broken is None or broken is found else f"the chain is broken ({broken.problems[0]}), and "
             raise TraceError(
@@ -514,6 +600,108 @@ class TraceLog:
         return found.record
 
 
+SEGMENT_SCHEMA = "sieve.tracelog.segment/1"
+
+
+def _is_segment_marker(trace: dict[str, Any]) -> bool:
+    """Whether a record's trace is the marker ``rotate_log`` writes first in a rotated log."""
+    return trace.get("schema") == SEGMENT_SCHEMA
+
+
+def _marker_problem(trace: dict[str, Any]) -> str | None:
+    """What is wrong with a segment marker's content (worded to follow "a segment marker"), or None."""
+    previous = trace.get("previous")
+    if not isinstance(previous, dict):
+        return "without its 'previous' segment"
+    name = previous.get("file")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return f"naming no file beside the log as its previous segment ({_clip(name)})"
+    for key in ("first_seq", "last_seq"):
+        value = previous.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"whose previous.{key} {_clip(value)} is not a whole number"
+    return None
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """The segment a rotated log continues, as its first record names it."""
+
+    path: Path
+    first_seq: int
+    last_seq: int
+    seq: int  # the marker's own seq (last_seq + 1)
+    prev: str  # the hash it links to: that of the previous segment's last record
+
+
+def _previous_segment(path: Path) -> _Previous | None:
+    """The segment that ``path`` continues, read from its first line when that is a well-formed segment marker
+    (None for a log that starts a chain, an empty one, or one that is no log: ``scan`` reports those)."""
+    try:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                if raw.strip():
+                    break
+            else:
+                return None
+    except OSError:
+        return None
+    data, problem = _line_problem(raw)
+    if problem is not None or not _is_segment_marker(data["trace"]) or _marker_problem(data["trace"]) is not None:
+        return None
+    previous = data["trace"]["previous"]
+    return _Previous(path.with_name(previous["file"]), previous["first_seq"], previous["last_seq"], data["seq"],
+                     data["prev"])
+
+
+def _segments(path: Path) -> tuple[list[Path], list[str], list[str]]:
+    """The chain's segments that are on disk, oldest first, ending with ``path``: a rotated log names the
+    segment it continues (``rotate_log``), which may itself be rotated; and the problems (a segment that does
+    not end where the next one's marker links) and notes (an earlier segment that is not beside the log) found
+    following them."""
+    chain = [path]
+    seen = {os.path.realpath(path)}
+    problems: list[str] = []
+    notes: list[str] = []
+    while True:
+        previous = _previous_segment(chain[0])
+        if previous is None:
+            return chain, problems, notes
+        label = f"{previous.path.name} (seq {previous.first_seq}..{previous.last_seq})"
+        if os.path.realpath(previous.path) in seen:
+            problems.append(f"{chain[0].name} names {previous.path.name} as its previous segment, which is a later "
+                            "segment of the same chain (a loop): the segments were renamed")
+            return chain, problems, notes
+        if not previous.path.is_file():
+            notes.append(f"{chain[0].name} continues {label}, which is not beside it: the chain is checked from seq "
+                         f"{previous.seq} on (put the archived segment back beside the log to check it too)")
+            return chain, problems, notes
+        try:
+            head = TraceLog(previous.path).last_record()
+        except TraceError as exc:
+            problems.append(f"{chain[0].name} continues {previous.path.name}, which cannot be read: {exc}")
+            return chain, problems, notes
+        if head is None or head["seq"] != previous.last_seq or head["hash"] != previous.prev:
+            ends = "is empty" if head is None else f"ends at seq {head['seq']} with hash {head['hash'][:16]}…"
+            problems.append(
+                f"{chain[0].name} starts with the marker of a rotation from {label} (linking to hash "
+                f"{previous.prev[:16]}…), but {previous.path.name} {ends}: the archived segment was cut, extended "
+                "or replaced after the rotation"
+            )
+        seen.add(os.path.realpath(previous.path))
+        chain.insert(0, previous.path)
+
+
+class _NotInSegment(TraceError):
+    """The record looked for is not in this file (an earlier segment of a rotated log may hold it)."""
+
+
+def _searched_also(searched: list[Path]) -> str:
+    if len(searched) < 2:
+        return ""
+    return f" (nor do the segments rotated out of it: {', '.join(p.name for p in searched[1:])})"
+
+
 MAX_PROBLEMS = 100
 
 
@@ -535,24 +723,31 @@ class LogCheck:
     """What ``check_log`` found: records checked, problems (the chain is broken) and set-aside files."""
 
     path: Path
-    records: int
+    records: int  # lines checked, in the log and the segments rotated out of it that are beside it
     problems: list[str]
     set_aside: list[Path] = field(default_factory=list)
+    segments: list[Path] = field(default_factory=list)  # the files checked, oldest first (the log alone if unrotated)
+    notes: list[str] = field(default_factory=list)  # e.g. an earlier segment that is not beside the log
 
     @property
     def warnings(self) -> list[str]:
-        if not self.set_aside:
-            return []
-        count = len(self.set_aside)
-        return [
-            f"{count} file{'s' if count > 1 else ''} next to the log hold{'s' if count == 1 else ''} bytes set aside "
-            f"from records torn by a crashed writer (not part of the chain; inspect "
-            f"{'them' if count > 1 else 'it'}): {', '.join(p.name for p in self.set_aside)}"
-        ]
+        warnings = list(self.notes)
+        if self.set_aside:
+            count = len(self.set_aside)
+            warnings.append(
+                f"{count} file{'s' if count > 1 else ''} next to the log hold{'s' if count == 1 else ''} bytes set "
+                f"aside from records torn by a crashed writer (not part of the chain; inspect "
+                f"{'them' if count > 1 else 'it'}): {', '.join(p.name for p in self.set_aside)}"
+            )
+        return warnings
 
 
 def check_log(path: str | Path, *, expect_head: str | None = None, expect_count: int | None = None) -> LogCheck:
     """Check every record's shape, hash and link, and look for set-aside torn records next to the log.
+
+    A rotated log (``rotate_log``) is checked with the segments rotated out of it that are beside it, oldest
+    first, and each link between them: the marker that starts a segment must link to the last record of the one
+    before. An earlier segment that is not beside the log is a note, and the chain is checked from there on.
 
     The chain alone cannot show that records were cut from the log's end (what is left still links up, and so
     does an empty file): ``expect_head`` (the hash of the last record when the log was anchored, from
@@ -566,31 +761,54 @@ def check_log(path: str | Path, *, expect_head: str | None = None, expect_count:
     if expect_count is not None and expect_count < 0:
         raise TraceError(f"--expect-count must be 0 or more, got {expect_count}")
     log = TraceLog(path)
-    problems: list[str] = []
+    anchored = expect_head is not None or expect_count is not None
     count = 0
-    hashes: dict[int, str] = {}  # seq -> hash of the records that check out
-    for line in log.scan():
-        count += 1
-        problems.extend(line.problems)
-        if line.record is not None and (expect_head is not None or expect_count is not None):
-            hashes.setdefault(line.record["seq"], line.record["hash"])
-    problems.extend(_anchor_problems(hashes, count, expect_head, expect_count))
+    hashes: dict[int, str] = {}  # seq -> hash of the records that check out (kept only to check an anchor)
+
+    def check(segment: Path, label: str) -> list[str]:
+        nonlocal count
+        found: list[str] = []
+        for line in TraceLog(segment).scan():
+            count += 1
+            found.extend(label + problem for problem in line.problems)
+            if line.record is not None and anchored:
+                hashes.setdefault(line.record["seq"], line.record["hash"])
+        return found
+
+    # The log itself first: a missing path, a directory or a file that is no log is refused as such.
+    own = check(log.path, "")
+    segments, link_problems, notes = _segments(log.path)
+    problems: list[str] = []
+    for segment in segments[:-1]:
+        problems.extend(check(segment, f"{segment.name}: "))
+    problems.extend(link_problems + own)
+    earliest = _previous_segment(segments[0])
+    base = earliest.seq if earliest is not None else 0  # records before it are in a segment not beside the log
+    problems.extend(_anchor_problems(hashes, count, expect_head, expect_count, base))
     if len(problems) > MAX_PROBLEMS:
         problems = problems[:MAX_PROBLEMS] + [f"… and {len(problems) - MAX_PROBLEMS} more problems"]
-    return LogCheck(log.path, count, problems, set_aside_files(log.path))
+    set_aside = [aside for segment in segments for aside in set_aside_files(segment)]
+    return LogCheck(log.path, count, problems, set_aside, segments, notes)
 
 
 def _anchor_problems(hashes: dict[int, str], count: int, expect_head: str | None,
-                     expect_count: int | None) -> list[str]:
+                     expect_count: int | None, base: int = 0) -> list[str]:
+    """What an anchored head says is missing. ``count`` records were read, from seq ``base`` on (the records
+    before it are in an earlier segment that is not beside the log)."""
     if expect_head is None and expect_count is None:
         return []
-    held = f"the log holds {count} record{'s' if count != 1 else ''}"
+    total = base + count
+    held = f"the log holds {total} record{'s' if total != 1 else ''}" + (
+        f" (seq {base} on beside it, the earlier ones in a segment that is not)" if base else "")
     if expect_count is not None:
-        if count < expect_count:
+        if total < expect_count:
             return [f"{held}, the anchor says {expect_count}: records were removed from the log's end"]
         if expect_head is None or expect_count == 0:
             return []
         seq = expect_count - 1
+        if seq < base:
+            return [f"the anchored record seq {seq} is in an earlier segment that is not beside the log: put the "
+                    "archived segments back beside it to check the anchor"]
         if seq not in hashes:
             return [f"the anchored record seq {seq} is missing ({held}): records were removed or replaced"]
         if hashes[seq] != expect_head:
@@ -599,15 +817,16 @@ def _anchor_problems(hashes: dict[int, str], count: int, expect_head: str | None
         return []
     assert expect_head is not None
     if expect_head not in hashes.values():
+        where = " (or it is in an earlier segment that is not beside the log)" if base else ""
         return [f"no record has the anchored hash {expect_head[:16]}… ({held}): the anchored record was removed "
-                "(records cut from the log's end) or replaced (or the anchor is of another log)"]
+                f"(records cut from the log's end) or replaced (or the anchor is of another log){where}"]
     return []
 
 
 @dataclass
 class LogHead:
-    """The end of an intact log, to anchor outside it (a ticket, a WORM store): how many records it holds and
-    the last record's seq and hash (None for an empty log)."""
+    """The end of an intact log, to anchor outside it (a ticket, a WORM store): how many records its chain holds
+    (with those of the segments rotated out of it) and the last record's seq and hash (None for an empty log)."""
 
     path: Path
     records: int
@@ -628,7 +847,86 @@ def log_head(path: str | Path) -> LogHead:
         last = line.record
     if last is None:
         return LogHead(log.path, 0, None, None)
-    return LogHead(log.path, count, last["seq"], last["hash"])
+    # seq counts from the chain's first record, in this file or a segment rotated out of it (``rotate_log``)
+    return LogHead(log.path, last["seq"] + 1, last["seq"], last["hash"])
+
+
+@dataclass
+class Rotation:
+    """What ``rotate_log`` did: the records seq ``first_seq``..``last_seq`` moved to ``archive``; the log now
+    starts with ``marker``, the record (seq ``last_seq + 1``) that links it to the archive's last record."""
+
+    path: Path
+    archive: Path
+    first_seq: int
+    last_seq: int
+    marker: dict[str, Any]
+
+
+def rotate_log(path: str | Path) -> Rotation:
+    """Move a log's records to an archived segment beside it and start the log again, the chain unbroken.
+
+    Under the log's lock (appending processes wait, then append to the new log): the file gets a second name,
+    ``<stem>.<first seq>-<last seq><suffix>`` (``trace.000000-000123.jsonl``; never an existing file), and a new
+    file replaces it under the log's name in one rename, holding one record: a segment marker whose ``prev`` is
+    the archive's last hash and whose content names the archive. Appends go on from there, so ``check_log`` and
+    ``TraceLog.find_record`` follow the chain back through every segment that stays beside the log. The log's
+    name never stops naming a file, and on a failure before the rename nothing changes (the second name is
+    removed again). Only an intact log with at least one trace since its last rotation is rotated."""
+    log = TraceLog(path)
+    _require_log(log.path)
+    with log._locked(create=False) as handle:
+        _, _, end, prefix = log._tail(handle)  # a torn tail is set aside, as an append would
+        if prefix:
+            log._write_at(handle.fileno(), end, prefix)  # a whole last record without its newline gets it
+        first: dict[str, Any] | None = None
+        last: dict[str, Any] | None = None
+        traces = 0
+        for line in log.scan():
+            if line.problems:
+                raise TraceError(f"{log.path}: the chain is broken ({line.problems[0]}); run `sieve trace verify "
+                                 f"{log.path}`: rotate only an intact log")
+            first = first or line.record
+            last = line.record
+            traces += not _is_segment_marker(line.record["trace"])  # type: ignore[index]
+        if first is None or last is None or not traces:
+            raise TraceError(f"nothing to rotate: {log.path} holds no trace"
+                             + (" since its last rotation" if first is not None else ""))
+        archive = log.path.with_name(f"{log.path.stem}.{first['seq']:06d}-{last['seq']:06d}{log.path.suffix}")
+        try:
+            os.link(log.path, archive)
+        except FileExistsError:
+            raise TraceError(f"cannot rotate {log.path}: {archive} exists already (an interrupted rotation leaves "
+                             "the log's file under that name too: compare the two, then move it away)") from None
+        except OSError as exc:
+            raise TraceError(f"cannot rotate {log.path}: cannot give it the archive's name {archive.name} "
+                             f"({exc.strerror or exc}; the file system must allow hard links)") from None
+        marker_trace = {
+            "schema": SEGMENT_SCHEMA,
+            "previous": {"file": archive.name, "first_seq": first["seq"], "last_seq": last["seq"]},
+            "rotated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        marker, line = _record_line(last["hash"], last["seq"] + 1, marker_trace)
+        temporary = log.path.with_name(f".{log.path.name[:96]}.rotate-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            opened = os.fstat(handle.fileno())
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, opened.st_mode & 0o777)
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+                try:
+                    os.fchown(fd, opened.st_uid, opened.st_gid)  # the service keeps writing to it
+                except OSError:
+                    pass
+            finally:
+                os.close(fd)
+            os.replace(temporary, log.path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            archive.unlink(missing_ok=True)  # the log's name still names the file: nothing was moved
+            raise
+        _fsync_directory(log.path.parent)
+    return Rotation(log.path, archive, first["seq"], last["seq"], marker)
 
 
 def verify_log(path: str | Path) -> tuple[int, list[str]]:
@@ -819,8 +1117,6 @@ def _write_atomic(path: str | Path, write: Any) -> None:
     bits; a FIFO, device or socket is refused (:func:`atomic_write_target`). On any failure (a full disk, a
     directory at the target, Ctrl-C) the temporary file is removed and the target is untouched.
     """
-    import secrets
-
     target = atomic_write_target(path)
     try:
         keep_mode: int | None = os.stat(target).st_mode & 0o777
