@@ -72,6 +72,12 @@ class ServerSettings(Strict):
 
 class ExecutorSettings(Strict):
     max_workers: int = Field(2, ge=1, le=64, description="threads for independent branches of the DAG")
+    deadline_ms: int | None = Field(
+        None, ge=1, le=3_600_000,
+        description="the query's time budget: a stage with on_error: skip that is due to start after it is skipped, "
+        "and one running when it passes stops (a reranker between batches) and is skipped, its input passed on; "
+        "stages with on_error: fail always run. null: no deadline",
+    )
 
 
 class PipelineConfig(Strict):

@@ -82,6 +82,11 @@ class StageError(SieveError):
         super().__init__(f"stage '{stage_id}' ({stage_type}) failed: {message}")
 
 
+class DeadlineExceeded(SieveError):
+    """The query's deadline (``executor.deadline_ms``) passed while a stage that may be cut (``on_error: skip``)
+    was running: the stage stops (a reranker between batches) and is skipped."""
+
+
 class ModelLoadError(SieveError):
     """A model could not be resolved or loaded."""
 

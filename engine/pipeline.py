@@ -15,6 +15,7 @@ import graphlib
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,11 +24,12 @@ from typing import Any
 
 from engine import __version__
 from engine.compiler import CompiledPipeline, compile_file
-from engine.errors import ModelLoadError, SieveError, SieveIndexError, StageError, TraceError
+from engine.errors import DeadlineExceeded, ModelLoadError, SieveError, SieveIndexError, StageError, TraceError
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry, UserContext
 from engine.registry import plugin_of
-from engine.stage import DocumentMask, Explanation, Port, Resources, StageContext, StageResult, run_notes
+from engine.stage import (DocumentMask, Explanation, Port, Resources, StageContext, StageResult, run_notes,
+                          stage_deadline)
 from engine.trace import TRACE_SCHEMA, TraceLog, canonical
 
 
@@ -124,16 +126,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, query: Query, *, keep_outcomes: bool = False) -> RunResult:
+    def run(self, query: Query, *, keep_outcomes: bool = False,
+            deadline_cuts: Mapping[str, Mapping[str, Any]] | None = None) -> RunResult:
         """Run one query. ``keep_outcomes``: the result also holds every stage's full candidate list and mask
-        (the trace only summarises them), for ``why_not``; it costs nothing but the memory while it is held."""
+        (the trace only summarises them), for ``why_not``; it costs nothing but the memory while it is held.
+        ``deadline_cuts`` (replay): run without a live deadline, cutting exactly the stages a trace records as
+        cut by it (stage id -> that stage's trace record), so the replay runs what the traced query ran."""
         with run_notes():  # what stages note for explanations lives as long as the run, whatever the load
-            return self._run(query, keep_outcomes)
+            return self._run(query, keep_outcomes, deadline_cuts)
 
-    def _run(self, query: Query, keep_outcomes: bool) -> RunResult:
+    def _run(self, query: Query, keep_outcomes: bool,
+             deadline_cuts: Mapping[str, Mapping[str, Any]] | None = None) -> RunResult:
         resources = self.warm_up()
         compiled = self.compiled
         started = time.perf_counter()
+        budget = compiled.config.executor.deadline_ms
+        deadline = started + budget / 1000.0 if budget is not None and deadline_cuts is None else None
         outcomes: dict[str, StageOutcome] = {}
         graph = {sid: list(compiled.specs[sid].inputs) for sid in compiled.order}
         sorter = graphlib.TopologicalSorter(graph)
@@ -141,7 +149,8 @@ class Pipeline:
         workers = compiled.config.executor.max_workers
 
         def execute(stage_id: str) -> StageOutcome:
-            return self._run_stage(stage_id, query, outcomes, resources, started)
+            return self._run_stage(stage_id, query, outcomes, resources, started, deadline,
+                                   (deadline_cuts or {}).get(stage_id))
 
         if workers == 1:
             while sorter.is_active():
@@ -199,9 +208,12 @@ class Pipeline:
         outcomes: dict[str, StageOutcome],
         resources: Resources,
         started: float,
+        deadline: float | None = None,
+        recorded_cut: Mapping[str, Any] | None = None,
     ) -> StageOutcome:
         stage = self.compiled.stages[stage_id]
         spec = self.compiled.specs[stage_id]
+        cuttable = spec.on_error == "skip"  # the deadline never cuts a stage the query needs (on_error: fail)
         query, mask, lists = self._inherit(stage_id, original, outcomes)
         ctx = StageContext(stage_id, query, lists, mask, resources, self.compiled.config.trace.include_query_text)
         begin = time.perf_counter()
@@ -215,10 +227,20 @@ class Pipeline:
         plugin = plugin_of(stage.type_name, stage.version)
         if plugin is not None:  # a third party's stage: which package ran it (replay needs it installed)
             record["plugin"] = plugin
+        budget = self.compiled.config.executor.deadline_ms
         try:
             if stage_id in self.unavailable:
                 raise StageError(stage_id, stage.qualified_name(), self.unavailable[stage_id])
-            result = stage.run(ctx)
+            if cuttable and recorded_cut is not None:  # a replay: cut as the traced query's run was
+                record["deadline"] = dict(recorded_cut.get("deadline") or {})
+                raise DeadlineExceeded(str(recorded_cut.get("error", "cut by the query's deadline")))
+            if cuttable and deadline is not None and begin >= deadline:
+                elapsed = (begin - started) * 1000.0
+                record["deadline"] = {"deadline_ms": budget, "cut": "before_start", "elapsed_ms": round(elapsed, 3)}
+                raise DeadlineExceeded(f"cut by the query's deadline ({budget} ms): {elapsed:.0f} ms had passed when "
+                                       "the stage was due to start")
+            with stage_deadline(deadline if cuttable else None):
+                result = stage.run(ctx)
             if plugin is not None:
                 _check_plugin_result(stage_id, stage.produces, result, lists, resources)
             status, error = "ok", None
@@ -227,6 +249,10 @@ class Pipeline:
                 message = exc.detail  # the stage's own error: named once, not twice
             else:
                 message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, DeadlineExceeded) and cuttable and "deadline" not in record:
+                elapsed = (time.perf_counter() - started) * 1000.0
+                record["deadline"] = {"deadline_ms": budget, "cut": "while_running", "elapsed_ms": round(elapsed, 3)}
+                message = f"cut by the query's deadline ({budget} ms) while the stage ran, at {elapsed:.0f} ms"
             if spec.on_error == "fail":
                 raise StageError(stage_id, stage.qualified_name(), message) from exc
             result = self._pass_through(stage.produces, lists)

@@ -130,7 +130,14 @@ def replay_trace(
         index_path = Path(recorded_index["path"])
     pipeline = Pipeline(compiled, index_path=index_path)
     query = _recorded_query(trace, query_text, history, notes)
-    result = pipeline.run(query)
+    # A deadline (executor.deadline_ms) cuts by the clock: the replay runs with none, cutting exactly the stages
+    # the trace records as cut, so it reproduces what the traced query ran.
+    cuts = {stage["id"]: stage for stage in trace.get("stages") or []
+            if isinstance(stage, dict) and stage.get("deadline") and stage.get("status") == "skipped"}
+    for stage_id, stage in cuts.items():
+        notes.append(f"stage {stage_id} was cut by the query's deadline when it was traced ({stage.get('error')}); "
+                     "the replay cuts it too and runs every other stage in full")
+    result = pipeline.run(query, deadline_cuts=cuts)
     now = _plain(result.trace)
     before_trace = _plain({k: v for k, v in trace.items() if k != "log"})
     differences.extend(_index_differences(recorded_index, now.get("index") or {}))

@@ -9,6 +9,7 @@ heavy (an index, a model) is loaded in :meth:`Stage.warm_up`, once per process.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import ConfigDict
 
 from engine.cache import LRUCache
+from engine.errors import DeadlineExceeded
 from engine.model import Candidate, Decision, Drop, Query
 from engine.strictness import NoCoercion
 
@@ -190,6 +192,30 @@ def run_notes() -> Iterator[None]:
         yield
     finally:
         _RUN_NOTES.reset(token)
+
+
+# When the stage running on this thread must stop (a time.perf_counter() value): set by the executor for a stage
+# that may be cut (``on_error: skip``) under ``executor.deadline_ms``; None otherwise
+_DEADLINE: ContextVar[float | None] = ContextVar("sieve_stage_deadline", default=None)
+
+
+@contextmanager
+def stage_deadline(deadline: float | None) -> Iterator[None]:
+    """Within it, :func:`check_deadline` on this thread (and in contexts copied from it) enforces ``deadline``."""
+    token = _DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def check_deadline() -> None:
+    """For a stage's long loops (a reranker's batches): raise :class:`DeadlineExceeded` once the query's deadline
+    has passed. A no-op unless the running stage may be cut (``on_error: skip`` in a pipeline with
+    ``executor.deadline_ms``), so a stage calls it freely; the executor then skips the stage, as on a failure."""
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.perf_counter() >= deadline:
+        raise DeadlineExceeded("the query's deadline passed while the stage ran")
 
 
 class RecentNotes:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
-from engine.errors import MissingDependencyError, ModelLoadError, SieveError
+from engine.errors import DeadlineExceeded, MissingDependencyError, ModelLoadError, SieveError
 from engine.models import load_failure, model_card, quiet_transformers, resolve_model, weights_hash
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
@@ -47,6 +47,7 @@ from engine.stage import (
     StageNode,
     StageParams,
     StageResult,
+    check_deadline,
 )
 from stages.rerank.modeling import (
     DEFAULT_MAX_QUERY_TOKENS,
@@ -327,6 +328,7 @@ class LoadedReranker:
         outputs = []
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(order), batch_size):
+                check_deadline()  # under a query deadline (executor.deadline_ms), stop between batches
                 batch = collate([encoded[i] for i in order[start : start + batch_size]], pad_id, with_segments)
                 if pinned:
                     batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -364,6 +366,8 @@ class LoadedReranker:
             try:
                 values = self.score_encoded(flat, size)
                 break
+            except DeadlineExceeded:
+                raise
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised with context
                 out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
                 if out_of_memory and torch.cuda.is_available():
