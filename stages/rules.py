@@ -624,6 +624,13 @@ class RulesOverride(Stage):
         }
         if len(fired) + len(pinned) > len(records):
             details["firings_truncated"] = len(fired) + len(pinned) - len(records)
+        # every rule that fired and on how many documents, whatever max_traced_firings cut from the list above
+        fired_rules: dict[str, int] = {}
+        for pin in pinned.values():
+            fired_rules[pin.rule.id] = fired_rules.get(pin.rule.id, 0) + 1
+        for rule, _, _ in fired:
+            fired_rules[rule.id] = fired_rules.get(rule.id, 0) + 1
+        details["fired_rules"] = dict(sorted(fired_rules.items()))
         if suppressed:
             details["suppressed"] = suppressed
         if self._warnings:
