@@ -23,8 +23,16 @@ what must (not) come back::
 
 Expectation kinds: ``rank`` (exactly), ``max_rank`` (at rank k or better), ``absent`` (never
 returned), ``present``, ``below`` (both returned, this one ranked lower), ``fired`` /
-``not_fired`` (an override rule changed some document, or a prefilter rule applied and
-excluded at least one document).
+``not_fired`` (an override rule pinned, buried, excluded, boosted or demoted at least one of the
+query's candidates; read from the override stage's complete ``fired_rules``, not from its firing
+list, which ``max_traced_firings`` cuts). ``fired`` / ``not_fired`` on an access (prefilter) rule is
+refused at load: the rule masks the whole corpus before recall, so whether it hid some document
+anywhere says nothing about the query; test what it hides with ``absent`` and a contrasting case
+for a user it lets through.
+
+A case's ``entities`` stand for the ones extraction would find: ``{text, label}`` and, for a
+gazetteer entity, its canonical ``id`` (``{text: Glucophage, label: DRUG, id: metformin}``), which
+rules on ``query.entities`` read as production does.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class UserSpec(_Strict):
 class EntitySpec(_Strict):
     text: str
     label: str
+    id: Optional[str] = Field(None, description="the gazetteer's canonical id (Glucophage -> metformin), as "
+                              "extraction supplies it; rules on query.entities read it too")
 
 
 def _id_text(value: Any) -> Any:
@@ -228,35 +238,97 @@ def run_test_file(path: Path, name_filter: str | None = None) -> FileResult:
     return FileResult(str(path), results)
 
 
+_NEVER_FAILS = "the expectation could never fail"
+_NEVER_PASSES = "the expectation could never pass"
+
+
 def _check_names(pipeline: Any, spec: RuleTestFile, source: SourceMap) -> None:
     """Every document and rule a case names must exist: an expectation about a document the index does not
-    hold ('absent') or a rule no rule file defines ('not_fired') would pass whatever the rules do."""
+    hold or a rule no rule file defines would pass whatever the rules do ('absent', 'not_fired') or never pass
+    ('rank', 'present', 'fired', ...). And 'fired' / 'not_fired' are about override rules only."""
     resources = pipeline.warm_up()
     index = resources.index
-    rule_ids: set[str] = set()
+    override_ids: set[str] = set()
+    prefilter_ids: set[str] = set()
     for stage in pipeline.compiled.stages.values():
         ruleset = getattr(stage, "_ruleset", None)
         if ruleset is not None:
-            rule_ids.update(rule.id for rule in ruleset.rules)
+            (prefilter_ids if ruleset.kind == "prefilter" else override_ids).update(rule.id for rule in ruleset.rules)
+    suggest = _doc_suggester(index) if index is not None else None
     issues = []
     for number, case in enumerate(spec.cases):
         for k, expectation in enumerate(case.expect):
             for key in ("doc", "below"):
                 doc_id = getattr(expectation, key)
                 if doc_id is not None and index is not None and index.row_of(doc_id) is None:
+                    outcome = _NEVER_FAILS if expectation.absent else _NEVER_PASSES
+                    hint = suggest(doc_id) if suggest is not None else None
                     issues.append(ConfigIssue(
                         source.locate(("cases", number, "expect", k, key)), f"cases.{number}.expect.{k}.{key}",
-                        f"document '{doc_id}' is not in the index ({index.doc_count} documents): the expectation "
-                        "could never fail"))
+                        f"document '{doc_id}' is not in the index ({index.doc_count} documents): {outcome}"
+                        + (f"; did you mean '{hint}'?" if hint else "")))
             for key in ("fired", "not_fired"):
                 rule_id = getattr(expectation, key)
-                if rule_id is not None and rule_id not in rule_ids:
-                    known = ", ".join(sorted(rule_ids)) or "none"
+                if rule_id is None or rule_id in override_ids:
+                    continue
+                where = source.locate(("cases", number, "expect", k, key))
+                if rule_id in prefilter_ids:
                     issues.append(ConfigIssue(
-                        source.locate(("cases", number, "expect", k, key)), f"cases.{number}.expect.{k}.{key}",
-                        f"no rule '{rule_id}' in the pipeline's rule files (rules: {known})"))
+                        where, f"cases.{number}.expect.{k}.{key}",
+                        f"rule '{rule_id}' is an access (prefilter) rule: it masks documents across the whole corpus "
+                        f"before recall, so '{key}' would say nothing about this query (it held whenever the rule hid "
+                        "any document anywhere). Test what it hides from this user with {doc: ID, absent: true}, "
+                        "and add a case for a user it lets through where that document is returned "
+                        "(present, rank, max_rank); 'fired' / 'not_fired' are for override rules"))
+                    continue
+                known = ", ".join(sorted(override_ids)) or "none"
+                hint = _close(rule_id, sorted(override_ids))
+                issues.append(ConfigIssue(
+                    where, f"cases.{number}.expect.{k}.{key}",
+                    f"no rule '{rule_id}' in the pipeline's rule files: "
+                    f"{_NEVER_FAILS if key == 'not_fired' else _NEVER_PASSES} (override rules: {known})"
+                    + (f"; did you mean '{hint}'?" if hint else "")))
     if issues:
         raise ConfigError(issues)
+
+
+def _close(name: str, known: list[str]) -> str | None:
+    """The known name that differs from ``name`` only in case, else the closest one (difflib), else None."""
+    from difflib import get_close_matches
+
+    folded = name.casefold()
+    for candidate in known:
+        if candidate.casefold() == folded:
+            return candidate
+    found = get_close_matches(name, known, n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+_FUZZY_DOC_LIMIT = 200_000  # difflib over more ids than this is slow; case-insensitive matches are still found
+
+
+def _doc_suggester(index: Any) -> Any:
+    """A did-you-mean for document ids the index does not hold (built on first use, once per file)."""
+    state: dict[str, Any] = {}
+
+    def suggest(doc_id: str) -> str | None:
+        from difflib import get_close_matches
+
+        if "folded" not in state:
+            ids = index.doc_ids()
+            state["ids"] = ids
+            state["folded"] = {}
+            for known in ids:
+                state["folded"].setdefault(known.casefold(), known)
+        same = state["folded"].get(doc_id.casefold())
+        if same is not None:
+            return same
+        if len(state["ids"]) > _FUZZY_DOC_LIMIT:
+            return None
+        found = get_close_matches(doc_id, state["ids"], n=1, cutoff=0.75)
+        return found[0] if found else None
+
+    return suggest
 
 
 def _run_case(pipeline: Any, spec: RuleTestFile, case: Case, source: SourceMap, number: int) -> CaseResult:
@@ -270,7 +342,7 @@ def _run_case(pipeline: Any, spec: RuleTestFile, case: Case, source: SourceMap, 
     )
     query = pipeline.make_query(case.query, history=tuple(case.history), user=user, as_of=when)
     if case.entities:
-        query = query.model_copy(update={"entities": tuple({"text": e.text, "label": e.label} for e in case.entities)})
+        query = query.model_copy(update={"entities": tuple(_entity(e) for e in case.entities)})
     outcome = pipeline.run(query)
     returned = [c.doc_id for c in outcome.results]
     ranks = {doc_id: rank for rank, doc_id in enumerate(returned, start=1)}
@@ -287,15 +359,24 @@ def _run_case(pipeline: Any, spec: RuleTestFile, case: Case, source: SourceMap, 
     return result
 
 
+def _entity(spec: EntitySpec) -> dict[str, Any]:
+    """A test entity as extraction represents a query entity (stages.rules._view): text, id, label."""
+    entity: dict[str, Any] = {"text": spec.text, "label": spec.label}
+    if spec.id is not None:
+        entity["id"] = spec.id
+    return entity
+
+
 def _fired_rules(trace: dict[str, Any]) -> set[str]:
+    """The override rules that fired: the stages' complete ``fired_rules`` (the firing list is cut to
+    ``max_traced_firings``; it is read only from a trace that predates ``fired_rules``)."""
     fired: set[str] = set()
     for stage in trace.get("stages", []):
         details = stage.get("details") or {}
-        for firing in details.get("firings", []):
-            fired.add(firing["rule"])
-        for entry in details.get("rules", []):
-            if entry.get("status") == "applied" and entry.get("excluded", 0) > 0:
-                fired.add(entry["rule"])
+        if "fired_rules" in details:
+            fired.update(rule for rule, count in details["fired_rules"].items() if count > 0)
+        else:
+            fired.update(firing["rule"] for firing in details.get("firings", []))
     return fired
 
 
