@@ -50,6 +50,7 @@ from engine.stage import (
     GraphIssue,
     GraphView,
     Port,
+    RecentNotes,
     Resources,
     Stage,
     StageContext,
@@ -161,6 +162,26 @@ def _graph_check(node: StageNode, graph: GraphView, kind: Literal["prefilter", "
     _, issues = _rule_file_issues(path, kind, params.strictness, extra)
     # the rule file's own location, quoted at the config's `rules:` field; its severity is said once
     return [GraphIssue(f"{issue.location}  {issue.detail()}", ("params", "rules"), issue.severity) for issue in issues]
+
+
+# Stage types that re-order (or drop by similarity) the list they are given: after an override stage they undo its
+# pins and burials, which are positions in its output
+_RERANKING = ("fuse.", "rerank.", "boost.", "dedup.")
+
+
+def _reranked_after(node: StageNode, graph: GraphView) -> list[GraphIssue]:
+    """A warning for each stage downstream of the override stage ``node`` that re-ranks what it placed."""
+    found = []
+    for other in graph.nodes():
+        if other.cls.type_name.startswith(_RERANKING) and any(a.id == node.id for a in graph.ancestors(other.id)):
+            found.append(GraphIssue(
+                f"stage '{other.id}' ({other.cls.type_name}) comes after this override stage and re-ranks its output: "
+                "the pins and burials (positions in this stage's output) do not survive it"
+                + (", and it may drop a pinned document as a near-duplicate of another" if
+                   other.cls.type_name.startswith("dedup.") else "")
+                + "; put the override stage after every stage that ranks", (), "warning",
+            ))
+    return found
 
 
 def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "override"]) -> tuple["RuleSet", "DocumentTable", list[str]]:
@@ -388,6 +409,13 @@ def _effect(rule: "CompiledRule") -> str:
     return " ".join(parts)
 
 
+def _boosted(score: float, factor: float, add: float) -> float:
+    """A boost or demote: the factor moves a score the same way whatever its sign (x factor when it is 0 or more,
+    / factor when it is negative: a boost of x2 takes a cross-encoder logit of -4 to -2, up, not to -8), then
+    ``add``. A score of 0 is not moved by a factor (the stage says so: ``factor_on_zero``)."""
+    return (score * factor if score >= 0 else score / factor) + add
+
+
 @register_stage
 class RulesOverride(Stage):
     """Manual overrides on a ranked list: pin, bury, exclude, boost/demote, with a full trace."""
@@ -405,7 +433,7 @@ class RulesOverride(Stage):
 
     @classmethod
     def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
-        return _graph_check(node, graph, "override")
+        return _graph_check(node, graph, "override") + _reranked_after(node, graph)
 
     def warm_up(self, resources: Resources) -> None:
         import numpy as np
@@ -414,6 +442,7 @@ class RulesOverride(Stage):
         self._listed: dict[str, np.ndarray] = {}  # rows named in each rule's `docs`
         self._evidence: dict[tuple[str, int], list[dict[str, Any]]] = {}  # static match evidence by (rule, row)
         self._effects = {rule.id: _effect(rule) for rule in self._ruleset.rules if rule.action != "pin"}
+        self._notes = RecentNotes()
         for rule in self._ruleset.rules:
             if rule.action == "pin":
                 continue
@@ -510,6 +539,13 @@ class RulesOverride(Stage):
                 spec = rule.spec
                 if spec.factor is not None:  # type: ignore[attr-defined]
                     factor[selected] *= spec.factor  # type: ignore[attr-defined]
+                    zero = [incoming[p].doc_id for p in np.flatnonzero(selected).tolist() if incoming[p].score == 0]
+                    if zero and spec.factor != 1:  # type: ignore[attr-defined]
+                        decisions.append(Decision(
+                            "factor_on_zero", f"rule '{rule.id}' multiplies {len(zero)} candidate score(s) of 0 (e.g. "
+                            f"the bottom of a min-max normalised list), which a factor cannot move; give it `add` "
+                            "to move them", {"rule": rule.id, "doc_ids": zero[:20]},
+                        ))
                 if spec.add is not None:  # type: ignore[attr-defined]
                     addend[selected] += spec.add  # type: ignore[attr-defined]
                 boosted |= selected
@@ -572,7 +608,7 @@ class RulesOverride(Stage):
         scores = [c.score for c in incoming]
         if boosted.any():
             for position in np.flatnonzero(boosted).tolist():
-                scores[position] = scores[position] * float(factor[position]) + float(addend[position])
+                scores[position] = _boosted(scores[position], float(factor[position]), float(addend[position]))
         placed = excluded | buried if pinned_mask is None else excluded | buried | pinned_mask
         free = np.flatnonzero(~placed).tolist()
         sunk = np.flatnonzero(buried & ~excluded).tolist()
@@ -609,8 +645,11 @@ class RulesOverride(Stage):
         for position, rule_id in excluded_by.items():
             drops.append(Drop(incoming[position].doc_id, "override_exclude", f"rule '{rule_id}'"))
 
+        # what explain() needs: the rank each document arrived at, and the pin rule that placed it
+        self._notes.put_for(ctx.query, {"arrived": {doc_id: p + 1 for doc_id, p in position_of.items()},
+                                        "pins": {doc_id: pin.rule.id for doc_id, pin in pinned.items()}})
         limit = self.params.max_traced_firings
-        records = self._firing_records(fired[:limit], pinned, frame, view, after, scores, position_of)
+        records = self._firing_records(fired[:limit], pinned, frame, view, after, scores, position_of, ctx.trace_text)
         details: dict[str, Any] = {
             "rules_file": self._ruleset.describe(),
             "active_rules": [rule.id for rule, _ in active],
@@ -693,11 +732,17 @@ class RulesOverride(Stage):
             selected &= listed[frame.rows]
         if rule.match is not None and selected.any():
             view.errors = []
+            candidates = selected.copy()
             selected &= rule.match.vector(self._table, view, frame)  # a candidate it fails on: no firing
-            if view.errors:
+            # a query-independent condition is evaluated over the whole corpus once: report only these candidates
+            rows = set(frame.rows[candidates].tolist())
+            failed = [(row, message) for row, message in view.errors if row in rows]
+            if failed:
+                names = self._table.doc_ids
                 decisions.append(Decision(
-                    "rule_error", f"rule '{rule.id}' failed on {len(view.errors)} candidates ({view.errors[0][1]}); "
-                    "it does not fire on them", {"rule": rule.id},
+                    "rule_error", f"rule '{rule.id}' failed on {len(failed)} candidate(s) ({failed[0][1]}); "
+                    "it does not fire on them",
+                    {"rule": rule.id, "doc_ids": [names[row] for row, _ in failed[:20]]},
                 ))
         return selected
 
@@ -726,9 +771,10 @@ class RulesOverride(Stage):
 
     def _firing_records(
         self, fired: list[tuple["CompiledRule", int, list[dict[str, Any]]]], pinned: dict[str, _Pin], frame: Frame,
-        view: QueryView, after: dict[str, int], scores: list[float], position_of: dict[str, int],
+        view: QueryView, after: dict[str, int], scores: list[float], position_of: dict[str, int], trace_text: bool,
     ) -> list[dict[str, Any]]:
-        """One trace record per firing: rule, document, what matched, rank before -> after, effect."""
+        """One trace record per firing: rule, document, what matched (query text redacted unless the config lets it
+        into traces), rank before -> after, effect."""
         records = []
         for pin in sorted(pinned.values(), key=lambda p: p.slot):
             position = position_of.get(pin.doc_id)
@@ -743,7 +789,7 @@ class RulesOverride(Stage):
             candidate = candidates[position]
             record: dict[str, Any] = {
                 "rule": rule.id, "action": rule.action, "doc_id": candidate.doc_id, "when": when_evidence,
-                "match": self._match_evidence(rule, frame, position, view),
+                "match": _redact(self._match_evidence(rule, frame, position, view), trace_text),
                 "rank_before": position + 1, "rank_after": after.get(candidate.doc_id), "effect": effects[rule.id],
             }
             if rule.action in ("boost", "demote"):
@@ -757,8 +803,12 @@ class RulesOverride(Stage):
     # ------------------------------------------------------------------ explain
 
     def _pinning_rule(self, query: Query, view: QueryView, doc_id: str) -> str:
-        """The pin rule that holds ``doc_id``'s position: of the active pins naming it whose condition holds, the
-        one that wins a contended document in ``run`` (higher priority, then rule id)."""
+        """The pin rule that holds ``doc_id``'s position: the one ``run`` placed it with (its notes), else, of the
+        active pins naming it whose condition holds, the one that wins a contended document (higher priority,
+        then rule id)."""
+        notes = self._notes.get_for(query)
+        if notes is not None and doc_id in notes["pins"]:
+            return f"override rule '{notes['pins'][doc_id]}'"
         contenders = []
         for rule in self._ruleset.rules:
             if rule.action != "pin" or doc_id not in rule.docs or rule.inactive_reason(query.as_of) is not None:
@@ -780,7 +830,12 @@ class RulesOverride(Stage):
         details: list[Explanation] = []
         view = _view(self, query)
         arrived = Candidate(candidate.doc_id, candidate.row, tuple(earlier))
-        subject = Subject(view, self._table.documents[candidate.row], arrived, earlier[-1].rank if earlier else None)
+        # the rank it arrived at (a stage between the last scorer and this one, such as dedup, moves it)
+        notes = self._notes.get_for(query)
+        arrival_rank = notes["arrived"].get(candidate.doc_id) if notes is not None else None
+        if arrival_rank is None and notes is None:
+            arrival_rank = earlier[-1].rank if earlier else None
+        subject = Subject(view, self._table.documents[candidate.row], arrived, arrival_rank)
         for rule in self._ruleset.rules:
             if rule.action not in ("boost", "demote") or rule.inactive_reason(query.as_of) is not None:
                 continue
@@ -799,18 +854,22 @@ class RulesOverride(Stage):
                 details.append(Explanation(spec.factor, f"x{spec.factor:g} ({rule.action} rule '{rule.id}')"))  # type: ignore[attr-defined]
             if getattr(spec, "add", None) is not None:
                 details.append(Explanation(spec.add, f"{spec.add:+g} ({rule.action} rule '{rule.id}')"))  # type: ignore[attr-defined]
+        start = previous if previous is not None else 0.0
+        # a negative score is divided by the factors, so a boost raises it (see _boosted)
+        formula = (f"{start:.6g} x product(factors) + sum(adds)" if start >= 0 else
+                   f"{start:.6g} / product(factors) + sum(adds) (a negative score is divided by the factors, so a "
+                   "boost raises it)")
         if own is not None and own.signal == PIN_SIGNAL:
             if previous is None:
                 origin = "not recalled, so no upstream score"
             elif details:
-                origin = f"score = {previous:.6g} x product(factors) + sum(adds)"
+                origin = f"score = {formula}"
             else:
                 origin = f"score {previous:.6g} carried over"
             return Explanation(value, f"pinned at rank {rank} by {self._pinning_rule(query, view, candidate.doc_id)} "
                                f"in stage '{self.id}'; {origin}", tuple(details))
         if details:
-            return Explanation(value, f"score after override rules = {previous if previous is not None else 0.0:.6g} "
-                               "x product(factors) + sum(adds); rank " + str(rank), tuple(details))
-        moved = "" if own is None or not earlier or earlier[-1].rank == rank else f" (was {earlier[-1].rank})"
+            return Explanation(value, f"score after override rules = {formula}; rank {rank}", tuple(details))
+        moved = "" if own is None or arrival_rank is None or arrival_rank == rank else f" (was {arrival_rank})"
         return Explanation(value, f"score unchanged by override rules; rank {rank}{moved}")
 
