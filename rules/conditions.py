@@ -237,6 +237,18 @@ class Condition(NoCoercion):
                 raise _err(f"'{self.op}' needs exactly one of 'value' or 'value_from'")
             if self.value_from is not None and not self.value_from.startswith(("query.", "user.", "as_of")):
                 raise _err("value_from must name a query-side field (query.*, user.*, as_of)")
+            if self.op in ("contains", "not_contains", "regex") and self.value == "":
+                holds = "never hold" if self.op == "not_contains" else "always hold"
+                raise _err(f"an empty {'pattern' if self.op == 'regex' else 'text'} is found in every text: the "
+                           f"condition would {holds} (a value left out by mistake?)")
+            if self.op in ("contains_any", "contains_all") and isinstance(self.value, list) and "" in self.value:
+                raise _err("an empty text is found in every text: drop '' from the list (a value left out by mistake?)")
+            numeric = self.field is not None and (self.field.startswith("score.")
+                                                  or self.field in ("candidate.rank", "candidate.score"))
+            if numeric and self.value is not None and not _is_number(self.value) \
+                    and _as_date_operand(self.value) is not None:
+                raise _err(f"{self.field} is a number: compare it with a number, not a date "
+                           f"({self.value!r} could never match)")
         elif self.op is not None or self.value is not None or self.value_from is not None or self.case_sensitive:
             raise _err("op, value, value_from and case_sensitive belong to a field condition only")
         return self

@@ -41,7 +41,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError, ConfigIssue, Location
@@ -119,6 +119,17 @@ class RuleBase(_Strict):
     @classmethod
     def _field_name(cls, value: Any) -> Any:
         return _field_name(value)
+
+    @field_validator("when", "match", mode="before", check_fields=False)
+    @classmethod
+    def _not_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        """``when:`` or ``match:`` with nothing under it (its lines commented out) reads as null, which would make
+        the rule apply to every query (or document) without a word: refused."""
+        if value is None:
+            scope = "query" if info.field_name == "when" else "document"
+            raise _err(f"'{info.field_name}' is empty (are its lines commented out?): write its condition, or remove "
+                       f"the key for a rule that applies to every {scope}")
+        return value
 
     @field_validator("valid_from", "until", mode="before")
     @classmethod
