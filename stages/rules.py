@@ -32,7 +32,11 @@ Documents pinned in without an upstream score get 0.0.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,15 +196,60 @@ def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "ove
     params = stage.params
     assert isinstance(params, RulesParams)
     index = resources.require_index(stage.id)
-    ruleset, issues = _rule_file_issues(resources.resolve_path(params.rules), kind, params.strictness)
+    path = resources.resolve_path(params.rules)
+    ruleset, issues = _rule_file_issues(path, kind, params.strictness)
     if ruleset is None:
         raise ConfigError(issues)
+    stage._on_disk = _OnDisk(Path(path), ruleset.sha256)  # type: ignore[attr-defined]
     table: DocumentTable = resources.shared(f"rules.table:{index.path}", lambda: DocumentTable.from_index(index))
     issues = issues + check_against_corpus(ruleset, table) + check_query_entities(ruleset, index)
     if any(i.severity == "error" for i in issues):
         raise ConfigError(issues)
     stage._entity_reader = _entity_reader(index, ruleset)  # type: ignore[attr-defined]
     return ruleset, table, [str(i) for i in issues]
+
+
+class _OnDisk:
+    """Whether the rule file on disk still holds the rules a stage loaded: a stat per query, a hash only when the
+    stat changes. An analyst who edits the file of a running server learns from the traces that the edit is not
+    in force (and why the replays of its queries name the file as changed)."""
+
+    def __init__(self, path: Path, sha256: str):
+        self.path = path
+        self.loaded = sha256
+        self._lock = threading.Lock()
+        self._stat = self._read_stat()
+        self._sha: str | None = sha256
+        self._warned: set[str | None] = set()
+
+    def _read_stat(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def decision(self) -> Decision | None:
+        """None while the file holds the loaded rules; else a ``rule_file_changed`` decision."""
+        stat = self._read_stat()
+        with self._lock:
+            if stat != self._stat:
+                self._stat = stat
+                try:
+                    self._sha = None if stat is None else hashlib.sha256(self.path.read_bytes()).hexdigest()
+                except OSError:
+                    self._sha = None
+            now = self._sha
+        if now == self.loaded:
+            return None
+        state = "was removed" if now is None else f"changed (sha256 {now[:12]}…, loaded {self.loaded[:12]}…)"
+        detail = (f"the rule file {self.path} {state} since the pipeline loaded it: this query ran the rules as "
+                  "loaded; restart the process (sieve serve) to apply the edit")
+        if now not in self._warned:  # once per state, not once per query
+            self._warned.add(now)
+            logging.getLogger("sieve.rules").warning(detail)
+        return Decision("rule_file_changed", detail, {"file": str(self.path), "loaded_sha256": self.loaded,
+                                                      "on_disk_sha256": now})
 
 
 def _entity_reader(index: Any, ruleset: "RuleSet") -> Any:
@@ -241,6 +290,13 @@ def _redact(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, 
             item = {k: (REDACTED if k in ("matched", "actual") else v) for k, v in item.items()}
         redacted.append(item)
     return redacted
+
+
+def _file_changed(stage: Stage) -> list[Decision]:
+    """``[rule_file_changed]`` when the stage's rule file no longer holds the rules it loaded, else ``[]``."""
+    on_disk = getattr(stage, "_on_disk", None)
+    found = on_disk.decision() if on_disk is not None else None
+    return [found] if found is not None else []
 
 
 def _identity(stage: Stage) -> dict[str, Any] | None:
@@ -329,7 +385,7 @@ class RulesPrefilter(Stage):
         view = _view(self, ctx.query)
         allowed = np.ones(table.size, dtype=bool)
         report: list[dict[str, Any]] = []
-        decisions: list[Decision] = []
+        decisions: list[Decision] = _file_changed(self)
         began = time.perf_counter()
         for rule in self._ruleset.rules:
             entry: dict[str, Any] = {"rule": rule.id, "action": rule.action}
@@ -465,7 +521,7 @@ class RulesOverride(Stage):
         (incoming,) = ctx.inputs
         table = self._table
         view = _view(self, ctx.query)
-        decisions: list[Decision] = []
+        decisions: list[Decision] = _file_changed(self)
         drops: list[Drop] = []
         began = time.perf_counter()
 

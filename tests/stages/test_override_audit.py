@@ -179,3 +179,23 @@ def test_a_stage_that_reranks_after_the_override_stage_is_a_warning(tmp_path, in
     assert any("comes after this override stage" in w and says in w for w in warnings), warnings
     assert not [w for w in _pipeline(tmp_path, index, "  - {id: p, action: pin, docs: [med-001], position: 1}\n")
                 .compiled.warnings if "comes after this override stage" in str(w)]
+
+
+def test_a_rule_file_edited_while_the_pipeline_runs_is_reported_in_each_trace(tmp_path, index, caplog):
+    rules = "  - {id: p, action: pin, docs: [med-001], position: 1}\n"
+    pipeline = _pipeline(tmp_path, index, rules)
+    assert not [d for d in _stage(_run(pipeline), "rules").get("decisions", []) if d["code"] == "rule_file_changed"]
+    path = tmp_path / "overrides.yaml"
+    original = path.read_text(encoding="utf-8")
+    path.write_text(original + "  - {id: q, action: bury, docs: [med-002]}\n", encoding="utf-8")
+    result = _run(pipeline)
+    (decision,) = [d for d in _stage(result, "rules")["decisions"] if d["code"] == "rule_file_changed"]
+    assert "changed (sha256" in decision["detail"] and "this query ran the rules as loaded" in decision["detail"]
+    assert decision["data"]["loaded_sha256"] != decision["data"]["on_disk_sha256"]
+    assert "q" not in _stage(result, "rules")["details"]["fired_rules"]  # the loaded rules ran
+    assert any("changed (sha256" in r.getMessage() for r in caplog.records if r.name == "sieve.rules")
+    path.unlink()
+    assert "was removed" in next(d["detail"] for d in _stage(_run(pipeline), "rules")["decisions"]
+                                 if d["code"] == "rule_file_changed")
+    path.write_text(original, encoding="utf-8")  # the loaded content again: nothing to report
+    assert not [d for d in _stage(_run(pipeline), "rules").get("decisions", []) if d["code"] == "rule_file_changed"]
