@@ -8,7 +8,16 @@ Three layers keep them harmless:
    be read — so ``''.__class__.__mro__`` is refused at load time, with the rule's location.
 2. Jinja2's ``ImmutableSandboxedEnvironment`` at run time: no imports, no I/O, no mutating
    methods, no internals; an unsafe access raises instead of quietly yielding ``Undefined``.
-3. Size guards on ``*``, ``**`` and ``+`` so ``'x' * 10**10`` cannot exhaust memory.
+3. Size guards, checked before anything is built, so that neither ``'x' * 10**10`` nor
+   ``'x'|center(10**10)`` nor ``9**64**64`` can exhaust memory or time: every operator, filter
+   and method that can make a string or list much larger than its inputs (``*``, ``+``, ``~``,
+   ``%``, ``str.format``, ``center``/``ljust``/``rjust``/``zfill``/``expandtabs``/``replace``/
+   ``join``/``translate``, the ``indent``, ``wordwrap``, ``batch``, ``slice``, ``urlize``,
+   ``tojson`` and ``pprint`` filters...) estimates the size of its result from its arguments
+   and refuses one larger than :data:`MAX_SEQUENCE_RESULT`; ``**`` refuses an exponent above
+   :data:`MAX_POWER_EXPONENT` or an integer result of more than :data:`MAX_POWER_BITS` bits.
+   Nothing is computed when an expression is compiled (Jinja's constant folding is off), so a
+   refusal is always an evaluation error, at warm-up or on a query, never a hang at load time.
 
 Values handed to an expression are plain data (dicts, lists, strings, numbers, datetimes), never
 engine objects. Attribute syntax on a mapping reads its key first (``doc.items`` is the metadata
@@ -17,20 +26,31 @@ field ``items``, not ``dict.items``).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from datetime import date, datetime, timezone
-from functools import lru_cache
-from typing import Any
+from functools import lru_cache, update_wrapper
+from string import Formatter
+from typing import Any, Callable
 
-from jinja2 import nodes
+from jinja2 import nodes, pass_environment, pass_eval_context
+from jinja2.compiler import CodeGenerator
+from jinja2.defaults import DEFAULT_FILTERS
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+from jinja2.filters import make_attrgetter
 from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.runtime import Undefined, str_join
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+from markupsafe import Markup
 
 MAX_EXPRESSION_CHARS = 2000
-MAX_SEQUENCE_RESULT = 100_000  # longest string/list that `*` or `+` may build
+# Largest string or list an operator, filter or method may build. A list counts its items plus the
+# items and characters of the lists, mappings and strings in it, so `['x' * 1000] * 1000` is
+# 1,001,000 and refused: a list of references to one big string would turn huge when joined.
+MAX_SEQUENCE_RESULT = 100_000
 MAX_POWER_EXPONENT = 64
+MAX_POWER_BITS = 4096  # largest integer `**` may build: (2**63)**64 is 4033 bits, (2**64)**64 is refused
 
 
 class ExpressionError(ValueError):
@@ -41,36 +61,400 @@ class ExpressionRuntimeError(RuntimeError):
     """An expression failed while being evaluated (type error, sandbox violation...)."""
 
 
-def _size(value: Any) -> int | None:
-    return len(value) if isinstance(value, (str, list, tuple)) else None
+# --------------------------------------------------------------------------- size estimates
+
+
+def _bulk(value: Any, budget: int = MAX_SEQUENCE_RESULT) -> int:
+    """Characters and items in ``value``, counting nested lists, tuples and mappings and the strings
+    in them (0 for a number). Stops counting soon after passing ``budget``."""
+    total, stack = 0, [value]
+    while stack and total <= budget:
+        item = stack.pop()
+        if isinstance(item, (str, bytes, bytearray)):
+            total += len(item)
+        elif isinstance(item, (list, tuple)):
+            total += len(item)
+            stack.extend(item)
+        elif isinstance(item, Mapping):
+            total += len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return total
+
+
+def _size(value: Any, budget: int = MAX_SEQUENCE_RESULT) -> int | None:
+    """:func:`_bulk` of a string, bytes, list or tuple; None for anything else (a number...)."""
+    return _bulk(value, budget) if isinstance(value, (str, bytes, bytearray, list, tuple)) else None
+
+
+def _text_size(value: Any, budget: int = MAX_SEQUENCE_RESULT, indent: int = 0) -> int:
+    """About how long ``str(value)`` is (strings inside containers count their quotes, not their
+    escapes). ``indent``: characters put before every item per nesting level, as ``pprint`` and
+    ``tojson(indent=...)`` do. Stops counting soon after passing ``budget``."""
+    total, stack = 0, [(value, 0, False)]
+    while stack and total <= budget:
+        item, depth, nested = stack.pop()
+        if isinstance(item, str):
+            total += len(item) + (2 if nested else 0)
+        elif isinstance(item, (bytes, bytearray)):
+            total += len(item) + 3
+        elif isinstance(item, Undefined):
+            pass  # renders as ''
+        elif isinstance(item, bool) or item is None:
+            total += 5
+        elif isinstance(item, int):
+            total += item.bit_length() // 3 + 2  # log10(2) < 1/3
+        elif isinstance(item, (list, tuple, set, frozenset, Mapping)):
+            per_item = 4 + indent * (depth + 1)  # separator, line break and indentation
+            total += 2 + indent * depth + len(item) * per_item
+            children = [*item.keys(), *item.values()] if isinstance(item, Mapping) else item
+            stack.extend((child, depth + 1, True) for child in children)
+        else:
+            total += 32  # floats, dates
+    return total
+
+
+def _number_slack(value: Any) -> int:
+    """Extra characters a number may take with a format (``%f`` of 1e308, ``{:b}`` of an int)."""
+    if isinstance(value, int):
+        return value.bit_length() + 8
+    return 330 if isinstance(value, float) else 0
+
+
+def _spec_numbers(spec: str) -> int:
+    """Sum of the numbers in a format spec (widths, precisions), huge for an absurdly long one."""
+    return sum(int(d) if len(d) < 10 else MAX_SEQUENCE_RESULT + 1 for d in re.findall(r"\d+", spec))
+
+
+def _refuse_longer(size: int, what: str) -> None:
+    if size > MAX_SEQUENCE_RESULT:
+        raise SecurityError(f"{what} would build a string or list longer than {MAX_SEQUENCE_RESULT}")
+
+
+def _int_or_zero(value: Any) -> int:
+    return value if isinstance(value, int) else 0  # anything else: the real call raises TypeError
+
+
+def _printf_size(fmt: str | bytes, values: Any) -> int:
+    """About how long ``fmt % values`` is, from each conversion's width, precision and argument."""
+    text = fmt.decode("latin-1") if isinstance(fmt, (bytes, bytearray)) else str(fmt)
+    positional = list(values) if isinstance(values, tuple) else [values]
+    total, position, index = len(text), 0, 0
+
+    def take() -> Any:
+        nonlocal position
+        position += 1
+        return positional[position - 1] if position <= len(positional) else None
+
+    while True:
+        index = text.find("%", index)
+        if index < 0 or index + 1 >= len(text):
+            return total
+        index += 1
+        value: Any = None
+        if text[index] == "(":  # %(key)s, parentheses nest as in CPython
+            depth, start = 1, index + 1
+            while depth and index + 1 < len(text):
+                index += 1
+                depth += {"(": 1, ")": -1}.get(text[index], 0)
+            key = text[start:index]
+            value = values.get(key) if isinstance(values, Mapping) else None
+            index += 1
+        while index < len(text) and text[index] in "-+ #0":
+            index += 1
+        numbers = []
+        for allow_dot in (False, True):
+            if allow_dot:
+                if index >= len(text) or text[index] != ".":
+                    break
+                index += 1
+            if index < len(text) and text[index] == "*":
+                numbers.append(_int_or_zero(take()))
+                index += 1
+            else:
+                digits = re.match(r"\d*", text[index:]).group()
+                numbers.append(_spec_numbers(digits) if digits else 0)
+                index += len(digits)
+        while index < len(text) and text[index] in "hlL":
+            index += 1
+        if index < len(text) and text[index] != "%":
+            if value is None:
+                value = take()
+            total += sum(max(n, 0) for n in numbers) + _text_size(value) + _number_slack(value)
+        index += 1
+        if total > MAX_SEQUENCE_RESULT:
+            return total
+
+
+class _SizedFormatterMixin:
+    """``str.format`` that estimates every field before formatting it and keeps a running total."""
+
+    _budget: int
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        size = _text_size(value) + _number_slack(value) + _spec_numbers(format_spec)
+        if isinstance(value, date):
+            size += 16 * len(format_spec)  # a strftime pattern: '%c' is 24 characters
+        self._budget -= size
+        if self._budget < 0:
+            raise SecurityError(f"format() would build a string or list longer than {MAX_SEQUENCE_RESULT}")
+        return super().format_field(value, format_spec)  # type: ignore[misc]
+
+
+class _SizedFormatter(_SizedFormatterMixin, SandboxedFormatter):
+    pass
+
+
+class _SizedEscapeFormatter(_SizedFormatterMixin, SandboxedEscapeFormatter):
+    pass
+
+
+def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+_GROWING_STR_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "replace", "join", "translate"})
+
+
+def _checked_method_args(method: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Refuse a str/bytes/int/date method call whose result would be too large; the arguments to
+    call it with (``join``'s iterable read into a list, so that it is measured and used once)."""
+    owner, name = getattr(method, "__self__", None), getattr(method, "__name__", None)
+    what = f"{type(owner).__name__}.{name}()"
+    if isinstance(owner, (str, bytes, bytearray)) and name in _GROWING_STR_METHODS:
+        length = len(owner)
+        if name in ("center", "ljust", "rjust", "zfill"):
+            _refuse_longer(max(length, _int_or_zero(_arg(args, kwargs, 0, "width"))), what)
+        elif name == "expandtabs":
+            tab = "\t" if isinstance(owner, str) else b"\t"
+            _refuse_longer(length + owner.count(tab) * max(_int_or_zero(_arg(args, kwargs, 0, "tabsize", 8)), 0), what)
+        elif name == "replace":
+            old, new = _arg(args, kwargs, 0, "old"), _arg(args, kwargs, 1, "new")
+            count = _arg(args, kwargs, 2, "count", -1)
+            kind = str if isinstance(owner, str) else (bytes, bytearray)  # Markup's arguments are plain str
+            if isinstance(old, kind) and isinstance(new, kind):
+                hits = length + 1 if not old else owner.count(old)
+                if isinstance(count, int) and count >= 0:
+                    hits = min(hits, count)
+                _refuse_longer(length + hits * max(len(new) - len(old), 0), what)
+        elif name == "join" and args:
+            items = list(args[0])
+            size = length * max(len(items) - 1, 0)
+            for item in items:
+                size += len(item) if isinstance(item, (str, bytes, bytearray)) else 0
+                _refuse_longer(size, what)
+            _refuse_longer(size, what)
+            args = (items, *args[1:])
+        elif name == "translate" and isinstance(owner, str):
+            table = _arg(args, kwargs, 0, "table")
+            if isinstance(table, Mapping):
+                table = list(table.values())
+            replacements = table if isinstance(table, (list, tuple)) else ()  # a str table maps to one character
+            longest = max((len(r) for r in replacements if isinstance(r, str)), default=1)
+            _refuse_longer(length * max(longest, 1), what)
+    elif isinstance(owner, int) and name == "to_bytes":
+        _refuse_longer(_int_or_zero(_arg(args, kwargs, 0, "length", 1)), what)
+    elif isinstance(owner, date) and name == "strftime":
+        pattern = _arg(args, kwargs, 0, "format")
+        if isinstance(pattern, str):
+            _refuse_longer(16 * len(pattern) + _spec_numbers(pattern), what)
+    return args
+
+
+# --------------------------------------------------------------------------- guarded filters
+
+
+def _filter_center(value: Any, width: int = 80) -> str:
+    _refuse_longer(max(_text_size(value), _int_or_zero(width)), "the 'center' filter")
+    return DEFAULT_FILTERS["center"](value, width)
+
+
+def _filter_indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    indented = (s.count("\n") if isinstance(s, str) else 0) + (1 if first else 0)  # not the first line by default
+    step = len(width) if isinstance(width, str) else _int_or_zero(width)
+    _refuse_longer(_text_size(s) + indented * max(step, 0), "the 'indent' filter")
+    return DEFAULT_FILTERS["indent"](s, width, first, blank)
+
+
+@pass_environment
+def _filter_wordwrap(
+    environment: Any, s: Any, width: int = 79, break_long_words: bool = True,
+    wrapstring: str | None = None, break_on_hyphens: bool = True,
+) -> str:
+    length = _text_size(s)
+    paragraphs = s.count("\n") + 1 if isinstance(s, str) else 1
+    lines = 2 * length // max(_int_or_zero(width), 1) + 2 * paragraphs  # two lines hold more than `width`
+    wrap = _text_size(wrapstring) if wrapstring is not None else len(environment.newline_sequence)
+    _refuse_longer(length + lines * wrap, "the 'wordwrap' filter")
+    return DEFAULT_FILTERS["wordwrap"](environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+
+@pass_eval_context
+def _filter_replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    length = _text_size(s)
+    if isinstance(s, str) and isinstance(old, str) and old:
+        hits = s.count(old)
+    else:
+        hits = length + 1  # '' matches between every two characters
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    _refuse_longer(length + hits * _text_size(new), "the 'replace' filter")
+    return DEFAULT_FILTERS["replace"](eval_ctx, s, old, new, count)
+
+
+@pass_eval_context
+def _filter_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+    items = list(value)
+    if attribute is not None:
+        items = list(map(make_attrgetter(eval_ctx.environment, attribute), items))
+    size = _text_size(d) * max(len(items) - 1, 0)
+    for item in items:
+        size += _text_size(item)
+        _refuse_longer(size, "the 'join' filter")
+    _refuse_longer(size, "the 'join' filter")
+    return DEFAULT_FILTERS["join"](eval_ctx, items, d)
+
+
+def _filter_format(value: Any, *args: Any, **kwargs: Any) -> str:
+    _refuse_longer(_text_size(value), "the 'format' filter")
+    _refuse_longer(_printf_size(str(value), kwargs or args), "the 'format' filter")
+    return DEFAULT_FILTERS["format"](value, *args, **kwargs)
+
+
+def _filter_batch(value: Any, linecount: int, fill_with: Any = None) -> Any:
+    items = list(value)
+    count = _int_or_zero(linecount)
+    if fill_with is not None and count > 0 and len(items) % count:
+        padding = count - len(items) % count
+        _refuse_longer(len(items) + padding * (1 + _bulk(fill_with)), "the 'batch' filter")
+    return DEFAULT_FILTERS["batch"](items, linecount, fill_with)
+
+
+@pass_eval_context
+def _filter_slice(eval_ctx: Any, value: Any, slices: int, fill_with: Any = None) -> Any:
+    items = list(value)
+    count = _int_or_zero(slices)
+    extra = count * (1 + _bulk(fill_with)) if fill_with is not None else 0
+    _refuse_longer(len(items) + count + extra, "the 'slice' filter")
+    return DEFAULT_FILTERS["slice"](eval_ctx, items, slices, fill_with)
+
+
+@pass_eval_context
+def _filter_urlize(
+    eval_ctx: Any, value: Any, trim_url_limit: int | None = None, nofollow: bool = False,
+    target: str | None = None, rel: str | None = None, extra_schemes: Any = None,
+) -> str:
+    length = _text_size(value)
+    words = value.split() if isinstance(value, str) else []
+    links = sum(1 for w in words if "." in w or "@" in w or ":" in w) if isinstance(value, str) else length
+    per_link = 64 + _text_size(target) + _text_size(rel)  # <a href="..." rel="..." target="...">...</a>
+    _refuse_longer(2 * length + links * per_link, "the 'urlize' filter")
+    return DEFAULT_FILTERS["urlize"](eval_ctx, value, trim_url_limit, nofollow, target, rel, extra_schemes)
+
+
+@pass_eval_context
+def _filter_tojson(eval_ctx: Any, value: Any, indent: Any = None) -> str:
+    step = len(indent) if isinstance(indent, str) else max(_int_or_zero(indent), 0)
+    _refuse_longer(_text_size(value, indent=step), "the 'tojson' filter")
+    return DEFAULT_FILTERS["tojson"](eval_ctx, value, indent)
+
+
+def _filter_pprint(value: Any) -> str:
+    _refuse_longer(_text_size(value, indent=1), "the 'pprint' filter")
+    return DEFAULT_FILTERS["pprint"](value)
+
+
+_GUARDED_FILTERS: dict[str, Callable[..., Any]] = {
+    "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap,
+    "replace": _filter_replace, "join": _filter_join, "format": _filter_format, "batch": _filter_batch,
+    "slice": _filter_slice, "urlize": _filter_urlize, "tojson": _filter_tojson, "pprint": _filter_pprint,
+}
+
+
+class _RuleCodeGenerator(CodeGenerator):
+    """Compiles ``a ~ b`` to a call of :meth:`RuleEnvironment.call_concat`, which measures first."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Any) -> None:
+        self.write("environment.call_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
 
 class RuleEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox rule expressions run in."""
 
-    intercepted_binops = frozenset({"*", "**", "+"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _RuleCodeGenerator
 
     def __init__(self) -> None:
-        super().__init__(autoescape=False, cache_size=0)
+        # optimized=False: no constant folding, so nothing in an expression runs when it is compiled
+        super().__init__(autoescape=False, cache_size=0, optimized=False)
         self.globals.clear()  # no range/dict/lipsum/cycler/joiner/namespace
         self.globals.update({"date": parse_date, "days_between": days_between})
+        self.filters.update(_GUARDED_FILTERS)
         self.filters["matches"] = regex_search
         self.filters["date"] = parse_date
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
-                length = _size(seq)
-                if length is not None and isinstance(times, int) and length * max(times, 0) > MAX_SEQUENCE_RESULT:
-                    raise SecurityError(f"'*' would build a sequence longer than {MAX_SEQUENCE_RESULT}")
+                if isinstance(times, int) and times > 0:
+                    length = _size(seq, MAX_SEQUENCE_RESULT // times)
+                    if length is not None and length * times > MAX_SEQUENCE_RESULT:
+                        raise SecurityError(f"'*' would build a sequence longer than {MAX_SEQUENCE_RESULT}")
         elif operator == "**":
             if isinstance(right, (int, float)) and abs(right) > MAX_POWER_EXPONENT:
                 raise SecurityError(f"exponents above {MAX_POWER_EXPONENT} are not allowed")
+            if isinstance(left, int) and isinstance(right, int) and right > 1 and abs(left) > 1:
+                if int(right * math.log2(abs(left))) + 1 > MAX_POWER_BITS:  # the bits of left ** right
+                    raise SecurityError(f"'**' would build an integer of more than {MAX_POWER_BITS} bits")
         elif operator == "+":
             a, b = _size(left), _size(right)
             if a is not None and b is not None and a + b > MAX_SEQUENCE_RESULT:
                 raise SecurityError(f"'+' would build a sequence longer than {MAX_SEQUENCE_RESULT}")
+        elif operator == "%" and isinstance(left, (str, bytes, bytearray)):
+            _refuse_longer(_printf_size(left, right), "'%'")
         return super().call_binop(context, operator, left, right)
+
+    def call_concat(self, values: tuple[Any, ...]) -> str:
+        """``a ~ b ~ ...``: the values as text, joined, if the result is not too long."""
+        size = 0
+        for value in values:
+            size += _text_size(value)
+            _refuse_longer(size, "'~'")
+        return str_join(values)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        args = _checked_method_args(__obj, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """``str.format``/``format_map`` through a formatter that measures each field first."""
+        if getattr(value, "__name__", None) not in ("format", "format_map"):
+            return None
+        f_self = getattr(value, "__self__", None)
+        if not isinstance(f_self, str):
+            return None
+        is_format_map = value.__name__ == "format_map"
+
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_format_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one positional argument")
+                kwargs, args = args[0], ()
+            formatter: Formatter
+            if isinstance(f_self, Markup):
+                formatter = _SizedEscapeFormatter(self, escape=f_self.escape)
+            else:
+                formatter = _SizedFormatter(self)
+            formatter._budget = MAX_SEQUENCE_RESULT - len(f_self)  # type: ignore[attr-defined]
+            if formatter._budget < 0:  # type: ignore[attr-defined]
+                raise SecurityError(f"format() would build a string or list longer than {MAX_SEQUENCE_RESULT}")
+            return type(f_self)(formatter.vformat(f_self, args, kwargs))
+
+        return update_wrapper(wrapper, value)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if attribute.startswith("_"):
