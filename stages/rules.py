@@ -669,8 +669,24 @@ class RulesOverride(Stage):
         free = np.flatnonzero(~placed).tolist()
         sunk = np.flatnonzero(buried & ~excluded).tolist()
         if boosted.any():
-            free.sort(key=lambda i: (-scores[i], incoming[i].doc_id))
-            sunk.sort(key=lambda i: (-scores[i], incoming[i].doc_id))
+            # Scores are comparable only among documents the same stage scored last: a reranker's window holds its
+            # logits, the documents below it their recall scores. A boost re-ranks a document within its group; the
+            # groups keep their order (a tail document's BM25 score of 15 is not above a window's logit of 8).
+            tier_of: dict[str, int] = {}
+            tiers = [tier_of.setdefault(c.ledger[-1].stage if c.ledger else "", len(tier_of)) for c in incoming]
+            if len(tier_of) > 1:
+                spans = []
+                for name, tier in tier_of.items():
+                    ranks = [i + 1 for i, t in enumerate(tiers) if t == tier]
+                    spans.append(f"'{name}' for {len(ranks)} (ranks {ranks[0]}-{ranks[-1]})" if name else
+                                 f"none for {len(ranks)}")
+                decisions.append(Decision(
+                    "boost_within_scored_groups", f"the incoming scores come from {len(tier_of)} stages ("
+                    f"{', '.join(spans)}): boosts re-rank documents among those the same stage scored; the groups "
+                    "keep their order", {"groups": list(tier_of)},
+                ))
+            free.sort(key=lambda i: (tiers[i], -scores[i], incoming[i].doc_id))
+            sunk.sort(key=lambda i: (tiers[i], -scores[i], incoming[i].doc_id))
         base = [incoming[i].doc_id for i in free + sunk]
         order: list[str] = []
         cursor = 0

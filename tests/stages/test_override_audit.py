@@ -199,3 +199,20 @@ def test_a_rule_file_edited_while_the_pipeline_runs_is_reported_in_each_trace(tm
                                  if d["code"] == "rule_file_changed")
     path.write_text(original, encoding="utf-8")  # the loaded content again: nothing to report
     assert not [d for d in _stage(_run(pipeline), "rules").get("decisions", []) if d["code"] == "rule_file_changed"]
+
+
+def test_a_boost_re_ranks_within_the_documents_the_same_stage_scored(tmp_path, index):
+    """After a reranker with a window, the documents below the window keep their BM25 scores: a boost re-sorted the
+    whole list by raw score, mixing BM25 scores with logits. Each group now keeps its place."""
+    rerank = "  - {id: mid, type: rerank.cross_encoder, inputs: [bm25], params: {window: 5}}"
+    plain = _run(_pipeline(tmp_path, index, None, between=rerank))
+    window, tail = [c.doc_id for c in plain.results[:5]], [c.doc_id for c in plain.results[5:]]
+    assert len(tail) >= 3
+    rules = (f"  - {{id: tail-up, action: boost, docs: [{tail[2]}], add: 100}}\n"
+             f"  - {{id: window-up, action: boost, docs: [{window[4]}], add: 100}}\n")
+    result = _run(_pipeline(tmp_path, index, rules, between=rerank))
+    order = [c.doc_id for c in result.results]
+    assert order[0] == window[4]  # first within the window's group
+    assert order[5] == tail[2] and set(order[:5]) == set(window)  # first within the tail, still below the window
+    decision = next(d for d in _stage(result, "rules")["decisions"] if d["code"] == "boost_within_scored_groups")
+    assert "'mid' for 5 (ranks 1-5)" in decision["detail"] and "'bm25' for" in decision["detail"]
