@@ -62,7 +62,10 @@ from rules.expressions import (
     CompiledExpression,
     ExpressionError,
     ExpressionRuntimeError,
+    PatternError,
+    bounded_search,
     compile_expression,
+    compile_pattern,
     parse_date,
 )
 
@@ -201,8 +204,8 @@ class Condition(NoCoercion):
             if len(value) > MAX_REGEX_CHARS:
                 raise _err(f"the pattern is longer than {MAX_REGEX_CHARS} characters")
             try:
-                re.compile(value)
-            except re.error as exc:
+                compile_pattern(value)
+            except PatternError as exc:
                 raise _err(f"invalid regular expression: {exc}") from None
         elif op in ORDER_OPS:
             problem = relative_date_problem(value)
@@ -666,7 +669,7 @@ class Leaf(Node):
         self.positive = NEGATED.get(self.op, self.op)
         self.negated = self.op in NEGATED
         self.literal: Any = None
-        self.pattern: re.Pattern[str] | None = None
+        self.pattern: Any = None
         self.date_operand = False
         operand: Any = True if self.op == "exists" and spec.value is None else spec.value
         if self.field == "doc.id":  # ids are text; YAML reads numeric ones as ints
@@ -685,8 +688,7 @@ class Leaf(Node):
     def _prepare(self, operand: Any) -> Any:
         op = self.positive
         if op == "regex":
-            flags = 0 if self.case_sensitive else re.IGNORECASE
-            self.pattern = re.compile(str(operand), flags)
+            self.pattern = compile_pattern(str(operand), not self.case_sensitive)
             return operand
         if op in ORDER_OPS:
             as_date = _as_date_operand(operand)
@@ -778,13 +780,13 @@ class Leaf(Node):
             pattern = self.pattern
             if self.value_from is not None:
                 try:
-                    pattern = re.compile(str(operand), 0 if self.case_sensitive else re.IGNORECASE)
-                except re.error:
+                    pattern = compile_pattern(str(operand), not self.case_sensitive)
+                except PatternError:
                     return False, None
             assert pattern is not None
             for element in elements:
                 if isinstance(element, str):
-                    match = pattern.search(element)
+                    match = bounded_search(pattern, element)  # ExpressionRuntimeError when it runs over time
                     if match:
                         return True, match.group(0)
             return False, None

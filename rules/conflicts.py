@@ -337,6 +337,18 @@ def check_query_entities(ruleset: RuleSet, index: Any) -> list[ConfigIssue]:
 def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[ConfigIssue]:
     """Findings that need the index (run at warm-up), graded by the file's strictness."""
     findings: list[Finding] = []
+    broken: set[str] = set()
+    for rule in ruleset.rules:
+        if rule.match is None or not _static(rule.match) or not table.size:
+            continue
+        try:  # computed once over the corpus (and kept: the stage reuses it)
+            rule.match.vector(table, NullView())
+        except ExpressionRuntimeError as exc:  # as a whole, e.g. a pattern over its time limit on a document
+            broken.add(rule.id)
+            findings.append(Finding(
+                "cannot_evaluate", "error", rule, ("match",),
+                f"rule '{rule.id}' cannot be evaluated on the corpus: {exc}", graded=False,
+            ))
     for rule in ruleset.rules:
         fields = rule.when.fields() | (rule.match.fields() if rule.match is not None else set())
         access_field = _access_field(ruleset, rule)
@@ -358,9 +370,9 @@ def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[Confi
                 ))
         findings.extend(_undecidable_findings(ruleset, rule, table))
     if ruleset.kind == "override":
-        findings.extend(_pin_match_findings(ruleset, table))
+        findings.extend(_pin_match_findings(ruleset, table, broken))
     else:
-        findings.extend(_prefilter_findings(ruleset, table))
+        findings.extend(_prefilter_findings(ruleset, table, broken))
     return sorted((_grade(ruleset, f) for f in findings), key=lambda i: (str(i.location), i.path))
 
 
@@ -453,14 +465,15 @@ def _static(node: Node) -> bool:
     return not (node.uses_query or node.uses_candidate)
 
 
-def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Finding]:
+def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable", broken: set[str] = frozenset()) -> list[Finding]:
     from rules.conditions import Subject
 
     findings: list[Finding] = []
     pins = [r for r in ruleset.rules if r.action == "pin"]
     for pin in pins:
         for other in ruleset.rules:
-            if other.action not in ("exclude", "bury") or other.match is None or not may_fire_together(pin, other):
+            if other.action not in ("exclude", "bury") or other.match is None or other.id in broken \
+                    or not may_fire_together(pin, other):
                 continue
             if not _static(other.match):
                 continue  # depends on the query or scores: cannot be decided before a query
@@ -491,12 +504,12 @@ def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Findin
     return findings
 
 
-def _prefilter_findings(ruleset: RuleSet, table: "DocumentTable") -> list[Finding]:
+def _prefilter_findings(ruleset: RuleSet, table: "DocumentTable", broken: set[str] = frozenset()) -> list[Finding]:
     findings: list[Finding] = []
     if table.size == 0:
         return findings
     for rule in ruleset.rules:
-        if rule.match is None or not _static(rule.match) or not rule.spec.enabled:
+        if rule.match is None or not _static(rule.match) or not rule.spec.enabled or rule.id in broken:
             continue
         matched = rule.match.vector(table, NullView())
         removed = int(matched.sum()) if rule.effect == "exclude" else int((~matched).sum())

@@ -34,6 +34,7 @@ from functools import lru_cache, update_wrapper
 from string import Formatter
 from typing import Any, Callable
 
+import regex as _regex_engine
 from jinja2 import nodes, pass_environment, pass_eval_context
 from jinja2.compiler import CodeGenerator
 from jinja2.defaults import DEFAULT_FILTERS
@@ -515,20 +516,40 @@ def days_between(start: Any, end: Any) -> float | None:
     return (b - a).total_seconds() / 86400.0
 
 
+# An analyst's pattern (the `regex` operator, the `matches` filter) runs on the `regex` engine: Python's `re` syntax
+# and Unicode semantics (V0), and a time limit per search, so a pattern that backtracks catastrophically ((a+)+,
+# (a|aa)+ on a long run of a's) is an error of that rule, not a hung warm-up or server.
+REGEX_TIMEOUT_S = 0.25
+PatternError = _regex_engine.error
+
+
 @lru_cache(maxsize=512)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
+    """``pattern`` compiled (``PatternError`` when it is not a valid regular expression)."""
+    return _regex_engine.compile(pattern, _regex_engine.V0 | (_regex_engine.IGNORECASE if ignore_case else 0))
+
+
+def bounded_search(pattern: Any, text: str) -> Any:
+    """``pattern.search(text)`` within ``REGEX_TIMEOUT_S``; ExpressionRuntimeError when it runs over."""
+    try:
+        return pattern.search(text, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise ExpressionRuntimeError(
+            f"the pattern {pattern.pattern!r} ran over {REGEX_TIMEOUT_S * 1000:.0f} ms on a text of {len(text)} "
+            "characters (catastrophic backtracking: a repetition inside a repetition, such as (a+)+ or (a|aa)+); "
+            "rewrite the pattern"
+        ) from None
 
 
 def regex_search(value: Any, pattern: str, ignore_case: bool = True) -> bool:
     """``value|matches("pat")``: does the regex occur in the text (case-insensitive by default)?"""
     if not isinstance(value, str) or not isinstance(pattern, str) or len(pattern) > 500:
         return False
-    flags = "(?i)" if ignore_case else ""
     try:
-        return _regex(flags + pattern).search(value) is not None
-    except re.error:
+        compiled = compile_pattern(pattern, bool(ignore_case))
+    except PatternError:
         raise ExpressionRuntimeError(f"invalid regular expression {pattern!r}") from None
+    return bounded_search(compiled, value) is not None
 
 
 # --------------------------------------------------------------------------- compiling

@@ -292,6 +292,17 @@ def _redact(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, 
     return redacted
 
 
+def _prepare_match(rule: "CompiledRule", ruleset: "RuleSet", table: "DocumentTable") -> None:
+    """Compute a rule's query-independent conditions over the corpus; a condition that cannot be computed at all (a
+    pattern that backtracks without end on a document) stops the pipeline with the rule named."""
+    assert rule.match is not None
+    try:
+        rule.match.prepare(table)
+    except ExpressionRuntimeError as exc:
+        raise ConfigError(f"{ruleset.locate(rule, 'match')}  rule '{rule.id}' cannot be evaluated on the corpus: "
+                          f"{exc}") from None
+
+
 def _file_changed(stage: Stage) -> list[Decision]:
     """``[rule_file_changed]`` when the stage's rule file no longer holds the rules it loaded, else ``[]``."""
     on_disk = getattr(stage, "_on_disk", None)
@@ -341,7 +352,7 @@ class RulesPrefilter(Stage):
         self._ruleset, self._table, self._warnings = _prepare(self, resources, "prefilter")
         for rule in self._ruleset.rules:  # query-independent conditions: computed now, once
             assert rule.match is not None
-            rule.match.prepare(self._table)
+            _prepare_match(rule, self._ruleset, self._table)
 
     def identity(self) -> dict[str, Any] | None:
         return _identity(self)
@@ -370,7 +381,12 @@ class RulesPrefilter(Stage):
 
         assert rule.match is not None
         view.errors = []
-        matched = rule.match.vector(self._table, view)
+        try:
+            matched = rule.match.vector(self._table, view)
+        except ExpressionRuntimeError as exc:  # the condition as a whole: access rules fail closed, deny every row
+            view.errors = [(0, str(exc))]
+            everything = np.ones(self._table.size, dtype=bool)
+            return everything, everything
         denied = matched if rule.effect == "exclude" else ~matched
         if not view.errors:
             return denied, None
@@ -508,7 +524,7 @@ class RulesOverride(Stage):
                 listed.setflags(write=False)
                 self._listed[rule.id] = listed
             if rule.match is not None:  # query-independent parts: computed now, once
-                rule.match.prepare(self._table)
+                _prepare_match(rule, self._ruleset, self._table)
 
     # ------------------------------------------------------------------ run
 
@@ -805,7 +821,12 @@ class RulesOverride(Stage):
         if rule.match is not None and selected.any():
             view.errors = []
             candidates = selected.copy()
-            selected &= rule.match.vector(self._table, view, frame)  # a candidate it fails on: no firing
+            try:
+                selected &= rule.match.vector(self._table, view, frame)  # a candidate it fails on: no firing
+            except ExpressionRuntimeError as exc:  # the condition as a whole (a pattern over its time limit)
+                decisions.append(Decision("rule_error", f"rule '{rule.id}' cannot be evaluated ({exc}); it does not "
+                                          "fire", {"rule": rule.id}))
+                return np.zeros(len(frame), dtype=bool)
             # a query-independent condition is evaluated over the whole corpus once: report only these candidates
             rows = set(frame.rows[candidates].tolist())
             failed = [(row, message) for row, message in view.errors if row in rows]

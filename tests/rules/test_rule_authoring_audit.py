@@ -49,3 +49,69 @@ def test_the_same_conditions_written_sensibly_load(tmp_path):
                     "  - {id: s, action: bury, match: {field: doc.date, op: before, value: as_of - 1y}}\n",
                     encoding="utf-8")
     assert [rule.id for rule in load_rule_file(path, "override").rules] == ["r", "s"]
+
+
+# Patterns run with a time limit: one that backtracks without end is an error of its rule, not a hung process.
+
+EVIL = "(a|aa)+$"  # on 'a' * 40 + 'b' Python's re would take longer than the age of the universe
+
+
+@pytest.fixture(scope="module")
+def evil_index(tmp_path_factory):
+    import json
+
+    from engine.index import build_index
+
+    folder = tmp_path_factory.mktemp("evil")
+    docs = [{"_id": "d1", "title": "plain", "text": "metformin kidney dose"},
+            {"_id": "d2", "title": "runs", "text": "metformin " + "a" * 40 + "b"}]
+    (folder / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n", encoding="utf-8")
+    build_index(folder, folder / "index", {"bm25": {}})
+    return folder / "index"
+
+
+def _rules_pipeline(tmp_path, index, kind: str, rule: str):
+    from engine.pipeline import Pipeline
+
+    (tmp_path / "rules.yaml").write_text(f"version: 1\nkind: {kind}\nrules:\n  - {rule}\n", encoding="utf-8")
+    stage_type = "rules.prefilter" if kind == "prefilter" else "rules.override"
+    stages = (f"  - {{id: rules, type: {stage_type}, params: {{rules: rules.yaml}}}}\n"
+              "  - {id: bm25, type: recall.bm25, inputs: [rules], params: {top_k: 5}}\noutput: bm25\n"
+              if kind == "prefilter" else
+              "  - {id: bm25, type: recall.bm25, params: {top_k: 5}}\n"
+              f"  - {{id: rules, type: {stage_type}, inputs: [bm25], params: {{rules: rules.yaml}}}}\noutput: rules\n")
+    (tmp_path / "p.yaml").write_text(f"version: 1\nindex: {index}\nstages:\n{stages}trace: {{log: null}}\n",
+                                     encoding="utf-8")
+    return Pipeline.from_file(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("kind", ["prefilter", "override"])
+def test_a_pattern_that_backtracks_without_end_on_a_document_stops_the_pipeline_with_its_rule(tmp_path, evil_index,
+                                                                                             kind):
+    action = "exclude" if kind == "prefilter" else "bury"
+    pipeline = _rules_pipeline(tmp_path, evil_index, kind,
+                               f"{{id: evil, action: {action}, match: {{field: doc.text, op: regex, value: '{EVIL}'}}}}")
+    with pytest.raises(ConfigError) as caught:
+        pipeline.warm_up()
+    message = str(caught.value)
+    assert "rules.yaml:4:" in message and "[cannot_evaluate] rule 'evil' cannot be evaluated on the corpus" in message
+    assert "ran over 250 ms" in message and "catastrophic backtracking" in message
+
+
+def test_a_pattern_that_backtracks_without_end_on_the_query_is_that_rules_error(tmp_path, evil_index):
+    pipeline = _rules_pipeline(tmp_path, evil_index, "override",
+                               f"{{id: q, action: boost, factor: 2, docs: [d1], "
+                               f"when: {{field: query.text, op: regex, value: '{EVIL}'}}}}")
+    result = pipeline.search("metformin " + "a" * 40 + "b", log=False)
+    stage = next(s for s in result.trace["stages"] if s["id"] == "rules")
+    (decision,) = [d for d in stage["decisions"] if d["code"] == "rule_error"]
+    assert "rule 'q': its `when` failed" in decision["detail"] and "ran over 250 ms" in decision["detail"]
+    assert "q" not in stage["details"]["fired_rules"]
+
+
+def test_the_matches_filter_has_the_same_time_limit():
+    from rules.expressions import ExpressionRuntimeError, regex_search
+
+    assert regex_search("Metformin 500 mg", r"\d+ mg")
+    with pytest.raises(ExpressionRuntimeError, match="ran over 250 ms"):
+        regex_search("a" * 40 + "b", EVIL)
