@@ -187,6 +187,10 @@ def _probe_recall(pipeline: Pipeline, stage_id: str, query: Query, row: int, doc
     return answer
 
 
+# Drop reasons that are a matter of score: for these the verdict quotes the last candidate kept
+_SCORE_CUTS = frozenset({"below_threshold", "below_min_score", "beyond_top_k", "no_score"})
+
+
 def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
     """Where ``doc_id`` went in ``result``, a run of ``pipeline`` with ``keep_outcomes=True``."""
     compiled = pipeline.compiled
@@ -236,7 +240,7 @@ def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
         message = (f"dropped by stage '{stage_id}' ({stage.qualified_name()}): {reason}"
                    + (f" ({detail})" if detail else "")
                    + f"; it arrived at rank {incoming[0]} with score {score:.6g}")
-        if cutoff is not None:
+        if cutoff is not None and reason in _SCORE_CUTS:  # a rule, a dedup or the mask is no matter of score
             message += f"; the last candidate kept (rank {len(kept)}) scored {cutoff:.6g}"
         if drop is None:
             message += "; the stage recorded no reason (a bug in that stage: every drop should be reported)"
@@ -279,6 +283,12 @@ def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
         else:
             parts.append(f"'{stage_id}' ranks it {probe['rank']} of {probe['scored']} with score {probe['score']:.6g}, "
                          f"below its top_k={probe['top_k']}" + (f" cut-off (last recalled {cutoff:.6g})" if cutoff is not None else ""))
+    # an override pin that named it but did not bring it in (inject: false, excluded, forbidden...)
+    for record in result.trace["stages"]:
+        for entry in (record.get("details") or {}).get("suppressed", []):
+            if entry.get("doc_id") == doc_id:
+                parts.append(f"rule '{entry.get('rule')}' of stage '{record['id']}' names it but did not apply "
+                             f"({entry.get('reason')})")
     first = next((p for p in probes.values() if p and "rank" in p), None)
     return Verdict(doc_id, "not_recalled", "recall never found it: " + "; ".join(parts),
                    stage=recall_ids[0] if recall_ids else None, reason="not_recalled",

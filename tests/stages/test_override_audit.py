@@ -216,3 +216,22 @@ def test_a_boost_re_ranks_within_the_documents_the_same_stage_scored(tmp_path, i
     assert order[5] == tail[2] and set(order[:5]) == set(window)  # first within the tail, still below the window
     decision = next(d for d in _stage(result, "rules")["decisions"] if d["code"] == "boost_within_scored_groups")
     assert "'mid' for 5 (ranks 1-5)" in decision["detail"] and "'bm25' for" in decision["detail"]
+
+
+def test_why_not_names_a_pin_that_did_not_apply_and_no_score_cut_for_a_rule_drop(tmp_path, index):
+    from engine.workbench.inspect import why_not
+
+    recalled = [c.doc_id for c in _run(_pipeline(tmp_path, index, None)).results]
+    corpus = [json.loads(line)["_id"] for line in (ROOT / "examples" / "medical" / "corpus.jsonl").open()]
+    outside = next(d for d in corpus if d not in recalled)
+    rules = (f"  - {{id: a-pin, action: pin, docs: [{outside}], position: 1, inject: false}}\n"
+             f"  - {{id: gone, action: exclude, docs: [{recalled[0]}]}}\n")
+    pipeline = _pipeline(tmp_path, index, rules)
+    result = pipeline.run(pipeline.make_query(QUERY, user=UserContext(roles=["clinician"]), as_of=AS_OF),
+                          keep_outcomes=True)
+    pinned = why_not(pipeline, result, outside)
+    assert pinned.status == "not_recalled"
+    assert "rule 'a-pin' of stage 'rules' names it but did not apply (pin_not_recalled)" in pinned.message
+    excluded = why_not(pipeline, result, recalled[0])
+    assert excluded.status == "dropped" and "override_exclude" in excluded.message
+    assert "last candidate kept" not in excluded.message
