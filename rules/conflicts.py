@@ -253,6 +253,45 @@ def _shown_until(rule: CompiledRule) -> str:
     return until.isoformat() if until is not None else "?"
 
 
+def _pin_chain_findings(pins: list[CompiledRule]) -> list[Finding]:
+    """A pin pushed off its position by one that was itself displaced there (p2 takes 1, so p1 takes 2, which p5
+    asked for): no two pins claim one position, so ``pin_slot_conflict`` does not see it. Slots are assigned as
+    ``rules.override`` does (priority, then rule id; a taken slot moves a pin to the next free one), among pins that
+    may all fire together with each."""
+    findings: list[Finding] = []
+    order = sorted(pins, key=lambda p: (-p.priority, p.id))
+    for pin in pins:
+        taken: dict[int, tuple[CompiledRule, int]] = {}  # slot -> (the pin holding it, the position it asked for)
+        placed: set[str] = set()
+        landed: list[tuple[str, int, int]] = []
+        group = [pin]  # pins that may all fire together with it (greedily, in precedence order)
+        for other in order:
+            if other is not pin and all(may_fire_together(other, member) for member in group):
+                group.append(other)
+        for other in (p for p in order if p in group):
+            for offset, doc_id in enumerate(other.docs):
+                if doc_id in placed:
+                    continue  # a document pinned twice: the first pin places it
+                requested = other.spec.position + offset  # type: ignore[attr-defined]
+                slot = requested
+                while slot in taken:
+                    slot += 1
+                taken[slot] = (other, requested)
+                placed.add(doc_id)
+                if other is pin:
+                    landed.append((doc_id, requested, slot))
+        for doc_id, requested, slot in landed:
+            holder, asked = taken[requested]
+            if slot != requested and asked != requested and holder is not pin:  # its own shifted documents: not news
+                findings.append(Finding(
+                    "pin_displaced_chain", "warning", pin, ("position",),
+                    f"pin '{pin.id}' asks for position {requested} ('{doc_id}'), which '{holder.id}' takes after being "
+                    f"displaced from {asked} by a pin of higher precedence; when they fire together '{doc_id}' lands "
+                    f"at {slot}",
+                ))
+    return findings
+
+
 def _pin_findings(ruleset: RuleSet) -> list[Finding]:
     findings: list[Finding] = []
     pins = [r for r in ruleset.rules if r.action == "pin"]
@@ -283,6 +322,7 @@ def _pin_findings(ruleset: RuleSet) -> list[Finding]:
                     f"pins '{first.id}' and '{second.id}' put '{doc}' at different positions for overlapping "
                     f"conditions; {note}",
                 ))
+    findings.extend(_pin_chain_findings(pins))
     for pin in pins:
         for other in ruleset.rules:
             if other.action not in ("exclude", "bury") or other.match is not None or not may_fire_together(pin, other):

@@ -115,3 +115,26 @@ def test_the_matches_filter_has_the_same_time_limit():
     assert regex_search("Metformin 500 mg", r"\d+ mg")
     with pytest.raises(ExpressionRuntimeError, match="ran over 250 ms"):
         regex_search("a" * 40 + "b", EVIL)
+
+
+def test_a_pin_pushed_off_its_position_by_a_displaced_pin_is_a_warning(tmp_path):
+    """p2 (priority 5) takes 1, so p1 takes 2, which p5 asked for; p4 holds 3: p5 lands at 4. No two pins claim one
+    position, so only the chain shows it."""
+    from rules.conflicts import check_rules
+
+    path = tmp_path / "overrides.yaml"
+    path.write_text(HEAD + "  - {id: p1, action: pin, docs: [d1], position: 1}\n"
+                    "  - {id: p2, action: pin, docs: [d2], position: 1, priority: 5}\n"
+                    "  - {id: p4, action: pin, docs: [d4], position: 3}\n"
+                    "  - {id: p5, action: pin, docs: [d5], position: 2}\n", encoding="utf-8")
+    issues = [str(i) for i in check_rules(load_rule_file(path, "override"))]
+    chain = [i for i in issues if "[pin_displaced_chain]" in i]
+    assert chain == [next(i for i in issues if "overrides.yaml:7:" in i and "pin_displaced_chain" in i)]
+    assert "pin 'p5' asks for position 2 ('d5'), which 'p1' takes after being displaced from 1" in chain[0]
+    assert "lands at 4" in chain[0]
+    # pins that never fire together do not push each other
+    path.write_text(HEAD + "  - {id: p1, action: pin, docs: [d1], position: 1, when: {field: user.roles, op: contains, "
+                    "value: a}}\n  - {id: p2, action: pin, docs: [d2], position: 1, priority: 5, when: {field: "
+                    "user.roles, op: not_contains, value: a}}\n  - {id: p5, action: pin, docs: [d5], position: 2}\n",
+                    encoding="utf-8")
+    assert not [i for i in check_rules(load_rule_file(path, "override")) if "pin_displaced_chain" in str(i)]
