@@ -222,6 +222,15 @@ class OverrideRule(RuleBase):
             return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         return value
 
+    @field_validator("docs")
+    @classmethod
+    def _listed_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            twice = sorted({d for d in value if value.count(d) > 1})
+            if twice:
+                raise _err(f"'{twice[0]}' is listed twice in docs (a copy-paste slip?): list each document once")
+        return value
+
     @model_validator(mode="after")
     def _targets(self) -> "OverrideRule":
         if self.docs is None and self.match is None:
@@ -238,8 +247,6 @@ class PinRule(OverrideRule):
     def _pin_targets(self) -> "PinRule":
         if self.docs is None or self.match is not None:
             raise _err("a pin names its documents in 'docs' (in the order they take positions) and takes no 'match'")
-        if len(set(self.docs)) != len(self.docs):
-            raise _err("a document is listed twice in 'docs'")
         return self
 
 
@@ -252,7 +259,8 @@ class BuryRule(OverrideRule):
 
 
 class BoostRule(OverrideRule):
-    """boost/demote: new score = score × factor + add (all firing boosts' factors multiply, adds sum)."""
+    """boost/demote: new score = score × factor + add (a negative score is divided by the factor, so it moves the same
+    way; all firing boosts' factors multiply, adds sum)."""
 
     action: Literal["boost", "demote"]
     factor: Optional[float] = Field(None, gt=0, le=1_000_000, allow_inf_nan=False)
@@ -266,6 +274,9 @@ class BoostRule(OverrideRule):
             raise _err("a boost raises scores: factor >= 1 and add >= 0 (use action: demote to lower them)")
         if self.action == "demote" and ((self.factor is not None and self.factor > 1) or (self.add is not None and self.add > 0)):
             raise _err("a demote lowers scores: factor <= 1 and add <= 0 (use action: boost to raise them)")
+        if (self.factor is None or self.factor == 1) and (self.add is None or self.add == 0):
+            raise _err(f"this {self.action} changes no score (factor 1, add 0): give it a factor or an add that moves "
+                       "scores, or remove it")
         return self
 
 

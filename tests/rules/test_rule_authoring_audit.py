@@ -138,3 +138,13 @@ def test_a_pin_pushed_off_its_position_by_a_displaced_pin_is_a_warning(tmp_path)
                     "user.roles, op: not_contains, value: a}}\n  - {id: p5, action: pin, docs: [d5], position: 2}\n",
                     encoding="utf-8")
     assert not [i for i in check_rules(load_rule_file(path, "override")) if "pin_displaced_chain" in str(i)]
+
+
+@pytest.mark.parametrize(("rule", "says"), [
+    ("{id: r, action: boost, docs: [d1], factor: 1}", "this boost changes no score (factor 1, add 0)"),
+    ("{id: r, action: demote, docs: [d1], add: 0}", "this demote changes no score"),
+    ("{id: r, action: boost, docs: [d1, d2, d1], factor: 2}", "'d1' is listed twice in docs"),
+    ("{id: r, action: exclude, docs: [d1, d1]}", "'d1' is listed twice in docs"),
+])
+def test_a_rule_that_does_nothing_or_lists_a_document_twice_is_refused(tmp_path, rule, says):
+    assert says in _errors(tmp_path, f"  - {rule}\n")

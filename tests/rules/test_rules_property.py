@@ -59,9 +59,10 @@ override_rules = st.lists(
                   st.lists(st.integers(0, 30).map(lambda i: f"d{i}"), min_size=1, max_size=3, unique=True),
                   st.integers(1, 6), st.booleans(), st.integers(0, 3)),
         st.builds(lambda action, docs: {"action": action, "docs": docs},
-                  st.sampled_from(["exclude", "bury"]), st.lists(st.integers(0, 30).map(lambda i: f"d{i}"), min_size=1, max_size=3)),
+                  st.sampled_from(["exclude", "bury"]),
+                  st.lists(st.integers(0, 30).map(lambda i: f"d{i}"), min_size=1, max_size=3, unique=True)),
         st.builds(lambda factor: {"action": "boost", "factor": factor, "match": {"field": "doc.classification", "op": "eq", "value": "secret"}},
-                  st.floats(1.0, 50.0)),
+                  st.floats(1.0, 50.0, exclude_min=True)),  # factor 1 changes nothing: refused
     ),
     max_size=5,
 )
