@@ -286,6 +286,7 @@ class _Line:
     record: dict[str, Any] | None  # the record when the line is one (even one whose hash or link is wrong)
     problems: list[str]  # what is wrong with it as the next link of the chain; empty when it checks out
     terminated: bool
+    end: int = 0  # byte offset just after the line
 
 
 class TraceLog:
@@ -431,15 +432,20 @@ class TraceLog:
             )
         return data["hash"], data["seq"] + 1
 
-    def scan(self) -> Iterator[_Line]:
+    def scan(self, limit: int | None = None) -> Iterator[_Line]:
         """Every non-blank line, checked as the next link of the chain: its shape, sequence number, link to
         the record before it and hash. After a line that is no record the chain resumes at the next record
-        (its own hash is checked; its link cannot be). Raises TraceError when the path is no trace log."""
+        (its own hash is checked; its link cannot be). With ``limit``, only the lines that end within the first
+        ``limit`` bytes. Raises TraceError when the path is no trace log."""
         with _open_log(self.path) as handle:
             prev_hash: str | None = GENESIS
             expected_seq: int | None = 0
             first = True
+            offset = 0
             for number, raw in enumerate(handle, start=1):
+                offset += len(raw)
+                if limit is not None and offset > limit:
+                    return
                 if not raw.strip():
                     continue
                 terminated = raw.endswith(b"\n")
@@ -470,7 +476,7 @@ class TraceLog:
                     if not terminated and raw.startswith(b"{"):
                         problem += (" (the last line, without its newline: a write in progress or a writer that died"
                                     " mid-record; the next append sets it aside)")
-                    yield _Line(number, None, [problem], terminated)
+                    yield _Line(number, None, [problem], terminated, offset)
                     prev_hash = expected_seq = None  # unknown: the chain resumes at the next record
                     continue
                 seq = data["seq"]
@@ -492,7 +498,7 @@ class TraceLog:
                     form = _canonical_problem(raw, data)
                     if form is not None:
                         problems.append(f"line {number} (seq {seq}): {form}")
-                yield _Line(number, data, problems, terminated)
+                yield _Line(number, data, problems, terminated, offset)
                 prev_hash, expected_seq = data["hash"], seq + 1
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -523,10 +529,14 @@ class TraceLog:
     def find_record(self, trace_id: str | None = None, seq: int | None = None) -> dict[str, Any]:
         """Like ``find``, the whole record: ``{schema, seq, prev, hash, trace}``. A rotated log (``rotate_log``)
         is searched back through the segments rotated out of it that are beside it, newest first."""
+        return self.locate_record(trace_id, seq)[0]
+
+    def locate_record(self, trace_id: str | None = None, seq: int | None = None) -> tuple[dict[str, Any], Path]:
+        """Like ``find_record``, with the file that holds the record (this log, or a segment rotated out of it)."""
         log, searched = self, [self.path]
         while True:
             try:
-                return log._find_in_segment(trace_id, seq)
+                return log._find_in_segment(trace_id, seq), log.path
             except _NotInSegment as missing:
                 previous = _previous_segment(log.path)
                 if previous is None:
@@ -650,7 +660,8 @@ def _previous_segment(path: Path) -> _Previous | None:
     if problem is not None or not _is_segment_marker(data["trace"]) or _marker_problem(data["trace"]) is not None:
         return None
     previous = data["trace"]["previous"]
-    return _Previous(path.with_name(previous["file"]), previous["first_seq"], previous["last_seq"], data["seq"],
+    beside = Path(os.path.realpath(path))  # a symlinked log's archives lie beside the file it names
+    return _Previous(beside.with_name(previous["file"]), previous["first_seq"], previous["last_seq"], data["seq"],
                      data["prev"])
 
 
@@ -866,40 +877,77 @@ class Rotation:
 def rotate_log(path: str | Path) -> Rotation:
     """Move a log's records to an archived segment beside it and start the log again, the chain unbroken.
 
-    Under the log's lock (appending processes wait, then append to the new log): the file gets a second name,
-    ``<stem>.<first seq>-<last seq><suffix>`` (``trace.000000-000123.jsonl``; never an existing file), and a new
-    file replaces it under the log's name in one rename, holding one record: a segment marker whose ``prev`` is
-    the archive's last hash and whose content names the archive. Appends go on from there, so ``check_log`` and
-    ``TraceLog.find_record`` follow the chain back through every segment that stays beside the log. The log's
-    name never stops naming a file, and on a failure before the rename nothing changes (the second name is
-    removed again). Only an intact log with at least one trace since its last rotation is rotated."""
-    log = TraceLog(path)
-    _require_log(log.path)
+    The chain is checked first without the lock (appends go on meanwhile), then, under the log's lock, only what
+    was appended since: appending processes wait for that and the rename, not for a check of the whole log, and
+    then append to the new log. The file gets a second name, ``<stem>.<first seq>-<last seq><suffix>``
+    (``trace.000000-000123.jsonl``; never an existing file), and a new file (the old one's mode and owner) replaces
+    it under the log's name in one rename, holding one record: a segment marker whose ``prev`` is the archive's
+    last hash and whose content names the archive. Appends go on from there, so ``check_log`` and
+    ``TraceLog.find_record`` follow the chain back through every segment that stays beside the log. A symlinked
+    log is rotated where it points. The log's name never stops naming a file, and on a failure before the rename
+    nothing changes (the second name is removed again). Only an intact log with at least one trace since its last
+    rotation is rotated."""
+    given = Path(path)
+    _require_log(given)
+    log = TraceLog(os.path.realpath(given))  # the file a symlinked log names: the archive goes beside it
+    for _ in range(10):  # another rotation may move the file between the check and the lock: check again
+        try:
+            rotation = _rotate_once(log, given)
+        except _RotatedMeanwhile:
+            continue
+        return rotation
+    raise TraceError(f"cannot rotate {given}: it keeps being rotated by another process")
+
+
+class _RotatedMeanwhile(Exception):
+    pass
+
+
+def _rotate_once(log: TraceLog, given: Path) -> Rotation:
+    try:
+        checked = os.stat(log.path)
+    except OSError as exc:
+        raise TraceError(f"cannot rotate {given}: {exc.strerror or exc}") from None
+    first: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    traces = 0
+    checked_to = 0
+    for line in log.scan(limit=checked.st_size):  # without the lock
+        if not line.terminated:
+            break  # a write in progress or a torn tail: seen again under the lock
+        if line.problems:
+            raise _broken(log.path, line.problems[0])
+        first = first or line.record
+        last = line.record
+        traces += not _is_segment_marker(line.record["trace"])  # type: ignore[index]
+        checked_to = line.end
     with log._locked(create=False) as handle:
-        _, _, end, prefix = log._tail(handle)  # a torn tail is set aside, as an append would
-        if prefix:
-            log._write_at(handle.fileno(), end, prefix)  # a whole last record without its newline gets it
-        first: dict[str, Any] | None = None
-        last: dict[str, Any] | None = None
-        traces = 0
-        for line in log.scan():
-            if line.problems:
-                raise TraceError(f"{log.path}: the chain is broken ({line.problems[0]}); run `sieve trace verify "
-                                 f"{log.path}`: rotate only an intact log")
-            first = first or line.record
-            last = line.record
-            traces += not _is_segment_marker(line.record["trace"])  # type: ignore[index]
+        opened = os.fstat(handle.fileno())
+        if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+            raise _RotatedMeanwhile()
+        try:
+            _, _, end, prefix = log._tail(handle)  # a torn tail is set aside, as an append would
+            if prefix:
+                log._write_at(handle.fileno(), end, prefix)  # a whole last record without its newline gets it
+                end += len(prefix)
+        except OSError as exc:
+            raise TraceError(f"cannot rotate {given}: {exc.strerror or exc}; nothing was changed") from None
+        # what was appended while the log was checked
+        for record in _appended(log.path, handle, checked_to, end, last):
+            first = first or record
+            last = record
+            traces += not _is_segment_marker(record["trace"])
         if first is None or last is None or not traces:
-            raise TraceError(f"nothing to rotate: {log.path} holds no trace"
+            raise TraceError(f"nothing to rotate: {given} holds no trace"
                              + (" since its last rotation" if first is not None else ""))
         archive = log.path.with_name(f"{log.path.stem}.{first['seq']:06d}-{last['seq']:06d}{log.path.suffix}")
         try:
             os.link(log.path, archive)
         except FileExistsError:
-            raise TraceError(f"cannot rotate {log.path}: {archive} exists already (an interrupted rotation leaves "
+            raise TraceError(f"cannot rotate {given}: {archive} exists already (an interrupted rotation leaves "
                              "the log's file under that name too: compare the two, then move it away)") from None
         except OSError as exc:
-            raise TraceError(f"cannot rotate {log.path}: cannot give it the archive's name {archive.name} "
+            raise TraceError(f"cannot rotate {given}: cannot give it the archive's name {archive.name} "
                              f"({exc.strerror or exc}; the file system must allow hard links)") from None
         marker_trace = {
             "schema": SEGMENT_SCHEMA,
@@ -909,24 +957,52 @@ def rotate_log(path: str | Path) -> Rotation:
         marker, line = _record_line(last["hash"], last["seq"] + 1, marker_trace)
         temporary = log.path.with_name(f".{log.path.name[:96]}.rotate-{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            opened = os.fstat(handle.fileno())
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, opened.st_mode & 0o777)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 _write_all(fd, line)
-                os.fsync(fd)
+                os.fchmod(fd, opened.st_mode & 0o7777)  # the old file's mode, whatever this process's umask
                 try:
                     os.fchown(fd, opened.st_uid, opened.st_gid)  # the service keeps writing to it
                 except OSError:
                     pass
+                os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temporary, log.path)
-        except BaseException:
+        except BaseException as exc:
             temporary.unlink(missing_ok=True)
             archive.unlink(missing_ok=True)  # the log's name still names the file: nothing was moved
+            if isinstance(exc, OSError):
+                raise TraceError(f"cannot rotate {given}: {exc.strerror or exc} (writing the new log beside it); "
+                                 "nothing was changed") from None
             raise
         _fsync_directory(log.path.parent)
-    return Rotation(log.path, archive, first["seq"], last["seq"], marker)
+    return Rotation(given, archive, first["seq"], last["seq"], marker)
+
+
+def _broken(path: Path, problem: str) -> TraceError:
+    return TraceError(f"{path}: the chain is broken ({problem}); run `sieve trace verify {path}`: rotate only an "
+                      "intact log")
+
+
+def _appended(path: Path, handle: Any, start: int, end: int, last: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The records between byte offsets ``start`` and ``end`` of a locked log, each checked as the next link of the
+    chain after ``last`` (TraceError on the first that is not)."""
+    found = []
+    prev_hash, seq = (last["hash"], last["seq"] + 1) if last is not None else (GENESIS, 0)
+    for raw in _read_at(handle, start, end - start).splitlines(keepends=True):
+        if not raw.strip():
+            continue
+        data, problem = _line_problem(raw)
+        if problem is not None:
+            raise _broken(path, f"a line appended during the check{problem}")
+        misplaced_marker = _is_segment_marker(data["trace"]) and (found or last is not None)
+        if data["seq"] != seq or data["prev"] != prev_hash or _content_hash(data) != data["hash"] \
+                or _canonical_problem(raw, data) is not None or misplaced_marker:
+            raise _broken(path, f"the record seq {data['seq']} appended during the check does not chain on")
+        found.append(data)
+        prev_hash, seq = data["hash"], data["seq"] + 1
+    return found
 
 
 def verify_log(path: str | Path) -> tuple[int, list[str]]:
@@ -1016,9 +1092,10 @@ def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int |
         if log is not None:
             raise TraceError("--log is for a standalone trace file (.json); this is a trace log")
         _require_file(path)
-        record = TraceLog(path).find_record(trace_id, seq)
+        record, holder = TraceLog(path).locate_record(trace_id, seq)
+        where = f"the trace log {path}" if holder == path else f"{holder}, a segment rotated out of the trace log {path}"
         return record["trace"], TraceSource(
-            True, f"record seq {record['seq']} of the trace log {path}; the chain checks out up to it", str(path),
+            True, f"record seq {record['seq']} of {where}; the chain checks out up to it", str(holder),
             record["seq"], record["hash"])
     trace, copied_record = _read_trace_file(path)
     if copied_record:
@@ -1042,7 +1119,7 @@ def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int |
             + (f"and {target} is not a file" if log is not None else "which is not found here")
             + "; pass --log with a copy of that log to check the file against its record"
         )
-    record = TraceLog(target).find_record(seq=where["seq"])
+    record, holder = TraceLog(target).locate_record(seq=where["seq"])
     if record["hash"] != where["hash"]:
         raise TraceError(
             f"{path} does not match its log record: {label} has hash {record['hash']}, the file records "
@@ -1055,8 +1132,9 @@ def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int |
             f"{path} differs from the record it was logged as ({label}) at {at}; refusing a file edited after it "
             "was written"
         )
-    return trace, TraceSource(True, f"matches record seq {where['seq']} of the trace log {target} (hash "
-                              f"{where['hash'][:12]}; the chain checks out up to it)", str(target), where["seq"],
+    segment = "" if holder == target else f" (in {holder.name}, a segment rotated out of it)"
+    return trace, TraceSource(True, f"matches record seq {where['seq']} of the trace log {target}{segment} (hash "
+                              f"{where['hash'][:12]}; the chain checks out up to it)", str(holder), where["seq"],
                               where["hash"])
 
 

@@ -185,8 +185,8 @@ def test_rotate_refuses_what_it_cannot_rotate_and_changes_nothing(tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError, match="No space left"):
-        rotate_log(path)
+    with pytest.raises(TraceError, match="cannot rotate .*: No space left on device .*nothing was changed"):
+        rotate_log(path)  # a TraceError (exit 2 with its message), not an internal error
     monkeypatch.setattr(os, "replace", real_replace)
     assert path.read_bytes() == before and not taken.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.000000-000001.jsonl", "trace.jsonl"]
@@ -262,3 +262,87 @@ def test_cli_rotate_then_verify_and_head(tmp_path):
         in verified.stdout
     missing = _run_sieve("trace", "rotate", tmp_path / "nope.jsonl")
     assert missing.returncode == 2 and "trace log not found" in missing.stderr
+
+
+def test_the_new_log_keeps_the_old_ones_mode_whatever_the_umask(tmp_path):
+    log = TraceLog(tmp_path / "trace.jsonl")
+    _fill(log, "a", 2)
+    os.chmod(log.path, 0o644)  # readable by the log shipper
+    before = os.umask(0o077)
+    try:
+        rotate_log(log.path)
+    finally:
+        os.umask(before)
+    assert (os.stat(log.path).st_mode & 0o777) == 0o644
+
+
+def test_a_symlinked_log_is_rotated_where_it_points(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "target.jsonl"
+    link = tmp_path / "link.jsonl"
+    _fill(TraceLog(target), "a", 3)
+    link.symlink_to(target)
+    rotation = rotate_log(link)
+    assert rotation.archive == tmp_path / "real" / "target.000000-000002.jsonl" and rotation.archive.is_file()
+    assert link.is_symlink() and link.resolve() == target  # the link still names the log
+    TraceLog(link).append(_trace("b0"))
+    check = check_log(link)
+    assert check.problems == [] and check.records == 5 and len(check.segments) == 2
+    assert TraceLog(link).find("a1")["trace_id"] == "a1"
+
+
+def test_the_log_is_checked_without_its_lock_so_appends_go_on_meanwhile(tmp_path, monkeypatch):
+    """A rotation of a long log held the lock while it checked the whole chain (seconds, every request waiting).
+    Now only what was appended during the check is checked under the lock, and those records are archived too."""
+    import threading
+
+    log = TraceLog(tmp_path / "trace.jsonl")
+    _fill(log, "a", 3)
+    real_scan = TraceLog.scan
+    appended = []
+
+    def scan_then_append(self, limit=None):
+        yield from real_scan(self, limit)
+        if limit is not None and not appended:  # the check without the lock is done: another process appends
+            worker = threading.Thread(target=lambda: appended.append(TraceLog(self.path).append(_trace("during"))))
+            worker.start()
+            worker.join(10)
+            assert appended, "the append waited for a lock held during the check"
+
+    monkeypatch.setattr(TraceLog, "scan", scan_then_append)
+    rotation = rotate_log(log.path)
+    monkeypatch.setattr(TraceLog, "scan", real_scan)
+    assert (rotation.first_seq, rotation.last_seq) == (0, 3) and _ids(rotation.archive)[-1] == "during"
+    assert check_log(log.path).problems == []
+
+
+def test_a_record_appended_during_the_check_that_does_not_chain_on_is_refused(tmp_path, monkeypatch):
+    log = TraceLog(tmp_path / "trace.jsonl")
+    _fill(log, "a", 2)
+    real_scan = TraceLog.scan
+    forged = json.loads(log.path.read_text().splitlines()[-1])
+    forged["seq"] = 2
+
+    def scan_then_forge(self, limit=None):
+        yield from real_scan(self, limit)
+        if limit is not None:
+            with open(self.path, "ab") as handle:
+                handle.write(json.dumps(forged, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+
+    monkeypatch.setattr(TraceLog, "scan", scan_then_forge)
+    with pytest.raises(TraceError, match="appended during the check does not chain on"):
+        rotate_log(log.path)
+    monkeypatch.setattr(TraceLog, "scan", real_scan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.jsonl"]
+
+
+def test_a_record_read_from_an_archive_names_the_archive(tmp_path):
+    log = TraceLog(tmp_path / "trace.jsonl")
+    _fill(log, "a", 2)
+    rotate_log(log.path)
+    log.append(_trace("b0"))
+    trace, source = load_trace_checked(log.path, trace_id="a1")
+    assert trace["trace_id"] == "a1" and source.log == str(tmp_path / "trace.000000-000001.jsonl")
+    assert "trace.000000-000001.jsonl, a segment rotated out of the trace log" in source.message
+    _, here = load_trace_checked(log.path, trace_id="b0")
+    assert here.log == str(log.path) and "segment" not in here.message
