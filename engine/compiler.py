@@ -137,6 +137,12 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
                 source.locate(prefix + ("on_error",), prefer_key=True), f"stages.{i}.on_error",
                 f"{cls.type_name} decides which documents may be retrieved: skipping it on a failure would let "
                 "every document through (fail open); it must fail the query instead (on_error: fail)"))
+        elif spec.on_error == "skip" and cls.type_name == "rules.override":
+            issues.append(ConfigIssue(
+                source.locate(prefix + ("on_error",), prefer_key=True), f"stages.{i}.on_error",
+                "rules.override applies the analysts' exclusions and pins: skipping it on a failure or at the "
+                "query's deadline (executor.deadline_ms) would return what its rules exclude; it must fail the query "
+                "instead (on_error: fail)"))
         specs[spec.id] = spec
         nodes[spec.id] = StageNode(spec.id, cls, params, tuple(spec.inputs))
 
@@ -150,6 +156,13 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
             config.output if config is not None else raw_output, nodes, source, first_seen, issues, base_dir,
             declared=declared, deep=config is not None and all_specs_valid,
         )
+
+    if config is not None and config.executor.deadline_ms is not None and specs \
+            and not any(spec.on_error == "skip" for spec in specs.values()):
+        issues.append(ConfigIssue(
+            source.locate(("executor", "deadline_ms")), "executor.deadline_ms",
+            "no stage has on_error: skip, so the deadline cuts nothing (stages with on_error: fail always run): mark "
+            "the stages a query may do without, such as a reranker, on_error: skip", "warning"))
 
     if loaded.issues:  # the loader's problems first; a value it could not make is not reported again
         issues = [*loaded.issues, *(i for i in issues if i.path not in loaded.unmade)]

@@ -233,6 +233,8 @@ class RunOutput:
     run: dict[str, dict[str, float]]
     latency_ms: list[float] = field(default_factory=list)
     stage_latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    degraded: int = 0  # queries that ran with a stage skipped (on_error: skip), at the deadline or on a failure
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # stage id -> {deadline | error: queries}
 
 
 def run_pipeline(
@@ -260,6 +262,11 @@ def run_pipeline(
             pipeline.log_trace(result.trace, trace_log)
         for stage in result.trace["stages"]:
             output.stage_latency_ms.setdefault(stage["id"], []).append(stage["duration_ms"])
+            if stage.get("status") == "skipped":
+                why = "deadline" if stage.get("deadline") else "error"
+                counts = output.skipped.setdefault(stage["id"], {})
+                counts[why] = counts.get(why, 0) + 1
+        output.degraded += bool(result.degraded)
         total = len(result.results)
         output.run[qid] = {c.doc_id: float(total - rank) for rank, c in enumerate(result.results)}
         if progress is not None:

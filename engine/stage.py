@@ -209,13 +209,21 @@ def stage_deadline(deadline: float | None) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
-def check_deadline() -> None:
+def check_deadline(expected_s: float = 0.0) -> None:
     """For a stage's long loops (a reranker's batches): raise :class:`DeadlineExceeded` once the query's deadline
-    has passed. A no-op unless the running stage may be cut (``on_error: skip`` in a pipeline with
-    ``executor.deadline_ms``), so a stage calls it freely; the executor then skips the stage, as on a failure."""
+    has passed, or when the next step, expected to take ``expected_s`` seconds, would end past it (a step cannot
+    be stopped once started: better not to start it). A no-op unless the running stage may be cut (``on_error:
+    skip`` in a pipeline with ``executor.deadline_ms``), so a stage calls it freely; the executor then skips the
+    stage, as on a failure."""
     deadline = _DEADLINE.get()
-    if deadline is not None and time.perf_counter() >= deadline:
+    if deadline is None:
+        return
+    now = time.perf_counter()
+    if now >= deadline:
         raise DeadlineExceeded("the query's deadline passed while the stage ran")
+    if now + expected_s >= deadline:
+        raise DeadlineExceeded(f"its next step, expected to take {expected_s * 1000:.0f} ms, would end past the "
+                               "deadline")
 
 
 class RecentNotes:

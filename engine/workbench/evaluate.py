@@ -86,6 +86,19 @@ class EvalReport:
     machine: dict[str, Any] = field(default_factory=machine_summary)
     run_file: str | None = None
     trace_log: str | None = None  # where each query's trace was appended, if anywhere
+    # queries that ran with a stage skipped (on_error: skip) and, per stage, how often at the deadline or on an error
+    degraded: dict[str, Any] = field(default_factory=lambda: {"queries": 0, "stages": {}})
+
+    def degraded_warning(self) -> str | None:
+        """A sentence for the console when some queries ran degraded (their figures are those of the cut runs)."""
+        count = self.degraded["queries"]
+        if not count:
+            return None
+        parts = [f"'{sid}' skipped in " + " and ".join(f"{n} ({'at the deadline' if why == 'deadline' else 'on an error'})"
+                                                          for why, n in sorted(counts.items()))
+                 for sid, counts in self.degraded["stages"].items()]
+        return (f"{count} of {self.queries} queries ran degraded ({'; '.join(parts)}): the figures are those of "
+                "the runs as cut, not of the whole pipeline")
 
     def to_json(self, *, per_query: bool = False) -> dict[str, Any]:
         """The ``--json`` document; per-query figures only when asked (they are long)."""
@@ -104,6 +117,7 @@ class EvalReport:
             "stage_latency_ms": self.stage_latency_ms,
             "run_file": self.run_file,
             "trace_log": self.trace_log,
+            "degraded": self.degraded,
             "machine": self.machine,
         }
         if per_query:
@@ -182,4 +196,5 @@ def evaluate_pipeline(
         },
         run=output.run,
         trace_log=str(trace_log) if trace_log is not None else None,
+        degraded={"queries": output.degraded, "stages": output.skipped},
     )

@@ -180,6 +180,11 @@ class LoadedReranker:
             raise ModelLoadError("rerank.cross_encoder: fp16 is not supported on CPU; use fp32 or bf16")
         self.device = device
         self.precision = precision
+        # seconds per padded token of a forward pass on this CPU (a running average), to see whether a batch
+        # would end past a query's deadline before starting it; None until two batches have been timed (the
+        # process's first forward pass is slow: it is not counted)
+        self._seconds_per_cell: float | None = None
+        self._timed_batches = 0
         card = model_card(Path(resolved.location)) if resolved.source != "hub" else None
         self.card = card
         self.head = (card or {}).get("head") or SEQUENCE_CLASSIFICATION
@@ -328,11 +333,28 @@ class LoadedReranker:
         outputs = []
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(order), batch_size):
-                check_deadline()  # under a query deadline (executor.deadline_ms), stop between batches
-                batch = collate([encoded[i] for i in order[start : start + batch_size]], pad_id, with_segments)
+                members = [encoded[i] for i in order[start : start + batch_size]]
+                cells = len(members) * max(len(m) for m in members)  # tokens after padding: the batch's cost
+                # under a query deadline (executor.deadline_ms): stop between batches, and do not start one that
+                # is expected to end past it (a CPU forward pass cannot be interrupted)
+                expected = cells * self._seconds_per_cell if self._seconds_per_cell is not None else 0.0
+                try:
+                    check_deadline(expected)
+                except DeadlineExceeded:
+                    if expected and self._seconds_per_cell is not None:
+                        self._seconds_per_cell *= 0.9  # an estimate that cuts every query must not stick forever
+                    raise
+                began = time.perf_counter()
+                batch = collate(members, pad_id, with_segments)
                 if pinned:
                     batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
                 outputs.append(forward_scores(self.model, batch, self.head, self.scale).float())
+                if not pinned:  # on a GPU the call returns before the work is done: no estimate from it
+                    measured = (time.perf_counter() - began) / cells
+                    self._timed_batches += 1
+                    if self._timed_batches > 1:
+                        previous = self._seconds_per_cell
+                        self._seconds_per_cell = measured if previous is None else 0.7 * previous + 0.3 * measured
             # One copy back at the end: no synchronisation per batch, so on a GPU the next batch is
             # collated while the previous one runs.
             values = torch.cat(outputs).cpu().tolist()

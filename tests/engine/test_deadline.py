@@ -146,3 +146,82 @@ trace: {{log: null}}
     with pytest.raises(ConfigError) as caught:
         Pipeline.from_file(path)
     assert f"{path}:4" in str(caught.value) and "deadline_ms" in str(caught.value) and says in str(caught.value)
+
+
+def test_the_reranker_does_not_start_a_batch_expected_to_end_past_the_deadline(bm25_index, write_config, sleep_stage):
+    """A forward pass cannot be stopped: a 30 ms deadline let a one-batch rerank run 1.2 s, and a multi-batch one
+    was cut only after its first batch. The stage times its batches and does not start one it expects to overrun."""
+    pipeline = _config(write_config, bm25_index, deadline="60000", sleep="{ms: 0}")
+    resources = pipeline.warm_up()
+    rerank = pipeline.compiled.stages["rerank"]
+    model = rerank._model
+    model._seconds_per_cell = 10.0  # as if this machine took 10 s per padded token
+    trace = pipeline.search(QUERY, log=False).trace
+    record = _stage(trace, "rerank")
+    assert record["status"] == "skipped" and record["deadline"]["cut"] == "while_running"
+    assert "its next step, expected to take" in record["error"] and "would end past the deadline" in record["error"]
+    assert model._seconds_per_cell == pytest.approx(9.0)  # an estimate that cuts every query decays
+    # a realistic estimate: the stage runs
+    model._seconds_per_cell = 1e-9
+    query = pipeline.make_query(QUERY)
+    recalled = pipeline.run(query, keep_outcomes=True).outcomes["bm25"].candidates[:7]
+    ctx = StageContext("rerank", query, [recalled], None, resources)
+    with stage_deadline(time.perf_counter() + 60):
+        assert rerank.run(ctx).candidates
+
+
+def test_an_override_stage_may_not_be_skipped(bm25_index, write_config, tmp_path):
+    (tmp_path / "overrides.yaml").write_text("version: 1\nkind: override\nrules:\n"
+                                             "  - {id: x, action: exclude, docs: [d1]}\n", encoding="utf-8")
+    path = write_config(f"""\
+version: 1
+index: {bm25_index}
+executor: {{deadline_ms: 100}}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 20}}}}
+  - id: rules
+    type: rules.override
+    inputs: [bm25]
+    on_error: skip
+    params: {{rules: overrides.yaml}}
+output: rules
+trace: {{log: null}}
+""")
+    with pytest.raises(ConfigError) as caught:
+        Pipeline.from_file(path)
+    assert f"{path}:9:" in str(caught.value) and "would return what its rules exclude" in str(caught.value)
+
+
+def test_a_deadline_that_can_cut_nothing_is_a_warning(bm25_index, write_config):
+    path = write_config(f"""\
+version: 1
+index: {bm25_index}
+executor: {{deadline_ms: 100}}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 20}}}}
+output: bm25
+trace: {{log: null}}
+""")
+    warnings = [str(w) for w in Pipeline.from_file(path).compiled.warnings]
+    assert any(f"{path}:3:" in w and "so the deadline cuts nothing" in w for w in warnings), warnings
+
+
+def test_sieve_eval_counts_the_queries_that_ran_degraded(sleep_stage, bm25_index, write_config, mini_corpus):
+    from engine.workbench.evaluate import evaluate_pipeline
+
+    config = write_config(f"""\
+version: 1
+index: {bm25_index}
+executor: {{deadline_ms: 10}}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 20}}}}
+  - {{id: slow, type: test.sleep, inputs: [bm25], params: {{ms: 30}}}}
+  - {{id: rerank, type: rerank.cross_encoder, inputs: [slow], on_error: skip, params: {{window: 10}}}}
+output: rerank
+trace: {{log: null}}
+""")
+    report = evaluate_pipeline(config, mini_corpus, split="test", limit=3)
+    assert report.degraded == {"queries": 3, "stages": {"rerank": {"deadline": 3}}}
+    assert report.to_json()["degraded"] == report.degraded
+    assert report.degraded_warning() == ("3 of 3 queries ran degraded ('rerank' skipped in 3 (at the deadline)): the "
+                                         "figures are those of the runs as cut, not of the whole pipeline")
