@@ -72,13 +72,24 @@ class Pipeline:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def warm_up(self) -> Resources:
-        """Open the index and let every stage load what it needs; idempotent and thread-safe."""
+    def warm_up(self, *, reuse: Resources | None = None) -> Resources:
+        """Open the index and let every stage load what it needs; idempotent and thread-safe. ``reuse``: another
+        pipeline's resources on the same index and directory (variants of one config, ``sieve sweep``): what it
+        loaded (the index, models, BM25) is shared, not loaded again."""
         with self._warm_lock:
             if self.resources is not None:
                 return self.resources
-            index = Index.open(self.index_path, verify=self.verify_index) if self.index_path is not None else None
+            same = reuse is not None and reuse.base_dir == self.compiled.base_dir and (
+                (reuse.index is None and self.index_path is None)
+                or (reuse.index is not None and self.index_path is not None
+                    and Path(reuse.index.path).resolve() == Path(self.index_path).resolve()))
+            if reuse is not None and same:
+                index = reuse.index
+            else:
+                index = Index.open(self.index_path, verify=self.verify_index) if self.index_path is not None else None
             resources = Resources(index, self.compiled.base_dir)
+            if reuse is not None and same:
+                resources._shared = reuse._shared  # loaded models and components, keyed by what was loaded
             for stage_id in self.compiled.order:
                 stage = self.compiled.stages[stage_id]
                 try:

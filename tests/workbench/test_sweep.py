@@ -1,0 +1,118 @@
+"""sieve sweep: tuning by configuration over a grid of settings, on a real BM25 index of the SciFact slice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.errors import ConfigError, SieveError
+from engine.workbench.evaluate import evaluate_pipeline
+from engine.workbench.sweep import Setting, apply_setting, parse_setting, sweep, write_best
+
+CONFIG = """\
+version: 1
+index: {index}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 100}}}}
+  - {{id: final, type: select.top_k, inputs: [bm25], params: {{k: 10}}}}
+output: final
+trace: {{log: null}}
+"""
+
+
+@pytest.fixture
+def config(bm25_index, write_config) -> Path:
+    return write_config(CONFIG.format(index=bm25_index))
+
+
+def test_a_grid_is_evaluated_next_to_the_config_as_written_best_first(config, mini_corpus):
+    settings = [parse_setting("stages.final.params.k=[1, 3, 10]"), parse_setting("stages.bm25.params.top_k=[3, 100]")]
+    report = sweep(config, mini_corpus, settings, split="test", allow_test=True)
+    assert len(report.variants) == 6 and report.baseline.settings == {}
+    scores = [v.metrics["ndcg_cut_10"] for v in report.variants]
+    assert scores == sorted(scores, reverse=True)
+    best = report.best
+    # each variant is the config with those settings: evaluated on its own, it scores the same
+    as_written = evaluate_pipeline(config, mini_corpus, split="test")
+    assert report.baseline.metrics["ndcg_cut_10"] == pytest.approx(as_written.metrics["ndcg_cut_10"])
+    assert best.settings == {"stages.final.params.k": 10, "stages.bm25.params.top_k": 100}
+    assert best.config_sha256 == report.baseline.config_sha256  # the same config as written
+    worst = report.variants[-1]
+    assert worst.settings["stages.final.params.k"] == 1 and worst.metrics["ndcg_cut_10"] < best.metrics["ndcg_cut_10"]
+    assert report.best_vs_baseline["difference"] == 0.0
+    document = report.to_json()
+    assert document["settings"] == {"stages.final.params.k": [1, 3, 10], "stages.bm25.params.top_k": [3, 100]}
+    assert "optimistic estimate" in document["note"] and len(document["variants"]) == 6
+    json.dumps(document)
+
+
+def test_the_best_config_is_written_beside_the_original_and_scores_what_the_sweep_said(config, mini_corpus):
+    report = sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2, 5]")], split="test",
+                   allow_test=True)
+    out = config.with_name("best.yaml")
+    write_best(report, config, out)
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# sieve sweep: pipeline.yaml with stages.final.params.k=5\n")
+    assert yaml.safe_load(text)["stages"][1]["params"]["k"] == 5
+    again = evaluate_pipeline(out, mini_corpus, split="test")
+    assert again.metrics["ndcg_cut_10"] == pytest.approx(report.best.metrics["ndcg_cut_10"])
+    with pytest.raises(SieveError, match="write it beside"):
+        write_best(report, config, config.parent / "sub" / "best.yaml")
+
+
+def test_tuning_on_the_test_split_is_refused_unless_asked_for(config, mini_corpus):
+    with pytest.raises(SieveError, match="refusing to tune on the 'test' split"):
+        sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2, 5]")], split="test")
+
+
+def test_models_and_components_are_loaded_once_for_every_variant(config, mini_corpus, monkeypatch):
+    from engine.index import Index
+
+    opened = []
+    real_open = Index.open
+
+    def counting(*args, **kwargs):
+        opened.append(args)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Index, "open", counting)
+    sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[1, 2, 3]")], split="test", allow_test=True,
+          limit=2)
+    assert len(opened) == 1
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("stages.final.params.k", "--set takes PATH=VALUES"),
+    ("=3", "--set takes PATH=VALUES"),
+    ("stages.final.params.k=[]", "an empty list tries nothing"),
+    ("stages.final.params.k=[1, 1]", "a value is listed twice"),
+    ("stages.final.params.k=[1, 2", "the values are not YAML"),
+])
+def test_a_malformed_setting_says_what_is_wrong(text, says):
+    with pytest.raises(SieveError, match=says):
+        parse_setting(text)
+
+
+def test_a_setting_that_names_nothing_fails_before_anything_runs(config, mini_corpus):
+    with pytest.raises(SieveError, match="the config has no stage 'finl' \\(did you mean 'final'\\?\\)"):
+        sweep(config, mini_corpus, [parse_setting("stages.finl.params.k=[2, 5]")], split="test", allow_test=True)
+    with pytest.raises(SieveError, match="--metric ndcg_at_10 is not a measure sweep computes \\(did you mean 'ndcg_cut_10'"):
+        sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2]")], split="test", allow_test=True,
+              metric="ndcg_at_10")
+    # a value the stage does not accept: the config's own message, naming the variant
+    with pytest.raises(ConfigError, match="with stages.final.params.k=-1") as caught:
+        sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2, -1]")], split="test", allow_test=True)
+    assert "stages.1.params.k" in str(caught.value)
+
+
+def test_apply_setting_creates_a_param_left_at_its_default_and_refuses_a_path_through_a_value():
+    data = yaml.safe_load(CONFIG.format(index="x"))
+    apply_setting(data, "stages.bm25.params.query", "both")
+    apply_setting(data, "executor.deadline_ms", 500)
+    assert data["stages"][0]["params"] == {"top_k": 100, "query": "both"} and data["executor"] == {"deadline_ms": 500}
+    with pytest.raises(SieveError, match="stages.bm25.params.top_k is 100, not a mapping"):
+        apply_setting(data, "stages.bm25.params.top_k.x", 1)
+    assert Setting("a", (1,)) == parse_setting("a=1")
