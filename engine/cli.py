@@ -130,11 +130,15 @@ def index(
     settings_file: Annotated[
         Optional[Path], typer.Option("--settings", help="YAML: {component: {settings}} (e.g. bm25: {k1: 1.2})")
     ] = None,
+    keep_previous: Annotated[bool, typer.Option(
+        "--keep-previous", help="move the index replaced aside to OUT.<sha12 of its manifest> (for replaying its "
+        "traces with --index) instead of deleting it")] = False,
 ) -> None:
-    """Build an index (document store + components such as bm25) from a BEIR corpus."""
+    """Build an index (document store + components such as bm25) from a BEIR corpus. One build of an --out runs
+    at a time: a second one started meanwhile fails at once."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engine.index import build_index
+    from engine.index import build_index, kept_copy, manifest_sha256_of
     from engine.yamlsource import load_yaml_file
 
     names = components or ["bm25"]
@@ -163,11 +167,21 @@ def index(
                 tasks[task] = progress.add_task(task, total=total)
             progress.advance(tasks[task], advance)
 
-        manifest = build_index(corpus, out_dir, settings, report)
+        previous = manifest_sha256_of(out_dir) if keep_previous else None
+        manifest = build_index(corpus, out_dir, settings, report, keep_previous=keep_previous)
     out.print(
         f"[green]✓[/green] indexed {manifest['corpus']['doc_count']} documents into {escape(str(out_dir))} "
         f"(components: {', '.join(manifest['components'])})"
     )
+    if previous is not None:
+        kept = kept_copy(out_dir, previous)
+        if manifest_sha256_of(out_dir) == previous:
+            out.print(f"  the previous index (manifest {previous[:12]}) is identical to the new one: nothing to keep")
+        elif kept is not None:
+            out.print(f"  the previous index (manifest {previous[:12]}) is kept in {escape(str(kept))}")
+        else:
+            err.print(f"[yellow]warning:[/yellow] the previous index (manifest {previous[:12]}) could not be kept: "
+                      f"{escape(str(out_dir.parent / (out_dir.name + '.' + previous[:12])))} is taken")
 
 
 def _user_context(user: str | None, roles: list[str] | None, groups: list[str] | None, jurisdictions: list[str] | None,

@@ -7,7 +7,13 @@ Layout of an index directory::
     <component>/       one directory per component, written by its IndexComponent
 
 Building writes into a temporary sibling directory and swaps it in with renames, so a failure
-half-way never leaves a broken index where a good one was. Only nothing, an empty directory or a
+half-way never leaves a broken index where a good one was. One build of an ``--out`` runs at a time
+(a lock file ``.NAME.lock`` beside it, held with ``flock`` and removed after): a second one started
+meanwhile fails at once, naming the running build's pid. With ``keep_previous`` the index replaced is
+moved aside to ``NAME.<first 12 hex of its manifest sha256>`` (a replay can name it with ``--index``)
+instead of being deleted. Builds are deterministic: the same corpus, settings and engine give the same
+manifest (the build time is in ``build.json``, outside the manifest) and, for components that write in a
+fixed order, byte-identical files. Only nothing, an empty directory or a
 Sieve index (a manifest.json of this format) is ever replaced: anything else at ``--out`` is
 refused before any work is done, and again at swap time. A failed, interrupted (Ctrl-C) or
 terminated (SIGTERM) build removes its staging directory; those of dead processes are removed by
@@ -27,6 +33,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +49,7 @@ from engine.strictness import NoCoercion, a_json_kind, json_kind
 INDEX_FORMAT = "sieve.index/1"
 MANIFEST = "manifest.json"
 DOCS_DB = "docs.sqlite"
+BUILD_INFO = "build.json"  # when the index was built: beside the manifest, not in it (builds are reproducible)
 
 Progress = Callable[[str, int, int | None], None]  # (task, advanced by, total)
 
@@ -87,6 +95,16 @@ class IndexComponent:
     ) -> dict[str, Any]:
         """Write the component's files into ``out_dir``; return what the manifest should record."""
         raise NotImplementedError
+
+
+def _sha256_fd(fd: int, chunk: int = 1 << 20) -> str:
+    """The sha256 of an open file's content (read with pread: the descriptor's offset is left alone)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, chunk, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -220,6 +238,8 @@ def build_index(
     out_dir: Path,
     components: dict[str, dict[str, Any]],
     progress: Progress = _no_progress,
+    *,
+    keep_previous: bool = False,
 ) -> dict[str, Any]:
     """Build an index with the named components (``{"bm25": {settings}}``) and swap it in atomically.
 
@@ -227,6 +247,9 @@ def build_index(
     refused before any work is done. The index is built in a staging directory next to ``out_dir``
     (``.NAME.tmp-PID-MILLIS``) that is removed on any failure, Ctrl-C or SIGTERM, so a failed build
     leaves the previous index as it was; staging directories left by dead processes are removed.
+    Only one build of ``out_dir`` runs at a time: another one running is a SieveIndexError at once
+    (``.NAME.lock``, see :func:`_acquire_build_lock`). ``keep_previous``: the index replaced is moved to
+    ``NAME.<sha12 of its manifest>`` beside it (see :func:`kept_copy`) instead of being deleted.
     """
     from engine.registry import UnknownStageType, resolve_component
 
@@ -241,14 +264,17 @@ def build_index(
         except ValidationError as exc:
             raise SieveError(f"bad settings for index component '{name}': {_validation_details(exc)}") from None
 
-    corpus_file = corpus_path(corpus)
+    corpus_file = corpus_path(corpus).absolute()
     out_dir = _output_path(out_dir)
     _check_target(out_dir)
-    _remove_stale_builds(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
     created: list[Path] = []
+    lock: list[tuple[int, Path]] = []
     with _TerminationAsExit():
         try:
+            _make_directories(out_dir, staging.parent, created)
+            lock.append(_acquire_build_lock(out_dir))
+            _remove_stale_builds(out_dir)
             _make_directories(out_dir, staging, created)
             documents = read_corpus(corpus_file)
             try:
@@ -270,7 +296,6 @@ def build_index(
             manifest = {
                 "format": INDEX_FORMAT,
                 "engine_version": __version__,
-                "created_at": datetime.now(timezone.utc).isoformat(),
                 "corpus": {
                     "source": str(corpus_file),
                     "sha256": corpus_sha256,
@@ -283,15 +308,19 @@ def build_index(
                 json.dump(manifest, handle, indent=2, sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _swap_in(staging, out_dir)
+            with open(staging / BUILD_INFO, "w", encoding="utf-8") as handle:
+                json.dump({"created_at": datetime.now(timezone.utc).isoformat(), "engine_version": __version__},
+                          handle, indent=2, sort_keys=True)
+            _swap_in(staging, out_dir, keep_previous)
         except (OSError, sqlite3.OperationalError) as exc:
-            _discard(staging, created)
+            _discard(staging, created, lock)
             raise SieveIndexError(
                 f"cannot build the index at {out_dir}: {_io_reason(exc)}; any previous index there is unchanged"
             ) from exc
         except BaseException:
-            _discard(staging, created)
+            _discard(staging, created, lock)
             raise
+        _release_build_lock(lock)
     return manifest
 
 
@@ -374,13 +403,14 @@ def _not_an_index(directory: Path) -> str | None:
 
 
 def _make_directories(out_dir: Path, staging: Path, created: list[Path]) -> None:
-    """Create ``out_dir``'s missing parents and the staging directory, recording each one created."""
+    """Create ``staging`` and its missing parents, recording each one created (``staging`` must be new unless it is
+    ``out_dir``'s parent)."""
     missing = [p for p in reversed(staging.parents) if not p.exists()] + [staging]
     for directory in missing:
         try:
             directory.mkdir()
         except FileExistsError:
-            if directory == staging:
+            if directory == staging and directory != out_dir.parent:
                 raise
             continue
         except OSError as exc:
@@ -390,15 +420,77 @@ def _make_directories(out_dir: Path, staging: Path, created: list[Path]) -> None
         created.append(directory)
 
 
-def _discard(staging: Path, created: list[Path]) -> None:
-    """Remove the staging directory and the (then empty) parents this build created."""
+def _discard(staging: Path, created: list[Path], lock: list[tuple[int, Path]] | None = None) -> None:
+    """Remove the staging directory, release the build lock and remove the (then empty) parents this build
+    created."""
     shutil.rmtree(staging, ignore_errors=True)
+    _release_build_lock(lock or [])
     for directory in reversed(created):
         if directory != staging:
             try:
                 directory.rmdir()
             except OSError:
                 pass
+
+
+def _lock_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def _acquire_build_lock(out_dir: Path) -> tuple[int, Path]:
+    """Take the lock of builds of ``out_dir``: ``.NAME.lock`` beside it, held with ``flock`` for the build and removed
+    by its holder (a lock file found unlinked or replaced after locking it is retried). Held by another build: a
+    SieveIndexError at once (no waiting: the build the user started second would otherwise silently replace the
+    first one's index, or wait for minutes). The holder's pid and start time are written into the file for the
+    message. A build that dies releases it with its process (flock); the file it leaves is reused."""
+    import fcntl
+
+    path = _lock_path(out_dir)
+    for _ in range(50):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SieveIndexError(
+                f"cannot build the index at {out_dir}: cannot create {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            raise SieveIndexError(
+                f"another build of {out_dir} is running ({holder or 'lock ' + str(path)}): wait for it to finish "
+                "and build again if you still need to; nothing was changed"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, started {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+                      .encode(), 0)
+            return fd, path
+        os.close(fd)  # its holder removed it as we opened it: take the new one
+    raise SieveIndexError(f"cannot take the build lock {path}: it keeps being replaced")
+
+
+def _release_build_lock(lock: list[tuple[int, Path]]) -> None:
+    """Remove the lock file (while still holding it) and release it."""
+    while lock:
+        fd, path = lock.pop()
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _build_leftover(out_dir: Path, name: str) -> tuple[str, int, float] | None:
@@ -513,16 +605,51 @@ def _write_documents(documents: Sequence[Document], db_path: Path, progress: Pro
         connection.close()
 
 
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace ``target`` with ``staging`` so that a crash leaves either the old or the new index."""
+def _swap_in(staging: Path, target: Path, keep_previous: bool = False) -> None:
+    """Replace ``target`` with ``staging`` so that a crash leaves either the old or the new index; with
+    ``keep_previous`` the index replaced goes to ``NAME.<sha12>`` beside it (:func:`kept_copy_name`)."""
     _check_target(target)  # again: the directory may have changed during the build
-    swap_directory(staging, target)
+    keep_as = None
+    if keep_previous:
+        previous = manifest_sha256_of(target)
+        if previous is not None and previous != manifest_sha256_of(staging):  # identical: the new one is the same
+            existing = kept_copy(target, previous)
+            keep_as = existing if existing is not None else target.parent / kept_copy_name(target, previous)
+            if keep_as.exists():  # a copy of that very index is kept already (or the name is taken): keep that one
+                keep_as = None
+    swap_directory(staging, target, keep_as=keep_as)
 
 
-def swap_directory(staging: Path, target: Path) -> None:
+def manifest_sha256_of(directory: Path) -> str | None:
+    """The sha256 of ``directory``'s manifest.json (what a trace records as the index's ``manifest_sha256``), None
+    when it has none or it cannot be read."""
+    try:
+        with open(Path(directory) / MANIFEST, "rb") as handle:
+            return hashlib.sha256(handle.read(_MAX_MANIFEST_BYTES)).hexdigest()
+    except OSError:
+        return None
+
+
+def kept_copy_name(index_dir: Path, manifest_sha256: str) -> str:
+    """The name ``sieve index --keep-previous`` gives a replaced index: ``NAME.<first 12 hex of its manifest sha256>``."""
+    return f"{Path(index_dir).name}.{manifest_sha256[:12]}"
+
+
+def kept_copy(index_dir: Path, manifest_sha256: str) -> Path | None:
+    """The copy of the index with this manifest sha256 kept beside ``index_dir`` (by ``--keep-previous``), if any."""
+    if not manifest_sha256 or not re.fullmatch(r"[0-9a-f]{12,64}", str(manifest_sha256)):
+        return None
+    candidate = Path(index_dir).parent / kept_copy_name(index_dir, manifest_sha256)
+    if candidate.is_dir() and manifest_sha256_of(candidate) == manifest_sha256:
+        return candidate
+    return None
+
+
+def swap_directory(staging: Path, target: Path, *, keep_as: Path | None = None) -> None:
     """Replace directory ``target`` (if any) with ``staging`` by two renames, SIGINT and SIGTERM held back
     between them: a crash leaves the previous directory or the new one, never a mix; the previous one's files
-    go with it (its retired copy ``.NAME.old-PID-MILLIS`` is removed after, or by the next build if killed)."""
+    go with it (its retired copy ``.NAME.old-PID-MILLIS`` is removed after, or by the next build if killed), or,
+    with ``keep_as``, the previous directory is renamed to that path (beside ``target``) instead."""
     retired = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
     previous_mask = _block_interrupts()
     try:
@@ -536,6 +663,12 @@ def swap_directory(staging: Path, target: Path) -> None:
             raise
     finally:
         _unblock_interrupts(previous_mask)
+    if keep_as is not None and retired.exists():
+        try:
+            os.rename(retired, keep_as)
+            return
+        except OSError:
+            pass  # the new one is in place: the previous one goes as it would have without keep_as
     shutil.rmtree(retired, ignore_errors=True)
 
 
@@ -560,27 +693,89 @@ class DocumentStore:
 
     A damaged store (unreadable pages, text that is not UTF-8, bodies that are not the JSON the build
     wrote) raises :class:`SieveIndexError` naming the index, never a raw sqlite3 or JSON error.
+
+    Every connection reads the very file the index was opened with, even after the index is rebuilt in
+    place (a new directory swapped in at the same path). The file is held open (``fd``) from the start:
+    its inode can then not be reused, so a connection opened by path is checked to be that file (the
+    path's inode before and after connecting; SQLite opens the file when it connects). Each thread opens
+    its own connection while the path still names that file; once it names another one, threads
+    without a connection share one opened at the start (``_pinned``, serialised by a lock). SQLite cannot
+    open ``/proc/self/fd/N`` once the file is deleted (it resolves the link to the deleted name), so the
+    held descriptor alone is not enough.
     """
 
-    def __init__(self, path: Path, count: int):
+    def __init__(self, path: Path, count: int, fd: int | None = None):
         self._path = path
         self._local = threading.local()
         self.count = count
+        self._fd = fd
+        self._identity = os.fstat(fd) if fd is not None else None
+        self._pinned_lock = threading.RLock()
+        self._pinned: sqlite3.Connection | None = self._open_checked(shared=True) if fd is not None else None
 
     def _corrupt(self, detail: Any) -> SieveIndexError:
         return SieveIndexError(f"index at {self._path.parent} is corrupt: {self._path.name}: {detail}; rebuild it")
 
-    def _connection(self) -> sqlite3.Connection:
+    def _names_our_file(self, name: str) -> bool:
+        try:
+            return self._identity is not None and os.path.samestat(os.stat(name), self._identity)
+        except OSError:
+            return False
+
+    def _open_checked(self, shared: bool = False) -> sqlite3.Connection | None:
+        """A read-only connection to the file opened at the start, by its path or (Linux) where it was moved to
+        with its directory; None when no name reaches it any more (replaced and deleted)."""
+        names = [str(self._path)]
+        try:
+            moved = os.readlink(f"/proc/self/fd/{self._fd}")
+            if moved not in names and not moved.endswith(" (deleted)"):
+                names.append(moved)
+        except OSError:
+            pass
+        for name in names:
+            if not self._names_our_file(name):
+                continue
+            connection = sqlite3.connect(f"file:{_uri_path(name)}?mode=ro&immutable=1", uri=True,
+                                         check_same_thread=not shared)
+            if self._names_our_file(name):
+                return connection
+            connection.close()
+        return None
+
+    def replaced_on_disk(self) -> bool:
+        """Whether the document store's path now names another file than the one opened (the index was rebuilt)."""
+        return self._identity is not None and not self._names_our_file(str(self._path))
+
+    def _connection(self) -> sqlite3.Connection | None:
+        """This thread's connection, or None: use the shared pinned one (under its lock)."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(f"file:{self._path}?mode=ro&immutable=1", uri=True)
+            if self._fd is None:
+                connection = sqlite3.connect(f"file:{_uri_path(str(self._path))}?mode=ro&immutable=1", uri=True)
+            else:
+                connection = self._open_checked()
+                if connection is None:
+                    if self._pinned is None:
+                        raise SieveIndexError(
+                            f"the index at {self._path.parent} was replaced on disk while it was being opened: "
+                            "open it again (restart the server)")
+                    return None
             self._local.connection = connection
         return connection
 
     def _query(self, sql: str, parameters: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
         """The rows of a query, fetched in batches; any SQLite failure reported as a corrupt index."""
+        connection = self._connection()
+        if connection is None:  # the index was rebuilt since this thread began: read the version opened
+            with self._pinned_lock:
+                assert self._pinned is not None
+                yield from self._rows(self._pinned, sql, parameters)
+        else:
+            yield from self._rows(connection, sql, parameters)
+
+    def _rows(self, connection: sqlite3.Connection, sql: str, parameters: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
         try:
-            cursor = self._connection().execute(sql, parameters)
+            cursor = connection.execute(sql, parameters)
             while batch := cursor.fetchmany(1000):
                 yield from batch
         except sqlite3.Error as exc:
@@ -629,6 +824,13 @@ class DocumentStore:
     def iter_documents(self) -> Iterator[Document]:
         for row, doc_id, body in self._query("SELECT row, doc_id, body FROM docs ORDER BY row"):
             yield self._document(row, doc_id, body)
+
+
+def _uri_path(name: str) -> str:
+    """A file name as the path of an SQLite ``file:`` URI (``?``, ``#`` and ``%`` escaped)."""
+    from urllib.parse import quote
+
+    return quote(name, safe="/ ")
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -681,29 +883,104 @@ def _settings_problem(name: str, settings: Any) -> str | None:
     return None
 
 
-class Index:
-    """An opened, verified index directory."""
+def _close_quietly(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
-    def __init__(self, path: Path, manifest: dict[str, Any], manifest_sha256: str):
+
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class Index:
+    """An opened, verified index directory.
+
+    It stays the version opened for its whole life: the directory and its document store are held open (file
+    descriptors, closed with the object or by :meth:`close`), the manifest and every file are read through the
+    directory opened, and documents always come from the document store opened (see :class:`DocumentStore`), so
+    an index rebuilt at the same path meanwhile (``sieve index --out`` swaps a new directory in) is never mixed
+    with it. :meth:`disk_state` says whether the path now holds another index; :meth:`component` refuses to
+    hand out a component directory once it does (a stage loading its files at warm-up would read the new one).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], manifest_sha256: str, *,
+                 dir_fd: int | None = None, docs_fd: int | None = None):
         self.path = path
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
         self.doc_count: int = manifest["corpus"]["doc_count"]
-        self.documents = DocumentStore(path / DOCS_DB, self.doc_count)
+        if dir_fd is None:
+            dir_fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        if docs_fd is None:
+            docs_fd = os.open(DOCS_DB, os.O_RDONLY | _O_CLOEXEC, dir_fd=dir_fd)
+        self._dir_fd, self._docs_fd = dir_fd, docs_fd
+        self._dir_identity = os.fstat(dir_fd)
+        self._closer = weakref.finalize(self, _close_quietly, dir_fd, docs_fd)
+        self.documents = DocumentStore(path / DOCS_DB, self.doc_count, docs_fd)
         self._doc_ids: list[str] | None = None
         self._row_of: dict[str, int] | None = None
         self._lock = threading.Lock()
+        self._on_disk: tuple[tuple[int, int, int, int], str | None] | None = None
+
+    def close(self) -> None:
+        """Release the directory and document store (the object cannot read documents after)."""
+        self._closer()
 
     @classmethod
     def open(cls, path: Path, *, verify: bool = True) -> "Index":
         path = Path(path)
         if not path.is_dir():
             raise SieveIndexError(f"no index at {path} (build one with `sieve index CORPUS --out {path}`)")
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise SieveIndexError(f"{path} is not a Sieve index: {MANIFEST} is missing")
         try:
-            raw = manifest_path.read_bytes()
+            dir_fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        except OSError as exc:
+            raise SieveIndexError(f"cannot open the index {path}: {exc.strerror or exc}") from None
+        docs_fd: list[int] = []
+        try:
+            manifest, raw = cls._read_manifest(path, dir_fd)
+            for relative, expected in manifest["files"].items():
+                file_path = path / relative
+                try:
+                    regular = stat.S_ISREG(os.stat(relative, dir_fd=dir_fd).st_mode)
+                except OSError:
+                    regular = False
+                if not regular:
+                    raise SieveIndexError(f"index {path} is incomplete: {relative} is missing")
+                try:
+                    fd = os.open(relative, os.O_RDONLY | _O_CLOEXEC, dir_fd=dir_fd)
+                    if relative == DOCS_DB:
+                        docs_fd.append(fd)
+                    try:
+                        matches = not verify or _sha256_fd(fd) == expected
+                    finally:
+                        if relative != DOCS_DB:
+                            os.close(fd)
+                except OSError as exc:
+                    raise SieveIndexError(f"cannot read {file_path}: {exc.strerror or exc}") from None
+                if not matches:
+                    raise SieveIndexError(
+                        f"index {path} is corrupt: {relative} does not match the hash in {MANIFEST}; rebuild it"
+                    )
+            return cls(path, manifest, hashlib.sha256(raw).hexdigest(), dir_fd=dir_fd, docs_fd=docs_fd[0])
+        except BaseException:
+            _close_quietly(dir_fd, *docs_fd)
+            raise
+
+    @staticmethod
+    def _read_manifest(path: Path, dir_fd: int) -> tuple[dict[str, Any], bytes]:
+        manifest_path = path / MANIFEST
+        try:
+            if not stat.S_ISREG(os.stat(MANIFEST, dir_fd=dir_fd).st_mode):
+                raise FileNotFoundError
+        except OSError:
+            raise SieveIndexError(f"{path} is not a Sieve index: {MANIFEST} is missing") from None
+        try:
+            fd = os.open(MANIFEST, os.O_RDONLY | _O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as handle:
+                raw = handle.read()
         except OSError as exc:
             raise SieveIndexError(f"cannot read {manifest_path}: {exc.strerror or exc}") from None
         try:
@@ -722,19 +999,38 @@ class Index:
         problem = _manifest_problem(manifest)
         if problem is not None:
             raise SieveIndexError(f"index at {path} is corrupt: {MANIFEST}: {problem}; rebuild it")
-        for relative, expected in manifest["files"].items():
-            file_path = path / relative
-            if not file_path.is_file():
-                raise SieveIndexError(f"index {path} is incomplete: {relative} is missing")
+        return manifest, raw
+
+    def replaced_on_disk(self) -> bool:
+        """Whether ``path`` now names another directory (or document store) than the one opened: the index was
+        rebuilt (or moved) since. This object still reads the version it opened."""
+        try:
+            same = os.path.samestat(os.stat(self.path), self._dir_identity)
+        except OSError:
+            same = False
+        return not same or self.documents.replaced_on_disk()
+
+    def disk_state(self) -> dict[str, Any]:
+        """The index being read against the one now at its path: ``replaced_on_disk``, ``serving_manifest_sha256``
+        and ``on_disk_manifest_sha256`` (None: no readable manifest there). The on-disk manifest is hashed again
+        only when its file changed (size, mtime, inode)."""
+        replaced = self.replaced_on_disk()
+        on_disk: str | None = self.manifest_sha256
+        if replaced:
             try:
-                matches = not verify or sha256_file(file_path) == expected
-            except OSError as exc:
-                raise SieveIndexError(f"cannot read {file_path}: {exc.strerror or exc}") from None
-            if not matches:
-                raise SieveIndexError(
-                    f"index {path} is corrupt: {relative} does not match the hash in {MANIFEST}; rebuild it"
-                )
-        return cls(path, manifest, hashlib.sha256(raw).hexdigest())
+                info = os.stat(self.path / MANIFEST)
+                key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            except OSError:
+                key, on_disk = None, None
+            if key is not None:
+                cached = self._on_disk
+                if cached is not None and cached[0] == key:
+                    on_disk = cached[1]
+                else:
+                    on_disk = manifest_sha256_of(self.path)
+                    self._on_disk = (key, on_disk)
+        return {"path": str(self.path), "replaced_on_disk": replaced, "serving_manifest_sha256": self.manifest_sha256,
+                "on_disk_manifest_sha256": on_disk}
 
     def component(self, name: str, stage_id: str | None = None) -> tuple[Path, dict[str, Any]]:
         """Directory and manifest entry of a component; a clear error if the index lacks it."""
@@ -745,6 +1041,11 @@ class Index:
             raise SieveIndexError(
                 f"{who} the '{name}' component, but the index at {self.path} has: {have}. "
                 f"Rebuild it with `sieve index ... --with {name}`"
+            )
+        if self.replaced_on_disk():
+            raise SieveIndexError(
+                f"the index at {self.path} was replaced on disk (rebuilt) after it was opened: its components would "
+                "not match the documents opened; open it again (restart)"
             )
         return self.path / name, entry
 
@@ -763,10 +1064,15 @@ class Index:
             return self._row_of.get(doc_id)
 
     def describe(self) -> dict[str, Any]:
-        """What a trace records about the index."""
+        """What a trace records about the index (with each component's settings, so that a replay against an index
+        rebuilt from the same corpus can tell whether it was built alike)."""
         return {
             "path": str(self.path),
             "manifest_sha256": self.manifest_sha256,
             "doc_count": self.doc_count,
             "components": sorted(self.manifest["components"]),
+            "component_settings": {
+                name: entry.get("settings") for name, entry in sorted(self.manifest["components"].items())
+                if isinstance(entry, dict) and "settings" in entry
+            },
         }

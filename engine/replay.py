@@ -6,12 +6,16 @@ result's ledger and explanation tree. Only volatile fields are left out: timings
 the time it was written, where it was logged, and a reranker's score-cache counters.
 
 Each difference comes with its cause where one can be named: another index manifest (rebuilt from the same
-corpus or not, and which components' files changed), a config that differs, a rule, glossary or gazetteer
+corpus or not, and which components' files changed; with what to pass as ``--index``, naming the copy
+``sieve index --keep-previous`` kept of the traced index where there is one), a config that differs, a rule, glossary or gazetteer
 file whose content changed (by its recorded sha256), a model with other weights or run at another precision.
 What does not make a replay differ is reported as a note: the engine's version, settings a newer engine
 adds at their defaults (they change the config's sha256 but not what ran), and, for a trace another engine
 version wrote, prose worded differently (descriptions, decision details) and fields only one of the two
-engines records; ids, scores and the values of fields both record must still be the same.
+engines records; ids, scores and the values of fields both record must still be the same. An index rebuilt
+from the same corpus with the same components and settings whose files differ only in their bytes (a
+build before builds were deterministic) is a note too, when every result, score and stage output is
+reproduced exactly; anything else about another index is a difference.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def replay_trace(
     result = pipeline.run(query, deadline_cuts=cuts)
     now = _plain(result.trace)
     before_trace = _plain({k: v for k, v in trace.items() if k != "log"})
-    differences.extend(_index_differences(recorded_index, now.get("index") or {}))
+    differences_before_index = len(differences)
     differences.extend(_model_differences(before_trace.get("models") or [], now.get("models") or []))
     differences.extend(_rewrite_differences(before_trace.get("query") or {}, now.get("query") or {}))
     before = [(r.get("doc_id"), r.get("score")) for r in before_trace.get("results", [])]
@@ -167,6 +171,11 @@ def replay_trace(
         if len(detailed) > len(shown):
             differences.append(f"… and {len(detailed) - len(shown)} more differences in the trace's content")
     ranking_identical = [d for d, _ in before] == [d for d, _ in after]
+    reproduced = before == after and not detailed
+    index_differences, index_notes = _index_differences(recorded_index, now.get("index") or {}, reproduced,
+                                                        index_path)
+    differences[differences_before_index:differences_before_index] = index_differences
+    notes.extend(index_notes)
     return {
         "trace_id": trace.get("trace_id"),
         "identical": not differences,
@@ -264,13 +273,20 @@ def _show(value: Any, limit: int = 80) -> str:
 # ---------------------------------------------------------------------------- index
 
 
-def _index_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def _index_differences(recorded: dict[str, Any], now: dict[str, Any], reproduced: bool = False,
+                       index_path: Path | None = None) -> tuple[list[str], list[str]]:
+    """(differences, notes) between the index the trace recorded and the one the replay read. Another manifest is a
+    difference, unless the index was rebuilt from the same corpus with the same components and settings (both
+    recorded) and ``reproduced`` (every result, score and stage output is the same): then only the files' bytes
+    differ, a note. A difference says how to replay against the traced index (``--index``), naming the copy
+    ``sieve index --keep-previous`` kept beside the index when there is one."""
     if recorded.get("manifest_sha256") == now.get("manifest_sha256"):
-        return []
+        return [], []
     message = (f"index manifest differs: trace {str(recorded.get('manifest_sha256'))[:12]}, "
                f"now {str(now.get('manifest_sha256'))[:12]}")
     old_corpus, new_corpus = recorded.get("corpus_sha256"), now.get("corpus_sha256")
-    if old_corpus is not None and old_corpus == new_corpus:
+    same_corpus = old_corpus is not None and old_corpus == new_corpus
+    if same_corpus:
         message += f"; the corpus is the same (sha256 {old_corpus[:12]}): the index was rebuilt from an identical corpus"
         old_parts, new_parts = recorded.get("component_sha256") or {}, now.get("component_sha256") or {}
         if old_parts and new_parts:
@@ -282,7 +298,33 @@ def _index_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[st
                 message += "; every component's files are identical (only the manifest's build metadata differs)"
     elif old_corpus is not None and new_corpus is not None:
         message += f"; the corpus differs (sha256 {old_corpus[:12]} -> {new_corpus[:12]})"
-    return [message]
+    old_settings, new_settings = recorded.get("component_settings"), now.get("component_settings")
+    built_alike = (same_corpus and isinstance(old_settings, dict) and old_settings == new_settings
+                   and recorded.get("components") == now.get("components"))
+    if built_alike and reproduced:
+        return [], [message + "; built with the same components and settings, and every result, score and stage "
+                    "output is reproduced exactly: a difference in the files' bytes only, not counted"]
+    if same_corpus and reproduced and old_settings is None:
+        message += ("; every result is reproduced, but the trace does not record the components' settings (a trace "
+                    "written before Sieve recorded them), so the rebuild cannot be shown to be alike")
+    elif same_corpus and isinstance(old_settings, dict) and isinstance(new_settings, dict) and old_settings != new_settings:
+        changed = sorted(n for n in set(old_settings) | set(new_settings) if old_settings.get(n) != new_settings.get(n))
+        message += f"; the settings of {', '.join(changed)} differ"
+    return [message + _index_hint(recorded, index_path)], []
+
+
+def _index_hint(recorded: dict[str, Any], index_path: Path | None) -> str:
+    """What to do about another index: the kept copy of the traced one beside the index read, or ``--index``."""
+    from engine.index import kept_copy
+
+    traced = str(recorded.get("manifest_sha256") or "")
+    where = index_path if index_path is not None else (Path(recorded["path"]) if recorded.get("path") else None)
+    if where is not None:
+        kept = kept_copy(Path(where).absolute(), traced)
+        if kept is not None:
+            return f". The traced index is kept beside it: replay with --index {kept}"
+    return (f". To reproduce the trace, replay with --index DIR naming a copy of the index it used (manifest "
+            f"{traced[:12]}); `sieve index --keep-previous` keeps the index it replaces as DIR.<manifest sha12>")
 
 
 # ---------------------------------------------------------------------------- models and rule files

@@ -1,7 +1,8 @@
 """HTTP server: pipelines behind a small JSON API (FastAPI, served by uvicorn via ``sieve serve``).
 
     GET  /healthz                          the process is up
-    GET  /readyz                           every pipeline is warmed up (200) or not (503)
+    GET  /readyz                           every pipeline is warmed up and can log its traces (200) or not
+                                           (503, with the reason); says when an index was rebuilt on disk
     GET  /v1/pipelines                     each pipeline: name, config file and sha256, stages, output,
                                            stages unavailable after warm-up (``on_error: skip``), what
                                            its requests may ask beyond results (``allows``)
@@ -46,6 +47,21 @@ judged at, the whole trace, the explain endpoint) is each refused unless the pip
 
 Requests are served concurrently: FastAPI runs each search in its thread pool, and a warmed
 pipeline is safe to share between threads.
+
+Each pipeline serves the index version it opened at start, for its whole life: an index rebuilt at the
+same path (``sieve index --out`` swaps a new directory in) is not mixed in (engine.index.Index), and
+is not picked up either; restart the server to serve it. ``/readyz`` and ``GET /v1/pipelines`` say when
+an index was replaced on disk since start (``index_replaced_on_disk``, the serving and the on-disk
+manifest sha256) and the server logs a warning once per change; readiness stays 200, since the server
+still answers consistently from the version it opened (taking every replica out of rotation at once
+after a rebuild would be an outage). An index replaced while the server warms up is opened again.
+
+Readiness also follows the trace log: when an append fails for a reason of the log's storage (an
+OSError: disk full, permissions, the log's path not a file) and none has succeeded since, every query
+would get 500 ``trace_not_logged``, so ``/readyz`` answers 503 ``trace_log_failing`` with the error. A
+probe re-checks the log's storage without a query (the log's directory writable, the log a writable
+file, at least ``MIN_LOG_FREE_BYTES`` free there) and reports ready again once it is; the next append
+that succeeds clears the state too, one that fails sets it again.
 """
 
 from __future__ import annotations
@@ -54,11 +70,13 @@ import contextlib
 import email.message
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -88,6 +106,7 @@ MAX_HISTORY_ITEMS = 1000  # the schema's cap; the pipeline's limits.max_history_
 MAX_DOC_IDS = 100
 MAX_DOC_ID_CHARS = 512
 MAX_PROBLEMS = 20  # a 422 lists the first 20 problems and counts the rest
+MIN_LOG_FREE_BYTES = 1 << 20  # /readyz after a failed trace append: free space the log's disk needs (a trace ~30 KB)
 _SUMMARY_PROBLEMS = 3  # ... and its message names the first 3
 
 _PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # one URL path segment, as it is, with no escaping
@@ -395,11 +414,23 @@ def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
         pipelines[name] = pipeline
     if not pipelines:
         raise SieveError("no pipeline to serve: give at least one config")
-    for name, pipeline in pipelines.items():  # only once every config is known to be servable
-        try:
-            pipeline.warm_up()
-        except SieveError as exc:  # which of the served configs failed
-            raise SieveError(f"pipeline '{name}' ({pipeline.compiled.source_file}): {exc}") from exc
+    for name, pipeline in list(pipelines.items()):  # only once every config is known to be servable
+        for attempt in range(3):
+            try:
+                pipeline.warm_up()
+            except SieveError as exc:  # which of the served configs failed
+                raise SieveError(f"pipeline '{name}' ({pipeline.compiled.source_file}): {exc}") from exc
+            index = pipeline.resources.index if pipeline.resources is not None else None
+            if index is None or not index.replaced_on_disk():
+                break
+            # rebuilt while the stages loaded it: a stage may have read the new version's files; open it again
+            log.warning("pipeline '%s': the index at %s was replaced on disk while warming up; opening it again",
+                        name, index.path)
+            pipeline = Pipeline(pipeline.compiled, index_path=pipeline.index_path, verify_index=pipeline.verify_index)
+        else:
+            raise SieveError(f"pipeline '{name}': the index at {pipeline.index_path} kept being replaced on disk "
+                             "while the server warmed up; start it once the rebuilds are done")
+        pipelines[name] = pipeline
     return pipelines
 
 
@@ -540,16 +571,30 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    health = _Health(pipelines)
+
     @app.get("/readyz")
     def readyz() -> Any:
         waiting = [name for name, pipeline in pipelines.items() if pipeline.resources is None]
         if waiting:
             return error(503, "not_ready", f"not warmed up: {', '.join(waiting)}")
-        return {"status": "ready", "pipelines": sorted(pipelines)}
+        failing = health.log_failures()
+        replaced = health.replaced_indexes()
+        extra: dict[str, Any] = {"index_replaced_on_disk": True, "indexes": replaced} if replaced else {}
+        if failing:
+            reasons = "; ".join(f"pipeline '{name}': {reason}" for name, reason in sorted(failing.items()))
+            return error(503, "trace_log_failing", f"the trace log cannot be appended to, so every query is refused "
+                         f"(500 trace_not_logged): {reasons}", pipelines=sorted(failing), **extra)
+        return {"status": "ready", "pipelines": sorted(pipelines), **extra}
 
     @app.get("/v1/pipelines")
     def list_pipelines() -> dict[str, Any]:
-        return {"pipelines": [describe(name, pipeline) for name, pipeline in sorted(pipelines.items())]}
+        described = []
+        for name, pipeline in sorted(pipelines.items()):
+            item = describe(name, pipeline)
+            item["index"] = health.index_state(name)
+            described.append(item)
+        return {"pipelines": described}
 
     def refused(name: str, setting: str, what: str) -> JSONResponse:
         return error(403, "not_allowed", f"pipeline '{name}' does not allow {what}; its config allows it with "
@@ -586,8 +631,11 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
             log_path = pipeline.log_trace(result.trace)
         except (OSError, SieveError) as exc:  # no unaudited answers: the results are withheld
             log.error("pipeline '%s': trace %s not logged: %s", name, result.trace["trace_id"], exc)
+            health.log_failed(name, exc)
             return error(500, "trace_not_logged", f"the query ran but its trace could not be appended to the log "
                          f"({type(exc).__name__}: {exc}); results are withheld", trace_id=result.trace["trace_id"])
+        health.log_succeeded(name)
+        health.index_state(name)  # a stat or two: logs the warning once when the index was rebuilt on disk
         return pipeline, result, log_path
 
     @app.post("/v1/pipelines/{name}/search")
@@ -617,6 +665,99 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
         }
 
     return app
+
+
+class _Health:
+    """What ``/readyz`` reports beyond warm-up: pipelines whose last trace append failed for a reason of the log's
+    storage (none succeeded since), and indexes replaced on disk since start (each change logged once)."""
+
+    def __init__(self, pipelines: dict[str, "Pipeline"]):
+        self._pipelines = pipelines
+        self._lock = threading.Lock()
+        self._failed: dict[str, str] = {}  # pipeline -> why its last append failed
+        self._warned: dict[str, str | None] = {}  # pipeline -> on-disk manifest sha256 last warned about
+
+    def log_failed(self, name: str, exc: BaseException) -> None:
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        if not isinstance(cause, OSError):
+            return  # about this trace (text that cannot be encoded...), not the log: the next query may log
+        with self._lock:
+            self._failed[name] = f"the last trace append failed ({type(cause).__name__}: {exc})"
+
+    def log_succeeded(self, name: str) -> None:
+        if name in self._failed:
+            with self._lock:
+                if self._failed.pop(name, None) is not None:
+                    log.warning("pipeline '%s': the trace log is appended to again", name)
+
+    def log_failures(self) -> dict[str, str]:
+        """Pipelines whose log still looks unusable: the failure, and what a check of its storage finds now. One
+        whose storage checks out again is cleared (the probe needs no query to recover)."""
+        with self._lock:
+            failed = dict(self._failed)
+        still: dict[str, str] = {}
+        for name, reason in failed.items():
+            pipeline = self._pipelines[name]
+            target = pipeline.compiled.config.trace.log
+            problem = _log_storage_problem(Path(target)) if target is not None else None
+            if problem is None:
+                with self._lock:
+                    if self._failed.get(name) == reason:
+                        del self._failed[name]
+                log.warning("pipeline '%s': the trace log's storage checks out again; reporting ready", name)
+            else:
+                still[name] = f"{reason}; now: {problem}"
+        return still
+
+    def index_state(self, name: str) -> dict[str, Any] | None:
+        """The pipeline's index against the one now on disk (engine.index.Index.disk_state); a warning is logged
+        once per on-disk manifest that is not the one served."""
+        pipeline = self._pipelines[name]
+        index = pipeline.resources.index if pipeline.resources is not None else None
+        if index is None:
+            return None
+        state = index.disk_state()
+        if state["replaced_on_disk"]:
+            with self._lock:
+                first = self._warned.get(name, "") != state["on_disk_manifest_sha256"]
+                self._warned[name] = state["on_disk_manifest_sha256"]
+            if first:
+                log.warning("pipeline '%s': the index at %s was replaced on disk (manifest %s, serving %s); this "
+                            "server keeps serving the version it opened: restart it to serve the new one", name,
+                            index.path, str(state["on_disk_manifest_sha256"])[:12], index.manifest_sha256[:12])
+        return state
+
+    def replaced_indexes(self) -> dict[str, dict[str, Any]]:
+        found = {}
+        for name in sorted(self._pipelines):
+            state = self.index_state(name)
+            if state is not None and state["replaced_on_disk"]:
+                found[name] = {key: value for key, value in state.items() if key != "replaced_on_disk"}
+        return found
+
+
+def _log_storage_problem(log_file: Path) -> str | None:
+    """Why an append to ``log_file`` would fail now, as far as can be seen without writing: its directory missing or
+    not writable, the log not a writable file, under ``MIN_LOG_FREE_BYTES`` free on its disk (None: none seen)."""
+    log_file = log_file.absolute()
+    directory = log_file.parent
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory} is not writable"
+    if log_file.exists() or log_file.is_symlink():
+        if not log_file.is_file():
+            return f"{log_file} is not a file"
+        if not os.access(log_file, os.W_OK):
+            return f"{log_file} is not writable"
+    try:
+        stats = os.statvfs(directory)
+    except OSError as exc:
+        return f"cannot check the free space of {directory}: {exc.strerror or exc}"
+    free = (stats.f_bfree if os.geteuid() == 0 else stats.f_bavail) * stats.f_frsize
+    if free < MIN_LOG_FREE_BYTES:
+        return f"{free} bytes free on the log's disk ({directory}), under {MIN_LOG_FREE_BYTES}"
+    return None
 
 
 def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
