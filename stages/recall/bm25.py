@@ -65,7 +65,12 @@ class BM25Component(IndexComponent):
             corpus_tokens.extend(tokenizer.tokenize(doc.content(settings.fields)) for doc in batch)
             progress("bm25 tokenise", len(batch), len(documents))
         retriever = bm25s.BM25(k1=settings.k1, b=settings.b, method=settings.method)
-        retriever.index(corpus_tokens, show_progress=False)
+        # the vocabulary in sorted order: bm25s orders it by iterating a set (PYTHONHASHSEED), so two builds of one
+        # corpus wrote other column orders and other bytes; the empty token "" last, as bm25s adds it
+        words = sorted({t for tokens in corpus_tokens for t in tokens} - {""})
+        vocab = {token: column for column, token in enumerate(words)}
+        vocab[""] = len(vocab)
+        retriever.index(([[vocab[t] for t in tokens] for tokens in corpus_tokens], vocab), show_progress=False)
         retriever.save(str(out_dir), show_progress=False)
         (out_dir / TOKENIZER_FILE).write_text(settings.tokenizer.model_dump_json(indent=2), encoding="utf-8")
         lengths = [len(t) for t in corpus_tokens]

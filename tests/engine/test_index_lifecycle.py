@@ -219,8 +219,6 @@ def test_builds_under_other_hash_seeds_give_the_same_manifest_and_document_store
     assert "created_at" in json.loads((one / "build.json").read_text())  # the build time, outside the manifest
 
 
-@pytest.mark.xfail(strict=True, reason="bm25s orders its vocabulary by set iteration (PYTHONHASHSEED); the fix is "
-                   "a sorted vocabulary in stages/recall/bm25.py, owned elsewhere")
 def test_builds_under_other_hash_seeds_give_byte_identical_component_files(two_builds):
     one, two = two_builds
     assert (one / "manifest.json").read_bytes() == (two / "manifest.json").read_bytes()
