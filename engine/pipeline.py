@@ -75,7 +75,8 @@ class Pipeline:
     def warm_up(self, *, reuse: Resources | None = None) -> Resources:
         """Open the index and let every stage load what it needs; idempotent and thread-safe. ``reuse``: another
         pipeline's resources on the same index and directory (variants of one config, ``sieve sweep``): what it
-        loaded (the index, models, BM25) is shared, not loaded again."""
+        loaded (the index, models, BM25) is shared, not loaded again. An index rebuilt on disk while the stages
+        loaded it (one may have read the new version's files) is opened again, up to three times."""
         with self._warm_lock:
             if self.resources is not None:
                 return self.resources
@@ -83,30 +84,47 @@ class Pipeline:
                 (reuse.index is None and self.index_path is None)
                 or (reuse.index is not None and self.index_path is not None
                     and Path(reuse.index.path).resolve() == Path(self.index_path).resolve()))
-            if reuse is not None and same:
-                index = reuse.index
-            else:
+            for _ in range(3):
+                self.unavailable.clear()
+                if reuse is not None and same:
+                    resources = Resources(reuse.index, self.compiled.base_dir)
+                    resources._shared = reuse._shared  # loaded models and components, keyed by what was loaded
+                    self._load(resources)
+                    self.resources = resources
+                    return resources
                 index = Index.open(self.index_path, verify=self.verify_index) if self.index_path is not None else None
-            resources = Resources(index, self.compiled.base_dir)
-            if reuse is not None and same:
-                resources._shared = reuse._shared  # loaded models and components, keyed by what was loaded
-            for stage_id in self.compiled.order:
-                stage = self.compiled.stages[stage_id]
+                resources = Resources(index, self.compiled.base_dir)
                 try:
-                    stage.warm_up(resources)
-                except Exception as exc:
-                    message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
-                    if self.compiled.specs[stage_id].on_error == "skip":
-                        self.unavailable[stage_id] = f"warm-up failed: {message}"
-                        continue
-                    if type(exc) in (ModelLoadError, SieveIndexError) and not message.startswith("stage '"):
-                        # say which stage (a pipeline may load several models from one index)
-                        raise type(exc)(f"stage '{stage_id}' ({stage.qualified_name()}): {message}") from exc
-                    if isinstance(exc, SieveError):
+                    self._load(resources)
+                except SieveError:
+                    if index is None or not index.replaced_on_disk():
                         raise
-                    raise StageError(stage_id, stage.qualified_name(), f"warm-up failed: {message}") from exc
-            self.resources = resources
-            return resources
+                    index.close()  # a stage found the index replaced while it loaded: open it again
+                    continue
+                if index is None or not index.replaced_on_disk():
+                    self.resources = resources
+                    return resources
+                index.close()
+            raise SieveIndexError(f"the index at {self.index_path} kept being replaced on disk while the pipeline "
+                                  "loaded it; load it once the rebuilds are done")
+
+    def _load(self, resources: Resources) -> None:
+        """Every stage's warm-up on ``resources`` (a failing ``on_error: skip`` stage is noted as unavailable)."""
+        for stage_id in self.compiled.order:
+            stage = self.compiled.stages[stage_id]
+            try:
+                stage.warm_up(resources)
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
+                if self.compiled.specs[stage_id].on_error == "skip":
+                    self.unavailable[stage_id] = f"warm-up failed: {message}"
+                    continue
+                if type(exc) in (ModelLoadError, SieveIndexError) and not message.startswith("stage '"):
+                    # say which stage (a pipeline may load several models from one index)
+                    raise type(exc)(f"stage '{stage_id}' ({stage.qualified_name()}): {message}") from exc
+                if isinstance(exc, SieveError):
+                    raise
+                raise StageError(stage_id, stage.qualified_name(), f"warm-up failed: {message}") from exc
 
     def make_query(
         self,

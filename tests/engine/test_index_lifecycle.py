@@ -401,3 +401,43 @@ def test_readyz_reports_a_full_disk_until_space_is_free(tmp_path, bm25_index, mo
     monkeypatch.setattr(pipelines["p"], "log_trace", real_log)
     assert client.post("/v1/pipelines/p/search", json={"query": "vitamin D"}).status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_a_pipeline_whose_index_is_rebuilt_while_it_warms_up_opens_it_again(served_index, tmp_path):
+    """A stage may read the new version's files while the document store is the old one's: a Pipeline (not only the
+    server) opens the index again when it was replaced during warm-up, and serves the new version consistently."""
+    from engine import registry
+    from engine.stage import Stage, StageParams, StageResult
+
+    index, _, corpus_b_file = served_index
+    rebuilds = []
+
+    class RebuildsOnce(Stage):
+        type_name = "test.rebuild_once"
+        version = 1
+        Params = StageParams
+        summary = "test only: rebuilds the index (once) while the pipeline warms up"
+
+        def warm_up(self, resources):
+            if not rebuilds:
+                rebuilds.append(True)
+                build_index(corpus_b_file, index, {"bm25": {}})
+
+        def run(self, ctx):
+            (incoming,) = ctx.inputs
+            return StageResult(candidates=list(incoming))
+
+    registry.register_stage(RebuildsOnce)
+    try:
+        config = tmp_path / "p.yaml"
+        config.write_text(PIPELINE.format(name="p", index=index, log="null").replace(
+            "  - {id: final, type: select.top_k, inputs: [bm25]",
+            "  - {id: rebuild, type: test.rebuild_once, inputs: [bm25]}\n"
+            "  - {id: final, type: select.top_k, inputs: [rebuild]"), encoding="utf-8")
+        pipeline = Pipeline.from_file(config)
+        pipeline.warm_up()
+        assert rebuilds == [True] and not pipeline.resources.index.replaced_on_disk()
+        expected = {r["_id"]: r for r in corpus_b()}
+        assert _check_documents(pipeline, expected, "common words REBUILT") == []
+    finally:
+        registry._stages.pop(RebuildsOnce.type_name)
