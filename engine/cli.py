@@ -558,7 +558,8 @@ def eval_command(
     document = report.to_json(per_query=per_query)
     document["qrels_format"] = data.qrels_format
     document["judgements"] = {**coverage, "index": index.get("path")}
-    for warning in coverage_warnings(coverage, index=index.get("path")):
+    degraded = report.degraded_warning()
+    for warning in coverage_warnings(coverage, index=index.get("path")) + ([degraded] if degraded else []):
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if as_json:
         out.print_json(json.dumps(document))
@@ -592,6 +593,93 @@ def eval_command(
         else:
             if not as_json:
                 out.print(f"run written to {escape(str(run_out))}")
+    if json_out is not None:
+        try:
+            _write_output("--json-out", json_out, lambda: write_json_atomic(json_out, document))
+        except SieveError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise SieveError("; ".join(failures))
+
+
+@app.command("sweep")
+def sweep_command(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="BEIR data set directory (corpus.jsonl, queries, qrels/)")],
+    settings: Annotated[list[str], typer.Option(
+        "--set", help="PATH=VALUES: a config setting by dotted path (stages by id: stages.blend.params.weights.rerank) "
+        "and the values to try, one YAML value or a YAML list ([0.5, 0.65, 0.8]); repeat for a grid")],
+    split: Annotated[str, typer.Option(help="the tuning split (qrels/<split>.tsv); test is refused without --allow-test")] = "train",
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="override the config's index")] = None,
+    limit: Annotated[Optional[int], typer.Option(help=_LIMIT_HELP)] = None,
+    metric: Annotated[str, typer.Option(help="the measure variants are ranked by (pytrec_eval spelling)")] = "ndcg_cut_10",
+    recall_k: Annotated[int, typer.Option("--recall-k", help="Recall@k computed besides Recall@100")] = 10,
+    allow_test: Annotated[bool, typer.Option("--allow-test", help="tune on the test split anyway (its figures then "
+                                             "measure nothing)")] = False,
+    best_out: Annotated[Optional[Path], typer.Option("--best-out", help="write the best variant's config here, beside "
+                                                     "CONFIG")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json-out", help="also write the JSON report to this file")] = None,
+) -> None:
+    """Tune by configuration: evaluate every combination of --set values next to the config as written, on a
+    tuning split, best first, with a paired test of the best against the config as written. Models and index
+    components are loaded once for all variants. Confirm the chosen config once on held-out queries."""
+    from engine.trace import write_json_atomic
+    from engine.workbench.evaluate import PRIMARY
+    from engine.workbench.sweep import parse_setting, sweep, write_best
+
+    parsed = [parse_setting(text) for text in settings]
+    _output_file(json_out, "--json-out")
+    if best_out is not None:
+        _output_file(best_out, "--best-out")
+    with _progress_bar(f"sweep {config.name}") as progress:
+        task = progress.add_task(f"sweep {config.name}", total=None)
+
+        def on_variant(number: int, total: int, chosen: dict[str, Any]) -> None:
+            what = ", ".join(f"{p.rsplit('.', 1)[-1]}={json.dumps(v, default=str)}" for p, v in chosen.items())
+            progress.update(task, total=total, completed=number - 1,
+                            description=f"variant {number}/{total}: {what or 'as written'}")
+
+        report = sweep(config, dataset, parsed, split=split, index_path=index_dir, limit=limit, metric=metric,
+                       recall_k=recall_k, allow_test=allow_test, on_variant=on_variant)
+        progress.update(task, completed=len(report.variants) + 1)
+    document = report.to_json()
+    if as_json:
+        out.print_json(json.dumps(document))
+    else:
+        out.print(f"[bold]{escape(config.name)}[/bold] on {escape(str(dataset))} ({escape(split)}, {report.queries} "
+                  f"queries): {len(report.variants)} variants and the config as written, by {escape(metric)}")
+        table = Table()
+        paths = [s.path for s in parsed]
+        short = {p: p.split(".", 2)[-1] if p.startswith("stages.") else p for p in paths}
+        columns = [metric] + [m for m in PRIMARY if m != metric]
+        for path in paths:
+            table.add_column(escape(short[path]))
+        for name in columns:
+            table.add_column(escape(name), justify="right")
+        table.add_column("p50 ms", justify="right")
+        rows = [(v, False) for v in report.variants] + [(report.baseline, True)]
+        for variant, written in rows:
+            cells = ["(as written)" if written else escape(json.dumps(variant.settings[p], default=str)) for p in paths]
+            cells[len(paths):] = []
+            style = "bold" if variant is report.best else None
+            table.add_row(*cells, *(f"{variant.metrics.get(m, 0.0):.4f}" for m in columns),
+                          f"{variant.latency_ms['p50']:.1f}", style=style)
+        out.print(table)
+        paired = report.best_vs_baseline
+        out.print(f"best vs as written: {paired['difference']:+.4f} {escape(metric)} ({paired['wins']} queries "
+                  f"better, {paired['losses']} worse; randomisation p "
+                  f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')})")
+        out.print(f"[dim]{escape(report.note())}[/dim]")
+    failures = []
+    if best_out is not None:
+        try:
+            _write_output("--best-out", best_out, lambda: write_best(report, config, best_out))
+        except SieveError as exc:
+            failures.append(str(exc))
+        else:
+            if not as_json:
+                out.print(f"best config written to {escape(str(best_out))}")
     if json_out is not None:
         try:
             _write_output("--json-out", json_out, lambda: write_json_atomic(json_out, document))

@@ -116,3 +116,24 @@ def test_apply_setting_creates_a_param_left_at_its_default_and_refuses_a_path_th
     with pytest.raises(SieveError, match="stages.bm25.params.top_k is 100, not a mapping"):
         apply_setting(data, "stages.bm25.params.top_k.x", 1)
     assert Setting("a", (1,)) == parse_setting("a=1")
+
+
+def test_the_cli_prints_the_grid_and_writes_the_best_config(config, mini_corpus):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    best = config.with_name("best.yaml")
+    args = ["sweep", str(config), "--dataset", str(mini_corpus), "--split", "test", "--allow-test",
+            "--set", "stages.final.params.k=[1, 10]", "--best-out", str(best)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "2 variants and the config as written, by ndcg_cut_10" in done.output
+    assert "(as written)" in done.output and "best vs as written: +0.0000 ndcg_cut_10" in done.output
+    assert "optimistic estimate" in done.output and f"best config written to {best}" in done.output
+    assert yaml.safe_load(best.read_text(encoding="utf-8"))["stages"][1]["params"]["k"] == 10
+    as_json = CliRunner().invoke(app, [*args[:-2], "--json"])
+    assert json.loads(as_json.stdout)["best"]["settings"] == {"stages.final.params.k": 10}
+    refused = CliRunner().invoke(app, ["sweep", str(config), "--dataset", str(mini_corpus), "--split", "test",
+                                       "--set", "stages.final.params.k=[1, 10]"])
+    assert refused.exit_code == 1 and "refusing to tune on the 'test' split" in str(refused.exception)
