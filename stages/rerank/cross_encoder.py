@@ -185,6 +185,7 @@ class LoadedReranker:
         # process's first forward pass is slow: it is not counted)
         self._seconds_per_cell: float | None = None
         self._timed_batches = 0
+        self._warmed = False
         card = model_card(Path(resolved.location)) if resolved.source != "hub" else None
         self.card = card
         self.head = (card or {}).get("head") or SEQUENCE_CLASSIFICATION
@@ -362,6 +363,16 @@ class LoadedReranker:
             scores[i] = value
         return scores
 
+    def warm(self) -> None:
+        """One forward pass on a dummy pair, once per loaded model: a process's first pass is several times slower
+        (lazy initialisation in torch), and it is paid at warm-up instead of by the first query (and its deadline)."""
+        with self.lock:
+            if self._warmed:
+                return
+            self.score("warm up", ["warm up"], batch_size=1, max_query_tokens=8, chunk_overlap=None, max_chunks=1,
+                       oom_backoff=False, events=[])
+            self._warmed = True
+
     def score(
         self,
         query: str,
@@ -515,6 +526,7 @@ class CrossEncoderRerank(Stage):
 
         key = f"cross_encoder:{name}:{base_dir}:{params.device}:{params.precision}:{params.max_length}"
         self._model = resources.shared(key, lambda: load(name))
+        self._model.warm()
         if params.long_documents == "chunks" and params.chunk_overlap >= self._model.max_length // 2:
             raise ModelLoadError(
                 f"stage '{self.id}': chunk_overlap {params.chunk_overlap} must be less than half of the "
@@ -527,6 +539,7 @@ class CrossEncoderRerank(Stage):
                 self._light = resources.shared(light_key, lambda: load(light))
             except ModelLoadError as exc:  # say it is the cascade's light model, not the main one
                 raise ModelLoadError(f"cascade.light_model: {exc}") from exc
+            self._light.warm()
 
     # ------------------------------------------------------------------ running
 

@@ -225,3 +225,15 @@ trace: {{log: null}}
     assert report.to_json()["degraded"] == report.degraded
     assert report.degraded_warning() == ("3 of 3 queries ran degraded ('rerank' skipped in 3 (at the deadline)): the "
                                          "figures are those of the runs as cut, not of the whole pipeline")
+
+
+def test_the_reranker_pays_its_first_slow_forward_pass_at_warm_up(bm25_index, write_config, sleep_stage):
+    """A process's first forward pass is several times slower than the next: paid by the first query, it made a cold
+    `sieve explain` cut the rerank that the warm server ran. It is made once per loaded model at warm-up."""
+    pipeline = _config(write_config, bm25_index, deadline="null", sleep="{ms: 0}")
+    pipeline.warm_up()
+    model = pipeline.compiled.stages["rerank"]._model
+    assert model._warmed and model._timed_batches == 1 and model._seconds_per_cell is None  # not counted
+    again = _config(write_config, bm25_index, deadline="null", sleep="{ms: 0}")
+    again.warm_up(reuse=pipeline.resources)
+    assert again.compiled.stages["rerank"]._model is model and model._timed_batches == 1  # once per model
