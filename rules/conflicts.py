@@ -172,9 +172,17 @@ def _precedence_note(first: CompiledRule, second: CompiledRule) -> tuple[str, st
     """(default severity, explanation) for two competing rules of the same action."""
     if first.priority != second.priority:
         winner = first if first.priority > second.priority else second
-        return "warning", f"'{winner.id}' wins (higher priority)"
+        return "warning", f"'{winner.id}' wins (higher priority){_unless_not_recalled(winner)}"
     winner = min(first, second, key=lambda r: r.id)
-    return "error", f"they have the same priority, so only the rule id decides ('{winner.id}' wins); set priorities"
+    return "error", (f"they have the same priority, so only the rule id decides ('{winner.id}' wins"
+                     f"{_unless_not_recalled(winner)}); set priorities")
+
+
+def _unless_not_recalled(pin: CompiledRule) -> str:
+    """For a winning pin that does not bring documents in: it wins only when recall returns the document."""
+    if pin.action == "pin" and not getattr(pin.spec, "inject", True):
+        return f" when recall returns the document: '{pin.id}' has inject: false, so otherwise the other one places it"
+    return ""
 
 
 # --------------------------------------------------------------------------- rule-file checks

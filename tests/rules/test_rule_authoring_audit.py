@@ -148,3 +148,13 @@ def test_a_pin_pushed_off_its_position_by_a_displaced_pin_is_a_warning(tmp_path)
 ])
 def test_a_rule_that_does_nothing_or_lists_a_document_twice_is_refused(tmp_path, rule, says):
     assert says in _errors(tmp_path, f"  - {rule}\n")
+
+
+def test_a_winning_pin_that_does_not_bring_documents_in_is_said_to_win_only_when_recalled(tmp_path):
+    from rules.conflicts import check_rules
+
+    path = tmp_path / "overrides.yaml"
+    path.write_text(HEAD + "  - {id: a-pin, action: pin, docs: [d1], position: 1, priority: 5, inject: false}\n"
+                    "  - {id: b-pin, action: pin, docs: [d1], position: 2}\n", encoding="utf-8")
+    (issue,) = [str(i) for i in check_rules(load_rule_file(path, "override")) if "pin_doc_conflict" in str(i)]
+    assert "'a-pin' wins (higher priority) when recall returns the document: 'a-pin' has inject: false" in issue
