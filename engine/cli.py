@@ -504,6 +504,24 @@ def _write_output(option: str, path: Path, write: Any) -> None:
                          "not written)") from None
 
 
+def _write_outputs(outputs: list[tuple[str, Optional[Path], Any, Optional[str]]], *, quiet: bool) -> None:
+    """Write each requested (option, path, write, message) output after the figures are printed; the ones that
+    fail are reported together as one error, the others are written (and said, unless ``quiet``)."""
+    failures = []
+    for option, path, write, message in outputs:
+        if path is None:
+            continue
+        try:
+            _write_output(option, path, write)
+        except SieveError as exc:
+            failures.append(str(exc))
+        else:
+            if message is not None and not quiet:
+                out.print(escape(message))
+    if failures:
+        raise SieveError("; ".join(failures))
+
+
 def _index_lookup(index_path: Optional[str]):  # type: ignore[no-untyped-def]
     """A doc-id membership test over the index at ``index_path`` (None: no index, nothing to test)."""
     if index_path is None:
@@ -583,23 +601,11 @@ def eval_command(
         overall = report.latency_ms
         latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}")
         out.print(latency)
-    failures = []
-    if run_out is not None:
-        tag = "".join("_" if ch.isspace() else ch for ch in (report.pipeline_name or config.stem)) or "sieve"
-        try:
-            _write_output("--run-out", run_out, lambda: write_trec_run(report.run, run_out, tag=tag))
-        except SieveError as exc:
-            failures.append(str(exc))
-        else:
-            if not as_json:
-                out.print(f"run written to {escape(str(run_out))}")
-    if json_out is not None:
-        try:
-            _write_output("--json-out", json_out, lambda: write_json_atomic(json_out, document))
-        except SieveError as exc:
-            failures.append(str(exc))
-    if failures:
-        raise SieveError("; ".join(failures))
+    tag = "".join("_" if ch.isspace() else ch for ch in (report.pipeline_name or config.stem)) or "sieve"
+    _write_outputs([
+        ("--run-out", run_out, lambda: write_trec_run(report.run, run_out, tag=tag), f"run written to {run_out}"),
+        ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),
+    ], quiet=as_json)
 
 
 @app.command("sweep")
@@ -671,22 +677,10 @@ def sweep_command(
                   f"better, {paired['losses']} worse; randomisation p "
                   f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')})")
         out.print(f"[dim]{escape(report.note())}[/dim]")
-    failures = []
-    if best_out is not None:
-        try:
-            _write_output("--best-out", best_out, lambda: write_best(report, config, best_out))
-        except SieveError as exc:
-            failures.append(str(exc))
-        else:
-            if not as_json:
-                out.print(f"best config written to {escape(str(best_out))}")
-    if json_out is not None:
-        try:
-            _write_output("--json-out", json_out, lambda: write_json_atomic(json_out, document))
-        except SieveError as exc:
-            failures.append(str(exc))
-    if failures:
-        raise SieveError("; ".join(failures))
+    _write_outputs([
+        ("--best-out", best_out, lambda: write_best(report, config, best_out), f"best config written to {best_out}"),
+        ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),
+    ], quiet=as_json)
 
 
 @app.command("schema")
