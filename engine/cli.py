@@ -632,11 +632,12 @@ def sweep_command(
     components are loaded once for all variants. Confirm the chosen config once on held-out queries."""
     from engine.trace import write_json_atomic
     from engine.workbench.evaluate import PRIMARY
-    from engine.workbench.sweep import parse_setting, sweep, write_best
+    from engine.workbench.sweep import check_best_out, parse_setting, sweep, write_best
 
     parsed = [parse_setting(text) for text in settings]
     _output_file(json_out, "--json-out")
-    if best_out is not None:
+    if best_out is not None:  # before hours of evaluation, not after
+        check_best_out(config, best_out)
         _output_file(best_out, "--best-out")
     with _progress_bar(f"sweep {config.name}") as progress:
         task = progress.add_task(f"sweep {config.name}", total=None)
@@ -663,20 +664,21 @@ def sweep_command(
             table.add_column(escape(short[path]))
         for name in columns:
             table.add_column(escape(name), justify="right")
-        table.add_column("p50 ms", justify="right")
         rows = [(v, False) for v in report.variants] + [(report.baseline, True)]
         for variant, written in rows:
             cells = ["(as written)" if written else escape(json.dumps(variant.settings[p], default=str)) for p in paths]
-            cells[len(paths):] = []
-            style = "bold" if variant is report.best else None
-            table.add_row(*cells, *(f"{variant.metrics.get(m, 0.0):.4f}" for m in columns),
-                          f"{variant.latency_ms['p50']:.1f}", style=style)
+            figures = (["failed"] + [""] * (len(columns) - 1) if variant.error is not None else
+                       [f"{variant.metrics.get(m, 0.0):.4f}" for m in columns])
+            style = "bold" if variant is report.best and report.improves else None
+            table.add_row(*cells, *figures, style=style)
         out.print(table)
         paired = report.best_vs_baseline
         out.print(f"best vs as written: {paired['difference']:+.4f} {escape(metric)} ({paired['wins']} queries "
                   f"better, {paired['losses']} worse; randomisation p "
                   f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')})")
         out.print(f"[dim]{escape(report.note())}[/dim]")
+    for warning in report.warnings():
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     _write_outputs([
         ("--best-out", best_out, lambda: write_best(report, config, best_out), f"best config written to {best_out}"),
         ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),

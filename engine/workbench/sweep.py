@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -23,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import SieveError
+from engine.errors import ConfigError, SieveError
 from engine.evaluation import BeirData, aggregate, load_beir, per_query_metrics, run_pipeline
 from engine.workbench.evaluate import latency_summary, machine_summary, measures_for
 
@@ -45,19 +47,35 @@ def parse_setting(text: str) -> Setting:
     path = path.strip()
     if not sep or not path or any(not part for part in path.split(".")):
         raise SieveError(f"--set takes PATH=VALUES (e.g. stages.blend.params.weights.rerank=[0.5, 0.65]), got {text!r}")
+    if not raw.strip():
+        raise SieveError(f"--set {path}= gives no value (write null for a null, [a, b] for several)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise SieveError(f"--set {path}: the values are not YAML ({exc.problem or exc})") from None
     values = tuple(value) if isinstance(value, list) else (value,)
     if not values:
         raise SieveError(f"--set {path}: an empty list tries nothing")
-    if len(set(map(_key, values))) != len(values):
+    if len({_key(v) for v in values}) != len(values):
         raise SieveError(f"--set {path}: a value is listed twice")
+    parts = path.split(".")
+    if parts[0] in NOT_RESULTS or (parts[0] == "stages" and len(parts) == 3 and parts[2] in ("id", "description")):
+        raise SieveError(f"--set {path}: it does not change what a query returns (every variant would score the same)"
+                         if parts[-1] != "id" else f"--set {path}: a stage's id names it; sweep its params instead")
+    if parts[0] == "stages" and len(parts) < 3:
+        raise SieveError(f"--set {path}: name a setting inside the stage (stages.<id>.params.<name>, "
+                         "stages.<id>.inputs, stages.<id>.on_error)")
     return Setting(path, values)
 
 
+# Top-level sections that do not change what a query returns
+NOT_RESULTS = frozenset({"trace", "server", "name", "description", "version"})
+
+
 def _key(value: Any) -> str:
+    """A value's identity for duplicates and ties: 10 and 10.0 are one value."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -102,11 +120,15 @@ class Variant:
     per_query: dict[str, dict[str, float]] = field(repr=False)
     latency_ms: dict[str, float]
     degraded: int
+    error: str | None = None  # a variant that failed at run time: no figures
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": self.settings, "config_sha256": self.config_sha256,
-                "metrics": {k: round(v, 6) for k, v in sorted(self.metrics.items())},
-                "latency_ms": self.latency_ms, "degraded_queries": self.degraded}
+        data: dict[str, Any] = {"settings": self.settings, "config_sha256": self.config_sha256,
+                                "metrics": {k: round(v, 6) for k, v in sorted(self.metrics.items())},
+                                "latency_ms": self.latency_ms, "degraded_queries": self.degraded}
+        if self.error is not None:
+            data["error"] = self.error
+        return data
 
 
 @dataclass
@@ -124,19 +146,38 @@ class SweepReport:
 
     @property
     def best(self) -> Variant:
+        """The best variant that ran (variants are sorted best first, failed ones last)."""
         return self.variants[0]
+
+    @property
+    def improves(self) -> bool:
+        """Whether the best variant scores above the config as written."""
+        return self.best.error is None and self.best.metrics.get(self.metric, 0.0) > \
+            self.baseline.metrics.get(self.metric, 0.0) + 1e-12
 
     def note(self) -> str:
         return (f"the best of {len(self.variants)} variants on {self.split} ({self.queries} queries) is an optimistic "
-                f"estimate: confirm the chosen config once on held-out queries (sieve eval ... --split test)")
+                f"estimate: confirm the chosen config once on held-out queries (sieve eval ... --split test); "
+                "latency is measured with the caches the earlier runs warmed (sieve eval measures a config alone)")
+
+    def warnings(self) -> list[str]:
+        """Variants that failed or ran degraded, and a grid whose best does not beat the config as written."""
+        found = [f"variant {_describe(v.settings)} failed: {v.error}" for v in self.variants if v.error is not None]
+        found += [f"{'the config as written' if not v.settings else 'variant ' + _describe(v.settings)}: {v.degraded} "
+                  f"of {self.queries} queries ran degraded (a stage skipped at the deadline or on an error)"
+                  for v in [self.baseline, *self.variants] if v.degraded]
+        if not self.improves:
+            found.append(f"no variant scores above the config as written ({self.metric} "
+                         f"{self.baseline.metrics.get(self.metric, 0.0):.4f})")
+        return found
 
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config, "dataset": self.dataset, "split": self.split, "queries": self.queries,
             "metric": self.metric, "settings": {s.path: list(s.values) for s in self.settings},
             "baseline": self.baseline.to_json(), "variants": [v.to_json() for v in self.variants],
-            "best": self.best.to_json(), "best_vs_baseline": self.best_vs_baseline, "note": self.note(),
-            "machine": self.machine,
+            "best": self.best.to_json(), "best_improves": self.improves, "best_vs_baseline": self.best_vs_baseline,
+            "warnings": self.warnings(), "note": self.note(), "machine": self.machine,
         }
 
 
@@ -168,10 +209,12 @@ def sweep(
     paths = [s.path for s in settings]
     if len(set(paths)) != len(paths):
         raise SieveError(f"--set names {next(p for p in paths if paths.count(p) > 1)} twice")
-    combos = list(itertools.product(*(s.values for s in settings)))
-    if len(combos) > MAX_VARIANTS:
-        raise SieveError(f"{len(combos)} combinations (the product of the --set values) is more than {MAX_VARIANTS}: "
+    count = math.prod(len(s.values) for s in settings)  # before anything is built: 4 x 100 values is 1e8
+    if count > MAX_VARIANTS:
+        raise SieveError(f"{count} combinations (the product of the --set values) is more than {MAX_VARIANTS}: "
                          "sweep fewer values, or one setting at a time")
+    if index_path is not None and "index" in paths:
+        raise SieveError("--set index and --index together: --index would override every variant's index")
     if limit is not None and limit < 1:
         raise SieveError(f"--limit must be at least 1, got {limit}")
     measures = measures_for(recall_k)
@@ -187,33 +230,55 @@ def sweep(
         hint = get_close_matches(metric, names, n=1)
         raise SieveError(f"--metric {metric} is not a measure sweep computes"
                          + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; measures: {', '.join(names)}")
-    for setting in settings:  # a path that names nothing fails now, not after the first variants ran
-        apply_setting(copy.deepcopy(loaded.data), setting.path, setting.values[0])
+    # Every variant is compiled and checked before any query runs: a bad value is found now, not hours in.
+    pipelines: list[tuple[dict[str, Any], Pipeline]] = []
+    problems: list[str] = []
+    for values in itertools.product(*(s.values for s in settings)):
+        chosen = dict(zip(paths, values))
+        variant_data = copy.deepcopy(loaded.data)
+        try:
+            for path, value in chosen.items():
+                apply_setting(variant_data, path, value)
+            compiled = compile_data(variant_data, label=str(config), base_dir=base.compiled.base_dir)
+        except ConfigError as exc:
+            problems.append(f"{_describe(chosen)}: " + "; ".join(f"{i.path}: {i.message}" for i in exc.issues
+                                                                   if i.severity == "error"))
+            continue
+        except SieveError as exc:
+            problems.append(f"{_describe(chosen)}: {exc}")
+            continue
+        own_index = index_path or compiled.index_path  # a variant that sets `index` runs on that index
+        pipelines.append((chosen, Pipeline(compiled, index_path=own_index)))
+    if problems:
+        shown = problems[:10] + ([f"… and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise SieveError(f"{len(problems)} of {count} variants are not valid configs (nothing was run):\n  "
+                         + "\n  ".join(shown))
     shared = base.warm_up()
-    total = len(combos) + 1
+    total = count + 1
 
     def run(pipeline: Pipeline, chosen: dict[str, Any], number: int) -> Variant:
         if on_variant is not None:
             on_variant(number, total, chosen)
-        pipeline.warm_up(reuse=shared)
-        output = run_pipeline(pipeline, queries)
+        try:
+            pipeline.warm_up(reuse=shared)
+            output = run_pipeline(pipeline, queries)
+        except SieveError as exc:  # this variant fails (a model, an index, a query it refuses): the others run
+            if not chosen:
+                raise
+            return Variant(chosen, pipeline.compiled.config_sha256, {}, {}, latency_summary([]), 0, str(exc))
         per_query = per_query_metrics(output.run, qrels, measures)
         return Variant(chosen, pipeline.compiled.config_sha256, aggregate(per_query), per_query,
                        latency_summary(output.latency_ms), output.degraded)
 
     baseline = run(base, {}, 1)
-    variants = []
-    for number, values in enumerate(combos, start=2):
-        chosen = dict(zip(paths, values))
-        variant_data = copy.deepcopy(loaded.data)
-        for path, value in chosen.items():
-            apply_setting(variant_data, path, value)
-        label = f"{config} with " + ", ".join(f"{p}={json.dumps(v, default=str)}" for p, v in chosen.items())
-        compiled = compile_data(variant_data, label=label, base_dir=base.compiled.base_dir)
-        variants.append(run(Pipeline(compiled, index_path=index_path or base.index_path), chosen, number))
-    variants.sort(key=lambda v: (-v.metrics.get(metric, 0.0), _key(v.settings)))
+    variants = [run(pipeline, chosen, number) for number, (chosen, pipeline) in enumerate(pipelines, start=2)]
+    variants.sort(key=lambda v: (v.error is not None, -v.metrics.get(metric, 0.0), _key(v.settings)))
     return SweepReport(str(config), str(dataset), split, len(queries), metric, settings, baseline, variants,
                        _paired(baseline, variants[0], metric))
+
+
+def _describe(chosen: dict[str, Any]) -> str:
+    return ", ".join(f"{path}={json.dumps(value, default=str)}" for path, value in chosen.items()) or "as written"
 
 
 def _paired(baseline: Variant, best: Variant, metric: str) -> dict[str, Any]:
@@ -228,26 +293,45 @@ def _paired(baseline: Variant, best: Variant, metric: str) -> dict[str, Any]:
             "t_test_p": t_p, "randomisation_p": rand_p}
 
 
-def write_best(report: SweepReport, config: Path, out: Path) -> None:
-    """The best variant's config, beside the original (its relative paths, the index's and the rule files', are
-    relative to that directory), with a header saying where it came from."""
-    from engine.trace import write_text_atomic
-    from engine.yamlsource import load_yaml_file
-
+def check_best_out(config: Path, out: Path) -> None:
+    """Where ``--best-out`` may write, checked before a sweep runs: beside the config (its relative paths, the
+    index's and the rule files', are relative to that directory), a new file (a config is never overwritten, nor
+    the file a symlink names)."""
+    if out.is_symlink() or out.exists():
+        raise SieveError(f"--best-out {out} exists already: give a new file name (sweep never overwrites a config)")
     if out.resolve().parent != config.resolve().parent:
         raise SieveError(f"--best-out {out}: write it beside {config} (in {config.resolve().parent}): the config's "
                          "relative paths (its index, rule files, glossaries) are relative to that directory")
-    if out.resolve() == config.resolve():
-        raise SieveError(f"--best-out {out} is the config being swept: write the best variant to a new file")
+
+
+def write_best(report: SweepReport, config: Path, out: Path) -> None:
+    """The best variant's config, beside the original, with a header saying where it came from. Refused when no
+    variant scores above the config as written (the best of the grid would be a worse config). The file is the
+    parsed config written out again: the original's comments and YAML anchors are not kept."""
+    from engine.yamlsource import load_yaml_file
+
+    check_best_out(config, out)
+    if not report.improves:
+        raise SieveError(f"no variant scores above the config as written ({report.metric} "
+                         f"{report.baseline.metrics.get(report.metric, 0.0):.4f}): nothing written to {out}")
     data = copy.deepcopy(load_yaml_file(config).data)
     for path, value in report.best.settings.items():
         apply_setting(data, path, value)
-    chosen = ", ".join(f"{p}={json.dumps(v, default=str)}" for p, v in report.best.settings.items()) or "as written"
-    header = (f"# sieve sweep: {config.name} with {chosen}\n"
+    header = (f"# sieve sweep: {config.name} with {_describe(report.best.settings)}\n"
               f"# {report.metric} {report.best.metrics.get(report.metric, 0.0):.4f} on {report.dataset} "
               f"({report.split}, {report.queries} queries), best of {len(report.variants)}; the config as written: "
               f"{report.baseline.metrics.get(report.metric, 0.0):.4f}\n"
-              f"# {report.note()}\n")
+              f"# {report.note()}\n"
+              f"# written out from the parsed {config.name}: its comments and YAML anchors are not kept\n")
     text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110)
-    write_text_atomic(out, text)
-
+    temporary = out.with_name(f".{out.name[:96]}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, out)  # whole or not at all, and never over a file that appeared meanwhile
+    except FileExistsError:
+        raise SieveError(f"--best-out {out} appeared while the sweep ran: nothing written") from None
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ version: 1
 index: {index}
 stages:
   - {{id: bm25, type: recall.bm25, params: {{top_k: 100}}}}
-  - {{id: final, type: select.top_k, inputs: [bm25], params: {{k: 10}}}}
+  - {{id: final, type: select.top_k, inputs: [bm25], params: {{k: {k}}}}}
 output: final
 trace: {{log: null}}
 """
@@ -25,7 +25,13 @@ trace: {{log: null}}
 
 @pytest.fixture
 def config(bm25_index, write_config) -> Path:
-    return write_config(CONFIG.format(index=bm25_index))
+    return write_config(CONFIG.format(index=bm25_index, k=10))
+
+
+@pytest.fixture
+def short_config(bm25_index, write_config) -> Path:
+    """Returns 3 documents: keeping 10 scores higher."""
+    return write_config(CONFIG.format(index=bm25_index, k=3), "short.yaml")
 
 
 def test_a_grid_is_evaluated_next_to_the_config_as_written_best_first(config, mini_corpus):
@@ -49,18 +55,79 @@ def test_a_grid_is_evaluated_next_to_the_config_as_written_best_first(config, mi
     json.dumps(document)
 
 
-def test_the_best_config_is_written_beside_the_original_and_scores_what_the_sweep_said(config, mini_corpus):
-    report = sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2, 5]")], split="test",
+def test_the_best_config_is_written_beside_the_original_and_scores_what_the_sweep_said(short_config, mini_corpus):
+    report = sweep(short_config, mini_corpus, [parse_setting("stages.final.params.k=[2, 10]")], split="test",
                    allow_test=True)
-    out = config.with_name("best.yaml")
-    write_best(report, config, out)
+    assert report.improves
+    out = short_config.with_name("best.yaml")
+    write_best(report, short_config, out)
     text = out.read_text(encoding="utf-8")
-    assert text.startswith("# sieve sweep: pipeline.yaml with stages.final.params.k=5\n")
-    assert yaml.safe_load(text)["stages"][1]["params"]["k"] == 5
+    assert text.startswith("# sieve sweep: short.yaml with stages.final.params.k=10\n")
+    assert "its comments and YAML anchors are not kept" in text
+    assert yaml.safe_load(text)["stages"][1]["params"]["k"] == 10
     again = evaluate_pipeline(out, mini_corpus, split="test")
     assert again.metrics["ndcg_cut_10"] == pytest.approx(report.best.metrics["ndcg_cut_10"])
+    with pytest.raises(SieveError, match="exists already: give a new file name"):
+        write_best(report, short_config, out)  # never over a file, a config least of all
     with pytest.raises(SieveError, match="write it beside"):
-        write_best(report, config, config.parent / "sub" / "best.yaml")
+        write_best(report, short_config, short_config.parent / "sub" / "best.yaml")
+
+
+def test_a_grid_that_does_not_beat_the_config_as_written_writes_nothing(config, mini_corpus):
+    """The best of a grid worse than the config as written was written out as 'best config'."""
+    report = sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[1, 3]")], split="test",
+                   allow_test=True)
+    assert not report.improves and report.best.metrics["ndcg_cut_10"] < report.baseline.metrics["ndcg_cut_10"]
+    assert any("no variant scores above the config as written" in w for w in report.warnings())
+    out = config.with_name("best.yaml")
+    with pytest.raises(SieveError, match="no variant scores above the config as written .*nothing written"):
+        write_best(report, config, out)
+    assert not out.exists()
+
+
+def test_a_variant_that_sets_the_index_runs_on_that_index(short_config, mini_corpus, tmp_path):
+    """`--set index=...` was ignored: every variant ran on the config's index."""
+    from engine.index import build_index
+
+    half = tmp_path / "half"
+    half.mkdir()
+    lines = (mini_corpus / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    (half / "corpus.jsonl").write_text("\n".join(lines[::2]) + "\n", encoding="utf-8")
+    build_index(half, tmp_path / "half-index", {"bm25": {}})
+    report = sweep(short_config, mini_corpus, [parse_setting(f"index=[{tmp_path / 'half-index'}]")], split="test",
+                   allow_test=True)
+    (variant,) = report.variants
+    assert variant.metrics["ndcg_cut_10"] < report.baseline.metrics["ndcg_cut_10"]  # half the documents are gone
+    with pytest.raises(SieveError, match="--set index and --index together"):
+        sweep(short_config, mini_corpus, [parse_setting("index=[x]")], split="test", allow_test=True,
+              index_path=tmp_path / "half-index")
+
+
+def test_every_variant_is_checked_before_any_query_runs(config, mini_corpus):
+    ran = []
+    with pytest.raises(SieveError, match="1 of 3 variants are not valid configs \\(nothing was run\\)") as caught:
+        sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2, -1, 5]")], split="test",
+              allow_test=True, on_variant=lambda *args: ran.append(args))
+    assert ran == [] and "stages.final.params.k=-1: stages.1.params.k:" in str(caught.value)
+    assert ":1:1" not in str(caught.value)  # no made-up file:line for a variant that exists in no file
+
+
+def test_a_variant_that_fails_at_run_time_is_reported_and_the_others_are_ranked(config, mini_corpus):
+    report = sweep(config, mini_corpus, [parse_setting("limits.max_query_chars=[20, 4096]")], split="test",
+                   allow_test=True)
+    ok, failed = report.variants
+    assert ok.settings == {"limits.max_query_chars": 4096} and ok.error is None
+    assert failed.error is not None and "characters long" in failed.error
+    assert any(w.startswith("variant limits.max_query_chars=20 failed:") for w in report.warnings())
+    assert report.to_json()["variants"][1]["error"] == failed.error
+
+
+def test_a_huge_grid_is_refused_before_anything_is_built(config, mini_corpus):
+    big = [parse_setting(f"stages.bm25.params.top_k=[{', '.join(str(i) for i in range(1, 101))}]"),
+           parse_setting(f"stages.final.params.k=[{', '.join(str(i) for i in range(1, 101))}]"),
+           parse_setting(f"executor.max_workers=[{', '.join(str(i) for i in range(1, 65))}]")]
+    with pytest.raises(SieveError, match="640000 combinations .* is more than 200"):
+        sweep(config, mini_corpus, big, split="test", allow_test=True)
 
 
 def test_tuning_on_the_test_split_is_refused_unless_asked_for(config, mini_corpus):
@@ -102,14 +169,23 @@ def test_a_setting_that_names_nothing_fails_before_anything_runs(config, mini_co
     with pytest.raises(SieveError, match="--metric ndcg_at_10 is not a measure sweep computes \\(did you mean 'ndcg_cut_10'"):
         sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2]")], split="test", allow_test=True,
               metric="ndcg_at_10")
-    # a value the stage does not accept: the config's own message, naming the variant
-    with pytest.raises(ConfigError, match="with stages.final.params.k=-1") as caught:
-        sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2, -1]")], split="test", allow_test=True)
-    assert "stages.1.params.k" in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("stages.final.params.k=", "gives no value"),
+    ("stages.final=5", "name a setting inside the stage"),
+    ("stages.final.id=[a, b]", "a stage's id names it"),
+    ("trace.log=[a.jsonl, b.jsonl]", "does not change what a query returns"),
+    ("description=x", "does not change what a query returns"),
+    ("stages.final.params.k=[10, 10.0]", "a value is listed twice"),
+])
+def test_a_setting_that_could_not_mean_anything_is_refused(text, says):
+    with pytest.raises(SieveError, match=says):
+        parse_setting(text)
 
 
 def test_apply_setting_creates_a_param_left_at_its_default_and_refuses_a_path_through_a_value():
-    data = yaml.safe_load(CONFIG.format(index="x"))
+    data = yaml.safe_load(CONFIG.format(index="x", k=10))
     apply_setting(data, "stages.bm25.params.query", "both")
     apply_setting(data, "executor.deadline_ms", 500)
     assert data["stages"][0]["params"] == {"top_k": 100, "query": "both"} and data["executor"] == {"deadline_ms": 500}
@@ -118,22 +194,24 @@ def test_apply_setting_creates_a_param_left_at_its_default_and_refuses_a_path_th
     assert Setting("a", (1,)) == parse_setting("a=1")
 
 
-def test_the_cli_prints_the_grid_and_writes_the_best_config(config, mini_corpus):
+def test_the_cli_prints_the_grid_and_writes_the_best_config(short_config, mini_corpus):
     from typer.testing import CliRunner
 
     from engine.cli import app
 
-    best = config.with_name("best.yaml")
-    args = ["sweep", str(config), "--dataset", str(mini_corpus), "--split", "test", "--allow-test",
+    best = short_config.with_name("best.yaml")
+    args = ["sweep", str(short_config), "--dataset", str(mini_corpus), "--split", "test", "--allow-test",
             "--set", "stages.final.params.k=[1, 10]", "--best-out", str(best)]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert "2 variants and the config as written, by ndcg_cut_10" in done.output
-    assert "(as written)" in done.output and "best vs as written: +0.0000 ndcg_cut_10" in done.output
+    assert "(as written)" in done.output and "best vs as written: +0." in done.output
     assert "optimistic estimate" in done.output and f"best config written to {best}" in done.output
     assert yaml.safe_load(best.read_text(encoding="utf-8"))["stages"][1]["params"]["k"] == 10
+    again = CliRunner().invoke(app, args)  # best.yaml exists now: refused before the sweep runs
+    assert again.exit_code == 1 and "exists already" in str(again.exception) and "variants" not in again.output
     as_json = CliRunner().invoke(app, [*args[:-2], "--json"])
     assert json.loads(as_json.stdout)["best"]["settings"] == {"stages.final.params.k": 10}
-    refused = CliRunner().invoke(app, ["sweep", str(config), "--dataset", str(mini_corpus), "--split", "test",
+    refused = CliRunner().invoke(app, ["sweep", str(short_config), "--dataset", str(mini_corpus), "--split", "test",
                                        "--set", "stages.final.params.k=[1, 10]"])
     assert refused.exit_code == 1 and "refusing to tune on the 'test' split" in str(refused.exception)
