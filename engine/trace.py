@@ -890,6 +890,10 @@ def rotate_log(path: str | Path) -> Rotation:
     given = Path(path)
     _require_log(given)
     log = TraceLog(os.path.realpath(given))  # the file a symlinked log names: the archive goes beside it
+    successor = _continued_by(log.path)
+    if successor is not None:
+        raise TraceError(f"{given} is an archived segment: {successor.name} continues its chain (its first record "
+                         f"links to it); rotate {successor} instead, and leave archives as they are")
     for _ in range(10):  # another rotation may move the file between the check and the lock: check again
         try:
             rotation = _rotate_once(log, given)
@@ -978,6 +982,25 @@ def _rotate_once(log: TraceLog, given: Path) -> Rotation:
             raise
         _fsync_directory(log.path.parent)
     return Rotation(given, archive, first["seq"], last["seq"], marker)
+
+
+def _continued_by(path: Path, limit: int = 10_000) -> Path | None:
+    """The log beside ``path`` whose first record is a segment marker naming ``path`` as its previous segment (the
+    file is then an archive), or None; at most ``limit`` entries of the directory are looked at."""
+    try:
+        entries = os.scandir(path.parent)
+    except OSError:
+        return None
+    with entries:
+        for count, entry in enumerate(entries):
+            if count >= limit:
+                return None
+            if entry.name == path.name or not entry.is_file():
+                continue
+            previous = _previous_segment(Path(entry.path))
+            if previous is not None and previous.path.name == path.name:
+                return Path(entry.path)
+    return None
 
 
 def _broken(path: Path, problem: str) -> TraceError:

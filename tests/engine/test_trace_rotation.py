@@ -346,3 +346,16 @@ def test_a_record_read_from_an_archive_names_the_archive(tmp_path):
     assert "trace.000000-000001.jsonl, a segment rotated out of the trace log" in source.message
     _, here = load_trace_checked(log.path, trace_id="b0")
     assert here.log == str(log.path) and "segment" not in here.message
+
+
+def test_an_archived_segment_is_not_rotated(tmp_path):
+    """Rotating an archive left it holding only a marker and broke the chain of the log that continues it."""
+    log = TraceLog(tmp_path / "trace.jsonl")
+    _fill(log, "a", 2)
+    first = rotate_log(log.path)
+    _fill(log, "b", 2)
+    before = first.archive.read_bytes()
+    with pytest.raises(TraceError, match="trace.000000-000001.jsonl is an archived segment: trace.jsonl continues"):
+        rotate_log(first.archive)
+    assert first.archive.read_bytes() == before and check_log(log.path).problems == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.000000-000001.jsonl", "trace.jsonl"]
