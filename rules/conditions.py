@@ -204,9 +204,13 @@ class Condition(NoCoercion):
             if len(value) > MAX_REGEX_CHARS:
                 raise _err(f"the pattern is longer than {MAX_REGEX_CHARS} characters")
             try:
-                compile_pattern(value)
+                pattern = compile_pattern(value)
             except PatternError as exc:
                 raise _err(f"invalid regular expression: {exc}") from None
+            if value and pattern.search("") is not None:
+                raise _err("the pattern matches an empty text, so it is found in every text and the condition would "
+                           "always hold (an empty alternative such as 'metformin|', or only optional parts such as "
+                           "'x*'); to test for an empty field, use op: eq with value: ''")
         elif op in ORDER_OPS:
             problem = relative_date_problem(value)
             if problem is not None:
