@@ -902,8 +902,9 @@ class Index:
     descriptors, closed with the object or by :meth:`close`), the manifest and every file are read through the
     directory opened, and documents always come from the document store opened (see :class:`DocumentStore`), so
     an index rebuilt at the same path meanwhile (``sieve index --out`` swaps a new directory in) is never mixed
-    with it. :meth:`disk_state` says whether the path now holds another index; :meth:`component` refuses to
-    hand out a component directory once it does (a stage loading its files at warm-up would read the new one).
+    with it. :meth:`disk_state` says whether the path now holds another index (or the same one rebuilt
+    identically); :meth:`component` refuses to hand out a component directory once the path holds another
+    directory (a stage loading its files at warm-up would read the new one).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], manifest_sha256: str, *,
@@ -1003,7 +1004,8 @@ class Index:
 
     def replaced_on_disk(self) -> bool:
         """Whether ``path`` now names another directory (or document store) than the one opened: the index was
-        rebuilt (or moved) since. This object still reads the version it opened."""
+        rebuilt (or moved) since, perhaps identically (:meth:`disk_state` tells). This object still reads the
+        version it opened."""
         try:
             same = os.path.samestat(os.stat(self.path), self._dir_identity)
         except OSError:
@@ -1011,9 +1013,12 @@ class Index:
         return not same or self.documents.replaced_on_disk()
 
     def disk_state(self) -> dict[str, Any]:
-        """The index being read against the one now at its path: ``replaced_on_disk``, ``serving_manifest_sha256``
-        and ``on_disk_manifest_sha256`` (None: no readable manifest there). The on-disk manifest is hashed again
-        only when its file changed (size, mtime, inode)."""
+        """The index being read against the one now at its path: ``replaced_on_disk`` (the path holds another index:
+        another manifest, or none readable), ``rebuilt_identically`` (the path holds another directory with the very
+        manifest served: a deterministic rebuild of the same corpus and settings, whose files the manifest names by
+        sha256, so the same index and nothing to restart for), ``serving_manifest_sha256`` and
+        ``on_disk_manifest_sha256`` (None: no readable manifest there). The on-disk manifest is hashed again only
+        when its file changed (size, mtime, inode)."""
         replaced = self.replaced_on_disk()
         on_disk: str | None = self.manifest_sha256
         if replaced:
@@ -1029,7 +1034,9 @@ class Index:
                 else:
                     on_disk = manifest_sha256_of(self.path)
                     self._on_disk = (key, on_disk)
-        return {"path": str(self.path), "replaced_on_disk": replaced, "serving_manifest_sha256": self.manifest_sha256,
+        identical = replaced and on_disk == self.manifest_sha256
+        return {"path": str(self.path), "replaced_on_disk": replaced and not identical,
+                "rebuilt_identically": identical, "serving_manifest_sha256": self.manifest_sha256,
                 "on_disk_manifest_sha256": on_disk}
 
     def component(self, name: str, stage_id: str | None = None) -> tuple[Path, dict[str, Any]]:

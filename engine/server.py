@@ -54,7 +54,10 @@ is not picked up either; restart the server to serve it. ``/readyz`` and ``GET /
 an index was replaced on disk since start (``index_replaced_on_disk``, the serving and the on-disk
 manifest sha256) and the server logs a warning once per change; readiness stays 200, since the server
 still answers consistently from the version it opened (taking every replica out of rotation at once
-after a rebuild would be an outage). An index replaced while the server warms up is opened again.
+after a rebuild would be an outage). An index rebuilt identically (the same manifest sha256: the same
+corpus and settings, builds being deterministic) is the index served, so it is not reported as replaced
+and needs no restart: ``GET /v1/pipelines`` shows it as ``rebuilt_identically`` and the server logs it
+once, at INFO. An index replaced while the server warms up is opened again.
 
 Readiness also follows the trace log: when an append fails for a reason of the log's storage (an
 OSError: disk full, permissions, the log's path not a file) and none has succeeded since, every query
@@ -711,20 +714,24 @@ class _Health:
 
     def index_state(self, name: str) -> dict[str, Any] | None:
         """The pipeline's index against the one now on disk (engine.index.Index.disk_state); a warning is logged
-        once per on-disk manifest that is not the one served."""
+        once per on-disk manifest that is not the one served, an INFO line once when the index was rebuilt
+        identically (the manifest served: nothing to restart for)."""
         pipeline = self._pipelines[name]
         index = pipeline.resources.index if pipeline.resources is not None else None
         if index is None:
             return None
         state = index.disk_state()
-        if state["replaced_on_disk"]:
+        if state["replaced_on_disk"] or state["rebuilt_identically"]:
             with self._lock:
                 first = self._warned.get(name, "") != state["on_disk_manifest_sha256"]
                 self._warned[name] = state["on_disk_manifest_sha256"]
-            if first:
+            if first and state["replaced_on_disk"]:
                 log.warning("pipeline '%s': the index at %s was replaced on disk (manifest %s, serving %s); this "
                             "server keeps serving the version it opened: restart it to serve the new one", name,
                             index.path, str(state["on_disk_manifest_sha256"])[:12], index.manifest_sha256[:12])
+            elif first:
+                log.info("pipeline '%s': the index at %s was rebuilt identically (the same manifest %s): it is the "
+                         "index served, no restart needed", name, index.path, index.manifest_sha256[:12])
         return state
 
     def replaced_indexes(self) -> dict[str, dict[str, Any]]:
@@ -732,7 +739,8 @@ class _Health:
         for name in sorted(self._pipelines):
             state = self.index_state(name)
             if state is not None and state["replaced_on_disk"]:
-                found[name] = {key: value for key, value in state.items() if key != "replaced_on_disk"}
+                found[name] = {key: value for key, value in state.items()
+                               if key not in ("replaced_on_disk", "rebuilt_identically")}
         return found
 
 

@@ -123,7 +123,7 @@ def test_a_component_is_not_handed_out_from_a_replaced_index(served_index):
     index_dir, _, corpus_b_file = served_index
     index = Index.open(index_dir)
     assert index.component("bm25")[0] == index_dir / "bm25"
-    assert index.disk_state() == {"path": str(index_dir), "replaced_on_disk": False,
+    assert index.disk_state() == {"path": str(index_dir), "replaced_on_disk": False, "rebuilt_identically": False,
                                   "serving_manifest_sha256": index.manifest_sha256,
                                   "on_disk_manifest_sha256": index.manifest_sha256}
     build_index(corpus_b_file, index_dir, {"bm25": {}})
@@ -179,6 +179,54 @@ def test_the_replaced_index_is_logged_once_per_change(served_index, tmp_path, ca
             assert client.post("/v1/pipelines/p/search", json={"query": "common"}).status_code == 200
     warned = [r for r in caplog.records if "was replaced on disk" in r.getMessage()]
     assert len(warned) == 1 and "restart" in warned[0].getMessage()
+
+
+def test_an_index_rebuilt_identically_is_not_reported_as_replaced(served_index, tmp_path, caplog):
+    """Builds are deterministic: the same corpus and settings give the very manifest served. /readyz said
+    index_replaced_on_disk (and the log said to restart) with the serving and on-disk sha256 equal; an identical
+    rebuild is now shown as such, with nothing to restart for, and another corpus is still reported."""
+    from starlette.testclient import TestClient
+
+    index_dir, _, corpus_b_file = served_index
+    corpus_a_file = tmp_path / "a.jsonl"  # what served_index built from
+    config = tmp_path / "p.yaml"
+    config.write_text(PIPELINE.format(name="p", index=index_dir, log="null"), encoding="utf-8")
+    pipelines = server_module.load_pipelines([config])
+    client = TestClient(create_app(pipelines))
+    serving = pipelines["p"].resources.index.manifest_sha256
+
+    def rebuilt_identically() -> None:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json() == {"status": "ready", "pipelines": ["p"]}
+        [listed] = client.get("/v1/pipelines").json()["pipelines"]
+        assert listed["index"] == {"path": str(index_dir), "replaced_on_disk": False, "rebuilt_identically": True,
+                                   "serving_manifest_sha256": serving, "on_disk_manifest_sha256": serving}
+        assert client.post("/v1/pipelines/p/search", json={"query": "common"}).status_code == 200
+
+    with caplog.at_level(logging.INFO, logger="sieve.server"):
+        build_index(corpus_a_file, index_dir, {"bm25": {}})  # the same corpus and settings: a new directory
+        assert manifest_sha256_of(index_dir) == serving and pipelines["p"].resources.index.replaced_on_disk()
+        for _ in range(2):
+            rebuilt_identically()
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        [said] = [r.getMessage() for r in caplog.records if "rebuilt identically" in r.getMessage()]
+        assert "no restart needed" in said and "restart it" not in said
+        # another corpus is still a replacement: reported, with the advice to restart, once
+        build_index(corpus_b_file, index_dir, {"bm25": {}})
+        for _ in range(2):
+            ready = client.get("/readyz").json()
+            assert ready["index_replaced_on_disk"] is True
+            assert ready["indexes"]["p"]["on_disk_manifest_sha256"] == manifest_sha256_of(index_dir) != serving
+        [listed] = client.get("/v1/pipelines").json()["pipelines"]
+        assert listed["index"]["replaced_on_disk"] is True and listed["index"]["rebuilt_identically"] is False
+        # and built back to the version served: identical again, then replaced again (each said once more)
+        build_index(corpus_a_file, index_dir, {"bm25": {}})
+        rebuilt_identically()
+        build_index(corpus_b_file, index_dir, {"bm25": {}})
+        assert client.get("/readyz").json()["index_replaced_on_disk"] is True
+    warned = [r.getMessage() for r in caplog.records if "was replaced on disk" in r.getMessage()]
+    assert len(warned) == 2 and all("restart" in w for w in warned)
+    assert len([r for r in caplog.records if "rebuilt identically" in r.getMessage()]) == 2
 
 
 # --------------------------------------------------------------------------- 2. deterministic builds, replay notes
