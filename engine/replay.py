@@ -278,26 +278,42 @@ def _index_differences(recorded: dict[str, Any], now: dict[str, Any], reproduced
     """(differences, notes) between the index the trace recorded and the one the replay read. Another manifest is a
     difference, unless the index was rebuilt from the same corpus with the same components and settings (both
     recorded) and ``reproduced`` (every result, score and stage output is the same): then only the files' bytes
-    differ, a note. A difference says how to replay against the traced index (``--index``), naming the copy
-    ``sieve index --keep-previous`` kept beside the index when there is one."""
+    differ, a note. A component the index read has and the traced one had not is said to be added (one it lacks,
+    removed), not to differ in its files or settings. A difference says how to replay against the traced index
+    (``--index``), naming the copy ``sieve index --keep-previous`` kept beside the index when there is one."""
     if recorded.get("manifest_sha256") == now.get("manifest_sha256"):
         return [], []
     message = (f"index manifest differs: trace {str(recorded.get('manifest_sha256'))[:12]}, "
                f"now {str(now.get('manifest_sha256'))[:12]}")
     old_corpus, new_corpus = recorded.get("corpus_sha256"), now.get("corpus_sha256")
     same_corpus = old_corpus is not None and old_corpus == new_corpus
+    old_names, new_names = _component_names(recorded), _component_names(now)
+    added = sorted(new_names - old_names) if old_names is not None and new_names is not None else []
+    removed = sorted(old_names - new_names) if old_names is not None and new_names is not None else []
+    changed_set = ""  # a component added or removed is said so, not as files or settings that differ
+    for names, what in ((added, "added (in the index read, not in the traced one)"),
+                        (removed, "removed (in the traced index, not in the index read)")):
+        if names:
+            several = len(names) > 1
+            changed_set += (f"; {'the components' if several else 'the component'} {', '.join(names)} "
+                            f"{'were' if several else 'was'} {what}")
     if same_corpus:
         message += f"; the corpus is the same (sha256 {old_corpus[:12]}): the index was rebuilt from an identical corpus"
+        message += changed_set
         old_parts, new_parts = recorded.get("component_sha256") or {}, now.get("component_sha256") or {}
         if old_parts and new_parts:
-            names = sorted(set(old_parts) | set(new_parts))
+            names = sorted((set(old_parts) | set(new_parts)) - set(added) - set(removed))
             differ = [n for n in names if old_parts.get(n) != new_parts.get(n)]
             if differ:
                 message += f"; the files of {', '.join(differ)} differ"
+            elif added or removed:
+                message += "; the files of the components both indexes have are identical"
             else:
                 message += "; every component's files are identical (only the manifest's build metadata differs)"
-    elif old_corpus is not None and new_corpus is not None:
-        message += f"; the corpus differs (sha256 {old_corpus[:12]} -> {new_corpus[:12]})"
+    else:
+        if old_corpus is not None and new_corpus is not None:
+            message += f"; the corpus differs (sha256 {old_corpus[:12]} -> {new_corpus[:12]})"
+        message += changed_set
     old_settings, new_settings = recorded.get("component_settings"), now.get("component_settings")
     built_alike = (same_corpus and isinstance(old_settings, dict) and old_settings == new_settings
                    and recorded.get("components") == now.get("components"))
@@ -308,9 +324,19 @@ def _index_differences(recorded: dict[str, Any], now: dict[str, Any], reproduced
         message += ("; every result is reproduced, but the trace does not record the components' settings (a trace "
                     "written before Sieve recorded them), so the rebuild cannot be shown to be alike")
     elif same_corpus and isinstance(old_settings, dict) and isinstance(new_settings, dict) and old_settings != new_settings:
-        changed = sorted(n for n in set(old_settings) | set(new_settings) if old_settings.get(n) != new_settings.get(n))
-        message += f"; the settings of {', '.join(changed)} differ"
+        changed = sorted(n for n in (set(old_settings) | set(new_settings)) - set(added) - set(removed)
+                         if old_settings.get(n) != new_settings.get(n))
+        if changed:
+            message += f"; the settings of {', '.join(changed)} differ"
     return [message + _index_hint(recorded, index_path)], []
+
+
+def _component_names(index: dict[str, Any]) -> set[str] | None:
+    """The components an index record names (``components``); None: not recorded."""
+    names = index.get("components")
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return set(names)
+    return None
 
 
 def _index_hint(recorded: dict[str, Any], index_path: Path | None) -> str:

@@ -310,6 +310,29 @@ def test_other_settings_or_other_results_are_still_a_difference(tmp_path):
     assert any("score" in d for d in report["differences"] if d is not named)
 
 
+def test_a_component_added_or_removed_by_a_rebuild_is_said_so_in_replay(served_index, tmp_path):
+    """A trace made on a bm25-only index replayed against the index rebuilt with bm25 + dense said "the files of
+    dense differ; the settings of dense differ": dense was added (and, the other way, removed)."""
+    index_dir, _, _ = served_index  # bm25 only, from corpus a
+    corpus_a_file = tmp_path / "a.jsonl"
+    config = _bm25_config(tmp_path, index_dir)
+    bm25_only = Pipeline.from_file(config).search("common words", log=False).trace
+    assert bm25_only["index"]["components"] == ["bm25"]
+
+    build_index(corpus_a_file, index_dir, {"bm25": {}, "dense": {}})
+    [named] = [d for d in replay_trace(bm25_only)["differences"] if d.startswith("index manifest differs")]
+    assert "the corpus is the same" in named and "the component dense was added" in named, named
+    assert "dense differ" not in named and "files of bm25" not in named and "settings of bm25" not in named
+    assert "removed" not in named and "--keep-previous" in named
+
+    with_dense = Pipeline.from_file(config).search("common words", log=False).trace
+    assert with_dense["index"]["components"] == ["bm25", "dense"]
+    build_index(corpus_a_file, index_dir, {"bm25": {"k1": 1.2}})
+    [named] = [d for d in replay_trace(with_dense)["differences"] if d.startswith("index manifest differs")]
+    assert "the component dense was removed" in named, named
+    assert "dense differ" not in named and "the settings of bm25 differ" in named and "added" not in named
+
+
 # --------------------------------------------------------------------------- 3. keeping the replaced index for replay
 
 
