@@ -282,7 +282,7 @@ class Pipeline:
                 elapsed = (time.perf_counter() - started) * 1000.0
                 record["deadline"] = {"deadline_ms": budget, "cut": "while_running", "elapsed_ms": round(elapsed, 3)}
                 message = f"cut by the query's deadline ({budget} ms) while the stage ran, at {elapsed:.0f} ms"
-                if str(exc).startswith("its next step"):  # cut ahead of a step that would overrun
+                if "expected to take" in str(exc) or "waiting for" in str(exc):  # cut ahead, or while waiting
                     message += f": {exc}"
             if spec.on_error == "fail":
                 raise StageError(stage_id, stage.qualified_name(), message) from exc

@@ -211,8 +211,8 @@ def stage_deadline(deadline: float | None) -> Iterator[None]:
 
 def check_deadline(expected_s: float = 0.0) -> None:
     """For a stage's long loops (a reranker's batches): raise :class:`DeadlineExceeded` once the query's deadline
-    has passed, or when the next step, expected to take ``expected_s`` seconds, would end past it (a step cannot
-    be stopped once started: better not to start it). A no-op unless the running stage may be cut (``on_error:
+    has passed, or when the rest of its work, expected to take ``expected_s`` seconds, would end past it (a step
+    cannot be stopped once started, and an unfinished stage's work is discarded: better not to start it). A no-op unless the running stage may be cut (``on_error:
     skip`` in a pipeline with ``executor.deadline_ms``), so a stage calls it freely; the executor then skips the
     stage, as on a failure."""
     deadline = _DEADLINE.get()
@@ -222,8 +222,15 @@ def check_deadline(expected_s: float = 0.0) -> None:
     if now >= deadline:
         raise DeadlineExceeded("the query's deadline passed while the stage ran")
     if now + expected_s >= deadline:
-        raise DeadlineExceeded(f"its next step, expected to take {expected_s * 1000:.0f} ms, would end past the "
-                               "deadline")
+        raise DeadlineExceeded(f"the rest of its work, expected to take {expected_s * 1000:.0f} ms, would end past "
+                               "the deadline")
+
+
+def deadline_remaining() -> float | None:
+    """Seconds left before the query's deadline for the running stage (negative once passed), or None when it may
+    not be cut: for a stage's waits (a lock another query holds), as ``check_deadline`` is for its loops."""
+    deadline = _DEADLINE.get()
+    return None if deadline is None else deadline - time.perf_counter()
 
 
 class RecentNotes:

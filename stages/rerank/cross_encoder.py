@@ -48,6 +48,7 @@ from engine.stage import (
     StageParams,
     StageResult,
     check_deadline,
+    deadline_remaining,
 )
 from stages.rerank.modeling import (
     DEFAULT_MAX_QUERY_TOKENS,
@@ -332,13 +333,17 @@ class LoadedReranker:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         pinned = self.device != "cpu"
         outputs = []
+        batches = [[encoded[i] for i in order[start : start + batch_size]]
+                   for start in range(0, len(order), batch_size)]
+        cost = [len(members) * max(len(m) for m in members) for members in batches]  # tokens after padding
         with torch.inference_mode(), self._autocast():
-            for start in range(0, len(order), batch_size):
-                members = [encoded[i] for i in order[start : start + batch_size]]
-                cells = len(members) * max(len(m) for m in members)  # tokens after padding: the batch's cost
-                # under a query deadline (executor.deadline_ms): stop between batches, and do not start one that
-                # is expected to end past it (a CPU forward pass cannot be interrupted)
-                expected = cells * self._seconds_per_cell if self._seconds_per_cell is not None else 0.0
+            for number, members in enumerate(batches):
+                cells = cost[number]
+                # under a query deadline (executor.deadline_ms): stop between batches, and do not go on when the
+                # rest is expected to end past it (a CPU forward pass cannot be interrupted, and the scores of an
+                # unfinished window are discarded: better to stop before spending the budget)
+                rest = sum(cost[number:])
+                expected = rest * self._seconds_per_cell if self._seconds_per_cell is not None else 0.0
                 try:
                     check_deadline(expected)
                 except DeadlineExceeded:
@@ -573,13 +578,18 @@ class CrossEncoderRerank(Stage):
             return {candidate.doc_id: cached[digest] for candidate, _, digest in items}
         found: dict[str, PairScore] = {}
         if items:
-            with model.lock:
+            remaining = deadline_remaining()  # under a query deadline, wait for the model no longer than it allows
+            if not (model.lock.acquire() if remaining is None else model.lock.acquire(timeout=max(remaining, 0.0))):
+                raise DeadlineExceeded("waiting for the model, which other queries held, ran past the deadline")
+            try:
                 scored = model.score(
                     query_text, [text for _, text, _ in items], batch_size=batch_size,
                     max_query_tokens=max_query_tokens,
                     chunk_overlap=params.chunk_overlap if chunking else None,
                     max_chunks=params.max_chunks, oom_backoff=params.oom_backoff, events=events,
                 )
+            finally:
+                model.lock.release()
             by_digest = {}
             for (candidate, _, digest), result in zip(items, scored):
                 found[candidate.doc_id] = result

@@ -159,7 +159,7 @@ def test_the_reranker_does_not_start_a_batch_expected_to_end_past_the_deadline(b
     trace = pipeline.search(QUERY, log=False).trace
     record = _stage(trace, "rerank")
     assert record["status"] == "skipped" and record["deadline"]["cut"] == "while_running"
-    assert "its next step, expected to take" in record["error"] and "would end past the deadline" in record["error"]
+    assert "the rest of its work, expected to take" in record["error"] and "would end past the deadline" in record["error"]
     assert model._seconds_per_cell == pytest.approx(9.0)  # an estimate that cuts every query decays
     # a realistic estimate: the stage runs
     model._seconds_per_cell = 1e-9
@@ -237,3 +237,22 @@ def test_the_reranker_pays_its_first_slow_forward_pass_at_warm_up(bm25_index, wr
     again = _config(write_config, bm25_index, deadline="null", sleep="{ms: 0}")
     again.warm_up(reuse=pipeline.resources)
     assert again.compiled.stages["rerank"]._model is model and model._timed_batches == 1  # once per model
+
+
+def test_a_query_waiting_for_the_model_another_query_holds_is_cut_at_the_deadline(bm25_index, write_config,
+                                                                                   sleep_stage):
+    """Under load a query waited for the reranker's lock without looking at its deadline (a 1.5 s deadline gave
+    3 s responses)."""
+    pipeline = _config(write_config, bm25_index, deadline="300", sleep="{ms: 0}")
+    pipeline.warm_up()
+    model = pipeline.compiled.stages["rerank"]._model
+    model.lock.acquire()  # another query is scoring
+    try:
+        began = time.perf_counter()
+        trace = pipeline.search(QUERY, log=False).trace
+        took = time.perf_counter() - began
+    finally:
+        model.lock.release()
+    record = _stage(trace, "rerank")
+    assert record["status"] == "skipped" and "waiting for the model, which other queries held" in record["error"]
+    assert took < 5.0  # it gave up at the deadline, not when the lock came free
