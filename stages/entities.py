@@ -58,6 +58,7 @@ from engine.stage import (
     StageResult,
 )
 from engine.strictness import NoCoercion
+from rules.expressions import REGEX_TIMEOUT_S, PatternError, compile_pattern
 
 ENTITIES_FILE = "entities.jsonl"
 GAZETTEER_COPY = "gazetteer.yaml"
@@ -113,8 +114,8 @@ class GazetteerEntry(NoCoercion):
     def _regex(cls, pattern: str | None) -> str | None:
         if pattern is not None:
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                _gazetteer_pattern(pattern, case_sensitive=True)
+            except PatternError as exc:
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return pattern
 
@@ -261,6 +262,37 @@ def _ends_word(text: str, end: int) -> bool:
     return not (after in ".," and text[end - 1].isdigit() and end + 1 < len(text) and text[end + 1].isdigit())
 
 
+def _gazetteer_pattern(pattern: str, *, case_sensitive: bool) -> Any:
+    """An analyst's gazetteer regex on the `regex` engine (``re``'s syntax), searched with a time limit."""
+    return compile_pattern(pattern, not case_sensitive)
+
+
+def _bounded(search: Any, pattern: Any, text: str, label: str) -> Any:
+    """``search(text, timeout=...)`` of a gazetteer pattern; a SieveIndexError naming the entry when it runs over
+    (a pattern that backtracks without end would otherwise stall indexing or every query)."""
+    try:
+        return search(text, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise SieveIndexError(
+            f"the gazetteer's {label} regex {pattern.pattern!r} ran over {REGEX_TIMEOUT_S * 1000:.0f} ms on a text of "
+            f"{len(text)} characters (catastrophic backtracking: a repetition inside a repetition, such as (a+)+); "
+            "rewrite it"
+        ) from None
+
+
+def _token_extension(pattern: str, case_sensitive: bool, label: str) -> str:
+    """The name of a spaCy token attribute that says whether a token matches ``pattern`` as a whole, with the time
+    limit (spaCy's own REGEX attribute runs ``re`` with none)."""
+    from spacy.tokens import Token
+
+    name = "sieve_gazetteer_" + hashlib.sha256(f"{case_sensitive}\x00{pattern}".encode()).hexdigest()[:16]
+    if not Token.has_extension(name):
+        compiled = _gazetteer_pattern(pattern, case_sensitive=case_sensitive)
+        Token.set_extension(name, getter=lambda token: _bounded(compiled.fullmatch, compiled, token.text, label)
+                            is not None)
+    return name
+
+
 class HanTextReader:
     """The gazetteer's names matched as phrases on NFKC text (a character trie, one per case rule), and its
     regex entries on the text, both with Latin word boundaries; longest match first, without overlaps."""
@@ -268,7 +300,7 @@ class HanTextReader:
     def __init__(self, gazetteer: Gazetteer | None):
         self._exact: dict[str, Any] = {}  # case_sensitive names: char -> node; node[""] = (order, label, key)
         self._folded: dict[str, Any] = {}
-        self._regexes: list[tuple[int, re.Pattern[str], str, str | None]] = []
+        self._regexes: list[tuple[int, Any, str, str | None]] = []
         order = 0
         for entry in gazetteer.entries if gazetteer is not None else ():
             for name in entry.names:
@@ -281,8 +313,8 @@ class HanTextReader:
                 node.setdefault("", (order, entry.label, entry.key))  # a name meaning two entities is refused at load
                 order += 1
             if entry.regex is not None:
-                flags = 0 if entry.case_sensitive else re.IGNORECASE
-                self._regexes.append((order, re.compile(entry.regex, flags), entry.label, entry.key))
+                compiled = _gazetteer_pattern(entry.regex, case_sensitive=entry.case_sensitive)
+                self._regexes.append((order, compiled, entry.label, entry.key))
                 order += 1
 
     @staticmethod
@@ -319,7 +351,8 @@ class HanTextReader:
                         end, (order, label, key) = hit
                         found.append((start, end, order, label, key))
         for order, pattern, label, key in self._regexes:
-            for match in pattern.finditer(text):
+            every = _bounded(lambda t, timeout, p=pattern: list(p.finditer(t, timeout=timeout)), pattern, text, label)
+            for match in every:
                 start, end = match.span()
                 if end > start and _starts_word(text, start) and _ends_word(text, end):
                     found.append((start, end, order, label, key))
@@ -406,9 +439,9 @@ class EntityExtractor:
                 if key is not None:
                     pattern["id"] = key
                 patterns.append(pattern)
-            if entry.regex is not None:
-                flags = "" if entry.case_sensitive else "(?i)"
-                pattern = {"label": entry.label, "pattern": [{"TEXT": {"REGEX": f"{flags}^(?:{entry.regex})$"}}]}
+            if entry.regex is not None:  # the whole token matches, within the time limit
+                attribute = _token_extension(entry.regex, entry.case_sensitive, entry.label)
+                pattern = {"label": entry.label, "pattern": [{"_": {attribute: True}}]}
                 if key is not None:
                     pattern["id"] = key
                 patterns.append(pattern)

@@ -667,3 +667,24 @@ def test_a_document_whose_entities_were_read_in_part_says_so(tmp_path):
     entity = next(d for d in tree["details"] if d["description"].startswith("entity consistency"))
     assert any(d["description"].startswith("the document's entities were read from its first 200 characters of ")
                for d in entity["details"])
+
+
+def test_a_gazetteer_regex_that_backtracks_without_end_is_an_error_naming_it(tmp_path):
+    """Gazetteer regexes ran on `re` with no time limit (spaCy's REGEX token attribute, and the Han-text reader over
+    the whole text): one pattern could stall indexing or every query. They run on the `regex` engine with the rule
+    patterns' limit."""
+    from engine.errors import SieveIndexError
+    from stages.entities import HanTextReader, load_extractor, load_gazetteer
+
+    path = tmp_path / "entities.yaml"
+    path.write_text("version: 1\nentities:\n  - {label: RUN, id: run, regex: '(a|aa)+b?c'}\n"
+                    "  - {label: CODE, regex: '[A-Z][0-9]{2}'}\n", encoding="utf-8")
+    gazetteer = load_gazetteer(path)
+    evil = "a" * 40 + "b"
+    extractor = load_extractor("en_core_web_sm", gazetteer, False)
+    assert {(m.label, m.text) for m in extractor.extract_query("codes E11 and N18")} == {("CODE", "E11"),
+                                                                                          ("CODE", "N18")}
+    with pytest.raises(SieveIndexError, match=r"the gazetteer's RUN regex '\(a\|aa\)\+b\?c' ran over 250 ms"):
+        extractor.extract_query(f"the code {evil} here")
+    with pytest.raises(SieveIndexError, match="catastrophic backtracking"):
+        HanTextReader(gazetteer).matches(f"编码 {evil} 这里")
