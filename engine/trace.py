@@ -479,27 +479,9 @@ class TraceLog:
                     yield _Line(number, None, [problem], terminated, offset)
                     prev_hash = expected_seq = None  # unknown: the chain resumes at the next record
                     continue
-                seq = data["seq"]
-                problems = []
-                if expected_seq is not None and seq != expected_seq:
-                    problems.append(
-                        f"line {number}: sequence {seq}, expected {expected_seq} (a record is missing or moved)"
-                    )
-                if prev_hash is not None and data["prev"] != prev_hash:
-                    problems.append(f"line {number} (seq {seq}): does not link to the previous record")
-                actual = _content_hash(data)
-                if actual is None:
-                    problems.append(
-                        f"line {number} (seq {seq}): content cannot be hashed (text that is not valid Unicode)"
-                    )
-                elif data["hash"] != actual:
-                    problems.append(f"line {number} (seq {seq}): content does not match its hash (edited)")
-                else:
-                    form = _canonical_problem(raw, data)
-                    if form is not None:
-                        problems.append(f"line {number} (seq {seq}): {form}")
+                problems = _link_problems(f"line {number}", raw, data, prev_hash, expected_seq)
                 yield _Line(number, data, problems, terminated, offset)
-                prev_hash, expected_seq = data["hash"], seq + 1
+                prev_hash, expected_seq = data["hash"], data["seq"] + 1
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every record in order, shape-checked (not chain-checked: see ``scan``, ``find`` and ``verify_log``)."""
@@ -608,6 +590,29 @@ class TraceLog:
         if broken is not None:
             raise TraceError(f"{refusing} the chain is broken before it ({broken.problems[0]}); {verify}")
         return found.record
+
+
+def _link_problems(where: str, raw: bytes, data: dict[str, Any], prev_hash: str | None,
+                   expected_seq: int | None) -> list[str]:
+    """What is wrong with a well-shaped record (at ``where``, e.g. "line 7") as the next link of the chain: its
+    sequence number (unless ``expected_seq`` is unknown), its link (unless ``prev_hash`` is), its hash, its canonical
+    form."""
+    seq = data["seq"]
+    problems = []
+    if expected_seq is not None and seq != expected_seq:
+        problems.append(f"{where}: sequence {seq}, expected {expected_seq} (a record is missing or moved)")
+    if prev_hash is not None and data["prev"] != prev_hash:
+        problems.append(f"{where} (seq {seq}): does not link to the previous record")
+    actual = _content_hash(data)
+    if actual is None:
+        problems.append(f"{where} (seq {seq}): content cannot be hashed (text that is not valid Unicode)")
+    elif data["hash"] != actual:
+        problems.append(f"{where} (seq {seq}): content does not match its hash (edited)")
+    else:
+        form = _canonical_problem(raw, data)
+        if form is not None:
+            problems.append(f"{where} (seq {seq}): {form}")
+    return problems
 
 
 SEGMENT_SCHEMA = "sieve.tracelog.segment/1"
@@ -1019,10 +1024,12 @@ def _appended(path: Path, handle: Any, start: int, end: int, last: dict[str, Any
         data, problem = _line_problem(raw)
         if problem is not None:
             raise _broken(path, f"a line appended during the check{problem}")
-        misplaced_marker = _is_segment_marker(data["trace"]) and (found or last is not None)
-        if data["seq"] != seq or data["prev"] != prev_hash or _content_hash(data) != data["hash"] \
-                or _canonical_problem(raw, data) is not None or misplaced_marker:
-            raise _broken(path, f"the record seq {data['seq']} appended during the check does not chain on")
+        problems = _link_problems("a line appended during the check", raw, data, prev_hash, seq)
+        if _is_segment_marker(data["trace"]) and (found or last is not None):
+            problems.append("a segment marker in the middle of the log")
+        if problems:
+            raise _broken(path, f"the record seq {data['seq']} appended during the check does not chain on: "
+                                f"{problems[0]}")
         found.append(data)
         prev_hash, seq = data["hash"], data["seq"] + 1
     return found
