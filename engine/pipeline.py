@@ -80,18 +80,16 @@ class Pipeline:
         with self._warm_lock:
             if self.resources is not None:
                 return self.resources
-            same = reuse is not None and reuse.base_dir == self.compiled.base_dir and (
+            if reuse is not None and reuse.base_dir == self.compiled.base_dir and (
                 (reuse.index is None and self.index_path is None)
                 or (reuse.index is not None and self.index_path is not None
-                    and Path(reuse.index.path).resolve() == Path(self.index_path).resolve()))
+                    and Path(reuse.index.path).resolve() == Path(self.index_path).resolve())):
+                resources = reuse.sharing()  # the same index and models, keyed by what was loaded
+                self._load(resources)
+                self.resources = resources
+                return resources
             for _ in range(3):
                 self.unavailable.clear()
-                if reuse is not None and same:
-                    resources = Resources(reuse.index, self.compiled.base_dir)
-                    resources._shared = reuse._shared  # loaded models and components, keyed by what was loaded
-                    self._load(resources)
-                    self.resources = resources
-                    return resources
                 index = Index.open(self.index_path, verify=self.verify_index) if self.index_path is not None else None
                 resources = Resources(index, self.compiled.base_dir)
                 try:

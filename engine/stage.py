@@ -171,6 +171,12 @@ class Resources:
         path = Path(path).expanduser()
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
+    def sharing(self) -> "Resources":
+        """New resources on the same index and directory that share what these loaded (models, components)."""
+        resources = Resources(self.index, self.base_dir)
+        resources._shared = self._shared
+        return resources
+
     def shared(self, key: str, factory: Callable[[], Any]) -> Any:
         """Load something once per process (e.g. one BM25 index used by two stages)."""
         if key not in self._shared:
