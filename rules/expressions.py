@@ -529,16 +529,31 @@ def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
     return _regex_engine.compile(pattern, _regex_engine.V0 | (_regex_engine.IGNORECASE if ignore_case else 0))
 
 
-def bounded_search(pattern: Any, text: str) -> Any:
-    """``pattern.search(text)`` within ``REGEX_TIMEOUT_S``; ExpressionRuntimeError when it runs over."""
+class PatternTimeout(ExpressionRuntimeError):
+    """An analyst's pattern ran over ``REGEX_TIMEOUT_S`` on a text (it backtracks without end)."""
+
+    def __init__(self, pattern: Any, length: int, subject: str = "the pattern"):
+        self.pattern, self.length = pattern, length
+        super().__init__(
+            f"{subject} {pattern.pattern!r} ran over {REGEX_TIMEOUT_S * 1000:.0f} ms on a text of {length} characters "
+            "(catastrophic backtracking: a repetition inside a repetition, such as (a+)+ or (a|aa)+); rewrite it"
+        )
+
+
+def bounded(method: Callable[..., Any], pattern: Any, text: str, subject: str = "the pattern") -> Any:
+    """``method(text, timeout=...)`` for one of ``pattern``'s methods (``search``, ``fullmatch``, ``finditer``: an
+    iterator is run to its end here), within ``REGEX_TIMEOUT_S``; PatternTimeout naming ``subject`` when it runs
+    over."""
     try:
-        return pattern.search(text, timeout=REGEX_TIMEOUT_S)
+        result = method(text, timeout=REGEX_TIMEOUT_S)
+        return list(result) if method.__name__ == "finditer" else result
     except TimeoutError:
-        raise ExpressionRuntimeError(
-            f"the pattern {pattern.pattern!r} ran over {REGEX_TIMEOUT_S * 1000:.0f} ms on a text of {len(text)} "
-            "characters (catastrophic backtracking: a repetition inside a repetition, such as (a+)+ or (a|aa)+); "
-            "rewrite the pattern"
-        ) from None
+        raise PatternTimeout(pattern, len(text), subject) from None
+
+
+def bounded_search(pattern: Any, text: str) -> Any:
+    """``pattern.search(text)`` within ``REGEX_TIMEOUT_S``; an ExpressionRuntimeError when it runs over."""
+    return bounded(pattern.search, pattern, text)
 
 
 def regex_search(value: Any, pattern: str, ignore_case: bool = True) -> bool:

@@ -58,7 +58,7 @@ from engine.stage import (
     StageResult,
 )
 from engine.strictness import NoCoercion
-from rules.expressions import REGEX_TIMEOUT_S, PatternError, compile_pattern
+from rules.expressions import PatternError, PatternTimeout, bounded, compile_pattern
 
 ENTITIES_FILE = "entities.jsonl"
 GAZETTEER_COPY = "gazetteer.yaml"
@@ -114,7 +114,7 @@ class GazetteerEntry(NoCoercion):
     def _regex(cls, pattern: str | None) -> str | None:
         if pattern is not None:
             try:
-                _gazetteer_pattern(pattern, case_sensitive=True)
+                compile_pattern(pattern)
             except PatternError as exc:
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return pattern
@@ -262,22 +262,13 @@ def _ends_word(text: str, end: int) -> bool:
     return not (after in ".," and text[end - 1].isdigit() and end + 1 < len(text) and text[end + 1].isdigit())
 
 
-def _gazetteer_pattern(pattern: str, *, case_sensitive: bool) -> Any:
-    """An analyst's gazetteer regex on the `regex` engine (``re``'s syntax), searched with a time limit."""
-    return compile_pattern(pattern, not case_sensitive)
-
-
-def _bounded(search: Any, pattern: Any, text: str, label: str) -> Any:
-    """``search(text, timeout=...)`` of a gazetteer pattern; a SieveIndexError naming the entry when it runs over
-    (a pattern that backtracks without end would otherwise stall indexing or every query)."""
+def _bounded(method: Any, pattern: Any, text: str, label: str) -> Any:
+    """A gazetteer pattern's ``method`` on ``text`` within the rule patterns' time limit; a SieveIndexError naming the
+    entry when it runs over (a pattern that backtracks without end would otherwise stall indexing or every query)."""
     try:
-        return search(text, timeout=REGEX_TIMEOUT_S)
-    except TimeoutError:
-        raise SieveIndexError(
-            f"the gazetteer's {label} regex {pattern.pattern!r} ran over {REGEX_TIMEOUT_S * 1000:.0f} ms on a text of "
-            f"{len(text)} characters (catastrophic backtracking: a repetition inside a repetition, such as (a+)+); "
-            "rewrite it"
-        ) from None
+        return bounded(method, pattern, text, subject=f"the gazetteer's {label} regex")
+    except PatternTimeout as exc:
+        raise SieveIndexError(str(exc)) from None
 
 
 def _token_extension(pattern: str, case_sensitive: bool, label: str) -> str:
@@ -287,7 +278,7 @@ def _token_extension(pattern: str, case_sensitive: bool, label: str) -> str:
 
     name = "sieve_gazetteer_" + hashlib.sha256(f"{case_sensitive}\x00{pattern}".encode()).hexdigest()[:16]
     if not Token.has_extension(name):
-        compiled = _gazetteer_pattern(pattern, case_sensitive=case_sensitive)
+        compiled = compile_pattern(pattern, not case_sensitive)
         Token.set_extension(name, getter=lambda token: _bounded(compiled.fullmatch, compiled, token.text, label)
                             is not None)
     return name
@@ -313,8 +304,8 @@ class HanTextReader:
                 node.setdefault("", (order, entry.label, entry.key))  # a name meaning two entities is refused at load
                 order += 1
             if entry.regex is not None:
-                compiled = _gazetteer_pattern(entry.regex, case_sensitive=entry.case_sensitive)
-                self._regexes.append((order, compiled, entry.label, entry.key))
+                self._regexes.append((order, compile_pattern(entry.regex, not entry.case_sensitive), entry.label,
+                                      entry.key))
                 order += 1
 
     @staticmethod
@@ -351,8 +342,7 @@ class HanTextReader:
                         end, (order, label, key) = hit
                         found.append((start, end, order, label, key))
         for order, pattern, label, key in self._regexes:
-            every = _bounded(lambda t, timeout, p=pattern: list(p.finditer(t, timeout=timeout)), pattern, text, label)
-            for match in every:
+            for match in _bounded(pattern.finditer, pattern, text, label):
                 start, end = match.span()
                 if end > start and _starts_word(text, start) and _ends_word(text, end):
                     found.append((start, end, order, label, key))

@@ -38,6 +38,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
@@ -752,11 +753,7 @@ class RulesOverride(Stage):
         if len(fired) + len(pinned) > len(records):
             details["firings_truncated"] = len(fired) + len(pinned) - len(records)
         # every rule that fired and on how many documents, whatever max_traced_firings cut from the list above
-        fired_rules: dict[str, int] = {}
-        for pin in pinned.values():
-            fired_rules[pin.rule.id] = fired_rules.get(pin.rule.id, 0) + 1
-        for rule, _, _ in fired:
-            fired_rules[rule.id] = fired_rules.get(rule.id, 0) + 1
+        fired_rules = Counter(pin.rule.id for pin in pinned.values()) + Counter(rule.id for rule, _, _ in fired)
         details["fired_rules"] = dict(sorted(fired_rules.items()))
         if suppressed:
             details["suppressed"] = suppressed

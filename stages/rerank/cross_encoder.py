@@ -336,14 +336,14 @@ class LoadedReranker:
         batches = [[encoded[i] for i in order[start : start + batch_size]]
                    for start in range(0, len(order), batch_size)]
         cost = [len(members) * max(len(m) for m in members) for members in batches]  # tokens after padding
+        rest = sum(cost)  # the cost of the batches not yet run
         with torch.inference_mode(), self._autocast():
-            for number, members in enumerate(batches):
-                cells = cost[number]
+            for members, cells in zip(batches, cost):
                 # under a query deadline (executor.deadline_ms): stop between batches, and do not go on when the
                 # rest is expected to end past it (a CPU forward pass cannot be interrupted, and the scores of an
                 # unfinished window are discarded: better to stop before spending the budget)
-                rest = sum(cost[number:])
                 expected = rest * self._seconds_per_cell if self._seconds_per_cell is not None else 0.0
+                rest -= cells
                 try:
                     check_deadline(expected)
                 except DeadlineExceeded:
