@@ -143,6 +143,7 @@ class SweepReport:
     variants: list[Variant]  # the grid, best first
     best_vs_baseline: dict[str, Any]
     machine: dict[str, Any] = field(default_factory=machine_summary)
+    config_data: Any = field(default=None, repr=False)  # the config as parsed when the sweep ran
 
     @property
     def best(self) -> Variant:
@@ -196,7 +197,7 @@ def sweep(
     on_variant: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> SweepReport:
     """Evaluate the config as written and every combination of ``settings`` on ``split``; best first."""
-    from engine.compiler import compile_data
+    from engine.compiler import compile_data, compile_loaded
     from engine.pipeline import Pipeline
     from engine.yamlsource import load_yaml_file
 
@@ -218,8 +219,9 @@ def sweep(
     if limit is not None and limit < 1:
         raise SieveError(f"--limit must be at least 1, got {limit}")
     measures = measures_for(recall_k)
-    base = Pipeline.from_file(config, index_path=index_path)  # the config as written, checked as a file
-    loaded = load_yaml_file(config)
+    loaded = load_yaml_file(config, collect=True)  # read once: the config as written and every variant's base
+    base = Pipeline(compile_loaded(loaded, base_dir=config.resolve().parent, check_log_path=True),
+                    index_path=index_path)
     if data is None:
         data = load_beir(dataset, split)
     queries = dict(list(data.queries.items())[:limit]) if limit is not None else data.queries
@@ -274,7 +276,7 @@ def sweep(
     variants = [run(pipeline, chosen, number) for number, (chosen, pipeline) in enumerate(pipelines, start=2)]
     variants.sort(key=lambda v: (v.error is not None, -v.metrics.get(metric, 0.0), _key(v.settings)))
     return SweepReport(str(config), str(dataset), split, len(queries), metric, settings, baseline, variants,
-                       _paired(baseline, variants[0], metric))
+                       _paired(baseline, variants[0], metric), config_data=loaded.data)
 
 
 def _describe(chosen: dict[str, Any]) -> str:
@@ -308,13 +310,11 @@ def write_best(report: SweepReport, config: Path, out: Path) -> None:
     """The best variant's config, beside the original, with a header saying where it came from. Refused when no
     variant scores above the config as written (the best of the grid would be a worse config). The file is the
     parsed config written out again: the original's comments and YAML anchors are not kept."""
-    from engine.yamlsource import load_yaml_file
-
     check_best_out(config, out)
     if not report.improves:
         raise SieveError(f"no variant scores above the config as written ({report.metric} "
                          f"{report.baseline.metrics.get(report.metric, 0.0):.4f}): nothing written to {out}")
-    data = copy.deepcopy(load_yaml_file(config).data)
+    data = copy.deepcopy(report.config_data)  # what the sweep ran, whatever the file holds now
     for path, value in report.best.settings.items():
         apply_setting(data, path, value)
     header = (f"# sieve sweep: {config.name} with {_describe(report.best.settings)}\n"
