@@ -417,23 +417,11 @@ def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
         pipelines[name] = pipeline
     if not pipelines:
         raise SieveError("no pipeline to serve: give at least one config")
-    for name, pipeline in list(pipelines.items()):  # only once every config is known to be servable
-        for attempt in range(3):
-            try:
-                pipeline.warm_up()
-            except SieveError as exc:  # which of the served configs failed
-                raise SieveError(f"pipeline '{name}' ({pipeline.compiled.source_file}): {exc}") from exc
-            index = pipeline.resources.index if pipeline.resources is not None else None
-            if index is None or not index.replaced_on_disk():
-                break
-            # rebuilt while the stages loaded it: a stage may have read the new version's files; open it again
-            log.warning("pipeline '%s': the index at %s was replaced on disk while warming up; opening it again",
-                        name, index.path)
-            pipeline = Pipeline(pipeline.compiled, index_path=pipeline.index_path, verify_index=pipeline.verify_index)
-        else:
-            raise SieveError(f"pipeline '{name}': the index at {pipeline.index_path} kept being replaced on disk "
-                             "while the server warmed up; start it once the rebuilds are done")
-        pipelines[name] = pipeline
+    for name, pipeline in pipelines.items():  # only once every config is known to be servable
+        try:
+            pipeline.warm_up()  # (an index rebuilt while it loads is opened again there)
+        except SieveError as exc:  # which of the served configs failed
+            raise SieveError(f"pipeline '{name}' ({pipeline.compiled.source_file}): {exc}") from exc
     return pipelines
 
 
