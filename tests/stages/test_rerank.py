@@ -960,6 +960,32 @@ def test_cuda_fp16_scores_match_cpu(tiny_classifier, bm25_index, write_config):
         assert candidate.score_of("rerank") == pytest.approx(on_cpu[candidate.doc_id], abs=2e-2)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_warm_up_and_a_deadline_between_batches(tiny_classifier, bm25_index, write_config):
+    """On CUDA: warm-up runs its forward pass on the GPU; a passed deadline stops the stage between batches with
+    DeadlineExceeded (not an inference error), and the reranker keeps no CPU batch-time estimate (a GPU call returns
+    before its work is done)."""
+    import time
+
+    from engine.errors import DeadlineExceeded
+    from engine.stage import StageContext, stage_deadline
+
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_classifier}, window: 8, batch_size: 2, device: cuda}}",
+                         name="gpu-deadline.yaml")
+    resources = pipeline.warm_up()
+    query = pipeline.make_query(QUERY)
+    candidates = pipeline.run(query).results
+    rerank = pipeline.compiled.stages["rerank"]
+    with stage_deadline(time.perf_counter() - 1.0), pytest.raises(DeadlineExceeded):
+        rerank.run(StageContext("rerank", query, [candidates], None, resources))
+    result = pipeline.search(QUERY + " again")  # a window not cached: scored on the GPU
+    identity = next(m for m in result.trace["models"] if m["stage"] == "rerank")
+    assert identity["device"] == "cuda" and identity["precision"] == "fp16"
+    loaded = [m for m in resources._shared.values() if hasattr(m, "_seconds_per_cell")]
+    assert loaded and all(m._warmed and m._seconds_per_cell is None for m in loaded), resources._shared
+
+
 def test_loading_a_base_model_prints_no_transformers_tables(capfd):
     """A new head (train-reranker) or an unused pooler is expected: no 'LOAD REPORT' of MISSING/UNEXPECTED tensors
     and no progress bar on the user's terminal; and the library's logging level is restored afterwards."""
