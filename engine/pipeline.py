@@ -63,6 +63,7 @@ class Pipeline:
         self.verify_index = verify_index
         self.resources: Resources | None = None
         self.unavailable: dict[str, str] = {}  # stages whose warm-up failed under on_error: skip
+        self.warnings: list[str] = []  # what the stages' warm-up found ("stage 'id': ..."), for the CLI and server
         self._warm_lock = threading.Lock()
         self._index_identity: tuple[Index, dict[str, Any]] | None = None  # the trace's index record, per index
 
@@ -108,10 +109,12 @@ class Pipeline:
 
     def _load(self, resources: Resources) -> None:
         """Every stage's warm-up on ``resources`` (a failing ``on_error: skip`` stage is noted as unavailable)."""
+        self.warnings = []
         for stage_id in self.compiled.order:
             stage = self.compiled.stages[stage_id]
             try:
                 stage.warm_up(resources)
+                self.warnings.extend(f"stage '{stage_id}': {w}" for w in stage.warm_up_warnings())
             except Exception as exc:
                 message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
                 if self.compiled.specs[stage_id].on_error == "skip":

@@ -304,6 +304,11 @@ def _prepare_match(rule: "CompiledRule", ruleset: "RuleSet", table: "DocumentTab
                           f"{exc}") from None
 
 
+def _warm_up_warnings(stage: Stage) -> list[str]:
+    """The rule stages' warm-up findings that do not stop the pipeline (each also kept in the traces)."""
+    return list(getattr(stage, "_warnings", ()))
+
+
 def _file_changed(stage: Stage) -> list[Decision]:
     """``[rule_file_changed]`` when the stage's rule file no longer holds the rules it loaded, else ``[]``."""
     on_disk = getattr(stage, "_on_disk", None)
@@ -354,6 +359,8 @@ class RulesPrefilter(Stage):
         for rule in self._ruleset.rules:  # query-independent conditions: computed now, once
             assert rule.match is not None
             _prepare_match(rule, self._ruleset, self._table)
+
+    warm_up_warnings = _warm_up_warnings
 
     def identity(self) -> dict[str, Any] | None:
         return _identity(self)
@@ -526,6 +533,8 @@ class RulesOverride(Stage):
                 self._listed[rule.id] = listed
             if rule.match is not None:  # query-independent parts: computed now, once
                 _prepare_match(rule, self._ruleset, self._table)
+
+    warm_up_warnings = _warm_up_warnings
 
     # ------------------------------------------------------------------ run
 
