@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -202,6 +203,12 @@ def _user_context(user: str | None, roles: list[str] | None, groups: list[str] |
     )
 
 
+def _who(user: dict[str, Any]) -> str:
+    """A user context as a short phrase: 'anonymous' or 'groups research, jurisdictions US'."""
+    return ", ".join(f"{name} {', '.join(v) if isinstance(v, (list, tuple)) else v}" for name, v in user.items()
+                     if v) or "anonymous"
+
+
 # The query context options `search` and `explain` share (one definition each).
 HistoryOption = Annotated[Optional[list[str]], typer.Option("--history", "-H", help="earlier turns, oldest first")]
 UserOption = Annotated[Optional[str], typer.Option("--user", help="user id")]
@@ -211,6 +218,8 @@ JurisdictionOption = Annotated[Optional[list[str]], typer.Option("--jurisdiction
 AttributeOption = Annotated[Optional[list[str]], typer.Option(
     "--attribute", help="user attribute NAME=VALUE, as access rules read user.attributes.NAME (repeatable)")]
 AsOfOption = Annotated[Optional[str], typer.Option("--as-of", help="query time, ISO 8601 (default: now)")]
+EvalAsOfOption = Annotated[Optional[str], typer.Option(
+    "--as-of", help="every query's time, ISO 8601 (default: when the evaluation starts)")]
 IndexOption = Annotated[Optional[Path], typer.Option("--index", help="override the config's index")]
 
 
@@ -226,6 +235,25 @@ def _make_query(pipeline: Any, text: str, history: Optional[list[str]], user: Op
         text, history=tuple(history or ()), user=_user_context(user, roles, groups, jurisdictions, attributes),
         as_of=_parse_time(as_of, "--as-of"),
     )
+
+
+@dataclass(frozen=True)
+class _AskedAs:
+    """Who every query of an evaluation is asked as, and when (``sieve eval`` / ``compare``)."""
+
+    user: Any
+    as_of: datetime | None
+
+    @classmethod
+    def parse(cls, user: Optional[str], roles: Optional[list[str]], groups: Optional[list[str]],
+              jurisdictions: Optional[list[str]], attributes: Optional[list[str]], as_of: Optional[str]) -> "_AskedAs":
+        return cls(_user_context(user, roles, groups, jurisdictions, attributes), _parse_time(as_of, "--as-of"))
+
+
+def _print_warm_up_warnings(warnings: list[str]) -> None:
+    """What the stages' warm-up found that changes what the pipeline does (a rule reading a field no document has)."""
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 @app.command()
@@ -253,6 +281,7 @@ def search(
     _writable_file(trace_out, "--trace-out")
     pipeline = Pipeline.from_file(config, index_path=index_dir)
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
+    _print_warm_up_warnings(pipeline.warnings)
     trace = result.trace
     log_path = None if no_log else pipeline.log_trace(trace, log)
     if trace_out is not None:
@@ -457,8 +486,8 @@ def _progress_bar(description: str):  # type: ignore[no-untyped-def]
 
 
 def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, limit: int | None, recall_k: int, label: str,  # type: ignore[no-untyped-def]
-              trace_log: Path | None = None, data: Any = None):
-    """Evaluate one config with a progress bar on stderr."""
+              trace_log: Path | None = None, data: Any = None, asked: "_AskedAs | None" = None):
+    """Evaluate one config with a progress bar on stderr; what the stages' warm-up found is printed first."""
     from engine.workbench.evaluate import evaluate_pipeline
 
     with _progress_bar(label) as progress:
@@ -470,10 +499,13 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
         def advance(step: int) -> None:
             progress.advance(tasks[0], step)
 
-        return evaluate_pipeline(
+        report = evaluate_pipeline(
             config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,
             on_start=start, progress=advance, trace_log=trace_log, data=data,
+            user=asked.user if asked else None, as_of=asked.as_of if asked else None,
         )
+    _print_warm_up_warnings(report.warm_up_warnings)
+    return report
 
 
 def _output_file(path: Optional[Path], option: str) -> None:
@@ -550,11 +582,19 @@ def eval_command(
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="also write the JSON report to this file")] = None,
     trace_log: Annotated[Optional[Path], typer.Option(
         "--trace-log", help="append every query's trace to this hash-chained log (for audit: sieve replay / sieve report --seq)")] = None,
+    user: UserOption = None,
+    role: RoleOption = None,
+    group: GroupOption = None,
+    jurisdiction: JurisdictionOption = None,
+    attribute: AttributeOption = None,
+    as_of: EvalAsOfOption = None,
 ) -> None:
     """Evaluate a pipeline on a BEIR split: nDCG@10, MRR@10, Recall@k, MAP (pytrec_eval) and latency.
 
-    The figures are printed first, then --run-out and --json-out are written (atomically): a file that cannot be
-    written is an error that leaves the printed figures complete."""
+    Every query is asked as the user the options name (default: anonymous) at one time (--as-of, default: when
+    the evaluation starts); the report records both. The figures are printed first, then --run-out and
+    --json-out are written (atomically): a file that cannot be written is an error that leaves the printed
+    figures complete."""
     from engine.evaluation import coverage_warnings, judgement_coverage, load_beir, write_trec_run
     from engine.trace import write_json_atomic
     from engine.workbench.evaluate import ordered_metric_names
@@ -567,7 +607,8 @@ def eval_command(
         spaced = next((qid for qid in chosen if not qid or any(ch.isspace() for ch in qid)), None)
         if spaced is not None:
             raise SieveError(f"--run-out: query id {spaced!r} contains whitespace, which a TREC run line cannot hold")
-    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log, data)
+    asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
+    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log, data, asked)
     index = report.index or {}
     qrels = {qid: data.qrels[qid] for qid in report.per_query}
     coverage = judgement_coverage(report.run, qrels, data.qrels, _index_lookup(index.get("path")))
@@ -576,8 +617,8 @@ def eval_command(
     document = report.to_json(per_query=per_query)
     document["qrels_format"] = data.qrels_format
     document["judgements"] = {**coverage, "index": index.get("path")}
-    degraded = report.degraded_warning()
-    for warning in coverage_warnings(coverage, index=index.get("path")) + ([degraded] if degraded else []):
+    found = [report.degraded_warning(), report.empty_warning()]
+    for warning in coverage_warnings(coverage, index=index.get("path")) + [w for w in found if w]:
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if as_json:
         out.print_json(json.dumps(document))
@@ -585,7 +626,8 @@ def eval_command(
         out.print(
             f"[bold]{escape(report.pipeline_name or str(config))}[/bold] on {escape(str(dataset))} ({escape(split)}, "
             f"{report.queries} queries; qrels: {escape(data.qrels_format)}); config {report.config_sha256[:12]}, "
-            f"index {str(index.get('manifest_sha256', '-'))[:12]}"
+            f"index {str(index.get('manifest_sha256', '-'))[:12]}; asked as {escape(_who(report.asked_as['user']))} "
+            f"at {escape(report.asked_as['as_of'])}"
         )
         metrics = Table(title="retrieval quality (pytrec_eval)")
         metrics.add_column("metric")
@@ -734,6 +776,7 @@ def explain_command(
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
+    _print_warm_up_warnings(pipeline.warnings)
     trace = result.trace
     if trace_out is not None:
         write_json_atomic(trace_out, trace)
@@ -790,21 +833,34 @@ def compare_command(
     most_changed: Annotated[int, typer.Option("--most-changed", help="document-level diffs for this many queries")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="print the comparison as markdown")] = False,
+    user: UserOption = None,
+    role: RoleOption = None,
+    group: GroupOption = None,
+    jurisdiction: JurisdictionOption = None,
+    attribute: AttributeOption = None,
+    as_of: EvalAsOfOption = None,
 ) -> None:
-    """Compare two pipelines or runs: metric deltas with paired significance tests, wins/losses, document moves."""
+    """Compare two pipelines or runs: metric deltas with paired significance tests, wins/losses, document moves.
+    Both configs' queries are asked as the same user at the same time (the options, as for eval)."""
     from engine.workbench.compare import Side, compare, is_config, load_run_side, to_markdown
 
     if most_changed < 0:
         raise SieveError(f"--most-changed must be 0 or more, got {most_changed}")
     if limit is not None and limit < 1:
         raise SieveError(f"--limit must be at least 1, got {limit}")
+    asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
+    if asked.as_of is None:  # one time for both sides, not each side's start
+        asked = _AskedAs(asked.user, datetime.now(timezone.utc))
     sides = []
     judged_index = index_dir  # the index the judgement coverage is checked against: --index, else a config's
     for label, path, extra_config in (("A", a, config_a), ("B", b, config_b)):
         if is_config(path):
             if extra_config is not None:
                 raise SieveError(f"--config-{label.lower()} is for a run file, but {label} is already a config ({path})")
-            report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}")
+            report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}", asked=asked)
+            empty = report.empty_warning()
+            if empty:
+                err.print(f"[yellow]warning:[/yellow] {label}: {escape(empty)}")
             if judged_index is None and report.index is not None:
                 judged_index = Path(report.index["path"])
             sides.append(Side(path.name, report.run, "config", path, index_dir))

@@ -13,7 +13,7 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,7 @@ class RunOutput:
     latency_ms: list[float] = field(default_factory=list)
     stage_latency_ms: dict[str, list[float]] = field(default_factory=dict)
     degraded: int = 0  # queries that ran with a stage skipped (on_error: skip), at the deadline or on a failure
+    empty: int = 0  # queries that returned no document (an access mask that allows nothing for the user, say)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # stage id -> {deadline | error: queries}
 
 
@@ -242,8 +243,11 @@ def run_pipeline(
     queries: dict[str, str],
     progress: Callable[[int], None] | None = None,
     trace_log: Path | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> RunOutput:
-    """Run every query through a warmed-up :class:`engine.pipeline.Pipeline`.
+    """Run every query through a warmed-up :class:`engine.pipeline.Pipeline`; ``context``: what every query is
+    asked with besides its text (``user``, ``as_of``: :meth:`~engine.pipeline.Pipeline.make_query`'s keywords),
+    so an access-controlled or dated pipeline is measured as a given user sees it at a fixed time.
 
     Ranks are turned into strictly decreasing run scores so that trec_eval (which sorts by score)
     sees exactly the pipeline's order, pins and ties included. With ``trace_log``, every query's
@@ -254,7 +258,7 @@ def run_pipeline(
     for qid, text in queries.items():
         began = time.perf_counter()
         try:
-            result = pipeline.search(text, log=False)
+            result = pipeline.search(text, log=False, **(context or {}))
         except QueryError as exc:
             raise QueryError(f"query {qid}: {exc}") from None
         output.latency_ms.append((time.perf_counter() - began) * 1000.0)
@@ -267,6 +271,7 @@ def run_pipeline(
                 counts = output.skipped.setdefault(stage["id"], {})
                 counts[why] = counts.get(why, 0) + 1
         output.degraded += bool(result.degraded)
+        output.empty += not result.results
         total = len(result.results)
         output.run[qid] = {c.doc_id: float(total - rank) for rank, c in enumerate(result.results)}
         if progress is not None:

@@ -422,6 +422,8 @@ def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
             pipeline.warm_up()  # (an index rebuilt while it loads is opened again there)
         except SieveError as exc:  # which of the served configs failed
             raise SieveError(f"pipeline '{name}' ({pipeline.compiled.source_file}): {exc}") from exc
+        for warning in pipeline.warnings:  # at start, where the operator looks (also in /v1/pipelines)
+            log.warning("pipeline '%s': %s", name, warning)
     return pipelines
 
 
@@ -766,6 +768,7 @@ def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
         "stages": [{"id": stage_id, "type": compiled.specs[stage_id].type} for stage_id in compiled.order],
         "output": compiled.output,
         "unavailable": dict(pipeline.unavailable),
+        "warnings": list(pipeline.warnings),
         "allows": compiled.config.server.model_dump(),
     }
 

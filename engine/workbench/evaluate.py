@@ -12,12 +12,14 @@ import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from engine import __version__
 from engine.errors import SieveError
 from engine.evaluation import BeirData, RunOutput, load_beir, per_query_metrics, aggregate, percentile, run_pipeline
+from engine.model import UserContext
 
 #: Metrics shown first in tables, in this order (pytrec_eval spelling; mrr_10 is ours, see evaluation.py).
 PRIMARY = ("ndcg_cut_10", "mrr_10", "map")
@@ -88,6 +90,21 @@ class EvalReport:
     trace_log: str | None = None  # where each query's trace was appended, if anywhere
     # queries that ran with a stage skipped (on_error: skip) and, per stage, how often at the deadline or on an error
     degraded: dict[str, Any] = field(default_factory=lambda: {"queries": 0, "stages": {}})
+    asked_as: dict[str, Any] = field(default_factory=dict)  # the user and as_of every query was asked with
+    empty: int = 0  # queries that returned no document
+    warm_up_warnings: list[str] = field(default_factory=list)  # what the stages' warm-up found (Pipeline.warnings)
+
+    def empty_warning(self) -> str | None:
+        """A sentence for the console when queries returned nothing: all of them usually means the user the
+        queries were asked as may see nothing (an access-controlled pipeline evaluated as an anonymous user)."""
+        if not self.empty:
+            return None
+        user = self.asked_as.get("user") or {}
+        who = ", ".join(f"{k} {v}" for k, v in user.items() if v) or "an anonymous user (no --user/--group/...)"
+        share = "every query" if self.empty == self.queries else f"{self.empty} of {self.queries} queries"
+        return (f"{share} returned no document, asked as {who} at {self.asked_as.get('as_of', '?')}: with access "
+                "rules, evaluate as the user whose results you mean to measure (--user, --group, --jurisdiction, "
+                "--role, --attribute, --as-of)")
 
     def degraded_warning(self) -> str | None:
         """A sentence for the console when some queries ran degraded (their figures are those of the cut runs)."""
@@ -118,6 +135,9 @@ class EvalReport:
             "run_file": self.run_file,
             "trace_log": self.trace_log,
             "degraded": self.degraded,
+            "asked_as": self.asked_as,
+            "empty_queries": self.empty,
+            "warm_up_warnings": self.warm_up_warnings,
             "machine": self.machine,
         }
         if per_query:
@@ -149,9 +169,12 @@ def evaluate_pipeline(
     progress: Callable[[int], None] | None = None,
     trace_log: Path | None = None,
     data: BeirData | None = None,
+    user: UserContext | None = None,
+    as_of: datetime | None = None,
 ) -> EvalReport:
     """Run ``config`` over the judged queries of ``dataset``/``split`` and score the run (``data``: that data set
-    when the caller has already read it)."""
+    when the caller has already read it). Every query is asked as ``user`` (default: anonymous) at ``as_of``
+    (default: the time the evaluation starts, one time for all queries), and the report records both."""
     from engine.pipeline import Pipeline
 
     measures = measures_for(recall_k)
@@ -172,7 +195,10 @@ def evaluate_pipeline(
                              f"index {resources.index.path}: every metric would be 0; is it the index of this data set?")
     if on_start is not None:
         on_start(len(queries))
-    output: RunOutput = run_pipeline(pipeline, queries, progress, trace_log=trace_log)
+    user = user if user is not None else UserContext()
+    as_of = as_of if as_of is not None else datetime.now(timezone.utc)
+    output: RunOutput = run_pipeline(pipeline, queries, progress, trace_log=trace_log,
+                                     context={"user": user, "as_of": as_of})
     per_query = per_query_metrics(output.run, qrels, measures)
     compiled = pipeline.compiled
     resources = pipeline.resources
@@ -197,4 +223,7 @@ def evaluate_pipeline(
         run=output.run,
         trace_log=str(trace_log) if trace_log is not None else None,
         degraded={"queries": output.degraded, "stages": output.skipped},
+        asked_as={"user": user.model_dump(mode="json"), "as_of": as_of.isoformat()},
+        empty=output.empty,
+        warm_up_warnings=list(pipeline.warnings),
     )
