@@ -142,6 +142,24 @@ class GraphView:
             stack.extend(self._nodes[current].inputs)
         return list(seen.values())
 
+    def most_candidates(self, stage_id: str) -> int | None:
+        """The most candidates ``stage_id`` can pass on, as far as the config says (None: no bound is known). A
+        stage's own ``top_k`` (recall, fusion) or ``k`` (select.top_k) caps it; any other stage passes on at most
+        what its candidate inputs do together, except one that can bring documents in (rules.override's pins)."""
+        node = self._nodes.get(stage_id)
+        if node is None:
+            return None
+        sources = [self._nodes[i] for i in node.inputs if i in self._nodes
+                   and self._nodes[i].cls.produces is Port.CANDIDATES]
+        bounds = [self.most_candidates(source.id) for source in sources]
+        passed = sum(bounds) if sources and None not in bounds else None  # type: ignore[arg-type]
+        if node.cls.type_name == "rules.override":
+            return None
+        own = getattr(node.params, "k" if node.cls.type_name == "select.top_k" else "top_k", None)
+        if isinstance(own, int) and not isinstance(own, bool):
+            return own if passed is None else min(own, passed)
+        return passed
+
     def upstream_signals(self, stage_id: str) -> dict[str, str]:
         """Ledger keys (stage ids) that upstream stages write, mapped to their signal kind."""
         found = {n.id: n.cls.signal_for(n.params) for n in self.ancestors(stage_id)}

@@ -486,10 +486,21 @@ class CrossEncoderRerank(Stage):
 
     @classmethod
     def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
-        """Warn when a select.top_k downstream has k larger than the window (unreranked results)."""
+        """Warn when a select.top_k downstream has k larger than the window (unreranked results), and when the
+        window is larger than what the stage can receive (a wider window then changes nothing)."""
         params = node.params
         assert isinstance(params, CrossEncoderParams)
         issues = []
+        bounds = [graph.most_candidates(i) for i in node.inputs]
+        received = sum(bounds) if None not in bounds else None  # type: ignore[arg-type]
+        if received is not None and params.window > received:
+            issues.append(GraphIssue(
+                f"window={params.window}, but the stages before this one pass on at most {received} candidates: it "
+                f"reranks {received}, and any window from {received} up gives the same ranking (to rerank more, "
+                "raise top_k upstream)",
+                ("params", "window"),
+                "warning",
+            ))
         for other in graph.nodes():
             if other.cls.type_name != "select.top_k" or node.id not in {a.id for a in graph.ancestors(other.id)}:
                 continue

@@ -591,6 +591,25 @@ stages:
     assert compile_file(fine).warnings == [] or not any("window" in str(w) for w in compile_file(fine).warnings)
 
 
+def test_a_window_wider_than_what_reaches_the_stage_is_a_compile_warning(write_config):
+    """A sweep over window 60 and 100 behind a fusion that keeps 30 gave identical rows without a word."""
+    config = write_config(
+        """version: 1
+index: somewhere
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 100}}
+  - {id: dense, type: recall.dense, params: {top_k: 100}}
+  - {id: hybrid, type: fuse.rrf, inputs: [bm25, dense], params: {top_k: 30}}
+  - {id: rerank, type: rerank.cross_encoder, inputs: [hybrid], params: {window: 100}}
+  - {id: final, type: select.top_k, inputs: [rerank], params: {k: 10}}
+"""
+    )
+    (warning,) = [str(w) for w in compile_file(config).warnings]
+    assert ":7:" in warning and "window=100" in warning and "at most 30 candidates" in warning
+    unbounded = write_config(config.read_text().replace("params: {top_k: 30}", "params: {}"), "union.yaml")
+    assert compile_file(unbounded).warnings == []  # the union of 100 + 100 can hold 200
+
+
 def test_bad_params_are_config_errors(write_config):
     config = write_config(
         """version: 1
