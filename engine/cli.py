@@ -203,6 +203,16 @@ def _user_context(user: str | None, roles: list[str] | None, groups: list[str] |
     )
 
 
+def _verdict(difference: float, p: float | None, better: str, than: str, alpha: float = 0.05) -> str:
+    """A plain sentence for a paired difference and its randomisation p: what an analyst may conclude."""
+    if p is None or difference == 0:
+        return "no difference to test"
+    if p < alpha:
+        return f"{better if difference > 0 else than} is better (significant at {alpha}, randomisation test)"
+    return (f"not significant at {alpha} (p {p:.2f}): the difference may be chance; keep {than} unless more "
+            "queries confirm it")
+
+
 def _who(user: dict[str, Any]) -> str:
     """A user context as a short phrase: 'anonymous' or 'groups research, jurisdictions US'."""
     return ", ".join(f"{name} {', '.join(v) if isinstance(v, (list, tuple)) else v}" for name, v in user.items()
@@ -717,7 +727,8 @@ def sweep_command(
         paired = report.best_vs_baseline
         out.print(f"best vs as written: {paired['difference']:+.4f} {escape(metric)} ({paired['wins']} queries "
                   f"better, {paired['losses']} worse; randomisation p "
-                  f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')})")
+                  f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')}): "
+                  f"{_verdict(paired['difference'], paired['randomisation_p'], 'the best variant', 'the config as written')}")
         out.print(f"[dim]{escape(report.note())}[/dim]")
     for warning in report.warnings():
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -897,6 +908,9 @@ def compare_command(
                       "n/a" if m.randomisation_p is None else f"{m.randomisation_p:.4f}", str(m.wins), str(m.losses), str(m.ties))
     # Nine columns: never crop a p-value on a narrow terminal or piped output (rich assumes 80 there).
     Console(highlight=False, soft_wrap=True, emoji=False, width=max(out.width, 110)).print(table)
+    primary = next((m for m in comparison.metrics if m.metric == "ndcg_cut_10"), None)
+    if primary is not None:
+        out.print(f"ndcg_cut_10: {_verdict(primary.delta, primary.randomisation_p, 'B', 'A')}")
     for diff in comparison.diffs:
         out.print(f"\n[bold]query {escape(diff.qid)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {escape(diff.text)}")
         if diff.note:

@@ -82,6 +82,25 @@ def test_compare_markdown_and_table(cli, mini_config, mini_corpus: Path):
     assert table.exit_code == 0 and "p(rand)" in table.stdout and "ndcg_cut_10" in table.stdout
 
 
+def test_compare_and_sweep_say_in_words_whether_the_difference_is_significant():
+    """p-values alone invited over-reading: a sweep's "best" at p 0.34 was written out as if it were better."""
+    from engine.cli import _verdict
+
+    assert _verdict(0.0094, 0.34, "the best variant", "the config as written") == (
+        "not significant at 0.05 (p 0.34): the difference may be chance; keep the config as written unless more "
+        "queries confirm it")
+    assert _verdict(0.061, 0.0004, "B", "A") == "B is better (significant at 0.05, randomisation test)"
+    assert _verdict(-0.061, 0.0004, "B", "A").startswith("A is better")
+    assert _verdict(0.0, None, "B", "A") == "no difference to test"
+
+
+def test_the_compare_table_ends_with_the_verdict(cli, mini_config, mini_corpus: Path):
+    a, b = mini_config(k=10, name="a.yaml"), mini_config(k=2, name="b.yaml")
+    table = cli("compare", a, b, "--dataset", mini_corpus, "--limit", "10")
+    assert table.exit_code == 0 and "ndcg_cut_10: " in table.stdout
+    assert "significant at 0.05" in " ".join(table.stdout.split())
+
+
 def test_compare_rejects_a_run_with_no_judged_query(mini_corpus: Path, tmp_path: Path):
     from tests.workbench.conftest import run_sieve
 
