@@ -231,6 +231,9 @@ AsOfOption = Annotated[Optional[str], typer.Option("--as-of", help="query time, 
 EvalAsOfOption = Annotated[Optional[str], typer.Option(
     "--as-of", help="every query's time, ISO 8601 (default: when the evaluation starts)")]
 IndexOption = Annotated[Optional[Path], typer.Option("--index", help="override the config's index")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="PATH=VALUE: override one config setting for this run, by dotted path (stages by id: "
+    "stages.rerank.params.device=cpu); the value is YAML; repeatable; the trace records it")]
 
 
 def _make_query(pipeline: Any, text: str, history: Optional[list[str]], user: Optional[str],
@@ -278,6 +281,7 @@ def search(
     attribute: AttributeOption = None,
     as_of: AsOfOption = None,
     index_dir: IndexOption = None,
+    settings: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results and trace as JSON")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="show each result's explanation tree")] = False,
     trace_out: Annotated[Optional[Path], typer.Option("--trace-out", help="also write the trace to this file")] = None,
@@ -289,7 +293,7 @@ def search(
     from engine.trace import write_json_atomic
 
     _writable_file(trace_out, "--trace-out")
-    pipeline = Pipeline.from_file(config, index_path=index_dir)
+    pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
     _print_warm_up_warnings(pipeline.warnings)
     trace = result.trace
@@ -496,7 +500,8 @@ def _progress_bar(description: str):  # type: ignore[no-untyped-def]
 
 
 def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, limit: int | None, recall_k: int, label: str,  # type: ignore[no-untyped-def]
-              trace_log: Path | None = None, data: Any = None, asked: "_AskedAs | None" = None):
+              trace_log: Path | None = None, data: Any = None, asked: "_AskedAs | None" = None,
+              settings: tuple[str, ...] | list[str] = ()):
     """Evaluate one config with a progress bar on stderr; what the stages' warm-up found is printed first."""
     from engine.workbench.evaluate import evaluate_pipeline
 
@@ -512,7 +517,7 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
         report = evaluate_pipeline(
             config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,
             on_start=start, progress=advance, trace_log=trace_log, data=data,
-            user=asked.user if asked else None, as_of=asked.as_of if asked else None,
+            user=asked.user if asked else None, as_of=asked.as_of if asked else None, settings=tuple(settings),
         )
     _print_warm_up_warnings(report.warm_up_warnings)
     return report
@@ -598,6 +603,7 @@ def eval_command(
     jurisdiction: JurisdictionOption = None,
     attribute: AttributeOption = None,
     as_of: EvalAsOfOption = None,
+    settings: SetOption = None,
 ) -> None:
     """Evaluate a pipeline on a BEIR split: nDCG@10, MRR@10, Recall@k, MAP (pytrec_eval) and latency.
 
@@ -618,7 +624,8 @@ def eval_command(
         if spaced is not None:
             raise SieveError(f"--run-out: query id {spaced!r} contains whitespace, which a TREC run line cannot hold")
     asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
-    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log, data, asked)
+    report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log, data, asked,
+                       settings or ())
     index = report.index or {}
     qrels = {qid: data.qrels[qid] for qid in report.per_query}
     coverage = judgement_coverage(report.run, qrels, data.qrels, _index_lookup(index.get("path")))
@@ -769,12 +776,12 @@ def explain_command(
     attribute: AttributeOption = None,
     as_of: AsOfOption = None,
     index_dir: IndexOption = None,
+    settings: SetOption = None,
     top: Annotated[Optional[int], typer.Option(help="explain only the first N results (default: all)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print explanations and verdicts as JSON")] = False,
     trace_out: Annotated[Optional[Path], typer.Option("--trace-out", help="also write the trace to this file")] = None,
 ) -> None:
     """Explain a query's ranking: each result's score tree, rules fired, dedup merges; and why a --doc was not returned."""
-    from engine.compiler import compile_file
     from engine.trace import write_json_atomic
     from engine.workbench.inspect import (
         InspectingPipeline, dedup_merges, explain_report, rules_fired, signal_contributions, why_not,
@@ -783,7 +790,7 @@ def explain_command(
     _writable_file(trace_out, "--trace-out")
     if top is not None and top < 0:
         raise SieveError(f"--top must be 0 or more, got {top}")
-    pipeline = InspectingPipeline(compile_file(config), index_path=index_dir)
+    pipeline = InspectingPipeline.from_file(config, index_path=index_dir, settings=settings or ())
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
@@ -850,6 +857,8 @@ def compare_command(
     jurisdiction: JurisdictionOption = None,
     attribute: AttributeOption = None,
     as_of: EvalAsOfOption = None,
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="PATH=VALUE: override a setting in both configs for this run (as for eval); repeatable")] = None,
 ) -> None:
     """Compare two pipelines or runs: metric deltas with paired significance tests, wins/losses, document moves.
     Both configs' queries are asked as the same user at the same time (the options, as for eval)."""
@@ -868,7 +877,8 @@ def compare_command(
         if is_config(path):
             if extra_config is not None:
                 raise SieveError(f"--config-{label.lower()} is for a run file, but {label} is already a config ({path})")
-            report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}", asked=asked)
+            report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}", asked=asked,
+                               settings=settings or ())
             empty = report.empty_warning()
             if empty:
                 err.print(f"[yellow]warning:[/yellow] {label}: {escape(empty)}")

@@ -15,7 +15,7 @@ import graphlib
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,6 +54,37 @@ class RunResult:
     query: Query | None = None
 
 
+
+def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeline:
+    """Compile the config file at ``path`` with ``PATH=VALUE`` overrides (a dotted path, stages by id:
+    ``stages.rerank.params.device=cpu``; the value is YAML: ``[a, b]`` is a list value) applied to its data first.
+    Errors in what the file says keep their file:line; a bad override is named by its setting."""
+    import yaml
+
+    from engine.compiler import compile_loaded
+    from engine.workbench.sweep import apply_setting
+    from engine.yamlsource import load_yaml_file
+
+    loaded = load_yaml_file(path, collect=True)
+    seen: set[str] = set()
+    for text in settings:
+        name, sep, raw = text.partition("=")
+        name = name.strip()
+        if not sep or not name or any(not part for part in name.split(".")) or not raw.strip():
+            raise SieveError(f"--set takes PATH=VALUE (e.g. stages.rerank.params.device=cpu), got {text!r}")
+        if name in seen:
+            raise SieveError(f"--set {name} is given twice")
+        seen.add(name)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise SieveError(f"--set {name}: the value is not YAML ({getattr(exc, 'problem', None) or exc})") from None
+        if not isinstance(loaded.data, dict):
+            break  # compiling says what is wrong with the file
+        apply_setting(loaded.data, name, value)
+    return compile_loaded(loaded, base_dir=path.resolve().parent, check_log_path=True)
+
+
 class Pipeline:
     """A compiled pipeline bound to its index; warm it up once, then run many queries."""
 
@@ -64,12 +95,21 @@ class Pipeline:
         self.resources: Resources | None = None
         self.unavailable: dict[str, str] = {}  # stages whose warm-up failed under on_error: skip
         self.warnings: list[str] = []  # what the stages' warm-up found ("stage 'id': ..."), for the CLI and server
+        self.settings: tuple[str, ...] = ()  # the PATH=VALUE overrides the config was compiled with (from_file)
         self._warm_lock = threading.Lock()
         self._index_identity: tuple[Index, dict[str, Any]] | None = None  # the trace's index record, per index
 
     @classmethod
-    def from_file(cls, path: str | Path, *, index_path: Path | None = None) -> "Pipeline":
-        return cls(compile_file(path), index_path=index_path)
+    def from_file(cls, path: str | Path, *, index_path: Path | None = None,
+                  settings: Sequence[str] = ()) -> "Pipeline":
+        """The pipeline a config file describes; ``settings``: ``PATH=VALUE`` overrides applied to the file's data
+        before it is compiled (``sieve search --set stages.rerank.params.device=cpu``), as one machine needs
+        them without editing the file. The trace records them with the config they produced."""
+        if not settings:
+            return cls(compile_file(path), index_path=index_path)
+        pipeline = cls(compile_with_settings(Path(path), settings), index_path=index_path)
+        pipeline.settings = tuple(settings)
+        return pipeline
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -415,6 +455,7 @@ class Pipeline:
                 "dir": str(compiled.base_dir),
                 "sha256": compiled.config_sha256,
                 "resolved": compiled.canonical,
+                **({"set": list(self.settings)} if self.settings else {}),
             },
             "index": self._index_record(resources.index) if resources.index is not None else None,
             "models": models,

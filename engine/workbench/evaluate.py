@@ -92,6 +92,7 @@ class EvalReport:
     degraded: dict[str, Any] = field(default_factory=lambda: {"queries": 0, "stages": {}})
     asked_as: dict[str, Any] = field(default_factory=dict)  # the user and as_of every query was asked with
     empty: int = 0  # queries that returned no document
+    settings: list[str] = field(default_factory=list)  # the --set overrides the config ran with
     warm_up_warnings: list[str] = field(default_factory=list)  # what the stages' warm-up found (Pipeline.warnings)
 
     def empty_warning(self) -> str | None:
@@ -136,6 +137,7 @@ class EvalReport:
             "trace_log": self.trace_log,
             "degraded": self.degraded,
             "asked_as": self.asked_as,
+            "settings": self.settings,
             "empty_queries": self.empty,
             "warm_up_warnings": self.warm_up_warnings,
             "machine": self.machine,
@@ -171,6 +173,7 @@ def evaluate_pipeline(
     data: BeirData | None = None,
     user: UserContext | None = None,
     as_of: datetime | None = None,
+    settings: tuple[str, ...] = (),
 ) -> EvalReport:
     """Run ``config`` over the judged queries of ``dataset``/``split`` and score the run (``data``: that data set
     when the caller has already read it). Every query is asked as ``user`` (default: anonymous) at ``as_of``
@@ -186,7 +189,7 @@ def evaluate_pipeline(
     if limit is not None:
         queries = dict(list(queries.items())[:limit])
     qrels = {qid: data.qrels[qid] for qid in queries}
-    pipeline = Pipeline.from_file(config, index_path=index_path)
+    pipeline = Pipeline.from_file(config, index_path=index_path, settings=settings)
     resources = pipeline.warm_up()
     if resources.index is not None:
         judged = {doc_id for judgements in qrels.values() for doc_id, grade in judgements.items() if grade > 0}
@@ -224,6 +227,7 @@ def evaluate_pipeline(
         trace_log=str(trace_log) if trace_log is not None else None,
         degraded={"queries": output.degraded, "stages": output.skipped},
         asked_as={"user": user.model_dump(mode="json"), "as_of": as_of.isoformat()},
+        settings=list(settings),
         empty=output.empty,
         warm_up_warnings=list(pipeline.warnings),
     )
