@@ -149,6 +149,21 @@ def load_failure(location: str | Path, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def missing_model_path(name: str, base_dir: Path | None) -> str | None:
+    """For ``sieve validate``, which loads nothing: a message when ``name`` is written as a local path (``./m``,
+    ``/m``, ``~/m``, ``a/b/c``) and nothing exists there, relative to the config's directory or the working
+    directory (where :func:`resolve_model` looks); None for a hub id, a packaged name or a path that exists."""
+    if not name.startswith((".", "/", "~")) and name.count("/") <= 1:
+        return None
+    candidate = Path(name).expanduser()
+    places = [candidate] if candidate.is_absolute() else [*([base_dir / candidate] if base_dir else []), candidate]
+    if any(place.exists() for place in places):
+        return None
+    where = ("" if candidate.is_absolute() else
+             f" (looked in the config's directory {base_dir} and the working directory)" if base_dir else "")
+    return f"model directory {name} does not exist{where}: the stage will fail to load"
+
+
 def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "model") -> ResolvedModel:
     """Resolve a config's model name to files: packaged copy, local path, or hub id."""
     if not isinstance(name, str) or not name.strip():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -39,7 +40,8 @@ from engine.errors import MissingDependencyError, SieveIndexError, StageError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.models import resolve_model
 from engine.registry import register_stage
-from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
+from engine.stage import (Explanation, GraphIssue, GraphView, Port, RecentNotes, Resources, Stage, StageContext,
+                          StageNode, StageParams, StageResult)
 from stages.text import HAN_RANGES
 
 DEFAULT_COSINE_THRESHOLD = 0.95
@@ -113,6 +115,17 @@ class NearDuplicateFilter(Stage):
     def signal_for(cls, params: StageParams | None) -> str | None:
         """With MMR the stage scores (an ``mmr`` ledger entry per ordered survivor); without, it only drops."""
         return "mmr" if isinstance(params, DedupParams) and params.mmr_lambda is not None else None
+
+    @classmethod
+    def check_graph(cls, node: StageNode, graph: GraphView) -> Sequence[GraphIssue]:
+        """Warn about MinHash's settings under method: embedding: accepted, but unused (the reverse, vectors or
+        model under minhash, is refused by the params)."""
+        params = node.params
+        assert isinstance(params, DedupParams)
+        unused = ([f for f in ("shingle_size", "num_perm", "seed") if f in params.model_fields_set]
+                  if params.method == "embedding" else [])
+        return [GraphIssue(f"{name} is set but not used: it applies only with method: minhash", ("params", name),
+                           "warning") for name in unused]
 
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import DeadlineExceeded, MissingDependencyError, ModelLoadError, SieveError
-from engine.models import load_failure, model_card, quiet_transformers, resolve_model, weights_hash
+from engine.models import load_failure, missing_model_path, model_card, quiet_transformers, resolve_model, weights_hash
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -491,6 +491,18 @@ class CrossEncoderRerank(Stage):
         params = node.params
         assert isinstance(params, CrossEncoderParams)
         issues = []
+        for path, name in ((("params", "model"), params.model),
+                           (("params", "cascade", "light_model"), params.cascade.light_model if params.cascade else None)):
+            missing = missing_model_path(name, graph.base_dir) if name is not None else None
+            if missing is not None:
+                issues.append(GraphIssue(missing, path, "warning"))
+        unused = [(f, "applies only with long_documents: chunks") for f in ("chunk_overlap", "max_chunks")
+                  if f in params.model_fields_set and params.long_documents == "truncate"]
+        if params.cascade is not None and params.cascade.light_model is None and \
+                "light_batch_size" in params.cascade.model_fields_set:
+            unused.append(("cascade.light_batch_size", "applies only with a cascade.light_model"))
+        for name, why in unused:  # accepted and silently ignored, an analyst expects it to do something
+            issues.append(GraphIssue(f"{name} is set but not used: it {why}", ("params", *name.split(".")), "warning"))
         bounds = [graph.most_candidates(i) for i in node.inputs]
         received = sum(bounds) if None not in bounds else None  # type: ignore[arg-type]
         if received is not None and params.window > received:

@@ -1,0 +1,55 @@
+"""`sieve validate` loads nothing, but says what it can see without loading: a model directory that does not
+exist, and settings accepted but not used where they stand (an analyst who sets them expects an effect)."""
+
+from __future__ import annotations
+
+from engine.compiler import compile_file
+
+
+def _warnings(write_config, text: str) -> list[str]:
+    return [str(w) for w in compile_file(write_config(text)).warnings]
+
+
+def test_a_missing_local_model_directory_is_a_located_warning(write_config, tmp_path):
+    (found,) = _warnings(write_config, """version: 1
+index: x
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 10}}
+  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 10, model: ./no/such/model}}
+""")
+    assert ":5:" in found and "params.model" in found and "./no/such/model does not exist" in found
+    (tmp_path / "here").mkdir()
+    assert _warnings(write_config, """version: 1
+index: x
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 10}}
+  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 10, model: ./here}}
+""") == []  # relative to the config's directory; a hub id (BAAI/bge-reranker-v2-m3) is never checked here
+
+
+def test_chunk_and_cascade_settings_that_cannot_apply_are_warnings(write_config):
+    found = _warnings(write_config, """version: 1
+index: x
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 10}}
+  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25],
+     params: {window: 10, max_chunks: 4, cascade: {full_top: 5, light_batch_size: 8}}}
+""")
+    assert any("params.max_chunks" in w and "long_documents: chunks" in w for w in found), found
+    assert any("cascade.light_batch_size" in w and "cascade.light_model" in w for w in found), found
+    assert not _warnings(write_config, """version: 1
+index: x
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 10}}
+  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 10, long_documents: chunks, max_chunks: 4}}
+""")
+
+
+def test_minhash_settings_under_embedding_dedup_are_warnings(write_config):
+    (found,) = _warnings(write_config, """version: 1
+index: x
+stages:
+  - {id: bm25, type: recall.bm25, params: {top_k: 10}}
+  - {id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {num_perm: 64}}
+""")
+    assert ":5:" in found and "num_perm is set but not used" in found and "method: minhash" in found
