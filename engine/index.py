@@ -23,6 +23,7 @@ a damaged document store is reported when read, so a corrupt index is reported, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,13 +39,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ConfigDict, ValidationError
 
 from engine import __version__
 from engine.errors import SieveError, SieveIndexError
 from engine.strictness import NoCoercion, a_json_kind, json_kind
+
+if TYPE_CHECKING:
+    from engine.yamlsource import SourceMap
 
 INDEX_FORMAT = "sieve.index/1"
 MANIFEST = "manifest.json"
@@ -81,7 +85,10 @@ class Document:
 
 
 class ComponentSettings(NoCoercion):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Base of an index component's settings: frozen, a misspelt key is an error, numbers and booleans are taken as
+    written and must be finite (as a stage's params)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class IndexComponent:
@@ -251,19 +258,7 @@ def build_index(
     (``.NAME.lock``, see :func:`_acquire_build_lock`). ``keep_previous``: the index replaced is moved to
     ``NAME.<sha12 of its manifest>`` beside it (see :func:`kept_copy`) instead of being deleted.
     """
-    from engine.registry import UnknownStageType, resolve_component
-
-    resolved = {}
-    for name, raw_settings in components.items():
-        try:
-            cls = resolve_component(name)
-        except UnknownStageType as exc:
-            raise SieveError(exc.message) from None
-        try:
-            resolved[name] = (cls(), cls.Settings.model_validate(raw_settings or {}))
-        except ValidationError as exc:
-            raise SieveError(f"bad settings for index component '{name}': {_validation_details(exc)}") from None
-
+    resolved = {name: (cls(), settings) for name, (cls, settings) in check_index_settings(components).items()}
     corpus_file = corpus_path(corpus).absolute()
     out_dir = _output_path(out_dir)
     _check_target(out_dir)
@@ -322,6 +317,192 @@ def build_index(
             raise
         _release_build_lock(lock)
     return manifest
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def check_index_settings(
+    components: dict[str, Any], source: "SourceMap | None" = None, *, label: str = "index settings"
+) -> dict[str, tuple[type[IndexComponent], ComponentSettings]]:
+    """Each named component's class and validated settings (``{"bm25": {"k1": 1.2}}``; None is the defaults).
+
+    Every problem is reported at once, as a pipeline config's are: a ConfigError whose issues name the setting
+    (``bm25.tokenizer.language``), with a did-you-mean for a misspelt key and the pipeline's words for a wrong type;
+    located in the file when ``source`` maps where the settings were read (:func:`load_index_settings`), else under
+    ``label`` (settings given in code, or by an option)."""
+    from engine.errors import ConfigError, ConfigIssue, Location
+    from engine.registry import UnknownStageType, known_components, resolve_component
+    from engine.yamlsource import SourceMap
+
+    located = source is not None
+    source = source or SourceMap(label)
+    issues: list[ConfigIssue] = []
+    resolved: dict[str, tuple[type[IndexComponent], ComponentSettings]] = {}
+    for name, raw in components.items():
+        try:
+            cls = resolve_component(name)
+        except UnknownStageType:
+            issues.append(ConfigIssue(source.locate((name,), prefer_key=True), str(name),
+                                      _unknown_component(str(name), known_components())))
+            continue
+        if raw is not None and not isinstance(raw, dict):
+            issues.append(ConfigIssue(source.locate((name,)), str(name), f"expected a mapping of {name} settings "
+                                      f"(e.g. {_example(cls)}), got {a_json_kind(raw)}"))
+            continue
+        try:
+            resolved[name] = (cls, cls.Settings.model_validate(raw or {}))
+        except ValidationError as exc:
+            issues.extend(_settings_issues(exc, source, name, cls.Settings))
+    if issues and not located:  # no file: no line to point at
+        issues = [dataclasses.replace(issue, location=Location(label)) for issue in issues]
+    if issues:
+        raise ConfigError(issues)
+    return resolved
+
+
+def _settings_issues(exc: ValidationError, source: "SourceMap", name: str, model: type[Any]) -> list[Any]:
+    """A pipeline config's issues for these errors, and a did-you-mean for a short key one letter off a setting
+    ('kl' for 'k1', which difflib's ratio finds too far)."""
+    from engine.config import issues_from_validation
+
+    issues = issues_from_validation(exc, source, (name,), model)
+    for at, error in enumerate(exc.errors(include_url=False)):  # one issue per error, in order
+        if error["type"] != "extra_forbidden" or "(did you mean" in issues[at].message:
+            continue
+        key = str(error["loc"][-1])
+        near = [valid for valid in _fields_at(model, error["loc"][:-1]) if _one_edit_apart(key, valid)]
+        if near:
+            unknown = f"unknown field '{key}'"
+            message = issues[at].message.replace(unknown, f"{unknown} (did you mean '{near[0]}'?)", 1)
+            issues[at] = dataclasses.replace(issues[at], message=message)
+    return issues
+
+
+def _fields_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The setting names of the (nested) settings model at ``loc`` inside ``model``."""
+    import types
+    import typing
+
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        arms = typing.get_args(field.annotation) if typing.get_origin(field.annotation) in (
+            typing.Union, types.UnionType) else (field.annotation,)
+        model = next((arm for arm in arms if hasattr(arm, "model_fields")), None)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """One letter replaced, added, dropped, or two neighbours swapped (case ignored)."""
+    a, b = a.casefold(), b.casefold()
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                  and a[diff[1]] == b[diff[0]])
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+
+
+def load_index_settings(
+    path: Path | None, components: Sequence[str], *, language: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """What ``sieve index --with NAME... [--settings FILE] [--language L]`` builds: each component's settings (``{}``
+    for its defaults), read from ``FILE`` (``{component: {setting: value}}``) and checked there, every problem at once
+    and located (``s.yaml:2:9  bm25.kl: unknown field 'kl' (did you mean 'k1'?); ...``); ``language`` sets the bm25
+    tokenizer's language (over the file's)."""
+    from engine.errors import ConfigError, ConfigIssue
+    from engine.registry import known_components
+    from engine.yamlsource import load_yaml_file
+
+    names = list(dict.fromkeys(components))
+    for name in names:
+        if name not in known_components():
+            raise SieveError(f"--with {_unknown_component(name, [])}")
+    settings: dict[str, dict[str, Any]] = {name: {} for name in names}
+    if path is not None:
+        loaded = load_yaml_file(path, collect=True)
+        data, source = loaded.data, loaded.source
+        issues = list(loaded.issues)
+        if not isinstance(data, dict):
+            raise ConfigError([*issues, ConfigIssue(
+                source.locate(()), "", "expected a mapping of component name to its settings (e.g. bm25: {k1: 1.2}), "
+                f"got {a_json_kind(data)}")])
+        given: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in settings:
+                given[name] = value
+                continue
+            if name in known_components():
+                problem = (f"settings for '{name}', which is not being built (add --with {name}; "
+                           f"building: {', '.join(names)})")
+            else:
+                problem = _unknown_component(str(name), names) + f" (building: {', '.join(names)})"
+            issues.append(ConfigIssue(source.locate((name,), prefer_key=True), str(name), problem))
+        try:
+            check_index_settings(given, source)
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+        issues = [i for i in issues if i.path not in loaded.unmade or i in loaded.issues]
+        if issues:
+            raise ConfigError(issues)
+        settings.update({name: dict(value or {}) for name, value in given.items()})
+    if language is not None:
+        if "bm25" not in settings:
+            raise SieveError("--language applies to the bm25 component, which is not being built")
+        tokenizer = dict(settings["bm25"].get("tokenizer") or {})
+        settings["bm25"] = {**settings["bm25"], "tokenizer": {**tokenizer, "language": language}}
+        check_index_settings({"bm25": settings["bm25"]}, label="--language")
+    return settings
+
+
+def component_read_by(params: type[Any]) -> type[IndexComponent] | None:
+    """The index component a stage's parameter model reads (its ``component`` parameter's default, when that names a
+    registered component): e.g. recall.bm25's ``bm25``."""
+    from engine.registry import UnknownStageType, resolve_component
+
+    field = getattr(params, "model_fields", {}).get("component")
+    if field is None or not isinstance(field.default, str):
+        return None
+    try:
+        return resolve_component(field.default)
+    except UnknownStageType:
+        return None
+
+
+def index_setting_hint(params: type[Any], key: str) -> str | None:
+    """For an unknown key in a stage's params that is (or is one letter off) a setting of the index component the stage
+    reads (``k1``, ``kl`` in recall.bm25): where that setting lives. None for any other key."""
+    component = component_read_by(params)
+    if component is None:
+        return None
+    settings = list(component.Settings.model_fields)
+    name = key if key in settings else next((s for s in settings if _one_edit_apart(key, s)), None)
+    if name is None:
+        return None
+    return (f"'{name}' is a setting of the index's {component.name} component, fixed when the index is built: "
+            f"sieve index --with {component.name} --settings FILE, with FILE holding {component.name}: {{{name}: ...}}")
+
+
+def _unknown_component(name: str, candidates: Sequence[str]) -> str:
+    from difflib import get_close_matches
+
+    from engine.registry import known_components
+
+    hint = get_close_matches(name, list(candidates), n=1) or get_close_matches(name, known_components(), n=1)
+    return (f"unknown index component '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; known components: {', '.join(known_components())}")
+
+
+def _example(cls: type[IndexComponent]) -> str:
+    """``bm25: {k1: 1.5}``: a component's first scalar setting with its default, for a message."""
+    for field_name, info in cls.Settings.model_fields.items():
+        if isinstance(info.default, (int, float, str)) and not isinstance(info.default, bool):
+            return f"{cls.name}: {{{field_name}: {info.default}}}"
+    return f"{cls.name}: {{}}"
 
 
 def _validation_details(exc: ValidationError) -> str:
