@@ -48,9 +48,14 @@ class TokenizerSettings(NoCoercion):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    language: Literal["en", "zh"] = "en"
-    lowercase: bool = True
-    stemmer: Literal["english", "none"] = "english"
+    language: Literal["en", "zh"] = Field(
+        "en", description="zh: Han text is segmented into words with jieba and Chinese stop words are added; "
+        "other text is read by pattern either way (sieve index --language zh sets it)",
+    )
+    lowercase: bool = Field(True, description="fold case before matching")
+    stemmer: Literal["english", "none"] = Field(
+        "english", description="english: Snowball stems (PyStemmer), so 'trials' matches 'trial'; none: words as written"
+    )
     stopwords: Literal["default", "none"] = Field("default", description="the language's stop-word list, or none")
     pattern: str = Field(r"(?u)\b\w\w+\b", description="regex of a token (for non-Chinese text)")
     segmentation: Literal["search", "precise"] = Field(

@@ -40,10 +40,24 @@ FORMULAS = {
 
 
 class BM25IndexSettings(ComponentSettings):
-    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
-    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
-    k1: float = Field(1.5, ge=0)
-    b: float = Field(0.75, ge=0, le=1)
+    """BM25 over the documents' terms (bm25s), which recall.bm25 searches."""
+
+    tokenizer: TokenizerSettings = Field(
+        default_factory=TokenizerSettings,
+        description="how text becomes terms; recorded in the index, and queries are tokenised the same way",
+    )
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = Field(
+        "lucene", description="the BM25 variant (bm25s; Kamphuis et al., ECIR 2020); each explanation states its "
+        "formula",
+    )
+    k1: float = Field(
+        1.5, ge=0, description="term-frequency saturation: 0 ignores how often a term occurs, higher values let "
+        "repeats count for longer (usually 0.9 to 2)",
+    )
+    b: float = Field(
+        0.75, ge=0, le=1, description="document-length normalisation: 0 none, 1 full (a long document's term "
+        "counts weigh less)",
+    )
     fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="fields indexed, joined")
 
 

@@ -74,7 +74,9 @@ class CascadeParams(StageParams):
     light_model: str | None = Field(
         None, description="model for the rest of the window; None: the rest keep their input order unscored"
     )
-    light_batch_size: int = Field(64, ge=1, le=4096)
+    light_batch_size: int = Field(
+        64, ge=1, le=4096, description="pairs per forward pass of the light model (batch_size is the full model's)"
+    )
 
 
 class CrossEncoderParams(StageParams):
@@ -83,7 +85,9 @@ class CrossEncoderParams(StageParams):
         description=f"path, packaged name or hub id; None: the shipped model ({DEFAULT_MODEL_DIR} in the repository)",
     )
     window: int = Field(100, ge=1, le=10_000, description="rerank the top N candidates; the rest keep their order below")
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096, description=(
+        "query-document pairs (chunks, with long_documents: chunks) per forward pass of the model: larger is faster "
+        "on a GPU and needs more memory (on out-of-memory see oom_backoff); a deadline is checked between batches"))
     max_length: int | None = Field(
         None, ge=16, le=8192,
         description="tokens per pair; None: the model card's (Sieve models) or 512 capped by the tokenizer's limit",
@@ -106,7 +110,10 @@ class CrossEncoderParams(StageParams):
     )
     chunk_overlap: int = Field(64, ge=0, le=4096, description="tokens shared by consecutive chunks")
     max_chunks: int = Field(8, ge=1, le=256, description="chunks per document at most (what lies beyond is cut, recorded)")
-    cascade: CascadeParams | None = None
+    cascade: CascadeParams | None = Field(None, description=(
+        "a cheaper window: the full model scores the first full_top candidates, light_model the rest (its scores "
+        "kept below the full model's) or nothing; full_top must be smaller than window. None: the full model "
+        "scores the whole window"))
     cache_size: int = Field(10_000, ge=0, le=10_000_000, description=(
         "scores kept in an in-memory LRU, about (whole windows: a repeated query and window is served from it; "
         "0: no cache)"))

@@ -68,8 +68,15 @@ class CoreferenceParams(StageParams):
     max_history_turns: int | None = Field(
         None, ge=0, le=1000, description="only the last N turns are read; None: the whole history"
     )
-    heuristics: EnglishHeuristics = Field(default_factory=EnglishHeuristics)
-    salience: SalienceWeights = Field(default_factory=SalienceWeights)
+    heuristics: EnglishHeuristics = Field(
+        default_factory=EnglishHeuristics, description="which kinds of English rewrite are on (each true unless "
+        "set false here, e.g. {acronyms: false}); the Chinese resolver does not read them",
+    )
+    salience: SalienceWeights = Field(
+        default_factory=SalienceWeights, description="weights of the salience model that ranks the antecedent "
+        "candidates of a pronoun or an ellipsis (English and Chinese); a weight not given keeps its default, "
+        "tuned on TREC CAsT 2019 (bench/cast_rewrite.py)",
+    )
     trace_candidates: int = Field(5, ge=0, le=100, description="antecedent candidates listed in the trace")
 
     @field_validator("glossary")

@@ -1,0 +1,277 @@
+"""A parameter reference for people: every setting an analyst can tune, read from the models that validate it.
+
+:func:`pipeline_json_schema` (``sieve schema``) serves editors; this module serves a terminal. It walks the same
+sources, so a new stage type, parameter or index component appears here as soon as it is registered: the
+pipeline's own settings (:class:`engine.config.PipelineConfig`), each registered stage type's ``Params``, and each
+registered index component's ``Settings`` (set when the index is built, ``sieve index --settings FILE``). Each
+parameter is one :class:`ParamRow`: its dotted name, type, default, allowed values or range, and description.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from difflib import get_close_matches
+from typing import Any, Literal
+
+import annotated_types
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from engine.errors import SieveError
+
+# the pipeline's own sections that are settings (stages and output are the pipeline's shape, not tuned values)
+PIPELINE_SECTIONS = ("trace", "limits", "executor", "server")
+WIDTH = 100
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    """One parameter as the reference lists it."""
+
+    name: str  # dotted for nested settings: cascade.full_top, tokenizer.language
+    type: str  # in YAML's words: integer, number, true/false, text, list of text, mapping, ...
+    default: str  # as it would be written in YAML; "required" when there is none
+    allowed: str  # the range or the choices; "" when any value of the type will do
+    description: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """The parameters of one stage type, one index component, or the pipeline's own settings."""
+
+    title: str  # recall.bm25@1, index component bm25, pipeline settings
+    summary: str
+    where: str  # where these are written: params of a stage, a section of sieve index --settings
+    rows: tuple[ParamRow, ...]
+    notes: tuple[str, ...] = ()  # e.g. which settings of the index the stage reads were fixed when it was built
+
+
+def _arms(annotation: Any) -> tuple[tuple[Any, ...], bool]:
+    """The alternatives of a union annotation other than None, and whether None is one of them."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(annotation)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (annotation,), False
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _type_words(annotation: Any) -> str:
+    """An annotation in YAML's words."""
+    arms, nullable = _arms(annotation)
+    words = " or ".join(dict.fromkeys(_one_type(arm) for arm in arms))
+    return f"{words} or null" if nullable else words
+
+
+def _one_type(annotation: Any) -> str:
+    if annotation is bool:
+        return "true/false"
+    if annotation is int:
+        return "integer"
+    if annotation is float:
+        return "number"
+    if annotation is str:
+        return "text"
+    if annotation is Any:
+        return "any"
+    if _is_model(annotation):
+        return "mapping"
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        kinds = {type(a) for a in args}
+        return "text" if kinds == {str} else " or ".join(sorted(_one_type(k) for k in kinds))
+    if origin is typing.Annotated:
+        return _one_type(args[0])
+    if origin in (list, tuple, set, frozenset):
+        item = args[0] if args else Any
+        return f"list of {_type_words(item)}"
+    if origin is dict:
+        value = args[1] if len(args) == 2 else Any
+        return f"mapping of text to {_type_words(value)}"
+    if origin is typing.Union or origin is types.UnionType:
+        return _type_words(annotation)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as an analyst would write it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, BaseModel):
+        return "(see below)"
+    if isinstance(value, str):
+        plain = value and value.strip() == value and not any(c in value for c in ":#{}[],&*!|>'\"%@`")
+        return value if plain else repr(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default is not PydanticUndefined:
+        return _yaml_value(info.default)
+    if info.default_factory is not None:
+        return _yaml_value(info.default_factory())  # type: ignore[call-arg]
+    return "required"
+
+
+def _units(annotation: Any) -> str:
+    """What a length constraint counts in a value of this type."""
+    words = _type_words(annotation)
+    return "items" if words.startswith("list") else "entries" if words.startswith("mapping") else "characters"
+
+
+def _allowed(info: FieldInfo) -> str:
+    """The range or choices a field accepts, from its constraints and Literal type."""
+    arms, _ = _arms(info.annotation)
+    choices = [a for arm in arms if typing.get_origin(arm) is Literal for a in typing.get_args(arm)]
+    if choices:
+        return " | ".join(_yaml_value(c) for c in choices)
+    low = high = ""
+    parts = []
+    for item in info.metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = f"at least {item.ge}"
+        elif isinstance(item, annotated_types.Gt):
+            low = f"above {item.gt}"
+        elif isinstance(item, annotated_types.Le):
+            high = f"at most {item.le}"
+        elif isinstance(item, annotated_types.Lt):
+            high = f"below {item.lt}"
+        elif isinstance(item, annotated_types.MinLen) and item.min_length > 0:
+            units = _units(info.annotation)
+            parts.append("not empty" if item.min_length == 1 else f"at least {item.min_length} {units}")
+        elif isinstance(item, annotated_types.MaxLen):
+            parts.append(f"at most {item.max_length} {_units(info.annotation)}")
+        elif getattr(item, "pattern", None):
+            parts.append(f"matches {item.pattern}")
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "pattern" in extra:
+        parts.append(f"matches {extra['pattern']}")
+    if low.startswith("at least") and high.startswith("at most"):
+        bounds = f"{low.removeprefix('at least ')} to {high.removeprefix('at most ')}"
+    else:
+        bounds = ", ".join(b for b in (low, high) if b)
+    return "; ".join(p for p in (bounds, *parts) if p)
+
+
+def parameter_rows(model: type[BaseModel], prefix: str = "") -> list[ParamRow]:
+    """Every field of ``model``, depth first; a field that is itself a settings model (``cascade``,
+    ``tokenizer``) is listed, then its own fields as ``name.field``."""
+    rows: list[ParamRow] = []
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        rows.append(ParamRow(dotted, _type_words(info.annotation), _default(info), _allowed(info),
+                             " ".join((info.description or "").split())))
+        arms, _ = _arms(info.annotation)
+        for arm in arms:
+            if _is_model(arm):
+                rows.extend(parameter_rows(arm, dotted + "."))
+    return rows
+
+
+def _summary(cls: type) -> str:
+    lines = (cls.__doc__ or "").strip().splitlines()
+    return " ".join((getattr(cls, "summary", None) or (lines[0] if lines else "")).split())
+
+
+def stage_section(type_ref: str) -> Section:
+    """The parameters of one stage type (``rerank.cross_encoder``, latest version, or ``name@version``)."""
+    from engine.registry import UnknownStageType, resolve_stage
+
+    try:
+        cls = resolve_stage(type_ref)
+    except UnknownStageType as exc:
+        raise SieveError(exc.message) from None
+    return Section(cls.qualified_name(), _summary(cls), f"params of a stage with type: {cls.type_name}",
+                   tuple(parameter_rows(cls.Params)), tuple(_index_notes(cls.Params)))
+
+
+def _index_notes(params: type[BaseModel]) -> list[str]:
+    """For a stage that reads an index component (its ``component`` parameter): the settings that component was built
+    with, which the stage cannot change."""
+    from engine.index import component_read_by
+
+    component = component_read_by(params)
+    if component is None:
+        return []
+    names = ", ".join(component.Settings.model_fields)
+    return [f"{names}: settings of the index's {component.name} component, fixed when the index is built "
+            f"(sieve index --settings FILE, see 'index component {component.name}'); to compare values, build an "
+            f"index per value and sweep them: sieve sweep CONFIG --set 'index=[dirA, dirB]'"]
+
+
+def component_section(name: str) -> Section:
+    """The settings of one index component (``bm25``), fixed when the index is built."""
+    from engine.registry import UnknownStageType, known_components, resolve_component
+
+    try:
+        cls = resolve_component(name)
+    except UnknownStageType:
+        hint = get_close_matches(name, known_components(), n=1)
+        raise SieveError(f"unknown index component '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                         + f"; known components: {', '.join(known_components())}") from None
+    return Section(f"index component {cls.name}", _summary(cls.Settings) or _summary(cls),
+                   f"set when the index is built: sieve index --with {cls.name} --settings FILE, "
+                   f"under '{cls.name}:' in FILE", tuple(parameter_rows(cls.Settings)))
+
+
+def pipeline_section() -> Section:
+    """The pipeline's own settings (trace, limits, executor, server), outside any stage."""
+    from engine.config import PipelineConfig
+
+    rows: list[ParamRow] = []
+    for name in PIPELINE_SECTIONS:
+        annotation = PipelineConfig.model_fields[name].annotation
+        rows.extend(parameter_rows(annotation, f"{name}."))  # type: ignore[arg-type]
+    return Section("pipeline settings", "settings of the whole pipeline, outside any stage",
+                   "top-level sections of the pipeline config:", tuple(rows))
+
+
+def reference_sections(stage: str | None = None, component: str | None = None) -> list[Section]:
+    """The sections asked for: one stage type, one index component, or (neither named) everything: the pipeline's
+    settings, every registered stage type (each version), every index component."""
+    from engine.registry import known_components, stage_versions
+
+    if stage is not None or component is not None:
+        return ([stage_section(stage)] if stage is not None else []) + (
+            [component_section(component)] if component is not None else [])
+    sections = [pipeline_section()]
+    sections += [stage_section(f"{name}@{version}")
+                 for name, versions in stage_versions().items() for version in versions]
+    sections += [component_section(name) for name in known_components()]
+    return sections
+
+
+def render_section(section: Section, width: int = WIDTH) -> str:
+    """One section as plain text: a heading, then per parameter a line of name, type, default and allowed values,
+    and the description wrapped below it."""
+    lines = [section.title + (f": {section.summary}" if section.summary else ""), f"  {section.where}"]
+    for note in section.notes:
+        lines.extend(textwrap.wrap(f"note: {note}", width=width, initial_indent="  ", subsequent_indent=" " * 4,
+                                   break_on_hyphens=False))
+    name_width = max((len(row.name) for row in section.rows), default=0)
+    for row in section.rows:
+        facts = [row.type, f"default {row.default}"] + ([f"allowed {row.allowed}"] if row.allowed else [])
+        lines.append(f"  {row.name.ljust(name_width)}  " + "; ".join(facts))
+        if row.description:
+            lines.extend(textwrap.wrap(row.description, width=width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                       break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+def render_reference(stage: str | None = None, component: str | None = None, width: int = WIDTH) -> str:
+    """The parameter reference as terminal text (see :func:`reference_sections` for what is included)."""
+    return "\n\n".join(render_section(s, width) for s in reference_sections(stage, component)) + "\n"
