@@ -216,6 +216,13 @@ class DenseRecall(Stage):
 
     # ------------------------------------------------------------------ warm-up
 
+    def warm_up_warnings(self) -> list[str]:
+        if self.params.ef_search is not None and self._dense is not None and self._dense.kind != HNSW:
+            return [f"ef_search: {self.params.ef_search} is set, but the index's '{self.params.component}' component "
+                    f"is a {self._dense.kind} index, searched exactly: ef_search applies only to an HNSW index "
+                    "(an index of more than the dense setting hnsw_above documents, 200,000 by default)"]
+        return []
+
     def warm_up(self, resources: Resources) -> None:
         index = resources.require_index(self.id)
         directory, entry = index.component(self.params.component, self.id)

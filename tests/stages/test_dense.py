@@ -238,6 +238,7 @@ def test_hnsw_above_a_size_gives_an_hnsw_index_with_the_same_answers(tmp_path, m
 
     pipeline = _pipeline(write_config, index, "top_k: 10, ef_search: 200")
     result = pipeline.search(QUERY)
+    assert pipeline.warnings == []  # ef_search applies here
     assert "HNSW" in result.trace["results"][0]["explanation"]["details"][0]["description"]
     assert result.trace["models"][0]["index_type"] == "IndexHNSWFlat"
     # On 120 vectors with efSearch 200 the graph search is exact: compare with brute force.
@@ -352,3 +353,14 @@ def test_text_the_model_does_not_know_is_said(tmp_path, write_config):
     assert chinese["details"]["unknown_query_tokens"] >= 3
     english = pipeline.search("metformin glucose").trace["stages"][0]
     assert "decisions" not in english and "unknown_query_tokens" not in english["details"]
+
+
+def test_ef_search_on_an_exact_index_is_a_warm_up_warning(dense_index, write_config):
+    """Accepted and silently ignored before: the index is searched exactly, whatever ef_search says."""
+    pipeline = _pipeline(write_config, dense_index, "top_k: 10, ef_search: 10")
+    pipeline.warm_up()
+    (warning,) = pipeline.warnings
+    assert warning.startswith("stage 'dense': ef_search: 10 is set") and "IndexFlatIP" in warning
+    plain = _pipeline(write_config, dense_index, name="plain.yaml")
+    plain.warm_up()
+    assert plain.warnings == []
