@@ -139,23 +139,9 @@ def index(
     at a time: a second one started meanwhile fails at once."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engine.index import build_index, kept_copy, manifest_sha256_of
-    from engine.yamlsource import load_yaml_file
+    from engine.index import build_index, kept_copy, load_index_settings, manifest_sha256_of
 
-    names = components or ["bm25"]
-    settings: dict[str, dict[str, Any]] = {name: {} for name in names}
-    if settings_file is not None:
-        loaded = load_yaml_file(settings_file).data
-        if not isinstance(loaded, dict):
-            raise SieveError(f"{settings_file}: expected a mapping of component name to settings")
-        for name, value in loaded.items():
-            if name not in settings:
-                raise SieveError(f"{settings_file}: settings for '{name}', which is not being built ({', '.join(names)})")
-            settings[name] = dict(value or {})
-    if language is not None:
-        if "bm25" not in settings:
-            raise SieveError("--language applies to the bm25 component, which is not being built")
-        settings["bm25"].setdefault("tokenizer", {})["language"] = language
+    settings = load_index_settings(settings_file, components or ["bm25"], language=language)
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -748,12 +734,31 @@ def sweep_command(
 @app.command("schema")
 def schema_command(
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the schema here instead of stdout")] = None,
+    human: Annotated[bool, typer.Option("--human", help="a parameter reference to read (name, type, default, allowed "
+                                        "values, description of every pipeline setting, stage parameter and index "
+                                        "setting) instead of the JSON Schema")] = False,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="the reference of one stage type "
+                                                 "(rerank.cross_encoder, recall.bm25@1); implies --human")] = None,
+    component: Annotated[Optional[str], typer.Option("--component", help="the reference of one index component's "
+                                                     "settings (bm25, dense, entities), set by sieve index --settings; "
+                                                     "implies --human")] = None,
 ) -> None:
     """Print the JSON Schema of pipeline configs (every registered stage type's params), for editors."""
     from engine.trace import write_json_atomic
     from engine.workbench.schema import pipeline_json_schema
 
     _writable_file(out_file, "--out")
+    if human or stage is not None or component is not None:
+        from engine.trace import write_text_atomic
+        from engine.workbench.reference import render_reference
+
+        text = render_reference(stage=stage, component=component)
+        if out_file is None:
+            sys.stdout.write(text)
+        else:
+            write_text_atomic(out_file, text)
+            err.print(f"[green]✓[/green] parameter reference written to {escape(str(out_file))}")
+        return
     schema = pipeline_json_schema()
     if out_file is None:
         sys.stdout.write(json.dumps(schema, indent=2) + "\n")

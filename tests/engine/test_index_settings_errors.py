@@ -165,8 +165,6 @@ def test_cli_says_did_you_mean_and_reports_every_problem(corpus: Path, tmp_path:
     assert not (tmp_path / "index").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="engine/cli.py's index command must read --settings with "
-                   "engine.index.load_index_settings (the lead engineer wires it; then remove this marker)")
 def test_cli_locates_the_problem_in_the_settings_file(corpus: Path, tmp_path: Path):
     settings = write(tmp_path, "bm25:\n  kl: 1.2\n")
     done = run_index(corpus, "--out", tmp_path / "index", "--with", "bm25", "--settings", settings)

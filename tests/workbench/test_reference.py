@@ -125,3 +125,14 @@ def test_a_pinned_version_and_unknown_names():
         render_reference(component="dnse")
     assert [s.title for s in reference_sections(stage="select.top_k", component="bm25")] == [
         "select.top_k@1", "index component bm25"]
+
+
+def test_sieve_schema_prints_the_reference_for_one_stage_or_component(cli):
+    stage = cli("schema", "--stage", "rerank.cross_encoder")
+    assert stage.exit_code == 0 and "window" in stage.stdout and "default 100" in stage.stdout
+    assert "recall.bm25" not in stage.stdout
+    component = cli("schema", "--component", "bm25")
+    assert component.exit_code == 0 and "k1" in component.stdout
+    everything = cli("schema", "--human")
+    assert everything.exit_code == 0 and "rerank.cross_encoder" in everything.stdout and "recall.bm25" in everything.stdout
+    assert cli("schema").stdout.lstrip().startswith("{")  # the JSON Schema stays the default
