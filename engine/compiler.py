@@ -9,13 +9,13 @@ from __future__ import annotations
 import graphlib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from engine.config import PipelineConfig, StageSpec, issues_from_validation
+from engine.config import PipelineConfig, StageSpec, issues_from_validation, variable_problem
 from engine.errors import ConfigError, ConfigIssue
 from engine.paths import nearest_existing_parent
 from engine.registry import UnknownStageType, resolve_stage
@@ -28,7 +28,7 @@ class CompiledPipeline:
     """A validated pipeline: stages in a valid execution order and their wiring."""
 
     config: PipelineConfig
-    specs: dict[str, StageSpec]
+    specs: dict[str, StageSpec]  # the stages that run; their inputs as run (a disabled stage's readers read its input)
     stages: dict[str, Stage]
     order: list[str]  # a topological order
     output: str
@@ -37,6 +37,9 @@ class CompiledPipeline:
     config_sha256: str  # of the canonical (resolved) configuration
     canonical: dict[str, Any]  # the configuration as validated, stage types resolved to versions
     warnings: list[ConfigIssue]
+    # stages the config disables (``enabled: false``; not in specs, stages or order) -> what the stages that read
+    # one read in its place
+    disabled: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def index_path(self) -> Path | None:
@@ -130,6 +133,10 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
             all_specs_valid = False
             continue
         cls, params = validated
+        variables = _variable_issues(raw.get("params"), prefix + ("params",), spec.id, source)
+        if variables:  # a path naming a variable is not checked further (as a file that is not there)
+            issues.extend(variables)
+            params = None
         if params is None:  # reported; the stage still takes part in the wiring checks
             all_specs_valid = False
         if spec.on_error == "skip" and cls.produces is Port.MASK:
@@ -143,22 +150,47 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
                 "rules.override applies the analysts' exclusions and pins: skipping it on a failure or at the "
                 "query's deadline (executor.deadline_ms) would return what its rules exclude; it must fail the query "
                 "instead (on_error: fail)"))
+        essential = _why_essential(cls)
+        if not spec.enabled and essential is not None:
+            issues.append(ConfigIssue(
+                source.locate(prefix + ("enabled",), prefer_key=True), f"stages.{i}.enabled",
+                f"{essential}, so it cannot be disabled (enabled: false): switch off a rule with the rule's own "
+                "`enabled: false` in its rule file, or remove the stage from the pipeline (a change the config's "
+                "history shows)"))
         specs[spec.id] = spec
         nodes[spec.id] = StageNode(spec.id, cls, params, tuple(spec.inputs))
 
     # The wiring is checked even when some entries are invalid, so every problem is reported at once;
     # the stage types' own graph checks (which read params) only when every entry is valid.
+    # A disabled stage (enabled: false) takes part in the wiring checks as written, so a config means the same
+    # whichever stages it switches on; then it is taken out, its readers reading its input, and the stages that run
+    # are checked as they will run (stage types' own checks included).
     output: str | None = None
     order: list[str] = []
     raw_output = data.get("output")
+    deep = config is not None and all_specs_valid
+    disabled = {sid for sid, spec in specs.items() if not spec.enabled and _why_essential(nodes[sid].cls) is None}
+    running = nodes
+    bypassed: dict[str, tuple[str, ...]] = {}
     if nodes and (config is not None or raw_output is None or isinstance(raw_output, str)):
+        errors_before = sum(1 for i in issues if i.severity == "error")
         output, order = _check_graph(
             config.output if config is not None else raw_output, nodes, source, first_seen, issues, base_dir,
-            declared=declared, deep=config is not None and all_specs_valid,
+            declared=declared, deep=deep and not disabled,
         )
+        if disabled and output is not None and sum(1 for i in issues if i.severity == "error") == errors_before:
+            bypass = _bypass_disabled(nodes, disabled, output, source, first_seen, issues)
+            if bypass is None:
+                output = None
+            else:
+                running, bypassed = bypass
+                output, order = _check_graph(output, running, source, first_seen, issues, base_dir,
+                                             declared=declared, deep=deep, as_written=nodes)
+        elif disabled:
+            output = None  # reported: the wiring as written is wrong
 
     if config is not None and config.executor.deadline_ms is not None and specs \
-            and not any(spec.on_error == "skip" for spec in specs.values()):
+            and not any(spec.on_error == "skip" for sid, spec in specs.items() if sid not in disabled):
         issues.append(ConfigIssue(
             source.locate(("executor", "deadline_ms")), "executor.deadline_ms",
             "no stage has on_error: skip, so the deadline cuts nothing (stages with on_error: fail always run): mark "
@@ -171,20 +203,15 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
         raise ConfigError(issues)
 
     canonical = json.loads(canonical_json(config.model_dump(mode="json")))
-    canonical["stages"] = [
-        {
-            **specs[sid].model_dump(mode="json", exclude_none=True),
-            "type": nodes[sid].cls.qualified_name(),
-            "params": nodes[sid].params.model_dump(mode="json"),
-        }
-        for sid in first_seen
-    ]
+    canonical["stages"] = [_canonical_stage(specs[sid], nodes[sid]) for sid in first_seen]
     canonical["output"] = output
     sha = hashlib.sha256(canonical_json(canonical).encode("utf-8")).hexdigest()
-    stages = {sid: nodes[sid].cls(sid, nodes[sid].params) for sid in order}
+    stages = {sid: running[sid].cls(sid, running[sid].params) for sid in order}
+    run_specs = {sid: specs[sid] if running[sid].inputs == nodes[sid].inputs
+                 else specs[sid].model_copy(update={"inputs": list(running[sid].inputs)}) for sid in order}
     return CompiledPipeline(
         config=config,
-        specs=specs,
+        specs=run_specs,
         stages=stages,
         order=order,
         output=output,
@@ -193,7 +220,45 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
         config_sha256=sha,
         canonical=canonical,
         warnings=[i for i in issues if i.severity != "error"],
+        disabled=bypassed,
     )
+
+
+def _canonical_stage(spec: StageSpec, node: StageNode) -> dict[str, Any]:
+    """A stage as the canonical config records it: types resolved to versions, params in full; ``enabled`` only
+    when false (so the sha256 of a config that disables nothing is what it was before stages could be disabled)."""
+    stage = {**spec.model_dump(mode="json", exclude_none=True), "type": node.cls.qualified_name(),
+             "params": node.params.model_dump(mode="json")}
+    if spec.enabled:
+        del stage["enabled"]
+    return stage
+
+
+def _why_essential(cls: type[Stage]) -> str | None:
+    """Why a stage of this type may never be switched off by ``enabled: false`` (None: it may): the access rules and
+    the analysts' overrides, which the config cannot drop silently (as neither may be skipped: ``on_error``)."""
+    if cls.produces is Port.MASK:
+        return (f"{cls.type_name} decides which documents may be retrieved: switching it off would let every document "
+                "through")
+    if cls.type_name == "rules.override":
+        return "rules.override applies the analysts' exclusions and pins: switching it off would return what they exclude"
+    return None
+
+
+def _variable_issues(value: Any, path: tuple[str | int, ...], stage_id: str, source: SourceMap) -> list[ConfigIssue]:
+    """An environment variable (``${NAME}``, ``$NAME``) in any text of a stage's params: Sieve never expands one
+    (a model path, a rule file, a glossary are taken as written), so it is a located error."""
+    if isinstance(value, dict):
+        return [issue for key, item in value.items() for issue in _variable_issues(item, path + (key,), stage_id, source)]
+    if isinstance(value, list):
+        return [issue for j, item in enumerate(value) for issue in _variable_issues(item, path + (j,), stage_id, source)]
+    if not isinstance(value, str):
+        return []
+    setting = ".".join(["stages", stage_id, *map(str, path[2:])])  # path: ("stages", i, "params", ...)
+    problem = variable_problem(value, f"--set {setting}=VALUE", "value")
+    if problem is None:
+        return []
+    return [ConfigIssue(source.locate(path), ".".join(map(str, path)), problem)]
 
 
 def _log_path_problem(log: str) -> str | None:
@@ -245,6 +310,104 @@ def _validate_params(
         return cls, None
 
 
+def _bypass_disabled(
+    nodes: dict[str, StageNode],
+    disabled: set[str],
+    output: str,
+    source: SourceMap,
+    position: dict[str, int],
+    issues: list[ConfigIssue],
+) -> tuple[dict[str, StageNode], dict[str, tuple[str, ...]]] | None:
+    """The stages that run once the ``disabled`` ones are taken out, each reading, in place of a disabled input, what
+    that stage would have read (its one input: what a skipped stage hands on), and for each disabled stage what its
+    readers read instead. None (the problems reported, located at the ``enabled`` of the stage at fault) when that
+    is not defined: a disabled output, a disabled stage with several inputs, or with none to hand on, that a running
+    stage reads (directly or through other disabled stages)."""
+    def located(sid: str, *rest: str | int) -> tuple[Any, str]:
+        path = ("stages", position[sid], *rest)
+        return source.locate(path, prefer_key=not rest[1:]), ".".join(map(str, path))
+
+    def why_not(sid: str) -> str | None:
+        """Why what a disabled stage hands on is not defined (None: it is its one input, or none for a rewrite)."""
+        node = nodes[sid]
+        port = node.cls.produces
+        if len(node.inputs) > 1:
+            return (f"a disabled stage hands its one input on to the stages that read it, and '{sid}' has "
+                    f"{len(node.inputs)} ({', '.join(node.inputs)}), so what they would read is not defined")
+        if not node.inputs and port is not Port.QUERY:
+            return (f"a disabled stage hands its input on to the stages that read it, and '{sid}' "
+                    f"({node.cls.type_name}) has none: it is where their {port.value} come from")
+        if node.inputs and nodes[node.inputs[0]].cls.produces is not port:
+            dep = node.inputs[0]
+            return (f"a disabled stage hands its input on to the stages that read it, and the input of '{sid}' "
+                    f"({node.cls.type_name}), '{dep}', gives {nodes[dep].cls.produces.value}, not {port.value}")
+        return None
+
+    def hands_on(sid: str, via: tuple[str, ...] = ()) -> tuple[tuple[str, ...] | None, str, tuple[str, ...]]:
+        """What the readers of disabled ``sid`` read in its place (None: not defined), the stage at fault, and the
+        disabled stages passed through on the way to it."""
+        if why_not(sid) is not None:
+            return None, sid, via
+        inputs = nodes[sid].inputs
+        if inputs and inputs[0] in disabled:
+            return hands_on(inputs[0], via + (sid,))
+        return tuple(inputs), sid, via
+
+    ok = True
+    if output in disabled:
+        loc, dotted = located(output, "enabled")
+        issues.append(ConfigIssue(loc, dotted, f"stage '{output}' is the pipeline's output, whose results a query "
+                                  "returns: it cannot be disabled; name another stage as `output:`, or keep it enabled"))
+        ok = False
+    faults: dict[str, list[str]] = {}  # disabled stage at fault -> the running stages that read it, as said
+    readers: dict[str, list[str]] = {sid: [] for sid in disabled}
+    running: dict[str, StageNode] = {}
+    for sid, node in nodes.items():
+        if sid in disabled:
+            continue
+        inputs: list[str] = []
+        for j, dep in enumerate(node.inputs):
+            if dep not in disabled:
+                given: tuple[str, ...] = (dep,)
+            else:
+                found, fault, via = hands_on(dep)
+                readers[dep].append(sid)
+                if found is None:
+                    faults.setdefault(fault, []).append(
+                        f"'{sid}'" + (f" (through {', '.join(repr(v) for v in via)})" if via else ""))
+                    ok = False
+                    continue
+                given = found
+            for replacement in given:
+                if replacement in inputs or (replacement != dep and replacement in node.inputs):
+                    loc, dotted = located(sid, "inputs", j)
+                    issues.append(ConfigIssue(loc, dotted, f"input '{dep}' is disabled, so this stage would read "
+                                              f"'{replacement}' in its place, which it reads already; disable this "
+                                              "stage too, or keep it enabled"))
+                    ok = False
+                elif replacement not in inputs:
+                    inputs.append(replacement)
+        running[sid] = StageNode(sid, node.cls, node.params, tuple(inputs))
+    for fault, who in faults.items():
+        loc, dotted = located(fault, "enabled")
+        issues.append(ConfigIssue(loc, dotted, f"stage '{fault}' is disabled, but {', '.join(who)} "
+                                  f"{'reads' if len(who) == 1 else 'read'} it: {why_not(fault)}; change what reads "
+                                  "it, or keep it enabled"))
+    if not ok:
+        return None
+    bypassed: dict[str, tuple[str, ...]] = {}
+    for sid in sorted(disabled, key=position.__getitem__):
+        found, _, _ = hands_on(sid)
+        bypassed[sid] = found or ()
+        loc, dotted = located(sid, "enabled")
+        instead = (f"; {', '.join(repr(r) for r in readers[sid])} {'reads' if len(readers[sid]) == 1 else 'read'} "
+                   + (" and ".join(repr(f) for f in found) if found else "the query as asked")
+                   + " in its place") if readers[sid] and found is not None else ""
+        issues.append(ConfigIssue(loc, dotted, f"stage '{sid}' is disabled (enabled: false): it is not loaded and "
+                                  f"does not run{instead}", "warning"))
+    return running, bypassed
+
+
 def _check_graph(
     output: str | None,
     nodes: dict[str, StageNode],
@@ -255,10 +418,13 @@ def _check_graph(
     *,
     declared: set[str] = frozenset(),  # type: ignore[assignment]
     deep: bool = True,
+    as_written: dict[str, StageNode] | None = None,
 ) -> tuple[str | None, list[str]]:
     """Wiring checks: inputs exist and have the right kind, no cycles, one reachable output. ``declared``:
     ids of entries that are not in ``nodes`` because they are invalid (inputs naming them are not
-    reported again). ``deep``: every node has valid params, so the stage types' own checks run too."""
+    reported again). ``deep``: every node has valid params, so the stage types' own checks run too.
+    ``as_written``: ``nodes`` are what runs of these stages, some disabled; a stage type's problem that the stages as
+    written do not have says which disabled stages upstream cause it."""
     def where(sid: str, *rest: str | int) -> tuple[Any, str]:
         path = ("stages", position[sid]) + rest
         return source.locate(path), ".".join(str(p) for p in path)
@@ -417,8 +583,17 @@ def _check_graph(
             ))
     if not deep:
         return output, order
+    written = GraphView(as_written, base_dir) if as_written is not None else None
     for sid, node in nodes.items():
+        expected: set[tuple[tuple[str | int, ...], str]] = set()
+        if written is not None and as_written is not None:  # first: a check may note the wiring it saw (fuse.rrf)
+            expected = {(p.path, p.message) for p in node.cls.check_graph(as_written[sid], written)}
         for problem in node.cls.check_graph(node, graph):
             loc, dotted = where(sid, *problem.path)
-            issues.append(ConfigIssue(loc, dotted, problem.message, problem.severity))
+            message = problem.message
+            if written is not None and (problem.path, problem.message) not in expected:
+                off = [n.id for n in written.ancestors(sid) if n.id not in nodes]
+                message += (f"; {', '.join(repr(o) for o in sorted(off, key=position.__getitem__))} "
+                            f"{'is' if len(off) == 1 else 'are'} disabled (enabled: false)") if off else ""
+            issues.append(ConfigIssue(loc, dotted, message, problem.severity))
     return output, order

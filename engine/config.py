@@ -6,16 +6,47 @@ the schema here stays independent of which stages exist.
 
 from __future__ import annotations
 
+import re
 from difflib import get_close_matches
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ConfigIssue
 from engine.strictness import NoCoercion
 from engine.yamlsource import PathKey, SourceMap
 
 STAGE_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+
+# ``${NAME}`` (or an unclosed ``${``) and ``$NAME``: what a shell or a templating tool would expand
+_VARIABLE = re.compile(r"\$(?:\{[^}]*\}?|[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def variable_problem(value: str, override: str, what: str = "path") -> str | None:
+    """Why ``value`` cannot be a config value: it holds an environment variable, which Sieve never expands (a
+    config must mean the same on every machine, and the trace records it as written). ``override``: how to give
+    the value from the command line instead. None: no variable in it."""
+    found = _VARIABLE.search(value)
+    if found is None:
+        return None
+    return (f"'{found.group(0)}' looks like an environment variable, but Sieve does not expand variables in a "
+            f"config (it must mean the same on every machine, and the trace records it as written): write the "
+            f"{what} itself, or give it on the command line ({override})")
+
+
+def _no_variable(override: str) -> AfterValidator:
+    def check(value: str | None) -> str | None:
+        problem = None if value is None else variable_problem(value, override)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
+# A path in the pipeline config: taken as written, never with environment variables expanded
+IndexPath = Annotated[str, _no_variable("--index DIR, or --set index=DIR")]
+TraceLogPath = Annotated[str, _no_variable("--log FILE, or --set trace.log=FILE")]
 
 
 class Strict(NoCoercion):
@@ -33,12 +64,16 @@ class StageSpec(Strict):
         "fail", description="fail: the query fails; skip: pass the input through and mark the trace degraded"
     )
     description: str | None = None
+    enabled: bool = Field(
+        True, description="false: the stage is not loaded and does not run; the stages that read it read its one "
+        "input instead (refused for access and override rules, a stage with several inputs and the output)"
+    )
 
 
 class TraceSettings(Strict):
     """What goes into the per-query trace and where it is logged."""
 
-    log: str | None = Field(
+    log: TraceLogPath | None = Field(
         "traces/trace.jsonl", description="tamper-evident JSONL log (relative to the working directory); null: none"
     )
     include_query_text: bool = Field(True, description="store query text (else only its sha256)")
@@ -86,7 +121,7 @@ class PipelineConfig(Strict):
     version: Literal[1]
     name: str | None = None
     description: str | None = None
-    index: str | None = Field(None, description="index directory, relative to this file")
+    index: IndexPath | None = Field(None, description="index directory, relative to this file")
     stages: list[Any] = Field(min_length=1)
     output: str | None = Field(None, description="the stage whose candidates are returned")
     trace: TraceSettings = Field(default_factory=TraceSettings)

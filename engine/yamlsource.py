@@ -181,7 +181,9 @@ class _Builder:
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     self.issues.append(
-                        _issue(self.source.file, key_node.start_mark, "merge keys ('<<') are not supported")
+                        _issue(self.source.file, key_node.start_mark, "merge keys ('<<') are not supported: write "
+                               "the keys out, or alias a whole mapping (params: *name)",
+                               ".".join(str(p) for p in path + ("<<",)))
                     )
                     continue
                 if not isinstance(key_node, yaml.ScalarNode):
