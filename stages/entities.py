@@ -31,6 +31,11 @@ only on its runs of Latin text of at least ``NER_MIN_WORDS`` words (an English s
 document), never on Han text nor on a lone word in brackets. The manifest records this as
 ``han_text: phrases``; an index built before records nothing and keeps being read (documents and
 queries alike) the old way, ``spacy``, until it is rebuilt.
+
+Every text, document or query, Han or not, is read in NFKC (:func:`nfkc`), and so are the gazetteer's names: a
+decomposed "Nestle\u0301" is "Nestlé", a full-width "ＴＳＬＡ" is "TSLA", as BM25 reads them (but ™ and ℠ stay:
+"Acme™" is not the word "AcmeTM"). The manifest records ``normalization: nfkc``; an index built before records
+none, and its English text (documents and queries alike) keeps being read as written until it is rebuilt.
 """
 
 from __future__ import annotations
@@ -74,12 +79,19 @@ HanText = Literal["spacy", "phrases"]
 HAN_TEXT: HanText = "phrases"
 LEGACY_HAN_TEXT: HanText = "spacy"
 NER_MIN_WORDS = 4  # the NER reads a Latin run inside Han text only from this many words (a sentence, not a name)
+# The Unicode form texts without Han characters are read in: "nfkc" (as Han text always was), or "none" (as written),
+# what an index built before recorded no form (its documents' entities came from the text as written).
+Normalization = Literal["nfkc", "none"]
+NORMALIZATION: Normalization = "nfkc"
+LEGACY_NORMALIZATION: Normalization = "none"
 _HAN = re.compile(r"[\u2e80-\u2fdf\u3005\u3007\u3021-\u3029\u3038-\u303b\u3400-\u4dbf\u4e00-\u9fff"
                   r"\uf900-\ufaff\U00020000-\U0003134f]")
 # Scripts written without spaces (Han, kana) or next to Latin without one (Hangul): no boundary against Latin.
 _CJK = re.compile(r"[\u2e80-\u2fdf\u3005-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
                   r"\uf900-\ufaff\U00020000-\U0003134f]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
+_MARK_SIGNS = frozenset("\u2122\u2120")  # ™ ℠: kept as written by nfkc()
+_MARK_SIGN = re.compile("([\u2122\u2120])")
 
 
 def entity_key(text: str) -> str:
@@ -198,7 +210,8 @@ def load_gazetteer(path: str | Path) -> Gazetteer:
     seen: dict[tuple[bool, str], tuple[int, str, str | None]] = {}  # a surface form -> (entry, label, key)
     for number, entry in enumerate(parsed.entities):
         for position, name in enumerate(entry.names):
-            surface = name if entry.case_sensitive else entity_key(name)
+            written = nfkc(name)  # a decomposed and a composed "Nestlé" are one name
+            surface = written if entry.case_sensitive else entity_key(written)
             found = seen.get((entry.case_sensitive, surface))
             if found is not None and (found[1], found[2]) != (entry.label, entry.key):
                 issues.append(ConfigIssue(
@@ -224,6 +237,20 @@ class Mention:
     key: str
     text: str
     count: int = 1
+
+
+def nfkc(text: str) -> str:
+    """``text`` in Unicode NFKC, but for the trade and service mark signs: NFKC makes "Acme™" the one word
+    "AcmeTM", in which the name Acme is not found (spaCy reads "Acme" "™" as two tokens)."""
+    if unicodedata.is_normalized("NFKC", text):
+        return text
+    return "".join(part if part in _MARK_SIGNS else unicodedata.normalize("NFKC", part)
+                   for part in _MARK_SIGN.split(text))
+
+
+def _plain_nfkc(text: str) -> str:
+    """Plain NFKC, as Han text was read by indexes built before ``normalization: nfkc`` (read the same way)."""
+    return unicodedata.normalize("NFKC", text)
 
 
 def has_han(text: str) -> bool:
@@ -288,14 +315,15 @@ class HanTextReader:
     """The gazetteer's names matched as phrases on NFKC text (a character trie, one per case rule), and its
     regex entries on the text, both with Latin word boundaries; longest match first, without overlaps."""
 
-    def __init__(self, gazetteer: Gazetteer | None):
+    def __init__(self, gazetteer: Gazetteer | None, form: Any = nfkc):
+        self.form = form  # the text's and names' Unicode form: nfkc(), or plain NFKC for an index built before
         self._exact: dict[str, Any] = {}  # case_sensitive names: char -> node; node[""] = (order, label, key)
         self._folded: dict[str, Any] = {}
         self._regexes: list[tuple[int, Any, str, str | None]] = []
         order = 0
         for entry in gazetteer.entries if gazetteer is not None else ():
             for name in entry.names:
-                phrase = " ".join(unicodedata.normalize("NFKC", name).split())
+                phrase = " ".join(form(name).split())
                 if not entry.case_sensitive:
                     phrase = "".join(_fold(c) for c in phrase)
                 node = self._exact if entry.case_sensitive else self._folded
@@ -383,7 +411,8 @@ class EntityExtractor:
     """A spaCy pipeline (tokenizer + optional NER) with the gazetteer's EntityRuler, and for text with Han
     characters (``han_text="phrases"``) the gazetteer's names matched on the text. Thread-safe."""
 
-    def __init__(self, model: str, gazetteer: Gazetteer | None, use_ner: bool, han_text: HanText = HAN_TEXT):
+    def __init__(self, model: str, gazetteer: Gazetteer | None, use_ner: bool, han_text: HanText = HAN_TEXT,
+                 normalization: Normalization = NORMALIZATION):
         from engine.models import resolve_spacy
 
         try:
@@ -409,7 +438,9 @@ class EntityExtractor:
         self.gazetteer = gazetteer
         self.use_ner = use_ner
         self.han_text = han_text
-        self._han_reader = HanTextReader(gazetteer) if han_text == "phrases" else None
+        self.normalization = normalization
+        self._han_reader = HanTextReader(gazetteer, nfkc if normalization == "nfkc" else _plain_nfkc) \
+            if han_text == "phrases" else None
         self._regex_keys: set[str] = set()
         if gazetteer is not None:
             ruler = probe.add_pipe("entity_ruler", before="ner" if use_ner else None,
@@ -423,6 +454,8 @@ class EntityExtractor:
         for entry in gazetteer.entries:
             key = entry.key
             for name in entry.names:
+                if self.normalization == "nfkc":  # the name as the text it is matched in is read
+                    name = nfkc(name)
                 attr = "ORTH" if entry.case_sensitive else "LOWER"
                 tokens = [t.text if entry.case_sensitive else t.text.lower() for t in self.nlp.make_doc(name)]
                 pattern: dict[str, Any] = {"label": entry.label, "pattern": [{attr: t} for t in tokens]}
@@ -438,7 +471,7 @@ class EntityExtractor:
         return patterns
 
     def identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "model": self.model,
             "package": self.package,
             "model_version": self.model_version,
@@ -447,6 +480,9 @@ class EntityExtractor:
             "han_text": self.han_text,
             "gazetteer": self.gazetteer.describe() if self.gazetteer is not None else None,
         }
+        if self.normalization != LEGACY_NORMALIZATION:  # a trace of an index built before replays as it was
+            identity["normalization"] = self.normalization
+        return identity
 
     def _mentions(self, doc: Any) -> tuple[Mention, ...]:
         return _count([(ent.label_, ent.ent_id_ or entity_key(ent.text), ent.text) for ent in doc.ents])
@@ -467,13 +503,17 @@ class EntityExtractor:
 
     def _extract_han(self, texts: Sequence[str], batch_size: int) -> list[tuple[Mention, ...]]:
         """Entities of texts holding Han characters, read in NFKC (the caller holds the lock)."""
-        normalised = [unicodedata.normalize("NFKC", t) for t in texts]
+        normalised = [self._han_reader.form(t) for t in texts]
         runs = [latin_runs(t) if self.use_ner else [] for t in normalised]
         flat = [run for found in runs for _, run in found]
         skip = [name for name in self.nlp.pipe_names if name == "entity_ruler"]  # the gazetteer is matched above
         docs = iter(list(self.nlp.pipe(flat, batch_size=batch_size, disable=skip)) if flat else [])
         return [self._han_mentions(text, [(offset, next(docs)) for offset, _ in found])
                 for text, found in zip(normalised, runs)]
+
+    def _normalised(self, text: str) -> str:
+        """A text without Han characters as it is read: NFKC, or as written for an index built before."""
+        return nfkc(text) if self.normalization == "nfkc" else text
 
     def _extract(self, texts: Sequence[str], batch_size: int) -> list[tuple[Mention, ...]]:
         """Entities of each text, in order: Han texts read as phrases (when so set), the others by spaCy."""
@@ -482,7 +522,8 @@ class EntityExtractor:
         for i, mentions in zip(han, self._extract_han([texts[i] for i in han], batch_size)):
             results[i] = mentions
         rest = sorted(set(range(len(texts))) - set(han))
-        for i, doc in zip(rest, self.nlp.pipe([texts[i] for i in rest], batch_size=batch_size)):
+        read = [self._normalised(texts[i]) for i in rest]
+        for i, doc in zip(rest, self.nlp.pipe(read, batch_size=batch_size)):
             results[i] = self._mentions(doc)
         return results
 
@@ -508,19 +549,21 @@ class EntityExtractor:
         return mentions
 
 
-_extractors: dict[tuple[str, str | None, bool, str], EntityExtractor] = {}
+_extractors: dict[tuple[str, str | None, bool, str, str], EntityExtractor] = {}
 _extractors_lock = threading.Lock()
 
 
 def load_extractor(
-    model: str, gazetteer: Gazetteer | None, use_ner: bool, han_text: HanText = HAN_TEXT
+    model: str, gazetteer: Gazetteer | None, use_ner: bool, han_text: HanText = HAN_TEXT,
+    normalization: Normalization = NORMALIZATION,
 ) -> EntityExtractor:
-    """The process-wide extractor for this model, gazetteer content, NER switch and Han mode (loaded once)."""
-    key = (model, gazetteer.sha256 if gazetteer is not None else None, use_ner, han_text)
+    """The process-wide extractor for this model, gazetteer content, NER switch, Han mode and Unicode form
+    (loaded once)."""
+    key = (model, gazetteer.sha256 if gazetteer is not None else None, use_ner, han_text, normalization)
     with _extractors_lock:
         found = _extractors.get(key)
         if found is None:
-            found = EntityExtractor(model, gazetteer, use_ner, han_text)
+            found = EntityExtractor(model, gazetteer, use_ner, han_text, normalization)
             _extractors[key] = found
         return found
 
@@ -578,6 +621,7 @@ class EntitiesComponent(IndexComponent):
             "model": {"name": settings.model, "package": extractor.package, "version": extractor.model_version},
             "ner": settings.ner,
             "han_text": extractor.han_text,
+            "normalization": extractor.normalization,
             "gazetteer": gazetteer.describe() if gazetteer is not None else None,
             "documents_with_entities": sum(1 for m in mentions if m),
             "labels": dict(sorted(labels.items())),
@@ -622,16 +666,22 @@ class LoadedEntities:
 
 def index_extractor(index: Any, entry: dict[str, Any], gazetteer: Gazetteer | None) -> EntityExtractor:
     """The extractor a query's entities must come from to be compared with the documents' of the index's
-    entities component ``entry``: the spaCy pipeline (same version), NER switch and Han mode it was built with
-    (an index that records no Han mode was built before there was one: ``spacy``, until it is rebuilt)."""
+    entities component ``entry``: the spaCy pipeline (same version), NER switch, Han mode and Unicode form it was
+    built with (an index that records no Han mode or form was built before there was one: ``spacy`` and ``none``,
+    until it is rebuilt)."""
     model = entry.get("model") or {}
     name = str(model.get("name", DEFAULT_SPACY_MODEL))
     han_text = entry.get("han_text", LEGACY_HAN_TEXT)
     if han_text not in get_args(HanText):
         raise SieveIndexError(f"the index at {index.path} read Han text as '{han_text}', which this version of Sieve "
                               f"does not know (it knows {', '.join(get_args(HanText))}); rebuild the index")
+    normalization = entry.get("normalization", LEGACY_NORMALIZATION)
+    if normalization not in get_args(Normalization):
+        raise SieveIndexError(f"the index at {index.path} read its texts in Unicode form '{normalization}', which this "
+                              f"version of Sieve does not know (it knows {', '.join(get_args(Normalization))}); "
+                              "rebuild the index")
     try:
-        extractor = load_extractor(name, gazetteer, bool(entry.get("ner", True)), han_text)
+        extractor = load_extractor(name, gazetteer, bool(entry.get("ner", True)), han_text, normalization)
     except ModelLoadError as exc:  # the name is not in the config: say where it came from
         raise ModelLoadError(
             f"the index at {index.path} extracted its documents' entities with spaCy pipeline "
@@ -755,6 +805,13 @@ class EntityConsistency(Stage):
         labels = gazetteer.labels if gazetteer is not None else ()
         self._conflict_labels = frozenset(self.params.conflict_labels if self.params.conflict_labels is not None else labels)
 
+    def warm_up_warnings(self) -> list[str]:
+        if self._extractor is None or self._extractor.normalization != LEGACY_NORMALIZATION:
+            return []
+        return ["the index's entities were extracted from its English text as written, before Sieve read text in "
+                "Unicode NFKC (its manifest records no normalization): a decomposed 'Nestle\u0301' is not the "
+                "gazetteer's 'Nestlé', and queries are read the same way to match; rebuild the index"]
+
     def identity(self) -> dict[str, Any] | None:
         if self._extractor is None:
             return {"model": None, "loaded": False}
@@ -820,6 +877,12 @@ class EntityConsistency(Stage):
                                       "matched gazetteer names in Han text (its manifest records no han_text), so "
                                       "the query is read the same old way and Chinese names are mostly missed; "
                                       "rebuild the index"))
+        if (self._extractor.normalization == LEGACY_NORMALIZATION and not has_han(read)
+                and not unicodedata.is_normalized("NFKC", read)):
+            decisions.append(Decision("text_read_as_written", "the query is not in Unicode NFKC (a decomposed accent, "
+                                      "a full-width letter), and the index's entities were extracted before Sieve "
+                                      "read text in NFKC (its manifest records no normalization), so the query is "
+                                      "read as written too and a name may be missed; rebuild the index"))
         if not query_entities:
             decisions.append(Decision("no_query_entities", "the query names no entity this stage considers; "
                                       "every candidate scores 0"))

@@ -20,24 +20,32 @@ Explicit policies: ``missing`` (no date, or an unparseable one): ``neutral`` (fa
 Elasticsearch does), ``oldest`` (the lowest factor among this list's dated candidates), ``fixed``
 (``missing_factor``) or ``drop``; ``future`` (date after ``as_of``): ``clamp`` (age 0, factor 1),
 ``symmetric`` (Elasticsearch's |distance|) or ``drop`` (e.g. embargoed until then).
-Dates are read once per index at warm-up: ISO 8601 dates or datetimes (a date is midnight UTC; a
-naive datetime is UTC), or numbers as Unix seconds.
+Dates are read once per index at warm-up, by the rules' own parser (:func:`rules.expressions.parse_date`,
+so an access rule and this stage never disagree on what a date is): ISO 8601 dates or datetimes (a date is
+midnight UTC; a naive datetime is UTC; ``Z`` or ``z`` is UTC), and, here only, numbers as Unix seconds
+(a rule compares dates written as text). A ``field`` no document of the index has, where its documents have
+others, is an error at warm-up (a misspelt field made every document undated and the signal constant); a
+corpus with no metadata fields at all, many undated documents, values that are not dates, and undated
+documents ranked as newest (``missing: neutral`` with ``combine: signal``) are warm-up warnings.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
+from difflib import get_close_matches
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
-from engine.errors import StageError
+from engine.errors import SieveIndexError, StageError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import Explanation, Port, RecentNotes, Resources, Stage, StageContext, StageParams, StageResult
+from rules.expressions import parse_date as parse_rule_date
 
 SECONDS_PER_DAY = 86_400.0
 DecayFunction = Literal["exp", "linear", "gauss"]
@@ -73,31 +81,23 @@ LATEST_SECONDS = 253402300799.0
 
 
 def parse_date(value: Any) -> float | None:
-    """Unix seconds (UTC) of a metadata date value (an ISO 8601 date or date-time, or a number of Unix seconds
-    within years 1-9999), or None if it is not one."""
+    """Unix seconds (UTC) of a metadata date value, or None if it is not one: what the rules read as a date
+    (:func:`rules.expressions.parse_date`: ISO 8601 date or date-time, ``Z``/``z`` or an offset, naive = UTC),
+    or a number of Unix seconds within years 1-9999 (which rules do not read as a date)."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
         return float(value) if math.isfinite(value) and EARLIEST_SECONDS <= value <= LATEST_SECONDS else None
-    if not isinstance(value, str) or not value.strip():
-        return None
-    text = value.strip()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    try:
-        if len(text) == 10:
-            parsed_date = date.fromisoformat(text)
-            return datetime(parsed_date.year, parsed_date.month, parsed_date.day, tzinfo=timezone.utc).timestamp()
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
+    parsed = parse_rule_date(value)
+    return parsed.timestamp() if parsed is not None else None
+
+
+UNDATED_WARNING_SHARE = 0.5  # a warm-up warning when at least this share of the index's documents is undated
 
 
 class DateColumn:
-    """One metadata field of every index row as Unix seconds (NaN: missing), plus the raw unparseable values."""
+    """One metadata field of every index row as Unix seconds (NaN: missing), plus the raw unparseable values
+    and how many documents carry each metadata field (for a did-you-mean when none carries this one)."""
 
     def __init__(self, index: Any, field_name: str):
         import numpy as np
@@ -105,15 +105,21 @@ class DateColumn:
         self.field = field_name
         self.seconds = np.full(index.doc_count, np.nan, dtype=np.float64)
         self.invalid: dict[int, str] = {}  # row -> the raw value that is not a date
+        self.invalid_ids: dict[int, str] = {}  # row -> doc id, for the first few invalid values (warnings)
+        self.fields: Counter[str] = Counter()  # metadata field -> documents with a (non-null) value
         for row, doc in enumerate(index.documents.iter_documents()):
+            self.fields.update(k for k, v in doc.metadata.items() if v is not None)
             raw = doc.metadata.get(field_name)
             if raw is None:
                 continue
             parsed = parse_date(raw)
             if parsed is None:
                 self.invalid[row] = str(raw)[:64]
+                if len(self.invalid_ids) < 3:
+                    self.invalid_ids[row] = doc.doc_id
             else:
                 self.seconds[row] = parsed
+        self.size = len(self.seconds)
         self.dated = int((~np.isnan(self.seconds)).sum())
         self._stamps: LRUCache[int, str] = LRUCache(100_000)
 
@@ -199,11 +205,49 @@ class RecencyBoost(Stage):
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)
         self._dates: DateColumn | None = None
+        self._warnings: list[str] = []
         self._notes = RecentNotes()  # query -> (doc_id -> note, doc_id -> score)
 
     def warm_up(self, resources: Resources) -> None:
         index = resources.require_index(self.id)
-        self._dates = resources.shared(f"dates:{index.path}:{self.params.field}", lambda: DateColumn(index, self.params.field))
+        dates: DateColumn = resources.shared(f"dates:{index.path}:{self.params.field}",
+                                             lambda: DateColumn(index, self.params.field))
+        field = self.params.field
+        if dates.fields and not dates.fields.get(field):  # a misspelt field: every document undated, signal constant
+            known = sorted(dates.fields)
+            hint = get_close_matches(field, known, n=1)
+            raise SieveIndexError(
+                f"stage '{self.id}' ({self.qualified_name()}): params.field '{field}': no document of the index at "
+                f"{index.path} has this field, so every document would be undated and the recency signal constant"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; the fields its documents have: {', '.join(known)}"
+            )
+        self._dates = dates
+        self._warnings = self._findings(dates)
+
+    def _findings(self, dates: DateColumn) -> list[str]:
+        """What warm-up found about the index's dates that changes what the stage does, without stopping it."""
+        p = self.params
+        undated = dates.size - dates.dated
+        warnings = []
+        if dates.size and not dates.fields:  # a corpus of id, title and text only (a BEIR set): nothing misspelt
+            return [f"the index's documents have no metadata fields (only id, title, text), so none has '{p.field}': "
+                    f"every document is undated (missing policy '{p.missing}') and the recency signal is constant"]
+        if dates.invalid:
+            examples = ", ".join(f"'{doc_id}': {dates.invalid[row]!r}" for row, doc_id in dates.invalid_ids.items())
+            warnings.append(f"{len(dates.invalid)} of {dates.size} documents have a '{p.field}' that is not a date "
+                            f"(e.g. {examples}); they are undated (missing policy '{p.missing}')")
+        if undated and undated >= UNDATED_WARNING_SHARE * dates.size:
+            warnings.append(f"{undated} of {dates.size} documents have no valid '{p.field}' "
+                            f"({undated - len(dates.invalid)} without the field); missing policy '{p.missing}'")
+        if undated and p.missing == "neutral" and p.combine == "signal":
+            warnings.append(f"missing: neutral with combine: signal gives the {undated} undated documents factor 1, "
+                            "the best recency there is: they rank as the newest; use missing: oldest (or fixed "
+                            "with missing_factor) if that is not wanted")
+        return warnings
+
+    def warm_up_warnings(self) -> list[str]:
+        return list(self._warnings)
 
     def factor(self, age_days: float) -> float:
         p = self.params

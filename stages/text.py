@@ -3,6 +3,9 @@
 English: lower-casing, a word regex, an English stop-word list and Snowball stemming (PyStemmer).
 Chinese: jieba word segmentation (a whitespace/regex tokenizer would make a whole Chinese
 sentence one token), with Latin-script words inside Chinese text handled as in English.
+Stop words: the language's list, none, or the analyst's own; ``keep`` names words never dropped
+as stop words, as written (``IT``, ``ON``: tickers, not the pronoun "it"). ``fold_accents`` (opt-in)
+reads "Société Générale" as "societe generale".
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import unicodedata
 from functools import cache, cached_property
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from engine.errors import MissingDependencyError
 from engine.strictness import NoCoercion
@@ -26,6 +29,9 @@ CHINESE_STOPWORDS = frozenset(
 )
 HAN_RANGES = "\u3400-\u9fff\uf900-\ufaff"  # CJK unified ideographs (with extension A) and compatibility ideographs
 HAN = re.compile(f"[{HAN_RANGES}]")
+# the combining diacritical marks a decomposed Latin (or Greek, Cyrillic) letter carries: é = e + U+0301; other
+# scripts' combining signs (Devanagari vowel signs, Hebrew points) are letters of their words and stay
+ACCENTS = re.compile("[\u0300-\u036f]")
 # a Han character (Chinese has no spaces: each is a word of its own), or a run of other word characters
 HAN_OR_WORD = re.compile(f"[{HAN_RANGES}]|[^\\W{HAN_RANGES}]+")
 
@@ -56,7 +62,18 @@ class TokenizerSettings(NoCoercion):
     stemmer: Literal["english", "none"] = Field(
         "english", description="english: Snowball stems (PyStemmer), so 'trials' matches 'trial'; none: words as written"
     )
-    stopwords: Literal["default", "none"] = Field("default", description="the language's stop-word list, or none")
+    stopwords: Literal["default", "none"] | tuple[str, ...] = Field(
+        "default", description="default: the language's stop-word list; none: no stop words; a list of words: "
+        "those words instead (compared after lowercase and Unicode normalisation, as the text is)",
+    )
+    keep: tuple[str, ...] = Field(
+        (), description="words never dropped as stop words, matched as written, case included: keep: [IT, ON] "
+        "keeps the tickers IT and ON (then lower-cased and stemmed as any word) but still drops 'it' and 'on'",
+    )
+    fold_accents: bool = Field(
+        False, description="strip accents (combining diacritical marks) before tokenising ('Société Générale' -> "
+        "'societe generale'), in documents and queries alike; default false: an accent makes another term",
+    )
     pattern: str = Field(r"(?u)\b\w\w+\b", description="regex of a token (for non-Chinese text)")
     segmentation: Literal["search", "precise"] = Field(
         "search",
@@ -71,6 +88,14 @@ class TokenizerSettings(NoCoercion):
         "accents. An index built before this setting existed reads as nfc",
     )
 
+    @field_validator("stopwords", "keep")
+    @classmethod
+    def _words_only(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for word in value if isinstance(value, tuple) else ():
+            if not word.strip() or len(word.split()) != 1:
+                raise ValueError(f"{word!r} is not one word: list single words (a token never holds a space)")
+        return value
+
 
 class Tokenizer:
     """Turns text into terms according to :class:`TokenizerSettings`; thread-safe."""
@@ -80,10 +105,28 @@ class Tokenizer:
         self._regex = re.compile(settings.pattern)
         self._lock = threading.Lock()
 
+    def _form(self, text: str) -> str:
+        """``text`` in the settings' Unicode normal form, accents stripped when ``fold_accents`` says so."""
+        form = "NFKC" if self.settings.normalization == "nfkc" else "NFC"
+        if self.settings.fold_accents:
+            decomposed = unicodedata.normalize("NFKD" if form == "NFKC" else "NFD", text)
+            return unicodedata.normalize(form, ACCENTS.sub("", decomposed))
+        # "café" typed decomposed (e + U+0301) is the same word; under NFKC, so is "ＣＯＶＩＤ－１９" (jieba cut
+        # full-width letters one by one and the word pattern then dropped every piece)
+        return text if unicodedata.is_normalized(form, text) else unicodedata.normalize(form, text)
+
+    @cached_property
+    def _keep(self) -> frozenset[str]:
+        """The ``keep`` words as a token of the text would read before lower-casing."""
+        return frozenset(self._form(word) for word in self.settings.keep)
+
     @cached_property
     def _stopwords(self) -> frozenset[str]:
         if self.settings.stopwords == "none":
             return frozenset()
+        if isinstance(self.settings.stopwords, tuple):  # the analyst's list, read as the text is
+            words = (self._form(word) for word in self.settings.stopwords)
+            return frozenset(word.lower() if self.settings.lowercase else word for word in words)
         from bm25s.stopwords import STOPWORDS_EN
 
         english = frozenset(STOPWORDS_EN)
@@ -130,18 +173,18 @@ class Tokenizer:
         return self._regex.findall(text)
 
     def tokenize(self, text: str) -> list[str]:
-        # "café" typed decomposed (e + U+0301) is the same word; under NFKC, so is "ＣＯＶＩＤ－１９" (jieba cut
-        # full-width letters one by one and the word pattern then dropped every piece)
-        form = "NFKC" if self.settings.normalization == "nfkc" else "NFC"
-        if not unicodedata.is_normalized(form, text):
-            text = unicodedata.normalize(form, text)
-        if self.settings.lowercase:
-            text = text.lower()
+        text = self._form(text)
         stop = self._stopwords
         stem = self._stem
+        lowercase = self.settings.lowercase
+        keep = self._keep
+        if keep:  # a kept word is recognised as written (IT, not it), then lower-cased as any other
+            words = [(w.lower() if lowercase else w, w in keep) for w in self._words(text)]
+        else:
+            words = [(w, False) for w in self._words(text.lower() if lowercase else text)]
         terms = []
-        for word in self._words(text):
-            if word in stop:
+        for word, kept in words:
+            if word in stop and not kept:
                 continue
             if stem is not None and not HAN.search(word):
                 word = stem(word)
