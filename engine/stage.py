@@ -329,9 +329,9 @@ class Stage:
         """Load whatever is heavy. Called once per process before the first query."""
 
     def warm_up_warnings(self) -> list[str]:
-        """What warm-up found that does not stop the pipeline but changes what it does (a rule condition on a field
-        no document has, a date field no document carries): shown by the CLI and the server at start, and kept
-        in the traces by the stage. Read after :meth:`warm_up`."""
+        """What warm-up found that does not stop the pipeline but changes what it does (an override rule reading a
+        field no document has, a recency boost whose date field half the documents lack): shown by the CLI and the
+        server at start, and kept in the traces by the stage. Read after :meth:`warm_up`."""
         return []
 
     def run(self, ctx: StageContext) -> StageResult:
