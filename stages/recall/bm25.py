@@ -303,11 +303,9 @@ class BM25Recall(Stage):
         scores = self._bm25.retriever.get_scores(known, weight_mask=weight_mask)
         scored_ms = (time.perf_counter() - began) * 1000.0
 
-        matching = self._bm25.matching(known)
-        if ctx.mask is not None:
-            matching &= ctx.mask.allowed
-        rows = np.flatnonzero(matching)
-        zero = int(np.count_nonzero(scores[rows] <= 0))
+        rows = self._holding(known, scores, ctx.mask)
+        values = scores[rows]
+        zero = int(np.count_nonzero(values <= 0))
         if zero:
             method = self._bm25.settings.get("method", "lucene")
             decisions.append(Decision(
@@ -316,8 +314,8 @@ class BM25Recall(Stage):
                 {"documents": zero},
             ))
         if len(rows) > k:
-            kth = np.partition(scores[rows], len(rows) - k)[len(rows) - k]
-            rows = rows[scores[rows] >= kth]  # keeps every tie at the boundary; cut after sorting
+            kth = np.partition(values, len(rows) - k)[len(rows) - k]
+            rows = rows[values >= kth]  # keeps every tie at the boundary; cut after sorting
         doc_ids = self._doc_ids
         order = sorted(rows.tolist(), key=lambda r: (-float(scores[r]), doc_ids[r]))[:k]
         if len(order) < k:
@@ -338,6 +336,21 @@ class BM25Recall(Stage):
             details=details,
             timings_ms={"bm25_scoring": scored_ms},
         )
+
+    def _holding(self, known: list[str], scores: Any, mask: Any) -> Any:
+        """The rows, ascending, of the allowed documents holding a query term. Under the Lucene variant (the
+        default) a document scores above 0 exactly when it holds a term (every idf is positive, and a masked
+        document scores 0 through the weight mask), so the scores say it in one pass over them; the other
+        variants read the term postings (bm25l and bm25+ score documents lacking a term, robertson and atire can
+        score a holder 0 or below)."""
+        import numpy as np
+
+        if self._bm25.settings.get("method", "lucene") == "lucene":
+            return np.flatnonzero(scores > 0)
+        matching = self._bm25.matching(known)
+        if mask is not None:
+            matching &= mask.allowed
+        return np.flatnonzero(matching)
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         settings = self._bm25.settings

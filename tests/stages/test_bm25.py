@@ -69,6 +69,27 @@ def test_mask_keeps_forbidden_documents_out_of_recall(bm25_index, write_config):
     assert masked.details["masked_out"] == 3
 
 
+def test_under_lucene_the_scores_name_exactly_the_documents_holding_a_term(bm25_index, write_config):
+    """The Lucene path reads "holds a query term" off the scores (one pass) instead of the postings; both must
+    name the same rows, with and without a mask, for queries of common and rare terms."""
+    config = write_config(
+        f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 10}}}}\n"
+        "trace: {log: null}\n")
+    pipeline = Pipeline.from_file(config)
+    resources = pipeline.warm_up()
+    stage = pipeline.compiled.stages["bm25"]
+    assert stage._bm25.settings.get("method", "lucene") == "lucene"
+    allowed = np.ones(resources.index.doc_count, dtype=bool)
+    allowed[::3] = False
+    for text in ("vitamin B12 homocysteine", "the cells of the patients", "apoptosis"):
+        known = [t for t in stage._split_terms(pipeline.make_query(text))[0] if t in stage._bm25.vocab]
+        for mask in (None, DocumentMask(allowed, ("test",))):
+            weights = None if mask is None else mask.allowed.astype(np.float32)
+            scores = stage._bm25.retriever.get_scores(known, weight_mask=weights)
+            postings = stage._bm25.matching(known) & (True if mask is None else mask.allowed)
+            assert np.array_equal(stage._holding(known, scores, mask), np.flatnonzero(postings)), text
+
+
 def test_chinese_is_segmented_not_one_token():
     tokenizer = Tokenizer(TokenizerSettings(language="zh"))
     sentence = "二甲双胍是治疗2型糖尿病的一线药物, metformin works"
