@@ -112,9 +112,13 @@ def validate(
             continue
         for warning in compiled.warnings:
             err.print(f"[yellow]{escape(str(warning))}[/yellow]")
+        log = compiled.config.trace.log
         out.print(
-            f"[green]✓[/green] {escape(str(path))}: {len(compiled.stages)} stages, "
-            f"output '{compiled.output}', config sha256 {compiled.config_sha256[:12]}"
+            f"[green]✓[/green] {escape(str(path))}: {len(compiled.stages)} stages"
+            + (f" ({len(compiled.disabled)} disabled: {', '.join(compiled.disabled)})" if compiled.disabled else "")
+            + f", output '{compiled.output}', config sha256 {compiled.config_sha256[:12]}; trace log: "
+            + (escape(str(Path(log).absolute())) + ("" if Path(log).is_absolute() else
+                                                    " (relative to the working directory)") if log else "none")
         )
     if failed:
         raise typer.Exit(2)
@@ -292,7 +296,7 @@ def search(
     _print_results(pipeline, result.results, trace, explain)
     where = []
     if log_path is not None:
-        where.append(f"appended to {log_path}")
+        where.append(f"appended to {Path(log_path).absolute()}")
     if trace_out is not None:
         where.append(f"written to {trace_out}")
     out.print(

@@ -82,8 +82,12 @@ class TraceSettings(Strict):
 
 
 class Limits(Strict):
-    max_query_chars: int = Field(4096, ge=1, le=1_000_000)
-    max_history_turns: int = Field(20, ge=0, le=10_000)
+    max_query_chars: int = Field(4096, ge=1, le=1_000_000, description=(
+        "the longest query text accepted, in characters: a longer query is refused with an error (a 400 under "
+        "sieve serve), never truncated"))
+    max_history_turns: int = Field(20, ge=0, le=10_000, description=(
+        "the most earlier turns a query's conversation history may have: more is refused with an error, never cut "
+        "(rewrite.coreference's own max_history_turns chooses how many it reads)"))
 
 
 class ServerSettings(Strict):
@@ -169,6 +173,12 @@ def issues_from_validation(
                 message += f" (did you mean '{hint[0]}'?)"
             if valid:
                 message += f"; valid fields: {', '.join(valid)}"
+            if len(loc) == 1:  # a stage parameter that belongs to the index component it reads (k1 in recall.bm25)
+                from engine.index import index_setting_hint
+
+                elsewhere = index_setting_hint(model, str(key))
+                if elsewhere is not None:
+                    message += f". {elsewhere}"
             issues.append(ConfigIssue(source.locate(path, prefer_key=True), dotted, message))
             continue
         if kind == "missing":

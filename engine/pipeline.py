@@ -463,6 +463,9 @@ class Pipeline:
             "degraded": degraded,
             "timing_ms": {"total": round(total_ms, 3)},
             "stages": [outcomes[sid].record for sid in compiled.order],
+            # stages the config switched off (enabled: false) and what their readers read instead
+            **({"disabled": {sid: list(instead) for sid, instead in compiled.disabled.items()}} if compiled.disabled
+               else {}),
             "output": compiled.output,
             "results": result_records,
         }

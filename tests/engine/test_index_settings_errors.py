@@ -189,9 +189,6 @@ def test_a_stage_setting_that_belongs_to_the_index_is_pointed_there():
     assert index_setting_hint(RRFParams, "k1") is None  # reads no index component
 
 
-@pytest.mark.xfail(strict=True, reason="engine/config.py's issues_from_validation must add "
-                   "engine.index.index_setting_hint to an unknown field's message (the lead engineer wires it; then "
-                   "remove this marker)")
 def test_compiling_k1_in_a_bm25_stage_says_where_k1_lives(write_config):
     from engine.compiler import compile_file
 

@@ -83,6 +83,8 @@ def test_a_disabled_stage_does_not_run_and_its_reader_reads_its_input(bm25_index
     assert short["enabled"] is False and short["inputs"] == ["bm25"]
     final = next(s for s in trace["config"]["resolved"]["stages"] if s["id"] == "final")
     assert "enabled" not in final and final["inputs"] == ["short"]
+    assert trace["disabled"] == {"short": ["bm25"]}  # said where an auditor reads the stages, not only in the config
+    assert "disabled" not in direct.trace
 
 
 def test_enabled_changes_the_config_hash_and_enabled_true_is_the_default(bm25_index, write_config):
@@ -117,6 +119,18 @@ def test_validate_says_which_stages_are_disabled(bm25_index, write_config):
     assert result.exit_code == 0, result.output
     assert f"{path}:11:5  warning: stages.1.enabled: stage 'short' is disabled (enabled: false): it is not loaded " \
            "and does not run; 'final' reads 'bm25' in its place" in result.output
+    assert "2 stages (1 disabled: short)" in " ".join(result.output.split())
+
+
+def test_the_json_schema_knows_enabled(bm25_index, write_config):
+    """Editors validating against `sieve schema` must not flag what `sieve validate` accepts."""
+    import jsonschema
+    import yaml
+
+    from engine.workbench.schema import pipeline_json_schema
+
+    data = yaml.safe_load(chain(bm25_index, "\n    enabled: false"))
+    jsonschema.validate(data, pipeline_json_schema())
 
 
 # ---------------------------------------------------------------------------- what cannot be disabled
