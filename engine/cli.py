@@ -675,6 +675,12 @@ def sweep_command(
                                                      "CONFIG")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="also write the JSON report to this file")] = None,
+    user: UserOption = None,
+    role: RoleOption = None,
+    group: GroupOption = None,
+    jurisdiction: JurisdictionOption = None,
+    attribute: AttributeOption = None,
+    as_of: EvalAsOfOption = None,
 ) -> None:
     """Tune by configuration: evaluate every combination of --set values next to the config as written, on a
     tuning split, best first, with a paired test of the best against the config as written. Models and index
@@ -684,6 +690,7 @@ def sweep_command(
     from engine.workbench.sweep import check_best_out, parse_setting, sweep, write_best
 
     parsed = [parse_setting(text) for text in settings]
+    asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
     _output_file(json_out, "--json-out")
     if best_out is not None:  # before hours of evaluation, not after
         check_best_out(config, best_out)
@@ -697,7 +704,8 @@ def sweep_command(
                             description=f"variant {number}/{total}: {what or 'as written'}")
 
         report = sweep(config, dataset, parsed, split=split, index_path=index_dir, limit=limit, metric=metric,
-                       recall_k=recall_k, allow_test=allow_test, on_variant=on_variant)
+                       recall_k=recall_k, allow_test=allow_test, on_variant=on_variant, user=asked.user,
+                       as_of=asked.as_of)
         progress.update(task, completed=len(report.variants) + 1)
     document = report.to_json()
     if as_json:

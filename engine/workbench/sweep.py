@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import yaml
 
 from engine.errors import ConfigError, SieveError
 from engine.evaluation import BeirData, aggregate, load_beir, per_query_metrics, run_pipeline
+from engine.model import UserContext
 from engine.workbench.evaluate import latency_summary, machine_summary, measures_for
 
 MAX_VARIANTS = 200
@@ -144,6 +146,8 @@ class SweepReport:
     best_vs_baseline: dict[str, Any]
     machine: dict[str, Any] = field(default_factory=machine_summary)
     config_data: Any = field(default=None, repr=False)  # the config as parsed when the sweep ran
+    asked_as: dict[str, Any] = field(default_factory=dict)  # the user and as_of every query was asked with
+    empty: int = 0  # queries the config as written answered with no document
 
     @property
     def best(self) -> Variant:
@@ -170,6 +174,11 @@ class SweepReport:
         if not self.improves:
             found.append(f"no variant scores above the config as written ({self.metric} "
                          f"{self.baseline.metrics.get(self.metric, 0.0):.4f})")
+        if self.empty:
+            user = {k: v for k, v in (self.asked_as.get("user") or {}).items() if v}
+            found.append(f"{self.empty} of {self.queries} queries returned no document with the config as written, "
+                         f"asked as {user or 'an anonymous user'}: with access rules, sweep as the user whose results "
+                         "you mean to tune for (--user, --group, --jurisdiction, --role, --attribute)")
         return found
 
     def to_json(self) -> dict[str, Any]:
@@ -178,7 +187,7 @@ class SweepReport:
             "metric": self.metric, "settings": {s.path: list(s.values) for s in self.settings},
             "baseline": self.baseline.to_json(), "variants": [v.to_json() for v in self.variants],
             "best": self.best.to_json(), "best_improves": self.improves, "best_vs_baseline": self.best_vs_baseline,
-            "warnings": self.warnings(), "note": self.note(), "machine": self.machine,
+            "warnings": self.warnings(), "note": self.note(), "asked_as": self.asked_as, "machine": self.machine,
         }
 
 
@@ -195,8 +204,11 @@ def sweep(
     allow_test: bool = False,
     data: BeirData | None = None,
     on_variant: Callable[[int, int, dict[str, Any]], None] | None = None,
+    user: UserContext | None = None,
+    as_of: datetime | None = None,
 ) -> SweepReport:
-    """Evaluate the config as written and every combination of ``settings`` on ``split``; best first."""
+    """Evaluate the config as written and every combination of ``settings`` on ``split``; best first. Every query
+    of every variant is asked as ``user`` (default: anonymous) at ``as_of`` (default: when the sweep starts)."""
     from engine.compiler import compile_data, compile_loaded
     from engine.pipeline import Pipeline
     from engine.yamlsource import load_yaml_file
@@ -258,17 +270,24 @@ def sweep(
     shared = base.warm_up()
     total = count + 1
 
+    context = {"user": user if user is not None else UserContext(),
+               "as_of": as_of if as_of is not None else datetime.now(timezone.utc)}  # one time for every variant
+    empty = 0  # queries the config as written answers with no document
+
     def run(pipeline: Pipeline, chosen: dict[str, Any], number: int) -> Variant:
+        nonlocal empty
         if on_variant is not None:
             on_variant(number, total, chosen)
         try:
             pipeline.warm_up(reuse=shared)
-            output = run_pipeline(pipeline, queries)
+            output = run_pipeline(pipeline, queries, context=context)
         except SieveError as exc:  # this variant fails (a model, an index, a query it refuses): the others run
             if not chosen:
                 raise
             return Variant(chosen, pipeline.compiled.config_sha256, {}, {}, latency_summary([]), 0, str(exc))
         per_query = per_query_metrics(output.run, qrels, measures)
+        if not chosen:
+            empty = output.empty
         return Variant(chosen, pipeline.compiled.config_sha256, aggregate(per_query), per_query,
                        latency_summary(output.latency_ms), output.degraded)
 
@@ -276,7 +295,9 @@ def sweep(
     variants = [run(pipeline, chosen, number) for number, (chosen, pipeline) in enumerate(pipelines, start=2)]
     variants.sort(key=lambda v: (v.error is not None, -v.metrics.get(metric, 0.0), _key(v.settings)))
     return SweepReport(str(config), str(dataset), split, len(queries), metric, settings, baseline, variants,
-                       _paired(baseline, variants[0], metric), config_data=loaded.data)
+                       _paired(baseline, variants[0], metric), config_data=loaded.data,
+                       asked_as={"user": context["user"].model_dump(mode="json"),
+                                 "as_of": context["as_of"].isoformat()}, empty=empty)
 
 
 def _describe(chosen: dict[str, Any]) -> str:

@@ -86,3 +86,17 @@ def test_compare_asks_both_sides_as_the_same_user(cli_json, medical_index, trial
                       "--as-of", "2025-06-01")
     ndcg = next(m for m in report["metrics"] if m["metric"] == "ndcg_cut_10")
     assert ndcg["mean_a"] > 0.5 and ndcg["mean_b"] > 0.5
+
+
+def test_sweep_asks_as_the_named_user_and_warns_when_the_config_answers_nothing(cli, cli_json, medical_index,
+                                                                                 trial_data, tmp_path):
+    config = _config(tmp_path, medical_index, "a-group-nobody-has")
+    (trial_data / "qrels" / "train.tsv").write_text((trial_data / "qrels" / "test.tsv").read_text(), encoding="utf-8")
+    anonymous = cli("sweep", config, "-d", trial_data, "--set", "stages.bm25.params.top_k=[5, 20]")
+    assert anonymous.exit_code == 0, anonymous.output
+    assert "2 of 2 queries returned no document" in " ".join(anonymous.stderr.split())
+    seen = cli_json("sweep", config, "-d", trial_data, "--set", "stages.bm25.params.top_k=[5, 20]",
+                    "--group", "trial-investigators", "--as-of", "2025-06-01")
+    assert seen["baseline"]["metrics"]["ndcg_cut_10"] > 0.5
+    assert seen["asked_as"]["user"]["groups"] == ["trial-investigators"]
+    assert not any("returned no document" in w for w in seen["warnings"])
