@@ -91,8 +91,10 @@ def check(
         Optional[Path], typer.Option("--index", help="also check against this index (fields, doc ids, values the rules cannot judge)")
     ] = None,
 ) -> None:
-    """Validate rule files and look for conflicts, expired rules and (with --index) unknown fields and
-    documents a rule cannot judge (unparsable dates or numbers, malformed nested fields)."""
+    """Validate rule files and look for conflicts, expired rules and (with --index) unknown fields (an error in a
+    prefilter rule), documents a rule cannot judge (unparsable dates or numbers, malformed nested fields, values of
+    another type than the rule's) and contains tests on a field that is a list on some documents, a string on
+    others."""
     from rules.conflicts import check_against_corpus, check_query_entities, check_rule_file
 
     table = index = None

@@ -37,11 +37,18 @@ missing field (or null) makes every operator false except the negated ones (``ne
 not find ``patient level data`` nor a non-breaking hyphen), and ``doc.text`` is not ``doc.title``.
 On a list it is whole-element equality (``doc.tags contains x``: an element equal to ``x``).
 
+``eq``, ``in`` and the ``contains`` family compare values of one JSON type: a document's string
+is never equal to the rule's number or true/false, nor its number to true/false (``"40"`` is not
+``40``, ``"true"`` is not ``true``), and no value is coerced. Whole values whatever the shape:
+``in`` (and ``eq``) on a list field match an element, and on a string the whole string.
+
 A document value a comparison cannot judge -- an ordered comparison (``lt``..``after``) on a
-value that is not a date (or not a number), or a nested path (``doc.access.groups``) that runs
-through a value that is not a mapping -- is *undecidable*: the vector evaluation records it in
-``QueryView.errors`` (row, reason), and ``rules.prefilter`` denies such documents (fail closed)
-and says so in its trace; ``rules.override`` does not fire on them.
+value that is not a date (or not a number), a nested path (``doc.access.groups``) that runs
+through a value that is not a mapping, or an ``eq``/``in``/``contains`` test (negated or not)
+that finds no match and meets a value of another JSON type than the rule's (``"true"`` for
+``true``) -- is *undecidable*: the vector evaluation records it in ``QueryView.errors`` (row,
+reason), and ``rules.prefilter`` denies such documents (fail closed) and says so in its trace;
+``rules.override`` does not fire on them (for a type mismatch the test is false, ``ne`` too).
 """
 
 from __future__ import annotations
@@ -80,6 +87,9 @@ Op = Literal[
     "regex", "exists", "lt", "le", "gt", "ge", "before", "after",
 ]
 LIST_OPS = frozenset({"in", "not_in", "contains_any", "contains_all"})
+# positive operators that compare the document's values with the rule's, whose types must then agree
+TYPED_OPS = frozenset({"eq", "in", "contains", "contains_any", "contains_all"})
+CONTAINS_OPS = frozenset({"contains", "contains_any", "contains_all"})
 ORDER_OPS = frozenset({"lt", "le", "gt", "ge", "before", "after"})
 DATE_ONLY_OPS = frozenset({"before", "after"})
 NEGATED = {"ne": "eq", "not_in": "in", "not_contains": "contains"}
@@ -486,6 +496,31 @@ def shape_of(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def kind_of(value: Any) -> str | None:
+    """The JSON type of a plain value, for type checks (``a string``, ``a number``, ``true/false``); None
+    for anything else (a date, a list, a mapping, null)."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return None
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """A value for a message as it reads in the data (``'40'``, ``40``, ``true``, a list in brackets), cut at
+    ``limit`` characters."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, (list, tuple, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, frozenset) else value
+        shown = "[" + ", ".join(brief(v, limit) for v in items) + "]"
+    else:
+        shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
+
+
 def doc_variables(document: Any) -> dict[str, Any]:
     return {**document.metadata, "id": document.doc_id, "title": document.title, "text": document.text,
             "metadata": document.metadata}
@@ -681,7 +716,7 @@ class Leaf(Node):
         if self.value_from is None:
             self.literal = self._prepare(operand)
         self.relative = isinstance(self.literal, RelativeDate)
-        self._lookups: dict[Any, "np.ndarray"] = {}
+        self._lookups: dict[Any, tuple["np.ndarray", "np.ndarray | None", dict[int, str]]] = {}
         scope_roots = {self.field.split(".")[0]} | ({self.value_from.split(".")[0]} if self.value_from else set())
         self.uses_document = "doc" in scope_roots
         self.uses_candidate = bool(scope_roots & {"score", "candidate"})
@@ -755,7 +790,8 @@ class Leaf(Node):
         if op == "in":
             for element in elements:
                 folded = _fold(element, self.case_sensitive)
-                if _hashable(folded) and folded in operand:
+                if _hashable(folded) and folded in operand and (
+                        isinstance(folded, str) or any(_same(folded, o) for o in operand)):  # true is not 1
                     return True, element
             return False, None
         if op in ("contains", "contains_any", "contains_all"):
@@ -768,7 +804,7 @@ class Leaf(Node):
                     if isinstance(value, str) and isinstance(folded, str) and isinstance(needle, str):
                         hit = needle in folded
                     else:
-                        hit = _hashable(folded) and folded == needle
+                        hit = _hashable(folded) and _same(folded, needle)
                     if hit:
                         break
                 if hit:
@@ -807,10 +843,30 @@ class Leaf(Node):
             return False, None
         raise AssertionError(f"unhandled operator {op}")  # pragma: no cover - Op is a closed Literal
 
+    def type_mismatch(self, value: Any, operand: Any) -> str | None:
+        """Why ``value`` cannot be judged by this ``eq``/``in``/``contains`` test: it holds a plain value of
+        another JSON type than the rule's (``'40'`` for ``40``, ``'true'`` for ``true``), which is neither
+        equal nor certainly different. None otherwise, and for fields that are not a document's. Only
+        meaningful when :meth:`test_value` found no match (a match decides)."""
+        if self.positive not in TYPED_OPS or not self.field.startswith("doc.") or operand is MISSING or operand is None:
+            return None
+        values = operand if isinstance(operand, frozenset) else (operand,)
+        wanted = {kind for kind in map(kind_of, values) if kind is not None}
+        if not wanted:
+            return None
+        for element in _elements(value):
+            kind = kind_of(element)
+            if kind is not None and kind not in wanted:
+                return (f"{brief(element)} is {kind}, and the rule compares with {' or '.join(sorted(wanted))} "
+                        f"({brief(operand)}): no value is coerced")
+        return None
+
     def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
         value = subject.get(self.field)
         operand = self._runtime_operand(subject.view)
         hit, matched = self.test_value(value, operand)
+        if not hit and self.type_mismatch(value, operand) is not None:
+            return False  # undecidable: the test does not hold, negated or not (the vector path notes it)
         result = hit != self.negated
         if result and evidence is not None:
             record: dict[str, Any] = {"field": self.field, "op": self.op}
@@ -863,18 +919,42 @@ class Leaf(Node):
                     result = _VECTOR_COMPARE[self.positive](column, target)
                 return ~result if self.negated else result
         codes, uniques = table.factorized(self.field)
-        lookup = self._lookup(uniques, operand)
-        result = lookup[codes if frame is None else codes[frame.rows]]
-        return ~result if self.negated else result
+        hits, mismatched, why = self._lookup(uniques, operand)
+        row_codes = codes if frame is None else codes[frame.rows]
+        result = hits[row_codes]
+        if self.negated:
+            result = ~result
+        if mismatched is not None:  # a value of another type than the rule's: undecidable, the test does not hold
+            undecided = mismatched[row_codes]
+            if undecided.any():
+                result &= ~undecided
+                positions = np.flatnonzero(undecided)
+                rows = positions if frame is None else frame.rows[positions]
+                view.errors.extend(
+                    (int(row), f"{self.field} of '{table.doc_ids[row]}': {why[int(codes[row])]}") for row in rows
+                )
+        return result
 
-    def _lookup(self, uniques: list[Any], operand: Any) -> "np.ndarray":
-        """The test on each distinct value of the field, cached per operand (users repeat)."""
+    def _lookup(self, uniques: list[Any], operand: Any) -> tuple["np.ndarray", "np.ndarray | None", dict[int, str]]:
+        """The test on each distinct value of the field; which distinct values it cannot judge (a type
+        mismatch; None when none) and why, by code. Cached per operand (users repeat)."""
         import numpy as np
 
         key = (id(uniques), operand if _hashable(operand) else repr(operand))
         cached = self._lookups.get(key)
         if cached is None:
-            cached = np.fromiter((self.test_value(u, operand)[0] for u in uniques), dtype=bool, count=len(uniques))
+            hits = np.fromiter((self.test_value(u, operand)[0] for u in uniques), dtype=bool, count=len(uniques))
+            why: dict[int, str] = {}
+            for code, unique in enumerate(uniques):
+                if not hits[code]:
+                    problem = self.type_mismatch(unique, operand)
+                    if problem is not None:
+                        why[code] = problem
+            mismatched = None
+            if why:
+                mismatched = np.zeros(len(uniques), dtype=bool)
+                mismatched[list(why)] = True
+            cached = (hits, mismatched, why)
             if len(self._lookups) >= 256:
                 self._lookups.clear()
             self._lookups[key] = cached
@@ -897,6 +977,11 @@ def note_undecidable(table: "DocumentTable", path: str, mode: str, view: QueryVi
 
 def _nan_unless_number(value: Any) -> float:
     return float(value) if _is_number(value) else math.nan
+
+
+def _same(left: Any, right: Any) -> bool:
+    """Equal values of one type: true is not 1 (Python says it is), false is not 0."""
+    return left == right and isinstance(left, bool) == isinstance(right, bool)
 
 
 def _hashable(value: Any) -> bool:

@@ -7,12 +7,14 @@ Two families:
   exclude of the same document, a pin and a bury of the same document, one document pinned to
   two places, rules whose validity window has ended.
 - :func:`check_against_corpus` needs the index (run at warm-up): rules reading a field no
-  document has (for a prefilter's ``acl`` / ``jurisdiction`` / ``date_range`` rule an error
-  whatever the strictness: a misspelt access field turns the rule off), documents a rule cannot
-  judge (a date or number comparison on a value that is not one, a nested path through a
+  document has (for every prefilter rule an error whatever the strictness: a misspelt access field
+  turns the rule off; for an override rule a warning; both with a did-you-mean), documents a rule
+  cannot judge (a date or number comparison on a value that is not one, a nested path through a
   non-mapping, an access value that is not a string or a list of strings: a prefilter denies
-  them), ``docs`` naming ids the index does not hold, exclude/bury ``match`` conditions that catch
-  a pinned document, prefilter rules that exclude every document.
+  them), fields an ``eq``/``in``/``contains`` test reads whose documents hold another JSON type
+  than the rule's value (``"true"`` for ``true``: undecidable) or, for ``contains``, a list on some
+  documents and a string on others, ``docs`` naming ids the index does not hold, exclude/bury
+  ``match`` conditions that catch a pinned document, prefilter rules that exclude every document.
 
 :func:`check_rule_file` loads a file and runs :func:`check_rules` (and a caller's own checks, such
 as ``rules.override``'s check of ``score.<stage>`` fields against the stages upstream of it) on
@@ -35,11 +37,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from engine.errors import ConfigError, ConfigIssue
-from rules.conditions import AllOf, AnyOf, Constant, Expr, ExpressionRuntimeError, Leaf, Node, Not, NullView, RelativeDate
+from rules.conditions import (
+    CONTAINS_OPS,
+    TYPED_OPS,
+    AllOf,
+    AnyOf,
+    Condition,
+    Constant,
+    Expr,
+    ExpressionRuntimeError,
+    Leaf,
+    Node,
+    Not,
+    NullView,
+    RelativeDate,
+    brief,
+    kind_of,
+)
 from rules.ruleset import CompiledRule, Kind, RuleFileError, RuleSet, load_rule_file, today_utc
 
 if TYPE_CHECKING:
-    from rules.corpus import DocumentTable
+    from rules.corpus import DocumentTable, Tally
 
 # Query-side fields holding one value (eq on two different values cannot both hold).
 SCALAR_QUERY_FIELDS = ("query.text", "query.rewritten", "query.effective", "query.language", "user.id", "as_of")
@@ -402,14 +420,15 @@ def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[Confi
         access_field = _access_field(ruleset, rule)
         if access_field is not None and table.size and not table.has_field(access_field):
             findings.append(_unknown_access_field(rule, access_field, table))
+        sites = leaf_sites(rule)
+        where: dict[str, tuple[str | int, ...]] = {}
+        for leaf, path in sites:
+            where.setdefault(leaf.field, path + ("field",))
         for name in sorted(f for f in fields if f.startswith("doc.") and f != access_field):
             if not table.has_field(name):
-                known = ", ".join(sorted(table.metadata_keys)[:20]) or "none"
-                findings.append(Finding(
-                    "unknown_field", "warning", rule, ("match",) if rule.match is not None else (),
-                    f"rule '{rule.id}' reads '{name}', which no document in the index has "
-                    f"(metadata fields: {known}); the condition can never see a value",
-                ))
+                findings.append(_unknown_field(
+                    ruleset, rule, name, where.get(name, ("match",) if rule.match is not None else ()), table))
+        findings.extend(_value_type_findings(ruleset, rule, sites, table))
         for number, doc_id in enumerate(rule.docs):
             if doc_id not in table.row_of:
                 findings.append(Finding(
@@ -434,15 +453,50 @@ def _access_field(ruleset: RuleSet, rule: CompiledRule) -> str | None:
     return f"doc.{rule.spec.field_name}"  # type: ignore[attr-defined]
 
 
+def close_field(path: str, table: "DocumentTable") -> str | None:
+    """The ``doc.<...>`` field of the index nearest to ``path`` (same depth), for a did-you-mean; None if none is
+    close."""
+    from difflib import get_close_matches
+
+    known = table.field_names(path)
+    if path.count(".") == 1:
+        known = sorted(set(known) | {"doc.id", "doc.title", "doc.text"})
+    by_name = {f[len("doc."):]: f for f in known}
+    hint = get_close_matches(path[len("doc."):], list(by_name), n=1, cutoff=0.6)
+    return by_name[hint[0]] if hint else None
+
+
+def _unknown_field(
+    ruleset: RuleSet, rule: CompiledRule, name: str, path: tuple[str | int, ...], table: "DocumentTable"
+) -> Finding:
+    """A rule reading a field no document has (a misspelling, most often). In a prefilter rule an error whatever the
+    strictness: every document would lack the field, so the rule would silently judge none by it (an exclude hides
+    nothing). In an override rule a warning (overrides fail open: the rule simply never fires on it)."""
+    hint = close_field(name, table)
+    did_you_mean = f" (did you mean '{hint}'?)" if hint else ""
+    known = ", ".join(sorted(table.metadata_keys)[:20]) or "none"
+    if ruleset.kind == "prefilter" and table.size:
+        return Finding(
+            "unknown_access_field", "error", rule, path,
+            f"rule '{rule.id}' ({rule.action}) reads '{name}', which no document of the index has{did_you_mean}; "
+            f"metadata fields: {known}. An access rule on a field no document has judges every document as lacking "
+            "it (the rule is silently off, or hides every document), so this is an error whatever the strictness",
+            graded=False,
+        )
+    return Finding(
+        "unknown_field", "warning", rule, path,
+        f"rule '{rule.id}' reads '{name}', which no document in the index has{did_you_mean}; metadata fields: "
+        f"{known}. The condition can never see a value, so the rule never fires on a value of it",
+    )
+
+
 def _unknown_access_field(rule: CompiledRule, path: str, table: "DocumentTable") -> Finding:
     """A prefilter access rule on a field no document has: the rule sees no value anywhere, so it either
     lets every document through (missing: allow) or hides every one. Always an error."""
-    from difflib import get_close_matches
-
     name = path[len("doc."):]
     known = [f[len("doc."):] for f in table.field_names(path)]
-    hint = get_close_matches(name, known, n=1, cutoff=0.6)
-    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    hint = close_field(path, table)
+    did_you_mean = f" (did you mean '{hint[len('doc.'):]}'?)" if hint else ""
     shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "") if known else "none"
     return Finding(
         "unknown_access_field", "error", rule, ("field",),
@@ -451,6 +505,109 @@ def _unknown_access_field(rule: CompiledRule, path: str, table: "DocumentTable")
         "document by it (every document would count as lacking it), so this is an error whatever the strictness",
         graded=False,
     )
+
+
+def leaf_sites(rule: CompiledRule) -> list[tuple[Leaf, tuple[str | int, ...]]]:
+    """The field tests of a rule's ``match`` as written, each with its path in the rule (``match.any.0``), so a
+    finding points at the line of the test itself. (acl / jurisdiction / date_range rules have none.)"""
+    spec = getattr(rule.spec, "match", None)
+    found: list[tuple[Leaf, tuple[str | int, ...]]] = []
+
+    def walk(condition: Condition, node: Node, path: tuple[str | int, ...]) -> None:
+        if condition.all is not None and isinstance(node, AllOf):
+            for number, (inner, child) in enumerate(zip(condition.all, node.children)):
+                walk(inner, child, path + ("all", number))
+        elif condition.any is not None and isinstance(node, AnyOf):
+            for number, (inner, child) in enumerate(zip(condition.any, node.children)):
+                walk(inner, child, path + ("any", number))
+        elif condition.not_ is not None and isinstance(node, Not):
+            walk(condition.not_, node.child, path + ("not",))
+        elif isinstance(node, Leaf):
+            found.append((node, path))
+
+    if isinstance(spec, Condition) and rule.match is not None:
+        walk(spec, rule.match, ("match",))
+    return found
+
+
+# Fields every document has as text: their shape and type never vary
+_TEXT_FIELDS = ("doc.id", "doc.title", "doc.text")
+
+
+def _value_type_findings(
+    ruleset: RuleSet, rule: CompiledRule, sites: list[tuple[Leaf, tuple[str | int, ...]]], table: "DocumentTable",
+) -> list[Finding]:
+    """The ``eq`` / ``in`` / ``contains`` tests on a field whose documents hold another JSON type than the rule's
+    value (``"true"`` for ``true``, ``"40"`` for ``40``: never coerced, so undecidable) or, with a ``value_from``,
+    several types; and the ``contains`` tests on a field that is a list on some documents and a string on others
+    (whole elements there, substrings here)."""
+    findings: list[Finding] = []
+    if not table.size:
+        return findings
+    denied = ("the prefilter denies such a document whenever the rule applies" if ruleset.kind == "prefilter"
+              else "the rule does not fire on it")
+    reported: set[tuple[str, str]] = set()
+    for leaf, path in sites:
+        name = leaf.field
+        if leaf.positive not in TYPED_OPS or not name.startswith("doc.") or name in _TEXT_FIELDS:
+            continue
+        profile = table.profile(name)
+        if leaf.positive in CONTAINS_OPS and {"a list", "a string"} <= set(profile.shapes) \
+                and (name, "shape") not in reported:
+            reported.add((name, "shape"))
+            lists, strings = profile.shapes["a list"], profile.shapes["a string"]
+            whole = {"contains": "op: eq", "not_contains": "op: ne", "contains_any": "op: in",
+                     "contains_all": "an all: of op: eq tests"}[leaf.op]
+            findings.append(Finding(
+                "mixed_shapes", "warning", rule, path + ("field",),
+                f"rule '{rule.id}' tests {name} with {leaf.op}, which finds whole elements in a list but substrings in "
+                f"a string, and the documents mix the two: {lists.count} hold a list (e.g. '{lists.doc_id}'), "
+                f"{strings.count} a string (e.g. '{strings.doc_id}': {brief(strings.value)}); on a string a value is "
+                f"also found inside a longer one{_inside(leaf, strings.value)}. To compare whole values whatever the "
+                f"shape, use {whole} (a string is one value, a list matches by any element), or export the field as a "
+                "list on every document",
+            ))
+        if leaf.value_from is None:
+            literal = leaf.literal
+            wanted = {k for k in map(kind_of, literal if isinstance(literal, frozenset) else (literal,)) if k}
+            compared = f"{brief(leaf.raw_value)} ({' or '.join(sorted(wanted))})"
+        elif leaf.value_from != "as_of":  # the query's and the user's values are text
+            wanted = {"a string"}
+            compared = f"the query's {leaf.value_from} (a string: the query's and the user's values are text)"
+        else:
+            continue
+        other = {kind: tally for kind, tally in profile.kinds.items() if kind not in wanted}
+        if not wanted or not other or (name, types := " or ".join(sorted(wanted))) in reported:
+            continue
+        holding = sum(tally.count for kind, tally in profile.kinds.items() if kind in wanted)
+        opening = (f"rule '{rule.id}' compares {name} ({leaf.op}) with {compared}, but documents hold other types "
+                   f"there: {_held(other)}" + (f"; {holding} hold {types}" if holding else ""))
+        reported.add((name, types))
+        findings.append(Finding(
+            "mixed_types", "warning", rule, path + ("field",),
+            f"{opening}. Values are not coerced ('40' is not 40, 'true' is not true): a document whose value has "
+            f"another type than the rule's cannot be judged: {denied}; write {name} as {types} on every document (or "
+            "compare with the type the documents hold)",
+        ))
+    return findings
+
+
+def _inside(leaf: Leaf, text: Any) -> str:
+    """`` ('all' is found in 'BALL')`` when one of the test's values is inside ``text`` without being all of it."""
+    needles = leaf.literal if isinstance(leaf.literal, frozenset) else (leaf.literal,)
+    if not isinstance(text, str):
+        return ""
+    folded = text if leaf.case_sensitive else text.casefold()
+    for needle in sorted(n for n in needles if isinstance(n, str)):
+        if needle and needle in folded and needle != folded:
+            return f" ({needle!r} is found in {text!r})"
+    return ""
+
+
+def _held(kinds: dict[str, "Tally"]) -> str:
+    """``3 a string (e.g. 'd1': 'true'), 1 a number (e.g. 'd4': 1)``, the most common first."""
+    ordered = sorted(kinds.items(), key=lambda item: (-item[1].count, item[0]))
+    return ", ".join(f"{tally.count} {kind} (e.g. '{tally.doc_id}': {brief(tally.value)})" for kind, tally in ordered)
 
 
 def _judged_fields(node: Node | None) -> dict[str, set[str]]:

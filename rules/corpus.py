@@ -11,6 +11,8 @@ process, under a lock.
 nested path through a value that is not a mapping, a value that is not a date (or a number) for an
 ordered comparison, an access value that is neither a string nor a list of strings. Prefilter
 rules deny those documents (fail closed); ``sieve rules check --index`` reports them.
+:meth:`DocumentTable.profile` says which shapes (a string, a list...) and which types of plain values a
+field holds, and how often, for the findings on fields whose export mixes them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
-from rules.conditions import MISSING, _number, doc_field, doc_path_problem, shape_of
+from rules.conditions import MISSING, _number, doc_field, doc_path_problem, kind_of, shape_of
 from rules.expressions import parse_date
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ class DocumentTable:
         self._factorized: dict[str, tuple["np.ndarray", list[Any]]] = {}
         self._numeric: dict[tuple[str, bool], "np.ndarray | None"] = {}
         self._undecidable: dict[tuple[str, str], tuple["np.ndarray", list[tuple[int, str]]]] = {}
+        self._profiles: dict[str, FieldProfile] = {}
         self._static: "weakref.WeakKeyDictionary[Any, tuple[np.ndarray, list[tuple[int, str]]]]" = (
             weakref.WeakKeyDictionary()
         )
@@ -173,6 +176,34 @@ class DocumentTable:
                 cached = self._undecidable[key] = (rows, reasons)
         return cached
 
+    def profile(self, path: str) -> "FieldProfile":
+        """How the documents hold ``doc.<...>``: documents per shape of the value and per type of the plain
+        values in it (a list's elements), each with the first document's id and value. Cached per process."""
+        cached = self._profiles.get(path)
+        if cached is not None:
+            return cached
+        import numpy as np
+
+        codes, uniques = self.factorized(path)
+        counts = np.bincount(codes, minlength=len(uniques)) if self.size else np.zeros(0, dtype=np.int64)
+        first = np.unique(codes, return_index=True)[1] if self.size else np.zeros(0, dtype=np.int64)
+        shapes: dict[str, Tally] = {}
+        kinds: dict[str, Tally] = {}
+        for code in sorted(range(len(uniques)), key=lambda c: int(first[c])):  # examples: the first documents
+            value = uniques[code]
+            if value is MISSING or value is None:
+                continue
+            count, row = int(counts[code]), int(first[code])
+            _tally(shapes, shape_of(value), count, self.doc_ids[row], value)
+            elements = value if isinstance(value, (list, tuple)) else [value]
+            for kind in dict.fromkeys(kind_of(e) for e in elements if kind_of(e) is not None):
+                example = next(e for e in elements if kind_of(e) == kind)
+                _tally(kinds, kind, count, self.doc_ids[row], example)
+        profile = FieldProfile(shapes, kinds)
+        with self._lock:
+            self._profiles[path] = profile
+        return profile
+
     def field_names(self, path: str) -> list[str]:
         """Every ``doc.<...>`` path of the index with as many parts as ``path`` (for did-you-mean hints)."""
         depth = path.count(".")
@@ -206,6 +237,32 @@ class DocumentTable:
                 if len(examples) < limit:
                     examples.append(document.doc_id)
         return count, examples
+
+
+class Tally:
+    """How many documents, and the first one's id and value."""
+
+    __slots__ = ("count", "doc_id", "value")
+
+    def __init__(self, doc_id: str, value: Any):
+        self.count = 0
+        self.doc_id = doc_id
+        self.value = value
+
+
+class FieldProfile:
+    """A field's shapes (``a string``, ``a list``...) and the types of its plain values, by document count."""
+
+    def __init__(self, shapes: dict[str, Tally], kinds: dict[str, Tally]):
+        self.shapes = shapes
+        self.kinds = kinds
+
+
+def _tally(into: dict[str, Tally], key: str, count: int, doc_id: str, value: Any) -> None:
+    tally = into.get(key)
+    if tally is None:
+        tally = into[key] = Tally(doc_id, value)
+    tally.count += count
 
 
 def _to_float(value: Any, dates: bool) -> float:

@@ -5,7 +5,8 @@ every index row; recall stages apply it inside recall, so a forbidden document n
 recall slot. Conditions that do not depend on the query are evaluated once, at warm-up; the rest
 cost a few numpy operations per query over per-field columns (see :mod:`rules.corpus`). Access
 rules fail closed: a document a rule cannot judge (an expression that raises, a date or number
-comparison on a value that is not one, a malformed nested path or access value) is denied, and the
+comparison on a value that is not one, a malformed nested path or access value, an
+``eq``/``in``/``contains`` test meeting a value of another type than the rule's) is denied, and the
 trace says how many and why (a ``rule_error`` decision; ``undecidable`` in the rule's report).
 
 ``rules.override`` applies pins, buries, excludes and boosts/demotes to a ranked list. Its
@@ -836,7 +837,8 @@ class RulesOverride(Stage):
             # a query-independent condition is evaluated over the whole corpus once: report only these candidates
             rows = set(frame.rows[candidates].tolist())
             failed = [(row, message) for row, message in view.errors if row in rows]
-            if failed:
+            if failed:  # it does not fire on them, whatever wraps the failed test (a `not:` would turn it true)
+                selected &= ~np.isin(frame.rows, [row for row, _ in failed])
                 names = self._table.doc_ids
                 decisions.append(Decision(
                     "rule_error", f"rule '{rule.id}' failed on {len(failed)} candidate(s) ({failed[0][1]}); "
