@@ -671,8 +671,9 @@ def _static(node: Node) -> bool:
 
 
 def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable", broken: set[str] = frozenset()) -> list[Finding]:
-    from rules.conditions import Subject
-
+    """Exclude / bury ``match`` conditions that catch a pinned document, judged as the stage judges them (over the
+    corpus, so a document the condition cannot judge -- an expression that fails, a value of another type -- is
+    reported as such, not as "no match")."""
     findings: list[Finding] = []
     pins = [r for r in ruleset.rules if r.action == "pin"]
     for pin in pins:
@@ -682,22 +683,27 @@ def _pin_match_findings(ruleset: RuleSet, table: "DocumentTable", broken: set[st
                 continue
             if not _static(other.match):
                 continue  # depends on the query or scores: cannot be decided before a query
+            view = NullView()
+            try:
+                matched = other.match.vector(table, view)  # once over the corpus (cached); failures in view.errors
+            except ExpressionRuntimeError:
+                continue  # reported as cannot_evaluate
+            failed: dict[int, str] = {}
+            for row, message in view.errors:
+                failed.setdefault(row, message)
             for doc_id in pin.docs:
                 row = table.row_of.get(doc_id)
                 if row is None or (other.docs and doc_id not in other.docs):
                     continue
-                view = NullView()
-                try:
-                    hit = other.match.evaluate(Subject(view, table.documents[row]))
-                except ExpressionRuntimeError as exc:
+                if row in failed:
                     if other.action == "exclude":
                         findings.append(Finding(
                             "pin_exclude_conflict", "warning", other, ("match",),
-                            f"'{other.id}' cannot be evaluated on '{doc_id}', which '{pin.id}' pins ({exc}); it does "
-                            "not fire on it when recalled, and keeps it out when the pin would bring it in",
+                            f"'{other.id}' cannot be evaluated on '{doc_id}', which '{pin.id}' pins ({failed[row]}); it "
+                            "does not fire on it when recalled, and keeps it out when the pin would bring it in",
                         ))
                     continue
-                if hit:
+                if matched[row]:
                     code, severity, outcome = (
                         ("pin_exclude_conflict", "error", "exclude wins, so the pin never shows it then")
                         if other.action == "exclude" else ("pin_bury_conflict", "warning", "the pin wins")

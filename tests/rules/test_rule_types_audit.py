@@ -343,3 +343,24 @@ def test_true_is_not_one_for_in_and_contains_either(op, value):
     assert leaf.evaluate(subject) is False
     assert leaf.type_mismatch([True], leaf.literal) is not None
     assert Leaf(Condition(field="doc.flags", op=op, value=value)).test_value([1], leaf.literal)[0] is True
+
+
+def test_an_exclude_that_cannot_judge_a_pinned_document_is_reported_as_such(tmp_path):
+    """At run time the stage keeps a pinned document out when an exclude cannot judge it; the check says so."""
+    from engine.index import Index
+    from rules.conflicts import check_against_corpus
+    from rules.corpus import DocumentTable
+    from rules.ruleset import load_rule_file
+
+    index = build(tmp_path, OVERRIDE_DOCS)
+    rules = tmp_path / "overrides.yaml"
+    rules.write_text("version: 1\nkind: override\nrules:\n"
+                     "  - {id: pin-it, action: pin, docs: [o-string], position: 1}\n"
+                     "  - {id: drop-featured, action: exclude, match: {field: doc.featured, op: ne, value: false}}\n",
+                     encoding="utf-8")
+    issues = check_against_corpus(load_rule_file(rules), DocumentTable.from_index(Index.open(index)))
+    # before: an error, "'drop-featured' matches 'o-string' ... exclude wins" ('true' != false held)
+    assert any("[pin_exclude_conflict] 'drop-featured' cannot be evaluated on 'o-string', which 'pin-it' pins "
+               "(doc.featured of 'o-string': 'true' is a string, and the rule compares with true/false (false)"
+               in i.message for i in issues)
+    assert all(i.severity == "warning" for i in issues)
