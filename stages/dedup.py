@@ -11,7 +11,8 @@ Similarity:
   component (no model is loaded); otherwise the candidates' text is embedded with
   :mod:`stages.embedding` (default all-MiniLM-L6-v2) and cached per row.
 - ``minhash``: estimated Jaccard similarity of word ``shingle_size``-gram sets, MinHash signatures
-  from ``datasketch`` (``num_perm`` permutations, fixed seed, so runs are deterministic), cached per row.
+  equal to ``datasketch``'s affine32 ones (``num_perm`` permutations, fixed seed, so runs are deterministic),
+  computed for all uncached candidates in one batch (``minhash_signatures``) and cached per row.
 
 The default threshold (0.95 cosine) was measured on SciFact (``bench/dedup_threshold.py``): the
 client's 0.7 would remove distinct relevant abstracts that merely share a topic.
@@ -27,16 +28,19 @@ selected. Without MMR the stage only drops: it writes no ledger entry.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import operator
 import re
-import unicodedata
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
-from engine.errors import MissingDependencyError, SieveIndexError, StageError
+from engine.errors import SieveIndexError, StageError
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.models import resolve_model
 from engine.registry import register_stage
@@ -45,7 +49,7 @@ from engine.stage import (Explanation, GraphIssue, GraphView, Port, RecentNotes,
 from stages.text import HAN_RANGES
 
 DEFAULT_COSINE_THRESHOLD = 0.95
-MINHASH_SCHEME = "affine32"  # datasketch >= 2.0: 32-bit values, pinned so an upgrade cannot change them
+MINHASH_SCHEME = "affine32"  # datasketch >= 2.0's scheme, reproduced by minhash_signatures: an upgrade cannot change them
 # A Han character is a token of its own (Chinese has no spaces: a clause was one "word", so one changed character
 # made two reprints share no shingle); other word characters run together as words
 _HAN_CHARS = HAN_RANGES + "\U00020000-\U0002fa1f"  # and the supplementary planes' extensions
@@ -98,6 +102,81 @@ def shingles(text: str, size: int) -> set[str]:
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
+def shingle_bytes(text: str, size: int) -> set[bytes]:
+    """The UTF-8 bytes of ``shingles(text, size)`` (a shingle's words are joined by one space, so joining the
+    words' bytes gives the same bytes as encoding the joined shingle)."""
+    words = [word.encode("utf-8") for word in WORD.findall(unicodedata.normalize("NFC", text).casefold())]
+    if len(words) <= size:
+        return {b" ".join(words)} if words else set()
+    return set(map(b" ".join, zip(*(words[i:] for i in range(size)))))
+
+
+# MurmurHash3's 32-bit finalizer, which datasketch's affine32 scheme applies to each input hash before permuting
+_FMIX32 = ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None))
+# Shingles hashed and permuted per array operation: a chunk's (shingles x num_perm) uint32 block stays a few MiB
+_SHINGLES_PER_CHUNK = 8192
+
+
+@functools.lru_cache(maxsize=8)
+def minhash_permutations(num_perm: int, seed: int) -> tuple[Any, Any]:
+    """The ``a`` (odd) and ``b`` of datasketch's affine32 permutations ``h -> a * h + b mod 2**32``, drawn as
+    datasketch 2.0 draws them (``numpy.random.RandomState(seed)``, all ``a`` then all ``b``)."""
+    import numpy as np
+
+    generator = np.random.RandomState(seed)
+    a = generator.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = generator.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    a.flags.writeable = False
+    b.flags.writeable = False
+    return a, b
+
+
+def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int) -> tuple[Any, Any]:
+    """MinHash signatures (len(texts) x num_perm, uint32) of the texts' shingles, equal value for value to
+    datasketch's ``MinHash(num_perm=num_perm, seed=seed, scheme="affine32")`` updated with the shingles' UTF-8 bytes,
+    and which texts have no shingle (their row is zeros).
+
+    All texts at once: each shingle is hashed as datasketch hashes it (the first 4 bytes of its SHA-1, little
+    endian), then the hashes of every text go through the MurmurHash3 finalizer and the ``num_perm`` permutations as
+    one (shingles x num_perm) array operation per chunk, and each text's minima come from ``minimum.reduceat``
+    over its run of rows (datasketch does this per text, behind a per-text MinHash object)."""
+    import numpy as np
+
+    sha1 = hashlib.sha1
+    digest = operator.methodcaller("digest")
+    counts = np.zeros(len(texts), dtype=np.int64)
+    digests: list[bytes] = []
+    for position, text in enumerate(texts):
+        grams = shingle_bytes(text, shingle_size)
+        counts[position] = len(grams)
+        digests.extend(map(digest, map(sha1, grams)))
+    signatures = np.zeros((len(texts), num_perm), dtype=np.uint32)
+    empty = counts == 0
+    if not digests:
+        return signatures, empty
+    # 20-byte SHA-1 digests back to back: every fifth little-endian uint32 is a digest's first 4 bytes
+    hashes = np.frombuffer(b"".join(digests), dtype="<u4")[::5].astype(np.uint32)
+    for shift, multiplier in _FMIX32:
+        hashes ^= hashes >> np.uint32(shift)
+        if multiplier is not None:
+            hashes *= np.uint32(multiplier)  # wraps modulo 2**32, as in datasketch
+    a, b = minhash_permutations(num_perm, seed)
+    filled = np.flatnonzero(~empty)
+    ends = np.cumsum(counts[filled])
+    starts = ends - counts[filled]
+    minima = np.full((filled.size, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    for low in range(0, int(ends[-1]), _SHINGLES_PER_CHUNK):
+        high = min(low + _SHINGLES_PER_CHUNK, int(ends[-1]))
+        first = int(np.searchsorted(ends, low, side="right"))  # the texts with shingles in [low, high)
+        last = int(np.searchsorted(starts, high, side="left"))
+        permuted = np.multiply.outer(hashes[low:high], a)
+        permuted += b
+        segment_starts = np.maximum(starts[first:last], low) - low
+        np.minimum(minima[first:last], np.minimum.reduceat(permuted, segment_starts, axis=0), out=minima[first:last])
+    signatures[filled] = minima
+    return signatures, empty
+
+
 @register_stage
 class NearDuplicateFilter(Stage):
     """Drop near-duplicates (embedding cosine or MinHash Jaccard), keeping the best-ranked; optional MMR."""
@@ -141,10 +220,8 @@ class NearDuplicateFilter(Stage):
         index = resources.require_index(self.id)
         self._index = index
         if p.method == "minhash":
-            try:
-                import datasketch  # noqa: F401
-            except ImportError:
-                raise MissingDependencyError("datasketch", "datasketch", "dedup.near_duplicate with method: minhash") from None
+            # the values are datasketch's (affine32), computed here without it (minhash_signatures); the trace names
+            # the scheme as before, so traces replay unchanged
             self._source = (f"MinHash (datasketch, {MINHASH_SCHEME}, {p.num_perm} permutations, seed {p.seed}) of word"
                             f" {p.shingle_size}-grams")
             return
@@ -224,25 +301,18 @@ class NearDuplicateFilter(Stage):
 
     def _signatures(self, rows: list[int]) -> tuple[Any, Any]:
         """MinHash signatures (n x num_perm, uint32) of the documents at ``rows``, and which of them have an
-        empty text (their row is zeros)."""
+        empty text (their row is zeros). The documents not in the cache are read in one query and signed together."""
         import numpy as np
-        from datasketch import MinHash
 
         p = self.params
         cached = self._cache.get_many(rows)
         missing = [r for r in dict.fromkeys(rows) if r not in cached]
         if missing:
             texts = self._texts(missing)
-            grams = {row: sorted(shingles(texts[row], p.shingle_size)) for row in missing}
-            filled = [row for row in missing if grams[row]]
-            # one MinHash state reused for the whole batch (datasketch's bulk API): same values as one at a time
-            sketches = MinHash.generator([[g.encode("utf-8") for g in grams[row]] for row in filled],
-                                         num_perm=p.num_perm, seed=p.seed, scheme=MINHASH_SCHEME)
-            for row, sketch in zip(filled, sketches):
-                cached[row] = np.asarray(sketch.hashvalues, dtype=np.uint32)
-            for row in missing:
-                if not grams[row]:
-                    cached[row] = np.zeros(0, dtype=np.uint32)  # the marker of an empty text
+            signatures, empty = minhash_signatures([texts[row] for row in missing], p.shingle_size, p.num_perm, p.seed)
+            for position, row in enumerate(missing):
+                # an empty text's marker is a zero-length signature
+                cached[row] = signatures[position, :0].copy() if empty[position] else signatures[position].copy()
                 self._cache.put(row, cached[row])
         empty = np.asarray([cached[r].size == 0 for r in rows], dtype=bool)
         blank = np.zeros(p.num_perm, dtype=np.uint32)
