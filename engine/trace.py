@@ -15,7 +15,9 @@ append copies it to a new ``LOG.torn-<offset>`` file (``-1``, ``-2``… when tha
 set-aside is never overwritten) and cuts it off; ``check_log`` lists those files. A last record that is
 whole and checks out but lacks its newline is kept: the next append completes the line and chains after it.
 Reading a record (``TraceLog.find``, ``load_trace``) checks it and the chain up to it: an edited record is
-refused, never returned as genuine.
+refused, never returned as genuine. The records before it are checked as the writer's bytes (layout, seq, link, and
+the sha256 of ``prev`` and the line's trace bytes) without decoding them; the record read is checked in full, and a
+log with any other line is read with the full check (``TraceLog._find_quickly``).
 
 Rotation (``rotate_log``): the log's records move to an archived segment beside it and the log starts again
 with a segment marker, a record at the next seq that links to the archive's last hash and names the archive.
@@ -536,7 +538,83 @@ class TraceLog:
                 searched.append(previous.path)
 
     def _find_in_segment(self, trace_id: str | None, seq: int | None) -> dict[str, Any]:
-        """``find_record`` in this file alone; _NotInSegment when the record is not in it."""
+        """``find_record`` in this file alone; _NotInSegment when the record is not in it. The quick walk
+        (``_find_quickly``) answers for a log as the writer wrote it; anything else is read by the full check,
+        which words every refusal."""
+        found = self._find_quickly(trace_id, seq)
+        return self._find_checked(trace_id, seq) if found is None else found
+
+    def _find_quickly(self, trace_id: str | None, seq: int | None) -> dict[str, Any] | None:
+        """``_find_in_segment`` without decoding the records before the one wanted: each earlier line must be
+        byte for byte the writer's layout (``_WRITER_LINE``), at the next seq, linking to the line before, and
+        its hash must be the sha256 of ``prev`` and the line's own trace bytes. The record found gets the full
+        check of ``scan`` (decoded, hashed, compared with its canonical form). None (the caller reads the file
+        with the full check) at the first line that is anything else: a line in another layout, a broken link,
+        a segment marker, an unterminated last line.
+
+        Why hashing the raw bytes is enough for the earlier records: the writer hashes exactly the bytes it
+        writes, so a line that was changed in any byte no longer matches its hash, and one whose hash was
+        recomputed no longer links to the next record, up to the record found, whose own hash would then differ
+        (from the one a --trace-out file or an anchored head records). A chain rewritten from the edited record
+        on is not detected by the full check either."""
+        wanted_id = None
+        if trace_id is not None:
+            try:
+                wanted_id = b'"trace_id":' + json.dumps(trace_id, ensure_ascii=False).encode("utf-8")
+            except (ValueError, TypeError):
+                return None
+        try:
+            handle = open(self.path, "rb")
+        except OSError:
+            return None
+        with handle:
+            prev_hash, expected_seq = GENESIS, 0
+            first = True
+            latest: tuple[bytes, str, int] | None = None  # the last trace's line, with the link it must have
+            for raw in handle:
+                if not raw.strip():
+                    continue
+                header = _WRITER_LINE.match(raw)
+                if header is None or not raw.endswith(b"}\n"):
+                    return None
+                trace_at = header.end()
+                marker = False
+                if raw.find(_MARKER_SCHEMA, trace_at) != -1:
+                    if not first:
+                        return None  # a marker in the middle of the log (or a trace that mentions one)
+                    data, problem = _line_problem(raw)
+                    if problem is not None:
+                        return None
+                    marker = _is_segment_marker(data["trace"])
+                    if marker:  # a rotated log: the chain goes on from its marker
+                        if _marker_problem(data["trace"]) is not None or seq == data["seq"]:
+                            return None
+                        prev_hash, expected_seq = data["prev"], data["seq"]
+                first = False
+                line_seq = int(header.group("seq"))
+                line_hash = header.group("hash").decode("ascii")
+                digest = hashlib.sha256(prev_hash.encode("ascii"))
+                digest.update(memoryview(raw)[trace_at:-2])  # the trace's bytes, as the writer hashed them
+                if (line_seq != expected_seq or header.group("prev").decode("ascii") != prev_hash
+                        or digest.hexdigest() != line_hash):
+                    return None
+                if seq == line_seq or (wanted_id is not None and raw.find(wanted_id, trace_at) != -1):
+                    record = _checked_record(raw, prev_hash, expected_seq)
+                    if record is None:
+                        return None
+                    if seq == line_seq or record["trace"].get("trace_id") == trace_id:
+                        return record
+                if not marker:
+                    latest = (raw, prev_hash, expected_seq)
+                prev_hash, expected_seq = line_hash, line_seq + 1
+        if trace_id is None and seq is None:
+            # the latest trace; None when there is none (an empty log, only a marker): the full check words it
+            return None if latest is None else _checked_record(*latest)
+        wanted = f" with id {trace_id}" if trace_id is not None else f" with seq {seq}"
+        raise _NotInSegment(f"{self.path} holds no trace{wanted}")
+
+    def _find_checked(self, trace_id: str | None, seq: int | None) -> dict[str, Any]:
+        """``_find_in_segment`` by the full check of every line up to the record (``scan``)."""
         broken: _Line | None = None  # the first line where the chain is broken
         found: _Line | None = None
         tail: _Line | None = None  # an unterminated last line that is no record
@@ -592,6 +670,26 @@ class TraceLog:
         return found.record
 
 
+# The layout ``append`` writes, up to the trace's first byte (seq as JSON writes a number: no leading zero; more
+# than 18 digits is left to the full check).
+_WRITER_LINE = re.compile(
+    rb'\{"schema":"sieve\.tracelog/1","seq":(?P<seq>0|[1-9][0-9]{0,17}),"prev":"(?P<prev>[0-9a-f]{64})",'
+    rb'"hash":"(?P<hash>[0-9a-f]{64})","trace":(?=\{)'
+)
+_MARKER_SCHEMA = b'"sieve.tracelog.segment/1"'  # in a segment marker's line, as the writer writes it
+
+
+def _checked_record(raw: bytes, prev_hash: str, expected_seq: int) -> dict[str, Any] | None:
+    """The record on ``raw`` when it passes ``scan``'s full check as the next link after ``prev_hash`` at
+    ``expected_seq`` and is no segment marker; None otherwise (the full check then words the refusal)."""
+    data, problem = _line_problem(raw)
+    if problem is not None or _is_segment_marker(data["trace"]):
+        return None
+    if _link_problems("", raw, data, prev_hash, expected_seq):
+        return None
+    return data
+
+
 def _link_problems(where: str, raw: bytes, data: dict[str, Any], prev_hash: str | None,
                    expected_seq: int | None) -> list[str]:
     """What is wrong with a well-shaped record (at ``where``, e.g. "line 7") as the next link of the chain: its
@@ -603,16 +701,37 @@ def _link_problems(where: str, raw: bytes, data: dict[str, Any], prev_hash: str 
         problems.append(f"{where}: sequence {seq}, expected {expected_seq} (a record is missing or moved)")
     if prev_hash is not None and data["prev"] != prev_hash:
         problems.append(f"{where} (seq {seq}): does not link to the previous record")
-    actual = _content_hash(data)
-    if actual is None:
+    try:
+        body = canonical(data["trace"])  # encoded once: hashed, and compared with the line
+    except (ValueError, TypeError, RecursionError):  # a lone surrogate (\ud800) in a string, nesting too deep
+        body = None
+    if body is None:
         problems.append(f"{where} (seq {seq}): content cannot be hashed (text that is not valid Unicode)")
-    elif data["hash"] != actual:
+    elif data["hash"] != _body_hash(data["prev"], body):
         problems.append(f"{where} (seq {seq}): content does not match its hash (edited)")
-    else:
-        form = _canonical_problem(raw, data)
+    elif not _is_writer_line(raw, body):
+        form = _canonical_problem(raw, data)  # another layout (an earlier writer), or a line rewritten
         if form is not None:
             problems.append(f"{where} (seq {seq}): {form}")
     return problems
+
+
+def _body_hash(prev_hash: str, body: bytes) -> str:
+    """``record_hash`` of a trace whose canonical bytes are ``body``."""
+    return hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
+
+
+def _is_writer_line(raw: bytes, body: bytes) -> bool:
+    """Whether a (parsed, well-shaped) line is exactly the header layout ``append`` writes followed by ``body``, the
+    canonical bytes of its trace. Then it is also its own ``_writer_form`` (its trace was parsed from sorted keys, so
+    its key order is the sorted one) and ``_canonical_problem`` need not encode it again."""
+    line = raw[:-1] if raw.endswith(b"\n") else raw
+    header = _HEADER.match(line)
+    if header is None:
+        return False
+    start = header.end() + len(b'"trace":')
+    return (len(line) == start + len(body) + 1 and line.startswith(b'"trace":', header.end())
+            and line.endswith(b"}") and line[start:-1] == body)
 
 
 SEGMENT_SCHEMA = "sieve.tracelog.segment/1"
