@@ -400,9 +400,22 @@ def check_query_entities(ruleset: RuleSet, index: Any) -> list[ConfigIssue]:
     ]
 
 
+def corpus_fields(ruleset: RuleSet) -> set[str]:
+    """Every ``doc.<...>`` path the rules of ``ruleset`` read (the columns their table needs)."""
+    fields: set[str] = set()
+    for rule in ruleset.rules:
+        fields |= rule.when.fields() | (rule.match.fields() if rule.match is not None else set())
+        fields |= set(_judged_fields(rule.match))
+        access_field = _access_field(ruleset, rule)
+        if access_field is not None:
+            fields.add(access_field)
+    return {f for f in fields if f.startswith("doc.")}
+
+
 def check_against_corpus(ruleset: RuleSet, table: "DocumentTable") -> list[ConfigIssue]:
     """Findings that need the index (run at warm-up), graded by the file's strictness."""
     findings: list[Finding] = []
+    table.ensure(corpus_fields(ruleset))  # every column the checks and the rules read, in one pass
     broken: set[str] = set()
     for rule in ruleset.rules:
         if rule.match is None or not _static(rule.match) or not table.size:

@@ -95,11 +95,22 @@ def parse_date(value: Any) -> float | None:
 UNDATED_WARNING_SHARE = 0.5  # a warm-up warning when at least this share of the index's documents is undated
 
 
+def _rules_table(resources: Resources, index: Any, field_name: str) -> Any:
+    """The rule stages' table of this index, when one warmed up before this stage and can read ``field_name``
+    (None otherwise). ``Resources`` has no look-up that does not create, hence its private dict."""
+    from stages.rules import TABLE_KEY
+
+    table = getattr(resources, "_shared", {}).get(TABLE_KEY.format(index=index.path))
+    return table if table is not None and DateColumn.table_path(field_name) is not None else None
+
+
 class DateColumn:
     """One metadata field of every index row as Unix seconds (NaN: missing), plus the raw unparseable values
     and how many documents carry each metadata field (for a did-you-mean when none carries this one)."""
 
-    def __init__(self, index: Any, field_name: str):
+    def __init__(self, index: Any, field_name: str, table: Any = None):
+        """Read from ``table`` (the rule stages' :class:`rules.corpus.DocumentTable` of this index) when given: its
+        column of the field, each distinct value parsed once; else in one pass over the index's documents."""
         import numpy as np
 
         self.field = field_name
@@ -107,9 +118,44 @@ class DateColumn:
         self.invalid: dict[int, str] = {}  # row -> the raw value that is not a date
         self.invalid_ids: dict[int, str] = {}  # row -> doc id, for the first few invalid values (warnings)
         self.fields: Counter[str] = Counter()  # metadata field -> documents with a (non-null) value
+        if table is not None:
+            self._from_table(table)
+        else:
+            self._from_documents(index)
+        self.size = len(self.seconds)
+        self.dated = int((~np.isnan(self.seconds)).sum())
+        self._stamps: LRUCache[int, str] = LRUCache(100_000)
+
+    @staticmethod
+    def table_path(field_name: str) -> str | None:
+        """The rules' ``doc.<...>`` path that reads the top-level metadata key ``field_name``; None when there is
+        none (a key with a dot is read nested by the rules, ``id``/``title``/``text`` are the document's own)."""
+        if "." in field_name or field_name in ("id", "title", "text"):
+            return None
+        return f"doc.{field_name}"
+
+    def _from_table(self, table: Any) -> None:
+        import numpy as np
+
+        from rules.conditions import MISSING
+
+        codes, uniques = table.factorized(self.table_path(self.field))
+        parsed = [None if v is MISSING or v is None else parse_date(v) for v in uniques]
+        seconds = np.fromiter((math.nan if p is None else p for p in parsed), dtype=np.float64, count=len(parsed))
+        self.seconds = seconds[codes]
+        bad = np.fromiter((p is None and v is not MISSING and v is not None for p, v in zip(parsed, uniques)),
+                          dtype=bool, count=len(parsed))
+        shown = [str(v)[:64] for v in uniques]
+        for row in np.flatnonzero(bad[codes]).tolist():
+            self.invalid[row] = shown[int(codes[row])]
+            if len(self.invalid_ids) < 3:
+                self.invalid_ids[row] = table.doc_ids[row]
+        self.fields = Counter(table.metadata_counts)
+
+    def _from_documents(self, index: Any) -> None:
         for row, doc in enumerate(index.documents.iter_documents()):
             self.fields.update(k for k, v in doc.metadata.items() if v is not None)
-            raw = doc.metadata.get(field_name)
+            raw = doc.metadata.get(self.field)
             if raw is None:
                 continue
             parsed = parse_date(raw)
@@ -119,9 +165,6 @@ class DateColumn:
                     self.invalid_ids[row] = doc.doc_id
             else:
                 self.seconds[row] = parsed
-        self.size = len(self.seconds)
-        self.dated = int((~np.isnan(self.seconds)).sum())
-        self._stamps: LRUCache[int, str] = LRUCache(100_000)
 
     def stamps(self, rows: list[int]) -> dict[int, str]:
         """ISO 8601 (UTC) of the dated ones among ``rows``: formatted once per row, not once per query."""
@@ -211,7 +254,8 @@ class RecencyBoost(Stage):
     def warm_up(self, resources: Resources) -> None:
         index = resources.require_index(self.id)
         dates: DateColumn = resources.shared(f"dates:{index.path}:{self.params.field}",
-                                             lambda: DateColumn(index, self.params.field))
+                                             lambda: DateColumn(index, self.params.field, _rules_table(resources, index,
+                                                                                                      self.params.field)))
         field = self.params.field
         if dates.fields and not dates.fields.get(field):  # a misspelt field: every document undated, signal constant
             known = sorted(dates.fields)

@@ -77,6 +77,7 @@ OVERRIDE_SIGNAL = "override"
 PIN_SIGNAL = "override.pin"  # ledger signal of a pinned document (select.threshold keeps these)
 REDACTED = "<redacted>"
 RULE_FILE_PATTERN = r"^[^\x00]+\.(ya?ml)$"
+TABLE_KEY = "rules.table:{index}"  # resources.shared key of an index's DocumentTable
 _RULE_FILE = re.compile(RULE_FILE_PATTERN)
 
 
@@ -192,7 +193,7 @@ def _reranked_after(node: StageNode, graph: GraphView) -> list[GraphIssue]:
 
 def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "override"]) -> tuple["RuleSet", "DocumentTable", list[str]]:
     """Load the rule file, build (or share) the document table, run every check; errors raise."""
-    from rules.conflicts import check_against_corpus, check_query_entities
+    from rules.conflicts import check_against_corpus, check_query_entities, corpus_fields
     from rules.corpus import DocumentTable
 
     params = stage.params
@@ -203,7 +204,11 @@ def _prepare(stage: Stage, resources: Resources, kind: Literal["prefilter", "ove
     if ruleset is None:
         raise ConfigError(issues)
     stage._on_disk = _OnDisk(Path(path), ruleset.sha256)  # type: ignore[attr-defined]
-    table: DocumentTable = resources.shared(f"rules.table:{index.path}", lambda: DocumentTable.from_index(index))
+    fields = corpus_fields(ruleset)
+    # one table per index, shared by the rule stages (and boost.recency): columns of the fields the rules read,
+    # built in one pass over the corpus; documents are read from the index's store when needed
+    table: DocumentTable = resources.shared(TABLE_KEY.format(index=index.path),
+                                            lambda: DocumentTable.from_index(index, fields))
     issues = issues + check_against_corpus(ruleset, table) + check_query_entities(ruleset, index)
     if any(i.severity == "error" for i in issues):
         raise ConfigError(issues)
@@ -305,6 +310,55 @@ def _prepare_match(rule: "CompiledRule", ruleset: "RuleSet", table: "DocumentTab
                           f"{exc}") from None
 
 
+def _per_query_reads(node: Any) -> tuple[set[str], bool]:
+    """The ``doc.<...>`` columns a condition reads for every query (its query-dependent parts; a query-independent
+    part is computed once and kept), and whether it reads whole documents per query (an expression on ``doc``
+    that also reads the query or the candidate)."""
+    from rules.conditions import Expr, Leaf
+
+    fields: set[str] = set()
+    documents = False
+
+    def walk(item: Any) -> None:
+        nonlocal documents
+        if item is None or item.static:
+            return
+        if isinstance(item, Expr):
+            documents = documents or item.uses_document
+        elif isinstance(item, Leaf):
+            fields.add(item.field)
+        path = getattr(item, "path", None)
+        if isinstance(path, str):
+            fields.add(path)
+        for child in getattr(item, "children", ()):
+            walk(child)
+        walk(getattr(item, "child", None))
+
+    walk(node)
+    return {f for f in fields if f.startswith("doc.")}, documents
+
+
+def _settle_table(ruleset: "RuleSet", table: "DocumentTable", kind: Literal["prefilter", "override"]) -> None:
+    """After a rule stage's warm-up: keep the columns its rules read per query, drop the text columns no one
+    needs any more; a prefilter whose expression reads documents per query (every document, every query) keeps
+    the documents in memory."""
+    whole = False
+    for rule in ruleset.rules:
+        fields, documents = _per_query_reads(rule.match)
+        table.pin(fields)
+        whole = whole or documents
+    if whole and kind == "prefilter":
+        table.keep_documents()
+    table.release()
+
+
+def _prefetch(table: "DocumentTable", rows: Any) -> None:
+    """Read the documents of ``rows`` from the store in one go (about to be evaluated one by one)."""
+    prefetch = getattr(table.documents, "prefetch", None)
+    if prefetch is not None and len(rows):
+        prefetch(rows)
+
+
 def _warm_up_warnings(stage: Stage) -> list[str]:
     """The rule stages' warm-up findings that do not stop the pipeline (each also kept in the traces)."""
     return list(getattr(stage, "_warnings", ()))
@@ -360,6 +414,7 @@ class RulesPrefilter(Stage):
         for rule in self._ruleset.rules:  # query-independent conditions: computed now, once
             assert rule.match is not None
             _prepare_match(rule, self._ruleset, self._table)
+        _settle_table(self._ruleset, self._table, "prefilter")
 
     warm_up_warnings = _warm_up_warnings
 
@@ -534,6 +589,8 @@ class RulesOverride(Stage):
                 self._listed[rule.id] = listed
             if rule.match is not None:  # query-independent parts: computed now, once
                 _prepare_match(rule, self._ruleset, self._table)
+        self._reads_documents = {rule.id for rule in self._ruleset.rules if _per_query_reads(rule.match)[1]}
+        _settle_table(self._ruleset, self._table, "override")
 
     warm_up_warnings = _warm_up_warnings
 
@@ -828,6 +885,8 @@ class RulesOverride(Stage):
         if rule.match is not None and selected.any():
             view.errors = []
             candidates = selected.copy()
+            if rule.id in self._reads_documents:
+                _prefetch(self._table, frame.rows[candidates])
             try:
                 selected &= rule.match.vector(self._table, view, frame)  # a candidate it fails on: no firing
             except ExpressionRuntimeError as exc:  # the condition as a whole (a pattern over its time limit)
@@ -877,6 +936,10 @@ class RulesOverride(Stage):
         """One trace record per firing: rule, document, what matched (query text redacted unless the config lets it
         into traces), rank before -> after, effect."""
         records = []
+        _prefetch(self._table, [  # the documents whose evidence is not memoised
+            int(frame.rows[position]) for rule, position, _ in fired
+            if not (rule.match is None or rule.match.static) or (rule.id, int(frame.rows[position])) not in self._evidence
+        ])
         for pin in sorted(pinned.values(), key=lambda p: p.slot):
             position = position_of.get(pin.doc_id)
             records.append({
