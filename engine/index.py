@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,7 +101,11 @@ class IndexComponent:
     def build(
         self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
     ) -> dict[str, Any]:
-        """Write the component's files into ``out_dir``; return what the manifest should record."""
+        """Write the component's files into ``out_dir``; return what the manifest should record.
+
+        ``documents`` is a read-only sequence in row order; :func:`build_index` passes a :class:`StoredDocuments`,
+        which reads them from the document store as they are iterated or sliced: walk it (in batches) rather than
+        copying it whole, and the build holds no more than the component's own structures."""
         raise NotImplementedError
 
 
@@ -140,13 +145,25 @@ def corpus_path(path: Path) -> Path:
 
 def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
     """Read a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``, other fields as metadata)."""
+    return list(iter_corpus(path, max_errors))
+
+
+def iter_corpus(path: Path, max_errors: int = 20, digest: Any = None) -> Iterator[Document]:
+    """The documents of a BEIR ``corpus.jsonl``, one at a time, in file order (a build never holds them all).
+
+    Every record is checked as it is read; once one is wrong no more documents are yielded, but reading goes on
+    to report up to ``max_errors`` problems (``file:line: ...``) in one SieveError at the end, as does a corpus
+    with no document. ``digest`` (a hashlib object), if given, is fed every byte read: the corpus's sha256
+    without reading it twice."""
     path = corpus_path(path)
-    documents: list[Document] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {}  # doc_id -> its line, for the duplicate message
     problems: list[str] = []
+    count = 0
     try:
         with open(path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
+                if digest is not None:
+                    digest.update(raw)
                 if not raw.strip():
                     continue
                 try:
@@ -163,10 +180,10 @@ def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
                             problems.append(f"{path}:{number}: duplicate _id '{doc_id}' (first on line {seen[doc_id]})")
                         else:
                             seen[doc_id] = number
-                            metadata = {k: v for k, v in record.items() if k not in ("_id", "title", "text")}
-                            documents.append(
-                                Document(doc_id, record.get("title") or "", record.get("text") or "", metadata)
-                            )
+                            if not problems:
+                                metadata = {k: v for k, v in record.items() if k not in ("_id", "title", "text")}
+                                count += 1
+                                yield Document(doc_id, record.get("title") or "", record.get("text") or "", metadata)
                     else:
                         problems.append(f"{path}:{number}: {problem}")
                 if len(problems) >= max_errors:
@@ -176,9 +193,8 @@ def read_corpus(path: Path, max_errors: int = 20) -> list[Document]:
         raise SieveError(f"cannot read the corpus {path}: {exc.strerror or exc}") from None
     if problems:
         raise SieveError("the corpus has errors:\n" + "\n".join(problems))
-    if not documents:
+    if not count:
         raise SieveError(f"the corpus {path} holds no documents")
-    return documents
 
 
 def _json_kind(value: Any) -> str:
@@ -271,18 +287,21 @@ def build_index(
             lock.append(_acquire_build_lock(out_dir))
             _remove_stale_builds(out_dir)
             _make_directories(out_dir, staging, created)
-            documents = read_corpus(corpus_file)
+            # one streaming pass: each document is checked and stored as it is read (the corpus hashed on the way);
+            # the components then read the stored documents back in batches, never the whole corpus at once
+            corpus_digest = hashlib.sha256()
+            doc_count = _write_documents(iter_corpus(corpus_file, digest=corpus_digest), staging / DOCS_DB, progress)
+            corpus_sha256 = corpus_digest.hexdigest()
+            documents = StoredDocuments(staging / DOCS_DB, doc_count)
             try:
-                corpus_sha256 = sha256_file(corpus_file)
-            except OSError as exc:
-                raise SieveError(f"cannot read the corpus {corpus_file}: {exc.strerror or exc}") from None
-            _write_documents(documents, staging / DOCS_DB, progress)
-            manifest_components = {}
-            for name, (component, settings) in resolved.items():
-                component_dir = staging / name
-                component_dir.mkdir()
-                recorded = component.build(documents, component_dir, settings, progress)
-                manifest_components[name] = {"settings": settings.model_dump(mode="json"), **recorded}
+                manifest_components = {}
+                for name, (component, settings) in resolved.items():
+                    component_dir = staging / name
+                    component_dir.mkdir()
+                    recorded = component.build(documents, component_dir, settings, progress)
+                    manifest_components[name] = {"settings": settings.model_dump(mode="json"), **recorded}
+            finally:
+                documents.close()
             files = {
                 str(p.relative_to(staging)): sha256_file(p)
                 for p in sorted(staging.rglob("*"))
@@ -294,7 +313,7 @@ def build_index(
                 "corpus": {
                     "source": str(corpus_file),
                     "sha256": corpus_sha256,
-                    "doc_count": len(documents),
+                    "doc_count": doc_count,
                 },
                 "components": manifest_components,
                 "files": files,
@@ -766,8 +785,13 @@ class _TerminationAsExit:
             self._installed = False
 
 
-def _write_documents(documents: Sequence[Document], db_path: Path, progress: Progress) -> None:
+def _write_documents(documents: Iterable[Document], db_path: Path, progress: Progress) -> int:
+    """Store the documents, in order, as rows 0..n-1 of ``db_path`` (one transaction); return how many.
+
+    ``documents`` may be a stream (:func:`iter_corpus`): only a batch is held at a time."""
+    total = len(documents) if isinstance(documents, Sized) else None
     connection = sqlite3.connect(db_path)
+    count = 0
     try:
         connection.execute("CREATE TABLE docs (row INTEGER PRIMARY KEY, doc_id TEXT UNIQUE NOT NULL, body TEXT NOT NULL)")
         batch = []
@@ -776,14 +800,82 @@ def _write_documents(documents: Sequence[Document], db_path: Path, progress: Pro
             batch.append((row, doc.doc_id, body))
             if len(batch) == 5000:
                 connection.executemany("INSERT INTO docs VALUES (?, ?, ?)", batch)
-                progress("documents", len(batch), len(documents))
+                count += len(batch)
+                progress("documents", len(batch), total)
                 batch = []
         if batch:
             connection.executemany("INSERT INTO docs VALUES (?, ?, ?)", batch)
-            progress("documents", len(batch), len(documents))
+            count += len(batch)
+            progress("documents", len(batch), total)
         connection.commit()
     finally:
         connection.close()
+    return count
+
+
+class StoredDocuments(Sequence[Document]):
+    """The documents of an index being built, read back from its document store: what an
+    :class:`IndexComponent` is given to build from.
+
+    A read-only sequence (``len``, iteration in row order, ``[i]``, slices) that holds no document: iterating
+    fetches them in batches, a slice reads just its rows, so a component that walks the corpus (or slices it
+    batch by batch, as one given a list would) keeps only its own working set in memory. The documents equal
+    those read from the corpus (the store keeps title, text and metadata as JSON, which reads back equal)."""
+
+    BATCH = 1000
+
+    def __init__(self, db_path: Path, count: int):
+        self._path = db_path
+        self._count = count
+        self._lookup: sqlite3.Connection | None = None  # for [i] and slices; iterations open their own
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{_uri_path(str(self._path))}?mode=ro&immutable=1", uri=True,
+                               check_same_thread=False)
+
+    def close(self) -> None:
+        if self._lookup is not None:
+            self._lookup.close()
+            self._lookup = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Document]:
+        connection = self._connect()
+        try:
+            cursor = connection.execute("SELECT doc_id, body FROM docs ORDER BY row")
+            while batch := cursor.fetchmany(self.BATCH):
+                for doc_id, body in batch:
+                    yield self._document(doc_id, body)
+        finally:
+            connection.close()
+
+    def _rows(self, start: int, stop: int) -> list[Document]:
+        if self._lookup is None:
+            self._lookup = self._connect()
+        found = self._lookup.execute(
+            "SELECT doc_id, body FROM docs WHERE row >= ? AND row < ? ORDER BY row", (start, stop)
+        ).fetchall()
+        return [self._document(doc_id, body) for doc_id, body in found]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._count)
+            if step == 1:
+                return self._rows(start, stop) if start < stop else []
+            return [self[i] for i in range(start, stop, step)]
+        position = operator.index(index)
+        if position < 0:
+            position += self._count
+        if not 0 <= position < self._count:
+            raise IndexError("document index out of range")
+        return self._rows(position, position + 1)[0]
+
+    @staticmethod
+    def _document(doc_id: str, body: str) -> Document:
+        fields = json.loads(body)
+        return Document(doc_id, fields["title"], fields["text"], fields["metadata"])
 
 
 def _swap_in(staging: Path, target: Path, keep_previous: bool = False) -> None:

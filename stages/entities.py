@@ -586,6 +586,9 @@ class EntitiesIndexSettings(ComponentSettings):
         return self
 
 
+_ENTITY_CHUNK = 4096  # about how many documents the entities build reads, extracts and writes at a time
+
+
 @register_index_component
 class EntitiesComponent(IndexComponent):
     name = "entities"
@@ -597,20 +600,38 @@ class EntitiesComponent(IndexComponent):
         assert isinstance(settings, EntitiesIndexSettings)
         gazetteer = load_gazetteer(Path(settings.gazetteer).expanduser().resolve()) if settings.gazetteer else None
         extractor = load_extractor(settings.model, gazetteer, settings.ner)
-        texts = [doc.content(settings.fields) for doc in documents]
-        truncated = {row: len(t) for row, t in enumerate(texts) if len(t) > settings.max_chars}
-        texts = [t[: settings.max_chars] for t in texts]
-        began = time.perf_counter()
-        mentions = extractor.extract(
-            texts, settings.batch_size, progress=lambda n: progress("entities", n, len(texts))
-        )
-        seconds = time.perf_counter() - began
+        total = len(documents)
+        truncated: dict[int, int] = {}
         labels: Counter[str] = Counter()
+        with_entities = 0
+        seconds = 0.0
+        # the documents a chunk at a time, written as they are read; a chunk is whole nlp.pipe batches, so every
+        # batch holds the very texts it would if the extractor were given them all at once
+        chunk_size = settings.batch_size * max(1, _ENTITY_CHUNK // settings.batch_size)
         with open(out_dir / ENTITIES_FILE, "w", encoding="utf-8") as handle:
-            for found in mentions:
-                labels.update(m.label for m in found)
-                handle.write(json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False))
-                handle.write("\n")
+
+            def extract_and_write(texts: list[str]) -> None:
+                nonlocal seconds, with_entities
+                began = time.perf_counter()
+                mentions = extractor.extract(texts, settings.batch_size, progress=lambda n: progress("entities", n, total))
+                seconds += time.perf_counter() - began
+                for found in mentions:
+                    labels.update(m.label for m in found)
+                    with_entities += bool(found)
+                    handle.write(json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False))
+                    handle.write("\n")
+
+            texts: list[str] = []
+            for row, doc in enumerate(documents):
+                text = doc.content(settings.fields)
+                if len(text) > settings.max_chars:
+                    truncated[row] = len(text)
+                texts.append(text[: settings.max_chars])
+                if len(texts) == chunk_size:
+                    extract_and_write(texts)
+                    texts = []
+            if texts:
+                extract_and_write(texts)
         if gazetteer is not None:
             (out_dir / GAZETTEER_COPY).write_text(gazetteer.text, encoding="utf-8")
         if truncated:  # which documents' entities come from their first max_chars only (explanations say so)
@@ -623,7 +644,7 @@ class EntitiesComponent(IndexComponent):
             "han_text": extractor.han_text,
             "normalization": extractor.normalization,
             "gazetteer": gazetteer.describe() if gazetteer is not None else None,
-            "documents_with_entities": sum(1 for m in mentions if m),
+            "documents_with_entities": with_entities,
             "labels": dict(sorted(labels.items())),
             "truncated_documents": len(truncated),
             "seconds": round(seconds, 2),

@@ -7,6 +7,7 @@ prefilter mask: masked documents score zero and never take a recall slot.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -69,31 +70,174 @@ class BM25Component(IndexComponent):
     def build(
         self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
     ) -> dict[str, Any]:
+        """bm25s's index of the documents, built without holding their tokens or a list of id lists: each batch's
+        terms become an int32 array (ids in order of first appearance, renumbered once the vocabulary is sorted),
+        and the score matrix is filled column by column as bm25s's ``index`` computes it (the same files, byte for
+        byte; tests/engine/test_index_build_memory.py checks it against ``bm25s.BM25.index``)."""
         import bm25s
+        import numpy as np
 
         assert isinstance(settings, BM25IndexSettings)
         tokenizer = Tokenizer(settings.tokenizer)
-        corpus_tokens = []
-        for start in range(0, len(documents), 1000):
-            batch = documents[start : start + 1000]
-            corpus_tokens.extend(tokenizer.tokenize(doc.content(settings.fields)) for doc in batch)
-            progress("bm25 tokenise", len(batch), len(documents))
-        retriever = bm25s.BM25(k1=settings.k1, b=settings.b, method=settings.method)
+        total = len(documents)
+        first_seen: dict[str, int] = {}  # term -> provisional id, in order of first appearance
+        batches: list[tuple[Any, Any]] = []  # (provisional ids of a batch's terms, int32; each document's length)
+        ids: list[int] = []
+        lengths: list[int] = []
+        number = first_seen.setdefault
+        for doc in documents:
+            tokens = tokenizer.tokenize(doc.content(settings.fields))
+            ids.extend([number(t, len(first_seen)) for t in tokens])
+            lengths.append(len(tokens))
+            if len(lengths) == _BATCH:
+                batches.append((np.asarray(ids, dtype=np.int32), np.asarray(lengths, dtype=np.int64)))
+                progress("bm25 tokenise", len(lengths), total)
+                ids, lengths = [], []
+        if lengths:
+            batches.append((np.asarray(ids, dtype=np.int32), np.asarray(lengths, dtype=np.int64)))
+            progress("bm25 tokenise", len(lengths), total)
+        del ids, lengths
         # the vocabulary in sorted order: bm25s orders it by iterating a set (PYTHONHASHSEED), so two builds of one
         # corpus wrote other column orders and other bytes; the empty token "" last, as bm25s adds it
-        words = sorted({t for tokens in corpus_tokens for t in tokens} - {""})
+        words = sorted(first_seen.keys() - {""})
+        column_of = np.empty(len(first_seen), dtype=np.int32)  # provisional id -> column
+        column_of[np.fromiter((first_seen[w] for w in words), dtype=np.int64, count=len(words))] = np.arange(
+            len(words), dtype=np.int32)
+        if "" in first_seen:
+            column_of[first_seen[""]] = len(words)
+        del first_seen
         vocab = {token: column for column, token in enumerate(words)}
         vocab[""] = len(vocab)
-        retriever.index(([[vocab[t] for t in tokens] for tokens in corpus_tokens], vocab), show_progress=False)
+        del words
+        retriever = bm25s.BM25(k1=settings.k1, b=settings.b, method=settings.method)
+        retriever.scores, retriever.nonoccurrence_array = _score_matrix(retriever, batches, column_of, len(vocab))
+        retriever.vocab_dict = vocab
         retriever.save(str(out_dir), show_progress=False)
         (out_dir / TOKENIZER_FILE).write_text(settings.tokenizer.model_dump_json(indent=2), encoding="utf-8")
-        lengths = [len(t) for t in corpus_tokens]
+        doc_lengths = np.concatenate([lengths for _, lengths in batches]) if batches else np.zeros(0, np.int64)
         return {
             "library": f"bm25s {bm25s.__version__}",
             "vocab_size": len(retriever.vocab_dict),
-            "avg_doc_terms": round(sum(lengths) / max(1, len(lengths)), 2),
-            "empty_documents": sum(1 for n in lengths if n == 0),
+            "avg_doc_terms": round(int(doc_lengths.sum()) / max(1, len(doc_lengths)), 2),
+            "empty_documents": int((doc_lengths == 0).sum()),
         }
+
+
+_BATCH = 1000  # documents tokenised, then scored, at a time
+
+
+def _document_terms(ids: Any, lengths: Any, vocab_size: int) -> tuple[Any, Any, Any]:
+    """A batch's (document in the batch, term, count) for each distinct term of each document, ordered by document
+    then term."""
+    import numpy as np
+
+    local = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    keys, counts = np.unique(local * vocab_size + ids, return_counts=True)
+    return keys // vocab_size, (keys % vocab_size).astype(np.int32), counts
+
+
+def _score_matrix(retriever: Any, batches: list[tuple[Any, Any]], column_of: Any, vocab_size: int) -> tuple[dict[str, Any], Any]:
+    """bm25s's score matrix (``retriever.scores``: a documents x terms CSC matrix) and non-occurrence array, equal to
+    what ``retriever.index((id lists, vocab))`` computes (bm25s/__init__.py ``build_index_from_ids``: document
+    frequencies, idf, one score per distinct term of each document, ``scipy.sparse.csc_matrix``), from the batches'
+    term ids instead of one Python list of id lists (some 30 bytes a term). The scores are bm25s's own functions
+    over a batch's terms at once; the columns are filled in document order, as scipy's conversion orders them.
+    Each batch's ids are renumbered to columns in place and dropped once scored."""
+    import numpy as np
+    from bm25s import scoring
+
+    n_docs = sum(len(lengths) for _, lengths in batches)
+    doc_frequencies = np.zeros(vocab_size, dtype=np.int64)
+    for position, (ids, lengths) in enumerate(batches):
+        ids = column_of[ids]
+        batches[position] = (ids, lengths)
+        doc_frequencies += np.bincount(_document_terms(ids, lengths, vocab_size)[1], minlength=vocab_size)
+    avg_doc_len = (np.concatenate([lengths for _, lengths in batches]) if batches else np.zeros(0, np.int64)).mean()
+    frequencies = dict(enumerate(doc_frequencies.tolist()))
+    idf_of = scoring._select_idf_scorer(retriever.idf_method)
+    calculate_tfc = scoring._select_tfc_scorer(retriever.method)
+    nonoccurrence = None
+    if retriever.method in retriever.methods_requiring_nonoccurrence:
+        nonoccurrence = scoring._build_nonoccurrence_array(
+            doc_frequencies=frequencies, n_docs=n_docs, compute_idf_fn=idf_of, calculate_tfc_fn=calculate_tfc,
+            l_d=avg_doc_len, l_avg=avg_doc_len, k1=retriever.k1, b=retriever.b, delta=retriever.delta,
+            dtype=retriever.dtype,
+        )
+    idf = scoring._build_idf_array(doc_frequencies=frequencies, n_docs=n_docs, compute_idf_fn=idf_of,
+                                   dtype=retriever.dtype)
+    del frequencies
+    nnz = int(doc_frequencies.sum())
+    # the dtypes bm25s's CSC builders give: its own (csc_backend "numpy", the default) int64 column pointers and
+    # rows of its int_dtype; scipy's int32 both, unless the matrix is too large
+    if retriever.csc_backend == "numpy":
+        indptr_dtype, index_dtype = np.dtype(np.int64), np.dtype(retriever.int_dtype)
+    else:
+        fits = max(nnz, n_docs, vocab_size) <= np.iinfo(np.int32).max
+        indptr_dtype = index_dtype = np.dtype(np.int32 if fits else np.int64)
+    indptr = np.zeros(vocab_size + 1, dtype=indptr_dtype)
+    np.cumsum(doc_frequencies, out=indptr[1:])
+    del doc_frequencies
+    data = np.empty(nnz, dtype=retriever.dtype)
+    indices = np.empty(nnz, dtype=index_dtype)
+    next_free = indptr[:-1].astype(np.int64)  # each column's next slot
+    first_row = 0
+    for position, (ids, lengths) in enumerate(batches):
+        batches[position] = (None, lengths)
+        local, terms, counts = _document_terms(ids, lengths, vocab_size)
+        del ids
+        if not len(terms):  # a batch of documents without terms
+            first_row += len(lengths)
+            continue
+        tf = counts.astype(retriever.dtype)
+        scores = _term_scores(calculate_tfc, tf, local, lengths, terms, idf, nonoccurrence, avg_doc_len, retriever)
+        order = np.argsort(terms, kind="stable")  # by column, documents still in order within one
+        terms = terms[order]
+        starts = np.flatnonzero(np.concatenate(([True], terms[1:] != terms[:-1])))
+        run = np.diff(np.append(starts, len(terms)))
+        slots = next_free[terms] + (np.arange(len(terms)) - np.repeat(starts, run))
+        data[slots] = scores[order]
+        indices[slots] = local[order] + first_row
+        next_free[terms[starts]] += run
+        first_row += len(lengths)
+    return {"data": data, "indices": indices, "indptr": indptr, "num_docs": n_docs}, nonoccurrence
+
+
+@functools.cache
+def _array_lengths_match_scalar() -> bool:
+    """Whether NumPy promotes a float64 scalar with a float32 array to float64 (NEP 50, NumPy 2). bm25s scores each
+    document with its length as a scalar, so a whole batch's lengths as an array give the same float64 values only
+    then; under NumPy 1's value-based casting each document is scored on its own, as bm25s does."""
+    import numpy as np
+
+    return bool((np.float64(1.0) + np.ones(1, dtype=np.float32)).dtype == np.float64)
+
+
+def _term_scores(calculate_tfc: Any, tf: Any, local: Any, lengths: Any, terms: Any, idf: Any, nonoccurrence: Any,
+                 avg_doc_len: Any, retriever: Any) -> Any:
+    """Each (document, term)'s score as bm25s's ``_build_scores_and_indices_for_matrix`` computes it (in float64
+    where NumPy promotes to it, stored as the matrix's dtype)."""
+    import numpy as np
+
+    if _array_lengths_match_scalar():
+        tfc = calculate_tfc(tf_array=tf, l_d=lengths[local], l_avg=avg_doc_len, k1=retriever.k1, b=retriever.b,
+                            delta=retriever.delta)
+        scores = idf[terms] * tfc
+        if retriever.method in ("bm25l", "bm25+"):
+            scores -= nonoccurrence[terms]
+        return scores.astype(retriever.dtype)
+    scores = np.empty(len(tf), dtype=retriever.dtype)
+    bounds = np.searchsorted(local, np.arange(len(lengths) + 1))
+    for doc in range(len(lengths)):
+        start, end = int(bounds[doc]), int(bounds[doc + 1])
+        if start == end:
+            continue
+        tfc = calculate_tfc(tf_array=tf[start:end], l_d=int(lengths[doc]), l_avg=avg_doc_len, k1=retriever.k1,
+                            b=retriever.b, delta=retriever.delta)
+        doc_scores = idf[terms[start:end]] * tfc
+        if retriever.method in ("bm25l", "bm25+"):
+            doc_scores -= nonoccurrence[terms[start:end]]
+        scores[start:end] = doc_scores
+    return scores
 
 
 class LoadedBM25:
