@@ -5,7 +5,12 @@ of ``--baseline`` (the commit before the change) on its own PYTHONPATH, the same
 the two indexes are then compared file by file (everything but build.json, which holds the build time). Also
 measured: a process that only imports what a build imports (the floor under any build).
 
-    .venv/bin/python bench/index_build_memory.py --corpus /tmp/audit-scale/data/c50000 [more corpora]
+    .venv/bin/python bench/scale_corpus.py 50000 build/bench/scale-50000      # the corpora (seeded, SciFact text)
+    .venv/bin/python bench/scale_corpus.py 250000 build/bench/scale-250000
+    .venv/bin/python bench/index_build_memory.py --corpus build/bench/scale-50000 build/bench/scale-250000
+
+(The committed results ran on the same corpora made by the scale audit's generator, /tmp/audit-scale/data/c50000
+and c250000, which bench/scale_corpus.py reproduces byte for byte.)
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ def measure(corpus: Path, baseline_tree: Path, repeat: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, nargs="+", default=[Path("/tmp/audit-scale/data/c50000")])
+    parser.add_argument("--corpus", type=Path, nargs="+", default=[Path("build/bench/scale-50000")],
+                        help="corpus directories (bench/scale_corpus.py makes them)")
     parser.add_argument("--baseline", default=BASELINE, help="git commit of the code measured as the baseline")
     parser.add_argument("--repeat", type=int, default=1, help="builds of each (alternating); the figures are the medians")
     parser.add_argument("--name", default="index_build_memory", help="results file name (bench/results/NAME.{json,md})")
