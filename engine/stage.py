@@ -201,6 +201,10 @@ class Resources:
             self._shared[key] = factory()
         return self._shared[key]
 
+    def peek(self, key: str) -> Any:
+        """What :meth:`shared` holds under ``key`` if another stage loaded it, else None (nothing is loaded)."""
+        return self._shared.get(key)
+
 
 # The notes the stages of the pipeline run in progress made, by (store, key): see ``RecentNotes``
 _RUN_NOTES: ContextVar[dict[tuple[int, Hashable], Any] | None] = ContextVar("sieve_run_notes", default=None)

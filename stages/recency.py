@@ -100,7 +100,7 @@ def _rules_table(resources: Resources, index: Any, field_name: str) -> Any:
     (None otherwise). ``Resources`` has no look-up that does not create, hence its private dict."""
     from stages.rules import TABLE_KEY
 
-    table = getattr(resources, "_shared", {}).get(TABLE_KEY.format(index=index.path))
+    table = resources.peek(TABLE_KEY.format(index=index.path))
     return table if table is not None and DateColumn.table_path(field_name) is not None else None
 
 
