@@ -1,13 +1,15 @@
-"""Warm-up time and memory of the rule stages: the rules' document table before (HEAD) and after (working tree).
+"""Warm-up time and memory of the rule stages: the rules' document table before (--baseline) and after (this tree).
 
 Each measurement runs in a fresh subprocess: compile the pipeline, warm it up, read RSS, then ask a few SciFact test
 queries and hash the answers (doc ids and scores), which must be equal between the two versions. "old" runs with
-the HEAD versions of rules/corpus.py, rules/conflicts.py, stages/rules.py and stages/recency.py laid over the working
-tree (every other file is the same), so the figures compare this change alone.
+the --baseline versions of rules/corpus.py, rules/conflicts.py, stages/rules.py and stages/recency.py laid over the
+working tree (every other file is the same), so the figures compare that change alone. The pipelines are
+bench/scale/prefilter.yaml and bench/scale/rules.yaml over a BM25 index of bench/scale_corpus.py's corpus (built
+under build/bench when missing).
 
     .venv/bin/python bench/rules_startup.py --size 50k [--size 250k] [--queries 20]
 
-Needs the audit's corpora and indexes (/tmp/audit-scale, see its REPORT.md). Writes bench/results/rules_startup.{json,md}.
+Writes bench/results/rules_startup.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-AUDIT = Path("/tmp/audit-scale")
-WORK = Path("/tmp/rules-mem")
+SCALE = ROOT / "bench" / "scale"  # the pipelines and rule files
+BUILD = ROOT / "build" / "bench"
+WORK = BUILD / "rules-startup"
 CHANGED = ("rules/corpus.py", "rules/conflicts.py", "stages/rules.py", "stages/recency.py")
+BASELINE = "4ad7142^"  # the commit before the rules' document table kept columns instead of documents
+SIZES = {"5k": 5_183, "50k": 50_000, "250k": 250_000}
 
 CHILD = r"""
 import hashlib, json, resource, sys, time
@@ -57,30 +62,45 @@ print(json.dumps({"warm_up_s": round(warm, 2), "rss_after_warm_up_mb": round(rss
 """
 
 
-def old_overlay() -> Path:
-    """rules/ and stages/ as in the working tree, but with the HEAD versions of the files this change edits."""
+def old_overlay(baseline: str) -> Path:
+    """rules/ and stages/ as in the working tree, but with the baseline's versions of the files the change edits."""
     overlay = WORK / "old"
     shutil.rmtree(overlay, ignore_errors=True)
     for package in ("rules", "stages"):
         shutil.copytree(ROOT / package, overlay / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in CHANGED:
-        text = subprocess.run(["git", "show", f"HEAD:{name}"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        text = subprocess.run(["git", "show", f"{baseline}:{name}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
         (overlay / name).write_text(text)
     return overlay
 
 
+def scale_index(size: str) -> Path:
+    """The BM25 index of bench/scale_corpus.py's corpus of this size, built under build/bench when missing."""
+    corpus = BUILD / f"scale-{SIZES[size]}"
+    index = BUILD / f"scale-{SIZES[size]}-bm25"
+    if not (index / "manifest.json").exists():
+        if not (corpus / "corpus.jsonl").exists():
+            subprocess.run([sys.executable, str(ROOT / "bench" / "scale_corpus.py"), str(SIZES[size]), str(corpus)],
+                           check=True)
+        subprocess.run([sys.executable, "-m", "engine.cli", "index", str(corpus), "--out", str(index), "--with", "bm25"],
+                       cwd=ROOT, check=True)
+    return index
+
+
 def configs(size: str) -> dict[str, Path]:
-    """prefilter + BM25 and the full rules pipeline of the audit, for one corpus size, index paths absolute."""
+    """bench/scale's prefilter + BM25 and full rules pipelines for one corpus size, the index path written in."""
     out = WORK / "cfg"
     out.mkdir(parents=True, exist_ok=True)
     for name in ("access.yaml", "overrides.yaml"):
-        shutil.copy(AUDIT / "cfg" / name, out / name)
-    index = AUDIT / "idx" / f"bm25-{size}"
-    pre = (AUDIT / "cfg" / "pre-250k.yaml").read_text().replace("../idx/bm25-250k", str(index))
-    full = (AUDIT / "cfg" / "rules-250k.yaml").read_text().replace("../idx/bm25-250k", str(index))
-    (out / f"pre-{size}.yaml").write_text(pre.replace("pre-250k", f"pre-{size}"))
-    (out / f"rules-{size}.yaml").write_text(full.replace("rules-250k", f"rules-{size}"))
-    return {"prefilter+bm25": out / f"pre-{size}.yaml", "full rules pipeline": out / f"rules-{size}.yaml"}
+        shutil.copy(SCALE / name, out / name)
+    index = scale_index(size)
+    written = {}
+    for label, name in (("prefilter+bm25", "prefilter.yaml"), ("full rules pipeline", "rules.yaml")):
+        target = out / f"{size}-{name}"
+        target.write_text((SCALE / name).read_text().replace("index: INDEX", f"index: {index}"))
+        written[label] = target
+    return written
 
 
 def measure(config: Path, queries: int, path: str) -> dict:
@@ -96,10 +116,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", action="append", choices=["5k", "50k", "250k"])
     parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--baseline", default=BASELINE, help="git revision of the code measured as the baseline")
     args = parser.parse_args()
-    overlay = old_overlay()
-    versions = {"old (HEAD)": f"{overlay}:{ROOT}", "new": str(ROOT)}
+    overlay = old_overlay(args.baseline)
+    versions = {f"old ({args.baseline})": f"{overlay}:{ROOT}", "new": str(ROOT)}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    WORK.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.size or ["50k"]:
         for pipeline, config in configs(size).items():
@@ -112,7 +134,7 @@ def main() -> None:
     command = "bench/rules_startup.py " + " ".join(sys.argv[1:])
     (results / "rules_startup.json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows},
                                                            indent=1) + "\n")
-    lines = [f"# Rule stages: warm-up and memory, old (HEAD) vs new\n", f"Machine: {machine}. Command: `{command}`. "
+    lines = [f"# Rule stages: warm-up and memory, old ({args.baseline}) vs new\n", f"Machine: {machine}. Command: `{command}`. "
              "Each row is a fresh process; answers hashed over the first queries (must match old vs new).\n",
              "| corpus | pipeline | version | warm-up s | RSS after warm-up MB | peak RSS MB | query ms (mean) | answers |",
              "|---|---|---|---:|---:|---:|---:|---|"]
