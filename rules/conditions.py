@@ -496,16 +496,14 @@ def shape_of(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+_SCALAR_KINDS = frozenset({"true/false", "a number", "a string"})
+
+
 def kind_of(value: Any) -> str | None:
     """The JSON type of a plain value, for type checks (``a string``, ``a number``, ``true/false``); None
     for anything else (a date, a list, a mapping, null)."""
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return None
+    kind = shape_of(value)
+    return kind if kind in _SCALAR_KINDS else None
 
 
 def brief(value: Any, limit: int = 60) -> str:
