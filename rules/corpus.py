@@ -90,7 +90,7 @@ class _Factorizer:
         return codes, self.uniques
 
 
-class StoredDocuments(Sequence["Document"]):
+class DocumentsOnDemand(Sequence["Document"]):
     """The index's documents by row, read from its document store when asked for (a few thousand kept): the
     table holds columns, not documents. Reading in row order reads ahead in blocks."""
 
@@ -182,7 +182,7 @@ class DocumentTable:
         self._nested_names = frozenset(nested)  # every doc.<a>.<b>... path holding a non-null value somewhere
         self._kept = kept
         self._store = store
-        self.documents: Sequence["Document"] = kept if kept is not None else StoredDocuments(store, self.size)
+        self.documents: Sequence["Document"] = kept if kept is not None else DocumentsOnDemand(store, self.size)
         self._factorized: dict[str, tuple["np.ndarray", list[Any]]] = {}
         self._path_problems: dict[str, dict[int, str]] = {}
         self._numeric: dict[tuple[str, bool], "np.ndarray | None"] = {}

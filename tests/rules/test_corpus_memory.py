@@ -11,7 +11,7 @@ import pytest
 
 from engine.index import Index, build_index
 from rules.conditions import MISSING, doc_field, doc_path_problem
-from rules.corpus import DocumentTable, StoredDocuments, _to_float, _value_problem
+from rules.corpus import DocumentTable, DocumentsOnDemand, _to_float, _value_problem
 
 DOCS = [
     {"_id": "d1", "title": "Metformin", "text": "first line therapy", "acl": "public", "date": "2020-01-01",
@@ -50,7 +50,7 @@ def test_the_table_holds_no_documents_and_reads_the_corpus_once(index, monkeypat
         table.undecidable(path, "date")
         table.profile(path)
     assert len(passes) == 1
-    assert isinstance(table.documents, StoredDocuments)
+    assert isinstance(table.documents, DocumentsOnDemand)
     assert table.documents[3] == index.documents.get([3])[3]
     assert [d.doc_id for d in table.documents] == ["d1", "d2", "d3", "d4", "d5"]
     table.release()  # title and text go; asked for again, they are read again (one pass, that field only)
@@ -115,4 +115,4 @@ def test_a_prefilter_stage_drops_the_text_columns_after_warm_up(index, tmp_path:
     resources = Resources(index, tmp_path)
     stage.warm_up(resources)
     table = resources.shared(TABLE_KEY.format(index=index.path), lambda: None)
-    assert "doc.text" not in table._factorized and isinstance(table.documents, StoredDocuments)
+    assert "doc.text" not in table._factorized and isinstance(table.documents, DocumentsOnDemand)
