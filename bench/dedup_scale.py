@@ -9,12 +9,12 @@ on the filled one (``warm``).
 Candidates: the BM25 top 200 of each of the first ``--queries`` SciFact test queries (a BM25 index of the full
 corpus under build/bench, as the other benchmarks build it). Both implementations run ``dedup.near_duplicate``
 (``method: minhash``, threshold 0.7, as ``bench/signals_scifact.py``) on the same candidates, in alternating order
-per query: ``HEAD`` is ``stages/dedup.py`` as committed at ``--baseline`` (default HEAD; datasketch's
+per query: ``HEAD`` is ``stages/dedup.py`` as committed at ``--baseline`` (default 3dfaaca^, the commit before batch signing; datasketch's
 ``MinHash.generator`` per document), ``working tree`` is the file as it is now. The run also checks that both give
 the same signatures, the same survivors, drops and details for every query, and reports the cost per signed
 document.
 
-    .venv/bin/python bench/dedup_scale.py [--queries 100] [--baseline HEAD] [--name dedup_scale]
+    .venv/bin/python bench/dedup_scale.py [--queries 100] [--baseline REV] [--name dedup_scale]
 
 Writes ``bench/results/<name>.{json,md}``.
 """
@@ -80,7 +80,8 @@ def stats(values: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--baseline", default="HEAD", help="git revision whose stages/dedup.py is the baseline")
+    parser.add_argument("--baseline", default="3dfaaca^", help="git revision whose stages/dedup.py is the baseline "
+                        "(default: the commit before batch signing)")
     parser.add_argument("--name", default="dedup_scale")
     args = parser.parse_args()
 
