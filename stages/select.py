@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engine.model import Drop
 from engine.registry import register_stage
 from engine.stage import Port, Stage, StageContext, StageParams, StageResult
+
+
+class MaxPerParams(StageParams):
+    """A cap on the results that share a document field's value (at most n per source, say)."""
+
+    field: str = Field(min_length=1, description=(
+        "a document field, as rules name it without 'doc.' (source, access.team); its value, compared as "
+        "JSON (a list as a whole), groups the candidates"))
+    n: int = Field(ge=1, le=10_000, description="results kept per value at most; later ones are dropped (beyond_max_per)")
+    missing: Literal["keep", "group"] = Field("keep", description=(
+        "candidates without the field: keep (never capped) or group (capped together, as one value)"))
+
+    @field_validator("field")
+    @classmethod
+    def _no_prefix(cls, value: str) -> str:
+        if value.startswith("doc.") or any(not part for part in value.split(".")):
+            raise ValueError("name the field as a document's metadata key, without 'doc.' (source, access.team)")
+        return value
 
 
 class TopKParams(StageParams):
@@ -16,6 +36,9 @@ class TopKParams(StageParams):
     min_score: float | None = Field(
         None, description="drop candidates whose current score is below this floor (None: no floor)"
     )
+    max_per: MaxPerParams | None = Field(None, description=(
+        "at most n results per value of a document field, in rank order (a candidate over its value's cap is "
+        "dropped and the next one takes its place); None: no cap"))
 
 
 @register_stage
@@ -27,19 +50,46 @@ class TopK(Stage):
     Params = TopKParams
     produces = Port.CANDIDATES
     accepts = frozenset({Port.CANDIDATES})
-    summary = "keep the top k candidates, optionally above a score floor"
+    summary = "keep the top k candidates, optionally above a score floor and at most n per value of a field"
     params: TopKParams
 
     def run(self, ctx: StageContext) -> StageResult:
         (incoming,) = ctx.inputs
         floor = self.params.min_score
+        cap = self.params.max_per
+        groups = self._groups(ctx, incoming) if cap is not None else {}
+        taken: dict[str, int] = {}
         kept, drops = [], []
         for candidate in incoming:
+            group = groups.get(candidate.row)
             if floor is not None and not candidate.score >= floor:  # a NaN score is below any floor
                 drops.append(Drop(candidate.doc_id, "below_min_score", f"{candidate.score:.6g} < {floor:g}"
                                   if math.isfinite(candidate.score) else f"score {candidate.score} is not a number"))
             elif len(kept) >= self.params.k:
                 drops.append(Drop(candidate.doc_id, "beyond_top_k", f"k={self.params.k}"))
+            elif cap is not None and group is not None and taken.get(group, 0) >= cap.n:
+                drops.append(Drop(candidate.doc_id, "beyond_max_per", f"{cap.field} {group}: {cap.n} kept already"))
             else:
                 kept.append(candidate)
-        return StageResult(candidates=kept, drops=drops)
+                if group is not None:
+                    taken[group] = taken.get(group, 0) + 1
+        details = {"max_per": {"field": cap.field, "n": cap.n, "kept": taken}} if cap is not None else {}
+        return StageResult(candidates=kept, drops=drops, details=details)
+
+    def _groups(self, ctx: StageContext, incoming: list) -> dict[int, str]:  # type: ignore[type-arg]
+        """Each candidate's group under ``max_per``: its field's value as JSON (None: not capped)."""
+        from rules.conditions import MISSING, doc_field
+
+        cap = self.params.max_per
+        assert cap is not None
+        index = ctx.resources.require_index(self.id)
+        documents = index.documents.get([c.row for c in incoming])
+        groups: dict[int, str] = {}
+        for row, document in documents.items():
+            value = doc_field(document, f"doc.{cap.field}")
+            if value is MISSING or value is None:
+                if cap.missing == "group":
+                    groups[row] = "(missing)"
+                continue
+            groups[row] = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+        return groups

@@ -1,0 +1,88 @@
+"""select.top_k's max_per: at most n results per value of a document field (a cap per source), on a real index."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from engine.compiler import compile_file
+from engine.errors import ConfigError
+from engine.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+QUERY = "metformin kidney function guidance"
+
+
+@pytest.fixture(scope="module")
+def medical_bm25(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.index import build_index
+
+    out = tmp_path_factory.mktemp("select") / "medical"
+    build_index(ROOT / "examples" / "medical", out, {"bm25": {}})
+    return out
+
+
+def _pipeline(write_config, index: Path, params: str) -> Pipeline:
+    return Pipeline.from_file(write_config(f"""version: 1
+index: {index}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 30}}}}
+  - {{id: final, type: select.top_k, inputs: [bm25], params: {params}}}
+output: final
+trace: {{log: null}}
+"""))
+
+
+def _sources(pipeline: Pipeline, result) -> list:  # type: ignore[no-untyped-def]
+    documents = pipeline.resources.index.documents.get([c.row for c in result.results])
+    return [documents[c.row].metadata.get("source") for c in result.results]
+
+
+def test_at_most_n_per_source_in_rank_order_and_the_next_take_the_places(medical_bm25, write_config):
+    plain = _pipeline(write_config, medical_bm25, "{k: 8}")
+    capped = _pipeline(write_config, medical_bm25, "{k: 8, max_per: {field: source, n: 1}}")
+    before, after = plain.search(QUERY, log=False), capped.search(QUERY, log=False)
+    assert max(Counter(_sources(plain, before)).values()) > 1  # the query has a source to cap
+    sources = _sources(capped, after)
+    assert len(set(sources)) == len(sources)
+    # the greedy walk down the ranking: each source's best, in rank order, until k are kept
+    everything = _pipeline(write_config, medical_bm25, "{k: 30}")
+    ranked = everything.search(QUERY, log=False)
+    expected, seen = [], set()
+    for candidate, source in zip(ranked.results, _sources(everything, ranked)):
+        if source not in seen and len(expected) < 8:
+            expected.append(candidate.doc_id)
+            seen.add(source)
+    assert [c.doc_id for c in after.results] == expected
+    stage = next(s for s in after.trace["stages"] if s["id"] == "final")
+    dropped = [d for d in stage["drops"] if d["reason"] == "beyond_max_per"]
+    assert dropped and all("source" in d["detail"] and "1 kept already" in d["detail"] for d in dropped), dropped
+    assert stage["details"]["max_per"]["field"] == "source" and set(stage["details"]["max_per"]["kept"].values()) == {1}
+
+
+def test_documents_without_the_field_are_kept_or_capped_together(medical_bm25, write_config, tmp_path):
+    keep = _pipeline(write_config, medical_bm25, "{k: 30, max_per: {field: no_such_field, n: 1}}")
+    assert len(keep.search(QUERY, log=False).results) == len(
+        _pipeline(write_config, medical_bm25, "{k: 30}").search(QUERY, log=False).results)
+    group = _pipeline(write_config, medical_bm25, "{k: 30, max_per: {field: no_such_field, n: 2, missing: group}}")
+    assert len(group.search(QUERY, log=False).results) == 2
+
+
+@pytest.mark.parametrize(("cap", "says"), [
+    ("{field: doc.source, n: 1}", "without 'doc.'"),
+    ("{field: source, n: 0}", "greater than or equal to 1"),
+    ("{field: source}", "n"),
+])
+def test_a_bad_cap_is_a_located_config_error(write_config, cap, says):
+    config = write_config(f"""version: 1
+index: x
+stages:
+  - {{id: bm25, type: recall.bm25}}
+  - {{id: final, type: select.top_k, inputs: [bm25], params: {{k: 5, max_per: {cap}}}}}
+""")
+    with pytest.raises(ConfigError) as failed:
+        compile_file(config)
+    assert ":5:" in str(failed.value) and says in str(failed.value)
