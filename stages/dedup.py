@@ -11,8 +11,10 @@ Similarity:
   component (no model is loaded); otherwise the candidates' text is embedded with
   :mod:`stages.embedding` (default all-MiniLM-L6-v2) and cached per row.
 - ``minhash``: estimated Jaccard similarity of word ``shingle_size``-gram sets, MinHash signatures
-  equal to ``datasketch``'s affine32 ones (``num_perm`` permutations, fixed seed, so runs are deterministic),
-  computed for all uncached candidates in one batch (``minhash_signatures``) and cached per row.
+  equal to ``datasketch``'s affine32 ones (``num_perm`` permutations, fixed seed, so runs are deterministic).
+  They are read from the index's ``minhash`` component when it was built with the stage's settings (fields,
+  shingle_size, num_perm, seed) and the shingling this version uses; otherwise they are computed for all uncached
+  candidates in one batch (``minhash_signatures``) and cached per row. The details say which (``signatures``).
 
 The default threshold (0.95 cosine) was measured on SciFact (``bench/dedup_threshold.py``): the
 client's 0.7 would remove distinct relevant abstracts that merely share a topic.
@@ -35,15 +37,17 @@ import re
 import time
 import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import SieveIndexError, StageError
+from engine.index import ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
 from engine.models import resolve_model
-from engine.registry import register_stage
+from engine.registry import register_index_component, register_stage
 from engine.stage import (Explanation, GraphIssue, GraphView, Port, RecentNotes, Resources, Stage, StageContext,
                           StageNode, StageParams, StageResult)
 from stages.text import HAN_RANGES
@@ -177,6 +181,129 @@ def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, s
     return signatures, empty
 
 
+# --------------------------------------------------------------------------- index component
+
+MINHASH_COMPONENT = "minhash"
+SIGNATURES_FILE = "signatures.npy"  # (documents x num_perm) little-endian uint32 by row; an empty text's row: zeros
+EMPTY_FILE = "empty.npy"  # (documents,) bool: which texts have no shingle
+_SIGN_BATCH = 1000  # documents read and signed at a time while building
+
+
+def shingling() -> dict[str, str]:
+    """What decides a text's shingles besides the settings, recorded with the index's signatures: the text form
+    (NFC, case-folded), the word pattern (Han characters as words) and the Unicode database that NFC, case folding
+    and ``\\w`` follow. Signatures made under another are not this version's, so the stage does not use them."""
+    return {"text": "nfc casefold", "words_sha256": hashlib.sha256(WORD.pattern.encode("utf-8")).hexdigest()[:16],
+            "unicode": unicodedata.unidata_version}
+
+
+class MinHashIndexSettings(ComponentSettings):
+    fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields signed, joined")
+    shingle_size: int = Field(3, ge=1, le=20, description="words per shingle")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    seed: int = Field(1, ge=0, description="MinHash seed")
+
+
+@register_index_component
+class MinHashComponent(IndexComponent):
+    """Every document's MinHash signature, signed once at build time, for ``dedup.near_duplicate`` with
+    ``method: minhash`` and the same settings (it signs each candidate per query otherwise)."""
+
+    name = MINHASH_COMPONENT
+    Settings = MinHashIndexSettings
+
+    def build(
+        self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
+    ) -> dict[str, Any]:
+        import numpy as np
+
+        assert isinstance(settings, MinHashIndexSettings)
+        count = len(documents)
+        empty = np.zeros(count, dtype=bool)
+        # written a batch at a time into the file (a 250k corpus at 128 permutations is 128 MB)
+        signatures = np.lib.format.open_memmap(out_dir / SIGNATURES_FILE, mode="w+", dtype="<u4",
+                                               shape=(count, settings.num_perm))
+        start = 0
+        texts: list[str] = []
+
+        def sign() -> None:
+            nonlocal start, texts
+            block, block_empty = minhash_signatures(texts, settings.shingle_size, settings.num_perm, settings.seed)
+            signatures[start : start + len(texts)] = block
+            empty[start : start + len(texts)] = block_empty
+            start += len(texts)
+            progress("minhash", len(texts), count)
+            texts = []
+
+        for document in documents:
+            texts.append(document.content(settings.fields))
+            if len(texts) == _SIGN_BATCH:
+                sign()
+        if texts:
+            sign()
+        signatures.flush()
+        del signatures
+        np.save(out_dir / EMPTY_FILE, empty)
+        return {"scheme": MINHASH_SCHEME, "shingling": shingling(), "documents": count,
+                "empty_documents": int(empty.sum())}
+
+
+class LoadedMinHashSignatures:
+    """An index's signatures (memory-mapped) and empty-text flags, checked against the manifest when opened."""
+
+    def __init__(self, directory: Path, settings: MinHashIndexSettings, expected_rows: int):
+        import numpy as np
+
+        try:
+            self.signatures = np.load(directory / SIGNATURES_FILE, mmap_mode="r", allow_pickle=False)
+            self.empty = np.load(directory / EMPTY_FILE, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise SieveIndexError(f"the minhash component at {directory} cannot be loaded: {exc}; rebuild the "
+                                  "index") from None
+        expected = (np.dtype("<u4"), (expected_rows, settings.num_perm), np.dtype(bool), (expected_rows,))
+        found = (self.signatures.dtype, self.signatures.shape, self.empty.dtype, self.empty.shape)
+        if found != expected:
+            raise SieveIndexError(
+                f"the minhash component at {directory} holds {SIGNATURES_FILE} of {found[0]} {found[1]} and "
+                f"{EMPTY_FILE} of {found[2]} {found[3]}, but the index has {expected_rows} documents signed with "
+                f"{settings.num_perm} permutations ({expected[0]}, and bool); rebuild the index"
+            )
+
+    def rows(self, rows: list[int]) -> tuple[Any, Any]:
+        """Signatures (n x num_perm, uint32, in memory) and empty flags of the documents at ``rows``."""
+        import numpy as np
+
+        positions = np.asarray(rows, dtype=np.intp)
+        return np.asarray(self.signatures[positions], dtype=np.uint32), self.empty[positions]
+
+
+def index_signatures_mismatch(entry: dict[str, Any], params: "DedupParams") -> str | None:
+    """Why the index's ``minhash`` component (manifest ``entry``) cannot stand in for signing with ``params``
+    (None: its signatures are the ones the stage would compute)."""
+    try:
+        built = MinHashIndexSettings.model_validate(entry.get("settings"))
+    except ValidationError:
+        return "records no valid settings"
+    wanted = MinHashIndexSettings(fields=params.fields, shingle_size=params.shingle_size, num_perm=params.num_perm,
+                                  seed=params.seed)
+    differing = [name for name in MinHashIndexSettings.model_fields if getattr(built, name) != getattr(wanted, name)]
+    if differing:
+        def show(settings: MinHashIndexSettings) -> str:
+            return ", ".join(f"{name} {_setting(getattr(settings, name))}" for name in differing)
+
+        return f"was built with {show(built)}, and this stage has {show(wanted)}"
+    if entry.get("scheme") != MINHASH_SCHEME:
+        return f"holds signatures of scheme {entry.get('scheme')!r}, not {MINHASH_SCHEME}"
+    if entry.get("shingling") != shingling():
+        return (f"read its texts into shingles as {entry.get('shingling')}, and this version of Sieve reads them as "
+                f"{shingling()} (another word pattern or Unicode database)")
+    return None
+
+
+def _setting(value: Any) -> str:
+    return "[" + ", ".join(value) + "]" if isinstance(value, tuple) else str(value)
+
+
 @register_stage
 class NearDuplicateFilter(Stage):
     """Drop near-duplicates (embedding cosine or MinHash Jaccard), keeping the best-ranked; optional MMR."""
@@ -214,16 +341,36 @@ class NearDuplicateFilter(Stage):
         self._cache: LRUCache[int, Any] = LRUCache(50_000)  # row -> vector or signature (fixed under an open index)
         self._notes = RecentNotes()
         self._source = ""
+        self._index_signatures: LoadedMinHashSignatures | None = None  # the index's minhash component, when usable
+        self._warnings: list[str] = []
 
     def warm_up(self, resources: Resources) -> None:
         p = self.params
         index = resources.require_index(self.id)
         self._index = index
+        self._index_signatures = None
+        self._warnings = []
         if p.method == "minhash":
-            # the values are datasketch's (affine32), computed here without it (minhash_signatures); the trace names
-            # the scheme as before, so traces replay unchanged
+            # the values are datasketch's (affine32), computed here without it (minhash_signatures) or read from the
+            # index; the trace names the scheme as before, so traces replay unchanged
             self._source = (f"MinHash (datasketch, {MINHASH_SCHEME}, {p.num_perm} permutations, seed {p.seed}) of word"
                             f" {p.shingle_size}-grams")
+            entry = index.manifest["components"].get(MINHASH_COMPONENT)
+            if entry is None:
+                return
+            mismatch = index_signatures_mismatch(entry, p)
+            if mismatch is not None:
+                self._warnings.append(
+                    f"the index's {MINHASH_COMPONENT} component {mismatch}: its signatures are not used, and each "
+                    "candidate not in the cache is signed per query (about 0.4 ms a document); build the index with "
+                    f"the stage's settings ({MINHASH_COMPONENT}: {{fields: {_setting(p.fields)}, shingle_size: "
+                    f"{p.shingle_size}, num_perm: {p.num_perm}, seed: {p.seed}}}) or give the stage the index's")
+                return
+            directory, entry = index.component(MINHASH_COMPONENT, self.id)
+            settings = MinHashIndexSettings.model_validate(entry["settings"])
+            self._index_signatures = resources.shared(
+                f"minhash-signatures:{directory}",
+                lambda: LoadedMinHashSignatures(directory, settings, index.doc_count))
             return
         has_dense = p.component in index.manifest["components"]
         if p.vectors == "index" or (p.vectors == "auto" and has_dense):
@@ -248,6 +395,9 @@ class NearDuplicateFilter(Stage):
             f"dedup-model:{resolved.location}", lambda: load_embedder(resolved, pooling="auto", device="auto", precision="auto")
         )
         self._source = f"cosine of '{resolved.name}' embeddings of {'+'.join(p.fields)} (weights sha256 {str(resolved.weights_sha256)[:12]})"
+
+    def warm_up_warnings(self) -> list[str]:
+        return list(self._warnings)
 
     def identity(self) -> dict[str, Any] | None:
         if self._embedder is not None:
@@ -301,9 +451,12 @@ class NearDuplicateFilter(Stage):
 
     def _signatures(self, rows: list[int]) -> tuple[Any, Any]:
         """MinHash signatures (n x num_perm, uint32) of the documents at ``rows``, and which of them have an
-        empty text (their row is zeros). The documents not in the cache are read in one query and signed together."""
+        empty text (their row is zeros). From the index's signatures when it has usable ones; otherwise the documents
+        not in the cache are read in one query and signed together."""
         import numpy as np
 
+        if self._index_signatures is not None:
+            return self._index_signatures.rows(rows)
         p = self.params
         cached = self._cache.get_many(rows)
         missing = [r for r in dict.fromkeys(rows) if r not in cached]
@@ -365,6 +518,8 @@ class NearDuplicateFilter(Stage):
             "method": p.method, "threshold": p.threshold, "similarity": self._source,
             "compared": len(compared), "dropped": len(drops), "absorbed": absorbed,
         }
+        if p.method == "minhash":  # read from the index's minhash component, or signed here
+            details["signatures"] = "index" if self._index_signatures is not None else "computed"
         if p.mmr_lambda is not None:
             details["mmr"] = {"lambda": p.mmr_lambda, "ordered": len(mmr_notes)}
         self._notes.put_for(ctx.query, {"absorbed": absorbed, "mmr": mmr_notes})
