@@ -20,7 +20,7 @@ from engine.errors import ConfigError, ConfigIssue
 from engine.paths import nearest_existing_parent
 from engine.registry import UnknownStageType, resolve_stage
 from engine.stage import GraphView, Port, Stage, StageNode
-from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
+from engine.yamlsource import LoadedYaml, PathKey, SourceMap, load_yaml_file
 
 
 @dataclass
@@ -40,6 +40,9 @@ class CompiledPipeline:
     # stages the config disables (``enabled: false``; not in specs, stages or order) -> what the stages that read
     # one read in its place
     disabled: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the base configs the file extends, nearest first, each {"file": its absolute path, "sha256": of its bytes}:
+    # ``canonical`` is the merged config; these say which bases made it
+    extends: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def index_path(self) -> Path | None:
@@ -59,8 +62,183 @@ def canonical_json(data: Any) -> str:
 def compile_file(path: str | Path) -> CompiledPipeline:
     """Load, validate and compile a pipeline YAML file."""
     path = Path(path)
-    loaded = load_yaml_file(path, collect=True)
-    return compile_loaded(loaded, base_dir=path.resolve().parent, check_log_path=True)
+    return compile_loaded(load_config_file(path), base_dir=path.resolve().parent, check_log_path=True)
+
+
+MAX_EXTENDS_DEPTH = 8  # bases in one chain of ``extends``
+
+
+def load_config_file(path: str | Path) -> LoadedYaml:
+    """A pipeline config file as it runs: loaded, and merged onto the base config it ``extends`` (if it names one)."""
+    path = Path(path)
+    return resolve_extends(load_yaml_file(path, collect=True), path.resolve().parent)
+
+
+def resolve_extends(loaded: LoadedYaml, base_dir: Path, *, _chain: tuple[Path, ...] = ()) -> LoadedYaml:
+    """``loaded`` merged onto the base config its top-level ``extends`` names (itself resolved first, so a base may
+    extend another), without the ``extends`` key; ``loaded`` itself when it names none. The base lies in ``base_dir``
+    (so every relative path means the same in both files). Mappings merge key by key, the extending config's value
+    winning; ``stages`` merge by id (an entry whose id is in the base is merged into that stage, which keeps its
+    type; a new id is appended); any other list, and ``null``, replaces the base's value. The source map locates
+    every value in the file that wrote it; ``bases`` names each base file with its sha256, nearest first."""
+    data, source = loaded.data, loaded.source
+    if not isinstance(data, dict) or "extends" not in data:
+        return loaded
+    if not _chain:
+        here = Path(source.file)
+        _chain = (here.resolve(),) if here.is_file() else ()
+    name = data["extends"]
+
+    def refuse(message: str) -> ConfigError:
+        return ConfigError([*loaded.issues, ConfigIssue(source.locate(("extends",)), "extends", message)])
+
+    if "extends" in loaded.unmade:
+        raise ConfigError(loaded.issues)
+    if not isinstance(name, str) or not name.strip():
+        got = "nothing" if name is None else f"a {_YAML_KIND.get(type(name), type(name).__name__)}"
+        raise refuse(f"extends names the base config this one is written over, a file in this config's directory "
+                     f"(extends: base.yaml), got {got}")
+    if "\x00" in name:
+        raise refuse("the path contains a NUL character")
+    directory = base_dir.resolve()
+    try:
+        target = (directory / name).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise refuse(f"cannot resolve '{name}': {exc}") from None
+    if target.parent != directory:
+        raise refuse(f"the base config '{name}' is in {target.parent}, not in this config's directory ({directory}): "
+                     "a base must lie beside the configs that extend it, so that every relative path in either file "
+                     "(the index, rule files, glossaries, models, trace.log) means the same; copy it here")
+    if target in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain[_chain.index(target):], target))
+        raise refuse(f"extends '{name}' makes a cycle: {cycle}")
+    if len(_chain) > MAX_EXTENDS_DEPTH:
+        raise refuse(f"more than {MAX_EXTENDS_DEPTH} configs extend one another in a chain "
+                     f"({' -> '.join(p.name for p in _chain)} -> {target.name}): merge some of them")
+    if not target.exists():
+        raise refuse(f"the base config '{name}' is not there (looked for {target})")
+    shown = Path(source.file).parent / name if Path(source.file).is_file() else target  # as the file names it
+    try:
+        base = load_yaml_file(shown, collect=True)
+        if not isinstance(base.data, dict):
+            got = "nothing" if base.data is None else f"a {_YAML_KIND.get(type(base.data), type(base.data).__name__)}"
+            raise ConfigError([*base.issues, ConfigIssue(base.source.locate(()), "", "a base config must be a mapping "
+                                                         f"of settings (version, stages, ...), got {got}")])
+        base = resolve_extends(base, base_dir, _chain=(*_chain, target))
+    except ConfigError as exc:
+        raise ConfigError([*loaded.issues, *exc.issues]) from None
+    return _Merge(base, loaded).result(target)
+
+
+class _Merge:
+    """An extending config merged onto its (resolved) base, with a source map that locates each value in its file."""
+
+    def __init__(self, base: LoadedYaml, child: LoadedYaml):
+        self.base, self.child = base, child
+        self.out = SourceMap(child.source.file)
+        self.issues: list[ConfigIssue] = []
+        self.stage_position: dict[int, int] = {}  # the child's stages.i -> the merged stages.j
+
+    def result(self, target: Path) -> LoadedYaml:
+        child_data = {key: value for key, value in self.child.data.items() if key != "extends"}
+        self._entry(self.child.source, (), ())
+        data = self._mapping(self.base.data, (), child_data, ())
+        if self.issues:
+            raise ConfigError([*self.child.issues, *self.issues])
+        unmade = set(self.base.unmade) | {self._moved(dotted) for dotted in self.child.unmade}
+        sha = self.base.sha256 or ""
+        return LoadedYaml(data, self.out, [*self.child.issues, *self.base.issues], unmade, self.child.sha256,
+                          [{"file": str(target), "sha256": sha}, *self.base.bases])
+
+    def _moved(self, dotted: str) -> str:
+        """A dotted path of the child's data as a path of the merged data (its stage entries may move)."""
+        parts = dotted.split(".")
+        if len(parts) > 1 and parts[0] == "stages" and parts[1].isdigit() and int(parts[1]) in self.stage_position:
+            parts[1] = str(self.stage_position[int(parts[1])])
+        return ".".join(parts)
+
+    def _entry(self, source: SourceMap, at: PathKey, to: PathKey) -> None:
+        """Where the value (and key) at ``at`` in ``source`` was written, recorded for ``to`` in the merged map."""
+        for table, files, out_table, out_files in ((source.values, source.value_files, self.out.values,
+                                                    self.out.value_files),
+                                                   (source.keys, source.key_files, self.out.keys, self.out.key_files)):
+            if at in table:
+                out_table[to] = table[at]
+                file = files.get(at, source.file)
+                if file != self.out.file:
+                    out_files[to] = file
+                else:
+                    out_files.pop(to, None)
+
+    def _whole(self, source: SourceMap, value: Any, at: PathKey, to: PathKey) -> Any:
+        """A value taken whole from one file: it and everything inside it located there."""
+        self._entry(source, at, to)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                self._whole(source, item, at + (key,), to + (key,))
+        elif isinstance(value, list):
+            for j, item in enumerate(value):
+                self._whole(source, item, at + (j,), to + (j,))
+        return value
+
+    def _merge(self, base: Any, at_base: PathKey, child: Any, at_child: PathKey, to: PathKey) -> Any:
+        if isinstance(base, dict) and isinstance(child, dict):
+            self._entry(self.child.source, at_child, to)
+            return self._mapping(base, at_base, child, to, at_child)
+        if to == ("stages",) and isinstance(base, list) and isinstance(child, list):
+            self._entry(self.child.source, at_child, to)
+            return self._stages(base, child)
+        return self._whole(self.child.source, child, at_child, to)
+
+    def _mapping(self, base: dict[Any, Any], at_base: PathKey, child: dict[Any, Any], to: PathKey,
+                 at_child: PathKey | None = None) -> dict[Any, Any]:
+        at_child = to if at_child is None else at_child
+        merged: dict[Any, Any] = {}
+        for key, value in base.items():
+            if key in child:
+                merged[key] = self._merge(value, at_base + (key,), child[key], at_child + (key,), to + (key,))
+            else:
+                merged[key] = self._whole(self.base.source, value, at_base + (key,), to + (key,))
+        for key, value in child.items():
+            if key not in base:
+                merged[key] = self._whole(self.child.source, value, at_child + (key,), to + (key,))
+        return merged
+
+    def _stages(self, base: list[Any], child: list[Any]) -> list[Any]:
+        """Stages merged by id: a child entry naming a base stage's id is merged into it, a new id appended."""
+        by_id: dict[str, int] = {}
+        for k, entry in enumerate(base):
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                by_id.setdefault(entry["id"], k)
+        into: dict[int, int] = {}  # base stages.k -> the child entry merged into it
+        appended: list[int] = []
+        for i, entry in enumerate(child):
+            sid = entry.get("id") if isinstance(entry, dict) else None
+            if isinstance(sid, str) and sid in by_id and by_id[sid] not in into:
+                k = by_id[sid]
+                written, given = base[k].get("type"), entry.get("type")
+                if "type" in base[k] and "type" in entry and given != written:
+                    where = self.base.source.locate(("stages", k, "type"))
+                    self.issues.append(ConfigIssue(
+                        self.child.source.locate(("stages", i, "type")), f"stages.{i}.type",
+                        f"stage '{sid}' is {written!r} in the base config ({where}): a config that extends it may "
+                        f"change a stage's settings, not its type; give this stage a new id (and point what reads "
+                        f"'{sid}' at it)"))
+                into[k] = i
+            else:
+                appended.append(i)
+        merged: list[Any] = []
+        for k, entry in enumerate(base):
+            if k in into:
+                i = into[k]
+                self.stage_position[i] = k
+                merged.append(self._merge(entry, ("stages", k), child[i], ("stages", i), ("stages", k)))
+            else:
+                merged.append(self._whole(self.base.source, entry, ("stages", k), ("stages", k)))
+        for i in appended:
+            self.stage_position[i] = len(merged)
+            merged.append(self._whole(self.child.source, child[i], ("stages", i), ("stages", len(merged))))
+        return merged
 
 
 def compile_data(data: Any, *, label: str, base_dir: Path) -> CompiledPipeline:
@@ -70,7 +248,13 @@ def compile_data(data: Any, *, label: str, base_dir: Path) -> CompiledPipeline:
 
 def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool = False) -> CompiledPipeline:
     """Validate and compile loaded config data. ``check_log_path``: also check that ``trace.log`` can be a
-    file here (a config file being compiled to run; not a config replayed from a trace)."""
+    file here (a config file being compiled to run; not a config replayed from a trace). Data that ``extends`` a
+    base config is merged onto it first (relative to ``base_dir``), and ``loaded`` updated to the merged data, so a
+    caller that varies ``loaded.data`` afterwards (``sieve sweep``) varies what runs."""
+    if isinstance(loaded.data, dict) and "extends" in loaded.data:
+        merged = resolve_extends(loaded, base_dir)
+        loaded.data, loaded.source, loaded.issues = merged.data, merged.source, merged.issues
+        loaded.unmade, loaded.bases = merged.unmade, merged.bases
     data, source = loaded.data, loaded.source
     issues: list[ConfigIssue] = []
     if not isinstance(data, dict):
@@ -221,6 +405,7 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
         canonical=canonical,
         warnings=[i for i in issues if i.severity != "error"],
         disabled=bypassed,
+        extends=[dict(base) for base in loaded.bases],
     )
 
 

@@ -61,11 +61,10 @@ def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeli
     Errors in what the file says keep their file:line; a bad override is named by its setting."""
     import yaml
 
-    from engine.compiler import compile_loaded
+    from engine.compiler import compile_loaded, load_config_file
     from engine.workbench.sweep import apply_setting
-    from engine.yamlsource import load_yaml_file
 
-    loaded = load_yaml_file(path, collect=True)
+    loaded = load_config_file(path)  # merged onto the base it extends: a setting changes the config that runs
     seen: set[str] = set()
     for text in settings:
         name, sep, raw = text.partition("=")
@@ -75,6 +74,8 @@ def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeli
         if name in seen:
             raise SieveError(f"--set {name} is given twice")
         seen.add(name)
+        if name == "extends" or name.startswith("extends."):
+            raise SieveError(f"--set {name}: a config's base (extends) is chosen in the file, not on the command line")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
@@ -456,6 +457,8 @@ class Pipeline:
                 "sha256": compiled.config_sha256,
                 "resolved": compiled.canonical,
                 **({"set": list(self.settings)} if self.settings else {}),
+                # the base configs the file extends (resolved holds the merged config), nearest first
+                **({"extends": [dict(base) for base in compiled.extends]} if compiled.extends else {}),
             },
             "index": self._index_record(resources.index) if resources.index is not None else None,
             "models": models,

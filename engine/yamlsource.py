@@ -9,6 +9,7 @@ problem as a located :class:`~engine.errors.ConfigIssue`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import stat
 from dataclasses import dataclass, field
@@ -66,21 +67,26 @@ _Loader.add_implicit_resolver(
 
 @dataclass
 class SourceMap:
-    """Maps a path inside the loaded data to the line and column it came from."""
+    """Maps a path inside the loaded data to the line and column it came from, and, for data merged from several
+    files (a pipeline config that extends a base config), the file where that is not ``file``."""
 
     file: str
     values: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     keys: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+    # the file a value or a key at a path was written in, where that is another file than ``file``
+    value_files: dict[PathKey, str] = field(default_factory=dict)
+    key_files: dict[PathKey, str] = field(default_factory=dict)
 
     def locate(self, path: PathKey, *, prefer_key: bool = False) -> Location:
         """Location of ``path``, or of its nearest ancestor that has one."""
         path = tuple(path)
         while True:
-            table_order = (self.keys, self.values) if prefer_key else (self.values, self.keys)
-            for table in table_order:
+            table_order = ((self.keys, self.key_files), (self.values, self.value_files)) if prefer_key \
+                else ((self.values, self.value_files), (self.keys, self.key_files))
+            for table, files in table_order:
                 if path in table:
                     line, column = table[path]
-                    return Location(self.file, line, column)
+                    return Location(files.get(path, self.file), line, column)
             if not path:
                 return Location(self.file, 1, 1)
             path = path[:-1]
@@ -95,6 +101,10 @@ class LoadedYaml:
     # value an explicit tag cannot make: None), when the caller asked to collect them (``collect=True``)
     issues: list[ConfigIssue] = field(default_factory=list)
     unmade: set[str] = field(default_factory=set)  # dotted paths of values that could not be made (None)
+    sha256: str | None = None  # of the file's bytes as read (load_yaml_file)
+    # the files this data was merged onto, nearest first, each {"file": ..., "sha256": ...} (a pipeline config's
+    # ``extends``: engine.compiler.resolve_extends)
+    bases: list[dict[str, str]] = field(default_factory=list)
 
 
 def _issue(file: str, mark: Any, message: str, path: str = "") -> ConfigIssue:
@@ -288,4 +298,6 @@ def load_yaml_file(path: str | Path, *, collect: bool = False) -> LoadedYaml:
         raise ConfigError(
             [ConfigIssue(Location(name, line, column), "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}; save the file as UTF-8)")]
         ) from None
-    return load_yaml_text(text, name, collect=collect)
+    loaded = load_yaml_text(text, name, collect=collect)
+    loaded.sha256 = hashlib.sha256(raw).hexdigest()
+    return loaded
