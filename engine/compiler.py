@@ -249,12 +249,10 @@ def compile_data(data: Any, *, label: str, base_dir: Path) -> CompiledPipeline:
 def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool = False) -> CompiledPipeline:
     """Validate and compile loaded config data. ``check_log_path``: also check that ``trace.log`` can be a
     file here (a config file being compiled to run; not a config replayed from a trace). Data that ``extends`` a
-    base config is merged onto it first (relative to ``base_dir``), and ``loaded`` updated to the merged data, so a
-    caller that varies ``loaded.data`` afterwards (``sieve sweep``) varies what runs."""
+    base config is merged onto it first (relative to ``base_dir``); a caller that varies the data (``sieve sweep``)
+    loads it merged (:func:`load_config_file`) and varies that."""
     if isinstance(loaded.data, dict) and "extends" in loaded.data:
-        merged = resolve_extends(loaded, base_dir)
-        loaded.data, loaded.source, loaded.issues = merged.data, merged.source, merged.issues
-        loaded.unmade, loaded.bases = merged.unmade, merged.bases
+        loaded = resolve_extends(loaded, base_dir)
     data, source = loaded.data, loaded.source
     issues: list[ConfigIssue] = []
     if not isinstance(data, dict):

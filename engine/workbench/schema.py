@@ -64,6 +64,11 @@ def pipeline_json_schema() -> dict[str, Any]:
     # stages: one branch per registered stage type, with its params
     fields: dict[str, Any] = {name: (info.annotation, info) for name, info in PipelineConfig.model_fields.items()}
     fields["stages"] = (list[stage_union], Field(min_length=1, description="the DAG's stages; each names a registered type"))  # type: ignore[valid-type]
+    # a config may extend a base in its directory (merged before it is validated: engine.compiler.resolve_extends);
+    # the schema describes a complete config, so a child's partial stage entries are not what it validates
+    fields["extends"] = (Optional[str], Field(None, description=(
+        "a base config in this config's directory that this one is written over (mappings merge key by key, "
+        "stages by id)")))
     model = create_model(
         "SievePipeline",
         __config__=ConfigDict(frozen=True, extra="forbid", title="Sieve pipeline"),

@@ -61,6 +61,9 @@ def parse_setting(text: str) -> Setting:
     if len({_key(v) for v in values}) != len(values):
         raise SieveError(f"--set {path}: a value is listed twice")
     parts = path.split(".")
+    if parts[0] == "extends":
+        raise SieveError(f"--set {path}: a sweep runs the config merged onto its base; set the base's values by "
+                         "their paths instead (stages.<id>.params.<name>)")
     if parts[0] in NOT_RESULTS or (parts[0] == "stages" and len(parts) == 3 and parts[2] in ("id", "description")):
         raise SieveError(f"--set {path}: it does not change what a query returns (every variant would score the same)"
                          if parts[-1] != "id" else f"--set {path}: a stage's id names it; sweep its params instead")
@@ -209,9 +212,8 @@ def sweep(
 ) -> SweepReport:
     """Evaluate the config as written and every combination of ``settings`` on ``split``; best first. Every query
     of every variant is asked as ``user`` (default: anonymous) at ``as_of`` (default: when the sweep starts)."""
-    from engine.compiler import compile_data, compile_loaded
+    from engine.compiler import compile_data, compile_loaded, load_config_file
     from engine.pipeline import Pipeline
-    from engine.yamlsource import load_yaml_file
 
     if split in TEST_SPLITS and not allow_test:
         raise SieveError(f"refusing to tune on the '{split}' split: its figures would no longer measure anything "
@@ -231,7 +233,7 @@ def sweep(
     if limit is not None and limit < 1:
         raise SieveError(f"--limit must be at least 1, got {limit}")
     measures = measures_for(recall_k)
-    loaded = load_yaml_file(config, collect=True)  # read once: the config as written and every variant's base
+    loaded = load_config_file(config)  # read once (merged onto what it extends): the config as written, every variant's base
     base = Pipeline(compile_loaded(loaded, base_dir=config.resolve().parent, check_log_path=True),
                     index_path=index_path)
     if data is None:

@@ -260,3 +260,14 @@ def test_a_sweep_varies_a_setting_the_base_writes(bm25_index, write_config, mini
     by_value = {v.settings["stages.bm25.params.top_k"]: v for v in report.variants}
     assert by_value[50].config_sha256 == report.baseline.config_sha256 == compile_file(child).config_sha256
     assert by_value[1].config_sha256 != report.baseline.config_sha256
+
+
+def test_sweep_refuses_to_vary_extends():
+    """A sweep runs the config merged onto its base: the base's values are varied by their own paths."""
+    import pytest
+
+    from engine.errors import SieveError
+    from engine.workbench.sweep import parse_setting
+
+    with pytest.raises(SieveError, match="set the base's values by their paths"):
+        parse_setting("extends=[a.yaml, b.yaml]")
