@@ -801,9 +801,16 @@ class RulesOverride(Stage):
         for position, rule_id in excluded_by.items():
             drops.append(Drop(incoming[position].doc_id, "override_exclude", f"rule '{rule_id}'"))
 
-        # what explain() needs: the rank each document arrived at, and the pin rule that placed it
+        # what explain() needs: the rank each document arrived at, the pin rule that placed it, and the boost and
+        # demote rules that moved its score (as applied here: not judged again, which could differ on a document
+        # a rule could not judge)
+        applied: dict[str, set[str]] = {}
+        for rule, position, _ in fired:
+            if rule.action in ("boost", "demote"):
+                applied.setdefault(incoming[position].doc_id, set()).add(rule.id)
         self._notes.put_for(ctx.query, {"arrived": {doc_id: p + 1 for doc_id, p in position_of.items()},
-                                        "pins": {doc_id: pin.rule.id for doc_id, pin in pinned.items()}})
+                                        "pins": {doc_id: pin.rule.id for doc_id, pin in pinned.items()},
+                                        "applied": applied})
         limit = self.params.max_traced_firings
         records = self._firing_records(fired[:limit], pinned, frame, view, after, scores, position_of, ctx.trace_text)
         details: dict[str, Any] = {
@@ -987,6 +994,18 @@ class RulesOverride(Stage):
         winner = min(contenders, key=lambda rule: (-rule.priority, rule.id))
         return f"override rule '{winner.id}'"
 
+    def _would_apply(self, rule: "CompiledRule", view: QueryView, subject: Subject, row: int) -> bool:
+        """Whether a boost or demote rule holds for a document, judged alone (when the run's record is gone)."""
+        try:
+            if not rule.when.evaluate(Subject(view)):
+                return False
+            listed = self._listed.get(rule.id)
+            if listed is not None and not listed[row]:
+                return False
+            return rule.match is None or bool(rule.match.evaluate(subject))
+        except ExpressionRuntimeError:
+            return False
+
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
         own = next((e for e in candidate.ledger if e.stage == self.id), None)
         earlier = [e for e in candidate.ledger if e.stage != self.id]
@@ -1000,18 +1019,14 @@ class RulesOverride(Stage):
         if arrival_rank is None and notes is None:
             arrival_rank = earlier[-1].rank if earlier else None
         subject = Subject(view, self._table.documents[candidate.row], arrived, arrival_rank)
+        applied = notes.get("applied") if notes is not None else None
         for rule in self._ruleset.rules:
             if rule.action not in ("boost", "demote") or rule.inactive_reason(query.as_of) is not None:
                 continue
-            try:
-                if not rule.when.evaluate(Subject(view)):
+            if applied is not None:  # the run's own record of what moved this document's score
+                if rule.id not in applied.get(candidate.doc_id, ()):
                     continue
-                listed = self._listed.get(rule.id)
-                if listed is not None and not listed[candidate.row]:
-                    continue
-                if rule.match is not None and not rule.match.evaluate(subject):
-                    continue
-            except ExpressionRuntimeError:
+            elif not self._would_apply(rule, view, subject, candidate.row):
                 continue
             spec = rule.spec
             if getattr(spec, "factor", None) is not None:

@@ -134,10 +134,14 @@ def test_no_returned_document_violates_access(docs, access, overrides, people, t
         pipeline = Pipeline(compile_file(config))
         unknown = [f for f in ("acl", "jurisdiction") if (f == "acl" or access["jurisdiction"])
                    and all(doc.get(f) is None for doc in docs)]
-        if unknown:  # an access rule on a field no document has is refused at warm-up, whatever the strictness
+        # the exclude rule on doc.classification too: any access rule on a field no document has is refused
+        secret_unknown = access["secret_rule"] and all(doc.get("classification") is None for doc in docs)
+        if unknown or secret_unknown:  # refused at warm-up, whatever the strictness (fail closed)
             with pytest.raises(ConfigError) as caught:
                 pipeline.warm_up()
             assert all(f"reads the field '{f}', which no document of the index has" in str(caught.value) for f in unknown)
+            if secret_unknown:
+                assert "reads 'doc.classification', which no document of the index has" in str(caught.value)
             return
         for user in people:
             result = pipeline.run(pipeline.make_query(text, user=user, as_of=AS_OF))
