@@ -10,9 +10,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Property tests draw the same examples on every run (`make test`, CI): a failure is then the code's, found again
+# by the next run, not a draw that the next run may miss. HYPOTHESIS_PROFILE=explore draws new ones, for looking.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI = ROOT / "examples" / "scifact-mini"
