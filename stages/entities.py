@@ -112,6 +112,17 @@ class GazetteerEntry(NoCoercion):
     names: tuple[str, ...] = Field((), description="surface forms, matched token by token")
     regex: str | None = Field(None, min_length=1, description="a regular expression one token must match fully")
     case_sensitive: bool = Field(False, description="match names exactly as written (tickers); default: any case")
+    context: tuple[str, ...] = Field((), description=(
+        "words or phrases of which one must also occur in the same text (any case, whole words) for these names "
+        "to count: a ticker that is also a word (ALL, IT, NOW) counts only beside 'Allstate' or 'NYSE'; empty: "
+        "always"))
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, context: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not phrase.strip() for phrase in context):
+            raise ValueError("context phrases must not be empty strings")
+        return context
 
     @field_validator("names")
     @classmethod
@@ -442,12 +453,31 @@ class EntityExtractor:
         self._han_reader = HanTextReader(gazetteer, nfkc if normalization == "nfkc" else _plain_nfkc) \
             if han_text == "phrases" else None
         self._regex_keys: set[str] = set()
+        # (label, key, name as matched) of entries with a context -> a pattern finding one of their phrases
+        self._gated: dict[tuple[str, str, str], Any] = {}
         if gazetteer is not None:
+            self._gated = self._context_patterns(gazetteer)
             ruler = probe.add_pipe("entity_ruler", before="ner" if use_ner else None,
                                    config={"validate": True, "overwrite_ents": True})
             ruler.add_patterns(self._patterns(gazetteer))  # type: ignore[attr-defined]
         self.lock = threading.Lock()
         self._query_cache: LRUCache[str, tuple[Mention, ...]] = LRUCache(1024)
+
+    def _context_patterns(self, gazetteer: Gazetteer) -> dict[tuple[str, str, str], Any]:
+        """For each name of an entry with a ``context``: a whole-word, any-case search for its phrases."""
+        import re
+
+        gated: dict[tuple[str, str, str], Any] = {}
+        for entry in gazetteer.entries:
+            if not entry.context or entry.key is None:
+                continue
+            phrases = sorted({" ".join(nfkc(p).split()) for p in entry.context}, key=len, reverse=True)
+            pattern = re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, p.split())) for p in phrases)
+                                 + r")(?!\w)", re.IGNORECASE)
+            for name in entry.names:
+                written = " ".join(nfkc(name).split())
+                gated[(entry.label, entry.key, written if entry.case_sensitive else written.casefold())] = pattern
+        return gated
 
     def _patterns(self, gazetteer: Gazetteer) -> list[dict[str, Any]]:
         patterns: list[dict[str, Any]] = []
@@ -485,7 +515,18 @@ class EntityExtractor:
         return identity
 
     def _mentions(self, doc: Any) -> tuple[Mention, ...]:
-        return _count([(ent.label_, ent.ent_id_ or entity_key(ent.text), ent.text) for ent in doc.ents])
+        found = [(ent.label_, ent.ent_id_ or entity_key(ent.text), ent.text) for ent in doc.ents]
+        if self._gated:
+            found = [f for f in found if self._in_context(f, doc.text)]
+        return _count(found)
+
+    def _in_context(self, found: tuple[str, str, str], text: str) -> bool:
+        """Whether a match counts: one of a context-gated entry's names counts only when one of its context
+        phrases occurs in the same text."""
+        label, key, surface = found
+        surface = " ".join(surface.split())
+        pattern = self._gated.get((label, key, surface)) or self._gated.get((label, key, surface.casefold()))
+        return pattern is None or pattern.search(text) is not None
 
     def _han_mentions(self, text: str, ner_docs: Sequence[tuple[int, Any]]) -> tuple[Mention, ...]:
         """A Han text's entities: the gazetteer's matches, and the NER's (found in its Latin runs, at their
