@@ -27,6 +27,16 @@ def dense_index(tmp_path_factory: pytest.TempPathFactory, mini_corpus: Path) -> 
 
 
 @pytest.fixture(scope="session")
+def medical_bm25(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BM25 index of examples/medical (documents with sources, dates, ACLs)."""
+    from engine.index import build_index
+
+    out = tmp_path_factory.mktemp("indexes") / "medical-bm25"
+    build_index(Path(__file__).resolve().parents[2] / "examples" / "medical", out, {"bm25": {}})
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer BERT (hidden 32) with the MiniLM tokenizer and no pooling declaration.
 

@@ -6,13 +6,7 @@ score it never moved."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from engine.pipeline import Pipeline
-
-ROOT = Path(__file__).resolve().parents[2]
 
 RULES = """\
 version: 1
@@ -28,15 +22,6 @@ rules:
     factor: 1.5
     match: {field: doc.source, op: eq, value: fda}
 """
-
-
-@pytest.fixture(scope="module")
-def medical_bm25(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.index import build_index
-
-    out = tmp_path_factory.mktemp("override-explain") / "medical"
-    build_index(ROOT / "examples" / "medical", out, {"bm25": {}})
-    return out
 
 
 def test_the_explanation_lists_only_the_boosts_the_run_applied(medical_bm25, write_config, tmp_path):

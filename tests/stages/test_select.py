@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -12,17 +11,7 @@ from engine.compiler import compile_file
 from engine.errors import ConfigError
 from engine.pipeline import Pipeline
 
-ROOT = Path(__file__).resolve().parents[2]
 QUERY = "metformin kidney function guidance"
-
-
-@pytest.fixture(scope="module")
-def medical_bm25(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.index import build_index
-
-    out = tmp_path_factory.mktemp("select") / "medical"
-    build_index(ROOT / "examples" / "medical", out, {"bm25": {}})
-    return out
 
 
 def _pipeline(write_config, index: Path, params: str) -> Pipeline:
