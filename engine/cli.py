@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -253,10 +254,12 @@ class _AskedAs:
         return cls(_user_context(user, roles, groups, jurisdictions, attributes), _parse_time(as_of, "--as-of"))
 
 
-def _print_warm_up_warnings(warnings: list[str]) -> None:
-    """What the stages' warm-up found that changes what the pipeline does (a rule reading a field no document has)."""
+def _print_warnings(warnings: Iterable[str | None]) -> None:
+    """Warnings on stderr, one a line (None: nothing to say); e.g. what the stages' warm-up found that changes what
+    the pipeline does (``Pipeline.warnings``: a rule reading a field no document has)."""
     for warning in warnings:
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        if warning:
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 @app.command()
@@ -285,7 +288,7 @@ def search(
     _writable_file(trace_out, "--trace-out")
     pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
-    _print_warm_up_warnings(pipeline.warnings)
+    _print_warnings(pipeline.warnings)
     trace = result.trace
     log_path = None if no_log else pipeline.log_trace(trace, log)
     if trace_out is not None:
@@ -409,8 +412,7 @@ def trace_verify(
     from engine.trace import check_log
 
     check = check_log(log, expect_head=expect_head, expect_count=expect_count)
-    for warning in check.warnings:  # e.g. bytes of a torn record set aside next to the log
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    _print_warnings(check.warnings)  # e.g. bytes of a torn record set aside next to the log
     if check.problems:
         for problem in check.problems:
             err.print(f"[red]✗[/red] {escape(problem)}")
@@ -509,7 +511,7 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
             on_start=start, progress=advance, trace_log=trace_log, data=data,
             user=asked.user if asked else None, as_of=asked.as_of if asked else None, settings=tuple(settings),
         )
-    _print_warm_up_warnings(report.warm_up_warnings)
+    _print_warnings(report.warm_up_warnings)
     return report
 
 
@@ -624,9 +626,8 @@ def eval_command(
     document = report.to_json(per_query=per_query)
     document["qrels_format"] = data.qrels_format
     document["judgements"] = {**coverage, "index": index.get("path")}
-    found = [report.degraded_warning(), report.empty_warning()]
-    for warning in coverage_warnings(coverage, index=index.get("path")) + [w for w in found if w]:
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    _print_warnings([*coverage_warnings(coverage, index=index.get("path")), report.degraded_warning(),
+                     report.empty_warning()])
     if as_json:
         out.print_json(json.dumps(document))
     else:
@@ -735,8 +736,7 @@ def sweep_command(
                   f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')}): "
                   f"{_verdict(paired['difference'], paired['randomisation_p'], 'the best variant', 'the config as written')}")
         out.print(f"[dim]{escape(report.note())}[/dim]")
-    for warning in report.warnings():
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    _print_warnings(report.warnings())
     _write_outputs([
         ("--best-out", best_out, lambda: write_best(report, config, best_out), f"best config written to {best_out}"),
         ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),
@@ -811,7 +811,7 @@ def explain_command(
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
-    _print_warm_up_warnings(pipeline.warnings)
+    _print_warnings(pipeline.warnings)
     trace = result.trace
     if trace_out is not None:
         write_json_atomic(trace_out, trace)
@@ -908,8 +908,7 @@ def compare_command(
         sides[0].label, sides[1].label = f"A:{sides[0].label}", f"B:{sides[1].label}"
     comparison = compare(sides[0], sides[1], dataset, split=split, recall_k=recall_k, most_changed=most_changed,
                          limit=limit, index_path=judged_index)
-    for warning in comparison.warnings:
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    _print_warnings(comparison.warnings)
     if as_json:
         out.print_json(json.dumps(comparison.to_json()))
         return

@@ -59,27 +59,18 @@ def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeli
     """Compile the config file at ``path`` with ``PATH=VALUE`` overrides (a dotted path, stages by id:
     ``stages.rerank.params.device=cpu``; the value is YAML: ``[a, b]`` is a list value) applied to its data first.
     Errors in what the file says keep their file:line; a bad override is named by its setting."""
-    import yaml
-
     from engine.compiler import compile_loaded, load_config_file
-    from engine.workbench.sweep import apply_setting
+    from engine.workbench.sweep import apply_setting, split_setting
 
     loaded = load_config_file(path)  # merged onto the base it extends: a setting changes the config that runs
     seen: set[str] = set()
     for text in settings:
-        name, sep, raw = text.partition("=")
-        name = name.strip()
-        if not sep or not name or any(not part for part in name.split(".")) or not raw.strip():
-            raise SieveError(f"--set takes PATH=VALUE (e.g. stages.rerank.params.device=cpu), got {text!r}")
+        name, value = split_setting(text, "PATH=VALUE (e.g. stages.rerank.params.device=cpu)", "value")
         if name in seen:
             raise SieveError(f"--set {name} is given twice")
         seen.add(name)
         if name == "extends" or name.startswith("extends."):
             raise SieveError(f"--set {name}: a config's base (extends) is chosen in the file, not on the command line")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise SieveError(f"--set {name}: the value is not YAML ({getattr(exc, 'problem', None) or exc})") from None
         if not isinstance(loaded.data, dict):
             break  # compiling says what is wrong with the file
         apply_setting(loaded.data, name, value)

@@ -43,18 +43,27 @@ class Setting:
     values: tuple[Any, ...]
 
 
-def parse_setting(text: str) -> Setting:
-    """``stages.blend.params.weights.rerank=[0.5, 0.65, 0.8]`` (a YAML list) or ``...=0.5`` (one YAML value)."""
+def split_setting(text: str, form: str = "PATH=VALUES (e.g. stages.blend.params.weights.rerank=[0.5, 0.65])",
+                  what: str = "values") -> tuple[str, Any]:
+    """``PATH=YAML`` as (the dotted path, the YAML value); a malformed one is a SieveError saying ``form`` (and
+    ``what`` the right-hand side holds: a sweep's values, an override's value)."""
     path, sep, raw = text.partition("=")
     path = path.strip()
     if not sep or not path or any(not part for part in path.split(".")):
-        raise SieveError(f"--set takes PATH=VALUES (e.g. stages.blend.params.weights.rerank=[0.5, 0.65]), got {text!r}")
+        raise SieveError(f"--set takes {form}, got {text!r}")
     if not raw.strip():
-        raise SieveError(f"--set {path}= gives no value (write null for a null, [a, b] for several)")
+        raise SieveError(f"--set {path}= gives no value (write null for a null, [a, b] for "
+                         f"{'several' if what == 'values' else 'a list'})")
     try:
-        value = yaml.safe_load(raw)
+        return path, yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise SieveError(f"--set {path}: the values are not YAML ({exc.problem or exc})") from None
+        raise SieveError(f"--set {path}: the {what} {'is' if what == 'value' else 'are'} not YAML "
+                         f"({getattr(exc, 'problem', None) or exc})") from None
+
+
+def parse_setting(text: str) -> Setting:
+    """``stages.blend.params.weights.rerank=[0.5, 0.65, 0.8]`` (a YAML list) or ``...=0.5`` (one YAML value)."""
+    path, value = split_setting(text)
     values = tuple(value) if isinstance(value, list) else (value,)
     if not values:
         raise SieveError(f"--set {path}: an empty list tries nothing")
