@@ -334,6 +334,11 @@ def _print_results(pipeline: Any, results: list[Any], trace: dict[str, Any], exp
             out.print(f"[dim]{stage['id']}: {escape(decision['detail'])}[/dim]")
         if stage.get("status") == "skipped":
             out.print(f"[yellow]{stage['id']} skipped: {escape(stage.get('error', ''))}[/yellow]")
+        elif stage.get("status") == "bypassed":
+            out.print(f"[dim]{stage['id']}: bypassed, its `when` does not hold "
+                      f"({escape(str((stage.get('when') or {}).get('condition', '')))})[/dim]")
+        elif (stage.get("when") or {}).get("error"):
+            out.print(f"[yellow]{stage['id']}: its `when` could not be judged: {escape(stage['when']['error'])}[/yellow]")
     if explain:
         for record in trace["results"]:
             if "explanation" not in record:
@@ -643,13 +648,17 @@ def eval_command(
         for name in ordered_metric_names(list(report.metrics)):
             metrics.add_row(name, f"{report.metrics[name]:.4f}")
         out.print(metrics)
-        latency = Table(title="latency per query (ms)")
-        for column in ("stage", "type", "p50", "p95", "mean"):
-            latency.add_column(column, justify="right" if column in ("p50", "p95", "mean") else "left")
+        routed = any("bypassed" in figures for figures in report.stage_latency_ms.values())
+        latency = Table(title="latency per query (ms)" + (", of the queries each stage ran for" if routed else ""))
+        for column in ("stage", "type", "p50", "p95", "mean") + (("ran",) if routed else ()):
+            latency.add_column(column, justify="left" if column in ("stage", "type") else "right")
         for stage_id, figures in report.stage_latency_ms.items():
-            latency.add_row(stage_id, figures["type"], f"{figures['p50']:.2f}", f"{figures['p95']:.2f}", f"{figures['mean']:.2f}")
+            ran = (f"{figures.get('count', 0)} of {report.queries}",) if routed else ()
+            latency.add_row(stage_id, figures["type"], f"{figures['p50']:.2f}", f"{figures['p95']:.2f}",
+                            f"{figures['mean']:.2f}", *ran)
         overall = report.latency_ms
-        latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}")
+        latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}",
+                        *(("",) if routed else ()))
         out.print(latency)
     tag = "".join("_" if ch.isspace() else ch for ch in (report.pipeline_name or config.stem)) or "sieve"
     _write_outputs([

@@ -21,6 +21,7 @@ from engine.paths import nearest_existing_parent
 from engine.registry import UnknownStageType, resolve_stage
 from engine.stage import GraphView, Port, Stage, StageNode
 from engine.yamlsource import LoadedYaml, PathKey, SourceMap, load_yaml_file
+from rules.conditions import Node
 
 
 @dataclass
@@ -43,6 +44,9 @@ class CompiledPipeline:
     # the base configs the file extends, nearest first, each {"file": its absolute path, "sha256": of its bytes}:
     # ``canonical`` is the merged config; these say which bases made it
     extends: list[dict[str, str]] = field(default_factory=list)
+    # the compiled ``when`` of each running stage that has one: judged per query, a stage whose ``when`` does not
+    # hold is bypassed (its input handed on)
+    when: dict[str, Node] = field(default_factory=dict)
 
     @property
     def index_path(self) -> Path | None:
@@ -281,6 +285,7 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
 
     specs: dict[str, StageSpec] = {}
     nodes: dict[str, StageNode] = {}
+    whens: dict[str, Node] = {}  # the compiled `when` of each stage that has one
     first_seen: dict[str, int] = {}
     all_specs_valid = True
     # ids of every stage entry, valid or not: an input naming one of them is not an unknown input
@@ -339,6 +344,12 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
                 f"{essential}, so it cannot be disabled (enabled: false): switch off a rule with the rule's own "
                 "`enabled: false` in its rule file, or remove the stage from the pipeline (a change the config's "
                 "history shows)"))
+        if spec.when is not None:
+            condition = _compile_when(spec, cls, prefix, source, issues)
+            if condition is None:
+                all_specs_valid = False
+            else:
+                whens[spec.id] = condition
         specs[spec.id] = spec
         nodes[spec.id] = StageNode(spec.id, cls, params, tuple(spec.inputs))
 
@@ -370,6 +381,9 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
                                              declared=declared, deep=deep, as_written=nodes)
         elif disabled:
             output = None  # reported: the wiring as written is wrong
+
+    if output is not None and whens:
+        _check_whens(whens, specs, running, order, source, first_seen, issues)
 
     if config is not None and config.executor.deadline_ms is not None and specs \
             and not any(spec.on_error == "skip" for sid, spec in specs.items() if sid not in disabled):
@@ -404,13 +418,14 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
         warnings=[i for i in issues if i.severity != "error"],
         disabled=bypassed,
         extends=[dict(base) for base in loaded.bases],
+        when={sid: whens[sid] for sid in order if sid in whens},
     )
 
 
 def _canonical_stage(spec: StageSpec, node: StageNode) -> dict[str, Any]:
     """A stage as the canonical config records it: types resolved to versions, params in full; ``enabled`` only
     when false (so the sha256 of a config that disables nothing is what it was before stages could be disabled)."""
-    stage = {**spec.model_dump(mode="json", exclude_none=True), "type": node.cls.qualified_name(),
+    stage = {**spec.model_dump(mode="json", exclude_none=True, by_alias=True), "type": node.cls.qualified_name(),
              "params": node.params.model_dump(mode="json")}
     if spec.enabled:
         del stage["enabled"]
@@ -426,6 +441,67 @@ def _why_essential(cls: type[Stage]) -> str | None:
     if cls.type_name == "rules.override":
         return "rules.override applies the analysts' exclusions and pins: switching it off would return what they exclude"
     return None
+
+
+def _compile_when(spec: StageSpec, cls: type[Stage], prefix: tuple[str | int, ...], source: SourceMap,
+                  issues: list[ConfigIssue]) -> Node | None:
+    """A stage's ``when`` compiled for the query scope (None: the problems reported, located in it)."""
+    from rules.conditions import CompileError, compile_condition
+
+    assert spec.when is not None
+    at = prefix + ("when",)
+    essential = _why_essential(cls)
+    if essential is not None:
+        issues.append(ConfigIssue(
+            source.locate(at, prefer_key=True), ".".join(map(str, at)),
+            f"{essential}, so it cannot be bypassed by a `when`: give the rules that apply only to some queries "
+            "their own `when` in the rule file"))
+        return None
+    try:
+        return compile_condition(spec.when, "query")
+    except CompileError as exc:
+        path = at + exc.path
+        issues.append(ConfigIssue(source.locate(path), ".".join(map(str, path)),
+                                  exc.message.replace("a rule's `when`", "a stage's `when`")))
+        return None
+
+
+def _check_whens(whens: dict[str, Node], specs: dict[str, StageSpec], running: dict[str, StageNode],
+                 order: list[str], source: SourceMap, position: dict[str, int], issues: list[ConfigIssue]) -> None:
+    """What a stage's ``when`` cannot mean, once the wiring is known: an error for a stage with several candidate
+    inputs (what a bypassed stage hands on is its one input); warnings for a ``when`` that never decides anything
+    (the stage is disabled) or reads a rewrite no stage before it makes."""
+    for sid, condition in whens.items():
+        at = ("stages", position[sid], "when")
+        loc, dotted = source.locate(at, prefer_key=True), ".".join(map(str, at))
+        if not specs[sid].enabled:
+            issues.append(ConfigIssue(loc, dotted, f"stage '{sid}' is disabled (enabled: false), so its `when` is "
+                                      "never judged", "warning"))
+            continue
+        node = running[sid]
+        lists = [dep for dep in node.inputs if running[dep].cls.produces is Port.CANDIDATES]
+        if len(lists) > 1:
+            issues.append(ConfigIssue(loc, dotted, f"a bypassed stage hands its one candidate input on, and '{sid}' "
+                                      f"reads {len(lists)} ({', '.join(lists)}), so what its readers would read is not "
+                                      "defined: put the `when` on the stages that feed it"))
+            continue
+        fields = condition.fields()
+        if "query.rewritten" in fields and not any(
+                running[a].cls.produces is Port.QUERY for a in _ancestors(sid, running)):
+            issues.append(ConfigIssue(loc, dotted, f"the `when` of '{sid}' reads query.rewritten, but no rewrite stage "
+                                      "runs before it, so it is always missing (query.effective is the text in "
+                                      "effect)", "warning"))
+
+
+def _ancestors(sid: str, nodes: dict[str, StageNode]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(nodes[sid].inputs)
+    while stack:
+        dep = stack.pop()
+        if dep not in seen and dep in nodes:
+            seen.add(dep)
+            stack.extend(nodes[dep].inputs)
+    return seen
 
 
 def _variable_issues(value: Any, path: tuple[str | int, ...], stage_id: str, source: SourceMap) -> list[ConfigIssue]:

@@ -10,11 +10,12 @@ import re
 from difflib import get_close_matches
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import ConfigIssue
 from engine.strictness import NoCoercion
 from engine.yamlsource import PathKey, SourceMap
+from rules.conditions import Condition
 
 STAGE_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
@@ -58,7 +59,8 @@ class StageSpec(Strict):
 
     id: str = Field(pattern=STAGE_ID_PATTERN, max_length=64)
     type: str = Field(description="registered stage type, e.g. recall.bm25 or recall.bm25@1")
-    inputs: list[str] = Field(default_factory=list)
+    inputs: list[str] = Field(default_factory=list, description=(
+        "ids of the stages this one reads: their candidates, the query in effect and the access mask"))
     params: dict[str, Any] = Field(default_factory=dict)
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="fail: the query fails; skip: pass the input through and mark the trace degraded"
@@ -68,6 +70,21 @@ class StageSpec(Strict):
         True, description="false: the stage is not loaded and does not run; the stages that read it read its one "
         "input instead (refused for access and override rules, a stage with several inputs and the output)"
     )
+    when: Condition | None = Field(
+        None, description="a condition on the query (query.*, user.*, as_of; the rule files' condition language), "
+        "judged per query when the stage is due: when it does not hold the stage is bypassed (not run; its one input "
+        "is handed on, or nothing for a stage without inputs) and the trace says why (routing by query class)"
+    )
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _when_written(cls, value: Any) -> Any:
+        """``when:`` with nothing under it (its lines commented out) reads as null, which would run the stage for
+        every query without a word: refused, as in the rule files."""
+        if value is None:
+            raise ValueError("'when' is empty (are its lines commented out?): write its condition, or remove the key "
+                             "for a stage that runs for every query")
+        return value
 
 
 class TraceSettings(Strict):

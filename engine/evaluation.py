@@ -236,6 +236,7 @@ class RunOutput:
     degraded: int = 0  # queries that ran with a stage skipped (on_error: skip), at the deadline or on a failure
     empty: int = 0  # queries that returned no document (an access mask that allows nothing for the user, say)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # stage id -> {deadline | error: queries}
+    bypassed: dict[str, int] = field(default_factory=dict)  # stage id -> queries its `when` routed past it
 
 
 def run_pipeline(
@@ -265,6 +266,10 @@ def run_pipeline(
         if trace_log is not None:
             pipeline.log_trace(result.trace, trace_log)
         for stage in result.trace["stages"]:
+            if stage.get("status") == "bypassed":  # routed past by its `when`: its latency is of the runs it made
+                output.bypassed[stage["id"]] = output.bypassed.get(stage["id"], 0) + 1
+                output.stage_latency_ms.setdefault(stage["id"], [])
+                continue
             output.stage_latency_ms.setdefault(stage["id"], []).append(stage["duration_ms"])
             if stage.get("status") == "skipped":
                 why = "deadline" if stage.get("deadline") else "error"

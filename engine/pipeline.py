@@ -87,6 +87,7 @@ class Pipeline:
         self.resources: Resources | None = None
         self.unavailable: dict[str, str] = {}  # stages whose warm-up failed under on_error: skip
         self.warnings: list[str] = []  # what the stages' warm-up found ("stage 'id': ..."), for the CLI and server
+        self._when_entities: dict[str, Any] = {}  # stage id -> the query-entity extractor its `when` reads with
         self.settings: tuple[str, ...] = ()  # the PATH=VALUE overrides the config was compiled with (from_file)
         self._warm_lock = threading.Lock()
         self._index_identity: tuple[Index, dict[str, Any]] | None = None  # the trace's index record, per index
@@ -139,9 +140,32 @@ class Pipeline:
             raise SieveIndexError(f"the index at {self.index_path} kept being replaced on disk while the pipeline "
                                   "loaded it; load it once the rebuilds are done")
 
+    def _when_readers(self, resources: Resources) -> None:
+        """The query-entity extractor for each ``when`` that reads the query's entities: the index's entities
+        component (as the rule stages read them), or a warning that the condition sees none."""
+        from rules.conflicts import QUERY_ENTITY_FIELDS
+
+        self._when_entities = {}
+        for stage_id, condition in self.compiled.when.items():
+            fields = sorted(f for f in condition.fields() if f.startswith(QUERY_ENTITY_FIELDS))
+            if not fields:
+                continue
+            index = resources.index
+            if index is None or "entities" not in index.manifest["components"]:
+                self.warnings.append(
+                    f"stage '{stage_id}': its `when` reads {', '.join(fields)}, but "
+                    + ("the pipeline has no index" if index is None else f"the index at {index.path} has no entities "
+                       "component") + " to extract the query's entities with, so it sees none (build the index with "
+                    "an entities component)")
+                continue
+            from stages.entities import query_entity_source
+
+            self._when_entities[stage_id] = query_entity_source(index, stage_id)
+
     def _load(self, resources: Resources) -> None:
         """Every stage's warm-up on ``resources`` (a failing ``on_error: skip`` stage is noted as unavailable)."""
         self.warnings = []
+        self._when_readers(resources)
         for stage_id in self.compiled.order:
             stage = self.compiled.stages[stage_id]
             try:
@@ -275,7 +299,6 @@ class Pipeline:
     ) -> StageOutcome:
         stage = self.compiled.stages[stage_id]
         spec = self.compiled.specs[stage_id]
-        cuttable = spec.on_error == "skip"  # the deadline never cuts a stage the query needs (on_error: fail)
         query, mask, lists = self._inherit(stage_id, original, outcomes)
         ctx = StageContext(stage_id, query, lists, mask, resources, self.compiled.config.trace.include_query_text)
         begin = time.perf_counter()
@@ -289,38 +312,12 @@ class Pipeline:
         plugin = plugin_of(stage.type_name, stage.version)
         if plugin is not None:  # a third party's stage: which package ran it (replay needs it installed)
             record["plugin"] = plugin
-        budget = self.compiled.config.executor.deadline_ms
-        try:
-            if stage_id in self.unavailable:
-                raise StageError(stage_id, stage.qualified_name(), self.unavailable[stage_id])
-            if cuttable and recorded_cut is not None:  # a replay: cut as the traced query's run was
-                record["deadline"] = dict(recorded_cut.get("deadline") or {})
-                raise DeadlineExceeded(str(recorded_cut.get("error", "cut by the query's deadline")))
-            if cuttable and deadline is not None and begin >= deadline:
-                elapsed = (begin - started) * 1000.0
-                record["deadline"] = {"deadline_ms": budget, "cut": "before_start", "elapsed_ms": round(elapsed, 3)}
-                raise DeadlineExceeded(f"cut by the query's deadline ({budget} ms): {elapsed:.0f} ms had passed when "
-                                       "the stage was due to start")
-            with stage_deadline(deadline if cuttable else None):
-                result = stage.run(ctx)
-            if plugin is not None:
-                _check_plugin_result(stage_id, stage.produces, result, lists, resources)
-            status, error = "ok", None
-        except Exception as exc:
-            if isinstance(exc, StageError) and exc.stage_id == stage_id:
-                message = exc.detail  # the stage's own error: named once, not twice
-            else:
-                message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, DeadlineExceeded) and cuttable and "deadline" not in record:
-                elapsed = (time.perf_counter() - started) * 1000.0
-                record["deadline"] = {"deadline_ms": budget, "cut": "while_running", "elapsed_ms": round(elapsed, 3)}
-                message = f"cut by the query's deadline ({budget} ms) while the stage ran, at {elapsed:.0f} ms"
-                if "expected to take" in str(exc) or "waiting for" in str(exc):  # cut ahead, or while waiting
-                    message += f": {exc}"
-            if spec.on_error == "fail":
-                raise StageError(stage_id, stage.qualified_name(), message) from exc
-            result = self._pass_through(stage.produces, lists)
-            status, error = "skipped", message
+        condition = self.compiled.when.get(stage_id)
+        if condition is None or self._judge_when(stage_id, condition, query, record):
+            result, status, error = self._execute(stage_id, ctx, lists, record, resources, started, begin, deadline,
+                                                  recorded_cut)
+        else:  # routed past: the stage does not run and its input is handed on (not a degradation)
+            result, status, error = self._pass_through(stage.produces, lists), "bypassed", None
         record["duration_ms"] = round((time.perf_counter() - begin) * 1000.0, 3)
         record["status"] = status
         if error is not None:
@@ -355,6 +352,69 @@ class Pipeline:
         if result.details:
             record["details"] = result.details
         return StageOutcome(out_query, out_mask, candidates, record)
+
+    def _judge_when(self, stage_id: str, condition: Any, query: Query, record: dict[str, Any]) -> bool:
+        """Does the stage's ``when`` hold for ``query`` (the query in effect where the stage is due: a rewrite
+        upstream is in ``query.rewritten``)? Recorded in ``record["when"]`` with its evidence. A condition that
+        cannot be judged (an expression failing on this query) runs the stage, as if the config had no ``when``:
+        routing never loses a stage's work, and the trace says why."""
+        from rules.conditions import ExpressionRuntimeError, QueryView, Subject, redact_query_evidence
+
+        reader = self._when_entities.get(stage_id)
+        if reader is not None and not query.entities:
+            query = query.model_copy(update={"entities": tuple(
+                {"text": m.text, "id": m.key, "label": m.label} for m in reader.extract_query(query.effective_text))})
+        evidence: list[dict[str, Any]] = []
+        try:
+            holds = condition.evaluate(Subject(QueryView(query)), evidence)
+        except ExpressionRuntimeError as exc:
+            record["when"] = {"holds": None, "condition": condition.describe(),
+                              "error": f"{exc}; the stage runs as if it had no `when`"}
+            return True
+        record["when"] = {"holds": bool(holds), "condition": condition.describe()}
+        if holds and evidence:
+            record["when"]["evidence"] = redact_query_evidence(evidence, self.compiled.config.trace.include_query_text)
+        return bool(holds)
+
+    def _execute(self, stage_id: str, ctx: StageContext, lists: list[list[Candidate]], record: dict[str, Any],
+                 resources: Resources, started: float, begin: float, deadline: float | None,
+                 recorded_cut: Mapping[str, Any] | None) -> tuple[StageResult, str, str | None]:
+        """Run the stage under its error policy and the query's deadline: (its result, status, error)."""
+        stage = self.compiled.stages[stage_id]
+        spec = self.compiled.specs[stage_id]
+        cuttable = spec.on_error == "skip"  # the deadline never cuts a stage the query needs (on_error: fail)
+        budget = self.compiled.config.executor.deadline_ms
+        plugin = plugin_of(stage.type_name, stage.version)
+        try:
+            if stage_id in self.unavailable:
+                raise StageError(stage_id, stage.qualified_name(), self.unavailable[stage_id])
+            if cuttable and recorded_cut is not None:  # a replay: cut as the traced query's run was
+                record["deadline"] = dict(recorded_cut.get("deadline") or {})
+                raise DeadlineExceeded(str(recorded_cut.get("error", "cut by the query's deadline")))
+            if cuttable and deadline is not None and begin >= deadline:
+                elapsed = (begin - started) * 1000.0
+                record["deadline"] = {"deadline_ms": budget, "cut": "before_start", "elapsed_ms": round(elapsed, 3)}
+                raise DeadlineExceeded(f"cut by the query's deadline ({budget} ms): {elapsed:.0f} ms had passed when "
+                                       "the stage was due to start")
+            with stage_deadline(deadline if cuttable else None):
+                result = stage.run(ctx)
+            if plugin is not None:
+                _check_plugin_result(stage_id, stage.produces, result, lists, resources)
+            return result, "ok", None
+        except Exception as exc:
+            if isinstance(exc, StageError) and exc.stage_id == stage_id:
+                message = exc.detail  # the stage's own error: named once, not twice
+            else:
+                message = str(exc) if isinstance(exc, SieveError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, DeadlineExceeded) and cuttable and "deadline" not in record:
+                elapsed = (time.perf_counter() - started) * 1000.0
+                record["deadline"] = {"deadline_ms": budget, "cut": "while_running", "elapsed_ms": round(elapsed, 3)}
+                message = f"cut by the query's deadline ({budget} ms) while the stage ran, at {elapsed:.0f} ms"
+                if "expected to take" in str(exc) or "waiting for" in str(exc):  # cut ahead, or while waiting
+                    message += f": {exc}"
+            if spec.on_error == "fail":
+                raise StageError(stage_id, stage.qualified_name(), message) from exc
+            return self._pass_through(stage.produces, lists), "skipped", message
 
     @staticmethod
     def _enforce_mask(candidates: list[Candidate], mask: DocumentMask, result: StageResult) -> list[Candidate]:

@@ -445,6 +445,21 @@ class QueryView:
         return self._variables
 
 
+def redact_query_evidence(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, Any]]:
+    """Evidence of a condition, with the values it matched in the query text replaced by ``<redacted>`` unless the
+    config allows query text in traces (the user context is recorded with every trace anyway; a condition's own
+    expression is not query text)."""
+    if trace_text:
+        return evidence
+    redacted = []
+    for item in evidence:
+        field_name = item.get("field", "")
+        if isinstance(field_name, str) and field_name.startswith("query."):
+            item = {k: ("<redacted>" if k in ("matched", "actual") else v) for k, v in item.items()}
+        redacted.append(item)
+    return redacted
+
+
 def doc_field(document: Any, path: str) -> Any:
     """``doc.<...>`` of a Document (id, title, text, or metadata, nested with dots)."""
     parts = path.split(".")[1:]
@@ -1213,4 +1228,5 @@ __all__ = [
     "Condition", "Node", "Leaf", "AllOf", "AnyOf", "Not", "Expr", "Constant", "QueryView", "Subject", "Frame",
     "NullView",
     "CompileError", "compile_condition", "MISSING", "RelativeDate", "ExpressionRuntimeError", "present",
+    "redact_query_evidence",
 ]

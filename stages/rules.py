@@ -64,7 +64,7 @@ from engine.stage import (
     StageParams,
     StageResult,
 )
-from rules.conditions import ExpressionRuntimeError, Frame, QueryView, Subject
+from rules.conditions import ExpressionRuntimeError, Frame, QueryView, Subject, redact_query_evidence
 from rules.ruleset import OVERRIDE_PRECEDENCE
 
 if TYPE_CHECKING:
@@ -75,7 +75,6 @@ if TYPE_CHECKING:
 
 OVERRIDE_SIGNAL = "override"
 PIN_SIGNAL = "override.pin"  # ledger signal of a pinned document (select.threshold keeps these)
-REDACTED = "<redacted>"
 RULE_FILE_PATTERN = r"^[^\x00]+\.(ya?ml)$"
 TABLE_KEY = "rules.table:{index}"  # resources.shared key of an index's DocumentTable
 _RULE_FILE = re.compile(RULE_FILE_PATTERN)
@@ -283,22 +282,6 @@ def _view(stage: Stage, query: Query) -> QueryView:
     return QueryView(query)
 
 
-def _redact(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, Any]]:
-    """Values matched in the query text leave the trace unless the config allows query text in traces.
-
-    (The user context is recorded with every trace anyway; a rule's own expression is not query text.)
-    """
-    if trace_text:
-        return evidence
-    redacted = []
-    for item in evidence:
-        field_name = item.get("field", "")
-        if isinstance(field_name, str) and field_name.startswith("query."):
-            item = {k: (REDACTED if k in ("matched", "actual") else v) for k, v in item.items()}
-        redacted.append(item)
-    return redacted
-
-
 def _prepare_match(rule: "CompiledRule", ruleset: "RuleSet", table: "DocumentTable") -> None:
     """Compute a rule's query-independent conditions over the corpus; a condition that cannot be computed at all (a
     pattern that backtracks without end on a document) stops the pipeline with the rule named."""
@@ -496,7 +479,7 @@ class RulesPrefilter(Stage):
             if undecided:
                 entry["undecidable"] = undecided  # among `excluded`: documents the rule could not judge
             if evidence:
-                entry["when"] = _redact(evidence, ctx.trace_text)
+                entry["when"] = redact_query_evidence(evidence, ctx.trace_text)
             report.append(entry)
         evaluated_ms = (time.perf_counter() - began) * 1000.0
         kept = int(np.count_nonzero(allowed))
@@ -638,7 +621,7 @@ class RulesOverride(Stage):
                                           {"rule": rule.id}))
                 continue
             if holds:
-                active.append((rule, _redact(evidence, ctx.trace_text)))
+                active.append((rule, redact_query_evidence(evidence, ctx.trace_text)))
             else:
                 inactive[rule.id] = "condition false"
         # precedence first (exclude > pin > bury > boost/demote), then priority (higher first), then rule id
@@ -960,7 +943,7 @@ class RulesOverride(Stage):
             candidate = candidates[position]
             record: dict[str, Any] = {
                 "rule": rule.id, "action": rule.action, "doc_id": candidate.doc_id, "when": when_evidence,
-                "match": _redact(self._match_evidence(rule, frame, position, view), trace_text),
+                "match": redact_query_evidence(self._match_evidence(rule, frame, position, view), trace_text),
                 "rank_before": position + 1, "rank_after": after.get(candidate.doc_id), "effect": effects[rule.id],
             }
             if rule.action in ("boost", "demote"):

@@ -219,8 +219,9 @@ def evaluate_pipeline(
         metrics=aggregate(per_query),
         per_query=per_query,
         latency_ms=latency_summary(output.latency_ms),
-        stage_latency_ms={
-            sid: {"type": stage_types.get(sid, "?"), **latency_summary(values)}
+        stage_latency_ms={  # of the queries each stage ran for; a `when` that routed queries past it: bypassed
+            sid: {"type": stage_types.get(sid, "?"), **latency_summary(values),
+                  **({"bypassed": output.bypassed[sid]} if sid in output.bypassed else {})}
             for sid, values in output.stage_latency_ms.items()
         },
         run=output.run,

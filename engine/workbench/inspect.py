@@ -272,6 +272,11 @@ def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
     probes: dict[str, Any] = {}
     parts = []
     for stage_id in recall_ids:
+        record = outcomes[stage_id].record
+        if record.get("status") == "bypassed":  # routed past: it recalled nothing for this query
+            parts.append(f"'{stage_id}' was bypassed for this query (its `when`, "
+                         f"{(record.get('when') or {}).get('condition', '?')}, does not hold)")
+            continue
         probe = _probe_recall(pipeline, stage_id, query, row, doc_id, outcomes)
         probes[stage_id] = probe
         kept = outcomes[stage_id].candidates or []

@@ -240,6 +240,20 @@ def pipeline_section() -> Section:
                    "top-level sections of the pipeline config:", tuple(rows))
 
 
+def stage_envelope_section() -> Section:
+    """What every stage entry takes besides its type's params (id, inputs, on_error, enabled, when...)."""
+    from engine.config import StageSpec
+
+    rows = [ParamRow(name, "condition or null" if name == "when" else _type_words(info.annotation), _default(info),
+                     _allowed(info), " ".join((info.description or "").split()))
+            for name, info in StageSpec.model_fields.items() if name != "params"]
+    return Section("every stage", "the keys of a stage entry besides its type's params",
+                   "in each entry of stages:", tuple(rows),
+                   ("when: the condition language of the rule files (field/op/value, all/any/not, expr), on the "
+                    "query side only: query.text, query.rewritten, query.effective, query.language, query.history, "
+                    "query.entities[.LABEL], query.entity_labels, user.*, as_of",))
+
+
 def reference_sections(stage: str | None = None, component: str | None = None) -> list[Section]:
     """The sections asked for: one stage type, one index component, or (neither named) everything: the pipeline's
     settings, every registered stage type (each version), every index component."""
@@ -248,7 +262,7 @@ def reference_sections(stage: str | None = None, component: str | None = None) -
     if stage is not None or component is not None:
         return ([stage_section(stage)] if stage is not None else []) + (
             [component_section(component)] if component is not None else [])
-    sections = [pipeline_section()]
+    sections = [pipeline_section(), stage_envelope_section()]
     sections += [stage_section(f"{name}@{version}")
                  for name, versions in stage_versions().items() for version in versions]
     sections += [component_section(name) for name in known_components()]

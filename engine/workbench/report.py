@@ -113,7 +113,7 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
         drops = stage.get("drops", [])
         stages.append({
             "id": stage.get("id"), "type": stage.get("type"), "inputs": stage.get("inputs", []),
-            "status": stage.get("status", "ok"), "error": stage.get("error"),
+            "status": stage.get("status", "ok"), "error": stage.get("error"), "when": stage.get("when"),
             "started_ms": float(stage.get("started_ms", 0.0)), "duration_ms": float(stage.get("duration_ms", 0.0)),
             "bar_left": 100.0 * float(stage.get("started_ms", 0.0)) / span,
             "bar_width": max(0.4, 100.0 * float(stage.get("duration_ms", 0.0)) / span),

@@ -50,6 +50,7 @@ def _stage_branches() -> list[type[BaseModel]]:
                     params=(cls.Params, Field(default_factory=dict, description=f"parameters of {type_name}@{version}")),
                     on_error=(envelope["on_error"].annotation, Field("fail", description=envelope["on_error"].description)),
                     enabled=(envelope["enabled"].annotation, Field(True, description=envelope["enabled"].description)),
+                    when=(envelope["when"].annotation, Field(None, description=envelope["when"].description)),
                     description=(Optional[str], None),
                 )
             )

@@ -78,7 +78,7 @@ def parse_setting(text: str) -> Setting:
                          if parts[-1] != "id" else f"--set {path}: a stage's id names it; sweep its params instead")
     if parts[0] == "stages" and len(parts) < 3:
         raise SieveError(f"--set {path}: name a setting inside the stage (stages.<id>.params.<name>, "
-                         "stages.<id>.inputs, stages.<id>.on_error, stages.<id>.enabled)")
+                         "stages.<id>.inputs, stages.<id>.on_error, stages.<id>.enabled, stages.<id>.when)")
     return Setting(path, values)
 
 
