@@ -765,7 +765,9 @@ def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
         "description": compiled.config.description,
         "config": str(compiled.source_file),
         "config_sha256": compiled.config_sha256,
-        "stages": [{"id": stage_id, "type": compiled.specs[stage_id].type} for stage_id in compiled.order],
+        "stages": [{"id": stage_id, "type": compiled.specs[stage_id].type,
+                    **({"when": compiled.when[stage_id].describe()} if stage_id in compiled.when else {})}
+                   for stage_id in compiled.order],
         "output": compiled.output,
         "unavailable": dict(pipeline.unavailable),
         "warnings": list(pipeline.warnings),
@@ -796,6 +798,8 @@ def respond(name: str, pipeline: "Pipeline", result: Any, body: SearchBody, log_
         "timing_ms": trace["timing_ms"]["total"],
         "results": results,
     }
+    if pipeline.compiled.when:  # a config that routes: the stages this query was routed past (their `when` false)
+        response["bypassed"] = [s["id"] for s in trace["stages"] if s.get("status") == "bypassed"]
     if body.include_trace:
         response["trace"] = trace
     return response

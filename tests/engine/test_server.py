@@ -64,10 +64,15 @@ server: {{explain: true}}
 """
 
 
+# routed: the top-5 cut only for questions (a stage's `when`)
+ROUTED = ROOMY.replace("name: roomy", "name: routed").replace(
+    "    params: {{k: 5}}\n", "    params: {{k: 5}}\n    when: {{field: query.text, op: regex, value: '\\?$'}}\n")
+
+
 @pytest.fixture(scope="module")
 def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
     """(base URL, trace log path) of a running `sieve serve` over the SciFact slice: pipelines 'mini',
-    'failing' (nothing allowed but search) and 'roomy' (default limits; explain allowed)."""
+    'failing' (nothing allowed but search), 'roomy' (default limits; explain allowed) and 'routed' (a `when`)."""
     directory = tmp_path_factory.mktemp("server")
     log = directory / "trace.jsonl"
     config = directory / "mini.yaml"
@@ -77,7 +82,9 @@ def server(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory):
                        f"trace: {{log: {directory / 'failing.jsonl'}}}\n", encoding="utf-8")
     roomy = directory / "roomy.yaml"
     roomy.write_text(ROOMY.format(index=bm25_index, log=directory / "roomy.jsonl"), encoding="utf-8")
-    with serve_in_subprocess([config, failing, roomy], cwd=directory) as base:
+    routed = directory / "routed.yaml"
+    routed.write_text(ROUTED.format(index=bm25_index, log=directory / "routed.jsonl"), encoding="utf-8")
+    with serve_in_subprocess([config, failing, roomy, routed], cwd=directory) as base:
         yield base, log
 
 
@@ -111,6 +118,18 @@ def test_search_returns_ranked_documents_and_logs_the_trace(server):
     assert traced["trace"]["schema"].startswith("sieve.trace") and traced["trace"]["trace_id"] == traced["trace_id"]
 
 
+def test_a_routed_pipeline_says_which_stages_a_query_was_routed_past(server):
+    base, _ = server
+    question = search(base, {"query": "Does vitamin D improve bone density?"}, "routed").json()
+    statement = search(base, {"query": "vitamin D and bone density"}, "routed").json()
+    assert question["bypassed"] == [] and len(question["results"]) == 5
+    assert statement["bypassed"] == ["final"] and len(statement["results"]) == 20
+    assert "bypassed" not in search(base, {"query": "vitamin D"}, "roomy").json()  # a config without a `when`
+    listed = {p["name"]: p for p in httpx.get(f"{base}/v1/pipelines", timeout=30).json()["pipelines"]}
+    final = next(s for s in listed["routed"]["stages"] if s["id"] == "final")
+    assert final["when"].startswith("query.text regex")
+
+
 def test_conversation_history_is_rewritten(server):
     base, _ = server
     body = search(base, {"query": "Is it treatable?", "history": ["What is throat cancer?"]}).json()
@@ -120,8 +139,8 @@ def test_conversation_history_is_rewritten(server):
 def test_pipelines_health_and_readiness(server):
     base, _ = server
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "pipelines": ["failing", "mini", "roomy"]}
-    _, pipeline, _ = httpx.get(f"{base}/v1/pipelines").json()["pipelines"]
+    assert httpx.get(f"{base}/readyz").json() == {"status": "ready", "pipelines": ["failing", "mini", "roomy", "routed"]}
+    _, pipeline, _, _ = httpx.get(f"{base}/v1/pipelines").json()["pipelines"]
     assert pipeline["name"] == "mini" and len(pipeline["config_sha256"]) == 64
     assert [s["id"] for s in pipeline["stages"]] == ["rewrite", "bm25", "final"] and pipeline["unavailable"] == {}
 
