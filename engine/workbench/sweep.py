@@ -123,6 +123,9 @@ def apply_setting(data: dict[str, Any], path: str, value: Any) -> None:
             raise SieveError(f"--set {path}: {where} is {json.dumps(node, default=str)}, not a mapping")
     if not isinstance(node, dict):
         raise SieveError(f"--set {path}: its parent is not a mapping")
+    if value is None and len(parts) == 3 and parts[0] == "stages" and parts[2] == "when":
+        node.pop("when", None)  # a stage without routing (in a file, an empty `when:` is an error: commented out?)
+        return
     node[parts[-1]] = value
 
 

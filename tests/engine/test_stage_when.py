@@ -221,6 +221,17 @@ def test_a_when_can_be_set_from_the_command_line_and_is_recorded_in_the_config(b
     assert "when" not in next(s for s in compile_file(plain).canonical["stages"] if s["id"] == "short")
 
 
+def test_a_sweep_measures_routing_against_none(bm25_index, write_config, mini_corpus):
+    """`--set stages.short.when=null` is the stage without a `when` (an empty `when:` in a file is an error)."""
+    from engine.workbench.sweep import parse_setting, sweep
+
+    setting = parse_setting("stages.short.when=[null, {field: query.text, op: contains, value: homocysteine}]")
+    result = sweep(write_config(chain(bm25_index)), mini_corpus, [setting], split="test", allow_test=True)
+    by_when = {json.dumps(v.settings.get("stages.short.when")): v for v in result.variants if v.settings}
+    assert set(by_when) == {"null", '{"field": "query.text", "op": "contains", "value": "homocysteine"}'}
+    assert len({json.dumps(v.metrics, sort_keys=True) for v in by_when.values()}) == 2
+
+
 def test_not_and_any_survive_the_canonical_config_a_replay_compiles(bm25_index, write_config, tmp_path):
     log = tmp_path / "trace.jsonl"
     when = "{not: {any: [{field: query.text, op: contains, value: homocysteine}, {field: user.id, op: exists, value: true}]}}"
