@@ -186,6 +186,8 @@ class _Merge:
         return value
 
     def _merge(self, base: Any, at_base: PathKey, child: Any, at_child: PathKey, to: PathKey) -> Any:
+        if len(to) == 3 and to[0] == "stages" and to[2] == "when":  # a condition is replaced whole, never merged
+            return self._whole(self.child.source, child, at_child, to)
         if isinstance(base, dict) and isinstance(child, dict):
             self._entry(self.child.source, at_child, to)
             return self._mapping(base, at_base, child, to, at_child)

@@ -312,3 +312,15 @@ def test_a_when_that_cannot_decide_anything_is_a_warning(bm25_index, write_confi
     rewritten = chain(bm25_index, when="{field: query.rewritten, op: exists, value: true}")
     (warning,) = warnings_of(write_config(rewritten, "rewritten.yaml"))
     assert "reads query.rewritten, but no rewrite stage runs before it" in warning
+
+
+def test_an_extending_config_replaces_a_bases_when_whole(bm25_index, write_config):
+    """Mappings merge key by key, but a condition is one thing: merged, `field` and `expr` would be both set."""
+    write_config(chain(bm25_index), "base.yaml")
+    child = write_config("extends: base.yaml\nstages:\n  - id: short\n    when: {expr: \"user.id == 'ann'\"}\n",
+                         "child.yaml")
+    pipeline = Pipeline.from_file(child)
+    assert stage(pipeline.search(QUESTION, log=False), "short")["status"] == "bypassed"  # not the base's route
+    assert stage(pipeline.search(KEYWORDS, log=False, user={"user_id": "ann"}), "short")["status"] == "ok"
+    always = write_config("extends: base.yaml\nstages:\n  - id: short\n    when: {expr: 'true'}\n", "always.yaml")
+    assert stage(Pipeline.from_file(always).search(KEYWORDS, log=False), "short")["status"] == "ok"
