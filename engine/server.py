@@ -9,6 +9,10 @@
     POST /v1/pipelines/{name}/search       one query: {"query", "history", "user", "as_of", "language",
                                            "explain", "include_trace"} -> ranked results with their
                                            documents, the trace id, whether the run was degraded
+    GET  /metrics                          Prometheus text format: requests by pipeline, endpoint and status
+                                           code, request and query latency, each stage's latency and
+                                           outcome (ok / skipped / bypassed), degraded and empty queries,
+                                           errors by kind, trace-log and index state
     POST /v1/pipelines/{name}/explain      the same body plus "doc_ids" and "top" -> each result's score
                                            tree, signal contributions, rules fired and dedup merges, and
                                            for each doc id where it left the pipeline (masked by which rule,
@@ -323,6 +327,124 @@ def read_json_body(content_type: str | None, content_encoding: str | None, raw: 
     return document
 
 
+# seconds: a BM25 stage takes a millisecond, a CPU reranker a second
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ENDPOINTS = frozenset({"search", "explain"})
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (two apps in one process do not share counts).
+    Labels are bounded: a pipeline label is a served pipeline's name (anything else is ``-``), an endpoint one of
+    the API's, a stage a configured stage id, so no request can grow the series without limit."""
+
+    def __init__(self, pipelines: dict[str, "Pipeline"]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self._pipelines = pipelines
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("sieve_requests", "HTTP requests answered, by pipeline, endpoint and status code",
+                                ["pipeline", "endpoint", "code"], registry=registry)
+        self.request_seconds = Histogram("sieve_request_duration_seconds", "time to answer an HTTP request "
+                                         "(reading the body, the query, logging its trace, the response)",
+                                         ["pipeline", "endpoint"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.query_seconds = Histogram("sieve_query_duration_seconds", "a query's run through its pipeline "
+                                       "(the trace's timing_ms.total)", ["pipeline"], buckets=_LATENCY_BUCKETS,
+                                       registry=registry)
+        self.stage_seconds = Histogram("sieve_stage_duration_seconds", "a stage's run for one query (stages that "
+                                       "ran: status ok or skipped)", ["pipeline", "stage"], buckets=_LATENCY_BUCKETS,
+                                       registry=registry)
+        self.stage_runs = Counter("sieve_stage_runs", "what each stage did per query: ok, skipped (on_error: skip, "
+                                  "at the deadline or on a failure: the query ran degraded) or bypassed (its `when` "
+                                  "did not hold)", ["pipeline", "stage", "status"], registry=registry)
+        self.degraded = Counter("sieve_degraded_queries", "queries that ran with a stage skipped", ["pipeline"],
+                                registry=registry)
+        self.empty = Counter("sieve_empty_queries", "queries that returned no document", ["pipeline"],
+                             registry=registry)
+        self.errors = Counter("sieve_query_errors", "queries refused or failed, by the error's type (bad_query, "
+                              "stage_failed, trace_not_logged)", ["pipeline", "type"], registry=registry)
+        self.info = Gauge("sieve_pipeline_info", "each served pipeline (always 1), with its config's sha256",
+                          ["pipeline", "config_sha256", "engine_version"], registry=registry)
+        self.log_failing = Gauge("sieve_trace_log_failing", "1 while the pipeline's trace log cannot be appended "
+                                 "to (every query is refused), else 0", ["pipeline"], registry=registry)
+        self.index_replaced = Gauge("sieve_index_replaced_on_disk", "1 when the pipeline's index was rebuilt on "
+                                    "disk since the server opened it (it still serves the one it opened), else 0",
+                                    ["pipeline"], registry=registry)
+        from engine import __version__
+
+        for name, pipeline in pipelines.items():
+            self.info.labels(name, pipeline.compiled.config_sha256, __version__).set(1)
+
+    def labels_of(self, path: str) -> tuple[str, str]:
+        """(pipeline, endpoint) of a request path; ``-`` for a pipeline not served, ``other`` for a path not
+        the API's."""
+        parts = path.strip("/").split("/")
+        if len(parts) == 4 and parts[:2] == ["v1", "pipelines"] and parts[3] in _ENDPOINTS:
+            return (parts[2] if parts[2] in self._pipelines else "-"), parts[3]
+        if path in ("/healthz", "/readyz", "/metrics", "/v1/pipelines"):
+            return "-", path.strip("/").replace("v1/", "")
+        return "-", "other"
+
+    def answered(self, path: str, code: int, seconds: float) -> None:
+        pipeline, endpoint = self.labels_of(path)
+        self.requests.labels(pipeline, endpoint, str(code)).inc()
+        self.request_seconds.labels(pipeline, endpoint).observe(seconds)
+
+    def ran(self, name: str, result: Any) -> None:
+        """One query's run: its latency, each stage's, what each stage did."""
+        trace = result.trace
+        self.query_seconds.labels(name).observe(float(trace["timing_ms"]["total"]) / 1000.0)
+        for stage in trace["stages"]:
+            status = str(stage.get("status", "ok"))
+            self.stage_runs.labels(name, stage["id"], status).inc()
+            if status != "bypassed":
+                self.stage_seconds.labels(name, stage["id"]).observe(float(stage.get("duration_ms", 0.0)) / 1000.0)
+        if result.degraded:
+            self.degraded.labels(name).inc()
+        if not result.results:
+            self.empty.labels(name).inc()
+
+    def failed(self, name: str, kind: str) -> None:
+        self.errors.labels(name, kind).inc()
+
+    def exposition(self, health: "_Health") -> tuple[bytes, str]:
+        """The scrape's text, with the trace-log and index gauges as they are now."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        failing = health.log_failures()
+        replaced = set(health.replaced_indexes())
+        for name in self._pipelines:
+            self.log_failing.labels(name).set(1 if name in failing else 0)
+            self.index_replaced.labels(name).set(1 if name in replaced else 0)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class CountRequests:
+    """ASGI middleware: every HTTP request's status code and time into :class:`Metrics` (the errors the other
+    middleware and the handlers answer included)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        code = [500]  # a handler that raises past every exception handler: answered as a 500 by the server
+
+        async def sent(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                code[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            self.metrics.answered(scope.get("path", ""), code[0], time.perf_counter() - began)
+
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes gets 413 as soon as it is seen to be (from its
     Content-Length, or while a chunked body arrives), never read into memory whole; a body that has not
@@ -466,7 +588,7 @@ def _invalid_request(problems: list[tuple[str, str]]) -> tuple[str, dict[str, An
 
 _HTTP_ERRORS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
                 415: "unsupported_media_type"}
-_ROUTES = ("GET /healthz, GET /readyz, GET /v1/pipelines, POST /v1/pipelines/{name}/search, "
+_ROUTES = ("GET /healthz, GET /readyz, GET /metrics, GET /v1/pipelines, POST /v1/pipelines/{name}/search, "
            "POST /v1/pipelines/{name}/explain")
 
 
@@ -522,6 +644,8 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
 
     app.add_middleware(BodyLimit, limit=max_body_bytes if max_body_bytes is not None else
                        default_max_body_bytes(pipelines), timeout=body_timeout)
+    metrics = Metrics(pipelines)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: a 413 or 408 of BodyLimit is counted too
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -580,6 +704,11 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
                          f"(500 trace_not_logged): {reasons}", pipelines=sorted(failing), **extra)
         return {"status": "ready", "pipelines": sorted(pipelines), **extra}
 
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        text, content_type = metrics.exposition(health)
+        return Response(content=text, media_type=content_type)
+
     @app.get("/v1/pipelines")
     def list_pipelines() -> dict[str, Any]:
         described = []
@@ -614,17 +743,21 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
             query = pipeline.make_query(body.query, history=body.history, user=user, as_of=body.as_of,
                                         language=body.language)
         except QueryError as exc:
+            metrics.failed(name, "bad_query")
             return error(400, "bad_query", str(exc))
         try:
             result = pipeline.run(query, keep_outcomes=explaining)
         except SieveError as exc:
             log.error("pipeline '%s' failed: %s", name, exc)
+            metrics.failed(name, "stage_failed")
             return error(500, "stage_failed", str(exc))
+        metrics.ran(name, result)
         try:
             log_path = pipeline.log_trace(result.trace)
         except (OSError, SieveError) as exc:  # no unaudited answers: the results are withheld
             log.error("pipeline '%s': trace %s not logged: %s", name, result.trace["trace_id"], exc)
             health.log_failed(name, exc)
+            metrics.failed(name, "trace_not_logged")
             return error(500, "trace_not_logged", f"the query ran but its trace could not be appended to the log "
                          f"({type(exc).__name__}: {exc}); results are withheld", trace_id=result.trace["trace_id"])
         health.log_succeeded(name)

@@ -130,6 +130,51 @@ def test_a_routed_pipeline_says_which_stages_a_query_was_routed_past(server):
     assert final["when"].startswith("query.text regex")
 
 
+def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed by prometheus_client's own parser: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{base}/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def test_metrics_count_requests_stage_outcomes_latency_and_errors(server):
+    base, _ = server
+    before = scrape(base)
+    search(base, {"query": "vitamin D and bone density"}, "routed")  # final bypassed
+    search(base, {"query": "Does vitamin D improve bone density?"}, "routed")  # final ran
+    search(base, {"query": ""}, "routed")  # 400 bad_query
+    search(base, {"query": "x"}, "no-such-pipeline")  # 404: counted under '-', not a label per name asked
+    httpx.post(f"{base}/v1/pipelines/routed/search", content=b"{", headers={"content-type": "application/json"})
+    search(base, {"query": "vitamin D"}, "failing")  # 500 stage_failed
+    after = scrape(base)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("sieve_requests_total", pipeline="routed", endpoint="search", code="200") == 2
+    assert grew("sieve_requests_total", pipeline="routed", endpoint="search", code="400") == 1
+    assert grew("sieve_requests_total", pipeline="routed", endpoint="search", code="422") == 1
+    assert grew("sieve_requests_total", pipeline="-", endpoint="search", code="404") == 1
+    assert grew("sieve_requests_total", pipeline="failing", endpoint="search", code="500") == 1
+    assert not any("no-such-pipeline" in str(key) for key in after)
+    assert grew("sieve_stage_runs_total", pipeline="routed", stage="final", status="bypassed") == 1
+    assert grew("sieve_stage_runs_total", pipeline="routed", stage="final", status="ok") == 1
+    assert grew("sieve_stage_runs_total", pipeline="routed", stage="bm25", status="ok") == 2
+    assert grew("sieve_stage_duration_seconds_count", pipeline="routed", stage="final") == 1  # ran once
+    assert grew("sieve_query_duration_seconds_count", pipeline="routed") == 2
+    assert grew("sieve_request_duration_seconds_count", pipeline="routed", endpoint="search") == 4
+    assert grew("sieve_query_errors_total", pipeline="routed", type="bad_query") == 1
+    assert grew("sieve_query_errors_total", pipeline="failing", type="stage_failed") == 1
+    assert after[("sieve_trace_log_failing", (("pipeline", "routed"),))] == 0
+    assert after[("sieve_index_replaced_on_disk", (("pipeline", "routed"),))] == 0
+    assert any(name == "sieve_pipeline_info" and dict(labels)["pipeline"] == "mini" and len(
+        dict(labels)["config_sha256"]) == 64 for name, labels in after)
+
+
 def test_conversation_history_is_rewritten(server):
     base, _ = server
     body = search(base, {"query": "Is it treatable?", "history": ["What is throat cancer?"]}).json()
