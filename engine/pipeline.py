@@ -60,12 +60,12 @@ def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeli
     ``stages.rerank.params.device=cpu``; the value is YAML: ``[a, b]`` is a list value) applied to its data first.
     Errors in what the file says keep their file:line; a bad override is named by its setting."""
     from engine.compiler import compile_loaded, load_config_file
-    from engine.workbench.sweep import apply_setting, split_setting
+    from engine.workbench.sweep import apply_setting, split_setting_located
 
     loaded = load_config_file(path)  # merged onto the base it extends: a setting changes the config that runs
     seen: set[str] = set()
     for text in settings:
-        name, value = split_setting(text, "PATH=VALUE (e.g. stages.rerank.params.device=cpu)", "value")
+        name, value = split_setting_located(text, "PATH=VALUE (e.g. stages.rerank.params.device=cpu)", "value")
         if name in seen:
             raise SieveError(f"--set {name} is given twice")
         seen.add(name)
@@ -73,8 +73,29 @@ def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeli
             raise SieveError(f"--set {name}: a config's base (extends) is chosen in the file, not on the command line")
         if not isinstance(loaded.data, dict):
             break  # compiling says what is wrong with the file
-        apply_setting(loaded.data, name, value)
+        _locate_setting(loaded.source, apply_setting(loaded.data, name, value.data), value.source)
     return compile_loaded(loaded, base_dir=path.resolve().parent, check_log_path=True)
+
+
+def _locate_setting(source: Any, at: tuple[str | int, ...], value: Any) -> None:
+    """What a ``--set`` wrote at ``at`` is located on the command line (``--set PATH:line:col`` of the value), not
+    at the line of the file whose value it replaced: the file's entries at and under ``at`` give way to the
+    setting's own."""
+    for table, files in ((source.values, source.value_files), (source.keys, source.key_files)):
+        for key in [k for k in table if k[:len(at)] == at]:
+            del table[key]
+            files.pop(key, None)
+    for inner, place in value.values.items():
+        source.values[at + inner] = place
+        source.value_files[at + inner] = value.file
+    for inner, place in value.keys.items():
+        source.keys[at + inner] = place
+        source.key_files[at + inner] = value.file
+    for depth in range(1, len(at) + 1):  # the key it set, and each mapping on the way the file did not have
+        prefix = at[:depth]
+        if depth == len(at) or (prefix not in source.keys and prefix not in source.values):
+            source.keys[prefix] = (1, 1)
+            source.key_files[prefix] = value.file
 
 
 class Pipeline:

@@ -52,17 +52,38 @@ class _Loader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL_TAG, _TIMESTAMP_TAG)]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL_TAG, _TIMESTAMP_TAG, _INT_TAG, _FLOAT_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-# YAML 1.2 floats YAML 1.1 lacks: an exponent without a dot or without a sign (1e3, 1e-3, 1.5e3, 2E6), which
-# PyYAML read as text ("expected a number, not text"). Tried after the integer resolver, so 10 stays an int.
+# YAML 1.2's core schema numbers, not YAML 1.1's: 010 is ten (not octal eight: 0o10 is), 1:30 is text (not
+# sexagesimal ninety), 1_000 is text (no digit separators: an error where a number is wanted, never a silent
+# reading), and an exponent needs no dot or sign (1e3, 1e-3, 2E6 are floats). Integers are tried first.
+_Loader.add_implicit_resolver(_INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    _FLOAT_TAG,
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
 )
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """An integer as YAML 1.2 reads it (decimal, ``0o`` octal, ``0x`` hex; an explicit ``!!int`` tag included)."""
+    text = str(loader.construct_scalar(node))
+    if re.fullmatch(r"[-+]?[0-9]+", text):
+        return int(text, 10)
+    if re.fullmatch(r"0o[0-7]+", text):
+        return int(text[2:], 8)
+    if re.fullmatch(r"0x[0-9a-fA-F]+", text):
+        return int(text[2:], 16)
+    raise ValueError(f"'{text}' is not an integer (YAML 1.2: decimal, 0o17, 0x1F)")  # an explicit !!int tag
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int)
 
 
 @dataclass

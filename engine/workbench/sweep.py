@@ -30,6 +30,7 @@ from engine.errors import ConfigError, SieveError
 from engine.evaluation import BeirData, aggregate, load_beir, per_query_metrics, run_pipeline
 from engine.model import UserContext
 from engine.workbench.evaluate import latency_summary, machine_summary, measures_for
+from engine.yamlsource import LoadedYaml, load_yaml_text
 
 MAX_VARIANTS = 200
 TEST_SPLITS = frozenset({"test"})
@@ -47,18 +48,26 @@ def split_setting(text: str, form: str = "PATH=VALUES (e.g. stages.blend.params.
                   what: str = "values") -> tuple[str, Any]:
     """``PATH=YAML`` as (the dotted path, the YAML value); a malformed one is a SieveError saying ``form`` (and
     ``what`` the right-hand side holds: a sweep's values, an override's value)."""
+    path, loaded = split_setting_located(text, form, what)
+    return path, loaded.data
+
+
+def split_setting_located(text: str, form: str, what: str) -> tuple[str, LoadedYaml]:
+    """:func:`split_setting`, the value with its source map: read as a config file is (YAML 1.2: ``NO`` and ``off``
+    are text, ``010`` is not octal, a date stays text), located in a "file" named ``--set PATH``."""
     path, sep, raw = text.partition("=")
     path = path.strip()
     if not sep or not path or any(not part for part in path.split(".")):
         raise SieveError(f"--set takes {form}, got {text!r}")
-    if not raw.strip():
+    if not raw.strip() or raw.lstrip().startswith("#"):
         raise SieveError(f"--set {path}= gives no value (write null for a null, [a, b] for "
                          f"{'several' if what == 'values' else 'a list'})")
     try:
-        return path, yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
+        return path, load_yaml_text(raw, f"--set {path}")
+    except ConfigError as exc:
+        problem = "; ".join(issue.message for issue in exc.issues)
         raise SieveError(f"--set {path}: the {what} {'is' if what == 'value' else 'are'} not YAML "
-                         f"({getattr(exc, 'problem', None) or exc})") from None
+                         f"({problem})") from None
 
 
 def parse_setting(text: str) -> Setting:
@@ -76,10 +85,16 @@ def parse_setting(text: str) -> Setting:
     if parts[0] in NOT_RESULTS or (parts[0] == "stages" and len(parts) == 3 and parts[2] in ("id", "description")):
         raise SieveError(f"--set {path}: it does not change what a query returns (every variant would score the same)"
                          if parts[-1] != "id" else f"--set {path}: a stage's id names it; sweep its params instead")
+    _check_inside_a_stage(path)
+    return Setting(path, values)
+
+
+def _check_inside_a_stage(path: str) -> None:
+    """``stages.<id>`` alone would replace the whole stage entry with the value: refused, naming what can be set."""
+    parts = path.split(".")
     if parts[0] == "stages" and len(parts) < 3:
         raise SieveError(f"--set {path}: name a setting inside the stage (stages.<id>.params.<name>, "
                          "stages.<id>.inputs, stages.<id>.on_error, stages.<id>.enabled, stages.<id>.when)")
-    return Setting(path, values)
 
 
 # Top-level sections that do not change what a query returns
@@ -93,12 +108,14 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def apply_setting(data: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``path`` in config data. ``stages.<id>`` addresses a stage by its id; a missing mapping on the way is
-    created (a param left at its default), a missing stage or a path through a value that is not a mapping is a
-    SieveError naming what exists."""
+def apply_setting(data: dict[str, Any], path: str, value: Any) -> tuple[str | int, ...]:
+    """Set ``path`` in config data and return where it is in the data (a stage by its position). ``stages.<id>``
+    addresses a stage by its id; a missing mapping on the way is created (a param left at its default), a missing
+    stage or a path through a value that is not a mapping is a SieveError naming what exists."""
     parts = path.split(".")
+    _check_inside_a_stage(path)
     node: Any = data
+    where_in: list[str | int] = []
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
         if depth == 0 and part == "stages" and isinstance(node.get("stages"), list):
@@ -110,23 +127,30 @@ def apply_setting(data: dict[str, Any], path: str, value: Any) -> None:
                                  + (f" (did you mean '{hint[0]}'?)" if hint else "")
                                  + f"; stages: {', '.join(str(s) for s in stages)}")
             node = stages[stage_id]
-            parts = ["stages", *parts[1:]]
+            where_in = ["stages", node_index(data["stages"], node)]
             continue
-        if depth == 1 and parts[0] == "stages":
+        if depth == 1 and parts[0] == "stages" and where_in:
             continue  # the stage id, resolved above
         if not isinstance(node, dict):
             raise SieveError(f"--set {path}: {'.'.join(parts[:depth])} is not a mapping, so it has no '{part}'")
         if part not in node or node[part] is None:
             node[part] = {}
         node = node[part]
+        where_in.append(part)
         if not isinstance(node, dict):
             raise SieveError(f"--set {path}: {where} is {json.dumps(node, default=str)}, not a mapping")
     if not isinstance(node, dict):
         raise SieveError(f"--set {path}: its parent is not a mapping")
+    where_in.append(parts[-1])
     if value is None and len(parts) == 3 and parts[0] == "stages" and parts[2] == "when":
         node.pop("when", None)  # a stage without routing (in a file, an empty `when:` is an error: commented out?)
-        return
+        return tuple(where_in)
     node[parts[-1]] = value
+    return tuple(where_in)
+
+
+def node_index(items: list[Any], node: Any) -> int:
+    return next(i for i, item in enumerate(items) if item is node)
 
 
 @dataclass

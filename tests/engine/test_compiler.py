@@ -381,6 +381,18 @@ def test_numbers_with_an_exponent_are_numbers_as_in_yaml_1_2(write_config):
     assert any("min_score" in e for e in errors_of(path))  # text that only looks like one stays text
 
 
+def test_integers_are_yaml_1_2_core_not_1_1(write_config):
+    """YAML 1.1 read 010 as octal eight, 1:30 as sexagesimal ninety and 1_000 as a thousand, without a word."""
+    for written, value in (("010", 10), ("0o10", 8), ("0x10", 16), ("+7", 7)):
+        path = write_config(VALID.replace("params: {k: 5}", f"params: {{k: {written}}}"), f"k{written}.yaml")
+        assert compile_file(path).stages["final"].params.k == value
+    for written in ("1_000", "1:30", "0b11"):
+        path = write_config(VALID.replace("params: {k: 5}", f"params: {{k: {written}}}"), "text.yaml")
+        assert any("stages.1.params.k" in e for e in errors_of(path)), written
+    tagged = write_config(VALID.replace("params: {k: 5}", "params: {k: !!int 012}"), "tagged.yaml")
+    assert compile_file(tagged).stages["final"].params.k == 12
+
+
 def test_a_problem_inside_an_alias_is_located_where_the_alias_is_used(write_config):
     """An alias is its anchor's node: an error in the second stage's params pointed at the first stage's line."""
     path = write_config("""\

@@ -53,3 +53,43 @@ def test_a_bad_override_is_named_and_a_bad_value_is_a_config_error(mini_config):
     assert twice.exit_code != 0 and "given twice" in twice.output
     wrong = cli("search", config, "vitamin D", "--set", "stages.final.params.k=many", "--no-log")
     assert wrong.exit_code != 0 and "stages.1.params.k" in wrong.output and "integer" in wrong.output
+
+
+def test_an_override_is_read_as_a_config_file_is_yaml_1_2(mini_config):
+    """`NO` (Norway) stays text, `no` is no switch, `010` is ten and `1_0` no number: as in the file itself (the
+    override was read as YAML 1.1, where they are false, false, eight and ten)."""
+    from engine.pipeline import Pipeline
+
+    config = mini_config(k=10)
+    routed = Pipeline.from_file(config, settings=[
+        "stages.final.when={field: user.jurisdictions, op: contains, value: NO}"])
+    result = routed.search("vitamin D", log=False, user={"jurisdictions": ["NO"]})
+    record = next(s for s in result.trace["stages"] if s["id"] == "final")
+    assert record["status"] == "ok" and "'NO'" in record["when"]["condition"]
+    ten = Pipeline.from_file(config, settings=["stages.final.params.k=010"])
+    assert next(s for s in ten.compiled.canonical["stages"] if s["id"] == "final")["params"]["k"] == 10
+    for setting, says in (("stages.final.enabled=no", "expected true or false, not text"),
+                          ("stages.final.params.k=1_0", "expected a number, not text")):
+        failed = run_sieve("search", config, "vitamin D", "--set", setting, "--no-log")
+        assert failed.returncode != 0 and says in failed.stderr, failed.stderr
+
+
+def test_an_override_that_breaks_the_config_is_located_at_the_setting_not_the_files_line(mini_config, write_config):
+    """The error was located at the file's line of the value it replaced (k: 10), or at line 1 for a new key, and
+    with `extends` at the base file, which does not hold the value at all."""
+    config = mini_config(k=10)
+    bad = run_sieve("search", config, "vitamin D", "--set", "stages.final.params.k=-1", "--no-log")
+    assert bad.returncode != 0
+    assert "--set stages.final.params.k:1:1  stages.1.params.k: Input should be greater than or equal to 1" in bad.stderr
+    assert f"{config}:" not in bad.stderr
+    new_key = run_sieve("search", config, "vitamin D", "--set", "trce.log=x", "--no-log")
+    assert "--set trce.log:1:1  trce: unknown field 'trce' (did you mean 'trace'?)" in new_key.stderr
+    child = write_config(f"extends: {config.name}\nstages:\n  - {{id: final, params: {{k: 5}}}}\n", "child.yaml")
+    based = run_sieve("search", child, "vitamin D", "--set", "stages.bm25.params.top_k=-5", "--no-log")
+    assert "--set stages.bm25.params.top_k:1:1  stages.0.params.top_k" in based.stderr
+    whole = run_sieve("search", config, "vitamin D", "--set", "stages.final=5", "--no-log")
+    assert "name a setting inside the stage" in whole.stderr
+    # an error the file itself holds keeps its file:line
+    broken = write_config(config.read_text(encoding="utf-8").replace("{k: 10}", "{k: 0}"), "broken.yaml")
+    kept = run_sieve("search", broken, "vitamin D", "--set", "stages.bm25.params.top_k=5", "--no-log")
+    assert f"{broken}:" in kept.stderr and "stages.1.params.k" in kept.stderr
