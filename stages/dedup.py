@@ -82,7 +82,7 @@ class DedupParams(StageParams):
     fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields compared (minhash, embed)")
     shingle_size: int = Field(3, ge=1, le=20, description="words per shingle (minhash)")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (minhash)")
-    seed: int = Field(1, ge=0, description="MinHash seed (minhash)")
+    seed: int = Field(1, ge=0, le=2**32 - 1, description="MinHash seed (minhash; numpy draws the permutations from it)")
     mmr_lambda: float | None = Field(
         None, ge=0, le=1, description="re-order survivors by MMR with this relevance weight; None: no MMR"
     )
@@ -201,7 +201,7 @@ class MinHashIndexSettings(ComponentSettings):
     fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields signed, joined")
     shingle_size: int = Field(3, ge=1, le=20, description="words per shingle")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
-    seed: int = Field(1, ge=0, description="MinHash seed")
+    seed: int = Field(1, ge=0, le=2**32 - 1, description="MinHash seed")
 
 
 @register_index_component

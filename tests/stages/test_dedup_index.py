@@ -264,3 +264,18 @@ def test_sieve_index_with_minhash_and_its_settings(corpus, tmp_path):
         check_index_settings({"minhash": {"num_prem": 64}})
     with pytest.raises(ConfigError, match="num_perm"):
         check_index_settings({"minhash": {"num_perm": 8}})
+
+
+def test_a_seed_numpy_cannot_take_is_a_settings_error_not_a_crash(write_config, bm25_index):
+    """A seed of 2**32 passed validation, then crashed the build ('internal error: ValueError') or skipped dedup on
+    every query."""
+    from engine.compiler import compile_file
+
+    with pytest.raises(ConfigError, match="less than or equal to 4294967295"):
+        check_index_settings({"minhash": {"seed": 2**32}})
+    check_index_settings({"minhash": {"seed": 2**32 - 1}})
+    config = write_config(f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                          "  - {id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {method: minhash, "
+                          "seed: 4294967296}}\noutput: dedup\n")
+    with pytest.raises(ConfigError, match="stages.1.params.seed"):
+        compile_file(config)
