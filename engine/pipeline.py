@@ -536,6 +536,8 @@ class Pipeline:
             "models": models,
             "query": query_record,
             "degraded": degraded,
+            # what the stages' warm-up found that changes what the pipeline does (Pipeline.warnings)
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
             "timing_ms": {"total": round(total_ms, 3)},
             "stages": [outcomes[sid].record for sid in compiled.order],
             # stages the config switched off (enabled: false) and what their readers read instead

@@ -544,7 +544,11 @@ def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
             pipeline.warm_up()  # (an index rebuilt while it loads is opened again there)
         except SieveError as exc:  # which of the served configs failed
             raise SieveError(f"pipeline '{name}' ({pipeline.compiled.source_file}): {exc}") from exc
-        for warning in pipeline.warnings:  # at start, where the operator looks (also in /v1/pipelines)
+        # at start, where the operator looks (also in /v1/pipelines): what `sieve validate` warns of in the config
+        # (an expired rule, a disabled stage, a deadline that cuts nothing...), then what warm-up found
+        for issue in pipeline.compiled.warnings:
+            log.warning("pipeline '%s': config: %s", name, issue)
+        for warning in pipeline.warnings:
             log.warning("pipeline '%s': %s", name, warning)
     return pipelines
 
@@ -904,6 +908,7 @@ def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
         "output": compiled.output,
         "unavailable": dict(pipeline.unavailable),
         "warnings": list(pipeline.warnings),
+        "config_warnings": [str(issue) for issue in compiled.warnings],
         "allows": compiled.config.server.model_dump(),
     }
 

@@ -10,7 +10,10 @@ from pydantic import Field, field_validator
 
 from engine.model import Drop
 from engine.registry import register_stage
-from engine.stage import Port, Stage, StageContext, StageParams, StageResult
+from engine.stage import Port, Resources, Stage, StageContext, StageParams, StageResult
+
+FIELD_SAMPLE = 2000  # documents max_per's warm-up reads to see that its field exists at all
+MAX_TRACED_UNREADABLE = 20
 
 
 class MaxPerParams(StageParams):
@@ -53,11 +56,38 @@ class TopK(Stage):
     summary = "keep the top k candidates, optionally above a score floor and at most n per value of a field"
     params: TopKParams
 
+    def warm_up(self, resources: Resources) -> None:
+        """With ``max_per``: a warning when none of the index's first documents has the field (a typo caps
+        nothing, silently), with the field names they do have."""
+        self._warnings: list[str] = []
+        cap = self.params.max_per
+        index = resources.index
+        if cap is None or index is None or not index.doc_count:
+            return
+        from difflib import get_close_matches
+
+        from rules.conditions import MISSING, doc_field
+
+        sample = index.documents.get(list(range(min(index.doc_count, FIELD_SAMPLE))))
+        if any(doc_field(d, f"doc.{cap.field}") not in (MISSING, None) for d in sample.values()):
+            return
+        names = sorted({key for d in sample.values() for key in d.metadata} | {"id", "title", "text"})
+        hint = get_close_matches(cap.field, names, n=1)
+        effect = ("every candidate is kept (missing: keep), so nothing is capped" if cap.missing == "keep" else
+                  f"every candidate falls in one group (missing: group), so only {cap.n} can be returned")
+        self._warnings.append(
+            f"max_per.field '{cap.field}': none of the index's first {len(sample)} documents has it"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; {effect}. Fields they have: {', '.join(names)}")
+
+    def warm_up_warnings(self) -> list[str]:
+        return list(getattr(self, "_warnings", []))
+
     def run(self, ctx: StageContext) -> StageResult:
         (incoming,) = ctx.inputs
         floor = self.params.min_score
         cap = self.params.max_per
-        groups = self._groups(ctx, incoming) if cap is not None else {}
+        unreadable: dict[str, str] = {}
+        groups = self._groups(ctx, incoming, unreadable) if cap is not None else {}
         taken: dict[str, int] = {}
         kept, drops = [], []
         for candidate in incoming:
@@ -74,11 +104,16 @@ class TopK(Stage):
                 if group is not None:
                     taken[group] = taken.get(group, 0) + 1
         details = {"max_per": {"field": cap.field, "n": cap.n, "kept": taken}} if cap is not None else {}
+        if unreadable:  # a nested path through a value that is not a mapping: malformed, not absent
+            details["max_per"]["unreadable"] = dict(list(unreadable.items())[:MAX_TRACED_UNREADABLE])
+            details["max_per"]["unreadable_count"] = len(unreadable)
         return StageResult(candidates=kept, drops=drops, details=details)
 
-    def _groups(self, ctx: StageContext, incoming: list) -> dict[int, str]:  # type: ignore[type-arg]
-        """Each candidate's group under ``max_per``: its field's value as JSON (None: not capped)."""
-        from rules.conditions import MISSING, doc_field
+    def _groups(self, ctx: StageContext, incoming: list, unreadable: dict[str, str]) -> dict[int, str]:  # type: ignore[type-arg]
+        """Each candidate's group under ``max_per``: its field's value as JSON (None: not capped). A document whose
+        nested path runs through a value that is not a mapping is treated as missing, and named in
+        ``unreadable`` (doc id -> why)."""
+        from rules.conditions import MISSING, doc_field, doc_path_problem
 
         cap = self.params.max_per
         assert cap is not None
@@ -86,6 +121,9 @@ class TopK(Stage):
         documents = index.documents.get([c.row for c in incoming])
         groups: dict[int, str] = {}
         for row, document in documents.items():
+            problem = doc_path_problem(document, f"doc.{cap.field}")
+            if problem is not None:
+                unreadable[document.doc_id] = problem
             value = doc_field(document, f"doc.{cap.field}")
             if value is MISSING or value is None:
                 if cap.missing == "group":

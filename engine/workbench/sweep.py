@@ -162,6 +162,7 @@ class Variant:
     latency_ms: dict[str, float]
     degraded: int
     error: str | None = None  # a variant that failed at run time: no figures
+    warm_up_warnings: list[str] = field(default_factory=list)  # what its stages' warm-up found (Pipeline.warnings)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"settings": self.settings, "config_sha256": self.config_sha256,
@@ -206,7 +207,10 @@ class SweepReport:
 
     def warnings(self) -> list[str]:
         """Variants that failed or ran degraded, and a grid whose best does not beat the config as written."""
-        found = [f"variant {_describe(v.settings)} failed: {v.error}" for v in self.variants if v.error is not None]
+        found = list(self.baseline.warm_up_warnings)  # what warm-up found, once for the config as written ...
+        found += [f"variant {_describe(v.settings)}: {w}" for v in self.variants  # ... and what only a variant has
+                  for w in v.warm_up_warnings if w not in self.baseline.warm_up_warnings]
+        found += [f"variant {_describe(v.settings)} failed: {v.error}" for v in self.variants if v.error is not None]
         found += [f"{'the config as written' if not v.settings else 'variant ' + _describe(v.settings)}: {v.degraded} "
                   f"of {self.queries} queries ran degraded (a stage skipped at the deadline or on an error)"
                   for v in [self.baseline, *self.variants] if v.degraded]
@@ -327,7 +331,8 @@ def sweep(
         if not chosen:
             empty = output.empty
         return Variant(chosen, pipeline.compiled.config_sha256, aggregate(per_query), per_query,
-                       latency_summary(output.latency_ms), output.degraded)
+                       latency_summary(output.latency_ms), output.degraded,
+                       warm_up_warnings=list(pipeline.warnings))
 
     baseline = run(base, {}, 1)
     variants = [run(pipeline, chosen, number) for number, (chosen, pipeline) in enumerate(pipelines, start=2)]

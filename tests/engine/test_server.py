@@ -65,8 +65,10 @@ server: {{explain: true}}
 
 
 # routed: the top-5 cut only for questions (a stage's `when`)
+# (and a deadline that cuts nothing: a config warning the server lists)
 ROUTED = ROOMY.replace("name: roomy", "name: routed").replace(
-    "    params: {{k: 5}}\n", "    params: {{k: 5}}\n    when: {{field: query.text, op: regex, value: '\\?$'}}\n")
+    "    params: {{k: 5}}\n", "    params: {{k: 5}}\n    when: {{field: query.text, op: regex, value: '\\?$'}}\n"
+) + "executor: {{deadline_ms: 60000}}\n"
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,10 @@ def test_a_routed_pipeline_says_which_stages_a_query_was_routed_past(server):
     listed = {p["name"]: p for p in httpx.get(f"{base}/v1/pipelines", timeout=30).json()["pipelines"]}
     final = next(s for s in listed["routed"]["stages"] if s["id"] == "final")
     assert final["when"].startswith("query.text regex")
+    # what `sieve validate` warns of is listed (and was logged at start), not only what warm-up found
+    (warning,) = listed["routed"]["config_warnings"]
+    assert "routed.yaml:" in warning and "the deadline cuts nothing" in warning
+    assert listed["roomy"]["config_warnings"] == []
 
 
 def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -75,3 +75,35 @@ stages:
     with pytest.raises(ConfigError) as failed:
         compile_file(config)
     assert ":5:" in str(failed.value) and says in str(failed.value)
+
+
+def test_a_field_no_document_has_is_a_warm_up_warning_with_a_did_you_mean(medical_bm25, write_config):
+    """A misspelt field capped nothing without a word (every candidate 'missing', so kept)."""
+    typo = _pipeline(write_config, medical_bm25, "{k: 8, max_per: {field: sourc, n: 1}}")
+    typo.warm_up()
+    (warning,) = typo.warnings
+    assert warning.startswith("stage 'final': max_per.field 'sourc': none of the index's first 33 documents has it "
+                              "(did you mean 'source'?); every candidate is kept (missing: keep), so nothing is capped")
+    assert "source" in warning.split("Fields they have: ")[1]
+    assert typo.search(QUERY, log=False).trace["warnings"] == typo.warnings  # kept in each trace
+    right = _pipeline(write_config, medical_bm25, "{k: 8, max_per: {field: source, n: 1}}")
+    right.warm_up()
+    assert right.warnings == [] and "warnings" not in right.search(QUERY, log=False).trace
+
+
+def test_a_nested_field_through_a_value_that_is_no_mapping_is_named_in_the_trace(tmp_path, write_config):
+    """`team.name` where `team` is a list is malformed, not absent: the document is treated as missing, and named."""
+    from engine.index import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join([
+        '{"_id": "a", "title": "vitamin", "text": "vitamin d one", "team": {"name": "x"}}',
+        '{"_id": "b", "title": "vitamin", "text": "vitamin d two", "team": {"name": "x"}}',
+        '{"_id": "c", "title": "vitamin", "text": "vitamin d three", "team": ["odd"]}',
+    ]) + "\n", encoding="utf-8")
+    build_index(corpus, tmp_path / "idx", {"bm25": {}})
+    result = _pipeline(write_config, tmp_path / "idx", "{k: 5, max_per: {field: team.name, n: 1}}").search(
+        "vitamin", log=False)
+    assert sorted(c.doc_id for c in result.results) in (["a", "c"], ["b", "c"])
+    details = next(s for s in result.trace["stages"] if s["id"] == "final")["details"]["max_per"]
+    assert details["unreadable_count"] == 1 and "'team' is a list" in details["unreadable"]["c"]

@@ -215,3 +215,17 @@ def test_the_cli_prints_the_grid_and_writes_the_best_config(short_config, mini_c
     refused = CliRunner().invoke(app, ["sweep", str(short_config), "--dataset", str(mini_corpus), "--split", "test",
                                        "--set", "stages.final.params.k=[1, 10]"])
     assert refused.exit_code == 1 and "refusing to tune on the 'test' split" in str(refused.exception)
+
+
+def test_what_warm_up_finds_is_a_sweep_warning_once_and_per_variant_where_only_it_has_it(bm25_index, write_config,
+                                                                                         mini_corpus):
+    """sweep printed no warm-up warning at all (a cap on a field no document has: every variant capped nothing)."""
+    capped = write_config(CONFIG.format(index=bm25_index, k="10, max_per: {field: sourc, n: 1}"), "capped.yaml")
+    report = sweep(capped, mini_corpus, [parse_setting("stages.final.params.max_per.field=[sourc, titel]")],
+                   split="test", allow_test=True)
+    warnings = report.warnings()
+    assert sum("max_per.field 'sourc'" in w for w in warnings) == 1  # the config as written's, once
+    (variant,) = [w for w in warnings if "'titel'" in w]
+    assert variant.startswith('variant stages.final.params.max_per.field="titel": stage ' + "'final': max_per.field")
+    assert "(did you mean 'title'?)" in variant
+    assert report.to_json()["warnings"] == warnings
