@@ -121,6 +121,9 @@ def resolve_extends(loaded: LoadedYaml, base_dir: Path, *, _chain: tuple[Path, .
                      f"({' -> '.join(p.name for p in _chain)} -> {target.name}): merge some of them")
     if not target.exists():
         raise refuse(f"the base config '{name}' is not there (looked for {target})")
+    if target.is_dir():
+        raise refuse(f"the base config '{name}' is a directory ({target}); name a config file in it (extends: "
+                     f"{name.rstrip('/')}/base.yaml is refused too: a base lies beside this config)")
     shown = Path(source.file).parent / name if Path(source.file).is_file() else target  # as the file names it
     try:
         base = load_yaml_file(shown, collect=True)
@@ -218,15 +221,24 @@ class _Merge:
                 by_id.setdefault(entry["id"], k)
         into: dict[int, int] = {}  # base stages.k -> the child entry merged into it
         appended: list[int] = []
+        first: dict[str, int] = {}  # id -> the child's first entry with it
         for i, entry in enumerate(child):
             sid = entry.get("id") if isinstance(entry, dict) else None
+            if isinstance(sid, str) and sid in first:
+                self.issues.append(ConfigIssue(
+                    self.child.source.locate(("stages", i, "id")), f"stages.{i}.id",
+                    f"duplicate stage id '{sid}' (this file's stages.{first[sid]} has it already): write each "
+                    "stage's changes in one entry"))
+                continue
+            if isinstance(sid, str):
+                first[sid] = i
             if isinstance(sid, str) and sid in by_id and by_id[sid] not in into:
                 k = by_id[sid]
                 written, given = base[k].get("type"), entry.get("type")
-                if "type" in base[k] and "type" in entry and given != written:
+                if "type" in base[k] and "type" in entry and not _same_type(given, written):
                     where = self.base.source.locate(("stages", k, "type"))
                     self.issues.append(ConfigIssue(
-                        self.child.source.locate(("stages", i, "type")), f"stages.{i}.type",
+                        self.child.source.locate(("stages", i, "type")), f"stages.{k}.type",
                         f"stage '{sid}' is {written!r} in the base config ({where}): a config that extends it may "
                         f"change a stage's settings, not its type; give this stage a new id (and point what reads "
                         f"'{sid}' at it)"))
@@ -245,6 +257,16 @@ class _Merge:
             self.stage_position[i] = len(merged)
             merged.append(self._whole(self.child.source, child[i], ("stages", i), ("stages", len(merged))))
         return merged
+
+
+def _same_type(given: Any, written: Any) -> bool:
+    """Whether two spellings name one stage type (``recall.bm25`` and ``recall.bm25@1`` while 1 is the latest)."""
+    if given == written:
+        return True
+    try:
+        return resolve_stage(str(given)) is resolve_stage(str(written))
+    except UnknownStageType:
+        return False
 
 
 def compile_data(data: Any, *, label: str, base_dir: Path) -> CompiledPipeline:

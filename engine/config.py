@@ -184,6 +184,8 @@ def issues_from_validation(
         if kind == "extra_forbidden":
             key = loc[-1] if loc else "?"
             valid = _fields_of(model, loc[:-1]) or []
+            if model.__name__ == "PipelineConfig" and len(loc) == 1:
+                valid = [*valid, "extends"]  # taken out (merged) before the config is validated
             hint = get_close_matches(str(key), valid, n=1)
             message = f"unknown field '{key}'"
             if hint:

@@ -126,7 +126,7 @@ def test_a_stage_type_cannot_change(bm25_index, write_config, tmp_path):
     child = write_config("extends: base.yaml\nstages:\n  - id: short\n    type: recall.bm25\n", "child.yaml")
     errors = errors_of(child)
     assert len(errors) == 1
-    assert errors[0].startswith(f"{child}:4:11  stages.0.type: stage 'short' is 'select.top_k' in the base config "
+    assert errors[0].startswith(f"{child}:4:11  stages.1.type: stage 'short' is 'select.top_k' in the base config "
                                 f"({tmp_path / 'base.yaml'}:9:11)")
     assert "give this stage a new id" in errors[0]
     # the same type, restated, is no change
@@ -271,3 +271,28 @@ def test_sweep_refuses_to_vary_extends():
 
     with pytest.raises(SieveError, match="set the base's values by their paths"):
         parse_setting("extends=[a.yaml, b.yaml]")
+
+
+def test_edge_cases_of_an_extending_file_get_the_right_message(bm25_index, write_config, tmp_path):
+    """Each was a wrong or misleading message: a repeated id ('required field is missing' on a second entry
+    appended as a new stage), the same type written with its version (refused as a change of type), a directory
+    as the base (no location), and the top level's valid fields without `extends`."""
+    write_config(base_text(bm25_index, tmp_path), "base.yaml")
+    twice = write_config("extends: base.yaml\nstages:\n  - {id: final, params: {k: 2}}\n"
+                         "  - {id: final, params: {k: 3}}\n", "twice.yaml")
+    (error,) = errors_of(twice)
+    assert f"{twice}:4:" in error and "duplicate stage id 'final' (this file's stages.0 has it already)" in error
+    versioned = write_config("extends: base.yaml\nstages:\n  - {id: bm25, type: recall.bm25@1, params: {top_k: 5}}\n",
+                             "versioned.yaml")
+    compiled = compile_file(versioned)
+    assert compiled.specs["bm25"].type == "recall.bm25@1" and compiled.stages["bm25"].params.top_k == 5
+    other = write_config("extends: base.yaml\nstages:\n  - {id: bm25, type: recall.dense}\n", "other.yaml")
+    (error,) = errors_of(other)
+    assert "stages.0.type: stage 'bm25' is 'recall.bm25' in the base config" in error
+    (tmp_path / "sub").mkdir()
+    directory = write_config("extends: sub\n", "directory.yaml")
+    (error,) = errors_of(directory)
+    assert error.startswith(f"{directory}:1:10") and "is a directory" in error
+    unknown = write_config("extends: base.yaml\ntrcae: {log: null}\n", "unknown.yaml")
+    (error,) = errors_of(unknown)
+    assert "unknown field 'trcae' (did you mean 'trace'?)" in error and error.endswith(", extends")
