@@ -89,7 +89,11 @@ def _weight_issues(weights: dict[str, float], valid: dict[str, str], what: str) 
             hint = get_close_matches(key, list(valid), n=1)
             did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
             known = ", ".join(f"{k} ({v})" for k, v in sorted(valid.items())) or "none"
-            issues.append(GraphIssue(f"'{key}' is not {what}{did_you_mean}; available: {known}", path))
+            if weight == 0:  # contributes nothing: a variant that switches its stage off need not drop the weight
+                issues.append(GraphIssue(f"'{key}' is not {what}{did_you_mean}; available: {known}; its weight is 0, "
+                                         "so it changes nothing", path, "warning"))
+            else:
+                issues.append(GraphIssue(f"'{key}' is not {what}{did_you_mean}; available: {known}", path))
     finite = [w for w in weights.values() if math.isfinite(w)]
     if weights and finite and len(finite) == len(weights) and not any(w > 0 for w in finite):
         issues.append(GraphIssue("no weight is positive, so every document would score 0; give at least one "

@@ -237,6 +237,13 @@ output: blend
     # without the weight it compiles: blend reads bm25
     compiled = compile_file(write_config(path.read_text().replace("rerank: 0.6, ", ""), "fixed.yaml"))
     assert compiled.specs["blend"].inputs == ["bm25"] and "rerank" not in compiled.stages
+    # a weight of 0 on it changes nothing: a warning, so `enabled=[true, false]` sweeps a config that weighs it 0
+    zero = compile_file(write_config(path.read_text().replace("rerank: 0.6", "rerank: 0.0"), "zero.yaml"))
+    (warning,) = [str(w) for w in zero.warnings if "weights.rerank" in str(w)]
+    assert "its weight is 0, so it changes nothing; 'rerank' is disabled (enabled: false)" in warning
+    typo = write_config(path.read_text().replace("rerank: 0.6, bm25: 0.4", "bm25: 1.0, bm52: 0.0"), "typo.yaml")
+    (warning,) = [str(w) for w in compile_file(typo).warnings if "bm52" in str(w)]
+    assert "(did you mean 'bm25'?)" in warning
 
 
 @pytest.mark.parametrize("stage, why", [
