@@ -641,6 +641,7 @@ def eval_command(
             f"{report.queries} queries; qrels: {escape(data.qrels_format)}); config {report.config_sha256[:12]}, "
             f"index {str(index.get('manifest_sha256', '-'))[:12]}; asked as {escape(_who(report.asked_as['user']))} "
             f"at {escape(report.asked_as['as_of'])}"
+            + (f"; with --set {escape(', '.join(report.settings))}" if report.settings else "")
         )
         metrics = Table(title="retrieval quality (pytrec_eval)")
         metrics.add_column("metric")
@@ -709,7 +710,7 @@ def sweep_command(
         task = progress.add_task(f"sweep {config.name}", total=None)
 
         def on_variant(number: int, total: int, chosen: dict[str, Any]) -> None:
-            what = ", ".join(f"{p.rsplit('.', 1)[-1]}={json.dumps(v, default=str)}" for p, v in chosen.items())
+            what = ", ".join(f"{_setting_label(p)}={json.dumps(v, default=str)}" for p, v in chosen.items())
             progress.update(task, total=total, completed=number - 1,
                             description=f"variant {number}/{total}: {what or 'as written'}")
 
@@ -725,7 +726,7 @@ def sweep_command(
                   f"queries): {len(report.variants)} variants and the config as written, by {escape(metric)}")
         table = Table()
         paths = [s.path for s in parsed]
-        short = {p: p.split(".", 2)[-1] if p.startswith("stages.") else p for p in paths}
+        short = {p: _setting_label(p) for p in paths}
         columns = [metric] + [m for m in PRIMARY if m != metric]
         for path in paths:
             table.add_column(escape(short[path]))
@@ -750,6 +751,15 @@ def sweep_command(
         ("--best-out", best_out, lambda: write_best(report, config, best_out), f"best config written to {best_out}"),
         ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),
     ], quiet=as_json)
+
+
+def _setting_label(path: str) -> str:
+    """A sweep column's heading: the setting without ``stages.`` and ``params.`` but with its stage's id
+    (``rerank.enabled``, ``dedup.threshold``): two stages' ``enabled`` stay apart."""
+    parts = path.split(".")
+    if parts[0] == "stages" and len(parts) > 2:
+        parts = [parts[1]] + (parts[3:] if parts[2] == "params" and len(parts) > 3 else parts[2:])
+    return ".".join(parts)
 
 
 @app.command("schema")
@@ -903,8 +913,13 @@ def compare_command(
         if is_config(path):
             if extra_config is not None:
                 raise SieveError(f"--config-{label.lower()} is for a run file, but {label} is already a config ({path})")
-            report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}", asked=asked,
-                               settings=settings or ())
+            try:
+                report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}",
+                                   asked=asked, settings=settings or ())
+            except ConfigError:
+                raise  # located: its file (or --set PATH) says which config
+            except SieveError as exc:  # a --set naming what only one config has, say: which one
+                raise SieveError(f"{label} ({path}): {exc}") from exc
             empty = report.empty_warning()
             if empty:
                 err.print(f"[yellow]warning:[/yellow] {label}: {escape(empty)}")
@@ -919,7 +934,7 @@ def compare_command(
                          limit=limit, index_path=judged_index)
     _print_warnings(comparison.warnings)
     if as_json:
-        out.print_json(json.dumps(comparison.to_json()))
+        out.print_json(json.dumps({**comparison.to_json(), "settings": list(settings or ())}))
         return
     if markdown:
         command = [f"sieve compare {a} {b} --dataset {dataset} --split {split}"]
@@ -927,11 +942,13 @@ def compare_command(
                             ("--limit", limit), ("--recall-k", recall_k), ("--most-changed", most_changed)):
             if value is not None:
                 command.append(f"{flag} {value}")
+        command += [f"--set '{setting}'" for setting in settings or ()]
         sys.stdout.write(to_markdown(comparison, " ".join(command) + " --markdown"))
         return
     out.print(f"A = [bold]{escape(sides[0].label)}[/bold], B = [bold]{escape(sides[1].label)}[/bold] on "
               f"{escape(str(dataset))} ({escape(split)}, {comparison.queries} queries; qrels: "
-              f"{escape(comparison.qrels_format or '-')})")
+              f"{escape(comparison.qrels_format or '-')})"
+              + (f"; both configs with --set {escape(', '.join(settings))}" if settings else ""))
     table = Table(title="B - A; p: paired t-test (t) and paired randomisation test (rand), two-sided; "
                   "wins/losses: queries where B is better/worse")
     for column in ("metric", "A", "B", "delta", "p(t)", "p(rand)", "wins", "losses", "ties"):

@@ -93,3 +93,22 @@ def test_an_override_that_breaks_the_config_is_located_at_the_setting_not_the_fi
     broken = write_config(config.read_text(encoding="utf-8").replace("{k: 10}", "{k: 0}"), "broken.yaml")
     kept = run_sieve("search", broken, "vitamin D", "--set", "stages.bm25.params.top_k=5", "--no-log")
     assert f"{broken}:" in kept.stderr and "stages.1.params.k" in kept.stderr
+
+
+def test_compare_and_eval_say_the_settings_they_ran_with_and_which_config_one_fails(cli, mini_config, mini_corpus,
+                                                                                    write_config):
+    a, b = mini_config(k=10, name="a.yaml"), mini_config(k=5, name="b.yaml")
+    compared = cli("compare", a, b, "-d", mini_corpus, "--limit", "3", "--set", "stages.bm25.params.top_k=50",
+                   "--json")
+    assert compared.exit_code == 0, compared.output
+    assert json.loads(compared.stdout)["settings"] == ["stages.bm25.params.top_k=50"]
+    text = cli("compare", a, b, "-d", mini_corpus, "--limit", "3", "--set", "stages.bm25.params.top_k=50")
+    assert "both configs with --set stages.bm25.params.top_k=50" in " ".join(text.stdout.split())
+    evaluated = cli("eval", a, "-d", mini_corpus, "--limit", "3", "--set", "stages.final.params.k=3")
+    assert "with --set stages.final.params.k=3" in " ".join(evaluated.stdout.split())
+    # a setting only one of the two configs can take: the error says which
+    other = write_config(a.read_text(encoding="utf-8").replace("id: final", "id: last").replace(
+        "output: final", "output: last"), "other.yaml")
+    failed = run_sieve("compare", a, other, "-d", mini_corpus, "--limit", "3", "--set", "stages.final.params.k=3")
+    assert failed.returncode != 0 and f"B ({other}): --set stages.final.params.k: the config has no stage 'final'" \
+        in " ".join(failed.stderr.split()), failed.stderr

@@ -11,6 +11,7 @@ import yaml
 from engine.errors import ConfigError, SieveError
 from engine.workbench.evaluate import evaluate_pipeline
 from engine.workbench.sweep import Setting, apply_setting, parse_setting, sweep, write_best
+from tests.workbench.conftest import run_sieve
 
 CONFIG = """\
 version: 1
@@ -229,3 +230,17 @@ def test_what_warm_up_finds_is_a_sweep_warning_once_and_per_variant_where_only_i
     assert variant.startswith('variant stages.final.params.max_per.field="titel": stage ' + "'final': max_per.field")
     assert "(did you mean 'title'?)" in variant
     assert report.to_json()["warnings"] == warnings
+
+
+def test_a_sweep_table_keeps_each_settings_stage_id(config, mini_corpus):
+    """`stages.a.enabled` and `stages.b.enabled` were both headed 'enabled'."""
+    from engine.cli import _setting_label
+
+    assert _setting_label("stages.rerank.enabled") == "rerank.enabled"
+    assert _setting_label("stages.dedup.params.threshold") == "dedup.threshold"
+    assert _setting_label("stages.blend.params.weights.rerank") == "blend.weights.rerank"
+    assert _setting_label("executor.deadline_ms") == "executor.deadline_ms"
+    result = run_sieve("sweep", config, "-d", mini_corpus, "--split", "test", "--allow-test", "--limit", "3",
+                       "--set", "stages.final.params.k=[3, 10]", "--set", "stages.bm25.params.top_k=[50, 100]")
+    assert result.returncode == 0, result.stderr
+    assert "final.k" in result.stdout and "bm25.top_k" in result.stdout
