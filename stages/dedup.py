@@ -351,6 +351,7 @@ class NearDuplicateFilter(Stage):
         self._index_signatures = None
         self._warnings = []
         if p.method == "minhash":
+            self._check_fields(index)
             # the values are datasketch's (affine32), computed here without it (minhash_signatures) or read from the
             # index; the trace names the scheme as before, so traces replay unchanged
             self._source = (f"MinHash (datasketch, {MINHASH_SCHEME}, {p.num_perm} permutations, seed {p.seed}) of word"
@@ -389,12 +390,27 @@ class NearDuplicateFilter(Stage):
             return
         from stages.embedding import DEFAULT_EMBEDDING_MODEL, load_embedder
 
+        self._check_fields(index)
         resolved = resolve_model(p.model if p.model is not None else DEFAULT_EMBEDDING_MODEL,
                                  base_dir=resources.base_dir, purpose=f"dedup.near_duplicate stage '{self.id}'")
         self._embedder = resources.shared(
             f"dedup-model:{resolved.location}", lambda: load_embedder(resolved, pooling="auto", device="auto", precision="auto")
         )
         self._source = f"cosine of '{resolved.name}' embeddings of {'+'.join(p.fields)} (weights sha256 {str(resolved.weights_sha256)[:12]})"
+
+    def _check_fields(self, index: Any) -> None:
+        """A warning for each of ``fields`` none of the index's first documents has (a typo reads as empty text)."""
+        from stages.fields import absent_fields, field_names
+
+        fields = self.params.fields
+        absent, read = absent_fields(index, fields)
+        if not absent:
+            return
+        effect = ("so every document's text is empty: nothing is compared and nothing dropped"
+                  if len(absent) == len(fields) else "so it adds nothing to the text compared")
+        for name, hint in absent.items():
+            self._warnings.append(f"fields: '{name}' is in none of the index's first {read} documents{hint}, {effect}; "
+                                  f"fields they have: {', '.join(field_names(index))}")
 
     def warm_up_warnings(self) -> list[str]:
         return list(self._warnings)

@@ -12,7 +12,6 @@ from engine.model import Drop
 from engine.registry import register_stage
 from engine.stage import Port, Resources, Stage, StageContext, StageParams, StageResult
 
-FIELD_SAMPLE = 2000  # documents max_per's warm-up reads to see that its field exists at all
 MAX_TRACED_UNREADABLE = 20
 
 
@@ -64,20 +63,15 @@ class TopK(Stage):
         index = resources.index
         if cap is None or index is None or not index.doc_count:
             return
-        from difflib import get_close_matches
+        from stages.fields import absent_fields, field_names
 
-        from rules.conditions import MISSING, doc_field
-
-        sample = index.documents.get(list(range(min(index.doc_count, FIELD_SAMPLE))))
-        if any(doc_field(d, f"doc.{cap.field}") not in (MISSING, None) for d in sample.values()):
+        absent, read = absent_fields(index, [cap.field])
+        if not absent:
             return
-        names = sorted({key for d in sample.values() for key in d.metadata} | {"id", "title", "text"})
-        hint = get_close_matches(cap.field, names, n=1)
         effect = ("every candidate is kept (missing: keep), so nothing is capped" if cap.missing == "keep" else
                   f"every candidate falls in one group (missing: group), so only {cap.n} can be returned")
-        self._warnings.append(
-            f"max_per.field '{cap.field}': none of the index's first {len(sample)} documents has it"
-            + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; {effect}. Fields they have: {', '.join(names)}")
+        self._warnings.append(f"max_per.field '{cap.field}': none of the index's first {read} documents has it"
+                              f"{absent[cap.field]}; {effect}. Fields they have: {', '.join(field_names(index))}")
 
     def warm_up_warnings(self) -> list[str]:
         return list(getattr(self, "_warnings", []))

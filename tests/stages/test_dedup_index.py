@@ -279,3 +279,20 @@ def test_a_seed_numpy_cannot_take_is_a_settings_error_not_a_crash(write_config, 
                           "seed: 4294967296}}\noutput: dedup\n")
     with pytest.raises(ConfigError, match="stages.1.params.seed"):
         compile_file(config)
+
+
+def test_a_field_no_document_has_is_a_warm_up_warning(write_config, bm25_index):
+    """`fields: [txt]` made every document's text empty: nothing compared, nothing dropped, not a word."""
+    from engine.pipeline import Pipeline
+
+    config = write_config(f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                          "  - {id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {method: minhash, "
+                          "fields: [title, txt]}}\noutput: dedup\ntrace: {log: null}\n")
+    pipeline = Pipeline.from_file(config)
+    pipeline.warm_up()
+    (warning,) = pipeline.warnings
+    assert warning.startswith("stage 'dedup': fields: 'txt' is in none of the index's first ")
+    assert "(did you mean 'text'?), so it adds nothing to the text compared" in warning
+    only = Pipeline.from_file(write_config(config.read_text().replace("[title, txt]", "[txt]"), "only.yaml"))
+    only.warm_up()
+    assert "so every document's text is empty: nothing is compared and nothing dropped" in only.warnings[0]
