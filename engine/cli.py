@@ -795,7 +795,7 @@ def schema_command(
         sys.stdout.write(json.dumps(schema, indent=2) + "\n")
         return
     write_json_atomic(out_file, schema)
-    branches = len(schema["properties"]["stages"]["items"].get("oneOf", []))
+    branches = len(schema["else"]["properties"]["stages"]["items"]["oneOf"])  # a complete config's stage union
     err.print(f"[green]✓[/green] schema with {branches} stage types written to {escape(str(out_file))}")
 
 

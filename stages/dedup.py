@@ -206,8 +206,11 @@ class MinHashIndexSettings(ComponentSettings):
 
 @register_index_component
 class MinHashComponent(IndexComponent):
-    """Every document's MinHash signature, signed once at build time, for ``dedup.near_duplicate`` with
-    ``method: minhash`` and the same settings (it signs each candidate per query otherwise)."""
+    """Every document's MinHash signature, signed once when the index is built, for dedup.near_duplicate.
+
+    The stage reads them under ``method: minhash`` when its fields, shingle_size, num_perm and seed are the ones the
+    index was built with (and the shingling is this version's); otherwise it signs each candidate per query, and says
+    so at warm-up."""
 
     name = MINHASH_COMPONENT
     Settings = MinHashIndexSettings

@@ -632,6 +632,11 @@ _ENTITY_CHUNK = 4096  # about how many documents the entities build reads, extra
 
 @register_index_component
 class EntitiesComponent(IndexComponent):
+    """Every document's named entities (spaCy NER and an analyst gazetteer), found once when the index is built.
+
+    boost.entity_consistency compares them with the query's, which rules and a stage's ``when`` read too, found with
+    this component's model and gazetteer."""
+
     name = "entities"
     Settings = EntitiesIndexSettings
 

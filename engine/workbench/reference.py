@@ -29,6 +29,26 @@ WIDTH = 100
 
 
 @dataclass(frozen=True)
+class ChosenComponent:
+    """An index component a stage reads only under one value of one of its params, and only when the component was
+    built with the stage's own settings of the same names (else the stage computes the same per query): what the
+    stage's params cannot say (its ``component`` parameter names the component it reads otherwise)."""
+
+    parameter: str  # method
+    value: str  # minhash
+    component: str  # minhash
+    holds: str  # what the component holds for the stage: signatures
+
+
+# dedup.near_duplicate reads the minhash component's signatures under method: minhash when they were signed with its own
+# fields, shingle_size, num_perm and seed (stages/dedup.py: index_signatures_mismatch, and it warns at warm-up when they
+# were not); under method: embedding, the vectors of the dense component its ``component`` names
+CHOSEN_COMPONENTS: dict[str, ChosenComponent] = {
+    "dedup.near_duplicate": ChosenComponent("method", "minhash", "minhash", "signatures"),
+}
+
+
+@dataclass(frozen=True)
 class ParamRow:
     """One parameter as the reference lists it."""
 
@@ -183,8 +203,12 @@ def parameter_rows(model: type[BaseModel], prefix: str = "") -> list[ParamRow]:
 
 
 def _summary(cls: type) -> str:
-    lines = (cls.__doc__ or "").strip().splitlines()
-    return " ".join((getattr(cls, "summary", None) or (lines[0] if lines else "")).split())
+    """A class's one-line summary: its ``summary``, else the first paragraph of its docstring (whole: a sentence
+    wrapped over two lines is not cut), as plain text (RST's ``literal`` marks dropped)."""
+    text = getattr(cls, "summary", None)
+    if not isinstance(text, str) or not text.strip():
+        text = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(text.replace("``", "").split())
 
 
 def stage_section(type_ref: str) -> Section:
@@ -196,21 +220,64 @@ def stage_section(type_ref: str) -> Section:
     except UnknownStageType as exc:
         raise SieveError(exc.message) from None
     return Section(cls.qualified_name(), _summary(cls), f"params of a stage with type: {cls.type_name}",
-                   tuple(parameter_rows(cls.Params)), tuple(_index_notes(cls.Params)))
+                   tuple(parameter_rows(cls.Params)), tuple(_index_notes(cls.type_name, cls.Params)))
 
 
-def _index_notes(params: type[BaseModel]) -> list[str]:
-    """For a stage that reads an index component (its ``component`` parameter): the settings that component was built
-    with, which the stage cannot change."""
+def _names(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _other_values(params: type[BaseModel], chosen: ChosenComponent) -> str:
+    """The values of ``chosen.parameter`` under which the stage reads its ``component`` parameter's component."""
+    field = params.model_fields.get(chosen.parameter)
+    arms, _ = _arms(field.annotation) if field is not None else ((), False)
+    values = [str(v) for arm in arms if typing.get_origin(arm) is Literal for v in typing.get_args(arm)
+              if v != chosen.value]
+    return " or ".join(values) if values else f"other than {chosen.value}"
+
+
+def _index_notes(type_name: str, params: type[BaseModel]) -> list[str]:
+    """For a stage that reads an index component (its ``component`` parameter's, or one chosen by another parameter):
+    the settings that component was built with, which the stage cannot change. A setting that is also one of the
+    stage's own params (recall.dense's model, dedup's fields) is the stage's, whose description says how it relates
+    to the index's: it is not listed as fixed. A component read only when it was built with the stage's own settings
+    (dedup's minhash) says so."""
     from engine.index import component_read_by
+    from engine.registry import UnknownStageType, resolve_component
 
+    own = set(params.model_fields)
+    chosen = CHOSEN_COMPONENTS.get(type_name)
+    notes = []
     component = component_read_by(params)
-    if component is None:
-        return []
-    names = ", ".join(component.Settings.model_fields)
-    return [f"{names}: settings of the index's {component.name} component, fixed when the index is built "
-            f"(sieve index --settings FILE, see 'index component {component.name}'); to compare values, build an "
-            f"index per value and sweep them: sieve sweep CONFIG --set 'index=[dirA, dirB]'"]
+    if component is not None:
+        settings = list(component.Settings.model_fields)
+        fixed = [name for name in settings if name not in own]
+        shared = [name for name in settings if name in own]
+        where = (f"sieve index --settings FILE, see 'index component {component.name}'); to compare values, build "
+                 "an index per value and sweep them: sieve sweep CONFIG --set 'index=[dirA, dirB]'")
+        also = ""
+        if shared:
+            also = (f"; {_names(shared)}, {'settings' if len(shared) > 1 else 'a setting'} of that component too, "
+                    f"{'are' if len(shared) > 1 else 'is'} this stage's own (below)")
+        if chosen is None:
+            notes.append(f"{', '.join(fixed)}: settings of the index's {component.name} component, fixed when the "
+                         f"index is built ({where}{also}")
+        else:
+            notes.append(f"with {chosen.parameter}: {_other_values(params, chosen)} the stage reads the index's "
+                         f"{component.name} component, whose {_names(fixed)} are fixed when the index is built "
+                         f"({where}{also}")
+    if chosen is not None:
+        try:
+            settings = list(resolve_component(chosen.component).Settings.model_fields)
+        except UnknownStageType:
+            return notes
+        notes.append(f"with {chosen.parameter}: {chosen.value} the stage reads the {chosen.holds} of the index's "
+                     f"{chosen.component} component (sieve index --with {chosen.component}, see 'index component "
+                     f"{chosen.component}') only when that was built with the same {_names(settings)} as this "
+                     f"stage's own (below); otherwise it computes the {chosen.holds} per query (and warns at warm-up "
+                     f"when the index's were built with other settings)")
+    return notes
 
 
 def component_section(name: str) -> Section:
@@ -223,9 +290,31 @@ def component_section(name: str) -> Section:
         hint = get_close_matches(name, known_components(), n=1)
         raise SieveError(f"unknown index component '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
                          + f"; known components: {', '.join(known_components())}") from None
-    return Section(f"index component {cls.name}", _summary(cls.Settings) or _summary(cls),
+    return Section(f"index component {cls.name}", _summary(cls) or _summary(cls.Settings),
                    f"set when the index is built: sieve index --with {cls.name} --settings FILE, "
-                   f"under '{cls.name}:' in FILE", tuple(parameter_rows(cls.Settings)))
+                   f"under '{cls.name}:' in FILE", tuple(parameter_rows(cls.Settings)), tuple(_readers(cls.name)))
+
+
+def _readers(component: str) -> list[str]:
+    """Which stage types read the component (by their ``component`` parameter's default, or under one value of
+    another parameter), and what a stage that reads it only when built with its own settings requires."""
+    from engine.index import component_read_by
+    from engine.registry import resolve_component, resolve_stage, stage_versions
+
+    readers, notes = [], []
+    for type_name, versions in stage_versions().items():
+        params = resolve_stage(f"{type_name}@{max(versions)}").Params
+        chosen = CHOSEN_COMPONENTS.get(type_name)
+        read = component_read_by(params)
+        if chosen is not None and chosen.component == component:
+            readers.append(f"{type_name} ({chosen.parameter}: {chosen.value})")
+            settings = list(resolve_component(component).Settings.model_fields)
+            notes.append(f"{type_name} uses these {chosen.holds} only when its own {_names(settings)} are the ones "
+                         f"the index was built with; otherwise it computes them per query (and warns at warm-up)")
+        elif read is not None and read.name == component:
+            readers.append(type_name + (f" ({chosen.parameter}: {_other_values(params, chosen)}, "
+                                        if chosen is not None else " (") + "its component parameter)")
+    return ([f"read by {_names(readers)}"] if readers else []) + notes
 
 
 def pipeline_section() -> Section:

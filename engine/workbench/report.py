@@ -9,6 +9,7 @@ stylesheet keeps it readable on paper (explanation trees open, colours kept, no 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,67 @@ def _history(query: dict[str, Any]) -> list[str]:
     return ["(text not stored)"] * int(count) if isinstance(count, int) else []
 
 
+def _evidence_text(item: Any) -> str:
+    """One item of a ``when``'s evidence as a line: ``query.text contains: matched 'vitamin'``, ``not ...``, ``expr ...``."""
+    if not isinstance(item, dict):
+        return str(item)
+    if "field" in item:
+        rest = ", ".join(f"{key} {json.dumps(value, ensure_ascii=False)}" for key, value in item.items()
+                         if key not in ("field", "op"))
+        return f"{item['field']} {item.get('op', '')}".rstrip() + (f": {rest}" if rest else "")
+    return "; ".join(f"{key} {value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+                     for key, value in item.items())
+
+
+def _quoted(ids: list[Any]) -> str:
+    return ", ".join(f"'{i}'" for i in ids)
+
+
+def _written_stages(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage entries of the config that ran (``config.resolved``: as written, merged onto its bases, with the
+    ``--set`` overrides; disabled stages included)."""
+    resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
+    stages = resolved.get("stages") if isinstance(resolved.get("stages"), list) else []
+    return [s for s in stages if isinstance(s, dict) and isinstance(s.get("id"), str)]
+
+
+def _disabled_rows(trace: dict[str, Any], written: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stages the config switched off (``enabled: false``), which the trace's ``stages`` leave out: per stage its
+    type, its inputs and readers as the config wrote them, and what its readers read in its place (the trace's
+    ``disabled``; a trace written before it was recorded: the resolved config's ``enabled: false``, readers unknown).
+    ``after``: the position in the trace's stages after which the row belongs (after the last stage read in its
+    place, -1: first), so that the table reads in the order the stages ran."""
+    by_id = {s["id"]: s for s in written}
+    recorded = trace.get("disabled")
+    if isinstance(recorded, dict):
+        instead: dict[str, list[Any] | None] = {
+            str(sid): (list(value) if isinstance(value, (list, tuple)) else None) for sid, value in recorded.items()}
+    else:
+        instead = {s["id"]: None for s in written if s.get("enabled") is False}
+    ran = [s.get("id") for s in trace.get("stages", [])]
+    order = {sid: k for k, sid in enumerate(by_id)}
+    rows = []
+    for sid in sorted(instead, key=lambda name: order.get(name, len(order))):
+        entry = by_id.get(sid, {})
+        inputs = list(entry.get("inputs") or [])
+        read_instead = instead[sid]
+        readers = [s["id"] for s in written if sid in (s.get("inputs") or [])]
+        who = f"its readers ({', '.join(readers)})" if readers else "its readers"
+        if read_instead is None:
+            effect = "what reads it reads its input in its place"
+        elif not readers and not read_instead:
+            effect = "nothing reads it"
+        elif read_instead:
+            effect = f"{who} read {_quoted(read_instead)} in its place"
+        else:
+            effect = f"{who} read no stage in its place (the query as asked)"
+        anchors = [ran.index(i) for i in (read_instead if read_instead is not None else inputs) if i in ran]
+        rows.append({"id": sid, "type": entry.get("type") or "-", "inputs": inputs, "readers": readers,
+                     "instead": read_instead, "effect": effect, "after": max(anchors, default=-1),
+                     "when": entry.get("when")})
+    return rows
+
+
 def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
     """Everything the template shows, computed from the trace (no pipeline, index or model needed)."""
     total_ms = float((trace.get("timing_ms") or {}).get("total") or 0.0)
@@ -114,6 +176,7 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
         stages.append({
             "id": stage.get("id"), "type": stage.get("type"), "inputs": stage.get("inputs", []),
             "status": stage.get("status", "ok"), "error": stage.get("error"), "when": stage.get("when"),
+            "evidence": [_evidence_text(item) for item in ((stage.get("when") or {}).get("evidence") or [])],
             "started_ms": float(stage.get("started_ms", 0.0)), "duration_ms": float(stage.get("duration_ms", 0.0)),
             "bar_left": 100.0 * float(stage.get("started_ms", 0.0)) / span,
             "bar_width": max(0.4, 100.0 * float(stage.get("duration_ms", 0.0)) / span),
@@ -171,8 +234,21 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
             shown = "(unchanged)"
         rewrites.append({"stage": stage["id"], "rewritten": shown})
     config = trace.get("config") or {}
+    written = _written_stages(config)
+    disabled = _disabled_rows(trace, written)
+    # the stage table: the stages that ran, in the order they ran, each disabled one after what its readers read
+    off = {row["id"] for row in disabled}
+    inputs_written = {entry["id"]: list(entry.get("inputs") or []) for entry in written}
+    rows: list[dict[str, Any]] = [{"disabled": True, **row} for row in disabled if row["after"] == -1]
+    for position, stage in enumerate(stages):
+        # the disabled stages this one was written to read, whose places its recorded inputs took
+        rows.append({"disabled": False, **stage, "read_for": [i for i in inputs_written.get(stage["id"], []) if i in off]})
+        rows.extend({"disabled": True, **row} for row in disabled if row["after"] == position)
+    bases = [base for base in config.get("extends") or [] if isinstance(base, dict)]
+    settings = [str(setting) for setting in config.get("set") or []]
     return {
         "trace": trace, "query": query, "config": config, "index": trace.get("index") or {},
+        "bases": bases, "settings": settings, "disabled": disabled, "stage_rows": rows,
         "models": trace.get("models", []), "stages": stages, "total_ms": total_ms, "results": results,
         "legend": list(colours.items()), "firings": firings, "prefilter_rules": prefilter_rules, "drops": drops,
         "rewrites": rewrites, "identities": _identity_rows(trace.get("models", [])), "history": _history(query),

@@ -5,6 +5,13 @@ The schema is generated from the same pydantic models the compiler validates wit
 one branch per registered stage type whose ``params`` is that type's own ``Params`` model. So an
 editor (e.g. the YAML language server) completes stage types and each type's parameters, and a
 new stage type appears in the schema as soon as it is registered.
+
+A config that ``extends`` a base is only what it changes (merged onto the base before it is validated:
+:func:`engine.compiler.resolve_extends`), so the schema takes it apart, on the presence of ``extends``
+(``if``/``else``): ``version`` and ``stages`` are then optional and a stage entry needs only its ``id``
+(``{id: final, params: {k: 3}}``, ``{id: floor, enabled: false}``), its params checked by name against
+its ``type`` when it names one; a complete config keeps the full validation (the ``else``: each stage
+entry one branch of the union on ``type``).
 """
 
 from __future__ import annotations
@@ -65,11 +72,11 @@ def pipeline_json_schema() -> dict[str, Any]:
     # stages: one branch per registered stage type, with its params
     fields: dict[str, Any] = {name: (info.annotation, info) for name, info in PipelineConfig.model_fields.items()}
     fields["stages"] = (list[stage_union], Field(min_length=1, description="the DAG's stages; each names a registered type"))  # type: ignore[valid-type]
-    # a config may extend a base in its directory (merged before it is validated: engine.compiler.resolve_extends);
-    # the schema describes a complete config, so a child's partial stage entries are not what it validates
-    fields["extends"] = (Optional[str], Field(None, description=(
+    # a config may extend a base in its directory (merged before it is validated: engine.compiler.resolve_extends):
+    # then it gives only what it changes (see _allow_extending)
+    fields["extends"] = (Optional[str], Field(None, min_length=1, description=(
         "a base config in this config's directory that this one is written over (mappings merge key by key, "
-        "stages by id)")))
+        "stages by id): with it, version and stages may be left out and a stage entry needs only its id")))
     model = create_model(
         "SievePipeline",
         __config__=ConfigDict(frozen=True, extra="forbid", title="Sieve pipeline"),
@@ -77,4 +84,75 @@ def pipeline_json_schema() -> dict[str, Any]:
         **fields,
     )
     schema = TypeAdapter(model).json_schema(mode="validation")
-    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
+    return {"$schema": JSON_SCHEMA_DIALECT, **_allow_extending(schema)}
+
+
+STAGE_ENTRY = "StageEntry"
+
+
+def _when_is_a_condition(defs: dict[str, Any]) -> None:
+    """Each stage branch's ``when`` a condition, not null: ``when:`` with nothing under it is refused (its lines
+    commented out would run the stage for every query; engine.config.StageSpec), in a complete config and in one that
+    extends a base alike (where ``--set stages.ID.when=null``, not the file, removes a base stage's)."""
+    for definition in defs.values():
+        when = definition.get("properties", {}).get("when") if definition.get("title", "").startswith("Stage_") else None
+        if isinstance(when, dict) and "anyOf" in when:
+            arms = [arm for arm in when.pop("anyOf") if arm != {"type": "null"}]
+            when.pop("default", None)
+            when.update(arms[0] if len(arms) == 1 else {"anyOf": arms})
+
+
+def _allow_extending(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (a complete config's) made to accept a config that extends a base as well, on the presence of
+    ``extends`` (``if``, ``else``). Every stage entry is a :data:`STAGE_ENTRY`: only ``id`` required (in a config
+    that extends a base, an entry merges into the base's stage of that id, or is appended: then the compiler requires
+    its ``type``), ``type`` one of the registered spellings, the envelope's keys as in a complete entry, and
+    ``params`` any mapping (it merges key by key into the base stage's, so a required param may be in the base) whose
+    keys, where the entry names its type, are that type's params. Without ``extends`` the ``else`` adds what a
+    complete config needs: ``version`` and ``stages`` required, each entry its type's branch, with every param
+    checked. The other top-level sections have no required keys, so a partial one validates as it is."""
+    defs = schema["$defs"]
+    _when_is_a_condition(defs)
+    stages = schema["properties"]["stages"]
+    union = stages.pop("items")
+    min_items = stages.pop("minItems", None)
+    branches = [defs[ref["$ref"].rsplit("/", 1)[-1]] for ref in union["oneOf"]]
+    spellings: list[str] = []
+    params_named = []
+    for branch in branches:
+        names = list(branch["properties"]["type"]["enum"])
+        spellings += names
+        params = branch["properties"]["params"]
+        if "$ref" in params:
+            params = defs[params["$ref"].rsplit("/", 1)[-1]]
+        params_named.append({
+            "if": {"properties": {"type": {"enum": names}}, "required": ["type"]},
+            "then": {"properties": {"params": {"propertyNames": {"enum": sorted(params.get("properties", {}))}}}},
+        })
+    envelope = branches[0]["properties"]
+    defs[STAGE_ENTRY] = {
+        "title": STAGE_ENTRY, "type": "object", "additionalProperties": False,
+        "description": ("a stage entry; in a config that extends a base, merged into the base's stage of the same id "
+                        "(whose type cannot change) or appended as a new stage (which needs a type)"),
+        "properties": {
+            **{key: value for key, value in envelope.items() if key not in ("type", "params")},
+            "type": {"title": "Type", "type": "string", "enum": spellings,
+                     "description": "a registered stage type, e.g. recall.bm25 or recall.bm25@1"},
+            "params": {"title": "Params", "type": "object",
+                       "description": "the stage type's parameters (merged key by key into a base stage's)"},
+        },
+        "required": ["id"],
+        "allOf": params_named,
+    }
+    stages["items"] = {"$ref": f"#/$defs/{STAGE_ENTRY}"}
+    complete: dict[str, Any] = {"properties": {"stages": {**({"minItems": min_items} if min_items is not None else {}),
+                                                          "items": union}}}
+    if "required" in schema:
+        complete["required"] = schema.pop("required")
+    extends = schema["properties"]["extends"]
+    extends.pop("default", None)
+    extends.pop("anyOf", None)
+    extends.update({"type": "string", "minLength": 1})
+    schema["if"] = {"required": ["extends"]}
+    schema["else"] = complete
+    return schema

@@ -73,6 +73,8 @@ def _resolve(name: str, base_dir: Path | None, purpose: str) -> ResolvedModel:
 
 @register_index_component
 class DenseComponent(IndexComponent):
+    """Every document's embedding by a bi-encoder, in a faiss index, which recall.dense searches and dedup reuses."""
+
     name = "dense"
     Settings = DenseIndexSettings
 

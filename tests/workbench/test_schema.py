@@ -30,7 +30,9 @@ def validator():
 def test_every_registered_stage_type_is_a_branch(validator):
     from engine.registry import known_stage_types
 
-    branches = validator.schema["properties"]["stages"]["items"]["oneOf"]
+    # a complete config's entries (the schema's `else`: without `extends`, see test_schema_extends.py)
+    union = validator.schema["else"]["properties"]["stages"]["items"]
+    branches = union["oneOf"]
     spellings = set()
     for branch in branches:
         definition = validator.schema["$defs"][branch["$ref"].split("/")[-1]]
@@ -38,7 +40,7 @@ def test_every_registered_stage_type_is_a_branch(validator):
         assert definition["additionalProperties"] is False
     assert set(known_stage_types()) <= spellings
     assert "recall.bm25@1" in spellings
-    assert validator.schema["properties"]["stages"]["items"]["discriminator"]["propertyName"] == "type"
+    assert union["discriminator"]["propertyName"] == "type"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
@@ -86,3 +88,14 @@ def test_every_top_level_setting_is_in_the_schema(validator):
     assert not list(validator.iter_errors(config))
     config["server"]["typo"] = True
     assert list(validator.iter_errors(config))
+
+
+def test_schema_out_counts_the_stage_types_it_wrote(tmp_path):
+    from engine.workbench.schema import pipeline_json_schema
+    from tests.workbench.conftest import run_sieve
+
+    out = tmp_path / "sieve.schema.json"
+    result = run_sieve("schema", "--out", out)
+    assert result.returncode == 0, result.stderr
+    count = len(pipeline_json_schema()["else"]["properties"]["stages"]["items"]["oneOf"])
+    assert count > 10 and f"schema with {count} stage types written" in result.stderr
