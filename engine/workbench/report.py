@@ -249,6 +249,7 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
     return {
         "trace": trace, "query": query, "config": config, "index": trace.get("index") or {},
         "bases": bases, "settings": settings, "disabled": disabled, "stage_rows": rows,
+        "warnings": [str(w) for w in trace.get("warnings") or []],
         "models": trace.get("models", []), "stages": stages, "total_ms": total_ms, "results": results,
         "legend": list(colours.items()), "firings": firings, "prefilter_rules": prefilter_rules, "drops": drops,
         "rewrites": rewrites, "identities": _identity_rows(trace.get("models", [])), "history": _history(query),

@@ -148,6 +148,16 @@ def test_a_whole_config_run_as_written_says_so(cli, bm25_index, write_config, tm
     assert fact(page, "config-disabled") == "none"
     assert not any(badge in page for badge in ('id="disabled-badge"', 'id="extends-badge"', 'id="set-badge"'))
     assert [status for _, status, _ in stage_rows(page)] == ["ok", "ok", "ok"]
+    assert fact(page, "warm-up-warnings") == "none"
+
+
+def test_what_warm_up_found_is_a_config_fact(cli, bm25_index, write_config, tmp_path):
+    """The trace keeps the warm-up warnings (a cap on a field no document has); the page left them out."""
+    config = write_config(chain(bm25_index), "cap.yaml")
+    trace, page = report_of(cli, config, tmp_path, "stages.final.params.max_per={field: sourc, n: 1}")
+    (warning,) = trace["warnings"]
+    assert "max_per.field 'sourc'" in warning
+    assert fact(page, "warm-up-warnings").startswith("stage 'final': max_per.field 'sourc': none of the index's first")
 
 
 def test_a_when_that_holds_is_shown_with_its_evidence(cli, bm25_index, write_config, tmp_path):
