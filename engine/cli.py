@@ -7,6 +7,7 @@ Bad input ends in a one-paragraph message and a non-zero exit, never a stack tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -666,6 +667,164 @@ def eval_command(
         ("--run-out", run_out, lambda: write_trec_run(report.run, run_out, tag=tag), f"run written to {run_out}"),
         ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),
     ], quiet=as_json)
+
+
+@app.command("batch")
+def batch_command(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    queries_file: Annotated[Path, typer.Argument(help="JSONL, a query a line: {\"id\", \"text\"} and optionally "
+                                                 "\"history\", \"user\", \"as_of\", \"language\"; or a BEIR queries.jsonl")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="results JSONL, a line per query in input order "
+                                           "(written as OUT.partial, renamed when every query is done)")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted batch's OUT.partial (its config, "
+                                         "index, queries, --top and default user must be the same)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT (once the new one is "
+                                            "complete); without --resume, discard an interrupted batch's "
+                                            "OUT.partial")] = False,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, help="write each query's first N results (default: "
+                                               "all the pipeline returns)")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="queries run at once, on threads sharing "
+                                         "one pipeline; lines are still written in input order")] = 1,
+    user: UserOption = None,
+    role: RoleOption = None,
+    group: GroupOption = None,
+    jurisdiction: JurisdictionOption = None,
+    attribute: AttributeOption = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="query time, ISO 8601, for the lines that give none (default: when the batch starts, one "
+        "time for all; a resumed batch keeps its own)")] = None,
+    index_dir: IndexOption = None,
+    settings: SetOption = None,
+    log: Annotated[Optional[Path], typer.Option("--log", help="trace log (default: the config's trace.log)")] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="do not append the traces to a log")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Run a file of queries through one pipeline, offline: a results line per query, each trace logged.
+
+    The whole file is checked first (every problem at once, FILE:LINE; nothing runs). A query whose run fails
+    (a stage under on_error: fail) gets an error line and the batch goes on (exit 1 at the end). Ctrl-C or
+    SIGTERM stop after the line in hand, leaving OUT.partial for --resume. The user options and --as-of are the
+    defaults for lines that give no user or as_of."""
+    from engine.index import manifest_sha256_of
+    from engine.pipeline import Pipeline
+    from engine.stage import Port
+    from engine.trace import atomic_write_target, write_json_atomic
+    from engine.workbench import batch
+
+    if log is not None and no_log:
+        raise SieveError("--log and --no-log together: give one")
+    _output_file(out_file, "--out")
+    target = atomic_write_target(out_file)  # through a symlink: its target (the partial file goes beside it)
+    partial, sidecar = batch.partial_path(target), batch.sidecar_path(target)
+    written_to = {os.path.realpath(p) for p in (target, partial, sidecar)}
+    for option, path in (("the queries file", queries_file), ("--log", log)):
+        if path is not None and os.path.realpath(path) in written_to:
+            raise SieveError(f"--out {out_file} would write over {option} {path}")
+    if log is not None and os.path.realpath(log) == os.path.realpath(queries_file):
+        raise SieveError(f"--log {log} is the queries file: the traces would be appended to it")
+    _writable_file(log, "--log")
+    if target.exists() and not overwrite:
+        raise SieveError(f"--out {out_file} exists (a finished batch's results): give --overwrite to replace it (it "
+                         "is replaced only once the new batch is complete), or another --out")
+    interrupted = partial.exists() and (partial.stat().st_size > 0 or sidecar.exists())
+    if interrupted and not resume and not overwrite:
+        raise SieveError(f"a previous batch writing {out_file} was interrupted: {partial} holds the results it wrote. "
+                         "Continue it with the same command and --resume, or discard it with --overwrite")
+    recorded = batch.read_sidecar(target) if interrupted and resume else None
+    if resume and recorded is None:
+        err.print(f"[dim]no interrupted batch to resume (no {escape(str(partial))}): starting the batch[/dim]")
+    asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
+    default_as_of = asked.as_of
+    if default_as_of is None and recorded is not None:
+        default_as_of = _parse_time(recorded.get("as_of"), f"the as_of recorded in {sidecar}")
+    if default_as_of is None:
+        default_as_of = datetime.now(timezone.utc)  # one time for the whole batch: reproducible results
+    if default_as_of.tzinfo is None:
+        default_as_of = default_as_of.replace(tzinfo=timezone.utc)  # as a query reads it
+
+    pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
+    queries = batch.read_queries(queries_file, pipeline, asked.user, default_as_of)
+    if queries.with_history and not any(stage.produces is Port.QUERY for stage in pipeline.compiled.stages.values()):
+        err.print(f"[yellow]warning:[/yellow] {queries.with_history} queries give a history, but this pipeline has no "
+                  "query-rewriting stage (rewrite.coreference): it is recorded in the traces but does not change the "
+                  "queries")
+    manifest = manifest_sha256_of(Path(pipeline.index_path)) if pipeline.index_path is not None else None
+    identity = batch.batch_identity(queries, pipeline, manifest, asked.user, default_as_of, top)
+    if recorded is not None:
+        differences = batch.sidecar_differences(recorded, identity)
+        if differences:
+            raise SieveError(f"cannot resume {partial}: " + "; ".join(differences) + ". Resume it with what it "
+                             "started with, or discard it with --overwrite")
+
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    fd = batch.lock_partial(partial, fresh=recorded is None)
+    written = batch.Written()
+    running = False  # once queries run, a failure keeps what was written, for --resume
+    try:
+        if recorded is None:
+            write_json_atomic(sidecar, identity)
+        else:
+            written = batch.read_partial(fd, partial, queries)
+        pipeline.warm_up()
+        _print_warnings(pipeline.warnings)
+        index = pipeline.resources.index if pipeline.resources is not None else None
+        if index is not None and manifest is not None and index.manifest_sha256 != manifest:
+            raise SieveError(f"the index at {index.path} was rebuilt while the batch started (manifest {manifest[:12]} "
+                             f"then {index.manifest_sha256[:12]}); run the batch again")
+        label = f"batch {queries_file.name}"
+        running = True
+        with batch.stop_on_signals() as stop, _progress_bar(label) as progress:
+            task = progress.add_task(label, total=len(queries.ids), completed=written.lines)
+            summary = batch.run_batch(
+                pipeline, queries, target, fd, written, default_user=asked.user, default_as_of=default_as_of, top=top,
+                workers=workers, log=log, no_log=no_log, stop=stop, progress=lambda step: progress.advance(task, step))
+    except BaseException as exc:
+        if recorded is None and os.fstat(fd).st_size == 0:  # nothing written: leave nothing behind
+            for path in (partial, sidecar):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        if not running:
+            raise
+        keep = (f"the results written so far are kept in {partial}: continue with the same command and --resume")
+        if isinstance(exc, SieveError):
+            kept = SieveError(f"{exc}\n{keep}")
+            kept.exit_code = exc.exit_code
+            raise kept from None
+        err.print(f"[yellow]{escape(keep)}[/yellow]")
+        raise
+    finally:
+        os.close(fd)
+
+    document = summary.to_json()
+    if as_json:
+        out.print_json(json.dumps(document))
+    else:
+        latency = summary.latency_ms
+        out.print(
+            f"{summary.queries} queries: {summary.run} run, {summary.resumed} resumed (already written), "
+            f"{'[red]' if summary.failed else ''}{summary.failed} failed{'[/red]' if summary.failed else ''}, "
+            f"{summary.empty} empty, {summary.degraded} degraded; latency per query run p50 {latency['p50']:.2f} ms, "
+            f"p95 {latency['p95']:.2f}, mean {latency['mean']:.2f} ({summary.wall_s:.1f} s, {summary.workers} "
+            f"worker{'s' if summary.workers != 1 else ''})")
+        out.print(f"asked as {escape(_who(summary.user))} at {escape(summary.as_of)} (for the lines giving none); "
+                  f"traces: {escape(summary.trace_log) if summary.trace_log else 'not logged'}")
+        for failure in summary.failures:
+            out.print(f"[red]✗[/red] {escape(failure['id'])} ({escape(str(queries_file))}:{failure['line']}): "
+                      f"{escape(failure['error'])}")
+        if summary.failed > len(summary.failures):
+            out.print(f"  ... and {summary.failed - len(summary.failures)} more failed (their lines hold \"error\")")
+        if summary.complete:
+            out.print(f"[green]✓[/green] results written to {escape(str(out_file))}")
+    if not summary.complete:
+        err.print(f"[yellow]stopped by {summary.stopped_by}[/yellow] after {summary.resumed + summary.run} of "
+                  f"{summary.queries} queries: the results so far are in {escape(str(partial))}; continue with the "
+                  "same command and --resume")
+        raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
+    if summary.failed:
+        err.print(f"[red]error:[/red] {summary.failed} of {summary.queries} queries failed (their lines in "
+                  f"{escape(str(out_file))} hold \"error\" and no results)")
+        raise typer.Exit(1)
 
 
 @app.command("sweep")
