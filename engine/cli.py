@@ -1,5 +1,5 @@
-"""The ``sieve`` command line: validate, index, search, replay, trace verify, and the analyst workbench
-(eval, compare, explain, report, schema; implemented in :mod:`engine.workbench`).
+"""The ``sieve`` command line: validate, index, search, batch, serve, replay, trace verify, rules, and the analyst
+workbench (eval, sweep, compare, explain, report, schema; implemented in :mod:`engine.workbench`).
 
 Bad input ends in a one-paragraph message and a non-zero exit, never a stack trace
 (set SIEVE_DEBUG=1 to see one for an internal error).
