@@ -180,6 +180,9 @@ def main() -> None:
     index_info = ensure_index(args.data, args.index, args.rebuild)
     manifest = index_info.pop("manifest")
     index_info["dense"] = {k: v for k, v in manifest["components"]["dense"].items() if k != "settings"}
+    if not index_info["reused"]:  # the build's timings lie beside the manifest (build.json), not in it
+        built = json.loads((Path(args.index) / "build.json").read_text(encoding="utf-8"))
+        index_info["dense"]["embed_seconds"] = built["components"]["dense"]["seconds"]
     index_info["manifest_files_sha256"] = {k: v for k, v in manifest["files"].items() if k.startswith("dense/")}
     data = load_beir(args.data, args.split)
     results = {}

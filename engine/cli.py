@@ -140,13 +140,29 @@ def index(
     keep_previous: Annotated[bool, typer.Option(
         "--keep-previous", help="move the index replaced aside to OUT.<sha12 of its manifest> (for replaying its "
         "traces with --index) instead of deleting it")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache", metavar="DIR", help="build cache directory for the dense embeddings and entities (default: "
+        ".OUT.build-cache beside --out, deleted after a successful build). A cache named here is kept (remove it "
+        "yourself), reused by later builds (of any --out) for every batch whose documents, model and settings are "
+        "unchanged, and may be shared by builds running at once")] = None,
+    keep_cache: Annotated[bool, typer.Option(
+        "--keep-cache", help="keep the default build cache after a successful build (pruned to that build's "
+        "entries), so that a rebuild after a corpus change embeds only the batches that changed")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="build without a cache: an interrupted build then starts over")] = False,
 ) -> None:
     """Build an index (document store + components such as bm25) from a BEIR corpus. One build of an --out runs
-    at a time: a second one started meanwhile fails at once."""
+    at a time: a second one started meanwhile fails at once.
+
+    Costly work (dense embeddings, spaCy entities) is kept in a build cache as it is done: after a failure, Ctrl-C,
+    SIGTERM or a kill, the same command run again resumes where it stopped. The index is the same, byte for byte,
+    with or without a cache."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from engine.index import build_index, kept_copy, load_index_settings, manifest_sha256_of
 
+    if no_cache and (cache_dir is not None or keep_cache):
+        raise SieveError(f"--no-cache cannot be given with {'--cache' if cache_dir is not None else '--keep-cache'}")
     settings = load_index_settings(settings_file, components or ["bm25"], language=language)
 
     with Progress(
@@ -160,8 +176,12 @@ def index(
                 tasks[task] = progress.add_task(task, total=total)
             progress.advance(tasks[task], advance)
 
+        def note(message: str) -> None:
+            progress.console.print(f"  {escape(message)}")
+
         previous = manifest_sha256_of(out_dir) if keep_previous else None
-        manifest = build_index(corpus, out_dir, settings, report, keep_previous=keep_previous)
+        manifest = build_index(corpus, out_dir, settings, report, keep_previous=keep_previous,
+                               cache=False if no_cache else cache_dir, keep_cache=keep_cache, notes=note)
     out.print(
         f"[green]✓[/green] indexed {manifest['corpus']['doc_count']} documents into {escape(str(out_dir))} "
         f"(components: {', '.join(manifest['components'])})"

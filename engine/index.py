@@ -19,6 +19,11 @@ refused before any work is done, and again at swap time. A failed, interrupted (
 terminated (SIGTERM) build removes its staging directory; those of dead processes are removed by
 the next build. Opening verifies the manifest's structure and (by default) every file's hash, and
 a damaged document store is reported when read, so a corrupt index is reported, never half-used.
+
+What is costly to compute per document (dense embeddings, spaCy entities) is kept, a batch at a time, in a build
+cache (:class:`BuildCache`; ``.NAME.build-cache`` beside the index unless another directory is named) that outlives a
+failed or killed build: the same build run again resumes where it stopped. Entries are keyed by the sha256 of all that
+decides them and checked when read, so the index is the same, byte for byte, with or without a cache.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, ValidationError
 
@@ -97,6 +102,9 @@ class IndexComponent:
 
     name: ClassVar[str]
     Settings: ClassVar[type[ComponentSettings]] = ComponentSettings
+    # True: ``build`` takes a ``cache`` keyword (a BuildCacheSection, or None when the build has no cache) in which
+    # it keeps its costly per-batch work, so that a build run again after a failure does not redo it
+    uses_build_cache: ClassVar[bool] = False
 
     def build(
         self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
@@ -105,7 +113,9 @@ class IndexComponent:
 
         ``documents`` is a read-only sequence in row order; :func:`build_index` passes a :class:`StoredDocuments`,
         which reads them from the document store as they are iterated or sliced: walk it (in batches) rather than
-        copying it whole, and the build holds no more than the component's own structures."""
+        copying it whole, and the build holds no more than the component's own structures. What the manifest records
+        must be the same for the same documents and settings (no timings: :func:`build_index` times each component
+        into ``build.json``), and nothing may depend on whether work came from a build cache."""
         raise NotImplementedError
 
 
@@ -263,6 +273,9 @@ def build_index(
     progress: Progress = _no_progress,
     *,
     keep_previous: bool = False,
+    cache: Path | Literal[False] | None = None,
+    keep_cache: bool = False,
+    notes: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build an index with the named components (``{"bm25": {settings}}``) and swap it in atomically.
 
@@ -273,19 +286,39 @@ def build_index(
     Only one build of ``out_dir`` runs at a time: another one running is a SieveIndexError at once
     (``.NAME.lock``, see :func:`_acquire_build_lock`). ``keep_previous``: the index replaced is moved to
     ``NAME.<sha12 of its manifest>`` beside it (see :func:`kept_copy`) instead of being deleted.
+
+    Components whose per-document work is costly (dense embeddings, spaCy entities) keep it in a build cache
+    (:class:`BuildCache`), so a build that failed or was interrupted resumes where it stopped when run again:
+    ``cache`` None is ``.NAME.build-cache`` beside ``out_dir`` (kept after a failure, deleted after success unless
+    ``keep_cache``), a path names a cache of your own (kept, and may be shared by builds of other outputs), False
+    builds without one. The index built is the same with or without a cache, byte for byte. ``notes`` receives
+    what a user should read: cache entries found corrupt (recomputed), how much came from the cache.
     """
     resolved = {name: (cls(), settings) for name, (cls, settings) in check_index_settings(components).items()}
     corpus_file = corpus_path(corpus).absolute()
     out_dir = _output_path(out_dir)
     _check_target(out_dir)
+    say = notes if notes is not None else _no_note
+    cached_components = [name for name, (component, _) in resolved.items() if component.uses_build_cache]
+    build_cache: BuildCache | None = None
+    if cache is not False and cached_components:
+        explicit = cache is not None
+        cache_dir = _cache_path(Path(cache)) if explicit else default_cache_path(out_dir)
+        check_cache_directory(cache_dir, out_dir)
+        build_cache = BuildCache(cache_dir, default=not explicit, notes=say)
+    elif cache is not None and cache is not False:
+        say(f"no component being built ({', '.join(resolved)}) uses a build cache: {cache} is not used")
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
     created: list[Path] = []
     lock: list[tuple[int, Path]] = []
+    timings: dict[str, dict[str, Any]] = {}
     with _TerminationAsExit():
         try:
             _make_directories(out_dir, staging.parent, created)
             lock.append(_acquire_build_lock(out_dir))
             _remove_stale_builds(out_dir)
+            if build_cache is not None:
+                build_cache.open()
             _make_directories(out_dir, staging, created)
             # one streaming pass: each document is checked and stored as it is read (the corpus hashed on the way);
             # the components then read the stored documents back in batches, never the whole corpus at once
@@ -298,7 +331,13 @@ def build_index(
                 for name, (component, settings) in resolved.items():
                     component_dir = staging / name
                     component_dir.mkdir()
-                    recorded = component.build(documents, component_dir, settings, progress)
+                    began = time.perf_counter()
+                    if component.uses_build_cache:
+                        section = build_cache.section(name) if build_cache is not None else None
+                        recorded = component.build(documents, component_dir, settings, progress, cache=section)
+                    else:
+                        recorded = component.build(documents, component_dir, settings, progress)
+                    timings[name] = {"seconds": round(time.perf_counter() - began, 2)}
                     manifest_components[name] = {"settings": settings.model_dump(mode="json"), **recorded}
             finally:
                 documents.close()
@@ -322,20 +361,476 @@ def build_index(
                 json.dump(manifest, handle, indent=2, sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())
+            # what differs from one build to the next (when, how long, what the cache gave) goes beside the manifest
+            info: dict[str, Any] = {"created_at": datetime.now(timezone.utc).isoformat(), "engine_version": __version__,
+                                    "components": timings}
+            if build_cache is not None:
+                info["build_cache"] = build_cache.summary()
             with open(staging / BUILD_INFO, "w", encoding="utf-8") as handle:
-                json.dump({"created_at": datetime.now(timezone.utc).isoformat(), "engine_version": __version__},
-                          handle, indent=2, sort_keys=True)
+                json.dump(info, handle, indent=2, sort_keys=True)
             _swap_in(staging, out_dir, keep_previous)
         except (OSError, sqlite3.OperationalError) as exc:
+            _close_cache_after_failure(build_cache)
             _discard(staging, created, lock)
             raise SieveIndexError(
                 f"cannot build the index at {out_dir}: {_io_reason(exc)}; any previous index there is unchanged"
+                + _resume_hint(build_cache)
             ) from exc
-        except BaseException:
+        except BaseException:  # a SieveError, Ctrl-C, SIGTERM (SystemExit): the cache's entries are kept to resume from
+            _close_cache_after_failure(build_cache)
             _discard(staging, created, lock)
+            hint = _resume_hint(build_cache)
+            if hint:
+                say(hint[2:])
             raise
-        _release_build_lock(lock)
+        try:  # still under the build lock: no build of this output starts on its default cache meanwhile
+            if build_cache is not None:
+                build_cache.close_after_success(keep=keep_cache)
+        finally:
+            _release_build_lock(lock)
     return manifest
+
+
+def _no_note(message: str) -> None:
+    return None
+
+
+def _close_cache_after_failure(build_cache: "BuildCache | None") -> None:
+    if build_cache is not None:
+        build_cache.close_after_failure()
+
+
+def _resume_hint(build_cache: "BuildCache | None") -> str:
+    """For a failed build's message: the cache entries kept, and how to use them."""
+    if build_cache is None or not build_cache.kept_entries:
+        return ""
+    return (f"; the build cache {build_cache.path} keeps what was computed ({build_cache.kept_entries} entries): "
+            "run the same command again to resume")
+
+
+# --------------------------------------------------------------------------- build cache
+
+BUILD_CACHE_FORMAT = "sieve.build-cache/1"
+CACHE_MARKER = "sieve-build-cache.json"  # what makes a directory a build cache (and one a build may delete)
+_CACHE_LOCK = ".lock"
+_CACHEDIR_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: backup tools skip the directory
+_CACHEDIR_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55\n"
+_ENTRY_MAGIC = b"SIEVE-BUILD-CACHE-ENTRY/1\n"
+_ENTRY_TEMPORARY = re.compile(r"\.tmp-([0-9]{1,10})-([0-9]+)-[0-9a-f]*")
+_DAMAGE_NOTES = 5  # damaged entries named one by one; the others are counted in the summary
+
+
+def default_cache_path(out_dir: Path) -> Path:
+    """Where a build of ``out_dir`` keeps its costly work unless told otherwise: ``.NAME.build-cache`` beside it."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.build-cache"
+
+
+def _cache_path(path: Path) -> Path:
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+        raise SieveIndexError(f"cannot use the build cache {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def check_cache_directory(path: Path, out_dir: Path) -> None:
+    """Refuse, before any work, a build cache that cannot be used: inside the index directory (a build replaces
+    that), a file, under a file, a directory holding anything but a Sieve build cache (a build may delete a cache:
+    never a user's folder), or a place that cannot be written."""
+
+    def refuse(why: str) -> None:
+        raise SieveIndexError(f"cannot use the build cache {path}: {why}")
+
+    if path == out_dir or out_dir in path.parents:
+        refuse(f"it is inside the index directory {out_dir}, which a build replaces; choose a directory outside it")
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as exc:
+        refuse(exc.strerror or str(exc))
+    if mode is None:  # to be created: its nearest existing ancestor must be a directory we may write in
+        for ancestor in path.parents:
+            try:
+                ancestor_mode = os.stat(ancestor).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                refuse(f"{ancestor}: {exc.strerror or exc}")
+            if not stat.S_ISDIR(ancestor_mode):
+                refuse(f"{ancestor} is a file, not a directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                refuse(f"it cannot be created in {ancestor} (permission denied)")
+            return
+        return
+    if not stat.S_ISDIR(mode):
+        refuse("it is a file, not a directory")
+    why = _not_a_cache(path)
+    if why is not None:
+        refuse(why)
+    if not os.access(path, os.W_OK | os.X_OK):
+        refuse("it cannot be written (permission denied)")
+
+
+def _not_a_cache(directory: Path) -> str | None:
+    """Why ``directory`` is not a Sieve build cache a build may use (None: it is one, or is empty)."""
+    marker = directory / CACHE_MARKER
+    try:
+        if not marker.is_file():
+            # empty, or what a build starting on it at this very moment makes first (its lock, the marker's
+            # temporary, the tag; the marker itself, renamed into place since it was looked for)
+            made = (_CACHE_LOCK, _CACHEDIR_TAG, CACHE_MARKER)
+            others = [p for p in directory.iterdir() if p.name not in made and not _ENTRY_TEMPORARY.fullmatch(p.name)]
+            return None if not others else (f"it holds other files and no {CACHE_MARKER}; choose a new or empty "
+                                             "directory (a build may delete its cache, so Sieve never takes a folder "
+                                             "holding anything else)")
+        recorded = json.loads(marker.read_bytes()[: 1 << 16])
+    except OSError as exc:
+        return f"it cannot be read: {exc.strerror or exc}"
+    except (ValueError, RecursionError):
+        return f"its {CACHE_MARKER} is not JSON; remove the directory or choose another one"
+    found = recorded.get("format") if isinstance(recorded, dict) else None
+    if found != BUILD_CACHE_FORMAT:
+        return (f"it is a build cache of another format ({found!r}, this Sieve writes {BUILD_CACHE_FORMAT}); "
+                "remove it or choose another directory")
+    return None
+
+
+def _entry_problem(data: bytes, section: str, key: str) -> tuple[str | None, bytes]:
+    """What is wrong with a cache entry's bytes (None: nothing), and its payload."""
+    if not data.startswith(_ENTRY_MAGIC):
+        return ("empty" if not data else "not a build cache entry"), b""
+    start = len(_ENTRY_MAGIC) + 4
+    if len(data) < start:
+        return "cut short", b""
+    header_end = start + int.from_bytes(data[len(_ENTRY_MAGIC) : start], "big")
+    if header_end > len(data):
+        return "cut short", b""
+    try:
+        header = json.loads(data[start:header_end])
+        size, checksum = int(header["payload_bytes"]), str(header["payload_sha256"])
+        stored_key, stored_section = header["key"], header["section"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return "its header is damaged", b""
+    if stored_key != key or stored_section != section:
+        return f"it holds another entry ({stored_section} {str(stored_key)[:12]})", b""
+    payload = data[header_end:]
+    if len(payload) != size:
+        return f"cut short: {len(payload)} of {size} bytes", b""
+    if hashlib.sha256(payload).hexdigest() != checksum:
+        return "its content does not match its checksum", b""
+    return None, payload
+
+
+def _temporary_name(directory: Path) -> Path:
+    """A new file's name to write before renaming it into place: the writer's pid and time (a build that finds one of a
+    process gone removes it) and random hex (threads of one process, builds of one cache)."""
+    return directory / f".tmp-{os.getpid()}-{int(time.time() * 1000)}-{os.urandom(6).hex()}"
+
+
+def _write_file_atomically(path: Path, data: bytes, temporary: Path) -> None:
+    """Write ``data`` to ``temporary`` and rename it to ``path``: a reader sees all of it or nothing (a process killed
+    meanwhile leaves only the temporary, which the next build removes)."""
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+class BuildCacheSection:
+    """One component's entries in a :class:`BuildCache`: payloads (bytes) under keys that are the sha256 of everything
+    that determines them (:meth:`key`), verified when read (a damaged entry is recomputed, and the build says so),
+    written atomically. The component decides what one entry holds (a batch of its work) and counts its items."""
+
+    def __init__(self, cache: "BuildCache", name: str):
+        self.cache = cache
+        self.name = name
+        self.directory = cache.path / name
+        self.batches_reused = 0
+        self.items_reused = 0
+        self.batches_computed = 0
+        self.items_computed = 0
+        self.damaged = 0
+        self.used: set[str] = set()
+
+    def key(self, identity: dict[str, Any], members: Iterable[bytes]) -> str:
+        """The key of an entry: the sha256 of the cache format, this section, ``identity`` (JSON: the model and every
+        setting that changes the result) and the batch's ``members`` (each a digest of one item's input), in order."""
+        digest = hashlib.sha256(f"{BUILD_CACHE_FORMAT}\0{self.name}\0".encode())
+        digest.update(json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+        for member in members:
+            digest.update(b"\0" + len(member).to_bytes(4, "big") + member)
+        return digest.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / key
+
+    def get(self, key: str, items: int, decode: Callable[[bytes], Any]) -> Any:
+        """The decoded entry under ``key`` (counted as ``items`` reused), or None: none there, or a damaged one
+        (said, and counted). ``decode`` raises ValueError for a payload it cannot use."""
+        path = self._path(key)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            problem: str | None = f"it cannot be read: {exc.strerror or exc}"
+        else:
+            problem, payload = _entry_problem(data, self.name, key)
+            if problem is None:
+                try:
+                    value = decode(payload)
+                except ValueError as exc:
+                    problem = f"its content is unusable: {exc}"
+        if problem is not None:
+            self.damaged += 1
+            self.cache.damaged_entry(path, problem)
+            return None
+        self.batches_reused += 1
+        self.items_reused += items
+        self.used.add(key)
+        return value
+
+    def put(self, key: str, payload: bytes, items: int) -> None:
+        """Count ``items`` computed, and keep their ``payload`` under ``key`` (a failure to write is said once, and
+        the build goes on without the cache: it never fails a build)."""
+        self.batches_computed += 1
+        self.items_computed += items
+        self.used.add(key)
+        self.cache.write_entry(self._path(key), self.name, key, payload)
+
+    def summary(self) -> dict[str, int]:
+        return {"batches_reused": self.batches_reused, "items_reused": self.items_reused,
+                "batches_computed": self.batches_computed, "items_computed": self.items_computed,
+                "damaged_entries_recomputed": self.damaged}
+
+
+class BuildCache:
+    """A directory where index components keep their costly per-batch work (embeddings, entities) while a build
+    runs, so that the same build run again after a failure, Ctrl-C, SIGTERM or a kill resumes instead of starting
+    over; kept after a success, it makes a rebuild after a small corpus change recompute only what changed.
+
+    Layout: ``sieve-build-cache.json`` (the format: a build only uses or deletes a directory that has it), a
+    ``CACHEDIR.TAG``, ``.lock`` and ``<component>/<2 hex>/<key>`` entries. An entry's key is the sha256 of all
+    that determines its content (:meth:`BuildCacheSection.key`), so an entry is reused only where it is exactly what
+    the build would compute; each is written to a temporary file and renamed (never half there), carries the
+    sha256 of its content and is checked when read. Builds using the cache hold a shared ``flock`` on ``.lock``;
+    deleting or pruning it takes it exclusively, and is skipped while another build uses it, so builds of different
+    outputs may share one cache."""
+
+    def __init__(self, path: Path, *, default: bool, notes: Callable[[str], None]):
+        self.path = path
+        self.default = default  # .NAME.build-cache of the output being built: deleted after success unless kept
+        self._notes = notes
+        self._sections: dict[str, BuildCacheSection] = {}
+        self._lock_fd: int | None = None
+        self._created = False
+        self._opened = False
+        self._writable = True
+        self._damage_said = 0
+        self.entries_found = 0  # entries there when the build began
+        self.kept_entries = 0  # entries left after a failed build, for the next run
+
+    # ------------------------------------------------------------------ life cycle
+
+    def open(self) -> None:
+        """Create (or take) the directory, hold its shared lock, remove temporaries of dead builds."""
+        self._created = not self.path.exists()
+        try:
+            self._lock_fd = self._lock_shared()
+            why = _not_a_cache(self.path)
+            if why is not None:  # filled by someone else since the check
+                raise SieveIndexError(f"cannot use the build cache {self.path}: {why}")
+            marker = self.path / CACHE_MARKER
+            if not marker.is_file():
+                _write_file_atomically(marker, json.dumps({"format": BUILD_CACHE_FORMAT}).encode() + b"\n",
+                                       _temporary_name(self.path))
+                (self.path / _CACHEDIR_TAG).write_text(
+                    _CACHEDIR_SIGNATURE + "# a Sieve build cache: `sieve index` keeps its costly work here\n",
+                    encoding="utf-8")
+        except OSError as exc:
+            self._release()
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(self.path) else ""
+            raise SieveIndexError(f"cannot use the build cache {self.path}: {exc.strerror or exc}{where}") from None
+        except BaseException:
+            self._release()
+            raise
+        self._opened = True
+        self.entries_found = self._sweep(remove_dead=True)
+        if self.entries_found:
+            self._notes(f"build cache {self.path}: {self.entries_found} entries from earlier builds; those that "
+                        "match are reused")
+
+    def _lock_shared(self) -> int:
+        import fcntl
+
+        lock_path = self.path / _CACHE_LOCK
+        for _ in range(50):
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # deleted by a build as we created it: again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while another build deletes or prunes it (briefly)
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
+            os.close(fd)  # the cache was deleted meanwhile: make it again
+        raise SieveIndexError(f"cannot use the build cache {self.path}: it keeps being deleted by other builds")
+
+    def _lock_exclusively(self) -> bool:
+        """Whether no other build uses the cache now (the lock held becomes exclusive; False: left shared)."""
+        import fcntl
+
+        if self._lock_fd is None:
+            return False
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:  # BlockingIOError: held by another build; the shared lock may be lost: take it again
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                pass
+            return False
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _entry_files(self, top: bool = False) -> Iterator[os.DirEntry[str]]:
+        """Every file in the sections' directories (entries and temporaries); ``top``: the temporaries beside the
+        marker too."""
+        try:
+            listed = list(os.scandir(self.path))
+            sections = [e for e in listed if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        if top:
+            yield from (e for e in listed if _ENTRY_TEMPORARY.fullmatch(e.name))
+        for section in sections:
+            try:
+                shards = [e for e in os.scandir(section.path) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for shard in shards:
+                try:
+                    yield from (e for e in os.scandir(shard.path) if e.is_file(follow_symlinks=False))
+                except OSError:
+                    continue
+
+    def _sweep(self, remove_dead: bool = False) -> int:
+        """How many entries the cache holds; ``remove_dead``: remove temporaries of builds that died writing them."""
+        entries = 0
+        for entry in self._entry_files(top=remove_dead):
+            match = _ENTRY_TEMPORARY.fullmatch(entry.name)
+            if match is None:
+                entries += 1
+            elif remove_dead and not _process_exists(int(match.group(1)), int(match.group(2)) / 1000.0):
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+        return entries
+
+    def close_after_failure(self) -> None:
+        """Keep what was computed for the next run (a cache this build created and left empty is removed)."""
+        if not self._opened:  # the build failed before it used the cache (another build of --out running...)
+            return
+        self.kept_entries = self._sweep()
+        if self._created and not self.kept_entries and self._lock_exclusively():
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
+
+    def close_after_success(self, *, keep: bool) -> None:
+        """Say what came from the cache; then delete the default cache (unless ``keep``), or, kept, prune it to this
+        build's entries. A cache named by the user is left as it is (other builds may share it)."""
+        for section in self._sections.values():
+            total_batches = section.batches_reused + section.batches_computed
+            total_items = section.items_reused + section.items_computed
+            self._notes(
+                f"{section.name}: {section.batches_reused} of {total_batches} batches ({section.items_reused} of "
+                f"{total_items} texts) from the build cache, {section.batches_computed} computed"
+                + (f"; {section.damaged} damaged entries were recomputed" if section.damaged else ""))
+        try:
+            if not self.default:
+                self._notes(f"build cache {self.path} kept ({self._sweep()} entries); it is yours to remove")
+            elif not self._lock_exclusively():
+                self._notes(f"build cache {self.path} left as it is: another build is using it")
+            elif keep:
+                removed = self._prune()
+                self._notes(f"build cache {self.path} kept for the next build ({self._sweep()} entries"
+                            + (f"; {removed} no longer used removed)" if removed else ")"))
+            else:
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self._release()
+
+    def _prune(self) -> int:
+        """Remove the entries this build did not use (the default cache serves only its output: they are stale)."""
+        used = {key for section in self._sections.values() for key in section.used}
+        removed = 0
+        for entry in self._entry_files():
+            if entry.name not in used:
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    # ------------------------------------------------------------------ entries
+
+    def section(self, name: str) -> BuildCacheSection:
+        if name not in self._sections:
+            self._sections[name] = BuildCacheSection(self, name)
+        return self._sections[name]
+
+    def write_entry(self, path: Path, section: str, key: str, payload: bytes) -> None:
+        if not self._writable:
+            return
+        header = json.dumps({"format": BUILD_CACHE_FORMAT, "section": section, "key": key,
+                             "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()},
+                            sort_keys=True).encode()
+        data = _ENTRY_MAGIC + len(header).to_bytes(4, "big") + header + payload
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_file_atomically(path, data, _temporary_name(path.parent))
+        except OSError as exc:
+            self._writable = False
+            self._notes(f"cannot write to the build cache {self.path} ({_io_reason(exc)}): the build goes on "
+                        "without keeping its work there")
+
+    def damaged_entry(self, path: Path, problem: str) -> None:
+        self._damage_said += 1
+        if self._damage_said <= _DAMAGE_NOTES:
+            self._notes(f"build cache entry {path} is damaged ({problem}): recomputed")
+        elif self._damage_said == _DAMAGE_NOTES + 1:
+            self._notes("more damaged build cache entries are recomputed (counted in the summary)")
+
+    def summary(self) -> dict[str, Any]:
+        """What ``build.json`` records: where the cache was and, per component, what came from it."""
+        return {"path": str(self.path), "default_location": self.default, "entries_found": self.entries_found,
+                "sections": {name: section.summary() for name, section in self._sections.items()}}
 
 
 # --------------------------------------------------------------------------- settings

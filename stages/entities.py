@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 import unicodedata
@@ -55,7 +56,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue, MissingDependencyError, ModelLoadError, SieveIndexError, StageError
-from engine.index import ComponentSettings, Document, IndexComponent, Progress
+from engine.index import BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_index_component, register_stage
 from engine.stage import (
@@ -630,6 +631,61 @@ class EntitiesIndexSettings(ComponentSettings):
 _ENTITY_CHUNK = 4096  # about how many documents the entities build reads, extracts and writes at a time
 
 
+def _source_sha256(*modules: Any) -> str:
+    """The sha256 of the modules' source files: what a build cache of their results keys on (new code, new entries)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+# The code extracting entities, as imported (this module and the pattern matching it uses)
+_CODE_SHA256 = _source_sha256(sys.modules[__name__], sys.modules[compile_pattern.__module__])
+
+
+def _pipeline_sha256(package: str) -> str:
+    """The sha256 of a spaCy pipeline's files (a package's directory, or the pipeline directory given as a path)."""
+    import importlib.util
+
+    directory = Path(package)
+    if not directory.is_dir():
+        spec = importlib.util.find_spec(package)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            return "unknown"
+        directory = Path(locations[0])
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(directory)).encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _entities_cache_identity(extractor: EntityExtractor, settings: "EntitiesIndexSettings") -> dict[str, Any]:
+    """All besides a batch's texts that decides its entities: the build cache's key."""
+    from engine import __version__
+
+    return {
+        "what": "document entities", "engine": __version__, "code": _CODE_SHA256,
+        "spacy": extractor.spacy_version, "pipeline": extractor.package, "pipeline_version": extractor.model_version,
+        "pipeline_sha256": _pipeline_sha256(extractor.package), "ner": extractor.use_ner,
+        "han_text": extractor.han_text, "normalization": extractor.normalization,
+        "gazetteer_sha256": extractor.gazetteer.sha256 if extractor.gazetteer is not None else None,
+        "batch_size": settings.batch_size,
+    }
+
+
+def _entity_lines(payload: bytes, rows: int) -> list[str]:
+    """A build cache entry's lines of entities.jsonl (one per document of its batch); ValueError if it is not that."""
+    lines = payload.decode("utf-8").split("\n")
+    if len(lines) != rows:
+        raise ValueError(f"{len(lines)} documents' entities where the batch has {rows}")
+    for line in lines:
+        if not isinstance(json.loads(line), list):
+            raise ValueError("a document's entities are not a list")
+    return lines
+
+
 @register_index_component
 class EntitiesComponent(IndexComponent):
     """Every document's named entities (spaCy NER and an analyst gazetteer), found once when the index is built.
@@ -639,33 +695,45 @@ class EntitiesComponent(IndexComponent):
 
     name = "entities"
     Settings = EntitiesIndexSettings
+    uses_build_cache = True  # a batch's entities per entry, keyed by its texts
 
     def build(
-        self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
+        self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress,
+        cache: BuildCacheSection | None = None,
     ) -> dict[str, Any]:
         assert isinstance(settings, EntitiesIndexSettings)
         gazetteer = load_gazetteer(Path(settings.gazetteer).expanduser().resolve()) if settings.gazetteer else None
         extractor = load_extractor(settings.model, gazetteer, settings.ner)
+        identity = _entities_cache_identity(extractor, settings) if cache is not None else None
         total = len(documents)
         truncated: dict[int, int] = {}
         labels: Counter[str] = Counter()
         with_entities = 0
-        seconds = 0.0
         # the documents a chunk at a time, written as they are read; a chunk is whole nlp.pipe batches, so every
         # batch holds the very texts it would if the extractor were given them all at once
         chunk_size = settings.batch_size * max(1, _ENTITY_CHUNK // settings.batch_size)
         with open(out_dir / ENTITIES_FILE, "w", encoding="utf-8") as handle:
 
             def extract_and_write(texts: list[str]) -> None:
-                nonlocal seconds, with_entities
-                began = time.perf_counter()
-                mentions = extractor.extract(texts, settings.batch_size, progress=lambda n: progress("entities", n, total))
-                seconds += time.perf_counter() - began
-                for found in mentions:
-                    labels.update(m.label for m in found)
-                    with_entities += bool(found)
-                    handle.write(json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False))
-                    handle.write("\n")
+                nonlocal with_entities
+                for start in range(0, len(texts), settings.batch_size):
+                    batch = texts[start : start + settings.batch_size]
+                    key = lines = None
+                    if cache is not None and identity is not None:
+                        key = cache.key(identity, [hashlib.sha256(t.encode("utf-8")).digest() for t in batch])
+                        lines = cache.get(key, len(batch), lambda payload: _entity_lines(payload, len(batch)))
+                    if lines is None:
+                        lines = [json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False)
+                                 for found in extractor.extract(batch, settings.batch_size)]
+                        if key is not None:
+                            cache.put(key, "\n".join(lines).encode("utf-8"), len(batch))
+                    progress("entities", len(batch), total)
+                    for line in lines:
+                        found = json.loads(line)
+                        labels.update(label for label, *_ in found)
+                        with_entities += bool(found)
+                        handle.write(line)
+                        handle.write("\n")
 
             texts: list[str] = []
             for row, doc in enumerate(documents):
@@ -693,7 +761,7 @@ class EntitiesComponent(IndexComponent):
             "documents_with_entities": with_entities,
             "labels": dict(sorted(labels.items())),
             "truncated_documents": len(truncated),
-            "seconds": round(seconds, 2),
+            # no timing here: the manifest is the same for the same corpus and settings (build.json has the time)
         }
 
 

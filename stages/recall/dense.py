@@ -22,12 +22,20 @@ from typing import Any, Literal, Sequence
 from pydantic import Field
 
 from engine.errors import MissingDependencyError, ModelLoadError, SieveIndexError
-from engine.index import ComponentSettings, Document, IndexComponent, Progress
+from engine.index import BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.models import ResolvedModel, resolve_model
 from engine.registry import register_index_component, register_stage
 from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
-from stages.embedding import DEFAULT_EMBEDDING_MODEL, Device, Embedder, Pooling, Precision, load_embedder
+from stages.embedding import (
+    CORPUS_BATCHING,
+    DEFAULT_EMBEDDING_MODEL,
+    Device,
+    Embedder,
+    Pooling,
+    Precision,
+    load_embedder,
+)
 
 VECTORS_FILE = "vectors.faiss"
 TOKENS_FILE = "token_counts.npy"
@@ -57,7 +65,10 @@ class DenseIndexSettings(ComponentSettings):
         None, ge=8, le=32_768, description="document tokens embedded; None: the model's declared max_seq_length"
     )
     query_max_length: int | None = Field(None, ge=4, le=32_768, description="query tokens; None: max_length")
-    batch_size: int = Field(32, ge=1, le=4096, description="texts per forward pass (32 suits 2 CPU cores)")
+    batch_size: int = Field(
+        32, ge=1, le=4096, description="most texts per forward pass (32 suits 2 CPU cores); a batch holds half to all "
+        "of that, ending where its texts' content says, so that a rebuild can reuse a build cache's batches"
+    )
     fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields embedded, joined")
     device: Device = Field("auto", description="auto: CUDA when present, else CPU")
     precision: Precision = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
@@ -77,9 +88,11 @@ class DenseComponent(IndexComponent):
 
     name = "dense"
     Settings = DenseIndexSettings
+    uses_build_cache = True  # the embeddings, a batch per entry (see Embedder.embed_corpus)
 
     def build(
-        self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress
+        self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress,
+        cache: BuildCacheSection | None = None,
     ) -> dict[str, Any]:
         import numpy as np
 
@@ -92,14 +105,13 @@ class DenseComponent(IndexComponent):
             settings.query_max_length if settings.query_max_length is not None else max_length, "dense query_max_length"
         )
         texts = [doc.content(settings.fields) for doc in documents]
-        began = time.perf_counter()
-        vectors, full_tokens, kept_tokens, unknown_tokens = embedder.embed(
+        vectors, full_tokens, kept_tokens, unknown_tokens = embedder.embed_corpus(
             texts,
             max_length=max_length,
             batch_size=settings.batch_size,
             progress=lambda n: progress("dense embed", n, len(texts)),
+            cache=cache,
         )
-        embed_seconds = time.perf_counter() - began
         dimension = vectors.shape[1]
         count = len(documents)
         hnsw: dict[str, Any] | None = None
@@ -136,6 +148,7 @@ class DenseComponent(IndexComponent):
             },
             "pooling": embedder.pooling,
             "normalized": True,
+            "batching": CORPUS_BATCHING,
             "query_instruction": settings.query_instruction,
             "max_length": max_length,
             "query_max_length": query_max_length,
@@ -150,7 +163,7 @@ class DenseComponent(IndexComponent):
             # not trained on (Chinese for an English model) is embedded as next to nothing
             "unknown_token_share": round(sum(unknown_tokens) / max(1, sum(kept_tokens) - embedder.special_tokens
                                                                    * count), 4),
-            "embed_seconds": round(embed_seconds, 2),
+            # no timing here: the manifest is the same for the same corpus and settings (build.json has the time)
         }
         (out_dir / META_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True), encoding="utf-8")
         return recorded
