@@ -450,18 +450,16 @@ def check_cache_directory(path: Path, out_dir: Path) -> None:
     except OSError as exc:
         refuse(exc.strerror or str(exc))
     if mode is None:  # to be created: its nearest existing ancestor must be a directory we may write in
-        for ancestor in path.parents:
-            try:
-                ancestor_mode = os.stat(ancestor).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as exc:
-                refuse(f"{ancestor}: {exc.strerror or exc}")
+        try:
+            found = _nearest_ancestor(path)
+        except OSError as exc:
+            refuse(f"{exc.filename}: {exc.strerror or exc}")
+        if found is not None:
+            ancestor, ancestor_mode = found
             if not stat.S_ISDIR(ancestor_mode):
                 refuse(f"{ancestor} is a file, not a directory")
             if not os.access(ancestor, os.W_OK | os.X_OK):
                 refuse(f"it cannot be created in {ancestor} (permission denied)")
-            return
         return
     if not stat.S_ISDIR(mode):
         refuse("it is a file, not a directory")
@@ -1042,19 +1040,26 @@ def _output_path(out_dir: Path) -> Path:
         raise SieveIndexError(f"cannot use --out {out_dir}: {getattr(exc, 'strerror', None) or exc}") from None
     if resolved.name in ("", ".", ".."):
         raise SieveIndexError(f"cannot use --out {out_dir}: name a directory to create, not {resolved}")
-    for ancestor in resolved.parents:
+    try:
+        found = _nearest_ancestor(resolved)
+    except OSError as exc:
+        raise SieveIndexError(f"cannot build the index at {resolved}: {exc.filename}: {exc.strerror or exc}") from None
+    if found is not None and not stat.S_ISDIR(found[1]):
+        raise SieveIndexError(
+            f"cannot build the index at {resolved}: {found[0]} is a file, not a directory; choose another --out"
+        )
+    return resolved
+
+
+def _nearest_ancestor(path: Path) -> tuple[Path, int] | None:
+    """The closest ancestor of ``path`` that exists, with its ``st_mode`` (None: none does). Any other OSError than
+    its absence propagates (its ``filename`` is the ancestor)."""
+    for ancestor in path.parents:
         try:
-            mode = os.stat(ancestor).st_mode
+            return ancestor, os.stat(ancestor).st_mode
         except (FileNotFoundError, NotADirectoryError):
             continue
-        except OSError as exc:
-            raise SieveIndexError(f"cannot build the index at {resolved}: {ancestor}: {exc.strerror or exc}") from None
-        if not stat.S_ISDIR(mode):
-            raise SieveIndexError(
-                f"cannot build the index at {resolved}: {ancestor} is a file, not a directory; choose another --out"
-            )
-        break
-    return resolved
+    return None
 
 
 def _check_target(target: Path) -> None:
