@@ -21,37 +21,18 @@ from engine.pipeline import Pipeline
 from engine.replay import replay_trace
 from engine.workbench.evaluate import evaluate_pipeline
 from engine.workbench.inspect import why_not
+from tests.engine.test_stage_switch import chain as switch_chain
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "Does a deficiency of vitamin B12 increase blood levels of homocysteine?"
 KEYWORDS = "vitamin B12 homocysteine"
 
-# bm25 -> short (keeps 3) -> final (keeps 10); {when} is the short stage's `when`
-CHAIN = """\
-version: 1
-index: {index}
-stages:
-  - id: bm25
-    type: recall.bm25
-    params: {{top_k: 50}}
-  - id: short
-    type: select.top_k
-    inputs: [bm25]
-    params: {{k: 3}}
-    when: {when}
-  - id: final
-    type: select.top_k
-    inputs: [short]
-    params: {{k: 10}}
-output: final
-trace: {{log: {log}}}
-"""
-
 QUESTIONS_ONLY = "{field: query.text, op: regex, value: '\\?\\s*$'}"
 
 
 def chain(index: Path, when: str = QUESTIONS_ONLY, log: str = "null") -> str:
-    return CHAIN.format(index=index, when=when, log=log)
+    """bm25 -> short (keeps 3) -> final (keeps 10), ``when`` the short stage's (test_stage_switch's chain)."""
+    return switch_chain(index, f"\n    when: {when}", log=log)
 
 
 def stage(result, stage_id: str) -> dict:
