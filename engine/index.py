@@ -90,6 +90,61 @@ class Document:
         return hashlib.sha256(payload).hexdigest()
 
 
+class CorpusFields:
+    """The fields a corpus's documents have, seen as a build stores them: for each field that a component's
+    ``fields`` setting names, how many documents give it a value (what :meth:`Document.content` reads), and the
+    field names the documents have. A misspelt field (``txt``) reads as empty text on every document: the build
+    says so (:meth:`notes`) instead of building an index of empty documents."""
+
+    NAMES_KEPT = 1000  # distinct field names kept for the did-you-mean (a corpus of ever new keys grows without end)
+    NAMES_SHOWN = 20  # of which a note lists this many
+
+    def __init__(self, wanted: Iterable[str]):
+        self.documents = 0
+        self.with_value = dict.fromkeys(wanted, 0)  # field -> documents giving it a value
+        self.names: set[str] = {"title", "text"}  # every record has these; metadata keys as documents have them
+
+    def observe(self, documents: Iterable[Document]) -> Iterator[Document]:
+        """``documents``, passed on one at a time, counted on the way."""
+        for document in documents:
+            self.documents += 1
+            for name in self.with_value:
+                if getattr(document, name) if name in ("title", "text") else document.metadata.get(name):
+                    self.with_value[name] += 1
+            if len(self.names) < self.NAMES_KEPT:
+                self.names.update(document.metadata)
+            yield document
+
+    def absent(self, fields: Sequence[str]) -> list[str]:
+        """Those of a component's ``fields`` that no document gives a value; title and text only when the others give
+        none either (a corpus without titles, read as title + text, is no mistake)."""
+        missing = [name for name in fields if not self.with_value.get(name)]
+        if len(missing) < len(fields):
+            missing = [name for name in missing if name not in ("title", "text")]
+        return missing
+
+    def notes(self, component: str, fields: Sequence[str]) -> list[str]:
+        """A note for each of ``fields`` that no document gives a value, with a did-you-mean from the fields they
+        have and what it does to the text the component reads."""
+        from difflib import get_close_matches
+
+        missing = self.absent(fields)
+        effect = ("so every document is read as empty text" if len(missing) == len(fields) else
+                  "so it adds nothing to the text read")
+        have = sorted(self.names)
+        listed = ", ".join(have[: self.NAMES_SHOWN]) + (f" and {len(have) - self.NAMES_SHOWN} more"
+                                                        if len(have) > self.NAMES_SHOWN else "")
+        notes = []
+        for name in missing:
+            hint = get_close_matches(name, [other for other in have if other != name], n=1)
+            where = (f"has no value in any of the {self.documents} documents" if name in self.names else
+                     f"is in none of the {self.documents} documents")
+            notes.append(f"warning: {component}: fields: '{name}' {where}"
+                         + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                         + f", {effect}; fields the documents have: {listed}")
+        return notes
+
+
 class ComponentSettings(NoCoercion):
     """Base of an index component's settings: frozen, a misspelt key is an error, numbers and booleans are taken as
     written and must be finite (as a stage's params)."""
@@ -115,7 +170,10 @@ class IndexComponent:
         which reads them from the document store as they are iterated or sliced: walk it (in batches) rather than
         copying it whole, and the build holds no more than the component's own structures. What the manifest records
         must be the same for the same documents and settings (no timings: :func:`build_index` times each component
-        into ``build.json``), and nothing may depend on whether work came from a build cache."""
+        into ``build.json``), and nothing may depend on whether work came from a build cache.
+
+        A setting named ``fields`` names the document fields the component reads (:meth:`Document.content`): the
+        build warns, before the component runs, of one that no document has (:class:`CorpusFields`)."""
         raise NotImplementedError
 
 
@@ -292,7 +350,8 @@ def build_index(
     ``cache`` None is ``.NAME.build-cache`` beside ``out_dir`` (kept after a failure, deleted after success unless
     ``keep_cache``), a path names a cache of your own (kept, and may be shared by builds of other outputs), False
     builds without one. The index built is the same with or without a cache, byte for byte. ``notes`` receives
-    what a user should read: cache entries found corrupt (recomputed), how much came from the cache.
+    what a user should read: cache entries found corrupt (recomputed), how much came from the cache, a component's
+    ``fields`` naming a field no document has (also kept in ``build.json``, as the component's ``notes``).
     """
     resolved = {name: (cls(), settings) for name, (cls, settings) in check_index_settings(components).items()}
     corpus_file = corpus_path(corpus).absolute()
@@ -311,7 +370,7 @@ def build_index(
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
     created: list[Path] = []
     lock: list[tuple[int, Path]] = []
-    timings: dict[str, dict[str, Any]] = {}
+    built: dict[str, dict[str, Any]] = {}  # build.json's per component: its time, any notes on its fields
     with _TerminationAsExit():
         try:
             _make_directories(out_dir, staging.parent, created)
@@ -323,9 +382,18 @@ def build_index(
             # one streaming pass: each document is checked and stored as it is read (the corpus hashed on the way);
             # the components then read the stored documents back in batches, never the whole corpus at once
             corpus_digest = hashlib.sha256()
-            doc_count = _write_documents(iter_corpus(corpus_file, digest=corpus_digest), staging / DOCS_DB, progress)
+            read_fields = {name: _read_fields(settings) for name, (_, settings) in resolved.items()}
+            seen = CorpusFields(dict.fromkeys(f for fields in read_fields.values() for f in fields))
+            doc_count = _write_documents(seen.observe(iter_corpus(corpus_file, digest=corpus_digest)),
+                                         staging / DOCS_DB, progress)
             corpus_sha256 = corpus_digest.hexdigest()
             documents = StoredDocuments(staging / DOCS_DB, doc_count)
+            for name, fields in read_fields.items():  # said before any component runs (an embedding takes hours)
+                absent = seen.absent(fields)
+                if absent:
+                    built[name] = {"absent_fields": absent, "notes": seen.notes(name, fields)}
+                    for note in built[name]["notes"]:
+                        say(note)
             try:
                 manifest_components = {}
                 for name, (component, settings) in resolved.items():
@@ -337,7 +405,7 @@ def build_index(
                         recorded = component.build(documents, component_dir, settings, progress, cache=section)
                     else:
                         recorded = component.build(documents, component_dir, settings, progress)
-                    timings[name] = {"seconds": round(time.perf_counter() - began, 2)}
+                    built[name] = {"seconds": round(time.perf_counter() - began, 2), **built.get(name, {})}
                     manifest_components[name] = {"settings": settings.model_dump(mode="json"), **recorded}
             finally:
                 documents.close()
@@ -363,7 +431,7 @@ def build_index(
                 os.fsync(handle.fileno())
             # what differs from one build to the next (when, how long, what the cache gave) goes beside the manifest
             info: dict[str, Any] = {"created_at": datetime.now(timezone.utc).isoformat(), "engine_version": __version__,
-                                    "components": timings}
+                                    "components": built}
             if build_cache is not None:
                 info["build_cache"] = build_cache.summary()
             with open(staging / BUILD_INFO, "w", encoding="utf-8") as handle:
@@ -393,6 +461,14 @@ def build_index(
 
 def _no_note(message: str) -> None:
     return None
+
+
+def _read_fields(settings: ComponentSettings) -> tuple[str, ...]:
+    """The document fields a component's settings say it reads (its ``fields`` setting), or none."""
+    fields = getattr(settings, "fields", None)
+    if isinstance(fields, (tuple, list)) and all(isinstance(f, str) for f in fields):
+        return tuple(fields)
+    return ()
 
 
 def _close_cache_after_failure(build_cache: "BuildCache | None") -> None:

@@ -36,6 +36,12 @@ Every text, document or query, Han or not, is read in NFKC (:func:`nfkc`), and s
 decomposed "Nestle\u0301" is "Nestlé", a full-width "ＴＳＬＡ" is "TSLA", as BM25 reads them (but ™ and ℠ stay:
 "Acme™" is not the word "AcmeTM"). The manifest records ``normalization: nfkc``; an index built before records
 none, and its English text (documents and queries alike) keeps being read as written until it is rebuilt.
+
+A gazetteer entry's ``context`` gates its matches, names and regex alike, in English and Han text: a match counts when
+one of the entries that give it has no context or finds one of its phrases in the same text (:class:`ContextPhrases`).
+What does not count is kept track of: for a query, the stage's details list it (``out_of_context``); for documents, the
+manifest counts it (``out_of_context``, recorded only for a gazetteer with a context, so other manifests are as they
+were; an index of such a gazetteer that records none was built before the gate held everywhere: warm-up says so).
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ DEFAULT_SPACY_MODEL = "en_core_web_sm"
 NUMERIC_LABELS = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "DATE", "TIME")
 LABEL_PATTERN = r"^[A-Z][A-Z0-9_]*$"
 REDACTED = "<redacted>"
+MAX_OUT_OF_CONTEXT_TRACED = 20  # query names set aside for want of context that a trace lists (the rest counted)
+MAX_CONTEXT_TRACED = 10  # the context phrases listed for each
 # How text with Han characters is read: "phrases" (gazetteer names on the NFKC text, NER on Latin runs
 # only); "spacy" (the whole text through the spaCy pipeline), what indexes built before recorded no mode.
 HanText = Literal["spacy", "phrases"]
@@ -114,9 +122,10 @@ class GazetteerEntry(NoCoercion):
     regex: str | None = Field(None, min_length=1, description="a regular expression one token must match fully")
     case_sensitive: bool = Field(False, description="match names exactly as written (tickers); default: any case")
     context: tuple[str, ...] = Field((), description=(
-        "words or phrases of which one must also occur in the same text (any case, whole words) for these names "
-        "to count: a ticker that is also a word (ALL, IT, NOW) counts only beside 'Allstate' or 'NYSE'; empty: "
-        "always"))
+        "words or phrases of which one must also occur in the same text (any case, whole words; in Chinese text a "
+        "Chinese phrase anywhere) for these names or regex matches to count: a ticker that is also a word (ALL, IT, "
+        "NOW) counts only beside 'Allstate' or 'NYSE'; a name several entries give counts when one of them has no "
+        "context or finds its own; empty: always"))
 
     @field_validator("context")
     @classmethod
@@ -329,11 +338,12 @@ class HanTextReader:
 
     def __init__(self, gazetteer: Gazetteer | None, form: Any = nfkc):
         self.form = form  # the text's and names' Unicode form: nfkc(), or plain NFKC for an index built before
-        self._exact: dict[str, Any] = {}  # case_sensitive names: char -> node; node[""] = (order, label, key)
+        # case_sensitive names: char -> node; node[""] = (order, label, key, [numbers of the entries giving the name])
+        self._exact: dict[str, Any] = {}
         self._folded: dict[str, Any] = {}
-        self._regexes: list[tuple[int, Any, str, str | None]] = []
+        self._regexes: list[tuple[int, Any, str, str | None, int]] = []  # order, pattern, label, key, entry number
         order = 0
-        for entry in gazetteer.entries if gazetteer is not None else ():
+        for number, entry in enumerate(gazetteer.entries if gazetteer is not None else ()):
             for name in entry.names:
                 phrase = " ".join(form(name).split())
                 if not entry.case_sensitive:
@@ -341,17 +351,20 @@ class HanTextReader:
                 node = self._exact if entry.case_sensitive else self._folded
                 for char in phrase:
                     node = node.setdefault(char, {})
-                node.setdefault("", (order, entry.label, entry.key))  # a name meaning two entities is refused at load
+                # a name meaning two entities is refused at load; one given by two entries of one entity is theirs
+                first = node.setdefault("", (order, entry.label, entry.key, []))
+                if (first[1], first[2]) == (entry.label, entry.key) and number not in first[3]:
+                    first[3].append(number)
                 order += 1
             if entry.regex is not None:
                 self._regexes.append((order, compile_pattern(entry.regex, not entry.case_sensitive), entry.label,
-                                      entry.key))
+                                      entry.key, number))
                 order += 1
 
     @staticmethod
     def _longest(
         trie: dict[str, Any], text: str, start: int, fold: bool
-    ) -> tuple[int, tuple[int, str, str | None]] | None:
+    ) -> tuple[int, tuple[int, str, str | None, list[int]]] | None:
         """The longest name of ``trie`` at ``start`` that ends on a word boundary: (end, entry) or None."""
         node, i, best = trie, start, None
         while i < len(text):
@@ -371,7 +384,12 @@ class HanTextReader:
 
     def matches(self, text: str) -> list[tuple[int, int, str, str | None]]:
         """(start, end, label, key) of the gazetteer's matches in ``text`` (NFKC), in text order."""
-        found: list[tuple[int, int, int, str, str | None]] = []  # start, end, order, label, key
+        return [(start, end, label, key) for start, end, label, key, _ in self.sourced_matches(text)]
+
+    def sourced_matches(self, text: str) -> list[tuple[int, int, str, str | None, tuple[int, ...]]]:
+        """(start, end, label, key, sources) of the gazetteer's matches in ``text`` (NFKC), in text order; sources:
+        the numbers of the entries that give that span that entity (a name of two entries, a name and a regex)."""
+        found: list[tuple[int, int, int, str, str | None, Sequence[int]]] = []  # start, end, order, label, key, entries
         if self._exact or self._folded:
             for start in range(len(text)):
                 if text[start].isspace() or not _starts_word(text, start):
@@ -379,19 +397,22 @@ class HanTextReader:
                 for trie, fold in ((self._exact, False), (self._folded, True)):
                     hit = self._longest(trie, text, start, fold) if trie else None
                     if hit is not None:
-                        end, (order, label, key) = hit
-                        found.append((start, end, order, label, key))
-        for order, pattern, label, key in self._regexes:
+                        end, (order, label, key, numbers) = hit
+                        found.append((start, end, order, label, key, numbers))
+        for order, pattern, label, key, number in self._regexes:
             for match in _bounded(pattern.finditer, pattern, text, label):
                 start, end = match.span()
                 if end > start and _starts_word(text, start) and _ends_word(text, end):
-                    found.append((start, end, order, label, key))
-        taken: list[tuple[int, int, str, str | None]] = []
+                    found.append((start, end, order, label, key, (number,)))
+        sources: dict[tuple[int, int, str, str | None], set[int]] = {}
+        for start, end, _, label, key, numbers in found:
+            sources.setdefault((start, end, label, key), set()).update(numbers)
+        taken: list[tuple[int, int, str, str | None, tuple[int, ...]]] = []
         covered: set[int] = set()
-        for start, end, _, label, key in sorted(found, key=lambda f: (f[0] - f[1], f[0], f[2])):
+        for start, end, _, label, key, _ in sorted(found, key=lambda f: (f[0] - f[1], f[0], f[2])):
             if covered.isdisjoint(range(start, end)):
                 covered.update(range(start, end))
-                taken.append((start, end, label, key))
+                taken.append((start, end, label, key, tuple(sorted(sources[(start, end, label, key)]))))
         return sorted(taken)
 
 
@@ -417,6 +438,47 @@ def _count(found: Sequence[tuple[str, str, str]]) -> tuple[Mention, ...]:
             known.label, known.key, known.text, known.count + 1
         )
     return tuple(sorted(mentions.values(), key=lambda m: (m.label, m.key)))
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A gazetteer entity a text names that does not count: each entry giving the name has a ``context`` of which no
+    phrase occurs in the text. ``context``: those entries' phrases (one of them would have made it count)."""
+
+    label: str
+    key: str
+    text: str
+    count: int
+    context: tuple[str, ...]
+
+
+class ContextPhrases:
+    """A gazetteer entry's ``context``: whether one of its phrases occurs in a text, any case, whole words.
+
+    In text without Han characters a word ends where ``\\w`` does. Text with Han characters has no spaces: a phrase
+    is found there as the gazetteer's names are (:class:`HanTextReader`), a Han phrase anywhere, a Latin word or
+    number not inside a longer one ("NYSE" in "在NYSE上市", not in "NYSEG")."""
+
+    def __init__(self, phrases: Sequence[str], form: Any):
+        self.phrases = tuple(phrases)
+        written = sorted({" ".join(nfkc(p).split()) for p in phrases}, key=len, reverse=True)
+        self._words = re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, p.split())) for p in written)
+                                 + r")(?!\w)", re.IGNORECASE)
+        folded = sorted({"".join(_fold(c) for c in " ".join(form(p).split())) for p in phrases})
+        # a lookahead per phrase: every place it starts is tried against the boundaries, overlapping ones too
+        self._han = [re.compile("(?=(" + r"\s+".join(map(re.escape, p.split(" "))) + "))") for p in folded]
+
+    def found(self, text: str) -> bool:
+        if not has_han(text):
+            return self._words.search(text) is not None
+        folded = "".join(_fold(c) for c in text)  # one character for one: offsets stay the text's
+        return any(_starts_word(text, match.start(1)) and _ends_word(text, match.end(1))
+                   for pattern in self._han for match in pattern.finditer(folded))
+
+
+# A text's entities as found: (label, key, surface, the gazetteer entries that give it), before the context gate;
+# no entries: not the gazetteer's (the NER's), or of an entity no entry with a context gives
+Found = tuple[str, str, str, Sequence[int]]
 
 
 class EntityExtractor:
@@ -453,43 +515,61 @@ class EntityExtractor:
         self.normalization = normalization
         self._han_reader = HanTextReader(gazetteer, nfkc if normalization == "nfkc" else _plain_nfkc) \
             if han_text == "phrases" else None
-        self._regex_keys: set[str] = set()
-        # (label, key, name as matched) of entries with a context -> a pattern finding one of their phrases
-        self._gated: dict[tuple[str, str, str], Any] = {}
+        # the context gate: entry number -> its context, for entries that have one
+        self._contexts: dict[int, ContextPhrases] = {}
+        # (label, key) -> numbers of the entries giving that entity (key None: regex entries without id), for the
+        # entities some entry with a context gives (a match of another entity counts as found)
+        self._sources: dict[tuple[str, str | None], tuple[int, ...]] = {}
+        self._name_tokens: dict[int, frozenset[tuple[str, ...]]] = {}  # entry number -> its names as the ruler's tokens
+        self._token_attributes: dict[int, str] = {}  # regex entry number -> its token attribute
         if gazetteer is not None:
-            self._gated = self._context_patterns(gazetteer)
+            self._context_gate(gazetteer)
             ruler = probe.add_pipe("entity_ruler", before="ner" if use_ner else None,
                                    config={"validate": True, "overwrite_ents": True})
             ruler.add_patterns(self._patterns(gazetteer))  # type: ignore[attr-defined]
         self.lock = threading.Lock()
-        self._query_cache: LRUCache[str, tuple[Mention, ...]] = LRUCache(1024)
+        self._query_cache: LRUCache[str, tuple[tuple[Mention, ...], tuple[SetAside, ...]]] = LRUCache(1024)
 
-    def _context_patterns(self, gazetteer: Gazetteer) -> dict[tuple[str, str, str], Any]:
-        """For each name of an entry with a ``context``: a whole-word, any-case search for its phrases."""
-        import re
+    @property
+    def gated(self) -> bool:
+        """Whether an entry of the gazetteer has a ``context`` (then some names found may not count)."""
+        return bool(self._contexts)
 
-        gated: dict[tuple[str, str, str], Any] = {}
-        for entry in gazetteer.entries:
-            if not entry.context or entry.key is None:
+    def _context_gate(self, gazetteer: Gazetteer) -> None:
+        """What the context gate reads: each entry's context, and for each entity that an entry with a context gives,
+        every entry giving it, with its names as the EntityRuler matches them (a match counts when one of the entries
+        that give it has no context or finds its own)."""
+        form = nfkc if self.normalization == "nfkc" else _plain_nfkc
+        for number, entry in enumerate(gazetteer.entries):
+            if entry.context:
+                self._contexts[number] = ContextPhrases(entry.context, form)
+        if not self._contexts:
+            return
+        gated = {(gazetteer.entries[n].label, gazetteer.entries[n].key) for n in self._contexts}
+        by_entity: dict[tuple[str, str | None], list[int]] = {}
+        for number, entry in enumerate(gazetteer.entries):
+            if (entry.label, entry.key) not in gated:
                 continue
-            phrases = sorted({" ".join(nfkc(p).split()) for p in entry.context}, key=len, reverse=True)
-            pattern = re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, p.split())) for p in phrases)
-                                 + r")(?!\w)", re.IGNORECASE)
-            for name in entry.names:
-                written = " ".join(nfkc(name).split())
-                gated[(entry.label, entry.key, written if entry.case_sensitive else written.casefold())] = pattern
-        return gated
+            by_entity.setdefault((entry.label, entry.key), []).append(number)
+            if entry.regex is not None:
+                self._token_attributes[number] = _token_extension(entry.regex, entry.case_sensitive, entry.label)
+            self._name_tokens[number] = frozenset(self._name_words(name, entry.case_sensitive) for name in entry.names)
+        self._sources = {entity: tuple(numbers) for entity, numbers in by_entity.items()}
+
+    def _name_words(self, name: str, case_sensitive: bool) -> tuple[str, ...]:
+        """A name as the EntityRuler's pattern for it matches: its tokens, as written or lower-cased."""
+        if self.normalization == "nfkc":  # the name as the text it is matched in is read
+            name = nfkc(name)
+        return tuple(t.text if case_sensitive else t.text.lower() for t in self.nlp.make_doc(name))
 
     def _patterns(self, gazetteer: Gazetteer) -> list[dict[str, Any]]:
         patterns: list[dict[str, Any]] = []
         for entry in gazetteer.entries:
             key = entry.key
             for name in entry.names:
-                if self.normalization == "nfkc":  # the name as the text it is matched in is read
-                    name = nfkc(name)
                 attr = "ORTH" if entry.case_sensitive else "LOWER"
-                tokens = [t.text if entry.case_sensitive else t.text.lower() for t in self.nlp.make_doc(name)]
-                pattern: dict[str, Any] = {"label": entry.label, "pattern": [{attr: t} for t in tokens]}
+                pattern: dict[str, Any] = {"label": entry.label,
+                                           "pattern": [{attr: t} for t in self._name_words(name, entry.case_sensitive)]}
                 if key is not None:
                     pattern["id"] = key
                 patterns.append(pattern)
@@ -515,35 +595,90 @@ class EntityExtractor:
             identity["normalization"] = self.normalization
         return identity
 
-    def _mentions(self, doc: Any) -> tuple[Mention, ...]:
-        found = [(ent.label_, ent.ent_id_ or entity_key(ent.text), ent.text) for ent in doc.ents]
-        if self._gated:
-            found = [f for f in found if self._in_context(f, doc.text)]
-        return _count(found)
+    def _span_sources(self, ent: Any, label: str, key: str) -> tuple[int, ...]:
+        """The entries with a context gate on that give the spaCy entity ``ent`` (label, key): those of its entity
+        whose name is its tokens (in their case rule) or whose regex its one token matches; () when no entry of its
+        entity has a context."""
+        candidates = self._sources.get((label, key), ())
+        if not ent.ent_id_:  # a regex entry without id: its matches' key is their text
+            candidates += self._sources.get((label, None), ())
+        if not candidates:
+            return ()
+        assert self.gazetteer is not None
+        entries = self.gazetteer.entries
+        sources = []
+        for number in candidates:
+            entry = entries[number]
+            if entry.regex is not None:
+                if len(ent) == 1 and ent[0]._.get(self._token_attributes[number]):
+                    sources.append(number)
+            elif tuple(t.text if entry.case_sensitive else t.lower_ for t in ent) in self._name_tokens[number]:
+                sources.append(number)
+        return tuple(sources)
 
-    def _in_context(self, found: tuple[str, str, str], text: str) -> bool:
-        """Whether a match counts: one of a context-gated entry's names counts only when one of its context
-        phrases occurs in the same text."""
-        label, key, surface = found
-        surface = " ".join(surface.split())
-        pattern = self._gated.get((label, key, surface)) or self._gated.get((label, key, surface.casefold()))
-        return pattern is None or pattern.search(text) is not None
+    def _mentions(self, doc: Any) -> tuple[tuple[Mention, ...], tuple[SetAside, ...]]:
+        if not self._contexts:
+            return _count([(ent.label_, ent.ent_id_ or entity_key(ent.text), ent.text) for ent in doc.ents]), ()
+        found: list[Found] = []
+        for ent in doc.ents:
+            label, key = ent.label_, ent.ent_id_ or entity_key(ent.text)
+            found.append((label, key, ent.text, self._span_sources(ent, label, key)))
+        return self._gate(found, doc.text)
 
-    def _han_mentions(self, text: str, ner_docs: Sequence[tuple[int, Any]]) -> tuple[Mention, ...]:
+    def _gate(self, found: Sequence[Found], text: str) -> tuple[tuple[Mention, ...], tuple[SetAside, ...]]:
+        """The context gate: the mentions that count (a match counts when one of the entries that give it has no
+        context, or has one of whose phrases occurs in ``text``), and the gazetteer's entities set aside (those that
+        do not count, by any of their names)."""
+        known: dict[int, bool] = {}
+
+        def in_context(number: int) -> bool:
+            context = self._contexts.get(number)
+            if context is None:
+                return True
+            if number not in known:
+                known[number] = context.found(text)
+            return known[number]
+
+        kept: list[tuple[str, str, str]] = []
+        aside: dict[tuple[str, str], tuple[str, int, set[int]]] = {}  # (label, key) -> first surface, count, entries
+        for label, key, surface, sources in found:
+            if not sources or any(in_context(number) for number in sources):
+                kept.append((label, key, surface))
+            elif key:
+                first, count, numbers = aside.get((label, key), (surface, 0, set()))
+                aside[(label, key)] = (first, count + 1, numbers | set(sources))
+        mentions = _count(kept)
+        counted = {(m.label, m.key) for m in mentions}
+        set_aside = []
+        for (label, key), (surface, count, numbers) in sorted(aside.items()):
+            if (label, key) in counted:  # named in context by another name: it counts
+                continue
+            phrases = dict.fromkeys(p for n in sorted(numbers) for p in self._contexts[n].phrases)
+            set_aside.append(SetAside(label, key, surface, count, tuple(phrases)))
+        return mentions, tuple(set_aside)
+
+    def _han_mentions(self, text: str, ner_docs: Sequence[tuple[int, Any]]) -> tuple[tuple[Mention, ...],
+                                                                                    tuple[SetAside, ...]]:
         """A Han text's entities: the gazetteer's matches, and the NER's (found in its Latin runs, at their
         offsets) where no gazetteer match overlaps them — a gazetteer match wins, as the EntityRuler's does."""
         assert self._han_reader is not None
-        spans = [(start, end, label, key or entity_key(text[start:end]))
-                 for start, end, label, key in self._han_reader.matches(text)]
-        covered = {i for start, end, _, _ in spans for i in range(start, end)}
+        spans: list[tuple[int, int, str, str, Sequence[int]]] = [
+            (start, end, label, key or entity_key(text[start:end]), sources)
+            for start, end, label, key, sources in self._han_reader.sourced_matches(text)]
+        covered = {i for start, end, *_ in spans for i in range(start, end)}
         for offset, doc in ner_docs:
             for ent in doc.ents:
                 start, end = offset + ent.start_char, offset + ent.end_char
                 if covered.isdisjoint(range(start, end)):
-                    spans.append((start, end, ent.label_, entity_key(ent.text)))
-        return _count([(label, key, text[start:end]) for start, end, label, key in sorted(spans)])
+                    spans.append((start, end, ent.label_, entity_key(ent.text), ()))
+        found = [(label, key, text[start:end], sources) for start, end, label, key, sources
+                 in sorted(spans, key=lambda s: s[:4])]
+        if not self._contexts:
+            return _count([(label, key, surface) for label, key, surface, _ in found]), ()
+        return self._gate(found, text)
 
-    def _extract_han(self, texts: Sequence[str], batch_size: int) -> list[tuple[Mention, ...]]:
+    def _extract_han(self, texts: Sequence[str], batch_size: int) -> list[tuple[tuple[Mention, ...],
+                                                                                  tuple[SetAside, ...]]]:
         """Entities of texts holding Han characters, read in NFKC (the caller holds the lock)."""
         normalised = [self._han_reader.form(t) for t in texts]
         runs = [latin_runs(t) if self.use_ner else [] for t in normalised]
@@ -557,12 +692,13 @@ class EntityExtractor:
         """A text without Han characters as it is read: NFKC, or as written for an index built before."""
         return nfkc(text) if self.normalization == "nfkc" else text
 
-    def _extract(self, texts: Sequence[str], batch_size: int) -> list[tuple[Mention, ...]]:
-        """Entities of each text, in order: Han texts read as phrases (when so set), the others by spaCy."""
+    def _extract(self, texts: Sequence[str], batch_size: int) -> list[tuple[tuple[Mention, ...], tuple[SetAside, ...]]]:
+        """Entities of each text, in order, and those set aside for want of context: Han texts read as phrases (when
+        so set), the others by spaCy."""
         han = [i for i, t in enumerate(texts) if self._han_reader is not None and has_han(t)]
-        results: list[tuple[Mention, ...]] = [()] * len(texts)
-        for i, mentions in zip(han, self._extract_han([texts[i] for i in han], batch_size)):
-            results[i] = mentions
+        results: list[tuple[tuple[Mention, ...], tuple[SetAside, ...]]] = [((), ())] * len(texts)
+        for i, found in zip(han, self._extract_han([texts[i] for i in han], batch_size)):
+            results[i] = found
         rest = sorted(set(range(len(texts))) - set(han))
         read = [self._normalised(texts[i]) for i in rest]
         for i, doc in zip(rest, self.nlp.pipe(read, batch_size=batch_size)):
@@ -571,7 +707,12 @@ class EntityExtractor:
 
     def extract(self, texts: Sequence[str], batch_size: int, progress: Any = None) -> list[tuple[Mention, ...]]:
         """Entities of each text, in order (``nlp.pipe`` in batches; ``progress(n)`` after each batch)."""
-        results: list[tuple[Mention, ...]] = []
+        return [mentions for mentions, _ in self.extract_with_set_aside(texts, batch_size, progress)]
+
+    def extract_with_set_aside(self, texts: Sequence[str], batch_size: int,
+                               progress: Any = None) -> list[tuple[tuple[Mention, ...], tuple[SetAside, ...]]]:
+        """As :meth:`extract`, with each text's gazetteer entities set aside for want of their context."""
+        results: list[tuple[tuple[Mention, ...], tuple[SetAside, ...]]] = []
         with self.lock:
             for start in range(0, len(texts), batch_size):
                 batch = texts[start : start + batch_size]
@@ -580,15 +721,22 @@ class EntityExtractor:
                     progress(len(batch))
         return results
 
-    def extract_query(self, text: str) -> tuple[Mention, ...]:
-        """Entities of one query text (read as a document's would be); recent queries are cached."""
+    def _read_query(self, text: str) -> tuple[tuple[Mention, ...], tuple[SetAside, ...]]:
         cached = self._query_cache.get(text)
         if cached is not None:
             return cached
         with self.lock:
-            (mentions,) = self._extract([text], 1)
-        self._query_cache.put(text, mentions)
-        return mentions
+            (read,) = self._extract([text], 1)
+        self._query_cache.put(text, read)
+        return read
+
+    def extract_query(self, text: str) -> tuple[Mention, ...]:
+        """Entities of one query text (read as a document's would be); recent queries are cached."""
+        return self._read_query(text)[0]
+
+    def query_set_aside(self, text: str) -> tuple[SetAside, ...]:
+        """The gazetteer entities one query text names that do not count for want of their entries' context."""
+        return self._read_query(text)[1]
 
 
 _extractors: dict[tuple[str, str | None, bool, str, str], EntityExtractor] = {}
@@ -675,15 +823,31 @@ def _entities_cache_identity(extractor: EntityExtractor, settings: "EntitiesInde
     }
 
 
-def _entity_lines(payload: bytes, rows: int) -> list[str]:
-    """A build cache entry's lines of entities.jsonl (one per document of its batch); ValueError if it is not that."""
+def _entity_lines(payload: bytes, rows: int, gated: bool) -> tuple[list[str], dict[str, Any] | None]:
+    """A build cache entry's lines of entities.jsonl (one per document of its batch) and, when the gazetteer has a
+    ``context``, a last line: what the batch set aside for want of it (``{"documents": n, "labels": {label: n}}``);
+    ValueError if it is not that."""
     lines = payload.decode("utf-8").split("\n")
+    aside: dict[str, Any] | None = None
+    if gated:
+        aside = json.loads(lines.pop()) if lines else None
+        if not (isinstance(aside, dict) and isinstance(aside.get("documents"), int)
+                and isinstance(aside.get("labels"), dict)
+                and all(isinstance(n, int) for n in aside["labels"].values())):
+            raise ValueError("the batch's names set aside for want of context are not recorded")
     if len(lines) != rows:
         raise ValueError(f"{len(lines)} documents' entities where the batch has {rows}")
     for line in lines:
         if not isinstance(json.loads(line), list):
             raise ValueError("a document's entities are not a list")
-    return lines
+    return lines, aside
+
+
+def _set_aside_counts(read: Sequence[tuple[Any, tuple[SetAside, ...]]]) -> dict[str, Any]:
+    """What a batch set aside for want of context: the documents with such a name, and per label the documents'
+    entities set aside (as ``labels`` counts the documents' entities)."""
+    labels: Counter[str] = Counter(found.label for _, aside in read for found in aside)
+    return {"documents": sum(1 for _, aside in read if aside), "labels": dict(sorted(labels.items()))}
 
 
 @register_index_component
@@ -709,24 +873,36 @@ class EntitiesComponent(IndexComponent):
         truncated: dict[int, int] = {}
         labels: Counter[str] = Counter()
         with_entities = 0
+        # a gazetteer with a context: the documents that name one of its entities only out of context, and how many
+        aside_documents = 0
+        aside_labels: Counter[str] = Counter()
         # the documents a chunk at a time, written as they are read; a chunk is whole nlp.pipe batches, so every
         # batch holds the very texts it would if the extractor were given them all at once
         chunk_size = settings.batch_size * max(1, _ENTITY_CHUNK // settings.batch_size)
         with open(out_dir / ENTITIES_FILE, "w", encoding="utf-8") as handle:
 
             def extract_and_write(texts: list[str]) -> None:
-                nonlocal with_entities
+                nonlocal with_entities, aside_documents
                 for start in range(0, len(texts), settings.batch_size):
                     batch = texts[start : start + settings.batch_size]
-                    key = lines = None
+                    key = cached = None
                     if cache is not None and identity is not None:
                         key = cache.key(identity, [hashlib.sha256(t.encode("utf-8")).digest() for t in batch])
-                        lines = cache.get(key, len(batch), lambda payload: _entity_lines(payload, len(batch)))
-                    if lines is None:
+                        cached = cache.get(key, len(batch),
+                                           lambda payload: _entity_lines(payload, len(batch), extractor.gated))
+                    if cached is not None:
+                        lines, aside = cached
+                    else:
+                        read = extractor.extract_with_set_aside(batch, settings.batch_size)
                         lines = [json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False)
-                                 for found in extractor.extract(batch, settings.batch_size)]
+                                 for found, _ in read]
+                        aside = _set_aside_counts(read) if extractor.gated else None
                         if key is not None:
-                            cache.put(key, "\n".join(lines).encode("utf-8"), len(batch))
+                            trailer = [json.dumps(aside, sort_keys=True)] if aside is not None else []
+                            cache.put(key, "\n".join(lines + trailer).encode("utf-8"), len(batch))
+                    if aside is not None:
+                        aside_documents += aside["documents"]
+                        aside_labels.update(aside["labels"])
                     progress("entities", len(batch), total)
                     for line in lines:
                         found = json.loads(line)
@@ -751,7 +927,7 @@ class EntitiesComponent(IndexComponent):
         if truncated:  # which documents' entities come from their first max_chars only (explanations say so)
             (out_dir / TRUNCATED_FILE).write_text(json.dumps(
                 {"max_chars": settings.max_chars, "rows": {str(row): n for row, n in truncated.items()}}), encoding="utf-8")
-        return {
+        recorded = {
             "library": f"spacy {extractor.spacy_version}",
             "model": {"name": settings.model, "package": extractor.package, "version": extractor.model_version},
             "ner": settings.ner,
@@ -763,6 +939,9 @@ class EntitiesComponent(IndexComponent):
             "truncated_documents": len(truncated),
             # no timing here: the manifest is the same for the same corpus and settings (build.json has the time)
         }
+        if extractor.gated:  # recorded only for a gazetteer with a context: other manifests are as they were
+            recorded["out_of_context"] = {"documents": aside_documents, "labels": dict(sorted(aside_labels.items()))}
+        return recorded
 
 
 class LoadedEntities:
@@ -941,11 +1120,20 @@ class EntityConsistency(Stage):
         self._conflict_labels = frozenset(self.params.conflict_labels if self.params.conflict_labels is not None else labels)
 
     def warm_up_warnings(self) -> list[str]:
-        if self._extractor is None or self._extractor.normalization != LEGACY_NORMALIZATION:
+        if self._extractor is None:
             return []
-        return ["the index's entities were extracted from its English text as written, before Sieve read text in "
-                "Unicode NFKC (its manifest records no normalization): a decomposed 'Nestle\u0301' is not the "
-                "gazetteer's 'Nestlé', and queries are read the same way to match; rebuild the index"]
+        warnings = []
+        if self._extractor.normalization == LEGACY_NORMALIZATION:
+            warnings.append("the index's entities were extracted from its English text as written, before Sieve read "
+                            "text in Unicode NFKC (its manifest records no normalization): a decomposed 'Nestle\u0301' "
+                            "is not the gazetteer's 'Nestlé', and queries are read the same way to match; rebuild the "
+                            "index")
+        if self._extractor.gated and self._entities is not None and "out_of_context" not in self._entities.entry:
+            warnings.append("the index's entities were extracted before Sieve held a gazetteer entry's context to "
+                            "its regex matches, to text with Han characters and to names several entries give (its "
+                            "manifest records no out_of_context): its documents may hold entities a query no longer "
+                            "gets (a code beside none of its context words), or lack some it gets; rebuild the index")
+        return warnings
 
     def identity(self) -> dict[str, Any] | None:
         if self._extractor is None:
@@ -1007,6 +1195,15 @@ class EntityConsistency(Stage):
         else:
             details["query"] = [{"label": m.label} for m in query_entities]
         read = ctx.query.text if self.params.query == "original" else ctx.query.effective_text
+        counted = {(m.label, m.key) for m in query_entities}
+        aside = [m for m in self._extractor.query_set_aside(read)
+                 if self._considered(m.label) and (m.label, m.key) not in counted]
+        if aside:  # names the query holds that do not count: none of their entries' context words is in it
+            details["out_of_context"] = [
+                {"label": m.label, "key": m.key, "text": m.text, "context": list(m.context[:MAX_CONTEXT_TRACED])}
+                if ctx.trace_text else {"label": m.label} for m in aside[:MAX_OUT_OF_CONTEXT_TRACED]]
+            if len(aside) > MAX_OUT_OF_CONTEXT_TRACED:
+                details["out_of_context_not_listed"] = len(aside) - MAX_OUT_OF_CONTEXT_TRACED
         if self._extractor.han_text == LEGACY_HAN_TEXT and has_han(read):
             decisions.append(Decision("han_text_read_by_spacy", "the index's entities were extracted before Sieve "
                                       "matched gazetteer names in Han text (its manifest records no han_text), so "
