@@ -16,7 +16,6 @@ Writes bench/results/routing.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,8 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from bench._common import (SCIFACT, SHIPPED_RERANKER, machine, machine_line, run_record,  # noqa: E402
-                           scifact_bm25_index, write_results)
+from bench._common import (SCIFACT, SHIPPED_RERANKER, machine, machine_line, scifact_bm25_index,  # noqa: E402
+                           write_results)
 
 CHEAP = """version: 1
 index: {index}

@@ -511,21 +511,10 @@ def _check_whens(whens: dict[str, Node], specs: dict[str, StageSpec], running: d
             continue
         fields = condition.fields()
         if "query.rewritten" in fields and not any(
-                running[a].cls.produces is Port.QUERY for a in _ancestors(sid, running)):
+                a.cls.produces is Port.QUERY for a in GraphView(running).ancestors(sid)):
             issues.append(ConfigIssue(loc, dotted, f"the `when` of '{sid}' reads query.rewritten, but no rewrite stage "
                                       "runs before it, so it is always missing (query.effective is the text in "
                                       "effect)", "warning"))
-
-
-def _ancestors(sid: str, nodes: dict[str, StageNode]) -> set[str]:
-    seen: set[str] = set()
-    stack = list(nodes[sid].inputs)
-    while stack:
-        dep = stack.pop()
-        if dep not in seen and dep in nodes:
-            seen.add(dep)
-            stack.extend(nodes[dep].inputs)
-    return seen
 
 
 def _variable_issues(value: Any, path: tuple[str | int, ...], stage_id: str, source: SourceMap) -> list[ConfigIssue]:

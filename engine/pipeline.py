@@ -31,6 +31,7 @@ from engine.registry import plugin_of
 from engine.stage import (DocumentMask, Explanation, Port, Resources, StageContext, StageResult, run_notes,
                           stage_deadline)
 from engine.trace import TRACE_SCHEMA, TraceLog, canonical
+from rules.conditions import ExpressionRuntimeError, Node, QueryView, Subject, redact_query_evidence
 
 
 @dataclass
@@ -73,29 +74,9 @@ def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeli
             raise SieveError(f"--set {name}: a config's base (extends) is chosen in the file, not on the command line")
         if not isinstance(loaded.data, dict):
             break  # compiling says what is wrong with the file
-        _locate_setting(loaded.source, apply_setting(loaded.data, name, value.data), value.source)
+        # what the setting wrote is located on the command line, not at the file line of the value it replaced
+        loaded.source.graft(apply_setting(loaded.data, name, value.data), value.source)
     return compile_loaded(loaded, base_dir=path.resolve().parent, check_log_path=True)
-
-
-def _locate_setting(source: Any, at: tuple[str | int, ...], value: Any) -> None:
-    """What a ``--set`` wrote at ``at`` is located on the command line (``--set PATH:line:col`` of the value), not
-    at the line of the file whose value it replaced: the file's entries at and under ``at`` give way to the
-    setting's own."""
-    for table, files in ((source.values, source.value_files), (source.keys, source.key_files)):
-        for key in [k for k in table if k[:len(at)] == at]:
-            del table[key]
-            files.pop(key, None)
-    for inner, place in value.values.items():
-        source.values[at + inner] = place
-        source.value_files[at + inner] = value.file
-    for inner, place in value.keys.items():
-        source.keys[at + inner] = place
-        source.key_files[at + inner] = value.file
-    for depth in range(1, len(at) + 1):  # the key it set, and each mapping on the way the file did not have
-        prefix = at[:depth]
-        if depth == len(at) or (prefix not in source.keys and prefix not in source.values):
-            source.keys[prefix] = (1, 1)
-            source.key_files[prefix] = value.file
 
 
 class Pipeline:
@@ -374,13 +355,11 @@ class Pipeline:
             record["details"] = result.details
         return StageOutcome(out_query, out_mask, candidates, record)
 
-    def _judge_when(self, stage_id: str, condition: Any, query: Query, record: dict[str, Any]) -> bool:
+    def _judge_when(self, stage_id: str, condition: Node, query: Query, record: dict[str, Any]) -> bool:
         """Does the stage's ``when`` hold for ``query`` (the query in effect where the stage is due: a rewrite
         upstream is in ``query.rewritten``)? Recorded in ``record["when"]`` with its evidence. A condition that
         cannot be judged (an expression failing on this query) runs the stage, as if the config had no ``when``:
         routing never loses a stage's work, and the trace says why."""
-        from rules.conditions import ExpressionRuntimeError, QueryView, Subject, redact_query_evidence
-
         reader = self._when_entities.get(stage_id)
         if reader is not None and not query.entities:
             query = query.model_copy(update={"entities": tuple(

@@ -114,6 +114,27 @@ class SourceMap:
             prefer_key = False
 
 
+    def graft(self, at: PathKey, other: "SourceMap") -> None:
+        """Locate what is at and under ``at`` by ``other`` (the source map of a value written there from elsewhere:
+        a ``--set PATH=VALUE``), in ``other``'s file: this map's entries there give way, and the key at ``at`` and
+        each mapping on the way to it that this map did not have are located at ``other``'s start."""
+        for table, files in ((self.values, self.value_files), (self.keys, self.key_files)):
+            for key in [k for k in table if k[:len(at)] == at]:
+                del table[key]
+                files.pop(key, None)
+        for inner, place in other.values.items():
+            self.values[at + inner] = place
+            self.value_files[at + inner] = other.file
+        for inner, place in other.keys.items():
+            self.keys[at + inner] = place
+            self.key_files[at + inner] = other.file
+        for depth in range(1, len(at) + 1):
+            prefix = at[:depth]
+            if depth == len(at) or (prefix not in self.keys and prefix not in self.values):
+                self.keys[prefix] = (1, 1)
+                self.key_files[prefix] = other.file
+
+
 @dataclass
 class LoadedYaml:
     data: Any

@@ -403,17 +403,17 @@ class NearDuplicateFilter(Stage):
 
     def _check_fields(self, index: Any) -> None:
         """A warning for each of ``fields`` none of the index's first documents has (a typo reads as empty text)."""
-        from stages.fields import absent_fields, field_names
+        from stages.fields import absent_fields
 
         fields = self.params.fields
-        absent, read = absent_fields(index, fields)
+        absent, names, read = absent_fields(index, fields)
         if not absent:
             return
         effect = ("so every document's text is empty: nothing is compared and nothing dropped"
                   if len(absent) == len(fields) else "so it adds nothing to the text compared")
         for name, hint in absent.items():
             self._warnings.append(f"fields: '{name}' is in none of the index's first {read} documents{hint}, {effect}; "
-                                  f"fields they have: {', '.join(field_names(index))}")
+                                  f"fields they have: {', '.join(names)}")
 
     def warm_up_warnings(self) -> list[str]:
         return list(self._warnings)

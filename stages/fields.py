@@ -14,28 +14,19 @@ from typing import Any
 FIELD_SAMPLE = 2000  # documents read at warm-up to see that a field exists at all
 
 
-def absent_fields(index: Any, fields: Sequence[str], sample: int = FIELD_SAMPLE) -> tuple[dict[str, str], int]:
+def absent_fields(index: Any, fields: Sequence[str], sample: int = FIELD_SAMPLE) -> tuple[dict[str, str], list[str], int]:
     """({field: " (did you mean 'x'?)" or ""} for each of ``fields`` (metadata keys, dotted for nested ones, or
-    ``title``/``text``/``id``) that none of the index's first ``sample`` documents has, the number of documents
-    read). A field with a value (not null, not empty text) in one of them is present. :func:`field_names` says what
-    they have."""
+    ``title``/``text``/``id``) that none of the index's first ``sample`` documents has; the field names those
+    documents have (their metadata keys, and id, title, text); how many were read). A field with a value (not null,
+    not empty text) in one of them is present. The documents are read once."""
     from rules.conditions import MISSING, doc_field
 
-    documents = _first_documents(index, sample)
-    names = field_names(index, sample)
+    count = min(index.doc_count, sample)
+    documents = list(index.documents.get(list(range(count))).values()) if count else []
+    names = sorted({key for d in documents for key in d.metadata} | {"id", "title", "text"})
     absent = {}
     for name in fields:
         if not any(doc_field(d, f"doc.{name}") not in (MISSING, None, "") for d in documents):
             hint = get_close_matches(name, names, n=1)
             absent[name] = f" (did you mean '{hint[0]}'?)" if hint else ""
-    return absent, len(documents)
-
-
-def field_names(index: Any, sample: int = FIELD_SAMPLE) -> list[str]:
-    """The field names the index's first ``sample`` documents have (their metadata keys, and id, title, text)."""
-    return sorted({key for d in _first_documents(index, sample) for key in d.metadata} | {"id", "title", "text"})
-
-
-def _first_documents(index: Any, sample: int) -> list[Any]:
-    count = min(index.doc_count, sample)
-    return list(index.documents.get(list(range(count))).values()) if count else []
+    return absent, names, len(documents)

@@ -54,27 +54,28 @@ class TopK(Stage):
     accepts = frozenset({Port.CANDIDATES})
     summary = "keep the top k candidates, optionally above a score floor and at most n per value of a field"
     params: TopKParams
+    _warnings: tuple[str, ...] = ()  # what warm-up found
 
     def warm_up(self, resources: Resources) -> None:
         """With ``max_per``: a warning when none of the index's first documents has the field (a typo caps
         nothing, silently), with the field names they do have."""
-        self._warnings: list[str] = []
+        self._warnings = ()
         cap = self.params.max_per
         index = resources.index
         if cap is None or index is None or not index.doc_count:
             return
-        from stages.fields import absent_fields, field_names
+        from stages.fields import absent_fields
 
-        absent, read = absent_fields(index, [cap.field])
+        absent, names, read = absent_fields(index, [cap.field])
         if not absent:
             return
         effect = ("every candidate is kept (missing: keep), so nothing is capped" if cap.missing == "keep" else
                   f"every candidate falls in one group (missing: group), so only {cap.n} can be returned")
-        self._warnings.append(f"max_per.field '{cap.field}': none of the index's first {read} documents has it"
-                              f"{absent[cap.field]}; {effect}. Fields they have: {', '.join(field_names(index))}")
+        self._warnings = (f"max_per.field '{cap.field}': none of the index's first {read} documents has it"
+                          f"{absent[cap.field]}; {effect}. Fields they have: {', '.join(names)}",)
 
     def warm_up_warnings(self) -> list[str]:
-        return list(getattr(self, "_warnings", []))
+        return list(self._warnings)
 
     def run(self, ctx: StageContext) -> StageResult:
         (incoming,) = ctx.inputs

@@ -120,14 +120,14 @@ def apply_setting(data: dict[str, Any], path: str, value: Any) -> tuple[str | in
         where = ".".join(parts[: depth + 1])
         if depth == 0 and part == "stages" and isinstance(node.get("stages"), list):
             stage_id = parts[1] if len(parts) > 1 else None
-            stages = {s.get("id"): s for s in node["stages"] if isinstance(s, dict)}
+            stages = {s.get("id"): i for i, s in enumerate(node["stages"]) if isinstance(s, dict)}  # id -> position
             if stage_id not in stages:
                 hint = get_close_matches(str(stage_id), [str(s) for s in stages], n=1)
                 raise SieveError(f"--set {path}: the config has no stage '{stage_id}'"
                                  + (f" (did you mean '{hint[0]}'?)" if hint else "")
                                  + f"; stages: {', '.join(str(s) for s in stages)}")
-            node = stages[stage_id]
-            where_in = ["stages", node_index(data["stages"], node)]
+            where_in = ["stages", stages[stage_id]]
+            node = node["stages"][stages[stage_id]]
             continue
         if depth == 1 and parts[0] == "stages" and where_in:
             continue  # the stage id, resolved above
@@ -147,10 +147,6 @@ def apply_setting(data: dict[str, Any], path: str, value: Any) -> tuple[str | in
         return tuple(where_in)
     node[parts[-1]] = value
     return tuple(where_in)
-
-
-def node_index(items: list[Any], node: Any) -> int:
-    return next(i for i, item in enumerate(items) if item is node)
 
 
 @dataclass

@@ -6,7 +6,6 @@ named by its setting, and an error in the file itself keeps its file:line."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from engine.replay import replay_trace
 from tests.workbench.conftest import run_sieve

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.errors import ConfigError, SieveError
+from engine.errors import SieveError
 from engine.workbench.evaluate import evaluate_pipeline
 from engine.workbench.sweep import Setting, apply_setting, parse_setting, sweep, write_best
 from tests.workbench.conftest import run_sieve
