@@ -726,9 +726,13 @@ class EntityExtractor:
         if cached is not None:
             return cached
         with self.lock:
-            (read,) = self._extract([text], 1)
-        self._query_cache.put(text, read)
-        return read
+            # looked up again under the lock: a stage on another thread (a parallel branch of this query's
+            # pipeline, or a concurrent query) may have read the same text while this one waited
+            cached = self._query_cache.get(text)
+            if cached is None:
+                (cached,) = self._extract([text], 1)
+                self._query_cache.put(text, cached)
+        return cached
 
     def extract_query(self, text: str) -> tuple[Mention, ...]:
         """Entities of one query text (read as a document's would be); recent queries are cached."""
