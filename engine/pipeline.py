@@ -361,9 +361,8 @@ class Pipeline:
         cannot be judged (an expression failing on this query) runs the stage, as if the config had no ``when``:
         routing never loses a stage's work, and the trace says why."""
         reader = self._when_entities.get(stage_id)
-        if reader is not None and not query.entities:
-            query = query.model_copy(update={"entities": tuple(
-                {"text": m.text, "id": m.key, "label": m.label} for m in reader.extract_query(query.effective_text))})
+        if reader is not None:
+            query = reader.with_entities(query)
         evidence: list[dict[str, Any]] = []
         try:
             holds = condition.evaluate(Subject(QueryView(query)), evidence)

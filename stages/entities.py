@@ -738,6 +738,14 @@ class EntityExtractor:
         """Entities of one query text (read as a document's would be); recent queries are cached."""
         return self._read_query(text)[0]
 
+    def with_entities(self, query: Query) -> Query:
+        """``query`` with its entities as conditions read them (``query.entities``: text, id, label), extracted
+        from its effective text; a query that already carries entities (a rule test may give them) is kept."""
+        if query.entities:
+            return query
+        return query.model_copy(update={"entities": tuple(
+            {"text": m.text, "id": m.key, "label": m.label} for m in self.extract_query(query.effective_text))})
+
     def query_set_aside(self, text: str) -> tuple[SetAside, ...]:
         """The gazetteer entities one query text names that do not count for want of their entries' context."""
         return self._read_query(text)[1]

@@ -275,11 +275,7 @@ def _view(stage: Stage, query: Query) -> QueryView:
     """The query side of the rules, with the query's entities extracted when a rule reads them and the caller
     gave none (a rule test may give them)."""
     reader = getattr(stage, "_entity_reader", None)
-    if reader is not None and not query.entities:
-        found = reader.extract_query(query.effective_text)
-        query = query.model_copy(update={"entities": tuple(
-            {"text": m.text, "id": m.key, "label": m.label} for m in found)})
-    return QueryView(query)
+    return QueryView(reader.with_entities(query) if reader is not None else query)
 
 
 def _prepare_match(rule: "CompiledRule", ruleset: "RuleSet", table: "DocumentTable") -> None:
