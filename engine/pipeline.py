@@ -360,7 +360,7 @@ class Pipeline:
         upstream is in ``query.rewritten``)? Recorded in ``record["when"]`` with its evidence. A condition that
         cannot be judged (an expression failing on this query) runs the stage, as if the config had no ``when``:
         routing never loses a stage's work, and the trace says why."""
-        reader = self._when_entities.get(stage_id)
+        reader, asked = self._when_entities.get(stage_id), query
         if reader is not None:
             query = reader.with_entities(query)
         evidence: list[dict[str, Any]] = []
@@ -371,8 +371,13 @@ class Pipeline:
                               "error": f"{exc}; the stage runs as if it had no `when`"}
             return True
         record["when"] = {"holds": bool(holds), "condition": condition.describe()}
+        trace_text = self.compiled.config.trace.include_query_text
         if holds and evidence:
-            record["when"]["evidence"] = redact_query_evidence(evidence, self.compiled.config.trace.include_query_text)
+            record["when"]["evidence"] = redact_query_evidence(evidence, trace_text)
+        if reader is not None and not asked.entities:  # "why was it bypassed?": names that did not count
+            from stages.entities import out_of_context
+
+            record["when"].update(out_of_context(reader.query_set_aside(query.effective_text), trace_text))
         return bool(holds)
 
     def _execute(self, stage_id: str, ctx: StageContext, lists: list[list[Candidate]], record: dict[str, Any],

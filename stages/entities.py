@@ -452,6 +452,20 @@ class SetAside:
     context: tuple[str, ...]
 
 
+def out_of_context(aside: Sequence[SetAside], trace_text: bool) -> dict[str, Any]:
+    """The trace's record of the names a query holds that do not count, none of their entries' context phrases
+    being in it: ``out_of_context`` (each name's label, key, text and context phrases; its label only without query
+    text) and ``out_of_context_not_listed`` past the first few; nothing when none was set aside."""
+    if not aside:
+        return {}
+    record: dict[str, Any] = {"out_of_context": [
+        {"label": m.label, "key": m.key, "text": m.text, "context": list(m.context[:MAX_CONTEXT_TRACED])}
+        if trace_text else {"label": m.label} for m in aside[:MAX_OUT_OF_CONTEXT_TRACED]]}
+    if len(aside) > MAX_OUT_OF_CONTEXT_TRACED:
+        record["out_of_context_not_listed"] = len(aside) - MAX_OUT_OF_CONTEXT_TRACED
+    return record
+
+
 class ContextPhrases:
     """A gazetteer entry's ``context``: whether one of its phrases occurs in a text, any case, whole words.
 
@@ -1210,12 +1224,7 @@ class EntityConsistency(Stage):
         counted = {(m.label, m.key) for m in query_entities}
         aside = [m for m in self._extractor.query_set_aside(read)
                  if self._considered(m.label) and (m.label, m.key) not in counted]
-        if aside:  # names the query holds that do not count: none of their entries' context words is in it
-            details["out_of_context"] = [
-                {"label": m.label, "key": m.key, "text": m.text, "context": list(m.context[:MAX_CONTEXT_TRACED])}
-                if ctx.trace_text else {"label": m.label} for m in aside[:MAX_OUT_OF_CONTEXT_TRACED]]
-            if len(aside) > MAX_OUT_OF_CONTEXT_TRACED:
-                details["out_of_context_not_listed"] = len(aside) - MAX_OUT_OF_CONTEXT_TRACED
+        details.update(out_of_context(aside, ctx.trace_text))
         if self._extractor.han_text == LEGACY_HAN_TEXT and has_han(read):
             decisions.append(Decision("han_text_read_by_spacy", "the index's entities were extracted before Sieve "
                                       "matched gazetteer names in Han text (its manifest records no han_text), so "

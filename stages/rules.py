@@ -278,6 +278,17 @@ def _view(stage: Stage, query: Query) -> QueryView:
     return QueryView(reader.with_entities(query) if reader is not None else query)
 
 
+def _names_set_aside(stage: Stage, query: Query, trace_text: bool) -> dict[str, Any]:
+    """For the stage's details, when a rule reads the query's entities: the names the query holds that do not count
+    for want of their gazetteer entries' context (``out_of_context``, as boost.entity_consistency lists them)."""
+    reader = getattr(stage, "_entity_reader", None)
+    if reader is None or query.entities:
+        return {}
+    from stages.entities import out_of_context
+
+    return out_of_context(reader.query_set_aside(query.effective_text), trace_text)
+
+
 def _prepare_match(rule: "CompiledRule", ruleset: "RuleSet", table: "DocumentTable") -> None:
     """Compute a rule's query-independent conditions over the corpus; a condition that cannot be computed at all (a
     pattern that backtracks without end on a document) stops the pipeline with the rule named."""
@@ -485,6 +496,7 @@ class RulesPrefilter(Stage):
             "allowed": kept,
             "excluded": table.size - kept,
             "rules": report,
+            **_names_set_aside(self, ctx.query, ctx.trace_text),
         }
         if self._warnings:
             details["rule_warnings"] = self._warnings
@@ -802,6 +814,7 @@ class RulesOverride(Stage):
                 "pinned": len(pinned), "injected": sum(1 for d in pinned if d not in position_of),
                 "buried": int(buried.sum()), "boosted": int(boosted.sum()),
             },
+            **_names_set_aside(self, ctx.query, ctx.trace_text),
         }
         if len(fired) + len(pinned) > len(records):
             details["firings_truncated"] = len(fired) + len(pinned) - len(records)

@@ -231,3 +231,50 @@ def test_an_index_built_before_the_gate_held_everywhere_is_warned_about(tmp_path
     (warning,) = old.warnings
     assert "before Sieve held a gazetteer entry's context to its regex matches" in warning
     assert warning.endswith("rebuild the index")
+
+
+def routed_and_ruled(tmp_path: Path, index: Path, trace_text: bool) -> Pipeline:
+    """A stage routed on the query's companies and an override rule reading them: both read the query's entities."""
+    (tmp_path / "overrides.yaml").write_text(
+        "version: 1\nkind: override\nrules:\n"
+        "  - {id: companies-first, action: boost, add: 1.0,\n"
+        "     when: {field: query.entity_labels, op: contains, value: COMPANY}, match: {field: doc.id, op: eq, "
+        "value: union}}\n", encoding="utf-8")
+    config = tmp_path / "routed.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n"
+        "  - {id: bm25, type: recall.bm25, params: {top_k: 20}}\n"
+        "  - {id: entity, type: boost.entity_consistency, inputs: [bm25],\n"
+        "     when: {field: query.entities.COMPANY, op: exists}}\n"
+        "  - {id: overrides, type: rules.override, inputs: [entity], params: {rules: overrides.yaml}}\n"
+        f"output: overrides\ntrace: {{log: null, include_query_text: {str(trace_text).lower()}}}\n",
+        encoding="utf-8",
+    )
+    return Pipeline.from_file(config)
+
+
+def stage(result, stage_id: str) -> dict:
+    return next(s for s in result.trace["stages"] if s["id"] == stage_id)
+
+
+def test_a_routed_stage_and_a_rule_stage_list_the_query_names_set_aside(tmp_path, index):
+    """"Why was the entity stage bypassed, and why did the company rule not fire?": ALL and IT are in the query but
+    count for no company without their context; the `when` record and the rule stage's details say so."""
+    result = routed_and_ruled(tmp_path, index, True).search("ALL HANDS: IT outage", as_of=AS_OF)
+    set_aside = [{"label": "COMPANY", "key": "ALL", "text": "ALL", "context": ["Allstate", "NYSE", "纽交所"]},
+                 {"label": "COMPANY", "key": "IT", "text": "IT", "context": ["Gartner"]}]
+    routed = stage(result, "entity")
+    assert routed["status"] == "bypassed" and routed["when"]["holds"] is False
+    assert routed["when"]["out_of_context"] == set_aside
+    rules = stage(result, "overrides")["details"]
+    assert rules["fired_rules"] == {} and rules["out_of_context"] == set_aside
+
+    counted = routed_and_ruled(tmp_path, index, True).search("Allstate (ALL) rose", as_of=AS_OF)
+    assert stage(counted, "entity")["when"]["holds"] is True
+    assert "out_of_context" not in stage(counted, "entity")["when"]  # nothing set aside: as before
+    assert "out_of_context" not in stage(counted, "overrides")["details"]
+
+    redacted = routed_and_ruled(tmp_path, index, False).search("ALL HANDS: IT outage", as_of=AS_OF)
+    assert stage(redacted, "entity")["when"]["out_of_context"] == [{"label": "COMPANY"}, {"label": "COMPANY"}]
+    assert stage(redacted, "overrides")["details"]["out_of_context"] == [{"label": "COMPANY"}, {"label": "COMPANY"}]
+    assert "Gartner" not in json.dumps(redacted.trace)
