@@ -122,6 +122,7 @@ class GraphView:
     def __init__(self, nodes: dict[str, StageNode], base_dir: Path | None = None):
         self._nodes = nodes
         self.base_dir = base_dir  # the pipeline file's directory: where relative rule files live
+        self._most: dict[str, int | None] = {}  # most_candidates, each stage's worked out once (shared upstreams)
 
     def node(self, stage_id: str) -> StageNode:
         return self._nodes[stage_id]
@@ -147,18 +148,18 @@ class GraphView:
         stage's own ``top_k`` (recall, fusion) or ``k`` (select.top_k) caps it; any other stage passes on at most
         what its candidate inputs do together, except one that can bring documents in (rules.override's pins)."""
         node = self._nodes.get(stage_id)
-        if node is None:
+        if node is None or node.cls.type_name == "rules.override":
             return None
-        sources = [self._nodes[i] for i in node.inputs if i in self._nodes
-                   and self._nodes[i].cls.produces is Port.CANDIDATES]
-        bounds = [self.most_candidates(source.id) for source in sources]
-        passed = sum(bounds) if sources and None not in bounds else None  # type: ignore[arg-type]
-        if node.cls.type_name == "rules.override":
-            return None
-        own = getattr(node.params, "k" if node.cls.type_name == "select.top_k" else "top_k", None)
-        if isinstance(own, int) and not isinstance(own, bool):
-            return own if passed is None else min(own, passed)
-        return passed
+        if stage_id not in self._most:
+            self._most[stage_id] = None  # a cycle (reported elsewhere) knows no bound
+            sources = [i for i in node.inputs if i in self._nodes and self._nodes[i].cls.produces is Port.CANDIDATES]
+            bounds = [self.most_candidates(source) for source in sources]
+            passed = sum(bounds) if sources and None not in bounds else None  # type: ignore[arg-type]
+            own = getattr(node.params, "k" if node.cls.type_name == "select.top_k" else "top_k", None)
+            if isinstance(own, int) and not isinstance(own, bool):
+                passed = own if passed is None else min(own, passed)
+            self._most[stage_id] = passed
+        return self._most[stage_id]
 
     def upstream_signals(self, stage_id: str) -> dict[str, str]:
         """Ledger keys (stage ids) that upstream stages write, mapped to their signal kind."""

@@ -415,3 +415,22 @@ def test_a_line_number_in_a_message_is_not_an_emoji(write_config):
     path = write_config(VALID.replace("top_k: 50", "top_kk: 50"), ":fire:.yaml")
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert f"{path}:6:14" in result.output and "🔥" not in result.output
+
+
+def test_the_candidate_bound_of_a_graph_of_diamonds_is_worked_out_once_per_stage():
+    """most_candidates (the rerank window check reads it) summed over every path: 2^40 walks for forty stacked
+    diamonds of fusions; each stage's bound is now worked out once."""
+    import stages  # noqa: F401  (registers the stage types)
+    from engine.registry import resolve_stage
+    from engine.stage import GraphView, StageNode
+
+    recall, fusion = resolve_stage("recall.bm25"), resolve_stage("fuse.rrf")
+    nodes = {"recall": StageNode("recall", recall, recall.Params(top_k=10), ())}
+    below = ("recall", "recall")
+    for level in range(40):
+        for side in "ab":
+            nodes[f"{side}{level}"] = StageNode(f"{side}{level}", fusion, fusion.Params(), below)
+        below = (f"a{level}", f"b{level}")
+    graph = GraphView(nodes)
+    assert graph.most_candidates("a39") == 10 * 2 ** 40  # fusions without top_k pass on what their inputs do
+    assert set(graph._most) == set(nodes) - {"b39"}  # each asked once; b39 feeds nothing asked
