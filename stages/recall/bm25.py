@@ -12,7 +12,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field
 
@@ -296,6 +296,17 @@ class LoadedBM25:
         rows = matrix["indices"][int(matrix["indptr"][column]) : int(matrix["indptr"][column + 1])]
         return bool((rows == row).any())
 
+    def holding(self, term: str, rows: Any) -> Any:
+        """Whether each of ``rows`` (an int array) holds ``term``: :meth:`holds` for many documents at once."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        column = self._column(term)
+        if column is None:
+            return np.zeros(len(rows), dtype=bool)
+        matrix = self.retriever.scores
+        return np.isin(rows, matrix["indices"][int(matrix["indptr"][column]) : int(matrix["indptr"][column + 1])])
+
     def absent_score(self, term: str) -> float:
         """What ``term`` adds to a document that lacks it: 0 but under bm25l and bm25+ (non-occurrence)."""
         column = self._column(term)
@@ -324,27 +335,122 @@ class LoadedBM25:
         stored = np.where(found, matrix["data"][start + at] if end > start else 0.0, 0.0).astype(np.float32)
         return stored + absent if absent else stored
 
+    def term_score_matrix(self, terms: Sequence[str], rows: Any) -> tuple[Any, Any]:
+        """``term_scores`` of several terms for the same ``rows`` at once, as a rows x terms float32 array (the
+        same values, column by column), and whether each row holds each term (:meth:`holding`). What the
+        explanations of a search's documents need, in a few array operations per term."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = np.zeros((len(terms), len(rows)), dtype=np.float32)  # term by term, transposed on return
+        held = np.zeros((len(terms), len(rows)), dtype=bool)
+        matrix = self.retriever.scores
+        indptr, indices, data = matrix["indptr"], matrix["indices"], matrix["data"]
+        for j, term in enumerate(terms):
+            column = self._column(term)
+            if column is None:
+                continue
+            if not self._columns_sorted:
+                scores[j] = self.term_scores(term, rows)
+                held[j] = self.holding(term, rows)
+                continue
+            start, end = int(indptr[column]), int(indptr[column + 1])
+            if end > start:
+                column_rows = indices[start:end]
+                at = column_rows.searchsorted(rows)  # past the end where a row is above every holder: clipped
+                found = np.equal(column_rows.take(at, mode="clip"), rows, out=held[j])
+                np.copyto(scores[j], data.take(at + start, mode="clip"), where=found)
+            absent = self.absent_score(term)
+            if absent:
+                scores[j] += np.float32(absent)
+        return scores.T, held.T
+
+
+_LACKS = " (not in the document: the method's non-occurrence score)"
+
+
+def _term_description(term: str, count: int) -> str:
+    """How an explanation names a query term (``count``: how often the query holds it)."""
+    return f"term '{term}'" + (f" x{count} (repeated in the query)" if count > 1 else "")
+
+
+class _QueryTerms:
+    """The term nodes of the explanations of the documents one search returned, computed for all of them at once.
+
+    ``run`` keeps the query's known terms and the rows it returned; the first ``details`` computes, row-major over
+    (returned document, distinct term in order of first appearance) and only for the terms that add to the
+    document's score, each one's contribution times its count in the query (float64: the same value as the Python
+    product of the float32 lookup and the count) and its description (under bm25l and bm25+, saying when the
+    document lacks the term); ``bounds`` delimit each document's. A search whose documents are never explained
+    (``trace.explain`` off) costs nothing more. Thread-safe: made whole, then set in one assignment (two threads
+    may both make them, alike), and never changed.
+    """
+
+    __slots__ = ("_bm25", "_terms", "_rows", "_made")
+
+    def __init__(self, bm25: LoadedBM25, terms: Counter[str], rows: list[int]) -> None:
+        self._bm25, self._terms, self._rows = bm25, terms, rows
+        self._made: tuple[dict[int, int], list[int], list[float], list[str]] | None = None
+
+    def _make(self) -> tuple[dict[int, int], list[int], list[float], list[str]]:
+        import numpy as np
+
+        bm25, terms, rows = self._bm25, self._terms, self._rows
+        described = [_term_description(term, count) for term, count in terms.items()]
+        contributions, held = bm25.term_score_matrix(list(terms), rows)
+        weighted = contributions.astype(np.float64) * np.asarray(list(terms.values()), dtype=np.float64)
+        adds = weighted > 0
+        cells = adds.nonzero()  # (document, term) of each term node, row-major
+        which = cells[1]  # its description: the term's, or the one saying the document lacks it (bm25l, bm25+)
+        if getattr(bm25.retriever, "nonoccurrence_array", None) is not None:
+            absent = np.asarray([bool(bm25.absent_score(term)) for term in terms], dtype=bool)
+            which = which + len(terms) * (absent[which] & ~held[cells])
+        bounds = [0, *np.cumsum(adds.sum(axis=1)).tolist()]
+        descriptions = np.asarray(described + [d + _LACKS for d in described], dtype=object)[which]
+        return dict(zip(rows, range(len(rows)))), bounds, weighted[cells].tolist(), descriptions.tolist()
+
+    def details(self, row: int) -> tuple[Explanation, ...] | None:
+        """The term nodes of document ``row``'s explanation; None for a row the search did not return."""
+        made = self._made
+        if made is None:
+            made = self._made = self._make()
+        position, bounds, values, descriptions = made
+        at = position.get(row)
+        if at is None:
+            return None
+        start, stop = bounds[at], bounds[at + 1]
+        return tuple(map(Explanation, values[start:stop], descriptions[start:stop]))
+
 
 class _TermContributions:
-    """Per-term contributions to the documents a recent query returned, kept for its explanations.
+    """The term nodes of the explanations of the documents a recent query returned.
 
-    ``run`` fills it (a few vectorised lookups); ``explain``, called once per returned document,
-    reads it instead of tokenising the query and looking every term up again. Bounded, thread-safe.
+    ``run`` fills it; ``explain``, called once per returned document, reads its row of the query's term nodes
+    (made for all the documents at once) instead of tokenising the query and looking every term up again. Bounded,
+    thread-safe (RecentNotes); the note the last explanation read is kept at hand for the next ones, which are
+    mostly of the same query (the same Query object: a Query is frozen, so its text is the same).
     """
 
     def __init__(self) -> None:
-        self._entries = RecentNotes()  # query text -> (term counts, row -> position, term -> scores)
+        self._entries = RecentNotes()  # query text -> _QueryTerms
+        self._last: tuple[Query, _QueryTerms] | None = None  # replaced whole, never changed: safe to share
 
-    def put(self, text: str, terms: Counter[str], rows: list[int], scores: dict[str, Any]) -> None:
-        self._entries.put(text, (terms, {row: i for i, row in enumerate(rows)}, scores))
+    def put(self, text: str, notes: _QueryTerms) -> None:
+        self._entries.put(text, notes)
 
-    def get(self, text: str, row: int) -> tuple[Counter[str], dict[str, float]] | None:
-        entry = self._entries.get(text)
-        if entry is None or row not in entry[1]:
+    def details(self, query: Query, text_of: Callable[[Query], str], row: int) -> tuple[Explanation, ...] | None:
+        """Document ``row``'s term nodes from the notes of a search for ``query``'s text (``text_of``: the stage's
+        key); None where no kept search returned it."""
+        last = self._last
+        if last is not None and last[0] is query:
+            found = last[1].details(row)
+            if found is not None:
+                return found
+        entry = self._entries.get(text_of(query))
+        if entry is None:
             return None
-        terms, position, scores = entry
-        at = position[row]
-        return terms, {term: float(values[at]) for term, values in scores.items()}
+        self._last = (query, entry)
+        return entry.details(row)
 
 
 class BM25Params(StageParams):
@@ -382,6 +488,16 @@ class BM25Recall(Stage):
                 f"index {index.path}: the bm25 component has {self._bm25.retriever.scores['num_docs']} "
                 f"documents but the document store has {len(self._doc_ids)}; rebuild the index"
             )
+        settings = self._bm25.settings
+        method = settings.get("method", "lucene")
+        delta = getattr(self._bm25.retriever, "delta", 0.5)
+        # every explanation's description, but for the rank between these two
+        self._formula = (
+            f"BM25 ({method}, k1={settings.get('k1')}, b={settings.get('b')}) "
+            f"over {'+'.join(settings.get('fields', ['title', 'text']))}: "
+            f"sum over query terms of {FORMULAS.get(method, FORMULAS['lucene']).format(delta=delta)}; rank ",
+            f" in stage '{self.id}'",
+        )
 
     def __init__(self, stage_id: str, params: StageParams):
         super().__init__(stage_id, params)
@@ -470,16 +586,18 @@ class BM25Recall(Stage):
             Candidate(doc_ids[row], row, (ScoreEntry(self.id, "bm25", float(scores[row]), rank),))
             for rank, row in enumerate(order, start=1)
         ]
-        counts = Counter(known)
-        self._contributions.put(
-            self._text(ctx.query), counts, order, {term: self._bm25.term_scores(term, order) for term in counts}
-        )
+        if ctx.trace_text:  # else the explanations name no terms
+            self._remember(ctx.query, known, order)
         return StageResult(
             candidates=candidates,
             decisions=decisions,
             details=details,
             timings_ms={"bm25_scoring": scored_ms},
         )
+
+    def _remember(self, query: Query, known: list[str], order: list[int]) -> None:
+        """Keep what the returned documents' explanations need (computed for all of them at the first one)."""
+        self._contributions.put(self._text(query), _QueryTerms(self._bm25, Counter(known), order))
 
     def _holding(self, known: list[str], scores: Any, mask: Any) -> Any:
         """The rows, ascending, of the allowed documents holding a query term. Under the Lucene variant (the
@@ -497,29 +615,23 @@ class BM25Recall(Stage):
         return np.flatnonzero(matching)
 
     def explain(self, query: Query, candidate: Candidate, value: float, rank: int, trace_text: bool) -> Explanation:
-        settings = self._bm25.settings
-        method = settings.get("method", "lucene")
-        delta = getattr(self._bm25.retriever, "delta", 0.5)
-        formula = (
-            f"BM25 ({method}, k1={settings.get('k1')}, b={settings.get('b')}) "
-            f"over {'+'.join(settings.get('fields', ['title', 'text']))}: "
-            f"sum over query terms of {FORMULAS.get(method, FORMULAS['lucene']).format(delta=delta)}; "
-            f"rank {rank} in stage '{self.id}'"
-        )
+        head, tail = self._formula
+        formula = f"{head}{rank}{tail}"
         if not trace_text:
             return Explanation(value, formula)
+        details = self._contributions.details(query, self._text, candidate.row)
+        if details is None:  # explained outside the search that recalled it
+            details = self._term_details(query, candidate.row)
+        return Explanation(value, formula, details)
+
+    def _term_details(self, query: Query, row: int) -> tuple[Explanation, ...]:
+        """The term nodes of document ``row``'s explanation, looked up one by one (what ``_QueryTerms`` computes
+        for a search's documents at once; tests/stages/test_bm25_explain.py checks they agree)."""
+        counts = Counter(t for t in self._terms(query) if t in self._bm25.vocab)
         details = []
-        remembered = self._contributions.get(self._text(query), candidate.row)
-        if remembered is None:  # explained outside the search that recalled it
-            counts = Counter(t for t in self._terms(query) if t in self._bm25.vocab)
-            remembered = counts, {t: float(self._bm25.term_scores(t, [candidate.row])[0]) for t in counts}
-        counts, contributions = remembered
         for term, count in counts.items():
-            contribution = contributions[term]
+            contribution = float(self._bm25.term_scores(term, [row])[0])
             if contribution > 0:
-                times = f" x{count} (repeated in the query)" if count > 1 else ""
-                absent = self._bm25.absent_score(term)
-                lacks = " (not in the document: the method's non-occurrence score)" if absent and not (
-                    self._bm25.holds(term, candidate.row)) else ""
-                details.append(Explanation(contribution * count, f"term '{term}'{times}{lacks}"))
-        return Explanation(value, formula, tuple(details))
+                lacks = _LACKS if self._bm25.absent_score(term) and not self._bm25.holds(term, row) else ""
+                details.append(Explanation(contribution * count, _term_description(term, count) + lacks))
+        return tuple(details)
