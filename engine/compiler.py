@@ -407,7 +407,7 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
             output = None  # reported: the wiring as written is wrong
 
     if output is not None and whens:
-        _check_whens(whens, specs, running, order, source, first_seen, issues)
+        _check_whens(whens, specs, running, output, source, first_seen, issues)
 
     if config is not None and config.executor.deadline_ms is not None and specs \
             and not any(spec.on_error == "skip" for sid, spec in specs.items() if sid not in disabled):
@@ -491,16 +491,23 @@ def _compile_when(spec: StageSpec, cls: type[Stage], prefix: tuple[str | int, ..
 
 
 def _check_whens(whens: dict[str, Node], specs: dict[str, StageSpec], running: dict[str, StageNode],
-                 order: list[str], source: SourceMap, position: dict[str, int], issues: list[ConfigIssue]) -> None:
-    """What a stage's ``when`` cannot mean, once the wiring is known: an error for a stage with several candidate
-    inputs (what a bypassed stage hands on is its one input); warnings for a ``when`` that never decides anything
-    (the stage is disabled) or reads a rewrite no stage before it makes."""
+                 output: str, source: SourceMap, position: dict[str, int], issues: list[ConfigIssue]) -> None:
+    """What a stage's ``when`` cannot mean, once the wiring is known: an error for the output stage (bypassed, a
+    final cut would return its whole input) and for a stage with several candidate inputs (what a bypassed stage
+    hands on is its one input); warnings for a ``when`` that never decides anything (the stage is disabled) or
+    reads a rewrite no stage before it makes."""
     for sid, condition in whens.items():
         at = ("stages", position[sid], "when")
         loc, dotted = source.locate(at, prefer_key=True), ".".join(map(str, at))
         if not specs[sid].enabled:
             issues.append(ConfigIssue(loc, dotted, f"stage '{sid}' is disabled (enabled: false), so its `when` is "
                                       "never judged", "warning"))
+            continue
+        if sid == output:
+            issues.append(ConfigIssue(loc, dotted, f"stage '{sid}' is the pipeline's output, whose results a query "
+                                      "returns: it cannot be bypassed by a `when` (its whole input would be returned, "
+                                      "past any final cut); route a stage before it, or add a final stage after it "
+                                      "(select.top_k) as the output"))
             continue
         node = running[sid]
         lists = [dep for dep in node.inputs if running[dep].cls.produces is Port.CANDIDATES]

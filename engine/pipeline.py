@@ -364,14 +364,14 @@ class Pipeline:
         if reader is not None:
             query = reader.with_entities(query)
         evidence: list[dict[str, Any]] = []
+        trace_text = self.compiled.config.trace.include_query_text
         try:
-            holds = condition.evaluate(Subject(QueryView(query)), evidence)
+            holds = condition.evaluate(Subject(QueryView(query, trace_text)), evidence)
         except ExpressionRuntimeError as exc:
             record["when"] = {"holds": None, "condition": condition.describe(),
-                              "error": f"{exc}; the stage runs as if it had no `when`"}
+                              "error": f"{exc.describe(trace_text)}; the stage runs as if it had no `when`"}
             return True
         record["when"] = {"holds": bool(holds), "condition": condition.describe()}
-        trace_text = self.compiled.config.trace.include_query_text
         if holds and evidence:
             record["when"]["evidence"] = redact_query_evidence(evidence, trace_text)
         if reader is not None and not asked.entities:  # "why was it bypassed?": names that did not count

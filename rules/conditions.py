@@ -377,8 +377,9 @@ def present(value: Any) -> bool:
 class QueryView:
     """The query side of every condition, built once per query: plain values, no engine objects."""
 
-    def __init__(self, query: "Query"):
+    def __init__(self, query: "Query", trace_text: bool = True):
         self.query = query
+        self.trace_text = trace_text  # False: errors in ``errors`` quote no value (include_query_text: false)
         entities = []
         for entity in query.entities:
             if isinstance(entity, Mapping):
@@ -584,6 +585,7 @@ class NullView(QueryView):
         self.entities = []
         self._variables = {}
         self.errors = []
+        self.trace_text = True  # its errors cannot quote a query it does not read
 
     def get(self, path: str) -> Any:
         return MISSING
@@ -870,8 +872,9 @@ class Leaf(Node):
         for element in _elements(value):
             kind = kind_of(element)
             if kind is not None and kind not in wanted:
+                compared = self.value_from if self.value_from is not None else brief(operand)  # never query text
                 return (f"{brief(element)} is {kind}, and the rule compares with {' or '.join(sorted(wanted))} "
-                        f"({brief(operand)}): no value is coerced")
+                        f"({compared}): no value is coerced")
         return None
 
     def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
@@ -1151,7 +1154,7 @@ class Expr(Node):
             try:
                 result[position] = self.compiled.truth(subject.variables())
             except ExpressionRuntimeError as exc:
-                view.errors.append((row, str(exc)))
+                view.errors.append((row, exc.describe(view.trace_text)))
         return result
 
 

@@ -59,7 +59,18 @@ class ExpressionError(ValueError):
 
 
 class ExpressionRuntimeError(RuntimeError):
-    """An expression failed while being evaluated (type error, sandbox violation...)."""
+    """An expression failed while being evaluated (type error, sandbox violation...). ``withheld``: what failed,
+    quoting no value (the message may quote the query: a trace without query text records this instead)."""
+
+    def __init__(self, message: str, withheld: str | None = None):
+        super().__init__(message)
+        self.withheld = withheld if withheld is not None else "the expression failed"
+
+    def describe(self, trace_text: bool) -> str:
+        """The message, or under ``include_query_text: false`` what failed without it."""
+        if trace_text:
+            return str(self)
+        return f"{self.withheld} (the message is withheld: it may quote the query, and include_query_text is false)"
 
 
 # --------------------------------------------------------------------------- size estimates
@@ -534,10 +545,9 @@ class PatternTimeout(ExpressionRuntimeError):
 
     def __init__(self, pattern: Any, length: int, subject: str = "the pattern"):
         self.pattern, self.length = pattern, length
-        super().__init__(
-            f"{subject} {pattern.pattern!r} ran over {REGEX_TIMEOUT_S * 1000:.0f} ms on a text of {length} characters "
-            "(catastrophic backtracking: a repetition inside a repetition, such as (a+)+ or (a|aa)+); rewrite it"
-        )
+        over = (f"ran over {REGEX_TIMEOUT_S * 1000:.0f} ms on a text of {length} characters (catastrophic "
+                "backtracking: a repetition inside a repetition, such as (a+)+ or (a|aa)+); rewrite it")
+        super().__init__(f"{subject} {pattern.pattern!r} {over}", f"{subject} {over}")
 
 
 def bounded(method: Callable[..., Any], pattern: Any, text: str, subject: str = "the pattern") -> Any:
@@ -563,7 +573,7 @@ def regex_search(value: Any, pattern: str, ignore_case: bool = True) -> bool:
     try:
         compiled = compile_pattern(pattern, bool(ignore_case))
     except PatternError:
-        raise ExpressionRuntimeError(f"invalid regular expression {pattern!r}") from None
+        raise ExpressionRuntimeError(f"invalid regular expression {pattern!r}", "invalid regular expression") from None
     return bounded_search(compiled, value) is not None
 
 
@@ -586,11 +596,11 @@ class CompiledExpression:
         try:
             return self._expression(**variables)
         except SecurityError as exc:
-            raise ExpressionRuntimeError(f"refused by the sandbox: {exc}") from None
+            raise ExpressionRuntimeError(f"refused by the sandbox: {exc}", "refused by the sandbox") from None
         except ExpressionRuntimeError:
             raise
         except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError) as exc:
-            raise ExpressionRuntimeError(f"{type(exc).__name__}: {exc}") from None
+            raise ExpressionRuntimeError(f"{type(exc).__name__}: {exc}", type(exc).__name__) from None
 
     def truth(self, variables: Mapping[str, Any]) -> bool:
         """The expression's value as a condition (Jinja truthiness; undefined is false)."""

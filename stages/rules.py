@@ -271,11 +271,12 @@ def _entity_reader(index: Any, ruleset: "RuleSet") -> Any:
     return query_entity_source(index, "rules")
 
 
-def _view(stage: Stage, query: Query) -> QueryView:
+def _view(stage: Stage, query: Query, trace_text: bool = True) -> QueryView:
     """The query side of the rules, with the query's entities extracted when a rule reads them and the caller
-    gave none (a rule test may give them)."""
+    gave none (a rule test may give them). ``trace_text`` False: its errors quote no value (they may quote the
+    query)."""
     reader = getattr(stage, "_entity_reader", None)
-    return QueryView(reader.with_entities(query) if reader is not None else query)
+    return QueryView(reader.with_entities(query) if reader is not None else query, trace_text)
 
 
 def _names_set_aside(stage: Stage, query: Query, trace_text: bool) -> dict[str, Any]:
@@ -375,7 +376,7 @@ def _when(rule: "CompiledRule", view: QueryView) -> tuple[bool | None, list[dict
     try:
         return rule.when.evaluate(Subject(view), evidence), evidence, None
     except ExpressionRuntimeError as exc:
-        return None, [], str(exc)
+        return None, [], exc.describe(view.trace_text)
 
 
 # =========================================================================== prefilter
@@ -438,7 +439,7 @@ class RulesPrefilter(Stage):
         try:
             matched = rule.match.vector(self._table, view)
         except ExpressionRuntimeError as exc:  # the condition as a whole: access rules fail closed, deny every row
-            view.errors = [(0, str(exc))]
+            view.errors = [(0, exc.describe(view.trace_text))]
             everything = np.ones(self._table.size, dtype=bool)
             return everything, everything
         denied = matched if rule.effect == "exclude" else ~matched
@@ -452,7 +453,7 @@ class RulesPrefilter(Stage):
         import numpy as np
 
         table = self._table
-        view = _view(self, ctx.query)
+        view = _view(self, ctx.query, ctx.trace_text)
         allowed = np.ones(table.size, dtype=bool)
         report: list[dict[str, Any]] = []
         decisions: list[Decision] = _file_changed(self)
@@ -595,7 +596,7 @@ class RulesOverride(Stage):
 
         (incoming,) = ctx.inputs
         table = self._table
-        view = _view(self, ctx.query)
+        view = _view(self, ctx.query, ctx.trace_text)
         decisions: list[Decision] = _file_changed(self)
         drops: list[Drop] = []
         began = time.perf_counter()
@@ -889,7 +890,8 @@ class RulesOverride(Stage):
             try:
                 selected &= rule.match.vector(self._table, view, frame)  # a candidate it fails on: no firing
             except ExpressionRuntimeError as exc:  # the condition as a whole (a pattern over its time limit)
-                decisions.append(Decision("rule_error", f"rule '{rule.id}' cannot be evaluated ({exc}); it does not "
+                decisions.append(Decision("rule_error", f"rule '{rule.id}' cannot be evaluated "
+                                          f"({exc.describe(view.trace_text)}); it does not "
                                           "fire", {"rule": rule.id}))
                 return np.zeros(len(frame), dtype=bool)
             # a query-independent condition is evaluated over the whole corpus once: report only these candidates
@@ -1003,7 +1005,7 @@ class RulesOverride(Stage):
         earlier = [e for e in candidate.ledger if e.stage != self.id]
         previous = earlier[-1].value if earlier else None
         details: list[Explanation] = []
-        view = _view(self, query)
+        view = _view(self, query, trace_text)
         arrived = Candidate(candidate.doc_id, candidate.row, tuple(earlier))
         # the rank it arrived at (a stage between the last scorer and this one, such as dedup, moves it)
         notes = self._notes.get_for(query)

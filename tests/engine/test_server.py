@@ -64,11 +64,12 @@ server: {{explain: true}}
 """
 
 
-# routed: the top-5 cut only for questions (a stage's `when`)
+# routed: the top-5 cut only for questions (a stage's `when`; an output stage cannot be routed past, so 'out' follows)
 # (and a deadline that cuts nothing: a config warning the server lists)
 ROUTED = ROOMY.replace("name: roomy", "name: routed").replace(
     "    params: {{k: 5}}\n", "    params: {{k: 5}}\n    when: {{field: query.text, op: regex, value: '\\?$'}}\n"
-) + "executor: {{deadline_ms: 60000}}\n"
+    "  - {{id: out, type: select.top_k, inputs: [final], params: {{k: 20}}}}\n"
+).replace("output: final", "output: out") + "executor: {{deadline_ms: 60000}}\n"
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,8 @@ stages:
     type: recall.bm25
     params: {{top_k: 10}}
     when: {{field: query.language, op: eq, value: en}}
-output: bm25
+  - {{id: final, type: select.top_k, inputs: [bm25], params: {{k: 10}}}}
+output: final
 trace: {{log: null}}
 """
     pipeline = Pipeline.from_file(write_config(config))
@@ -279,7 +280,8 @@ stages:
     type: fuse.rrf
     inputs: [a, b]
     when: {{field: query.text, op: contains, value: x}}
-output: fused
+  - {{id: final, type: select.top_k, inputs: [fused], params: {{k: 10}}}}
+output: final
 trace: {{log: null}}
 """
     (error,) = errors_of(write_config(config))
@@ -305,3 +307,24 @@ def test_an_extending_config_replaces_a_bases_when_whole(bm25_index, write_confi
     assert stage(pipeline.search(KEYWORDS, log=False, user={"user_id": "ann"}), "short")["status"] == "ok"
     always = write_config("extends: base.yaml\nstages:\n  - id: short\n    when: {expr: 'true'}\n", "always.yaml")
     assert stage(Pipeline.from_file(always).search(KEYWORDS, log=False), "short")["status"] == "ok"
+
+
+def test_the_output_stage_cannot_be_routed_past(bm25_index, write_config):
+    """Bypassed, an output select.top_k would return its whole input, past the final cut (as `enabled: false` on it
+    is refused)."""
+    config = f"""\
+version: 1
+index: {bm25_index}
+stages:
+  - {{id: bm25, type: recall.bm25, params: {{top_k: 50}}}}
+  - id: final
+    type: select.top_k
+    inputs: [bm25]
+    params: {{k: 10}}
+    when: {QUESTIONS_ONLY}
+output: final
+trace: {{log: null}}
+"""
+    (error,) = errors_of(write_config(config))
+    assert "stages.1.when" in error and "stage 'final' is the pipeline's output" in error
+    assert "cannot be bypassed by a `when`" in error and "add a final stage after it" in error

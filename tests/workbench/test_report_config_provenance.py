@@ -20,7 +20,7 @@ from engine.workbench.report import render_report
 
 QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
 
-# bm25 -> floor -> final; {floor} adds to the floor stage (enabled: false), {final} to the final one (a when)
+# bm25 -> floor -> final; {floor} adds to the floor stage (enabled: false, a when), {final} to the final one
 CHAIN = """\
 version: 1
 name: {name}
@@ -163,16 +163,16 @@ def test_what_warm_up_found_is_a_config_fact(cli, bm25_index, write_config, tmp_
 def test_a_when_that_holds_is_shown_with_its_evidence(cli, bm25_index, write_config, tmp_path):
     """A stage whose `when` held: the page rendered (the template read `when.error`, absent then, and failed) and
     says the condition held, and on what in the query."""
-    config = write_config(chain(bm25_index, final="\n    when: {field: query.text, op: contains, value: vitamin}"),
+    config = write_config(chain(bm25_index, floor="\n    when: {field: query.text, op: contains, value: vitamin}"),
                           "routed.yaml")
     trace, page = report_of(cli, config, tmp_path)
-    assert trace["stages"][-1]["when"]["holds"] is True
-    final = dict((sid, text) for sid, _, text in stage_rows(page))["final"]
-    assert "ok (its when holds: query.text contains 'vitamin')" in final
+    assert trace["stages"][1]["when"]["holds"] is True
+    floor = dict((sid, text) for sid, _, text in stage_rows(page))["floor"]
+    assert "ok (its when holds: query.text contains 'vitamin')" in floor
     assert 'evidence of its when: query.text contains: matched &#34;vitamin&#34;' in page
     # not holding: bypassed, as before
     trace, page = report_of(cli, config, tmp_path, query="homocysteine levels")
-    assert trace["stages"][-1]["status"] == "bypassed"
+    assert trace["stages"][1]["status"] == "bypassed"
     assert "bypassed (its when does not hold: query.text contains &#39;vitamin&#39;)" in page
 
 

@@ -37,11 +37,11 @@ stages:
     type: select.threshold
     inputs: [bm25]
     params: {{min_score: 0.2, normalize: max}}
+    when: {{field: query.text, op: contains, value: vitamin}}
   - id: final
     type: select.top_k
     inputs: [floor]
     params: {{k: 10}}
-    when: {{field: query.text, op: contains, value: vitamin}}
 output: final
 trace: {{log: null}}
 """
@@ -53,8 +53,8 @@ EXTENDING = {
     "nothing but the base": "extends: base.yaml\n",
     "a name and a partial section": "extends: base.yaml\nname: child\ntrace: {explain: true}\n",
     "a when replaced, and one added": (
-        "extends: base.yaml\nstages:\n  - {id: final, when: {expr: 'true'}}\n"
-        "  - {id: floor, when: {field: user.roles, op: contains, value: research}}\n"),
+        "extends: base.yaml\nstages:\n  - {id: floor, when: {expr: 'true'}}\n"
+        "  - {id: bm25, when: {field: user.roles, op: contains, value: research}}\n"),
     "a new stage appended": (
         "extends: base.yaml\noutput: top3\nstages:\n"
         "  - {id: top3, type: select.top_k, inputs: [final], params: {k: 3}}\n"),
@@ -72,7 +72,7 @@ BROKEN_EXTENDING = {
     "an unknown top-level key": "extends: base.yaml\nstagez: []\n",
     "a switch that is not a switch": "extends: base.yaml\nstages:\n  - {id: floor, enabled: 'no'}\n",
     "extends naming nothing": "extends: ''\nstages:\n  - {id: final, params: {k: 3}}\n",
-    "a when left empty": "extends: base.yaml\nstages:\n  - {id: final, when: null}\n",
+    "a when left empty": "extends: base.yaml\nstages:\n  - {id: floor, when: null}\n",
 }
 
 

@@ -61,9 +61,9 @@ def test_an_override_is_read_as_a_config_file_is_yaml_1_2(mini_config):
 
     config = mini_config(k=10)
     routed = Pipeline.from_file(config, settings=[
-        "stages.final.when={field: user.jurisdictions, op: contains, value: NO}"])
+        "stages.bm25.when={field: user.jurisdictions, op: contains, value: NO}"])
     result = routed.search("vitamin D", log=False, user={"jurisdictions": ["NO"]})
-    record = next(s for s in result.trace["stages"] if s["id"] == "final")
+    record = next(s for s in result.trace["stages"] if s["id"] == "bm25")
     assert record["status"] == "ok" and "'NO'" in record["when"]["condition"]
     ten = Pipeline.from_file(config, settings=["stages.final.params.k=010"])
     assert next(s for s in ten.compiled.canonical["stages"] if s["id"] == "final")["params"]["k"] == 10
