@@ -137,6 +137,9 @@ def resolve_extends(loaded: LoadedYaml, base_dir: Path, *, _chain: tuple[Path, .
     return _Merge(base, loaded).result(target)
 
 
+_REMOVED = object()  # what a merged key becomes when the child removes it
+
+
 class _Merge:
     """An extending config merged onto its (resolved) base, with a source map that locates each value in its file."""
 
@@ -145,6 +148,7 @@ class _Merge:
         self.out = SourceMap(child.source.file)
         self.issues: list[ConfigIssue] = []
         self.stage_position: dict[int, int] = {}  # the child's stages.i -> the merged stages.j
+        self.removed: list[ConfigIssue] = []  # warnings: a base's `when` removed by the child's `when: null`
 
     def result(self, target: Path) -> LoadedYaml:
         child_data = {key: value for key, value in self.child.data.items() if key != "extends"}
@@ -154,7 +158,8 @@ class _Merge:
             raise ConfigError([*self.child.issues, *self.issues])
         unmade = set(self.base.unmade) | {self._moved(dotted) for dotted in self.child.unmade}
         sha = self.base.sha256 or ""
-        return LoadedYaml(data, self.out, [*self.child.issues, *self.base.issues], unmade, self.child.sha256,
+        return LoadedYaml(data, self.out, [*self.child.issues, *self.base.issues, *self.removed], unmade,
+                          self.child.sha256,
                           [{"file": str(target), "sha256": sha}, *self.base.bases])
 
     def _moved(self, dotted: str) -> str:
@@ -190,6 +195,12 @@ class _Merge:
 
     def _merge(self, base: Any, at_base: PathKey, child: Any, at_child: PathKey, to: PathKey) -> Any:
         if len(to) == 3 and to[0] == "stages" and to[2] == "when":  # a condition is replaced whole, never merged
+            if child is None:  # removed, as --set stages.X.when=null removes it; said, in case its lines were
+                self.removed.append(ConfigIssue(  # commented out
+                    self.child.source.locate(at_child, prefer_key=True), ".".join(map(str, to)),
+                    f"`when: null` removes the base config's `when` of stage '{self.base.data['stages'][to[1]]['id']}' "
+                    f"({self.base.source.locate(at_base, prefer_key=True)}): it runs for every query", "warning"))
+                return _REMOVED
             return self._whole(self.child.source, child, at_child, to)
         if isinstance(base, dict) and isinstance(child, dict):
             self._entry(self.child.source, at_child, to)
@@ -206,6 +217,8 @@ class _Merge:
         for key, value in base.items():
             if key in child:
                 merged[key] = self._merge(value, at_base + (key,), child[key], at_child + (key,), to + (key,))
+                if merged[key] is _REMOVED:
+                    del merged[key]
             else:
                 merged[key] = self._whole(self.base.source, value, at_base + (key,), to + (key,))
         for key, value in child.items():

@@ -302,7 +302,9 @@ class Pipeline:
         stage = self.compiled.stages[stage_id]
         spec = self.compiled.specs[stage_id]
         query, mask, lists = self._inherit(stage_id, original, outcomes)
-        ctx = StageContext(stage_id, query, lists, mask, resources, self.compiled.config.trace.include_query_text)
+        bypassed = frozenset(dep for dep in spec.inputs if outcomes[dep].record.get("status") == "bypassed")
+        ctx = StageContext(stage_id, query, lists, mask, resources, self.compiled.config.trace.include_query_text,
+                           bypassed)
         begin = time.perf_counter()
         record: dict[str, Any] = {
             "id": stage_id,

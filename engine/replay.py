@@ -43,7 +43,7 @@ VOLATILE_DETAILS = frozenset({"cache", "rule_warnings"})
 # Machine-specific locations: a replay on another machine, or of a moved config, finds the same content elsewhere.
 LOCATION_KEYS = frozenset({"file", "location", "path", "dir"})
 # Prose a newer engine may word differently: across engine versions a change here is a note, not a difference
-WORDING_KEYS = frozenset({"description", "detail", "message"})
+WORDING_KEYS = frozenset({"description", "detail", "message", "condition"})
 MAX_WORDING_NOTED = 8
 
 

@@ -82,6 +82,7 @@ class StageContext:
     mask: DocumentMask | None
     resources: "Resources"
     trace_text: bool = True  # may the stage put query-derived text (terms, entities) in the trace?
+    bypassed: frozenset[str] = frozenset()  # its inputs routed past for this query (their `when` did not hold)
 
 
 @dataclass

@@ -703,12 +703,16 @@ def _size(table: "DocumentTable", frame: Frame | None) -> int:
 
 
 def _show(value: Any) -> str:
+    """A condition's value as the rule file writes it (YAML): text single-quoted, backslashes as written
+    (``'^\\s*[A-Z]{1,5}$'``, not Python's doubled ones), true/false/null, lists in brackets."""
     if isinstance(value, str):
-        return repr(value)
+        return "'" + value.replace("'", "''") + "'"
     if isinstance(value, (list, tuple, frozenset)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, datetime):
         return value.date().isoformat() if value.hour == value.minute == value.second == 0 else value.isoformat()
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
     return str(value)
 
 
@@ -899,8 +903,10 @@ class Leaf(Node):
         return {self.field} | ({self.value_from} if self.value_from else set())
 
     def describe(self) -> str:
+        if self.op == "exists":
+            return f"{self.field} exists" if self.literal else f"{self.field} does not exist"
         operand = self.value_from if self.value_from is not None else _show(
-            self.literal if isinstance(self.literal, RelativeDate) else self.raw_value if self.op != "exists" else self.literal
+            self.literal if isinstance(self.literal, RelativeDate) else self.raw_value
         )
         return f"{self.field} {self.op} {operand}"
 
@@ -1138,7 +1144,7 @@ class Expr(Node):
         return set()
 
     def describe(self) -> str:
-        return f"expr {self.compiled.source!r}"
+        return f"expr {_show(self.compiled.source)}"
 
     def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
         """Evaluated one by one; a document the expression fails on is false and noted in ``view.errors``."""

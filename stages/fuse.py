@@ -197,7 +197,7 @@ class ReciprocalRankFusion(Stage):
             for doc_id, found in positions.items()
         }
         kept, drops = _rank_and_cut(self.id, "rrf", pool, scores, self.params.top_k)
-        self._notes.put_for(ctx.query, (tuple(input_ids), tuple(weights), positions))
+        self._notes.put_for(ctx.query, (tuple(input_ids), tuple(weights), positions, ctx.bypassed))
         details = {
             "inputs": {input_id: len(items) for input_id, items in zip(input_ids, ctx.inputs)},
             "union": len(pool),
@@ -228,10 +228,13 @@ class ReciprocalRankFusion(Stage):
         found = notes[2].get(candidate.doc_id) if notes is not None else None
         if found is None:
             return Explanation(value, description)
-        input_ids, weights, _ = notes
+        input_ids, weights, _, bypassed = notes
         details = []
         for input_id, weight, position in zip(input_ids, weights, found):
-            if position is None:
+            if position is None and input_id in bypassed:
+                details.append(Explanation(0.0, f"input '{input_id}': bypassed for this query (its `when` does not "
+                                                "hold), adds 0"))
+            elif position is None:
                 details.append(Explanation(0.0, f"input '{input_id}': not retrieved, adds 0"))
             else:
                 details.append(Explanation(

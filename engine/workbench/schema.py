@@ -91,9 +91,9 @@ STAGE_ENTRY = "StageEntry"
 
 
 def _when_is_a_condition(defs: dict[str, Any]) -> None:
-    """Each stage branch's ``when`` a condition, not null: ``when:`` with nothing under it is refused (its lines
-    commented out would run the stage for every query; engine.config.StageSpec), in a complete config and in one that
-    extends a base alike (where ``--set stages.ID.when=null``, not the file, removes a base stage's)."""
+    """Each stage branch's ``when`` a condition, not null: ``when:`` with nothing under it is refused in a complete
+    config (its lines commented out would run the stage for every query; engine.config.StageSpec). In a config that
+    extends a base, null removes the base stage's ``when`` (:data:`STAGE_ENTRY`; the compiler warns of it)."""
     for definition in defs.values():
         when = definition.get("properties", {}).get("when") if definition.get("title", "").startswith("Stage_") else None
         if isinstance(when, dict) and "anyOf" in when:
@@ -135,7 +135,10 @@ def _allow_extending(schema: dict[str, Any]) -> dict[str, Any]:
         "description": ("a stage entry; in a config that extends a base, merged into the base's stage of the same id "
                         "(whose type cannot change) or appended as a new stage (which needs a type)"),
         "properties": {
-            **{key: value for key, value in envelope.items() if key not in ("type", "params")},
+            **{key: value for key, value in envelope.items() if key not in ("type", "params", "when")},
+            "when": {"anyOf": [{k: v for k, v in envelope["when"].items() if k != "description"}, {"type": "null"}],
+                     "description": envelope["when"].get("description", "") + "; in a config that extends a base, "
+                     "null removes the base stage's"},
             "type": {"title": "Type", "type": "string", "enum": spellings,
                      "description": "a registered stage type, e.g. recall.bm25 or recall.bm25@1"},
             "params": {"title": "Params", "type": "object",

@@ -97,6 +97,11 @@ trace: {{log: null}}
     assert stage(other, "fused")["input_counts"] == [len(stage(other, "wide")["output"]), 0]
     assert all({e.stage for e in c.ledger} == {"wide", "fused"} for c in other.results)
     assert any("narrow" in {e.stage for e in c.ledger} for c in analyst.results)
+    # each result's fusion tree says why the routed input added nothing (not that it did not retrieve the document)
+    explained = json.dumps(other.trace["results"])
+    assert explained.count("input 'narrow': bypassed for this query (its `when` does not hold), adds 0") == len(
+        other.results) and "input 'narrow': not retrieved" not in explained
+    assert "input 'narrow': not retrieved, adds 0" in json.dumps(analyst.trace["results"])  # ran, and missed some
 
 
 def test_an_expression_that_fails_on_a_query_runs_the_stage_and_says_why(bm25_index, write_config):
@@ -307,6 +312,24 @@ def test_an_extending_config_replaces_a_bases_when_whole(bm25_index, write_confi
     assert stage(pipeline.search(KEYWORDS, log=False, user={"user_id": "ann"}), "short")["status"] == "ok"
     always = write_config("extends: base.yaml\nstages:\n  - id: short\n    when: {expr: 'true'}\n", "always.yaml")
     assert stage(Pipeline.from_file(always).search(KEYWORDS, log=False), "short")["status"] == "ok"
+
+
+def test_when_null_in_an_extending_config_removes_the_bases_and_says_so(bm25_index, write_config):
+    """As `--set stages.short.when=null` does; a warning names it (its lines may have been commented out). Where the
+    base has no `when`, an empty one is still refused."""
+    base = write_config(chain(bm25_index), "base.yaml")
+    child = write_config("extends: base.yaml\nstages:\n  - id: short\n    when:\n    #  expr: 'true'\n", "child.yaml")
+    (warning,) = warnings_of(child)
+    assert warning.startswith(f"{child}:4:5") and "stages.1.when: `when: null` removes the base config's `when` of " \
+        "stage 'short' (" in warning and f"{base.name}:" in warning and warning.endswith("it runs for every query")
+    compiled = compile_file(child)
+    assert "when" not in compiled.canonical["stages"][1]
+    assert compiled.config_sha256 == compile_file(write_config(chain(bm25_index).replace(
+        "\n    when: " + QUESTIONS_ONLY, ""), "plain.yaml")).config_sha256  # as a config written without it
+    assert "when" not in stage(Pipeline.from_file(child).search(KEYWORDS, log=False), "short")
+    empty = write_config("extends: base.yaml\nstages:\n  - {id: final, when: null}\n", "empty.yaml")
+    (error,) = errors_of(empty)
+    assert "stages.2.when: 'when' is empty" in error
 
 
 def test_the_output_stage_cannot_be_routed_past(bm25_index, write_config):

@@ -55,6 +55,7 @@ EXTENDING = {
     "a when replaced, and one added": (
         "extends: base.yaml\nstages:\n  - {id: floor, when: {expr: 'true'}}\n"
         "  - {id: bm25, when: {field: user.roles, op: contains, value: research}}\n"),
+    "a base's when removed": "extends: base.yaml\nstages:\n  - {id: floor, when: null}\n",
     "a new stage appended": (
         "extends: base.yaml\noutput: top3\nstages:\n"
         "  - {id: top3, type: select.top_k, inputs: [final], params: {k: 3}}\n"),
@@ -72,7 +73,6 @@ BROKEN_EXTENDING = {
     "an unknown top-level key": "extends: base.yaml\nstagez: []\n",
     "a switch that is not a switch": "extends: base.yaml\nstages:\n  - {id: floor, enabled: 'no'}\n",
     "extends naming nothing": "extends: ''\nstages:\n  - {id: final, params: {k: 3}}\n",
-    "a when left empty": "extends: base.yaml\nstages:\n  - {id: floor, when: null}\n",
 }
 
 
