@@ -697,7 +697,8 @@ def batch_command(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="results JSONL, a line per query in input order "
                                            "(written as OUT.partial, renamed when every query is done)")],
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted batch's OUT.partial (its config, "
-                                         "index, queries, --top and default user must be the same)")] = False,
+                                         "index, queries, --top, default user and trace log must be the same, and "
+                                         "the log must still hold its traces)")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT (once the new one is "
                                             "complete); without --resume, discard an interrupted batch's "
                                             "OUT.partial")] = False,
@@ -728,7 +729,7 @@ def batch_command(
     from engine.index import manifest_sha256_of
     from engine.pipeline import Pipeline
     from engine.stage import Port
-    from engine.trace import atomic_write_target, write_json_atomic
+    from engine.trace import TraceLog, atomic_write_target, write_json_atomic
     from engine.workbench import batch
 
     if log is not None and no_log:
@@ -737,12 +738,21 @@ def batch_command(
     target = atomic_write_target(out_file)  # through a symlink: its target (the partial file goes beside it)
     partial, sidecar = batch.partial_path(target), batch.sidecar_path(target)
     written_to = {os.path.realpath(p) for p in (target, partial, sidecar)}
-    for option, path in (("the queries file", queries_file), ("--log", log)):
-        if path is not None and os.path.realpath(path) in written_to:
+
+    def check_log_path(path: Path, option: str) -> None:
+        """The checks --log and the config's trace.log both get, before any work."""
+        if os.path.realpath(path) in written_to:
             raise SieveError(f"--out {out_file} would write over {option} {path}")
-    if log is not None and os.path.realpath(log) == os.path.realpath(queries_file):
-        raise SieveError(f"--log {log} is the queries file: the traces would be appended to it")
-    _writable_file(log, "--log")
+        if os.path.realpath(path) == os.path.realpath(queries_file):
+            raise SieveError(f"{option} {path} is the queries file: the traces would be appended to it")
+        _writable_file(path, option)
+
+    if os.path.realpath(queries_file) in written_to:
+        raise SieveError(f"--out {out_file} would write over the queries file {queries_file}")
+    if log is not None:
+        check_log_path(log, "--log")
+    if partial.exists() and batch.partial_in_use(partial):  # running, not interrupted: whatever was asked
+        raise SieveError(batch.in_use_message(partial))
     if target.exists() and not overwrite:
         raise SieveError(f"--out {out_file} exists (a finished batch's results): give --overwrite to replace it (it "
                          "is replaced only once the new batch is complete), or another --out")
@@ -763,18 +773,29 @@ def batch_command(
         default_as_of = default_as_of.replace(tzinfo=timezone.utc)  # as a query reads it
 
     pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
+    trace_log = batch.trace_log_target(pipeline, log, no_log)
+    if trace_log is not None:
+        option = "--log" if log is not None else "the config's trace.log"
+        if log is None:
+            check_log_path(trace_log, option)  # as --log's, before the warm-up rather than at the first query
+        try:
+            TraceLog(trace_log).check_appendable()  # and where it ends: a log removed mid-run is then noticed
+        except SieveError as exc:
+            raise SieveError(f"{option}: {exc}") from None
     queries = batch.read_queries(queries_file, pipeline, asked.user, default_as_of)
     if queries.with_history and not any(stage.produces is Port.QUERY for stage in pipeline.compiled.stages.values()):
         err.print(f"[yellow]warning:[/yellow] {queries.with_history} queries give a history, but this pipeline has no "
                   "query-rewriting stage (rewrite.coreference): it is recorded in the traces but does not change the "
                   "queries")
     manifest = manifest_sha256_of(Path(pipeline.index_path)) if pipeline.index_path is not None else None
-    identity = batch.batch_identity(queries, pipeline, manifest, asked.user, default_as_of, top)
+    identity = batch.batch_identity(queries, pipeline, manifest, asked.user, default_as_of, top, trace_log)
     if recorded is not None:
         differences = batch.sidecar_differences(recorded, identity)
         if differences:
             raise SieveError(f"cannot resume {partial}: " + "; ".join(differences) + ". Resume it with what it "
                              "started with, or discard it with --overwrite")
+        for warning in batch.unchecked_in_sidecar(recorded, trace_log):
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
     partial.parent.mkdir(parents=True, exist_ok=True)
     fd = batch.lock_partial(partial, fresh=recorded is None)
@@ -785,6 +806,8 @@ def batch_command(
             write_json_atomic(sidecar, identity)
         else:
             written = batch.read_partial(fd, partial, queries)
+            if trace_log is not None:
+                batch.check_logged(written, trace_log, partial)  # the traces of the lines written are in that log
         pipeline.warm_up()
         _print_warnings(pipeline.warnings)
         index = pipeline.resources.index if pipeline.resources is not None else None
@@ -804,9 +827,14 @@ def batch_command(
                 with contextlib.suppress(OSError):
                     path.unlink()
             raise
-        if not running:
+        if not running or isinstance(exc, batch.PartialLost):  # PartialLost says what was lost
             raise
-        keep = (f"the results written so far are kept in {partial}: continue with the same command and --resume")
+        gone = batch.partial_problem(fd, partial)
+        if gone is not None:
+            keep = (f"{partial} is gone ({gone}): the results written to it are lost; run the batch again (without "
+                    "--resume)")
+        else:
+            keep = f"the results written so far are kept in {partial}: continue with the same command and --resume"
         if isinstance(exc, SieveError):
             kept = SieveError(f"{exc}\n{keep}")
             kept.exit_code = exc.exit_code
@@ -1190,7 +1218,7 @@ def serve(
         help="connections and requests at once before new ones get 503 (0: no limit)", min=0)] = 512,
 ) -> None:
     """Serve pipelines over HTTP (JSON API: POST /v1/pipelines/{name}/search and .../explain, GET /v1/pipelines,
-    /healthz, /readyz)."""
+    /healthz, /readyz, and GET /metrics for Prometheus)."""
     import importlib.util
 
     for module in ("fastapi", "uvicorn"):

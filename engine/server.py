@@ -69,6 +69,14 @@ would get 500 ``trace_not_logged``, so ``/readyz`` answers 503 ``trace_log_faili
 probe re-checks the log's storage without a query (the log's directory writable, the log a writable
 file, at least ``MIN_LOG_FREE_BYTES`` free there) and reports ready again once it is; the next append
 that succeeds clears the state too, one that fails sets it again.
+
+The server never starts a second chain under a log's name (engine.trace, ``TraceLogReplaced``): once it has
+appended to a log (or found it at start, ending at a record), an append that finds the file removed (its
+directory deleted), emptied or replaced by another file, which no ``sieve trace rotate`` explains, is refused:
+500 ``trace_not_logged``, ``/readyz`` 503 and ``sieve_trace_log_failing`` 1. It recovers by itself once the
+chain is back at the path: the file (or its directory) moved back, or a copy that holds the record it last
+appended; an empty directory or a new file does not count. To start a new log deliberately, restart the server
+(or rotate the log with ``sieve trace rotate``, which keeps the chain and needs no restart).
 """
 
 from __future__ import annotations
@@ -227,9 +235,10 @@ class _Flawed(dict):  # type: ignore[type-arg]
     unreadable: list[str]
 
 
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``'s object_pairs_hook: the object, marked (a ``_Flawed``) when it gives a key twice (json
-    would keep the last, silently) or a key that is not valid Unicode text."""
+def strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s object_pairs_hook: the object, marked when it gives a key twice (json would keep the last,
+    silently) or a key that is not valid Unicode text; ``refused_keys`` lists them. Shared by the server's bodies and
+    ``sieve batch``'s query lines, which refuse the same keys."""
     obj = dict(pairs)
     unreadable = [key for key in obj if _SURROGATE.search(key)]
     if len(obj) == len(pairs) and not unreadable:
@@ -245,22 +254,33 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
-def _flawed_keys(document: Any) -> list[tuple[str, str]]:
-    """Each refused key in an object of the parsed ``document``: (its location, the message)."""
-    found: list[tuple[str, str]] = []
-    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ("body",))]
+def refused_keys(document: Any) -> list[tuple[tuple[str, ...], str]]:
+    """Each refused key in the objects of a ``document`` parsed with ``strict_object``, in document order: (the
+    key's path from the document's root, its last part the key; "duplicated" or "unreadable")."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
     while stack:
         value, path = stack.pop()
         if isinstance(value, dict):
-            for key in getattr(value, "unreadable", ()):
-                code = f"\\u{ord(_SURROGATE.search(key).group()):04x}"  # type: ignore[union-attr]
-                found.append((".".join((*path, key)), f"the key contains a lone surrogate ({code}), not valid "
-                              "Unicode text"))
-            for key in getattr(value, "duplicated", ()):
-                found.append((".".join((*path, key)), f"duplicate key {key!r}: a JSON object gives each key once"))
+            found.extend(((*path, key), "unreadable") for key in getattr(value, "unreadable", ()))
+            found.extend(((*path, key), "duplicated") for key in getattr(value, "duplicated", ()))
             stack.extend((item, (*path, key)) for key, item in reversed(value.items()))
         elif isinstance(value, list):
             stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
+    return found
+
+
+def _flawed_keys(document: Any) -> list[tuple[str, str]]:
+    """Each refused key in an object of the parsed body: (its location, the message)."""
+    found: list[tuple[str, str]] = []
+    for path, flaw in refused_keys(document):
+        key = path[-1]
+        location = ".".join(("body", *path))
+        if flaw == "unreadable":
+            code = f"\\u{ord(_SURROGATE.search(key).group()):04x}"  # type: ignore[union-attr]
+            found.append((location, f"the key contains a lone surrogate ({code}), not valid Unicode text"))
+        else:
+            found.append((location, f"duplicate key {key!r}: a JSON object gives each key once"))
     return found
 
 
@@ -310,7 +330,7 @@ def read_json_body(content_type: str | None, content_encoding: str | None, raw: 
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal flawed
-        obj = _object(items)
+        obj = strict_object(items)
         flawed = flawed or isinstance(obj, _Flawed)
         return obj
 
@@ -348,8 +368,10 @@ class Metrics:
                                          "(reading the body, the query, logging its trace, the response)",
                                          ["pipeline", "endpoint"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.query_seconds = Histogram("sieve_query_duration_seconds", "a query's run through its pipeline "
-                                       "(the trace's timing_ms.total)", ["pipeline"], buckets=_LATENCY_BUCKETS,
-                                       registry=registry)
+                                       "(the trace's timing_ms.total); this, the stage, degraded and empty counts "
+                                       "cover the queries answered (one whose trace could not be logged is counted "
+                                       "in sieve_query_errors_total{type=\"trace_not_logged\"} only)", ["pipeline"],
+                                       buckets=_LATENCY_BUCKETS, registry=registry)
         self.stage_seconds = Histogram("sieve_stage_duration_seconds", "a stage's run for one query (stages that "
                                        "ran: status ok or skipped)", ["pipeline", "stage"], buckets=_LATENCY_BUCKETS,
                                        registry=registry)
@@ -376,10 +398,11 @@ class Metrics:
 
     def labels_of(self, path: str) -> tuple[str, str]:
         """(pipeline, endpoint) of a request path; ``-`` for a pipeline not served, ``other`` for a path not
-        the API's."""
-        parts = path.strip("/").split("/")
-        if len(parts) == 4 and parts[:2] == ["v1", "pipelines"] and parts[3] in _ENDPOINTS:
-            return (parts[2] if parts[2] in self._pipelines else "-"), parts[3]
+        the API's (``//v1/pipelines/X/search`` or ``.../search/`` are not the search endpoint: no route serves
+        them)."""
+        parts = path.split("/")  # exactly as the router matches: "/v1/pipelines/{name}/{endpoint}", nothing around it
+        if len(parts) == 5 and parts[:3] == ["", "v1", "pipelines"] and parts[3] and parts[4] in _ENDPOINTS:
+            return (parts[3] if parts[3] in self._pipelines else "-"), parts[4]
         if path in ("/healthz", "/readyz", "/metrics", "/v1/pipelines"):
             return "-", path.strip("/").replace("v1/", "")
         return "-", "other"
@@ -390,7 +413,8 @@ class Metrics:
         self.request_seconds.labels(pipeline, endpoint).observe(seconds)
 
     def ran(self, name: str, result: Any) -> None:
-        """One query's run: its latency, each stage's, what each stage did."""
+        """One query answered: its latency, each stage's, what each stage did. Called once its trace is logged: a
+        query whose results were withheld (500 trace_not_logged) is counted in ``errors`` only, not as run."""
         trace = result.trace
         self.query_seconds.labels(name).observe(float(trace["timing_ms"]["total"]) / 1000.0)
         for stage in trace["stages"]:
@@ -550,6 +574,11 @@ def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
             log.warning("pipeline '%s': config: %s", name, issue)
         for warning in pipeline.warnings:
             log.warning("pipeline '%s': %s", name, warning)
+        if pipeline.compiled.config.trace.log is not None:
+            from engine.trace import TraceLog
+
+            # where the log ends now: one removed or replaced before the first query is refused, not begun anew
+            TraceLog(pipeline.compiled.config.trace.log).remember_end()
     return pipelines
 
 
@@ -755,15 +784,15 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
             log.error("pipeline '%s' failed: %s", name, exc)
             metrics.failed(name, "stage_failed")
             return error(500, "stage_failed", str(exc))
-        metrics.ran(name, result)
         try:
             log_path = pipeline.log_trace(result.trace)
         except (OSError, SieveError) as exc:  # no unaudited answers: the results are withheld
             log.error("pipeline '%s': trace %s not logged: %s", name, result.trace["trace_id"], exc)
             health.log_failed(name, exc)
-            metrics.failed(name, "trace_not_logged")
+            metrics.failed(name, "trace_not_logged")  # not counted as run: the client got no results
             return error(500, "trace_not_logged", f"the query ran but its trace could not be appended to the log "
                          f"({type(exc).__name__}: {exc}); results are withheld", trace_id=result.trace["trace_id"])
+        metrics.ran(name, result)
         health.log_succeeded(name)
         health.index_state(name)  # a stat or two: logs the warning once when the index was rebuilt on disk
         return pipeline, result, log_path
@@ -808,6 +837,12 @@ class _Health:
         self._warned: dict[str, str | None] = {}  # pipeline -> on-disk manifest sha256 last warned about
 
     def log_failed(self, name: str, exc: BaseException) -> None:
+        from engine.trace import TraceLogReplaced
+
+        if isinstance(exc, TraceLogReplaced):  # the log was removed or replaced under the server: refused until back
+            with self._lock:
+                self._failed[name] = f"the last trace append was refused ({exc})"
+            return
         cause = exc if isinstance(exc, OSError) else exc.__cause__
         if not isinstance(cause, OSError):
             return  # about this trace (text that cannot be encoded...), not the log: the next query may log
@@ -873,7 +908,10 @@ class _Health:
 
 def _log_storage_problem(log_file: Path) -> str | None:
     """Why an append to ``log_file`` would fail now, as far as can be seen without writing: its directory missing or
-    not writable, the log not a writable file, under ``MIN_LOG_FREE_BYTES`` free on its disk (None: none seen)."""
+    not writable, the log not a writable file, under ``MIN_LOG_FREE_BYTES`` free on its disk, or the file there not
+    the chain the server appended to (``TraceLog.continuity_problem``: removed or replaced since; None: none seen)."""
+    from engine.trace import TraceLog
+
     log_file = log_file.absolute()
     directory = log_file.parent
     if not directory.is_dir():
@@ -892,7 +930,7 @@ def _log_storage_problem(log_file: Path) -> str | None:
     free = (stats.f_bfree if os.geteuid() == 0 else stats.f_bavail) * stats.f_frsize
     if free < MIN_LOG_FREE_BYTES:
         return f"{free} bytes free on the log's disk ({directory}), under {MIN_LOG_FREE_BYTES}"
-    return None
+    return TraceLog(log_file).continuity_problem()
 
 
 def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:

@@ -22,6 +22,14 @@ log with any other line is read with the full check (``TraceLog._find_quickly``)
 Rotation (``rotate_log``): the log's records move to an archived segment beside it and the log starts again
 with a segment marker, a record at the next seq that links to the archive's last hash and names the archive.
 ``check_log`` and ``TraceLog.find_record`` follow the chain back through the segments beside the log.
+
+A writer never starts a second chain under a log's name: a process remembers, per log path, the file it last appended
+to (device and inode) and that record's seq and hash (``TraceLog.remember_end`` notes where an existing log ends before
+the first append). An append that finds the file gone (its directory deleted), emptied, or another file there is
+refused (``TraceLogReplaced``) unless a rotation explains it (the segment markers lead back to that file, or link to
+that record by its hash) or the file there holds that record (a copy put back). A long-running writer (``sieve serve``,
+``sieve batch``) thus stops rather than writing traces into a new chain that starts at seq 0 with nothing to say that
+the records before it exist elsewhere, or nowhere.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import json
 import os
 import re
 import secrets
+import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -291,24 +301,317 @@ class _Line:
     end: int = 0  # byte offset just after the line
 
 
+# ---------------------------------------------------------------------------- where this process left each log
+
+
+@dataclass(frozen=True)
+class _Position:
+    """Where this process last left a log: the file (device and inode) and the record at its end then (the last one it
+    appended, or the last one the log held when ``TraceLog.remember_end`` looked)."""
+
+    device: int
+    inode: int
+    seq: int
+    hash: str
+    offset: int  # where the record's line starts in that file
+    appended: bool  # this process appended the record (else: it found the log ending at it)
+
+    def same_file(self, found: os.stat_result) -> bool:
+        return (found.st_dev, found.st_ino) == (self.device, self.inode)
+
+    def describe(self) -> str:
+        return (f"record seq {self.seq} was appended" if self.appended
+                else f"this process found it ending at record seq {self.seq}")
+
+
+# Per process, by the log's absolute path (not resolved: a symlink pointed elsewhere is another file at the path).
+# Every TraceLog of one path shares it, because callers make a new TraceLog per append (Pipeline.log_trace).
+_POSITIONS: dict[str, _Position] = {}
+_POSITIONS_LOCK = threading.Lock()
+# A file judged not to continue a chain, by (path, device, inode, size, mtime): not read again until it changes.
+_JUDGED: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _position_key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _position_of(key: str) -> _Position | None:
+    with _POSITIONS_LOCK:
+        return _POSITIONS.get(key)
+
+
+def _remember(key: str, position: _Position) -> None:
+    with _POSITIONS_LOCK:
+        _POSITIONS[key] = position
+
+
+class TraceLogReplaced(TraceError):
+    """The log a process continues was removed or replaced since it appended to it (or found it ending at a record):
+    appending would start a new chain, with the records before it missing and nothing to say so. A TraceError, as for
+    any log that cannot be appended to."""
+
+    def __init__(self, path: Path, position: _Position, what: str):
+        self.path = path
+        self.position = position
+        super().__init__(
+            f"the trace log {path} was removed or replaced since {position.describe()} ({what}); refusing to start "
+            f"a new chain there: the records up to seq {position.seq} would be missing from it with nothing to say "
+            f"so. Put the log back (or a copy holding record seq {position.seq}, hash {position.hash[:16]}…), or "
+            "restart the process to start a new log deliberately; rotate a log with `sieve trace rotate`, which "
+            "keeps the chain"
+        )
+
+
+class _LogNotFound(TraceError):
+    """The log's file is not there (``TraceLog._locked`` without ``create``)."""
+
+
+def _gone(path: Path) -> str:
+    """What is missing where a log was: its directory or the file."""
+    directory = Path(os.path.abspath(path)).parent
+    missing = directory
+    while not missing.parent.is_dir() and missing.parent != missing:
+        missing = missing.parent
+    if not directory.is_dir():
+        return f"its directory {missing} is gone" if missing == directory else \
+            f"its directory {directory} is gone ({missing} with it)"
+    return "the file is gone"
+
+
+def _record_at(handle: Any, offset: int) -> tuple[int, str] | None:
+    """(seq, hash) of the record whose line starts at ``offset`` of an open log; None when there is none there."""
+    head = _read_at(handle, offset, 512)
+    found = _HEADER.match(head)
+    if found is not None:
+        return int(found.group("seq")), found.group("hash").decode("ascii")
+    line = head  # a record in another layout (an earlier writer's): the whole line is read
+    while b"\n" not in line:
+        more = _read_at(handle, offset + len(line), 1 << 16)
+        if not more:
+            break
+        line += more
+    data, problem = _line_problem(line.split(b"\n", 1)[0])
+    return None if problem is not None else (data["seq"], data["hash"])
+
+
+def _moved_problem(handle: Any, position: _Position) -> str | None:
+    """None when the open file (the one ``position`` names, by device and inode) still holds the record where it was
+    written; else what happened (a log cut back, emptied or rewritten, or another file given the same inode number
+    after the log was deleted). One read of a few hundred bytes."""
+    if _record_at(handle, position.offset) == (position.seq, position.hash):
+        return None
+    size = os.fstat(handle.fileno()).st_size
+    if size == 0:
+        return "it was emptied: it holds no record now"
+    if size <= position.offset:
+        return f"it was cut back: it ends before where record seq {position.seq} was"
+    return (f"record seq {position.seq} is no longer where it was written: the file was rewritten, or another one "
+            "took its place")
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _holds(segment: Path, position: _Position) -> bool:
+    """Whether the file ``segment`` holds the record ``position`` names (seq, hash; the chain up to it intact)."""
+    try:
+        record = TraceLog(segment)._find_in_segment(None, position.seq)
+    except TraceError:
+        return False
+    return record["hash"] == position.hash
+
+
+def _not_continued(path: Path, opened: os.stat_result, position: _Position) -> str | None:
+    """None when the file now at ``path`` (``opened``: not the file ``position`` names) continues the chain this
+    process left at ``position``; else what happened, worded to follow "removed or replaced since ...".
+
+    It continues it when it was rotated from that file (``rotate_log``: the segments named by the markers lead back
+    to that very file, or to a marker linking to the record by its hash, the archive moved away), or when it (or the
+    segment its markers lead back to) holds the record: a copy of the log put back. The file's content is read only
+    in the last case (a copy, a replacement), and a file judged so is not read again until it changes."""
+    judged = (_position_key(path), opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+    with _POSITIONS_LOCK:
+        known = _JUDGED.get(judged)
+    if known is not None:
+        return known
+    segment = path
+    seen: set[str] = set()
+    problem: str | None = None
+    while True:
+        previous = _previous_segment(segment)
+        if previous is None or position.seq > previous.seq:  # the record would be in this segment
+            if _holds(segment, position):
+                return None
+            where = "it" if segment == path else f"{segment.name}, the segment it continues,"
+            problem = (f"another file is there: {where} does not hold record seq {position.seq} with hash "
+                       f"{position.hash[:16]}…")
+            break
+        if previous.last_seq == position.seq and previous.prev == position.hash:
+            return None  # rotated right after the record: the marker links to it by its hash
+        archived = _stat_or_none(previous.path)
+        if archived is not None and position.same_file(archived):
+            return None  # rotated: the archive is the file the record was appended to
+        real = os.path.realpath(previous.path)
+        if archived is None or real in seen:
+            problem = (f"it continues {previous.path.name} (seq {previous.first_seq}..{previous.last_seq}), which is "
+                       f"not beside it, so record seq {position.seq} cannot be found")
+            break
+        seen.add(real)
+        segment = previous.path
+    with _POSITIONS_LOCK:
+        if len(_JUDGED) > 1000:
+            _JUDGED.clear()
+        _JUDGED[judged] = problem
+    return problem
+
+
 class TraceLog:
     """Append-only, hash-chained JSONL log of traces. Safe for several processes (flock)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    def remember_end(self) -> None:
+        """Note where the log ends now (its file and last record), so that this process's next append refuses a log
+        removed or replaced meanwhile (``append``), as it would after an append of its own. Nothing is noted for a
+        log that does not exist, holds no record or cannot be read, nor when this process already knows where it
+        left the log."""
+        key = _position_key(self.path)
+        if _position_of(key) is not None:
+            return
+        try:
+            handle = open(self.path, "rb", buffering=0)
+        except OSError:
+            return
+        with handle:
+            opened = os.fstat(handle.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                return
+            end = handle.seek(0, os.SEEK_END)
+            last, start = _last_record_line(handle, end)
+            if last and not last.endswith(b"\n"):  # a write in progress, or a torn tail: the record before it
+                last, start = _last_record_line(handle, start)
+            if not last:
+                return
+            try:
+                last_hash, next_seq = self._chain_position(last)
+            except TraceError:
+                return
+        with _POSITIONS_LOCK:
+            _POSITIONS.setdefault(key, _Position(opened.st_dev, opened.st_ino, next_seq - 1, last_hash, start,
+                                                 appended=False))
+
+    def forget(self) -> None:
+        """Forget where this process left the log: its next append takes the file at the path as it finds it (a
+        missing log is started anew, at seq 0). For a long-lived process that starts a new log deliberately."""
+        with _POSITIONS_LOCK:
+            _POSITIONS.pop(_position_key(self.path), None)
+
+    def continuity_problem(self) -> str | None:
+        """Why this process's next append would be refused as ``TraceLogReplaced`` (the message), as far as can be
+        told without the lock; None when it would not be (or this process never appended to the log)."""
+        position = _position_of(_position_key(self.path))
+        if position is None:
+            return None
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return str(TraceLogReplaced(self.path, position, _gone(self.path)))
+        except OSError:
+            return None  # not about the chain: the append says what
+        if not stat.S_ISREG(current.st_mode):
+            return None
+        if position.same_file(current):
+            try:
+                with open(self.path, "rb", buffering=0) as handle:
+                    problem = _moved_problem(handle, position)
+            except OSError:
+                return None
+        else:
+            problem = _not_continued(self.path, current, position)
+        return None if problem is None else str(TraceLogReplaced(self.path, position, problem))
+
+    def check_appendable(self) -> None:
+        """Check, before any work, that ``append`` can go on with this log: when it exists, a regular file this process
+        may write whose last record can be read (a torn tail is fine: the next append sets it aside), and the chain
+        this process left it at, if any; then note where it ends (``remember_end``). TraceError saying what is
+        wrong. A log that does not exist yet is fine (the first append creates it; its directory is the caller's to
+        check)."""
+        problem = self.continuity_problem()
+        if problem is not None:
+            raise TraceError(problem)
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise TraceError(f"cannot use the trace log {self.path}: {exc.strerror or exc}") from None
+        if stat.S_ISDIR(current.st_mode):
+            raise TraceError(f"{self.path} is a directory, not a trace log")
+        if not stat.S_ISREG(current.st_mode):
+            raise TraceError(f"{self.path} is not a regular file: a trace log is appended to, locked and cut back "
+                             "on a failed write")
+        if not os.access(self.path, os.R_OK | os.W_OK):
+            raise TraceError(f"cannot append to the trace log {self.path}: permission denied")
+        try:
+            handle = open(self.path, "rb", buffering=0)
+        except OSError as exc:
+            raise TraceError(f"cannot read the trace log {self.path}: {exc.strerror or exc}") from None
+        with handle:
+            end = handle.seek(0, os.SEEK_END)
+            last, start = _last_record_line(handle, end)
+            if last and not last.endswith(b"\n"):
+                last, _ = _last_record_line(handle, start)
+            if last:
+                self._chain_position(last)  # TraceError: no trace log, or it ends with an unreadable record
+        self.remember_end()
+
     def append(self, trace: dict[str, Any]) -> dict[str, Any]:
         """Append one trace; returns the record written (seq, prev, hash, trace).
 
         On any failure while writing (a full disk, an I/O error, an interrupt), the log is truncated back
-        to where the record started and the error is raised: the log never keeps half a record."""
+        to where the record started and the error is raised: the log never keeps half a record.
+
+        A process that has appended to the log (or found it ending at a record, ``remember_end``) continues that
+        chain or none: when the log's file was removed or replaced since (its directory deleted, the file moved
+        away, emptied, or another file put there) and that is not a rotation (``rotate_log``, by any process) nor a
+        copy of the log put back that holds the record it left the log at, the append is refused with
+        :class:`TraceLogReplaced` instead of starting a new chain at seq 0. A log this process never saw is
+        created (with its directory) by the first append."""
         body = canonical(trace)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked(create=True) as handle:
-            prev_hash, seq, end, prefix = self._tail(handle)
-            record, line = _record_line(prev_hash, seq, trace, body)
-            self._write_at(handle.fileno(), end, prefix + line)
-            return record
+        key = _position_key(self.path)
+        position = _position_of(key)
+        if position is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._locked(create=position is None) as handle:
+                return self._append_locked(handle, key, trace, body)
+        except _LogNotFound:
+            if position is None:
+                raise
+            raise TraceLogReplaced(self.path, position, _gone(self.path)) from None
+
+    def _append_locked(self, handle: Any, key: str, trace: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """``append`` on the locked log: refused when it does not continue the chain this process left it at."""
+        position = _position_of(key)  # read again under the lock: another thread may have appended meanwhile
+        opened = os.fstat(handle.fileno())
+        if position is not None:
+            if position.same_file(opened):
+                problem = _moved_problem(handle, position)
+            else:
+                problem = _not_continued(self.path, opened, position)
+            if problem is not None:
+                raise TraceLogReplaced(self.path, position, problem)
+        prev_hash, seq, end, prefix = self._tail(handle)
+        record, line = _record_line(prev_hash, seq, trace, body)
+        self._write_at(handle.fileno(), end, prefix + line)
+        _remember(key, _Position(opened.st_dev, opened.st_ino, seq, record["hash"], end + len(prefix), appended=True))
+        return record
 
     @contextmanager
     def _locked(self, *, create: bool) -> Iterator[Any]:
@@ -319,7 +622,7 @@ class TraceLog:
             try:
                 fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o640)
             except FileNotFoundError:
-                raise TraceError(f"trace log not found: {self.path}") from None
+                raise _LogNotFound(f"trace log not found: {self.path}") from None
             # Unbuffered: every byte written is written by _write_all, none is left in a buffer that a later
             # close could flush after a rollback.
             with open(fd, "rb+", buffering=0) as handle:

@@ -4,9 +4,10 @@ The queries file (JSONL: ``id``, ``text`` and optionally ``history``, ``user``, 
 ``queries.jsonl`` as it is) is checked whole before any query runs, every problem reported at once as
 ``FILE:LINE: message``. Results go to ``OUT.partial``, one line per query in input order, flushed as written,
 with a sidecar ``OUT.partial.meta.json`` holding what must not change if the batch is resumed (the config's,
-index's and queries file's sha256, the default user and ``as_of``, ``--top``); the partial file is renamed to
-``OUT`` once every query is done. A batch stopped by Ctrl-C, SIGTERM, a full disk or a crash leaves a partial
-file whose whole lines are results: ``--resume`` checks the sidecar, drops a torn last line and goes on.
+index's and queries file's sha256, the default user and ``as_of``, ``--top``, the trace log); the partial file is
+renamed to ``OUT`` once every query is done. A batch stopped by Ctrl-C, SIGTERM, a full disk or a crash leaves a
+partial file whose whole lines are results: ``--resume`` checks the sidecar (and that the log still holds the traces
+of the lines written), drops a torn last line and goes on.
 
 The file is read twice (checked, then run) rather than held in memory, and at most ``2 x workers`` queries are
 in flight at once, so memory does not grow with the file.
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -34,6 +36,7 @@ from typing import Any
 from engine import __version__
 from engine.errors import QueryError, SieveError, StageError
 from engine.model import UserContext
+from engine.server import refused_keys, strict_object
 from engine.strictness import a_json_kind
 
 SIDECAR_SCHEMA = "sieve.batch/1"
@@ -87,7 +90,21 @@ class QueriesFile:
 
 
 def _lines(path: Path, digest: Any = None) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes without the line break) of each line; ``digest`` is fed every byte of the file."""
+    """(line number, bytes without the line break) of each line; ``digest`` is fed every byte of the file. The file
+    must be a regular file: it is read twice (checked, then run), which a pipe or a device cannot be."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise SieveError(f"queries file not found: {path}") from None
+    except OSError as exc:
+        raise SieveError(f"cannot read the queries file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+        kind = ("a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "not a file")
+        raise SieveError(f"the queries file {path} is {kind} (/dev/stdin, a process substitution <(...) or a named "
+                         "pipe are): it must be a regular file, because sieve batch reads it twice, every line checked "
+                         "before any query runs, then again to run them; write the queries to a file first")
     try:
         handle = open(path, "rb")
     except IsADirectoryError:
@@ -163,11 +180,16 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
     except UnicodeDecodeError as exc:
         return None, [f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"]
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=strict_object)  # a key given twice is marked, not kept silently
     except json.JSONDecodeError as exc:
         return None, [f"not JSON ({exc.msg}, column {exc.colno})"]
     if not isinstance(record, dict):
         return None, [f"expected a JSON object with id and text, got {a_json_kind(record)}"]
+    flawed = [f"key {'.'.join(path)!r} given twice" if flaw == "duplicated" else
+              f"key '{_printable('.'.join(path))}' is not valid Unicode text (it holds a lone surrogate)"
+              for path, flaw in refused_keys(record)]
+    if flawed:  # which of the two values was meant cannot be told: nothing else is judged on the line
+        return None, flawed
     problems = [f"unknown key '{key}'{_hint(key, QUERY_KEYS + BEIR_KEYS)}; known: {', '.join(QUERY_KEYS)} (and "
                 "BEIR's _id, metadata)" for key in record if key not in QUERY_KEYS and key not in BEIR_KEYS]
     if "id" in record and "_id" in record:
@@ -204,6 +226,11 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
         return None, problems
     assert query_id is not None and isinstance(query_text, str)
     return BatchQuery(0, query_id, query_text, tuple(history or ()), user, as_of, language), []
+
+
+def _printable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate becomes its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _make_query(pipeline: Any, query: BatchQuery, default_user: UserContext, default_as_of: datetime) -> Any:
@@ -282,9 +309,21 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.meta.json")
 
 
+def trace_log_target(pipeline: Any, log: Path | None, no_log: bool) -> Path | None:
+    """The log a batch appends its traces to: ``--log``, else the config's ``trace.log``; None with ``--no-log`` or a
+    config that logs nothing."""
+    if no_log:
+        return None
+    if log is not None:
+        return Path(log)
+    configured = pipeline.compiled.config.trace.log
+    return Path(configured) if configured is not None else None
+
+
 def batch_identity(queries: QueriesFile, pipeline: Any, index_manifest_sha256: str | None, default_user: UserContext,
-                   default_as_of: datetime, top: int | None) -> dict[str, Any]:
-    """What the sidecar records: the values a resumed batch must share with the one it continues."""
+                   default_as_of: datetime, top: int | None, trace_log: Path | None = None) -> dict[str, Any]:
+    """What the sidecar records: the values a resumed batch must share with the one it continues. ``trace_log``: the
+    log the traces go to (``trace_log_target``), recorded resolved (absolute, symlinks followed), None for none."""
     return {
         "schema": SIDECAR_SCHEMA,
         "engine_version": __version__,
@@ -297,6 +336,7 @@ def batch_identity(queries: QueriesFile, pipeline: Any, index_manifest_sha256: s
         "user": default_user.model_dump(mode="json"),
         "as_of": default_as_of.isoformat(),
         "top": top,
+        "trace_log": os.path.realpath(trace_log) if trace_log is not None else None,
     }
 
 
@@ -322,6 +362,9 @@ def _short(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False) if not isinstance(value, str) else value
 
 
+NO_LOG = "no log (--no-log, or a config whose trace.log is null)"
+
+
 def sidecar_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between the batch recorded in a sidecar and the one asked for now, each a sentence
     ("the config changed: sha256 abc... then, def... now")."""
@@ -337,10 +380,15 @@ def sidecar_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[s
         (("user",), "the default user (--user, --role, --group, --jurisdiction, --attribute) changed:"),
         (("as_of",), "the batch's as_of (--as-of) changed:"),
         (("top",), "--top changed:"),
+        (("trace_log",), "the trace log (--log, --no-log or the config's trace.log) changed:"),
     ]
     differences = []
     for path, what in checks:
+        if path == ("trace_log",) and "trace_log" not in recorded:
+            continue  # a sidecar from before it was recorded: ``unchecked_in_sidecar`` says so
         then, current = get(recorded, *path), get(now, *path)
+        if path == ("trace_log",):
+            then, current = then or NO_LOG, current or NO_LOG
         if path == ("as_of",) and isinstance(then, str) and isinstance(current, str):
             try:
                 if datetime.fromisoformat(then) == datetime.fromisoformat(current):
@@ -352,6 +400,21 @@ def sidecar_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[s
     return differences
 
 
+def unchecked_in_sidecar(recorded: dict[str, Any], trace_log: Path | None) -> list[str]:
+    """Warnings for what a sidecar written before it was recorded cannot be checked against: its trace log. Such a
+    batch (interrupted under an earlier engine) still resumes, since refusing it would leave only --overwrite and
+    the work done lost; the warning says the check was not made (``check_logged`` still looks for the last line's
+    trace in the log this run appends to)."""
+    if "trace_log" in recorded:
+        return []
+    then = (f"the interrupted batch's sidecar does not record its trace log (written by engine "
+            f"{recorded.get('engine_version', 'unknown')})")
+    if trace_log is None:
+        return [f"{then}: this run logs nothing, and whether the lines already written were logged cannot be told"]
+    return [f"{then}: the last line written is looked for in {trace_log}, but whether every earlier line's trace "
+            "went there cannot be checked"]
+
+
 @dataclass
 class Written:
     """What the result lines already in a partial file say (a resumed batch counts them in its summary)."""
@@ -361,6 +424,7 @@ class Written:
     empty: int = 0
     degraded: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)  # the first few: id and error
+    last_trace: tuple[str, str] | None = None  # (query id, trace id) of the last line that names a trace
 
 
 def _record(raw: bytes) -> dict[str, Any] | None:
@@ -407,8 +471,57 @@ def read_partial(fd: int, partial: Path, queries: QueriesFile) -> Written:
                                  "expected (results are written in the order of the queries file); discard it with "
                                  "--overwrite")
             _count(written, record, queries.lines[written.lines])
+            if isinstance(record.get("trace_id"), str):
+                written.last_trace = (record["id"], record["trace_id"])
             offset += len(raw)
     return written
+
+
+def check_logged(written: Written, log: Path, partial: Path) -> None:
+    """Refuse to resume a partial file whose last line's trace (``written.last_trace``) is not in ``log``: the log the
+    batch appended to was removed or replaced since (a resume would begin a new chain, and the lines written so far
+    would name traces in no log). The log is read up to that record (its chain checked), back through the segments
+    a rotation left beside it."""
+    from engine.errors import TraceError
+    from engine.trace import TraceLog
+
+    if written.last_trace is None:
+        return
+    query_id, trace_id = written.last_trace
+    problem = None
+    if not log.exists():
+        problem = "it does not exist"
+    else:
+        try:
+            TraceLog(log).locate_record(trace_id=trace_id)
+        except TraceError as exc:
+            problem = str(exc)
+    if problem is not None:
+        raise SieveError(f"cannot resume {partial}: its line for query {query_id!r} names the trace {trace_id}, which "
+                         f"the trace log {log} does not hold ({problem}): the log this batch appended to was removed "
+                         "or replaced since. Put it back and resume, or discard the partial file with --overwrite")
+
+
+def partial_in_use(partial: Path) -> bool:
+    """Whether another ``sieve batch`` holds the partial file's lock (``lock_partial``): it is running, not
+    interrupted."""
+    try:
+        fd = os.open(partial, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
+
+
+def in_use_message(partial: Path) -> str:
+    return f"another sieve batch is writing {partial} (it holds its lock); wait for it to end"
 
 
 def lock_partial(partial: Path, *, fresh: bool) -> int:
@@ -422,7 +535,7 @@ def lock_partial(partial: Path, *, fresh: bool) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SieveError(f"another sieve batch is writing {partial} (it holds its lock); wait for it to end") from None
+        raise SieveError(in_use_message(partial)) from None
     if fresh:
         os.ftruncate(fd, 0)
     return fd
@@ -566,15 +679,43 @@ def _line(outcome: Outcome, top: int | None) -> dict[str, Any]:
     }
 
 
+class PartialLost(SieveError):
+    """The partial file was removed (or another file put in its place) while the batch ran: the lines written to it
+    are lost with it, so there is nothing to keep or resume."""
+
+
+def partial_problem(fd: int, partial: Path) -> str | None:
+    """None while ``partial`` still names the file open as ``fd``; else what happened to it."""
+    try:
+        now = os.stat(partial)
+    except FileNotFoundError:
+        directory = partial.parent
+        return (f"its directory {directory} was removed" if not directory.is_dir()
+                else "it was removed") + " while the batch ran"
+    except OSError as exc:
+        return f"it cannot be looked at ({exc.strerror or exc})"
+    opened = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+        return "another file was put in its place while the batch ran"
+    return None
+
+
 class _PartialWriter:
     """Appends whole lines to the locked partial file: each flushed as written, fsynced at most every
-    FSYNC_EVERY_S; a write that fails (a full disk) is cut back, so the file keeps only whole lines."""
+    FSYNC_EVERY_S (when the file is also checked to be still there: ``PartialLost`` if not); a write that fails (a
+    full disk) is cut back, so the file keeps only whole lines."""
 
     def __init__(self, fd: int, partial: Path):
         self.fd = fd
         self.partial = partial
         self.size = os.fstat(fd).st_size
         self.synced_at = time.monotonic()
+
+    def check(self) -> None:
+        """PartialLost when the partial file is no longer at its path."""
+        problem = partial_problem(self.fd, self.partial)
+        if problem is not None:
+            raise PartialLost(f"{self.partial} is gone: {problem}")
 
     def write(self, record: dict[str, Any]) -> None:
         data = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
@@ -589,6 +730,7 @@ class _PartialWriter:
         self.size += len(data)
         if time.monotonic() - self.synced_at >= FSYNC_EVERY_S:
             self.sync()
+            self.check()  # once a second: a batch whose results file is gone stops, not runs on for nothing
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -624,17 +766,26 @@ def run_batch(
     began = time.perf_counter()
     complete = False
 
+    logged = 0  # traces appended by this run
+
     def finish(outcome: Outcome) -> None:
-        nonlocal log_target
+        nonlocal log_target, logged
         if outcome.result is not None and not no_log:
             # logged before its line is written: every line's trace_id names a record in the log
             log_target = pipeline.log_trace(outcome.result.trace, log)
+            logged += log_target is not None
         record = _line(outcome, top)
         writer.write(record)
         _count(counts, record, outcome.query.line)
         latencies.append(outcome.latency_ms)
         if progress is not None:
             progress(1)
+
+    def lost(exc: PartialLost) -> PartialLost:
+        traces = (f"; the traces of the {logged} queries run now are in the trace log {log_target}, without their "
+                  "result lines" if log_target is not None and logged else "")
+        return PartialLost(f"{exc}: the {counts.lines} result lines written to it are lost and the batch stopped"
+                           f"{traces}. Nothing can be resumed: run the batch again")
 
     source = iter_queries(queries, start=written.lines)
     try:
@@ -660,6 +811,10 @@ def run_batch(
                     for future in pending:  # not written: they run again on --resume
                         future.cancel()
         complete = counts.lines == len(queries.ids)
+        if complete:
+            writer.check()
+    except PartialLost as exc:
+        raise lost(exc) from None
     finally:
         with contextlib.suppress(OSError):
             writer.sync()
@@ -668,6 +823,9 @@ def run_batch(
         try:
             os.replace(partial, out)
         except OSError as exc:
+            problem = partial_problem(fd, partial)
+            if problem is not None:
+                raise lost(PartialLost(f"{partial} is gone: {problem}")) from None
             raise SieveError(f"every query ran, but {partial} could not be renamed to {out}: "
                              f"{exc.strerror or exc}") from None
         with contextlib.suppress(FileNotFoundError):

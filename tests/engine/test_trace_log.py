@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.errors import TraceError
-from engine.trace import TraceLog, load_trace, verify_log
+from engine.trace import TraceLog, TraceLogReplaced, load_trace, verify_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -545,6 +545,10 @@ def test_records_cut_from_the_end_fail_against_an_anchored_head(tmp_path):
     assert "no record has the anchored hash" in problem
     [problem] = check_log(log.path, expect_count=4).problems
     assert "holds 3 records, the anchor says 4" in problem
+    # this process appended the record cut off: it refuses to go on from the shorter chain
+    with pytest.raises(TraceLogReplaced, match="since record seq 4 was appended \\(it was cut back"):
+        log.append(_trace("replacement"))
+    log.forget()  # a writer that never saw it (another process) cannot tell
     log.append(_trace("replacement"))  # cut and appended again: as many records, another last hash
     [problem] = check_log(log.path, expect_head=head.hash, expect_count=4).problems
     assert "the record at seq 3 has hash" in problem
