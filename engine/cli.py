@@ -143,8 +143,12 @@ def index(
     cache_dir: Annotated[Optional[Path], typer.Option(
         "--cache", metavar="DIR", help="build cache directory for the dense embeddings and entities (default: "
         ".OUT.build-cache beside --out, deleted after a successful build). A cache named here is kept (remove it "
-        "yourself), reused by later builds (of any --out) for every batch whose documents, model and settings are "
-        "unchanged, and may be shared by builds running at once")] = None,
+        "yourself, or prune it with --prune-cache), reused by later builds (of any --out) for every batch whose "
+        "documents, model and settings are unchanged, and may be shared by builds running at once")] = None,
+    prune_cache: Annotated[bool, typer.Option(
+        "--prune-cache", help="with --cache DIR: after a successful build, remove from DIR the entries this build did "
+        "not use (those of other corpus versions, settings or models), and say how much; skipped, and said, while "
+        "another build uses DIR")] = False,
     keep_cache: Annotated[bool, typer.Option(
         "--keep-cache", help="keep the default build cache after a successful build (pruned to that build's "
         "entries), so that a rebuild after a corpus change embeds only the batches that changed")] = False,
@@ -161,8 +165,12 @@ def index(
 
     from engine.index import build_index, kept_copy, load_index_settings, manifest_sha256_of
 
-    if no_cache and (cache_dir is not None or keep_cache):
-        raise SieveError(f"--no-cache cannot be given with {'--cache' if cache_dir is not None else '--keep-cache'}")
+    if no_cache and (cache_dir is not None or keep_cache or prune_cache):
+        raise SieveError("--no-cache cannot be given with "
+                         + ("--cache" if cache_dir is not None else "--keep-cache" if keep_cache else "--prune-cache"))
+    if prune_cache and cache_dir is None:
+        raise SieveError("--prune-cache applies to a cache named with --cache DIR: the default one is deleted after a "
+                         "successful build, or kept pruned to that build's entries with --keep-cache")
     settings = load_index_settings(settings_file, components or ["bm25"], language=language)
 
     with Progress(
@@ -181,7 +189,8 @@ def index(
 
         previous = manifest_sha256_of(out_dir) if keep_previous else None
         manifest = build_index(corpus, out_dir, settings, report, keep_previous=keep_previous,
-                               cache=False if no_cache else cache_dir, keep_cache=keep_cache, notes=note)
+                               cache=False if no_cache else cache_dir, keep_cache=keep_cache,
+                               prune_cache=prune_cache, notes=note)
     out.print(
         f"[green]✓[/green] indexed {manifest['corpus']['doc_count']} documents into {escape(str(out_dir))} "
         f"(components: {', '.join(manifest['components'])})"

@@ -23,7 +23,12 @@ a damaged document store is reported when read, so a corrupt index is reported, 
 What is costly to compute per document (dense embeddings, spaCy entities) is kept, a batch at a time, in a build
 cache (:class:`BuildCache`; ``.NAME.build-cache`` beside the index unless another directory is named) that outlives a
 failed or killed build: the same build run again resumes where it stopped. Entries are keyed by the sha256 of all that
-decides them and checked when read, so the index is the same, byte for byte, with or without a cache.
+decides them and checked when read, so the index is the same, byte for byte, with or without a cache. Batches are cut
+where their documents' content says (:func:`content_defined_batches`), so a document added or removed re-keys only the
+batches near it; a cache of your own is pruned to the entries a build used only when asked (``prune_cache``).
+
+The settings are checked before any work, the files they name (a gazetteer) opened and checked with them
+(:meth:`IndexComponent.check_files`), so that a bad file is said at once, not after hours of embeddings.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from pydantic import ConfigDict, ValidationError
 
@@ -62,6 +67,7 @@ DOCS_DB = "docs.sqlite"
 BUILD_INFO = "build.json"  # when the index was built: beside the manifest, not in it (builds are reproducible)
 
 Progress = Callable[[str, int, int | None], None]  # (task, advanced by, total)
+T = TypeVar("T")
 
 
 def _no_progress(task: str, advance: int, total: int | None) -> None:
@@ -175,6 +181,15 @@ class IndexComponent:
         A setting named ``fields`` names the document fields the component reads (:meth:`Document.content`): the
         build warns, before the component runs, of one that no document has (:class:`CorpusFields`)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_files(cls, settings: ComponentSettings) -> list[tuple[tuple[str, ...], str]]:
+        """Open and check every file ``settings`` name (a gazetteer, a model's directory) as the build will read it,
+        without loading what warm-up loads (a model's weights): (the setting's path, what is wrong) for each problem,
+        none when all is well. :func:`check_index_settings` asks every component before any of them runs, so that a
+        missing or malformed file is said with the other settings problems, not when its component runs (after hours of
+        embeddings)."""
+        return []
 
 
 def _sha256_fd(fd: int, chunk: int = 1 << 20) -> str:
@@ -333,6 +348,7 @@ def build_index(
     keep_previous: bool = False,
     cache: Path | Literal[False] | None = None,
     keep_cache: bool = False,
+    prune_cache: bool = False,
     notes: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build an index with the named components (``{"bm25": {settings}}``) and swap it in atomically.
@@ -349,10 +365,17 @@ def build_index(
     (:class:`BuildCache`), so a build that failed or was interrupted resumes where it stopped when run again:
     ``cache`` None is ``.NAME.build-cache`` beside ``out_dir`` (kept after a failure, deleted after success unless
     ``keep_cache``), a path names a cache of your own (kept, and may be shared by builds of other outputs), False
-    builds without one. The index built is the same with or without a cache, byte for byte. ``notes`` receives
-    what a user should read: cache entries found corrupt (recomputed), how much came from the cache, a component's
-    ``fields`` naming a field no document has (also kept in ``build.json``, as the component's ``notes``).
+    builds without one. ``prune_cache`` (a cache of your own only): after a successful build, remove from it the
+    entries this build did not use, unless another build is using the cache (:meth:`BuildCache.close_after_success`).
+    The index built is the same with or without a cache, byte for byte. ``notes`` receives what a user should read:
+    cache entries found corrupt (recomputed), how much came from the cache and what was pruned, a component's ``fields``
+    naming a field no document has (also kept in ``build.json``, as the component's ``notes``).
     """
+    if prune_cache and (cache is None or cache is False):
+        raise SieveError("pruning applies to a build cache of your own (--cache DIR): "
+                         + ("there is none without a cache (--no-cache)" if cache is False else
+                            "the default one is deleted after a successful build, or pruned to its entries with "
+                            "--keep-cache"))
     resolved = {name: (cls(), settings) for name, (cls, settings) in check_index_settings(components).items()}
     corpus_file = corpus_path(corpus).absolute()
     out_dir = _output_path(out_dir)
@@ -453,7 +476,7 @@ def build_index(
             raise
         try:  # still under the build lock: no build of this output starts on its default cache meanwhile
             if build_cache is not None:
-                build_cache.close_after_success(keep=keep_cache)
+                build_cache.close_after_success(keep=keep_cache, prune=prune_cache)
         finally:
             _release_build_lock(lock)
     return manifest
@@ -570,6 +593,14 @@ def _not_a_cache(directory: Path) -> str | None:
     return None
 
 
+def _in_bytes(count: int) -> str:
+    """A size in words: 532,797 bytes is "532.8 kB" (decimal units, as ``du --si``)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
 def _entry_problem(data: bytes, section: str, key: str) -> tuple[str | None, bytes]:
     """What is wrong with a cache entry's bytes (None: nothing), and its payload."""
     if not data.startswith(_ENTRY_MAGIC):
@@ -620,6 +651,24 @@ def _write_file_atomically(path: Path, data: bytes, temporary: Path) -> None:
         except OSError:
             pass
         raise
+
+
+def content_defined_batches(items: Iterable[tuple[T, bytes]], batch_size: int) -> Iterator[list[T]]:
+    """A sequence of (item, sha256 of its content) cut into batches whose ends the contents decide, one batch held at a
+    time: a batch holds ``batch_size // 2`` to ``batch_size`` items, and past the half it ends after an item whose
+    digest says so (one in ``batch_size // 2``). An item changed, added or removed alters the batch it is in and a few
+    after it, until the ends fall where they fell before: the other batches hold the very items they held, so their
+    :class:`BuildCacheSection` keys (which name a batch's items) are found again. How the dense component (texts
+    ordered by length, ``stages.embedding.corpus_batches``) and the entities component (in row order) cut theirs."""
+    least = max(1, batch_size // 2)
+    current: list[T] = []
+    for item, digest in items:
+        current.append(item)
+        if len(current) >= batch_size or (len(current) >= least and int.from_bytes(digest[-8:], "big") % least == 0):
+            yield current
+            current = []
+    if current:
+        yield current
 
 
 class BuildCacheSection:
@@ -701,8 +750,8 @@ class BuildCache:
     that determines its content (:meth:`BuildCacheSection.key`), so an entry is reused only where it is exactly what
     the build would compute; each is written to a temporary file and renamed (never half there), carries the
     sha256 of its content and is checked when read. Builds using the cache hold a shared ``flock`` on ``.lock``;
-    deleting or pruning it takes it exclusively, and is skipped while another build uses it, so builds of different
-    outputs may share one cache."""
+    deleting or pruning it (the default cache after a build; a cache of your own with ``prune``) takes it exclusively,
+    and is skipped while another build uses it, so builds of different outputs may share one cache."""
 
     def __init__(self, path: Path, *, default: bool, notes: Callable[[str], None]):
         self.path = path
@@ -835,9 +884,12 @@ class BuildCache:
             shutil.rmtree(self.path, ignore_errors=True)
         self._release()
 
-    def close_after_success(self, *, keep: bool) -> None:
+    def close_after_success(self, *, keep: bool, prune: bool = False) -> None:
         """Say what came from the cache; then delete the default cache (unless ``keep``), or, kept, prune it to this
-        build's entries. A cache named by the user is left as it is (other builds may share it)."""
+        build's entries. A cache named by the user is kept as it is, or with ``prune`` pruned to this build's entries.
+        Deleting and pruning take the cache's lock exclusively and are skipped while another build holds it: builds
+        may share a cache, and an entry another one is about to read is never removed from under it (a build that
+        starts meanwhile waits for the lock, then finds what is left)."""
         for section in self._sections.values():
             total_batches = section.batches_reused + section.batches_computed
             total_items = section.items_reused + section.items_computed
@@ -846,31 +898,64 @@ class BuildCache:
                 f"{total_items} texts) from the build cache, {section.batches_computed} computed"
                 + (f"; {section.damaged} damaged entries were recomputed" if section.damaged else ""))
         try:
-            if not self.default:
-                self._notes(f"build cache {self.path} kept ({self._sweep()} entries); it is yours to remove")
+            if not self.default and not prune:
+                entries, size = self._usage()
+                self._notes(f"build cache {self.path} kept ({entries} entries, {_in_bytes(size)}); it is yours to "
+                            "remove (--prune-cache removes the entries a build did not use)")
             elif not self._lock_exclusively():
-                self._notes(f"build cache {self.path} left as it is: another build is using it")
-            elif keep:
-                removed = self._prune()
-                self._notes(f"build cache {self.path} kept for the next build ({self._sweep()} entries"
-                            + (f"; {removed} no longer used removed)" if removed else ")"))
-            else:
+                entries, size = self._usage()
+                self._notes(f"build cache {self.path} left as it is: another build is using it" + (
+                    "" if self.default else f"; not pruned ({entries} entries, {_in_bytes(size)}): run a build with "
+                    "--prune-cache when no other build uses it"))
+            elif self.default and not keep:
                 shutil.rmtree(self.path, ignore_errors=True)
+            else:
+                removed, freed = self._prune()
+                entries, size = self._usage()
+                if self.default:
+                    self._notes(f"build cache {self.path} kept for the next build ({entries} entries"
+                                + (f"; {removed} no longer used removed)" if removed else ")"))
+                else:
+                    self._notes(f"build cache {self.path} pruned: {removed} entries ({_in_bytes(freed)}) this build "
+                                f"did not use removed, {entries} ({_in_bytes(size)}) kept")
         finally:
             self._release()
 
-    def _prune(self) -> int:
-        """Remove the entries this build did not use (the default cache serves only its output: they are stale)."""
+    def _usage(self) -> tuple[int, int]:
+        """How many entries the cache holds, and their bytes."""
+        entries = size = 0
+        for entry in self._entry_files():
+            if _ENTRY_TEMPORARY.fullmatch(entry.name) is None:
+                try:
+                    size += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+                entries += 1
+        return entries, size
+
+    def _prune(self) -> tuple[int, int]:
+        """Remove the entries this build did not use, with the directories they leave empty; how many, and their
+        bytes. Only under the exclusive lock (no other build uses the cache)."""
         used = {key for section in self._sections.values() for key in section.used}
-        removed = 0
+        removed = freed = 0
+        shards: set[str] = set()
         for entry in self._entry_files():
             if entry.name not in used:
                 try:
+                    size = entry.stat(follow_symlinks=False).st_size
                     os.unlink(entry.path)
-                    removed += 1
                 except OSError:
-                    pass
-        return removed
+                    continue
+                removed += 1
+                freed += size
+                shards.add(os.path.dirname(entry.path))
+        for shard in sorted(shards):
+            for directory in (shard, os.path.dirname(shard)):  # the shard, then its section, once empty
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    break
+        return removed, freed
 
     # ------------------------------------------------------------------ entries
 
@@ -911,14 +996,16 @@ class BuildCache:
 
 
 def check_index_settings(
-    components: dict[str, Any], source: "SourceMap | None" = None, *, label: str = "index settings"
+    components: dict[str, Any], source: "SourceMap | None" = None, *, label: str = "index settings", files: bool = True
 ) -> dict[str, tuple[type[IndexComponent], ComponentSettings]]:
     """Each named component's class and validated settings (``{"bm25": {"k1": 1.2}}``; None is the defaults).
 
     Every problem is reported at once, as a pipeline config's are: a ConfigError whose issues name the setting
     (``bm25.tokenizer.language``), with a did-you-mean for a misspelt key and the pipeline's words for a wrong type;
     located in the file when ``source`` maps where the settings were read (:func:`load_index_settings`), else under
-    ``label`` (settings given in code, or by an option)."""
+    ``label`` (settings given in code, or by an option). ``files``: the files the settings name are opened and checked
+    too (:meth:`IndexComponent.check_files`: a gazetteer missing or malformed, at its own file:line), those of a
+    component whose other settings are wrong included."""
     from engine.errors import ConfigError, ConfigIssue, Location
     from engine.registry import UnknownStageType, known_components, resolve_component
     from engine.yamlsource import SourceMap
@@ -938,15 +1025,37 @@ def check_index_settings(
             issues.append(ConfigIssue(source.locate((name,)), str(name), f"expected a mapping of {name} settings "
                                       f"(e.g. {_example(cls)}), got {a_json_kind(raw)}"))
             continue
+        wrong: set[str] = set()  # the settings in error, left out to check the files the others name
         try:
-            resolved[name] = (cls, cls.Settings.model_validate(raw or {}))
+            settings: ComponentSettings | None = cls.Settings.model_validate(raw or {})
         except ValidationError as exc:
             issues.extend(_settings_issues(exc, source, name, cls.Settings))
+            settings, wrong = _settings_less_wrong(cls.Settings, raw or {}, exc)
+        else:
+            resolved[name] = (cls, settings)
+        if files and settings is not None:
+            for path, message in cls.check_files(settings):
+                if not (path and path[0] in wrong):
+                    issues.append(ConfigIssue(source.locate((name, *path)), ".".join((name, *path)), message))
     if issues and not located:  # no file: no line to point at
         issues = [dataclasses.replace(issue, location=Location(label)) for issue in issues]
     if issues:
         raise ConfigError(issues)
     return resolved
+
+
+def _settings_less_wrong(
+    model: type[ComponentSettings], raw: dict[str, Any], exc: ValidationError
+) -> tuple[ComponentSettings | None, set[str]]:
+    """The settings without those in error (the first key of each error's path), and those keys: None when no key is
+    to blame or the others are not valid settings either."""
+    wrong = {str(error["loc"][0]) for error in exc.errors(include_url=False) if error["loc"]}
+    if not wrong:
+        return None, wrong
+    try:
+        return model.model_validate({key: value for key, value in raw.items() if str(key) not in wrong}), wrong
+    except ValidationError:
+        return None, wrong
 
 
 def _settings_issues(exc: ValidationError, source: "SourceMap", name: str, model: type[Any]) -> list[Any]:
@@ -1000,8 +1109,9 @@ def load_index_settings(
 ) -> dict[str, dict[str, Any]]:
     """What ``sieve index --with NAME... [--settings FILE] [--language L]`` builds: each component's settings (``{}``
     for its defaults), read from ``FILE`` (``{component: {setting: value}}``) and checked there, every problem at once
-    and located (``s.yaml:2:9  bm25.kl: unknown field 'kl' (did you mean 'k1'?); ...``); ``language`` sets the bm25
-    tokenizer's language (over the file's)."""
+    and located (``s.yaml:2:9  bm25.kl: unknown field 'kl' (did you mean 'k1'?); ...``), with the files the settings
+    name (a gazetteer; a spaCy pipeline, the file's or the default one) opened and checked, so that all this is said
+    before any component runs; ``language`` sets the bm25 tokenizer's language (over the file's)."""
     from engine.errors import ConfigError, ConfigIssue
     from engine.registry import known_components
     from engine.yamlsource import load_yaml_file
@@ -1011,15 +1121,16 @@ def load_index_settings(
         if name not in known_components():
             raise SieveError(f"--with {_unknown_component(name, [])}")
     settings: dict[str, dict[str, Any]] = {name: {} for name in names}
+    given: dict[str, Any] = {}
+    issues: list[ConfigIssue] = []
     if path is not None:
         loaded = load_yaml_file(path, collect=True)
         data, source = loaded.data, loaded.source
-        issues = list(loaded.issues)
+        issues.extend(loaded.issues)
         if not isinstance(data, dict):
             raise ConfigError([*issues, ConfigIssue(
                 source.locate(()), "", "expected a mapping of component name to its settings (e.g. bm25: {k1: 1.2}), "
                 f"got {a_json_kind(data)}")])
-        given: dict[str, Any] = {}
         for name, value in data.items():
             if name in settings:
                 given[name] = value
@@ -1035,9 +1146,15 @@ def load_index_settings(
         except ConfigError as exc:
             issues.extend(exc.issues)
         issues = [i for i in issues if i.path not in loaded.unmade or i in loaded.issues]
-        if issues:
-            raise ConfigError(issues)
-        settings.update({name: dict(value or {}) for name, value in given.items()})
+    for name in names:
+        if name not in given:  # built with its defaults: the files they name (the default spaCy pipeline) checked too
+            try:
+                check_index_settings({name: None}, label=f"--with {name}")
+            except ConfigError as exc:
+                issues.extend(exc.issues)
+    if issues:
+        raise ConfigError(issues)
+    settings.update({name: dict(value or {}) for name, value in given.items()})
     if language is not None:
         if "bm25" not in settings:
             raise SieveError("--language applies to the bm25 component, which is not being built")

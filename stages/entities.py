@@ -56,13 +56,15 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Iterator, Literal, Sequence, get_args
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue, MissingDependencyError, ModelLoadError, SieveIndexError, StageError
-from engine.index import BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress
+from engine.index import (
+    BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress, content_defined_batches,
+)
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_index_component, register_stage
 from engine.stage import (
@@ -802,9 +804,6 @@ class EntitiesIndexSettings(ComponentSettings):
         return self
 
 
-_ENTITY_CHUNK = 4096  # about how many documents the entities build reads, extracts and writes at a time
-
-
 def _source_sha256(*modules: Any) -> str:
     """The sha256 of the modules' source files: what a build cache of their results keys on (new code, new entries)."""
     digest = hashlib.sha256()
@@ -887,6 +886,29 @@ class EntitiesComponent(IndexComponent):
     Settings = EntitiesIndexSettings
     uses_build_cache = True  # a batch's entities per entry, keyed by its texts
 
+    @classmethod
+    def check_files(cls, settings: ComponentSettings) -> list[tuple[tuple[str, ...], str]]:
+        """The spaCy pipeline found (installed, or its directory there: not loaded) and the gazetteer read and checked
+        as the build will read it (every problem, at its file:line:col), before any component runs."""
+        from engine.models import resolve_spacy
+
+        assert isinstance(settings, EntitiesIndexSettings)
+        problems: list[tuple[tuple[str, ...], str]] = []
+        try:
+            resolve_spacy(settings.model)
+        except ModelLoadError as exc:
+            problems.append((("model",), str(exc)))
+        if settings.gazetteer is not None:
+            written = Path(settings.gazetteer).expanduser()
+            try:
+                load_gazetteer(written.resolve())
+            except ConfigError as exc:
+                where = ("" if written.is_absolute() else
+                         f" (a relative gazetteer path is read from the working directory, {Path.cwd()})")
+                problems.extend((("gazetteer",), f"{issue.location}  {issue.detail()}"
+                                 + (where if issue.message == "file not found" else "")) for issue in exc.issues)
+        return problems
+
     def build(
         self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress,
         cache: BuildCacheSection | None = None,
@@ -902,52 +924,48 @@ class EntitiesComponent(IndexComponent):
         # a gazetteer with a context: the documents that name one of its entities only out of context, and how many
         aside_documents = 0
         aside_labels: Counter[str] = Counter()
-        # the documents a chunk at a time, written as they are read; a chunk is whole nlp.pipe batches, so every
-        # batch holds the very texts it would if the extractor were given them all at once
-        chunk_size = settings.batch_size * max(1, _ENTITY_CHUNK // settings.batch_size)
-        with open(out_dir / ENTITIES_FILE, "w", encoding="utf-8") as handle:
 
-            def extract_and_write(texts: list[str]) -> None:
-                nonlocal with_entities, aside_documents
-                for start in range(0, len(texts), settings.batch_size):
-                    batch = texts[start : start + settings.batch_size]
-                    key = cached = None
-                    if cache is not None and identity is not None:
-                        key = cache.key(identity, [hashlib.sha256(t.encode("utf-8")).digest() for t in batch])
-                        cached = cache.get(key, len(batch),
-                                           lambda payload: _entity_lines(payload, len(batch), extractor.gated))
-                    if cached is not None:
-                        lines, aside = cached
-                    else:
-                        read = extractor.extract_with_set_aside(batch, settings.batch_size)
-                        lines = [json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False)
-                                 for found, _ in read]
-                        aside = _set_aside_counts(read) if extractor.gated else None
-                        if key is not None:
-                            trailer = [json.dumps(aside, sort_keys=True)] if aside is not None else []
-                            cache.put(key, "\n".join(lines + trailer).encode("utf-8"), len(batch))
-                    if aside is not None:
-                        aside_documents += aside["documents"]
-                        aside_labels.update(aside["labels"])
-                    progress("entities", len(batch), total)
-                    for line in lines:
-                        found = json.loads(line)
-                        labels.update(label for label, *_ in found)
-                        with_entities += bool(found)
-                        handle.write(line)
-                        handle.write("\n")
-
-            texts: list[str] = []
+        def texts_read() -> Iterator[tuple[tuple[str, bytes], bytes]]:
+            """Each document's text as read (cut to max_chars, the cut counted) and its sha256, in row order."""
             for row, doc in enumerate(documents):
                 text = doc.content(settings.fields)
                 if len(text) > settings.max_chars:
                     truncated[row] = len(text)
-                texts.append(text[: settings.max_chars])
-                if len(texts) == chunk_size:
-                    extract_and_write(texts)
-                    texts = []
-            if texts:
-                extract_and_write(texts)
+                    text = text[: settings.max_chars]
+                digest = hashlib.sha256(text.encode("utf-8")).digest()
+                yield (text, digest), digest
+
+        # batches in row order, each one nlp.pipe batch, cut where their texts say (as the dense build's are): a
+        # document changed, added or removed re-keys the batch it is in and a few after it, not every batch after it;
+        # written as they are read, one batch held at a time
+        with open(out_dir / ENTITIES_FILE, "w", encoding="utf-8") as handle:
+            for read_texts in content_defined_batches(texts_read(), settings.batch_size):
+                batch = [text for text, _ in read_texts]
+                key = cached = None
+                if cache is not None and identity is not None:
+                    key = cache.key(identity, [digest for _, digest in read_texts])
+                    cached = cache.get(key, len(batch),
+                                       lambda payload: _entity_lines(payload, len(batch), extractor.gated))
+                if cached is not None:
+                    lines, aside = cached
+                else:
+                    read = extractor.extract_with_set_aside(batch, settings.batch_size)
+                    lines = [json.dumps([[m.label, m.key, m.text, m.count] for m in found], ensure_ascii=False)
+                             for found, _ in read]
+                    aside = _set_aside_counts(read) if extractor.gated else None
+                    if key is not None:
+                        trailer = [json.dumps(aside, sort_keys=True)] if aside is not None else []
+                        cache.put(key, "\n".join(lines + trailer).encode("utf-8"), len(batch))
+                if aside is not None:
+                    aside_documents += aside["documents"]
+                    aside_labels.update(aside["labels"])
+                progress("entities", len(batch), total)
+                for line in lines:
+                    found = json.loads(line)
+                    labels.update(label for label, *_ in found)
+                    with_entities += bool(found)
+                    handle.write(line)
+                    handle.write("\n")
         if gazetteer is not None:
             (out_dir / GAZETTEER_COPY).write_text(gazetteer.text, encoding="utf-8")
         if truncated:  # which documents' entities come from their first max_chars only (explanations say so)

@@ -90,6 +90,17 @@ class DenseComponent(IndexComponent):
     Settings = DenseIndexSettings
     uses_build_cache = True  # the embeddings, a batch per entry (see Embedder.embed_corpus)
 
+    @classmethod
+    def check_files(cls, settings: ComponentSettings) -> list[tuple[tuple[str, ...], str]]:
+        """The model found (a directory with its files, a packaged copy, or the hub's cache when offline), not
+        loaded: a wrong path is said before any component runs, not after an entities build."""
+        assert isinstance(settings, DenseIndexSettings)
+        try:
+            _resolve(settings.model, Path.cwd(), "dense index model")
+        except ModelLoadError as exc:
+            return [(("model",), str(exc))]
+        return []
+
     def build(
         self, documents: Sequence[Document], out_dir: Path, settings: ComponentSettings, progress: Progress,
         cache: BuildCacheSection | None = None,

@@ -211,12 +211,9 @@ def test_a_single_document_and_a_corpus_of_empty_documents(tmp_path):
         assert files_of(out / "bm25") == reference_bm25_files(corpus, {}, reference)[0]
 
 
-def test_the_entities_component_writes_the_files_it_wrote_with_every_text_at_once(tmp_path, monkeypatch):
-    """Extraction a chunk at a time (whole nlp.pipe batches) gives the rows, labels and truncation record of one
-    call over every text."""
-    from stages import entities as entities_module
-
-    monkeypatch.setattr(entities_module, "_ENTITY_CHUNK", 10)  # 33 documents: chunks of 9 (batches of 3) and a rest
+def test_the_entities_component_writes_the_files_it_wrote_with_every_text_at_once(tmp_path):
+    """Extraction a batch at a time (content-defined batches, read and written as they go) gives the rows, labels and
+    truncation record of one call over every text."""
     settings = {"gazetteer": str(MEDICAL_GAZETTEER), "ner": False, "batch_size": 3, "max_chars": 300}
     out = tmp_path / "idx"
     manifest = build_index(MEDICAL, out, {"entities": settings})
@@ -229,11 +226,9 @@ def test_the_entities_component_writes_the_files_it_wrote_with_every_text_at_onc
     assert {k: manifest["components"]["entities"][k] for k in recorded} == recorded
 
 
-def test_the_entities_component_with_ner_matches_too(tmp_path, monkeypatch):
+def test_the_entities_component_with_ner_matches_too(tmp_path):
+    """With the NER too: its batches of 4 to 8 texts cut by content give what fixed batches of 8 give."""
     pytest.importorskip("spacy")
-    from stages import entities as entities_module
-
-    monkeypatch.setattr(entities_module, "_ENTITY_CHUNK", 16)
     settings = {"gazetteer": str(MEDICAL_GAZETTEER), "batch_size": 8}
     out = tmp_path / "idx"
     build_index(MEDICAL, out, {"entities": settings})

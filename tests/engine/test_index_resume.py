@@ -10,6 +10,7 @@ and that an unusable cache directory is refused before any work.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -54,6 +55,15 @@ def _files(index: Path) -> dict[str, bytes]:
 
 def _cache_report(index: Path, component: str = "dense") -> dict:
     return json.loads((index / "build.json").read_text())["build_cache"]["sections"][component]
+
+
+def _entity_batches(records: list[dict], batch_size: int) -> list[list[str]]:
+    """The batches (of doc ids) the entities build cuts the corpus into: in row order, ended by content."""
+    from engine.index import Document, content_defined_batches
+
+    texts = ((r["_id"], hashlib.sha256(Document(r["_id"], r.get("title") or "", r.get("text") or "", {}).content()
+                                      .encode()).digest()) for r in records)
+    return list(content_defined_batches(texts, batch_size))
 
 
 def _entries(cache: Path, component: str = "dense") -> list[Path]:
@@ -363,7 +373,31 @@ def test_an_interrupted_entities_build_resumes_and_equals_a_fresh_one(tmp_path, 
     assert len(_entries(default_cache_path(out), "entities")) == 2
     build_index(corpus, out, settings)
     report = _cache_report(out, "entities")
-    assert report["batches_reused"] == 2 and report["batches_computed"] == DOCS // 8 - 2  # in row order, 8 a batch
+    assert report["batches_reused"] == 2 and report["batches_computed"] == len(_entity_batches(_records(), 8)) - 2
+    assert _files(out) == _files(fresh)
+
+
+def test_an_entities_rebuild_after_an_insert_recomputes_only_the_batches_near_it(tmp_path, corpus):
+    """Entities batches were cut in row order, a fixed number a batch, so a document inserted near the start re-keyed
+    every batch after it. Cut by content (as the dense build's are), an insert re-keys the batch it joins and perhaps
+    the next, never the rest; the index is the fresh build's, byte for byte (the manifest too)."""
+    settings = {"entities": {"batch_size": 4}}
+    cache = tmp_path / "cache"
+    build_index(corpus, tmp_path / "first", settings, cache=cache)
+    records = _records()
+    records.insert(1, {"_id": "new-1", "title": "A new abstract", "text": "Vitamin D and bone density in the elderly."})
+    changed = _write_corpus(tmp_path / "changed", records)
+    fresh = tmp_path / "fresh"
+    build_index(changed, fresh, settings, cache=False)
+    out = tmp_path / "idx"
+    build_index(changed, out, settings, cache=cache)
+    report = _cache_report(out, "entities")
+    before, after = _entity_batches(_records(), 4), _entity_batches(records, 4)
+    assert len(after) >= 6
+    recomputed = [batch for batch in after if batch not in before]
+    assert "new-1" in recomputed[0] and len(recomputed) <= 2, (before, after)
+    assert report["batches_computed"] == len(recomputed) and report["batches_reused"] == len(after) - len(recomputed)
+    assert report["items_reused"] >= DOCS - 8
     assert _files(out) == _files(fresh)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import ModelLoadError, SieveError, SieveIndexError
+from engine.errors import ConfigError, ModelLoadError, SieveError, SieveIndexError
 from engine.index import Index, build_index
 from engine.models import resolve_model
 from engine.pipeline import Pipeline
@@ -311,7 +311,8 @@ def test_bad_settings_are_precise_errors(tmp_path, mini_corpus):
         build_index(corpus, tmp_path / "a", {"dense": {"max_length": 1024}})
     with pytest.raises(SieveError, match="pooling"):
         build_index(corpus, tmp_path / "b", {"dense": {"pooling": "max"}})
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ConfigError, match="dense.model: dense index model: model directory ./no/such/model does not "
+                       "exist"):  # checked with the settings, before any component runs
         build_index(corpus, tmp_path / "c", {"dense": {"model": "./no/such/model"}})
 
 
