@@ -20,9 +20,9 @@ import engine.index as index_module
 from engine.cli import app as cli_app
 from engine.errors import ConfigError, SieveError
 from engine.index import build_index, load_index_settings
+from tests.engine.test_index_resume import _files, _records, _write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
-MINI = ROOT / "examples" / "scifact-mini"
 MEDICAL = ROOT / "examples" / "medical"
 MEDICAL_GAZETTEER = ROOT / "configs" / "medical" / "entities.yaml"
 DENSE = {"max_length": 64, "batch_size": 4}  # the real model, cut short: a few seconds on 2 cores
@@ -40,24 +40,8 @@ entities:
 """
 
 
-def _records(count: int) -> list[dict]:
-    lines = (MINI / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()][:count]
-
-
-def _write_corpus(directory: Path, records: list[dict]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return directory
-
-
 def _tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _files(index: Path) -> dict[str, bytes]:
-    """Every file of an index but build.json (the one file meant to differ between builds)."""
-    return {k: v for k, v in _tree(index).items() if k != "build.json"}
 
 
 def _entries(cache: Path) -> set[str]:
