@@ -105,7 +105,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.errors import QueryError, SieveError
 from engine.model import LANGUAGE_TAG, UserContext
-from engine.strictness import json_kind
+from engine.strictness import LONE_SURROGATE, FlawedObject, json_kind, refused_keys, strict_object
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -125,13 +125,12 @@ MIN_LOG_FREE_BYTES = 1 << 20  # /readyz after a failed trace append: free space 
 _SUMMARY_PROBLEMS = 3  # ... and its message names the first 3
 
 _PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # one URL path segment, as it is, with no escaping
-_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins escaped pairs: any left is a lone one
 
 
 def _unicode_text(value: Any) -> Any:
     """A string as JSON can carry it but UTF-8 cannot (``"\\ud800"``) is refused before it goes anywhere (a
     BeforeValidator: pydantic's own string checks would fail on it with a less helpful message)."""
-    found = _SURROGATE.search(value) if isinstance(value, str) else None
+    found = LONE_SURROGATE.search(value) if isinstance(value, str) else None
     if found is not None:
         raise PydanticCustomError("lone_surrogate", "contains a lone surrogate ({code}), not valid Unicode text",
                                   {"code": f"\\u{ord(found.group()):04x}"})
@@ -227,49 +226,6 @@ class BodyError(Exception):
         self.problems = problems or []
 
 
-class _Flawed(dict):  # type: ignore[type-arg]
-    """A JSON object with keys the server refuses: given more than once (``duplicated``), or holding a lone
-    surrogate (``unreadable``)."""
-
-    duplicated: list[str]
-    unreadable: list[str]
-
-
-def strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``'s object_pairs_hook: the object, marked when it gives a key twice (json would keep the last,
-    silently) or a key that is not valid Unicode text; ``refused_keys`` lists them. Shared by the server's bodies and
-    ``sieve batch``'s query lines, which refuse the same keys."""
-    obj = dict(pairs)
-    unreadable = [key for key in obj if _SURROGATE.search(key)]
-    if len(obj) == len(pairs) and not unreadable:
-        return obj
-    marked = _Flawed(obj)
-    marked.unreadable = unreadable
-    marked.duplicated = []
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen and key not in marked.duplicated:
-            marked.duplicated.append(key)
-        seen.add(key)
-    return marked
-
-
-def refused_keys(document: Any) -> list[tuple[tuple[str, ...], str]]:
-    """Each refused key in the objects of a ``document`` parsed with ``strict_object``, in document order: (the
-    key's path from the document's root, its last part the key; "duplicated" or "unreadable")."""
-    found: list[tuple[tuple[str, ...], str]] = []
-    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, dict):
-            found.extend(((*path, key), "unreadable") for key in getattr(value, "unreadable", ()))
-            found.extend(((*path, key), "duplicated") for key in getattr(value, "duplicated", ()))
-            stack.extend((item, (*path, key)) for key, item in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
-    return found
-
-
 def _flawed_keys(document: Any) -> list[tuple[str, str]]:
     """Each refused key in an object of the parsed body: (its location, the message)."""
     found: list[tuple[str, str]] = []
@@ -277,7 +233,7 @@ def _flawed_keys(document: Any) -> list[tuple[str, str]]:
         key = path[-1]
         location = ".".join(("body", *path))
         if flaw == "unreadable":
-            code = f"\\u{ord(_SURROGATE.search(key).group()):04x}"  # type: ignore[union-attr]
+            code = f"\\u{ord(LONE_SURROGATE.search(key).group()):04x}"  # type: ignore[union-attr]
             found.append((location, f"the key contains a lone surrogate ({code}), not valid Unicode text"))
         else:
             found.append((location, f"duplicate key {key!r}: a JSON object gives each key once"))
@@ -331,7 +287,7 @@ def read_json_body(content_type: str | None, content_encoding: str | None, raw: 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal flawed
         obj = strict_object(items)
-        flawed = flawed or isinstance(obj, _Flawed)
+        flawed = flawed or isinstance(obj, FlawedObject)
         return obj
 
     try:

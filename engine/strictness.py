@@ -17,6 +17,7 @@ Everything else (strings, dates as text, paths, literals) validates as before.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from typing import Any
@@ -121,3 +122,51 @@ def a_json_kind(value: Any) -> str:
     """:func:`json_kind` as a message says it: "null", "a boolean", "a number", "an array", "an object"."""
     kind = json_kind(value)
     return kind if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+# ---------------------------------------------------------------------------- JSON objects a key given twice
+
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins escaped pairs: any left is a lone one
+
+
+class FlawedObject(dict):  # type: ignore[type-arg]
+    """A JSON object with keys Sieve refuses (the server's bodies, sieve batch's query lines): given more than once
+    (``duplicated``), or holding a lone surrogate (``unreadable``)."""
+
+    duplicated: list[str]
+    unreadable: list[str]
+
+
+def strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s object_pairs_hook: the object, marked when it gives a key twice (json would keep the last,
+    silently) or a key that is not valid Unicode text; ``refused_keys`` lists them. Shared by the server's bodies and
+    ``sieve batch``'s query lines, which refuse the same keys."""
+    obj = dict(pairs)
+    unreadable = [key for key in obj if LONE_SURROGATE.search(key)]
+    if len(obj) == len(pairs) and not unreadable:
+        return obj
+    marked = FlawedObject(obj)
+    marked.unreadable = unreadable
+    marked.duplicated = []
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen and key not in marked.duplicated:
+            marked.duplicated.append(key)
+        seen.add(key)
+    return marked
+
+
+def refused_keys(document: Any) -> list[tuple[tuple[str, ...], str]]:
+    """Each refused key in the objects of a ``document`` parsed with ``strict_object``, in document order: (the
+    key's path from the document's root, its last part the key; "duplicated" or "unreadable")."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            found.extend(((*path, key), "unreadable") for key in getattr(value, "unreadable", ()))
+            found.extend(((*path, key), "duplicated") for key in getattr(value, "duplicated", ()))
+            stack.extend((item, (*path, key)) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
+    return found

@@ -36,8 +36,7 @@ from typing import Any
 from engine import __version__
 from engine.errors import QueryError, SieveError, StageError
 from engine.model import UserContext
-from engine.server import refused_keys, strict_object
-from engine.strictness import a_json_kind
+from engine.strictness import a_json_kind, refused_keys, strict_object
 
 SIDECAR_SCHEMA = "sieve.batch/1"
 #: A line's keys: ours, then BEIR's (``_id`` for ``id``; ``metadata`` is ignored).
