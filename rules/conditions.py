@@ -449,14 +449,19 @@ class QueryView:
 def redact_query_evidence(evidence: list[dict[str, Any]], trace_text: bool) -> list[dict[str, Any]]:
     """Evidence of a condition, with the values it matched in the query text replaced by ``<redacted>`` unless the
     config allows query text in traces (the user context is recorded with every trace anyway; a condition's own
-    expression is not query text)."""
+    expression is not query text): a test on a ``query.*`` field, and what a test on another field matched of an
+    operand taken from the query (``value_from: query.*``: `doc.title contains` the query's text, `user.attributes.x
+    in` its entities)."""
     if trace_text:
         return evidence
     redacted = []
     for item in evidence:
-        field_name = item.get("field", "")
-        if isinstance(field_name, str) and field_name.startswith("query."):
-            item = {k: ("<redacted>" if k in ("matched", "actual") else v) for k, v in item.items()}
+        field_name, source = item.get("field", ""), item.get("value_from", "")
+        hidden = {"matched", "actual"} if isinstance(field_name, str) and field_name.startswith("query.") else set()
+        if isinstance(source, str) and source.startswith("query."):
+            hidden.add("matched")
+        if hidden:
+            item = {k: ("<redacted>" if k in hidden else v) for k, v in item.items()}
         redacted.append(item)
     return redacted
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from engine.index import Document
 from engine.model import Query, UserContext
-from rules.conditions import CompileError, Condition, QueryView, Subject, compile_condition
+from rules.conditions import CompileError, Condition, QueryView, Subject, compile_condition, redact_query_evidence
 from rules.corpus import DocumentTable
 
 AS_OF = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -197,3 +197,28 @@ def test_a_condition_is_described_as_the_rule_file_writes_it():
     assert described({"expr": "query.text | length > 3"}) == "expr 'query.text | length > 3'"
     assert described({"not": {"field": "user.groups", "op": "in", "value": ["a", "b"]}}) == \
         "not user.groups in ['a', 'b']"
+
+
+def test_what_a_test_matched_of_an_operand_taken_from_the_query_is_redacted_without_query_text():
+    """`doc.title contains` the query's text, `user.attributes.watchlist contains` its entities: what matched is the
+    query's (audit); withheld as a test on a query.* field is, under include_query_text: false."""
+    def evidence_of(spec: dict, document: Document | None, q: Query) -> list:
+        found: list = []
+        assert compile_condition(Condition.model_validate(spec), "candidate").evaluate(
+            Subject(QueryView(q), document), found)
+        return found
+
+    text = query(text="lactic acidosis")
+    in_title = evidence_of({"field": "doc.title", "op": "contains", "value_from": "query.effective"},
+                           doc(title="Lactic acidosis and metformin"), text)
+    assert in_title[0]["matched"] == "lactic acidosis"  # with query text allowed: as before
+    assert redact_query_evidence(in_title, False) == [
+        {"field": "doc.title", "op": "contains", "matched": "<redacted>", "value_from": "query.effective"}]
+    watched = evidence_of({"field": "user.attributes.watchlist", "op": "contains",
+                           "value_from": "query.entities.DRUG"}, None,
+                          query(attributes={"watchlist": "metformin, insulin"}))
+    assert watched[0]["matched"] == "metformin"
+    assert redact_query_evidence(watched, False)[0]["matched"] == "<redacted>"
+    plain = evidence_of({"field": "doc.title", "op": "contains", "value": "acidosis"}, doc(title="Lactic acidosis"),
+                        text)
+    assert redact_query_evidence(plain, False) == plain  # the rule's own value is not query text
