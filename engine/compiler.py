@@ -138,6 +138,12 @@ def resolve_extends(loaded: LoadedYaml, base_dir: Path, *, _chain: tuple[Path, .
 
 
 _REMOVED = object()  # what a merged key becomes when the child removes it
+_WHEN_REMOVED = "`when: null` removes the base config's `when` of stage "
+
+
+def _removes_when(issue: ConfigIssue, dotted: str) -> bool:
+    """Whether ``issue`` is the warning that a config removed the `when` at ``dotted`` (stages.K.when)."""
+    return issue.path == dotted and issue.severity == "warning" and issue.message.startswith(_WHEN_REMOVED)
 
 
 class _Merge:
@@ -149,6 +155,7 @@ class _Merge:
         self.issues: list[ConfigIssue] = []
         self.stage_position: dict[int, int] = {}  # the child's stages.i -> the merged stages.j
         self.removed: list[ConfigIssue] = []  # warnings: a base's `when` removed by the child's `when: null`
+        self.when_set: set[str] = set()  # stages.K.when the child sets where a base config had removed it
 
     def result(self, target: Path) -> LoadedYaml:
         child_data = {key: value for key, value in self.child.data.items() if key != "extends"}
@@ -158,7 +165,8 @@ class _Merge:
             raise ConfigError([*self.child.issues, *self.issues])
         unmade = set(self.base.unmade) | {self._moved(dotted) for dotted in self.child.unmade}
         sha = self.base.sha256 or ""
-        return LoadedYaml(data, self.out, [*self.child.issues, *self.base.issues, *self.removed], unmade,
+        kept = [issue for issue in self.base.issues if not any(_removes_when(issue, d) for d in self.when_set)]
+        return LoadedYaml(data, self.out, [*self.child.issues, *kept, *self.removed], unmade,
                           self.child.sha256,
                           [{"file": str(target), "sha256": sha}, *self.base.bases])
 
@@ -198,7 +206,7 @@ class _Merge:
             if child is None:  # removed, as --set stages.X.when=null removes it; said, in case its lines were
                 self.removed.append(ConfigIssue(  # commented out
                     self.child.source.locate(at_child, prefer_key=True), ".".join(map(str, to)),
-                    f"`when: null` removes the base config's `when` of stage '{self.base.data['stages'][to[1]]['id']}' "
+                    f"{_WHEN_REMOVED}'{self.base.data['stages'][to[1]]['id']}' "
                     f"({self.base.source.locate(at_base, prefer_key=True)}): it runs for every query", "warning"))
                 return _REMOVED
             return self._whole(self.child.source, child, at_child, to)
@@ -223,6 +231,11 @@ class _Merge:
                 merged[key] = self._whole(self.base.source, value, at_base + (key,), to + (key,))
         for key, value in child.items():
             if key not in base:
+                if len(to) == 2 and to[0] == "stages" and key == "when":
+                    dotted = ".".join(map(str, to + (key,)))
+                    if value is None and any(_removes_when(issue, dotted) for issue in self.base.issues):
+                        continue  # removed by a base already (said there): nothing more to remove
+                    self.when_set.add(dotted)  # set again: a base's warning that it was removed no longer holds
                 merged[key] = self._whole(self.child.source, value, at_child + (key,), to + (key,))
         return merged
 

@@ -476,8 +476,13 @@ class Pipeline:
             query_record["text"] = query.text
             query_record["history"] = list(query.history)
             query_record["rewritten"] = final_query.rewritten
-        elif query.history:  # the turns stay out of the trace; their hashes let a replay check the turns given
-            query_record["history_sha256"] = [hashlib.sha256(turn.encode("utf-8")).hexdigest() for turn in query.history]
+        else:  # the text stays out of the trace; hashes let an auditor or a replay match it (null: not rewritten)
+            rewritten = final_query.rewritten
+            query_record["rewritten_sha256"] = (None if rewritten is None
+                                                else hashlib.sha256(rewritten.encode("utf-8")).hexdigest())
+            if query.history:  # the turns' hashes let a replay check the turns given
+                query_record["history_sha256"] = [hashlib.sha256(turn.encode("utf-8")).hexdigest()
+                                                  for turn in query.history]
         models = []
         for stage_id in compiled.order:
             identity = compiled.stages[stage_id].identity()

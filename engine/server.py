@@ -773,7 +773,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
         return {
             "pipeline": name,
             "trace_log": str(log_path) if log_path is not None else None,
-            "query": {"text": body.query, "rewritten": result.trace["query"].get("rewritten")},
+            "query": _query_echo(body.query, result.trace["query"]),
             "degraded": result.degraded,
             "explain_in_trace": pipeline.compiled.config.trace.explain,
             **explain_report(result.trace, verdicts, body.top),
@@ -797,7 +797,7 @@ class _Health:
 
         if isinstance(exc, TraceLogReplaced):  # the log was removed or replaced under the server: refused until back
             with self._lock:
-                self._failed[name] = f"the last trace append was refused ({exc})"
+                self._failed[name] = "the last trace append was refused: the log is not the chain this server appended to"
             return
         cause = exc if isinstance(exc, OSError) else exc.__cause__
         if not isinstance(cause, OSError):
@@ -860,6 +860,15 @@ class _Health:
                 found[name] = {key: value for key, value in state.items()
                                if key not in ("replaced_on_disk", "rebuilt_identically")}
         return found
+
+
+def _query_echo(text: str, recorded: dict[str, Any]) -> dict[str, Any]:
+    """The response's ``query``: the text as asked and its rewrite as the trace records it; under
+    ``include_query_text: false`` the rewrite's sha256 instead (null: not rewritten), so that "not rewritten" and
+    "withheld" differ."""
+    if "rewritten_sha256" in recorded:
+        return {"text": text, "rewritten": None, "rewritten_sha256": recorded["rewritten_sha256"]}
+    return {"text": text, "rewritten": recorded.get("rewritten")}
 
 
 def _log_storage_problem(log_file: Path) -> str | None:
@@ -925,7 +934,7 @@ def respond(name: str, pipeline: "Pipeline", result: Any, body: SearchBody, log_
         "pipeline": name,
         "trace_id": trace["trace_id"],
         "trace_log": str(log_path) if log_path is not None else None,
-        "query": {"text": body.query, "rewritten": trace["query"].get("rewritten")},
+        "query": _query_echo(body.query, trace["query"]),
         "degraded": result.degraded,
         "timing_ms": trace["timing_ms"]["total"],
         "results": results,

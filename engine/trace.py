@@ -328,8 +328,9 @@ class _Position:
 # Every TraceLog of one path shares it, because callers make a new TraceLog per append (Pipeline.log_trace).
 _POSITIONS: dict[str, _Position] = {}
 _POSITIONS_LOCK = threading.Lock()
-# A file judged not to continue a chain, by (path, device, inode, size, mtime): not read again until it changes.
-_JUDGED: dict[tuple[str, int, int, int, int], str] = {}
+# By log path, the last refusal of a file there to continue this process's chain: ((the file's fingerprint, the
+# position judged against), the fingerprints of the archives its markers named, the problem); see _not_continued.
+_JUDGED: dict[str, tuple[Any, tuple[tuple[str, Any], ...], str]] = {}
 
 
 def _position_key(path: Path) -> str:
@@ -410,6 +411,15 @@ def _moved_problem(handle: Any, position: _Position) -> str | None:
             "took its place")
 
 
+def _holds_at(path: Path, position: _Position) -> bool:
+    """Whether the file at ``path`` holds the record where it was written (one read of a few hundred bytes)."""
+    try:
+        with open(path, "rb") as handle:
+            return _record_at(handle, position.offset) == (position.seq, position.hash)
+    except OSError:
+        return False
+
+
 def _stat_or_none(path: Path) -> os.stat_result | None:
     try:
         return os.stat(path)
@@ -426,36 +436,51 @@ def _holds(segment: Path, position: _Position) -> bool:
     return record["hash"] == position.hash
 
 
+def _fingerprint(found: os.stat_result | None) -> tuple[int, int, int, int] | None:
+    """A file's identity and state (device, inode, size, modification time); None for no file."""
+    return None if found is None else (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+
+
 def _not_continued(path: Path, opened: os.stat_result, position: _Position) -> str | None:
     """None when the file now at ``path`` (``opened``: not the file ``position`` names) continues the chain this
     process left at ``position``; else what happened, worded to follow "removed or replaced since ...".
 
     It continues it when it was rotated from that file (``rotate_log``: the segments named by the markers lead back
-    to that very file, or to a marker linking to the record by its hash, the archive moved away), or when it (or the
-    segment its markers lead back to) holds the record: a copy of the log put back. The file's content is read only
-    in the last case (a copy, a replacement), and a file judged so is not read again until it changes."""
-    judged = (_position_key(path), opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+    to that very file, or to a marker linking to the record by its hash, or to one naming an archive, moved away
+    since, that ends at or after the record's seq, which ``check_log`` notes), or when it (or the segment its markers lead back
+    to) holds the record: a copy of the log put back. The file's content is read only in the last case (a copy, a
+    replacement). A refusal is remembered with every file it looked at (the log, the archives its markers name),
+    and judged again only when one of them changed, appeared or went: an archive put back is seen."""
+    key = _position_key(path)
     with _POSITIONS_LOCK:
-        known = _JUDGED.get(judged)
-    if known is not None:
-        return known
+        known = _JUDGED.get(key)
+    if known is not None and known[0] == (_fingerprint(opened), position) and all(
+            _fingerprint(_stat_or_none(Path(name))) == state for name, state in known[1]):
+        return known[2]
     segment = path
     seen: set[str] = set()
+    consulted: list[tuple[str, tuple[int, int, int, int] | None]] = []
     problem: str | None = None
     while True:
         previous = _previous_segment(segment)
         if previous is None or position.seq > previous.seq:  # the record would be in this segment
             if _holds(segment, position):
                 return None
-            where = "it" if segment == path else f"{segment.name}, the segment it continues,"
-            problem = (f"another file is there: {where} does not hold record seq {position.seq} with hash "
-                       f"{position.hash[:16]}…")
+            if segment == path and opened.st_size == 0:
+                problem = "an empty file is there (a log rotated by other means than `sieve trace rotate`?)"
+            else:
+                where = "it" if segment == path else f"{segment.name}, the segment it continues,"
+                problem = (f"another file is there: {where} does not hold record seq {position.seq} with hash "
+                           f"{position.hash[:16]}…")
             break
         if previous.last_seq == position.seq and previous.prev == position.hash:
             return None  # rotated right after the record: the marker links to it by its hash
         archived = _stat_or_none(previous.path)
-        if archived is not None and position.same_file(archived):
-            return None  # rotated: the archive is the file the record was appended to
+        consulted.append((str(previous.path), _fingerprint(archived)))
+        if archived is not None and position.same_file(archived) and _holds_at(previous.path, position):
+            return None  # rotated: the archive is the file the record was appended to (not its inode number reused)
+        if archived is None and position.seq <= previous.last_seq:
+            return None  # rotated, its archive (or an older one, holding the record) moved away since: check_log notes it
         real = os.path.realpath(previous.path)
         if archived is None or real in seen:
             problem = (f"it continues {previous.path.name} (seq {previous.first_seq}..{previous.last_seq}), which is "
@@ -466,7 +491,7 @@ def _not_continued(path: Path, opened: os.stat_result, position: _Position) -> s
     with _POSITIONS_LOCK:
         if len(_JUDGED) > 1000:
             _JUDGED.clear()
-        _JUDGED[judged] = problem
+        _JUDGED[key] = ((_fingerprint(opened), position), tuple(consulted), problem)
     return problem
 
 

@@ -478,8 +478,8 @@ def read_partial(fd: int, partial: Path, queries: QueriesFile) -> Written:
 
 def check_logged(written: Written, log: Path, partial: Path) -> None:
     """Refuse to resume a partial file whose last line's trace (``written.last_trace``) is not in ``log``: the log the
-    batch appended to was removed or replaced since (a resume would begin a new chain, and the lines written so far
-    would name traces in no log). The log is read up to that record (its chain checked), back through the segments
+    batch appended to was removed or replaced since, or the segment holding the trace was moved away after a
+    rotation (a resume would begin a new chain, or leave the lines written naming traces that cannot be checked). The log is read up to that record (its chain checked), back through the segments
     a rotation left beside it."""
     from engine.errors import TraceError
     from engine.trace import TraceLog
@@ -497,8 +497,9 @@ def check_logged(written: Written, log: Path, partial: Path) -> None:
             problem = str(exc)
     if problem is not None:
         raise SieveError(f"cannot resume {partial}: its line for query {query_id!r} names the trace {trace_id}, which "
-                         f"the trace log {log} does not hold ({problem}): the log this batch appended to was removed "
-                         "or replaced since. Put it back and resume, or discard the partial file with --overwrite")
+                         f"the trace log {log} does not hold ({problem}): put back what was moved (the log, or the "
+                         "segment of it that holds the trace, archived beside it by `sieve trace rotate`) and resume, "
+                         "or discard the partial file with --overwrite")
 
 
 def partial_in_use(partial: Path) -> bool:

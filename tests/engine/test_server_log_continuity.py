@@ -88,7 +88,7 @@ def test_a_log_removed_under_the_server_is_refused_until_the_chain_is_back(serve
     message = _withheld(base, f"the trace log {log} was removed or replaced since this process found it ending at "
                               "record seq 1")
     assert f"its directory {logs} is gone" in message and "refusing to start a new chain" in message
-    _not_ready(base, "removed or replaced")
+    _not_ready(base, "the last trace append was refused: the log is not the chain this server appended to; now: ")
     assert not logs.exists()  # no directory, no log, no chain begun at seq 0
 
     logs.mkdir()  # an empty directory where the log was: still not the chain

@@ -330,6 +330,12 @@ def test_when_null_in_an_extending_config_removes_the_bases_and_says_so(bm25_ind
     empty = write_config("extends: base.yaml\nstages:\n  - {id: final, when: null}\n", "empty.yaml")
     (error,) = errors_of(empty)
     assert "stages.2.when: 'when' is empty" in error
+    # further down a chain: a config that sets the `when` again drops the warning (it no longer runs for every
+    # query); one that removes it again is no error (its base removed it already, and says so)
+    again = write_config("extends: child.yaml\nstages:\n  - {id: short, when: {expr: 'true'}}\n", "again.yaml")
+    assert warnings_of(again) == [] and "when" in compile_file(again).canonical["stages"][1]
+    twice = write_config("extends: child.yaml\nstages:\n  - {id: short, when: null}\n", "twice.yaml")
+    assert warnings_of(twice) == [warning] and "when" not in compile_file(twice).canonical["stages"][1]
 
 
 def test_the_output_stage_cannot_be_routed_past(bm25_index, write_config):

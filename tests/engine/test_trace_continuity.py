@@ -168,6 +168,56 @@ def test_a_rotation_whose_archive_was_moved_away_is_followed_by_its_link(tmp_pat
     assert TraceLog(path).append(_trace("b"))["seq"] == 2  # the marker links to record seq 0 by its hash
 
 
+def test_a_writer_whose_record_others_followed_before_a_rotation_goes_on_when_the_archive_is_moved(tmp_path):
+    """Two writers on one log (a server and a batch): this one's last record is not the archive's last, and the
+    archive is gzipped or moved away after the rotation. The chain goes on past the record (the marker names the
+    archive and its seq range; `sieve trace verify` notes the archive missing): no refusal (audit 2, F1)."""
+    path = tmp_path / "trace.jsonl"
+    TraceLog(path).append(_trace("a"))  # seq 0, this process
+    _append_elsewhere(path, "other1", "other2")  # seq 1, 2 by another writer
+    _elsewhere("trace", "rotate", path)  # by the other writer: the marker links to seq 2
+    _append_elsewhere(path, "other3")
+    _elsewhere("trace", "rotate", path)  # twice: this process's record is two segments back
+    for archive in sorted(tmp_path.glob("trace.0*.jsonl")):
+        archive.rename(tmp_path / f"cold-{archive.name}")  # moved to cold storage
+    assert TraceLog(path).continuity_problem() is None
+    assert TraceLog(path).append(_trace("b"))["seq"] == 6  # a 0, other1 1, other2 2, marker 3, other3 4, marker 5
+    check = check_log(path)
+    assert check.problems == [] and check.records == 2 and check.notes  # the marker and b; the archive noted missing
+
+
+def test_a_refusal_is_judged_again_when_an_archive_it_read_is_put_back(tmp_path):
+    """A refusal is remembered (a server asks on every query and every probe), but with every file it read: an
+    archive put right is seen without the log itself changing (audit 2, F2)."""
+    path = tmp_path / "trace.jsonl"
+    TraceLog(path).append(_trace("a"))  # seq 0, in the file that becomes the first archive
+    _append_elsewhere(path, "other1")
+    _elsewhere("trace", "rotate", path)
+    _append_elsewhere(path, "other2")
+    _elsewhere("trace", "rotate", path)
+    (first,) = [a for a in tmp_path.glob("trace.0*.jsonl") if a.name.startswith("trace.000000-")]
+    kept = first.read_bytes()
+    first.unlink()
+    first.write_bytes(b"")  # another file where the archive holding seq 0 was: not the chain
+    with pytest.raises(TraceLogReplaced, match="the segment it continues, does not hold record seq 0"):
+        TraceLog(path).append(_trace("x"))
+    before = path.stat()
+    first.unlink()
+    first.write_bytes(kept)  # put back (a copy: another inode, the same records)
+    assert path.stat().st_mtime_ns == before.st_mtime_ns and path.stat().st_size == before.st_size
+    assert TraceLog(path).continuity_problem() is None
+    assert check_log(path).problems == [] and TraceLog(path).append(_trace("b"))["seq"] == 5
+
+
+def test_an_empty_file_in_the_logs_place_is_said_so(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    TraceLog(path).append(_trace("a"))
+    path.rename(tmp_path / "trace.jsonl.1")  # logrotate's `create`: moved, and a new empty file made
+    path.write_bytes(b"")
+    with pytest.raises(TraceLogReplaced, match="an empty file is there"):
+        TraceLog(path).append(_trace("x"))
+
+
 def test_the_end_of_an_existing_log_is_remembered_before_the_first_append(tmp_path):
     path = tmp_path / "trace.jsonl"
     _append_elsewhere(path, "x", "y")  # a log this process never wrote

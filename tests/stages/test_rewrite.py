@@ -686,6 +686,12 @@ def test_pipeline_trace_without_query_text_keeps_the_rewrite_out(bm25_index, wri
     assert "vitamin" not in serialised and "reduce the risk" not in serialised
     record = next(s for s in result.trace["stages"] if s["id"] == "rewrite")
     assert len(record["query"]["rewritten_sha256"]) == 64
+    # the query record says so too (the server echoes it: "not rewritten" and "withheld" differ)
+    assert result.trace["query"]["rewritten_sha256"] == record["query"]["rewritten_sha256"]
+    from engine.server import _query_echo
+
+    assert _query_echo("Does it reduce the risk?", result.trace["query"]) == {
+        "text": "Does it reduce the risk?", "rewritten": None, "rewritten_sha256": record["query"]["rewritten_sha256"]}
 
 
 # --------------------------------------------------------------------------- CAsT slice
