@@ -284,6 +284,12 @@ class _AskedAs:
         return cls(_user_context(user, roles, groups, jurisdictions, attributes), _parse_time(as_of, "--as-of"))
 
 
+def _config_warnings(pipeline: Any) -> list[str]:
+    """What ``sieve validate`` warns of in the pipeline's config, located (a `when: null` removing a base's `when`,
+    a deadline that cuts nothing...): said where a query runs too."""
+    return [f"{issue.location}  {issue.detail()}" for issue in pipeline.compiled.warnings]
+
+
 def _print_warnings(warnings: Iterable[str | None]) -> None:
     """Warnings on stderr, one a line (None: nothing to say); e.g. what the stages' warm-up found that changes what
     the pipeline does (``Pipeline.warnings``: a rule reading a field no document has)."""
@@ -318,7 +324,7 @@ def search(
     _writable_file(trace_out, "--trace-out")
     pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
-    _print_warnings(pipeline.warnings)
+    _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
     trace = result.trace
     log_path = None if no_log else pipeline.log_trace(trace, log)
     if trace_out is not None:
@@ -818,7 +824,7 @@ def batch_command(
             if trace_log is not None:
                 batch.check_logged(written, trace_log, partial)  # the traces of the lines written are in that log
         pipeline.warm_up()
-        _print_warnings(pipeline.warnings)
+        _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
         index = pipeline.resources.index if pipeline.resources is not None else None
         if index is not None and manifest is not None and index.manifest_sha256 != manifest:
             raise SieveError(f"the index at {index.path} was rebuilt while the batch started (manifest {manifest[:12]} "
@@ -1046,7 +1052,7 @@ def explain_command(
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
-    _print_warnings(pipeline.warnings)
+    _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
     trace = result.trace
     if trace_out is not None:
         write_json_atomic(trace_out, trace)

@@ -336,6 +336,10 @@ def test_when_null_in_an_extending_config_removes_the_bases_and_says_so(bm25_ind
     assert warnings_of(again) == [] and "when" in compile_file(again).canonical["stages"][1]
     twice = write_config("extends: child.yaml\nstages:\n  - {id: short, when: null}\n", "twice.yaml")
     assert warnings_of(twice) == [warning] and "when" not in compile_file(twice).canonical["stages"][1]
+    # where a query runs, as `sieve validate` does: `sieve search` says it too
+    searched = CliRunner().invoke(app, ["search", str(child), KEYWORDS, "--no-log"])
+    assert searched.exit_code == 0, searched.output
+    assert "removes the base config's `when` of stage 'short'" in " ".join(searched.output.split())
 
 
 def test_the_output_stage_cannot_be_routed_past(bm25_index, write_config):
