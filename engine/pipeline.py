@@ -578,15 +578,20 @@ class Pipeline:
             tuple(details),
         )
 
+    def log_target(self, log_path: Path | None = None) -> Path | None:
+        """The log a trace goes to: ``log_path`` (``--log``), else the config's ``trace.log``; None for none."""
+        if log_path is not None:
+            return Path(log_path)
+        configured = self.compiled.config.trace.log
+        return Path(configured) if configured is not None else None
+
     def log_trace(self, trace: dict[str, Any], log_path: Path | None = None) -> Path | None:
         """Append to the configured tamper-evident log (or ``log_path``); returns the log's path.
 
         Once logged, the trace says where (``trace["log"]``: the log's absolute path, the record's seq and hash;
         not part of what was hashed), so a copy of it written elsewhere (``--trace-out``) can be checked against
         that record by ``sieve replay`` and ``sieve report``."""
-        target = log_path
-        if target is None and self.compiled.config.trace.log is not None:
-            target = Path(self.compiled.config.trace.log)
+        target = self.log_target(log_path)
         if target is None:
             return None
         logged = {k: v for k, v in trace.items() if k != "log"}

@@ -119,6 +119,15 @@ def _last_record_line(handle: Any, end: int) -> tuple[bytes, int]:
     return (line, start) if line.strip() else (b"", 0)
 
 
+def _last_complete_record(handle: Any) -> tuple[bytes, int]:
+    """The last whole record line of an open log and where it starts (a write in progress, or a torn tail, is
+    passed over for the record before it); b"" when there is none."""
+    last, start = _last_record_line(handle, handle.seek(0, os.SEEK_END))
+    if last and not last.endswith(b"\n"):
+        last, start = _last_record_line(handle, start)
+    return last, start
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -396,11 +405,16 @@ def _record_at(handle: Any, offset: int) -> tuple[int, str] | None:
     return None if problem is not None else (data["seq"], data["hash"])
 
 
+def _holds_record_at(handle: Any, position: _Position) -> bool:
+    """Whether the open file holds ``position``'s record where it was written."""
+    return _record_at(handle, position.offset) == (position.seq, position.hash)
+
+
 def _moved_problem(handle: Any, position: _Position) -> str | None:
     """None when the open file (the one ``position`` names, by device and inode) still holds the record where it was
     written; else what happened (a log cut back, emptied or rewritten, or another file given the same inode number
     after the log was deleted). One read of a few hundred bytes."""
-    if _record_at(handle, position.offset) == (position.seq, position.hash):
+    if _holds_record_at(handle, position):
         return None
     size = os.fstat(handle.fileno()).st_size
     if size == 0:
@@ -415,9 +429,18 @@ def _holds_at(path: Path, position: _Position) -> bool:
     """Whether the file at ``path`` holds the record where it was written (one read of a few hundred bytes)."""
     try:
         with open(path, "rb") as handle:
-            return _record_at(handle, position.offset) == (position.seq, position.hash)
+            return _holds_record_at(handle, position)
     except OSError:
         return False
+
+
+def _discontinuity(path: Path, handle: Any, position: _Position) -> str | None:
+    """Why the log open as ``handle`` (at ``path``) does not continue the chain this process left at ``position``
+    (worded to follow "removed or replaced since ..."); None when it does."""
+    opened = os.fstat(handle.fileno())
+    if position.same_file(opened):
+        return _moved_problem(handle, position)
+    return _not_continued(path, opened, position)
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -517,10 +540,7 @@ class TraceLog:
             opened = os.fstat(handle.fileno())
             if not stat.S_ISREG(opened.st_mode):
                 return
-            end = handle.seek(0, os.SEEK_END)
-            last, start = _last_record_line(handle, end)
-            if last and not last.endswith(b"\n"):  # a write in progress, or a torn tail: the record before it
-                last, start = _last_record_line(handle, start)
+            last, start = _last_complete_record(handle)
             if not last:
                 return
             try:
@@ -551,14 +571,11 @@ class TraceLog:
             return None  # not about the chain: the append says what
         if not stat.S_ISREG(current.st_mode):
             return None
-        if position.same_file(current):
-            try:
-                with open(self.path, "rb", buffering=0) as handle:
-                    problem = _moved_problem(handle, position)
-            except OSError:
-                return None
-        else:
-            problem = _not_continued(self.path, current, position)
+        try:
+            with open(self.path, "rb", buffering=0) as handle:
+                problem = _discontinuity(self.path, handle, position)
+        except OSError:
+            return None
         return None if problem is None else str(TraceLogReplaced(self.path, position, problem))
 
     def check_appendable(self) -> None:
@@ -588,10 +605,7 @@ class TraceLog:
         except OSError as exc:
             raise TraceError(f"cannot read the trace log {self.path}: {exc.strerror or exc}") from None
         with handle:
-            end = handle.seek(0, os.SEEK_END)
-            last, start = _last_record_line(handle, end)
-            if last and not last.endswith(b"\n"):
-                last, _ = _last_record_line(handle, start)
+            last, _ = _last_complete_record(handle)
             if last:
                 self._chain_position(last)  # TraceError: no trace log, or it ends with an unreadable record
         self.remember_end()
@@ -626,10 +640,7 @@ class TraceLog:
         position = _position_of(key)  # read again under the lock: another thread may have appended meanwhile
         opened = os.fstat(handle.fileno())
         if position is not None:
-            if position.same_file(opened):
-                problem = _moved_problem(handle, position)
-            else:
-                problem = _not_continued(self.path, opened, position)
+            problem = _discontinuity(self.path, handle, position)
             if problem is not None:
                 raise TraceLogReplaced(self.path, position, problem)
         prev_hash, seq, end, prefix = self._tail(handle)

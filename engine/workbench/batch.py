@@ -311,12 +311,7 @@ def sidecar_path(out: Path) -> Path:
 def trace_log_target(pipeline: Any, log: Path | None, no_log: bool) -> Path | None:
     """The log a batch appends its traces to: ``--log``, else the config's ``trace.log``; None with ``--no-log`` or a
     config that logs nothing."""
-    if no_log:
-        return None
-    if log is not None:
-        return Path(log)
-    configured = pipeline.compiled.config.trace.log
-    return Path(configured) if configured is not None else None
+    return None if no_log else pipeline.log_target(log)
 
 
 def batch_identity(queries: QueriesFile, pipeline: Any, index_manifest_sha256: str | None, default_user: UserContext,

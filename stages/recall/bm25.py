@@ -327,13 +327,22 @@ class LoadedBM25:
         if not self._columns_sorted:
             return self.retriever.get_scores([term])[rows]
         absent = np.float32(self.absent_score(term))
+        stored, _ = self._stored(column, rows)
+        return stored + absent if absent else stored
+
+    def _stored(self, column: int, rows: Any) -> tuple[Any, Any]:
+        """A sorted column's stored scores at ``rows`` (an int64 array; 0 where a row lacks the term, float32) and
+        which rows hold the term: one binary search of the column for all of them."""
+        import numpy as np
+
         matrix = self.retriever.scores
         start, end = int(matrix["indptr"][column]), int(matrix["indptr"][column + 1])
+        if end == start:
+            return np.zeros(len(rows), dtype=np.float32), np.zeros(len(rows), dtype=bool)
         column_rows = matrix["indices"][start:end]
-        at = np.minimum(np.searchsorted(column_rows, rows), max(end - start - 1, 0))
-        found = (end > start) & (column_rows[at] == rows) if end > start else np.zeros(len(rows), dtype=bool)
-        stored = np.where(found, matrix["data"][start + at] if end > start else 0.0, 0.0).astype(np.float32)
-        return stored + absent if absent else stored
+        at = column_rows.searchsorted(rows)  # past the end where a row is above every holder: clipped
+        found = column_rows.take(at, mode="clip") == rows
+        return np.where(found, matrix["data"].take(at + start, mode="clip"), 0.0).astype(np.float32), found
 
     def term_score_matrix(self, terms: Sequence[str], rows: Any) -> tuple[Any, Any]:
         """``term_scores`` of several terms for the same ``rows`` at once, as a rows x terms float32 array (the
@@ -344,8 +353,6 @@ class LoadedBM25:
         rows = np.asarray(rows, dtype=np.int64)
         scores = np.zeros((len(terms), len(rows)), dtype=np.float32)  # term by term, transposed on return
         held = np.zeros((len(terms), len(rows)), dtype=bool)
-        matrix = self.retriever.scores
-        indptr, indices, data = matrix["indptr"], matrix["indices"], matrix["data"]
         for j, term in enumerate(terms):
             column = self._column(term)
             if column is None:
@@ -354,12 +361,7 @@ class LoadedBM25:
                 scores[j] = self.term_scores(term, rows)
                 held[j] = self.holding(term, rows)
                 continue
-            start, end = int(indptr[column]), int(indptr[column + 1])
-            if end > start:
-                column_rows = indices[start:end]
-                at = column_rows.searchsorted(rows)  # past the end where a row is above every holder: clipped
-                found = np.equal(column_rows.take(at, mode="clip"), rows, out=held[j])
-                np.copyto(scores[j], data.take(at + start, mode="clip"), where=found)
+            scores[j], held[j] = self._stored(column, rows)
             absent = self.absent_score(term)
             if absent:
                 scores[j] += np.float32(absent)

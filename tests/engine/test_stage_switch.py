@@ -96,8 +96,9 @@ def test_enabled_changes_the_config_hash_and_enabled_true_is_the_default(bm25_in
     assert all("enabled" not in stage for stage in plain.canonical["stages"])
 
 
-def test_a_disabled_rewrite_leaves_its_reader_the_query_as_asked(bm25_index, write_config):
-    path = write_config(f"""\
+def rewrite_off(bm25_index: Path | str) -> str:
+    """A rewrite switched off before BM25 (its reader then reads the query as asked)."""
+    return f"""\
 version: 1
 index: {bm25_index}
 stages:
@@ -105,7 +106,11 @@ stages:
   - {{id: bm25, type: recall.bm25, inputs: [rewrite], params: {{top_k: 5}}}}
 output: bm25
 trace: {{log: null}}
-""")
+"""
+
+
+def test_a_disabled_rewrite_leaves_its_reader_the_query_as_asked(bm25_index, write_config):
+    path = write_config(rewrite_off(bm25_index))
     compiled = compile_file(path)
     assert compiled.order == ["bm25"] and compiled.specs["bm25"].inputs == []
     assert compiled.disabled == {"rewrite": ()}

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from engine.workbench.report import render_report
+from tests.engine.test_stage_switch import rewrite_off
 
 QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
 
@@ -99,15 +100,7 @@ def test_a_disabled_stage_is_a_row_of_the_stage_table_and_a_config_fact(cli, bm2
 
 
 def test_a_disabled_rewrite_says_its_readers_get_the_query_as_asked(cli, bm25_index, write_config, tmp_path):
-    config = write_config(f"""\
-version: 1
-index: {bm25_index}
-stages:
-  - {{id: rewrite, type: rewrite.coreference, enabled: false}}
-  - {{id: bm25, type: recall.bm25, inputs: [rewrite], params: {{top_k: 5}}}}
-output: bm25
-trace: {{log: null}}
-""", "rewrite-off.yaml")
+    config = write_config(rewrite_off(bm25_index), "rewrite-off.yaml")
     trace, page = report_of(cli, config, tmp_path)
     assert trace["disabled"] == {"rewrite": []}
     rows = stage_rows(page)

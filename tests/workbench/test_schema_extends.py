@@ -16,6 +16,7 @@ import yaml
 from engine.compiler import compile_file
 from engine.errors import ConfigError
 from tests.workbench.conftest import ROOT
+from tests.workbench.test_report_config_provenance import chain
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -24,27 +25,9 @@ SHIPPED = sorted(
     if isinstance(data := yaml.safe_load(path.read_text(encoding="utf-8")), dict) and "stages" in data
 )
 
-# bm25 -> floor -> final, the index relative to the directory (a base lies beside the configs extending it)
-BASE = """\
-version: 1
-name: base
-index: {index}
-stages:
-  - id: bm25
-    type: recall.bm25
-    params: {{top_k: 50}}
-  - id: floor
-    type: select.threshold
-    inputs: [bm25]
-    params: {{min_score: 0.2, normalize: max}}
-    when: {{field: query.text, op: contains, value: vitamin}}
-  - id: final
-    type: select.top_k
-    inputs: [floor]
-    params: {{k: 10}}
-output: final
-trace: {{log: null}}
-"""
+# bm25 -> floor -> final (the report tests' chain), a `when` on floor; the index relative to the directory (a base
+# lies beside the configs extending it)
+ROUTE = "\n    when: {field: query.text, op: contains, value: vitamin}"
 
 # what a config that extends the base may give: only what it changes
 EXTENDING = {
@@ -88,7 +71,7 @@ def validator():
 @pytest.fixture
 def base(bm25_index: Path, tmp_path: Path) -> Path:
     path = tmp_path / "base.yaml"
-    path.write_text(BASE.format(index=os.path.relpath(bm25_index, tmp_path)), encoding="utf-8")
+    path.write_text(chain(os.path.relpath(bm25_index, tmp_path), floor=ROUTE, name="base"), encoding="utf-8")
     return path
 
 
