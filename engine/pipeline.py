@@ -79,6 +79,18 @@ def compile_with_settings(path: Path, settings: Sequence[str]) -> CompiledPipeli
     return compile_loaded(loaded, base_dir=path.resolve().parent, check_log_path=True)
 
 
+def _without_query_words(message: str, query: Query) -> str:
+    """A stage's error message where traces keep no query text: it goes to the trace, the log, a batch's output and
+    the server's answer, and a stage's exception (a plugin's, a library's) may quote the query. The query's words
+    (its text, rewrite and history, bar function words) are redacted; the rest stays for the operator."""
+    from stages.rewrite.discourse import Redactor
+
+    redacted = Redactor([query.text, query.rewritten or "", *query.history]).words(message)
+    if redacted == message:
+        return message
+    return f"{redacted} (words of the query are redacted: include_query_text is false)"
+
+
 class Pipeline:
     """A compiled pipeline bound to its index; warm it up once, then run many queries."""
 
@@ -418,6 +430,8 @@ class Pipeline:
                 message = f"cut by the query's deadline ({budget} ms) while the stage ran, at {elapsed:.0f} ms"
                 if "expected to take" in str(exc) or "waiting for" in str(exc):  # cut ahead, or while waiting
                     message += f": {exc}"
+            if not ctx.trace_text:
+                message = _without_query_words(message, ctx.query)
             if spec.on_error == "fail":
                 raise StageError(stage_id, stage.qualified_name(), message) from exc
             return self._pass_through(stage.produces, lists), "skipped", message

@@ -241,19 +241,19 @@ class Redactor:
                 continue
             closers = [j for j in range(index + 1, length) if description[j] == "'"
                        and (j + 1 == length or not description[j + 1].isalnum())]
-            pieces.append(self._outside(description[cursor:index]))
+            pieces.append(self.words(description[cursor:index]))
             pieces.append(REDACTED)
             if not closers:  # an unpaired quote: nothing after it can be told apart from the text
                 return _REDACTIONS.sub(REDACTED, "".join(pieces))
             known = [j for j in closers if self._is_known(description[index + 1 : j])]
             close = known[-1] if known else closers[0]
             cursor = index = close + 1
-        pieces.append(self._outside(description[cursor:]))
+        pieces.append(self.words(description[cursor:]))
         return _REDACTIONS.sub(REDACTED, "".join(pieces))
 
-    def _outside(self, text: str) -> str:
-        """Text outside quotes: any word of the conversation (bar function words) and any Han character
-        redacted."""
+    def words(self, text: str) -> str:
+        """``text`` with any word of the conversation (bar function words) and any Han character of it redacted:
+        what a description holds outside quotes, or a message that quotes in no known way (an exception's)."""
         def word(match: "re.Match[str]") -> str:
             found = match.group(0)
             return REDACTED if found.casefold() in self._vocabulary else found

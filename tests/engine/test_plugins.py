@@ -50,6 +50,9 @@ class Acme(Stage):
                                            for i, c in enumerate(incoming, 1)])
         if mode == "details":
             return StageResult(candidates=incoming, details={"x": object()})
+        if mode == "quote":  # a third party's message quoting the query, as exceptions often do
+            raise ValueError(f"no rescoring for {ctx.query.text!r} (rewritten {ctx.query.rewritten!r}, after "
+                             f"{list(ctx.query.history)!r}) with 5 inputs")
         return StageResult(candidates=ranked([c.with_score(ScoreEntry(self.id, "acme", c.score * 2, i))
                                               for i, c in enumerate(incoming, 1)]))
 '''
@@ -88,8 +91,8 @@ def _python(site: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[str
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-def _config(tmp_path: Path, index: Path, mode: str, on_error: str = "fail") -> Path:
-    path = tmp_path / f"{mode}-{on_error}.yaml"
+def _config(tmp_path: Path, index: Path, mode: str, on_error: str = "fail", query_text: bool = True) -> Path:
+    path = tmp_path / f"{mode}-{on_error}-{query_text}.yaml"
     path.write_text(f"""\
 version: 1
 index: {index}
@@ -98,7 +101,7 @@ stages:
   - {{id: acme, type: acme.rescore, inputs: [bm25x], on_error: {on_error}, params: {{mode: {mode}}}}}
   - {{id: final, type: select.top_k, inputs: [acme], params: {{k: 3}}}}
 output: final
-trace: {{log: {tmp_path / 'log.jsonl'}}}
+trace: {{log: {tmp_path / 'log.jsonl'}, include_query_text: {str(query_text).lower()}}}
 """, encoding="utf-8")
     return path
 
@@ -145,6 +148,42 @@ print(json.dumps(report))
     assert report["skip"]["degraded"] and "twice" in report["skip"]["error"]
     lines = (tmp_path / "log.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2 and not any("NaN" in line for line in lines)  # the good run and the degraded one
+
+
+def test_a_plugins_error_message_keeps_no_query_words_where_traces_keep_no_query_text(site, bm25_index, tmp_path):
+    """A stage's error message goes to the trace, the hash-chained log, a batch's output and the server's answer:
+    without query text, the words of the query (its text, rewrite and history, bar function words) are taken out
+    of it, whatever stage raised it; the rest of the message stays for the operator."""
+    configs = {f"{on_error}-{text}": str(_config(tmp_path, bm25_index, "quote", on_error, text))
+               for on_error in ("skip", "fail") for text in (True, False)}
+    done = _python(site, f"""
+import json
+from engine.errors import StageError
+from engine.pipeline import Pipeline
+report = {{}}
+for name, config in {json.dumps(configs)}.items():
+    pipeline = Pipeline.from_file(config)
+    try:
+        result = pipeline.search("homocysteine lowering by vitamin B12", history=["Zyprexa dosing in 2019?"])
+        report[name] = next(s for s in result.trace["stages"] if s["id"] == "acme")["error"]
+    except StageError as exc:
+        report[name] = str(exc)
+print(json.dumps(report))
+""", tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "'homocysteine lowering by vitamin B12'" in report["skip-True"]
+    assert "'homocysteine lowering by vitamin B12'" in report["fail-True"] and "Zyprexa" in report["fail-True"]
+    for name in ("skip-False", "fail-False"):
+        message = report[name]
+        for word in ("homocysteine", "lowering", "vitamin", "B12", "Zyprexa", "dosing", "2019"):
+            assert word not in message, (name, message)
+        assert "ValueError: no rescoring for '<redacted> <redacted> by <redacted> <redacted>' (rewritten None, " \
+               "after ['<redacted> <redacted> in <redacted>?']) with 5 inputs" in message, message
+        assert "words of the query are redacted" in message, message
+    lines = (tmp_path / "log.jsonl").read_text(encoding="utf-8").splitlines()  # the two skipped-stage queries
+    assert len(lines) == 2 and [("homocysteine" in line, "Zyprexa" in line) for line in lines] == [(True, True),
+                                                                                                  (False, False)]
 
 
 def test_a_plugin_may_not_replace_sieves_own_stages(tmp_path, bm25_index):
