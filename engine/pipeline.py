@@ -15,7 +15,7 @@ import graphlib
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,8 +28,8 @@ from engine.errors import DeadlineExceeded, ModelLoadError, SieveError, SieveInd
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry, UserContext
 from engine.registry import plugin_of
-from engine.stage import (DocumentMask, Explanation, Port, Resources, StageContext, StageResult, run_notes,
-                          stage_deadline)
+from engine.stage import (DocumentMask, Explanation, Port, Resources, StageContext, StageResult,
+                          explanation_dicts, run_notes, stage_deadline)
 from engine.trace import TRACE_SCHEMA, TraceLog, canonical
 from rules.conditions import ExpressionRuntimeError, Node, QueryView, Subject, redact_query_evidence
 
@@ -506,6 +506,7 @@ class Pipeline:
         if settings.include_document_text and resources.index is not None and results:
             documents = resources.index.documents.get([c.row for c in results])
         result_records = []
+        explain = self._explainer(outcomes) if settings.explain else None
         for rank, candidate in enumerate(results, start=1):
             entry: dict[str, Any] = {
                 "rank": rank,
@@ -516,8 +517,10 @@ class Pipeline:
                     for e in candidate.ledger
                 ],
             }
-            if settings.explain:
-                entry["explanation"] = self.explain(candidate, outcomes).to_dict()
+            if explain is not None:  # the root node made as a dict: what explain(...).to_dict() gives
+                value, description, trees = explain(candidate)
+                entry["explanation"] = {"value": value, "description": description,
+                                        "details": explanation_dicts(trees)}
             if candidate.row in documents:
                 doc = documents[candidate.row]
                 entry["document"] = {"title": doc.title, "text": doc.text}
@@ -577,20 +580,32 @@ class Pipeline:
 
     def explain(self, candidate: Candidate, outcomes: dict[str, StageOutcome]) -> Explanation:
         """Explanation tree: the final score at the root, each ledger entry's own tree below."""
+        return Explanation(*self._explainer(outcomes)(candidate))
+
+    def _explainer(self, outcomes: dict[str, StageOutcome]) -> Callable[
+            [Candidate], tuple[float, str, tuple[Explanation, ...]]]:
+        """The root of a candidate's explanation tree (value, description, the ledger entries' trees below it), with
+        what is the same for every candidate of the query looked up once: which stages ran (each one's ``explain``
+        and the query it saw) and whether the trace may hold query text. Made per query: nothing outlives it."""
         trace_text = self.compiled.config.trace.include_query_text
-        details = []
-        for entry in candidate.ledger:
-            stage = self.compiled.stages.get(entry.stage)
-            if stage is not None and entry.stage in outcomes:
-                stage_query = outcomes[entry.stage].query
-                details.append(stage.explain(stage_query, candidate, entry.value, entry.rank, trace_text))
-        return Explanation(
-            candidate.score,
-            f"score of '{candidate.doc_id}' from stage '{candidate.ledger[-1].stage}'"
-            if candidate.ledger
-            else f"'{candidate.doc_id}' was never scored",
-            tuple(details),
-        )
+        stages = self.compiled.stages
+        explainers = {stage_id: (stages[stage_id].explain, outcome.query)
+                      for stage_id, outcome in outcomes.items() if stage_id in stages}
+
+        def root(candidate: Candidate) -> tuple[float, str, tuple[Explanation, ...]]:
+            ledger = candidate.ledger
+            details = []
+            for entry in ledger:
+                found = explainers.get(entry.stage)
+                if found is not None:
+                    stage_explain, stage_query = found
+                    details.append(stage_explain(stage_query, candidate, entry.value, entry.rank, trace_text))
+            if ledger:  # candidate.score: the last entry's value
+                last = ledger[-1]
+                return last.value, f"score of '{candidate.doc_id}' from stage '{last.stage}'", tuple(details)
+            return 0.0, f"'{candidate.doc_id}' was never scored", tuple(details)
+
+        return root
 
     def log_target(self, log_path: Path | None = None) -> Path | None:
         """The log a trace goes to: ``log_path`` (``--log``), else the config's ``trace.log``; None for none."""
