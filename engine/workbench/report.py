@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from engine import __version__
 from engine.errors import SieveError, TraceError
 from engine.workbench.inspect import dedup_merges, rules_fired, score_parts
 
@@ -247,7 +248,8 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
     bases = [base for base in config.get("extends") or [] if isinstance(base, dict)]
     settings = [str(setting) for setting in config.get("set") or []]
     return {
-        "trace": trace, "query": query, "config": config, "index": trace.get("index") or {},
+        "trace": trace, "renderer_version": __version__, "query": query, "config": config,
+        "index": trace.get("index") or {},
         "bases": bases, "settings": settings, "disabled": disabled, "stage_rows": rows,
         "warnings": [str(w) for w in trace.get("warnings") or []],
         "models": trace.get("models", []), "stages": stages, "total_ms": total_ms, "results": results,

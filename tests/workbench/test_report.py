@@ -257,3 +257,19 @@ trace: {{log: null, include_document_text: true}}
     page = html.read_text(encoding="utf-8")
     assert "invoice[U+202E]fdp.exe" in page and "refund [U+2067]approved[U+2069] policy" in page
     assert not any(c in page for c in "\u202e\u2067\u2069")
+
+
+def test_report_names_the_engine_that_ran_the_trace_and_the_one_that_rendered_it(cli, medical_trace: Path,
+                                                                                tmp_path: Path):
+    """From an upgrade audit: a 0.5.0 trace rendered by a later Sieve said 'by Sieve 0.5.0' in its footer and its
+    generator tag; the page is the renderer's artefact, the run the trace's."""
+    from engine import __version__
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**json.loads(medical_trace.read_text()), "engine_version": "0.5.0"}), encoding="utf-8")
+    html = tmp_path / "old.html"
+    result = cli("report", old, "--html", html)
+    assert result.exit_code == 0, result.output
+    page = html.read_text(encoding="utf-8")
+    assert f'<meta name="generator" content="Sieve {__version__}">' in page
+    assert f"(run by Sieve 0.5.0) by Sieve {__version__}." in page
