@@ -165,6 +165,10 @@ def replay_trace(
             f"; … and {len(wording) - MAX_WORDING_NOTED} more" if len(wording) > MAX_WORDING_NOTED else "")
         notes.append(f"engine {recorded_version or '(not recorded)'} -> {__version__}: {len(wording)} differences "
                      f"in wording or in fields only one of them records, not counted: {listed}")
+    # What the replayed run warns of that the traced one did not (an index extracted under an older engine's
+    # rules: the likeliest cause of a difference after an upgrade) is said, not left in the content differences
+    warned = set(map(str, before_trace.get("warnings") or []))
+    notes.extend(f"the replayed run warns: {w}" for w in map(str, now.get("warnings") or []) if w not in warned)
     if detailed:
         shown = detailed[:MAX_DETAILED]
         differences.extend(shown)

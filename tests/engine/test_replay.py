@@ -316,3 +316,22 @@ def test_a_record_read_back_from_the_log_replays_whatever_order_the_yaml_wrote_a
     replayed = _replay_cli(log, "--seq", 0)
     assert replayed.exit_code == 0, replayed.output
     assert "identical" in replayed.output
+
+
+def test_what_the_replayed_run_warns_of_and_the_trace_did_not_is_a_note(bm25_index, write_config, tmp_path):
+    """From an upgrade audit: an older engine's trace replayed 'different' on an index that the newer engine warns
+    was extracted under older rules, and the replay never showed that warning (it was one of the 'fields only one
+    records'). A warning the trace does not hold is a note of its own."""
+    config = write_config(_yaml(bm25_index, stages="""\
+  - {id: bm25, type: recall.bm25, params: {top_k: 50}}
+  - {id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {method: minhash, fields: [text, summary]}}
+  - {id: final, type: select.top_k, inputs: [dedup], params: {k: 5}}"""))  # no document has a summary: it warns
+    trace = Pipeline.from_file(config).search("vitamin").trace
+    assert trace.get("warnings"), "the config was meant to warn"
+    warned = list(trace.pop("warnings"))  # as an engine that did not warn of it wrote the trace
+    trace["engine_version"] = "0.0.9"
+    report = replay_trace(json.loads(json.dumps(trace)))
+    assert [n for n in report["notes"] if n.startswith("the replayed run warns: ")] == [
+        f"the replayed run warns: {w}" for w in warned]
+    trace["warnings"] = warned
+    assert not any(n.startswith("the replayed run warns") for n in replay_trace(trace)["notes"])
