@@ -705,7 +705,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
             item = describe(name, pipeline)
             item["index"] = health.index_state(name)
             described.append(item)
-        return {"pipelines": described}
+        return {"engine_version": __version__, "pipelines": described}
 
     def refused(name: str, setting: str, what: str) -> JSONResponse:
         return error(403, "not_allowed", f"pipeline '{name}' does not allow {what}; its config allows it with "
@@ -932,6 +932,7 @@ def respond(name: str, pipeline: "Pipeline", result: Any, body: SearchBody, log_
         results.append(item)
     response: dict[str, Any] = {
         "pipeline": name,
+        "engine_version": trace["engine_version"],
         "trace_id": trace["trace_id"],
         "trace_log": str(log_path) if log_path is not None else None,
         "query": _query_echo(body.query, trace["query"]),

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine import __version__
 from engine.errors import SieveError
 from engine.server import load_pipelines, serve_in_subprocess
 from tests.conftest import FAILS_AT_RUN_TIME
@@ -101,6 +102,7 @@ def test_search_returns_ranked_documents_and_logs_the_trace(server):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["pipeline"] == "mini" and not body["degraded"]
+    assert body["engine_version"] == __version__  # fields come with versions: a client can tell which it talks to
     results = body["results"]
     assert [r["rank"] for r in results] == list(range(1, len(results) + 1)) and len(results) == 5
     assert all(r["document"]["text"] and "explanation" in r for r in results)
@@ -128,7 +130,9 @@ def test_a_routed_pipeline_says_which_stages_a_query_was_routed_past(server):
     assert question["bypassed"] == [] and len(question["results"]) == 5
     assert statement["bypassed"] == ["final"] and len(statement["results"]) == 20
     assert "bypassed" not in search(base, {"query": "vitamin D"}, "roomy").json()  # a config without a `when`
-    listed = {p["name"]: p for p in httpx.get(f"{base}/v1/pipelines", timeout=30).json()["pipelines"]}
+    described = httpx.get(f"{base}/v1/pipelines", timeout=30).json()
+    assert described["engine_version"] == __version__
+    listed = {p["name"]: p for p in described["pipelines"]}
     final = next(s for s in listed["routed"]["stages"] if s["id"] == "final")
     assert final["when"].startswith("query.text regex")
     # what `sieve validate` warns of is listed (and was logged at start), not only what warm-up found
