@@ -20,7 +20,7 @@ from engine.errors import ConfigError, ConfigIssue
 from engine.paths import nearest_existing_parent
 from engine.registry import UnknownStageType, resolve_stage
 from engine.stage import GraphView, Port, Stage, StageNode
-from engine.yamlsource import LoadedYaml, PathKey, SourceMap, load_yaml_file
+from engine.yamlsource import LoadedYaml, PathKey, SourceMap, load_yaml_file, path_problem
 from rules.conditions import Node
 
 
@@ -102,13 +102,17 @@ def resolve_extends(loaded: LoadedYaml, base_dir: Path, *, _chain: tuple[Path, .
         got = "nothing" if name is None else f"a {_YAML_KIND.get(type(name), type(name).__name__)}"
         raise refuse(f"extends names the base config this one is written over, a file in this config's directory "
                      f"(extends: base.yaml), got {got}")
-    if "\x00" in name:
-        raise refuse("the path contains a NUL character")
+    problem = path_problem(name)
+    if problem is not None:
+        raise refuse(problem)
     directory = base_dir.resolve()
     try:
         target = (directory / name).resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
         raise refuse(f"cannot resolve '{name}': {exc}") from None
+    problem = path_problem(str(target))  # this config's directory and the name together
+    if problem is not None:
+        raise refuse(problem)
     if target.parent != directory:
         raise refuse(f"the base config '{name}' is in {target.parent}, not in this config's directory ({directory}): "
                      "a base must lie beside the configs that extend it, so that every relative path in either file "
@@ -568,12 +572,16 @@ def _variable_issues(value: Any, path: tuple[str | int, ...], stage_id: str, sou
 
 def _log_path_problem(log: str) -> str | None:
     """Why the trace log could not be a file at ``log`` (relative to the working directory), if it could not."""
-    if "\x00" in log:
-        return "the path contains a NUL character"
+    problem = path_problem(log)
+    if problem is not None:
+        return problem
     path = Path(log).expanduser()
-    if path.is_dir():
-        return f"'{log}' is a directory; name the log file (e.g. {(path / 'trace.jsonl').as_posix()})"
-    parent = nearest_existing_parent(path)
+    try:
+        if path.is_dir():
+            return f"'{log}' is a directory; name the log file (e.g. {(path / 'trace.jsonl').as_posix()})"
+        parent = nearest_existing_parent(path)
+    except OSError as exc:  # '~' expanded to a path too long, a directory that cannot be searched
+        return f"cannot check where the log would go: {exc.strerror or exc}"
     if parent is not None and not parent.is_dir():
         return f"'{parent}' is a file, so the log cannot be created under it"
     return None

@@ -19,13 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import MissingDependencyError, QueryError, SieveError
-from engine.strictness import a_json_kind
+from engine.strictness import a_json_kind, refused_keys, strict_object
+from engine.yamlsource import NotJson, printable, refuse_json_constant, unicode_problem
 
 DEFAULT_MEASURES = ("ndcg_cut.10", "recall.100", "map", "recip_rank")
 
 
 #: A split names a qrels file: a plain name, never a path (``--split ../qrels/test`` is refused).
 SPLIT_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+#: A relevance grade as trec_eval reads one: ASCII digits (Python's int() would also read '1_0' as 10 and the Arabic-
+#: Indic or full-width digits '١', '１' as 1), within a C int (pytrec_eval stores it in one: 2^31 wraps around
+#: silently, 10^20 fails inside the evaluator after every query has run).
+_GRADE = re.compile(r"[-+]?0*[0-9]{1,10}")  # a C int has at most 10 digits (and int() reads at most 4,300)
+GRADE_MIN, GRADE_MAX = -(2**31), 2**31 - 1
 
 #: The two qrels layouts read (named in ``sieve eval``/``compare`` output and their JSON).
 BEIR_QRELS = "BEIR (query-id, corpus-id, score)"
@@ -96,10 +103,10 @@ def _read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], str]:
             qid, doc_id, grade = (row[0], row[1], row[2]) if len(row) == 3 else (row[0], row[2], row[3])
             if not qid or not doc_id:
                 raise SieveError(f"{path}:{number}: empty {'query id' if not qid else 'document id'}")
-            try:
-                value = int(grade)
-            except ValueError:
-                raise SieveError(f"{path}:{number}: score must be an integer, got {grade!r}") from None
+            if not _GRADE.fullmatch(grade) or not GRADE_MIN <= int(grade) <= GRADE_MAX:
+                raise SieveError(f"{path}:{number}: score must be an integer written in ASCII digits within "
+                                 f"{GRADE_MIN}..{GRADE_MAX} (trec_eval's range), got {grade!r}")
+            value = int(grade)
             seen = first_line.setdefault((qid, doc_id), number)
             if seen != number:
                 raise SieveError(f"{path}:{number}: query {qid!r} judges document {doc_id!r} a second time (first at "
@@ -122,13 +129,23 @@ def _read_queries(path: Path, judged: dict[str, dict[str, int]]) -> dict[str, st
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
+            try:  # a key given twice is marked, not kept silently (its last value); NaN and Infinity are not JSON
+                record = json.loads(line, object_pairs_hook=strict_object, parse_constant=refuse_json_constant)
             except json.JSONDecodeError:
                 record = None
+            except NotJson as exc:
+                raise SieveError(f"{path}:{number}: not JSON ({exc})") from None
+            flawed = refused_keys(record)
+            if flawed:  # as sieve batch says it
+                key, flaw = flawed[0]
+                raise SieveError(f"{path}:{number}: key {'.'.join(key)!r} given twice" if flaw == "duplicated" else
+                                 f"{path}:{number}: key '{printable('.'.join(key))}' is not valid Unicode text (it "
+                                 "holds a lone surrogate)")
             if not isinstance(record, dict) or "_id" not in record or "text" not in record:
                 raise SieveError(f"{path}:{number}: expected a JSON object with _id and text")
             raw_id, text = record["_id"], record["text"]
+            if isinstance(raw_id, str) and unicode_problem(raw_id) is not None:
+                raise SieveError(f"{path}:{number}: _id: {unicode_problem(raw_id)}")
             if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
                 raise SieveError(f"{path}:{number}: _id must be a non-empty string or an integer, got "
                                  f"{a_json_kind(raw_id) if not isinstance(raw_id, str) else repr(raw_id)}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelLoadError
+from engine.yamlsource import path_problem, printable
 
 # Packaged stand-ins: hub id -> (importable module, how to find the model directory in it).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
@@ -155,6 +156,9 @@ def missing_model_path(name: str, base_dir: Path | None) -> str | None:
     directory (where :func:`resolve_model` looks); None for a hub id, a packaged name or a path that exists."""
     if not name.startswith((".", "/", "~")) and name.count("/") <= 1:
         return None
+    problem = path_problem(name)
+    if problem is not None:
+        return f"model directory {printable(name)}: {problem}"
     candidate = Path(name).expanduser()
     places = [candidate] if candidate.is_absolute() else [*([base_dir / candidate] if base_dir else []), candidate]
     if any(place.exists() for place in places):
@@ -168,6 +172,9 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
     """Resolve a config's model name to files: packaged copy, local path, or hub id."""
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"{purpose}: an empty model name was given")
+    problem = path_problem(name)  # a hub id is a path in the hub's cache, too
+    if problem is not None:
+        raise ModelLoadError(f"{purpose}: model {printable(name)}: {problem}")
     candidate = Path(name).expanduser()
     if not candidate.is_absolute() and base_dir is not None and (name.startswith(".") or os.sep in name):
         relative = (base_dir / candidate).resolve()
@@ -212,6 +219,9 @@ def resolve_spacy(name: str, base_dir: Path | None = None) -> str:
     """The spaCy package (or pipeline directory) to load for a name users know (``en_core_web_sm``) or a path
     (relative to ``base_dir``, the config's directory, when it is not absolute)."""
     if name.startswith((".", "~")) or os.sep in name:  # a path, never a module name
+        problem = path_problem(name)
+        if problem is not None:
+            raise ModelLoadError(f"spaCy pipeline directory {printable(name)}: {problem}")
         path = Path(name).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path

@@ -7,12 +7,17 @@ an auditor must not be handed. :class:`NoCoercion` rejects them, located at the 
 
 - a number field (int, float) takes a number: not true/false, not text ("10");
 - an integer field does not take 2.0 written as a float (pydantic refuses 2.5 itself);
-- a true/false field takes true or false: not 1/0, not text ("yes", "off").
+- a true/false field takes true or false: not 1/0, not text ("yes", "off");
+- a literal (``version: Literal[1]``) takes a value of its own type: ``version: true`` and ``version: 1.0`` are
+  not 1 (a literal of numbers is checked as a number field, one of true/false as a true/false field);
+- a date field (datetime, date, or a union holding one) takes a date written as text: not a number, nor text
+  that is only a number (``20240101``, ``"1700000000"``), which pydantic would read as seconds since 1970, so
+  that ``on_or_after: 20240101`` became 1970-08-23 (a union that also takes text leaves text to its own check).
 
 Values pydantic refuses anyway ("many" for a number) keep pydantic's own message.
 
 The same holds inside lists, tuples and dict values of those types (``weights: {bm25: "1"}``).
-Everything else (strings, dates as text, paths, literals) validates as before.
+Everything else (strings, paths, literals of text) validates as before.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import re
 import types
 import typing
+from datetime import date, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationInfo, field_validator
@@ -39,11 +45,46 @@ def _numeric(text: str) -> bool:
 
 
 def _arms(annotation: Any) -> tuple[Any, ...]:
-    """The non-None alternatives of an Optional/Union annotation (the annotation itself otherwise)."""
+    """The non-None alternatives of an Optional/Union annotation (the annotation itself otherwise); a literal stands
+    for the types of its values (``Literal[1]`` for int, ``Literal[True]`` for bool, ``Literal["a", "b"]`` for str),
+    so that its values are taken as written like those of a field of that type."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a type with validators of its own (Annotated[str, AfterValidator(...)])
+        return _arms(typing.get_args(annotation)[0])
     if origin is typing.Union or origin is types.UnionType:
-        return tuple(a for a in typing.get_args(annotation) if a is not type(None))
+        arms: list[Any] = []
+        for arm in typing.get_args(annotation):
+            arms.extend(a for a in _arms(arm) if a is not type(None) and a not in arms)
+        return tuple(arms)
+    if origin is typing.Literal:
+        return tuple(dict.fromkeys(type(value) for value in typing.get_args(annotation)))
     return (annotation,)
+
+
+_DATES = (datetime, date)
+
+
+def _date_problem(value: Any, takes_text: bool) -> str | None:
+    """Why ``value`` is no date as written for a date field (None: it is one, or is not ours to judge). ``takes_text``:
+    the field also takes text of its own (a relative date), which it checks itself."""
+    if isinstance(value, bool):
+        return None  # pydantic refuses true/false for a date itself
+    if isinstance(value, (int, float)):
+        written = repr(value)
+    elif isinstance(value, str) and not takes_text and _numeric(value):
+        written = value.strip()
+    else:
+        return None
+    digits = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", written)
+    if digits is not None:
+        try:
+            as_iso = date(*map(int, digits.groups())).isoformat()
+        except ValueError:
+            as_iso = None
+        if as_iso is not None:
+            return f"a date is written as text: {as_iso} (a number would be read as seconds since 1970)"
+    return ("a date is written as text, e.g. 2025-06-30 or 2025-06-30T12:00:00Z, not a number (a number would be "
+            "read as seconds since 1970)")  # the message's "(got ...)" shows the number as written
 
 
 def coercion_problem(value: Any, annotation: Any) -> str | None:
@@ -51,6 +92,8 @@ def coercion_problem(value: Any, annotation: Any) -> str | None:
     arms = _arms(annotation)
     if value is None:
         return None
+    if any(a in _DATES for a in arms) and not any(a in _NUMBER for a in arms):
+        return _date_problem(value, takes_text=str in arms)
     if len(arms) != 1:
         scalar = [a for a in arms if a in (int, float, bool)]
         if scalar and len(scalar) == len(arms):  # e.g. int | float

@@ -1,17 +1,21 @@
-"""Safe YAML loading that remembers where every value came from.
+"""Safe YAML loading that remembers where every value came from; the checks of text and paths every file an analyst
+writes shares (configs, rule files, glossaries, gazetteers, settings; the JSONL files of queries).
 
 Only plain data is constructed (``yaml.SafeLoader``'s scalars, mappings and sequences): YAML can
 never name a Python object. The loader guards against hostile or accidental input — oversized
-files, very deep nesting, alias ("billion laughs") expansion, duplicate keys — and reports each
-problem as a located :class:`~engine.errors.ConfigIssue`.
+files, very deep nesting, alias ("billion laughs") expansion, duplicate keys, a key or value that is not
+Unicode text (the escape ``"\ud800"`` makes a lone surrogate, which no file, trace log or sha256 can hold) — and
+reports each problem as a located :class:`~engine.errors.ConfigIssue`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import yaml
 
 from engine.errors import ConfigError, ConfigIssue, Location
+from engine.strictness import LONE_SURROGATE
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64
@@ -26,6 +31,102 @@ MAX_NODES = 200_000
 
 PathKey = tuple[str | int, ...]
 _PLAIN_COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
+
+
+# ---------------------------------------------------------------------------- text and paths in analysts' files
+
+NAME_MAX = 255  # bytes in one file or directory name: the limit of Linux's file systems (ext4, xfs, btrfs, tmpfs)
+PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux's PATH_MAX)
+# control characters (Unicode category Cc) but tab and line breaks: no query can hold one (engine.model refuses them)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` as a message can show it: a NUL, another control character, an invisible format character or a lone
+    surrogate becomes its escape (``\\x00``, ``\\u200b``, ``\\ud800``); every other character is kept as written."""
+    return "".join(char if char.isprintable() or char == " " else ascii(char)[1:-1] for char in text)
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not Unicode text, or None: a lone surrogate (what the YAML escape ``"\\ud800"`` or the JSON
+    ``"\\ud800"`` makes), which no UTF-8 file, trace log or sha256 can hold."""
+    found = LONE_SURROGATE.search(text)
+    if found is None:
+        return None
+    return f"not valid Unicode text (a lone surrogate U+{ord(found.group()):04X} at character {found.start() + 1})"
+
+
+class NotJson(ValueError):
+    """A literal Python's ``json`` reads but JSON has not: ``NaN``, ``Infinity``, ``-Infinity``."""
+
+
+def refuse_json_constant(literal: str) -> Any:
+    """``json.loads``'s ``parse_constant`` for a file analysts write (queries): NaN and infinity are not JSON, and no
+    value of a query line means one."""
+    raise NotJson(f"{literal} is not a JSON value")
+
+
+def unreadable_strings(document: Any) -> list[tuple[tuple[str, ...], str]]:
+    """Each string value of parsed data (JSON's, YAML's) that is not Unicode text (:func:`unicode_problem`), in
+    document order: (its path from the root, the problem). A JSON object's keys are
+    :func:`engine.strictness.refused_keys`'s to judge."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            problem = unicode_problem(value)
+            if problem is not None:
+                found.append((path, problem))
+        elif isinstance(value, dict):
+            stack.extend((item, (*path, printable(str(key)))) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
+    return found
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` (a file name as an analyst wrote it, or as joined to a directory) can name no file, or None:
+    a NUL character, a lone surrogate, a name or a whole path longer than the file system allows. The one check of
+    every path a config, a settings file or a rule test names, made before the path reaches the operating system
+    (which raises ValueError, UnicodeEncodeError or ENAMETOOLONG, not a message). A name read from the command line
+    with bytes that are not UTF-8 (Python's surrogate escapes, ``\\udcff``) is a name the system can open: kept."""
+    if "\x00" in path:
+        return "the path contains a NUL character"
+    try:
+        encoded = os.fsencode(path)
+    except UnicodeEncodeError as exc:  # the first character that is no byte of a name (not a surrogate escape)
+        return (f"the path is not valid Unicode text (a lone surrogate U+{ord(path[exc.start]):04X} at character "
+                f"{exc.start + 1})")
+    for name in encoded.split(b"/"):
+        if len(name) > NAME_MAX:
+            shown = printable(name[:40].decode("utf-8", "replace"))
+            return (f"a name in the path is longer than the file system allows ({len(name)} bytes, at most {NAME_MAX}: "
+                    f"'{shown}...')")
+    if len(encoded) >= PATH_MAX:
+        return f"the path is longer than the file system allows ({len(encoded)} bytes, at most {PATH_MAX - 1})"
+    return None
+
+
+def check_path(path: str | Path) -> None:
+    """:func:`path_problem` as a ConfigError located at the path itself (shown with its odd characters escaped): for
+    a loader handed a path, whose caller quotes the issue at the config field that named it."""
+    problem = path_problem(str(path))
+    if problem is not None:
+        raise ConfigError([ConfigIssue(Location(printable(str(path))), "", problem)])
+
+
+def unmatchable_problem(text: str) -> str | None:
+    """Why a name, term or id (matched against a query or a document, or naming a query) can never be matched or
+    seen, or None: a control character (a NUL; no query can hold one: engine.model refuses them), or nothing visible
+    (only whitespace and invisible format characters such as the zero-width space U+200B, which ``.strip()`` keeps)."""
+    found = _CONTROL.search(text)
+    if found is not None:
+        return f"contains a control character (U+{ord(found.group()):04X} at character {found.start() + 1})"
+    if not any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text):
+        invisible = sorted({f"U+{ord(char):04X}" for char in text if not char.isspace()})
+        return "has no visible character" + (f" (only the invisible {', '.join(invisible)})" if invisible else "")
+    return None
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -219,7 +320,14 @@ class _Builder:
         mark = at or node.start_mark
         self.source.values[path] = (mark.line + 1, mark.column + 1)
         if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node, path, mark)
+            value = self._scalar(node, path, mark)
+            problem = unicode_problem(value) if isinstance(value, str) else None
+            if problem is not None:  # no file, log or hash could hold it: not made, like a value a tag cannot make
+                dotted = ".".join(str(p) for p in path)
+                self.issues.append(_issue(self.source.file, mark, problem, dotted))
+                self.unmade.add(dotted)
+                return None
+            return value
         if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and node.tag not in _PLAIN_COLLECTION_TAGS:
             dotted = ".".join(str(p) for p in path)
             self.issues.append(_issue(self.source.file, node.start_mark, f"not valid YAML here: unsupported tag "
@@ -252,6 +360,11 @@ class _Builder:
                     continue
                 if not isinstance(key, (str, int, float, bool)):
                     key = str(key)
+                problem = unicode_problem(key) if isinstance(key, str) else None
+                if problem is not None:  # left out: a key no message, file or hash could hold
+                    self.issues.append(_issue(self.source.file, at or key_node.start_mark,
+                                              f"the key '{printable(key)}' is {problem}", ".".join(map(str, path))))
+                    continue
                 dotted = ".".join(str(p) for p in path + (key,))
                 if key in result:
                     self.issues.append(
@@ -313,9 +426,11 @@ def load_yaml_text(text: str, file: str, *, collect: bool = False) -> LoadedYaml
 
 
 def load_yaml_file(path: str | Path, *, collect: bool = False) -> LoadedYaml:
-    """Read and parse a YAML file; unreadable or non-UTF-8 files are reported as ConfigError."""
+    """Read and parse a YAML file; unreadable or non-UTF-8 files, and a path that can name no file
+    (:func:`path_problem`), are reported as ConfigError."""
     path = Path(path)
     name = str(path)
+    check_path(name)
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):

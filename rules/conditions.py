@@ -40,7 +40,11 @@ On a list it is whole-element equality (``doc.tags contains x``: an element equa
 ``eq``, ``in`` and the ``contains`` family compare values of one JSON type: a document's string
 is never equal to the rule's number or true/false, nor its number to true/false (``"40"`` is not
 ``40``, ``"true"`` is not ``true``), and no value is coerced. Whole values whatever the shape:
-``in`` (and ``eq``) on a list field match an element, and on a string the whole string.
+``in`` (and ``eq``) on a list field match an element, and on a string the whole string. A
+query-side field (``query.*``, ``user.id``, ``user.roles``/``groups``/``jurisdictions``,
+``user.attributes.<name>``) always holds text, so such a test of one with a number or true/false
+(``user.attributes.level eq 1``) could never decide anything: it is refused at load, as is a value
+that is not a finite number (``.nan``, ``.inf``) in any test.
 
 A document value a comparison cannot judge -- an ordered comparison (``lt``..``after``) on a
 value that is not a date (or not a number), a nested path (``doc.access.groups``) that runs
@@ -200,6 +204,10 @@ class Condition(NoCoercion):
         op = info.data.get("op")
         if value is None or op is None:
             return value
+        not_finite = [v for v in (value if isinstance(value, list) else [value])
+                      if isinstance(v, float) and not math.isfinite(v)]
+        if not_finite and op not in ("exists", "regex"):  # those two say what they take themselves
+            raise _err(f"a value must be a finite number, not {_show(not_finite[0])}", shows_input=True)
         if op in LIST_OPS:
             if not isinstance(value, list) or not value:
                 raise _err(f"'{op}' needs a non-empty list of values")
@@ -718,6 +726,8 @@ def _show(value: Any) -> str:
         return value.date().isoformat() if value.hour == value.minute == value.second == 0 else value.isoformat()
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
     return str(value)
 
 
@@ -1211,7 +1221,48 @@ def compile_condition(spec: Condition, scope: Scope, path: tuple[str | int, ...]
     _check_field(spec.field, scope, path + ("field",))
     if spec.value_from is not None:
         _check_field(spec.value_from, "query", path + ("value_from",))
+    _check_text_operand(spec, path)
     return Leaf(spec)
+
+
+def _always_text(field: str) -> str | None:
+    """Why a query-side field can only ever hold text (or a list of texts), as a message says it; None for a field
+    that may hold another type (a document's, a score, ``as_of``, the whole ``user.attributes`` mapping)."""
+    root, _, rest = field.partition(".")
+    head = rest.split(".")[0]
+    if root == "query":
+        return "the query's text, rewrite, language, history, entities and entity labels are strings"
+    if root == "user" and head == "attributes" and "." in rest:
+        return "user attributes are strings"
+    if root == "user" and head in ("id", "roles", "groups", "jurisdictions"):
+        return "a user's id, roles, groups and jurisdictions are strings"
+    return None
+
+
+def _check_text_operand(spec: Condition, path: tuple[str | int, ...]) -> None:
+    """An ``eq``/``in``/``contains`` test (or its negation) of a query-side field, which always holds text, with a
+    number or true/false could never decide anything, since no value is coerced (``user.attributes.level eq 1`` is
+    never true for the attribute "1"): refused, naming the field and the value to quote."""
+    assert spec.field is not None and spec.op is not None
+    if NEGATED.get(spec.op, spec.op) not in TYPED_OPS or spec.value_from is not None:
+        return
+    why = _always_text(spec.field)
+    if why is None:
+        return
+    values = spec.value if isinstance(spec.value, list) else [spec.value]
+    for index, value in enumerate(values):
+        kind = kind_of(value)
+        if kind is None or kind == "a string":
+            continue
+        shown = _show(value)
+        written = f"the number {shown}" if kind == "a number" else shown
+        outcome = "always" if spec.op in NEGATED else "never"
+        at = path + (("value", index) if isinstance(spec.value, list) else ("value",))
+        raise CompileError(
+            f"{spec.field} is always text ({why}), never {written}: this condition would {outcome} hold, as no value "
+            f"is coerced; write the value quoted: '{shown}'",
+            at,
+        )
 
 
 def _check_field(field: str, scope: Scope, path: tuple[str | int, ...]) -> None:

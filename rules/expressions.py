@@ -1,7 +1,7 @@
 """Sandboxed Jinja2 expressions for rule conditions (``expr: "..."``).
 
 Expressions are parsed and checked once, when a rule file is loaded, and evaluated many times.
-Three layers keep them harmless:
+Four layers keep them harmless:
 
 1. Static checks on the parsed expression: only the names the rule's scope offers (``query``,
    ``user``, ``doc``...) may be used, and no attribute or item whose name starts with ``_`` may
@@ -18,6 +18,11 @@ Three layers keep them harmless:
    :data:`MAX_POWER_EXPONENT` or an integer result of more than :data:`MAX_POWER_BITS` bits.
    Nothing is computed when an expression is compiled (Jinja's constant folding is off), so a
    refusal is always an evaluation error, at warm-up or on a query, never a hang at load time.
+4. A depth guard, checked before Jinja parses: Jinja's parser and compiler, and Python's own
+   compiler, recurse once per level of nesting, so an expression may nest at most
+   :data:`MAX_EXPRESSION_DEPTH` levels (each bracket, each ``not`` or sign, and each operator of a
+   chain such as ``a or b or c`` or ``1 + 1 + 1``: Jinja nests a chain); a deeper one is a load-time
+   error of its rule, never a crash.
 
 Values handed to an expression are plain data (dicts, lists, strings, numbers, datetimes), never
 engine objects. Attribute syntax on a mapping reads its key first (``doc.items`` is the metadata
@@ -46,6 +51,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatt
 from markupsafe import Markup
 
 MAX_EXPRESSION_CHARS = 2000
+# Deepest nesting an expression may have (see the module's docstring). Jinja's parser takes about 14.5 Python frames
+# per bracket, so 40 brackets take under 600 of Python's default recursion limit of 1000, leaving the rest to whatever
+# compiles the expression (the CLI, a test runner, a server); and 40 levels of operators stay well inside Python's
+# limit of 200 nested parentheses in the code Jinja generates (at most two per level).
+MAX_EXPRESSION_DEPTH = 40
 # Largest string or list an operator, filter or method may build. A list counts its items plus the
 # items and characters of the lists, mappings and strings in it, so `['x' * 1000] * 1000` is
 # 1,001,000 and refused: a list of references to one big string would turn huge when joined.
@@ -607,6 +617,67 @@ class CompiledExpression:
         return bool(self.evaluate(variables))
 
 
+_OPEN_BRACKETS = frozenset({"lparen", "lbracket", "lbrace"})
+_CLOSE_BRACKETS = frozenset({"rparen", "rbracket", "rbrace"})
+_OPERAND_ENDS = frozenset({"name", "string", "integer", "float"}) | _CLOSE_BRACKETS
+_KEYWORDS = frozenset({"and", "or", "not", "in", "is", "if", "else"})
+_LOOSEST = frozenset({"and", "or", "if", "else"})  # what ends the operand of a `not`
+
+
+def _too_deep(found: int | None = None) -> ExpressionError:
+    levels = f"{found} levels; " if found is not None else ""
+    return ExpressionError(
+        f"the expression is nested too deeply ({levels}{MAX_EXPRESSION_DEPTH} at most: each bracket, each 'not' or "
+        "sign, and each operator of a chain such as a or b or c counts as a level); split it into several conditions "
+        "(all/any), or compare with a list (op: in, contains_any)"
+    )
+
+
+def _token_nesting(env: RuleEnvironment, source: str) -> int:
+    """How deeply ``source`` nests brackets and prefix operators (``not``, a sign), from its tokens, without parsing
+    it: Jinja's parser recurses once per such level (and per bracket, through every precedence level), so this is
+    measured first. A prefix operator's level ends with its operand: a ``not`` at ``and``/``or``/``if``/``else``, a
+    comma, a colon or a closing bracket; a sign at any binary operator too."""
+    stack: list[str] = []  # "bracket", "not" or "sign"
+    deepest = 0
+    previous: Any = None
+    for token in env.lexer.tokenize(source, state="variable"):
+        kind, value = token.type, token.value
+        if kind in _OPEN_BRACKETS:
+            stack.append("bracket")
+        elif kind in _CLOSE_BRACKETS:
+            while stack and stack[-1] != "bracket":
+                stack.pop()
+            if stack:
+                stack.pop()
+        else:
+            after_operand = previous is not None and (
+                previous.type in _OPERAND_ENDS and not (previous.type == "name" and previous.value in _KEYWORDS))
+            if kind == "name" and value == "not" and not after_operand:
+                stack.append("not")
+            elif kind in ("sub", "add") and not after_operand:
+                stack.append("sign")
+            elif kind in ("comma", "colon") or (kind == "name" and value in _LOOSEST):
+                while stack and stack[-1] != "bracket":
+                    stack.pop()
+            elif kind != "name" or value in _KEYWORDS:  # a binary operator: a sign's operand ended
+                while stack and stack[-1] == "sign":
+                    stack.pop()
+        deepest = max(deepest, len(stack))
+        previous = token
+    return deepest
+
+
+def _tree_depth(tree: nodes.Node) -> int:
+    """Depth of a parsed expression (iteratively: it is measured to keep recursion over it bounded)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+    return deepest
+
+
 def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) -> CompiledExpression:
     """Parse, check and compile ``source``; raise :class:`ExpressionError` with a plain message."""
     if not isinstance(source, str) or not source.strip():
@@ -615,12 +686,20 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
         raise ExpressionError(f"the expression is longer than {MAX_EXPRESSION_CHARS} characters")
     env = environment()
     try:
+        nesting = _token_nesting(env, source)
+        if nesting > MAX_EXPRESSION_DEPTH:
+            raise _too_deep(nesting)
         parser = Parser(env, source, state="variable")
         tree = parser.parse_expression()
         if not parser.stream.eos:
             raise TemplateSyntaxError("unexpected text after the expression", parser.stream.current.lineno)
     except TemplateSyntaxError as exc:
         raise ExpressionError(f"syntax error: {exc.message}") from None
+    except (RecursionError, MemoryError):  # pragma: no cover - a backstop: the nesting was measured first
+        raise _too_deep() from None
+    depth = _tree_depth(tree)
+    if depth > MAX_EXPRESSION_DEPTH:
+        raise _too_deep(depth)
     every_node = [tree, *tree.find_all(nodes.Node)]  # find_all skips the root itself
     names = {node.name for node in every_node if isinstance(node, nodes.Name)}
     unknown = sorted(names - set(allowed_names) - set(env.globals))
@@ -644,4 +723,6 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
         compiled = env.compile_expression(source, undefined_to_none=False)
     except TemplateSyntaxError as exc:  # pragma: no cover - parse above already caught these
         raise ExpressionError(f"syntax error: {exc.message}") from None
+    except (RecursionError, MemoryError, SyntaxError):  # pragma: no cover - a backstop: the depth was measured first
+        raise _too_deep() from None
     return CompiledExpression(source, frozenset(names), compiled, {k: frozenset(v) for k, v in members.items()})

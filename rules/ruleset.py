@@ -512,6 +512,17 @@ def _compile_rule(
     named = f"rule '{rule_id}': " if rule_id else ""
     actions = PREFILTER_ACTIONS if kind == "prefilter" else OVERRIDE_ACTIONS
     action = raw.get("action")
+    if action is not None and not isinstance(action, str):  # a list or mapping cannot even be looked up
+        from rules.conditions import brief, shape_of
+
+        single = action[0] if isinstance(action, list) and len(action) == 1 else None
+        written = single if isinstance(single, str) and single in actions else None
+        hint = f" (write action: {written}, without brackets)" if written is not None else ""
+        issues.append(ConfigIssue(
+            source.locate(prefix + ("action",)), f"{dotted}.action",
+            f"{named}action must be one of the {kind} actions, a single name: {', '.join(actions)}; got "
+            f"{shape_of(action)}, {brief(action)}{hint}"))
+        return None
     if action not in actions:
         hint = get_close_matches(str(action), list(actions), n=1) if action is not None else []
         did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""

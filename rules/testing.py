@@ -37,6 +37,7 @@ rules on ``query.entities`` read as production does.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -48,7 +49,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.config import issues_from_validation
 from engine.errors import ConfigError, ConfigIssue, Location
-from engine.yamlsource import SourceMap, load_yaml_file
+from engine.yamlsource import SourceMap, load_yaml_file, path_problem
 from engine.strictness import NoCoercion
 from rules.expressions import parse_date
 
@@ -198,7 +199,12 @@ def load_test_file(path: Path) -> tuple[RuleTestFile, SourceMap]:
         spec = RuleTestFile.model_validate(loaded.data)
     except ValidationError as exc:
         raise ConfigError(issues_from_validation(exc, loaded.source, (), RuleTestFile)) from None
-    issues = []
+    issues = _index_settings_issues(spec, loaded.source)
+    for key in ("pipeline", "corpus", "gazetteer", "index"):  # paths no file system can open: said here, located
+        written = getattr(spec, key)
+        problem = path_problem(written) if written is not None else None
+        if problem is not None:
+            issues.append(ConfigIssue(loaded.source.locate((key,)), key, problem))
     for number, case in enumerate(spec.cases):
         if case.as_of is None and spec.as_of is None:
             issues.append(ConfigIssue(loaded.source.locate(("cases", number)), f"cases.{number}.as_of",
@@ -206,6 +212,50 @@ def load_test_file(path: Path) -> tuple[RuleTestFile, SourceMap]:
     if issues:
         raise ConfigError(issues)
     return spec, loaded.source
+
+
+def _index_settings_issues(spec: RuleTestFile, source: SourceMap) -> list[ConfigIssue]:
+    """``index_settings`` checked as ``sieve index --settings`` checks its file (engine.index's settings models), each
+    problem located in this file (``index_settings.bm25.k1``), before anything is built. The gazetteer is the file's own
+    ``gazetteer:`` (opened when the index is built); one given in the settings too would be replaced, so it is
+    refused."""
+    from engine.index import check_index_settings
+
+    if spec.index_settings is None:
+        return []
+    at = ("index_settings",)
+    issues: list[ConfigIssue] = []
+    components: dict[str, Any] = {"bm25": spec.index_settings.get("bm25") or {}}
+    if "entities" in spec.index_settings:
+        entities = dict(spec.index_settings["entities"])
+        if "gazetteer" in entities:
+            issues.append(ConfigIssue(
+                source.locate(at + ("entities", "gazetteer"), prefer_key=True), "index_settings.entities.gazetteer",
+                "the gazetteer of the index built for the run is the file's own 'gazetteer:' (this one would be "
+                "replaced by it): remove it here"))
+        entities["gazetteer"] = spec.gazetteer  # checked, not opened: the file is read when the index is built
+        components["entities"] = entities
+    try:
+        check_index_settings(components, _under(source, at), files=False)
+    except ConfigError as exc:
+        issues.extend(dataclasses.replace(issue, path=".".join(("index_settings", issue.path)) if issue.path
+                                          else "index_settings") for issue in exc.issues)
+    return issues
+
+
+def _under(source: SourceMap, at: tuple[str | int, ...]) -> SourceMap:
+    """The part of ``source`` at and under ``at``, its paths relative to ``at`` (for a check of the value there that
+    locates its problems by its own paths)."""
+    inner = SourceMap(source.file)
+    for table, files, inner_table, inner_files in (
+            (source.values, source.value_files, inner.values, inner.value_files),
+            (source.keys, source.key_files, inner.keys, inner.key_files)):
+        for path, place in table.items():
+            if path[:len(at)] == at:
+                inner_table[path[len(at):]] = place
+                if path in files:
+                    inner_files[path[len(at):]] = files[path]
+    return inner
 
 
 def run_test_file(path: Path, name_filter: str | None = None) -> FileResult:

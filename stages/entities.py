@@ -56,9 +56,9 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Annotated, Any, Iterator, Literal, Sequence, get_args
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue, MissingDependencyError, ModelLoadError, SieveIndexError, StageError
@@ -113,17 +113,48 @@ def entity_key(text: str) -> str:
 # --------------------------------------------------------------------------- gazetteer files
 
 
+def _matchable(what: str) -> AfterValidator:
+    """A name, context phrase or id that a text can hold: no control character, something visible (an empty one is
+    said by the entry's own checks); located at the item."""
+
+    def check(text: str) -> str:
+        from engine.yamlsource import unmatchable_problem
+
+        problem = unmatchable_problem(text) if text.strip() else None
+        if problem is not None:
+            raise ValueError(f"the {what} {problem}: it can never match")
+        return text
+
+    return AfterValidator(check)
+
+
+def _path_as_written(text: str) -> str:
+    """A file a setting names, if a path can name it (:func:`engine.yamlsource.path_problem`): said at the setting,
+    before anything opens it."""
+    from engine.yamlsource import path_problem
+
+    problem = path_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+_APath = Annotated[str, AfterValidator(_path_as_written)]
+
+
 class GazetteerEntry(NoCoercion):
     """One analyst entity: a label, a canonical id, and the names (or one-token regex) that mean it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     label: str = Field(pattern=LABEL_PATTERN, description="entity type, e.g. DRUG, TICKER, COMPANY, ICD10")
-    id: str | None = Field(None, min_length=1, description="canonical id; None: the first name (case-folded)")
-    names: tuple[str, ...] = Field((), description="surface forms, matched token by token")
+    id: Annotated[str, _matchable("id")] | None = Field(
+        None, min_length=1, description="canonical id; None: the first name (case-folded)")
+    names: tuple[Annotated[str, _matchable("name")], ...] = Field(
+        (), description="surface forms, matched token by token")
     regex: str | None = Field(None, min_length=1, description="a regular expression one token must match fully")
     case_sensitive: bool = Field(False, description="match names exactly as written (tickers); default: any case")
-    context: tuple[str, ...] = Field((), description=(
+    context: tuple[Annotated[str, _matchable("context phrase")], ...] = Field((), description=(
         "words or phrases of which one must also occur in the same text (any case, whole words; in Chinese text a "
         "Chinese phrase anywhere) for these names or regex matches to count: a ticker that is also a word (ALL, IT, "
         "NOW) counts only beside 'Allstate' or 'NYSE'; a name several entries give counts when one of them has no "
@@ -790,8 +821,10 @@ def load_extractor(
 
 
 class EntitiesIndexSettings(ComponentSettings):
-    model: str = Field(DEFAULT_SPACY_MODEL, description="spaCy pipeline, as users know it (en_core_web_sm) or a path")
-    gazetteer: str | None = Field(None, description="gazetteer YAML (relative to the working directory); None: NER only")
+    model: _APath = Field(
+        DEFAULT_SPACY_MODEL, description="spaCy pipeline, as users know it (en_core_web_sm) or a path")
+    gazetteer: _APath | None = Field(
+        None, description="gazetteer YAML (relative to the working directory); None: NER only")
     ner: bool = Field(True, description="run the model's NER; false: gazetteer matches only (fast)")
     fields: tuple[str, ...] = Field(("title", "text"), min_length=1, description="document fields read, joined")
     batch_size: int = Field(64, ge=1, le=10_000, description="texts per nlp.pipe batch")
@@ -1066,7 +1099,7 @@ def query_entity_source(index: Any, stage_id: str, component: str = "entities") 
 
 class EntityParams(StageParams):
     component: str = Field("entities", description="which entities component of the index to read")
-    gazetteer: str | None = Field(
+    gazetteer: _APath | None = Field(
         None, description="None: the gazetteer the index was built with; a file named here must be identical to it"
     )
     labels: tuple[str, ...] | None = Field(None, description="labels considered; None: every label but ignore_labels")

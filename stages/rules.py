@@ -92,6 +92,11 @@ class RulesParams(StageParams):
     @field_validator("rules")
     @classmethod
     def _yaml_file(cls, value: str) -> str:
+        from engine.yamlsource import path_problem
+
+        problem = path_problem(value)  # first: 'x\0.yaml' ends in .yaml, and a NUL is what is wrong with it
+        if problem is not None:
+            raise PydanticCustomError("rule_file", "{problem}", {"problem": problem})
         if not _RULE_FILE.match(value):
             raise PydanticCustomError(
                 "rule_file",

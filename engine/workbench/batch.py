@@ -37,6 +37,7 @@ from engine import __version__
 from engine.errors import QueryError, SieveError, StageError
 from engine.model import UserContext
 from engine.strictness import a_json_kind, refused_keys, strict_object
+from engine.yamlsource import NotJson, refuse_json_constant, unicode_problem, unmatchable_problem, unreadable_strings
 
 SIDECAR_SCHEMA = "sieve.batch/1"
 #: A line's keys: ours, then BEIR's (``_id`` for ``id``; ``metadata`` is ignored).
@@ -179,9 +180,12 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
     except UnicodeDecodeError as exc:
         return None, [f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"]
     try:
-        record = json.loads(text, object_pairs_hook=strict_object)  # a key given twice is marked, not kept silently
+        # a key given twice is marked, not kept silently; NaN and Infinity are not JSON
+        record = json.loads(text, object_pairs_hook=strict_object, parse_constant=refuse_json_constant)
     except json.JSONDecodeError as exc:
         return None, [f"not JSON ({exc.msg}, column {exc.colno})"]
+    except NotJson as exc:
+        return None, [f"not JSON ({exc})"]
     if not isinstance(record, dict):
         return None, [f"expected a JSON object with id and text, got {a_json_kind(record)}"]
     flawed = [f"key {'.'.join(path)!r} given twice" if flaw == "duplicated" else
@@ -191,6 +195,10 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
         return None, flawed
     problems = [f"unknown key '{key}'{_hint(key, QUERY_KEYS + BEIR_KEYS)}; known: {', '.join(QUERY_KEYS)} (and "
                 "BEIR's _id, metadata)" for key in record if key not in QUERY_KEYS and key not in BEIR_KEYS]
+    # a value no trace log can hold, wherever it is (a user's group as much as the text): said here, before any query
+    # runs, not by the trace log at the query that carries it; BEIR's metadata is not read
+    problems.extend(f"{'.'.join(path)}: {problem}" for path, problem in unreadable_strings(
+        {key: value for key, value in record.items() if key != "metadata"}))
     if "id" in record and "_id" in record:
         problems.append("give id or BEIR's _id, not both")
     raw_id = record.get("id", record.get("_id"))
@@ -201,6 +209,11 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
         problems.append(f"id must be a string or an integer, not {a_json_kind(raw_id)}")
     elif not str(raw_id).strip():
         problems.append("id is empty")
+    elif isinstance(raw_id, str) and unicode_problem(raw_id) is not None:
+        pass  # said above, with every value that is not Unicode text
+    elif isinstance(raw_id, str) and unmatchable_problem(raw_id) is not None:
+        # an id that is only a zero-width space passes .strip(), and one with a NUL reads as another id
+        problems.append(f"id {unmatchable_problem(raw_id)}: give an id one can read")
     else:
         query_id = str(raw_id)
     query_text = record.get("text")

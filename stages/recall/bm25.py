@@ -40,6 +40,14 @@ FORMULAS = {
 }
 
 
+# The largest k1: far above any tuned value (0.9 to 2; tuning grids stop near 4). Already at 1000 a term's weight is
+# close to linear in tf / norm for the term counts documents have (tf << k1 * norm), so a larger k1 would change little
+# but the scale; and every score stays far inside the float32 score matrix's range: atire, bm25l and bm25+ multiply by
+# k1 + 1, so a query term adds at most idf * (k1 + 1) < 30 * 1001 (k1 = 1e308 made every score inf; above 3.4e38, k1
+# itself is inf in float32).
+K1_MAX = 1000
+
+
 class BM25IndexSettings(ComponentSettings):
     """BM25 over the documents' terms (bm25s), which recall.bm25 searches."""
 
@@ -52,8 +60,8 @@ class BM25IndexSettings(ComponentSettings):
         "formula",
     )
     k1: float = Field(
-        1.5, ge=0, description="term-frequency saturation: 0 ignores how often a term occurs, higher values let "
-        "repeats count for longer (usually 0.9 to 2)",
+        1.5, ge=0, le=K1_MAX, description="term-frequency saturation: 0 ignores how often a term occurs, higher values "
+        f"let repeats count for longer (usually 0.9 to 2; at most {K1_MAX:g})",
     )
     b: float = Field(
         0.75, ge=0, le=1, description="document-length normalisation: 0 none, 1 full (a long document's term "

@@ -79,6 +79,16 @@ class CoreferenceParams(StageParams):
     )
     trace_candidates: int = Field(5, ge=0, le=100, description="antecedent candidates listed in the trace")
 
+    @field_validator("glossary", "user_dict")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        from engine.yamlsource import path_problem
+
+        problem = path_problem(value) if value is not None else None  # before the name's ending: 'g\0.yaml' has it
+        if problem is not None:
+            raise PydanticCustomError("path", "{problem}", {"problem": problem})
+        return value
+
     @field_validator("glossary")
     @classmethod
     def _yaml_file(cls, value: str | None) -> str | None:

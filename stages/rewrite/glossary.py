@@ -33,9 +33,9 @@ import threading
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.cache import LRUCache
@@ -61,17 +61,34 @@ def _err(message: str) -> PydanticCustomError:
     return PydanticCustomError("glossary", message)
 
 
+def _matchable(what: str, consequence: str) -> AfterValidator:
+    """A term that can be matched, a canonical that can stand in a query: no control character, something visible (an
+    empty one is said by the entry's own checks); located at the item."""
+
+    def check(text: str) -> str:
+        from engine.yamlsource import unmatchable_problem
+
+        problem = unmatchable_problem(text) if text.strip() else None
+        if problem is not None:
+            raise _err(f"the {what} {problem}: {consequence}")
+        return text
+
+    return AfterValidator(check)
+
+
 class GlossaryEntry(NoCoercion):
     """One group of equivalent terms and what to do when one of them occurs."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(max_length=100, description="names the entry in the trace", json_schema_extra={"pattern": ENTRY_ID_PATTERN})
-    terms: tuple[str, ...] = Field(description="the terms of the group, matched whole-word")
+    terms: tuple[Annotated[str, _matchable("term", "it can never match")], ...] = Field(
+        description="the terms of the group, matched whole-word")
     action: Literal["expand", "replace"] = Field(
         "expand", description="expand: append the group's other terms; replace: substitute `canonical`"
     )
-    canonical: str | None = Field(None, description="the term a `replace` entry substitutes")
+    canonical: Annotated[str, _matchable("canonical", "write the term the others are replaced by")] | None = Field(
+        None, description="the term a `replace` entry substitutes")
     case_sensitive: bool | None = Field(
         None, description="true: terms match only as written; false: in any case; unset: the file's `case_sensitive`"
     )
@@ -128,7 +145,7 @@ class GlossaryFile(NoCoercion):
         return entries
 
 
-class _Envelope(BaseModel):
+class _Envelope(NoCoercion):
     """A glossary file's top level, its entries not yet validated (each is validated on its own, so one
     bad entry does not hide the problems of the others)."""
 
@@ -387,6 +404,8 @@ def _raw_terms(raw: Any) -> list[tuple[int, str]]:
 
 
 def _optional_bool(value: Any) -> bool | None:
+    """The file's ``case_sensitive`` to check the entries' terms with while its problems are collected; anything but
+    true or false is reported by ``_Envelope`` (strict: ``"true"`` and ``1`` are errors, never ignored)."""
     return value if isinstance(value, bool) else None
 
 
@@ -428,7 +447,10 @@ def load_glossary(path: str | Path) -> Glossary:
     written, duplicate terms among every entry's text terms, whether or not the entry validated.
     A file already loaded with the same content (the compile-time check, then warm-up) is not parsed again.
     """
+    from engine.yamlsource import check_path
+
     path = Path(path)
+    check_path(path)  # a NUL, a lone surrogate or an over-long name: said, before the system is asked
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
@@ -458,8 +480,9 @@ def _load(path: Path) -> Glossary:
     file_case_sensitive = _optional_bool(data.get("case_sensitive"))
     raw_entries = data.get("entries") if isinstance(data.get("entries"), list) else []
     entries: list[tuple[int, GlossaryEntry]] = []
-    # a term's case-folded form -> (entry number, entry name, the term as written, matched only as written?)
-    seen_terms: dict[str, list[tuple[int, str, str, bool]]] = {}
+    # a term's case-folded form -> (entry number, entry name, the term as written, matched only as written?, its
+    # position in the entry's terms)
+    seen_terms: dict[str, list[tuple[int, str, str, bool, int]]] = {}
     seen_ids: dict[str, int] = {}
     for number, raw in enumerate(raw_entries):
         entry: GlossaryEntry | None = None
@@ -485,15 +508,24 @@ def _load(path: Path) -> Glossary:
             sensitive = term_case_sensitive(term, entry_setting, file_case_sensitive)
             # two terms clash when one could match what the other matches: same letters in another case
             # clash unless both match only as written ('MS' and 'Ms')
-            clash = next((seen for seen in seen_terms.get(_key(term), ())
-                          if seen[0] != number and not (sensitive and seen[3] and seen[2] != term)), None)
+            clashes = [seen for seen in seen_terms.get(_key(term), ())
+                       if not (sensitive and seen[3] and seen[2] != term)]
+            clash = next((seen for seen in clashes if seen[0] != number), None)
+            # within one entry, a term listed again matches nothing the first did not (and an `expand` entry of one
+            # term listed twice has nothing to add)
+            repeat = next((seen for seen in clashes if seen[0] == number), None)
+            where = source.locate(("entries", number, "terms", position)), f"entries.{number}.terms.{position}"
             if clash is not None:
-                issues.append(ConfigIssue(
-                    source.locate(("entries", number, "terms", position)), f"entries.{number}.terms.{position}",
-                    f"'{term}' is already a term of entry '{clash[1]}' (entries.{clash[0]}); a term may belong to one entry",
-                ))
+                issues.append(ConfigIssue(*where, f"'{term}' is already a term of entry '{clash[1]}' "
+                                          f"(entries.{clash[0]}); a term may belong to one entry"))
+            elif repeat is not None:
+                issues.append(ConfigIssue(*where, (
+                    f"'{term}' is listed twice in this entry (terms.{repeat[4]})" if repeat[2] == term else
+                    f"'{term}' differs from terms.{repeat[4]} '{repeat[2]}' only in case, and one of them matches in "
+                    "any case (a term does unless it is written in capitals or case_sensitive is true)")
+                    + "; list each term once"))
             else:
-                seen_terms.setdefault(_key(term), []).append((number, named, term, sensitive))
+                seen_terms.setdefault(_key(term), []).append((number, named, term, sensitive, position))
         if entry is not None:
             entries.append((number, entry))
     if issues:

@@ -87,7 +87,7 @@ def test_index_components_and_where_their_settings_go():
     section = component_section("bm25")
     assert "sieve index --with bm25 --settings FILE" in section.where
     rows = _rows_by_name(section.rows)
-    assert (rows["k1"].type, rows["k1"].default, rows["k1"].allowed) == ("number", "1.5", "at least 0")
+    assert (rows["k1"].type, rows["k1"].default, rows["k1"].allowed) == ("number", "1.5", "0 to 1000")
     assert (rows["b"].default, rows["b"].allowed) == ("0.75", "0 to 1")
     assert rows["method"].allowed == "lucene | robertson | atire | bm25l | bm25+"
     assert rows["tokenizer.language"].allowed == "en | zh"
