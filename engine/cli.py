@@ -809,8 +809,6 @@ def batch_command(
         if differences:
             raise SieveError(f"cannot resume {partial}: " + "; ".join(differences) + ". Resume it with what it "
                              "started with, or discard it with --overwrite")
-        for warning in batch.unchecked_in_sidecar(recorded, trace_log):
-            err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
     partial.parent.mkdir(parents=True, exist_ok=True)
     fd = batch.lock_partial(partial, fresh=recorded is None)

@@ -39,7 +39,10 @@ from engine.model import UserContext
 from engine.strictness import a_json_kind, refused_keys, strict_object
 from engine.yamlsource import NotJson, refuse_json_constant, unicode_problem, unmatchable_problem, unreadable_strings
 
-SIDECAR_SCHEMA = "sieve.batch/1"
+# /2: the trace log is one of the values a resumed batch must share (/1, up to Sieve 0.6.0, did not record it): an
+# engine that knows only /1 refuses a /2 sidecar rather than resuming it without that check
+SIDECAR_SCHEMA = "sieve.batch/2"
+EARLIER_SIDECAR_SCHEMAS = frozenset({"sieve.batch/1"})
 #: A line's keys: ours, then BEIR's (``_id`` for ``id``; ``metadata`` is ignored).
 QUERY_KEYS = ("id", "text", "history", "user", "as_of", "language")
 BEIR_KEYS = ("_id", "metadata")
@@ -360,9 +363,23 @@ def read_sidecar(out: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SieveError(f"the sidecar {meta} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
                          f"{discard}") from None
+    if isinstance(data, dict) and data.get("schema") in EARLIER_SIDECAR_SCHEMAS:
+        raise SieveError(f"{partial_path(out)} was begun by an earlier Sieve ({_began_by(data)}; its sidecar is "
+                         f"{data['schema']}): {ONE_ENGINE}")
     if not isinstance(data, dict) or data.get("schema") != SIDECAR_SCHEMA:
         raise SieveError(f"the sidecar {meta} is not a {SIDECAR_SCHEMA} file; {discard}")
     return data
+
+
+# A batch's lines come from one engine: another version may rank otherwise, and the finished file would then be
+# neither version's (and the sidecar that said so is removed when it is done)
+ONE_ENGINE = (f"a batch's lines come from one engine, so finish it with that version, or discard it with --overwrite "
+              f"and run it again with this one ({__version__})")
+
+
+def _began_by(recorded: dict[str, Any]) -> str:
+    version = recorded.get("engine_version")
+    return f"Sieve {version}" if isinstance(version, str) else "a Sieve that recorded no version"
 
 
 def _short(value: Any) -> str:
@@ -381,6 +398,7 @@ def sidecar_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[s
         return data
 
     checks = [
+        (("engine_version",), "the engine changed (a batch's lines come from one engine):"),
         (("config", "sha256"), "the config changed (as compiled, --set included): sha256"),
         (("index", "manifest_sha256"), "the index changed: manifest sha256"),
         (("queries", "sha256"), "the queries file changed: sha256"),
@@ -391,8 +409,6 @@ def sidecar_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[s
     ]
     differences = []
     for path, what in checks:
-        if path == ("trace_log",) and "trace_log" not in recorded:
-            continue  # a sidecar from before it was recorded: ``unchecked_in_sidecar`` says so
         then, current = get(recorded, *path), get(now, *path)
         if path == ("trace_log",):
             then, current = then or NO_LOG, current or NO_LOG
@@ -405,21 +421,6 @@ def sidecar_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[s
         if then != current:
             differences.append(f"{what} {_short(then)} when it started, {_short(current)} now")
     return differences
-
-
-def unchecked_in_sidecar(recorded: dict[str, Any], trace_log: Path | None) -> list[str]:
-    """Warnings for what a sidecar written before it was recorded cannot be checked against: its trace log. Such a
-    batch (interrupted under an earlier engine) still resumes, since refusing it would leave only --overwrite and
-    the work done lost; the warning says the check was not made (``check_logged`` still looks for the last line's
-    trace in the log this run appends to)."""
-    if "trace_log" in recorded:
-        return []
-    then = (f"the interrupted batch's sidecar does not record its trace log (written by engine "
-            f"{recorded.get('engine_version', 'unknown')})")
-    if trace_log is None:
-        return [f"{then}: this run logs nothing, and whether the lines already written were logged cannot be told"]
-    return [f"{then}: the last line written is looked for in {trace_log}, but whether every earlier line's trace "
-            "went there cannot be checked"]
 
 
 @dataclass

@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from engine import __version__
 from engine.errors import SieveError
 from engine.index import manifest_sha256_of
 from engine.model import UserContext
@@ -120,18 +121,36 @@ def test_resume_refuses_another_trace_log_or_none_and_resumes_with_the_same(cli,
     assert check_log(log).problems == []
 
 
-def test_a_sidecar_that_predates_the_trace_log_field_resumes_with_a_warning(cli, mini_config, tmp_path):
+def test_a_batch_another_engine_version_began_is_not_finished_by_this_one(cli, mini_config, tmp_path):
+    """From an upgrade audit: 0.7.0 resumed a batch 0.6.0 began and the finished file was neither version's run
+    (3 lines ranked by one, 7 by the other; the sidecar that said so removed at the end). A batch's lines come
+    from one engine: another version's sidecar is refused, naming the version, as a changed config is; and an
+    earlier engine's sidecar schema (sieve.batch/1, without the trace log) the same, however it was resumed."""
     config = mini_config()
     out = tmp_path / "r.jsonl"
-    _stopped_batch(tmp_path, config, out)  # its sidecar written without "trace_log", as by an earlier engine
-    meta = json.loads((tmp_path / "r.jsonl.partial.meta.json").read_text(encoding="utf-8"))
-    del meta["trace_log"]
-    (tmp_path / "r.jsonl.partial.meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    _stopped_batch(tmp_path, config, out)
+    meta_path = tmp_path / "r.jsonl.partial.meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    assert meta["schema"] == "sieve.batch/2"
+    meta_path.write_text(json.dumps({**meta, "engine_version": "0.6.9"}), encoding="utf-8")
+    other = cli("batch", config, BEIR_QUERIES, "--out", out, "--no-log", "--resume")
+    message = " ".join(str(other.exception).split())
+    assert isinstance(other.exception, SieveError), other.output
+    assert (f"the engine changed (a batch's lines come from one engine): 0.6.9 when it started, {__version__} now"
+            in message)
+    earlier = {key: value for key, value in meta.items() if key != "trace_log"}
+    meta_path.write_text(json.dumps({**earlier, "schema": "sieve.batch/1", "engine_version": "0.6.0"}),
+                         encoding="utf-8")
+    for options in (["--no-log"], []):
+        refused = cli("batch", config, BEIR_QUERIES, "--out", out, "--resume", *options)
+        message = " ".join(str(refused.exception).split())
+        assert isinstance(refused.exception, SieveError), refused.output
+        assert ("was begun by an earlier Sieve (Sieve 0.6.0; its sidecar is sieve.batch/1): a batch's lines come "
+                "from one engine, so finish it with that version, or discard it with --overwrite") in message
+    assert len(_lines(tmp_path / "r.jsonl.partial")) == 3 and not out.exists()  # nothing written, nothing lost
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")  # the version that began it finishes it
     done = cli("batch", config, BEIR_QUERIES, "--out", out, "--no-log", "--resume", "--json")
     assert done.exit_code == 0, (done.output, done.exception)
-    warning = " ".join(done.stderr.split())
-    assert "the interrupted batch's sidecar does not record its trace log" in warning
-    assert "this run logs nothing, and whether the lines already written were logged cannot be told" in warning
     assert json.loads(done.stdout)["resumed"] == 3
 
 
