@@ -39,8 +39,8 @@ from engine.model import UserContext
 from engine.strictness import a_json_kind, refused_keys, strict_object
 from engine.yamlsource import NotJson, refuse_json_constant, unicode_problem, unmatchable_problem, unreadable_strings
 
-# /2: the trace log is one of the values a resumed batch must share (/1, up to Sieve 0.6.0, did not record it): an
-# engine that knows only /1 refuses a /2 sidecar rather than resuming it without that check
+# /2 (Sieve 0.8.0): the trace log is one of the values a resumed batch must share (/1, up to 0.7.0, did not require
+# it): an engine that knows only /1 refuses a /2 sidecar rather than resuming it without that check
 SIDECAR_SCHEMA = "sieve.batch/2"
 EARLIER_SIDECAR_SCHEMAS = frozenset({"sieve.batch/1"})
 #: A line's keys: ours, then BEIR's (``_id`` for ``id``; ``metadata`` is ignored).

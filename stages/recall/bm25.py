@@ -257,8 +257,9 @@ class LoadedBM25:
         try:
             self.retriever = bm25s.BM25.load(str(directory), show_progress=False)
             recorded = json.loads((directory / TOKENIZER_FILE).read_text(encoding="utf-8"))
+            # built before these settings: queries are tokenised as its documents were (and warm-up says so)
+            self.predates_normalization = isinstance(recorded, dict) and "normalization" not in recorded
             if isinstance(recorded, dict):
-                # built before these settings: queries are tokenised as its documents were
                 recorded.setdefault("normalization", "nfc")
                 recorded.setdefault("segmentation", "precise")
             tokenizer_settings = TokenizerSettings.model_validate(recorded)
@@ -487,6 +488,13 @@ class BM25Recall(Stage):
     signal = "bm25"
     summary = "BM25 lexical recall (bm25s)"
     params: BM25Params
+
+    def warm_up_warnings(self) -> list[str]:
+        if not self._bm25.predates_normalization:
+            return []
+        return [f"the index's '{self.params.component}' component was built before Sieve read text in Unicode NFKC "
+                "(its tokenizer records no normalization): its documents and queries are read in NFC, so full-width "
+                "'ＨＩＶ' and the ligature in 'ﬁbrosis' do not match 'HIV' and 'fibrosis'; rebuild the index"]
 
     def warm_up(self, resources: Resources) -> None:
         index = resources.require_index(self.id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -207,6 +208,19 @@ def test_index_built_before_normalization_setting_reads_as_nfc(tmp_path):
     (directory / TOKENIZER_FILE).write_text(json.dumps(recorded))
     settings = LoadedBM25(directory, entry).tokenizer.settings
     assert (settings.normalization, settings.segmentation) == ("nfc", "precise")
+    # and warm-up says so, once per search stage (an upgrade audit: nothing told the operator a rebuild changes
+    # full-width and ligature matching; the entities component warned of its own older form)
+    manifest = json.loads((index / "manifest.json").read_text())  # the manifest of such an index names that file
+    manifest["files"][f"bm25/{TOKENIZER_FILE}"] = hashlib.sha256((directory / TOKENIZER_FILE).read_bytes()).hexdigest()
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                      "trace: {log: null}\n", encoding="utf-8")
+    pipeline = Pipeline.from_file(config)
+    pipeline.warm_up()
+    (warning,) = pipeline.warnings
+    assert warning.startswith("stage 'bm25': the index's 'bm25' component was built before Sieve read text in "
+                              "Unicode NFKC") and warning.endswith("rebuild the index")
 
 
 def test_a_chinese_word_inside_a_compound_is_found(tmp_path, write_config):
