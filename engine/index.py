@@ -1586,6 +1586,10 @@ def _swap_in(staging: Path, target: Path, keep_previous: bool = False) -> None:
     swap_directory(staging, target, keep_as=keep_as)
 
 
+#: What a manifest records of the build rather than of the index (an identical rebuild by another version differs in it)
+BUILD_METADATA = frozenset({"engine_version"})
+
+
 def manifest_sha256_of(directory: Path) -> str | None:
     """The sha256 of ``directory``'s manifest.json (what a trace records as the index's ``manifest_sha256``), None
     when it has none or it cannot be read."""
@@ -1890,7 +1894,7 @@ class Index:
         self._doc_ids: list[str] | None = None
         self._row_of: dict[str, int] | None = None
         self._lock = threading.Lock()
-        self._on_disk: tuple[tuple[int, int, int, int], str | None] | None = None
+        self._on_disk: tuple[tuple[int, int, int, int], str | None, bool] | None = None  # key, sha256, built alike
 
     def close(self) -> None:
         """Release the directory and document store (the object cannot read documents after)."""
@@ -1981,29 +1985,43 @@ class Index:
     def disk_state(self) -> dict[str, Any]:
         """The index being read against the one now at its path: ``replaced_on_disk`` (the path holds another index:
         another manifest, or none readable), ``rebuilt_identically`` (the path holds another directory with the very
-        manifest served: a deterministic rebuild of the same corpus and settings, whose files the manifest names by
-        sha256, so the same index and nothing to restart for), ``serving_manifest_sha256`` and
+        manifest served, or one that differs from it only in build metadata, the engine version that wrote it: a
+        deterministic rebuild of the same corpus and settings, whose files the manifest names by sha256, so the same
+        index and nothing to restart for), ``serving_manifest_sha256`` and
         ``on_disk_manifest_sha256`` (None: no readable manifest there). The on-disk manifest is hashed again only
         when its file changed (size, mtime, inode)."""
         replaced = self.replaced_on_disk()
         on_disk: str | None = self.manifest_sha256
+        built_alike = True
         if replaced:
             try:
                 info = os.stat(self.path / MANIFEST)
                 key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
             except OSError:
-                key, on_disk = None, None
+                key, on_disk, built_alike = None, None, False
             if key is not None:
                 cached = self._on_disk
-                if cached is not None and cached[0] == key:
-                    on_disk = cached[1]
-                else:
-                    on_disk = manifest_sha256_of(self.path)
-                    self._on_disk = (key, on_disk)
-        identical = replaced and on_disk == self.manifest_sha256
+                if cached is None or cached[0] != key:
+                    cached = self._on_disk = (key, manifest_sha256_of(self.path), self._built_alike_on_disk())
+                _, on_disk, built_alike = cached
+        identical = replaced and (on_disk == self.manifest_sha256 or built_alike)
         return {"path": str(self.path), "replaced_on_disk": replaced and not identical,
                 "rebuilt_identically": identical, "serving_manifest_sha256": self.manifest_sha256,
                 "on_disk_manifest_sha256": on_disk}
+
+    def _built_alike_on_disk(self) -> bool:
+        """Whether the manifest now at the path is the one served but for its build metadata (``BUILD_METADATA``): the
+        same files by sha256, components, settings and corpus, as an identical rebuild by another Sieve writes it."""
+        try:
+            with open(self.path / MANIFEST, "rb") as handle:
+                found = json.loads(handle.read(_MAX_MANIFEST_BYTES))
+        except (OSError, ValueError):
+            return False
+
+        def content(manifest: Any) -> Any:
+            return {k: v for k, v in manifest.items() if k not in BUILD_METADATA} if isinstance(manifest, dict) else None
+
+        return content(found) is not None and content(found) == content(self.manifest)
 
     def component(self, name: str, stage_id: str | None = None) -> tuple[Path, dict[str, Any]]:
         """Directory and manifest entry of a component; a clear error if the index lacks it."""

@@ -512,3 +512,21 @@ def test_a_pipeline_whose_index_is_rebuilt_while_it_warms_up_opens_it_again(serv
         assert _check_documents(pipeline, expected, "common words REBUILT") == []
     finally:
         registry._stages.pop(RebuildsOnce.type_name)
+
+
+def test_an_identical_rebuild_by_another_engine_version_is_not_reported_as_replaced(served_index, tmp_path):
+    """From an upgrade audit: an index rebuilt by a newer Sieve, every file byte-identical, was reported replaced
+    (restart it) because its manifest records the engine's version; replay already called the same case a note.
+    A manifest that differs only in that is an identical rebuild; any other difference is still a replacement."""
+    index_dir, _, _ = served_index
+    index = Index.open(index_dir)
+    build_index(tmp_path / "a.jsonl", index_dir, {"bm25": {}})  # what served_index built from: the same index
+    manifest = json.loads((index_dir / "manifest.json").read_text(encoding="utf-8"))
+    (index_dir / "manifest.json").write_text(json.dumps({**manifest, "engine_version": "99.0.0"}), encoding="utf-8")
+    state = index.disk_state()
+    assert state["on_disk_manifest_sha256"] != state["serving_manifest_sha256"]
+    assert (state["replaced_on_disk"], state["rebuilt_identically"]) == (False, True)
+    name = next(iter(manifest["files"]))
+    changed = {**manifest, "engine_version": "99.0.0", "files": {**manifest["files"], name: "0" * 64}}
+    (index_dir / "manifest.json").write_text(json.dumps(changed), encoding="utf-8")
+    assert (index.disk_state()["replaced_on_disk"], index.disk_state()["rebuilt_identically"]) == (True, False)
