@@ -1537,6 +1537,9 @@ def _read_trace_file(path: Path) -> tuple[dict[str, Any], bool]:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise TraceError(f"{path} is not a readable trace: {exc}") from None
+    problem = _not_unicode(data)
+    if problem is not None:
+        raise TraceError(f"{path} is not a readable trace: {problem}; no trace Sieve writes holds one")
     copied_record = isinstance(data, dict) and data.get("schema") == LOG_SCHEMA
     if copied_record:
         problem = _shape_problem(data)
@@ -1549,6 +1552,19 @@ def _read_trace_file(path: Path) -> tuple[dict[str, Any], bool]:
     if not isinstance(data, dict) or data.get("schema") != TRACE_SCHEMA:
         raise TraceError(f"{path} is not a Sieve trace (expected schema {TRACE_SCHEMA})")
     return data, copied_record
+
+
+def _not_unicode(data: Any) -> str | None:
+    """Where parsed JSON holds text that is not Unicode (a lone surrogate, from an escape such as ``\\ud800``), which
+    no UTF-8 file, hash or page can hold: said, or None."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        from engine.yamlsource import unreadable_strings
+
+        found = unreadable_strings(data)
+        return f"{'.'.join(found[0][0])}: {found[0][1]}" if found else "a key is not valid Unicode text"
+    return None
 
 
 @dataclass

@@ -335,3 +335,20 @@ def test_what_the_replayed_run_warns_of_and_the_trace_did_not_is_a_note(bm25_ind
         f"the replayed run warns: {w}" for w in warned]
     trace["warnings"] = warned
     assert not any(n.startswith("the replayed run warns") for n in replay_trace(trace)["notes"])
+
+
+def test_a_trace_file_holding_text_that_is_not_unicode_is_refused_by_name(bm25_index, write_config, tmp_path):
+    """Found after a fuzzing audit: a trace file whose JSON escapes a lone surrogate ("\\ud800", as no trace Sieve
+    writes does) made replay and report an internal error (UnicodeEncodeError hashing the config, rendering the
+    page); it is refused, naming where."""
+    from engine.trace import load_trace
+
+    trace = Pipeline.from_file(write_config(_yaml(bm25_index))).search("vitamin").trace
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**trace, "results": [{**trace["results"][0], "doc_id": "a\ud800"}]}), encoding="ascii")
+    with pytest.raises(TraceError, match=r"results\.0\.doc_id: not valid Unicode text \(a lone surrogate U\+D800"):
+        load_trace(bad)
+    for command in (["replay", str(bad)], ["report", str(bad), "--html", str(tmp_path / "r.html")]):
+        result = CliRunner().invoke(app, command)  # the CLI's entry point prints a SieveError as `error: ...`, exit 2
+        assert isinstance(result.exception, TraceError), result.output
+        assert "is not a readable trace: results.0.doc_id" in str(result.exception)
