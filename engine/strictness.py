@@ -28,7 +28,7 @@ import typing
 from datetime import date, datetime
 from typing import Any
 
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 _NUMBER = (int, float)
@@ -213,3 +213,20 @@ def refused_keys(document: Any) -> list[tuple[tuple[str, ...], str]]:
         elif isinstance(value, list):
             stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
     return found
+
+
+def matchable(what: str, consequence: str = "it can never match") -> AfterValidator:
+    """The check of a name, term or id that is matched against text (a gazetteer's names, a glossary's terms): no
+    control character, something visible (``engine.yamlsource.unmatchable_problem``; an empty one is left to the
+    model's own checks), located at the item: ``the term has no visible character ...: it can never match``."""
+
+    def check(text: str) -> str:
+        from engine.yamlsource import unmatchable_problem
+
+        problem = unmatchable_problem(text) if text.strip() else None
+        if problem is not None:
+            raise PydanticCustomError("unmatchable", "the {what} {problem}: {consequence}",
+                                      {"what": what, "problem": problem, "consequence": consequence})
+        return text
+
+    return AfterValidator(check)

@@ -71,7 +71,7 @@ from engine.stage import (
     Explanation, GraphIssue, GraphView, Port, RecentNotes, Resources, Stage, StageContext, StageNode, StageParams,
     StageResult,
 )
-from engine.strictness import NoCoercion
+from engine.strictness import NoCoercion, matchable
 from rules.expressions import PatternError, PatternTimeout, bounded, compile_pattern
 
 ENTITIES_FILE = "entities.jsonl"
@@ -113,21 +113,6 @@ def entity_key(text: str) -> str:
 # --------------------------------------------------------------------------- gazetteer files
 
 
-def _matchable(what: str) -> AfterValidator:
-    """A name, context phrase or id that a text can hold: no control character, something visible (an empty one is
-    said by the entry's own checks); located at the item."""
-
-    def check(text: str) -> str:
-        from engine.yamlsource import unmatchable_problem
-
-        problem = unmatchable_problem(text) if text.strip() else None
-        if problem is not None:
-            raise ValueError(f"the {what} {problem}: it can never match")
-        return text
-
-    return AfterValidator(check)
-
-
 def _path_as_written(text: str) -> str:
     """A file a setting names, if a path can name it (:func:`engine.yamlsource.path_problem`): said at the setting,
     before anything opens it."""
@@ -148,13 +133,13 @@ class GazetteerEntry(NoCoercion):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     label: str = Field(pattern=LABEL_PATTERN, description="entity type, e.g. DRUG, TICKER, COMPANY, ICD10")
-    id: Annotated[str, _matchable("id")] | None = Field(
+    id: Annotated[str, matchable("id")] | None = Field(
         None, min_length=1, description="canonical id; None: the first name (case-folded)")
-    names: tuple[Annotated[str, _matchable("name")], ...] = Field(
+    names: tuple[Annotated[str, matchable("name")], ...] = Field(
         (), description="surface forms, matched token by token")
     regex: str | None = Field(None, min_length=1, description="a regular expression one token must match fully")
     case_sensitive: bool = Field(False, description="match names exactly as written (tickers); default: any case")
-    context: tuple[Annotated[str, _matchable("context phrase")], ...] = Field((), description=(
+    context: tuple[Annotated[str, matchable("context phrase")], ...] = Field((), description=(
         "words or phrases of which one must also occur in the same text (any case, whole words; in Chinese text a "
         "Chinese phrase anywhere) for these names or regex matches to count: a ticker that is also a word (ALL, IT, "
         "NOW) counts only beside 'Allstate' or 'NYSE'; a name several entries give counts when one of them has no "

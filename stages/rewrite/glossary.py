@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue
-from engine.strictness import NoCoercion
+from engine.strictness import NoCoercion, matchable
 from stages.text import HAN, HAN_RANGES, quiet_jieba
 
 _HAN_RUN = re.compile(f"[{HAN_RANGES}]+")
@@ -61,33 +61,18 @@ def _err(message: str) -> PydanticCustomError:
     return PydanticCustomError("glossary", message)
 
 
-def _matchable(what: str, consequence: str) -> AfterValidator:
-    """A term that can be matched, a canonical that can stand in a query: no control character, something visible (an
-    empty one is said by the entry's own checks); located at the item."""
-
-    def check(text: str) -> str:
-        from engine.yamlsource import unmatchable_problem
-
-        problem = unmatchable_problem(text) if text.strip() else None
-        if problem is not None:
-            raise _err(f"the {what} {problem}: {consequence}")
-        return text
-
-    return AfterValidator(check)
-
-
 class GlossaryEntry(NoCoercion):
     """One group of equivalent terms and what to do when one of them occurs."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(max_length=100, description="names the entry in the trace", json_schema_extra={"pattern": ENTRY_ID_PATTERN})
-    terms: tuple[Annotated[str, _matchable("term", "it can never match")], ...] = Field(
+    terms: tuple[Annotated[str, matchable("term")], ...] = Field(
         description="the terms of the group, matched whole-word")
     action: Literal["expand", "replace"] = Field(
         "expand", description="expand: append the group's other terms; replace: substitute `canonical`"
     )
-    canonical: Annotated[str, _matchable("canonical", "write the term the others are replaced by")] | None = Field(
+    canonical: Annotated[str, matchable("canonical", "write the term the others are replaced by")] | None = Field(
         None, description="the term a `replace` entry substitutes")
     case_sensitive: bool | None = Field(
         None, description="true: terms match only as written; false: in any case; unset: the file's `case_sensitive`"

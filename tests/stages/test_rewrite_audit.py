@@ -51,7 +51,10 @@ entries:
 
 @pytest.fixture(scope="module")
 def glossary_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("rewrite-audit")
+    """The module's glossary, written here (tests that read only the file need not wait for the stage fixture)."""
+    directory = tmp_path_factory.mktemp("rewrite-audit")
+    (directory / "glossary.yaml").write_text(GLOSSARY, encoding="utf-8")
+    return directory
 
 
 @pytest.fixture(scope="module")
