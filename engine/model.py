@@ -34,6 +34,10 @@ class UserContext(BaseModel):
     jurisdictions: tuple[str, ...] = ()
     attributes: dict[str, str] = Field(default_factory=dict)
 
+    def asker(self) -> tuple[Any, ...]:
+        """Who this is, as a cache partition (``engine.cache.asked_by``): every field, so no two users share one."""
+        return (self.user_id, self.roles, self.groups, self.jurisdictions, tuple(sorted(self.attributes.items())))
+
 
 class Query(BaseModel):
     """A query as the pipeline sees it. ``as_of`` is fixed once so a replay sees the same time."""

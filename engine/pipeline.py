@@ -24,6 +24,7 @@ from typing import Any
 
 from engine import __version__
 from engine.compiler import CompiledPipeline, compile_file
+from engine.cache import asked_by
 from engine.errors import DeadlineExceeded, ModelLoadError, SieveError, SieveIndexError, StageError, TraceError
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry, UserContext
@@ -232,7 +233,9 @@ class Pipeline:
         (the trace only summarises them), for ``why_not``; it costs nothing but the memory while it is held.
         ``deadline_cuts`` (replay): run without a live deadline, cutting exactly the stages a trace records as
         cut by it (stage id -> that stage's trace record), so the replay runs what the traced query ran."""
-        with run_notes():  # what stages note for explanations lives as long as the run, whatever the load
+        # what stages note for explanations lives as long as the run, whatever the load; caches keyed by what was
+        # asked are the asking user's own (engine/cache.py: another user's question must not show in the latency)
+        with run_notes(), asked_by(query.user.asker()):
             return self._run(query, keep_outcomes, deadline_cuts)
 
     def _run(self, query: Query, keep_outcomes: bool,

@@ -560,7 +560,7 @@ class EntityExtractor:
                                    config={"validate": True, "overwrite_ents": True})
             ruler.add_patterns(self._patterns(gazetteer))  # type: ignore[attr-defined]
         self.lock = threading.Lock()
-        self._query_cache: LRUCache[str, tuple[tuple[Mention, ...], tuple[SetAside, ...]]] = LRUCache(1024)
+        self._query_cache: LRUCache[str, tuple[tuple[Mention, ...], tuple[SetAside, ...]]] = LRUCache(1024, per_asker=True)
 
     @property
     def gated(self) -> bool:

@@ -486,7 +486,7 @@ class CrossEncoderRerank(Stage):
         # in its last digits on the batch it was computed in (padding), so only the same window is served from
         # the cache, and a cached answer is exactly what a fresh run (a replay) computes
         self._cache: LRUCache[tuple[str, str, str], dict[str, PairScore]] = LRUCache(
-            max(1, self.params.cache_size // self.params.window) if self.params.cache_size else 0)
+            max(1, self.params.cache_size // self.params.window) if self.params.cache_size else 0, per_asker=True)
         self._notes = RecentNotes()  # query text -> doc_id -> note
 
     # ------------------------------------------------------------------ compile time
@@ -712,8 +712,8 @@ class CrossEncoderRerank(Stage):
             "max_query_tokens": max_query_tokens,
             "max_query_tokens_from": max_query_tokens_from,
             "truncated": {"count": len(truncated), "documents": sorted(truncated, key=lambda t: t["doc_id"])},
-            "cache": {"hits": len(hits), "misses": len(scored_all) - len(hits), "hit_doc_ids": sorted(hits),
-                      "windows": len(self._cache)},
+            # (not how many windows the cache holds: that counts other users' questions)
+            "cache": {"hits": len(hits), "misses": len(scored_all) - len(hits), "hit_doc_ids": sorted(hits)},
         })
         if query_cut:
             details["query_tokens_cut"] = query_cut

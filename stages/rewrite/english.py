@@ -596,9 +596,9 @@ class EnglishResolver:
         self.weights = weights
         self.heuristics = heuristics
         self._lock = threading.Lock()
-        self._states: LRUCache[tuple[str, ...], DiscourseModel] = LRUCache(cache_size)
+        self._states: LRUCache[tuple[str, ...], DiscourseModel] = LRUCache(cache_size, per_asker=True)
         # parses by text: a history read again (its oldest turns dropped by a window, or edited) costs no re-parse
-        self._parses: LRUCache[str, "Doc"] = LRUCache(cache_size * 2)
+        self._parses: LRUCache[str, "Doc"] = LRUCache(cache_size * 2, per_asker=True)
 
     # ------------------------------------------------------------------ public
 

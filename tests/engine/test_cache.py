@@ -57,3 +57,21 @@ def test_threads_share_it_without_exceeding_capacity():
     for t in threads:
         t.join()
     assert errors == [] and len(cache) == 100
+
+
+def test_a_per_asker_cache_keeps_each_askers_entries_apart():
+    """Caches keyed by what a user asked are per asker (a hit's latency must not tell one user that another asked
+    the same text); other caches, and code outside a query run, share one partition."""
+    from engine.cache import asked_by
+
+    asked, shared = LRUCache(4, per_asker=True), LRUCache(4)
+    with asked_by(("banker",)):
+        asked.put("acme merger", 1)
+        shared.put("acme merger", 1)
+        assert asked.get("acme merger") == 1 and asked.get_many(["acme merger", "x"]) == {"acme merger": 1}
+    with asked_by(("eve",)):
+        assert asked.get("acme merger") is None and asked.get_many(["acme merger"]) == {}
+        assert shared.get("acme merger") == 1
+    assert asked.get("acme merger") is None  # outside any run: an asker of its own
+    with asked_by(("banker",)):
+        assert asked.get("acme merger") == 1

@@ -389,6 +389,22 @@ def test_score_cache_hits_are_recorded_and_give_the_same_scores(tiny_segment_cos
     assert _stage_record(third.trace)["details"]["cache"]["hits"] == 0
 
 
+def test_one_users_cached_scores_are_not_served_to_another(tiny_segment_cosine, bm25_index, write_config):
+    """From an isolation audit: the window cache served every user, so a search that took 11 ms instead of 467
+    told a user that someone else (who saw the same top documents) had asked that very text. Each asker has their
+    own entries (engine.cache, per_asker); the same user asking again, and a batch's one default user, still hit."""
+    from engine.model import UserContext
+
+    pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 5}}")
+    banker = UserContext(user_id="banker", groups=("wall-crossed",))
+    sales = UserContext(user_id="eve", groups=("sales",))
+    hits = lambda user: _stage_record(pipeline.search(QUERY, user=user).trace)["details"]["cache"]["hits"]  # noqa: E731
+    assert hits(banker) == 0 and hits(banker) == 5
+    assert hits(sales) == 0 and hits(sales) == 5
+    assert hits(UserContext(user_id="eve", groups=("sales",), attributes={"desk": "fx"})) == 0  # another user
+    assert "windows" not in _stage_record(pipeline.search(QUERY).trace)["details"]["cache"]  # others' questions
+
+
 def test_a_cached_answer_is_what_a_fresh_run_computes(tiny_segment_cosine, bm25_index, write_config, tmp_path):
     """A score depends in its last digits on the batch it was computed in (padding): documents scored for another
     query's window were served to this one, and the cache added an explanation node, so a repeated query's trace
@@ -408,7 +424,8 @@ def test_cache_is_bounded(tiny_segment_cosine, bm25_index, write_config):
     pipeline = _pipeline(write_config, bm25_index, f"{{model: {tiny_segment_cosine}, window: 5, cache_size: 3}}")
     pipeline.search(QUERY)
     pipeline.search("tuberculosis vitamin")
-    assert _stage_record(pipeline.search(QUERY).trace)["details"]["cache"]["windows"] == 1  # at least one window
+    # room for one window (cache_size 3 < window 5): the second query's evicted the first's
+    assert _stage_record(pipeline.search(QUERY).trace)["details"]["cache"]["hits"] == 0
 
 
 def _run_out_of_memory_above(pipeline, limit):
