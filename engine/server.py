@@ -5,7 +5,8 @@
                                            (503, with the reason); says when an index was rebuilt on disk
     GET  /v1/pipelines                     each pipeline: name, config file and sha256, stages, output,
                                            stages unavailable after warm-up (``on_error: skip``), what
-                                           its requests may ask beyond results (``allows``)
+                                           its requests may ask beyond results (``allows``), its warnings
+                                           (whole only where it allows include_trace; see ``describe``)
     POST /v1/pipelines/{name}/search       one query: {"query", "history", "user", "as_of", "language",
                                            "explain", "include_trace"} -> ranked results with their
                                            documents, the trace id, whether the run was degraded
@@ -769,7 +770,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
         if isinstance(ran, JSONResponse):
             return ran
         pipeline, result, log_path = ran
-        verdicts = [why_not(pipeline, result, doc_id) for doc_id in dict.fromkeys(body.doc_ids)]
+        verdicts = [why_not(pipeline, result, doc_id, local=False) for doc_id in dict.fromkeys(body.doc_ids)]
         return {
             "pipeline": name,
             "trace_log": str(log_path) if log_path is not None else None,
@@ -898,8 +899,34 @@ def _log_storage_problem(log_file: Path) -> str | None:
     return TraceLog(log_file).continuity_problem()
 
 
+# A warning's code, as rule-file checks tag them ("rules.2.position: [pin_slot_conflict] pins ..."): snake case only,
+# so a quoted id never reads as one
+_WARNING_CODE = re.compile(r"\[([a-z]+(?:_[a-z]+)*)\] ")
+WARNINGS_WITHHELD = ("the warnings' text is withheld (it names rules, documents and files on the server) unless the "
+                     "pipeline allows include_trace, whose traces carry it; each is listed by where it arose and its "
+                     "code; the server's log at start and `sieve validate` give them whole")
+
+
+def _warning_kind(where: str, text: str) -> str:
+    """``where`` and the code of a warning, without its text: "stage 'overrides': [expired]"."""
+    code = _WARNING_CODE.search(text)
+    return f"{where}: [{code.group(1)}]" if code else where
+
+
 def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
+    """``GET /v1/pipelines``'s entry for a pipeline. Its warnings (warm-up's and the config's) are given whole only
+    where the pipeline allows ``include_trace``: the traces it returns then carry the same names of rules, documents
+    and files. Elsewhere each warning is listed as where it arose and its code, so a caller sees how many there are
+    and of what kind, not which restricted document a pin conflict is about."""
     compiled = pipeline.compiled
+    whole = compiled.config.server.include_trace
+    if whole:
+        warnings = list(pipeline.warnings)
+        config_warnings = [str(issue) for issue in compiled.warnings]
+    else:
+        warnings = [_warning_kind(*warning.split(": ", 1)) if warning.startswith("stage '") and ": " in warning
+                    else _warning_kind("warm-up", warning) for warning in pipeline.warnings]
+        config_warnings = [_warning_kind(issue.path or "config", issue.message) for issue in compiled.warnings]
     return {
         "name": name,
         "description": compiled.config.description,
@@ -910,8 +937,9 @@ def describe(name: str, pipeline: "Pipeline") -> dict[str, Any]:
                    for stage_id in compiled.order],
         "output": compiled.output,
         "unavailable": dict(pipeline.unavailable),
-        "warnings": list(pipeline.warnings),
-        "config_warnings": [str(issue) for issue in compiled.warnings],
+        "warnings": warnings,
+        "config_warnings": config_warnings,
+        **({} if whole or not (warnings or config_warnings) else {"warnings_withheld": WARNINGS_WITHHELD}),
         "allows": compiled.config.server.model_dump(),
     }
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
 from datetime import date, datetime, timezone
 from functools import lru_cache, update_wrapper
@@ -541,6 +542,15 @@ def days_between(start: Any, end: Any) -> float | None:
 # and Unicode semantics (V0), and a time limit per search, so a pattern that backtracks catastrophically ((a+)+,
 # (a|aa)+ on a long run of a's) is an error of that rule, not a hung warm-up or server.
 REGEX_TIMEOUT_S = 0.25
+# The engine's limit is wall-clock time, and by default it lets go of the GIL while it matches: on a busy process a
+# search of a few microseconds can wait longer than the limit to get the GIL back (another thread inside one long C
+# call, such as a json.dumps of a big response) and time out. So `bounded` measures its thread's CPU time around each
+# attempt: a timeout after which the thread spent under REGEX_MATCHING_SHARE of the limit on the processor was
+# waiting, not matching. It is tried again holding the GIL (the regex engine's concurrent=False), so that it cannot
+# be kept waiting for it again, at most REGEX_ATTEMPTS attempts in all; only an attempt that spent the limit matching
+# is a PatternTimeout.
+REGEX_MATCHING_SHARE = 0.5
+REGEX_ATTEMPTS = 3
 PatternError = _regex_engine.error
 
 
@@ -551,7 +561,8 @@ def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
 
 
 class PatternTimeout(ExpressionRuntimeError):
-    """An analyst's pattern ran over ``REGEX_TIMEOUT_S`` on a text (it backtracks without end)."""
+    """An analyst's pattern ran over ``REGEX_TIMEOUT_S`` on a text, matching all the while (it backtracks without
+    end)."""
 
     def __init__(self, pattern: Any, length: int, subject: str = "the pattern"):
         self.pattern, self.length = pattern, length
@@ -560,15 +571,38 @@ class PatternTimeout(ExpressionRuntimeError):
         super().__init__(f"{subject} {pattern.pattern!r} {over}", f"{subject} {over}")
 
 
+class PatternStarved(PatternTimeout):
+    """A pattern ran over ``REGEX_TIMEOUT_S`` of wall-clock time in each of ``REGEX_ATTEMPTS`` attempts while its
+    thread spent little of it matching: the process was too busy, nothing says the pattern backtracks. Handled as a
+    PatternTimeout (the search has no answer), without blaming the pattern."""
+
+    def __init__(self, pattern: Any, length: int, subject: str, cpu_seconds: list[float]):
+        self.pattern, self.length, self.cpu_seconds = pattern, length, cpu_seconds
+        over = (f"could not finish on a text of {length} characters: {len(cpu_seconds)} attempts each ran over "
+                f"{REGEX_TIMEOUT_S * 1000:.0f} ms of wall-clock time with at most {max(cpu_seconds) * 1000:.0f} ms "
+                "of it matching (its thread was kept waiting: the process was too busy to judge the pattern)")
+        ExpressionRuntimeError.__init__(self, f"{subject} {pattern.pattern!r} {over}", f"{subject} {over}")
+
+
 def bounded(method: Callable[..., Any], pattern: Any, text: str, subject: str = "the pattern") -> Any:
     """``method(text, timeout=...)`` for one of ``pattern``'s methods (``search``, ``fullmatch``, ``finditer``: an
-    iterator is run to its end here), within ``REGEX_TIMEOUT_S``; PatternTimeout naming ``subject`` when it runs
-    over."""
-    try:
-        result = method(text, timeout=REGEX_TIMEOUT_S)
-        return list(result) if method.__name__ == "finditer" else result
-    except TimeoutError:
-        raise PatternTimeout(pattern, len(text), subject) from None
+    iterator is run to its end here), within ``REGEX_TIMEOUT_S`` of matching; PatternTimeout naming ``subject`` when
+    it runs over. An attempt that timed out while its thread was mostly off the processor (waiting for the GIL) is
+    tried again holding the GIL (see REGEX_ATTEMPTS); PatternStarved when every attempt was kept waiting."""
+    cpu_seconds: list[float] = []
+    for attempt in range(REGEX_ATTEMPTS):
+        # the first attempt lets other threads run while it matches; a retry holds the GIL for at most the limit
+        concurrent = None if attempt == 0 else False
+        started = time.thread_time()
+        try:
+            result = method(text, timeout=REGEX_TIMEOUT_S, concurrent=concurrent)
+            return list(result) if method.__name__ == "finditer" else result
+        except TimeoutError:
+            spent = time.thread_time() - started
+        if spent >= REGEX_TIMEOUT_S * REGEX_MATCHING_SHARE:
+            raise PatternTimeout(pattern, len(text), subject) from None
+        cpu_seconds.append(spent)
+    raise PatternStarved(pattern, len(text), subject, cpu_seconds)
 
 
 def bounded_search(pattern: Any, text: str) -> Any:

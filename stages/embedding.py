@@ -224,7 +224,11 @@ class Embedder:
             raise ModelLoadError(f"cannot move embedding model '{resolved.name}' to {device}: {exc}") from None
         self.model.eval()
         self.lock = threading.Lock()
-        self._query_cache: LRUCache[tuple[str, int], tuple[Any, int, int]] = LRUCache(256)
+        # A fast tokenizer's call switches truncation on its shared Rust tokenizer (enable_truncation/no_truncation)
+        # and then encodes: two threads tokenising at once see each other's setting. Only tokenize() takes this lock,
+        # and takes no other under it (embed_corpus calls it under the model's lock, never the reverse): no deadlock.
+        self._tokenizer_lock = threading.Lock()
+        self._query_cache: LRUCache[tuple[str, int], tuple[Any, int, int]] = LRUCache(256, per_asker=True)
 
     # ------------------------------------------------------------------ identity
 
@@ -255,18 +259,20 @@ class Embedder:
     # ------------------------------------------------------------------ encoding
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> EncodedTexts:
-        """Token ids for ``texts`` cut to ``max_length``, with the count before the cut."""
-        full = self.tokenizer(list(texts), truncation=False, verbose=False)
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in full]
-        encodings = [{k: full[k][i] for k in keys} for i in range(len(texts))]
-        full_tokens = [len(e["input_ids"]) for e in encodings]
-        long_positions = [i for i, n in enumerate(full_tokens) if n > max_length]
-        if long_positions:
-            # Let the tokenizer cut (it keeps the closing special token), so the model sees what
-            # its own truncation would give it.
-            cut = self.tokenizer([texts[i] for i in long_positions], truncation=True, max_length=max_length)
-            for j, i in enumerate(long_positions):
-                encodings[i] = {k: cut[k][j] for k in keys}
+        """Token ids for ``texts`` cut to ``max_length``, with the count before the cut. Thread-safe: the tokenizer's
+        truncation setting is shared state, so its calls are serialised (by a lock of their own, not the model's)."""
+        with self._tokenizer_lock:
+            full = self.tokenizer(list(texts), truncation=False, verbose=False)
+            keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in full]
+            encodings = [{k: full[k][i] for k in keys} for i in range(len(texts))]
+            full_tokens = [len(e["input_ids"]) for e in encodings]
+            long_positions = [i for i, n in enumerate(full_tokens) if n > max_length]
+            if long_positions:
+                # Let the tokenizer cut (it keeps the closing special token), so the model sees what
+                # its own truncation would give it.
+                cut = self.tokenizer([texts[i] for i in long_positions], truncation=True, max_length=max_length)
+                for j, i in enumerate(long_positions):
+                    encodings[i] = {k: cut[k][j] for k in keys}
         unk = self.tokenizer.unk_token_id
         unknown = [0 if unk is None else e["input_ids"].count(unk) for e in encodings]
         return EncodedTexts(encodings, full_tokens, [len(e["input_ids"]) for e in encodings], unknown)

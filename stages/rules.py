@@ -912,28 +912,32 @@ class RulesOverride(Stage):
                 ))
         return selected
 
-    def _match_evidence(self, rule: "CompiledRule", frame: Frame, position: int, view: QueryView) -> list[dict[str, Any]]:
-        """What the rule's target condition matched on this candidate (memoised when query-independent)."""
+    def _match_evidence(
+        self, rule: "CompiledRule", frame: Frame, position: int, view: QueryView,
+    ) -> tuple[list[dict[str, Any]], ExpressionRuntimeError | None]:
+        """What the rule's target condition matched on this candidate, and the error that cut evaluating it short
+        (None: none). Memoised when query-independent, but never a failed evaluation: it failed on this query (a
+        pattern over its time limit on a busy process), and every later query would show its evidence as missing."""
         candidate = frame.candidates[position]
         static = rule.match is None or rule.match.static
         key = (rule.id, candidate.row)
         if static:
             cached = self._evidence.get(key)
             if cached is not None:
-                return cached
+                return cached, None
         evidence: list[dict[str, Any]] = []
         if rule.docs:
             evidence.append({"field": "doc.id", "op": "in", "matched": candidate.doc_id})
         if rule.match is not None:
             try:
                 rule.match.evaluate(frame.subject(position, view), evidence)
-            except ExpressionRuntimeError:  # reported by _targets_among
-                pass
+            except ExpressionRuntimeError as exc:  # it fired (_targets_among judged it): only the evidence is missing
+                return evidence, exc
         if static:
             if len(self._evidence) >= 100_000:
                 self._evidence.clear()
             self._evidence[key] = evidence
-        return evidence
+        return evidence, None
 
     def _firing_records(
         self, fired: list[tuple["CompiledRule", int, list[dict[str, Any]]]], pinned: dict[str, _Pin], frame: Frame,
@@ -957,11 +961,15 @@ class RulesOverride(Stage):
         effects = self._effects
         for rule, position, when_evidence in fired:
             candidate = candidates[position]
+            evidence, failed = self._match_evidence(rule, frame, position, view)
             record: dict[str, Any] = {
                 "rule": rule.id, "action": rule.action, "doc_id": candidate.doc_id, "when": when_evidence,
-                "match": redact_query_evidence(self._match_evidence(rule, frame, position, view), trace_text),
+                "match": redact_query_evidence(evidence, trace_text),
                 "rank_before": position + 1, "rank_after": after.get(candidate.doc_id), "effect": effects[rule.id],
             }
+            if failed is not None:  # why `match` lacks what the condition matched
+                record["match_error"] = (f"what its target condition matched could not be collected: "
+                                         f"{failed.describe(trace_text)}")
             if rule.action in ("boost", "demote"):
                 record["score_before"] = candidate.score
                 record["score_after"] = scores[position]

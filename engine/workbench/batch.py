@@ -143,7 +143,8 @@ def _parse_as_of(value: Any, what: str) -> tuple[datetime | None, str | None]:
 
 
 def _parse_user(value: Any) -> tuple[UserContext | None, list[str]]:
-    """A line's ``user`` object, typed strictly (no number read as text); None: the batch's default."""
+    """A line's ``user`` object, typed strictly (no number read as text); None (the key left out): the batch's
+    default. A ``null`` user is refused by the caller."""
     if value is None:
         return None, []
     if not isinstance(value, dict):
@@ -229,7 +230,13 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
         problems.append("history must be a list of the earlier turns (strings), oldest first, not "
                         + (a_json_kind(history) if not isinstance(history, list) else "one holding "
                            + a_json_kind(next(t for t in history if not isinstance(t, str)))))
-    user, user_problems = _parse_user(record.get("user"))
+    if "user" in record and record["user"] is None:
+        # the server reads `"user": null` as anonymous; here it would have meant the batch's default user, who may
+        # see more: refused rather than read either way
+        user, user_problems = None, ["user: null is not a user; leave the key out for the batch's default user, or "
+                                     "give {} for an anonymous one"]
+    else:
+        user, user_problems = _parse_user(record.get("user"))
     problems.extend(user_problems)
     as_of, as_of_problem = _parse_as_of(record.get("as_of"), "as_of")
     if as_of_problem:

@@ -191,8 +191,11 @@ def _probe_recall(pipeline: Pipeline, stage_id: str, query: Query, row: int, doc
 _SCORE_CUTS = frozenset({"below_threshold", "below_min_score", "beyond_top_k", "no_score"})
 
 
-def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
-    """Where ``doc_id`` went in ``result``, a run of ``pipeline`` with ``keep_outcomes=True``."""
+def why_not(pipeline: Pipeline, result: RunResult, doc_id: str, *, local: bool = True) -> Verdict:
+    """Where ``doc_id`` went in ``result``, a run of ``pipeline`` with ``keep_outcomes=True``. ``local``: asked by the
+    operator (``sieve explain``, the Python API), who is also told the index's path and how many documents it holds;
+    False for the server's explain endpoint, whose callers learn neither (the count includes documents hidden from
+    them)."""
     compiled = pipeline.compiled
     resources = pipeline.resources
     query = result.query
@@ -202,7 +205,7 @@ def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
     row = index.row_of(doc_id) if index is not None else None
     if row is None:
         return Verdict(doc_id, "not_in_index", f"'{doc_id}' is not in the index"
-                       + (f" ({index.path}, {index.doc_count} documents)" if index is not None else ""))
+                       + (f" ({index.path}, {index.doc_count} documents)" if index is not None and local else ""))
 
     outcomes = result.outcomes
     records = {r["id"]: r for r in result.trace["stages"]}
@@ -295,6 +298,9 @@ def why_not(pipeline: Pipeline, result: RunResult, doc_id: str) -> Verdict:
                 parts.append(f"rule '{entry.get('rule')}' of stage '{record['id']}' names it but did not apply "
                              f"({entry.get('reason')})")
     first = next((p for p in probes.values() if p and "rank" in p), None)
+    if not local:  # the corpus size counts documents hidden from the caller
+        probes = {sid: None if probe is None else {k: v for k, v in probe.items() if k != "corpus"}
+                  for sid, probe in probes.items()}
     return Verdict(doc_id, "not_recalled", "recall never found it: " + "; ".join(parts),
                    stage=recall_ids[0] if recall_ids else None, reason="not_recalled",
                    score=first["score"] if first else None, rank=first["rank"] if first else None,

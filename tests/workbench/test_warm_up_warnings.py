@@ -21,18 +21,18 @@ rules:
 """
 
 
-def _config(tmp_path: Path, index: Path) -> Path:
+def _config(tmp_path: Path, index: Path, extra: str = "", name: str = "typo") -> Path:
     (tmp_path / "overrides.yaml").write_text(OVERRIDES, encoding="utf-8")
-    config = tmp_path / "typo.yaml"
+    config = tmp_path / f"{name}.yaml"
     config.write_text(f"""version: 1
-name: typo
+name: {name}
 index: {index}
 stages:
   - {{id: bm25, type: recall.bm25, params: {{top_k: 10}}}}
   - {{id: overrides, type: rules.override, inputs: [bm25], params: {{rules: overrides.yaml}}}}
 output: overrides
 trace: {{log: null}}
-""", encoding="utf-8")
+{extra}""", encoding="utf-8")
     return config
 
 
@@ -52,7 +52,13 @@ def test_search_explain_and_eval_print_what_warm_up_found(cli, medical_index, tm
 
 
 def test_the_server_logs_them_at_start_and_lists_them(medical_index, tmp_path):
-    config = _config(tmp_path, medical_index)
-    with serve_in_subprocess([config], cwd=tmp_path) as base:
-        (pipeline,) = httpx.get(f"{base}/v1/pipelines").json()["pipelines"]
+    """Listed whole where the pipeline allows include_trace (its traces carry them); elsewhere by the stage they
+    arose in and their code, since their text names rules, documents and files (GET /v1/pipelines asks for no
+    permission)."""
+    config = _config(tmp_path, medical_index, "server: {include_trace: true}\n")
+    closed = _config(tmp_path, medical_index, name="closed")
+    with serve_in_subprocess([config, closed], cwd=tmp_path) as base:
+        listed = {p["name"]: p for p in httpx.get(f"{base}/v1/pipelines").json()["pipelines"]}
+    pipeline = listed["typo"]
     assert any("doc.sorce" in w and w.startswith("stage 'overrides':") for w in pipeline["warnings"]), pipeline
+    assert listed["closed"]["warnings"] == ["stage 'overrides': [unknown_field]"] * len(pipeline["warnings"])
