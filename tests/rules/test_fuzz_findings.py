@@ -296,27 +296,28 @@ def test_a_rule_file_version_of_another_type_is_refused(tmp_path, version, says)
     assert result.exit_code == 2 and f"{path}:1:10  version: {says}" in result.output, result.output
 
 
-@pytest.mark.parametrize(("version", "says"), VERSIONS)
-def test_a_gazetteer_version_of_another_type_is_refused(tmp_path, version, says):
+def _gazetteer(path: Path) -> None:
     from stages.entities import load_gazetteer
 
-    path = tmp_path / "entities.yaml"
-    path.write_text(f"version: {version}\nentities:\n  - {{label: DRUG, id: metformin, names: [metformin]}}\n",
-                    encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
-        load_gazetteer(path)
-    assert f"{path}:1:10  version: {says}" in str(caught.value)
+    load_gazetteer(path)
 
 
-@pytest.mark.parametrize(("version", "says"), VERSIONS)
-def test_a_glossary_version_of_another_type_is_refused(tmp_path, version, says):
+def _glossary(path: Path) -> None:
     from stages.rewrite.glossary import load_glossary
 
-    path = tmp_path / "glossary.yaml"
-    path.write_text(f"version: {version}\nentries:\n  - {{id: ms, terms: [multiple sclerosis, MS]}}\n",
-                    encoding="utf-8")
+    load_glossary(path)
+
+
+@pytest.mark.parametrize(("load", "body"), [
+    (_gazetteer, "entities:\n  - {label: DRUG, id: metformin, names: [metformin]}\n"),
+    (_glossary, "entries:\n  - {id: ms, terms: [multiple sclerosis, MS]}\n"),
+], ids=["gazetteer", "glossary"])
+@pytest.mark.parametrize(("version", "says"), VERSIONS)
+def test_a_gazetteer_or_glossary_version_of_another_type_is_refused(tmp_path, load, body, version, says):
+    path = tmp_path / "file.yaml"
+    path.write_text(f"version: {version}\n{body}", encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
-        load_glossary(path)
+        load(path)
     assert f"{path}:1:10  version: {says}" in str(caught.value)
 
 
