@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.errors import MissingDependencyError, QueryError, SieveError
 from engine.strictness import a_json_kind, refused_keys, strict_object
-from engine.yamlsource import NotJson, printable, refuse_json_constant, unicode_problem
+from engine.yamlsource import NotJson, refuse_json_constant, refused_key_problem, unicode_problem
 
 DEFAULT_MEASURES = ("ndcg_cut.10", "recall.100", "map", "recip_rank")
 
@@ -137,10 +137,7 @@ def _read_queries(path: Path, judged: dict[str, dict[str, int]]) -> dict[str, st
                 raise SieveError(f"{path}:{number}: not JSON ({exc})") from None
             flawed = refused_keys(record)
             if flawed:  # as sieve batch says it
-                key, flaw = flawed[0]
-                raise SieveError(f"{path}:{number}: key {'.'.join(key)!r} given twice" if flaw == "duplicated" else
-                                 f"{path}:{number}: key '{printable('.'.join(key))}' is not valid Unicode text (it "
-                                 "holds a lone surrogate)")
+                raise SieveError(f"{path}:{number}: {refused_key_problem(*flawed[0])}")
             if not isinstance(record, dict) or "_id" not in record or "text" not in record:
                 raise SieveError(f"{path}:{number}: expected a JSON object with _id and text")
             raw_id, text = record["_id"], record["text"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import types
 import typing
+from collections.abc import Iterator
 from datetime import date, datetime
 from typing import Any
 
@@ -199,19 +200,27 @@ def strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
+def walk_json(document: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every value of parsed JSON (or YAML) data with its path from the root (an object's keys, a list's positions as
+    text), in document order, the containers before what they hold; iterative, so any depth is walked."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
+    while stack:
+        value, path = stack.pop()
+        yield path, value
+        if isinstance(value, dict):
+            stack.extend((item, (*path, key)) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
+
+
 def refused_keys(document: Any) -> list[tuple[tuple[str, ...], str]]:
     """Each refused key in the objects of a ``document`` parsed with ``strict_object``, in document order: (the
     key's path from the document's root, its last part the key; "duplicated" or "unreadable")."""
     found: list[tuple[tuple[str, ...], str]] = []
-    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
-    while stack:
-        value, path = stack.pop()
+    for path, value in walk_json(document):
         if isinstance(value, dict):
             found.extend(((*path, key), "unreadable") for key in getattr(value, "unreadable", ()))
             found.extend(((*path, key), "duplicated") for key in getattr(value, "duplicated", ()))
-            stack.extend((item, (*path, key)) for key, item in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
     return found
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from engine.errors import ConfigError, ConfigIssue, Location
-from engine.strictness import LONE_SURROGATE
+from engine.strictness import LONE_SURROGATE, walk_json
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64
@@ -68,21 +68,23 @@ def refuse_json_constant(literal: str) -> Any:
 
 def unreadable_strings(document: Any) -> list[tuple[tuple[str, ...], str]]:
     """Each string value of parsed data (JSON's, YAML's) that is not Unicode text (:func:`unicode_problem`), in
-    document order: (its path from the root, the problem). A JSON object's keys are
-    :func:`engine.strictness.refused_keys`'s to judge."""
+    document order: (its path from the root, its keys shown printable; the problem). A JSON object's keys are
+    :func:`engine.strictness.refused_keys`'s to judge (:func:`refused_key_problem` says it)."""
     found: list[tuple[tuple[str, ...], str]] = []
-    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, str):
-            problem = unicode_problem(value)
-            if problem is not None:
-                found.append((path, problem))
-        elif isinstance(value, dict):
-            stack.extend((item, (*path, printable(str(key)))) for key, item in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
+    for path, value in walk_json(document):
+        problem = unicode_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            found.append((tuple(printable(str(part)) for part in path), problem))
     return found
+
+
+def refused_key_problem(path: tuple[str, ...], flaw: str) -> str:
+    """What a query file's line says of a key :func:`engine.strictness.refused_keys` found (``sieve batch``, ``sieve
+    eval``): given twice, or not Unicode text."""
+    key = ".".join(path)
+    if flaw == "duplicated":
+        return f"key {key!r} given twice"
+    return f"key '{printable(key)}' is not valid Unicode text (it holds a lone surrogate)"
 
 
 def path_problem(path: str) -> str | None:

@@ -37,7 +37,8 @@ from engine import __version__
 from engine.errors import QueryError, SieveError, StageError
 from engine.model import UserContext
 from engine.strictness import a_json_kind, refused_keys, strict_object
-from engine.yamlsource import NotJson, refuse_json_constant, unicode_problem, unmatchable_problem, unreadable_strings
+from engine.yamlsource import (NotJson, refuse_json_constant, refused_key_problem, unicode_problem, unmatchable_problem,
+                               unreadable_strings)
 
 # /2 (Sieve 0.8.0): the trace log is one of the values a resumed batch must share (/1, up to 0.7.0, did not require
 # it): an engine that knows only /1 refuses a /2 sidecar rather than resuming it without that check
@@ -192,9 +193,7 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
         return None, [f"not JSON ({exc})"]
     if not isinstance(record, dict):
         return None, [f"expected a JSON object with id and text, got {a_json_kind(record)}"]
-    flawed = [f"key {'.'.join(path)!r} given twice" if flaw == "duplicated" else
-              f"key '{_printable('.'.join(path))}' is not valid Unicode text (it holds a lone surrogate)"
-              for path, flaw in refused_keys(record)]
+    flawed = [refused_key_problem(path, flaw) for path, flaw in refused_keys(record)]
     if flawed:  # which of the two values was meant cannot be told: nothing else is judged on the line
         return None, flawed
     problems = [f"unknown key '{key}'{_hint(key, QUERY_KEYS + BEIR_KEYS)}; known: {', '.join(QUERY_KEYS)} (and "
@@ -248,11 +247,6 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
         return None, problems
     assert query_id is not None and isinstance(query_text, str)
     return BatchQuery(0, query_id, query_text, tuple(history or ()), user, as_of, language), []
-
-
-def _printable(text: str) -> str:
-    """``text`` as UTF-8 can carry it: a lone surrogate becomes its escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _make_query(pipeline: Any, query: BatchQuery, default_user: UserContext, default_as_of: datetime) -> Any:
