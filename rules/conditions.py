@@ -1216,6 +1216,10 @@ def compile_condition(spec: Condition, scope: Scope, path: tuple[str | int, ...]
             compiled = compile_expression(spec.expr, names)
         except ExpressionError as exc:
             raise CompileError(f"{exc} in expression {spec.expr!r}", path + ("expr",)) from None
+        for field, value, negated in compiled.literal_tests:
+            problem = _text_operand_problem(field, value, negated)
+            if problem is not None:
+                raise CompileError(f"{problem} (in expression {spec.expr!r})", path + ("expr",))
         return Expr(compiled)
     assert spec.field is not None
     _check_field(spec.field, scope, path + ("field",))
@@ -1239,30 +1243,32 @@ def _always_text(field: str) -> str | None:
     return None
 
 
+def _text_operand_problem(field: str, value: Any, negated: bool) -> str | None:
+    """Why testing ``field`` for equality with (or membership of) ``value`` can never decide anything: the field is
+    query-side, always text, and ``value`` a number or true/false, which no comparison coerces
+    (``user.attributes.level eq 1`` is never true for the attribute "1"). None where the test can decide."""
+    why = _always_text(field)
+    kind = kind_of(value)
+    if why is None or kind is None or kind == "a string":
+        return None
+    shown = _show(value)
+    written = f"the number {shown}" if kind == "a number" else shown
+    outcome = "always" if negated else "never"
+    return (f"{field} is always text ({why}), never {written}: this condition would {outcome} hold, as no value "
+            f"is coerced; write the value quoted: '{shown}'")
+
+
 def _check_text_operand(spec: Condition, path: tuple[str | int, ...]) -> None:
-    """An ``eq``/``in``/``contains`` test (or its negation) of a query-side field, which always holds text, with a
-    number or true/false could never decide anything, since no value is coerced (``user.attributes.level eq 1`` is
-    never true for the attribute "1"): refused, naming the field and the value to quote."""
+    """An ``eq``/``in``/``contains`` test (or its negation) of a query-side field with a number or true/false:
+    refused, naming the field and the value to quote (:func:`_text_operand_problem`)."""
     assert spec.field is not None and spec.op is not None
     if NEGATED.get(spec.op, spec.op) not in TYPED_OPS or spec.value_from is not None:
         return
-    why = _always_text(spec.field)
-    if why is None:
-        return
     values = spec.value if isinstance(spec.value, list) else [spec.value]
     for index, value in enumerate(values):
-        kind = kind_of(value)
-        if kind is None or kind == "a string":
-            continue
-        shown = _show(value)
-        written = f"the number {shown}" if kind == "a number" else shown
-        outcome = "always" if spec.op in NEGATED else "never"
-        at = path + (("value", index) if isinstance(spec.value, list) else ("value",))
-        raise CompileError(
-            f"{spec.field} is always text ({why}), never {written}: this condition would {outcome} hold, as no value "
-            f"is coerced; write the value quoted: '{shown}'",
-            at,
-        )
+        problem = _text_operand_problem(spec.field, value, spec.op in NEGATED)
+        if problem is not None:
+            raise CompileError(problem, path + (("value", index) if isinstance(spec.value, list) else ("value",)))
 
 
 def _check_field(field: str, scope: Scope, path: tuple[str | int, ...]) -> None:

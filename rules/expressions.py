@@ -629,11 +629,12 @@ class CompiledExpression:
 
     def __init__(
         self, source: str, names: frozenset[str], template_expression: Any,
-        members: dict[str, frozenset[str]] | None = None,
+        members: dict[str, frozenset[str]] | None = None, literal_tests: tuple[tuple[str, Any, bool], ...] = (),
     ):
         self.source = source
         self.names = names  # the top-level variables it reads
         self.members = members or {}  # name -> constant keys read on it (`score.rerank`, `score['x']`)
+        self.literal_tests = literal_tests  # (field, constant, negated) of each `field == constant`-like test
         self._expression = template_expression
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
@@ -759,4 +760,56 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
         raise ExpressionError(f"syntax error: {exc.message}") from None
     except (RecursionError, MemoryError, SyntaxError):  # pragma: no cover - a backstop: the depth was measured first
         raise _too_deep() from None
-    return CompiledExpression(source, frozenset(names), compiled, {k: frozenset(v) for k, v in members.items()})
+    return CompiledExpression(
+        source, frozenset(names), compiled, {k: frozenset(v) for k, v in members.items()}, _literal_tests(every_node)
+    )
+
+
+_EQUALITY_OPS = {"eq": False, "ne": True, "in": False, "notin": True}  # op -> negated
+
+
+def _dotted(node: nodes.Node) -> str | None:
+    """``user.attributes.level`` for ``user.attributes.level`` or ``user['attributes']['level']``; None for anything
+    that is not a plain name with constant members."""
+    parts: list[str] = []
+    while True:
+        if isinstance(node, nodes.Getattr):
+            parts.append(node.attr)
+            node = node.node
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            parts.append(node.arg.value)
+            node = node.node
+        elif isinstance(node, nodes.Name):
+            return ".".join([node.name, *reversed(parts)])
+        else:
+            return None
+
+
+def _literals(node: nodes.Node) -> list[Any] | None:
+    """The constant(s) a comparison operand writes: ``1``, or each item of ``[1, 2]``; None if not constant."""
+    if isinstance(node, nodes.Const):
+        return [node.value]
+    if isinstance(node, (nodes.List, nodes.Tuple)) and all(isinstance(item, nodes.Const) for item in node.items):
+        return [item.value for item in node.items]
+    return None
+
+
+def _literal_tests(every_node: list[nodes.Node]) -> tuple[tuple[str, Any, bool], ...]:
+    """Each equality or membership test of a dotted field against a written constant, as (field, constant, negated):
+    ``user.attributes.level == 1`` gives ``("user.attributes.level", 1, False)``, ``1 not in user.roles``
+    ``("user.roles", 1, True)``. The caller decides which fields can never equal which constants."""
+    found: list[tuple[str, Any, bool]] = []
+    for node in every_node:
+        if not isinstance(node, nodes.Compare):
+            continue
+        left = node.expr
+        for operand in node.ops:
+            right = operand.expr
+            negated = _EQUALITY_OPS.get(operand.op)
+            if negated is not None:
+                for field_side, value_side in ((left, right), (right, left)):
+                    field, values = _dotted(field_side), _literals(value_side)
+                    if field is not None and values is not None:
+                        found.extend((field, value, negated) for value in values)
+            left = right
+    return tuple(found)

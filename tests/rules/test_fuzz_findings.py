@@ -347,3 +347,27 @@ def test_good_index_settings_of_a_rule_test_load(tmp_path):
             "entities: {ner: false}}\nas_of: 2025-06-01\n")
     spec, _ = load_test_file(_test_file(tmp_path, head))
     assert spec.index_settings == {"bm25": {"k1": 1.2, "tokenizer": {"language": "zh"}}, "entities": {"ner": False}}
+
+
+@pytest.mark.parametrize(("expression", "says"), [
+    ("user.attributes.level == 1", "user.attributes.level is always text (user attributes are strings), never the "
+     "number 1: this condition would never hold"),
+    ("user['attributes']['level'] != 2", "user.attributes.level is always text"),
+    ("1 in user.roles", "user.roles is always text"),
+    ("user.attributes.tier not in [1, 'gold']", "never the number 1: this condition would always hold"),
+    ("query.text | length > 3 and query.language == true", "query.language is always text"),
+])
+def test_an_expression_comparing_a_query_side_field_with_an_unquoted_number_is_a_located_error(
+        tmp_path, expression, says):
+    path = _rule_file(tmp_path, "override", f'{{id: r, action: bury, docs: [a], when: {{expr: "{expression}"}}}}')
+    message = _load_errors(path, "override")
+    assert "rules.0.when.expr: rule 'r': " in message and says in message and expression in message, message
+
+
+@pytest.mark.parametrize("expression", [
+    "user.attributes.level == '1'", "user.attributes.level | int == 1", "as_of.year == 2025",
+    "user.roles | length == 1", "'1' in user.roles", "user.attributes == 1",
+])
+def test_expressions_that_can_decide_are_still_accepted(tmp_path, expression):
+    path = _rule_file(tmp_path, "override", f'{{id: r, action: bury, docs: [a], when: {{expr: "{expression}"}}}}')
+    assert len(load_rule_file(path, "override").rules) == 1
