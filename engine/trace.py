@@ -425,7 +425,7 @@ def _moved_problem(handle: Any, position: _Position) -> str | None:
             "took its place")
 
 
-def _holds_at(path: Path, position: _Position) -> bool:
+def _holds_record_where_written(path: Path, position: _Position) -> bool:
     """Whether the file at ``path`` holds the record where it was written (one read of a few hundred bytes)."""
     try:
         with open(path, "rb") as handle:
@@ -450,7 +450,7 @@ def _stat_or_none(path: Path) -> os.stat_result | None:
         return None
 
 
-def _holds(segment: Path, position: _Position) -> bool:
+def _chain_holds_record(segment: Path, position: _Position) -> bool:
     """Whether the file ``segment`` holds the record ``position`` names (seq, hash; the chain up to it intact)."""
     try:
         record = TraceLog(segment)._find_in_segment(None, position.seq)
@@ -487,7 +487,7 @@ def _not_continued(path: Path, opened: os.stat_result, position: _Position) -> s
     while True:
         previous = _previous_segment(segment)
         if previous is None or position.seq > previous.seq:  # the record would be in this segment
-            if _holds(segment, position):
+            if _chain_holds_record(segment, position):
                 return None
             if segment == path and opened.st_size == 0:
                 problem = "an empty file is there (a log rotated by other means than `sieve trace rotate`?)"
@@ -500,7 +500,7 @@ def _not_continued(path: Path, opened: os.stat_result, position: _Position) -> s
             return None  # rotated right after the record: the marker links to it by its hash
         archived = _stat_or_none(previous.path)
         consulted.append((str(previous.path), _fingerprint(archived)))
-        if archived is not None and position.same_file(archived) and _holds_at(previous.path, position):
+        if archived is not None and position.same_file(archived) and _holds_record_where_written(previous.path, position):
             return None  # rotated: the archive is the file the record was appended to (not its inode number reused)
         if archived is None and position.seq <= previous.last_seq:
             return None  # rotated, its archive (or an older one, holding the record) moved away since: check_log notes it
