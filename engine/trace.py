@@ -500,7 +500,8 @@ def _not_continued(path: Path, opened: os.stat_result, position: _Position) -> s
             return None  # rotated right after the record: the marker links to it by its hash
         archived = _stat_or_none(previous.path)
         consulted.append((str(previous.path), _fingerprint(archived)))
-        if archived is not None and position.same_file(archived) and _holds_record_where_written(previous.path, position):
+        if (archived is not None and position.same_file(archived)
+                and _holds_record_where_written(previous.path, position)):
             return None  # rotated: the archive is the file the record was appended to (not its inode number reused)
         if archived is None and position.seq <= previous.last_seq:
             return None  # rotated, its archive (or an older one, holding the record) moved away since: check_log notes it
