@@ -65,10 +65,13 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 def _parse_time(value: str | None, option: str) -> datetime | None:
     if value is None:
         return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise SieveError(f"{option} must be an ISO 8601 date or time (e.g. 2026-01-31T12:00:00Z), got {value!r}") from None
+    from engine.model import iso_moment
+
+    moment = iso_moment(value)
+    if moment is None:
+        raise SieveError(f"{option} must be an ISO 8601 date or time within years 1-9999 (e.g. 2026-01-31 or "
+                         f"2026-01-31T12:00:00Z), got {value!r}")
+    return moment
 
 
 @app.command()

@@ -57,6 +57,7 @@ from pydantic import ConfigDict, ValidationError
 from engine import __version__
 from engine.errors import SieveError, SieveIndexError
 from engine.strictness import NoCoercion, a_json_kind, json_kind
+from engine.yamlsource import NotJson, refuse_json_constant
 
 if TYPE_CHECKING:
     from engine.yamlsource import SourceMap
@@ -250,7 +251,9 @@ def iter_corpus(path: Path, max_errors: int = 20, digest: Any = None) -> Iterato
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw)
+                    record = json.loads(raw, parse_constant=refuse_json_constant)
+                except NotJson as exc:  # NaN, Infinity: Python's json reads them, no JSON reader does
+                    problems.append(f"{path}:{number}: {exc}")
                 except RecursionError:
                     problems.append(f"{path}:{number}: the JSON is nested too deeply (more than {MAX_NESTING} levels)")
                 except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert

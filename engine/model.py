@@ -20,6 +20,44 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from engine.errors import QueryError
 
 DEFAULT_MAX_QUERY_CHARS = 4096
+# What Sieve reads as a moment, everywhere (a query's as_of, a document's date, a rule's date): ISO 8601's
+# calendar date (2025-06-01 or 20250601), optionally a time after T, t or a space, optionally Z, z or an offset.
+# Python's fromisoformat alone takes any character between date and time ("2025-06-01x10:00") and week dates.
+_ISO_MOMENT = re.compile(
+    r"(?:\d{4}-\d{2}-\d{2}|\d{8})"
+    r"(?:[Tt ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d{1,9})?)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2}(?::?\d{2})?)?)?)?")
+
+
+def utc(moment: datetime) -> datetime | None:
+    """``moment`` in UTC (a naive one is UTC already); None when that falls outside years 1-9999 (year 1 at
+    +14:00 is year 0 in UTC). Every moment Sieve compares is in UTC, so that a month back from as_of, or its hour,
+    is counted on one clock whatever offset the caller wrote it with."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        return None
+
+
+def iso_moment(text: str) -> datetime | None:
+    """An ISO 8601 date or date-time (``_ISO_MOMENT``; a date alone is its UTC midnight) as an aware UTC
+    datetime; None when it is not one, or not one within years 1-9999 in UTC."""
+    text = text.strip()
+    if len(text) > 40 or not _ISO_MOMENT.fullmatch(text):
+        return None
+    if text[-1] in "Zz":
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return utc(parsed)
+
+
+def is_date_only(text: str) -> bool:
+    """Whether ``text`` is a calendar date alone (2025-06-30, 20250630), not a date-time."""
+    return re.fullmatch(r"\d{4}-\d{2}-\d{2}|\d{8}", text.strip()) is not None
 LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")  # BCP 47's shape: en, zh-CN, zh-Hant-TW
 
 
@@ -55,9 +93,11 @@ class Query(BaseModel):
     @field_validator("as_of")
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value
+        """In UTC (naive is UTC): rules count months and read hours on one clock, whatever the offset given."""
+        moment = utc(value)
+        if moment is None:
+            raise ValueError(f"as_of {value.isoformat()} is outside years 1-9999 in UTC")
+        return moment
 
     @property
     def effective_text(self) -> str:
@@ -97,6 +137,11 @@ class Query(BaseModel):
             # a number would be read as Unix seconds, a string not at all: the caller converts, knowingly
             raise QueryError(f"as_of must be a datetime (e.g. datetime.fromisoformat('2025-06-01T00:00:00+00:00')), "
                              f"not a {type(as_of).__name__}")
+        if as_of is not None:
+            moment = utc(as_of)
+            if moment is None:
+                raise QueryError(f"as_of {as_of.isoformat()} is outside years 1-9999 in UTC")
+            as_of = moment
         if language is not None and not (isinstance(language, str) and LANGUAGE_TAG.fullmatch(language)):
             raise QueryError(f"language must be a language tag such as en or zh-CN, not {language!r}")
         for i, turn in enumerate(history):

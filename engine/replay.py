@@ -144,6 +144,7 @@ def replay_trace(
     result = pipeline.run(query, deadline_cuts=cuts)
     now = _plain(result.trace)
     before_trace = _plain({k: v for k, v in trace.items() if k != "log"})
+    _as_of_in_utc(before_trace, now, notes)
     differences_before_index = len(differences)
     differences.extend(_model_differences(before_trace.get("models") or [], now.get("models") or []))
     differences.extend(_rewrite_differences(before_trace.get("query") or {}, now.get("query") or {}))
@@ -192,6 +193,23 @@ def replay_trace(
         "index_manifest_sha256": (now.get("index") or {}).get("manifest_sha256") or "",
         "replay_trace_id": result.trace["trace_id"],
     }
+
+
+def _as_of_in_utc(before: dict[str, Any], now: dict[str, Any], notes: list[str]) -> None:
+    """A trace written before 0.9.0 records ``as_of`` with the offset it was given (2025-03-30T20:00:00-05:00);
+    the engine now reads every as_of in UTC, so the replay's record says the same moment in UTC. That is a note;
+    what rules judged on the caller's clock (a month back, an hour) shows as a difference of results, if any."""
+    recorded, replayed = (before.get("query") or {}).get("as_of"), (now.get("query") or {}).get("as_of")
+    if not isinstance(recorded, str) or not isinstance(replayed, str) or recorded == replayed:
+        return
+    try:
+        same = datetime.fromisoformat(recorded) == datetime.fromisoformat(replayed)
+    except ValueError:
+        return
+    if same:
+        before["query"]["as_of"] = replayed
+        notes.append(f"as_of was recorded as {recorded}; this engine reads it in UTC, {replayed} (rules count months "
+                     "and read hours on the UTC clock since 0.9.0)")
 
 
 def _plain(value: Any) -> Any:

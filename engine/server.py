@@ -86,6 +86,7 @@ import contextlib
 import email.message
 import json
 import logging
+import logging.config
 import os
 import re
 import socket
@@ -105,7 +106,7 @@ from pydantic import StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from engine.errors import QueryError, SieveError
-from engine.model import LANGUAGE_TAG, UserContext
+from engine.model import LANGUAGE_TAG, UserContext, iso_moment
 from engine.strictness import LONE_SURROGATE, FlawedObject, json_kind, refused_keys, strict_object
 
 if TYPE_CHECKING:
@@ -192,11 +193,11 @@ class SearchBody(BaseModel):
         if not isinstance(value, str):
             raise PydanticCustomError("iso_8601", "must be an ISO 8601 date or date-time string (e.g. 2025-06-01 "
                                       "or 2025-06-01T12:00:00Z), not a {kind}", {"kind": json_kind(value)})
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            raise PydanticCustomError("iso_8601", "not an ISO 8601 date or date-time (e.g. 2025-06-01 or "
-                                      "2025-06-01T12:00:00Z)") from None
+        moment = iso_moment(value)
+        if moment is None:
+            raise PydanticCustomError("iso_8601", "not an ISO 8601 date or date-time within years 1-9999 (e.g. "
+                                      "2025-06-01 or 2025-06-01T12:00:00Z)")
+        return moment
 
     @field_validator("language")
     @classmethod
@@ -1033,7 +1034,27 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
             probe.bind((host, port))
         except OSError as exc:
             raise SieveError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    logging.config.dictConfig(log_config())  # before warm-up, whose warnings are logged
     pipelines = load_pipelines(configs)
     app = create_app(pipelines, body_timeout=body_timeout)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
-                limit_concurrency=limit_concurrency)
+                limit_concurrency=limit_concurrency, log_config=log_config())
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging set-up, each line stamped with its UTC time (2026-11-28T01:02:03Z), and Sieve's own
+    messages (a rule file changed, an index replaced, a pipeline failing) through the same handler: an operator
+    lines them up with the trace log's UTC times."""
+    import copy
+
+    import uvicorn.config
+    import uvicorn.logging
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    bases = {"default": uvicorn.logging.DefaultFormatter, "access": uvicorn.logging.AccessFormatter}
+    for name, formatter in config["formatters"].items():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+        formatter["datefmt"] = "%Y-%m-%dT%H:%M:%SZ"
+        formatter["()"] = type(f"Utc{bases[name].__name__}", (bases[name],), {"converter": staticmethod(time.gmtime)})
+    config["loggers"]["sieve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config

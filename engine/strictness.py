@@ -27,9 +27,9 @@ import types
 import typing
 from collections.abc import Iterator
 from datetime import date, datetime
-from typing import Any
+from typing import Annotated, Any, Union
 
-from pydantic import AfterValidator, BaseModel, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 _NUMBER = (int, float)
@@ -134,6 +134,25 @@ def coercion_problem(value: Any, annotation: Any) -> str | None:
             if problem is not None:
                 return f"'{key}': {problem} (got {element!r})"
     return None
+
+
+def iso_text_moment(value: Any) -> Any:
+    """A ``BeforeValidator`` for a field holding a moment: text read by Sieve's one parser
+    (``engine.model.iso_moment``: the shapes a query's ``as_of`` and documents' dates take), so that the field reads
+    ``2025-06-01t10:00:00z`` as they do and refuses ``2025-06-01x10:00``, once; text that is only a number is left to
+    :class:`NoCoercion`, which refuses it."""
+    from engine.model import iso_moment
+
+    if not isinstance(value, str) or _numeric(value):
+        return value
+    moment = iso_moment(value)
+    if moment is None:
+        raise PydanticCustomError("iso_8601", "not an ISO 8601 date or date-time within years 1-9999 (e.g. 2025-06-30 "
+                                  "or 2025-06-30T12:00:00Z)")
+    return moment
+
+
+IsoMoment = Annotated[Union[datetime, date], BeforeValidator(iso_text_moment)]
 
 
 class NoCoercion(BaseModel):

@@ -1096,6 +1096,47 @@ class AllOf(Node):
         return result
 
 
+class Window(AllOf):
+    """Bounds on one date field (a ``date_range``), held by one and the same element of it: a document dated
+    ``[2010-01-01, 2030-01-01]`` is not inside [2020, 2025), though 2030 is on or after 2020 and 2010 before 2025
+    (an :class:`AllOf` of its bounds takes each from any element). A single value is judged as by ``AllOf``."""
+
+    def __init__(self, field: str, bounds: list[Leaf]):
+        super().__init__(list(bounds))
+        self.field = field
+        self.bounds = bounds
+
+    def _inside(self, elements: Sequence[Any], view: QueryView) -> Any:
+        """The first element inside every bound, or MISSING."""
+        operands = [bound._runtime_operand(view) for bound in self.bounds]
+        for element in elements:
+            if all(bound.test_value(element, operand)[0] for bound, operand in zip(self.bounds, operands)):
+                return element
+        return MISSING
+
+    def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
+        value = subject.get(self.field)
+        if not isinstance(value, (list, tuple)):
+            return super().evaluate(subject, evidence)
+        inside = self._inside(value, subject.view)
+        if inside is MISSING:
+            return False
+        if evidence is not None:
+            evidence.append({"field": self.field, "op": "date_range", "matched": _plain(inside)})
+        return True
+
+    def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
+        result = super()._vector(table, view, frame)
+        codes, uniques = table.factorized(self.field)
+        listed = [code for code, unique in enumerate(uniques) if isinstance(unique, (list, tuple))]
+        if listed:
+            result = result.copy()  # it may be a bound's own vector, cached with the table
+            row_codes = codes if frame is None else codes[frame.rows]
+            for code in listed:
+                result[row_codes == code] = self._inside(uniques[code], view) is not MISSING
+        return result
+
+
 class AnyOf(AllOf):
     def evaluate(self, subject: Subject, evidence: list[dict[str, Any]] | None = None) -> bool:
         for child in self.children:
@@ -1217,7 +1258,8 @@ def compile_condition(spec: Condition, scope: Scope, path: tuple[str | int, ...]
         except ExpressionError as exc:
             raise CompileError(f"{exc} in expression {spec.expr!r}", path + ("expr",)) from None
         for field, value, negated in compiled.literal_tests:
-            problem = _text_operand_problem(field, value, negated)
+            problem = (_as_of_problem("ne" if negated else "eq", value) if field == "as_of"
+                       else _text_operand_problem(field, value, negated))
             if problem is not None:
                 raise CompileError(f"{problem} (in expression {spec.expr!r})", path + ("expr",))
         return Expr(compiled)
@@ -1226,6 +1268,10 @@ def compile_condition(spec: Condition, scope: Scope, path: tuple[str | int, ...]
     if spec.value_from is not None:
         _check_field(spec.value_from, "query", path + ("value_from",))
     _check_text_operand(spec, path)
+    if spec.field == "as_of" and spec.value_from is None:
+        problem = _as_of_problem(spec.op, spec.value)
+        if problem is not None:
+            raise CompileError(problem, path + ("op",))
     return Leaf(spec)
 
 
@@ -1269,6 +1315,39 @@ def _check_text_operand(spec: Condition, path: tuple[str | int, ...]) -> None:
         problem = _text_operand_problem(spec.field, value, spec.op in NEGATED)
         if problem is not None:
             raise CompileError(problem, path + (("value", index) if isinstance(spec.value, list) else ("value",)))
+
+
+AS_OF_HINT = ("compare it with ge, lt, before or after and a date (2025-01-01), a date-time or a relative date "
+              "(as_of - 30d); for a rule in force on given days, give the rule from: and until:")
+
+
+def _as_of_problem(op: str, value: Any) -> str | None:
+    """Why a test of ``as_of`` (a moment, in UTC) against a written ``value`` could never decide anything: equality
+    with a moment almost never holds (``eq 2025-01-01`` never did: it was compared with text), and text or
+    numbers are no moment. None for an ordered comparison with a date or a relative date."""
+    positive = NEGATED.get(op, op)
+    if positive == "exists":
+        return None
+    if positive in ORDER_OPS:
+        if _as_date_operand(value) is not None:
+            return None
+        return f"as_of is a moment, and {_show(value)} is no date: this condition would never hold; {AS_OF_HINT}"
+    outcome = "always" if op in NEGATED else "never"
+    return f"as_of is a moment: `{op}` with {_show(value)} would {outcome} hold; {AS_OF_HINT}"
+
+
+def relative_tests(node: Node | None) -> tuple["Leaf", ...]:
+    """The tests of a condition that compare with a relative date (``doc.date ge as_of - 1mo``), in order."""
+    found: list[Leaf] = []
+    stack = [node] if node is not None else []
+    while stack:
+        current = stack.pop()
+        if isinstance(current, Leaf) and isinstance(current.literal, RelativeDate):
+            found.append(current)
+        stack.extend(reversed(getattr(current, "children", ())))
+        if getattr(current, "child", None) is not None:
+            stack.append(current.child)  # type: ignore[attr-defined]
+    return tuple(found)
 
 
 def _check_field(field: str, scope: Scope, path: tuple[str | int, ...]) -> None:

@@ -32,7 +32,7 @@ every finding an error, ``lenient`` makes every finding a warning.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -54,7 +54,7 @@ from rules.conditions import (
     brief,
     kind_of,
 )
-from rules.ruleset import CompiledRule, Kind, RuleFileError, RuleSet, load_rule_file, today_utc
+from rules.ruleset import CompiledRule, Kind, RuleFileError, RuleSet, load_rule_file
 
 if TYPE_CHECKING:
     from rules.corpus import DocumentTable, Tally
@@ -259,15 +259,17 @@ def score_references(rule: CompiledRule) -> Iterator[tuple[tuple[str | int, ...]
 
 
 def check_rules(ruleset: RuleSet, today: datetime | None = None) -> list[ConfigIssue]:
-    """Findings that need only the rule file, graded by the file's strictness."""
-    today = today if today is not None else today_utc()
+    """Findings that need only the rule file, graded by the file's strictness; an expired rule is a warning
+    whatever the strictness: it depends on the clock, not the file, and a query with an earlier ``as_of`` (a
+    replay, a rule test) still sees it fire, so it must not stop the file loading the day after its ``until``."""
+    now = today if today is not None else datetime.now(timezone.utc)
     findings: list[Finding] = []
     for rule in ruleset.rules:
-        if rule.end is not None and rule.end <= today and rule.spec.enabled:
+        if rule.end is not None and rule.end <= now and rule.spec.enabled:
             findings.append(Finding(
                 "expired", "warning", rule, ("until",),
                 f"rule '{rule.id}' has expired (until {_shown_until(rule)}): it no longer fires for current "
-                "queries (keep it for replays, or remove it)",
+                "queries (keep it for replays, or remove it)", graded=False,
             ))
     if ruleset.kind == "override":
         findings.extend(_pin_findings(ruleset))

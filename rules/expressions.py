@@ -51,6 +51,8 @@ from jinja2.runtime import Undefined, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 from markupsafe import Markup
 
+from engine.model import iso_moment, utc
+
 MAX_EXPRESSION_CHARS = 2000
 # Deepest nesting an expression may have (see the module's docstring). Jinja's parser takes about 14.5 Python frames
 # per bracket, so 40 brackets take under 600 of Python's default recursion limit of 1000, leaving the rest to whatever
@@ -405,6 +407,11 @@ class _RuleCodeGenerator(CodeGenerator):
         self.write("))")
 
 
+# Methods of dates that read the machine's clock (now, today) or its time zone (astimezone() with no zone,
+# fromtimestamp without one): a rule using them would judge differently on another machine or day than its replay.
+CLOCK_READERS = frozenset({"now", "today", "utcnow", "fromtimestamp", "utcfromtimestamp", "astimezone"})
+
+
 class RuleEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox rule expressions run in."""
 
@@ -479,6 +486,11 @@ class RuleEnvironment(ImmutableSandboxedEnvironment):
 
         return update_wrapper(wrapper, value)
 
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if attr in CLOCK_READERS and isinstance(obj, (date, datetime, type)):
+            return False  # as_of.now(), as_of.astimezone(): the machine's clock or time zone, which no replay has
+        return super().is_safe_attribute(obj, attr, value)
+
     def getattr(self, obj: Any, attribute: str) -> Any:
         if attribute.startswith("_"):
             raise SecurityError(f"access to attribute {attribute!r} is not allowed")
@@ -511,22 +523,14 @@ def environment() -> RuleEnvironment:
 
 
 def parse_date(value: Any) -> datetime | None:
-    """ISO date or datetime (string, date or datetime) to an aware UTC datetime; None if it is not one."""
+    """ISO date or datetime (string, date or datetime) to an aware UTC datetime (``engine.model.iso_moment``'s
+    shapes); None if it is not one."""
     if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+        return utc(value)
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
     if isinstance(value, str):
-        text = value.strip()
-        if not text or len(text) > 40:
-            return None
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
-        try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+        return iso_moment(value)
     return None
 
 
@@ -752,6 +756,10 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
             attr = node.arg.value
         if attr is not None and attr.startswith("_"):
             raise ExpressionError(f"access to {attr!r} is not allowed (names starting with '_' are internals)")
+        if attr in CLOCK_READERS and isinstance(node.node, nodes.Name) and node.node.name == "as_of":
+            raise ExpressionError(
+                f"as_of.{attr} reads the machine's clock or time zone, which a replay on another day or machine does "
+                "not share: use as_of itself (the query's time, in UTC; as_of.hour is its UTC hour)")
         if attr is not None and isinstance(node.node, nodes.Name):
             members.setdefault(node.node.name, set()).add(attr)
     try:

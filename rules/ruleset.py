@@ -45,6 +45,7 @@ from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_v
 from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError, ConfigIssue, Location
+from engine.model import is_date_only
 from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
 from engine.strictness import NoCoercion
 from rules.conditions import (
@@ -57,8 +58,10 @@ from rules.conditions import (
     Node,
     Scope,
     Subject,
+    Window,
     compile_condition,
     relative_date_problem,
+    relative_tests,
 )
 from rules.expressions import parse_date
 from rules.messages import analyst_issues
@@ -138,7 +141,7 @@ class RuleBase(_Strict):
             parsed = parse_date(value)
             if parsed is None:
                 raise _err("not an ISO date or date-time (e.g. 2025-06-30 or 2025-06-30T12:00:00Z)")
-            return parsed if "T" in value or " " in value.strip() else parsed.date()
+            return parsed.date() if is_date_only(value) else parsed  # a date alone: the whole (UTC) day
         return value
 
     @model_validator(mode="after")
@@ -195,7 +198,9 @@ class DateRangeRule(RuleBase):
         from rules.conditions import RELATIVE_DATE
 
         if isinstance(value, str) and not RELATIVE_DATE.match(value) and parse_date(value) is None:
-            raise _err("not a date: write an ISO date (2025-01-31) or a relative one (as_of, as_of - 30d, as_of - 6mo, as_of - 1y)")
+            raise _err("not a date: write an ISO date (2025-01-31, 2025-01-31T12:00:00Z) or a relative one: as_of, "
+                       "or as_of - or + a whole number and a unit in lower case, h (hours), d (days), w (weeks), "
+                       "mo (months) or y (years), e.g. as_of - 30d, as_of - 6mo, as_of + 12h")
         problem = relative_date_problem(value)
         if problem is not None:
             raise _err(problem, shows_input=True)
@@ -345,6 +350,7 @@ class CompiledRule:
     start: datetime | None
     end: datetime | None
     effect: Literal["include", "exclude"] | None = None  # prefilter rules
+    _relative: tuple[Leaf, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -360,6 +366,14 @@ class CompiledRule:
 
     def active_at(self, as_of: datetime) -> bool:
         return (self.start is None or as_of >= self.start) and (self.end is None or as_of < self.end)
+
+    def resolved_dates(self, as_of: datetime) -> dict[str, str]:
+        """Each relative date the rule's conditions compare with, as it resolved at ``as_of`` (UTC), by the test that
+        reads it (``{"doc.date ge as_of - 1mo": "2025-02-28T01:00:00+00:00"}``): for the trace, so that an auditor
+        need not redo the calendar arithmetic. Empty (and cheap) for a rule without one."""
+        if self._relative is None:
+            self._relative = relative_tests(self.when) + relative_tests(self.match)
+        return {test.describe(): test.literal.resolve(as_of).isoformat() for test in self._relative}
 
     def inactive_reason(self, as_of: datetime) -> str | None:
         """Why this rule does not apply at ``as_of`` (disabled, not yet valid, expired), or None."""
@@ -757,15 +771,11 @@ def _sugar(spec: RuleBase, default_deny: bool) -> Node:
         return AnyOf(parts)
     assert isinstance(spec, DateRangeRule)
     path = f"doc.{spec.field_name}"
-    bounds: list[Node] = []
+    bounds: list[Leaf] = []
     if spec.on_or_after is not None:
         bounds.append(Leaf(Condition(field=path, op="ge", value=spec.on_or_after)))
     if spec.before is not None:
         bounds.append(Leaf(Condition(field=path, op="before", value=spec.before)))
-    inside: Node = bounds[0] if len(bounds) == 1 else AllOf(bounds)
+    inside: Node = bounds[0] if len(bounds) == 1 else Window(path, bounds)
     return AnyOf([inside, Absent(path)]) if missing == "allow" else inside
 
-
-def today_utc() -> datetime:
-    now = datetime.now(timezone.utc)
-    return datetime(now.year, now.month, now.day, tzinfo=timezone.utc)

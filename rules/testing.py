@@ -40,9 +40,8 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -50,7 +49,7 @@ from pydantic_core import PydanticCustomError
 from engine.config import issues_from_validation
 from engine.errors import ConfigError, ConfigIssue, Location
 from engine.yamlsource import SourceMap, load_yaml_file, path_problem
-from engine.strictness import NoCoercion
+from engine.strictness import IsoMoment, NoCoercion
 from rules.expressions import parse_date
 
 TEST_FILE_SUFFIX = ".tests.yaml"
@@ -119,7 +118,7 @@ class Case(_Strict):
     query: str = Field(min_length=1)
     history: list[str] = Field(default_factory=list)
     user: UserSpec = Field(default_factory=UserSpec)
-    as_of: Optional[Union[datetime, date]] = None
+    as_of: Optional[IsoMoment] = None
     entities: list[EntitySpec] = Field(default_factory=list)
     expect: list[Expectation] = Field(min_length=1)
 
@@ -137,7 +136,7 @@ class RuleTestFile(_Strict):
         "them, e.g. {bm25: {tokenizer: {language: zh}}} for Chinese (else an English BM25 index is built)"
     )
     index: Optional[str] = Field(None, description="index directory to use instead of the pipeline's")
-    as_of: Optional[Union[datetime, date]] = Field(None, description="default query time of every case")
+    as_of: Optional[IsoMoment] = Field(None, description="default query time of every case")
     cases: list[Case] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -87,9 +87,13 @@ def parse_date(value: Any) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) and EARLIEST_SECONDS <= value <= LATEST_SECONDS else None
-    parsed = parse_rule_date(value)
-    return parsed.timestamp() if parsed is not None else None
+        seconds = float(value)
+    else:
+        parsed = parse_rule_date(value)
+        if parsed is None:
+            return None
+        seconds = parsed.timestamp()  # 9999-12-31T23:59:59.99999Z rounds up to 253402300800.0: out of range too
+    return seconds if math.isfinite(seconds) and EARLIEST_SECONDS <= seconds <= LATEST_SECONDS else None
 
 
 UNDATED_WARNING_SHARE = 0.5  # a warm-up warning when at least this share of the index's documents is undated

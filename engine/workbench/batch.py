@@ -35,7 +35,7 @@ from typing import Any
 
 from engine import __version__
 from engine.errors import QueryError, SieveError, StageError
-from engine.model import UserContext
+from engine.model import UserContext, iso_moment
 from engine.strictness import a_json_kind, refused_keys, strict_object
 from engine.yamlsource import (NotJson, refuse_json_constant, refused_key_problem, unicode_problem, unmatchable_problem,
                                unreadable_strings)
@@ -137,10 +137,11 @@ def _parse_as_of(value: Any, what: str) -> tuple[datetime | None, str | None]:
     if not isinstance(value, str):
         return None, (f"{what} must be an ISO 8601 date or time string (e.g. 2026-01-31T12:00:00Z), not "
                       f"{a_json_kind(value)}")
-    try:
-        return datetime.fromisoformat(value), None
-    except ValueError:
-        return None, f"{what} must be an ISO 8601 date or time (e.g. 2026-01-31T12:00:00Z), got {value!r}"
+    moment = iso_moment(value)
+    if moment is None:
+        return None, (f"{what} must be an ISO 8601 date or time within years 1-9999 (e.g. 2026-01-31 or "
+                      f"2026-01-31T12:00:00Z), got {value!r}")
+    return moment, None
 
 
 def _parse_user(value: Any) -> tuple[UserContext | None, list[str]]:

@@ -102,12 +102,22 @@ def test_expired_rule_is_a_warning_and_strictness_grades_findings(write_rules):
     rules = "  - {id: old, action: bury, docs: [d1], until: 2025-05-31}\n"
     (issue,) = findings(write_rules, rules)
     assert issue.severity == "warning" and "has expired (until 2025-05-31)" in issue.message
+    # expiry depends on the clock, not the file: under strict it stays a warning, so that the file still loads
+    # the day after (replays, rule tests and queries with an earlier as_of still see the rule fire)
     (strict,) = findings(write_rules, rules, "strictness: strict\n")
-    assert strict.severity == "error"
-    lenient = findings(write_rules,
-        "  - {id: a, action: pin, docs: [d1], position: 1}\n  - {id: b, action: exclude, docs: [d1]}\n",
-        "strictness: lenient\n")
-    assert [i.severity for i in lenient] == ["warning"]
+    assert strict.severity == "warning"
+    conflict = "  - {id: a, action: pin, docs: [d1], position: 1}\n  - {id: b, action: exclude, docs: [d1]}\n"
+    assert [i.severity for i in findings(write_rules, conflict, "strictness: strict\n")] == ["error"]
+    assert [i.severity for i in findings(write_rules, conflict, "strictness: lenient\n")] == ["warning"]
+
+
+def test_a_rule_whose_until_passed_earlier_today_is_expired(write_rules):
+    """Expiry is judged against the moment, not today's midnight: a date-time until of this morning has passed."""
+    path = write_rules(HEADER.format(extra="") + "  - {id: old, action: bury, docs: [d1], until: '2025-06-01T06:00:00Z'}\n")
+    ruleset = load_rule_file(path)
+    assert check_rules(ruleset, datetime(2025, 6, 1, 5, 59, tzinfo=timezone.utc)) == []
+    (issue,) = check_rules(ruleset, datetime(2025, 6, 1, 6, 0, tzinfo=timezone.utc))
+    assert "has expired" in issue.message
 
 
 def test_corpus_checks(write_rules, medical_index):
