@@ -11,20 +11,20 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
 from engine import __version__
 from engine.errors import ConfigError, MissingDependencyError, SieveError
+from engine.console import EXIT_PIPE_CLOSED, make_console, print_json, utf8_or_escaped
 
 app = typer.Typer(
     name="sieve",
@@ -58,8 +58,8 @@ from stages.rerank.train import train_reranker  # noqa: E402  (torch loads when 
 app.add_typer(rules_app, name="rules")
 app.command("train-reranker")(train_reranker)
 
-out = Console(highlight=False, soft_wrap=True, emoji=False)  # ":100:" in a message is a line number
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = make_console(highlight=False, soft_wrap=True, emoji=False)  # ":100:" in a message is a line number
+err = make_console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
@@ -324,8 +324,13 @@ def search(
     from engine.pipeline import Pipeline
     from engine.trace import write_json_atomic
 
+    if log is not None and no_log:
+        raise SieveError("--log and --no-log together: give one")
     _writable_file(trace_out, "--trace-out")
     pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
+    target = None if no_log else pipeline.log_target(log)
+    if target is not None:  # before the models load and the query runs, not after (a read-only working directory)
+        _writable_file(target.absolute(), "--log" if log is not None else "the config's trace.log")
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
     _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
     trace = result.trace
@@ -333,7 +338,7 @@ def search(
     if trace_out is not None:
         write_json_atomic(trace_out, trace)
     if as_json:
-        out.print_json(json.dumps({"results": trace["results"], "trace": trace, "trace_log": str(log_path) if log_path else None}))
+        print_json({"results": trace["results"], "trace": trace, "trace_log": str(log_path) if log_path else None})
         return
     _print_results(pipeline, result.results, trace, explain)
     where = []
@@ -418,7 +423,7 @@ def replay(
     report = replay_trace(trace, index_path=index_dir, query_text=query, history=history)
     report["source"] = source.to_json()
     if as_json:
-        out.print_json(json.dumps(report))
+        print_json(report)
     else:
         if source.verified:
             out.print(f"[dim]source: {escape(source.message)}[/dim]")
@@ -484,8 +489,7 @@ def trace_head(
 
     head = log_head(log)
     if as_json:
-        out.print_json(json.dumps({"log": str(head.path), "records": head.records, "seq": head.seq,
-                                   "hash": head.hash}))
+        print_json({"log": str(head.path), "records": head.records, "seq": head.seq, "hash": head.hash})
         return
     if head.hash is None:
         out.print(f"{escape(str(log))}: 0 records (an empty log); anchor: --expect-count 0")
@@ -509,9 +513,9 @@ def trace_rotate(
     rotation = rotate_log(log)
     marker = rotation.marker
     if as_json:
-        out.print_json(json.dumps({"log": str(rotation.path), "archive": str(rotation.archive),
-                                   "first_seq": rotation.first_seq, "last_seq": rotation.last_seq,
-                                   "records": marker["seq"] + 1, "seq": marker["seq"], "hash": marker["hash"]}))
+        print_json({"log": str(rotation.path), "archive": str(rotation.archive),
+                    "first_seq": rotation.first_seq, "last_seq": rotation.last_seq,
+                    "records": marker["seq"] + 1, "seq": marker["seq"], "hash": marker["hash"]})
         return
     moved = rotation.last_seq - rotation.first_seq + 1
     out.print(f"{escape(str(rotation.path))}: seq {rotation.first_seq}..{rotation.last_seq} ({moved} record"
@@ -550,11 +554,18 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
         def advance(step: int) -> None:
             progress.advance(tasks[0], step)
 
-        report = evaluate_pipeline(
-            config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,
-            on_start=start, progress=advance, trace_log=trace_log, data=data,
-            user=asked.user if asked else None, as_of=asked.as_of if asked else None, settings=tuple(settings),
-        )
+        try:
+            report = evaluate_pipeline(
+                config, dataset, split=split, index_path=index_dir, limit=limit, recall_k=recall_k,
+                on_start=start, progress=advance, trace_log=trace_log, data=data,
+                user=asked.user if asked else None, as_of=asked.as_of if asked else None, settings=tuple(settings),
+            )
+        except KeyboardInterrupt:
+            done = int(progress.tasks[0].completed) if tasks else 0
+            total = int(progress.tasks[0].total or 0) if tasks else 0
+            logged = f"; their traces are in {trace_log}" if trace_log is not None and done else ""
+            err.print(f"interrupted after {done} of {total} queries{logged}: no figures and no output file written")
+            raise
     _print_warnings(report.warm_up_warnings)
     return report
 
@@ -585,6 +596,20 @@ def _write_output(option: str, path: Path, write: Any) -> None:
     except SieveError as exc:
         raise SieveError(f"could not write {option} {path}: {exc} (the figures above are complete; this file was "
                          "not written)") from None
+
+
+@contextlib.contextmanager
+def _printing_then_writing(outputs: list[tuple[str, Optional[Path], Any, Optional[str]]], *,
+                           quiet: bool) -> Iterator[None]:
+    """Print the figures inside; then write ``outputs`` (:func:`_write_outputs`), also when printing failed with an
+    OSError (stdout a closed pipe, ``| head -1``, or a full disk): the files are what the run made, the printed
+    figures only its report, and an hour's evaluation was lost with them."""
+    try:
+        yield
+    except (OSError, SystemExit):  # SystemExit: rich's answer to a closed pipe (make_console)
+        _write_outputs(outputs, quiet=True)
+        raise
+    _write_outputs(outputs, quiet=quiet)
 
 
 def _write_outputs(outputs: list[tuple[str, Optional[Path], Any, Optional[str]]], *, quiet: bool) -> None:
@@ -628,7 +653,8 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(help=_LIMIT_HELP)] = None,
     recall_k: Annotated[int, typer.Option("--recall-k", help="Recall@k reported besides Recall@100")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON (pytrec_eval metric names)")] = False,
-    per_query: Annotated[bool, typer.Option("--per-query", help="with --json: include per-query figures")] = False,
+    per_query: Annotated[bool, typer.Option("--per-query", help="with --json or --json-out: include per-query "
+                                            "figures")] = False,
     run_out: Annotated[Optional[Path], typer.Option("--run-out", help="save the run (TREC format) for compare/reuse")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="also write the JSON report to this file")] = None,
     trace_log: Annotated[Optional[Path], typer.Option(
@@ -646,11 +672,13 @@ def eval_command(
     Every query is asked as the user the options name (default: anonymous) at one time (--as-of, default: when
     the evaluation starts); the report records both. The figures are printed first, then --run-out and
     --json-out are written (atomically): a file that cannot be written is an error that leaves the printed
-    figures complete."""
+    figures complete, and output that cannot be printed (a closed pipe) still leaves the files written."""
     from engine.evaluation import coverage_warnings, judgement_coverage, load_beir, write_trec_run
     from engine.trace import write_json_atomic
     from engine.workbench.evaluate import ordered_metric_names
 
+    if per_query and not as_json and json_out is None:
+        raise SieveError("--per-query adds per-query figures to the JSON: give it with --json or --json-out")
     _output_file(run_out, "--run-out")
     _output_file(json_out, "--json-out")
     data = load_beir(dataset, split)
@@ -670,41 +698,41 @@ def eval_command(
     document = report.to_json(per_query=per_query)
     document["qrels_format"] = data.qrels_format
     document["judgements"] = {**coverage, "index": index.get("path")}
-    _print_warnings([*coverage_warnings(coverage, index=index.get("path")), report.degraded_warning(),
-                     report.empty_warning()])
-    if as_json:
-        out.print_json(json.dumps(document))
-    else:
-        out.print(
-            f"[bold]{escape(report.pipeline_name or str(config))}[/bold] on {escape(str(dataset))} ({escape(split)}, "
-            f"{report.queries} queries; qrels: {escape(data.qrels_format)}); config {report.config_sha256[:12]}, "
-            f"index {str(index.get('manifest_sha256', '-'))[:12]}; asked as {escape(_who(report.asked_as['user']))} "
-            f"at {escape(report.asked_as['as_of'])}"
-            + (f"; with --set {escape(', '.join(report.settings))}" if report.settings else "")
-        )
-        metrics = Table(title="retrieval quality (pytrec_eval)")
-        metrics.add_column("metric")
-        metrics.add_column("value", justify="right")
-        for name in ordered_metric_names(list(report.metrics)):
-            metrics.add_row(name, f"{report.metrics[name]:.4f}")
-        out.print(metrics)
-        routed = any("bypassed" in figures for figures in report.stage_latency_ms.values())
-        latency = Table(title="latency per query (ms)" + (", of the queries each stage ran for" if routed else ""))
-        for column in ("stage", "type", "p50", "p95", "mean") + (("ran",) if routed else ()):
-            latency.add_column(column, justify="left" if column in ("stage", "type") else "right")
-        for stage_id, figures in report.stage_latency_ms.items():
-            ran = (f"{figures.get('count', 0)} of {report.queries}",) if routed else ()
-            latency.add_row(stage_id, figures["type"], f"{figures['p50']:.2f}", f"{figures['p95']:.2f}",
-                            f"{figures['mean']:.2f}", *ran)
-        overall = report.latency_ms
-        latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}",
-                        *(("",) if routed else ()))
-        out.print(latency)
     tag = "".join("_" if ch.isspace() else ch for ch in (report.pipeline_name or config.stem)) or "sieve"
-    _write_outputs([
+    with _printing_then_writing([
         ("--run-out", run_out, lambda: write_trec_run(report.run, run_out, tag=tag), f"run written to {run_out}"),
         ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),
-    ], quiet=as_json)
+    ], quiet=as_json):
+        _print_warnings([*coverage_warnings(coverage, index=index.get("path")), report.degraded_warning(),
+                         report.empty_warning()])
+        if as_json:
+            print_json(document)
+        else:
+            out.print(
+                f"[bold]{escape(report.pipeline_name or str(config))}[/bold] on {escape(str(dataset))} ({escape(split)}, "
+                f"{report.queries} queries; qrels: {escape(data.qrels_format)}); config {report.config_sha256[:12]}, "
+                f"index {str(index.get('manifest_sha256', '-'))[:12]}; asked as {escape(_who(report.asked_as['user']))} "
+                f"at {escape(report.asked_as['as_of'])}"
+                + (f"; with --set {escape(', '.join(report.settings))}" if report.settings else "")
+            )
+            metrics = Table(title="retrieval quality (pytrec_eval)")
+            metrics.add_column("metric")
+            metrics.add_column("value", justify="right")
+            for name in ordered_metric_names(list(report.metrics)):
+                metrics.add_row(name, f"{report.metrics[name]:.4f}")
+            out.print(metrics)
+            routed = any("bypassed" in figures for figures in report.stage_latency_ms.values())
+            latency = Table(title="latency per query (ms)" + (", of the queries each stage ran for" if routed else ""))
+            for column in ("stage", "type", "p50", "p95", "mean") + (("ran",) if routed else ()):
+                latency.add_column(column, justify="left" if column in ("stage", "type") else "right")
+            for stage_id, figures in report.stage_latency_ms.items():
+                ran = (f"{figures.get('count', 0)} of {report.queries}",) if routed else ()
+                latency.add_row(stage_id, figures["type"], f"{figures['p50']:.2f}", f"{figures['p95']:.2f}",
+                                f"{figures['mean']:.2f}", *ran)
+            overall = report.latency_ms
+            latency.add_row("[bold]total[/bold]", "", f"{overall['p50']:.2f}", f"{overall['p95']:.2f}", f"{overall['mean']:.2f}",
+                            *(("",) if routed else ()))
+            out.print(latency)
 
 
 @app.command("batch")
@@ -862,7 +890,7 @@ def batch_command(
 
     document = summary.to_json()
     if as_json:
-        out.print_json(json.dumps(document))
+        print_json(document)
     else:
         latency = summary.latency_ms
         out.print(
@@ -942,38 +970,38 @@ def sweep_command(
                        as_of=asked.as_of)
         progress.update(task, completed=len(report.variants) + 1)
     document = report.to_json()
-    if as_json:
-        out.print_json(json.dumps(document))
-    else:
-        out.print(f"[bold]{escape(config.name)}[/bold] on {escape(str(dataset))} ({escape(split)}, {report.queries} "
-                  f"queries): {len(report.variants)} variants and the config as written, by {escape(metric)}")
-        table = Table()
-        paths = [s.path for s in parsed]
-        short = {p: _setting_label(p) for p in paths}
-        columns = [metric] + [m for m in PRIMARY if m != metric]
-        for path in paths:
-            table.add_column(escape(short[path]))
-        for name in columns:
-            table.add_column(escape(name), justify="right")
-        rows = [(v, False) for v in report.variants] + [(report.baseline, True)]
-        for variant, written in rows:
-            cells = ["(as written)" if written else escape(json.dumps(variant.settings[p], default=str)) for p in paths]
-            figures = (["failed"] + [""] * (len(columns) - 1) if variant.error is not None else
-                       [f"{variant.metrics.get(m, 0.0):.4f}" for m in columns])
-            style = "bold" if variant is report.best and report.improves else None
-            table.add_row(*cells, *figures, style=style)
-        out.print(table)
-        paired = report.best_vs_baseline
-        out.print(f"best vs as written: {paired['difference']:+.4f} {escape(metric)} ({paired['wins']} queries "
-                  f"better, {paired['losses']} worse; randomisation p "
-                  f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')}): "
-                  f"{_verdict(paired['difference'], paired['randomisation_p'], 'the best variant', 'the config as written')}")
-        out.print(f"[dim]{escape(report.note())}[/dim]")
-    _print_warnings(report.warnings())
-    _write_outputs([
+    with _printing_then_writing([
         ("--best-out", best_out, lambda: write_best(report, config, best_out), f"best config written to {best_out}"),
         ("--json-out", json_out, lambda: write_json_atomic(json_out, document), None),
-    ], quiet=as_json)
+    ], quiet=as_json):
+        if as_json:
+            print_json(document)
+        else:
+            out.print(f"[bold]{escape(config.name)}[/bold] on {escape(str(dataset))} ({escape(split)}, {report.queries} "
+                      f"queries): {len(report.variants)} variants and the config as written, by {escape(metric)}")
+            table = Table()
+            paths = [s.path for s in parsed]
+            short = {p: _setting_label(p) for p in paths}
+            columns = [metric] + [m for m in PRIMARY if m != metric]
+            for path in paths:
+                table.add_column(escape(short[path]))
+            for name in columns:
+                table.add_column(escape(name), justify="right")
+            rows = [(v, False) for v in report.variants] + [(report.baseline, True)]
+            for variant, written in rows:
+                cells = ["(as written)" if written else escape(json.dumps(variant.settings[p], default=str)) for p in paths]
+                figures = (["failed"] + [""] * (len(columns) - 1) if variant.error is not None else
+                           [f"{variant.metrics.get(m, 0.0):.4f}" for m in columns])
+                style = "bold" if variant is report.best and report.improves else None
+                table.add_row(*cells, *figures, style=style)
+            out.print(table)
+            paired = report.best_vs_baseline
+            out.print(f"best vs as written: {paired['difference']:+.4f} {escape(metric)} ({paired['wins']} queries "
+                      f"better, {paired['losses']} worse; randomisation p "
+                      f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')}): "
+                      f"{_verdict(paired['difference'], paired['randomisation_p'], 'the best variant', 'the config as written')}")
+            out.print(f"[dim]{escape(report.note())}[/dim]")
+        _print_warnings(report.warnings())
 
 
 def _setting_label(path: str) -> str:
@@ -1060,7 +1088,7 @@ def explain_command(
     records = trace["results"] if top is None else trace["results"][:top]
     verdicts = [why_not(pipeline, result, doc_id) for doc_id in (docs or [])]
     if as_json:
-        out.print_json(json.dumps(explain_report(trace, verdicts, top)))
+        print_json(explain_report(trace, verdicts, top))
         return
     _print_results(pipeline, result.results, trace, explain=False)
     for record in records:
@@ -1123,6 +1151,8 @@ def compare_command(
     Both configs' queries are asked as the same user at the same time (the options, as for eval)."""
     from engine.workbench.compare import Side, compare, is_config, load_run_side, to_markdown
 
+    if as_json and markdown:
+        raise SieveError("--json and --markdown together: give one")
     if most_changed < 0:
         raise SieveError(f"--most-changed must be 0 or more, got {most_changed}")
     if limit is not None and limit < 1:
@@ -1157,7 +1187,7 @@ def compare_command(
                          limit=limit, index_path=judged_index)
     _print_warnings(comparison.warnings)
     if as_json:
-        out.print_json(json.dumps({**comparison.to_json(), "settings": list(settings or ())}))
+        print_json({**comparison.to_json(), "settings": list(settings or ())})
         return
     if markdown:
         command = [f"sieve compare {a} {b} --dataset {dataset} --split {split}"]
@@ -1182,7 +1212,7 @@ def compare_command(
                       "n/a" if m.t_test_p is None else f"{m.t_test_p:.4f}",
                       "n/a" if m.randomisation_p is None else f"{m.randomisation_p:.4f}", str(m.wins), str(m.losses), str(m.ties))
     # Nine columns: never crop a p-value on a narrow terminal or piped output (rich assumes 80 there).
-    Console(highlight=False, soft_wrap=True, emoji=False, width=max(out.width, 110)).print(table)
+    make_console(highlight=False, soft_wrap=True, emoji=False, width=max(out.width, 110)).print(table)
     primary = next((m for m in comparison.metrics if m.metric == "ndcg_cut_10"), None)
     if primary is not None:
         out.print(f"ndcg_cut_10: {_verdict(primary.delta, primary.randomisation_p, 'B', 'A')}")
@@ -1252,6 +1282,13 @@ _TYPER_ERRORS: tuple[type[Exception], ...] = tuple(
 )
 
 
+# Exit statuses beyond a command's own (0 done; 1 a negative verdict: replay different, verify found problems,
+# failed queries or rule tests; 2 bad input or usage; 130 interrupted; 141 stdout's reader went away,
+# engine.console.EXIT_PIPE_CLOSED), listed in README's "The command line as a process"
+EXIT_IO_ERROR = 74  # sysexits' EX_IOERR: output could not be written (a full disk under stdout)
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in Sieve
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
     import click
@@ -1259,6 +1296,7 @@ def main() -> None:
     # Model libraries' own download/loading bars would interleave with Sieve's output; a user
     # who wants them sets the variable to 0.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    utf8_or_escaped()
     try:
         code = app(standalone_mode=False)
     except SieveError as exc:
@@ -1275,6 +1313,17 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
+    except SystemExit as exc:
+        if type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):  # typer's answer to a reader closing the pipe
+            sys.exit(EXIT_PIPE_CLOSED)
+        raise exc
+    except OSError as exc:  # the environment, not a bug: stdout on a full disk (>/dev/full), an I/O error
+        if os.environ.get("SIEVE_DEBUG"):
+            raise
+        with contextlib.suppress(OSError):
+            err.print(f"[red]error:[/red] {escape(exc.strerror or str(exc))}"
+                      + (f": {escape(str(exc.filename))}" if exc.filename else " (writing the output)"))
+        sys.exit(EXIT_IO_ERROR)
     except Exception as exc:  # a bug: say so plainly, keep the traceback for those who ask
         if os.environ.get("SIEVE_DEBUG"):
             raise
@@ -1282,7 +1331,7 @@ def main() -> None:
             f"[red]internal error:[/red] {escape(type(exc).__name__)}: {escape(str(exc))} "
             "(this is a bug in Sieve; rerun with SIEVE_DEBUG=1 for the traceback)"
         )
-        sys.exit(70)
+        sys.exit(EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else 0)
 
 

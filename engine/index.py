@@ -254,6 +254,9 @@ def iter_corpus(path: Path, max_errors: int = 20, digest: Any = None) -> Iterato
                     record = json.loads(raw, parse_constant=refuse_json_constant)
                 except NotJson as exc:  # NaN, Infinity: Python's json reads them, no JSON reader does
                     problems.append(f"{path}:{number}: {exc}")
+                except UnicodeDecodeError as exc:  # a Latin-1 line, say
+                    problems.append(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                    f"{exc.start + 1})")
                 except RecursionError:
                     problems.append(f"{path}:{number}: the JSON is nested too deeply (more than {MAX_NESTING} levels)")
                 except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert

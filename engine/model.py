@@ -8,6 +8,7 @@ scores break ties on ``doc_id``.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -171,6 +172,16 @@ def _visible(text: str) -> bool:
 _UNTYPABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
+def _locale_misread(text: str) -> bool:
+    """Whether ``text`` is a command-line argument Python decoded in an ASCII locale (``LC_ALL=C``, UTF-8 mode off):
+    its bytes escaped as lone surrogates, though they are UTF-8."""
+    try:
+        os.fsencode(text).decode("utf-8")
+    except (UnicodeError, ValueError):
+        return False
+    return True
+
+
 def _check_text(text: str, what: str) -> None:
     """Text a person could have typed: no control characters but tab and line breaks, no lone surrogates
     (which are not Unicode text and could not be written to the trace). One regex scan: it runs per query."""
@@ -178,6 +189,9 @@ def _check_text(text: str, what: str) -> None:
     if found is None:
         return
     ch, position = found.group(), found.start() + 1
+    if "\udc80" <= ch <= "\udcff" and _locale_misread(text):
+        raise QueryError(f"{what} is UTF-8 text read in a locale whose encoding is not UTF-8 (a byte escaped as "
+                         f"U+{ord(ch):04X} at position {position}): run with a UTF-8 locale, e.g. LANG=C.UTF-8")
     if unicodedata.category(ch) == "Cs":
         raise QueryError(f"{what} contains a lone surrogate (U+{ord(ch):04X} at position {position}), "
                          "which is not valid Unicode text")

@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -38,6 +39,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".npy")
 
 _hash_cache: dict[tuple[str, float, int], str] = {}
 _hash_lock = threading.Lock()
+
+log = logging.getLogger("sieve.models")
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,16 @@ def _offline() -> bool:
 
 def _hub_cache_directory(hub_id: str) -> Path | None:
     """The snapshot of ``hub_id`` in the local Hugging Face cache, if one is there."""
-    cache_root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    hub_cache = os.environ.get("HF_HUB_CACHE")
+    if not hub_cache:
+        home = os.environ.get("HF_HOME")
+        if not home:
+            try:  # no HOME and a uid without a passwd entry (a container's --user 12345): no default cache
+                home = str(Path.home() / ".cache" / "huggingface")
+            except RuntimeError:
+                return None
+        hub_cache = os.path.join(home, "hub")
+    cache_root = Path(hub_cache)
     repo_dir = cache_root / f"models--{hub_id.replace('/', '--')}"
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
@@ -160,11 +172,10 @@ def missing_model_path(name: str, base_dir: Path | None) -> str | None:
     if problem is not None:
         return f"model directory {printable(name)}: {problem}"
     candidate = Path(name).expanduser()
-    places = [candidate] if candidate.is_absolute() else [*([base_dir / candidate] if base_dir else []), candidate]
-    if any(place.exists() for place in places):
+    place = candidate if candidate.is_absolute() or base_dir is None else base_dir / candidate
+    if place.exists():
         return None
-    where = ("" if candidate.is_absolute() else
-             f" (looked in the config's directory {base_dir} and the working directory)" if base_dir else "")
+    where = "" if candidate.is_absolute() or base_dir is None else f" (looked in the config's directory {base_dir})"
     return f"model directory {name} does not exist{where}: the stage will fail to load"
 
 
@@ -177,9 +188,9 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
         raise ModelLoadError(f"{purpose}: model {printable(name)}: {problem}")
     candidate = Path(name).expanduser()
     if not candidate.is_absolute() and base_dir is not None and (name.startswith(".") or os.sep in name):
-        relative = (base_dir / candidate).resolve()
-        if relative.exists():
-            candidate = relative
+        # relative to the config's directory only: a fallback to the working directory let one config (one
+        # config_sha256) load another model depending on where it was run from
+        candidate = (base_dir / candidate).resolve()
     if candidate.is_dir():
         if not (candidate / "config.json").is_file() and not (candidate / "meta.json").is_file():
             raise ModelLoadError(
@@ -200,7 +211,8 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
         if directory is not None and directory.is_dir():
             return ResolvedModel(name, str(directory), "package", weights_hash(directory))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"{purpose}: model directory {name} does not exist")
+        where = f" ({candidate}, relative to the config's directory)" if str(candidate) != name else ""
+        raise ModelLoadError(f"{purpose}: model directory {name} does not exist{where}")
     cached = _hub_cache_directory(name)
     if cached is not None:
         return ResolvedModel(name, str(cached), "path", weights_hash(cached))
@@ -212,6 +224,9 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
             f"{purpose}: '{name}' is not a local directory, not a packaged model{hint}, and the model hub "
             "is disabled (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); download it elsewhere and give its path"
         )
+    # said before the hub library's retries, which take about a minute without a network, in silence
+    log.warning("%s: '%s' is not a local directory, a packaged model nor in the hub cache: fetching it from the "
+                "Hugging Face hub (set HF_HUB_OFFLINE=1 to refuse)", purpose, name)
     return ResolvedModel(name, name, "hub", None)
 
 

@@ -1680,16 +1680,25 @@ def atomic_write_target(path: str | Path) -> Path:
 
     path = Path(path)
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
-    try:
-        mode = os.stat(target).st_mode
+    try:  # os.stat follows every link, /dev/stdout's /proc/self/fd/1 included (realpath names it "pipe:[N]")
+        found = os.stat(path)
     except OSError:  # absent (the usual case), or a path the write itself will report on
         return target
+    shown = target if target != path and os.path.lexists(target) else path  # not /proc/N/fd/pipe:[M]
+    via = f" (the target of symlink {path})" if shown != path else ""
     kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
     for test, kind in kinds:
-        if test(mode):
-            via = f" (the target of symlink {path})" if target != path else ""
-            raise SieveError(f"{target}{via} is {kind}, not a regular file: refusing to replace it")
+        if test(found.st_mode):
+            raise SieveError(f"{shown}{via} is {kind}, not a regular file: refusing to replace it")
+    for descriptor, stream in ((1, "standard output"), (2, "standard error")):
+        try:
+            opened = os.fstat(descriptor)
+        except OSError:
+            continue
+        if (opened.st_dev, opened.st_ino) == (found.st_dev, found.st_ino):
+            raise SieveError(f"{path} is this process's {stream}: replacing it would lose what is printed there; "
+                             "give the output a file of its own")
     return target
 
 

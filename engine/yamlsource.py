@@ -95,6 +95,11 @@ def path_problem(path: str) -> str | None:
     with bytes that are not UTF-8 (Python's surrogate escapes, ``\\udcff``) is a name the system can open: kept."""
     if "\x00" in path:
         return "the path contains a NUL character"
+    if path.startswith("~"):
+        try:
+            os.fspath(Path(path).expanduser())
+        except RuntimeError:  # no HOME and a uid without a passwd entry, or ~name of no user
+            return f"{path.split('/')[0]} cannot be expanded: no home directory is known for that user (HOME unset?)"
     try:
         encoded = os.fsencode(path)
     except UnicodeEncodeError as exc:  # the first character that is no byte of a name (not a surrogate escape)

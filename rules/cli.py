@@ -7,15 +7,14 @@ failing test cases exit with 1.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from engine.errors import ConfigError, SieveError
+from engine.console import make_console, print_json
 
 rules_app = typer.Typer(
     help="Analyst rule files: run their tests, check them for conflicts.",
@@ -24,8 +23,8 @@ rules_app = typer.Typer(
     add_completion=False,
 )
 
-out = Console(highlight=False, soft_wrap=True, emoji=False)  # ":100:" in a message is a line number
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = make_console(highlight=False, soft_wrap=True, emoji=False)  # ":100:" in a message is a line number
+err = make_console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 @rules_app.command("test")
@@ -54,12 +53,12 @@ def test(
     failed = sum(r.failed for r in reports)
     total = sum(len(r.cases) for r in reports)
     if as_json:
-        out.print_json(json.dumps([
+        print_json([
             {"file": r.path, "cases": [
                 {"name": c.name, "location": str(c.location), "passed": c.passed, "failures": c.failures,
                  "results": c.results} for c in r.cases]}
             for r in reports
-        ]))
+        ])
     else:
         for report in reports:
             for case in report.cases:

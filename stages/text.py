@@ -10,10 +10,17 @@ reads "Société Générale" as "societe generale".
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import os
 import re
+import shutil
+import stat
+import tempfile
 import threading
 import unicodedata
 from functools import cache, cached_property
+from pathlib import Path
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
@@ -46,7 +53,38 @@ def quiet_jieba():  # type: ignore[no-untyped-def]
     import logging
 
     jieba.setLogLevel(logging.WARNING)
+    # jieba keeps its prefix dictionary in gettempdir()/jieba.cache and loads that file whatever wrote it: in a
+    # shared /tmp, another user's file (or one of another jieba's) changed how Chinese was cut, silently, and a
+    # second user's runs each logged a traceback and left 9 MB behind. Sieve's copy is this user's, named by the
+    # jieba and dictionary it was made from.
+    dictionary = Path(jieba.__file__).with_name("dict.txt")
+    try:
+        made_from = dictionary.stat()
+        stamp = hashlib.sha256(f"{made_from.st_size}:{made_from.st_mtime_ns}".encode()).hexdigest()[:12]
+    except OSError:
+        stamp = "unknown"
+    jieba.dt.tmp_dir = str(private_cache_directory("jieba"))
+    jieba.dt.cache_file = f"jieba-{getattr(jieba, '__version__', 'x')}-{stamp}.cache"
     return jieba
+
+
+def private_cache_directory(name: str) -> Path:
+    """A directory for ``name``'s cache that only this user can write: ``<tmp>/sieve-<uid>/<name>``, mode 0700 (in a
+    sticky /tmp no one else can replace it once made). If that path is someone else's, or open to others, a fresh
+    directory for this process alone, removed at exit."""
+    base = Path(tempfile.gettempdir()) / f"sieve-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        found = os.lstat(base)
+        if stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid() and not found.st_mode & 0o077:
+            directory = base / name
+            directory.mkdir(mode=0o700, exist_ok=True)
+            return directory
+    except OSError:
+        pass
+    fresh = Path(tempfile.mkdtemp(prefix=f"sieve-{name}-"))
+    atexit.register(shutil.rmtree, fresh, True)
+    return fresh
 
 
 class TokenizerSettings(NoCoercion):

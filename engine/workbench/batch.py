@@ -593,7 +593,10 @@ def stop_on_signals() -> Iterator[StopRequest]:
             raise KeyboardInterrupt
         request.signal = signum
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process was started ignoring (SIGINT for `sieve batch ... &` in a script) stays ignored: a Ctrl-C
+    # meant for the script's foreground must not stop its background batch
+    watched = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, handle) for sig in watched}
     try:
         yield request
     finally:
