@@ -389,7 +389,7 @@ def _print_results(pipeline: Any, results: list[Any], trace: dict[str, Any], exp
                 continue
             tree = Tree(f"#{record['rank']} {record['doc_id']}")
             _add_explanation(tree, record["explanation"])
-            out.print(tree)
+            out.print(tree, soft_wrap=False)  # a long description wraps; soft wrap would crop it
 
 
 def _add_explanation(tree: Tree, node: dict[str, Any]) -> None:
@@ -1109,7 +1109,7 @@ def explain_command(
         for merge in dedup_merges(trace, record["doc_id"]):
             tree.add(f"absorbed near-duplicate {escape(merge['absorbed'])} (similarity {merge['similarity']:.4f}, "
                      f"stage '{escape(merge['stage'])}')")
-        out.print(tree)
+        out.print(tree, soft_wrap=False)
     for verdict in verdicts:
         colour = "green" if verdict.status == "returned" else "yellow"
         out.print(f"\n[bold]why not {escape(verdict.doc_id)}?[/bold] [{colour}]{verdict.status}[/{colour}]: "
