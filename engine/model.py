@@ -24,8 +24,9 @@ DEFAULT_MAX_QUERY_CHARS = 4096
 # What Sieve reads as a moment, everywhere (a query's as_of, a document's date, a rule's date): ISO 8601's
 # calendar date (2025-06-01 or 20250601), optionally a time after T, t or a space, optionally Z, z or an offset.
 # Python's fromisoformat alone takes any character between date and time ("2025-06-01x10:00") and week dates.
+_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}|\d{8}")
 _ISO_MOMENT = re.compile(
-    r"(?:\d{4}-\d{2}-\d{2}|\d{8})"
+    f"(?:{_DATE_ONLY.pattern})"
     r"(?:[Tt ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d{1,9})?)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2}(?::?\d{2})?)?)?)?")
 
 
@@ -58,7 +59,9 @@ def iso_moment(text: str) -> datetime | None:
 
 def is_date_only(text: str) -> bool:
     """Whether ``text`` is a calendar date alone (2025-06-30, 20250630), not a date-time."""
-    return re.fullmatch(r"\d{4}-\d{2}-\d{2}|\d{8}", text.strip()) is not None
+    return _DATE_ONLY.fullmatch(text.strip()) is not None
+
+
 LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")  # BCP 47's shape: en, zh-CN, zh-Hant-TW
 
 

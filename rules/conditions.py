@@ -1105,6 +1105,7 @@ class Window(AllOf):
         super().__init__(list(bounds))
         self.field = field
         self.bounds = bounds
+        self._listed: dict[int, list[int]] = {}  # id of a table's distinct values -> the codes of list values
 
     def _inside(self, elements: Sequence[Any], view: QueryView) -> Any:
         """The first element inside every bound, or MISSING."""
@@ -1128,12 +1129,19 @@ class Window(AllOf):
     def _vector(self, table: "DocumentTable", view: QueryView, frame: Frame | None) -> "np.ndarray":
         result = super()._vector(table, view, frame)
         codes, uniques = table.factorized(self.field)
-        listed = [code for code, unique in enumerate(uniques) if isinstance(unique, (list, tuple))]
+        listed = self._listed.get(id(uniques))
+        if listed is None:  # once per table: the scan is as long as the field's distinct values
+            listed = self._listed[id(uniques)] = [
+                code for code, unique in enumerate(uniques) if isinstance(unique, (list, tuple))]
         if listed:
-            result = result.copy()  # it may be a bound's own vector, cached with the table
+            import numpy as np
+
+            is_list = np.zeros(len(uniques), dtype=bool)
+            inside = np.zeros(len(uniques), dtype=bool)
+            is_list[listed] = True
+            inside[listed] = [self._inside(uniques[code], view) is not MISSING for code in listed]
             row_codes = codes if frame is None else codes[frame.rows]
-            for code in listed:
-                result[row_codes == code] = self._inside(uniques[code], view) is not MISSING
+            result = np.where(is_list[row_codes], inside[row_codes], result)  # a new array: result may be cached
         return result
 
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from difflib import get_close_matches
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -350,7 +351,6 @@ class CompiledRule:
     start: datetime | None
     end: datetime | None
     effect: Literal["include", "exclude"] | None = None  # prefilter rules
-    _relative: tuple[Leaf, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -367,13 +367,16 @@ class CompiledRule:
     def active_at(self, as_of: datetime) -> bool:
         return (self.start is None or as_of >= self.start) and (self.end is None or as_of < self.end)
 
+    @cached_property
+    def relative_tests(self) -> tuple[Leaf, ...]:
+        """The tests of its conditions that compare with a relative date (``as_of - 1mo``)."""
+        return relative_tests(self.when) + relative_tests(self.match)
+
     def resolved_dates(self, as_of: datetime) -> dict[str, str]:
         """Each relative date the rule's conditions compare with, as it resolved at ``as_of`` (UTC), by the test that
         reads it (``{"doc.date ge as_of - 1mo": "2025-02-28T01:00:00+00:00"}``): for the trace, so that an auditor
-        need not redo the calendar arithmetic. Empty (and cheap) for a rule without one."""
-        if self._relative is None:
-            self._relative = relative_tests(self.when) + relative_tests(self.match)
-        return {test.describe(): test.literal.resolve(as_of).isoformat() for test in self._relative}
+        need not redo the calendar arithmetic."""
+        return {test.describe(): test.literal.resolve(as_of).isoformat() for test in self.relative_tests}
 
     def inactive_reason(self, as_of: datetime) -> str | None:
         """Why this rule does not apply at ``as_of`` (disabled, not yet valid, expired), or None."""
@@ -402,6 +405,11 @@ class RuleSet:
 
     def __post_init__(self) -> None:
         self.by_id = {r.id: r for r in self.rules}
+
+    @cached_property
+    def dated_rules(self) -> tuple[CompiledRule, ...]:
+        """The rules that compare with a relative date, whose resolved dates each query's trace records."""
+        return tuple(rule for rule in self.rules if rule.relative_tests)
 
     def locate(self, rule: CompiledRule | None, *path: str | int) -> Location:
         if rule is None:

@@ -504,7 +504,7 @@ class RulesPrefilter(Stage):
             "excluded": table.size - kept,
             "rules": report,
             **_names_set_aside(self, ctx.query, ctx.trace_text),
-            **_resolved_dates(self._ruleset.rules, ctx.query.as_of),
+            **_resolved_dates(self._ruleset.dated_rules, ctx.query.as_of),
         }
         if self._warnings:
             details["rule_warnings"] = self._warnings
@@ -518,10 +518,10 @@ class RulesPrefilter(Stage):
         )
 
 
-def _resolved_dates(rules: Iterable["CompiledRule"], as_of: datetime) -> dict[str, Any]:
+def _resolved_dates(dated: Iterable["CompiledRule"], as_of: datetime) -> dict[str, Any]:
     """``{"resolved_dates": {rule id: {test: moment}}}`` for the rules whose conditions compare with a relative date
-    (``as_of - 1mo``), each resolved at this query's ``as_of`` in UTC; nothing for a rule file without one."""
-    resolved = {rule.id: dates for rule in rules if (dates := rule.resolved_dates(as_of))}
+    (``RuleSet.dated_rules``), each resolved at this query's ``as_of`` in UTC; nothing for a rule file without one."""
+    resolved = {rule.id: rule.resolved_dates(as_of) for rule in dated}
     return {"resolved_dates": resolved} if resolved else {}
 
 
@@ -836,7 +836,7 @@ class RulesOverride(Stage):
         # every rule that fired and on how many documents, whatever max_traced_firings cut from the list above
         fired_rules = Counter(pin.rule.id for pin in pinned.values()) + Counter(rule.id for rule, _, _ in fired)
         details["fired_rules"] = dict(sorted(fired_rules.items()))
-        details.update(_resolved_dates(self._ruleset.rules, ctx.query.as_of))
+        details.update(_resolved_dates(self._ruleset.dated_rules, ctx.query.as_of))
         if suppressed:
             details["suppressed"] = suppressed
         if self._warnings:
