@@ -36,6 +36,8 @@ def utc(moment: datetime) -> datetime | None:
     is counted on one clock whatever offset the caller wrote it with."""
     if moment.tzinfo is None:
         return moment.replace(tzinfo=timezone.utc)
+    if moment.tzinfo is timezone.utc:
+        return moment  # the usual case, on the hot path of date tests
     try:
         return moment.astimezone(timezone.utc)
     except (OverflowError, ValueError):

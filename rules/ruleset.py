@@ -368,15 +368,15 @@ class CompiledRule:
         return (self.start is None or as_of >= self.start) and (self.end is None or as_of < self.end)
 
     @cached_property
-    def relative_tests(self) -> tuple[Leaf, ...]:
-        """The tests of its conditions that compare with a relative date (``as_of - 1mo``)."""
-        return relative_tests(self.when) + relative_tests(self.match)
+    def relative_tests(self) -> tuple[tuple[str, Leaf], ...]:
+        """The tests of its conditions that compare with a relative date (``as_of - 1mo``), each with its wording."""
+        return tuple((test.describe(), test) for test in relative_tests(self.when) + relative_tests(self.match))
 
     def resolved_dates(self, as_of: datetime) -> dict[str, str]:
         """Each relative date the rule's conditions compare with, as it resolved at ``as_of`` (UTC), by the test that
         reads it (``{"doc.date ge as_of - 1mo": "2025-02-28T01:00:00+00:00"}``): for the trace, so that an auditor
         need not redo the calendar arithmetic."""
-        return {test.describe(): test.literal.resolve(as_of).isoformat() for test in self.relative_tests}
+        return {wording: test.literal.resolve(as_of).isoformat() for wording, test in self.relative_tests}
 
     def inactive_reason(self, as_of: datetime) -> str | None:
         """Why this rule does not apply at ``as_of`` (disabled, not yet valid, expired), or None."""
