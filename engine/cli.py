@@ -584,18 +584,17 @@ def _output_file(path: Optional[Path], option: str) -> None:
         raise SieveError(f"{option} {exc}") from None
 
 
-def _write_output(option: str, path: Path, write: Any) -> None:
+def _write_output(option: str, path: Path, write: Any,
+                  after: str = "the figures above are complete; this file was not written") -> None:
     """Run ``write()``; a failure (a full disk, a target that changed since the start) is a SieveError naming the
-    file and the OS's reason. Called after the figures are printed, so they are never lost to it."""
+    file and the OS's reason, and ``after`` what stands. Called after the figures are printed, so they are never lost
+    to it."""
     try:
         write()
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise SieveError(f"could not write {option} {path}: {reason} (the figures above are complete; this file "
-                         "was not written)") from None
+        raise SieveError(f"could not write {option} {path}: {exc.strerror or exc} ({after})") from None
     except SieveError as exc:
-        raise SieveError(f"could not write {option} {path}: {exc} (the figures above are complete; this file was "
-                         "not written)") from None
+        raise SieveError(f"could not write {option} {path}: {exc} ({after})") from None
 
 
 @contextlib.contextmanager
@@ -846,6 +845,9 @@ def batch_command(
     written = batch.Written()
     running = False  # once queries run, a failure keeps what was written, for --resume
     try:
+        if target.exists() and not overwrite:  # again, holding the lock: another batch may have finished meanwhile
+            raise SieveError(f"--out {out_file} exists: another batch finished it while this one started; give "
+                             "--overwrite to replace it, or another --out")
         if recorded is None:
             write_json_atomic(sidecar, identity)
         else:
@@ -1242,9 +1244,10 @@ def report_command(
 
     if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
         raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
-    _writable_file(html, "--html")
+    _output_file(html, "--html")
     trace, source = load_trace_checked(trace_path, trace_id, seq, log)
-    write_report(trace, html, source=source)
+    _write_output("--html", html, lambda: write_report(trace, html, source=source),
+                  "a report there before is unchanged")
     if not source.verified:
         err.print(f"[yellow]{escape(source.message)}[/yellow] (the report says so at its top)")
     out.print(f"[green]✓[/green] report for trace {trace.get('trace_id')} written to {escape(str(html))}")

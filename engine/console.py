@@ -55,4 +55,7 @@ def main() -> None:
         from engine.cli import main as run
     except KeyboardInterrupt:
         sys.exit(130)
-    run()
+    try:
+        run()
+    except KeyboardInterrupt:  # in the moment before the CLI's own handling starts (its imports, console set-up)
+        sys.exit(130)

@@ -5,6 +5,7 @@ The CLI prints ``str(error)`` and exits non-zero; it never shows a stack trace f
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 
@@ -99,6 +100,16 @@ class MissingDependencyError(SieveError):
     """An optional dependency is not installed; says which package provides it."""
 
     def __init__(self, module: str, package: str, feature: str):
+        failed = sys.exc_info()[1]  # the ImportError being handled where this is raised, if any
+        missing = getattr(failed, "name", None)
+        if isinstance(failed, ImportError) and not (
+                isinstance(failed, ModuleNotFoundError) and missing and (missing == module or module.startswith(
+                    missing + ".") or missing.startswith(module + "."))):
+            # installed, but importing it failed (a shared library that would not map: memory or address space
+            # ran out; a broken dependency of its own): "not installed" would send an operator to reinstall it
+            super().__init__(f"{feature} needs the Python module '{module}', which is installed but could not be "
+                             f"imported: {type(failed).__name__}: {failed}")
+            return
         super().__init__(
             f"{feature} needs the Python module '{module}', which is not installed; "
             f"install it with: pip install {package}"

@@ -33,7 +33,10 @@ The settings are checked before any work, the files they name (a gazetteer) open
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import functools
 import hashlib
 import json
 import operator
@@ -400,6 +403,7 @@ def build_index(
     created: list[Path] = []
     lock: list[tuple[int, Path]] = []
     built: dict[str, dict[str, Any]] = {}  # build.json's per component: its time, any notes on its fields
+    built_sha: str | None = None  # the new index's manifest sha256, once it is written
     with _TerminationAsExit():
         try:
             _make_directories(out_dir, staging.parent, created)
@@ -465,6 +469,7 @@ def build_index(
                 info["build_cache"] = build_cache.summary()
             with open(staging / BUILD_INFO, "w", encoding="utf-8") as handle:
                 json.dump(info, handle, indent=2, sort_keys=True)
+            built_sha = manifest_sha256_of(staging)
             _swap_in(staging, out_dir, keep_previous)
         except (OSError, sqlite3.OperationalError) as exc:
             _close_cache_after_failure(build_cache)
@@ -476,6 +481,8 @@ def build_index(
         except BaseException:  # a SieveError, Ctrl-C, SIGTERM (SystemExit): the cache's entries are kept to resume from
             _close_cache_after_failure(build_cache)
             _discard(staging, created, lock)
+            if built_sha is not None and manifest_sha256_of(out_dir) == built_sha:  # an interrupt held back by the swap
+                say(f"interrupted once the new index was in place: {out_dir} is the new index")
             hint = _resume_hint(build_cache)
             if hint:
                 say(hint[2:])
@@ -914,7 +921,15 @@ class BuildCache:
                     "" if self.default else f"; not pruned ({entries} entries, {_in_bytes(size)}): run a build with "
                     "--prune-cache when no other build uses it"))
             elif self.default and not keep:
-                shutil.rmtree(self.path, ignore_errors=True)
+                # renamed first: a build killed while deleting leaves a leftover the next build sweeps, not a cache
+                # without its marker that every later build of this output refuses to use
+                gone = self.path.with_name(self.path.name.removesuffix(".build-cache")
+                                           + f".gone-{os.getpid()}-{int(time.time() * 1000)}")
+                try:
+                    os.rename(self.path, gone)
+                except OSError:
+                    gone = self.path
+                shutil.rmtree(gone, ignore_errors=True)
             else:
                 removed, freed = self._prune()
                 entries, size = self._usage()
@@ -1393,12 +1408,12 @@ def _release_build_lock(lock: list[tuple[int, Path]]) -> None:
 
 
 def _build_leftover(out_dir: Path, name: str) -> tuple[str, int, float] | None:
-    """("tmp" or "old", pid, when it was made in Unix seconds) when ``name`` is a staging or retired directory
-    of ``out_dir``'s builds."""
+    """("tmp", "old" or "gone", pid, when it was made in Unix seconds) when ``name`` is a staging or retired
+    directory of ``out_dir``'s builds, or a build cache being deleted."""
     prefix = f".{out_dir.name}."
     if not name.startswith(prefix):
         return None
-    match = re.fullmatch(r"(tmp|old)-([0-9]{1,10})-([0-9]+)", name[len(prefix):])
+    match = re.fullmatch(r"(tmp|old|gone)-([0-9]{1,10})-([0-9]+)", name[len(prefix):])
     return (match.group(1), int(match.group(2)), int(match.group(3)) / 1000.0) if match else None
 
 
@@ -1436,13 +1451,25 @@ def _remove_stale_builds(out_dir: Path) -> None:
     except OSError:
         return
     target_exists = out_dir.is_dir()
+    if not target_exists:  # a build killed between its two renames: put the newest retired index back
+        retired = []
+        for entry in entries:
+            found = _build_leftover(out_dir, entry.name)
+            if found is not None and found[0] == "old" and not _process_exists(found[1], found[2]):
+                retired.append((found[2], entry))
+        if retired:
+            newest = max(retired, key=lambda pair: pair[0])[1]
+            with contextlib.suppress(OSError):
+                os.rename(newest.path, out_dir)
+                target_exists = True
+                entries.remove(newest)
     for entry in entries:
         leftover = _build_leftover(out_dir, entry.name)
         if leftover is None:
             continue
         kind, pid, made = leftover
         if kind == "old" and not target_exists:
-            continue  # a build died between its two renames: this is the previous index, keep it
+            continue  # the previous index, which could not be put back: keep it
         try:
             is_directory = entry.is_dir(follow_symlinks=False)
         except OSError:
@@ -1622,30 +1649,73 @@ def kept_copy(index_dir: Path, manifest_sha256: str) -> Path | None:
 
 
 def swap_directory(staging: Path, target: Path, *, keep_as: Path | None = None) -> None:
-    """Replace directory ``target`` (if any) with ``staging`` by two renames, SIGINT and SIGTERM held back
-    between them: a crash leaves the previous directory or the new one, never a mix; the previous one's files
-    go with it (its retired copy ``.NAME.old-PID-MILLIS`` is removed after, or by the next build if killed), or,
-    with ``keep_as``, the previous directory is renamed to that path (beside ``target``) instead."""
+    """Replace directory ``target`` (if any) with ``staging``, SIGINT and SIGTERM held back throughout: a crash leaves
+    the previous directory or the new one at ``target``, never a mix. On Linux the two trade names in one step
+    (renameat2's RENAME_EXCHANGE); elsewhere by two renames, and a build killed between them leaves the previous
+    directory as ``.NAME.old-PID-MILLIS``, which the next build puts back (:func:`_remove_stale_builds`). The
+    previous directory then goes (removed after), or, with ``keep_as``, is renamed to that path (beside ``target``)
+    before the signals are let through, so an interrupt at the end cannot lose the copy asked for."""
     retired = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
+    previous_at: Path | None = None  # where the previous directory is once the new one is in place
     previous_mask = _block_interrupts()
     try:
-        try:
-            if target.exists():
-                os.rename(target, retired)
+        if not target.exists():
             os.rename(staging, target)
-        except BaseException:
-            if retired.exists() and not target.exists():
+        elif _exchange(staging, target):
+            previous_at = staging
+        else:
+            os.rename(target, retired)
+            previous_at = retired
+            try:
+                os.rename(staging, target)
+            except BaseException:
                 os.rename(retired, target)  # put the previous directory back
-            raise
+                raise
+        if previous_at is not None and keep_as is not None:
+            with contextlib.suppress(OSError):  # else the new one is in place: the previous one goes as without keep_as
+                os.rename(previous_at, keep_as)
+                previous_at = None
+        if previous_at == staging:  # named as a retired copy, which a later build removes if this one is killed
+            os.rename(staging, retired)
+            previous_at = retired
     finally:
         _unblock_interrupts(previous_mask)
-    if keep_as is not None and retired.exists():
-        try:
-            os.rename(retired, keep_as)
-            return
-        except OSError:
-            pass  # the new one is in place: the previous one goes as it would have without keep_as
-    shutil.rmtree(retired, ignore_errors=True)
+    if previous_at is not None:
+        shutil.rmtree(previous_at, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """The C library's renameat2, or None (not Linux, a C library before glibc 2.28)."""
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Trade the names of two existing directories in one step; False where that cannot be done here (another system,
+    a file system without it: the caller renames twice)."""
+    import ctypes
+
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def _block_interrupts() -> Any:

@@ -547,6 +547,14 @@ def lock_partial(partial: Path, *, fresh: bool) -> int:
     except BlockingIOError:
         os.close(fd)
         raise SieveError(in_use_message(partial)) from None
+    try:
+        still_there = os.path.samestat(os.fstat(fd), os.stat(partial))
+    except OSError:
+        still_there = False
+    if not still_there:  # another batch finished and renamed this very file to its --out between open and lock
+        os.close(fd)
+        raise SieveError(f"{partial} was renamed while this batch opened it (another batch writing the same --out "
+                         "finished): run the command again")
     if fresh:
         os.ftruncate(fd, 0)
     return fd

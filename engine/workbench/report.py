@@ -288,7 +288,11 @@ def render_report(trace: dict[str, Any], source: Any = None) -> str:
 
 
 def write_report(trace: dict[str, Any], out: Path, source: Any = None) -> Path:
+    """Render and write atomically (a full disk leaves the previous report whole, not a cut one that a browser shows
+    as if complete; a FIFO or a device is refused, not written through)."""
+    from engine.trace import write_text_atomic
+
     html = render_report(trace, source)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    write_text_atomic(out, html)
     return out

@@ -14,6 +14,7 @@ and faiss are imported in ``build``/``warm_up`` only.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
@@ -138,7 +139,11 @@ class DenseComponent(IndexComponent):
             block = vectors[start : start + ADD_CHUNK]
             index.add(block)
             progress("dense faiss add", len(block), count)
-        faiss.write_index(index, str(out_dir / VECTORS_FILE))
+        try:
+            faiss.write_index(index, str(out_dir / VECTORS_FILE))
+        except RuntimeError as exc:  # faiss's C++ write error: a full disk, a file size limit
+            reason = str(exc).rsplit("(", 1)[-1].rstrip(") \n") if "(" in str(exc) else str(exc)
+            raise OSError(errno.EIO, f"writing {VECTORS_FILE} failed: {reason}") from exc
         token_counts = np.asarray(full_tokens, dtype=np.int32)
         np.save(out_dir / TOKENS_FILE, token_counts)
         truncated = sum(1 for full, kept in zip(full_tokens, kept_tokens) if full > kept)

@@ -21,7 +21,7 @@ import pytest
 
 import engine.index as index_module
 from engine.errors import SieveError, SieveIndexError
-from engine.index import Index, build_index
+from engine.index import Index, build_index, manifest_sha256_of
 from engine.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,6 +223,7 @@ def test_a_failing_swap_puts_the_previous_index_back(previous, tiny, monkeypatch
         rename(src, dst)
 
     monkeypatch.setattr(os, "rename", failing_rename)
+    monkeypatch.setattr("engine.index._exchange", lambda first, second: False)  # a system that renames twice
     with pytest.raises(SieveIndexError, match="Invalid cross-device link"):
         build_index(tiny, previous, {"bm25": {}})
     monkeypatch.undo()
@@ -302,14 +303,31 @@ def test_stale_staging_directories_of_dead_builds_are_removed(previous, tiny):
     assert remaining == sorted([f".idx.tmp-{alive}-{now}", f".other.tmp-{dead}-1700000000000", f".idx.tmp-{dead}-x"])
 
 
-def test_a_retired_index_is_kept_while_the_target_is_missing(tmp_path, tiny):
-    """A build killed between its two renames leaves the previous index only in .NAME.old-…: keep it."""
+def test_a_retired_index_is_put_back_while_the_target_is_missing(tmp_path, tiny):
+    """A build killed between its two renames (where they are two) leaves the previous index only in
+    .NAME.old-…: the next build puts it back first, so that --keep-previous keeps it. Before, it was left hidden, and
+    the build after deleted it."""
     dead = dead_pid()
-    retired = tmp_path / f".idx.old-{dead}-1700000000000"
-    retired.mkdir()
-    (retired / "manifest.json").write_text("{}")
-    build_index(tiny, tmp_path / "idx", {"bm25": {}})
-    assert retired.is_dir()
+    first = tmp_path / "first"
+    build_index(tiny, first, {"bm25": {}})
+    previous_sha = manifest_sha256_of(first)
+    os.rename(first, tmp_path / f".idx.old-{dead}-1700000000000")
+    from engine.index import _remove_stale_builds
+
+    _remove_stale_builds(tmp_path / "idx")
+    assert manifest_sha256_of(tmp_path / "idx") == previous_sha and leftovers(tmp_path) == []
+
+
+def test_the_swap_trades_names_in_one_step_and_keeps_the_previous_index_when_asked(previous, tiny):
+    """renameat2(RENAME_EXCHANGE) where there is one: no moment without an index at the path; the copy asked for
+    with --keep-previous is made before an interrupt held back during the swap is let through."""
+    from engine.index import _renameat2, kept_copy
+
+    before = manifest_sha256_of(previous)
+    build_index(tiny, previous, {"bm25": {}}, keep_previous=True)  # another corpus: another index
+    assert manifest_sha256_of(previous) != before and kept_copy(previous, before) is not None
+    assert leftovers(previous.parent) == []
+    assert _renameat2() is not None or sys.platform != "linux"
 
 
 # --------------------------------------------------------------------------- 4. corrupt manifests and document stores
