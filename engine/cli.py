@@ -336,7 +336,9 @@ def search(
     trace = result.trace
     log_path = None if no_log else pipeline.log_trace(trace, log)
     if trace_out is not None:
-        write_json_atomic(trace_out, trace)
+        logged = f"the trace is record seq {trace['log']['seq']} of {log_path}" if log_path is not None else (
+            "the query ran; its trace was not logged (--no-log)")
+        _write_output("--trace-out", trace_out, lambda: write_json_atomic(trace_out, trace), logged)
     if as_json:
         print_json({"results": trace["results"], "trace": trace, "trace_log": str(log_path) if log_path else None})
         return
@@ -849,7 +851,8 @@ def batch_command(
             raise SieveError(f"--out {out_file} exists: another batch finished it while this one started; give "
                              "--overwrite to replace it, or another --out")
         if recorded is None:
-            write_json_atomic(sidecar, identity)
+            _write_output("the batch's sidecar", sidecar, lambda: write_json_atomic(sidecar, identity),
+                          "no query was run")
         else:
             written = batch.read_partial(fd, partial, queries)
             if trace_log is not None:
@@ -1086,7 +1089,8 @@ def explain_command(
     _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
     trace = result.trace
     if trace_out is not None:
-        write_json_atomic(trace_out, trace)
+        _write_output("--trace-out", trace_out, lambda: write_json_atomic(trace_out, trace),
+                      "the explanation was not printed")
     records = trace["results"] if top is None else trace["results"][:top]
     verdicts = [why_not(pipeline, result, doc_id) for doc_id in (docs or [])]
     if as_json:

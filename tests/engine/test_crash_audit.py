@@ -158,3 +158,25 @@ def test_a_partial_file_renamed_to_out_between_open_and_lock_is_not_emptied(tmp_
     with pytest.raises(SieveError, match="was renamed while this batch opened it"):
         batch.lock_partial(partial, fresh=True)
     assert out.read_text(encoding="utf-8") == "A's finished results\n"  # before: emptied
+
+
+def test_a_trace_out_that_cannot_be_written_is_named(bm25_index, tmp_path, monkeypatch):
+    """M5: a full disk under --trace-out said only "No space left on device (writing the output)"."""
+    from typer.testing import CliRunner
+
+    from engine import cli
+
+    config = tmp_path / "p.yaml"
+    log = tmp_path / "log.jsonl"
+    config.write_text(f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                      f"output: bm25\ntrace: {{log: {log}}}\n", encoding="utf-8")
+
+    def full_disk(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("engine.trace.os.fsync", full_disk)
+    monkeypatch.setattr("engine.trace.TraceLog.append", lambda self, trace: {"seq": 7, "hash": "0" * 64})
+    result = CliRunner().invoke(cli.app, ["search", str(config), "vitamin d", "--trace-out", str(tmp_path / "t.json")])
+    message = str(result.exception)
+    assert f"could not write --trace-out {tmp_path / 't.json'}: No space left on device" in message, message
+    assert f"the trace is record seq 7 of {log}" in message
