@@ -1648,6 +1648,15 @@ def kept_copy(index_dir: Path, manifest_sha256: str) -> Path | None:
     return None
 
 
+def _identity_of(path: Path) -> tuple[int, int] | None:
+    """A directory's (device, inode), None when there is none: which directory a path names now."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def swap_directory(staging: Path, target: Path, *, keep_as: Path | None = None) -> None:
     """Replace directory ``target`` (if any) with ``staging``, SIGINT and SIGTERM held back throughout: a crash leaves
     the previous directory or the new one at ``target``, never a mix. On Linux the two trade names in one step
@@ -1781,8 +1790,11 @@ class DocumentStore:
         for name in names:
             if not self._names_our_file(name):
                 continue
-            connection = sqlite3.connect(f"file:{_uri_path(name)}?mode=ro&immutable=1", uri=True,
-                                         check_same_thread=not shared)
+            try:
+                connection = sqlite3.connect(f"file:{_uri_path(name)}?mode=ro&immutable=1", uri=True,
+                                             check_same_thread=not shared)
+            except sqlite3.Error:  # renamed or deleted between the check and the open (a rebuild), or no descriptor
+                continue           # left (fd exhaustion): as a name that does not reach the file
             if self._names_our_file(name):
                 return connection
             connection.close()
@@ -1978,7 +1990,21 @@ class Index:
 
     @classmethod
     def open(cls, path: Path, *, verify: bool = True) -> "Index":
+        """Open the index at ``path``. An open that fails while the directory at ``path`` is replaced (``sieve index``
+        rebuilding it swaps a new one in) is tried again, up to three times: read half from the old directory and
+        half from the new, it would call a healthy index incomplete."""
         path = Path(path)
+        for attempt in range(3):
+            before = _identity_of(path)
+            try:
+                return cls._open_once(path, verify=verify)
+            except SieveIndexError:
+                if attempt == 2 or before is None or _identity_of(path) == before:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @classmethod
+    def _open_once(cls, path: Path, *, verify: bool) -> "Index":
         if not path.is_dir():
             raise SieveIndexError(f"no index at {path} (build one with `sieve index CORPUS --out {path}`)")
         try:

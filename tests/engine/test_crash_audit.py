@@ -180,3 +180,35 @@ def test_a_trace_out_that_cannot_be_written_is_named(bm25_index, tmp_path, monke
     message = str(result.exception)
     assert f"could not write --trace-out {tmp_path / 't.json'}: No space left on device" in message, message
     assert f"the trace is record seq 7 of {log}" in message
+
+
+def test_an_index_opened_while_it_is_swapped_is_tried_again(tmp_path, monkeypatch):
+    """M4: an open reading half the old directory and half the new said "incomplete ... missing" of a healthy index
+    (18 of 150,433 opens during rebuilds); a raw sqlite3 error escaped too."""
+    from engine.index import Index
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", [{"_id": f"d{i}", "text": f"zebra {i}"} for i in range(4)])
+    out = tmp_path / "idx"
+    build_index(corpus, out, {"bm25": {}})
+    real = Index._open_once.__func__
+    calls = []
+
+    def swapped_midway(cls, path, *, verify):
+        calls.append(path)
+        if len(calls) == 1:
+            build_index(write_corpus(tmp_path / "other.jsonl", [{"_id": "x", "text": "zebra"}]), out, {"bm25": {}})
+            raise SieveIndexError(f"index {out} is incomplete: bm25/params.index.json is missing")
+        return real(cls, path, verify=verify)
+
+    monkeypatch.setattr(Index, "_open_once", classmethod(swapped_midway))
+    assert Index.open(out).doc_count == 1 and len(calls) == 2
+    calls.clear()
+
+    def broken(cls, path, *, verify):
+        calls.append(path)
+        raise SieveIndexError("truly incomplete")
+
+    monkeypatch.setattr(Index, "_open_once", classmethod(broken))
+    with pytest.raises(SieveIndexError, match="truly incomplete"):
+        Index.open(out)
+    assert len(calls) == 1  # not swapped: no second try
