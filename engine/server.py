@@ -1034,11 +1034,12 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
             probe.bind((host, port))
         except OSError as exc:
             raise SieveError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    logging.config.dictConfig(log_config())  # before warm-up, whose warnings are logged
+    logging_config = log_config()
+    logging.config.dictConfig(logging_config)  # before warm-up, whose warnings are logged
     pipelines = load_pipelines(configs)
     app = create_app(pipelines, body_timeout=body_timeout)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
-                limit_concurrency=limit_concurrency, log_config=log_config())
+                limit_concurrency=limit_concurrency, log_config=logging_config)
 
 
 def log_config() -> dict[str, Any]:

@@ -32,6 +32,8 @@ from typing import Annotated, Any, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from engine.model import iso_moment
+
 _NUMBER = (int, float)
 # the strings pydantic's lax mode would turn into a boolean
 _BOOLEAN_WORDS = frozenset("true false t f yes no y n on off 1 0".split())
@@ -141,8 +143,6 @@ def iso_text_moment(value: Any) -> Any:
     (``engine.model.iso_moment``: the shapes a query's ``as_of`` and documents' dates take), so that the field reads
     ``2025-06-01t10:00:00z`` as they do and refuses ``2025-06-01x10:00``, once; text that is only a number is left to
     :class:`NoCoercion`, which refuses it."""
-    from engine.model import iso_moment
-
     if not isinstance(value, str) or _numeric(value):
         return value
     moment = iso_moment(value)

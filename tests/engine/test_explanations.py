@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from bench.explain_build import PreChangePipeline, same
 from engine.model import Candidate, ScoreEntry
 from engine.pipeline import Pipeline, StageOutcome
 from engine.stage import Explanation, explanation_dicts
@@ -68,30 +69,13 @@ QUERIES = ["metformin kidney function", "metformin in pregnancy", "asthma inhale
 
 
 def reference_explain(pipeline: Pipeline, candidate: Candidate, outcomes: dict[str, StageOutcome]) -> Explanation:
-    trace_text = pipeline.compiled.config.trace.include_query_text
-    details = []
-    for entry in candidate.ledger:
-        stage = pipeline.compiled.stages.get(entry.stage)
-        if stage is not None and entry.stage in outcomes:
-            stage_query = outcomes[entry.stage].query
-            details.append(stage.explain(stage_query, candidate, entry.value, entry.rank, trace_text))
-    return Explanation(
-        candidate.score,
-        f"score of '{candidate.doc_id}' from stage '{candidate.ledger[-1].stage}'"
-        if candidate.ledger
-        else f"'{candidate.doc_id}' was never scored",
-        tuple(details),
-    )
+    """``Pipeline.explain`` before the change: the bench keeps that code, frozen, as its baseline."""
+    return PreChangePipeline.explain(pipeline, candidate, outcomes)  # type: ignore[arg-type]
 
 
 def reference_dict(node: Explanation) -> dict[str, Any]:
     return {"value": node.value, "description": node.description,
             "details": [reference_dict(d) for d in node.details]}
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equal, and the same JSON: floats bit for bit, dict keys in the same order."""
-    return a == b and json.dumps(a) == json.dumps(b)
 
 
 # ---------------------------------------------------------------- the trace's trees
