@@ -80,10 +80,13 @@ def version() -> None:
     out.print(__version__)
 
 
-def _writable_file(path: Optional[Path], option: str) -> None:
+def _writable_file(path: Optional[Path], option: str, *, appended: bool = False) -> None:
     """Refuse, before any work, an output file path that could not be written: a directory, a path under a
-    file, a directory that cannot be created or written."""
+    file, a directory that cannot be created or written. ``appended`` (a trace log): an existing regular file this
+    process may write is fine in a directory it may not write (appends write the file, not the directory)."""
     if path is None:
+        return
+    if appended and path.is_file() and os.access(path, os.W_OK):
         return
     from engine.paths import nearest_existing_parent
 
@@ -330,7 +333,7 @@ def search(
     pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
     target = None if no_log else pipeline.log_target(log)
     if target is not None:  # before the models load and the query runs, not after (a read-only working directory)
-        _writable_file(target.absolute(), "--log" if log is not None else "the config's trace.log")
+        _writable_file(target.absolute(), "--log" if log is not None else "the config's trace.log", appended=True)
     result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
     _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
     trace = result.trace
@@ -792,7 +795,7 @@ def batch_command(
             raise SieveError(f"--out {out_file} would write over {option} {path}")
         if os.path.realpath(path) == os.path.realpath(queries_file):
             raise SieveError(f"{option} {path} is the queries file: the traces would be appended to it")
-        _writable_file(path, option)
+        _writable_file(path, option, appended=True)
 
     if os.path.realpath(queries_file) in written_to:
         raise SieveError(f"--out {out_file} would write over the queries file {queries_file}")
@@ -803,13 +806,16 @@ def batch_command(
     if target.exists() and not overwrite:
         raise SieveError(f"--out {out_file} exists (a finished batch's results): give --overwrite to replace it (it "
                          "is replaced only once the new batch is complete), or another --out")
-    interrupted = partial.exists() and (partial.stat().st_size > 0 or sidecar.exists())
+    # An empty partial file (with its sidecar, or not) is a batch stopped before its first line, SIGTERM or SIGKILL
+    # in its warm-up: nothing to resume or lose, so it is started again.
+    interrupted = partial.exists() and partial.stat().st_size > 0
     if interrupted and not resume and not overwrite:
         raise SieveError(f"a previous batch writing {out_file} was interrupted: {partial} holds the results it wrote. "
                          "Continue it with the same command and --resume, or discard it with --overwrite")
     recorded = batch.read_sidecar(target) if interrupted and resume else None
     if resume and recorded is None:
-        err.print(f"[dim]no interrupted batch to resume (no {escape(str(partial))}): starting the batch[/dim]")
+        none = "it holds no line" if partial.exists() else "no such file"
+        err.print(f"[dim]no interrupted batch to resume ({escape(str(partial))}: {none}): starting the batch[/dim]")
     asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
     default_as_of = asked.as_of
     if default_as_of is None and recorded is not None:

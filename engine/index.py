@@ -59,6 +59,7 @@ from pydantic import ConfigDict, ValidationError
 
 from engine import __version__
 from engine.errors import SieveError, SieveIndexError
+from engine.paths import process_exists
 from engine.strictness import NoCoercion, a_json_kind, json_kind
 from engine.yamlsource import NotJson, refuse_json_constant
 
@@ -881,7 +882,7 @@ class BuildCache:
             match = _ENTRY_TEMPORARY.fullmatch(entry.name)
             if match is None:
                 entries += 1
-            elif remove_dead and not _process_exists(int(match.group(1)), int(match.group(2)) / 1000.0):
+            elif remove_dead and not process_exists(int(match.group(1)), int(match.group(2)) / 1000.0):
                 try:
                     os.unlink(entry.path)
                 except OSError:
@@ -1417,32 +1418,6 @@ def _build_leftover(out_dir: Path, name: str) -> tuple[str, int, float] | None:
     return (match.group(1), int(match.group(2)), int(match.group(3)) / 1000.0) if match else None
 
 
-def _process_started(pid: int) -> float | None:
-    """When process ``pid`` started, in Unix seconds (Linux /proc; None where that cannot be read)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _process_exists(pid: int, since: float | None = None) -> bool:
-    """Whether the build process ``pid`` (which made its directory at ``since``) still runs: a process with
-    that pid that started after the directory was made is another one (the pid was reused)."""
-    if pid <= 0 or pid == os.getpid():
-        return True  # not ours to judge / a build in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # PermissionError: it exists, as another user's process
-        pass
-    started = _process_started(pid) if since is not None else None
-    return started is None or started <= since + 2.0  # 2 s: the clock-tick and boot-time rounding
-
-
 def _remove_stale_builds(out_dir: Path) -> None:
     """Remove staging directories of ``out_dir`` whose build process no longer exists (killed with
     SIGKILL, a power cut...), and retired copies of a replaced index once a newer one is in place."""
@@ -1455,7 +1430,7 @@ def _remove_stale_builds(out_dir: Path) -> None:
         retired = []
         for entry in entries:
             found = _build_leftover(out_dir, entry.name)
-            if found is not None and found[0] == "old" and not _process_exists(found[1], found[2]):
+            if found is not None and found[0] == "old" and not process_exists(found[1], found[2]):
                 retired.append((found[2], entry))
         if retired:
             newest = max(retired, key=lambda pair: pair[0])[1]
@@ -1474,7 +1449,7 @@ def _remove_stale_builds(out_dir: Path) -> None:
             is_directory = entry.is_dir(follow_symlinks=False)
         except OSError:
             continue
-        if is_directory and not _process_exists(pid, made):
+        if is_directory and not process_exists(pid, made):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 

@@ -883,13 +883,13 @@ def _log_storage_problem(log_file: Path) -> str | None:
     directory = log_file.parent
     if not directory.is_dir():
         return f"{directory} is not a directory"
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f"{directory} is not writable"
     if log_file.exists() or log_file.is_symlink():
         if not log_file.is_file():
             return f"{log_file} is not a file"
         if not os.access(log_file, os.W_OK):
             return f"{log_file} is not writable"
+    elif not os.access(directory, os.W_OK | os.X_OK):  # appends to an existing log write the file, not its directory
+        return f"{directory} is not writable (the log is created there by the first query)"
     try:
         stats = os.statvfs(directory)
     except OSError as exc:

@@ -34,6 +34,7 @@ the records before it exist elsewhere, or nowhere.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import SieveError, TraceError
+from engine.paths import process_exists
 
 TRACE_SCHEMA = "sieve.trace/1"
 LOG_SCHEMA = "sieve.tracelog/1"
@@ -275,9 +277,15 @@ def _require_log(path: Path) -> None:
 def _open_log(path: Path) -> Any:
     _require_log(path)
     try:
-        return open(path, "rb")
+        # Not blocking on a FIFO's open; a FIFO, a device (/dev/zero: one endless line) or a socket is refused.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise TraceError(f"cannot read the trace log {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TraceError(f"{path} is not a regular file, so not a trace log")
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 MAX_SINGLE_TRACE_BYTES = 1 << 30
@@ -308,6 +316,7 @@ class _Line:
     problems: list[str]  # what is wrong with it as the next link of the chain; empty when it checks out
     terminated: bool
     end: int = 0  # byte offset just after the line
+    torn: bool = False  # the last line, unterminated and no record: a write in progress or a dead writer's tail
 
 
 # ---------------------------------------------------------------------------- where this process left each log
@@ -815,10 +824,11 @@ class TraceLog:
                                    "line of a rotated log is one)")
                 if problem is not None:
                     problem = f"line {number}{problem}"
-                    if not terminated and raw.startswith(b"{"):
+                    torn = not terminated and raw.startswith(b"{")
+                    if torn:
                         problem += (" (the last line, without its newline: a write in progress or a writer that died"
                                     " mid-record; the next append sets it aside)")
-                    yield _Line(number, None, [problem], terminated, offset)
+                    yield _Line(number, None, [problem], terminated, offset, torn)
                     prev_hash = expected_seq = None  # unknown: the chain resumes at the next record
                     continue
                 problems = _link_problems(f"line {number}", raw, data, prev_hash, expected_seq)
@@ -1240,10 +1250,19 @@ def check_log(path: str | Path, *, expect_head: str | None = None, expect_count:
     count = 0
     hashes: dict[int, str] = {}  # seq -> hash of the records that check out (kept only to check an anchor)
 
+    notes: list[str] = []
+
     def check(segment: Path, label: str) -> list[str]:
         nonlocal count
         found: list[str] = []
         for line in TraceLog(segment).scan():
+            if line.torn and not label:
+                # No record yet, and none lost: the log's chain ends at the record before. Only the live log is
+                # appended to (an archived segment with such a tail is broken: nothing will set it aside).
+                notes.append(f"line {line.number}, the last, has no newline and is no whole record: a write in progress "
+                             "or a writer that died mid-record (not part of the chain, which ends before it; the next "
+                             "append sets it aside)")
+                continue
             count += 1
             found.extend(label + problem for problem in line.problems)
             if line.record is not None and anchored:
@@ -1252,7 +1271,8 @@ def check_log(path: str | Path, *, expect_head: str | None = None, expect_count:
 
     # The log itself first: a missing path, a directory or a file that is no log is refused as such.
     own = check(log.path, "")
-    segments, link_problems, notes = _segments(log.path)
+    segments, link_problems, segment_notes = _segments(log.path)
+    notes = segment_notes + notes
     problems: list[str] = []
     for segment in segments[:-1]:
         problems.extend(check(segment, f"{segment.name}: "))
@@ -1409,11 +1429,12 @@ def _rotate_once(log: TraceLog, given: Path) -> Rotation:
             raise TraceError(f"nothing to rotate: {given} holds no trace"
                              + (" since its last rotation" if first is not None else ""))
         archive = log.path.with_name(f"{log.path.stem}.{first['seq']:06d}-{last['seq']:06d}{log.path.suffix}")
+        _remove_interrupted_archives(log.path, opened)
         try:
             os.link(log.path, archive)
         except FileExistsError:
-            raise TraceError(f"cannot rotate {given}: {archive} exists already (an interrupted rotation leaves "
-                             "the log's file under that name too: compare the two, then move it away)") from None
+            raise TraceError(f"cannot rotate {given}: {archive} exists already as another file "
+                             "than the log: compare the two, then move it away") from None
         except OSError as exc:
             raise TraceError(f"cannot rotate {given}: cannot give it the archive's name {archive.name} "
                              f"({exc.strerror or exc}; the file system must allow hard links)") from None
@@ -1423,7 +1444,7 @@ def _rotate_once(log: TraceLog, given: Path) -> Rotation:
             "rotated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         marker, line = _record_line(last["hash"], last["seq"] + 1, marker_trace)
-        temporary = log.path.with_name(f".{log.path.name[:96]}.rotate-{os.getpid()}-{secrets.token_hex(4)}")
+        temporary = _temporary_beside(log.path, "rotate")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -1445,7 +1466,25 @@ def _rotate_once(log: TraceLog, given: Path) -> Rotation:
                                  "nothing was changed") from None
             raise
         _fsync_directory(log.path.parent)
+    _remove_dead_temporaries(log.path, "rotate")
     return Rotation(given, archive, first["seq"], last["seq"], marker)
+
+
+def _remove_interrupted_archives(path: Path, log_file: os.stat_result) -> None:
+    """Remove the archive names a rotation killed between giving the log its second name and replacing it left:
+    a name of the archives' form beside the log that is the log's own file (a finished rotation's archive is
+    another file than the log that replaced it), so it grows with the log and would shadow the real archive."""
+    pattern = re.compile(re.escape(path.stem) + r"\.\d{6,}-\d{6,}" + re.escape(path.suffix))
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry.name) is None:
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.samestat(entry.stat(follow_symlinks=False), log_file):
+                os.unlink(entry.path)
 
 
 def _continued_by(path: Path, limit: int = 10_000) -> Path | None:
@@ -1715,8 +1754,7 @@ def _write_atomic(path: str | Path, write: Any) -> None:
     except OSError:
         keep_mode = None
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A short name, whatever the target's length: a target name near the file system's limit still gets one.
-    temporary = target.with_name(f".{target.name[:96]}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    temporary = _temporary_beside(target, "tmp")
     try:
         with open(temporary, "x", encoding="utf-8") as handle:
             write(handle)
@@ -1731,6 +1769,33 @@ def _write_atomic(path: str | Path, write: Any) -> None:
         except OSError:
             pass
         raise
+    _remove_dead_temporaries(target, "tmp")
+
+
+def _temporary_beside(target: Path, kind: str) -> Path:
+    """A new name beside ``target`` for a file that becomes it by a rename: ``.NAME.KIND-PID-RANDOM``, NAME cut to
+    96 characters (a target name near the file system's limit still gets one)."""
+    return target.with_name(f".{target.name[:96]}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove_dead_temporaries(target: Path, kind: str) -> None:
+    """Remove the temporaries of ``target`` (``_temporary_beside``) left by processes killed while writing them
+    (SIGKILL, a power cut): their pid no longer runs, or runs a process started after the file was last written."""
+    pattern = re.compile(re.escape(f".{target.name[:96]}.{kind}-") + r"(\d+)-[0-9a-f]{8}")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None:
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and not process_exists(int(found[1]),
+                                                                           entry.stat(follow_symlinks=False).st_mtime):
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -170,7 +170,7 @@ def test_rotate_refuses_what_it_cannot_rotate_and_changes_nothing(tmp_path, monk
     with pytest.raises(TraceError, match="holds no trace since its last rotation"):
         rotate_log(path)
     _fill(log, "b", 1)
-    # the archive's name is taken (an interrupted rotation, another file): refused, nothing moved
+    # the archive's name is taken by another file: refused, nothing moved
     taken = tmp_path / "trace.000002-000003.jsonl"
     taken.write_text("someone else's file\n")
     before = path.read_bytes()

@@ -198,6 +198,22 @@ def test_an_existing_output_or_an_interrupted_batch_is_never_overwritten_unasked
     assert isinstance(done.exception, SieveError) and "would write over the queries file" in str(done.exception)
 
 
+def test_a_batch_stopped_before_its_first_line_is_started_again(cli, mini_config, tmp_path):
+    """Crash audit L2: SIGTERM (or SIGKILL) in a batch's warm-up leaves its empty partial file and its sidecar; that
+    is nothing to resume and nothing to lose (before: "was interrupted", refused without --resume/--overwrite)."""
+    config = mini_config()
+    out = tmp_path / "r.jsonl"
+    (tmp_path / "r.jsonl.partial").write_text("", encoding="utf-8")
+    (tmp_path / "r.jsonl.partial.meta.json").write_text('{"as_of": "2020-01-01T00:00:00+00:00"}', encoding="utf-8")
+    done = cli("batch", config, BEIR_QUERIES, "--out", out, "--no-log", "--as-of", "2025-06-01")
+    assert done.exit_code == 0, (done.output, done.exception)
+    assert len(_lines(out)) == 50 and not (tmp_path / "r.jsonl.partial.meta.json").exists()
+    out.unlink()
+    (tmp_path / "r.jsonl.partial").write_text("", encoding="utf-8")
+    done = cli("batch", config, BEIR_QUERIES, "--out", out, "--no-log", "--as-of", "2025-06-01", "--resume")
+    assert done.exit_code == 0 and "no interrupted batch to resume" in done.output and "holds no line" in done.output
+
+
 # A stage that sleeps BATCH_TEST_SLEEP_MS (from the environment, so that the config, and its sha256, is the same
 # whatever the pace): a batch in a subprocess is slow enough to be stopped part-way.
 SLOW_SIEVE = """\
