@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
 from engine import __version__
 from engine.errors import ConfigError, MissingDependencyError, SieveError
-from engine.console import EXIT_PIPE_CLOSED, make_console, print_json, utf8_or_escaped
+from engine.console import EXIT_PIPE_CLOSED, make_console, print_json, shown, utf8_or_escaped
 
 app = typer.Typer(
     name="sieve",
@@ -116,16 +115,16 @@ def validate(
             compiled = compile_file(path)
         except ConfigError as exc:
             failed = True
-            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(exc))}")
+            err.print(f"[red]✗[/red] {shown(str(path))}: {shown(str(exc))}")
             continue
         for warning in compiled.warnings:
-            err.print(f"[yellow]{escape(str(warning))}[/yellow]")
+            err.print(f"[yellow]{shown(str(warning))}[/yellow]")
         log = compiled.config.trace.log
         out.print(
-            f"[green]✓[/green] {escape(str(path))}: {len(compiled.stages)} stages"
-            + (f" ({len(compiled.disabled)} disabled: {', '.join(compiled.disabled)})" if compiled.disabled else "")
+            f"[green]✓[/green] {shown(str(path))}: {len(compiled.stages)} stages"
+            + (f" ({len(compiled.disabled)} disabled: {shown(', '.join(compiled.disabled))})" if compiled.disabled else "")
             + f", output '{compiled.output}', config sha256 {compiled.config_sha256[:12]}; trace log: "
-            + (escape(str(Path(log).absolute())) + ("" if Path(log).is_absolute() else
+            + (shown(str(Path(log).absolute())) + ("" if Path(log).is_absolute() else
                                                     " (relative to the working directory)") if log else "none")
         )
     if failed:
@@ -191,14 +190,14 @@ def index(
             progress.advance(tasks[task], advance)
 
         def note(message: str) -> None:
-            progress.console.print(f"  {escape(message)}")
+            progress.console.print(f"  {shown(message)}")
 
         previous = manifest_sha256_of(out_dir) if keep_previous else None
         manifest = build_index(corpus, out_dir, settings, report, keep_previous=keep_previous,
                                cache=False if no_cache else cache_dir, keep_cache=keep_cache,
                                prune_cache=prune_cache, notes=note)
     out.print(
-        f"[green]✓[/green] indexed {manifest['corpus']['doc_count']} documents into {escape(str(out_dir))} "
+        f"[green]✓[/green] indexed {manifest['corpus']['doc_count']} documents into {shown(str(out_dir))} "
         f"(components: {', '.join(manifest['components'])})"
     )
     if previous is not None:
@@ -206,10 +205,10 @@ def index(
         if manifest_sha256_of(out_dir) == previous:
             out.print(f"  the previous index (manifest {previous[:12]}) is identical to the new one: nothing to keep")
         elif kept is not None:
-            out.print(f"  the previous index (manifest {previous[:12]}) is kept in {escape(str(kept))}")
+            out.print(f"  the previous index (manifest {previous[:12]}) is kept in {shown(str(kept))}")
         else:
             err.print(f"[yellow]warning:[/yellow] the previous index (manifest {previous[:12]}) could not be kept: "
-                      f"{escape(str(out_dir.parent / (out_dir.name + '.' + previous[:12])))} is taken")
+                      f"{shown(str(out_dir.parent / (out_dir.name + '.' + previous[:12])))} is taken")
 
 
 def _user_context(user: str | None, roles: list[str] | None, groups: list[str] | None, jurisdictions: list[str] | None,
@@ -301,7 +300,7 @@ def _print_warnings(warnings: Iterable[str | None]) -> None:
     the pipeline does (``Pipeline.warnings``: a rule reading a field no document has)."""
     for warning in warnings:
         if warning:
-            err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+            err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
 
 
 @app.command()
@@ -355,7 +354,7 @@ def search(
         f"trace {trace['trace_id']} ({trace['timing_ms']['total']:.1f} ms"
         + (", [yellow]degraded[/yellow]" if result.degraded else "")
         + ")"
-        + (f": {'; '.join(escape(w) for w in where)}" if where else "")
+        + (f": {'; '.join(shown(w) for w in where)}" if where else "")
     )
 
 
@@ -364,7 +363,7 @@ def _print_results(pipeline: Any, results: list[Any], trace: dict[str, Any], exp
     documents = index.documents.get([c.row for c in results]) if index is not None and results else {}
     rewritten = trace["query"].get("rewritten")
     if rewritten:
-        out.print(f"rewritten query: [bold]{escape(rewritten)}[/bold]")
+        out.print(f"rewritten query: [bold]{shown(rewritten)}[/bold]")
     if not results:
         out.print("[yellow]no results[/yellow]")
     table = Table(title=f"{len(results)} results", show_lines=False)
@@ -375,30 +374,31 @@ def _print_results(pipeline: Any, results: list[Any], trace: dict[str, Any], exp
     for rank, candidate in enumerate(results, start=1):
         doc = documents.get(candidate.row)
         title = (doc.title or doc.text)[:90] if doc is not None else ""
-        table.add_row(str(rank), candidate.doc_id, f"{candidate.score:.4f}", escape(title))
+        table.add_row(str(rank), shown(candidate.doc_id, lines=False), f"{candidate.score:.4f}", shown(title, lines=False))
     if results:
         out.print(table)
     for stage in trace["stages"]:
         for decision in stage.get("decisions", []):
-            out.print(f"[dim]{stage['id']}: {escape(decision['detail'])}[/dim]")
+            out.print(f"[dim]{shown(stage['id'])}: {shown(decision['detail'])}[/dim]")
         if stage.get("status") == "skipped":
-            out.print(f"[yellow]{stage['id']} skipped: {escape(stage.get('error', ''))}[/yellow]")
+            out.print(f"[yellow]{shown(stage['id'])} skipped: {shown(stage.get('error', ''))}[/yellow]")
         elif stage.get("status") == "bypassed":
-            out.print(f"[dim]{stage['id']}: bypassed, its `when` does not hold "
-                      f"({escape(str((stage.get('when') or {}).get('condition', '')))})[/dim]")
+            out.print(f"[dim]{shown(stage['id'])}: bypassed, its `when` does not hold "
+                      f"({shown(str((stage.get('when') or {}).get('condition', '')))})[/dim]")
         elif (stage.get("when") or {}).get("error"):
-            out.print(f"[yellow]{stage['id']}: its `when` could not be judged: {escape(stage['when']['error'])}[/yellow]")
+            out.print(f"[yellow]{shown(stage['id'])}: its `when` could not be judged: "
+                      f"{shown(stage['when']['error'])}[/yellow]")
     if explain:
         for record in trace["results"]:
             if "explanation" not in record:
                 continue
-            tree = Tree(f"#{record['rank']} {record['doc_id']}")
+            tree = Tree(f"#{record['rank']} {shown(record['doc_id'], lines=False)}")
             _add_explanation(tree, record["explanation"])
             out.print(tree, soft_wrap=False)  # a long description wraps; soft wrap would crop it
 
 
 def _add_explanation(tree: Tree, node: dict[str, Any]) -> None:
-    branch = tree.add(f"[bold]{node['value']:.4f}[/bold]  {escape(node['description'])}")
+    branch = tree.add(f"[bold]{node['value']:.4f}[/bold]  {shown(node['description'])}")
     for child in node.get("details", []):
         _add_explanation(branch, child)
 
@@ -431,21 +431,25 @@ def replay(
         print_json(report)
     else:
         if source.verified:
-            out.print(f"[dim]source: {escape(source.message)}[/dim]")
+            out.print(f"[dim]source: {shown(source.message)}[/dim]")
         else:
-            out.print(f"[yellow]{escape(source.message)}[/yellow]")
+            out.print(f"[yellow]{shown(source.message)}[/yellow]")
         for note in report["notes"]:
-            out.print(f"[dim]note: {escape(note)}[/dim]")
+            out.print(f"[dim]note: {shown(note)}[/dim]")
+        # What the trace file says of itself (its id, hashes) is shown as written; the verdict line says itself
+        # whether the trace is a logged one, so that no line before it carries that alone.
+        unverified = "" if source.verified else " [yellow](an unverified trace file)[/yellow]"
+        trace_name = shown(report["trace_id"], lines=False)
         if report["identical"]:
             out.print(
-                f"[green]✓ identical[/green]: {report['compared']} results of trace {report['trace_id']} and every "
-                f"stage's output reproduced exactly (config {report['config_sha256'][:12]}, index "
-                f"{report['index_manifest_sha256'][:12]})"
+                f"[green]✓ identical[/green]{unverified}: {report['compared']} results of trace {trace_name} and "
+                f"every stage's output reproduced exactly (config {shown(report['config_sha256'][:12])}, index "
+                f"{shown(str(report['index_manifest_sha256'])[:12])})"
             )
         else:
-            out.print(f"[red]✗ different[/red]: trace {report['trace_id']}")
+            out.print(f"[red]✗ different[/red]{unverified}: trace {trace_name}")
             for line in report["differences"]:
-                out.print(f"  {escape(line)}")
+                out.print(f"  {shown(line)}")
     if not report["identical"]:
         raise typer.Exit(1)
 
@@ -469,17 +473,17 @@ def trace_verify(
     _print_warnings(check.warnings)  # e.g. bytes of a torn record set aside next to the log
     if check.problems:
         for problem in check.problems:
-            err.print(f"[red]✗[/red] {escape(problem)}")
+            err.print(f"[red]✗[/red] {shown(problem)}")
         raise typer.Exit(1)
     anchored = expect_head is not None or expect_count is not None
     rotated = len(check.segments) > 1
     out.print(f"[green]✓[/green] {check.records} records"
-              + (f" in {len(check.segments)} segments ({escape(', '.join(p.name for p in check.segments))})"
+              + (f" in {len(check.segments)} segments ({shown(', '.join(p.name for p in check.segments))})"
                  if rotated else "")
               + ", chain intact" + (", the anchored head is present" if anchored else ""))
     if not anchored:
         out.print("[dim]records cut from the log's end cannot be seen in the chain: anchor its head outside the log "
-                  f"(sieve trace head {escape(str(log))}) and check it with --expect-head[/dim]")
+                  f"(sieve trace head {shown(str(log))}) and check it with --expect-head[/dim]")
 
 
 @trace_app.command("head")
@@ -497,10 +501,10 @@ def trace_head(
         print_json({"log": str(head.path), "records": head.records, "seq": head.seq, "hash": head.hash})
         return
     if head.hash is None:
-        out.print(f"{escape(str(log))}: 0 records (an empty log); anchor: --expect-count 0")
+        out.print(f"{shown(str(log))}: 0 records (an empty log); anchor: --expect-count 0")
         return
-    out.print(f"{escape(str(log))}: {head.records} records; head seq {head.seq} hash {head.hash}")
-    out.print(f"check later: sieve trace verify {escape(str(log))} --expect-head {head.hash} "
+    out.print(f"{shown(str(log))}: {head.records} records; head seq {head.seq} hash {head.hash}")
+    out.print(f"check later: sieve trace verify {shown(str(log))} --expect-head {head.hash} "
               f"--expect-count {head.records}")
 
 
@@ -523,12 +527,12 @@ def trace_rotate(
                     "records": marker["seq"] + 1, "seq": marker["seq"], "hash": marker["hash"]})
         return
     moved = rotation.last_seq - rotation.first_seq + 1
-    out.print(f"{escape(str(rotation.path))}: seq {rotation.first_seq}..{rotation.last_seq} ({moved} record"
-              f"{'s' if moved != 1 else ''}) moved to {escape(str(rotation.archive))}")
+    out.print(f"{shown(str(rotation.path))}: seq {rotation.first_seq}..{rotation.last_seq} ({moved} record"
+              f"{'s' if moved != 1 else ''}) moved to {shown(str(rotation.archive))}")
     out.print(f"the log goes on at seq {marker['seq']}, with a record linking to the archive's last "
               f"(hash {rotation.marker['prev'][:16]}…); keep the archive beside the log for verify and replay to "
               "follow the chain")
-    out.print(f"anchor: sieve trace verify {escape(str(rotation.path))} --expect-head {marker['hash']} "
+    out.print(f"anchor: sieve trace verify {shown(str(rotation.path))} --expect-head {marker['hash']} "
               f"--expect-count {marker['seq'] + 1}")
 
 
@@ -568,7 +572,7 @@ def _run_eval(config: Path, dataset: Path, split: str, index_dir: Path | None, l
         except KeyboardInterrupt:
             done = int(progress.tasks[0].completed) if tasks else 0
             total = int(progress.tasks[0].total or 0) if tasks else 0
-            logged = f"; their traces are in {trace_log}" if trace_log is not None and done else ""
+            logged = f"; their traces are in {shown(trace_log)}" if trace_log is not None and done else ""
             err.print(f"interrupted after {done} of {total} queries{logged}: no figures and no output file written")
             raise
     _print_warnings(report.warm_up_warnings)
@@ -629,7 +633,7 @@ def _write_outputs(outputs: list[tuple[str, Optional[Path], Any, Optional[str]]]
             failures.append(str(exc))
         else:
             if message is not None and not quiet:
-                out.print(escape(message))
+                out.print(shown(message))
     if failures:
         raise SieveError("; ".join(failures))
 
@@ -713,11 +717,11 @@ def eval_command(
             print_json(document)
         else:
             out.print(
-                f"[bold]{escape(report.pipeline_name or str(config))}[/bold] on {escape(str(dataset))} ({escape(split)}, "
-                f"{report.queries} queries; qrels: {escape(data.qrels_format)}); config {report.config_sha256[:12]}, "
-                f"index {str(index.get('manifest_sha256', '-'))[:12]}; asked as {escape(_who(report.asked_as['user']))} "
-                f"at {escape(report.asked_as['as_of'])}"
-                + (f"; with --set {escape(', '.join(report.settings))}" if report.settings else "")
+                f"[bold]{shown(report.pipeline_name or str(config))}[/bold] on {shown(str(dataset))} ({shown(split)}, "
+                f"{report.queries} queries; qrels: {shown(data.qrels_format)}); config {report.config_sha256[:12]}, "
+                f"index {str(index.get('manifest_sha256', '-'))[:12]}; asked as {shown(_who(report.asked_as['user']))} "
+                f"at {shown(report.asked_as['as_of'])}"
+                + (f"; with --set {shown(', '.join(report.settings))}" if report.settings else "")
             )
             metrics = Table(title="retrieval quality (pytrec_eval)")
             metrics.add_column("metric")
@@ -815,7 +819,7 @@ def batch_command(
     recorded = batch.read_sidecar(target) if interrupted and resume else None
     if resume and recorded is None:
         none = "it holds no line" if partial.exists() else "no such file"
-        err.print(f"[dim]no interrupted batch to resume ({escape(str(partial))}: {none}): starting the batch[/dim]")
+        err.print(f"[dim]no interrupted batch to resume ({shown(str(partial))}: {none}): starting the batch[/dim]")
     asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
     default_as_of = asked.as_of
     if default_as_of is None and recorded is not None:
@@ -894,7 +898,7 @@ def batch_command(
             kept = SieveError(f"{exc}\n{keep}")
             kept.exit_code = exc.exit_code
             raise kept from None
-        err.print(f"[yellow]{escape(keep)}[/yellow]")
+        err.print(f"[yellow]{shown(keep)}[/yellow]")
         raise
     finally:
         os.close(fd)
@@ -910,23 +914,23 @@ def batch_command(
             f"{summary.empty} empty, {summary.degraded} degraded; latency per query run p50 {latency['p50']:.2f} ms, "
             f"p95 {latency['p95']:.2f}, mean {latency['mean']:.2f} ({summary.wall_s:.1f} s, {summary.workers} "
             f"worker{'s' if summary.workers != 1 else ''})")
-        out.print(f"asked as {escape(_who(summary.user))} at {escape(summary.as_of)} (for the lines giving none); "
-                  f"traces: {escape(summary.trace_log) if summary.trace_log else 'not logged'}")
+        out.print(f"asked as {shown(_who(summary.user))} at {shown(summary.as_of)} (for the lines giving none); "
+                  f"traces: {shown(summary.trace_log) if summary.trace_log else 'not logged'}")
         for failure in summary.failures:
-            out.print(f"[red]✗[/red] {escape(failure['id'])} ({escape(str(queries_file))}:{failure['line']}): "
-                      f"{escape(failure['error'])}")
+            out.print(f"[red]✗[/red] {shown(failure['id'])} ({shown(str(queries_file))}:{failure['line']}): "
+                      f"{shown(failure['error'])}")
         if summary.failed > len(summary.failures):
             out.print(f"  ... and {summary.failed - len(summary.failures)} more failed (their lines hold \"error\")")
         if summary.complete:
-            out.print(f"[green]✓[/green] results written to {escape(str(out_file))}")
+            out.print(f"[green]✓[/green] results written to {shown(str(out_file))}")
     if not summary.complete:
         err.print(f"[yellow]stopped by {summary.stopped_by}[/yellow] after {summary.resumed + summary.run} of "
-                  f"{summary.queries} queries: the results so far are in {escape(str(partial))}; continue with the "
+                  f"{summary.queries} queries: the results so far are in {shown(str(partial))}; continue with the "
                   "same command and --resume")
         raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
     if summary.failed:
         err.print(f"[red]error:[/red] {summary.failed} of {summary.queries} queries failed (their lines in "
-                  f"{escape(str(out_file))} hold \"error\" and no results)")
+                  f"{shown(str(out_file))} hold \"error\" and no results)")
         raise typer.Exit(1)
 
 
@@ -988,30 +992,30 @@ def sweep_command(
         if as_json:
             print_json(document)
         else:
-            out.print(f"[bold]{escape(config.name)}[/bold] on {escape(str(dataset))} ({escape(split)}, {report.queries} "
-                      f"queries): {len(report.variants)} variants and the config as written, by {escape(metric)}")
+            out.print(f"[bold]{shown(config.name)}[/bold] on {shown(str(dataset))} ({shown(split)}, {report.queries} "
+                      f"queries): {len(report.variants)} variants and the config as written, by {shown(metric)}")
             table = Table()
             paths = [s.path for s in parsed]
             short = {p: _setting_label(p) for p in paths}
             columns = [metric] + [m for m in PRIMARY if m != metric]
             for path in paths:
-                table.add_column(escape(short[path]))
+                table.add_column(shown(short[path]))
             for name in columns:
-                table.add_column(escape(name), justify="right")
+                table.add_column(shown(name), justify="right")
             rows = [(v, False) for v in report.variants] + [(report.baseline, True)]
             for variant, written in rows:
-                cells = ["(as written)" if written else escape(json.dumps(variant.settings[p], default=str)) for p in paths]
+                cells = ["(as written)" if written else shown(json.dumps(variant.settings[p], default=str)) for p in paths]
                 figures = (["failed"] + [""] * (len(columns) - 1) if variant.error is not None else
                            [f"{variant.metrics.get(m, 0.0):.4f}" for m in columns])
                 style = "bold" if variant is report.best and report.improves else None
                 table.add_row(*cells, *figures, style=style)
             out.print(table)
             paired = report.best_vs_baseline
-            out.print(f"best vs as written: {paired['difference']:+.4f} {escape(metric)} ({paired['wins']} queries "
+            out.print(f"best vs as written: {paired['difference']:+.4f} {shown(metric)} ({paired['wins']} queries "
                       f"better, {paired['losses']} worse; randomisation p "
                       f"{'-' if paired['randomisation_p'] is None else format(paired['randomisation_p'], '.4f')}): "
                       f"{_verdict(paired['difference'], paired['randomisation_p'], 'the best variant', 'the config as written')}")
-            out.print(f"[dim]{escape(report.note())}[/dim]")
+            out.print(f"[dim]{shown(report.note())}[/dim]")
         _print_warnings(report.warnings())
 
 
@@ -1050,7 +1054,7 @@ def schema_command(
             sys.stdout.write(text)
         else:
             write_text_atomic(out_file, text)
-            err.print(f"[green]✓[/green] parameter reference written to {escape(str(out_file))}")
+            err.print(f"[green]✓[/green] parameter reference written to {shown(str(out_file))}")
         return
     schema = pipeline_json_schema()
     if out_file is None:
@@ -1058,7 +1062,7 @@ def schema_command(
         return
     write_json_atomic(out_file, schema)
     branches = len(schema["else"]["properties"]["stages"]["items"]["oneOf"])  # a complete config's stage union
-    err.print(f"[green]✓[/green] schema with {branches} stage types written to {escape(str(out_file))}")
+    err.print(f"[green]✓[/green] schema with {branches} stage types written to {shown(str(out_file))}")
 
 
 @app.command("explain")
@@ -1104,7 +1108,7 @@ def explain_command(
         return
     _print_results(pipeline, result.results, trace, explain=False)
     for record in records:
-        tree = Tree(f"[bold]#{record['rank']} {escape(record['doc_id'])}[/bold]  score {record['score']:.6g}")
+        tree = Tree(f"[bold]#{record['rank']} {shown(record['doc_id'])}[/bold]  score {record['score']:.6g}")
         if "explanation" in record:
             _add_explanation(tree, record["explanation"])
         contributions = signal_contributions(record.get("explanation") or {})
@@ -1112,26 +1116,26 @@ def explain_command(
             parts = tree.add("signals (raw -> normalised -> weighted)")
             for part in contributions:
                 raw = "-" if part["raw"] is None else f"{part['raw']:.4g}"
-                parts.add(f"{escape(part['signal'])}: raw {raw} -> {part['normalised']:.4f} ({escape(part['method'])}) "
+                parts.add(f"{shown(part['signal'])}: raw {raw} -> {part['normalised']:.4f} ({shown(part['method'])}) "
                           f"-> {part['weight']:g} x = [bold]{part['weighted']:.4f}[/bold]")
         for firing in rules_fired(trace, record["doc_id"]):
-            tree.add(f"rule [bold]{escape(firing['rule'])}[/bold] fired ({escape(firing.get('action', ''))}, stage "
-                     f"'{escape(firing['stage'])}'): {escape(str(firing.get('effect', '')))}, rank "
+            tree.add(f"rule [bold]{shown(firing['rule'])}[/bold] fired ({shown(firing.get('action', ''))}, stage "
+                     f"'{shown(firing['stage'])}'): {shown(str(firing.get('effect', '')))}, rank "
                      f"{firing.get('rank_before')} -> {firing.get('rank_after')}")
         for merge in dedup_merges(trace, record["doc_id"]):
-            tree.add(f"absorbed near-duplicate {escape(merge['absorbed'])} (similarity {merge['similarity']:.4f}, "
-                     f"stage '{escape(merge['stage'])}')")
+            tree.add(f"absorbed near-duplicate {shown(merge['absorbed'])} (similarity {merge['similarity']:.4f}, "
+                     f"stage '{shown(merge['stage'])}')")
         out.print(tree, soft_wrap=False)
     for verdict in verdicts:
         colour = "green" if verdict.status == "returned" else "yellow"
-        out.print(f"\n[bold]why not {escape(verdict.doc_id)}?[/bold] [{colour}]{verdict.status}[/{colour}]: "
-                  f"{escape(verdict.message)}")
+        out.print(f"\n[bold]why not {shown(verdict.doc_id)}?[/bold] [{colour}]{verdict.status}[/{colour}]: "
+                  f"{shown(verdict.message)}")
         if verdict.journey:
-            table = Table(title=f"{verdict.doc_id} stage by stage")
+            table = Table(title=f"{shown(verdict.doc_id, lines=False)} stage by stage")
             for column in ("stage", "type", "rank", "score", "of"):
                 table.add_column(column, justify="right" if column in ("rank", "score", "of") else "left")
             for step in verdict.journey:
-                table.add_row(step.stage, step.type, "-" if step.rank is None else str(step.rank),
+                table.add_row(shown(step.stage), shown(step.type), "-" if step.rank is None else str(step.rank),
                               "-" if step.score is None else f"{step.score:.6g}", str(step.of))
             out.print(table)
 
@@ -1187,7 +1191,7 @@ def compare_command(
                 raise SieveError(f"{label} ({path}): {exc}") from exc
             empty = report.empty_warning()
             if empty:
-                err.print(f"[yellow]warning:[/yellow] {label}: {escape(empty)}")
+                err.print(f"[yellow]warning:[/yellow] {label}: {shown(empty)}")
             if judged_index is None and report.index is not None:
                 judged_index = Path(report.index["path"])
             sides.append(Side(path.name, report.run, "config", path, index_dir))
@@ -1210,10 +1214,10 @@ def compare_command(
         command += [f"--set '{setting}'" for setting in settings or ()]
         sys.stdout.write(to_markdown(comparison, " ".join(command) + " --markdown"))
         return
-    out.print(f"A = [bold]{escape(sides[0].label)}[/bold], B = [bold]{escape(sides[1].label)}[/bold] on "
-              f"{escape(str(dataset))} ({escape(split)}, {comparison.queries} queries; qrels: "
-              f"{escape(comparison.qrels_format or '-')})"
-              + (f"; both configs with --set {escape(', '.join(settings))}" if settings else ""))
+    out.print(f"A = [bold]{shown(sides[0].label)}[/bold], B = [bold]{shown(sides[1].label)}[/bold] on "
+              f"{shown(str(dataset))} ({shown(split)}, {comparison.queries} queries; qrels: "
+              f"{shown(comparison.qrels_format or '-')})"
+              + (f"; both configs with --set {shown(', '.join(settings))}" if settings else ""))
     table = Table(title="B - A; p: paired t-test (t) and paired randomisation test (rand), two-sided; "
                   "wins/losses: queries where B is better/worse")
     for column in ("metric", "A", "B", "delta", "p(t)", "p(rand)", "wins", "losses", "ties"):
@@ -1229,14 +1233,14 @@ def compare_command(
     if primary is not None:
         out.print(f"ndcg_cut_10: {_verdict(primary.delta, primary.randomisation_p, 'B', 'A')}")
     for diff in comparison.diffs:
-        out.print(f"\n[bold]query {escape(diff.qid)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {escape(diff.text)}")
+        out.print(f"\n[bold]query {shown(diff.qid)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {shown(diff.text)}")
         if diff.note:
-            out.print(f"[yellow]{escape(diff.note)}[/yellow]")
+            out.print(f"[yellow]{shown(diff.note)}[/yellow]")
         for move in diff.moves:
             where = f"{move.rank_a if move.rank_a is not None else '-'} -> {move.rank_b if move.rank_b is not None else '-'}"
             mark = "[green]relevant[/green]" if move.relevance else "[dim]not relevant[/dim]"
             reasons = "; ".join(move.reasons) if move.reasons else "no explanation (no config for this side)"
-            out.print(f"  doc {escape(move.doc_id)} ({mark}) moved {where}: {escape(reasons)}")
+            out.print(f"  doc {shown(move.doc_id)} ({mark}) moved {where}: {shown(reasons)}")
 
 
 @app.command("report")
@@ -1259,8 +1263,8 @@ def report_command(
     _write_output("--html", html, lambda: write_report(trace, html, source=source),
                   "a report there before is unchanged")
     if not source.verified:
-        err.print(f"[yellow]{escape(source.message)}[/yellow] (the report says so at its top)")
-    out.print(f"[green]✓[/green] report for trace {trace.get('trace_id')} written to {escape(str(html))}")
+        err.print(f"[yellow]{shown(source.message)}[/yellow] (the report says so at its top)")
+    out.print(f"[green]✓[/green] report for trace {shown(trace.get('trace_id'), lines=False)} written to {shown(str(html))}")
 
 
 @app.command()
@@ -1313,13 +1317,13 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except SieveError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        err.print(f"[red]error:[/red] {shown(str(exc))}")
         sys.exit(exc.exit_code)
     except (click.exceptions.ClickException, *_TYPER_ERRORS) as exc:  # usage: unknown command, missing argument
         if hasattr(exc, "show"):
             exc.show()
         else:
-            err.print(f"[red]error:[/red] {escape(exc.format_message())}")
+            err.print(f"[red]error:[/red] {shown(exc.format_message())}")
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, typer.Abort):
         err.print("aborted")
@@ -1334,14 +1338,14 @@ def main() -> None:
         if os.environ.get("SIEVE_DEBUG"):
             raise
         with contextlib.suppress(OSError):
-            err.print(f"[red]error:[/red] {escape(exc.strerror or str(exc))}"
-                      + (f": {escape(str(exc.filename))}" if exc.filename else " (writing the output)"))
+            err.print(f"[red]error:[/red] {shown(exc.strerror or str(exc))}"
+                      + (f": {shown(str(exc.filename))}" if exc.filename else " (writing the output)"))
         sys.exit(EXIT_IO_ERROR)
     except Exception as exc:  # a bug: say so plainly, keep the traceback for those who ask
         if os.environ.get("SIEVE_DEBUG"):
             raise
         err.print(
-            f"[red]internal error:[/red] {escape(type(exc).__name__)}: {escape(str(exc))} "
+            f"[red]internal error:[/red] {shown(type(exc).__name__)}: {shown(str(exc))} "
             "(this is a bug in Sieve; rerun with SIEVE_DEBUG=1 for the traceback)"
         )
         sys.exit(EXIT_INTERNAL)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+import unicodedata
+from typing import Any, Callable
 
 
 def print_json(document: Any) -> None:
@@ -20,6 +21,43 @@ def print_json(document: Any) -> None:
     text = json.dumps(document, indent=2, ensure_ascii=encoding not in ("utf8", "utf8sig"))
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+# What a terminal or a browser does not show as itself: control characters (ESC starts the terminal's escape
+# sequences), format characters (bidi overrides, zero-width and soft-hyphen, tag characters), line and paragraph
+# separators, surrogates, private-use and unassigned code points; and the default-ignorable letters and marks that
+# render as nothing (Hangul fillers, the combining grapheme joiner, variation selectors).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_HIDDEN_MARKS = frozenset(map(chr, (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0)))
+
+
+def hidden(char: str) -> bool:
+    """Whether ``char`` would not be seen as itself: it changes what a terminal shows, or shows as nothing."""
+    code = ord(char)
+    return (unicodedata.category(char) in _HIDDEN_CATEGORIES or char in _HIDDEN_MARKS
+            or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF)
+
+
+def backslashed(char: str) -> str:
+    return ascii(char)[1:-1]  # \x1b, \u202e, \U000e0020
+
+
+def written_out(text: str, write: Callable[[str], str] = backslashed, keep: str = "\n\t") -> str:
+    """``text`` with every character that would not be seen as itself (``hidden``) written out (``\x1b``,
+    ``\u202e``, or as ``write`` spells it), but those in ``keep``: what text from a corpus, a trace file or a
+    config can hold reaches a person as what it is, never as a terminal's escape sequence or an invisible mark."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(write(char) if char not in keep and hidden(char) else char for char in text)
+
+
+def shown(value: Any, *, lines: bool = True) -> str:
+    """``value`` as text for rich's console: written out (``written_out``; line breaks and tabs kept only with
+    ``lines``, for a message; a table cell or a label gets them written out too), then its markup escaped, so
+    that nothing in it is read as markup or reaches the terminal as a control sequence."""
+    from rich.markup import escape
+
+    return escape(written_out(str(value), keep="\n\t" if lines else ""))
 
 
 EXIT_PIPE_CLOSED = 141  # the reader of stdout went away (| head): what a process SIGPIPE ends exits with

@@ -105,6 +105,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic import StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
+from engine.console import written_out
 from engine.errors import QueryError, SieveError
 from engine.model import LANGUAGE_TAG, UserContext, iso_moment
 from engine.strictness import LONE_SURROGATE, FlawedObject, json_kind, refused_keys, strict_object
@@ -671,7 +672,7 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
+        log.exception("internal error on %s %s", request.method, written_out(request.url.path))  # ESC: not raw
         return error(500, "internal_error",
                      f"{type(exc).__name__}: {exc} (a bug in Sieve; the server log has the traceback)")
 

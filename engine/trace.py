@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from engine.console import hidden
 from engine.errors import SieveError, TraceError
 from engine.paths import process_exists
 
@@ -732,6 +733,9 @@ class TraceLog:
                 fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             except FileExistsError:
                 continue
+            except OSError as exc:  # a directory this process may not write (the log itself may be writable)
+                raise TraceError(f"cannot set aside the torn tail of {self.path} (a writer died mid-record): cannot "
+                                 f"create {aside.name} beside it ({exc.strerror or exc}); nothing was appended") from None
             break
         else:
             raise TraceError(
@@ -1104,6 +1108,13 @@ def _marker_problem(trace: dict[str, Any]) -> str | None:
         value = previous.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"whose previous.{key} {_clip(value)} is not a whole number"
+    # The name rotate_log gives: the log's stem, the seqs it holds, the log's suffix; nothing a terminal would not
+    # show as itself (a forged marker's escape sequences could hide the notes that quote the name).
+    seqs = f".{previous['first_seq']:06d}-{previous['last_seq']:06d}"
+    stem, found, suffix = name.rpartition(seqs)
+    if not found or not stem or "." in suffix[1:] or (suffix and not suffix.startswith(".")) \
+            or any(map(hidden, name)):
+        return f"naming {_clip(name)} as its previous segment, not the name a rotation gives it (STEM{seqs}.SUFFIX)"
     return None
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
 from engine.errors import ConfigError, SieveError
-from engine.console import make_console, print_json
+from engine.console import make_console, print_json, shown
 
 rules_app = typer.Typer(
     help="Analyst rule files: run their tests, check them for conflicts.",
@@ -49,7 +48,7 @@ def test(
             reports.append(run_test_file(path, name))
         except SieveError as exc:
             broken = True
-            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(exc))}")
+            err.print(f"[red]✗[/red] {shown(str(path))}: {shown(str(exc))}")
     failed = sum(r.failed for r in reports)
     total = sum(len(r.cases) for r in reports)
     if as_json:
@@ -63,11 +62,11 @@ def test(
         for report in reports:
             for case in report.cases:
                 if case.passed:
-                    out.print(f"[green]✓[/green] {escape(case.name)}")
+                    out.print(f"[green]✓[/green] {shown(case.name)}")
                 else:
-                    out.print(f"[red]✗[/red] {escape(case.name)}  ({escape(str(case.location))})")
+                    out.print(f"[red]✗[/red] {shown(case.name)}  ({shown(str(case.location))})")
                     for failure in case.failures:
-                        out.print(f"    {escape(failure)}")
+                        out.print(f"    {shown(failure)}")
         colour = "green" if failed == 0 and not broken else "red"
         could_not_run = len(files) - len(reports)
         out.print(
@@ -77,7 +76,7 @@ def test(
     if broken:
         raise typer.Exit(2)
     if total == 0:  # a filter that selects nothing would otherwise pass
-        err.print(f"[red]error:[/red] no test case matches {name!r}" if name else "[red]error:[/red] no test cases")
+        err.print(f"[red]error:[/red] no test case matches {shown(repr(name))}" if name else "[red]error:[/red] no test cases")
         raise typer.Exit(2)
     if failed:
         raise typer.Exit(1)
@@ -105,26 +104,26 @@ def check(
             index = Index.open(index_dir)
             table = DocumentTable.from_index(index)
         except SieveError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            err.print(f"[red]error:[/red] {shown(str(exc))}")
             raise typer.Exit(2) from None
     failed = False
     for path in files:
         ruleset, issues = check_rule_file(path)  # the checks run on every rule that validated
         if ruleset is None:
             failed = True
-            err.print(f"[red]✗[/red] {escape(str(path))}: {escape(str(ConfigError(issues)))}")
+            err.print(f"[red]✗[/red] {shown(str(path))}: {shown(str(ConfigError(issues)))}")
             continue
         if table is not None:
             issues = issues + check_against_corpus(ruleset, table) + check_query_entities(ruleset, index)
         errors = [i for i in issues if i.severity == "error"]
         for issue in issues:
             colour = "red" if issue.severity == "error" else "yellow"
-            err.print(f"[{colour}]{escape(str(issue))}[/{colour}]")
+            err.print(f"[{colour}]{shown(str(issue))}[/{colour}]")
         if errors:
             failed = True
-            out.print(f"[red]✗[/red] {escape(str(path))}: {len(errors)} error(s)")
+            out.print(f"[red]✗[/red] {shown(str(path))}: {len(errors)} error(s)")
         else:
-            out.print(f"[green]✓[/green] {escape(str(path))}: {len(ruleset.rules)} {ruleset.kind} rules, "
+            out.print(f"[green]✓[/green] {shown(str(path))}: {len(ruleset.rules)} {ruleset.kind} rules, "
                       f"sha256 {ruleset.sha256[:12]}")
     if failed:
         raise typer.Exit(2)

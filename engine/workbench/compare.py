@@ -13,10 +13,12 @@ merges, and for a document one side did not return, that side's why-not verdict)
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.console import written_out
 from engine.errors import SieveError
 from engine.evaluation import (aggregate, coverage_warnings, judgement_coverage, load_beir, natural_key,
                                per_query_metrics, read_trec_run, trec_order)
@@ -325,17 +327,38 @@ def _p(value: float | None) -> str:
     return "<0.0001" if value < 1e-4 else f"{value:.4f}"
 
 
+# ASCII punctuation markdown reads as syntax (emphasis, links, images, code, tables, headings, raw HTML)
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_\[\]<>!|#~])")
+
+
+def _md(value: Any) -> str:
+    """``value`` as literal text on one line of markdown: line breaks and invisible characters written out
+    (``engine.console.written_out``), syntax characters backslash-escaped, so that a query or a document id (a
+    dataset's, a corpus's) can add no table, link, image or heading to the file."""
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", written_out(str(value), keep=""))
+
+
+def _md_code(value: Any) -> str:
+    """``value`` as a code span on one line: a fence longer than any run of backticks in it (CommonMark)."""
+    text = written_out(str(value), keep="")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def to_markdown(comparison: Comparison, command: str | None = None) -> str:
-    """The comparison as a markdown document (what bench/results stores)."""
+    """The comparison as a markdown document (what bench/results stores). Every text that comes from the data, the
+    configs or the command line (queries, ids, labels, paths) is written as literal text (``_md``, ``_md_code``)."""
     a, b = comparison.a, comparison.b
-    lines = [f"# compare: A = {a.label} vs B = {b.label}", ""]
+    lines = [f"# compare: A = {_md(a.label)} vs B = {_md(b.label)}", ""]
     if command:
-        lines += ["```", command, "```", ""]
+        fence = "`" * max(3, max((len(run) for run in re.findall("`+", command)), default=0) + 1)
+        lines += [fence, written_out(command, keep=""), fence, ""]
     lines += [
-        f"{comparison.dataset}, split `{comparison.split}`, {comparison.queries} judged queries"
-        + (f" (qrels: {comparison.qrels_format})" if comparison.qrels_format else "") + ". "
-        f"A from {a.source}" + (f" ({a.config})" if a.config else "") + f", B from {b.source}"
-        + (f" ({b.config})" if b.config else "") + ".",
+        f"{_md(comparison.dataset)}, split {_md_code(comparison.split)}, {comparison.queries} judged queries"
+        + (f" (qrels: {_md(comparison.qrels_format)})" if comparison.qrels_format else "") + ". "
+        f"A from {_md(a.source)}" + (f" ({_md(a.config)})" if a.config else "") + f", B from {_md(b.source)}"
+        + (f" ({_md(b.config)})" if b.config else "") + ".",
         "",
         "Significance: *t* = paired Student's t-test (scipy.stats.ttest_rel); *rand* = paired randomisation test "
         f"(scipy.stats.permutation_test, samples permuted within each query pair, {PERMUTATION_RESAMPLES:,} resamples, "
@@ -353,14 +376,14 @@ def to_markdown(comparison: Comparison, command: str | None = None) -> str:
     if comparison.diffs:
         lines += ["", f"## Most changed queries (by |Δ {PRIMARY_METRIC}|)", ""]
     for diff in comparison.diffs:
-        lines += [f"### query {diff.qid}: {PRIMARY_METRIC} {diff.score_a:.3f} → {diff.score_b:.3f}", "",
-                  f"> {diff.text}", ""]
+        lines += [f"### query {_md(diff.qid)}: {PRIMARY_METRIC} {diff.score_a:.3f} → {diff.score_b:.3f}", "",
+                  f"> {_md(diff.text)}", ""]
         if diff.note:
-            lines += [f"*{diff.note}*", ""]
+            lines += [f"*{_md(diff.note)}*", ""]
         for move in diff.moves:
             judged = f"relevance {move.relevance}" if move.relevance else "not judged relevant"
             where = f"{move.rank_a if move.rank_a is not None else '—'} → {move.rank_b if move.rank_b is not None else '—'}"
             why = "; ".join(move.reasons) if move.reasons else "no explanation available (no config for this side)"
-            lines.append(f"- doc `{move.doc_id}` ({judged}) moved {where}: {why}")
+            lines.append(f"- doc {_md_code(move.doc_id)} ({judged}) moved {where}: {_md(why)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

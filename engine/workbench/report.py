@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.console import written_out
 from engine.errors import SieveError, TraceError
 from engine.workbench.inspect import dedup_merges, rules_fired, score_parts
 
-# Characters that reorder or hide text (bidirectional overrides and isolates, marks, zero-width characters):
-# in an id or title they make it read as something else (U+202E turns "fdp.exe" around). Shown as [U+XXXX].
-INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
-
-
 def visible(text: str) -> str:
-    """``text`` with every bidi control and invisible format character written out as ``[U+XXXX]``."""
-    return INVISIBLE.sub(lambda found: f"[U+{ord(found.group()):04X}]", text)
+    """``text`` with every character that reorders or hides text written out as ``[U+XXXX]``
+    (``engine.console.hidden``: bidi overrides, zero-width characters, soft hyphens, tag characters, Hangul fillers,
+    control characters...): in an id or title they make it read as something else (U+202E turns "fdp.exe" around,
+    ``med-0\u00ad03`` reads as ``med-003``). Line breaks and tabs are kept."""
+    return written_out(text, lambda char: f"[U+{ord(char):04X}]")
 
 PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D", "#BAB0AC", "#EECA3B")
 MAX_DROPS_PER_STAGE = 200

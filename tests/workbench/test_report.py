@@ -238,7 +238,7 @@ def test_report_makes_bidi_controls_visible(cli, write_config, tmp_path: Path):
     corpus.mkdir()
     sneaky = "invoice\u202efdp.exe"
     (corpus / "corpus.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in [
-        {"_id": sneaky, "title": "refund \u2067approved\u2069 policy", "text": "refund policy for invoices"},
+        {"_id": "invoice", "title": "refund \u2067approved\u2069 policy", "text": "refund policy for invoices"},
         {"_id": "plain", "title": "other", "text": "refund of something else"},
     ]), encoding="utf-8")
     build_index(corpus, tmp_path / "idx", {"bm25": {}})
@@ -252,6 +252,9 @@ trace: {{log: null, include_document_text: true}}
 """)
     trace_file = tmp_path / "t.json"
     assert cli("search", config, "refund policy", "--trace-out", trace_file).exit_code == 0
+    # An id like this one is refused by `sieve index` since 0.10.0; a trace of an older index can still hold one.
+    trace_file.write_text(trace_file.read_text(encoding="utf-8").replace('"invoice"', json.dumps(sneaky)),
+                          encoding="utf-8")
     html = tmp_path / "r.html"
     assert cli("report", trace_file, "--html", html).exit_code == 0
     page = html.read_text(encoding="utf-8")
