@@ -55,12 +55,13 @@ demo: $(DEMO_INDEX)/manifest.json
 	$(BIN)/sieve report build/demo-trace.json --html build/demo-report.html
 	$(BIN)/sieve trace verify traces/trace.jsonl
 
-# The report test renders HTML in a real headless browser: Debian's chromium, installed when missing
+# The report tests render HTML in a real headless browser and read its printout: Debian's chromium and poppler-utils
+# (pdftotext), installed when missing
 # (needs root and the apt mirror; without them the test skips and says why).
 browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-		(DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
-		echo "warning: could not install chromium; the HTML report browser test will be skipped"
+	@(command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1) && command -v pdftotext >/dev/null 2>&1 || \
+		(DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils) || \
+		echo "warning: could not install chromium and poppler-utils; the HTML report browser tests will be skipped"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest

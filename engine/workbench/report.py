@@ -8,7 +8,6 @@ stylesheet keeps it readable on paper (explanation trees open, colours kept, no 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -31,12 +30,17 @@ MAX_DROPS_PER_STAGE = 200
 
 
 def _colour(label: str, assigned: dict[str, str]) -> str:
-    """A stable colour per signal label, in order of first appearance (then by hash once the palette is used)."""
+    """A colour per signal label, in order of first appearance, never one another label of the report has: the
+    palette, then hues spread by the golden angle (the bars separate adjacent segments, the text line under each bar
+    names every part, so colour is never the only key)."""
     if label not in assigned:
-        if len(assigned) < len(PALETTE):
-            assigned[label] = PALETTE[len(assigned)]
+        count = len(assigned)
+        if count < len(PALETTE):
+            assigned[label] = PALETTE[count]
         else:
-            assigned[label] = PALETTE[int(hashlib.sha256(label.encode()).hexdigest(), 16) % len(PALETTE)]
+            hue = (count - len(PALETTE)) * 137.508 % 360
+            lightness = (38, 52, 30)[(count - len(PALETTE)) % 3]
+            assigned[label] = f"hsl({hue:.1f}, 62%, {lightness}%)"
     return assigned[label]
 
 
@@ -117,6 +121,35 @@ def _evidence_text(item: Any) -> str:
                      for key, value in item.items())
 
 
+def _ranked(output: Any) -> dict[Any, tuple[int, Any]]:
+    """A stage's recorded output (``[[doc_id, score], ...]``, in rank order) as doc_id -> (rank, score)."""
+    ranked: dict[Any, tuple[int, Any]] = {}
+    for rank, entry in enumerate(output or [], start=1):
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+            ranked.setdefault(entry[0], (rank, entry[1]))
+    return ranked
+
+
+def _rewrite_basis(details: dict[str, Any]) -> dict[str, Any]:
+    """What a rewrite stage changed and on what basis (its trace details): each replacement with the heuristic and
+    the antecedent (turn, salience), each glossary entry applied, the language read; parts of a change in turn."""
+    def changes(items: Any, depth: int = 0) -> list[dict[str, Any]]:
+        rows = []
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            antecedent = item.get("antecedent") if isinstance(item.get("antecedent"), dict) else {}
+            rows.append({"depth": depth, "kind": item.get("kind"), "original": item.get("original"),
+                         "replacement": item.get("replacement"), "heuristic": item.get("heuristic"),
+                         "turn": antecedent.get("turn"), "salience": antecedent.get("salience")})
+            rows.extend(changes(item.get("parts"), depth + 1))
+        return rows
+
+    glossary = [hit for hit in details.get("glossary") or [] if isinstance(hit, dict)]
+    return {"changes": changes(details.get("replacements")), "glossary": glossary, "language": details.get("language"),
+            "glossary_file": details.get("glossary_file") if isinstance(details.get("glossary_file"), dict) else None}
+
+
 def _quoted(ids: list[Any]) -> str:
     return ", ".join(f"'{i}'" for i in ids)
 
@@ -192,7 +225,7 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
         parts = score_parts(record)
         segments = [
             {"label": _short(p["label"]), "full_label": p["label"], "value": p["value"], "detail": p.get("detail"),
-             "width": 100.0 * p["value"] / widest, "colour": _colour(_short(p["label"]), colours)}
+             "width": 100.0 * p["value"] / widest, "colour": _colour(p["label"], colours)}
             for p in parts if p["value"] > 0
         ]
         negatives = [p for p in parts if p["value"] <= 0]
@@ -206,20 +239,33 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
         })
     firings = []
     prefilter_rules = []
+    inactive_rules = []
+    resolved_dates = []
     drops = []
+    drops_left_out = []
+    outputs = {stage.get("id"): stage.get("output") or [] for stage in trace.get("stages", [])}
     for stage in trace.get("stages", []):
         details = stage.get("details") or {}
         for firing in details.get("firings", []) or []:
-            firings.append({"stage": stage["id"], **firing})
+            evidence = [_evidence_text(item) for key in ("when", "match") for item in firing.get(key) or []]
+            firings.append({"stage": stage["id"], **firing, "evidence": evidence})
         for rule in details.get("rules", []) if isinstance(details.get("rules"), list) else []:
             if isinstance(rule, dict) and "rule" in rule:
                 prefilter_rules.append({"stage": stage["id"], **rule})
+        inactive = details.get("inactive_rules")
+        for rule, reason in inactive.items() if isinstance(inactive, dict) else []:
+            inactive_rules.append({"stage": stage["id"], "rule": rule, "reason": reason})
+        dates = details.get("resolved_dates")
+        for rule, tests in dates.items() if isinstance(dates, dict) else []:
+            for test, moment in tests.items() if isinstance(tests, dict) else []:
+                resolved_dates.append({"stage": stage["id"], "rule": rule, "test": test, "moment": moment})
         stage_drops = stage.get("drops", [])
+        # what the stage received, for the score and rank a drop had there (a top-k drop's detail is only k=N)
+        received = _ranked(outputs.get(stage.get("inputs", [None])[0]) if len(stage.get("inputs", [])) == 1 else [])
         for drop in stage_drops[:MAX_DROPS_PER_STAGE]:
-            drops.append({"stage": stage["id"], **drop})
+            drops.append({"stage": stage["id"], **drop, "received": received.get(drop.get("doc_id"))})
         if len(stage_drops) > MAX_DROPS_PER_STAGE:
-            drops.append({"stage": stage["id"], "doc_id": "…", "reason": "more",
-                          "detail": f"{len(stage_drops) - MAX_DROPS_PER_STAGE} more drops in the trace"})
+            drops_left_out.append({"stage": stage["id"], "total": len(stage_drops), "shown": MAX_DROPS_PER_STAGE})
     query = trace.get("query") or {}
     rewrites = []
     for stage in trace.get("stages", []):
@@ -232,7 +278,7 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
             shown = f"(text not stored; sha256 {record['rewritten_sha256']})"
         else:
             shown = "(unchanged)"
-        rewrites.append({"stage": stage["id"], "rewritten": shown})
+        rewrites.append({"stage": stage["id"], "rewritten": shown, **_rewrite_basis(stage.get("details") or {})})
     config = trace.get("config") or {}
     written = _written_stages(config)
     disabled = _disabled_rows(trace, written)
@@ -253,6 +299,9 @@ def report_context(trace: dict[str, Any], source: Any = None) -> dict[str, Any]:
         "warnings": [str(w) for w in trace.get("warnings") or []],
         "models": trace.get("models", []), "stages": stages, "total_ms": total_ms, "results": results,
         "legend": list(colours.items()), "firings": firings, "prefilter_rules": prefilter_rules, "drops": drops,
+        "inactive_rules": inactive_rules, "resolved_dates": resolved_dates, "drops_left_out": drops_left_out,
+        "glossary_hits": [{"stage": r["stage"], **hit} for r in rewrites for hit in r["glossary"]],
+        "max_drops": MAX_DROPS_PER_STAGE,
         "rewrites": rewrites, "identities": _identity_rows(trace.get("models", [])), "history": _history(query),
         "source": source,
     }
@@ -267,6 +316,15 @@ def _finalize(value: Any) -> Any:
     return value
 
 
+def _css_string(value: Any) -> Any:
+    """``value`` as a CSS string literal for the page's <style> (the print header): every character but letters,
+    digits, space and ``.,:;_-`` as a CSS escape, so that nothing in it can end the string or the style element."""
+    from markupsafe import Markup
+
+    safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;_-")
+    return Markup('"' + "".join(char if char in safe else f"\\{ord(char):06x}" for char in str(value)) + '"')
+
+
 def render_report(trace: dict[str, Any], source: Any = None) -> str:
     """The HTML page for one trace; ``source`` (``engine.trace.TraceSource``): whether the trace is vouched for by
     its log, shown at the top (an unverified one in a banner)."""
@@ -279,6 +337,7 @@ def render_report(trace: dict[str, Any], source: Any = None) -> str:
         trim_blocks=True, lstrip_blocks=True, finalize=_finalize,
     )
     environment.filters["num"] = lambda value, digits=4: "-" if value is None else f"{float(value):.{digits}g}"
+    environment.filters["css_string"] = _css_string
     try:
         template = environment.get_template("report.html.j2")
     except TemplateNotFound:

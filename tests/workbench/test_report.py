@@ -276,3 +276,99 @@ def test_report_names_the_engine_that_ran_the_trace_and_the_one_that_rendered_it
     page = html.read_text(encoding="utf-8")
     assert f'<meta name="generator" content="Sieve {__version__}">' in page
     assert f"(run by Sieve 0.5.0) by Sieve {__version__}." in page
+
+
+# From the report's accessibility and audit-completeness audit (report-only helper, real Chromium): the page left out
+# how a rewrite and a rule fired, reused colours past ten signals, dropped collapsed trees from a printout, showed the
+# verdict on page 1 only, and cut the drop list with a row that read as a document.
+
+
+def test_report_shows_on_what_evidence_each_rule_fired_and_which_did_not(cli, medical_trace: Path, tmp_path: Path):
+    html = tmp_path / "r.html"
+    assert cli("report", medical_trace, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    trace = json.loads(medical_trace.read_text(encoding="utf-8"))
+    overrides = next(s for s in trace["stages"] if s["type"].startswith("rules.override"))["details"]
+    fired = overrides["firings"][0]
+    assert fired["when"] or fired.get("match")
+    row = page[page.index('<tr class="firing">'):].split("</tr>")[0]
+    assert 'class="evidence"' in row and "matched" in row  # before: rule, action and effect only
+    assert '<h3>Override rules (ranking)</h3>' in page  # before: under the "Access rules (prefilter)" heading
+    for rule, reason in overrides["inactive_rules"].items():
+        assert f"<strong>{rule}</strong></th><td>{reason}</td>" in page  # before: not on the page
+    access = next(s for s in trace["stages"] if s["type"].startswith("rules.prefilter"))["details"]
+    for tests in access.get("resolved_dates", {}).values():
+        for moment in tests.values():
+            assert moment in page
+
+
+def test_report_shows_what_a_rewrite_changed_and_the_glossary_entries_it_applied(cli, bm25_index, tmp_path: Path):
+    config = tmp_path / "conv.yaml"
+    config.write_text((ROOT / "configs" / "conversational.yaml").read_text(encoding="utf-8")
+                      .replace("glossary: glossary.yaml", f"glossary: {ROOT / 'configs' / 'glossary.yaml'}"),
+                      encoding="utf-8")
+    trace_file, html = tmp_path / "t.json", tmp_path / "r.html"
+    searched = cli("search", config, "Is it treatable?", "-H", "What is throat cancer?", "--index", bm25_index,
+                   "--trace-out", trace_file, "--no-log")
+    assert searched.exit_code == 0, searched.output
+    assert cli("report", trace_file, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    basis = page[page.index('id="rewrite-basis-rewrite"'):].split("</table>")[0]
+    assert "'it' → 'throat cancer'" in basis and "pronoun" in basis and "most salient" in basis
+    assert "glossary entry <strong>throat-cancer</strong>" in basis
+    assert 'id="glossary-hits"' in page and "<strong>throat-cancer</strong></th><td>expand</td>" in page
+    assert "<title>UNVERIFIED: Sieve trace" in page
+
+
+def test_report_gives_every_signal_its_own_colour():
+    from engine.workbench.report import _colour
+
+    assigned: dict[str, str] = {}
+    colours = [_colour(f"term '{i}'", assigned) for i in range(40)]
+    assert len(set(colours)) == 40  # before: from the eleventh on, by hash among the ten: shared colours
+    assert _colour("term '3'", assigned) == colours[3]
+
+
+def test_report_prints_collapsed_trees_and_the_verdict_on_every_page(cli, medical_trace: Path, tmp_path: Path):
+    chromium = _chromium()
+    html = tmp_path / "r.html"
+    assert cli("report", medical_trace, "--html", html).exit_code == 0
+    page = html.read_text(encoding="utf-8")
+    # `explain --trace-out` writes a trace it does not log: the report is of an unverified trace
+    assert "details::details-content" in page and "@top-left" in page and "<title>UNVERIFIED: Sieve trace" in page
+    closed = tmp_path / "closed.html"
+    closed.write_text(page.replace('<details class="explanation" open>', '<details class="explanation">'),
+                      encoding="utf-8")
+    pdf = tmp_path / "r.pdf"
+    printed = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--print-to-pdf={pdf}", closed.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0 and pdf.exists(), printed.stderr[-2000:]
+    pdftotext = shutil.which("pdftotext")
+    if pdftotext is None:
+        pytest.skip("pdftotext (poppler-utils) not found: the PDF's text cannot be read")
+    text = subprocess.run([pdftotext, "-layout", str(pdf), "-"], capture_output=True, text=True, timeout=60).stdout
+    pages = text.split("\f")
+    trace_id = json.loads(medical_trace.read_text(encoding="utf-8"))["trace_id"]
+    assert all(f"UNVERIFIED: Sieve trace {trace_id}" in p for p in pages if p.strip())  # before: page 1 only
+    assert "reciprocal rank fusion" in text or "BM25" in text  # a collapsed tree prints (before: its summary only)
+
+
+def test_report_says_where_the_drops_beyond_its_cap_are_and_what_each_drop_had_received(cli, medical_trace: Path,
+                                                                                        tmp_path: Path):
+    from engine.workbench.report import MAX_DROPS_PER_STAGE, render_report
+
+    trace = json.loads(medical_trace.read_text(encoding="utf-8"))
+    final = next(s for s in trace["stages"] if s.get("drops") and len(s["inputs"]) == 1)
+    received = dict((doc, rank) for rank, (doc, _) in enumerate(
+        next(s for s in trace["stages"] if s["id"] == final["inputs"][0])["output"], start=1))
+    dropped = final["drops"][0]["doc_id"]
+    page = render_report(trace)
+    row = page[page.index(f'<th scope="row" class="mono">{dropped}</th>'):].split("</tr>")[0]
+    assert f'<td class="num">{received[dropped]}</td>' in row  # the rank it had in what the stage received
+    many = json.loads(json.dumps(trace))
+    stage = next(s for s in many["stages"] if s["id"] == final["id"])
+    stage["drops"] = [{"doc_id": f"d{i}", "reason": "beyond_top_k", "detail": "k=5"} for i in range(250)]
+    page = render_report(many)
+    assert page.count('<tr class="drop">') == MAX_DROPS_PER_STAGE  # before: 201, one of them "…", "more"
+    assert (f"Stage '{final['id']}' dropped 250 candidates: the first {MAX_DROPS_PER_STAGE} are listed" in page
+            and f"stages[{final['id']}].drops" in page)
