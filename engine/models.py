@@ -43,6 +43,38 @@ _hash_lock = threading.Lock()
 log = logging.getLogger("sieve.models")
 
 
+# ---------------------------------------------------------------------------- fork() after torch ran
+
+_forked_after_torch = False
+_fork_hook = threading.Lock()
+_fork_hook_registered = False
+
+
+def _forked() -> None:
+    global _forked_after_torch
+    _forked_after_torch = True
+
+
+def torch_fork_guard(torch: Any) -> None:
+    """Call before a model's forward pass (and when one is loaded). A process forked (``os.fork``, a
+    ``multiprocessing`` 'fork' pool, gunicorn ``--preload``) from one whose PyTorch had started its thread pool
+    inherits a pool that does not work: the child's first forward pass waits for ever. Such a child is told so
+    (ModelLoadError) unless it runs torch on one thread (``torch.set_num_threads(1)``), which works."""
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        with _fork_hook:
+            if not _fork_hook_registered:
+                os.register_at_fork(after_in_child=_forked)  # from now on this process has used torch
+                _fork_hook_registered = True
+    if _forked_after_torch and torch.get_num_threads() > 1:
+        raise ModelLoadError(
+            "this process is a fork() of one that had loaded or run a model: PyTorch's thread pool does not "
+            "survive fork(), so this model call would never return. Start worker processes with the 'spawn' "
+            "method (multiprocessing.set_start_method('spawn'); a server's workers without preloading the "
+            "pipeline), or call torch.set_num_threads(1) in the child before its first query (its scores may then "
+            "differ from the parent's in their last digits)")
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model's files are and what they are."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import graphlib
+import os
 import threading
 import time
 import uuid
@@ -25,7 +26,8 @@ from typing import Any
 from engine import __version__
 from engine.compiler import CompiledPipeline, compile_file
 from engine.cache import asked_by
-from engine.errors import DeadlineExceeded, ModelLoadError, SieveError, SieveIndexError, StageError, TraceError
+from engine.errors import (DeadlineExceeded, ModelLoadError, QueryError, SieveError, SieveIndexError, StageError,
+                           TraceError)
 from engine.index import Index
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry, UserContext
 from engine.registry import plugin_of
@@ -106,6 +108,13 @@ class Pipeline:
         self.settings: tuple[str, ...] = ()  # the PATH=VALUE overrides the config was compiled with (from_file)
         self._warm_lock = threading.Lock()
         self._index_identity: tuple[Index, dict[str, Any]] | None = None  # the trace's index record, per index
+        # A relative trace.log names a file under the working directory the pipeline was made in: a process that
+        # changes directory later (a daemon, a worker) keeps appending to that log, not to a new chain elsewhere.
+        self._made_in = Path.cwd()
+
+    def __reduce__(self) -> Any:
+        raise SieveError("a Pipeline cannot be pickled (it holds an open index, models and locks): pass the config "
+                         "path to the worker process and call Pipeline.from_file there")
 
     @classmethod
     def from_file(cls, path: str | Path, *, index_path: Path | None = None,
@@ -113,6 +122,12 @@ class Pipeline:
         """The pipeline a config file describes; ``settings``: ``PATH=VALUE`` overrides applied to the file's data
         before it is compiled (``sieve search --set stages.rerank.params.device=cpu``), as one machine needs
         them without editing the file. The trace records them with the config they produced."""
+        _require(path, (str, os.PathLike), "the config path", "a str or a pathlib.Path")
+        _require(index_path, (str, os.PathLike, type(None)), "index_path", "a str or a pathlib.Path (or None)")
+        if isinstance(settings, (str, bytes)) or not all(isinstance(setting, str) for setting in settings):
+            raise SieveError(f"settings are a list of PATH=VALUE texts, got {settings!r:.80}")
+        if index_path is not None:
+            index_path = Path(index_path)
         if not settings:
             return cls(compile_file(path), index_path=index_path)
         pipeline = cls(compile_with_settings(Path(path), settings), index_path=index_path)
@@ -220,6 +235,9 @@ class Pipeline:
         gets a :class:`~engine.errors.TraceError` instead of results (as the server withholds them). A config
         without a log (``trace: {log: null}``) logs nothing. ``log=False`` leaves it to the caller
         (:meth:`log_trace`)."""
+        if not isinstance(log, bool):
+            raise QueryError(f"log is True or False, got {log!r:.80}; to log elsewhere, search with log=False and "
+                             "call log_trace(result.trace, path)")
         result = self.run(self.make_query(text, **kwargs))
         if log:
             self.log_trace(result.trace)
@@ -233,6 +251,7 @@ class Pipeline:
         (the trace only summarises them), for ``why_not``; it costs nothing but the memory while it is held.
         ``deadline_cuts`` (replay): run without a live deadline, cutting exactly the stages a trace records as
         cut by it (stage id -> that stage's trace record), so the replay runs what the traced query ran."""
+        _require(query, (Query,), "run's query", "an engine.model.Query (Pipeline.make_query, or search(text))")
         # what stages note for explanations lives as long as the run, whatever the load; caches keyed by what was
         # asked are the asking user's own (engine/cache.py: another user's question must not show in the latency)
         with run_notes(), asked_by(query.user.asker()):
@@ -583,6 +602,8 @@ class Pipeline:
 
     def explain(self, candidate: Candidate, outcomes: dict[str, StageOutcome]) -> Explanation:
         """Explanation tree: the final score at the root, each ledger entry's own tree below."""
+        _require(candidate, (Candidate,), "explain's candidate", "an engine.model.Candidate (a RunResult's results)")
+        _require(outcomes, (dict,), "explain's outcomes", "the dict of run(..., keep_outcomes=True).outcomes")
         return Explanation(*self._explainer(outcomes)(candidate))
 
     def _explainer(self, outcomes: dict[str, StageOutcome]) -> Callable[
@@ -612,10 +633,11 @@ class Pipeline:
 
     def log_target(self, log_path: Path | None = None) -> Path | None:
         """The log a trace goes to: ``log_path`` (``--log``), else the config's ``trace.log``; None for none."""
+        _require(log_path, (str, os.PathLike, type(None)), "the log path", "a str or a pathlib.Path (or None)")
         if log_path is not None:
             return Path(log_path)
         configured = self.compiled.config.trace.log
-        return Path(configured) if configured is not None else None
+        return self._made_in / configured if configured is not None else None
 
     def log_trace(self, trace: dict[str, Any], log_path: Path | None = None) -> Path | None:
         """Append to the configured tamper-evident log (or ``log_path``); returns the log's path.
@@ -623,17 +645,28 @@ class Pipeline:
         Once logged, the trace says where (``trace["log"]``: the log's absolute path, the record's seq and hash;
         not part of what was hashed), so a copy of it written elsewhere (``--trace-out``) can be checked against
         that record by ``sieve replay`` and ``sieve report``."""
+        _require(trace, (dict,), "the trace", "a dict (a RunResult's trace)")
         target = self.log_target(log_path)
         if target is None:
             return None
         logged = {k: v for k, v in trace.items() if k != "log"}
         try:
             record = TraceLog(target).append(logged)
+        except TypeError as exc:  # a value JSON cannot hold (a set, bytes, a datetime) in a trace built by hand
+            raise TraceError(f"cannot append to the trace log {target}: the trace holds a value JSON cannot hold "
+                             f"({exc})") from None
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, text that is not valid Unicode
             raise TraceError(f"cannot append to the trace log {target}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from exc
         trace["log"] = {"path": str(Path(target).absolute()), "seq": record["seq"], "hash": record["hash"]}
         return target
+
+
+def _require(value: Any, kinds: tuple[type, ...], what: str, expected: str) -> None:
+    """A QueryError naming what was given where the library expects another kind (not Python's TypeError or
+    AttributeError from deep inside: every error Sieve raises is a SieveError)."""
+    if not isinstance(value, kinds):
+        raise QueryError(f"{what} must be {expected}, got {type(value).__name__}")
 
 
 def _drop(drop: Drop) -> dict[str, Any]:

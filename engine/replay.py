@@ -111,17 +111,49 @@ def _recorded_history(recorded: dict[str, Any], given: list[str] | None, notes: 
     return tuple(given)
 
 
+def _shape_problem(trace: Any) -> str | None:
+    """What in a trace's shape a replay cannot read (a file edited by hand, or not a trace), or None: each field
+    the replay reads, of the kind the engine writes."""
+    if not isinstance(trace, dict):
+        return f"a trace is a JSON object, got {type(trace).__name__}"
+    expected: tuple[tuple[str, tuple[type, ...]], ...] = (  # what is missing is said where it is read
+        ("config", (dict,)), ("config.resolved", (dict,)), ("config.dir", (str,)), ("index", (dict,)),
+        ("index.path", (str,)), ("query", (dict,)), ("query.as_of", (str,)), ("query.user", (dict,)),
+        ("query.history", (list,)), ("results", (list,)), ("stages", (list,)), ("models", (list,)),
+    )
+    for name, kinds in expected:
+        value: Any = trace
+        for key in name.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            return f"its {name} is {type(value).__name__}, not {' or '.join(k.__name__ for k in kinds)}"
+    for name in ("results", "stages"):
+        for position, item in enumerate(trace.get(name) or []):
+            if not isinstance(item, dict):
+                return f"its {name}[{position}] is {type(item).__name__}, not an object"
+    for position, item in enumerate(trace.get("results") or []):
+        if not isinstance(item.get("doc_id"), str) or isinstance(item.get("score"), bool) \
+                or not isinstance(item.get("score"), (int, float)):
+            return f"its results[{position}] has no doc_id (text) and score (a number)"
+    return None
+
+
 def replay_trace(
     trace: dict[str, Any], *, index_path: Path | None = None, query_text: str | None = None,
     history: list[str] | None = None,
 ) -> dict[str, Any]:
     """Re-run the trace's query; returns a report with ``identical``, ``differences`` (each breaks
     ``identical``) and ``notes`` (what changed without changing what ran: they do not)."""
+    problem = _shape_problem(trace)
+    if problem is not None:
+        raise TraceError(f"not a trace that can be replayed: {problem}")
     config = trace.get("config") or {}
     if "resolved" not in config:
         raise TraceError("the trace has no embedded configuration to replay")
     compiled = compile_data(
-        config["resolved"], label=f"<config in trace {trace.get('trace_id')}>", base_dir=Path(config.get("dir", "."))
+        config["resolved"], label=f"<config in trace {trace.get('trace_id')}>", base_dir=Path(config.get("dir") or ".")
     )
     differences: list[str] = []
     notes: list[str] = []
@@ -148,7 +180,7 @@ def replay_trace(
     differences_before_index = len(differences)
     differences.extend(_model_differences(before_trace.get("models") or [], now.get("models") or []))
     differences.extend(_rewrite_differences(before_trace.get("query") or {}, now.get("query") or {}))
-    before = [(r.get("doc_id"), r.get("score")) for r in before_trace.get("results", [])]
+    before = [(r.get("doc_id"), r.get("score")) for r in before_trace.get("results") or []]
     after = [(r["doc_id"], r["score"]) for r in now["results"]]
     if len(before) != len(after):
         differences.append(f"{len(before)} results in the trace, {len(after)} now")
@@ -474,14 +506,14 @@ def _content_differences(before: dict[str, Any], now: dict[str, Any],
     found: list[str] = []
     for key in ("query", "degraded", "output"):
         _diff(before.get(key), now.get(key), key, found, wording)
-    old_stages = {s.get("id"): s for s in before.get("stages", []) if isinstance(s, dict)}
+    old_stages = {s.get("id"): s for s in before.get("stages") or [] if isinstance(s, dict)}
     new_stages = {s.get("id"): s for s in now.get("stages", [])}
     if list(old_stages) != list(new_stages):
         found.append(f"stages: trace has {list(old_stages)}, replay has {list(new_stages)}")
     for stage_id, record in old_stages.items():
         if stage_id in new_stages:
             _diff(record, new_stages[stage_id], f"stages[{stage_id}]", found, wording)
-    for position, (old, new) in enumerate(zip(before.get("results", []), now.get("results", []))):
+    for position, (old, new) in enumerate(zip(before.get("results") or [], now.get("results", []))):
         _diff(old, new, f"results[{position}]", found, wording)
     return found
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
 from engine.index import content_defined_batches
-from engine.models import ResolvedModel, load_failure, quiet_transformers, weights_hash
+from engine.models import ResolvedModel, load_failure, quiet_transformers, torch_fork_guard, weights_hash
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Pooling = Literal["auto", "cls", "mean"]
@@ -154,6 +154,7 @@ class Embedder:
             from FlagEmbedding import FlagModel
         except ImportError:
             raise MissingDependencyError("FlagEmbedding", "FlagEmbedding", "dense embeddings") from None
+        torch_fork_guard(torch)
         self.torch = torch
         self.resolved = resolved
         if device == "auto":
@@ -322,6 +323,7 @@ class Embedder:
         if count == 0:
             return vectors
         order = sorted(range(count), key=lambda i: (-encoded.kept_tokens[i], i))
+        torch_fork_guard(torch)
         with self.lock, torch.inference_mode(), self._autocast():
             for start in range(0, count, batch_size):
                 chunk = order[start : start + batch_size]
@@ -485,6 +487,7 @@ class Embedder:
         identity = self.cache_identity(max_length) if cache is not None else None
         vectors = np.zeros((len(digests), self.dimension), dtype=np.float32)
         torch = self.torch
+        torch_fork_guard(torch)
         with self.lock, torch.inference_mode(), self._autocast():
             for batch in corpus_batches(kept_tokens, digests, batch_size):
                 key = cache.key(identity, [digests[i] for i in batch]) if identity is not None else None

@@ -32,7 +32,8 @@ from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import DeadlineExceeded, MissingDependencyError, ModelLoadError, SieveError
-from engine.models import load_failure, missing_model_path, model_card, quiet_transformers, resolve_model, weights_hash
+from engine.models import (load_failure, missing_model_path, model_card, quiet_transformers, resolve_model,
+                           torch_fork_guard, weights_hash)
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -87,7 +88,9 @@ class CrossEncoderParams(StageParams):
     window: int = Field(100, ge=1, le=10_000, description="rerank the top N candidates; the rest keep their order below")
     batch_size: int = Field(32, ge=1, le=4096, description=(
         "query-document pairs (chunks, with long_documents: chunks) per forward pass of the model: larger is faster "
-        "on a GPU and needs more memory (on out-of-memory see oom_backoff); a deadline is checked between batches"))
+        "on a GPU and needs more memory (on out-of-memory see oom_backoff); a deadline is checked between batches. "
+        "Under bf16 or fp16 a pair's score depends in its last digits on the pairs padded with it, so changing "
+        "batch_size can reorder near-ties (fp32: last bits only); keep it fixed where replays must be identical"))
     max_length: int | None = Field(
         None, ge=16, le=8192,
         description="tokens per pair; None: the model card's (Sieve models) or 512 capped by the tokenizer's limit",
@@ -175,6 +178,7 @@ class LoadedReranker:
             import torch
         except ImportError:
             raise MissingDependencyError("torch", "torch", "the cross-encoder reranker") from None
+        torch_fork_guard(torch)
         self.torch = torch
         resolved = resolve_model(name, base_dir=base_dir, purpose="rerank.cross_encoder model")
         self.resolved = resolved
@@ -344,6 +348,7 @@ class LoadedReranker:
                    for start in range(0, len(order), batch_size)]
         cost = [len(members) * max(len(m) for m in members) for members in batches]  # tokens after padding
         rest = sum(cost)  # the cost of the batches not yet run
+        torch_fork_guard(torch)
         with torch.inference_mode(), self._autocast():
             for members, cells in zip(batches, cost):
                 # under a query deadline (executor.deadline_ms): stop between batches, and do not go on when the

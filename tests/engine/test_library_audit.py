@@ -1,0 +1,128 @@
+"""Findings of the library-embedding audit (report-only helper), Sieve used from Python in a long-running service.
+Before the fix:
+
+F2.  pickling a Pipeline (for a 'spawn' worker) failed with "TypeError: cannot pickle '_thread.lock' object";
+F4.  replaying a trace file with a field of the wrong kind (index.path 5, query.as_of 1.5, results null) was an
+     internal error (exit 70), and replay_trace(None) an AttributeError;
+F5.  arguments of the wrong kind to from_file, run, explain and log_trace were TypeErrors and AttributeErrors from
+     deep inside (README: every error Sieve raises is a SieveError);
+F6.  search(log="other.jsonl") logged to the config's log (any true value meant "log");
+F10. a relative trace.log was resolved against the working directory at each append: after os.chdir the
+     pipeline started a second chain elsewhere, silently.
+(F1, a fork() after a model ran, is in tests/stages/test_fork_guard.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.errors import QueryError, SieveError, TraceError
+from engine.pipeline import Pipeline
+from engine.replay import replay_trace
+from engine.trace import check_log
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def config(bm25_index: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                    "output: bm25\ntrace: {log: traces/rel.jsonl}\n", encoding="utf-8")
+    return path
+
+
+def test_a_pipeline_refuses_pickling_saying_what_to_do(config):
+    pipeline = Pipeline.from_file(config)
+    with pytest.raises(SieveError, match="cannot be pickled.*Pipeline.from_file there"):
+        pickle.dumps(pipeline)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t["index"].__setitem__("path", 5),
+    lambda t: t["query"].__setitem__("as_of", 1.5),
+    lambda t: t["query"].__setitem__("user", "alice"),
+    lambda t: t.__setitem__("results", [1, 2]),
+    lambda t: t.__setitem__("stages", {"bm25": {}}),
+    lambda t: t["config"].__setitem__("resolved", ["stages"]),
+])
+def test_replaying_a_trace_with_a_field_of_the_wrong_kind_is_a_trace_error(config, tmp_path, edit):
+    pipeline = Pipeline.from_file(config)
+    trace = pipeline.search("vitamin d", log=False).trace
+    edit(trace)
+    with pytest.raises(TraceError, match="not a trace that can be replayed: its "):
+        replay_trace(trace)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "replay", str(path)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                          timeout=300)
+    assert done.returncode == 2 and "internal error" not in done.stderr, done.stderr  # before: 70
+
+
+@pytest.mark.parametrize("edit", [lambda t: t["config"].__setitem__("dir", None), lambda t: t.__setitem__("results", None)])
+def test_a_null_config_dir_or_result_list_is_replayed(config, edit):
+    pipeline = Pipeline.from_file(config)
+    trace = pipeline.search("vitamin d", log=False).trace
+    edit(trace)
+    report = replay_trace(trace)  # before: TypeError
+    assert isinstance(report["identical"], bool)
+
+
+@pytest.mark.parametrize("trace", [None, [], "trace"])
+def test_replay_trace_of_something_that_is_no_trace(trace):
+    with pytest.raises(TraceError, match="a trace is a JSON object"):
+        replay_trace(trace)  # type: ignore[arg-type]
+
+
+def test_arguments_of_the_wrong_kind_are_sieve_errors(config, tmp_path):
+    for path in (None, 123, b"p.yaml"):
+        with pytest.raises(QueryError, match="the config path must be a str or a pathlib.Path"):
+            Pipeline.from_file(path)  # type: ignore[arg-type]
+    with pytest.raises(QueryError, match="index_path must be"):
+        Pipeline.from_file(config, index_path=123)  # type: ignore[arg-type]
+    for settings in ([None], "trace.log=x", [b"x=1"]):
+        with pytest.raises(SieveError, match="settings are a list of PATH=VALUE texts"):
+            Pipeline.from_file(config, settings=settings)  # type: ignore[arg-type]
+    pipeline = Pipeline.from_file(config)
+    with pytest.raises(QueryError, match="run's query must be an engine.model.Query"):
+        pipeline.run("vitamin d")  # type: ignore[arg-type]
+    result = pipeline.run(pipeline.make_query("vitamin d"), keep_outcomes=True)
+    with pytest.raises(QueryError, match="explain's candidate must be"):
+        pipeline.explain("doc-id", result.outcomes)  # type: ignore[arg-type]
+    with pytest.raises(QueryError, match="explain's outcomes must be"):
+        pipeline.explain(result.results[0], None)  # type: ignore[arg-type]
+    with pytest.raises(QueryError, match="the trace must be a dict"):
+        pipeline.log_trace(None)  # type: ignore[arg-type]
+    with pytest.raises(QueryError, match="the log path must be"):
+        pipeline.log_trace(result.trace, 123)  # type: ignore[arg-type]
+    with pytest.raises(TraceError, match="holds a value JSON cannot hold"):
+        pipeline.log_trace({"schema": "sieve.trace/1", "x": {1, 2}}, tmp_path / "log.jsonl")
+
+
+def test_search_takes_log_as_true_or_false_only(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pipeline = Pipeline.from_file(config)
+    with pytest.raises(QueryError, match="log is True or False.*log_trace"):
+        pipeline.search("vitamin d", log="other.jsonl")  # type: ignore[arg-type]
+    assert not (tmp_path / "traces").exists() and not (tmp_path / "other.jsonl").exists()  # before: config's log
+
+
+def test_a_relative_trace_log_stays_where_the_pipeline_was_made(config, tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    monkeypatch.chdir(first)
+    pipeline = Pipeline.from_file(config)
+    pipeline.search("vitamin d")
+    monkeypatch.chdir(second)
+    result = pipeline.search("vitamin d")
+    assert result.trace["log"]["path"] == str(first / "traces" / "rel.jsonl") and result.trace["log"]["seq"] == 1
+    assert not (second / "traces").exists()  # before: a second chain, at seq 0, under b/
+    assert check_log(first / "traces" / "rel.jsonl").records == 2
