@@ -1646,6 +1646,7 @@ def swap_directory(staging: Path, target: Path, *, keep_as: Path | None = None) 
     directory as ``.NAME.old-PID-MILLIS``, which the next build puts back (:func:`_remove_stale_builds`). The
     previous directory then goes (removed after), or, with ``keep_as``, is renamed to that path (beside ``target``)
     before the signals are let through, so an interrupt at the end cannot lose the copy asked for."""
+    _durable(staging)  # a power cut after the swap must not leave a new index whose files were never written out
     retired = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
     previous_at: Path | None = None  # where the previous directory is once the new one is in place
     previous_mask = _block_interrupts()
@@ -1671,8 +1672,32 @@ def swap_directory(staging: Path, target: Path, *, keep_as: Path | None = None) 
             previous_at = retired
     finally:
         _unblock_interrupts(previous_mask)
+    with contextlib.suppress(SieveIndexError):  # the new names; the index is in place whatever this says
+        _fsync_path(target.parent)
     if previous_at is not None:
         shutil.rmtree(previous_at, ignore_errors=True)
+
+
+def _durable(directory: Path) -> None:
+    """fsync every file and directory under ``directory`` (the staged index or model, before it is swapped in)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync_path(Path(root) / name)
+        _fsync_path(Path(root))
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # a file the build left unreadable, or a directory that cannot be opened: nothing to flush from here
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):  # a file system that cannot fsync: nothing to wait for
+            raise SieveIndexError(f"cannot write {path} out to disk: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
