@@ -372,3 +372,14 @@ def test_report_says_where_the_drops_beyond_its_cap_are_and_what_each_drop_had_r
     assert page.count('<tr class="drop">') == MAX_DROPS_PER_STAGE  # before: 201, one of them "…", "more"
     assert (f"Stage '{final['id']}' dropped 250 candidates: the first {MAX_DROPS_PER_STAGE} are listed" in page
             and f"stages[{final['id']}].drops" in page)
+
+
+def test_report_holds_the_resolved_config_and_marks_the_querys_language(medical_trace: Path):
+    from engine.workbench.report import render_report
+
+    trace = json.loads(medical_trace.read_text(encoding="utf-8"))
+    page = render_report(trace)
+    block = page[page.index('id="resolved-config"'):].split("</details>")[0]
+    assert '&#34;stages&#34;' in block or '"stages"' in block  # every stage's parameters, not only the sha256
+    trace["query"]["language"] = "zh"
+    assert '<dd dir="auto" lang="zh">' in render_report(trace)
