@@ -42,6 +42,8 @@ VOLATILE_KEYS = frozenset({"started_ms", "duration_ms", "timings_ms", "timing_ms
 VOLATILE_DETAILS = frozenset({"cache", "rule_warnings"})
 # Machine-specific locations: a replay on another machine, or of a moved config, finds the same content elsewhere.
 LOCATION_KEYS = frozenset({"file", "location", "path", "dir"})
+# What a model identity records of the machine rather than of the model: compared for a note, not a difference
+MACHINE_KEYS = frozenset({"threads"})
 # Prose a newer engine may word differently: across engine versions a change here is a note, not a difference
 WORDING_KEYS = frozenset({"description", "detail", "message", "condition"})
 MAX_WORDING_NOTED = 8
@@ -179,6 +181,7 @@ def replay_trace(
     _as_of_in_utc(before_trace, now, notes)
     differences_before_index = len(differences)
     differences.extend(_model_differences(before_trace.get("models") or [], now.get("models") or []))
+    notes.extend(_thread_notes(before_trace.get("models") or [], now.get("models") or []))
     differences.extend(_rewrite_differences(before_trace.get("query") or {}, now.get("query") or {}))
     before = [(r.get("doc_id"), r.get("score")) for r in before_trace.get("results") or []]
     after = [(r["doc_id"], r["score"]) for r in now["results"]]
@@ -418,7 +421,7 @@ def _flatten(value: Any, path: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
         for key, item in value.items():
-            if key in LOCATION_KEYS and (isinstance(item, str) or item is None):
+            if key in LOCATION_KEYS and (isinstance(item, str) or item is None) or key in MACHINE_KEYS:
                 continue
             flat.update(_flatten(item, f"{path}.{key}" if path else str(key)))
         return flat
@@ -474,6 +477,38 @@ def _model_differences(recorded: list[dict[str, Any]], now: list[dict[str, Any]]
             what = other.get("model") or other.get("rules_file") or "an identity"
             differences.append(f"stage '{stage}' now records {what}, which the trace does not")
     return differences
+
+
+def _thread_notes(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:
+    """A model that ran on another number of CPU threads than when traced: under bf16 or fp16 its scores can differ
+    in their last digits with it (torch splits the sums otherwise), which a difference in scores then comes from."""
+    current = {m.get("stage"): m for m in now if isinstance(m, dict)}
+    notes = []
+    for model in recorded:
+        if not isinstance(model, dict):
+            continue
+        other = current.get(model.get("stage"), {})
+        for path, then in _threads(model):
+            found = dict(_threads(other)).get(path)
+            if then is not None and found is not None and then != found:
+                reduced = model.get("precision") in ("bf16", "fp16")
+                notes.append(f"stage '{model.get('stage')}' ran {path or 'its model'} on {then} CPU threads when "
+                             f"traced, {found} now" + (f": under {model.get('precision')} its scores can differ in "
+                                                       "their last digits with the thread count (torch.set_num_threads "
+                                                       "as traced, or precision: fp32, for identical replays)"
+                                                       if reduced else ""))
+    return notes
+
+
+def _threads(identity: Any, path: str = "") -> list[tuple[str, Any]]:
+    """(where, threads) for an identity and the identities nested in it (a cascade's light model)."""
+    if not isinstance(identity, dict):
+        return []
+    found = [(path, identity["threads"])] if "threads" in identity else []
+    for key, value in identity.items():
+        if isinstance(value, dict):
+            found.extend(_threads(value, f"{path}.{key}" if path else key))
+    return found
 
 
 def _file_cause(model: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> str:

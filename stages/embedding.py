@@ -245,6 +245,7 @@ class Embedder:
             "dimension": self.dimension,
             "device": self.device,
             "precision": self.precision,
+            **({"threads": self.torch.get_num_threads()} if self.device == "cpu" else {}),
         }
 
     def check_max_length(self, max_length: int | None, what: str) -> int:

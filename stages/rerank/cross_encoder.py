@@ -318,6 +318,8 @@ class LoadedReranker:
             "architecture": (getattr(config, "architectures", None) or [type(self.model).__name__])[0],
             "device": self.device,
             "precision": self.precision,
+            # on a CPU, bf16 scores can differ in their last digits with torch's thread count: replay names it
+            **({"threads": self.torch.get_num_threads()} if self.device == "cpu" else {}),
             "max_length": self.max_length,
             **({"scale": self.scale} if self.head == SEGMENT_COSINE else {}),
         }
