@@ -533,6 +533,8 @@ class TraceLog:
     """Append-only, hash-chained JSONL log of traces. Safe for several processes (flock)."""
 
     def __init__(self, path: str | Path):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TraceError(f"a trace log's path is a str or a pathlib.Path, got {type(path).__name__}")
         self.path = Path(path)
 
     def remember_end(self) -> None:
@@ -1557,6 +1559,10 @@ def load_trace(path: str | Path, trace_id: str | None = None, seq: int | None = 
 
     A record read from a log is checked against its hash and the chain up to it (``TraceLog.find``); a
     ``.json`` file holding one log record is checked against its own hash."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TraceError(f"a trace's path is a str or a pathlib.Path, got {type(path).__name__}")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+        raise TraceError(f"seq is a record number (an int), got {seq!r:.40}")
     path = Path(path)
     if path.suffix == ".jsonl":
         _require_file(path)

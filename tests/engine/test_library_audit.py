@@ -105,6 +105,14 @@ def test_arguments_of_the_wrong_kind_are_sieve_errors(config, tmp_path):
         pipeline.log_trace(result.trace, 123)  # type: ignore[arg-type]
     with pytest.raises(TraceError, match="holds a value JSON cannot hold"):
         pipeline.log_trace({"schema": "sieve.trace/1", "x": {1, 2}}, tmp_path / "log.jsonl")
+    from engine.trace import TraceLog, load_trace
+
+    with pytest.raises(TraceError, match="a trace log's path is a str or a pathlib.Path"):
+        TraceLog(None)  # type: ignore[arg-type]
+    with pytest.raises(TraceError, match="a trace's path is a str or a pathlib.Path"):
+        load_trace(None)  # type: ignore[arg-type]
+    with pytest.raises(TraceError, match="seq is a record number"):
+        load_trace(tmp_path / "log.jsonl", seq="0")  # type: ignore[arg-type]  (before: "holds no trace with seq 0")
 
 
 def test_search_takes_log_as_true_or_false_only(config, tmp_path, monkeypatch):
