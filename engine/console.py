@@ -43,8 +43,8 @@ def backslashed(char: str) -> str:
 
 
 def written_out(text: str, write: Callable[[str], str] = backslashed, keep: str = "\n\t") -> str:
-    """``text`` with every character that would not be seen as itself (``hidden``) written out (``\x1b``,
-    ``\u202e``, or as ``write`` spells it), but those in ``keep``: what text from a corpus, a trace file or a
+    """``text`` with every character that would not be seen as itself (``hidden``) written out (``\\x1b``,
+    ``\\u202e``, or as ``write`` spells it), but those in ``keep``: what text from a corpus, a trace file or a
     config can hold reaches a person as what it is, never as a terminal's escape sequence or an invisible mark."""
     if text.isascii() and text.isprintable():
         return text

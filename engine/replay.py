@@ -416,14 +416,15 @@ def _index_hint(recorded: dict[str, Any], index_path: Path | None) -> str:
 MODEL_FIELDS = ("weights_sha256", "device", "precision", "max_length")
 
 
-def _flatten(value: Any, path: str = "") -> dict[str, Any]:
-    """Nested identity fields by dotted path; machine-specific locations left out."""
+def _flatten(value: Any, path: str = "", *, machine: bool = False) -> dict[str, Any]:
+    """Nested identity fields by dotted path; machine-specific locations left out, and what the identity records of
+    the machine (``MACHINE_KEYS``) unless ``machine``."""
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
         for key, item in value.items():
-            if key in LOCATION_KEYS and (isinstance(item, str) or item is None) or key in MACHINE_KEYS:
+            if key in LOCATION_KEYS and (isinstance(item, str) or item is None) or (key in MACHINE_KEYS and not machine):
                 continue
-            flat.update(_flatten(item, f"{path}.{key}" if path else str(key)))
+            flat.update(_flatten(item, f"{path}.{key}" if path else str(key), machine=machine))
         return flat
     return {path: value}
 
@@ -487,28 +488,18 @@ def _thread_notes(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> 
     for model in recorded:
         if not isinstance(model, dict):
             continue
-        other = current.get(model.get("stage"), {})
-        for path, then in _threads(model):
-            found = dict(_threads(other)).get(path)
-            if then is not None and found is not None and then != found:
+        threads_now = _flatten(current.get(model.get("stage"), {}), machine=True)
+        for path, then in _flatten(model, machine=True).items():
+            found = threads_now.get(path)
+            if path.rpartition(".")[2] == "threads" and then is not None and found is not None and then != found:
                 reduced = model.get("precision") in ("bf16", "fp16")
-                notes.append(f"stage '{model.get('stage')}' ran {path or 'its model'} on {then} CPU threads when "
+                owner = path.rpartition(".")[0]
+                notes.append(f"stage '{model.get('stage')}' ran {owner or 'its model'} on {then} CPU threads when "
                              f"traced, {found} now" + (f": under {model.get('precision')} its scores can differ in "
                                                        "their last digits with the thread count (torch.set_num_threads "
                                                        "as traced, or precision: fp32, for identical replays)"
                                                        if reduced else ""))
     return notes
-
-
-def _threads(identity: Any, path: str = "") -> list[tuple[str, Any]]:
-    """(where, threads) for an identity and the identities nested in it (a cascade's light model)."""
-    if not isinstance(identity, dict):
-        return []
-    found = [(path, identity["threads"])] if "threads" in identity else []
-    for key, value in identity.items():
-        if isinstance(value, dict):
-            found.extend(_threads(value, f"{path}.{key}" if path else key))
-    return found
 
 
 def _file_cause(model: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> str:

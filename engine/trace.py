@@ -45,7 +45,7 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -1488,16 +1488,23 @@ def _remove_interrupted_archives(path: Path, log_file: os.stat_result) -> None:
     a name of the archives' form beside the log that is the log's own file (a finished rotation's archive is
     another file than the log that replaced it), so it grows with the log and would shadow the real archive."""
     pattern = re.compile(re.escape(path.stem) + r"\.\d{6,}-\d{6,}" + re.escape(path.suffix))
+    _remove_beside(path, pattern, lambda entry, _: os.path.samestat(entry.stat(follow_symlinks=False), log_file))
+
+
+def _remove_beside(path: Path, pattern: re.Pattern[str], doomed: Callable[[os.DirEntry[str], re.Match[str]], bool],
+                   ) -> None:
+    """Remove the entries of ``path``'s directory whose name ``pattern`` matches in full and that ``doomed`` (given
+    the entry and the match) says are leftovers; what cannot be read or removed stays."""
     try:
         entries = list(os.scandir(path.parent))
     except OSError:
         return
     for entry in entries:
-        if pattern.fullmatch(entry.name) is None:
-            continue
-        with contextlib.suppress(OSError):
-            if os.path.samestat(entry.stat(follow_symlinks=False), log_file):
-                os.unlink(entry.path)
+        found = pattern.fullmatch(entry.name)
+        if found is not None:
+            with contextlib.suppress(OSError):
+                if doomed(entry, found):
+                    os.unlink(entry.path)
 
 
 def _continued_by(path: Path, limit: int = 10_000) -> Path | None:
@@ -1799,20 +1806,8 @@ def _remove_dead_temporaries(target: Path, kind: str) -> None:
     """Remove the temporaries of ``target`` (``_temporary_beside``) left by processes killed while writing them
     (SIGKILL, a power cut): their pid no longer runs, or runs a process started after the file was last written."""
     pattern = re.compile(re.escape(f".{target.name[:96]}.{kind}-") + r"(\d+)-[0-9a-f]{8}")
-    try:
-        entries = list(os.scandir(target.parent))
-    except OSError:
-        return
-    for entry in entries:
-        found = pattern.fullmatch(entry.name)
-        if found is None:
-            continue
-        try:
-            if entry.is_file(follow_symlinks=False) and not process_exists(int(found[1]),
-                                                                           entry.stat(follow_symlinks=False).st_mtime):
-                os.unlink(entry.path)
-        except OSError:
-            continue
+    _remove_beside(target, pattern, lambda entry, found: entry.is_file(follow_symlinks=False) and not process_exists(
+        int(found[1]), entry.stat(follow_symlinks=False).st_mtime))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
