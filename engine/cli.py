@@ -328,7 +328,7 @@ def search(
 
     if log is not None and no_log:
         raise SieveError("--log and --no-log together: give one")
-    _writable_file(trace_out, "--trace-out")
+    _output_file(trace_out, "--trace-out")  # a FIFO, a device or this process's stdout: refused before the query runs
     pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
     target = None if no_log else pipeline.log_target(log)
     if target is not None:  # before the models load and the query runs, not after (a read-only working directory)
@@ -1089,7 +1089,7 @@ def explain_command(
         InspectingPipeline, dedup_merges, explain_report, rules_fired, signal_contributions, why_not,
     )
 
-    _writable_file(trace_out, "--trace-out")
+    _output_file(trace_out, "--trace-out")  # a FIFO, a device or this process's stdout: refused before the query runs
     if top is not None and top < 0:
         raise SieveError(f"--top must be 0 or more, got {top}")
     pipeline = InspectingPipeline.from_file(config, index_path=index_dir, settings=settings or ())

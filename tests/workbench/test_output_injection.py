@@ -162,3 +162,17 @@ def test_the_html_report_writes_out_every_character_that_shows_as_nothing():
 def test_a_rule_test_filter_is_shown_as_written(tmp_path):
     done = _sieve("rules", "test", ROOT / "configs", "-k", "[/]")
     assert done.returncode == 2 and "no test case matches '[/]'" in done.stderr, done.stderr  # before: 70
+
+
+@pytest.mark.parametrize("command", ["search", "explain"])
+def test_a_trace_out_that_is_a_fifo_is_refused_before_the_query_runs(hostile, tmp_path, command):
+    """From the README audit: `search --trace-out FIFO` ran the query and logged its trace, then refused the write."""
+    config = tmp_path / "logged.yaml"
+    log = tmp_path / "trace.jsonl"
+    config.write_text(hostile.read_text(encoding="utf-8").replace("trace: {log: null}", f"trace: {{log: {log}}}"),
+                      encoding="utf-8")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    done = _sieve(command, config, "metformin", "--trace-out", fifo)
+    assert done.returncode == 2 and "is a FIFO (named pipe), not a regular file" in done.stderr, done.stderr
+    assert not log.exists()  # before: the query ran and its trace was logged first
