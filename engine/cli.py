@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -297,10 +298,20 @@ def _config_warnings(pipeline: Any) -> list[str]:
 
 def _print_warnings(warnings: Iterable[str | None]) -> None:
     """Warnings on stderr, one a line (None: nothing to say); e.g. what the stages' warm-up found that changes what
-    the pipeline does (``Pipeline.warnings``: a rule reading a field no document has)."""
+    the pipeline does (``Pipeline.warnings``: a rule reading a field no document has). A stage's warm-up that
+    reports what the config's check already said (a rule file's finding, located) is not printed twice."""
+    printed: list[str] = []
     for warning in warnings:
-        if warning:
-            err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
+        if not warning:
+            continue
+        core = _STAGE_PREFIX.sub("", warning).replace("  warning: ", "  ", 1)
+        if any(core in earlier for earlier in printed):
+            continue
+        printed.append(warning)
+        err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
+
+
+_STAGE_PREFIX = re.compile(r"^stage '[^']*': ")
 
 
 @app.command()

@@ -62,3 +62,14 @@ def test_the_server_logs_them_at_start_and_lists_them(medical_index, tmp_path):
     pipeline = listed["typo"]
     assert any("doc.sorce" in w and w.startswith("stage 'overrides':") for w in pipeline["warnings"]), pipeline
     assert listed["closed"]["warnings"] == ["stage 'overrides': [unknown_field]"] * len(pipeline["warnings"])
+
+
+def test_a_rule_files_finding_is_printed_once(medical_index):
+    """From the README audit: `make demo` printed each rule-file finding twice, once as the config's (located in the
+    config) and once as the overrides stage's warm-up warning."""
+    from tests.workbench.conftest import ROOT, run_sieve
+
+    done = run_sieve("search", ROOT / "configs" / "medical" / "pipeline.yaml", "metformin kidney", "--role",
+                     "clinician", "--jurisdiction", "US", "--as-of", "2025-06-01", "--index", medical_index, "--no-log")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("[expired]") == 1 and done.stderr.count("[pin_slot_conflict]") == 1, done.stderr
