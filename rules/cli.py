@@ -7,6 +7,7 @@ failing test cases exit with 1.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -127,3 +128,46 @@ def check(
                       f"sha256 {ruleset.sha256[:12]}")
     if failed:
         raise typer.Exit(2)
+
+
+@rules_app.command("reference")
+def reference(
+    as_json: Annotated[bool, typer.Option("--json", help="the reference as JSON")] = False,
+) -> None:
+    """Every key a rule file, a rule and each action take (type, default, meaning), the keys of a condition and
+    its operators: read from what validates rule files, so it says what is accepted."""
+    from rich.table import Table
+
+    from rules.reference import rule_reference
+
+    data = rule_reference()
+    if as_json:
+        print_json(data)
+        return
+
+    def table(title: str, rows: list[dict]) -> None:
+        if not rows:
+            out.print(f"[bold]{shown(title)}[/bold]: no keys of its own")
+            return
+        grid = Table(title=shown(title), title_justify="left", show_lines=False)
+        for column in ("key", "type", "default", "meaning"):
+            grid.add_column(column, overflow="fold")
+        for row in rows:
+            default = "required" if row["required"] else ("-" if row["default"] is None else json.dumps(row["default"]))
+            grid.add_row(shown(row["key"]), shown(row["type"]), shown(default), shown(row["description"]))
+        out.print(grid)
+
+    table("a rule file", data["file"])
+    table("every rule (any kind)", data["every_rule"])
+    for action, entry in data["prefilter"].items():
+        table(f"prefilter {action}" + (f": {entry['summary']}" if entry["summary"] else ""), entry["keys"])
+    table("every override rule: which documents it targets (docs, match or both)", data["override_targets"])
+    for action, entry in data["override"].items():
+        table(f"override {action}" + (f": {entry['summary']}" if entry["summary"] else ""), entry["keys"])
+    table("a condition (when:, match:): one test (field, op, value) or all / any / not / expr", data["condition"])
+    operators = Table(title="operators", title_justify="left")
+    operators.add_column("op")
+    operators.add_column("holds when the field's value", overflow="fold")
+    for op, meaning in data["operators"].items():
+        operators.add_row(op, shown(meaning))
+    out.print(operators)

@@ -179,13 +179,13 @@ class Condition(NoCoercion):
     model_config = ConfigDict(frozen=True, extra="forbid")  # keys as written in YAML only (`not`, never `not_`)
 
     field: Optional[str] = Field(None, description="what to test, e.g. query.text or doc.status")
-    op: Optional[Op] = None
-    value: Any = None
+    op: Optional[Op] = Field(None, description="how to test it (the operators below)")
+    value: Any = Field(None, description="what to test it against (a list for in, not_in, contains_any/all)")
     value_from: Optional[str] = Field(None, description="take the operand from the query, e.g. user.groups")
-    case_sensitive: bool = False
-    all: Optional[list["Condition"]] = Field(None, min_length=1)
-    any: Optional[list["Condition"]] = Field(None, min_length=1)
-    not_: Optional["Condition"] = Field(None, alias="not")
+    case_sensitive: bool = Field(False, description="compare text with its case (default: ignore case)")
+    all: Optional[list["Condition"]] = Field(None, min_length=1, description="every condition listed holds")
+    any: Optional[list["Condition"]] = Field(None, min_length=1, description="at least one condition listed holds")
+    not_: Optional["Condition"] = Field(None, alias="not", description="the condition given does not hold")
     expr: Optional[str] = Field(None, description="a sandboxed Jinja2 expression")
 
     @field_validator("field", "value_from")

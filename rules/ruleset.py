@@ -98,11 +98,12 @@ def _field_name(value: Any) -> Any:
 
 
 class RuleBase(_Strict):
-    id: str = Field(max_length=100, json_schema_extra={"pattern": RULE_ID_PATTERN})
-    description: Optional[str] = None
+    id: str = Field(max_length=100, json_schema_extra={"pattern": RULE_ID_PATTERN},
+                    description="unique in the file; ASCII letters, digits, '_', '.' and '-' (traces name it)")
+    description: Optional[str] = Field(None, description="for people: why the rule exists")
     action: str
     priority: int = Field(0, ge=-1_000_000, le=1_000_000, description="higher wins among rules of one action")
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: kept in the file, never applied")
     valid_from: Optional[Union[datetime, date]] = Field(None, alias="from", description="inclusive")
     until: Optional[Union[datetime, date]] = Field(
         None, description="inclusive when a date (the whole day), exclusive when a date-time"
@@ -167,8 +168,9 @@ class AclRule(RuleBase):
     """A document is visible when its ACL field shares a whole value with the user's groups (or roles)."""
 
     action: Literal["acl"]
-    field_name: str = Field("acl", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
-    user_field: Literal["groups", "roles"] = "groups"
+    field_name: str = Field("acl", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN},
+                            description="the document's metadata field holding its ACL values")
+    user_field: Literal["groups", "roles"] = Field("groups", description="the user's values it is compared with")
     public: list[str] = Field(default_factory=list, description="ACL values that make a document visible to all")
     case_sensitive: bool = Field(False, description="compare ACL values with their case (default: ignore case)")
     missing: Optional[Literal["allow", "deny"]] = Field(None, description=MISSING_POLICY)
@@ -178,8 +180,10 @@ class JurisdictionRule(RuleBase):
     """A document is visible when its jurisdiction is one of the user's, or a global value."""
 
     action: Literal["jurisdiction"]
-    field_name: str = Field("jurisdiction", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
-    global_values: list[str] = Field(default_factory=lambda: ["global"], alias="global")
+    field_name: str = Field("jurisdiction", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN},
+                            description="the document's metadata field holding its jurisdictions")
+    global_values: list[str] = Field(default_factory=lambda: ["global"], alias="global",
+                                     description="values that make a document visible in every jurisdiction")
     case_sensitive: bool = Field(False, description="compare jurisdictions with their case (default: ignore case)")
     missing: Optional[Literal["allow", "deny"]] = Field(None, description=MISSING_POLICY)
 
@@ -188,9 +192,12 @@ class DateRangeRule(RuleBase):
     """A document is visible when its date lies in the window (bounds may be relative to as_of)."""
 
     action: Literal["date_range"]
-    field_name: str = Field("date", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN})
-    on_or_after: Optional[Union[datetime, date, str]] = None
-    before: Optional[Union[datetime, date, str]] = None
+    field_name: str = Field("date", alias="field", json_schema_extra={"pattern": FIELD_NAME_PATTERN},
+                            description="the document's metadata field holding its date")
+    on_or_after: Optional[Union[datetime, date, str]] = Field(
+        None, description="inclusive lower bound: an ISO date, or relative to the query's time (as_of - 15y)")
+    before: Optional[Union[datetime, date, str]] = Field(
+        None, description="exclusive upper bound: an ISO date, or relative (as_of + 1d)")
     missing: Optional[Literal["allow", "deny"]] = Field(None, description=MISSING_POLICY)
 
     @field_validator("on_or_after", "before", mode="before")
@@ -245,6 +252,8 @@ class OverrideRule(RuleBase):
 
 
 class PinRule(OverrideRule):
+    """pin: put the targeted documents at `position` (the first listed there, the next below it), above the ranking."""
+
     action: Literal["pin"]
     position: int = Field(ge=1, le=10_000, description="1-based rank of the first listed document")
     inject: bool = Field(True, description="bring in a pinned document even when recall did not return it")
@@ -257,10 +266,14 @@ class PinRule(OverrideRule):
 
 
 class ExcludeRule(OverrideRule):
+    """exclude: drop the targeted documents from the results (the trace records each drop)."""
+
     action: Literal["exclude"]
 
 
 class BuryRule(OverrideRule):
+    """bury: move the targeted documents below every result that is not buried."""
+
     action: Literal["bury"]
 
 
@@ -305,9 +318,10 @@ OVERRIDE_PRECEDENCE = {"exclude": 0, "pin": 1, "bury": 2, "boost": 3, "demote": 
 
 
 class RuleFileSchema(_Strict):
-    version: Literal[1]
-    kind: Kind
-    description: Optional[str] = None
+    version: Literal[1] = Field(description="the format's version")
+    kind: Kind = Field(description="prefilter: who may see what (before recall); override: pins, excludes, buries "
+                       "and boosts on the ranked candidates")
+    description: Optional[str] = Field(None, description="for people: what the file is for")
     strictness: Strictness = Field("default", description="strict: every finding is an error; lenient: a warning")
     default_deny: bool = Field(
         False, description="prefilter: acl, jurisdiction and date_range rules without their own `missing:` deny "
