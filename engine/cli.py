@@ -12,7 +12,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -659,6 +659,26 @@ def _index_lookup(index_path: Optional[str]):  # type: ignore[no-untyped-def]
     return lambda doc_id: index.row_of(doc_id) is not None
 
 
+def _refuse_spaced_doc_ids(config: Path, index_dir: Optional[Path], settings: Sequence[str]) -> None:
+    """Before an evaluation with --run-out: a document id with whitespace in the index would make the run file
+    unwritable once every query has run (a TREC run line cannot hold it), so it is refused now, naming it."""
+    from engine.index import Index
+    from engine.pipeline import Pipeline
+
+    index_path = Pipeline.from_file(config, index_path=index_dir, settings=settings).index_path
+    if index_path is None:
+        return
+    index = Index.open(Path(index_path), verify=False)
+    try:
+        spaced = next((doc_id for doc_id in index.doc_ids() if any(ch.isspace() for ch in doc_id)), None)
+    finally:
+        index.close()
+    if spaced is not None:
+        raise SieveError(f"--run-out: the index at {index_path} holds the document id {spaced!r}, with whitespace, "
+                         "which a TREC run line cannot hold: the run file could not be written; evaluate without "
+                         "--run-out (the figures and --json-out are not affected), or rebuild with ids without spaces")
+
+
 _LIMIT_HELP = "only the first N judged queries, in natural order of id (2 before 10, q2 before q10)"
 _SPLIT_HELP = "qrels split: qrels/<split>.tsv (BEIR or TREC qrels); a plain name (letters, digits, '.', '_', '-')"
 
@@ -706,6 +726,7 @@ def eval_command(
         spaced = next((qid for qid in chosen if not qid or any(ch.isspace() for ch in qid)), None)
         if spaced is not None:
             raise SieveError(f"--run-out: query id {spaced!r} contains whitespace, which a TREC run line cannot hold")
+        _refuse_spaced_doc_ids(config, index_dir, settings or ())
     asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
     report = _run_eval(config, dataset, split, index_dir, limit, recall_k, f"eval {config.name}", trace_log, data, asked,
                        settings or ())

@@ -176,3 +176,23 @@ def test_a_trace_out_that_is_a_fifo_is_refused_before_the_query_runs(hostile, tm
     done = _sieve(command, config, "metformin", "--trace-out", fifo)
     assert done.returncode == 2 and "is a FIFO (named pipe), not a regular file" in done.stderr, done.stderr
     assert not log.exists()  # before: the query ran and its trace was logged first
+
+
+def test_eval_with_run_out_refuses_an_index_whose_ids_a_run_file_cannot_hold_before_it_runs(tmp_path, mini_corpus):
+    """Injection audit F8: one document id with a space in the index made `eval --run-out` run every query, print
+    the figures, then write no run file."""
+    dataset = tmp_path / "data"
+    shutil.copytree(mini_corpus, dataset)
+    lines = (dataset / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first["_id"] = "doc with spaces"
+    lines[0] = json.dumps(first)
+    (dataset / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    build_index(dataset / "corpus.jsonl", tmp_path / "idx", {"bm25": {}})
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {tmp_path / 'idx'}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                      "output: bm25\ntrace: {log: null}\n", encoding="utf-8")
+    done = _sieve("eval", config, "--dataset", dataset, "--run-out", tmp_path / "run.trec")
+    assert done.returncode == 2 and "holds the document id 'doc with spaces'" in done.stderr, done.stderr
+    assert "ndcg_cut_10" not in done.stdout and not (tmp_path / "run.trec").exists()  # refused before any query
+    assert _sieve("eval", config, "--dataset", dataset, "--limit", "3").returncode == 0  # without it: evaluated
