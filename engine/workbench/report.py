@@ -25,7 +25,9 @@ def visible(text: str) -> str:
     ``med-0\u00ad03`` reads as ``med-003``). Line breaks and tabs are kept."""
     return written_out(text, lambda char: f"[U+{ord(char):04X}]")
 
-PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D", "#BAB0AC", "#EECA3B")
+# Tableau 10, each colour darkened until it has 3:1 contrast against the bar's track (#f4f6fa, WCAG 1.4.11), the
+# light pink replaced by a dark magenta (darkened, it read as the red)
+PALETTE = ("#4C78A8", "#DB7109", "#529F49", "#E45756", "#4E9993", "#B279A2", "#C2185B", "#9D755D", "#9A8B85", "#AA8B0F")
 MAX_DROPS_PER_STAGE = 200
 
 
@@ -39,7 +41,7 @@ def _colour(label: str, assigned: dict[str, str]) -> str:
             assigned[label] = PALETTE[count]
         else:
             hue = (count - len(PALETTE)) * 137.508 % 360
-            lightness = (38, 52, 30)[(count - len(PALETTE)) % 3]
+            lightness = (38, 30)[(count - len(PALETTE)) % 2]  # both 3:1 or more against the track
             assigned[label] = f"hsl({hue:.1f}, 62%, {lightness}%)"
     return assigned[label]
 

@@ -383,3 +383,27 @@ def test_report_holds_the_resolved_config_and_marks_the_querys_language(medical_
     assert '&#34;stages&#34;' in block or '"stages"' in block  # every stage's parameters, not only the sha256
     trace["query"]["language"] = "zh"
     assert '<dd dir="auto" lang="zh">' in render_report(trace)
+
+
+def test_every_bar_colour_stands_out_from_the_bars_track():
+    """Report audit F7: 7 of the 10 palette colours had under 3:1 contrast against the bar's track (WCAG 1.4.11)."""
+    import colorsys
+    import re
+
+    from engine.workbench.report import _colour
+
+    def luminance(rgb: tuple[float, float, float]) -> float:
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    def rgb(colour: str) -> tuple[float, float, float]:
+        if colour.startswith("#"):
+            return tuple(int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))  # type: ignore[return-value]
+        hue, saturation, lightness = map(float, re.findall(r"[\d.]+", colour))
+        return colorsys.hls_to_rgb(hue / 360, lightness / 100, saturation / 100)
+
+    track = luminance(rgb("#f4f6fa"))
+    assigned: dict[str, str] = {}
+    for i in range(30):
+        colour = _colour(f"signal {i}", assigned)
+        assert (track + 0.05) / (luminance(rgb(colour)) + 0.05) >= 3.0, colour
