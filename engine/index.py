@@ -1807,6 +1807,17 @@ class DocumentStore:
             connection.close()
         return None
 
+    def close(self) -> None:
+        """Close the shared connection and this thread's (another thread's closes when that thread ends)."""
+        with self._pinned_lock:
+            pinned, self._pinned = self._pinned, None
+        own = getattr(self._local, "connection", None)
+        self._local.connection = None
+        for connection in (pinned, own):
+            if connection is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.close()
+
     def replaced_on_disk(self) -> bool:
         """Whether the document store's path now names another file than the one opened (the index was rebuilt)."""
         return self._identity is not None and not self._names_our_file(str(self._path))
@@ -1993,6 +2004,7 @@ class Index:
 
     def close(self) -> None:
         """Release the directory and document store (the object cannot read documents after)."""
+        self.documents.close()
         self._closer()
 
     @classmethod

@@ -111,6 +111,25 @@ class Pipeline:
         # A relative trace.log names a file under the working directory the pipeline was made in: a process that
         # changes directory later (a daemon, a worker) keeps appending to that log, not to a new chain elsewhere.
         self._made_in = Path.cwd()
+        self._closed = False
+        self._owns_resources = True  # False when warm_up(reuse=...) shares another pipeline's index and models
+
+    def close(self) -> None:
+        """Release what the pipeline opened: the index's files and document-store connections, and its hold on the
+        models (freed once nothing else holds them); idempotent. A closed pipeline refuses queries; make a new one
+        to query again. Resources it shares with another pipeline (``warm_up(reuse=...)``) are that one's to close.
+        ``with Pipeline.from_file(...) as pipeline:`` closes it at the end of the block."""
+        with self._warm_lock:
+            self._closed = True
+            resources, self.resources = self.resources, None
+        if resources is not None and self._owns_resources and resources.index is not None:
+            resources.index.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __reduce__(self) -> Any:
         raise SieveError("a Pipeline cannot be pickled (it holds an open index, models and locks): pass the config "
@@ -142,6 +161,8 @@ class Pipeline:
         loaded (the index, models, BM25) is shared, not loaded again. An index rebuilt on disk while the stages
         loaded it (one may have read the new version's files) is opened again, up to three times."""
         with self._warm_lock:
+            if self._closed:
+                raise SieveError("this Pipeline was closed: make a new one (Pipeline.from_file) to query again")
             if self.resources is not None:
                 return self.resources
             if reuse is not None and reuse.base_dir == self.compiled.base_dir and (
@@ -151,6 +172,7 @@ class Pipeline:
                 resources = reuse.sharing()  # the same index and models, keyed by what was loaded
                 self._load(resources)
                 self.resources = resources
+                self._owns_resources = False
                 return resources
             for _ in range(3):
                 self.unavailable.clear()

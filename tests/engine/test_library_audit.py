@@ -134,3 +134,43 @@ def test_a_relative_trace_log_stays_where_the_pipeline_was_made(config, tmp_path
     assert result.trace["log"]["path"] == str(first / "traces" / "rel.jsonl") and result.trace["log"]["seq"] == 1
     assert not (second / "traces").exists()  # before: a second chain, at seq 0, under b/
     assert check_log(first / "traces" / "rel.jsonl").records == 2
+
+
+def _held(path: Path) -> int:
+    """How many of this process's descriptors name a file under ``path`` (the index's directory and sqlite file)."""
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        held += target.startswith(str(path))
+    return held
+
+
+def test_a_pipeline_closes_what_it_opened_and_refuses_queries_after(config, bm25_index):
+    """F7: no close() or context manager: a dropped pipeline held its index's files until the cyclic GC ran."""
+    import gc
+
+    gc.disable()
+    try:
+        before = _held(bm25_index)
+        with Pipeline.from_file(config) as pipeline:
+            pipeline.search("vitamin d", log=False)
+            assert _held(bm25_index) > before
+        assert _held(bm25_index) == before  # at the end of the block, not at the next garbage collection
+        with pytest.raises(SieveError, match="this Pipeline was closed"):
+            pipeline.search("vitamin d", log=False)
+        pipeline.close()  # again: nothing to do
+    finally:
+        gc.enable()
+
+
+def test_closing_a_pipeline_that_shares_anothers_index_leaves_it_open(config):
+    first = Pipeline.from_file(config)
+    first.search("vitamin d", log=False)
+    second = Pipeline.from_file(config)
+    second.warm_up(reuse=first.resources)  # as sieve sweep's variants share one index and its models
+    second.close()
+    assert first.search("vitamin d", log=False).results  # still open
+    first.close()
