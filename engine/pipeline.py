@@ -125,6 +125,16 @@ class Pipeline:
         if resources is not None and self._owns_resources and resources.index is not None:
             resources.index.close()
 
+    def index_state(self) -> dict[str, Any] | None:
+        """The index this pipeline reads against the one now at its path (``Index.disk_state``: ``replaced_on_disk``,
+        ``rebuilt_identically``, the manifest sha256 served and on disk), as ``sieve serve``'s ``/readyz`` reports it;
+        None before the first query (or ``warm_up``) and for a pipeline without an index. A replaced index is read
+        as opened until a new Pipeline is made."""
+        resources = self.resources
+        if resources is None or resources.index is None:
+            return None
+        return resources.index.disk_state()
+
     def __enter__(self) -> "Pipeline":
         return self
 

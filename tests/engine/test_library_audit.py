@@ -174,3 +174,21 @@ def test_closing_a_pipeline_that_shares_anothers_index_leaves_it_open(config):
     second.close()
     assert first.search("vitamin d", log=False).results  # still open
     first.close()
+
+
+def test_a_pipeline_says_when_its_index_was_rebuilt_under_it(tmp_path, mini_corpus):
+    """F8: a running pipeline kept serving the index it opened after a rebuild (by design) with no library call to
+    see it; index_state() says so, as the server's /readyz does."""
+    from engine.index import build_index
+
+    build_index(mini_corpus, tmp_path / "idx", {"bm25": {}})
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {tmp_path / 'idx'}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                      "output: bm25\ntrace: {log: null}\n", encoding="utf-8")
+    with Pipeline.from_file(config) as pipeline:
+        assert pipeline.index_state() is None  # not opened yet
+        pipeline.search("vitamin d", log=False)
+        assert pipeline.index_state()["replaced_on_disk"] is False
+        build_index(mini_corpus, tmp_path / "idx", {"bm25": {"k1": 1.2}})  # another index at the same path
+        state = pipeline.index_state()
+        assert state["replaced_on_disk"] is True and state["on_disk_manifest_sha256"] != state["serving_manifest_sha256"]
