@@ -300,14 +300,16 @@ def _print_warnings(warnings: Iterable[str | None]) -> None:
     """Warnings on stderr, one a line (None: nothing to say); e.g. what the stages' warm-up found that changes what
     the pipeline does (``Pipeline.warnings``: a rule reading a field no document has). A stage's warm-up that
     reports what the config's check already said (a rule file's finding, located) is not printed twice."""
-    printed: list[str] = []
+    config_warnings: list[str] = []  # printed, not a stage's warm-up warning
     for warning in warnings:
         if not warning:
             continue
-        core = _STAGE_PREFIX.sub("", warning).replace("  warning: ", "  ", 1)
-        if any(core in earlier for earlier in printed):
-            continue
-        printed.append(warning)
+        if _STAGE_PREFIX.match(warning):
+            core = _STAGE_PREFIX.sub("", warning).replace("  warning: ", "  ", 1)
+            if any(earlier.endswith(core) for earlier in config_warnings):
+                continue
+        else:
+            config_warnings.append(warning)
         err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
 
 
@@ -949,7 +951,7 @@ def batch_command(
         out.print(f"asked as {shown(_who(summary.user))} at {shown(summary.as_of)} (for the lines giving none); "
                   f"traces: {shown(summary.trace_log) if summary.trace_log else 'not logged'}")
         for failure in summary.failures:
-            out.print(f"[red]✗[/red] {shown(failure['id'])} ({shown(str(queries_file))}:{failure['line']}): "
+            out.print(f"[red]✗[/red] {shown(failure['id'], lines=False)} ({shown(str(queries_file))}:{failure['line']}): "
                       f"{shown(failure['error'])}")
         if summary.failed > len(summary.failures):
             out.print(f"  ... and {summary.failed - len(summary.failures)} more failed (their lines hold \"error\")")
@@ -1140,7 +1142,7 @@ def explain_command(
         return
     _print_results(pipeline, result.results, trace, explain=False)
     for record in records:
-        tree = Tree(f"[bold]#{record['rank']} {shown(record['doc_id'])}[/bold]  score {record['score']:.6g}")
+        tree = Tree(f"[bold]#{record['rank']} {shown(record['doc_id'], lines=False)}[/bold]  score {record['score']:.6g}")
         if "explanation" in record:
             _add_explanation(tree, record["explanation"])
         contributions = signal_contributions(record.get("explanation") or {})
@@ -1155,12 +1157,12 @@ def explain_command(
                      f"'{shown(firing['stage'])}'): {shown(str(firing.get('effect', '')))}, rank "
                      f"{firing.get('rank_before')} -> {firing.get('rank_after')}")
         for merge in dedup_merges(trace, record["doc_id"]):
-            tree.add(f"absorbed near-duplicate {shown(merge['absorbed'])} (similarity {merge['similarity']:.4f}, "
+            tree.add(f"absorbed near-duplicate {shown(merge['absorbed'], lines=False)} (similarity {merge['similarity']:.4f}, "
                      f"stage '{shown(merge['stage'])}')")
         out.print(tree, soft_wrap=False)
     for verdict in verdicts:
         colour = "green" if verdict.status == "returned" else "yellow"
-        out.print(f"\n[bold]why not {shown(verdict.doc_id)}?[/bold] [{colour}]{verdict.status}[/{colour}]: "
+        out.print(f"\n[bold]why not {shown(verdict.doc_id, lines=False)}?[/bold] [{colour}]{verdict.status}[/{colour}]: "
                   f"{shown(verdict.message)}")
         if verdict.journey:
             table = Table(title=f"{shown(verdict.doc_id, lines=False)} stage by stage")
@@ -1265,14 +1267,14 @@ def compare_command(
     if primary is not None:
         out.print(f"ndcg_cut_10: {_verdict(primary.delta, primary.randomisation_p, 'B', 'A')}")
     for diff in comparison.diffs:
-        out.print(f"\n[bold]query {shown(diff.qid)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {shown(diff.text)}")
+        out.print(f"\n[bold]query {shown(diff.qid, lines=False)}[/bold] ndcg@10 {diff.score_a:.3f} -> {diff.score_b:.3f}: {shown(diff.text, lines=False)}")
         if diff.note:
             out.print(f"[yellow]{shown(diff.note)}[/yellow]")
         for move in diff.moves:
             where = f"{move.rank_a if move.rank_a is not None else '-'} -> {move.rank_b if move.rank_b is not None else '-'}"
             mark = "[green]relevant[/green]" if move.relevance else "[dim]not relevant[/dim]"
             reasons = "; ".join(move.reasons) if move.reasons else "no explanation (no config for this side)"
-            out.print(f"  doc {shown(move.doc_id)} ({mark}) moved {where}: {shown(reasons)}")
+            out.print(f"  doc {shown(move.doc_id, lines=False)} ({mark}) moved {where}: {shown(reasons)}")
 
 
 @app.command("report")

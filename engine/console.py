@@ -28,14 +28,28 @@ def print_json(document: Any) -> None:
 # separators, surrogates, private-use and unassigned code points; and the default-ignorable letters and marks that
 # render as nothing (Hangul fillers, the combining grapheme joiner, variation selectors).
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-_HIDDEN_MARKS = frozenset(map(chr, (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0)))
+_HIDDEN_MARKS = frozenset(map(chr, (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x3164,
+                                    0xFFA0)))
+# The zero-width non-joiner and joiner and the variation selectors are part of ordinary text after a letter of the
+# scripts that use them (Persian, Indic) or an emoji (❤️, 👩‍💻); after ASCII, or at the start, they only hide.
+_JOINERS = frozenset(["\u200c", "\u200d", *map(chr, range(0xFE00, 0xFE10))])
 
 
-def hidden(char: str) -> bool:
-    """Whether ``char`` would not be seen as itself: it changes what a terminal shows, or shows as nothing."""
+def hidden(char: str, previous: str = "") -> bool:
+    """Whether ``char`` (after ``previous``) would not be seen as itself: it changes what a terminal shows, or
+    shows as nothing."""
+    if char in _JOINERS and previous and not previous.isascii() and not hidden(previous):
+        return False
     code = ord(char)
     return (unicodedata.category(char) in _HIDDEN_CATEGORIES or char in _HIDDEN_MARKS
             or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF)
+
+
+def first_hidden(text: str) -> int | None:
+    """The position of the first character of ``text`` that would not be seen as itself (``hidden``), or None."""
+    if text.isascii() and text.isprintable():
+        return None
+    return next((i for i, char in enumerate(text) if hidden(char, text[i - 1] if i else "")), None)
 
 
 def backslashed(char: str) -> str:
@@ -48,7 +62,8 @@ def written_out(text: str, write: Callable[[str], str] = backslashed, keep: str 
     config can hold reaches a person as what it is, never as a terminal's escape sequence or an invisible mark."""
     if text.isascii() and text.isprintable():
         return text
-    return "".join(write(char) if char not in keep and hidden(char) else char for char in text)
+    return "".join(write(char) if char not in keep and hidden(char, text[i - 1] if i else "") else char
+                   for i, char in enumerate(text))
 
 
 def shown(value: Any, *, lines: bool = True) -> str:

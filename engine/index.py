@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from pydantic import ConfigDict, ValidationError
 
 from engine import __version__
-from engine.console import backslashed, hidden
+from engine.console import backslashed, first_hidden
 from engine.errors import SieveError, SieveIndexError
 from engine.paths import process_exists
 from engine.strictness import NoCoercion, a_json_kind, json_kind
@@ -318,8 +318,8 @@ def _check_record(record: Any) -> str | None:
         if problem is not None:
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, escaped
             return f"'{shown}' {problem}"
-    if isinstance(doc_id, str) and not (doc_id.isascii() and doc_id.isprintable()):
-        unseen = next((i for i, char in enumerate(doc_id) if hidden(char)), None)
+    if isinstance(doc_id, str):
+        unseen = first_hidden(doc_id)
         if unseen is not None:  # an id is shown to people: it must read as what it is, and as no other id
             return (f"'_id' holds {backslashed(doc_id[unseen])} at character {unseen + 1}: a control or invisible "
                     "character (a terminal escape, a bidi override, a zero-width space...), which would make the id "

@@ -110,7 +110,10 @@ class Pipeline:
         self._index_identity: tuple[Index, dict[str, Any]] | None = None  # the trace's index record, per index
         # A relative trace.log names a file under the working directory the pipeline was made in: a process that
         # changes directory later (a daemon, a worker) keeps appending to that log, not to a new chain elsewhere.
-        self._made_in = Path.cwd()
+        try:
+            self._made_in: Path | None = Path.cwd()
+        except OSError:  # the working directory was removed: a relative log is then resolved when written to
+            self._made_in = None
         self._closed = False
         self._owns_resources = True  # False when warm_up(reuse=...) shares another pipeline's index and models
 
@@ -153,7 +156,10 @@ class Pipeline:
         them without editing the file. The trace records them with the config they produced."""
         _require(path, (str, os.PathLike), "the config path", "a str or a pathlib.Path")
         _require(index_path, (str, os.PathLike, type(None)), "index_path", "a str or a pathlib.Path (or None)")
-        if isinstance(settings, (str, bytes)) or not all(isinstance(setting, str) for setting in settings):
+        if isinstance(settings, (str, bytes)):
+            raise SieveError(f"settings are a list of PATH=VALUE texts, got {settings!r:.80}")
+        settings = tuple(settings)  # once: a generator given is read here, not consumed by the check
+        if not all(isinstance(setting, str) for setting in settings):
             raise SieveError(f"settings are a list of PATH=VALUE texts, got {settings!r:.80}")
         if index_path is not None:
             index_path = Path(index_path)
@@ -669,7 +675,9 @@ class Pipeline:
         if log_path is not None:
             return Path(log_path)
         configured = self.compiled.config.trace.log
-        return self._made_in / configured if configured is not None else None
+        if configured is None:
+            return None
+        return self._made_in / configured if self._made_in is not None else Path(configured)
 
     def log_trace(self, trace: dict[str, Any], log_path: Path | None = None) -> Path | None:
         """Append to the configured tamper-evident log (or ``log_path``); returns the log's path.

@@ -139,6 +139,15 @@ def _shape_problem(trace: Any) -> str | None:
         if not isinstance(item.get("doc_id"), str) or isinstance(item.get("score"), bool) \
                 or not isinstance(item.get("score"), (int, float)):
             return f"its results[{position}] has no doc_id (text) and score (a number)"
+    for position, item in enumerate(trace.get("stages") or []):
+        if not isinstance(item.get("id"), str):
+            return f"its stages[{position}] has no id (text)"
+    for position, item in enumerate(trace.get("models") or []):
+        if not isinstance(item, dict):
+            return f"its models[{position}] is {type(item).__name__}, not an object"
+    query_text = (trace.get("query") or {}).get("text")
+    if query_text is not None and not isinstance(query_text, str):
+        return f"its query.text is {type(query_text).__name__}, not text"
     return None
 
 

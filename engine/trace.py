@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engine.console import hidden
+from engine.console import first_hidden
 from engine.errors import SieveError, TraceError
 from engine.paths import process_exists
 
@@ -1115,7 +1115,7 @@ def _marker_problem(trace: dict[str, Any]) -> str | None:
     seqs = f".{previous['first_seq']:06d}-{previous['last_seq']:06d}"
     stem, found, suffix = name.rpartition(seqs)
     if not found or not stem or "." in suffix[1:] or (suffix and not suffix.startswith(".")) \
-            or any(map(hidden, name)):
+            or first_hidden(name) is not None:
         return f"naming {_clip(name)} as its previous segment, not the name a rotation gives it (STEM{seqs}.SUFFIX)"
     return None
 
@@ -1348,6 +1348,8 @@ def log_head(path: str | Path) -> LogHead:
     count = 0
     last: dict[str, Any] | None = None
     for line in log.scan():
+        if line.torn:
+            break  # the last line, a write in progress (or a dead writer's): the head is the record before it
         count += 1
         if line.problems:
             raise TraceError(f"{log.path}: the chain is broken ({line.problems[0]}); "

@@ -328,7 +328,7 @@ def _p(value: float | None) -> str:
 
 
 # ASCII punctuation markdown reads as syntax (emphasis, links, images, code, tables, headings, raw HTML)
-_MARKDOWN_SYNTAX = re.compile(r"([\\`*_\[\]<>!|#~])")
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_\[\]<>!|#~&])")  # & too: `&shy;` would render as an invisible character
 
 
 def _md(value: Any) -> str:

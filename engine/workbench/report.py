@@ -41,7 +41,7 @@ def _colour(label: str, assigned: dict[str, str]) -> str:
             assigned[label] = PALETTE[count]
         else:
             hue = (count - len(PALETTE)) * 137.508 % 360
-            lightness = (38, 30)[(count - len(PALETTE)) % 2]  # both 3:1 or more against the track
+            lightness = (30, 24)[(count - len(PALETTE)) % 2]  # 3:1 or more against the track whatever the hue
             assigned[label] = f"hsl({hue:.1f}, 62%, {lightness}%)"
     return assigned[label]
 
@@ -324,7 +324,8 @@ def _css_string(value: Any) -> Any:
     from markupsafe import Markup
 
     safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;_-")
-    return Markup('"' + "".join(char if char in safe else f"\\{ord(char):06x}" for char in str(value)) + '"')
+    text = visible(str(value))  # a bidi override in a trace id must not reach the printed page either
+    return Markup('"' + "".join(char if char in safe else f"\\{ord(char):06x}" for char in text) + '"')
 
 
 def render_report(trace: dict[str, Any], source: Any = None) -> str:

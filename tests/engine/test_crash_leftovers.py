@@ -187,3 +187,12 @@ def test_every_file_of_a_new_index_is_written_out_before_it_is_swapped_in(tmp_pa
     files = [p for p in out.rglob("*")]
     assert files and all((p.stat().st_dev, p.stat().st_ino) in synced for p in [out, *files]), [
         str(p.relative_to(out)) for p in files if (p.stat().st_dev, p.stat().st_ino) not in synced]
+
+
+def test_trace_head_anchors_the_record_before_a_line_being_written(tmp_path):
+    """Review of this change: `trace head` refused a log whose last line is being written, which `verify` passes."""
+    log = _log(tmp_path / "trace.jsonl", 2)
+    whole = log_head(log.path)
+    with open(log.path, "ab") as handle:
+        handle.write(b'{"schema":"sieve.tracelog/1","seq":2,"pr')
+    assert log_head(log.path) == whole

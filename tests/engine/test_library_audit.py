@@ -192,3 +192,24 @@ def test_a_pipeline_says_when_its_index_was_rebuilt_under_it(tmp_path, mini_corp
         build_index(mini_corpus, tmp_path / "idx", {"bm25": {"k1": 1.2}})  # another index at the same path
         state = pipeline.index_state()
         assert state["replaced_on_disk"] is True and state["on_disk_manifest_sha256"] != state["serving_manifest_sha256"]
+
+
+def test_review_findings_on_this_change(config, tmp_path, monkeypatch):
+    """Review of this change: settings given as a generator were consumed by the new check and dropped; a removed
+    working directory made every Pipeline fail to be made; a trace's models, stage ids or query text of the wrong
+    kind still reached replay as internal errors."""
+    one = Pipeline.from_file(config, settings=(s for s in ["stages.bm25.params.top_k=3"]))
+    assert len(one.search("vitamin d", log=False).results) == 3
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    Pipeline.from_file(config)  # before: FileNotFoundError from Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    trace = one.search("vitamin d", log=False).trace
+    for edit in (lambda t: t.__setitem__("models", ["x"]), lambda t: t["stages"][0].__setitem__("id", 3),
+                 lambda t: t["query"].__setitem__("text", 5)):
+        broken = json.loads(json.dumps(trace))
+        edit(broken)
+        with pytest.raises(TraceError, match="not a trace that can be replayed"):
+            replay_trace(broken)

@@ -196,3 +196,15 @@ def test_eval_with_run_out_refuses_an_index_whose_ids_a_run_file_cannot_hold_bef
     assert done.returncode == 2 and "holds the document id 'doc with spaces'" in done.stderr, done.stderr
     assert "ndcg_cut_10" not in done.stdout and not (tmp_path / "run.trec").exists()  # refused before any query
     assert _sieve("eval", config, "--dataset", dataset, "--limit", "3").returncode == 0  # without it: evaluated
+
+
+def test_joiners_of_scripts_and_emoji_are_kept_where_they_join(tmp_path):
+    """Review of this change: the Persian zero-width non-joiner, the emoji joiner and selector were written out (and
+    refused in ids) wherever they stood; they hide something only after ASCII or at the start."""
+    from engine.console import first_hidden, written_out
+
+    persian, emoji = "می\u200cخواهم", "\u2764\ufe0f-\U0001f469\u200d\U0001f4bb"
+    assert written_out(persian) == persian and written_out(emoji) == emoji
+    assert first_hidden("med-003\u200d") == 7 and first_hidden("\u200dmed") == 0 and first_hidden("med-0\u180b03") == 5
+    corpus = _corpus(tmp_path / "c", [{"_id": persian, "text": "a"}, {"_id": emoji, "text": "b"}])
+    assert build_index(corpus / "corpus.jsonl", tmp_path / "idx", {"bm25": {}})  # before the review: refused

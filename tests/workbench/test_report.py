@@ -404,6 +404,6 @@ def test_every_bar_colour_stands_out_from_the_bars_track():
 
     track = luminance(rgb("#f4f6fa"))
     assigned: dict[str, str] = {}
-    for i in range(30):
+    for i in range(80):  # the palette, then golden-angle hues round the circle several times
         colour = _colour(f"signal {i}", assigned)
         assert (track + 0.05) / (luminance(rgb(colour)) + 0.05) >= 3.0, colour
