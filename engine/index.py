@@ -60,7 +60,7 @@ from pydantic import ConfigDict, ValidationError
 from engine import __version__
 from engine.console import backslashed, first_hidden
 from engine.errors import SieveError, SieveIndexError
-from engine.paths import process_exists
+from engine.paths import fsync_path, process_exists
 from engine.strictness import NoCoercion, a_json_kind, json_kind
 from engine.yamlsource import NotJson, refuse_json_constant
 
@@ -1688,16 +1688,9 @@ def _durable(directory: Path) -> None:
 
 def _fsync_path(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # a file the build left unreadable, or a directory that cannot be opened: nothing to flush from here
-    try:
-        os.fsync(fd)
+        fsync_path(path)  # a file the build left unreadable: nothing to flush from here
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EROFS):  # a file system that cannot fsync: nothing to wait for
-            raise SieveIndexError(f"cannot write {path} out to disk: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+        raise SieveIndexError(f"cannot write {path} out to disk: {exc.strerror or exc}") from None
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

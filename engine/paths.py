@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -37,3 +38,21 @@ def process_exists(pid: int, since: float | None = None) -> bool:
         pass
     started = process_started(pid) if since is not None else None
     return started is None or started <= since + 2.0  # 2 s: the clock-tick and boot-time rounding
+
+
+def fsync_path(path: Path) -> bool:
+    """Write a file's (or a directory's entries') changes out to disk, by path: False when it cannot be opened
+    (nothing to flush from here); OSError when the flush fails, but on a file system that cannot fsync one (EINVAL,
+    EROFS), where there is nothing to wait for."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
+    return True

@@ -54,7 +54,7 @@ from typing import Any
 
 from engine.console import first_hidden
 from engine.errors import SieveError, TraceError
-from engine.paths import process_exists
+from engine.paths import fsync_path, process_exists
 
 TRACE_SCHEMA = "sieve.trace/1"
 LOG_SCHEMA = "sieve.tracelog/1"
@@ -142,16 +142,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _fsync_directory(path: Path) -> None:
     """Make a new directory entry durable (best effort: not every file system can fsync a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):
+        fsync_path(path)
 
 
 # ---------------------------------------------------------------------------- reading records

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from engine.console import backslashed
 from engine.errors import ConfigError, ConfigIssue, Location
 from engine.strictness import LONE_SURROGATE, walk_json
 
@@ -44,7 +45,7 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 def printable(text: str) -> str:
     """``text`` as a message can show it: a NUL, another control character, an invisible format character or a lone
     surrogate becomes its escape (``\\x00``, ``\\u200b``, ``\\ud800``); every other character is kept as written."""
-    return "".join(char if char.isprintable() or char == " " else ascii(char)[1:-1] for char in text)
+    return "".join(char if char.isprintable() or char == " " else backslashed(char) for char in text)
 
 
 def unicode_problem(text: str) -> str | None:

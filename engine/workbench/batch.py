@@ -36,6 +36,7 @@ from typing import Any
 from engine import __version__
 from engine.errors import QueryError, SieveError, StageError
 from engine.model import UserContext, iso_moment
+from engine.paths import fsync_path
 from engine.strictness import a_json_kind, refused_keys, strict_object
 from engine.yamlsource import (NotJson, refuse_json_constant, refused_key_problem, unicode_problem, unmatchable_problem,
                                unreadable_strings)
@@ -560,15 +561,6 @@ def lock_partial(partial: Path, *, fresh: bool) -> int:
     return fd
 
 
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # ---------------------------------------------------------------------------- running
 
 
@@ -852,7 +844,8 @@ def run_batch(
                              f"{exc.strerror or exc}") from None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sidecar_path(out))
-        _fsync_directory(out.parent)
+        with contextlib.suppress(OSError):  # best effort: not every file system can fsync a directory
+            fsync_path(out.parent)
     index = pipeline.resources.index if pipeline.resources is not None else None
     if log_target is None and not no_log:
         log_target = log if log is not None else (Path(pipeline.compiled.config.trace.log)

@@ -338,10 +338,15 @@ def _md(value: Any) -> str:
     return _MARKDOWN_SYNTAX.sub(r"\\\1", written_out(str(value), keep=""))
 
 
+def _fence(text: str, shortest: int = 1) -> str:
+    """Backticks that open and close ``text`` as code (CommonMark): longer than any run of backticks in it."""
+    return "`" * max(shortest, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+
+
 def _md_code(value: Any) -> str:
-    """``value`` as a code span on one line: a fence longer than any run of backticks in it (CommonMark)."""
+    """``value`` as a code span on one line (``_fence``)."""
     text = written_out(str(value), keep="")
-    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    fence = _fence(text)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
@@ -352,7 +357,7 @@ def to_markdown(comparison: Comparison, command: str | None = None) -> str:
     a, b = comparison.a, comparison.b
     lines = [f"# compare: A = {_md(a.label)} vs B = {_md(b.label)}", ""]
     if command:
-        fence = "`" * max(3, max((len(run) for run in re.findall("`+", command)), default=0) + 1)
+        fence = _fence(command, shortest=3)
         lines += [fence, written_out(command, keep=""), fence, ""]
     lines += [
         f"{_md(comparison.dataset)}, split {_md_code(comparison.split)}, {comparison.queries} judged queries"
