@@ -59,11 +59,16 @@ def backslashed(char: str) -> str:
 def written_out(text: str, write: Callable[[str], str] = backslashed, keep: str = "\n\t") -> str:
     """``text`` with every character that would not be seen as itself (``hidden``) written out (``\\x1b``,
     ``\\u202e``, or as ``write`` spells it), but those in ``keep``: what text from a corpus, a trace file or a
-    config can hold reaches a person as what it is, never as a terminal's escape sequence or an invisible mark."""
+    config can hold reaches a person as what it is, never as a terminal's escape sequence or an invisible mark.
+    Once a character is written out as a backslash escape, the text's own backslashes are doubled: ``\\x1b`` then
+    always means the character, never the four characters an id or a title may hold."""
     if text.isascii() and text.isprintable():
         return text
-    return "".join(write(char) if char not in keep and hidden(char, text[i - 1] if i else "") else char
-                   for i, char in enumerate(text))
+    unseen = {i for i, char in enumerate(text) if char not in keep and hidden(char, text[i - 1] if i else "")}
+    if not unseen:
+        return text
+    doubled = "\\\\" if write is backslashed else "\\"
+    return "".join(write(char) if i in unseen else doubled if char == "\\" else char for i, char in enumerate(text))
 
 
 def shown(value: Any, *, lines: bool = True) -> str:

@@ -208,3 +208,14 @@ def test_joiners_of_scripts_and_emoji_are_kept_where_they_join(tmp_path):
     assert first_hidden("med-003\u200d") == 7 and first_hidden("\u200dmed") == 0 and first_hidden("med-0\u180b03") == 5
     corpus = _corpus(tmp_path / "c", [{"_id": persian, "text": "a"}, {"_id": emoji, "text": "b"}])
     assert build_index(corpus / "corpus.jsonl", tmp_path / "idx", {"bm25": {}})  # before the review: refused
+
+
+def test_a_texts_own_backslashes_are_doubled_once_a_character_is_written_out():
+    """Leftover of the output-injection audit: a title holding ESC and the four characters ``\\x1b`` showed both as
+    ``\\x1b``; once anything is written out as an escape, the text's own backslashes are doubled, as ``repr`` does."""
+    from engine.console import shown, written_out
+
+    assert written_out("a\\x1b\x1b") == "a\\\\x1b\\x1b"  # the text's four characters, then ESC
+    assert written_out("C:\\Users\\ana") == "C:\\Users\\ana"  # nothing written out: a path reads as itself
+    assert shown("x\\y\u202e") == "x\\\\y\\u202e"
+    assert written_out("a\\b\x1b", lambda char: "?") == "a\\b?"  # another spelling: its own convention
