@@ -344,10 +344,11 @@ def _fence(text: str, shortest: int = 1) -> str:
 
 
 def _md_code(value: Any) -> str:
-    """``value`` as a code span on one line (``_fence``)."""
+    """``value`` as a code span on one line (``_fence``). A span whose text starts or ends with a backtick or a space
+    gets one space inside each fence, which CommonMark strips again: ``" a "`` keeps its spaces."""
     text = written_out(str(value), keep="")
     fence = _fence(text)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    pad = " " if text.strip() and (text[0] in "` " or text[-1] in "` ") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
 

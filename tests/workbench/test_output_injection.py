@@ -219,3 +219,15 @@ def test_a_texts_own_backslashes_are_doubled_once_a_character_is_written_out():
     assert written_out("C:\\Users\\ana") == "C:\\Users\\ana"  # nothing written out: a path reads as itself
     assert shown("x\\y\u202e") == "x\\\\y\\u202e"
     assert written_out("a\\b\x1b", lambda char: "?") == "a\\b?"  # another spelling: its own convention
+
+
+@pytest.mark.parametrize("text", [" a ", " a", "a ", "`x`", "``", "a`b", "plain"])
+def test_a_code_span_renders_its_text_exactly(text):
+    """Review leftover: ``_md_code(" a ")`` rendered as ``a`` (CommonMark strips one space inside each fence when both
+    ends have one). Rendered by markdown-it (CommonMark), the span holds the text as given."""
+    from markdown_it import MarkdownIt
+
+    from engine.workbench.compare import _md_code
+
+    html = MarkdownIt("commonmark").renderInline(_md_code(text))
+    assert html == f"<code>{text}</code>", html
