@@ -407,3 +407,46 @@ def test_every_bar_colour_stands_out_from_the_bars_track():
     for i in range(80):  # the palette, then golden-angle hues round the circle several times
         colour = _colour(f"signal {i}", assigned)
         assert (track + 0.05) / (luminance(rgb(colour)) + 0.05) >= 3.0, colour
+
+
+_REFLOW_PROBE = """<script>
+window.addEventListener('load', () => {
+  const width = document.documentElement.clientWidth, outside = [];
+  const scrolls = (e) => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX)
+    && e.getBoundingClientRect().right <= width + 1;
+  for (const e of document.querySelectorAll('body *')) {
+    const box = e.getBoundingClientRect();
+    if (box.width === 0 || box.right <= width + 1) continue;
+    let p = e.parentElement;
+    while (p && !scrolls(p)) p = p.parentElement;
+    if (!p) outside.push(e.tagName + (e.id ? '#' + e.id : '') + ' right=' + Math.round(box.right));
+  }
+  parent.postMessage(JSON.stringify({width, scroll: document.documentElement.scrollWidth, outside}), '*');
+});
+</script>"""
+
+
+def test_report_reflows_at_320_css_pixels(cli, medical_trace: Path, tmp_path: Path):
+    """WCAG 2.2 1.4.10 (Reflow): at 320 CSS px the page does not scroll sideways; what is wider than that (the
+    tables) scrolls inside its own region. The report rendered in a 320 px wide frame (a headless window cannot be
+    made narrower than ~500 px), every element's box measured by the browser."""
+    chromium = _chromium()
+    html = tmp_path / "r.html"
+    assert cli("report", medical_trace, "--html", html).exit_code == 0
+    probed = tmp_path / "probed.html"
+    probed.write_text(html.read_text(encoding="utf-8").replace("</body>", _REFLOW_PROBE + "</body>"), encoding="utf-8")
+    frame = tmp_path / "frame.html"
+    frame.write_text('<html><body><iframe src="probed.html" width="320" height="800"></iframe><pre id="out"></pre>'
+                     "<script>addEventListener('message', e => document.getElementById('out').textContent = e.data)"
+                     "</script></body></html>", encoding="utf-8")
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, "--allow-file-access-from-files", "--virtual-time-budget=10000",
+                          "--dump-dom", frame.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    import html as markup
+    import re
+
+    found = re.search(r'<pre id="out">(.*?)</pre>', dom.stdout, re.S)
+    assert found and found.group(1), dom.stdout[-2000:]
+    measured = json.loads(markup.unescape(found.group(1)))
+    assert measured["width"] <= 320 and measured["scroll"] == measured["width"], measured
+    assert measured["outside"] == [], measured["outside"][:20]
