@@ -428,7 +428,7 @@ def replay(
         "only their hashes")] = None,
     log: Annotated[Optional[Path], typer.Option(
         "--log", help="the trace log a standalone trace file was appended to (default: the path it records)")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the replay's report as JSON")] = False,
 ) -> None:
     """Re-run a traced query with its recorded config, index and time; report whatever a re-run does not
     reproduce (ranking, scores, every stage's output, drops, decisions, rules fired, explanations) and why."""
@@ -476,6 +476,8 @@ def trace_verify(
     expect_count: Annotated[Optional[int], typer.Option(
         "--expect-count", help="how many records the log held when it was anchored: at least that many must "
         "still be there")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON (for a monitor; the exit "
+                                                          "status is the same: 1 when the chain is broken)")] = False,
 ) -> None:
     """Check a trace log's hash chain: detects edited, reordered and rewritten records, and records removed
     before the last one. Records cut from the end (or an emptied log) leave a chain that still links up: only
@@ -483,6 +485,13 @@ def trace_verify(
     from engine.trace import check_log
 
     check = check_log(log, expect_head=expect_head, expect_count=expect_count)
+    if as_json:
+        print_json({"log": str(check.path), "intact": not check.problems, "records": check.records,
+                    "segments": [str(segment) for segment in check.segments], "problems": check.problems,
+                    "warnings": check.warnings, "anchored": expect_head is not None or expect_count is not None})
+        if check.problems:
+            raise typer.Exit(1)
+        return
     _print_warnings(check.warnings)  # e.g. bytes of a torn record set aside next to the log
     if check.problems:
         for problem in check.problems:

@@ -77,6 +77,19 @@ def test_cli_verify(tmp_path):
     assert bad.exit_code == 1
 
 
+def test_cli_verify_json_for_a_monitor(tmp_path):
+    """`trace verify --json`: the verdict a cron job or monitor reads, with the same exit status."""
+    log = _fill(tmp_path / "log.jsonl")
+    ok = CliRunner().invoke(app, ["trace", "verify", str(log.path), "--json", "--expect-count", "3"])
+    verdict = json.loads(ok.stdout)
+    assert ok.exit_code == 0 and verdict["intact"] and verdict["records"] == 3 and verdict["anchored"]
+    assert verdict["problems"] == [] and verdict["segments"] == [str(log.path)]
+    log.path.write_text(log.path.read_text().replace('"t1"', '"tX"'))
+    bad = CliRunner().invoke(app, ["trace", "verify", str(log.path), "--json"])
+    verdict = json.loads(bad.stdout)
+    assert bad.exit_code == 1 and not verdict["intact"] and "seq 1" in verdict["problems"][0], verdict
+
+
 def test_load_trace_rejects_non_traces(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('{"hello": 1}')
