@@ -1837,7 +1837,9 @@ class DocumentStore:
         connection = self._connection()
         if connection is None:  # the index was rebuilt since this thread began: read the version opened
             with self._pinned_lock:
-                assert self._pinned is not None
+                if self._pinned is None:  # closed (Pipeline.close) while this thread's query read a replaced index
+                    raise SieveIndexError(f"the index at {self._path.parent} was closed while a query read it, and "
+                                          "has been replaced on disk since: open it again")
                 yield from self._rows(self._pinned, sql, parameters)
         else:
             yield from self._rows(connection, sql, parameters)

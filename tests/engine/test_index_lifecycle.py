@@ -530,3 +530,26 @@ def test_an_identical_rebuild_by_another_engine_version_is_not_reported_as_repla
     changed = {**manifest, "engine_version": "99.0.0", "files": {**manifest["files"], name: "0" * 64}}
     (index_dir / "manifest.json").write_text(json.dumps(changed), encoding="utf-8")
     assert (index.disk_state()["replaced_on_disk"], index.disk_state()["rebuilt_identically"]) == (True, False)
+
+
+def test_a_read_racing_close_of_a_replaced_index_is_an_index_error(served_index, monkeypatch):
+    """Review leftover: a thread that found the index replaced (no connection of its own: it reads the version
+    opened) while another thread closed the index met ``assert self._pinned is not None``. The interleaving is
+    forced: the close lands between the thread's check and its read of the pinned connection."""
+    import engine.index as index_module
+
+    index_dir, _, corpus_b_file = served_index
+    index = Index.open(index_dir)
+    index.documents.get([0])  # this thread's connection, then dropped as a thread started after the rebuild has none
+    index.documents._local.connection = None
+    build_index(corpus_b_file, index_dir, {"bm25": {}})
+    checked = index_module.DocumentStore._connection
+
+    def closed_meanwhile(store):
+        connection = checked(store)
+        store.close()  # what Pipeline.close() in another thread does, in this window
+        return connection
+
+    monkeypatch.setattr(index_module.DocumentStore, "_connection", closed_meanwhile)
+    with pytest.raises(SieveIndexError, match="closed while a query read it"):
+        index.documents.get([0])
