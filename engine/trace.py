@@ -64,8 +64,11 @@ _HEADER = re.compile(
 )
 
 
-def canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+def canonical(data: Any, *, finite: bool = False) -> bytes:
+    """The bytes a record's hash covers. ``finite``: refuse NaN and Infinity (ValueError), which JSON cannot hold
+    (what a new record must not hold; records already logged are read and hashed as they are)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=not finite).encode("utf-8")
 
 
 def record_hash(prev_hash: str, trace: dict[str, Any]) -> str:
@@ -627,7 +630,12 @@ class TraceLog:
         copy of the log put back that holds the record it left the log at, the append is refused with
         :class:`TraceLogReplaced` instead of starting a new chain at seq 0. A log this process never saw is
         created (with its directory) by the first append."""
-        body = canonical(trace)
+        try:
+            body = canonical(trace, finite=True)
+        except ValueError as exc:  # a trace built by hand: a pipeline's traces hold finite numbers only
+            raise TraceError(f"cannot append to the trace log {self.path}: the trace holds NaN or Infinity, which "
+                             f"JSON cannot hold ({exc}); a log line with a bare NaN would break tools that read "
+                             "the log as JSON") from None
         key = _position_key(self.path)
         position = _position_of(key)
         if position is None:

@@ -213,3 +213,23 @@ def test_review_findings_on_this_change(config, tmp_path, monkeypatch):
         edit(broken)
         with pytest.raises(TraceError, match="not a trace that can be replayed"):
             replay_trace(broken)
+
+
+def test_a_trace_holding_nan_is_refused_and_the_log_keeps_valid_json(config, tmp_path):
+    """Library audit leftover: ``log_trace`` wrote a bare ``NaN`` into the log (no JSON; jq and other readers fail
+    on the line). A pipeline's own traces hold finite numbers only (each stage's output is checked), so only a
+    trace built or edited by hand is refused; the log is left as it was."""
+    from engine.trace import TraceLog
+
+    pipeline = Pipeline.from_file(config)
+    result = pipeline.search("metformin", log=False)
+    log = tmp_path / "log.jsonl"
+    pipeline.log_trace(result.trace, log)
+    before = log.read_bytes()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(TraceError, match="NaN or Infinity"):
+            pipeline.log_trace({**result.trace, "extra": {"score": bad}}, log)
+        with pytest.raises(TraceError, match="NaN or Infinity"):
+            TraceLog(log).append({"schema": "sieve.trace/1", "x": [bad]})
+    assert log.read_bytes() == before
+    assert all(json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in before.splitlines())
