@@ -4,6 +4,6 @@ Importing ``engine`` is cheap: it never imports torch, transformers, FlagEmbeddi
 faiss (a test checks). Heavy libraries are imported by the stages that need them, at warm-up.
 """
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 
 __all__ = ["__version__"]

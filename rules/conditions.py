@@ -32,9 +32,11 @@ years 1..9999 for an extreme ``as_of`` is clamped to the first or last represent
 missing field (or null) makes every operator false except the negated ones (``ne``, ``not_in``,
 ``not_contains``) and ``exists: false``.
 
-``contains`` on a text value is a plain substring test of that one field, after case folding
-(unless ``case_sensitive``): no hyphen, space or Unicode normalisation (``patient-level data`` does
-not find ``patient level data`` nor a non-breaking hyphen), and ``doc.text`` is not ``doc.title``.
+Text is compared in one form on both sides (``engine.textform.comparable``): NFKC, soft hyphens and zero-width
+characters removed, hyphens and dashes ``-``, quotes straight, white space runs one space, case folded unless
+``case_sensitive``; a regex reads the same form but for case and white space. ``contains`` on a text value is a
+substring test of that one field in that form (``patient-level data`` does not find ``patient level data``;
+it finds a non-breaking hyphen), and ``doc.text`` is not ``doc.title``.
 On a list it is whole-element equality (``doc.tags contains x``: an element equal to ``x``).
 
 ``eq``, ``in`` and the ``contains`` family compare values of one JSON type: a document's string
@@ -69,6 +71,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 from pydantic_core import PydanticCustomError
 
 from engine.strictness import NoCoercion
+from engine.textform import comparable
 from rules.expressions import (
     CompiledExpression,
     ExpressionError,
@@ -371,7 +374,9 @@ def _elements(value: Any) -> Sequence[Any]:
 
 
 def _fold(value: Any, case_sensitive: bool) -> Any:
-    return value.casefold() if isinstance(value, str) and not case_sensitive else value
+    """A text value as rules compare it (``stages.text.comparable``: NFKC, unseen characters, dashes, quotes and
+    spaces as one form, case-folded unless ``case_sensitive``); any other value as it is."""
+    return comparable(value, case_sensitive=case_sensitive) if isinstance(value, str) else value
 
 
 def present(value: Any) -> bool:
@@ -859,8 +864,8 @@ class Leaf(Node):
                     return False, None
             assert pattern is not None
             for element in elements:
-                if isinstance(element, str):
-                    match = bounded_search(pattern, element)  # ExpressionRuntimeError when it runs over time
+                if isinstance(element, str):  # the text as compared (NFKC, dashes...); case is the pattern's flag
+                    match = bounded_search(pattern, comparable(element, case_sensitive=True, spaces=False))
                     if match:
                         return True, match.group(0)
             return False, None

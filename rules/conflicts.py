@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from engine.errors import ConfigError, ConfigIssue
+from engine.textform import comparable
 from rules.conditions import (
     CONTAINS_OPS,
     TYPED_OPS,
@@ -612,7 +613,7 @@ def _inside(leaf: Leaf, text: Any) -> str:
     needles = leaf.literal if isinstance(leaf.literal, frozenset) else (leaf.literal,)
     if not isinstance(text, str):
         return ""
-    folded = text if leaf.case_sensitive else text.casefold()
+    folded = comparable(text, case_sensitive=leaf.case_sensitive)
     for needle in sorted(n for n in needles if isinstance(n, str)):
         if needle and needle in folded and needle != folded:
             return f" ({needle!r} is found in {text!r})"

@@ -49,6 +49,7 @@ from engine.errors import ConfigError, ConfigIssue, Location
 from engine.model import is_date_only
 from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
 from engine.strictness import NoCoercion
+from engine.textform import comparable
 from rules.conditions import (
     AllOf,
     AnyOf,
@@ -707,7 +708,7 @@ class AccessMatch(Node):
     def _norm(self, value: Any) -> str | None:
         if not isinstance(value, str) or not value.strip():
             return None
-        return value if self.case_sensitive else value.casefold()
+        return comparable(value, case_sensitive=self.case_sensitive)
 
     def wanted(self, view: Any) -> frozenset[str]:
         from rules.conditions import MISSING

@@ -66,6 +66,7 @@ from engine.index import (
     BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress, content_defined_batches,
 )
 from engine.model import Candidate, Decision, Query, ScoreEntry
+from engine.textform import word_form
 from engine.registry import register_index_component, register_stage
 from engine.stage import (
     Explanation, GraphIssue, GraphView, Port, RecentNotes, Resources, Stage, StageContext, StageNode, StageParams,
@@ -280,7 +281,11 @@ class Mention:
 
 def nfkc(text: str) -> str:
     """``text`` in Unicode NFKC, but for the trade and service mark signs: NFKC makes "Acme™" the one word
-    "AcmeTM", in which the name Acme is not found (spaCy reads "Acme" "™" as two tokens)."""
+    "AcmeTM", in which the name Acme is not found (spaCy reads "Acme" "™" as two tokens). A soft hyphen or a
+    zero-width character inside a name goes, and a hyphen of another code point, or an en dash between letters,
+    is '-' (``engine.textform.word_form``): "Oz\u00adempic" names Ozempic, "co\u2011trimoxazole" and
+    "co\u2013trimoxazole" co-trimoxazole, as rules read them."""
+    text = word_form(text)
     if unicodedata.is_normalized("NFKC", text):
         return text
     return "".join(part if part in _MARK_SIGNS else unicodedata.normalize("NFKC", part)

@@ -41,9 +41,12 @@ from pydantic_core import PydanticCustomError
 from engine.cache import LRUCache
 from engine.errors import ConfigError, ConfigIssue
 from engine.strictness import NoCoercion, matchable
+from engine.textform import IN_WORD_DASH, WORD_CHARACTERS, unseen_or_hyphen
 from stages.text import HAN, HAN_RANGES, quiet_jieba
 
 _HAN_RUN = re.compile(f"[{HAN_RANGES}]+")
+# a character and the combining marks that follow it (the blocks of diacritics, and kana voicing marks)
+_CLUSTER = re.compile("(?s).[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f\u3099\u309a]*")
 # a Han character, a run of other word characters (letters, digits, '_'), or any other visible character
 _TOKEN = re.compile(rf"[{HAN_RANGES}]|[^\W{HAN_RANGES}]+|\S")
 _LATIN_WORD = re.compile(rf"[^\W{HAN_RANGES}]")
@@ -203,20 +206,23 @@ def _nfkc(text: str) -> tuple[str, list[int], list[int]]:
     """``text`` in NFKC (full-width 'ＨＩＶ' is 'HIV', the ligature 'ﬁ' is 'fi', as BM25 reads them), with, for
     each of its characters, where it starts and ends in ``text``: matches are found in the normal form and
     rewritten in the text as typed."""
-    if unicodedata.is_normalized("NFKC", text):
+    if unicodedata.is_normalized("NFKC", text) and not unseen_or_hyphen(text):
         return text, list(range(len(text))), list(range(1, len(text) + 1))
     pieces, starts, ends = [], [], []
-    for position, char in enumerate(text):  # char by char, so each piece knows where it was typed
-        folded = unicodedata.normalize("NFKC", char)
+    # a character with the combining marks after it (a decomposed 'é' is 'e' + U+0301: composed only together),
+    # so that each piece knows where it was typed; soft hyphens and zero-width characters go, hyphens are '-'
+    # and so is an en dash between letters (engine.textform), as the gazetteer and rules read them
+    for cluster in _CLUSTER.finditer(IN_WORD_DASH.sub("-", text)):  # one character for one: offsets hold
+        folded = unicodedata.normalize("NFKC", cluster.group(0).translate(WORD_CHARACTERS))
         pieces.append(folded)
-        starts.extend([position] * len(folded))
-        ends.extend([position + 1] * len(folded))
+        starts.extend([cluster.start()] * len(folded))
+        ends.extend([cluster.end()] * len(folded))
     return "".join(pieces), starts, ends
 
 
 def _term_key(term: str, fold: bool) -> tuple[str, ...]:
     """A term as the token sequence it matches: a token after whitespace carries a leading space."""
-    tokens = _tokens(unicodedata.normalize("NFKC", term))
+    tokens = _tokens(_nfkc(term)[0])
     parts = [(" " if t.spaced and i else "") + (t.text.casefold() if fold else t.text) for i, t in enumerate(tokens)]
     return tuple(parts)
 

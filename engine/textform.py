@@ -1,0 +1,61 @@
+"""The one form rules compare text in, and the characters it reads alike.
+
+Recall reads text in Unicode NFKC and splits words on anything that is not a letter or digit, so a full-width
+'ｏｖｅｒｄｏｓｅ', a decomposed 'café', a non-breaking hyphen or a soft hyphen inside a word find the same documents
+as their plain spellings. A rule that compared the raw text would let such a spelling slip past it (a query-side
+exclusion, a document-side block list): rules compare :func:`comparable` forms on both sides instead, and the
+glossary and the gazetteer read the same characters alike.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# What rules compare text in (``comparable``): the characters a reader does not see as part of a word (soft
+# hyphen, zero-width space and joiners, word joiner, byte-order mark, Mongolian vowel separator) removed, every
+# hyphen and dash read as '-' and typographic quotes as straight ones: what NFKC leaves apart although a reader,
+# and BM25's word pattern, takes them for the same text.
+_UNSEEN_IN_WORDS = "\u00ad\u180e\u200b\u200c\u200d\u2060\ufeff"
+# Inside a word (what the glossary and the gazetteer read): the unseen characters go and the two hyphens NFKC keeps
+# (U+2010, and the non-breaking U+2011, which it makes U+2010) are '-'; en and em dashes stay, since prose puts
+# them between words and spaCy reads them so.
+WORD_CHARACTERS = {**dict.fromkeys(map(ord, _UNSEEN_IN_WORDS)), 0x2010: "-", 0x2011: "-"}
+_DASHES = "\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
+COMPARABLE_CHARACTERS = {**WORD_CHARACTERS, **{ord(c): "-" for c in _DASHES},
+                         **{ord(c): "'" for c in "\u2018\u2019\u201a\u201b\u2032"},
+                         **{ord(c): '"' for c in "\u201c\u201d\u201e\u201f\u2033"}}
+_SPACES = re.compile(r"\s{2,}|[^\S ]")  # two or more, or one that is not a plain space
+
+
+def comparable(text: str, *, case_sensitive: bool = False, spaces: bool = True) -> str:
+    """``text`` as rules compare it: in Unicode NFKC as BM25 reads it (full-width 'ｏｖｅｒｄｏｓｅ' is 'overdose', a
+    decomposed 'café' the composed one, the ligature 'ﬁ' is 'fi'), unseen characters removed, hyphens, dashes and
+    quotes of every kind as their ASCII forms (``COMPARABLE_CHARACTERS``), case-folded unless ``case_sensitive``,
+    and each run of white space (a line break, a non-breaking space) one space, unless ``spaces`` is false (a regex
+    reads lines).
+    So a spelling a user or an author can type, which recall reads as the same words, cannot slip past a rule."""
+    if text.isascii():
+        folded = text if case_sensitive else text.lower()
+    else:
+        folded = unicodedata.normalize("NFKC", text.translate(COMPARABLE_CHARACTERS))
+        if not case_sensitive:
+            folded = unicodedata.normalize("NFKC", folded.casefold())
+        folded = folded.translate(COMPARABLE_CHARACTERS)  # NFKC makes U+2011 U+2010, and '－' '-'
+    return _SPACES.sub(" ", folded) if spaces else folded
+
+# An en dash (or figure dash) between two letters is a hyphen typed otherwise ("co–trimoxazole"); between words
+# or numbers (a range, "1990–2000"; prose, "metformin — a drug") it stays what it is.
+IN_WORD_DASH = re.compile(r"(?<=[^\W\d_])[\u2012\u2013](?=[^\W\d_])")
+
+
+def unseen_or_hyphen(text: str) -> bool:
+    """Whether ``text`` holds a character ``WORD_CHARACTERS`` changes (cheap: most text holds none)."""
+    return not text.isascii() and (any(ord(char) in WORD_CHARACTERS for char in text)
+                                   or IN_WORD_DASH.search(text) is not None)
+
+
+def word_form(text: str) -> str:
+    """``text`` with the characters the glossary and the gazetteer read alike made one (``WORD_CHARACTERS``,
+    ``IN_WORD_DASH``); not yet in NFKC."""
+    return IN_WORD_DASH.sub("-", text).translate(WORD_CHARACTERS) if unseen_or_hyphen(text) else text
