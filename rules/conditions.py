@@ -73,6 +73,7 @@ from pydantic_core import PydanticCustomError
 from engine.strictness import NoCoercion
 from engine.textform import comparable
 from rules.expressions import (
+    MAX_REGEX_CHARS,
     CompiledExpression,
     ExpressionError,
     ExpressionRuntimeError,
@@ -100,7 +101,6 @@ CONTAINS_OPS = frozenset({"contains", "contains_any", "contains_all"})
 ORDER_OPS = frozenset({"lt", "le", "gt", "ge", "before", "after"})
 DATE_ONLY_OPS = frozenset({"before", "after"})
 NEGATED = {"ne": "eq", "not_in": "in", "not_contains": "contains"}
-MAX_REGEX_CHARS = 500
 FIELD_PATTERN = re.compile(r"^(as_of|(query|user|doc|score|candidate)(\.[A-Za-z0-9_\-]+)+)$")
 RELATIVE_DATE = re.compile(
     r"^\s*as_of\s*(?:(?P<sign>[+-])\s*(?P<amount>\d{1,7})\s*(?P<unit>mo|[hdwy]))?\s*$"
@@ -265,6 +265,10 @@ class Condition(NoCoercion):
                 raise _err(f"'{self.op}' needs exactly one of 'value' or 'value_from'")
             if self.value_from is not None and not self.value_from.startswith(("query.", "user.", "as_of")):
                 raise _err("value_from must name a query-side field (query.*, user.*, as_of)")
+            if self.value_from is not None and self.op == "regex":
+                raise _err("a regex takes its pattern from the rule file only: a pattern from the query or the user "
+                           "(value_from) lets a caller run any regular expression, which can take seconds and "
+                           "gigabytes to compile; test the query's text against patterns you write, or use contains")
             if self.op in ("contains", "not_contains", "regex") and self.value == "":
                 holds = "never hold" if self.op == "not_contains" else "always hold"
                 raise _err(f"an empty {'pattern' if self.op == 'regex' else 'text'} is found in every text: the "

@@ -558,9 +558,52 @@ REGEX_ATTEMPTS = 3
 PatternError = _regex_engine.error
 
 
+# How many copies of its innermost part a pattern's nested counted repetitions may ask for. The engine compiles
+# ``(?:(?:a{20}){20}){20}`` into 8,000 copies (~0.01 s); five such levels take seconds and gigabytes to compile,
+# before any time limit on matching applies.
+MAX_PATTERN_EXPANSION = 10_000
+MAX_REGEX_CHARS = 500  # the longest pattern a rule may write
+
+
+def _expansion(pattern: str) -> int:
+    """The largest product of nested counted repetitions in ``pattern`` (``(a{5}){4}`` is 20; an unbounded one
+    counts its minimum); 1 when Python's parser cannot read the pattern (the regex engine's own syntax)."""
+    import re._constants as c
+    import re._parser as parser
+
+    try:
+        parsed = parser.parse(pattern)
+    except Exception:  # noqa: BLE001 - syntax only the regex engine knows: judged by its compile
+        return 1
+
+    def worst(items: Any) -> int:
+        most = 1
+        for op, argument in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+                low, high, inner = argument
+                most = max(most, max(1, low if high == c.MAXREPEAT else high) * worst(inner))
+            elif op in (c.SUBPATTERN, c.ATOMIC_GROUP):
+                most = max(most, worst(argument[-1]))
+            elif op == c.BRANCH:
+                most = max([most, *(worst(alternative) for alternative in argument[1])])
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                most = max(most, worst(argument[1]))
+            elif op == c.GROUPREF_EXISTS:
+                most = max([most, *(worst(branch) for branch in argument[1:] if branch is not None)])
+        return most
+
+    return worst(parsed)
+
+
 @lru_cache(maxsize=512)
 def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
-    """``pattern`` compiled (``PatternError`` when it is not a valid regular expression)."""
+    """``pattern`` compiled (``PatternError`` when it is not a valid regular expression, or when its nested counted
+    repetitions ask for more than ``MAX_PATTERN_EXPANSION`` copies, which would take seconds and gigabytes)."""
+    expansion = _expansion(pattern)
+    if expansion > MAX_PATTERN_EXPANSION:
+        raise PatternError(f"its nested counted repetitions ask for {expansion:,} copies of a part (at most "
+                           f"{MAX_PATTERN_EXPANSION:,}): compiling it could take seconds and gigabytes; count less "
+                           "inside a counted repetition")
     return _regex_engine.compile(pattern, _regex_engine.V0 | (_regex_engine.IGNORECASE if ignore_case else 0))
 
 
@@ -616,7 +659,7 @@ def bounded_search(pattern: Any, text: str) -> Any:
 
 def regex_search(value: Any, pattern: str, ignore_case: bool = True) -> bool:
     """``value|matches("pat")``: does the regex occur in the text (case-insensitive by default)?"""
-    if not isinstance(value, str) or not isinstance(pattern, str) or len(pattern) > 500:
+    if not isinstance(value, str) or not isinstance(pattern, str) or len(pattern) > MAX_REGEX_CHARS:
         return False
     try:
         compiled = compile_pattern(pattern, bool(ignore_case))
@@ -747,6 +790,9 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
             f"unknown name{'s' if len(unknown) > 1 else ''} {', '.join(repr(n) for n in unknown)}; "
             f"available here: {', '.join(sorted(set(allowed_names) | set(env.globals)))}"
         )
+    for node in every_node:
+        if isinstance(node, nodes.Filter) and node.name == "matches":
+            _check_literal_pattern(node)
     members: dict[str, set[str]] = {}
     for node in every_node:
         if not isinstance(node, (nodes.Getattr, nodes.Getitem)):
@@ -771,6 +817,23 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
     return CompiledExpression(
         source, frozenset(names), compiled, {k: frozenset(v) for k, v in members.items()}, _literal_tests(every_node)
     )
+
+
+def _check_literal_pattern(node: nodes.Filter) -> None:
+    """``x | matches("pattern")``: the pattern is a string written in the rule, checked as ``op: regex``'s is. One
+    computed from the query or the user would let a caller run any regular expression (seconds and gigabytes to
+    compile) and fill the compiled-pattern cache."""
+    pattern = node.args[0] if node.args else next((kw.value for kw in node.kwargs if kw.key == "pattern"), None)
+    if not (isinstance(pattern, nodes.Const) and isinstance(pattern.value, str)):
+        raise ExpressionError("matches(...) takes its pattern as a string written in the rule (matches('metformin|"
+                              "insulin')): a pattern computed from the query or the user would let a caller run any "
+                              "regular expression")
+    if len(pattern.value) > MAX_REGEX_CHARS:
+        raise ExpressionError(f"the pattern of matches(...) is longer than {MAX_REGEX_CHARS} characters")
+    try:
+        compile_pattern(pattern.value)
+    except PatternError as exc:
+        raise ExpressionError(f"matches(...): invalid regular expression: {exc}") from None
 
 
 _EQUALITY_OPS = {"eq": False, "ne": True, "in": False, "notin": True}  # op -> negated
