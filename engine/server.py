@@ -42,7 +42,7 @@ coercion between types), ``as_of`` an ISO 8601 date or date-time string (never a
 ``max_body_bytes`` defaults to what the served pipelines' limits allow, JSON-escaped at worst (12 bytes a
 character, an astral character being two ``\\uXXXX`` escapes): 12 bytes x ``max_query_chars`` x
 (``max_history_turns`` + 1) for the query and its history, 12 bytes x 512 characters x 100 for ``doc_ids``,
-plus 256 KiB for the user and the rest, for the most generous pipeline; never below 1 MiB.
+plus 256 KiB for the user and the rest, for the most generous pipeline; never below 1 MiB nor above 64 MiB.
 
 The server has no authentication of its own and trusts the ``user`` in the body (access rules read
 it): it belongs behind the gateway that authenticates callers; ``sieve serve`` listens on loopback
@@ -118,6 +118,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sieve.server")
 
 MIN_MAX_BODY_BYTES = 1 << 20  # the default body limit is never below 1 MiB (see default_max_body_bytes)
+# ... nor above 64 MiB: limits raised within their ranges (max_query_chars 1,000,000 x 1,000 turns) allowed a 12 GB
+# body, held in memory and copied into the trace log whole
+MAX_MAX_BODY_BYTES = 64 << 20
 ESCAPED_CHAR_BYTES = 12  # the most JSON bytes one character can take: an astral one as two \uXXXX escapes
 BODY_OVERHEAD_BYTES = 256 << 10  # the user, as_of, language and the JSON around them
 MAX_HISTORY_ITEMS = 1000  # the schema's cap; the pipeline's limits.max_history_turns applies within it
@@ -544,12 +547,15 @@ def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
 def default_max_body_bytes(pipelines: dict[str, "Pipeline"]) -> int:
     """The largest body the pipelines' limits allow, JSON-escaped at worst (12 bytes a character): the query and
     each turn of history at ``max_query_chars`` (history capped by the schema's 1000 turns), 100 document ids of
-    512 characters (``/explain``), plus 256 KiB for the user and the rest; the most of any pipeline, and never
-    below 1 MiB."""
+    512 characters (``/explain``), plus 256 KiB for the user and the rest; the most of any pipeline, never below
+    1 MiB and never above 64 MiB (``MAX_MAX_BODY_BYTES``: a larger query gets 413; the server logs it at start)."""
+    return min(MAX_MAX_BODY_BYTES, max(MIN_MAX_BODY_BYTES, _needed_body_bytes(pipelines)))
+
+
+def _needed_body_bytes(pipelines: dict[str, "Pipeline"]) -> int:
     chars = max((limits.max_query_chars * (min(limits.max_history_turns, MAX_HISTORY_ITEMS) + 1)
                  for limits in (pipeline.compiled.config.limits for pipeline in pipelines.values())), default=0)
-    needed = ESCAPED_CHAR_BYTES * (chars + MAX_DOC_IDS * MAX_DOC_ID_CHARS) + BODY_OVERHEAD_BYTES
-    return max(MIN_MAX_BODY_BYTES, needed)
+    return ESCAPED_CHAR_BYTES * (chars + MAX_DOC_IDS * MAX_DOC_ID_CHARS) + BODY_OVERHEAD_BYTES
 
 
 def _printable(text: str) -> str:
@@ -1038,6 +1044,10 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
     logging_config = log_config()
     logging.config.dictConfig(logging_config)  # before warm-up, whose warnings are logged
     pipelines = load_pipelines(configs)
+    needed = _needed_body_bytes(pipelines)
+    if needed > MAX_MAX_BODY_BYTES:
+        log.warning("the pipelines' limits (max_query_chars x max_history_turns) allow request bodies of up to %d MiB; "
+                    "the server takes at most %d MiB (a larger request gets 413)", needed >> 20, MAX_MAX_BODY_BYTES >> 20)
     app = create_app(pipelines, body_timeout=body_timeout)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
                 limit_concurrency=limit_concurrency, log_config=logging_config)

@@ -636,6 +636,9 @@ class TraceLog:
             raise TraceError(f"cannot append to the trace log {self.path}: the trace holds NaN or Infinity, which "
                              f"JSON cannot hold ({exc}); a log line with a bare NaN would break tools that read "
                              "the log as JSON") from None
+        if len(body) > MAX_SINGLE_TRACE_BYTES:  # what load_trace reads back: a record no reader takes is refused
+            raise TraceError(f"cannot append to the trace log {self.path}: the trace is {len(body) >> 20} MiB, over "
+                             f"the {MAX_SINGLE_TRACE_BYTES >> 20} MiB a trace may hold (a query or history that large)")
         key = _position_key(self.path)
         position = _position_of(key)
         if position is None:

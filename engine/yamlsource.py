@@ -29,6 +29,9 @@ from engine.strictness import LONE_SURROGATE, walk_json
 MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64
 MAX_NODES = 200_000
+# The text a document may expand to, aliases written out: an alias of a long value counts as one node, so 3,000
+# aliases of a 1 MB string (a 3 GB config, copied into every trace) passed the node count.
+MAX_EXPANDED_CHARS = MAX_BYTES
 
 PathKey = tuple[str | int, ...]
 _PLAIN_COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
@@ -302,6 +305,7 @@ class _Builder:
         self.loader = loader
         self.source = SourceMap(file)
         self.visited = 0
+        self.expanded = 0  # characters of the scalars built, each alias's as often as it is used
         self.issues: list[ConfigIssue] = []
         self.unmade: set[str] = set()
 
@@ -328,6 +332,11 @@ class _Builder:
         mark = at or node.start_mark
         self.source.values[path] = (mark.line + 1, mark.column + 1)
         if isinstance(node, yaml.ScalarNode):
+            self.expanded += len(node.value)
+            if self.expanded > MAX_EXPANDED_CHARS:
+                raise ConfigError([_issue(
+                    self.source.file, mark, f"document expands to more than {MAX_EXPANDED_CHARS:,} characters of "
+                    "text with its aliases written out (an alias repeating a long value): write the value once")])
             value = self._scalar(node, path, mark)
             problem = unicode_problem(value) if isinstance(value, str) else None
             if problem is not None:  # no file, log or hash could hold it: not made, like a value a tag cannot make

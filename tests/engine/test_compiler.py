@@ -141,6 +141,25 @@ def test_yaml_bomb_is_refused(write_config):
     assert "aliases expanding exponentially" in error
 
 
+def test_aliases_of_a_long_value_are_refused_by_the_text_they_expand_to(write_config, tmp_path):
+    """Resource audit F2/F3: an alias of a 1 MB string counts as one node, so 3,000 of them passed the node count:
+    `sieve validate` ran out of memory (exit 70), 100 made every trace 202 MB; in a rule file each cost a rescan."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    long = "x" * 300_000
+    text = (f"version: 1\nstages:\n  - id: bm25\n    type: recall.bm25\n    when: {{field: query.text, op: not_in, "
+            f"value: [&s {long}, " + ", ".join(["*s"] * 20) + "]}\noutput: bm25\n")
+    (error,) = errors_of(write_config(text))
+    assert "expands to more than 4,194,304 characters" in error and ":5:" in error  # located at the alias
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\nkind: override\nrules:\n  - {id: r, action: exclude, match: {field: doc.text, "
+                     f"op: contains_any, value: [&s {long}, " + ", ".join(["*s"] * 20) + "]}}\n", encoding="utf-8")
+    done = CliRunner().invoke(app, ["rules", "check", str(rules)])
+    assert done.exit_code == 2 and "expands to more than" in done.output, done.output
+
+
 def test_very_deep_nesting_is_refused(write_config):
     (error,) = errors_of(write_config("version: 1\nstages: " + "[" * 5000 + "]" * 5000 + "\n"))
     assert "nesting is deeper than 64 levels" in error
