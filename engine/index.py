@@ -110,8 +110,11 @@ class CorpusFields:
 
     NAMES_KEPT = 1000  # distinct field names kept for the did-you-mean (a corpus of ever new keys grows without end)
     NAMES_SHOWN = 20  # of which a note lists this many
+    LARGE_CHARS = 1_000_000  # a document's title and text over this: said (each query that recalls it pays for it)
 
     def __init__(self, wanted: Iterable[str]):
+        self.large = 0  # documents over LARGE_CHARS
+        self.largest: tuple[int, str] = (0, "")  # (characters, doc_id)
         self.documents = 0
         self.with_value = dict.fromkeys(wanted, 0)  # field -> documents giving it a value
         self.names: set[str] = {"title", "text"}  # every record has these; metadata keys as documents have them
@@ -125,7 +128,23 @@ class CorpusFields:
                     self.with_value[name] += 1
             if len(self.names) < self.NAMES_KEPT:
                 self.names.update(document.metadata)
+            size = len(document.title) + len(document.text)
+            if size > self.LARGE_CHARS:
+                self.large += 1
+                self.largest = max(self.largest, (size, document.doc_id))
             yield document
+
+    def size_note(self) -> str | None:
+        """A warning when documents are very large: a query that recalls one reads all of it in the stages that read
+        text per query (dedup's MinHash unless the index is built --with minhash, entities of candidates are read
+        from the index; a 50 MB document made such a query take 25 s and 1.4 GB)."""
+        if not self.large:
+            return None
+        size, doc_id = self.largest
+        return (f"warning: {self.large} document{'s' if self.large > 1 else ''} hold{'s' if self.large == 1 else ''} "
+                f"more than {self.LARGE_CHARS:,} characters of title and text (the largest, {doc_id!r}, "
+                f"{size:,}): a query that recalls one reads all of it where a stage reads text per query (dedup by "
+                "MinHash: build --with minhash to sign documents once); split such documents into passages")
 
     def absent(self, fields: Sequence[str]) -> list[str]:
         """Those of a component's ``fields`` that no document gives a value; title and text only when the others give
@@ -429,6 +448,8 @@ def build_index(
                                          staging / DOCS_DB, progress)
             corpus_sha256 = corpus_digest.hexdigest()
             documents = StoredDocuments(staging / DOCS_DB, doc_count)
+            if seen.size_note() is not None:
+                say(seen.size_note())
             for name, fields in read_fields.items():  # said before any component runs (an embedding takes hours)
                 absent = seen.absent(fields)
                 if absent:

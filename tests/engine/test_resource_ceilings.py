@@ -38,3 +38,25 @@ def test_a_trace_over_what_a_reader_takes_is_refused_when_written(tmp_path, monk
     with pytest.raises(TraceError, match="over the 1 MiB a trace may hold"):
         log.append({"schema": "sieve.trace/1", "query": {"text": "x" * (2 << 20)}})
     assert log.path.read_bytes() == before
+
+
+def test_a_build_says_when_documents_are_very_large(tmp_path):
+    """Resource audit F5: a 50 MB document was indexed without a word, then every query recalling it took 25 s and
+    1.4 GB in dedup (MinHash signing it per query). The build now says so, naming the largest."""
+    import json
+
+    from engine.index import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in [
+        {"_id": "small", "title": "a", "text": "metformin dose"},
+        {"_id": "huge", "title": "b", "text": "metformin " * 120_000},
+    ]), encoding="utf-8")
+    said: list[str] = []
+    build_index(corpus, tmp_path / "idx", {"bm25": {}}, notes=said.append)
+    (note,) = [n for n in said if "characters of title and text" in n]
+    assert note.startswith("warning: 1 document holds more than 1,000,000") and "'huge', 1,200,001" in note
+    said.clear()
+    corpus.write_text(json.dumps({"_id": "small", "text": "x"}) + "\n", encoding="utf-8")
+    build_index(corpus, tmp_path / "idx2", {"bm25": {}}, notes=said.append)
+    assert not [n for n in said if "characters of title and text" in n]
