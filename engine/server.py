@@ -83,12 +83,14 @@ appended; an empty directory or a new file does not count. To start a new log de
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import email.message
 import json
 import logging
 import logging.config
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -96,6 +98,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -355,8 +358,16 @@ class Metrics:
                                     ["pipeline"], registry=registry)
         from engine import __version__
 
+        self.log_free = Gauge("sieve_trace_log_free_bytes", "free space on the disk of the pipeline's trace log "
+                              "(alert before it fills: appends then fail and queries are refused)", ["pipeline"],
+                              registry=registry)
         for name, pipeline in pipelines.items():
             self.info.labels(name, pipeline.compiled.config_sha256, __version__).set(1)
+            # each series there from the start, at 0: an alert on rate() sees 0, not "no data", until the first
+            self.degraded.labels(name)
+            self.empty.labels(name)
+            for kind in ("bad_query", "stage_failed", "trace_not_logged"):
+                self.errors.labels(name, kind)
 
     def labels_of(self, path: str) -> tuple[str, str]:
         """(pipeline, endpoint) of a request path; ``-`` for a pipeline not served, ``other`` for a path not
@@ -398,36 +409,91 @@ class Metrics:
 
         failing = health.log_failures()
         replaced = set(health.replaced_indexes())
-        for name in self._pipelines:
+        for name, pipeline in self._pipelines.items():
             self.log_failing.labels(name).set(1 if name in failing else 0)
             self.index_replaced.labels(name).set(1 if name in replaced else 0)
+            target = pipeline.compiled.config.trace.log
+            if target is not None:
+                with contextlib.suppress(OSError):  # its directory gone: the failing gauge says what matters
+                    disk = os.statvfs(Path(target).absolute().parent)
+                    self.log_free.labels(name).set(disk.f_bavail * disk.f_frsize)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class CountRequests:
-    """ASGI middleware: every HTTP request's status code and time into :class:`Metrics` (the errors the other
-    middleware and the handlers answer included)."""
+# The request being answered: its id (X-Request-ID), in every response's header, error body and the server's log
+# lines about it. A context variable, so the handlers' threads see it too (anyio copies the context into them).
+REQUEST_ID: "contextvars.ContextVar[str]" = contextvars.ContextVar("sieve_request_id", default="-")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CLIENT_GONE = 499  # counted for a request whose client went away before any answer (nothing was sent)
 
-    def __init__(self, app: Any, metrics: Metrics):
+
+class Front:
+    """The outermost ASGI middleware. Each HTTP request gets an id (the caller's ``X-Request-ID`` when it is one of
+    letters, digits and ``._:-``, up to 128; else a new one), sent back in ``X-Request-ID``. Beyond ``limit``
+    requests at once a request gets a JSON 503 ``overloaded`` at once. A request still running when the shutdown's
+    grace ran out (uvicorn cancels it) gets a JSON 503 ``shutting_down`` instead of uvicorn's plain-text 500 and a
+    traceback. Every request's status and time go into :class:`Metrics`: one whose client went away before any
+    answer counts as 499, not as a server error."""
+
+    def __init__(self, app: Any, metrics: Metrics, limit: int | None = None):
         self.app = app
         self.metrics = metrics
+        self.limit = limit
+        self.in_flight = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import asyncio
+
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         began = time.perf_counter()
-        code = [500]  # a handler that raises past every exception handler: answered as a 500 by the server
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        code: list[int | None] = [None]
 
         async def sent(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 code[0] = int(message["status"])
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
-            await self.app(scope, receive, sent)
+            if self.limit is not None and self.in_flight >= self.limit:
+                await _error_response(503, "overloaded", f"more than {self.limit} requests at once (the server's "
+                                      "--limit-concurrency): retry later", request_id)(scope, receive, sent)
+                return
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, sent)
+            except asyncio.CancelledError:  # the shutdown's grace ran out: uvicorn cancels what still runs
+                if code[0] is None:
+                    log.warning("request %s %s %s: cut by the shutdown (its grace ran out); answered 503 shutting_down",
+                                request_id, scope.get("method", ""), written_out(scope.get("path", "")))
+                    with contextlib.suppress(Exception):
+                        await _error_response(503, "shutting_down", "the server is shutting down and its grace ran "
+                                              "out before this request was answered: retry (on another replica)",
+                                              request_id)(scope, receive, sent)
+            except BaseException:
+                if code[0] is None:
+                    code[0] = 500  # raised past every exception handler: uvicorn answers 500
+                raise
+            finally:
+                self.in_flight -= 1
         finally:
-            self.metrics.answered(scope.get("path", ""), code[0], time.perf_counter() - began)
+            REQUEST_ID.reset(token)
+            self.metrics.answered(scope.get("path", ""), code[0] if code[0] is not None else CLIENT_GONE,
+                                  time.perf_counter() - began)
+
+
+def _error_response(status: int, kind: str, message: str, request_id: str | None = None, *,
+                    headers: dict[str, str] | None = None, **extra: Any) -> Any:
+    """The server's error shape, ``{"error": {"type", "message", "request_id", ...extra}}``."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, headers=headers, content={"error": {
+        "type": kind, "message": _printable(message), "request_id": request_id or REQUEST_ID.get(), **extra}})
 
 
 
@@ -484,10 +550,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _timed_out(self, scope: dict[str, Any], send: Any) -> None:
-        from fastapi.responses import JSONResponse
-
-        response = JSONResponse(status_code=408, headers={"connection": "close"}, content={"error": {
-            "type": "body_timeout", "message": f"the request body did not arrive whole within {self.timeout:g} s"}})
+        response = _error_response(408, "body_timeout", f"the request body did not arrive whole within "
+                                   f"{self.timeout:g} s", headers={"connection": "close"})
 
         async def gone() -> dict[str, Any]:
             return {"type": "http.disconnect"}
@@ -495,11 +559,7 @@ class BodyLimit:
         await response(scope, gone, send)
 
     async def _reject(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from fastapi.responses import JSONResponse
-
-        response = JSONResponse(status_code=413, content={"error": {
-            "type": "body_too_large", "message": f"request body over {self.limit} bytes"}})
-        await response(scope, receive, send)
+        await _error_response(413, "body_too_large", f"request body over {self.limit} bytes")(scope, receive, send)
 
 
 def load_pipelines(configs: list[Path]) -> dict[str, "Pipeline"]:
@@ -591,9 +651,10 @@ _ROUTES = ("GET /healthz, GET /readyz, GET /metrics, GET /v1/pipelines, POST /v1
 
 
 def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None = None,
-               body_timeout: float = 30.0) -> "FastAPI":
+               body_timeout: float = 30.0, limit_concurrency: int | None = None) -> "FastAPI":
     """The application over already-loaded pipelines; ``max_body_bytes`` defaults to
-    ``default_max_body_bytes(pipelines)``; a body not whole within ``body_timeout`` seconds gets 408."""
+    ``default_max_body_bytes(pipelines)``; a body not whole within ``body_timeout`` seconds gets 408; beyond
+    ``limit_concurrency`` requests at once a request gets 503 ``overloaded``."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -633,17 +694,20 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
 
             return read_then_handle
 
-    app = FastAPI(title="Sieve", version=__version__, description="Auditable rules-plus-model retrieval")
+    # redirect_slashes off: ".../search/" is no route (404), not a 307 to one (which a client following it ran
+    # once, counted under two endpoints)
+    app = FastAPI(title="Sieve", version=__version__, description="Auditable rules-plus-model retrieval",
+                  redirect_slashes=False)
     app.router.route_class = StrictJSONRoute
 
     def error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"type": kind, "message": _printable(message),
-                                                                   **extra}})
+        return _error_response(status, kind, message, **extra)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes if max_body_bytes is not None else
                        default_max_body_bytes(pipelines), timeout=body_timeout)
     metrics = Metrics(pipelines)
-    app.add_middleware(CountRequests, metrics=metrics)  # outermost: a 413 or 408 of BodyLimit is counted too
+    # outermost: a 413 or 408 of BodyLimit is counted and carries the request's id too
+    app.add_middleware(Front, metrics=metrics, limit=limit_concurrency)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -678,7 +742,8 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, written_out(request.url.path))  # ESC: not raw
+        log.exception("request %s: internal error on %s %s", REQUEST_ID.get(), request.method,
+                      written_out(request.url.path))  # ESC: not raw
         return error(500, "internal_error",
                      f"{type(exc).__name__}: {exc} (a bug in Sieve; the server log has the traceback)")
 
@@ -746,13 +811,14 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
         try:
             result = pipeline.run(query, keep_outcomes=explaining)
         except SieveError as exc:
-            log.error("pipeline '%s' failed: %s", name, exc)
+            log.error("request %s: pipeline '%s' failed: %s", REQUEST_ID.get(), name, exc)
             metrics.failed(name, "stage_failed")
             return error(500, "stage_failed", str(exc))
         try:
             log_path = pipeline.log_trace(result.trace)
         except (OSError, SieveError) as exc:  # no unaudited answers: the results are withheld
-            log.error("pipeline '%s': trace %s not logged: %s", name, result.trace["trace_id"], exc)
+            log.error("request %s: pipeline '%s': trace %s not logged: %s", REQUEST_ID.get(), name,
+                      result.trace["trace_id"], exc)
             health.log_failed(name, exc)
             metrics.failed(name, "trace_not_logged")  # not counted as run: the client got no results
             return error(500, "trace_not_logged", f"the query ran but its trace could not be appended to the log "
@@ -852,7 +918,11 @@ class _Health:
             with self._lock:
                 first = self._warned.get(name, "") != state["on_disk_manifest_sha256"]
                 self._warned[name] = state["on_disk_manifest_sha256"]
-            if first and state["replaced_on_disk"]:
+            if first and state["replaced_on_disk"] and state["on_disk_manifest_sha256"] is None:
+                log.warning("pipeline '%s': the index at %s is gone from disk (no readable manifest there); this "
+                            "server keeps serving the version it opened, but a restart (or a new replica) fails until "
+                            "an index is built there", name, index.path)
+            elif first and state["replaced_on_disk"]:
                 log.warning("pipeline '%s': the index at %s was replaced on disk (manifest %s, serving %s); this "
                             "server keeps serving the version it opened: restart it to serve the new one", name,
                             index.path, str(state["on_disk_manifest_sha256"])[:12], index.manifest_sha256[:12])
@@ -1048,13 +1118,26 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
     if needed > MAX_MAX_BODY_BYTES:
         log.warning("the pipelines' limits (max_query_chars x max_history_turns) allow request bodies of up to %d MiB; "
                     "the server takes at most %d MiB (a larger request gets 413)", needed >> 20, MAX_MAX_BODY_BYTES >> 20)
-    app = create_app(pipelines, body_timeout=body_timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
-                limit_concurrency=limit_concurrency, log_config=logging_config)
+    app = create_app(pipelines, body_timeout=body_timeout, limit_concurrency=limit_concurrency)
+    # the app answers a request over the limit (JSON 503 overloaded, counted in /metrics); uvicorn's own limit, on
+    # connections and tasks (idle keep-alive connections included), is a backstop at twice it, answered in plain text
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers it found: these
+    # note it, so that the process exits 130 or 143 either way (before, 0 after SIGINT, killed by SIGTERM)
+    stopped: list[int] = []
+    previous = {number: signal.signal(number, lambda received, frame: stopped.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
+                    limit_concurrency=2 * limit_concurrency if limit_concurrency else None, log_config=logging_config)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if stopped:
+        raise SystemExit(130 if stopped[0] == signal.SIGINT else 143)
 
 
 def log_config() -> dict[str, Any]:
-    """uvicorn's logging set-up, each line stamped with its UTC time (2026-11-28T01:02:03Z), and Sieve's own
+    """uvicorn's logging set-up, each line stamped with its UTC time (2026-11-28T01:02:03.456Z), and Sieve's own
     messages (a rule file changed, an index replaced, a pipeline failing) through the same handler: an operator
     lines them up with the trace log's UTC times."""
     import copy
@@ -1065,8 +1148,8 @@ def log_config() -> dict[str, Any]:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     bases = {"default": uvicorn.logging.DefaultFormatter, "access": uvicorn.logging.AccessFormatter}
     for name, formatter in config["formatters"].items():
-        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
-        formatter["datefmt"] = "%Y-%m-%dT%H:%M:%SZ"
+        formatter["fmt"] = "%(asctime)s.%(msecs)03dZ " + formatter["fmt"]  # milliseconds: concurrent lines apart
+        formatter["datefmt"] = "%Y-%m-%dT%H:%M:%S"
         formatter["()"] = type(f"Utc{bases[name].__name__}", (bases[name],), {"converter": staticmethod(time.gmtime)})
     config["loggers"]["sieve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config

@@ -233,7 +233,8 @@ def test_unknown_pipeline_malformed_json_and_oversized_body(server):
     huge = httpx.post(f"{base}/v1/pipelines/mini/search", content=b"x" * (2 << 20), timeout=30,
                       headers={"content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"] == {
-        "type": "body_too_large", "message": f"request body over {ROOMY_BODY_LIMIT} bytes"}
+        "type": "body_too_large", "message": f"request body over {ROOMY_BODY_LIMIT} bytes",
+        "request_id": huge.headers["x-request-id"]}
     # a chunked body (no Content-Length) is cut off as it arrives; a small chunked one goes through
     def chunks(data: bytes):
         for start in range(0, len(data), 65536):

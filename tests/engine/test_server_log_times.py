@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 SIEVE = Path(sys.executable).with_name("sieve")
-STAMPED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z (INFO|WARNING|ERROR): ")
+STAMPED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z (INFO|WARNING|ERROR): ")
 
 
 def test_every_log_line_of_the_server_starts_with_its_utc_time(bm25_index, tmp_path):
