@@ -26,7 +26,8 @@ missing index or a model that fails to load stops ``sieve serve`` at start with 
 tamper-evident log (``trace.log``), as ``sieve search`` does; the response carries its ``trace_id``
 so an auditor can find and replay it.
 
-Errors are JSON, ``{"error": {"type": ..., "message": ...}}``, never a stack trace: 400 for a query
+Every response carries ``X-Request-ID`` (the caller's, or a new one; see :class:`Front`). Errors are JSON,
+``{"error": {"type": ..., "message": ..., "request_id": ...}}``, never a stack trace: 400 for a query
 the pipeline refuses (empty, too long, too much history), 404 for an unknown pipeline (``unknown_pipeline``)
 or path (``not_found``), 403 (``not_allowed``) for ``as_of``, ``include_trace`` or the explain endpoint where
 the pipeline's ``server:`` settings do not allow them (each off by default), 405 for a wrong method, 413 for a body over ``max_body_bytes``, 415 for a body
@@ -34,7 +35,9 @@ that is not ``application/json`` (UTF-8) or is compressed (``Content-Encoding``:
 none), 422 for a malformed body (``invalid_request``: not UTF-8, not JSON, nested too deeply, a key given
 twice, a field of the wrong type or a string holding a lone surrogate; each problem located, the first
 20 listed), 500 when a stage fails (its message; the traceback goes to the server's log only) and 500
-when the trace cannot be appended to the log: results are never returned without their audit record.
+when the trace cannot be appended to the log: results are never returned without their audit record; 503
+``overloaded`` beyond ``--limit-concurrency`` requests at once, 503 ``shutting_down`` for a request still running
+when the shutdown's grace ran out.
 
 Bodies are read strictly: booleans are ``true``/``false``, ``top`` an integer, strings strings (no
 coercion between types), ``as_of`` an ISO 8601 date or date-time string (never a Unix timestamp), and
