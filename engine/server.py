@@ -1123,7 +1123,8 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
                     "the server takes at most %d MiB (a larger request gets 413)", needed >> 20, MAX_MAX_BODY_BYTES >> 20)
     app = create_app(pipelines, body_timeout=body_timeout, limit_concurrency=limit_concurrency)
     # the app answers a request over the limit (JSON 503 overloaded, counted in /metrics); uvicorn's own limit, on
-    # connections and tasks (idle keep-alive connections included), is a backstop at twice it, answered in plain text
+    # connections and tasks (idle keep-alive connections included), is a backstop above it (twice it, and at least
+    # 64 more), answered in plain text
     # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers it found: these
     # note it, so that the process exits 130 or 143 either way (before, 0 after SIGINT, killed by SIGTERM)
     stopped: list[int] = []
@@ -1131,7 +1132,8 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
                 for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
-                    limit_concurrency=2 * limit_concurrency if limit_concurrency else None, log_config=logging_config)
+                    limit_concurrency=limit_concurrency + max(limit_concurrency, 64) if limit_concurrency else None,
+                    log_config=logging_config)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -7,6 +7,12 @@ loopback may be reached) and the model hub is switched off, as in CI.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -82,3 +88,34 @@ stages:
     params: {{half_life_days: 365, combine: multiply}}{extra}
 output: recent
 """
+
+
+@contextmanager
+def served(configs: list[Path], directory: Path, *options: str):
+    """(base URL, process, log file) of `sieve serve CONFIGS OPTIONS` in ``directory``, once ready; stopped (SIGTERM)
+    on exit if still running. A helper for tests that read the server's log or signal its process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = directory / "serve.log"
+    with open(output, "w", encoding="utf-8") as sink:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("sieve")), "serve", *map(str, configs),
+                                    "--port", str(port), *options], stdout=sink, stderr=subprocess.STDOUT, cwd=directory)
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with opener.open(f"{base}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, output.read_text(encoding="utf-8")
+            time.sleep(0.2)
+        yield base, process, output
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)

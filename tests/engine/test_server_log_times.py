@@ -4,14 +4,11 @@ operator could not line a "rule file changed" or a warm-up warning up with the t
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
-SIEVE = Path(sys.executable).with_name("sieve")
+import httpx
+
+from tests.conftest import served
+
 STAMPED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z (INFO|WARNING|ERROR): ")
 
 
@@ -24,30 +21,8 @@ def test_every_log_line_of_the_server_starts_with_its_utc_time(bm25_index, tmp_p
         f"version: 1\nname: p\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
         "  - {id: overrides, type: rules.override, inputs: [bm25], params: {rules: overrides.yaml}}\n"
         f"output: overrides\ntrace: {{log: {tmp_path / 'trace.jsonl'}}}\n", encoding="utf-8")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    output = tmp_path / "serve.log"
-    with open(output, "w", encoding="utf-8") as sink:
-        process = subprocess.Popen([str(SIEVE), "serve", str(config), "--port", str(port)], stdout=sink,
-                                   stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 120
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        while True:
-            try:
-                with opener.open(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, output.read_text(encoding="utf-8")
-            time.sleep(0.2)
-        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5):
-            pass
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with served([config], tmp_path) as (base, _, output):
+        httpx.get(f"{base}/healthz", timeout=5)
     lines = [line for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert any("rule 'old' has expired" in line for line in lines), lines  # Sieve's own warning
     assert any("GET /healthz" in line for line in lines), lines  # uvicorn's access line

@@ -7,53 +7,17 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import FAILS_AT_RUN_TIME
+from tests.conftest import FAILS_AT_RUN_TIME, served
 
-SIEVE = Path(sys.executable).with_name("sieve")
 BM25 = ("version: 1\nname: {name}\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 30}}}}\n"
         "{extra}output: {output}\ntrace: {{log: {log}}}\n")
 RERANK = "  - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 30, batch_size: 2}}\n"
-
-
-@contextmanager
-def served(configs: list[Path], directory: Path, *options: str):
-    """(base URL, process, log file) of `sieve serve` once ready; stopped (SIGTERM) on exit if still running."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    output = directory / "serve.log"
-    with open(output, "w", encoding="utf-8") as sink:
-        process = subprocess.Popen([str(SIEVE), "serve", *map(str, configs), "--port", str(port), *options],
-                                   stdout=sink, stderr=subprocess.STDOUT, cwd=directory)
-    base = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with opener.open(f"{base}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, output.read_text(encoding="utf-8")
-            time.sleep(0.2)
-        yield base, process, output
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=60)
 
 
 def _config(directory: Path, index: Path, name: str, extra: str = "", output: str = "bm25") -> Path:
