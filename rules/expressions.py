@@ -52,6 +52,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatt
 from markupsafe import Markup
 
 from engine.model import iso_moment, utc
+from engine.textform import comparable
 
 MAX_EXPRESSION_CHARS = 2000
 # Deepest nesting an expression may have (see the module's docstring). Jinja's parser takes about 14.5 Python frames
@@ -426,6 +427,9 @@ class RuleEnvironment(ImmutableSandboxedEnvironment):
         self.filters.update(_GUARDED_FILTERS)
         self.filters["matches"] = regex_search
         self.filters["date"] = parse_date
+        # the form `field` conditions compare text in (engine.textform): `query.text | comparable` finds
+        # 'overdose' in a full-width 'ｏｖｅｒｄｏｓｅ'; at most a constant factor longer than its input (NFKC)
+        self.filters["comparable"] = _comparable_filter
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -658,14 +662,21 @@ def bounded_search(pattern: Any, text: str) -> Any:
 
 
 def regex_search(value: Any, pattern: str, ignore_case: bool = True) -> bool:
-    """``value|matches("pat")``: does the regex occur in the text (case-insensitive by default)?"""
+    """``value|matches("pat")``: does the regex occur in the text (case-insensitive by default)? The text is read
+    as ``op: regex`` reads it (``engine.textform.comparable`` but for case and white space): a full-width or
+    decomposed spelling matches as its plain one."""
     if not isinstance(value, str) or not isinstance(pattern, str) or len(pattern) > MAX_REGEX_CHARS:
         return False
     try:
         compiled = compile_pattern(pattern, bool(ignore_case))
     except PatternError:
         raise ExpressionRuntimeError(f"invalid regular expression {pattern!r}", "invalid regular expression") from None
-    return bounded_search(compiled, value) is not None
+    return bounded_search(compiled, comparable(value, case_sensitive=True, spaces=False)) is not None
+
+
+def _comparable_filter(value: Any, case_sensitive: bool = False) -> Any:
+    """``text | comparable``: the text in the form rules compare it in; any other value as it is."""
+    return comparable(value, case_sensitive=bool(case_sensitive)) if isinstance(value, str) else value
 
 
 # --------------------------------------------------------------------------- compiling

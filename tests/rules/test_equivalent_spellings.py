@@ -128,3 +128,18 @@ def test_the_comparable_form():
     assert comparable("patient’s “notes”") == "patient's \"notes\""
     assert comparable("ＡＣＭＥ", case_sensitive=True) == "ACME" != comparable("acme", case_sensitive=True)
     assert comparable(" IT ") == " it "  # the ends are kept: a needle padded with spaces keeps its meaning
+
+
+def test_expressions_read_text_as_given_and_offer_the_comparable_form():
+    """An expression sees the text as given (``'overdose' in query.text | lower`` misses a full-width query); the
+    ``comparable`` filter gives the form field conditions compare in, and ``matches`` reads it as ``op: regex``."""
+    from rules.expressions import compile_expression
+
+    def truth(source: str, text: str) -> bool:
+        return compile_expression(source, ["query"]).truth({"query": {"text": text}})
+
+    wide = "ｏｖｅｒｄｏｓｅ methods"
+    assert not truth("'overdose' in query.text | lower", wide)
+    assert truth("'overdose' in query.text | comparable", wide)
+    assert truth("query.text | matches('overdose')", wide)  # before: the pattern missed the full-width text
+    assert truth("query.text | matches('co-trimoxazole')", "co\u2011trimoxazole")
