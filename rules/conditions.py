@@ -189,7 +189,10 @@ class Condition(NoCoercion):
     all: Optional[list["Condition"]] = Field(None, min_length=1, description="every condition listed holds")
     any: Optional[list["Condition"]] = Field(None, min_length=1, description="at least one condition listed holds")
     not_: Optional["Condition"] = Field(None, alias="not", description="the condition given does not hold")
-    expr: Optional[str] = Field(None, description="a sandboxed Jinja2 expression")
+    expr: Optional[str] = Field(None, description=(
+        "a sandboxed Jinja2 expression over the rule's fields (query, user, doc, as_of...); beyond Jinja's own "
+        "filters: matches('pattern') (a pattern written in the rule), comparable (text in the form field "
+        "conditions compare it), date; functions date(...) and days_between(a, b)"))
 
     @field_validator("field", "value_from")
     @classmethod
