@@ -25,7 +25,8 @@ _DASHES = "\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
 COMPARABLE_CHARACTERS = {**WORD_CHARACTERS, **{ord(c): "-" for c in _DASHES},
                          **{ord(c): "'" for c in "\u2018\u2019\u201a\u201b\u2032"},
                          **{ord(c): '"' for c in "\u201c\u201d\u201e\u201f\u2033"}}
-_SPACES = re.compile(r"\s{2,}|[^\S ]")  # two or more, or one that is not a plain space
+_COMPARABLE = re.compile("[" + "".join(re.escape(chr(code)) for code in COMPARABLE_CHARACTERS) + "]")
+_WORD = re.compile("[" + "".join(re.escape(chr(code)) for code in WORD_CHARACTERS) + "]")
 
 
 def comparable(text: str, *, case_sensitive: bool = False, spaces: bool = True) -> str:
@@ -38,11 +39,28 @@ def comparable(text: str, *, case_sensitive: bool = False, spaces: bool = True) 
     if text.isascii():
         folded = text if case_sensitive else text.lower()
     else:
-        folded = unicodedata.normalize("NFKC", text.translate(COMPARABLE_CHARACTERS))
+        folded = unicodedata.normalize("NFKC", _replaced(text, _COMPARABLE, COMPARABLE_CHARACTERS))
         if not case_sensitive:
             folded = unicodedata.normalize("NFKC", folded.casefold())
-        folded = folded.translate(COMPARABLE_CHARACTERS)  # NFKC makes U+2011 U+2010, and '－' '-'
-    return _SPACES.sub(" ", folded) if spaces else folded
+        folded = _replaced(folded, _COMPARABLE, COMPARABLE_CHARACTERS)  # NFKC makes U+2011 U+2010, '－' '-'
+    return _one_space(folded) if spaces else folded
+
+
+def _replaced(text: str, found: "re.Pattern[str]", table: dict[int, str | None]) -> str:
+    """``text.translate(table)``, but reading only the characters ``found`` matches: str.translate with a mapping
+    looks every character up in it (1,100 SciFact abstracts: 390 ms, against 25 ms for this)."""
+    return found.sub(lambda match: table[ord(match.group())] or "", text)
+
+
+def _one_space(text: str) -> str:
+    """Each run of white space one space, the ends kept as one space (a needle ' IT ' keeps its meaning)."""
+    if "  " not in text and text.isprintable():  # no run, and no white space but ' ' (tabs, breaks, NBSP: not printable)
+        return text
+    inner = " ".join(text.split())
+    if not inner:
+        return " " if text else text
+    return (" " if text[0].isspace() else "") + inner + (" " if text[-1].isspace() else "")
+
 
 # An en dash (or figure dash) between two letters is a hyphen typed otherwise ("co–trimoxazole"); between words
 # or numbers (a range, "1990–2000"; prose, "metformin — a drug") it stays what it is.
@@ -51,11 +69,10 @@ IN_WORD_DASH = re.compile(r"(?<=[^\W\d_])[\u2012\u2013](?=[^\W\d_])")
 
 def unseen_or_hyphen(text: str) -> bool:
     """Whether ``text`` holds a character ``WORD_CHARACTERS`` changes (cheap: most text holds none)."""
-    return not text.isascii() and (any(ord(char) in WORD_CHARACTERS for char in text)
-                                   or IN_WORD_DASH.search(text) is not None)
+    return not text.isascii() and (_WORD.search(text) is not None or IN_WORD_DASH.search(text) is not None)
 
 
 def word_form(text: str) -> str:
     """``text`` with the characters the glossary and the gazetteer read alike made one (``WORD_CHARACTERS``,
     ``IN_WORD_DASH``); not yet in NFKC."""
-    return IN_WORD_DASH.sub("-", text).translate(WORD_CHARACTERS) if unseen_or_hyphen(text) else text
+    return _replaced(IN_WORD_DASH.sub("-", text), _WORD, WORD_CHARACTERS) if unseen_or_hyphen(text) else text

@@ -843,10 +843,10 @@ class Leaf(Node):
         if op in ("contains", "contains_any", "contains_all"):
             wanted = operand if isinstance(operand, frozenset) else frozenset([operand])
             found = []
+            folded_elements = [_fold(element, self.case_sensitive) for element in elements]  # once, not per needle
             for needle in sorted(wanted, key=str):
                 hit = False
-                for element in elements:
-                    folded = _fold(element, self.case_sensitive)
+                for folded in folded_elements:
                     if isinstance(value, str) and isinstance(folded, str) and isinstance(needle, str):
                         hit = needle in folded
                     else:
