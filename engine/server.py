@@ -428,14 +428,15 @@ class Metrics:
 REQUEST_ID: "contextvars.ContextVar[str]" = contextvars.ContextVar("sieve_request_id", default="-")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_GONE = 499  # counted for a request whose client went away before any answer (nothing was sent)
+_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # never shed: a liveness probe failing under load restarts
 
 
 class Front:
     """The outermost ASGI middleware. Each HTTP request gets an id (the caller's ``X-Request-ID`` when it is one of
     letters, digits and ``._:-``, up to 128; else a new one), sent back in ``X-Request-ID``. Beyond ``limit``
-    requests at once a request gets a JSON 503 ``overloaded`` at once. A request still running when the shutdown's
-    grace ran out (uvicorn cancels it) gets a JSON 503 ``shutting_down`` instead of uvicorn's plain-text 500 and a
-    traceback. Every request's status and time go into :class:`Metrics`: one whose client went away before any
+    requests at once a request gets a JSON 503 ``overloaded`` at once (the probes and /metrics never are). A
+    request still running when the shutdown's grace ran out (uvicorn cancels it) gets a JSON 503 ``shutting_down``
+    instead of uvicorn's plain-text 500 and a traceback. Every request's status and time go into :class:`Metrics`: one whose client went away before any
     answer counts as 499, not as a server error."""
 
     def __init__(self, app: Any, metrics: Metrics, limit: int | None = None):
@@ -463,7 +464,7 @@ class Front:
             await send(message)
 
         try:
-            if self.limit is not None and self.in_flight >= self.limit:
+            if self.limit is not None and self.in_flight >= self.limit and scope.get("path") not in _PROBES:
                 await _error_response(503, "overloaded", f"more than {self.limit} requests at once (the server's "
                                       "--limit-concurrency): retry later", request_id)(scope, receive, sent)
                 return

@@ -90,9 +90,12 @@ def test_requests_over_the_limit_get_a_counted_json_503(bm25_index, tmp_path):
         threads = [threading.Thread(target=ask) for _ in range(8)]
         for thread in threads:
             thread.start()
+        time.sleep(0.5)
+        probe = httpx.get(f"{base}/healthz", timeout=30)  # while the queries run: a probe is never shed
         for thread in threads:
             thread.join()
         metrics = _scrape(base)
+    assert probe.status_code == 200
     shed = [a for a in answers if a.status_code == 503]
     assert shed and all(a.json()["error"]["type"] == "overloaded" for a in shed)  # before: plain text, uncounted
     assert {a.status_code for a in answers} <= {200, 503}
