@@ -94,6 +94,10 @@ class TraceSettings(Strict):
         "traces/trace.jsonl", description="tamper-evident JSONL log (relative to the working directory); null: none"
     )
     include_query_text: bool = Field(True, description="store query text (else only its sha256)")
+    hash_key_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$", description=(
+        "the environment variable holding a secret key (16 bytes or more): the query's, its history's and its "
+        "rewrite's hashes are then HMAC-SHA256 under it, not plain sha256, which a word list reverses for a short "
+        "query; a replay needs the same key in the same variable. Unset: plain sha256"))
     include_document_text: bool = Field(False, description="store returned documents' text in the trace")
     explain: bool = Field(True, description="store an explanation tree per returned document")
 

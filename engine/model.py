@@ -8,6 +8,7 @@ scores break ties on ``doc_id``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import unicodedata
@@ -166,6 +167,42 @@ class Query(BaseModel):
 
     def text_sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+QUERY_KEY_MIN_BYTES = 16
+_KEY_ID_MESSAGE = b"sieve query key id"
+
+
+def text_digest(text: str, key: bytes | None) -> str:
+    """What a trace records of a text it does not store: its sha256, or, with a key (``trace.hash_key_env``), its
+    HMAC-SHA256 under that key, which no word list reverses without the key."""
+    if key is None:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def query_key(env_name: str) -> bytes:
+    """The key named by ``trace.hash_key_env``: the environment variable's value (UTF-8), at least 16 bytes."""
+    value = os.environ.get(env_name)
+    if not value:
+        raise QueryKeyError(f"trace.hash_key_env names the environment variable {env_name}, which is not set (or "
+                            f"empty): set it to a secret of at least {QUERY_KEY_MIN_BYTES} bytes (e.g. `openssl rand "
+                            "-hex 32`), the same wherever the trace log's queries are replayed")
+    key = value.encode("utf-8")
+    if len(key) < QUERY_KEY_MIN_BYTES:
+        raise QueryKeyError(f"the key in {env_name} is {len(key)} bytes: a query key needs at least "
+                            f"{QUERY_KEY_MIN_BYTES} (e.g. `openssl rand -hex 32`)")
+    return key
+
+
+def key_id(key: bytes) -> str:
+    """A public name of a query key (recorded in each trace), from which the key cannot be found: which key a
+    replay needs, and whether the one it has is that one."""
+    return hmac.new(key, _KEY_ID_MESSAGE, hashlib.sha256).hexdigest()[:16]
+
+
+class QueryKeyError(ValueError):
+    """The query key cannot be read (``trace.hash_key_env``); wrapped in a SieveError by its callers."""
 
 
 def _visible(text: str) -> bool:

@@ -26,10 +26,11 @@ from typing import Any
 from engine import __version__
 from engine.compiler import CompiledPipeline, compile_file
 from engine.cache import asked_by
-from engine.errors import (DeadlineExceeded, ModelLoadError, QueryError, SieveError, SieveIndexError, StageError,
-                           TraceError)
+from engine.errors import (ConfigError, ConfigIssue, DeadlineExceeded, Location, ModelLoadError, QueryError, SieveError,
+                           SieveIndexError, StageError, TraceError)
 from engine.index import Index
-from engine.model import Candidate, Decision, Drop, Query, ScoreEntry, UserContext
+from engine.model import (Candidate, Decision, Drop, Query, QueryKeyError, ScoreEntry, UserContext, key_id, query_key,
+                          text_digest)
 from engine.registry import plugin_of
 from engine.stage import (DocumentMask, Explanation, Port, Resources, StageContext, StageResult,
                           explanation_dicts, run_notes, stage_deadline)
@@ -115,6 +116,7 @@ class Pipeline:
         except OSError:  # the working directory was removed: a relative log is then resolved when written to
             self._made_in = None
         self._closed = False
+        self._query_key: bytes | None = None  # trace.hash_key_env's key, read at warm-up
         self._owns_resources = True  # False when warm_up(reuse=...) shares another pipeline's index and models
 
     def close(self) -> None:
@@ -181,6 +183,13 @@ class Pipeline:
                 raise SieveError("this Pipeline was closed: make a new one (Pipeline.from_file) to query again")
             if self.resources is not None:
                 return self.resources
+            key_env = self.compiled.config.trace.hash_key_env
+            if key_env is not None:  # at warm-up, before any query: a server without its key does not start
+                try:
+                    self._query_key = query_key(key_env)
+                except QueryKeyError as exc:
+                    raise ConfigError([ConfigIssue(Location(self.compiled.source_file), "trace.hash_key_env",
+                                                   str(exc))]) from None
             if reuse is not None and reuse.base_dir == self.compiled.base_dir and (
                 (reuse.index is None and self.index_path is None)
                 or (reuse.index is not None and self.index_path is not None
@@ -416,7 +425,7 @@ class Pipeline:
                 record["query"] = {"rewritten": rewritten}
             else:  # the text stays out of the trace; its hash lets an auditor match it
                 record["query"] = {"rewritten_sha256": None if rewritten is None else
-                                   hashlib.sha256(rewritten.encode("utf-8")).hexdigest()}
+                                   text_digest(rewritten, self._query_key)}
         if stage.produces is Port.MASK and result.mask is not None:
             record["mask"] = {"allowed": int(result.mask.allowed.sum()), "total": int(result.mask.allowed.size)}
         if candidates is not None:
@@ -539,8 +548,9 @@ class Pipeline:
         settings = compiled.config.trace
         resources = self.resources
         assert resources is not None
+        key = self._query_key
         query_record: dict[str, Any] = {
-            "text_sha256": query.text_sha256(),
+            "text_sha256": text_digest(query.text, key),
             "as_of": query.as_of.isoformat(),
             "user": query.user.model_dump(mode="json"),
             "language": query.language,
@@ -552,11 +562,12 @@ class Pipeline:
             query_record["rewritten"] = final_query.rewritten
         else:  # the text stays out of the trace; hashes let an auditor or a replay match it (null: not rewritten)
             rewritten = final_query.rewritten
-            query_record["rewritten_sha256"] = (None if rewritten is None
-                                                else hashlib.sha256(rewritten.encode("utf-8")).hexdigest())
+            query_record["rewritten_sha256"] = None if rewritten is None else text_digest(rewritten, key)
             if query.history:  # the turns' hashes let a replay check the turns given
-                query_record["history_sha256"] = [hashlib.sha256(turn.encode("utf-8")).hexdigest()
-                                                  for turn in query.history]
+                query_record["history_sha256"] = [text_digest(turn, key) for turn in query.history]
+        if key is not None:  # the *_sha256 fields are HMAC-SHA256 under this key (a replay needs it)
+            query_record["hashed_with"] = {"algorithm": "hmac-sha256", "key_env": settings.hash_key_env,
+                                           "key_id": key_id(key)}
         models = []
         for stage_id in compiled.order:
             identity = compiled.stages[stage_id].identity()

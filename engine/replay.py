@@ -29,7 +29,7 @@ from typing import Any
 from engine import __version__
 from engine.compiler import canonical_json, compile_data
 from engine.errors import TraceError
-from engine.model import Query, UserContext
+from engine.model import Query, QueryKeyError, UserContext, key_id, query_key, text_digest
 from engine.pipeline import Pipeline
 
 MAX_DETAILED = 20  # path-by-path differences listed before "… and N more"
@@ -49,8 +49,23 @@ WORDING_KEYS = frozenset({"description", "detail", "message", "condition"})
 MAX_WORDING_NOTED = 8
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def _digester(recorded: dict[str, Any]) -> Any:
+    """How the trace hashed its texts: plain sha256, or HMAC-SHA256 under the key in the environment variable it
+    names (``hashed_with``; the key must be the one recorded by its id)."""
+    hashed = recorded.get("hashed_with")
+    if not hashed:
+        return lambda text: text_digest(text, None)
+    if not isinstance(hashed, dict) or hashed.get("algorithm") != "hmac-sha256" or not isinstance(
+            hashed.get("key_env"), str):
+        raise TraceError(f"the trace's query.hashed_with is not one this engine reads: {hashed!r}")
+    try:
+        key = query_key(hashed["key_env"])
+    except QueryKeyError as exc:
+        raise TraceError(f"this trace's query hashes are keyed (trace.hash_key_env): {exc}") from None
+    if key_id(key) != hashed.get("key_id"):
+        raise TraceError(f"the key in {hashed['key_env']} is not the one this trace was written with (key id "
+                         f"{hashed.get('key_id')}, this one {key_id(key)}): set the key the log was written with")
+    return lambda text: text_digest(text, key)
 
 
 def _recorded_query(trace: dict[str, Any], query_text: str | None, history: list[str] | None,
@@ -64,9 +79,10 @@ def _recorded_query(trace: dict[str, Any], query_text: str | None, history: list
                 "pass the original text with --query"
             )
         text = query_text
-    if _sha256(text) != recorded.get("text_sha256"):
+    digest = _digester(recorded)
+    if digest(text) != recorded.get("text_sha256"):
         raise TraceError("the query text does not match the sha256 recorded in the trace")
-    turns = _recorded_history(recorded, history, notes)
+    turns = _recorded_history(recorded, history, notes, digest)
     try:
         return Query(
             text=text,
@@ -79,7 +95,8 @@ def _recorded_query(trace: dict[str, Any], query_text: str | None, history: list
         raise TraceError(f"the trace's query record is malformed: {exc}") from None
 
 
-def _recorded_history(recorded: dict[str, Any], given: list[str] | None, notes: list[str]) -> tuple[str, ...]:
+def _recorded_history(recorded: dict[str, Any], given: list[str] | None, notes: list[str],
+                      digest: Any) -> tuple[str, ...]:
     """The conversation's earlier turns: stored in the trace, or given (``--history``) and checked against the
     sha256 of each turn the trace records when it does not store their text."""
     if "history" in recorded:
@@ -107,8 +124,8 @@ def _recorded_history(recorded: dict[str, Any], given: list[str] | None, notes: 
         notes.append(f"the trace records only how many earlier turns there were ({count}), not their sha256: "
                      "the --history given cannot be checked (a trace written before Sieve recorded them)")
         return tuple(given)
-    for number, (turn, digest) in enumerate(zip(given, hashes), start=1):
-        if _sha256(turn) != digest:
+    for number, (turn, recorded_digest) in enumerate(zip(given, hashes), start=1):
+        if digest(turn) != recorded_digest:
             raise TraceError(f"--history turn {number} does not match the sha256 recorded in the trace for it")
     return tuple(given)
 

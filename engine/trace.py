@@ -1774,8 +1774,10 @@ def _write_atomic(path: str | Path, write: Any) -> None:
     """Call ``write(handle)`` on a temporary file beside the target, fsync it, and rename it over the target.
 
     Through a symlink, the symlink's target is replaced (the link stays); an existing file keeps its permission
-    bits; a FIFO, device or socket is refused (:func:`atomic_write_target`). On any failure (a full disk, a
-    directory at the target, Ctrl-C) the temporary file is removed and the target is untouched.
+    bits, a new one is made 0640 like the trace log (less by the umask: what these files hold, a trace, an eval's
+    users, a report, is the log's content); a FIFO, device or socket is refused (:func:`atomic_write_target`). On
+    any failure (a full disk, a directory at the target, Ctrl-C) the temporary file is removed and the target is
+    untouched.
     """
     target = atomic_write_target(path)
     try:
@@ -1785,7 +1787,7 @@ def _write_atomic(path: str | Path, write: Any) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_beside(target, "tmp")
     try:
-        with open(temporary, "x", encoding="utf-8") as handle:
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), "w", encoding="utf-8") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

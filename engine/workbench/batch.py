@@ -540,7 +540,7 @@ def lock_partial(partial: Path, *, fresh: bool) -> int:
     """Open (creating it when ``fresh``) and lock the partial file for appending; another ``sieve batch`` writing
     it is an error rather than two writers. ``fresh``: the file is emptied, once locked."""
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if fresh else 0), 0o644)
+        fd = os.open(partial, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if fresh else 0), 0o640)  # as the trace log
     except OSError as exc:
         raise SieveError(f"cannot write {partial}: {exc.strerror or exc}") from None
     try:

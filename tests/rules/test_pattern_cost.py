@@ -60,7 +60,8 @@ def test_a_pattern_that_would_take_gigabytes_to_compile_is_refused_at_once(tmp_p
 
 
 def test_the_refusal_costs_no_memory():
-    """In a child capped at 1 GiB of address space (the bomb needed ~4.5 GB before): refused in well under it."""
+    """In a child capped at 1 GiB of address space (the bomb needed ~4.5 GB before: a MemoryError there): refused.
+    (Its peak RSS is no measure: Linux keeps the parent's across the fork and exec.)"""
     code = textwrap.dedent(f"""
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
@@ -68,8 +69,7 @@ def test_the_refusal_costs_no_memory():
         try:
             compile_pattern({BOMB!r})
         except PatternError:
-            print("refused", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+            print("refused")
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("refused"), done.stderr[-2000:]
-    assert int(done.stdout.split()[1]) < 300  # MB

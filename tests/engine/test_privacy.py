@@ -1,0 +1,85 @@
+"""Privacy audit (data at rest). F1: under ``include_query_text: false`` a trace kept the query's plain sha256,
+which a word list reverses for a short query ("HIV PrEP", "my daughter": all recovered from a log); a key
+(``trace.hash_key_env``) makes the hashes HMAC-SHA256. F5: copies of a trace were world-readable (0644) while
+the log is 0640."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import stat
+
+import pytest
+
+from engine.errors import ConfigError, TraceError
+from engine.pipeline import Pipeline
+from engine.replay import replay_trace
+
+KEY = "k" * 32
+
+
+def _config(write_config, bm25_index, log, extra: str = "") -> Pipeline:
+    return Pipeline.from_file(write_config(
+        f"version: 1\nname: p\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
+        f"output: bm25\ntrace: {{log: {log}, include_query_text: false{extra}}}\n"))
+
+
+def test_a_keyed_trace_records_hmacs_a_word_list_cannot_reverse(write_config, bm25_index, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIEVE_TRACE_KEY", KEY)
+    pipeline = _config(write_config, bm25_index, tmp_path / "log.jsonl", ", hash_key_env: SIEVE_TRACE_KEY")
+    trace = pipeline.search("HIV PrEP", history=["my daughter"], log=True).trace
+    recorded = trace["query"]
+    plain = hashlib.sha256(b"HIV PrEP").hexdigest()
+    assert recorded["text_sha256"] != plain  # before: the plain sha256, found again by hashing candidate words
+    assert recorded["text_sha256"] == hmac.new(KEY.encode(), b"HIV PrEP", hashlib.sha256).hexdigest()
+    assert recorded["history_sha256"] == [hmac.new(KEY.encode(), b"my daughter", hashlib.sha256).hexdigest()]
+    assert recorded["hashed_with"]["key_env"] == "SIEVE_TRACE_KEY" and len(recorded["hashed_with"]["key_id"]) == 16
+    assert KEY not in json.dumps(trace)
+
+    assert replay_trace(trace, query_text="HIV PrEP", history=["my daughter"])["identical"]
+    with pytest.raises(TraceError, match="does not match"):
+        replay_trace(trace, query_text="HIV PEP", history=["my daughter"])
+    monkeypatch.setenv("SIEVE_TRACE_KEY", "another key of 32 bytes or more.")
+    with pytest.raises(TraceError, match="not the one this trace was written with"):
+        replay_trace(trace, query_text="HIV PrEP", history=["my daughter"])
+    monkeypatch.delenv("SIEVE_TRACE_KEY")
+    with pytest.raises(TraceError, match="SIEVE_TRACE_KEY, which is not set"):
+        replay_trace(trace, query_text="HIV PrEP", history=["my daughter"])
+
+
+def test_a_missing_or_short_key_stops_the_pipeline_at_warm_up(write_config, bm25_index, tmp_path, monkeypatch):
+    monkeypatch.delenv("SIEVE_TRACE_KEY", raising=False)
+    pipeline = _config(write_config, bm25_index, tmp_path / "log.jsonl", ", hash_key_env: SIEVE_TRACE_KEY")
+    with pytest.raises(ConfigError, match="SIEVE_TRACE_KEY, which is not set"):
+        pipeline.warm_up()
+    monkeypatch.setenv("SIEVE_TRACE_KEY", "short")
+    with pytest.raises(ConfigError, match="5 bytes: a query key needs at least 16"):
+        _config(write_config, bm25_index, tmp_path / "log.jsonl", ", hash_key_env: SIEVE_TRACE_KEY").warm_up()
+    with pytest.raises(ConfigError, match="hash_key_env"):
+        _config(write_config, bm25_index, tmp_path / "log.jsonl", ", hash_key_env: 'lower case'")
+
+
+def test_without_a_key_the_hash_is_plain_sha256_as_before(write_config, bm25_index, tmp_path):
+    trace = _config(write_config, bm25_index, tmp_path / "log.jsonl").search("HIV PrEP", log=False).trace
+    assert trace["query"]["text_sha256"] == hashlib.sha256(b"HIV PrEP").hexdigest()
+    assert "hashed_with" not in trace["query"]
+
+
+def test_copies_of_a_trace_are_made_0640_like_the_log(tmp_path, monkeypatch):
+    """F5: --trace-out, the HTML report, eval's and batch's outputs were 0644 under umask 022 (the log 0640)."""
+    from engine.trace import TraceLog, write_json_atomic, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "trace.json", {"a": 1})
+        write_text_atomic(tmp_path / "report.html", "<p>")
+        TraceLog(tmp_path / "log.jsonl").append({"schema": "sieve.trace/1"})
+        (tmp_path / "kept.json").write_text("{}")
+        os.chmod(tmp_path / "kept.json", 0o600)
+        write_json_atomic(tmp_path / "kept.json", {"b": 2})  # an existing file keeps its mode
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"trace.json": 0o640, "report.html": 0o640, "log.jsonl": 0o640, "kept.json": 0o600}, modes
