@@ -1310,13 +1310,15 @@ class EntityConsistency(Stage):
 
     @staticmethod
     def _describe(verdict: EntityVerdict, trace_text: bool) -> dict[str, Any]:
-        def show(m: Mention) -> str:
-            return f"{m.label}:{m.key}" if trace_text else f"{m.label}:{REDACTED}"
-
+        """A document's matches and conflicts. Without the query's text in the trace, counts only: the labels a
+        document matched, or the entities it conflicts with, intersected over documents with the index's
+        entities, gave the query's entities back (a diagnosis named only in the history, in an audit)."""
+        if not trace_text:
+            return {"score": verdict.score, "matched": len(verdict.matched), "conflicting": len(verdict.conflicting)}
         return {
             "score": verdict.score,
-            "matched": [show(m) for m in verdict.matched],
-            "conflicting": [{"query": show(q), "document": [f"{d.label}:{d.key}" for d in found]}
+            "matched": [f"{m.label}:{m.key}" for m in verdict.matched],
+            "conflicting": [{"query": f"{q.label}:{q.key}", "document": [f"{d.label}:{d.key}" for d in found]}
                             for q, found in verdict.conflicting],
         }
 
@@ -1350,10 +1352,11 @@ class EntityConsistency(Stage):
             if (mention.label, mention.key) in matched:
                 details.append(Explanation(p.match_weight / n, f"matched: the document names {name}; +{p.match_weight:g}/{n}"))
             elif (mention.label, mention.key) in conflicts:
-                others = ", ".join(f"'{d.key}'" for d in conflicts[(mention.label, mention.key)])
+                others = (" (" + ", ".join(f"'{d.key}'" for d in conflicts[(mention.label, mention.key)]) + ")"
+                          if trace_text else "")  # which ones would name the query's by exclusion
                 details.append(Explanation(
                     -p.conflict_weight / n,
-                    f"conflict: the query names {name}, the document names other {mention.label} ({others}); "
+                    f"conflict: the query names {name}, the document names other {mention.label}{others}; "
                     f"-{p.conflict_weight:g}/{n}",
                 ))
             else:

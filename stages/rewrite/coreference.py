@@ -339,9 +339,9 @@ class CoreferenceRewrite(Stage):
 
     @staticmethod
     def _hit(hit: GlossaryHit, trace_text: bool) -> dict[str, Any]:
-        record: dict[str, Any] = {"entry": hit.entry, "action": hit.action, "start": hit.start, "end": hit.end}
-        if trace_text:
-            record.update(matched=hit.matched, added=hit.added)
+        record: dict[str, Any] = {"entry": hit.entry, "action": hit.action}
+        if trace_text:  # without the text, no offsets either: an entry's term of that length names the word typed
+            record.update(start=hit.start, end=hit.end, matched=hit.matched, added=hit.added)
         return record
 
     def _change(self, replacement: Replacement, trace_text: bool, redactor: Redactor | None = None) -> Explanation:

@@ -177,8 +177,9 @@ class Replacement:
         heuristic = self.heuristic
         if not trace_text:
             heuristic = (redactor or Redactor(self.texts())).redact(heuristic)
-        record: dict[str, Any] = {"kind": self.kind, "heuristic": heuristic, "start": self.start, "end": self.end}
-        if trace_text:
+        record: dict[str, Any] = {"kind": self.kind, "heuristic": heuristic}
+        if trace_text:  # offsets too: with the query's length they narrow down its words
+            record.update(start=self.start, end=self.end)
             record["original"] = self.original
             record["replacement"] = self.replacement
         if self.antecedent is not None:
