@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import unicodedata
 import graphlib
 import os
 import threading
@@ -89,7 +90,12 @@ def _without_query_words(message: str, query: Query) -> str:
     (its text, rewrite and history, bar function words) are redacted; the rest stays for the operator."""
     from stages.rewrite.discourse import Redactor
 
-    redacted = Redactor([query.text, query.rewritten or "", *query.history]).words(message)
+    redactor = Redactor([query.text, query.rewritten or "", *query.history])
+    message = unicodedata.normalize("NFC", message)  # a decomposed accent is the word too
+    if redactor.quotes_escaped(message):  # escaped (bytes, JSON, URL): no word to cut out, so nothing is kept
+        return ("the stage's message is withheld: it quotes the query in an escaped form (include_query_text is "
+                "false; the server's or the caller's log of the exception has it)")
+    redacted = redactor.words(message)
     if redacted == message:
         return message
     return f"{redacted} (words of the query are redacted: include_query_text is false)"

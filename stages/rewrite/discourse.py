@@ -252,6 +252,19 @@ class Redactor:
         pieces.append(self.words(description[cursor:]))
         return _REDACTIONS.sub(REDACTED, "".join(pieces))
 
+    def quotes_escaped(self, text: str) -> bool:
+        """Whether ``text`` holds a word of the conversation (bar function words) escaped as a library's message
+        may quote it (``\\xeb``, ``\\u00eb``, ``b'\\xc3\\xab'``, ``%C3%AB``), where :meth:`words` cannot see it."""
+        import json
+        from urllib.parse import quote, quote_plus
+
+        folded = text.casefold()
+        for word in self._vocabulary:
+            forms = {ascii(word)[1:-1], json.dumps(word)[1:-1], quote(word), quote_plus(word), repr(word.encode())[2:-1]}
+            if any(form != word and form.casefold() in folded for form in forms):
+                return True
+        return False
+
     def words(self, text: str) -> str:
         """``text`` with any word of the conversation (bar function words) and any Han character of it redacted:
         what a description holds outside quotes, or a message that quotes in no known way (an exception's)."""

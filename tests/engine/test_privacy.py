@@ -83,3 +83,17 @@ def test_copies_of_a_trace_are_made_0640_like_the_log(tmp_path, monkeypatch):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"trace.json": 0o640, "report.html": 0o640, "log.jsonl": 0o640, "kept.json": 0o600}, modes
+
+
+@pytest.mark.parametrize("quoted", ["b'Zo\\xc3\\xab M\\xc3\\xbcller'", "Zo\\u00eb M\\u00fcller", "Zo\\xeb", "Zo%C3%AB",
+                                    "Zoe\u0308 Mu\u0308ller", "Zoë Müller"])
+def test_a_stage_message_quoting_the_query_escaped_is_withheld(quoted):
+    """F6: the redaction of a stage's error message (a plugin's, a library's) missed the query's words escaped (bytes,
+    \\u escapes, URL encoding) or decomposed: 5 of 6 forms got through."""
+    from engine.model import Query
+    from engine.pipeline import _without_query_words
+
+    query = Query.create("Zoë Müller kidney dose")
+    kept = _without_query_words(f"lookup failed for {quoted} in table x", query)
+    assert quoted not in kept and "Zo" not in kept and "xc3" not in kept.lower() and "%C3" not in kept, kept
+    assert _without_query_words("connection refused by host db-1", query) == "connection refused by host db-1"
