@@ -135,6 +135,29 @@ def weights_hash(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
+# What turns text into a model's input besides its weights: the tokenizer's files and the model's config. A swapped
+# tokenizer (another vocabulary) over the same weights ranks garbage, and the weights hash alone does not see it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model",
+                   "config.json")
+
+
+def tokenizer_hash(directory: str | Path | None) -> str | None:
+    """sha256 over a model directory's tokenizer files and config (``TOKENIZER_FILES``, names and contents); None
+    when there is no directory or none of them is in it."""
+    if directory is None:
+        return None
+    directory = Path(directory)
+    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode("utf-8"))
+        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode("ascii"))
+    return digest.hexdigest()
+
+
 def _packaged_directory(module_name: str, attribute: str) -> Path | None:
     try:
         module = importlib.import_module(module_name)

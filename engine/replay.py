@@ -439,7 +439,9 @@ def _index_hint(recorded: dict[str, Any], index_path: Path | None) -> str:
 # ---------------------------------------------------------------------------- models and rule files
 
 
-MODEL_FIELDS = ("weights_sha256", "device", "precision", "max_length")
+MODEL_FIELDS = ("weights_sha256", "tokenizer_sha256", "device", "precision", "max_length")
+# Identity fields a newer engine records: absent from an older trace, they are no difference
+ADDED_FIELDS = frozenset({"tokenizer_sha256"})
 
 
 def _flatten(value: Any, path: str = "", *, machine: bool = False) -> dict[str, Any]:
@@ -485,7 +487,7 @@ def _model_differences(recorded: list[dict[str, Any]], now: list[dict[str, Any]]
         fields += [f for f in sorted(set(old) | set(new)) if f not in fields and f != "stage"]
         changed = []
         for field in fields:
-            if old.get(field) == new.get(field):
+            if old.get(field) == new.get(field) or field not in old and field.rpartition(".")[2] in ADDED_FIELDS:
                 continue
             if field not in old:
                 changed.append(f"{field} (not recorded) -> {new[field]!r}")
@@ -538,6 +540,8 @@ def _file_cause(model: dict[str, Any], old: dict[str, Any], new: dict[str, Any])
             causes.append(f"the {part} {Path(str(model[part].get('file') or part)).name} changed since the trace")
     if old.get("weights_sha256") != new.get("weights_sha256") and "weights_sha256" in old:
         causes.append("other weights")
+    if old.get("tokenizer_sha256") != new.get("tokenizer_sha256") and "tokenizer_sha256" in old:
+        causes.append("another tokenizer or model config over the weights")
     return f" ({'; '.join(causes)})" if causes else ""
 
 

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
 from engine.index import content_defined_batches
-from engine.models import ResolvedModel, load_failure, quiet_transformers, torch_fork_guard, weights_hash
+from engine.models import (ResolvedModel, load_failure, quiet_transformers, tokenizer_hash, torch_fork_guard,
+                           weights_hash)
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Pooling = Literal["auto", "cls", "mean"]
@@ -201,6 +202,7 @@ class Embedder:
         self.weights_sha256 = resolved.weights_sha256
         if self.weights_sha256 is None and local_dir is not None:
             self.weights_sha256 = weights_hash(local_dir)
+        self.tokenizer_sha256 = tokenizer_hash(local_dir)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelLoadError(
                 f"embedding model '{resolved.name}' has no fast tokenizer (tokenizer.json); Sieve needs one to count "
@@ -239,6 +241,7 @@ class Embedder:
             "source": self.resolved.source,
             "location": self.resolved.location,
             "weights_sha256": self.weights_sha256,
+            "tokenizer_sha256": self.tokenizer_sha256,
             "architecture": (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0],
             "pooling": self.pooling,
             "normalized": True,
@@ -543,13 +546,15 @@ class Embedder:
         return result
 
 
-_embedders: dict[tuple[str, str | None, str, str, str], Embedder] = {}
+_embedders: dict[tuple[str, str | None, str | None, str, str, str], Embedder] = {}
 _embedders_lock = threading.Lock()
 
 
 def load_embedder(resolved: ResolvedModel, *, pooling: str, device: str, precision: str) -> Embedder:
-    """The process-wide embedder for this model, pooling, device and precision (loaded once)."""
-    key = (resolved.location, resolved.weights_sha256, pooling, device, precision)
+    """The process-wide embedder for this model (weights and tokenizer), pooling, device and precision (loaded
+    once; a tokenizer swapped since is another embedder)."""
+    local = Path(resolved.location) if resolved.source != "hub" else None
+    key = (resolved.location, resolved.weights_sha256, tokenizer_hash(local), pooling, device, precision)
     with _embedders_lock:
         found = _embedders.get(key)
         if found is None:

@@ -160,6 +160,7 @@ class DenseComponent(IndexComponent):
                 "source": resolved.source,
                 "location": resolved.location,
                 "weights_sha256": embedder.weights_sha256,
+                "tokenizer_sha256": embedder.tokenizer_sha256,
                 "architecture": identity["architecture"],
             },
             "pooling": embedder.pooling,
@@ -279,6 +280,13 @@ class DenseRecall(Stage):
         )
         if expected is not None and embedder.weights_sha256 is not None and embedder.weights_sha256 != expected:
             raise self._mismatch(index.path, recorded, resolved, embedder.weights_sha256)
+        tokenizer = recorded.get("tokenizer_sha256")  # recorded by indexes built since 0.11.0
+        if tokenizer is not None and embedder.tokenizer_sha256 is not None and embedder.tokenizer_sha256 != tokenizer:
+            raise ModelLoadError(
+                f"stage '{self.id}': the index at {index.path} was embedded with '{recorded['name']}' whose tokenizer "
+                f"and config (sha256 {tokenizer[:12]}) are not the ones at {resolved.location} now (sha256 "
+                f"{embedder.tokenizer_sha256[:12]}), over the same weights: a query would be cut into other tokens "
+                "than the documents were; restore the model's tokenizer files, or rebuild the index")
         self._dense = resources.shared(f"dense-index:{directory}", lambda: LoadedDenseIndex(directory, entry))
         if self._dense.count != index.doc_count:
             raise SieveIndexError(

@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from engine.cache import LRUCache
 from engine.errors import DeadlineExceeded, MissingDependencyError, ModelLoadError, SieveError
 from engine.models import (load_failure, missing_model_path, model_card, quiet_transformers, resolve_model,
-                           torch_fork_guard, weights_hash)
+                           tokenizer_hash, torch_fork_guard, weights_hash)
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -241,7 +241,8 @@ class LoadedReranker:
             self.weights_sha256 = resolved.weights_sha256
         else:
             self.weights_sha256 = _hub_weights_hash(resolved.location)
-        self.key = f"{self.weights_sha256 or resolved.location}:{self.head}:{self.scale}"
+        self.tokenizer_sha256 = tokenizer_hash(resolved.location) if Path(resolved.location).is_dir() else None
+        self.key = f"{self.weights_sha256 or resolved.location}:{self.tokenizer_sha256}:{self.head}:{self.scale}"
         self.lock = threading.Lock()
 
     def _load_segment_cosine(self) -> None:
@@ -314,6 +315,7 @@ class LoadedReranker:
             "source": self.resolved.source,
             "location": self.resolved.location,
             "weights_sha256": self.weights_sha256,
+            "tokenizer_sha256": self.tokenizer_sha256,
             "kind": self.head,
             "architecture": (getattr(config, "architectures", None) or [type(self.model).__name__])[0],
             "device": self.device,

