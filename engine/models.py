@@ -21,10 +21,13 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import ModelLoadError
 from engine.yamlsource import path_problem, printable
+
+if TYPE_CHECKING:
+    from engine.model import Decision
 
 # Packaged stand-ins: hub id -> (importable module, how to find the model directory in it).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
@@ -156,6 +159,51 @@ def tokenizer_hash(directory: str | Path | None) -> str | None:
         digest.update(path.name.encode("utf-8"))
         digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode("ascii"))
     return digest.hexdigest()
+
+
+class ModelFiles:
+    """What a loaded model's directory held when it was loaded (each weight and tokenizer file's mtime, size and
+    inode), to say when it changed on disk since: a long-running process (``sieve serve``) keeps what it loaded,
+    and a restart or a new replica would load the other files. A few stats per query; None for a hub model."""
+
+    def __init__(self, directory: str | Path | None, what: str):
+        self.directory = Path(directory) if directory is not None and Path(directory).is_dir() else None
+        self.what = what
+        self._names = sorted(p.name for p in self.directory.iterdir() if p.is_file() and (
+            p.suffix in WEIGHT_SUFFIXES or p.name in TOKENIZER_FILES)) if self.directory is not None else []
+        self._loaded = self._stats()
+        self._warned: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+
+    def _stats(self) -> dict[str, tuple[int, int, int] | None]:
+        found: dict[str, tuple[int, int, int] | None] = {}
+        for name in self._names:
+            try:
+                stat = os.stat(self.directory / name)  # type: ignore[operator]
+                found[name] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            except OSError:
+                found[name] = None
+        return found
+
+    def changed(self) -> "Decision | None":
+        """A ``model_changed_on_disk`` decision (logged once per change) when a file of the model differs on disk
+        from what was loaded, else None."""
+        from engine.model import Decision
+
+        if self.directory is None:
+            return None
+        now = self._stats()
+        names = tuple(name for name in self._names if now[name] != self._loaded[name])
+        if not names:
+            return None
+        detail = (f"the {self.what} at {self.directory} changed on disk since it was loaded ({', '.join(names)}): this "
+                  "query ran the model as loaded; a restart (or a new replica) loads the files now there")
+        with self._lock:
+            first = names not in self._warned
+            self._warned.add(names)
+        if first:
+            logging.getLogger("sieve.models").warning(detail)
+        return Decision("model_changed_on_disk", detail, {"directory": str(self.directory), "files": list(names)})
 
 
 def _packaged_directory(module_name: str, attribute: str) -> Path | None:

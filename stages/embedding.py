@@ -31,8 +31,8 @@ from typing import Any, Literal
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
 from engine.index import content_defined_batches
-from engine.models import (ResolvedModel, load_failure, quiet_transformers, tokenizer_hash, torch_fork_guard,
-                           weights_hash)
+from engine.models import (ModelFiles, ResolvedModel, load_failure, quiet_transformers, tokenizer_hash,
+                           torch_fork_guard, weights_hash)
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Pooling = Literal["auto", "cls", "mean"]
@@ -203,6 +203,7 @@ class Embedder:
         if self.weights_sha256 is None and local_dir is not None:
             self.weights_sha256 = weights_hash(local_dir)
         self.tokenizer_sha256 = tokenizer_hash(local_dir)
+        self.files = ModelFiles(local_dir, f"embedding model '{resolved.name}'")
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelLoadError(
                 f"embedding model '{resolved.name}' has no fast tokenizer (tokenizer.json); Sieve needs one to count "

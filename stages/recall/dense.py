@@ -328,7 +328,8 @@ class DenseRecall(Stage):
         dense = self._dense
         doc_ids = self._doc_ids
         corpus_size = dense.count
-        decisions: list[Decision] = []
+        changed = self._embedder.files.changed()  # a model replaced under a long-running process: said, not loaded
+        decisions: list[Decision] = [changed] if changed is not None else []
         details: dict[str, Any] = {"index_type": dense.kind}
 
         began = time.perf_counter()

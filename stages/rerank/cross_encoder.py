@@ -32,8 +32,8 @@ from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import DeadlineExceeded, MissingDependencyError, ModelLoadError, SieveError
-from engine.models import (load_failure, missing_model_path, model_card, quiet_transformers, resolve_model,
-                           tokenizer_hash, torch_fork_guard, weights_hash)
+from engine.models import (ModelFiles, load_failure, missing_model_path, model_card, quiet_transformers,
+                           resolve_model, tokenizer_hash, torch_fork_guard, weights_hash)
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -241,7 +241,9 @@ class LoadedReranker:
             self.weights_sha256 = resolved.weights_sha256
         else:
             self.weights_sha256 = _hub_weights_hash(resolved.location)
-        self.tokenizer_sha256 = tokenizer_hash(resolved.location) if Path(resolved.location).is_dir() else None
+        local = resolved.location if Path(resolved.location).is_dir() else None
+        self.tokenizer_sha256 = tokenizer_hash(local)
+        self.files = ModelFiles(local, f"cross-encoder '{resolved.name}'")
         self.key = f"{self.weights_sha256 or resolved.location}:{self.tokenizer_sha256}:{self.head}:{self.scale}"
         self.lock = threading.Lock()
 
@@ -644,7 +646,8 @@ class CrossEncoderRerank(Stage):
         query_text = ctx.query.text if params.query == "original" else ctx.query.effective_text
         window = incoming[: params.window]
         rest = incoming[params.window :]
-        decisions: list[Decision] = []
+        changed = self._model.files.changed()  # a model replaced under a long-running process: said, not loaded
+        decisions: list[Decision] = [changed] if changed is not None else []
         details: dict[str, Any] = {"window": params.window, "input": len(incoming)}
         if not window:
             decisions.append(Decision("empty_input", "no candidates to rerank"))

@@ -109,3 +109,29 @@ def test_the_shipped_reranker_refuses_weights_its_card_does_not_describe(tmp_pat
         "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
     with pytest.raises(ModelLoadError, match="are not the ones its sieve_model.json describes"):
         Pipeline.from_file(config).warm_up()
+
+
+def test_a_model_changed_under_a_running_pipeline_is_said_in_each_trace_and_logged_once(tmp_path, caplog):
+    """Models audit F4: a model directory changed under `sieve serve` went unnoticed (rule files and indexes are
+    reported); a restart or a new replica then served the other model silently."""
+    import logging
+
+    model = _embedder_copy(tmp_path)
+    index = tmp_path / "index"
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}, "dense": {"model": str(model)}})
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: dense, type: recall.dense}}\noutput: dense\n"
+                      "trace: {log: null}\n", encoding="utf-8")
+    pipeline = Pipeline.from_file(config)
+
+    def decisions(query: str) -> list[str]:
+        trace = pipeline.search(query, log=False).trace
+        return [d["code"] for s in trace["stages"] if s["id"] == "dense" for d in s.get("decisions", [])]
+
+    assert "model_changed_on_disk" not in decisions("metformin")
+    _shuffle_vocabulary(model)  # the file is rewritten: another size and time
+    with caplog.at_level(logging.WARNING, logger="sieve.models"):
+        assert "model_changed_on_disk" in decisions("insulin")
+        assert "model_changed_on_disk" in decisions("kidney")
+    warned = [r for r in caplog.records if "changed on disk since it was loaded (tokenizer.json)" in r.getMessage()]
+    assert len(warned) == 1
