@@ -161,6 +161,22 @@ def tokenizer_hash(directory: str | Path | None) -> str | None:
     return digest.hexdigest()
 
 
+def check_vocabulary(tokenizer: Any, model: Any, what: str, location: str) -> None:
+    """ModelLoadError when the tokenizer gives ids past the model's embedding table (another model's tokenizer):
+    the first query would fail with the library's bare ``IndexError: index out of range in self``."""
+    try:  # the largest id it gives, not its count: ids may be sparse
+        tokens = max(tokenizer.get_vocab().values()) + 1
+    except (AttributeError, TypeError, ValueError):
+        tokens = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(tokens, int) and isinstance(rows, int) and tokens > rows:
+        raise ModelLoadError(f"{what} at {location}: its tokenizer gives token ids up to {tokens - 1} but the model "
+                             f"embeds only {rows}: the tokenizer is another model's (restore the model's own tokenizer files)")
+
+
 class ModelFiles:
     """What a loaded model's directory held when it was loaded (each weight and tokenizer file's mtime, size and
     inode), to say when it changed on disk since: a long-running process (``sieve serve``) keeps what it loaded,

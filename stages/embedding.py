@@ -31,8 +31,8 @@ from typing import Any, Literal
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
 from engine.index import content_defined_batches
-from engine.models import (ModelFiles, ResolvedModel, load_failure, quiet_transformers, tokenizer_hash,
-                           torch_fork_guard, weights_hash)
+from engine.models import (ModelFiles, ResolvedModel, check_vocabulary, load_failure, quiet_transformers,
+                           tokenizer_hash, torch_fork_guard, weights_hash)
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Pooling = Literal["auto", "cls", "mean"]
@@ -185,6 +185,7 @@ class Embedder:
         self.flag = flag
         self.tokenizer = flag.tokenizer
         self.model = flag.model
+        check_vocabulary(self.tokenizer, self.model, f"embedding model '{resolved.name}'", resolved.location)
         local_dir = Path(resolved.location) if resolved.source != "hub" else _hub_snapshot(resolved.location)
         self.local_dir = local_dir
         if pooling == "auto":

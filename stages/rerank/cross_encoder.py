@@ -32,8 +32,8 @@ from pydantic import Field, model_validator
 
 from engine.cache import LRUCache
 from engine.errors import DeadlineExceeded, MissingDependencyError, ModelLoadError, SieveError
-from engine.models import (ModelFiles, load_failure, missing_model_path, model_card, quiet_transformers,
-                           resolve_model, tokenizer_hash, torch_fork_guard, weights_hash)
+from engine.models import (ModelFiles, check_vocabulary, load_failure, missing_model_path, model_card,
+                           quiet_transformers, resolve_model, tokenizer_hash, torch_fork_guard, weights_hash)
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.registry import register_stage
 from engine.stage import (
@@ -265,6 +265,7 @@ class LoadedReranker:
             raise ModelLoadError(
                 f"rerank.cross_encoder: cannot load the segment_cosine model at {location}: {load_failure(location, exc)}"
             ) from None
+        check_vocabulary(self.tokenizer, self.model, "rerank.cross_encoder", location)
         self._place()
 
     def _load_flag_reranker(self) -> None:
@@ -296,6 +297,7 @@ class LoadedReranker:
         self.flag_reranker = reranker
         self.tokenizer = reranker.tokenizer
         self.model = reranker.model
+        check_vocabulary(self.tokenizer, self.model, "rerank.cross_encoder", location)
         self._place()
 
     def _place(self) -> None:

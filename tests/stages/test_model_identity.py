@@ -135,3 +135,14 @@ def test_a_model_changed_under_a_running_pipeline_is_said_in_each_trace_and_logg
         assert "model_changed_on_disk" in decisions("kidney")
     warned = [r for r in caplog.records if "changed on disk since it was loaded (tokenizer.json)" in r.getMessage()]
     assert len(warned) == 1
+
+
+def test_a_tokenizer_giving_ids_past_the_models_embeddings_is_refused_at_load(tmp_path):
+    """Models audit F5: such a tokenizer (another model's) failed on the first query with the library's bare
+    "IndexError: index out of range in self", naming no stage, model or cause."""
+    model = _embedder_copy(tmp_path)
+    tokenizer = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["model"]["vocab"]["metformin"] = 70_521
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    with pytest.raises(Exception, match="token ids up to 70521 but the model embeds only 30522"):
+        build_index(MEDICAL / "corpus.jsonl", tmp_path / "index", {"bm25": {}, "dense": {"model": str(model)}})
