@@ -138,20 +138,22 @@ def weights_hash(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
+# files of which a Hugging Face model directory holds at least one (its vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json")
 # What turns text into a model's input besides its weights: the tokenizer's files and the model's config. A swapped
 # tokenizer (another vocabulary) over the same weights ranks garbage, and the weights hash alone does not see it.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model",
-                   "config.json")
+INPUT_FILES = (*TOKENIZER_FILES, "tokenizer_config.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+               "config.json")
 
 
 def tokenizer_hash(directory: str | Path | None) -> str | None:
-    """sha256 over a model directory's tokenizer files and config (``TOKENIZER_FILES``, names and contents); None
+    """sha256 over a model directory's tokenizer files and config (``INPUT_FILES``, names and contents); None
     when there is no directory or none of them is in it."""
     if directory is None:
         return None
     directory = Path(directory)
-    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    files = [directory / name for name in INPUT_FILES if (directory / name).is_file()]
     if not files:
         return None
     digest = hashlib.sha256()
@@ -186,7 +188,7 @@ class ModelFiles:
         self.directory = Path(directory) if directory is not None and Path(directory).is_dir() else None
         self.what = what
         self._names = sorted(p.name for p in self.directory.iterdir() if p.is_file() and (
-            p.suffix in WEIGHT_SUFFIXES or p.name in TOKENIZER_FILES)) if self.directory is not None else []
+            p.suffix in WEIGHT_SUFFIXES or p.name in INPUT_FILES)) if self.directory is not None else []
         self._loaded = self._stats()
         self._warned: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
@@ -258,11 +260,6 @@ def _hub_cache_directory(hub_id: str) -> Path | None:
     return None
 
 
-# files of which a Hugging Face model directory holds at least one (its vocabulary)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                   "vocab.json")
-
-
 def load_failure(location: str | Path, exc: BaseException) -> str:
     """Why a model directory failed to load, for an error message: the damaged JSON file when one is (a library
     only says "Invalid control character at line 1 column 9", not in which of the directory's files), else the
@@ -293,9 +290,24 @@ def missing_model_path(name: str, base_dir: Path | None) -> str | None:
     candidate = Path(name).expanduser()
     place = candidate if candidate.is_absolute() or base_dir is None else base_dir / candidate
     if place.exists():
-        return None
+        problem = _not_a_model(place)
+        return f"{problem}: the stage will fail to load" if problem is not None else None
     where = "" if candidate.is_absolute() or base_dir is None else f" (looked in the config's directory {base_dir})"
     return f"model directory {name} does not exist{where}: the stage will fail to load"
+
+
+def _not_a_model(candidate: Path) -> str | None:
+    """Why the existing path ``candidate`` is not a model directory (a file; no config.json or meta.json; a
+    transformers model without tokenizer files), or None."""
+    if not candidate.is_dir():
+        return f"{candidate} is a file; give the model's directory"
+    if not (candidate / "config.json").is_file() and not (candidate / "meta.json").is_file():
+        return f"{candidate} is a directory but not a model (no config.json or meta.json)"
+    if (candidate / "config.json").is_file() and not any((candidate / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer and read every word as [UNK]: results, but garbage
+        return (f"{candidate} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); without them every word "
+                "would be read as unknown. Copy the model's tokenizer files into the directory")
+    return None
 
 
 def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "model") -> ResolvedModel:
@@ -310,20 +322,11 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
         # relative to the config's directory only: a fallback to the working directory let one config (one
         # config_sha256) load another model depending on where it was run from
         candidate = (base_dir / candidate).resolve()
-    if candidate.is_dir():
-        if not (candidate / "config.json").is_file() and not (candidate / "meta.json").is_file():
-            raise ModelLoadError(
-                f"{purpose}: {candidate} is a directory but not a model (no config.json or meta.json)"
-            )
-        if (candidate / "config.json").is_file() and not any((candidate / f).is_file() for f in TOKENIZER_FILES):
-            # transformers would build an empty tokenizer and read every word as [UNK]: results, but garbage
-            raise ModelLoadError(
-                f"{purpose}: {candidate} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); without them "
-                "every word would be read as unknown. Copy the model's tokenizer files into the directory"
-            )
-        return ResolvedModel(name, str(candidate.resolve()), "path", weights_hash(candidate))
     if candidate.exists():
-        raise ModelLoadError(f"{purpose}: {candidate} is a file; give the model's directory")
+        problem = _not_a_model(candidate)
+        if problem is not None:
+            raise ModelLoadError(f"{purpose}: {problem}")
+        return ResolvedModel(name, str(candidate.resolve()), "path", weights_hash(candidate))
     packaged = PACKAGED_MODELS.get(name)
     if packaged is not None:
         directory = _packaged_directory(*packaged)

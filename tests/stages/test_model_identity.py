@@ -146,3 +146,22 @@ def test_a_tokenizer_giving_ids_past_the_models_embeddings_is_refused_at_load(tm
     (model / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
     with pytest.raises(Exception, match="token ids up to 70521 but the model embeds only 30522"):
         build_index(MEDICAL / "corpus.jsonl", tmp_path / "index", {"bm25": {}, "dense": {"model": str(model)}})
+
+
+def test_validate_warns_of_a_model_reference_that_cannot_load(tmp_path, write_config):
+    """Models audit F6: `sieve validate` passed a file, an empty directory and a directory without tokenizer files
+    as a reranker's model (the search then failed); they are warnings now, as a missing directory was."""
+    from engine.compiler import compile_file
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notok").mkdir()
+    (tmp_path / "notok" / "config.json").write_text("{}")
+    for name, says in (("afile", "is a file; give the model's directory"), ("empty", "is a directory but not a model"),
+                       ("notok", "has no tokenizer files")):
+        config = write_config(
+            f"version: 1\nindex: {tmp_path}/idx\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+            f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{model: {tmp_path / name}}}}}\n"
+            "output: rerank\n")
+        warnings = [str(w) for w in compile_file(config).warnings]
+        assert any(says in w and "the stage will fail to load" in w for w in warnings), warnings
