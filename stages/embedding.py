@@ -158,14 +158,7 @@ class Embedder:
         torch_fork_guard(torch)
         self.torch = torch
         self.resolved = resolved
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError(f"embedding model '{resolved.name}': device 'cuda' was asked for but CUDA is not available")
-        if precision == "auto":
-            precision = "fp16" if device == "cuda" else "fp32"
-        if precision == "fp16" and device == "cpu":
-            raise ModelLoadError(f"embedding model '{resolved.name}': fp16 is not supported on CPU; use fp32 or bf16")
+        device, precision = device_and_precision(device, precision, f"embedding model '{resolved.name}'")
         self.device = device
         self.precision = precision
         with quiet_transformers():
@@ -546,6 +539,22 @@ class Embedder:
         result = (vector, encoded.full_tokens[0], encoded.kept_tokens[0], encoded.unknown_tokens[0])
         self._query_cache.put(key, result)
         return result
+
+
+def device_and_precision(device: str, precision: str, what: str) -> tuple[str, str]:
+    """``auto`` resolved on this machine (CUDA when present; fp16 on CUDA, fp32 on CPU); ModelLoadError for what this
+    machine cannot do (``cuda`` without CUDA, fp16 on a CPU). Said before an index build's first component, too."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"{what}: device 'cuda' was asked for but CUDA is not available")
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise ModelLoadError(f"{what}: fp16 is not supported on CPU; use fp32 or bf16")
+    return device, precision
 
 
 _embedders: dict[tuple[str, str | None, str | None, str, str, str], Embedder] = {}

@@ -35,6 +35,7 @@ from stages.embedding import (
     Embedder,
     Pooling,
     Precision,
+    device_and_precision,
     load_embedder,
 )
 
@@ -100,6 +101,10 @@ class DenseComponent(IndexComponent):
             _resolve(settings.model, Path.cwd(), "dense index model")
         except ModelLoadError as exc:
             return [(("model",), str(exc))]
+        try:  # what this machine cannot run: said before BM25 and entities are built, not after
+            device_and_precision(settings.device, settings.precision, "dense index model")
+        except ModelLoadError as exc:
+            return [(("precision" if "fp16" in str(exc) else "device",), str(exc))]
         return []
 
     def build(

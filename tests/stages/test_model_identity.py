@@ -178,3 +178,13 @@ def test_a_python_module_that_is_no_spacy_pipeline_is_refused_by_name(tmp_path):
     (tmp_path / "pipeline").write_text("x")
     with pytest.raises(ModelLoadError, match="is a file; give the pipeline's directory"):
         resolve_spacy(str(tmp_path / "pipeline"))
+
+
+def test_an_index_build_says_what_this_machine_cannot_run_before_any_component(tmp_path):
+    """Models audit F7: `dense: {precision: fp16}` (or `device: cuda` without CUDA) failed only after BM25 and the
+    entities were built; settings are checked before any component runs."""
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        build_index(MEDICAL / "corpus.jsonl", tmp_path / "index", {"bm25": {}, "dense": {"precision": "fp16"}})
+    assert not (tmp_path / "index").exists() and not list(tmp_path.glob(".index*"))
