@@ -119,6 +119,17 @@ def weights_hash(directory: str | Path) -> str:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if not files:
         files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(".json"))
+    return _files_hash(directory, files)
+
+
+def files_hash(directory: str | Path) -> str:
+    """sha256 over every file under ``directory`` (names and contents), cached per mtime: a spaCy pipeline's
+    identity beyond its name and version (its components' weights are files named ``model``)."""
+    directory = Path(directory)
+    return _files_hash(directory, sorted(p for p in directory.rglob("*") if p.is_file()))
+
+
+def _files_hash(directory: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         stat = path.stat()

@@ -441,7 +441,7 @@ def _index_hint(recorded: dict[str, Any], index_path: Path | None) -> str:
 
 MODEL_FIELDS = ("weights_sha256", "tokenizer_sha256", "device", "precision", "max_length")
 # Identity fields a newer engine records: absent from an older trace, they are no difference
-ADDED_FIELDS = frozenset({"tokenizer_sha256"})
+ADDED_FIELDS = frozenset({"tokenizer_sha256", "files_sha256"})
 
 
 def _flatten(value: Any, path: str = "", *, machine: bool = False) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from engine.index import (
     BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress, content_defined_batches,
 )
 from engine.model import Candidate, Decision, Query, ScoreEntry
+from engine.models import files_hash, resolve_spacy
 from engine.textform import word_form
 from engine.registry import register_index_component, register_stage
 from engine.stage import (
@@ -524,8 +525,6 @@ class EntityExtractor:
 
     def __init__(self, model: str, gazetteer: Gazetteer | None, use_ner: bool, han_text: HanText = HAN_TEXT,
                  normalization: Normalization = NORMALIZATION):
-        from engine.models import resolve_spacy
-
         try:
             import spacy
         except ImportError:
@@ -546,6 +545,8 @@ class EntityExtractor:
         self.model = model
         self.package = package
         self.model_version = str(probe.meta.get("version"))
+        # the pipeline's files: one re-trained or edited in place keeps its name and version (models audit F3)
+        self.files_sha256 = files_hash(probe.path) if getattr(probe, "path", None) is not None else None
         self.gazetteer = gazetteer
         self.use_ner = use_ner
         self.han_text = han_text
@@ -623,6 +624,7 @@ class EntityExtractor:
             "model": self.model,
             "package": self.package,
             "model_version": self.model_version,
+            "files_sha256": self.files_sha256,
             "spacy": self.spacy_version,
             "ner": self.use_ner,
             "han_text": self.han_text,
@@ -788,8 +790,18 @@ class EntityExtractor:
         return self._read_query(text)[1]
 
 
-_extractors: dict[tuple[str, str | None, bool, str, str], EntityExtractor] = {}
+_extractors: dict[tuple[str, str | None, str | None, bool, str, str], EntityExtractor] = {}
 _extractors_lock = threading.Lock()
+
+
+def _pipeline_files(model: str) -> str | None:
+    """The sha256 of the spaCy pipeline's files where ``model`` is a directory (a pipeline changed in place is
+    another extractor); None for an installed package (its files change only with its version)."""
+    try:
+        location = resolve_spacy(model)
+    except ModelLoadError:
+        return None  # said when it is loaded
+    return files_hash(location) if Path(location).is_dir() else None
 
 
 def load_extractor(
@@ -798,7 +810,8 @@ def load_extractor(
 ) -> EntityExtractor:
     """The process-wide extractor for this model, gazetteer content, NER switch, Han mode and Unicode form
     (loaded once)."""
-    key = (model, gazetteer.sha256 if gazetteer is not None else None, use_ner, han_text, normalization)
+    key = (model, _pipeline_files(model), gazetteer.sha256 if gazetteer is not None else None, use_ner, han_text,
+           normalization)
     with _extractors_lock:
         found = _extractors.get(key)
         if found is None:
@@ -996,7 +1009,8 @@ class EntitiesComponent(IndexComponent):
                 {"max_chars": settings.max_chars, "rows": {str(row): n for row, n in truncated.items()}}), encoding="utf-8")
         recorded = {
             "library": f"spacy {extractor.spacy_version}",
-            "model": {"name": settings.model, "package": extractor.package, "version": extractor.model_version},
+            "model": {"name": settings.model, "package": extractor.package, "version": extractor.model_version,
+                      "files_sha256": extractor.files_sha256},
             "ner": settings.ner,
             "han_text": extractor.han_text,
             "normalization": extractor.normalization,
@@ -1072,6 +1086,14 @@ def index_extractor(index: Any, entry: dict[str, Any], gazetteer: Gazetteer | No
         raise ModelLoadError(
             f"the index's entities were extracted with spaCy pipeline '{name}' version {model.get('version')}, but "
             f"version {extractor.model_version} is installed; rebuild the index"
+        )
+    recorded = model.get("files_sha256")  # recorded since 0.11.0
+    if recorded is not None and extractor.files_sha256 is not None and recorded != extractor.files_sha256:
+        raise ModelLoadError(
+            f"the index's entities were extracted with spaCy pipeline '{name}' version {extractor.model_version} "
+            f"whose files (sha256 {recorded[:12]}) are not the ones installed now (sha256 "
+            f"{extractor.files_sha256[:12]}), under the same name and version: the query's entities would be read by "
+            "another model than the documents'; reinstall the pipeline the index was built with, or rebuild the index"
         )
     return extractor
 

