@@ -18,7 +18,9 @@ stages:
   - {id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {window: 10, model: ./no/such/model}}
 """)
     assert ":5:" in found and "params.model" in found and "./no/such/model does not exist" in found
-    (tmp_path / "here").mkdir()
+    (tmp_path / "here").mkdir()  # what a model directory holds, at least (an empty one is warned of: models audit F6)
+    (tmp_path / "here" / "config.json").write_text("{}")
+    (tmp_path / "here" / "tokenizer.json").write_text("{}")
     assert _warnings(write_config, """version: 1
 index: x
 stages:
