@@ -123,10 +123,10 @@ def weights_hash(directory: str | Path) -> str:
 
 
 def files_hash(directory: str | Path) -> str:
-    """sha256 over every file under ``directory`` (names and contents), cached per mtime: a spaCy pipeline's
-    identity beyond its name and version (its components' weights are files named ``model``)."""
+    """sha256 over every file under ``directory`` but compiled Python (names and contents), cached per mtime: a spaCy
+    pipeline's identity beyond its name and version (its components' weights are files named ``model``)."""
     directory = Path(directory)
-    return _files_hash(directory, sorted(p for p in directory.rglob("*") if p.is_file()))
+    return _files_hash(directory, sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts))
 
 
 def _files_hash(directory: Path, files: list[Path]) -> str:

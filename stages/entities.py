@@ -546,7 +546,7 @@ class EntityExtractor:
         self.package = package
         self.model_version = str(probe.meta.get("version"))
         # the pipeline's files: one re-trained or edited in place keeps its name and version (models audit F3)
-        self.files_sha256 = files_hash(probe.path) if getattr(probe, "path", None) is not None else None
+        self.files_sha256 = _pipeline_sha256(package)
         self.gazetteer = gazetteer
         self.use_ner = use_ner
         self.han_text = han_text
@@ -848,12 +848,14 @@ def _source_sha256(*modules: Any) -> str:
     return digest.hexdigest()
 
 
-# The code extracting entities, as imported (this module and the pattern matching it uses)
-_CODE_SHA256 = _source_sha256(sys.modules[__name__], sys.modules[compile_pattern.__module__])
+# The code extracting entities, as imported (this module, the pattern matching and the text form it uses)
+_CODE_SHA256 = _source_sha256(sys.modules[__name__], sys.modules[compile_pattern.__module__],
+                              sys.modules[word_form.__module__])  # and how a text is read (engine.textform)
 
 
 def _pipeline_sha256(package: str) -> str:
-    """The sha256 of a spaCy pipeline's files (a package's directory, or the pipeline directory given as a path)."""
+    """The sha256 of a spaCy pipeline's files (a package's directory, or the pipeline directory given as a path;
+    ``engine.models.files_hash``): its identity beyond name and version, and the build cache's key."""
     import importlib.util
 
     directory = Path(package)
@@ -863,11 +865,7 @@ def _pipeline_sha256(package: str) -> str:
         if not locations:
             return "unknown"
         directory = Path(locations[0])
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(str(path.relative_to(directory)).encode("utf-8", "surrogateescape") + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+    return files_hash(directory)
 
 
 def _entities_cache_identity(extractor: EntityExtractor, settings: "EntitiesIndexSettings") -> dict[str, Any]:
@@ -877,7 +875,7 @@ def _entities_cache_identity(extractor: EntityExtractor, settings: "EntitiesInde
     return {
         "what": "document entities", "engine": __version__, "code": _CODE_SHA256,
         "spacy": extractor.spacy_version, "pipeline": extractor.package, "pipeline_version": extractor.model_version,
-        "pipeline_sha256": _pipeline_sha256(extractor.package), "ner": extractor.use_ner,
+        "pipeline_sha256": extractor.files_sha256, "ner": extractor.use_ner,
         "han_text": extractor.han_text, "normalization": extractor.normalization,
         "gazetteer_sha256": extractor.gazetteer.sha256 if extractor.gazetteer is not None else None,
         "batch_size": settings.batch_size,
