@@ -426,6 +426,24 @@ class Metrics:
 # The request being answered: its id (X-Request-ID), in every response's header, error body and the server's log
 # lines about it. A context variable, so the handlers' threads see it too (anyio copies the context into them).
 REQUEST_ID: "contextvars.ContextVar[str]" = contextvars.ContextVar("sieve_request_id", default="-")
+# Where a request's handler and :class:`Front` meet when the shutdown cuts the request: a handler's thread cannot be
+# cancelled, so it may run on after the cut. Under ``lock``: ``cut`` (set by Front: the handler then logs no trace
+# and answers nothing), ``logging`` (set by the handler before it appends the query's trace: the cut then says the
+# query was logged), ``trace_id`` and ``response`` (what the handler answered).
+ANSWER: "contextvars.ContextVar[dict[str, Any] | None]" = contextvars.ContextVar("sieve_answer", default=None)
+
+
+def _claim_log(trace_id: str) -> bool:
+    """Before a handler appends a query's trace: False when the shutdown cut the request (nothing is logged, so the
+    client's 503 says true: it did not run to the log); else it records that the trace is being logged."""
+    state = ANSWER.get()
+    if state is None:
+        return True
+    with state["lock"]:
+        if state.get("cut"):
+            return False
+        state["logging"], state["trace_id"] = True, trace_id
+        return True
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_GONE = 499  # counted for a request whose client went away before any answer (nothing was sent)
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # never shed: a liveness probe failing under load restarts
@@ -455,6 +473,8 @@ class Front:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
+        answer: dict[str, Any] = {"lock": threading.Lock()}
+        answer_token = ANSWER.set(answer)
         code: list[int | None] = [None]
 
         async def sent(message: dict[str, Any]) -> None:
@@ -464,31 +484,61 @@ class Front:
             await send(message)
 
         try:
-            if self.limit is not None and self.in_flight >= self.limit and scope.get("path") not in _PROBES:
+            probe = scope.get("path") in _PROBES  # never refused, and not counted against the limit
+            if self.limit is not None and self.in_flight >= self.limit and not probe:
                 await _error_response(503, "overloaded", f"more than {self.limit} requests at once (the server's "
                                       "--limit-concurrency): retry later", request_id)(scope, receive, sent)
                 return
-            self.in_flight += 1
+            self.in_flight += 0 if probe else 1
             try:
                 await self.app(scope, receive, sent)
             except asyncio.CancelledError:  # the shutdown's grace ran out: uvicorn cancels what still runs
                 if code[0] is None:
-                    log.warning("request %s %s %s: cut by the shutdown (its grace ran out); answered 503 shutting_down",
-                                request_id, scope.get("method", ""), written_out(scope.get("path", "")))
-                    with contextlib.suppress(Exception):
-                        await _error_response(503, "shutting_down", "the server is shutting down and its grace ran "
-                                              "out before this request was answered: retry (on another replica)",
-                                              request_id)(scope, receive, sent)
+                    await self._cut(scope, receive, sent, request_id, answer)
             except BaseException:
                 if code[0] is None:
                     code[0] = 500  # raised past every exception handler: uvicorn answers 500
                 raise
             finally:
-                self.in_flight -= 1
+                self.in_flight -= 0 if probe else 1
         finally:
+            ANSWER.reset(answer_token)
             REQUEST_ID.reset(token)
             self.metrics.answered(scope.get("path", ""), code[0] if code[0] is not None else CLIENT_GONE,
                                   time.perf_counter() - began)
+
+
+    @staticmethod
+    async def _cut(scope: dict[str, Any], receive: Any, send: Any, request_id: str, answer: dict[str, Any]) -> None:
+        """A request whose task the shutdown cancelled; its handler's thread, which no cancel stops, may run on. One
+        whose answer is ready gets it. One whose trace is logged (or being logged) gets 503 ``shutting_down`` naming
+        its ``trace_id``: it ran, so a blind retry would run it twice. Any other gets 503 ``shutting_down``, to retry
+        elsewhere, and its handler logs nothing from now on (``_claim_log``): no trace of an answer never sent."""
+        from fastapi.encoders import jsonable_encoder
+        from fastapi.responses import JSONResponse
+
+        with answer["lock"]:
+            answer["cut"] = True
+            ready, logging, trace_id = answer.get("response"), answer.get("logging"), answer.get("trace_id")
+        where = f"{scope.get('method', '')} {written_out(scope.get('path', ''))}"
+        if ready is not None:
+            log.warning("request %s %s: the shutdown's grace ran out as it was answered; its answer is sent",
+                        request_id, where)
+            response = ready if isinstance(ready, JSONResponse) else JSONResponse(jsonable_encoder(ready))
+        elif logging:
+            log.warning("request %s %s: cut by the shutdown after its query ran (trace %s logged); answered 503",
+                        request_id, where, trace_id)
+            response = _error_response(503, "shutting_down", f"the server is shutting down: this request's query ran "
+                                       f"and its trace {trace_id} was logged, but the grace ran out before its answer "
+                                       "was sent; ask again knowing it ran", request_id, trace_id=trace_id)
+        else:
+            log.warning("request %s %s: cut by the shutdown (its grace ran out) before its query was logged; answered "
+                        "503 shutting_down", request_id, where)
+            response = _error_response(503, "shutting_down", "the server is shutting down and its grace ran out "
+                                       "before this request's query ran to the log: retry (on another replica)",
+                                       request_id)
+        with contextlib.suppress(Exception):  # the connection may be gone too
+            await response(scope, receive, send)
 
 
 def _error_response(status: int, kind: str, message: str, request_id: str | None = None, *,
@@ -792,6 +842,9 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
     def run(name: str, body: SearchBody, explaining: bool = False) -> Any:
         """The pipeline's run of the body's query, its trace appended to the log: (pipeline, result, log
         path), or the error response."""
+        state = ANSWER.get()
+        if state is not None and state.get("cut"):  # queued for a thread until after the shutdown cut it
+            return error(503, "shutting_down", "the server is shutting down: the query did not run")
         pipeline = pipelines.get(name)
         if pipeline is None:
             return error(404, "unknown_pipeline", f"no pipeline named '{name}'; served: {', '.join(sorted(pipelines))}")
@@ -818,6 +871,8 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
             log.error("request %s: pipeline '%s' failed: %s", REQUEST_ID.get(), name, exc)
             metrics.failed(name, "stage_failed")
             return error(500, "stage_failed", str(exc))
+        if not _claim_log(result.trace["trace_id"]):  # the shutdown cut this request: its client was answered 503
+            return error(503, "shutting_down", "the server is shutting down: the query was not logged")
         try:
             log_path = pipeline.log_trace(result.trace)
         except (OSError, SieveError) as exc:  # no unaudited answers: the results are withheld
@@ -832,13 +887,20 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
         health.index_state(name)  # a stat or two: logs the warning once when the index was rebuilt on disk
         return pipeline, result, log_path
 
+    def answered(response: Any) -> Any:
+        """The handler's answer, kept for :class:`Front` too (a request cut by the shutdown after its query ran)."""
+        kept = ANSWER.get()
+        if kept is not None:
+            kept["response"] = response
+        return response
+
     @app.post("/v1/pipelines/{name}/search")
     def search(name: str, body: SearchBody) -> Any:
         ran = run(name, body)
         if isinstance(ran, JSONResponse):
-            return ran
+            return answered(ran)
         pipeline, result, log_path = ran
-        return respond(name, pipeline, result, body, log_path)
+        return answered(respond(name, pipeline, result, body, log_path))
 
     @app.post("/v1/pipelines/{name}/explain")
     def explain(name: str, body: ExplainBody) -> Any:
@@ -846,17 +908,17 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
 
         ran = run(name, body, explaining=True)
         if isinstance(ran, JSONResponse):
-            return ran
+            return answered(ran)
         pipeline, result, log_path = ran
         verdicts = [why_not(pipeline, result, doc_id, local=False) for doc_id in dict.fromkeys(body.doc_ids)]
-        return {
+        return answered({
             "pipeline": name,
             "trace_log": str(log_path) if log_path is not None else None,
             "query": _query_echo(body.query, result.trace["query"]),
             "degraded": result.degraded,
             "explain_in_trace": pipeline.compiled.config.trace.explain,
             **explain_report(result.trace, verdicts, body.top),
-        }
+        })
 
     return app
 
