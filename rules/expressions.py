@@ -562,7 +562,7 @@ REGEX_ATTEMPTS = 3
 PatternError = _regex_engine.error
 
 
-# How many copies of its innermost part a pattern's nested counted repetitions may ask for. The engine compiles
+# How many parts a pattern may compile to, its counted repetitions written out. The engine compiles
 # ``(?:(?:a{20}){20}){20}`` into 8,000 copies (~0.01 s); five such levels take seconds and gigabytes to compile,
 # before any time limit on matching applies.
 MAX_PATTERN_EXPANSION = 10_000
@@ -570,42 +570,54 @@ MAX_REGEX_CHARS = 500  # the longest pattern a rule may write
 
 
 def _expansion(pattern: str) -> int:
-    """The largest product of nested counted repetitions in ``pattern`` (``(a{5}){4}`` is 20; an unbounded one
-    counts its minimum); 1 when Python's parser cannot read the pattern (the regex engine's own syntax)."""
+    """How many parts ``pattern`` compiles to, counted repetitions written out: parts side by side add up, a counted
+    repetition multiplies its inner parts by its count (an unbounded one by its minimum), alternatives add up
+    (``(a{5}b){4}`` is 24). Syntax only the regex engine knows (``\\p{L}``) is read as one character; a pattern
+    Python's parser still cannot read is counted at worst: every counted repetition nested in every other."""
     import re._constants as c
     import re._parser as parser
 
     try:
-        parsed = parser.parse(pattern)
-    except Exception:  # noqa: BLE001 - syntax only the regex engine knows: judged by its compile
-        return 1
+        parsed = parser.parse(_REGEX_ONLY.sub(".", pattern))
+    except Exception:  # noqa: BLE001 - syntax only the regex engine knows: counted at worst
+        worst = 1
+        for low, high in _COUNTED.findall(pattern):
+            worst *= max(1, int(high or low or 1))
+        return max(worst, len(pattern))
 
-    def worst(items: Any) -> int:
-        most = 1
+    def size(items: Any) -> int:
+        total = 0
         for op, argument in items:
             if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
                 low, high, inner = argument
-                most = max(most, max(1, low if high == c.MAXREPEAT else high) * worst(inner))
+                total += max(1, low if high == c.MAXREPEAT else high) * size(inner)
             elif op in (c.SUBPATTERN, c.ATOMIC_GROUP):
-                most = max(most, worst(argument[-1]))
+                total += size(argument[-1])
             elif op == c.BRANCH:
-                most = max([most, *(worst(alternative) for alternative in argument[1])])
+                total += sum(size(alternative) for alternative in argument[1])
             elif op in (c.ASSERT, c.ASSERT_NOT):
-                most = max(most, worst(argument[1]))
+                total += size(argument[1])
             elif op == c.GROUPREF_EXISTS:
-                most = max([most, *(worst(branch) for branch in argument[1:] if branch is not None)])
-        return most
+                total += sum(size(branch) for branch in argument[1:] if branch is not None)
+            else:
+                total += 1
+        return max(total, 1)
 
-    return worst(parsed)
+    return size(parsed)
+
+
+# the regex engine's own escapes with braces (properties, named characters), read as one character by Python's parser
+_REGEX_ONLY = re.compile(r"\\[pPN]\{[^}]*\}")
+_COUNTED = re.compile(r"\{(\d*),?(\d*)\}")
 
 
 @lru_cache(maxsize=512)
 def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
-    """``pattern`` compiled (``PatternError`` when it is not a valid regular expression, or when its nested counted
-    repetitions ask for more than ``MAX_PATTERN_EXPANSION`` copies, which would take seconds and gigabytes)."""
+    """``pattern`` compiled (``PatternError`` when it is not a valid regular expression, or when its counted
+    repetitions written out make more than ``MAX_PATTERN_EXPANSION`` parts, which could take seconds and gigabytes)."""
     expansion = _expansion(pattern)
     if expansion > MAX_PATTERN_EXPANSION:
-        raise PatternError(f"its nested counted repetitions ask for {expansion:,} copies of a part (at most "
+        raise PatternError(f"its counted repetitions written out make {expansion:,} parts (at most "
                            f"{MAX_PATTERN_EXPANSION:,}): compiling it could take seconds and gigabytes; count less "
                            "inside a counted repetition")
     return _regex_engine.compile(pattern, _regex_engine.V0 | (_regex_engine.IGNORECASE if ignore_case else 0))
@@ -804,6 +816,10 @@ def compile_expression(source: str, allowed_names: frozenset[str] | set[str]) ->
     for node in every_node:
         if isinstance(node, nodes.Filter) and node.name == "matches":
             _check_literal_pattern(node)
+        elif isinstance(node, nodes.Filter) and any(isinstance(arg, nodes.Const) and arg.value == "matches"
+                                                    for arg in node.args):  # map('matches', query.text)
+            raise ExpressionError(f"{node.name}('matches', ...) would give matches a pattern no check reads: write "
+                                  "x | matches('pattern') with the pattern in the rule")
     members: dict[str, set[str]] = {}
     for node in every_node:
         if not isinstance(node, (nodes.Getattr, nodes.Getitem)):

@@ -38,25 +38,29 @@ def test_a_pattern_from_the_query_is_refused_at_load(tmp_path):
 
 
 @pytest.mark.parametrize("expression", ["doc.title | matches(query.text)", "doc.title | matches(user.id ~ 'x')",
-                                        "doc.title | matches(pattern=query.text)"])
+                                        "doc.title | matches(pattern=query.text)",
+                                        "[doc.title] | map('matches', query.text) | first"])
 def test_an_expression_matching_a_computed_pattern_is_refused(expression):
-    with pytest.raises(ExpressionError, match="takes its pattern as a string written in the rule"):
+    with pytest.raises(ExpressionError, match="takes its pattern as a string written in the rule|map\\('matches'"):
         compile_expression(expression, ["doc", "query", "user"])
 
 
 def test_a_written_pattern_in_an_expression_is_checked_when_loaded():
     assert compile_expression("doc.title | matches('metformin|insulin')", ["doc"])
-    with pytest.raises(ExpressionError, match="nested counted repetitions"):
+    with pytest.raises(ExpressionError, match="counted repetitions written out make"):
         compile_expression(f"doc.title | matches('{BOMB}')", ["doc"])
 
 
 def test_a_pattern_that_would_take_gigabytes_to_compile_is_refused_at_once(tmp_path):
-    with pytest.raises(ConfigError, match="24,300,000 copies"):
+    with pytest.raises(ConfigError, match="make 24,300,009 parts"):
         load_rule_file(_rules(tmp_path, f"{{field: doc.title, op: regex, value: '{BOMB}'}}"))
     for fine in (r"\d{4}-\d{2}-\d{2}", r"(\w{1,20}\s){1,10}", "(?:a{100}){100}", r"\p{L}{3,}"):
         assert compile_pattern(fine)
-    with pytest.raises(PatternError):
-        compile_pattern("(?:(?:a{50}){50}){40}")
+    # review of this change: the regex engine's own syntax switched the count off, and parts side by side inside a
+    # repetition were counted as one
+    for bomb in ("(?:(?:a{50}){50}){40}", "(?:(?:(?:(?:(?:a{20}){20}){20}){20}){20})\\p{L}", "(?:" + "a{99}" * 20 + "){99}"):
+        with pytest.raises(PatternError, match="counted repetitions written out"):
+            compile_pattern(bomb)
 
 
 def test_the_refusal_costs_no_memory():
