@@ -380,10 +380,15 @@ def _elements(value: Any) -> Sequence[Any]:
     return (value,)
 
 
-def _fold(value: Any, case_sensitive: bool) -> Any:
-    """A text value as rules compare it (``stages.text.comparable``: NFKC, unseen characters, dashes, quotes and
-    spaces as one form, case-folded unless ``case_sensitive``); any other value as it is."""
-    return comparable(value, case_sensitive=case_sensitive) if isinstance(value, str) else value
+def _fold(value: Any, case_sensitive: bool, identifiers: bool = False) -> Any:
+    """A text value as rules compare it (``engine.textform.comparable``: NFKC, unseen characters, dashes, quotes and
+    spaces as one form, case-folded unless ``case_sensitive``); an identifier of the user's (``identifiers``: a test
+    of ``user.*``) as written, case-folded only, as ``acl`` compares (fail closed); any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    if identifiers:
+        return value if case_sensitive else value.casefold()
+    return comparable(value, case_sensitive=case_sensitive)
 
 
 def present(value: Any) -> bool:
@@ -750,6 +755,9 @@ class Leaf(Node):
         self.op: str = spec.op
         self.case_sensitive = spec.case_sensitive
         self.value_from = spec.value_from
+        # a test of the user's groups, roles, jurisdictions, id or attributes compares identifiers: as written,
+        # case-folded only (a group spelt with another hyphen grants nothing), as the acl action does
+        self.identifiers = self.field.startswith("user.") or (spec.value_from or "").startswith("user.")
         self.raw_value = spec.value
         self.positive = NEGATED.get(self.op, self.op)
         self.negated = self.op in NEGATED
@@ -791,7 +799,7 @@ class Leaf(Node):
     def _scalar(self, value: Any) -> Any:
         if isinstance(value, (date, datetime)):
             return parse_date(value)
-        return _fold(value, self.case_sensitive)
+        return _fold(value, self.case_sensitive, self.identifiers)
 
     def _runtime_operand(self, view: QueryView) -> Any:
         if self.value_from is None:
@@ -829,13 +837,13 @@ class Leaf(Node):
         if op == "eq":
             date_mode = isinstance(operand, datetime)
             for element in elements:
-                candidate = parse_date(element) if date_mode else _fold(element, self.case_sensitive)
+                candidate = parse_date(element) if date_mode else _fold(element, self.case_sensitive, self.identifiers)
                 if candidate == operand and not (isinstance(element, bool) != isinstance(operand, bool)):
                     return True, element
             return False, None
         if op == "in":
             for element in elements:
-                folded = _fold(element, self.case_sensitive)
+                folded = _fold(element, self.case_sensitive, self.identifiers)
                 if _hashable(folded) and folded in operand and (
                         isinstance(folded, str) or any(_same(folded, o) for o in operand)):  # true is not 1
                     return True, element
@@ -843,7 +851,8 @@ class Leaf(Node):
         if op in ("contains", "contains_any", "contains_all"):
             wanted = operand if isinstance(operand, frozenset) else frozenset([operand])
             found = []
-            folded_elements = [_fold(element, self.case_sensitive) for element in elements]  # once, not per needle
+            folded_elements = [_fold(element, self.case_sensitive, self.identifiers)  # once, not per needle
+                               for element in elements]
             for needle in sorted(wanted, key=str):
                 hit = False
                 for folded in folded_elements:

@@ -49,7 +49,6 @@ from engine.errors import ConfigError, ConfigIssue, Location
 from engine.model import is_date_only
 from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
 from engine.strictness import NoCoercion
-from engine.textform import comparable
 from rules.conditions import (
     AllOf,
     AnyOf,
@@ -708,7 +707,9 @@ class AccessMatch(Node):
     def _norm(self, value: Any) -> str | None:
         if not isinstance(value, str) or not value.strip():
             return None
-        return comparable(value, case_sensitive=self.case_sensitive)
+        # identifiers granting access compare as written (case folded): a looser form would let a group spelt with
+        # another hyphen or in full-width letters grant what the document's own group does (fail closed)
+        return value if self.case_sensitive else value.casefold()
 
     def wanted(self, view: Any) -> frozenset[str]:
         from rules.conditions import MISSING

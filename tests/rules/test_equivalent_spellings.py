@@ -143,3 +143,31 @@ def test_expressions_read_text_as_given_and_offer_the_comparable_form():
     assert truth("'overdose' in query.text | comparable", wide)
     assert truth("query.text | matches('overdose')", wide)  # before: the pattern missed the full-width text
     assert truth("query.text | matches('co-trimoxazole')", "co\u2011trimoxazole")
+
+
+@pytest.mark.parametrize("rule", ["{id: acl, action: acl, field: acl}",
+                                  "{id: team, action: include, match: {field: doc.team, op: in, value_from: user.groups}}"])
+def test_access_identifiers_compare_as_written(tmp_path, rule):
+    """Review of this change: with the one form, user groups 'finance‑team' (non-breaking hyphen), full-width or
+    with a soft hyphen granted the documents of 'finance-team', in the acl action and in a condition on user.groups.
+    Identifiers granting access compare as written, case-folded only (fail closed)."""
+    from engine.compiler import compile_file
+    from engine.model import UserContext
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"_id": "d1", "text": "zebra", "acl": ["finance-team"], "team": "finance-team"}) + "\n",
+                      encoding="utf-8")
+    build_index(corpus, tmp_path / "index", {"bm25": {}})
+    (tmp_path / "access.yaml").write_text(f"version: 1\nkind: prefilter\nrules:\n  - {rule}\n", encoding="utf-8")
+    (tmp_path / "p.yaml").write_text(
+        f"version: 1\nindex: {tmp_path / 'index'}\nstages:\n  - {{id: access, type: rules.prefilter, params: "
+        "{rules: access.yaml}}\n  - {id: bm25, type: recall.bm25, inputs: [access]}\noutput: bm25\ntrace: {log: null}\n",
+        encoding="utf-8")
+    pipeline = Pipeline(compile_file(tmp_path / "p.yaml"))
+
+    def sees(group: str) -> bool:
+        return bool(pipeline.run(pipeline.make_query("zebra", user=UserContext(groups=[group]), as_of=AS_OF)).results)
+
+    assert sees("finance-team") and sees("FINANCE-TEAM")
+    for spelt in ("finance\u2011team", "ｆinance-team", "fin\u00adance-team", "finance-te\u200bam"):
+        assert not sees(spelt), spelt
