@@ -76,3 +76,13 @@ def word_form(text: str) -> str:
     """``text`` with the characters the glossary and the gazetteer read alike made one (``WORD_CHARACTERS``,
     ``IN_WORD_DASH``); not yet in NFKC."""
     return _replaced(IN_WORD_DASH.sub("-", text), _WORD, WORD_CHARACTERS) if unseen_or_hyphen(text) else text
+
+
+def comparable_pattern(pattern: str) -> str:
+    """A rule's regular expression for text in the comparable form (case aside: the pattern's own flag): each of
+    its non-ASCII characters, literal in any pattern, written as that form writes it (a composed accent; an em dash,
+    a curly quote or a non-breaking space as '-', "'" or ' '; a soft hyphen as nothing), else it could never match."""
+    if pattern.isascii():
+        return pattern
+    return "".join(char if char.isascii() else re.escape(comparable(char, case_sensitive=True, spaces=False))
+                   for char in unicodedata.normalize("NFC", pattern))

@@ -71,7 +71,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 from pydantic_core import PydanticCustomError
 
 from engine.strictness import NoCoercion
-from engine.textform import comparable
+from engine.textform import comparable, comparable_pattern
 from rules.expressions import (
     MAX_REGEX_CHARS,
     CompiledExpression,
@@ -228,7 +228,7 @@ class Condition(NoCoercion):
             if len(value) > MAX_REGEX_CHARS:
                 raise _err(f"the pattern is longer than {MAX_REGEX_CHARS} characters")
             try:
-                pattern = compile_pattern(value)
+                pattern = compile_pattern(comparable_pattern(value))
             except PatternError as exc:
                 raise _err(f"invalid regular expression: {exc}") from None
             if value and pattern.search("") is not None:
@@ -799,7 +799,7 @@ class Leaf(Node):
     def _prepare(self, operand: Any) -> Any:
         op = self.positive
         if op == "regex":
-            self.pattern = compile_pattern(str(operand), not self.case_sensitive)
+            self.pattern = compile_pattern(comparable_pattern(str(operand)), not self.case_sensitive)
             return operand
         if op in ORDER_OPS:
             as_date = _as_date_operand(operand)

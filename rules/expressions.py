@@ -52,7 +52,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatt
 from markupsafe import Markup
 
 from engine.model import iso_moment, utc
-from engine.textform import comparable
+from engine.textform import comparable, comparable_pattern
 
 MAX_EXPRESSION_CHARS = 2000
 # Deepest nesting an expression may have (see the module's docstring). Jinja's parser takes about 14.5 Python frames
@@ -680,7 +680,7 @@ def regex_search(value: Any, pattern: str, ignore_case: bool = True) -> bool:
     if not isinstance(value, str) or not isinstance(pattern, str) or len(pattern) > MAX_REGEX_CHARS:
         return False
     try:
-        compiled = compile_pattern(pattern, bool(ignore_case))
+        compiled = compile_pattern(comparable_pattern(pattern), bool(ignore_case))
     except PatternError:
         raise ExpressionRuntimeError(f"invalid regular expression {pattern!r}", "invalid regular expression") from None
     return bounded_search(compiled, comparable(value, case_sensitive=True, spaces=False)) is not None
@@ -858,7 +858,7 @@ def _check_literal_pattern(node: nodes.Filter) -> None:
     if len(pattern.value) > MAX_REGEX_CHARS:
         raise ExpressionError(f"the pattern of matches(...) is longer than {MAX_REGEX_CHARS} characters")
     try:
-        compile_pattern(pattern.value)
+        compile_pattern(comparable_pattern(pattern.value))
     except PatternError as exc:
         raise ExpressionError(f"matches(...): invalid regular expression: {exc}") from None
 

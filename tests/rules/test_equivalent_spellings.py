@@ -171,3 +171,23 @@ def test_access_identifiers_compare_as_written(tmp_path, rule):
     assert sees("finance-team") and sees("FINANCE-TEAM")
     for spelt in ("finance\u2011team", "ｆinance-team", "fin\u00adance-team", "finance-te\u200bam"):
         assert not sees(spelt), spelt
+
+
+@pytest.mark.parametrize("pattern, text", [("co—trimoxazole", "co-trimoxazole"), ("patient’s", "patient's notes"),
+                                           ("ｍｅｔｆｏｒｍｉｎ", "metformin"), ("cafe\u0301", "café"),
+                                           ("Oz\u00adempic", "Ozempic"), ("a\u00a0b", "a b")])
+def test_a_pattern_written_with_such_characters_still_matches(pattern, text):
+    """Review of this change: the text a regex searches is read in the comparable form, and a pattern written with
+    an em dash, a curly quote, full-width letters, a decomposed accent, a soft hyphen or a non-breaking space could
+    never match it."""
+    from rules.expressions import compile_expression
+
+    assert compile_expression(f"query.text | matches('{pattern}')", ["query"]).truth({"query": {"text": text}})
+    leaf = load_rule_leaf(pattern)
+    assert leaf.test_value(text, leaf.literal)[0]
+
+
+def load_rule_leaf(pattern: str):
+    from rules.conditions import Condition, Leaf
+
+    return Leaf(Condition.model_validate({"field": "doc.title", "op": "regex", "value": pattern}))
