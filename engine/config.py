@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import ConfigIssue
+from engine.model import KEY_ENV_NAME
 from engine.strictness import NoCoercion
 from engine.yamlsource import PathKey, SourceMap
 from rules.conditions import Condition
@@ -94,7 +95,7 @@ class TraceSettings(Strict):
         "traces/trace.jsonl", description="tamper-evident JSONL log (relative to the working directory); null: none"
     )
     include_query_text: bool = Field(True, description="store query text (else only its sha256)")
-    hash_key_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$", description=(
+    hash_key_env: str | None = Field(None, pattern=rf"^{KEY_ENV_NAME.pattern}$", description=(
         "the environment variable holding a secret key (16 bytes or more): the query's, its history's and its "
         "rewrite's hashes are then HMAC-SHA256 under it, not plain sha256, which a word list reverses for a short "
         "query; a replay needs the same key in the same variable. Unset: plain sha256"))

@@ -170,6 +170,7 @@ class Query(BaseModel):
 
 
 QUERY_KEY_MIN_BYTES = 16
+KEY_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")  # what trace.hash_key_env may name
 _KEY_ID_MESSAGE = b"sieve query key id"
 
 

@@ -170,8 +170,26 @@ def tokenizer_hash(directory: str | Path | None) -> str | None:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode("utf-8"))
-        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode("ascii"))
+        digest.update(hashlib.sha256(_content(path)).hexdigest().encode("ascii"))
     return digest.hexdigest()
+
+
+_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path"})  # written by whichever library saved it
+
+
+def _content(path: Path) -> bytes:
+    """A file's bytes; a JSON file's as canonical JSON without the keys a save rewrites (the library's version, the
+    path it was loaded from): a model saved again, unchanged, keeps its identity."""
+    data = path.read_bytes()
+    if path.suffix != ".json":
+        return data
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return data
+    if isinstance(document, dict):
+        document = {key: value for key, value in document.items() if key not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def check_vocabulary(tokenizer: Any, model: Any, what: str, location: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from engine import __version__
 from engine.compiler import canonical_json, compile_data
 from engine.errors import TraceError
-from engine.model import Query, QueryKeyError, UserContext, key_id, query_key, text_digest
+from engine.model import KEY_ENV_NAME, Query, QueryKeyError, UserContext, key_id, query_key, text_digest
 from engine.pipeline import Pipeline
 
 MAX_DETAILED = 20  # path-by-path differences listed before "… and N more"
@@ -49,22 +49,26 @@ WORDING_KEYS = frozenset({"description", "detail", "message", "condition"})
 MAX_WORDING_NOTED = 8
 
 
-def _digester(recorded: dict[str, Any]) -> Any:
+def _digester(recorded: dict[str, Any], trace: dict[str, Any]) -> Any:
     """How the trace hashed its texts: plain sha256, or HMAC-SHA256 under the key in the environment variable it
     names (``hashed_with``; the key must be the one recorded by its id)."""
     hashed = recorded.get("hashed_with")
     if not hashed:
         return lambda text: text_digest(text, None)
     if not isinstance(hashed, dict) or hashed.get("algorithm") != "hmac-sha256" or not isinstance(
-            hashed.get("key_env"), str):
+            hashed.get("key_env"), str) or not KEY_ENV_NAME.fullmatch(hashed["key_env"]):
+        # a name as trace.hash_key_env allows it: a crafted trace must not have replay read any variable
         raise TraceError(f"the trace's query.hashed_with is not one this engine reads: {hashed!r}")
+    expected = (((trace.get("config") or {}).get("resolved") or {}).get("trace") or {}).get("hash_key_env")
+    if expected is not None and expected != hashed["key_env"]:
+        raise TraceError(f"the trace's query.hashed_with names {hashed['key_env']}, its config {expected}")
     try:
         key = query_key(hashed["key_env"])
     except QueryKeyError as exc:
         raise TraceError(f"this trace's query hashes are keyed (trace.hash_key_env): {exc}") from None
     if key_id(key) != hashed.get("key_id"):
         raise TraceError(f"the key in {hashed['key_env']} is not the one this trace was written with (key id "
-                         f"{hashed.get('key_id')}, this one {key_id(key)}): set the key the log was written with")
+                         f"{hashed.get('key_id')}): set the key the log was written with")  # the other's id not said
     return lambda text: text_digest(text, key)
 
 
@@ -79,7 +83,7 @@ def _recorded_query(trace: dict[str, Any], query_text: str | None, history: list
                 "pass the original text with --query"
             )
         text = query_text
-    digest = _digester(recorded)
+    digest = _digester(recorded, trace)
     if digest(text) != recorded.get("text_sha256"):
         raise TraceError("the query text does not match the sha256 recorded in the trace")
     turns = _recorded_history(recorded, history, notes, digest)

@@ -97,3 +97,16 @@ def test_a_stage_message_quoting_the_query_escaped_is_withheld(quoted):
     kept = _without_query_words(f"lookup failed for {quoted} in table x", query)
     assert quoted not in kept and "Zo" not in kept and "xc3" not in kept.lower() and "%C3" not in kept, kept
     assert _without_query_words("connection refused by host db-1", query) == "connection refused by host db-1"
+
+
+def test_replay_reads_only_the_key_variable_the_config_names(write_config, bm25_index, tmp_path, monkeypatch):
+    """Review of this change: replay read whatever variable a trace's hashed_with named, so a crafted trace could make
+    it print a key id of any environment variable (offline guessing of a weak secret)."""
+    monkeypatch.setenv("SIEVE_TRACE_KEY", KEY)
+    pipeline = _config(write_config, bm25_index, tmp_path / "log.jsonl", ", hash_key_env: SIEVE_TRACE_KEY")
+    trace = pipeline.search("HIV PrEP", log=False).trace
+    for name, says in (("PATH", "names PATH, its config SIEVE_TRACE_KEY"), ("lower case", "not one this engine reads")):
+        crafted = json.loads(json.dumps(trace))
+        crafted["query"]["hashed_with"]["key_env"] = name
+        with pytest.raises(TraceError, match=says):
+            replay_trace(crafted, query_text="HIV PrEP")

@@ -28,6 +28,13 @@ def _embedder_copy(tmp_path: Path) -> Path:
     return copy
 
 
+def _dense_config(tmp_path: Path, index: Path) -> Path:
+    config = tmp_path / "p.yaml"
+    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: dense, type: recall.dense}}\noutput: dense\n"
+                      "trace: {log: null}\n", encoding="utf-8")
+    return config
+
+
 def _shuffle_vocabulary(model: Path) -> None:
     """The same weights with another tokenizer: two frequent word pieces swap ids."""
     tokenizer = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
@@ -42,9 +49,7 @@ def test_the_dense_stage_refuses_a_tokenizer_other_than_the_indexs(tmp_path):
     build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}, "dense": {"model": str(model)}})
     recorded = json.loads((index / "manifest.json").read_text())["components"]["dense"]["model"]
     assert len(recorded["tokenizer_sha256"]) == 64
-    config = tmp_path / "p.yaml"
-    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: dense, type: recall.dense}}\noutput: dense\n"
-                      "trace: {log: null}\n", encoding="utf-8")
+    config = _dense_config(tmp_path, index)
     trace = Pipeline.from_file(config).search("metformin and the kidney", log=False).trace
     identity = next(m for m in trace["models"] if m["stage"] == "dense")
     assert identity["tokenizer_sha256"] == recorded["tokenizer_sha256"]
@@ -78,9 +83,7 @@ def test_a_trace_without_the_tokenizer_hash_replays_as_before(tmp_path):
     index = tmp_path / "index"
     model = _embedder_copy(tmp_path)
     build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}, "dense": {"model": str(model)}})
-    config = tmp_path / "p.yaml"
-    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: dense, type: recall.dense}}\noutput: dense\n"
-                      "trace: {log: null}\n", encoding="utf-8")
+    config = _dense_config(tmp_path, index)
     trace = Pipeline.from_file(config).search("metformin", log=False).trace
     for identity in trace["models"]:
         identity.pop("tokenizer_sha256", None)
@@ -119,9 +122,7 @@ def test_a_model_changed_under_a_running_pipeline_is_said_in_each_trace_and_logg
     model = _embedder_copy(tmp_path)
     index = tmp_path / "index"
     build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}, "dense": {"model": str(model)}})
-    config = tmp_path / "p.yaml"
-    config.write_text(f"version: 1\nindex: {index}\nstages:\n  - {{id: dense, type: recall.dense}}\noutput: dense\n"
-                      "trace: {log: null}\n", encoding="utf-8")
+    config = _dense_config(tmp_path, index)
     pipeline = Pipeline.from_file(config)
 
     def decisions(query: str) -> list[str]:
@@ -212,3 +213,25 @@ def test_a_spacy_pipeline_changed_under_its_name_and_version_is_refused(tmp_path
     (pipeline / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(ModelLoadError, match="are not the ones installed now"):
         Pipeline.from_file(config).warm_up()
+
+
+def test_the_tokenizer_hash_covers_the_config_and_not_a_resave(tmp_path):
+    """Review of this change: a second TOKENIZER_FILES had shadowed the first, so config.json, tokenizer_config.json
+    and special tokens were outside the hash; a model saved again unchanged (JSON re-serialised, another library
+    version recorded) keeps its identity."""
+    from engine.models import tokenizer_hash
+
+    model = _embedder_copy(tmp_path)
+    before = tokenizer_hash(model)
+    for name in ("tokenizer.json", "config.json"):  # re-serialised, another transformers_version: the same
+        document = json.loads((model / name).read_text(encoding="utf-8"))
+        document["transformers_version"] = "9.9.9"
+        (model / name).write_text(json.dumps(document, indent=4), encoding="utf-8")
+    assert tokenizer_hash(model) == before
+    for name, key, value in (("config.json", "hidden_act", "relu"), ("tokenizer_config.json", "do_lower_case", False)):
+        document = json.loads((model / name).read_text(encoding="utf-8"))
+        document[key] = value
+        (model / name).write_text(json.dumps(document), encoding="utf-8")
+        assert tokenizer_hash(model) != before, name
+        before = tokenizer_hash(model)
+
