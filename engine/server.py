@@ -1191,12 +1191,25 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
     # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers it found: these
     # note it, so that the process exits 130 or 143 either way (before, 0 after SIGINT, killed by SIGTERM)
     stopped: list[int] = []
-    previous = {number: signal.signal(number, lambda received, frame: stopped.append(received))
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    serving: list[bool] = []
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            serving.append(True)  # from here uvicorn takes the signals (and raises them again under ours when done)
+            with super().capture_signals():
+                yield
+
+    def noted(received: int, frame: Any) -> None:
+        if not serving:  # before uvicorn took the signals over: stop now (it would never see this one)
+            raise SystemExit(130 if received == signal.SIGINT else 143)
+        stopped.append(received)
+
+    previous = {number: signal.signal(number, noted) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
-                    limit_concurrency=limit_concurrency + max(limit_concurrency, 64) if limit_concurrency else None,
-                    log_config=logging_config)
+        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
+                              limit_concurrency=limit_concurrency + max(limit_concurrency, 64) if limit_concurrency
+                              else None, log_config=logging_config)).run()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
