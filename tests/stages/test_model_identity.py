@@ -35,6 +35,18 @@ def _dense_config(tmp_path: Path, index: Path) -> Path:
     return config
 
 
+def _rerank_config(tmp_path: Path, model: Path) -> Path:
+    """BM25 over the medical corpus, reranked by the cross-encoder at ``model``."""
+    index = tmp_path / "index"
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
+        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{model: {model}, window: 5}}}}\n"
+        "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
+    return config
+
+
 def _shuffle_vocabulary(model: Path) -> None:
     """The same weights with another tokenizer: two frequent word pieces swap ids."""
     tokenizer = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
@@ -64,13 +76,7 @@ def test_a_replay_with_another_tokenizer_names_it(tmp_path):
     shipped = Path(cross_encoder.__file__).resolve().parents[2] / "models" / "sieve-reranker-scifact-minilm"
     model = tmp_path / "reranker"
     shutil.copytree(shipped, model)
-    index = tmp_path / "index"
-    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
-    config = tmp_path / "p.yaml"
-    config.write_text(
-        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
-        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{model: {model}, window: 5}}}}\n"
-        "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
+    config = _rerank_config(tmp_path, model)
     trace = Pipeline.from_file(config).search("metformin and the kidney", log=False).trace
     _shuffle_vocabulary(model)
     report = replay_trace(trace)
@@ -103,13 +109,7 @@ def test_the_shipped_reranker_refuses_weights_its_card_does_not_describe(tmp_pat
     middle = len(weights) // 2
     weights[middle : middle + 2048] = bytes(b ^ 0xFF for b in weights[middle : middle + 2048])
     (model / "model.safetensors").write_bytes(bytes(weights))
-    index = tmp_path / "index"
-    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
-    config = tmp_path / "p.yaml"
-    config.write_text(
-        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
-        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{model: {model}, window: 5}}}}\n"
-        "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
+    config = _rerank_config(tmp_path, model)
     with pytest.raises(ModelLoadError, match="are not the ones its sieve_model.json describes"):
         Pipeline.from_file(config).warm_up()
 
