@@ -166,7 +166,7 @@ class Query(BaseModel):
         )
 
     def text_sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+        return text_digest(self.text, None)
 
 
 QUERY_KEY_MIN_BYTES = 16

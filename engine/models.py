@@ -249,7 +249,7 @@ class ModelFiles:
             first = names not in self._warned
             self._warned.add(names)
         if first:
-            logging.getLogger("sieve.models").warning(detail)
+            log.warning(detail)
         return Decision("model_changed_on_disk", detail, {"directory": str(self.directory), "files": list(names)})
 
 

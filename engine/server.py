@@ -453,9 +453,9 @@ class Front:
     """The outermost ASGI middleware. Each HTTP request gets an id (the caller's ``X-Request-ID`` when it is one of
     letters, digits and ``._:-``, up to 128; else a new one), sent back in ``X-Request-ID``. Beyond ``limit``
     requests at once a request gets a JSON 503 ``overloaded`` at once (the probes and /metrics never are). A
-    request still running when the shutdown's grace ran out (uvicorn cancels it) gets a JSON 503 ``shutting_down``
-    instead of uvicorn's plain-text 500 and a traceback. Every request's status and time go into :class:`Metrics`: one whose client went away before any
-    answer counts as 499, not as a server error."""
+    request still open when the shutdown's grace ran out (uvicorn cancels it) is answered as it stands
+    (:meth:`_cut`), not with uvicorn's plain-text 500 and a traceback. Every request's status and time go into
+    :class:`Metrics`: one whose client went away before any answer counts as 499, not as a server error."""
 
     def __init__(self, app: Any, metrics: Metrics, limit: int | None = None):
         self.app = app

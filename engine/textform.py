@@ -35,7 +35,17 @@ def comparable(text: str, *, case_sensitive: bool = False, spaces: bool = True) 
     quotes of every kind as their ASCII forms (``COMPARABLE_CHARACTERS``), case-folded unless ``case_sensitive``,
     and each run of white space (a line break, a non-breaking space) one space, unless ``spaces`` is false (a regex
     reads lines).
-    So a spelling a user or an author can type, which recall reads as the same words, cannot slip past a rule."""
+    So a spelling a user or an author can type, which recall reads as the same words, cannot slip past a rule.
+    Kept across calls (``_KEPT``): rules fold every distinct value of a field again for each new operand."""
+    key = (text, case_sensitive, spaces)
+    found = _KEPT.get(key)
+    if found is None:
+        found = _comparable(text, case_sensitive, spaces)
+        _keep(key, found)
+    return found
+
+
+def _comparable(text: str, case_sensitive: bool, spaces: bool) -> str:
     if text.isascii():
         folded = text if case_sensitive else text.lower()
     else:
@@ -44,6 +54,23 @@ def comparable(text: str, *, case_sensitive: bool = False, spaces: bool = True) 
             folded = unicodedata.normalize("NFKC", folded.casefold())
         folded = _replaced(folded, _COMPARABLE, COMPARABLE_CHARACTERS)  # NFKC makes U+2011 U+2010, '－' '-'
     return _one_space(folded) if spaces else folded
+
+
+# Texts as compared, kept across calls: a rule test whose operand comes from the query (``value_from``) is judged
+# over every distinct value of its field for each new operand, and folding them again cost a quarter of a second a
+# query on 5,000 abstracts. Bounded by the characters kept (then it starts again).
+_KEPT: dict[tuple[str, bool, bool], str] = {}
+_KEPT_MAX_CHARS = 1 << 25
+_kept_chars = 0
+
+
+def _keep(key: tuple[str, bool, bool], folded: str) -> None:
+    global _kept_chars
+    if _kept_chars + len(folded) > _KEPT_MAX_CHARS:
+        _KEPT.clear()
+        _kept_chars = 0
+    _KEPT[key] = folded
+    _kept_chars += len(folded)
 
 
 def _replaced(text: str, found: "re.Pattern[str]", table: dict[int, str | None]) -> str:

@@ -388,25 +388,7 @@ def _fold(value: Any, case_sensitive: bool, identifiers: bool = False) -> Any:
         return value
     if identifiers:
         return value if case_sensitive else value.casefold()
-    key = (value, case_sensitive)
-    folded = _FOLDED.get(key)
-    if folded is None:
-        folded = comparable(value, case_sensitive=case_sensitive)
-        global _FOLDED_CHARS
-        if _FOLDED_CHARS + len(folded) > _FOLDED_MAX_CHARS:
-            _FOLDED.clear()
-            _FOLDED_CHARS = 0
-        _FOLDED[key] = folded
-        _FOLDED_CHARS += len(folded)
-    return folded
-
-
-# Document values as compared, kept across queries: a test whose operand comes from the query (``value_from``) is
-# judged over every distinct value of its field for each new operand, and folding them again each query cost a
-# quarter of a second on 5,000 abstracts. Bounded by the characters kept (then it starts again).
-_FOLDED: dict[tuple[str, bool], str] = {}
-_FOLDED_CHARS = 0
-_FOLDED_MAX_CHARS = 1 << 25
+    return comparable(value, case_sensitive=case_sensitive)
 
 
 def present(value: Any) -> bool:
@@ -890,12 +872,7 @@ class Leaf(Node):
                 return False, None
             return True, found[0] if op == "contains" else found
         if op == "regex":
-            pattern = self.pattern
-            if self.value_from is not None:
-                try:
-                    pattern = compile_pattern(str(operand), not self.case_sensitive)
-                except PatternError:
-                    return False, None
+            pattern = self.pattern  # a rule file's own (value_from is refused for a regex at load)
             assert pattern is not None
             for element in elements:
                 if isinstance(element, str):  # the text as compared (NFKC, dashes...); case is the pattern's flag
