@@ -541,9 +541,11 @@ class Embedder:
         return result
 
 
-def device_and_precision(device: str, precision: str, what: str) -> tuple[str, str]:
-    """``auto`` resolved on this machine (CUDA when present; fp16 on CUDA, fp32 on CPU); ModelLoadError for what this
-    machine cannot do (``cuda`` without CUDA, fp16 on a CPU). Said before an index build's first component, too."""
+def device_and_precision(device: str, precision: str, what: str,
+                         cpu_precision: Callable[[], str] = lambda: "fp32") -> tuple[str, str]:
+    """``auto`` resolved on this machine (CUDA when present; fp16 on CUDA, ``cpu_precision()`` on CPU); ModelLoadError
+    for what this machine cannot do (``cuda`` without CUDA, fp16 on a CPU). Said before an index build's first
+    component, too."""
     import torch
 
     if device == "auto":
@@ -551,10 +553,29 @@ def device_and_precision(device: str, precision: str, what: str) -> tuple[str, s
     elif device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"{what}: device 'cuda' was asked for but CUDA is not available")
     if precision == "auto":
-        precision = "fp16" if device == "cuda" else "fp32"
+        precision = "fp16" if device == "cuda" else cpu_precision()
     if precision == "fp16" and device == "cpu":
         raise ModelLoadError(f"{what}: fp16 is not supported on CPU; use fp32 or bf16")
     return device, precision
+
+
+def fp16_on_cpu(device: str, precision: str) -> None:
+    """ValueError for a config asking for fp16 on the CPU, which no machine runs (a model validator's check)."""
+    if device == "cpu" and precision == "fp16":
+        raise ValueError("precision fp16 runs on CUDA only, and device is cpu: use fp32 or bf16 on the CPU (or "
+                         "device: auto, which runs fp16 where CUDA is present)")
+
+
+def unrunnable_here(device: str, precision: str, what: str) -> str | None:
+    """For ``sieve validate``, which loads no model: why a model set to ``device``/``precision`` would fail to load on
+    this machine (``cuda``, or fp16, without CUDA), or None. torch is imported only when one of them asks for CUDA."""
+    if device != "cuda" and precision != "fp16":
+        return None  # auto and the CPU settings run anywhere
+    try:
+        device_and_precision(device, precision, what)
+    except ModelLoadError as exc:
+        return f"{exc}: the stage will fail to load on this machine"
+    return None
 
 
 _embedders: dict[tuple[str, str | None, str | None, str, str, str], Embedder] = {}

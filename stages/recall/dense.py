@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engine.errors import MissingDependencyError, ModelLoadError, SieveIndexError
 from engine.index import BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
 from engine.models import ResolvedModel, resolve_model
 from engine.registry import register_index_component, register_stage
-from engine.stage import Explanation, Port, Resources, Stage, StageContext, StageParams, StageResult
+from engine.stage import (Explanation, GraphIssue, GraphView, Port, Resources, Stage, StageContext, StageNode, StageParams,
+                          StageResult)
 from stages.embedding import (
     CORPUS_BATCHING,
     DEFAULT_EMBEDDING_MODEL,
@@ -36,7 +37,9 @@ from stages.embedding import (
     Pooling,
     Precision,
     device_and_precision,
+    fp16_on_cpu,
     load_embedder,
+    unrunnable_here,
 )
 
 VECTORS_FILE = "vectors.faiss"
@@ -78,6 +81,11 @@ class DenseIndexSettings(ComponentSettings):
     hnsw_m: int = Field(32, ge=4, le=512, description="HNSW neighbours per node (M)")
     hnsw_ef_construction: int = Field(200, ge=8, le=100_000, description="HNSW efConstruction")
     hnsw_ef_search: int = Field(128, ge=1, le=100_000, description="HNSW efSearch default (a stage may override)")
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "DenseIndexSettings":
+        fp16_on_cpu(self.device, self.precision)
+        return self
 
 
 def _resolve(name: str, base_dir: Path | None, purpose: str) -> ResolvedModel:
@@ -230,6 +238,11 @@ class DenseParams(StageParams):
     precision: Precision = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     ef_search: int | None = Field(None, ge=1, le=100_000, description="HNSW efSearch; None: the index's setting")
 
+    @model_validator(mode="after")
+    def _runnable(self) -> "DenseParams":
+        fp16_on_cpu(self.device, self.precision)
+        return self
+
 
 @register_stage
 class DenseRecall(Stage):
@@ -250,6 +263,15 @@ class DenseRecall(Stage):
         super().__init__(stage_id, params)
         self._embedder: Embedder | None = None
         self._dense: LoadedDenseIndex | None = None
+
+    @classmethod
+    def check_graph(cls, node: StageNode, graph: GraphView) -> list[GraphIssue]:
+        params = node.params
+        assert isinstance(params, DenseParams)
+        unrunnable = unrunnable_here(params.device, params.precision, "recall.dense query model")
+        if unrunnable is None:
+            return []
+        return [GraphIssue(unrunnable, ("params", "device" if params.device == "cuda" else "precision"), "warning")]
 
     # ------------------------------------------------------------------ warm-up
 

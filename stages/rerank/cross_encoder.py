@@ -51,6 +51,7 @@ from engine.stage import (
     check_deadline,
     deadline_remaining,
 )
+from stages.embedding import device_and_precision, fp16_on_cpu, unrunnable_here
 from stages.rerank.modeling import (
     DEFAULT_MAX_QUERY_TOKENS,
     DEFAULT_SCALE,
@@ -133,6 +134,7 @@ class CrossEncoderParams(StageParams):
             )
         if self.max_length is not None and self.long_documents == "chunks" and self.chunk_overlap >= self.max_length // 2:
             raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be less than half of max_length ({self.max_length})")
+        fp16_on_cpu(self.device, self.precision)
         return self
 
 
@@ -182,16 +184,8 @@ class LoadedReranker:
         self.torch = torch
         resolved = resolve_model(name, base_dir=base_dir, purpose="rerank.cross_encoder model")
         self.resolved = resolved
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("rerank.cross_encoder: device 'cuda' was asked for but CUDA is not available")
-        if precision == "auto":
-            precision = "fp16" if device == "cuda" else ("bf16" if cpu_has_native_bf16() else "fp32")
-        if precision == "fp16" and device == "cpu":
-            raise ModelLoadError("rerank.cross_encoder: fp16 is not supported on CPU; use fp32 or bf16")
-        self.device = device
-        self.precision = precision
+        self.device, self.precision = device_and_precision(
+            device, precision, "rerank.cross_encoder", cpu_precision=lambda: "bf16" if cpu_has_native_bf16() else "fp32")
         # seconds per padded token of a forward pass on this CPU (a running average), to see whether a batch
         # would end past a query's deadline before starting it; None until two batches have been timed (the
         # process's first forward pass is slow: it is not counted)
@@ -516,6 +510,10 @@ class CrossEncoderRerank(Stage):
             missing = missing_model_path(name, graph.base_dir) if name is not None else None
             if missing is not None:
                 issues.append(GraphIssue(missing, path, "warning"))
+        unrunnable = unrunnable_here(params.device, params.precision, "rerank.cross_encoder")
+        if unrunnable is not None:
+            issues.append(GraphIssue(unrunnable, ("params", "device" if params.device == "cuda" else "precision"),
+                                     "warning"))
         unused = [(f, "applies only with long_documents: chunks") for f in ("chunk_overlap", "max_chunks")
                   if f in params.model_fields_set and params.long_documents == "truncate"]
         if params.cascade is not None and params.cascade.light_model is None and \
