@@ -247,7 +247,12 @@ def _who(user: dict[str, Any]) -> str:
 
 
 # The query context options `search` and `explain` share (one definition each).
+QueryArgument = Annotated[str, typer.Argument(
+    help="the query text; - reads it from standard input (a command line is seen by every user of the machine, in ps)")]
 HistoryOption = Annotated[Optional[list[str]], typer.Option("--history", "-H", help="earlier turns, oldest first")]
+HistoryFileOption = Annotated[Optional[Path], typer.Option(
+    "--history-file", metavar="FILE", help="the earlier turns as a JSON array of strings, oldest first, instead of "
+    "--history (kept off the command line); - reads standard input")]
 UserOption = Annotated[Optional[str], typer.Option("--user", help="user id")]
 RoleOption = Annotated[Optional[list[str]], typer.Option("--role", help="user role (repeatable)")]
 GroupOption = Annotated[Optional[list[str]], typer.Option("--group", help="user group (repeatable)")]
@@ -261,6 +266,57 @@ IndexOption = Annotated[Optional[Path], typer.Option("--index", help="override t
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="PATH=VALUE: override one config setting for this run, by dotted path (stages by id: "
     "stages.rerank.params.device=cpu); the value is YAML; repeatable; the trace records it")]
+
+
+# Standard input read for a query or a conversation: far more than any limit a config may set on them
+_MOST_STDIN_BYTES = 64 << 20
+
+
+def _stdin_text(what: str) -> str:
+    """Standard input as UTF-8 text, one final line break removed (``echo`` adds it), for ``-`` as ``what``."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise SieveError(f"{what} is - (standard input), but there is no standard input")
+    if sys.stdin.isatty():
+        err.print(f"[dim]reading {what} from standard input (end it with Ctrl-D)[/dim]")
+    raw = sys.stdin.buffer.read(_MOST_STDIN_BYTES + 1)
+    if len(raw) > _MOST_STDIN_BYTES:
+        raise SieveError(f"{what} from standard input is over {_MOST_STDIN_BYTES >> 20} MiB: nothing was run")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SieveError(f"{what} from standard input is not UTF-8 text (byte {exc.start})") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _asked(query: Optional[str], history: Optional[list[str]], history_file: Optional[Path],
+           option: str = "QUERY") -> tuple[Optional[str], Optional[list[str]]]:
+    """The query and the conversation's earlier turns as given: the query read from standard input for ``-``; the
+    turns from ``--history`` (repeated) or ``--history-file`` (a JSON array of strings, ``-`` for standard input),
+    never both."""
+    if history_file is not None and history:
+        raise SieveError("--history and --history-file together: give the turns one way")
+    if history_file is not None and str(history_file) == "-" and query == "-":
+        raise SieveError(f"{option} and --history-file both read standard input (-): put one of them in a file")
+    text = _stdin_text(f"the query ({option})") if query == "-" else query
+    if history_file is None:
+        return text, history
+    if str(history_file) == "-":
+        document, where = _stdin_text("--history-file"), "standard input"
+    else:
+        where = str(history_file)
+        try:
+            document = history_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise SieveError(f"--history-file {history_file}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise SieveError(f"--history-file {history_file}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        turns = json.loads(document)
+    except ValueError as exc:
+        raise SieveError(f"--history-file ({where}): not JSON: {exc}") from None
+    if not isinstance(turns, list) or not all(isinstance(turn, str) for turn in turns):
+        raise SieveError(f"--history-file ({where}): must be a JSON array of strings (the earlier turns, oldest first)")
+    return text, turns
 
 
 def _make_query(pipeline: Any, text: str, history: Optional[list[str]], user: Optional[str],
@@ -319,8 +375,9 @@ _STAGE_PREFIX = re.compile(r"^stage '[^']*': ")
 @app.command()
 def search(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
-    query: Annotated[str, typer.Argument(help="the query text")],
+    query: QueryArgument,
     history: HistoryOption = None,
+    history_file: HistoryFileOption = None,
     user: UserOption = None,
     role: RoleOption = None,
     group: GroupOption = None,
@@ -342,6 +399,7 @@ def search(
     if log is not None and no_log:
         raise SieveError("--log and --no-log together: give one")
     _output_file(trace_out, "--trace-out")  # a FIFO, a device or this process's stdout: refused before the query runs
+    query, history = _asked(query, history, history_file)
     pipeline = Pipeline.from_file(config, index_path=index_dir, settings=settings or ())
     target = None if no_log else pipeline.log_target(log)
     if target is not None:  # before the models load and the query runs, not after (a read-only working directory)
@@ -422,10 +480,12 @@ def replay(
     trace_id: Annotated[Optional[str], typer.Option("--id", help="trace id within a log (default: last)")] = None,
     seq: Annotated[Optional[int], typer.Option("--seq", help="record number within a log")] = None,
     index_dir: Annotated[Optional[Path], typer.Option("--index", help="index to replay against")] = None,
-    query: Annotated[Optional[str], typer.Option("--query", help="query text, when the trace stores only its hash")] = None,
+    query: Annotated[Optional[str], typer.Option("--query", help="query text, when the trace stores only its hash; "
+                                                  "- reads it from standard input (off the command line)")] = None,
     history: Annotated[Optional[list[str]], typer.Option(
         "--history", "-H", help="an earlier conversation turn, oldest first (repeatable), when the trace stores "
         "only their hashes")] = None,
+    history_file: HistoryFileOption = None,
     log: Annotated[Optional[Path], typer.Option(
         "--log", help="the trace log a standalone trace file was appended to (default: the path it records)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the replay's report as JSON")] = False,
@@ -437,6 +497,7 @@ def replay(
 
     if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
         raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
+    query, history = _asked(query, history, history_file, "--query")
     trace, source = load_trace_checked(trace_path, trace_id, seq, log)
     report = replay_trace(trace, index_path=index_dir, query_text=query, history=history)
     report["source"] = source.to_json()
@@ -1111,9 +1172,10 @@ def schema_command(
 @app.command("explain")
 def explain_command(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
-    query: Annotated[str, typer.Argument(help="the query text")],
+    query: QueryArgument,
     docs: Annotated[Optional[list[str]], typer.Option("--doc", help="why not this document? (repeatable)")] = None,
     history: HistoryOption = None,
+    history_file: HistoryFileOption = None,
     user: UserOption = None,
     role: RoleOption = None,
     group: GroupOption = None,
@@ -1135,6 +1197,7 @@ def explain_command(
     _output_file(trace_out, "--trace-out")  # a FIFO, a device or this process's stdout: refused before the query runs
     if top is not None and top < 0:
         raise SieveError(f"--top must be 0 or more, got {top}")
+    query, history = _asked(query, history, history_file)
     pipeline = InspectingPipeline.from_file(config, index_path=index_dir, settings=settings or ())
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")

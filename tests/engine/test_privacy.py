@@ -10,6 +10,9 @@ import hmac
 import json
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,7 @@ from engine.pipeline import Pipeline
 from engine.replay import replay_trace
 
 KEY = "k" * 32
+SIEVE = str(Path(sys.executable).parent / "sieve")
 
 
 def _config(write_config, bm25_index, log, extra: str = "") -> Pipeline:
@@ -110,3 +114,53 @@ def test_replay_reads_only_the_key_variable_the_config_names(write_config, bm25_
         crafted["query"]["hashed_with"]["key_env"] = name
         with pytest.raises(TraceError, match=says):
             replay_trace(crafted, query_text="HIV PrEP")
+
+
+# Privacy leftover: the query and the conversation could be given only on the command line, which every user of the
+# machine reads (ps, /proc/PID/cmdline) and shells keep in their history; they can now come from standard input (-)
+# and a file (--history-file), for search, explain and replay alike.
+
+def _sieve(*args: str, stdin: bytes = b"", cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([SIEVE, *args], input=stdin, capture_output=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_the_query_and_its_conversation_can_stay_off_the_command_line(write_config, bm25_index, tmp_path):
+    log = tmp_path / "log.jsonl"
+    config = write_config(
+        f"version: 1\nname: p\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
+        f"output: bm25\ntrace: {{log: {log}, include_query_text: false}}\n")
+    turns = tmp_path / "turns.json"
+    turns.write_text(json.dumps(["my daughter's diagnosis", "HIV PrEP"]), encoding="utf-8")
+    ran = _sieve("search", str(config), "-", "--history-file", str(turns), "--json", stdin="is it safe?\n".encode())
+    assert ran.returncode == 0, ran.stderr.decode()
+    recorded = json.loads(ran.stdout)["trace"]["query"]
+    assert recorded["text_sha256"] == hashlib.sha256(b"is it safe?").hexdigest()  # one final line break removed
+    assert recorded["history_sha256"] == [hashlib.sha256(t.encode()).hexdigest()
+                                          for t in ("my daughter's diagnosis", "HIV PrEP")]
+
+    replayed = _sieve("replay", str(log), "--query", "-", "--history-file", str(turns), stdin=b"is it safe?")
+    assert replayed.returncode == 0 and b"identical" in replayed.stdout, replayed.stdout + replayed.stderr
+    wrong = _sieve("replay", str(log), "--query", "-", "--history-file", str(turns), stdin=b"is it risky?")
+    assert wrong.returncode == 2 and b"does not match" in wrong.stderr, wrong.stderr
+    explained = _sieve("explain", str(config), "-", "--history", "HIV PrEP", "--json", stdin="it\u2019s safe?".encode())
+    assert explained.returncode == 0, explained.stderr.decode()
+
+
+@pytest.mark.parametrize(("args", "stdin", "said"), [
+    (("-",), b"\xff\xfe", "the query (QUERY) from standard input is not UTF-8 text (byte 0)"),
+    (("-", "--history-file", "-"), b"[]", "QUERY and --history-file both read standard input"),
+    (("q", "--history-file", "-", "--history", "a"), b"[]", "--history and --history-file together"),
+    (("q", "--history-file", "-"), b'{"turns": ["a"]}', "must be a JSON array of strings"),
+    (("q", "--history-file", "-"), b"[1, 2", "--history-file (standard input): not JSON"),
+    (("q", "--history-file", "nowhere.json"), b"", "--history-file nowhere.json: cannot read it (No such file"),
+])
+def test_a_query_or_conversation_read_wrong_is_said_before_anything_runs(write_config, bm25_index, tmp_path,
+                                                                          args, stdin, said):
+    log = tmp_path / "log.jsonl"
+    config = write_config(f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\n"
+                          f"output: bm25\ntrace: {{log: {log}}}\n")
+    ran = _sieve("search", str(config), *args, stdin=stdin, cwd=tmp_path)
+    assert ran.returncode == 2, ran.stderr.decode()
+    assert said in " ".join(ran.stderr.decode().split()) and b"Traceback" not in ran.stderr
+    assert not log.exists()  # nothing ran, nothing logged
