@@ -1185,6 +1185,11 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
         log.warning("the pipelines' limits (max_query_chars x max_history_turns) allow request bodies of up to %d MiB; "
                     "the server takes at most %d MiB (a larger request gets 413)", needed >> 20, MAX_MAX_BODY_BYTES >> 20)
     app = create_app(pipelines, body_timeout=body_timeout, limit_concurrency=limit_concurrency)
+    # no `*_created` series (a counter's creation time, one more sample per series that no alert reads); a process
+    # setting of prometheus_client, so only here, where the process is Sieve's (create_app leaves an embedder's as is)
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()
     # the app answers a request over the limit (JSON 503 overloaded, counted in /metrics); uvicorn's own limit, on
     # connections and tasks (idle keep-alive connections included), is a backstop above it (twice it, and at least
     # 64 more), answered in plain text
@@ -1217,6 +1222,15 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
         raise SystemExit(130 if stopped[0] == signal.SIGINT else 143)
 
 
+class _RequestIdFilter(logging.Filter):
+    """Gives a log record its request's id (``-`` outside a request): uvicorn writes a request's access line as its
+    answer starts, inside :class:`Front`, which set the id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get() or "-"
+        return True
+
+
 def log_config() -> dict[str, Any]:
     """uvicorn's logging set-up, each line stamped with its UTC time (2026-11-28T01:02:03.456Z), and Sieve's own
     messages (a rule file changed, an index replaced, a pipeline failing) through the same handler: an operator
@@ -1232,5 +1246,9 @@ def log_config() -> dict[str, Any]:
         formatter["fmt"] = "%(asctime)s.%(msecs)03dZ " + formatter["fmt"]  # milliseconds: concurrent lines apart
         formatter["datefmt"] = "%Y-%m-%dT%H:%M:%S"
         formatter["()"] = type(f"Utc{bases[name].__name__}", (bases[name],), {"converter": staticmethod(time.gmtime)})
+    # each access line ends with its request's id (X-Request-ID), as Sieve's own lines about that request name it
+    config["formatters"]["access"]["fmt"] += " request %(request_id)s"
+    config.setdefault("filters", {})["request_id"] = {"()": _RequestIdFilter}
+    config["handlers"]["access"]["filters"] = ["request_id"]
     config["loggers"]["sieve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config

@@ -47,6 +47,7 @@ def test_request_ids_errors_series_and_redirects(bm25_index, tmp_path):
                        'sieve_query_errors_total{pipeline="p",type="stage_failed"} 0.0'):
             assert series in metrics
         assert 'sieve_trace_log_free_bytes{pipeline="p"}' in metrics
+        assert "_created" not in metrics  # before: a creation time beside each counter (36 of 187 samples)
         ok = httpx.post(f"{base}/v1/pipelines/p/search", json={"query": "cells"}, timeout=60)
         assert ok.status_code == 200 and len(ok.headers["x-request-id"]) == 32
         given = httpx.post(f"{base}/v1/pipelines/p/search", json={"query": ""}, headers={"X-Request-ID": "gw-42"},
@@ -63,6 +64,11 @@ def test_request_ids_errors_series_and_redirects(bm25_index, tmp_path):
         assert slash.status_code == 404 and slash.json()["error"]["type"] == "not_found"
     lines = log.read_text(encoding="utf-8").splitlines()
     assert any("request req-broken-1: pipeline 'failing' failed" in line for line in lines), lines
+    # before: the access line had no id, so a client's 500 could not be matched to it under concurrency
+    assert any('"POST /v1/pipelines/failing/search HTTP/1.1" 500' in line and line.endswith(" request req-broken-1")
+               for line in lines), lines
+    assert any('"POST /v1/pipelines/p/search HTTP/1.1" 400' in line and line.endswith(" request gw-42")
+               for line in lines), lines
 
 
 def test_a_client_that_drops_mid_body_is_not_a_server_error(bm25_index, tmp_path):
