@@ -146,7 +146,10 @@ class EncodedTexts:
 class Embedder:
     """A loaded bi-encoder: tokenizer, model, pooling, device and precision. Thread-safe."""
 
-    def __init__(self, resolved: ResolvedModel, pooling: str, device: str, precision: str):
+    def __init__(self, resolved: ResolvedModel, pooling: str, device: str, precision: str,
+                 tokenizer_sha256: str | None = None):
+        """``tokenizer_sha256``: the hash of the model directory's tokenizer files when the caller has it (else
+        read here)."""
         try:
             import torch
         except ImportError:
@@ -196,7 +199,7 @@ class Embedder:
         self.weights_sha256 = resolved.weights_sha256
         if self.weights_sha256 is None and local_dir is not None:
             self.weights_sha256 = weights_hash(local_dir)
-        self.tokenizer_sha256 = tokenizer_hash(local_dir)
+        self.tokenizer_sha256 = tokenizer_sha256 or tokenizer_hash(local_dir)
         self.files = ModelFiles(local_dir, f"embedding model '{resolved.name}'")
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelLoadError(
@@ -586,10 +589,11 @@ def load_embedder(resolved: ResolvedModel, *, pooling: str, device: str, precisi
     """The process-wide embedder for this model (weights and tokenizer), pooling, device and precision (loaded
     once; a tokenizer swapped since is another embedder)."""
     local = Path(resolved.location) if resolved.source != "hub" else None
-    key = (resolved.location, resolved.weights_sha256, tokenizer_hash(local), pooling, device, precision)
+    tokenizer = tokenizer_hash(local)
+    key = (resolved.location, resolved.weights_sha256, tokenizer, pooling, device, precision)
     with _embedders_lock:
         found = _embedders.get(key)
         if found is None:
-            found = Embedder(resolved, pooling, device, precision)
+            found = Embedder(resolved, pooling, device, precision, tokenizer_sha256=tokenizer)
             _embedders[key] = found
         return found

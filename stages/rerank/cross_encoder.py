@@ -646,8 +646,10 @@ class CrossEncoderRerank(Stage):
         query_text = ctx.query.text if params.query == "original" else ctx.query.effective_text
         window = incoming[: params.window]
         rest = incoming[params.window :]
-        changed = self._model.files.changed()  # a model replaced under a long-running process: said, not loaded
-        decisions: list[Decision] = [changed] if changed is not None else []
+        # a model replaced under a long-running process (the cascade's light one too): said, not loaded
+        decisions: list[Decision] = [changed for changed in (
+            self._model.files.changed(), self._light.files.changed() if self._light is not None else None)
+            if changed is not None]
         details: dict[str, Any] = {"window": params.window, "input": len(incoming)}
         if not window:
             decisions.append(Decision("empty_input", "no candidates to rerank"))

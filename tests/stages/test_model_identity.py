@@ -235,3 +235,30 @@ def test_the_tokenizer_hash_covers_the_config_and_not_a_resave(tmp_path):
         assert tokenizer_hash(model) != before, name
         before = tokenizer_hash(model)
 
+
+
+def test_a_cascades_light_model_changed_on_disk_is_said_too(tmp_path):
+    """Leftover of the models audit: only the full model's files were watched, so a cascade's light model replaced
+    under `sieve serve` went unnoticed."""
+    shipped = Path(__file__).resolve().parents[2] / "models" / "sieve-reranker-scifact-minilm"
+    light = tmp_path / "light"
+    shutil.copytree(shipped, light)
+    index = tmp_path / "index"
+    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 6}}}}\n"
+        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{window: 6, "
+        f"cascade: {{full_top: 2, light_model: {light}}}}}}}\n"
+        "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
+    pipeline = Pipeline.from_file(config)
+
+    def changed(query: str) -> list[str]:
+        trace = pipeline.search(query, log=False).trace
+        return [d["detail"] for s in trace["stages"] if s["id"] == "rerank" for d in s.get("decisions", [])
+                if d["code"] == "model_changed_on_disk"]
+
+    assert changed("metformin kidney") == []
+    _shuffle_vocabulary(light)
+    (said,) = changed("insulin dose")
+    assert f"cross-encoder '{light}'" in said and "(tokenizer.json)" in said, said
