@@ -32,7 +32,6 @@ and exclusive when it is a date-time. Dates without a time zone are UTC.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -455,8 +454,8 @@ def load_rule_file(path: str | Path, expected_kind: Kind | None = None) -> RuleS
     """Load, validate and compile a rule file; every problem at once as a located ConfigError."""
     path = Path(path)
     loaded = load_yaml_file(path)
-    raw = path.read_bytes()
-    return compile_rules(loaded, hashlib.sha256(raw).hexdigest(), expected_kind)
+    assert loaded.sha256 is not None
+    return compile_rules(loaded, loaded.sha256, expected_kind)  # the bytes parsed, read once
 
 
 class RuleFileError(ConfigError):

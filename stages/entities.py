@@ -263,8 +263,8 @@ def load_gazetteer(path: str | Path) -> Gazetteer:
                 seen[(entry.case_sensitive, surface)] = (number, entry.label, entry.key)
     if issues:
         raise ConfigError(issues)
-    raw = path.read_bytes()
-    return Gazetteer(str(path), hashlib.sha256(raw).hexdigest(), raw.decode("utf-8"), parsed.entities)
+    assert loaded.sha256 is not None and loaded.text is not None
+    return Gazetteer(str(path), loaded.sha256, loaded.text, parsed.entities)  # the bytes parsed, read once
 
 
 # --------------------------------------------------------------------------- extraction

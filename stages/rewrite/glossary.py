@@ -521,8 +521,8 @@ def _load(path: Path) -> Glossary:
             entries.append((number, entry))
     if issues:
         raise ConfigError(issues)
-    raw_bytes = path.read_bytes()
-    glossary = Glossary(str(path), hashlib.sha256(raw_bytes).hexdigest(), tuple(e for _, e in entries),
+    assert loaded.sha256 is not None
+    glossary = Glossary(str(path), loaded.sha256, tuple(e for _, e in entries),  # the bytes parsed, read once
                         file_case_sensitive)
     # the warnings look the replacements up in the glossary's own index (built once, kept for warm-up)
     object.__setattr__(glossary, "warnings", tuple(_warnings(entries, glossary, source)))
