@@ -62,7 +62,7 @@ from engine.console import backslashed, first_hidden
 from engine.errors import SieveError, SieveIndexError
 from engine.paths import fsync_path, process_exists
 from engine.strictness import NoCoercion, a_json_kind, json_kind
-from engine.yamlsource import NotJson, refuse_json_constant
+from engine.yamlsource import NotJson, printable, refuse_json_constant
 
 if TYPE_CHECKING:
     from engine.yamlsource import SourceMap
@@ -1522,7 +1522,7 @@ def _write_documents(documents: Iterable[Document], db_path: Path, progress: Pro
     connection = sqlite3.connect(db_path)
     count = 0
     try:
-        connection.execute("CREATE TABLE docs (row INTEGER PRIMARY KEY, doc_id TEXT UNIQUE NOT NULL, body TEXT NOT NULL)")
+        connection.execute(DOCS_TABLE)
         batch = []
         for row, doc in enumerate(documents):
             body = json.dumps({"title": doc.title, "text": doc.text, "metadata": doc.metadata}, ensure_ascii=False)
@@ -1540,6 +1540,11 @@ def _write_documents(documents: Iterable[Document], db_path: Path, progress: Pro
     finally:
         connection.close()
     return count
+
+
+DOCS_TABLE = "CREATE TABLE docs (row INTEGER PRIMARY KEY, doc_id TEXT UNIQUE NOT NULL, body TEXT NOT NULL)"
+# What a document store holds, and nothing else: the table and the index its UNIQUE makes (sqlite_master's rows)
+DOCS_SCHEMA = [("table", "docs", "docs", DOCS_TABLE), ("index", "sqlite_autoindex_docs_1", "docs", None)]
 
 
 class StoredDocuments(Sequence[Document]):
@@ -1788,6 +1793,25 @@ class DocumentStore:
         self._identity = os.fstat(fd) if fd is not None else None
         self._pinned_lock = threading.RLock()
         self._pinned: sqlite3.Connection | None = self._open_checked(shared=True) if fd is not None else None
+        try:
+            self._check_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """SieveIndexError unless the store holds the build's table and nothing else: a store from elsewhere
+        holding ``docs`` as a view (over an endless recursive query: warm-up never returned) or a trigger is
+        refused before any document is read."""
+        connection = self._pinned or self._connection()
+        try:
+            with self._pinned_lock:
+                found = connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name").fetchall()
+        except sqlite3.Error as exc:
+            raise self._corrupt(exc) from None
+        if found != DOCS_SCHEMA:
+            shown = ", ".join(f"{kind} {printable(str(name))}" for kind, name, _, _ in found[:5]) or "nothing"
+            raise self._corrupt(f"it holds {shown}{' ...' if len(found) > 5 else ''}, not the table a build writes")
 
     def _corrupt(self, detail: Any) -> SieveIndexError:
         return SieveIndexError(f"index at {self._path.parent} is corrupt: {self._path.name}: {detail}; rebuild it")
@@ -2005,14 +2029,21 @@ class Index:
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
         self.doc_count: int = manifest["corpus"]["doc_count"]
-        if dir_fd is None:
-            dir_fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-        if docs_fd is None:
-            docs_fd = os.open(DOCS_DB, os.O_RDONLY | _O_CLOEXEC, dir_fd=dir_fd)
-        self._dir_fd, self._docs_fd = dir_fd, docs_fd
-        self._dir_identity = os.fstat(dir_fd)
-        self._closer = weakref.finalize(self, _close_quietly, dir_fd, docs_fd)
-        self.documents = DocumentStore(path / DOCS_DB, self.doc_count, docs_fd)
+        opened: list[int] = []  # the descriptors opened here, closed here if the store is refused
+        try:
+            if dir_fd is None:
+                dir_fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+                opened.append(dir_fd)
+            if docs_fd is None:
+                docs_fd = os.open(DOCS_DB, os.O_RDONLY | _O_CLOEXEC, dir_fd=dir_fd)
+                opened.append(docs_fd)
+            self._dir_fd, self._docs_fd = dir_fd, docs_fd
+            self._dir_identity = os.fstat(dir_fd)
+            self.documents = DocumentStore(path / DOCS_DB, self.doc_count, docs_fd)
+        except BaseException:
+            _close_quietly(*opened)  # a caller's own descriptors are the caller's to close (Index.open does)
+            raise
+        self._closer = weakref.finalize(self, _close_quietly, dir_fd, docs_fd)  # once nothing can fail
         self._doc_ids: list[str] | None = None
         self._row_of: dict[str, int] | None = None
         self._lock = threading.Lock()

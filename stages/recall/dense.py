@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -199,24 +200,42 @@ class DenseComponent(IndexComponent):
         return recorded
 
 
+_FAISS_READ_LOCK = threading.Lock()
+
+
+def _read_faiss(path: Path) -> Any:
+    """``faiss.read_index``, no array in it allowed more bytes than the file holds: faiss sizes each array by the
+    length written before it and fills it before it finds the file short, so a 50 KB file declaring 2^31 floats
+    took 9 GB (2^33: an out-of-memory kill). The limit is the process's, so it is set and put back under a lock."""
+    faiss = _faiss()
+    size = path.stat().st_size
+    with _FAISS_READ_LOCK:
+        previous = faiss.get_deserialization_vector_byte_limit()
+        faiss.set_deserialization_vector_byte_limit(max(size, 1))
+        try:
+            return faiss.read_index(str(path))
+        finally:
+            faiss.set_deserialization_vector_byte_limit(previous)
+
+
 class LoadedDenseIndex:
     """A faiss index plus per-document token counts, shared by every stage that searches it."""
 
     def __init__(self, directory: Path, entry: dict[str, Any]):
         import numpy as np
 
-        faiss = _faiss()
         try:
-            self.index = faiss.read_index(str(directory / VECTORS_FILE))
+            self.index = _read_faiss(directory / VECTORS_FILE)
             self.token_counts = np.load(directory / TOKENS_FILE)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise SieveIndexError(f"dense component at {directory} cannot be loaded: {exc}") from None
+        except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+            raise SieveIndexError(f"dense component at {directory} cannot be loaded: "
+                                  f"{exc or type(exc).__name__}") from None
         self.entry = entry
         self.kind = entry.get("index_type", FLAT)
         self.hnsw = self.kind == HNSW
         if self.hnsw:
             # Exact search over the same stored vectors, for masks too selective for the graph.
-            self.exact = faiss.downcast_index(self.index.storage)
+            self.exact = _faiss().downcast_index(self.index.storage)
         else:
             self.exact = self.index
 

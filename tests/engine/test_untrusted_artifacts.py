@@ -4,12 +4,20 @@ team, a trace a customer sends for replay). Each test says what happened before 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import engine.yamlsource
+from engine.errors import SieveIndexError
+from engine.index import Index, build_index
 from rules.ruleset import load_rule_file
 from stages.entities import load_gazetteer
 from stages.rewrite.glossary import load_glossary
@@ -48,3 +56,61 @@ def test_a_file_replaced_as_it_is_loaded_is_hashed_as_the_bytes_that_were_parsed
     assert not other.exists()  # the race happened
     assert loaded.sha256 == hashlib.sha256(approved).hexdigest()  # before: the next version's sha256
     assert content(loaded) == content(load(shipped))
+
+
+def _rehashed(index: Path) -> None:
+    """The manifest made to list the index's files as they now are: what anyone editing an index can do (the
+    manifest guards against accidents, it is no signature)."""
+    manifest = json.loads((index / "manifest.json").read_bytes())
+    for name in manifest["files"]:
+        manifest["files"][name] = hashlib.sha256((index / name).read_bytes()).hexdigest()
+    (index / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def medical_index(tmp_path_factory) -> Path:
+    index = tmp_path_factory.mktemp("untrusted") / "index"
+    build_index(ROOT / "examples" / "medical" / "corpus.jsonl", index, {"bm25": {}, "dense": {}})
+    return index
+
+
+def test_a_dense_file_declaring_a_huge_array_is_refused_without_taking_the_memory(medical_index, tmp_path):
+    """Audit F5: faiss sized an array by the length written before it and filled it before finding the file
+    short: a 50 KB vectors.faiss declaring 2^31 floats took 9 GB, 2^33 an out-of-memory kill. Loaded here under a
+    4 GiB address-space limit, where it was a bare MemoryError (std::bad_alloc)."""
+    index = tmp_path / "index"
+    shutil.copytree(medical_index, index)
+    vectors = index / "dense" / "vectors.faiss"
+    data = bytearray(vectors.read_bytes())
+    offset = 4 + 4 + 8 + 8 + 8 + 1 + 4  # IndexFlatIP: its header, then how many floats its vectors hold
+    assert struct.unpack_from("<Q", data, offset)[0] == 33 * 384  # 33 documents, 384 dimensions
+    struct.pack_into("<Q", data, offset, 1 << 33)
+    vectors.write_bytes(bytes(data))
+    _rehashed(index)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+            "from engine.errors import SieveIndexError; from stages.recall.dense import LoadedDenseIndex\n"
+            "try:\n    LoadedDenseIndex(__import__('pathlib').Path(sys.argv[1]), {})\n"
+            "except SieveIndexError as exc:\n    print(exc)")
+    done = subprocess.run([sys.executable, "-c", code, str(index / "dense")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"dense component at {index / 'dense'} cannot be loaded" in done.stdout
+
+
+def test_a_document_store_holding_a_view_is_refused_when_the_index_opens(medical_index, tmp_path):
+    """Audit F8: a store whose `docs` is a view over an endless recursive query (the same columns) opened, and the
+    first read of a document never returned: warm-up hung with one core busy, no timeout, no error."""
+    index = tmp_path / "index"
+    shutil.copytree(medical_index, index)
+    with sqlite3.connect(index / "docs.sqlite") as connection:
+        connection.executescript(
+            "ALTER TABLE docs RENAME TO real_docs;"
+            "CREATE VIEW docs AS WITH RECURSIVE spin(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM spin) "
+            "SELECT r.row AS row, r.doc_id AS doc_id, r.body AS body FROM real_docs r "
+            "WHERE r.row < 0 OR NOT EXISTS (SELECT 1 FROM spin WHERE n < 0);")
+    connection.close()
+    _rehashed(index)
+    with pytest.raises(SieveIndexError, match=r"docs.sqlite: it holds view docs, table real_docs, index "
+                                              r"sqlite_autoindex_real_docs_1, not the table a build writes; rebuild it"):
+        Index.open(index)
+    Index.open(medical_index).close()  # a store as built opens
