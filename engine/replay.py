@@ -46,6 +46,10 @@ LOCATION_KEYS = frozenset({"file", "location", "path", "dir"})
 MACHINE_KEYS = frozenset({"threads"})
 # Prose a newer engine may word differently: across engine versions a change here is a note, not a difference
 WORDING_KEYS = frozenset({"description", "detail", "message", "condition"})
+# What every engine version has recorded (0.1.0 on): one side without it is a difference whatever version a trace
+# claims (the version is a field of the trace like any other: an edited trace claiming another version had its drops,
+# rule firings, ledgers and explanation trees deleted and still replayed "identical", each absence a mere note)
+RECORDED_BY_EVERY_VERSION = frozenset({"drops", "decisions", "details", "ledger", "explanation", "firings"})
 MAX_WORDING_NOTED = 8
 
 
@@ -589,14 +593,13 @@ def _diff(old: Any, new: Any, path: str, found: list[str], wording: list[str] | 
             if key in LOCATION_KEYS and isinstance(old.get(key, new.get(key)), str):
                 continue
             where = f"{path}.{key}"
+            noted = found if wording is None or key in RECORDED_BY_EVERY_VERSION else wording
             if key not in new:
-                (found if wording is None else wording).append(
-                    f"{where}: {_show(old[key])} in the trace, absent in the replay")
+                noted.append(f"{where}: {_show(old[key])} in the trace, absent in the replay")
             elif key not in old:
                 if new[key] in (None, False, [], {}, "") or where == "query.history_sha256":
                     continue  # a field a newer engine writes, empty here (or the turns' hashes, checked above)
-                (found if wording is None else wording).append(
-                    f"{where}: absent in the trace, {_show(new[key])} in the replay")
+                noted.append(f"{where}: absent in the trace, {_show(new[key])} in the replay")
             elif wording is not None and key in WORDING_KEYS and isinstance(old[key], str) and isinstance(
                     new[key], str):
                 if old[key] != new[key]:

@@ -114,3 +114,27 @@ def test_a_document_store_holding_a_view_is_refused_when_the_index_opens(medical
                                               r"sqlite_autoindex_real_docs_1, not the table a build writes; rebuild it"):
         Index.open(index)
     Index.open(medical_index).close()  # a store as built opens
+
+
+def test_a_trace_claiming_another_engine_version_cannot_shed_what_every_version_records(write_config, bm25_index):
+    """Audit F1: across engine versions, fields one side lacks were notes, and the version is a field of the trace:
+    an edited trace claiming 0.10.0, its drops, ledgers and explanation trees deleted, replayed "identical"."""
+    from engine.pipeline import Pipeline
+    from engine.replay import replay_trace
+
+    pipeline = Pipeline.from_file(write_config(
+        f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 20}}}}\n"
+        "  - {id: top, type: select.top_k, inputs: [bm25], params: {k: 3}}\noutput: top\ntrace: {log: null}\n"))
+    trace = json.loads(json.dumps(pipeline.search("cells in the immune system", log=False).trace))
+    assert replay_trace(json.loads(json.dumps(trace)))["identical"]
+    trace["engine_version"] = "0.10.0"
+    for stage in trace["stages"]:
+        stage.pop("drops", None)
+    for result in trace["results"]:
+        result.pop("ledger", None)
+        result.pop("explanation", None)
+    report = replay_trace(trace)
+    assert not report["identical"]
+    shown = "\n".join(report["differences"])
+    assert "stages[top].drops: absent in the trace" in shown and "results[0].ledger: absent in the trace" in shown
+    assert "results[0].explanation: absent in the trace" in shown
