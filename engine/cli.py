@@ -563,7 +563,9 @@ def trace_verify(
     out.print(f"[green]✓[/green] {check.records} records"
               + (f" in {len(check.segments)} segments ({shown(', '.join(p.name for p in check.segments))})"
                  if rotated else "")
-              + ", chain intact" + (", the anchored head is present" if anchored else ""))
+              + ", chain intact" + (", the anchored head is present" if expect_head is not None else
+                                     f", at least the anchored {expect_count} (a count alone cannot tell a record "
+                                     "replaced: anchor the head too)" if expect_count is not None else ""))
     if not anchored:
         out.print("[dim]records cut from the log's end cannot be seen in the chain: anchor its head outside the log "
                   f"(sieve trace head {shown(str(log))}) and check it with --expect-head[/dim]")

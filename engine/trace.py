@@ -1314,12 +1314,14 @@ def _anchor_problems(hashes: dict[int, str], count: int, expect_head: str | None
     if expect_count is not None:
         if total < expect_count:
             return [f"{held}, the anchor says {expect_count}: records were removed from the log's end"]
-        if expect_head is None or expect_count == 0:
+        if expect_count == 0:
             return []
         seq = expect_count - 1
-        if seq < base:
+        if seq < base:  # a count alone too: the records before base are only what the first record claims
             return [f"the anchored record seq {seq} is in an earlier segment that is not beside the log: put the "
                     "archived segments back beside it to check the anchor"]
+        if expect_head is None:
+            return []
         if seq not in hashes:
             return [f"the anchored record seq {seq} is missing ({held}): records were removed or replaced"]
         if hashes[seq] != expect_head:

@@ -138,3 +138,26 @@ def test_a_trace_claiming_another_engine_version_cannot_shed_what_every_version_
     shown = "\n".join(report["differences"])
     assert "stages[top].drops: absent in the trace" in shown and "results[0].ledger: absent in the trace" in shown
     assert "results[0].explanation: absent in the trace" in shown
+
+
+def test_a_count_anchor_is_not_satisfied_by_a_marker_claiming_the_anchored_records(tmp_path):
+    """Audit F3: a log replaced whole by a segment marker claiming the anchored records were rotated out (to an
+    archive "not beside the log") and fabricated records passed `--expect-count` alone: "intact, the anchored head is
+    present"."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.trace import SEGMENT_SCHEMA, TraceLog, _record_line, check_log
+
+    genuine = TraceLog(tmp_path / "genuine.jsonl")
+    genuine.append({"trace_id": "t0", "results": []})
+    forged = tmp_path / "trace.jsonl"
+    marker = {"schema": SEGMENT_SCHEMA, "previous": {"file": "trace.000000-000000.jsonl", "first_seq": 0,
+                                                     "last_seq": 0}}
+    forged.write_bytes(_record_line("0" * 64, 1, marker)[1])
+    TraceLog(forged).append({"trace_id": "fabricated", "results": []})
+    [problem] = check_log(forged, expect_count=1).problems
+    assert "the anchored record seq 0 is in an earlier segment that is not beside the log" in problem
+    shown = CliRunner().invoke(app, ["trace", "verify", str(genuine.path), "--expect-count", "1"])
+    assert shown.exit_code == 0 and "at least the anchored 1 (a count alone cannot tell a record replaced" in \
+        " ".join(shown.output.split())
