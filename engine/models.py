@@ -395,9 +395,9 @@ def resolve_spacy(name: str, base_dir: Path | None = None) -> str:
             raise ModelLoadError(f"spaCy pipeline directory {path} "
                                  + ("is a file; give the pipeline's directory" if path.exists() else "does not exist"))
         return str(path.resolve())
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):  # e.g. 'en_core_web_sm-3.8.0' is no module name
+    try:  # a package's name only: find_spec('a.b') imports (runs) package a, from anywhere on sys.path
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    except (ImportError, ValueError):
         spec = None
     if spec is not None:
         locations = list(spec.submodule_search_locations or ())

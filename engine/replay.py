@@ -57,15 +57,18 @@ def _digester(recorded: dict[str, Any], trace: dict[str, Any]) -> Any:
     """How the trace hashed its texts: plain sha256, or HMAC-SHA256 under the key in the environment variable it
     names (``hashed_with``; the key must be the one recorded by its id)."""
     hashed = recorded.get("hashed_with")
+    configured = (((trace.get("config") or {}).get("resolved") or {}).get("trace") or {}).get("hash_key_env")
     if not hashed:
+        if configured is not None:  # the replayed pipeline would key its hashes with whatever variable that names
+            raise TraceError(f"the trace's config names trace.hash_key_env {configured!r}, but its query hashes are "
+                             "not keyed (no query.hashed_with): not a trace Sieve wrote")
         return lambda text: text_digest(text, None)
     if not isinstance(hashed, dict) or hashed.get("algorithm") != "hmac-sha256" or not isinstance(
             hashed.get("key_env"), str) or not KEY_ENV_NAME.fullmatch(hashed["key_env"]):
         # a name as trace.hash_key_env allows it: a crafted trace must not have replay read any variable
         raise TraceError(f"the trace's query.hashed_with is not one this engine reads: {hashed!r}")
-    expected = (((trace.get("config") or {}).get("resolved") or {}).get("trace") or {}).get("hash_key_env")
-    if expected is not None and expected != hashed["key_env"]:
-        raise TraceError(f"the trace's query.hashed_with names {hashed['key_env']}, its config {expected}")
+    if configured is not None and configured != hashed["key_env"]:
+        raise TraceError(f"the trace's query.hashed_with names {hashed['key_env']}, its config {configured}")
     try:
         key = query_key(hashed["key_env"])
     except QueryKeyError as exc:

@@ -1604,8 +1604,11 @@ def _read_trace_file(path: Path) -> tuple[dict[str, Any], bool]:
     except UnicodeDecodeError as exc:
         raise TraceError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
                          "not a Sieve trace") from None
-    try:
-        data = json.loads(text)
+    try:  # a key twice: readers disagree on which counts (the hash the last, an editor or grep perhaps the first)
+        data = json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as exc:
+        raise TraceError(f"{path} is not a trace Sieve wrote: the key {str(exc)!r} appears twice in one object "
+                         "(readers disagree on which one counts)") from None
     except (ValueError, RecursionError) as exc:
         raise TraceError(f"{path} is not a readable trace: {exc}") from None
     problem = _not_unicode(data)

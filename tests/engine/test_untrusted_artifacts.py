@@ -161,3 +161,56 @@ def test_a_count_anchor_is_not_satisfied_by_a_marker_claiming_the_anchored_recor
     shown = CliRunner().invoke(app, ["trace", "verify", str(genuine.path), "--expect-count", "1"])
     assert shown.exit_code == 0 and "at least the anchored 1 (a count alone cannot tell a record replaced" in \
         " ".join(shown.output.split())
+
+
+def test_a_trace_file_with_a_key_twice_is_refused(write_config, bm25_index, tmp_path):
+    """Audit F9: a trace file took the last of two `results` keys (what its hash covers) and was "verified" while
+    its first one, what an editor or grep shows, listed a fabricated document."""
+    from engine.errors import TraceError
+    from engine.pipeline import Pipeline
+    from engine.trace import load_trace_checked
+
+    log = tmp_path / "log.jsonl"
+    pipeline = Pipeline.from_file(write_config(
+        f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 3}}}}\n"
+        f"output: bm25\ntrace: {{log: {log}}}\n"))
+    trace = pipeline.search("cells", log=True).trace
+    genuine = json.dumps(trace)
+    edited = tmp_path / "trace.json"
+    edited.write_text('{"results": [{"doc_id": "fabricated", "score": 9.9}], ' + genuine[1:], encoding="utf-8")
+    with pytest.raises(TraceError, match="the key 'results' appears twice in one object"):
+        load_trace_checked(edited, None, None, None)
+    (tmp_path / "plain.json").write_text(genuine, encoding="utf-8")
+    load_trace_checked(tmp_path / "plain.json", None, None, None)
+
+
+def test_replay_reads_no_key_variable_a_trace_without_keyed_hashes_names(write_config, bm25_index):
+    """Audit F6: a trace leaving out query.hashed_with but naming, say, AWS_SECRET_ACCESS_KEY as its config's
+    trace.hash_key_env had the replay key its hashes with that secret and print the result."""
+    from engine.errors import TraceError
+    from engine.pipeline import Pipeline
+    from engine.replay import replay_trace
+
+    pipeline = Pipeline.from_file(write_config(
+        f"version: 1\nindex: {bm25_index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 3}}}}\n"
+        "output: bm25\ntrace: {log: null, include_query_text: false}\n"))
+    trace = pipeline.search("cells", log=False).trace
+    trace["config"]["resolved"]["trace"]["hash_key_env"] = "AWS_SECRET_ACCESS_KEY"
+    with pytest.raises(TraceError, match="names trace.hash_key_env 'AWS_SECRET_ACCESS_KEY', but its query hashes are "
+                                         "not keyed"):
+        replay_trace(trace, query_text="cells")
+
+
+def test_a_dotted_spacy_name_from_an_index_is_not_imported(tmp_path, monkeypatch):
+    """Audit F11: resolve_spacy('evil.pipeline') had importlib import (run) the package 'evil' from anywhere on
+    sys.path, the working directory included, to look for a pipeline it could never be."""
+    from engine.errors import ModelLoadError
+    from engine.models import resolve_spacy
+
+    package = tmp_path / "evil"
+    package.mkdir()
+    (package / "__init__.py").write_text("open(__file__ + '.ran', 'w').close()\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="spaCy pipeline 'evil.pipeline' is not installed"):
+        resolve_spacy("evil.pipeline")
+    assert not (package / "__init__.py.ran").exists()
