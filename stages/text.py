@@ -135,6 +135,9 @@ class TokenizerSettings(NoCoercion):
         return value
 
 
+STEM_CACHE_WORDS = 200_000  # words whose stems a tokenizer keeps (a corpus's vocabulary, mostly), then it starts again
+
+
 class Tokenizer:
     """Turns text into terms according to :class:`TokenizerSettings`; thread-safe."""
 
@@ -142,6 +145,7 @@ class Tokenizer:
         self.settings = settings
         self._regex = re.compile(settings.pattern)
         self._lock = threading.Lock()
+        self._stems: dict[str, str] = {}  # word -> its stem (bounded: STEM_CACHE_WORDS)
 
     def _form(self, text: str) -> str:
         """``text`` in the settings' Unicode normal form, accents stripped when ``fold_accents`` says so."""
@@ -179,12 +183,17 @@ class Tokenizer:
         except ImportError:
             raise MissingDependencyError("Stemmer", "PyStemmer", "English stemming") from None
         stemmer = Stemmer.Stemmer("english")
-        cache: dict[str, str] = {}
+        cache = self._stems
+        lock = self._lock
 
         def stem(word: str) -> str:
             stemmed = cache.get(word)
             if stemmed is None:
-                stemmed = cache[word] = stemmer.stemWord(word)
+                with lock:  # a Stemmer keeps state while it stems: one call at a time (PyStemmer's own rule)
+                    stemmed = stemmer.stemWord(word)
+                    if len(cache) >= STEM_CACHE_WORDS:  # every word a caller ever sent would stay for the process's
+                        cache.clear()                   # life (450,000 words, 73 MB after 3,000 queries of new ones)
+                    cache[word] = stemmed
             return stemmed
 
         return stem
