@@ -354,7 +354,7 @@ class Pipeline:
         final = outcomes[compiled.output]
         results = final.candidates or []
         degraded = any(o.record.get("status") == "skipped" for o in outcomes.values())
-        trace = self._trace(query, final.query, outcomes, results, total_ms, degraded)
+        trace = self._trace(query, final.query, outcomes, results, total_ms, degraded, resources)
         if keep_outcomes:
             return RunResult(results, trace, degraded, outcomes, query)
         return RunResult(results, trace, degraded)
@@ -549,11 +549,11 @@ class Pipeline:
         results: list[Candidate],
         total_ms: float,
         degraded: bool,
+        resources: Resources,
     ) -> dict[str, Any]:
+        """The run's trace; ``resources`` are the ones it ran on (a ``close()`` meanwhile has dropped the pipeline's)."""
         compiled = self.compiled
         settings = compiled.config.trace
-        resources = self.resources
-        assert resources is not None
         key = self._query_key
         query_record: dict[str, Any] = {
             "text_sha256": text_digest(query.text, key),
