@@ -1401,10 +1401,16 @@ def serve(
                limit_concurrency=limit_concurrency or None)
 
 
-# Typer >= 0.2x raises the usage errors of its own copy of click, which are not click's classes.
-_TYPER_ERRORS: tuple[type[Exception], ...] = tuple(
-    c for c in (getattr(typer, "TyperException", None),) if c is not None
-)
+# Typer >= 0.2x raises the usage errors of its own copy of click, which are not click's classes, and needs no click
+# installed; an older one raises click's
+try:
+    import click
+
+    _USAGE_ERRORS: tuple[type[Exception], ...] = (click.exceptions.ClickException,)
+    _ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer.Abort)
+except ImportError:
+    _USAGE_ERRORS, _ABORTS = (), (typer.Abort,)
+_USAGE_ERRORS += tuple(c for c in (getattr(typer, "TyperException", None),) if c is not None)
 
 
 # Exit statuses beyond a command's own (0 done; 1 a negative verdict: replay different, verify found problems,
@@ -1416,8 +1422,6 @@ EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in Sieve
 
 def main() -> None:
     """Entry point: runs the CLI, turning every Sieve error into a message and an exit code."""
-    import click
-
     # Model libraries' own download/loading bars would interleave with Sieve's output; a user
     # who wants them sets the variable to 0.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -1427,13 +1431,13 @@ def main() -> None:
     except SieveError as exc:
         err.print(f"[red]error:[/red] {shown(str(exc))}")
         sys.exit(exc.exit_code)
-    except (click.exceptions.ClickException, *_TYPER_ERRORS) as exc:  # usage: unknown command, missing argument
+    except _USAGE_ERRORS as exc:  # usage: unknown command, missing argument
         if hasattr(exc, "show"):
             exc.show()
         else:
             err.print(f"[red]error:[/red] {shown(exc.format_message())}")
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, typer.Abort):
+    except _ABORTS:
         err.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:

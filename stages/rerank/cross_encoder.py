@@ -66,6 +66,9 @@ from stages.rerank.modeling import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = "models/sieve-reranker-scifact-minilm"
+_NO_SHIPPED_MODEL = (f"the shipped reranker ({DEFAULT_MODEL_DIR}, the default `model:`) comes with a checkout of Sieve, "
+                     "not with an installed package: set the stage's `model:` to a model directory or hub id, or "
+                     "install Sieve from its checkout (pip install -e .)")
 DEFAULT_SEQUENCE_CLASSIFICATION_MAX_LENGTH = 512
 
 
@@ -510,6 +513,8 @@ class CrossEncoderRerank(Stage):
             missing = missing_model_path(name, graph.base_dir) if name is not None else None
             if missing is not None:
                 issues.append(GraphIssue(missing, path, "warning"))
+        if params.model is None and not (REPO_ROOT / DEFAULT_MODEL_DIR).is_dir():
+            issues.append(GraphIssue(f"{_NO_SHIPPED_MODEL}: the stage will fail to load", ("params",), "warning"))
         unrunnable = unrunnable_here(params.device, params.precision, "rerank.cross_encoder")
         if unrunnable is not None:
             issues.append(GraphIssue(unrunnable, ("params", "device" if params.device == "cuda" else "precision"),
@@ -561,11 +566,7 @@ class CrossEncoderRerank(Stage):
         name = self._model_name()
         base_dir = resources.base_dir
         if params.model is None and not (REPO_ROOT / DEFAULT_MODEL_DIR).is_dir():
-            raise ModelLoadError(
-                f"stage '{self.id}': the shipped reranker ({DEFAULT_MODEL_DIR}) comes with a checkout of Sieve and "
-                f"is not in {REPO_ROOT} (an installed wheel does not carry it): install Sieve from its checkout "
-                "(pip install -e .), or set the stage's `model:` to a model directory or hub id"
-            )
+            raise ModelLoadError(f"stage '{self.id}': {_NO_SHIPPED_MODEL}")
 
         def load(model_name: str) -> LoadedReranker:
             return LoadedReranker(model_name, base_dir, params.device, params.precision, params.max_length)

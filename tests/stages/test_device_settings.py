@@ -75,3 +75,16 @@ def test_a_config_for_any_machine_is_checked_without_importing_torch(write_confi
             "assert 'torch' not in sys.modules; assert not [w for w in c.warnings if 'machine' in str(w)], c.warnings")
     done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
+
+
+def test_validate_warns_when_the_default_reranker_is_not_installed_with_sieve(write_config, tmp_path, monkeypatch):
+    """Packaging audit F6: installed from a wheel (no models/ beside the code), `sieve validate` passed a config using
+    the shipped reranker, and the first search failed to load it."""
+    import stages.rerank.cross_encoder as cross_encoder
+
+    config = _config(write_config, tmp_path / "index")
+    assert not [w for w in compile_file(config).warnings if "shipped reranker" in str(w)]
+    monkeypatch.setattr(cross_encoder, "REPO_ROOT", tmp_path)  # where a wheel's code lies: no models/ beside it
+    [warning] = [str(w) for w in compile_file(config).warnings if "shipped reranker" in str(w)]
+    assert "comes with a checkout of Sieve, not with an installed package: set the stage's `model:`" in warning
+    assert warning.endswith("the stage will fail to load") and ":7:" in warning
