@@ -9,6 +9,7 @@ heavy (an index, a model) is loaded in :meth:`Stage.warm_up`, once per process.
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -198,6 +199,10 @@ class Resources:
         self.index = index
         self.base_dir = base_dir
         self._shared: dict[str, Any] = {}
+        # a lock per key (made under _loading), held while its thing loads: two pipelines sharing these resources
+        # and warmed from two threads at once load it once, not twice, and the other keys meanwhile
+        self._loading: dict[str, threading.Lock] = {}
+        self._loading_lock = threading.Lock()
 
     def require_index(self, stage_id: str) -> "Index":
         from engine.errors import SieveIndexError
@@ -217,13 +222,18 @@ class Resources:
     def sharing(self) -> "Resources":
         """New resources on the same index and directory that share what these loaded (models, components)."""
         resources = Resources(self.index, self.base_dir)
-        resources._shared = self._shared
+        resources._shared, resources._loading, resources._loading_lock = self._shared, self._loading, self._loading_lock
         return resources
 
     def shared(self, key: str, factory: Callable[[], Any]) -> Any:
-        """Load something once per process (e.g. one BM25 index used by two stages)."""
-        if key not in self._shared:
-            self._shared[key] = factory()
+        """Load something once per process (e.g. one BM25 index used by two stages), whichever thread asks first."""
+        if key in self._shared:
+            return self._shared[key]
+        with self._loading_lock:
+            lock = self._loading.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._shared:
+                self._shared[key] = factory()
         return self._shared[key]
 
     def peek(self, key: str) -> Any:

@@ -10,6 +10,7 @@ glossary and the gazetteer read the same characters alike.
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 
 # What rules compare text in (``comparable``): the characters a reader does not see as part of a word (soft
@@ -58,19 +59,24 @@ def _comparable(text: str, case_sensitive: bool, spaces: bool) -> str:
 
 # Texts as compared, kept across calls: a rule test whose operand comes from the query (``value_from``) is judged
 # over every distinct value of its field for each new operand, and folding them again cost a quarter of a second a
-# query on 5,000 abstracts. Bounded by the characters kept (then it starts again).
+# query on 5,000 abstracts. Bounded by what its entries cost, about (then it starts again): both texts and the
+# entry's own ~250 bytes (counting characters alone, 2 million short texts took 448 MB before a reset).
 _KEPT: dict[tuple[str, bool, bool], str] = {}
-_KEPT_MAX_CHARS = 1 << 25
-_kept_chars = 0
+_KEPT_MAX_BYTES = 64 << 20
+_KEPT_ENTRY_BYTES = 250
+_kept_bytes = 0
+_kept_lock = threading.Lock()
 
 
 def _keep(key: tuple[str, bool, bool], folded: str) -> None:
-    global _kept_chars
-    if _kept_chars + len(folded) > _KEPT_MAX_CHARS:
-        _KEPT.clear()
-        _kept_chars = 0
-    _KEPT[key] = folded
-    _kept_chars += len(folded)
+    global _kept_bytes
+    cost = len(key[0]) + len(folded) + _KEPT_ENTRY_BYTES
+    with _kept_lock:  # the count and the clearing together: threads folding at once lost each other's counts
+        if _kept_bytes + cost > _KEPT_MAX_BYTES:
+            _KEPT.clear()
+            _kept_bytes = 0
+        _KEPT[key] = folded
+        _kept_bytes += cost
 
 
 def _replaced(text: str, found: "re.Pattern[str]", table: dict[int, str | None]) -> str:

@@ -50,3 +50,56 @@ def test_closing_a_pipeline_under_running_queries_gives_them_sieve_errors_only(w
             thread.join()
     assert not others, others[0]
     assert outcomes.get("ok") and outcomes.get("SieveError"), outcomes
+
+
+def test_resources_shared_by_two_pipelines_load_a_thing_once_whichever_thread_asks(tmp_path):
+    """F6. before: the check and the load were not under a lock: two pipelines sharing resources (sieve sweep's),
+    warmed from two threads at once, loaded the same index or model twice and held different objects."""
+    from engine.stage import Resources
+
+    first = Resources(None, tmp_path)
+    second = first.sharing()
+    loads: list[int] = []
+    start = threading.Barrier(8)
+
+    def load() -> object:
+        loads.append(1)
+        time.sleep(0.05)  # a model loading: long enough for every other thread to ask meanwhile
+        return object()
+
+    found: list[object] = []
+
+    def ask(resources: Resources) -> None:
+        start.wait()
+        found.append(resources.shared("model", load))
+
+    threads = [threading.Thread(target=ask, args=(first if n % 2 else second,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1 and len({id(thing) for thing in found}) == 1
+
+
+def test_the_fold_cache_is_bounded_by_what_its_entries_cost(monkeypatch):
+    """F5. before: bounded by the characters kept alone, 2 million short texts took 448 MB before it started again;
+    and its count was kept by threads without a lock."""
+    import engine.textform as textform
+
+    monkeypatch.setattr(textform, "_KEPT_MAX_BYTES", 100_000)
+    monkeypatch.setattr(textform, "_KEPT", {})
+    monkeypatch.setattr(textform, "_kept_bytes", 0)
+
+    def fold(part: int) -> None:
+        for n in range(2000):
+            assert textform.comparable(f"Ab{part}-{n}") == f"ab{part}-{n}"
+
+    threads = [threading.Thread(target=fold, args=(part,)) for part in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kept = textform._KEPT
+    assert 0 < len(kept) <= 100_000 // textform._KEPT_ENTRY_BYTES
+    assert textform._kept_bytes == sum(len(key[0]) + len(value) + textform._KEPT_ENTRY_BYTES
+                                       for key, value in kept.items())
