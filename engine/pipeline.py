@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import json
 import unicodedata
 import graphlib
 import os
@@ -114,7 +115,10 @@ class Pipeline:
         self._when_entities: dict[str, Any] = {}  # stage id -> the query-entity extractor its `when` reads with
         self.settings: tuple[str, ...] = ()  # the PATH=VALUE overrides the config was compiled with (from_file)
         self._warm_lock = threading.Lock()
-        self._index_identity: tuple[Index, dict[str, Any]] | None = None  # the trace's index record, per index
+        # The trace's index record (as JSON), per index, and the resolved config as JSON: each trace reads its own
+        # copy of them, so a caller editing one trace in place (redacting it) changes no other, nor the pipeline
+        self._index_identity: tuple[Index, str] | None = None
+        self._canonical_json = json.dumps(compiled.canonical)
         # A relative trace.log names a file under the working directory the pipeline was made in: a process that
         # changes directory later (a daemon, a worker) keeps appending to that log, not to a new chain elsewhere.
         try:
@@ -611,7 +615,7 @@ class Pipeline:
                 "file": str(compiled.source_file),
                 "dir": str(compiled.base_dir),
                 "sha256": compiled.config_sha256,
-                "resolved": compiled.canonical,
+                "resolved": json.loads(self._canonical_json),  # the trace's own copy (a caller may edit it)
                 **({"set": list(self.settings)} if self.settings else {}),
                 # the base configs the file extends (resolved holds the merged config), nearest first
                 **({"extends": [dict(base) for base in compiled.extends]} if compiled.extends else {}),
@@ -637,7 +641,7 @@ class Pipeline:
         which components' files differ). Computed once per index."""
         cached = self._index_identity
         if cached is not None and cached[0] is index:
-            return dict(cached[1])
+            return json.loads(cached[1])  # each trace its own copy: a caller editing one edits no other
         record = index.describe()
         manifest = index.manifest if isinstance(getattr(index, "manifest", None), dict) else {}
         corpus = manifest.get("corpus") if isinstance(manifest.get("corpus"), dict) else {}
@@ -652,8 +656,8 @@ class Pipeline:
             record["component_sha256"] = {
                 component: hashlib.sha256(canonical(entries)).hexdigest() for component, entries in sorted(parts.items())
             }
-        self._index_identity = (index, record)
-        return dict(record)
+        self._index_identity = (index, json.dumps(record))
+        return record
 
     def explain(self, candidate: Candidate, outcomes: dict[str, StageOutcome]) -> Explanation:
         """Explanation tree: the final score at the root, each ledger entry's own tree below."""

@@ -33,6 +33,7 @@ Documents pinned in without an upstream score get 0.0.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -507,7 +508,7 @@ class RulesPrefilter(Stage):
             **_resolved_dates(self._ruleset.dated_rules, ctx.query.as_of),
         }
         if self._warnings:
-            details["rule_warnings"] = self._warnings
+            details["rule_warnings"] = list(self._warnings)  # the trace's own list
         if kept == 0:
             decisions.append(Decision("nothing_allowed", "the access rules allow no document for this query"))
         return StageResult(
@@ -840,7 +841,7 @@ class RulesOverride(Stage):
         if suppressed:
             details["suppressed"] = suppressed
         if self._warnings:
-            details["rule_warnings"] = self._warnings
+            details["rule_warnings"] = list(self._warnings)  # the trace's own list
         return StageResult(
             candidates=results, drops=drops, decisions=decisions, details=details,
             timings_ms={"rules": (time.perf_counter() - began) * 1000.0},
@@ -974,7 +975,7 @@ class RulesOverride(Stage):
             evidence, failed = self._match_evidence(rule, frame, position, view)
             record: dict[str, Any] = {
                 "rule": rule.id, "action": rule.action, "doc_id": candidate.doc_id, "when": when_evidence,
-                "match": redact_query_evidence(evidence, trace_text),
+                "match": copy.deepcopy(redact_query_evidence(evidence, trace_text)),  # cached: the trace's own copy
                 "rank_before": position + 1, "rank_after": after.get(candidate.doc_id), "effect": effects[rule.id],
             }
             if failed is not None:  # why `match` lacks what the condition matched

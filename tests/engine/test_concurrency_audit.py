@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from datetime import datetime, timezone
+from pathlib import Path
 
 from engine.errors import SieveError
 from engine.pipeline import Pipeline
@@ -103,3 +105,44 @@ def test_the_fold_cache_is_bounded_by_what_its_entries_cost(monkeypatch):
     assert 0 < len(kept) <= 100_000 // textform._KEPT_ENTRY_BYTES
     assert textform._kept_bytes == sum(len(key[0]) + len(value) + textform._KEPT_ENTRY_BYTES
                                        for key, value in kept.items())
+
+
+def _containers(value: object, path: str, found: dict[int, str]) -> dict[int, str]:
+    if isinstance(value, (dict, list)):
+        found.setdefault(id(value), path)
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            _containers(item, f"{path}.{key}" if isinstance(value, dict) else f"{path}[{key}]", found)
+    return found
+
+
+def test_each_trace_is_its_own_a_caller_may_edit_it(tmp_path):
+    """F4. before: traces shared their config (the pipeline's own compiled.canonical), their index record's parts, a
+    rule stage's warnings and override firings' evidence with other traces: a caller redacting one trace in place
+    changed other users' traces, the ones still to be logged included, and what replay compares with."""
+    from engine.index import build_index
+
+    root = Path(__file__).resolve().parents[2]
+    index = tmp_path / "index"
+    build_index(root / "examples" / "medical" / "corpus.jsonl", index, {"bm25": {}})
+    rules = root / "configs" / "medical"
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"version: 1\nindex: {index}\nstages:\n"
+        f"  - {{id: access, type: rules.prefilter, params: {{rules: {rules / 'access.yaml'}}}}}\n"
+        "  - {id: bm25, type: recall.bm25, inputs: [access], params: {top_k: 20}}\n"
+        f"  - {{id: overrides, type: rules.override, inputs: [bm25], params: {{rules: {rules / 'overrides.yaml'}}}}}\n"
+        "  - {id: final, type: select.top_k, inputs: [overrides], params: {k: 5}}\n"
+        "output: final\ntrace: {log: null}\n", encoding="utf-8")
+    pipeline = Pipeline.from_file(config)
+    asked = [("metformin kidney disease", {"user_id": "a", "roles": ["clinician"], "jurisdictions": ["US"]}),
+             ("metformin kidney disease", {"user_id": "b", "roles": ["clinician"], "jurisdictions": ["US"]}),
+             ("insulin dosing", {"user_id": "c", "roles": ["patient"], "jurisdictions": ["EU"]})]
+    traces = [pipeline.search(text, user=user, as_of=datetime(2025, 6, 1, tzinfo=timezone.utc), log=False).trace for text, user in asked]
+    assert any(f.get("match") for s in traces[0]["stages"] if s["id"] == "overrides"
+               for f in (s.get("details") or {}).get("firings", []))  # evidence is there to be shared, or not
+    first = _containers(traces[0], "trace", {})
+    for other in traces[1:]:
+        shared = sorted(path for key, path in _containers(other, "trace", {}).items() if key in first)
+        assert not shared, shared[:10]
+    assert traces[0]["config"]["resolved"] == pipeline.compiled.canonical
+    assert traces[0]["config"]["resolved"] is not pipeline.compiled.canonical
