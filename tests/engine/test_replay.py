@@ -210,6 +210,26 @@ def test_a_forged_stage_record_or_explanation_is_a_difference_by_path(medical_co
     assert "duration_ms" not in text and "timing_ms" not in text
 
 
+def test_a_number_changed_in_its_last_digits_is_a_difference_and_the_command_says_so(medical_config, tmp_path):
+    """Mutation audit: mutants 44 (a 0.1 % tolerance on numbers inside stage records and explanations), 45 (`sieve
+    replay` exiting 0 when only the content, not the ranking, differed) and 43 (no result-count check) went unseen."""
+    trace = _medical_trace(medical_config(), tmp_path / "t.json")
+    nudged = json.loads(json.dumps(trace))
+    term = nudged["results"][0]["explanation"]["details"][0]
+    term["value"] *= 1.0001
+    report = replay_trace(nudged)
+    assert not report["identical"] and report["ranking_identical"]
+    assert any(line.startswith("results[0].explanation.details[0].value:") for line in report["differences"])
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(nudged), encoding="utf-8")
+    shown = _replay_cli(edited)
+    assert shown.exit_code == 1 and "different" in shown.output, shown.output
+    shorter = json.loads(json.dumps(trace))
+    shorter["results"].pop()
+    report = replay_trace(shorter)
+    assert f"{len(shorter['results'])} results in the trace, {len(trace['results'])} now" in report["differences"]
+
+
 # ---------------------------------------------------------------------------- 3b. a standalone file and its log
 
 

@@ -351,3 +351,18 @@ def test_zscore_of_exactly_tied_values_is_flat():
     stats = norm.SignalStats.of([0.1] * 3)
     assert stats.flat and stats.std == 0.0 and stats.mean == 0.1
     assert norm.normalize("zscore", [0.3746360517252655] * 3) == [norm.FLAT_ZSCORE] * 3
+
+
+def test_weighted_missing_zero_is_zero_where_the_lowest_value_is_not(write_config, tmp_path):
+    """Mutation audit, mutant 27 (`min` applied whatever `missing` said): the only test of `zero` normalised by
+    min-max, where the lowest normalised value is 0 anyway."""
+    stage = _compiled_stage(
+        write_config,
+        "  - id: fused\n    type: fuse.weighted\n    inputs: [bm25, dense]\n"
+        "    params: {weights: {bm25: 1.0, dense: 1.0}, normalize: none, missing: zero}\n",
+        "fused",
+    )
+    bm25 = [_candidate("d1", _entry("bm25", 10.0, 1)), _candidate("d2", _entry("bm25", 4.0, 2))]
+    dense = [_candidate("d3", _entry("dense", 3.0, 1))]
+    _, result = _run(stage, [bm25, dense], tmp_path)
+    assert {c.doc_id: c.score for c in result.candidates} == pytest.approx({"d1": 10.0, "d2": 4.0, "d3": 3.0})

@@ -530,3 +530,95 @@ def test_rules_reading_query_entities_on_an_index_without_them_are_a_finding(tmp
     strict = make_pipeline(tmp_path, index, overrides="strictness: strict\n" + ASKED_DRUG)
     with pytest.raises(ConfigError, match=r"\[no_query_entities\]"):
         strict.warm_up()
+
+
+# =========================================================================== mutation audit: gaps a broken rule hid in
+# Each test below failed to notice a plausible bug (a mutant of the line it names) that passed the whole suite.
+
+SLOW_QUERY = "metformin " + "a" * 40 + "b"  # trips the time limit of the pattern below: the condition fails
+
+
+def test_a_prefilter_rule_whose_when_fails_is_applied_and_named_as_denying(tmp_path, index):
+    """Mutants 08 (stages/rules.py: a failed `when` skipped the rule: fail open) and 13 (denying_rules, what explain
+    says, left that rule out while the stage applied it)."""
+    access = """\
+rules:
+  - id: freeze
+    action: exclude
+    when: {field: query.text, op: regex, value: '(a|aa)+$'}
+    match: {field: doc.doc_type, op: eq, value: safety_alert}
+"""
+    pipeline = make_pipeline(tmp_path, index, access=access)
+    result = run(pipeline, SLOW_QUERY)
+    record = stage_record(result, "access")
+    assert any(d["code"] == "rule_error" for d in record["decisions"])
+    assert "med-003" not in ids(result)  # a safety alert: the rule is applied, its `when` unknown
+    resources = pipeline.warm_up()
+    stage = pipeline.compiled.stages["access"]
+    query = pipeline.make_query(SLOW_QUERY, as_of=AS_OF)
+    assert "freeze" in stage.denying_rules(query, resources.index.row_of("med-003"))
+
+
+def test_a_match_that_fails_as_a_whole_denies_every_document(tmp_path, index):
+    """Mutant 07 (stages/rules.py: a match failing as a whole, on its query side, denied no document)."""
+    access = """\
+rules:
+  - id: alerts
+    action: exclude
+    match: {all: [{field: doc.doc_type, op: eq, value: safety_alert}, {field: query.text, op: regex, value: '(a|aa)+$'}]}
+"""
+    pipeline = make_pipeline(tmp_path, index, access=access)
+    resources = pipeline.warm_up()
+    stage = pipeline.compiled.stages["access"]
+    result = stage.run(StageContext("access", pipeline.make_query(SLOW_QUERY, as_of=AS_OF), [], None, resources))
+    assert any(d.code == "rule_error" for d in result.decisions)
+    assert not result.mask.allowed.any()
+
+
+def test_a_rule_is_in_force_from_the_very_moment_its_from_names(tmp_path, index):
+    """Mutant 02 (rules/ruleset.py: `from` exclusive): a date-only run's as_of is midnight of that date."""
+    access = """\
+rules:
+  - {id: embargo, action: exclude, from: 2025-06-01, match: {field: doc.doc_type, op: eq, value: safety_alert}}
+"""
+    pipeline = make_pipeline(tmp_path, index, access=access)
+    at_start = run(pipeline, "metformin lactic acidosis kidney", as_of=datetime(2025, 6, 1, tzinfo=timezone.utc))
+    assert "med-003" not in ids(at_start)
+    before = run(pipeline, "metformin lactic acidosis kidney", as_of=datetime(2025, 5, 31, 23, 59, 59, tzinfo=timezone.utc))
+    assert "med-003" in ids(before)
+
+
+def test_a_blank_acl_value_grants_nothing(tmp_path):
+    """Mutant 04 (rules/ruleset.py: only '' was blank): a group of spaces, as an identity provider may pad one, matched
+    a document whose acl is spaces too."""
+    from engine.index import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in [
+        {"_id": "blank", "title": "", "text": "aspirin dosing", "acl": ["  "]},
+        {"_id": "open", "title": "", "text": "aspirin dosing", "acl": ["public"]}]), encoding="utf-8")
+    index = tmp_path / "index"
+    build_index(corpus, index, {"bm25": {}})
+    pipeline = make_pipeline(tmp_path, index, access=ACL.format(deny="true"))
+    assert ids(run(pipeline, "aspirin", groups=("  ",))) == ["open"]
+
+
+def test_of_two_excludes_the_higher_priority_is_named(tmp_path, index):
+    """Mutant 14 (stages/rules.py: priority order reversed): the ranking is the same, the trace blamed the other rule."""
+    rules = ("  - {id: a-low, action: exclude, priority: 1, docs: [med-002]}\n"
+             "  - {id: b-high, action: exclude, priority: 9, docs: [med-002]}\n")
+    _, result = override_run(tmp_path, index, rules, LIST)
+    [drop] = [d for d in result.drops if d.doc_id == "med-002"]
+    assert drop.detail == "rule 'b-high'"
+    assert result.details["suppressed"] == [{"rule": "a-low", "doc_id": "med-002", "reason": "excluded by 'b-high'"}]
+
+
+def test_a_score_at_the_floor_is_kept_and_keep_pinned_false_lets_a_pin_fall(tmp_path, index):
+    """Mutants 19 (select.threshold: `>` for `>=`) and 21 (keep_pinned: false ignored: never tested)."""
+    at = threshold_run(tmp_path, index, "{min_score: 0.5}", [("med-001", 0.5), ("med-002", 0.25)])
+    assert order(at) == ["med-001"]
+    best = threshold_run(tmp_path, index, "{min_score: 1.0, normalize: max}", [("med-001", 0.8), ("med-002", 0.4)])
+    assert order(best) == ["med-001"]
+    unpinned = threshold_run(tmp_path, index, "{min_score: 0.75, keep_pinned: false}", [("med-001", 0.9), ("med-005", 0.5)],
+                             pinned=("med-005",))
+    assert order(unpinned) == ["med-001"] and [d.reason for d in unpinned.drops] == ["below_threshold"]

@@ -156,6 +156,10 @@ def test_agreement_boosts_and_a_same_label_conflict_penalises(tmp_path, medical_
     # med-008 is about insulin glargine (DRUG) and names no metformin: one conflict; it names
     # type 1 ... or no condition, so the condition entity is absent or conflicting; never positive.
     assert scores["med-008"] < 0
+    # an entity of the query's with no entity of its label in the document is neither a match nor a conflict
+    # (mutation audit, mutant 36: any entity of the document counted as a conflict, and only a Chinese test saw it):
+    # med-010 names type 2 diabetes and no drug, med-023 semaglutide and no condition
+    assert scores["med-010"] == pytest.approx(0.5) and scores["med-023"] == pytest.approx(-0.5)
     details = record(result, "entity")["details"]
     assert {q["key"] for q in details["query"]} == {"metformin", "E11"}
     assert details["documents"]["med-001"]["matched"] == ["CONDITION:E11", "DRUG:metformin"]
