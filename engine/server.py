@@ -426,6 +426,7 @@ class Metrics:
 # The request being answered: its id (X-Request-ID), in every response's header, error body and the server's log
 # lines about it. A context variable, so the handlers' threads see it too (anyio copies the context into them).
 REQUEST_ID: "contextvars.ContextVar[str]" = contextvars.ContextVar("sieve_request_id", default="-")
+APPEND_WAIT_S = 30.0  # how long a stopping server waits for traces being appended (an fsync'd line: milliseconds)
 # Where a request's handler and :class:`Front` meet when the shutdown cuts the request: a handler's thread cannot be
 # cancelled, so it may run on after the cut. Under ``lock``: ``cut`` (set by Front: the handler then logs no trace
 # and answers nothing), ``logging`` (set by the handler before it appends the query's trace: the cut then says the
@@ -433,16 +434,45 @@ REQUEST_ID: "contextvars.ContextVar[str]" = contextvars.ContextVar("sieve_reques
 ANSWER: "contextvars.ContextVar[dict[str, Any] | None]" = contextvars.ContextVar("sieve_answer", default=None)
 
 
+class _Appends:
+    """How many handlers are appending a trace to a log (from :func:`_claim_log` to :meth:`done`): a server stopping
+    waits for those, and for nothing else its handlers still run (see :func:`serve`)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def began(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def done(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether every append under way ended within ``timeout`` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
+APPENDS = _Appends()
+
+
 def _claim_log(trace_id: str) -> bool:
     """Before a handler appends a query's trace: False when the shutdown cut the request (nothing is logged, so the
-    client's 503 says true: it did not run to the log); else it records that the trace is being logged."""
+    client's 503 says true: it did not run to the log); else it records that the trace is being logged, and counts
+    the append in :data:`APPENDS` until the handler says it is done."""
     state = ANSWER.get()
     if state is None:
+        APPENDS.began()
         return True
     with state["lock"]:
         if state.get("cut"):
             return False
         state["logging"], state["trace_id"] = True, trace_id
+        APPENDS.began()  # under the lock: a cut from now on finds the append counted
         return True
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_GONE = 499  # counted for a request whose client went away before any answer (nothing was sent)
@@ -882,6 +912,8 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
             metrics.failed(name, "trace_not_logged")  # not counted as run: the client got no results
             return error(500, "trace_not_logged", f"the query ran but its trace could not be appended to the log "
                          f"({type(exc).__name__}: {exc}); results are withheld", trace_id=result.trace["trace_id"])
+        finally:
+            APPENDS.done()
         metrics.ran(name, result)
         health.log_succeeded(name)
         health.index_state(name)  # a stat or two: logs the warning once when the index was rebuilt on disk
@@ -1219,7 +1251,36 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
         for number, handler in previous.items():
             signal.signal(number, handler)
     if stopped:
-        raise SystemExit(130 if stopped[0] == signal.SIGINT else 143)
+        _exit_leaving_cut_queries(130 if stopped[0] == signal.SIGINT else 143)
+
+
+def _exit_leaving_cut_queries(code: int) -> None:
+    """Exit with ``code`` once no trace is being appended, leaving the queries the shutdown cut to run on in their
+    threads no signal stops: their clients were answered 503 and they log nothing (:func:`_claim_log`), but Python
+    would wait for each before exiting (a query on a busy machine: seconds, with no bound; an orchestrator timed to
+    the grace kills the process meanwhile)."""
+    if not APPENDS.wait(APPEND_WAIT_S):
+        log.error("traces were still being appended %.0f s after the shutdown: exiting anyway (the log's torn end, if "
+                  "any, is set aside by the next writer)", APPEND_WAIT_S)
+    running = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if not running:
+        raise SystemExit(code)
+    time.sleep(0.2)  # a thread ending by itself (an idle worker told to stop) is not a query left running
+    running = [t for t in running if t.is_alive()]
+    if not running:
+        raise SystemExit(code)
+    log.warning("exiting with %d thread(s) still running queries the shutdown cut (answered 503, not logged)",
+                len(running))
+    # no exit functions: run while those threads use torch and the tokenizers, the libraries' clean-up crashed the
+    # process (SIGSEGV) in one of the audit's runs; the log lines and streams are flushed, nothing else is pending
+    for handler in logging.getLogger().handlers + [h for name in ("uvicorn", "uvicorn.access", "uvicorn.error", "sieve")
+                                                   for h in logging.getLogger(name).handlers]:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 class _RequestIdFilter(logging.Filter):

@@ -147,6 +147,41 @@ def test_a_shutdown_whose_grace_runs_out_answers_each_request_as_it_stands_and_e
     assert "Traceback" not in log.read_text(encoding="utf-8")
 
 
+def test_a_stopped_server_exits_without_waiting_for_the_queries_it_cut(bm25_index, tmp_path):
+    """Concurrency audit F1. Before: past the grace, the process waited for every query the shutdown had cut (each
+    answered 503, none to be logged) to finish in its thread: 10.8 s after SIGTERM with a 2 s grace in the audit's
+    run, no bound, so an orchestrator timed to the grace killed it meanwhile. It exits once no trace is being
+    appended, saying how many threads it left; the log holds exactly the traces of the answers sent."""
+    config = _config(tmp_path, bm25_index, "slow", extra=RERANK.replace("window: 30", "window: 60"), output="rerank")
+    with served([config], tmp_path, "--shutdown-grace", "0.3") as (base, process, log):
+        answers: list[httpx.Response | Exception] = []
+
+        def ask(n: int) -> None:
+            try:
+                answers.append(httpx.post(f"{base}/v1/pipelines/slow/search", json={"query": f"cells {n} in blood"},
+                                          timeout=120))
+            except httpx.HTTPError as exc:
+                answers.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join()
+        assert process.wait(timeout=60) == 143
+    lines = log.read_text(encoding="utf-8")
+    assert "thread(s) still running queries the shutdown cut (answered 503, not logged)" in lines, lines[-3000:]
+    responses = [a for a in answers if isinstance(a, httpx.Response)]
+    sent = {a.json()["trace_id"] for a in responses if a.status_code == 200}
+    sent |= {a.json()["error"]["trace_id"] for a in responses if a.status_code == 503 and "trace_id" in a.json()["error"]}
+    log_file = tmp_path / "slow.jsonl"
+    logged = {json.loads(line)["trace"]["trace_id"]
+              for line in (log_file.read_text(encoding="utf-8").splitlines() if log_file.exists() else ())}
+    assert logged == sent
+
+
 def test_sigint_exits_130_once_the_server_has_stopped(bm25_index, tmp_path):
     with served([_config(tmp_path, bm25_index, "p")], tmp_path) as (_, process, _):
         process.send_signal(signal.SIGINT)
