@@ -1742,6 +1742,22 @@ def _first_difference(a: Any, b: Any, path: str) -> str | None:
     return None
 
 
+def _refuse_a_planted_link(link: Path) -> None:
+    """SieveError for a symlink another user owns in a sticky world-writable directory (/tmp): the kernel's
+    ``protected_symlinks`` rule, which a rename over the link's target would bypass (another user's link there,
+    pointing at one of this user's files, had that file replaced by the output)."""
+    import stat
+
+    try:
+        directory, owner = os.stat(link.parent), os.lstat(link).st_uid
+    except OSError:
+        return
+    shared = directory.st_mode & stat.S_ISVTX and directory.st_mode & stat.S_IWOTH
+    if shared and owner not in (os.geteuid(), directory.st_uid):
+        raise SieveError(f"{link} is a symlink another user (uid {owner}) made in the shared directory {link.parent}: "
+                         "refusing to write through it (it could point at any of your files); write elsewhere")
+
+
 def atomic_write_target(path: str | Path) -> Path:
     """The file an atomic write to ``path`` replaces: the target of a symlink (followed to the end), else ``path``.
 
@@ -1752,6 +1768,8 @@ def atomic_write_target(path: str | Path) -> Path:
     import stat
 
     path = Path(path)
+    if path.is_symlink():
+        _refuse_a_planted_link(path)
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:  # os.stat follows every link, /dev/stdout's /proc/self/fd/1 included (realpath names it "pipe:[N]")
         found = os.stat(path)

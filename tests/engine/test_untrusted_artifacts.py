@@ -214,3 +214,28 @@ def test_a_dotted_spacy_name_from_an_index_is_not_imported(tmp_path, monkeypatch
     with pytest.raises(ModelLoadError, match="spaCy pipeline 'evil.pipeline' is not installed"):
         resolve_spacy("evil.pipeline")
     assert not (package / "__init__.py.ran").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="making another user's link needs root")
+def test_an_output_is_not_written_through_another_users_link_in_a_shared_directory(tmp_path):
+    """Audit F10: outputs follow a symlink at their path and replace its target (documented), by realpath and
+    rename, which the kernel's protected_symlinks never sees: another user's link in /tmp pointing at one of this
+    user's files had that file replaced by the report."""
+    from engine.errors import SieveError
+    from engine.trace import write_json_atomic
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp: sticky, anyone may write
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine", encoding="utf-8")
+    planted = shared / "report.json"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)  # nobody's link
+    with pytest.raises(SieveError, match=r"is a symlink another user \(uid 65534\) made in the shared directory"):
+        write_json_atomic(planted, {"a": 1})
+    assert victim.read_text(encoding="utf-8") == "mine"
+    own = shared / "mine.json"
+    own.symlink_to(victim)  # this user's own link: written through, as documented
+    write_json_atomic(own, {"a": 1})
+    assert json.loads(victim.read_text(encoding="utf-8")) == {"a": 1}
