@@ -2119,9 +2119,12 @@ class Index:
         try:
             fd = os.open(MANIFEST, os.O_RDONLY | _O_CLOEXEC, dir_fd=dir_fd)
             with os.fdopen(fd, "rb") as handle:
-                raw = handle.read()
+                raw = handle.read(_MAX_MANIFEST_BYTES + 1)
         except OSError as exc:
             raise SieveIndexError(f"cannot read {manifest_path}: {exc.strerror or exc}") from None
+        if len(raw) > _MAX_MANIFEST_BYTES:  # read whole, then parsed: a huge one would take the memory twice over
+            raise SieveIndexError(f"{manifest_path} is over {_MAX_MANIFEST_BYTES >> 20} MiB: not a manifest Sieve wrote "
+                                  "(it lists a few files)")
         try:
             manifest = json.loads(raw)
         except RecursionError:

@@ -239,3 +239,14 @@ def test_an_output_is_not_written_through_another_users_link_in_a_shared_directo
     own.symlink_to(victim)  # this user's own link: written through, as documented
     write_json_atomic(own, {"a": 1})
     assert json.loads(victim.read_text(encoding="utf-8")) == {"a": 1}
+
+
+def test_a_manifest_larger_than_any_sieve_writes_is_refused_unread(tmp_path, monkeypatch):
+    """Audit, not covered in its time box: an index's manifest.json was read whole, whatever its size."""
+    import engine.index
+
+    index = tmp_path / "index"
+    build_index(ROOT / "examples" / "medical" / "corpus.jsonl", index, {"bm25": {}})
+    monkeypatch.setattr(engine.index, "_MAX_MANIFEST_BYTES", 1024)  # the medical manifest is larger
+    with pytest.raises(SieveIndexError, match=r"manifest.json is over 0 MiB: not a manifest Sieve wrote"):
+        Index.open(index)
