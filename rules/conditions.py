@@ -818,9 +818,7 @@ class Leaf(Node):
             if as_date is not None and not _is_number(raw):
                 return as_date
             return _number(raw)
-        if op == "regex":
-            return raw
-        return self._scalar(raw)
+        return self._scalar(raw)  # never a regex: its pattern comes from the rule file only (refused at load)
 
     # ---- the test itself
 
