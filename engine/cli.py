@@ -488,6 +488,9 @@ def replay(
     history_file: HistoryFileOption = None,
     log: Annotated[Optional[Path], typer.Option(
         "--log", help="the trace log a standalone trace file was appended to (default: the path it records)")] = None,
+    config_dir: Annotated[Optional[Path], typer.Option(
+        "--config-dir", help="where the config's relative paths (rule files, gazetteers, glossaries) lie now, when not "
+        "where the trace was made (a moved checkout, another machine); each file's sha256 is still checked")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the replay's report as JSON")] = False,
 ) -> None:
     """Re-run a traced query with its recorded config, index and time; report whatever a re-run does not
@@ -499,7 +502,7 @@ def replay(
         raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
     query, history = _asked(query, history, history_file, "--query")
     trace, source = load_trace_checked(trace_path, trace_id, seq, log)
-    report = replay_trace(trace, index_path=index_dir, query_text=query, history=history)
+    report = replay_trace(trace, index_path=index_dir, query_text=query, history=history, config_dir=config_dir)
     report["source"] = source.to_json()
     if as_json:
         print_json(report)

@@ -28,7 +28,7 @@ from typing import Any
 
 from engine import __version__
 from engine.compiler import canonical_json, compile_data
-from engine.errors import TraceError
+from engine.errors import ConfigError, TraceError
 from engine.model import KEY_ENV_NAME, Query, QueryKeyError, UserContext, key_id, query_key, text_digest
 from engine.pipeline import Pipeline
 
@@ -41,7 +41,7 @@ VOLATILE_KEYS = frozenset({"started_ms", "duration_ms", "timings_ms", "timing_ms
 # warnings (they name the file's path and judge expiry against the wall clock).
 VOLATILE_DETAILS = frozenset({"cache", "rule_warnings"})
 # Machine-specific locations: a replay on another machine, or of a moved config, finds the same content elsewhere.
-LOCATION_KEYS = frozenset({"file", "location", "path", "dir"})
+LOCATION_KEYS = frozenset({"file", "location", "path", "dir", "rules_file"})  # each file's content: by its sha256
 # What a model identity records of the machine rather than of the model: compared for a note, not a difference
 MACHINE_KEYS = frozenset({"threads"})
 # Prose a newer engine may word differently: across engine versions a change here is a note, not a difference
@@ -181,21 +181,34 @@ def _shape_problem(trace: Any) -> str | None:
 
 def replay_trace(
     trace: dict[str, Any], *, index_path: Path | None = None, query_text: str | None = None,
-    history: list[str] | None = None,
+    history: list[str] | None = None, config_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Re-run the trace's query; returns a report with ``identical``, ``differences`` (each breaks
-    ``identical``) and ``notes`` (what changed without changing what ran: they do not)."""
+    ``identical``) and ``notes`` (what changed without changing what ran: they do not). ``config_dir``: where the
+    config's relative paths (rule files, gazetteers, glossaries) lie now, when not in the directory the trace records
+    (a checkout moved, another machine); each file is still checked against the sha256 the trace records."""
     problem = _shape_problem(trace)
     if problem is not None:
         raise TraceError(f"not a trace that can be replayed: {problem}")
     config = trace.get("config") or {}
     if "resolved" not in config:
         raise TraceError("the trace has no embedded configuration to replay")
-    compiled = compile_data(
-        config["resolved"], label=f"<config in trace {trace.get('trace_id')}>", base_dir=Path(config.get("dir") or ".")
-    )
+    recorded_dir = Path(config.get("dir") or ".")
+    if config_dir is not None and not config_dir.is_dir():
+        raise TraceError(f"--config-dir {config_dir}: not a directory")
+    try:
+        compiled = compile_data(config["resolved"], label=f"<config in trace {trace.get('trace_id')}>",
+                                base_dir=config_dir if config_dir is not None else recorded_dir)
+    except ConfigError as exc:
+        if config_dir is not None:
+            raise
+        where = "" if recorded_dir.is_dir() else ", which is not here"
+        raise TraceError(f"{exc}\nthe trace was made with its config in {recorded_dir}{where}: if its rule files "
+                         "lie elsewhere now, give --config-dir (replay_trace's config_dir) where they are") from None
     differences: list[str] = []
     notes: list[str] = []
+    if config_dir is not None and config_dir.resolve() != recorded_dir.resolve():
+        notes.append(f"the config's relative paths were read from {config_dir}, not {recorded_dir} where it was traced")
     recorded_version = trace.get("engine_version")
     if recorded_version != __version__:
         notes.append(f"engine version {recorded_version or '(not recorded)'} in the trace, {__version__} now")

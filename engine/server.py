@@ -426,7 +426,6 @@ class Metrics:
 # The request being answered: its id (X-Request-ID), in every response's header, error body and the server's log
 # lines about it. A context variable, so the handlers' threads see it too (anyio copies the context into them).
 REQUEST_ID: "contextvars.ContextVar[str]" = contextvars.ContextVar("sieve_request_id", default="-")
-APPEND_WAIT_S = 30.0  # how long a stopping server waits for traces being appended (an fsync'd line: milliseconds)
 # Where a request's handler and :class:`Front` meet when the shutdown cuts the request: a handler's thread cannot be
 # cancelled, so it may run on after the cut. Under ``lock``: ``cut`` (set by Front: the handler then logs no trace
 # and answers nothing), ``logging`` (set by the handler before it appends the query's trace: the cut then says the
@@ -458,6 +457,7 @@ class _Appends:
 
 
 APPENDS = _Appends()
+APPEND_WAIT_S = 30.0  # how long a stopping server waits for traces being appended (an fsync'd line: milliseconds)
 
 
 def _claim_log(trace_id: str) -> bool:

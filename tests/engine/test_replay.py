@@ -230,6 +230,27 @@ def test_a_number_changed_in_its_last_digits_is_a_difference_and_the_command_say
     assert f"{len(shorter['results'])} results in the trace, {len(trace['results'])} now" in report["differences"]
 
 
+def test_a_trace_replays_after_its_config_moved_given_where_it_lies_now(medical_config, tmp_path):
+    """Packaging audit F7: a trace records its config's directory and its rule files' paths; a replay after the
+    checkout moved (or on an auditor's machine) found no rule file, and with them in place it still differed, on the
+    rule files' paths alone. --config-dir says where they lie now; their sha256 is still checked."""
+    trace_file = tmp_path / "t.json"
+    _medical_trace(medical_config(), trace_file)
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    moved.mkdir()
+    for name in ("pipeline.yaml", "access.yaml", "overrides.yaml"):
+        shutil.move(tmp_path / name, moved / name)
+    lost = _replay_cli(trace_file)
+    assert isinstance(lost.exception, TraceError) and "give --config-dir" in str(lost.exception), lost.output
+    found = _replay_cli(trace_file, "--config-dir", moved)
+    assert found.exit_code == 0 and "identical" in found.output, found.output
+    assert f"the config's relative paths were read from {moved}" in " ".join(found.output.split())
+    with open(moved / "access.yaml", "a", encoding="utf-8") as edited:
+        edited.write("# edited after the trace\n")
+    changed = _replay_cli(trace_file, "--config-dir", moved)
+    assert changed.exit_code == 1 and "the rule file access.yaml changed since the trace" in changed.output
+
+
 # ---------------------------------------------------------------------------- 3b. a standalone file and its log
 
 

@@ -109,24 +109,22 @@ def test_requests_over_the_limit_get_a_counted_json_503(bm25_index, tmp_path):
     assert _count(metrics, 'sieve_requests_total{code="503",endpoint="search",pipeline="slow"}') == len(shed)
 
 
-def test_a_shutdown_whose_grace_runs_out_answers_each_request_as_it_stands_and_exits_143(bm25_index, tmp_path):
-    """Before: requests still running when the grace ran out got uvicorn's plain-text 500 and a traceback each. A
-    query's handler runs in a thread no cancel stops, so a cut request may run on: one whose trace is logged gets
-    its answer, or a 503 naming its trace_id (a blind retry would run it twice); any other gets 503 shutting_down
-    and its thread logs nothing after (review of this change: the threads logged the traces of five answers never
-    sent). Every trace in the log is of a 200 or of a 503 that names it."""
-    config = _config(tmp_path, bm25_index, "slow", extra=RERANK, output="rerank")
+def _stopped_under_load(tmp_path: Path, bm25_index: Path, queries: list[str], window: int = 30):
+    """SIGTERM a server (grace 0.3 s) one second into ``queries`` sent at once to a pipeline reranking ``window``
+    documents: (the responses, the server's log text, the trace ids of the 200s and of the 503s naming one, the trace
+    ids its log holds). It must exit 143."""
+    config = _config(tmp_path, bm25_index, "slow", extra=RERANK.replace("window: 30", f"window: {window}"),
+                     output="rerank")
     with served([config], tmp_path, "--shutdown-grace", "0.3") as (base, process, log):
         answers: list[httpx.Response | Exception] = []
 
-        def ask() -> None:
+        def ask(text: str) -> None:
             try:
-                answers.append(httpx.post(f"{base}/v1/pipelines/slow/search", json={"query": "cells in the blood"},
-                                          timeout=120))
+                answers.append(httpx.post(f"{base}/v1/pipelines/slow/search", json={"query": text}, timeout=120))
             except httpx.HTTPError as exc:
                 answers.append(exc)
 
-        threads = [threading.Thread(target=ask) for _ in range(6)]
+        threads = [threading.Thread(target=ask, args=(text,)) for text in queries]
         for thread in threads:
             thread.start()
         time.sleep(1.0)
@@ -135,16 +133,26 @@ def test_a_shutdown_whose_grace_runs_out_answers_each_request_as_it_stands_and_e
             thread.join()
         assert process.wait(timeout=60) == 143  # before: killed by the signal it re-raised (143 too), SIGINT exit 0
     responses = [a for a in answers if isinstance(a, httpx.Response)]
-    for answer in responses:  # before: 500 "Internal Server Error" in plain text
-        assert answer.status_code == 200 or answer.json()["error"]["type"] == "shutting_down", answer.text
     told = {a.json()["trace_id"] for a in responses if a.status_code == 200}
     told |= {a.json()["error"]["trace_id"] for a in responses if a.status_code == 503 and "trace_id" in a.json()["error"]}
     log_file = tmp_path / "slow.jsonl"  # none when every query was cut before its trace was logged
     logged = {json.loads(line)["trace"]["trace_id"]
               for line in (log_file.read_text(encoding="utf-8").splitlines() if log_file.exists() else ())}
+    return responses, log.read_text(encoding="utf-8"), told, logged
+
+
+def test_a_shutdown_whose_grace_runs_out_answers_each_request_as_it_stands_and_exits_143(bm25_index, tmp_path):
+    """Before: requests still running when the grace ran out got uvicorn's plain-text 500 and a traceback each. A
+    query's handler runs in a thread no cancel stops, so a cut request may run on: one whose trace is logged gets
+    its answer, or a 503 naming its trace_id (a blind retry would run it twice); any other gets 503 shutting_down
+    and its thread logs nothing after (review of this change: the threads logged the traces of five answers never
+    sent). Every trace in the log is of a 200 or of a 503 that names it."""
+    responses, lines, told, logged = _stopped_under_load(tmp_path, bm25_index, ["cells in the blood"] * 6)
+    for answer in responses:  # before: 500 "Internal Server Error" in plain text
+        assert answer.status_code == 200 or answer.json()["error"]["type"] == "shutting_down", answer.text
     assert logged == told  # no trace of an answer never sent, nor an answer without its trace
     assert any(a.status_code == 503 for a in responses)  # six queries of ~a second on two cores: some were cut
-    assert "Traceback" not in log.read_text(encoding="utf-8")
+    assert "Traceback" not in lines
 
 
 def test_a_stopped_server_exits_without_waiting_for_the_queries_it_cut(bm25_index, tmp_path):
@@ -152,34 +160,10 @@ def test_a_stopped_server_exits_without_waiting_for_the_queries_it_cut(bm25_inde
     answered 503, none to be logged) to finish in its thread: 10.8 s after SIGTERM with a 2 s grace in the audit's
     run, no bound, so an orchestrator timed to the grace killed it meanwhile. It exits once no trace is being
     appended, saying how many threads it left; the log holds exactly the traces of the answers sent."""
-    config = _config(tmp_path, bm25_index, "slow", extra=RERANK.replace("window: 30", "window: 60"), output="rerank")
-    with served([config], tmp_path, "--shutdown-grace", "0.3") as (base, process, log):
-        answers: list[httpx.Response | Exception] = []
-
-        def ask(n: int) -> None:
-            try:
-                answers.append(httpx.post(f"{base}/v1/pipelines/slow/search", json={"query": f"cells {n} in blood"},
-                                          timeout=120))
-            except httpx.HTTPError as exc:
-                answers.append(exc)
-
-        threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join()
-        assert process.wait(timeout=60) == 143
-    lines = log.read_text(encoding="utf-8")
+    _, lines, told, logged = _stopped_under_load(tmp_path, bm25_index, [f"cells {n} in blood" for n in range(8)],
+                                                 window=60)
     assert "thread(s) still running queries the shutdown cut (answered 503, not logged)" in lines, lines[-3000:]
-    responses = [a for a in answers if isinstance(a, httpx.Response)]
-    sent = {a.json()["trace_id"] for a in responses if a.status_code == 200}
-    sent |= {a.json()["error"]["trace_id"] for a in responses if a.status_code == 503 and "trace_id" in a.json()["error"]}
-    log_file = tmp_path / "slow.jsonl"
-    logged = {json.loads(line)["trace"]["trace_id"]
-              for line in (log_file.read_text(encoding="utf-8").splitlines() if log_file.exists() else ())}
-    assert logged == sent
+    assert logged == told
 
 
 def test_sigint_exits_130_once_the_server_has_stopped(bm25_index, tmp_path):

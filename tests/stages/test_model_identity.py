@@ -35,14 +35,16 @@ def _dense_config(tmp_path: Path, index: Path) -> Path:
     return config
 
 
-def _rerank_config(tmp_path: Path, model: Path) -> Path:
-    """BM25 over the medical corpus, reranked by the cross-encoder at ``model``."""
+def _rerank_config(tmp_path: Path, model: Path | None, window: int = 5, more: str = "") -> Path:
+    """BM25 over the medical corpus, reranked by the cross-encoder at ``model`` (None: the shipped one), ``more``
+    added to the stage's params."""
     index = tmp_path / "index"
     build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
     config = tmp_path / "p.yaml"
+    named = f"model: {model}, " if model is not None else ""
     config.write_text(
-        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 5}}}}\n"
-        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{model: {model}, window: 5}}}}\n"
+        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: {window}}}}}\n"
+        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{{named}window: {window}{more}}}}}\n"
         "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
     return config
 
@@ -243,15 +245,7 @@ def test_a_cascades_light_model_changed_on_disk_is_said_too(tmp_path):
     shipped = Path(__file__).resolve().parents[2] / "models" / "sieve-reranker-scifact-minilm"
     light = tmp_path / "light"
     shutil.copytree(shipped, light)
-    index = tmp_path / "index"
-    build_index(MEDICAL / "corpus.jsonl", index, {"bm25": {}})
-    config = tmp_path / "p.yaml"
-    config.write_text(
-        f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25, params: {{top_k: 6}}}}\n"
-        f"  - {{id: rerank, type: rerank.cross_encoder, inputs: [bm25], params: {{window: 6, "
-        f"cascade: {{full_top: 2, light_model: {light}}}}}}}\n"
-        "output: rerank\ntrace: {log: null}\n", encoding="utf-8")
-    pipeline = Pipeline.from_file(config)
+    pipeline = Pipeline.from_file(_rerank_config(tmp_path, None, 6, f", cascade: {{full_top: 2, light_model: {light}}}"))
 
     def changed(query: str) -> list[str]:
         trace = pipeline.search(query, log=False).trace
