@@ -171,8 +171,7 @@ class _Merge:
         sha = self.base.sha256 or ""
         kept = [issue for issue in self.base.issues if not any(_removes_when(issue, d) for d in self.when_set)]
         return LoadedYaml(data, self.out, [*self.child.issues, *kept, *self.removed], unmade,
-                          self.child.sha256,
-                          [{"file": str(target), "sha256": sha}, *self.base.bases])
+                          sha256=self.child.sha256, bases=[{"file": str(target), "sha256": sha}, *self.base.bases])
 
     def _moved(self, dotted: str) -> str:
         """A dotted path of the child's data as a path of the merged data (its stage entries may move)."""

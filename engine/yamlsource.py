@@ -256,12 +256,12 @@ class LoadedYaml:
     issues: list[ConfigIssue] = field(default_factory=list)
     unmade: set[str] = field(default_factory=set)  # dotted paths of values that could not be made (None)
     sha256: str | None = None  # of the file's bytes as read (load_yaml_file)
-    # the file's text as read and parsed (load_yaml_file): a caller keeping or hashing the file uses this, never a
-    # second read, which could find another file renamed into its place meanwhile
-    text: str | None = None
     # the files this data was merged onto, nearest first, each {"file": ..., "sha256": ...} (a pipeline config's
     # ``extends``: engine.compiler.resolve_extends)
     bases: list[dict[str, str]] = field(default_factory=list)
+    # the file's text as read and parsed (load_yaml_file): a caller keeping or hashing the file uses this, never a
+    # second read, which could find another file renamed into its place meanwhile
+    text: str | None = None
 
 
 def _issue(file: str, mark: Any, message: str, path: str = "") -> ConfigIssue:

@@ -1305,6 +1305,6 @@ def test_the_shipped_model_missing_from_an_installed_copy_is_said_plainly(bm25_i
 
     monkeypatch.setattr(cross_encoder, "REPO_ROOT", tmp_path / "site-packages")
     pipeline = _pipeline(write_config, bm25_index, "{window: 5}")
-    with pytest.raises(ModelLoadError, match=r"the shipped reranker \(models/sieve-reranker-scifact-minilm\) comes "
-                                             r"with a checkout of Sieve.*set the stage's `model:`"):
+    with pytest.raises(ModelLoadError, match=r"the shipped reranker \(models/sieve-reranker-scifact-minilm, the default "
+                                             r"`model:`\) comes with a checkout of Sieve.*set the stage's `model:`"):
         pipeline.warm_up()
