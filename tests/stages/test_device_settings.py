@@ -88,3 +88,15 @@ def test_validate_warns_when_the_default_reranker_is_not_installed_with_sieve(wr
     [warning] = [str(w) for w in compile_file(config).warnings if "shipped reranker" in str(w)]
     assert "comes with a checkout of Sieve, not with an installed package: set the stage's `model:`" in warning
     assert warning.endswith("the stage will fail to load") and ":7:" in warning
+
+
+def test_validate_warns_of_a_mistyped_local_model_read_as_a_hub_id(write_config, tmp_path):
+    """README audit M2: `models/rr` (one slash) is a hub id's form; with no such directory beside the config, validate
+    said nothing (the README promised it says when nothing is there), and loading it offline named no directory."""
+    (tmp_path / "models").mkdir()
+    config = _config(write_config, tmp_path / "index", rerank=", model: models/rr")
+    [warning] = [str(w) for w in compile_file(config).warnings if "models/rr" in str(w)]
+    assert f"{tmp_path / 'models' / 'rr'} does not exist, though {tmp_path / 'models'} does, so it is read as a hub " \
+           "id" in warning and "write ./models/rr" in warning
+    hub = _config(write_config, tmp_path / "index", rerank=", model: BAAI/bge-reranker-base")
+    assert not [w for w in compile_file(hub).warnings if "bge-reranker" in str(w)]  # no BAAI/ beside it: a hub id
