@@ -1999,6 +1999,11 @@ def _settings_problem(name: str, settings: Any) -> str | None:
     return None
 
 
+def _file_key(found: os.stat_result) -> tuple[int, int, int, int]:
+    """Which file, and which version of it: another inode, size or modification time is another file's content."""
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+
+
 def _close_quietly(*fds: int) -> None:
     for fd in fds:
         try:
@@ -2048,6 +2053,7 @@ class Index:
         self._row_of: dict[str, int] | None = None
         self._lock = threading.Lock()
         self._on_disk: tuple[tuple[int, int, int, int], str | None, bool] | None = None  # key, sha256, built alike
+        self._verified: dict[str, tuple[int, int, int, int]] = {}  # each file as hashed at open (Index.open)
 
     def close(self) -> None:
         """Release the directory and document store (the object cannot read documents after)."""
@@ -2078,6 +2084,7 @@ class Index:
         except OSError as exc:
             raise SieveIndexError(f"cannot open the index {path}: {exc.strerror or exc}") from None
         docs_fd: list[int] = []
+        verified: dict[str, tuple[int, int, int, int]] = {}
         try:
             manifest, raw = cls._read_manifest(path, dir_fd)
             for relative, expected in manifest["files"].items():
@@ -2094,6 +2101,7 @@ class Index:
                         docs_fd.append(fd)
                     try:
                         matches = not verify or _sha256_fd(fd) == expected
+                        verified[relative] = _file_key(os.fstat(fd))
                     finally:
                         if relative != DOCS_DB:
                             os.close(fd)
@@ -2103,10 +2111,26 @@ class Index:
                     raise SieveIndexError(
                         f"index {path} is corrupt: {relative} does not match the hash in {MANIFEST}; rebuild it"
                     )
-            return cls(path, manifest, hashlib.sha256(raw).hexdigest(), dir_fd=dir_fd, docs_fd=docs_fd[0])
+            index = cls(path, manifest, hashlib.sha256(raw).hexdigest(), dir_fd=dir_fd, docs_fd=docs_fd[0])
+            index._verified = verified
+            return index
         except BaseException:
             _close_quietly(dir_fd, *docs_fd)
             raise
+
+    def changed_since_opened(self) -> list[str]:
+        """The index's files (by manifest name) that are not, in the directory opened, the files hashed when it was
+        opened (replaced, rewritten or removed in place since): the stages load their files by name after that
+        check, so one changed meanwhile would be loaded while the trace names the verified hashes."""
+        changed = []
+        for relative, key in self._verified.items():
+            try:
+                now = _file_key(os.stat(relative, dir_fd=self._dir_fd))
+            except OSError:
+                now = None
+            if now != key:
+                changed.append(relative)
+        return changed
 
     @staticmethod
     def _read_manifest(path: Path, dir_fd: int) -> tuple[dict[str, Any], bytes]:

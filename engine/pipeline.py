@@ -220,12 +220,13 @@ class Pipeline:
                         raise
                     index.close()  # a stage found the index replaced while it loaded: open it again
                     continue
-                if index is None or not index.replaced_on_disk():
+                changed = index.changed_since_opened() if index is not None else []
+                if index is None or not index.replaced_on_disk() and not changed:
                     self.resources = resources
                     return resources
-                index.close()
-            raise SieveIndexError(f"the index at {self.index_path} kept being replaced on disk while the pipeline "
-                                  "loaded it; load it once the rebuilds are done")
+                index.close()  # replaced, or a file in it changed after it was hashed (a stage may have loaded it)
+            raise SieveIndexError(f"the index at {self.index_path} kept being replaced or changed on disk while the "
+                                  "pipeline loaded it; load it once the rebuilds are done")
 
     def _when_readers(self, resources: Resources) -> None:
         """The query-entity extractor for each ``when`` that reads the query's entities: the index's entities

@@ -18,6 +18,7 @@ import pytest
 import engine.yamlsource
 from engine.errors import SieveIndexError
 from engine.index import Index, build_index
+from engine.pipeline import Pipeline
 from rules.ruleset import load_rule_file
 from stages.entities import load_gazetteer
 from stages.rewrite.glossary import load_glossary
@@ -250,3 +251,38 @@ def test_a_manifest_larger_than_any_sieve_writes_is_refused_unread(tmp_path, mon
     monkeypatch.setattr(engine.index, "_MAX_MANIFEST_BYTES", 1024)  # the medical manifest is larger
     with pytest.raises(SieveIndexError, match=r"manifest.json is over 0 MiB: not a manifest Sieve wrote"):
         Index.open(index)
+
+
+def test_an_index_file_replaced_after_it_was_hashed_is_not_loaded_unseen(tmp_path, write_config, monkeypatch):
+    """Audit F7: an index's files were hashed when it opened and loaded by name later, after the models (seconds):
+    one replaced in place meanwhile was searched while the trace named the verified hashes. The pipeline now checks,
+    once its stages have loaded, that each file is still the one hashed, and opens the index again if not."""
+    import engine.index
+
+    index = tmp_path / "index"
+    build_index(ROOT / "examples" / "medical" / "corpus.jsonl", index, {"bm25": {}})
+    config = write_config(f"version: 1\nindex: {index}\nstages:\n  - {{id: bm25, type: recall.bm25}}\noutput: bm25\n"
+                          "trace: {log: null}\n")
+    name = min(n for n in json.loads((index / "manifest.json").read_bytes())["files"] if n.startswith("bm25/"))
+    target = index / name
+    genuine = target.read_bytes()
+    opened = engine.index.Index.open.__func__
+    opens: list[int] = []
+
+    def open_then_replace(cls, path, *, verify=True, content=genuine):
+        found = opened(cls, path, verify=verify)
+        opens.append(1)
+        if len(opens) == 1:  # once, right after the hashes were checked: a new file (inode) in its place
+            replacement = target.with_name(target.name + ".new")
+            replacement.write_bytes(content)
+            os.replace(replacement, target)
+        return found
+
+    monkeypatch.setattr(engine.index.Index, "open", classmethod(open_then_replace))
+    Pipeline.from_file(config).warm_up()  # the same bytes under a new inode: opened again, and the hashes hold
+    assert len(opens) == 2
+    opens.clear()
+    monkeypatch.setattr(engine.index.Index, "open", classmethod(
+        lambda cls, path, *, verify=True: open_then_replace(cls, path, verify=verify, content=genuine + b" ")))
+    with pytest.raises(SieveIndexError, match=f"{name} does not match the hash in manifest.json"):
+        Pipeline.from_file(config).warm_up()  # other bytes: before, loaded while the trace named the verified ones
