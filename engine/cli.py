@@ -268,23 +268,34 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
     "stages.rerank.params.device=cpu); the value is YAML; repeatable; the trace records it")]
 
 
-# Standard input read for a query or a conversation: far more than any limit a config may set on them
-_MOST_STDIN_BYTES = 64 << 20
+# What a query or a conversation is read from, standard input or a file: far more than any limit a config may set
+_MOST_INPUT_BYTES = 64 << 20
 
 
-def _stdin_text(what: str) -> str:
-    """Standard input as UTF-8 text, one final line break removed (``echo`` adds it), for ``-`` as ``what``."""
-    if sys.stdin is None or sys.stdin.closed:
-        raise SieveError(f"{what} is - (standard input), but there is no standard input")
-    if sys.stdin.isatty():
-        err.print(f"[dim]reading {what} from standard input (end it with Ctrl-D)[/dim]")
-    raw = sys.stdin.buffer.read(_MOST_STDIN_BYTES + 1)
-    if len(raw) > _MOST_STDIN_BYTES:
-        raise SieveError(f"{what} from standard input is over {_MOST_STDIN_BYTES >> 20} MiB: nothing was run")
+def _input_text(source: Path | None, what: str) -> str:
+    """UTF-8 text from ``source`` (None: standard input, one final line break removed, as ``echo`` adds it), at
+    most ``_MOST_INPUT_BYTES``: a FIFO or /dev/zero named by mistake is refused, not read for ever."""
+    where = "standard input" if source is None else str(source)
+    try:
+        if source is None:
+            if sys.stdin is None or sys.stdin.closed:
+                raise SieveError(f"{what} is - (standard input), but there is no standard input")
+            if sys.stdin.isatty():
+                err.print(f"[dim]reading {what} from standard input (end it with Ctrl-D)[/dim]")
+            raw = sys.stdin.buffer.read(_MOST_INPUT_BYTES + 1)
+        else:
+            with open(source, "rb") as handle:
+                raw = handle.read(_MOST_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise SieveError(f"{what} ({where}): cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > _MOST_INPUT_BYTES:
+        raise SieveError(f"{what} ({where}) is over {_MOST_INPUT_BYTES >> 20} MiB: nothing was run")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SieveError(f"{what} from standard input is not UTF-8 text (byte {exc.start})") from None
+        raise SieveError(f"{what} ({where}) is not UTF-8 text (byte {exc.start})") from None
+    if source is not None:
+        return text
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
@@ -295,23 +306,15 @@ def _asked(query: Optional[str], history: Optional[list[str]], history_file: Opt
     never both."""
     if history_file is not None and history:
         raise SieveError("--history and --history-file together: give the turns one way")
-    if history_file is not None and str(history_file) == "-" and query == "-":
+    from_stdin = history_file is not None and str(history_file) == "-"
+    if from_stdin and query == "-":
         raise SieveError(f"{option} and --history-file both read standard input (-): put one of them in a file")
-    text = _stdin_text(f"the query ({option})") if query == "-" else query
+    text = _input_text(None, f"the query ({option})") if query == "-" else query
     if history_file is None:
         return text, history
-    if str(history_file) == "-":
-        document, where = _stdin_text("--history-file"), "standard input"
-    else:
-        where = str(history_file)
-        try:
-            document = history_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise SieveError(f"--history-file {history_file}: not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise SieveError(f"--history-file {history_file}: cannot read it ({exc.strerror or exc})") from None
+    where = "standard input" if from_stdin else str(history_file)
     try:
-        turns = json.loads(document)
+        turns = json.loads(_input_text(None if from_stdin else history_file, "--history-file"))
     except ValueError as exc:
         raise SieveError(f"--history-file ({where}): not JSON: {exc}") from None
     if not isinstance(turns, list) or not all(isinstance(turn, str) for turn in turns):

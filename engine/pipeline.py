@@ -658,7 +658,7 @@ class Pipeline:
                 component: hashlib.sha256(canonical(entries)).hexdigest() for component, entries in sorted(parts.items())
             }
         self._index_identity = (index, json.dumps(record))
-        return record
+        return json.loads(self._index_identity[1])  # not record: its parts are the manifest's own
 
     def explain(self, candidate: Candidate, outcomes: dict[str, StageOutcome]) -> Explanation:
         """Explanation tree: the final score at the root, each ledger entry's own tree below."""

@@ -46,10 +46,17 @@ LOCATION_KEYS = frozenset({"file", "location", "path", "dir", "rules_file"})  # 
 MACHINE_KEYS = frozenset({"threads"})
 # Prose a newer engine may word differently: across engine versions a change here is a note, not a difference
 WORDING_KEYS = frozenset({"description", "detail", "message", "condition"})
-# What every engine version has recorded (0.1.0 on): one side without it is a difference whatever version a trace
-# claims (the version is a field of the trace like any other: an edited trace claiming another version had its drops,
-# rule firings, ledgers and explanation trees deleted and still replayed "identical", each absence a mere note)
-RECORDED_BY_EVERY_VERSION = frozenset({"drops", "decisions", "details", "ledger", "explanation", "firings"})
+# What every engine version has recorded (0.1.0 on) wherever it applies: one side without it is a difference whatever
+# version a trace claims (the version is a field of the trace like any other: an edited trace claiming another
+# version had its drops, rule firings, ledgers and explanation trees deleted and still replayed "identical", each
+# absence a mere note). Not `details` and `decisions` as such: a newer engine records them for stages that had none.
+RECORDED_BY_EVERY_VERSION = frozenset({"drops", "ledger", "explanation", "firings"})
+
+
+def _recorded_by_every_version(key: str, value: Any) -> bool:
+    """Whether a field one side lacks is one every version records: those above, and a stage's details holding rule
+    firings (deleting the whole of an override stage's details hid which rule pinned a document)."""
+    return key in RECORDED_BY_EVERY_VERSION or key == "details" and isinstance(value, dict) and bool(value.get("firings"))
 MAX_WORDING_NOTED = 8
 
 
@@ -200,7 +207,7 @@ def replay_trace(
         compiled = compile_data(config["resolved"], label=f"<config in trace {trace.get('trace_id')}>",
                                 base_dir=config_dir if config_dir is not None else recorded_dir)
     except ConfigError as exc:
-        if config_dir is not None:
+        if config_dir is not None or "file not found" not in str(exc):
             raise
         where = "" if recorded_dir.is_dir() else ", which is not here"
         raise TraceError(f"{exc}\nthe trace was made with its config in {recorded_dir}{where}: if its rule files "
@@ -609,7 +616,7 @@ def _diff(old: Any, new: Any, path: str, found: list[str], wording: list[str] | 
             if key in LOCATION_KEYS and isinstance(old.get(key, new.get(key)), str):
                 continue
             where = f"{path}.{key}"
-            noted = found if wording is None or key in RECORDED_BY_EVERY_VERSION else wording
+            noted = found if wording is None or _recorded_by_every_version(key, old.get(key, new.get(key))) else wording
             if key not in new:
                 noted.append(f"{where}: {_show(old[key])} in the trace, absent in the replay")
             elif key not in old:

@@ -457,7 +457,7 @@ class _Appends:
 
 
 APPENDS = _Appends()
-APPEND_WAIT_S = 30.0  # how long a stopping server waits for traces being appended (an fsync'd line: milliseconds)
+APPEND_WAIT_S = 10.0  # how long a stopping server waits for traces being appended (an fsync'd line: milliseconds)
 
 
 def _claim_log(trace_id: str) -> bool:
@@ -1247,11 +1247,11 @@ def serve(configs: list[Path], host: str, port: int, log_level: str = "info", *,
         Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace,
                               limit_concurrency=limit_concurrency + max(limit_concurrency, 64) if limit_concurrency
                               else None, log_config=logging_config)).run()
+        if stopped:  # under our handlers still: a second signal meanwhile is noted, not a kill in mid-append
+            _exit_leaving_cut_queries(130 if stopped[0] == signal.SIGINT else 143)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-    if stopped:
-        _exit_leaving_cut_queries(130 if stopped[0] == signal.SIGINT else 143)
 
 
 def _exit_leaving_cut_queries(code: int) -> None:
@@ -1269,8 +1269,8 @@ def _exit_leaving_cut_queries(code: int) -> None:
     running = [t for t in running if t.is_alive()]
     if not running:
         raise SystemExit(code)
-    log.warning("exiting with %d thread(s) still running queries the shutdown cut (answered 503, not logged)",
-                len(running))
+    log.warning("exiting with %d thread(s) still running the queries the shutdown cut and their stages (answered 503, "
+                "not logged)", len(running))
     # no exit functions: run while those threads use torch and the tokenizers, the libraries' clean-up crashed the
     # process (SIGSEGV) in one of the audit's runs; the log lines and streams are flushed, nothing else is pending
     for handler in logging.getLogger().handlers + [h for name in ("uvicorn", "uvicorn.access", "uvicorn.error", "sieve")

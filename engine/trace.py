@@ -1743,19 +1743,26 @@ def _first_difference(a: Any, b: Any, path: str) -> str | None:
 
 
 def _refuse_a_planted_link(link: Path) -> None:
-    """SieveError for a symlink another user owns in a sticky world-writable directory (/tmp): the kernel's
-    ``protected_symlinks`` rule, which a rename over the link's target would bypass (another user's link there,
-    pointing at one of this user's files, had that file replaced by the output)."""
+    """SieveError when a link on the way from ``link`` to its target (each hop: one's own link may lead to another's)
+    is a symlink another user owns in a sticky world-writable directory (/tmp): the kernel's ``protected_symlinks``
+    rule, which a rename over the link's target would bypass (another user's link there, pointing at one of this
+    user's files, had that file replaced by the output)."""
     import stat
 
-    try:
-        directory, owner = os.stat(link.parent), os.lstat(link).st_uid
-    except OSError:
-        return
-    shared = directory.st_mode & stat.S_ISVTX and directory.st_mode & stat.S_IWOTH
-    if shared and owner not in (os.geteuid(), directory.st_uid):
-        raise SieveError(f"{link} is a symlink another user (uid {owner}) made in the shared directory {link.parent}: "
-                         "refusing to write through it (it could point at any of your files); write elsewhere")
+    for _ in range(40):  # the kernel's own limit on links followed
+        try:
+            if not stat.S_ISLNK(os.lstat(link).st_mode):
+                return
+            directory, owner = os.stat(link.parent), os.lstat(link).st_uid
+            following = link.parent / os.readlink(link)
+        except OSError:
+            return
+        shared = directory.st_mode & stat.S_ISVTX and directory.st_mode & stat.S_IWOTH
+        if shared and owner not in (os.geteuid(), directory.st_uid):
+            raise SieveError(f"{link} is a symlink another user (uid {owner}) made in the shared directory "
+                             f"{link.parent}: refusing to write through it (it could point at any of your files); "
+                             "write elsewhere")
+        link = following
 
 
 def atomic_write_target(path: str | Path) -> Path:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from engine.cache import LRUCache
 from engine.errors import MissingDependencyError, ModelLoadError, SieveError
 from engine.index import content_defined_batches
+from engine.stage import GraphIssue
 from engine.models import (ModelFiles, ResolvedModel, check_vocabulary, load_failure, quiet_transformers,
                            tokenizer_hash, torch_fork_guard, weights_hash)
 
@@ -569,16 +570,23 @@ def fp16_on_cpu(device: str, precision: str) -> None:
                          "device: auto, which runs fp16 where CUDA is present)")
 
 
-def unrunnable_here(device: str, precision: str, what: str) -> str | None:
-    """For ``sieve validate``, which loads no model: why a model set to ``device``/``precision`` would fail to load on
-    this machine (``cuda``, or fp16, without CUDA), or None. torch is imported only when one of them asks for CUDA."""
+def unrunnable_here(device: str, precision: str, what: str) -> list[GraphIssue]:
+    """For ``sieve validate``, which loads no model: a warning, located at the setting, when a model set to
+    ``device``/``precision`` would fail to load on this machine (``cuda``, or fp16, without CUDA). torch is imported
+    only when one of them asks for CUDA."""
+
     if device != "cuda" and precision != "fp16":
-        return None  # auto and the CPU settings run anywhere
+        return []  # auto and the CPU settings run anywhere
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return []  # no torch here at all: loading says so (MissingDependencyError), whatever the device
     try:
         device_and_precision(device, precision, what)
     except ModelLoadError as exc:
-        return f"{exc}: the stage will fail to load on this machine"
-    return None
+        return [GraphIssue(f"{exc}: the stage will fail to load on this machine",
+                           ("params", "device" if device == "cuda" else "precision"), "warning")]
+    return []
 
 
 _embedders: dict[tuple[str, str | None, str | None, str, str, str], Embedder] = {}

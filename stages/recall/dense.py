@@ -208,6 +208,8 @@ def _read_faiss(path: Path) -> Any:
     length written before it and fills it before it finds the file short, so a 50 KB file declaring 2^31 floats
     took 9 GB (2^33: an out-of-memory kill). The limit is the process's, so it is set and put back under a lock."""
     faiss = _faiss()
+    if not hasattr(faiss, "set_deserialization_vector_byte_limit"):  # an older faiss has no such limit: read as is
+        return faiss.read_index(str(path))
     size = path.stat().st_size
     with _FAISS_READ_LOCK:
         previous = faiss.get_deserialization_vector_byte_limit()
@@ -287,10 +289,7 @@ class DenseRecall(Stage):
     def check_graph(cls, node: StageNode, graph: GraphView) -> list[GraphIssue]:
         params = node.params
         assert isinstance(params, DenseParams)
-        unrunnable = unrunnable_here(params.device, params.precision, "recall.dense query model")
-        if unrunnable is None:
-            return []
-        return [GraphIssue(unrunnable, ("params", "device" if params.device == "cuda" else "precision"), "warning")]
+        return unrunnable_here(params.device, params.precision, "recall.dense query model")
 
     # ------------------------------------------------------------------ warm-up
 

@@ -515,10 +515,7 @@ class CrossEncoderRerank(Stage):
                 issues.append(GraphIssue(missing, path, "warning"))
         if params.model is None and not (REPO_ROOT / DEFAULT_MODEL_DIR).is_dir():
             issues.append(GraphIssue(f"{_NO_SHIPPED_MODEL}: the stage will fail to load", ("params",), "warning"))
-        unrunnable = unrunnable_here(params.device, params.precision, "rerank.cross_encoder")
-        if unrunnable is not None:
-            issues.append(GraphIssue(unrunnable, ("params", "device" if params.device == "cuda" else "precision"),
-                                     "warning"))
+        issues.extend(unrunnable_here(params.device, params.precision, "rerank.cross_encoder"))
         unused = [(f, "applies only with long_documents: chunks") for f in ("chunk_overlap", "max_chunks")
                   if f in params.model_fields_set and params.long_documents == "truncate"]
         if params.cascade is not None and params.cascade.light_model is None and \

@@ -148,12 +148,13 @@ def test_the_query_and_its_conversation_can_stay_off_the_command_line(write_conf
 
 
 @pytest.mark.parametrize(("args", "stdin", "said"), [
-    (("-",), b"\xff\xfe", "the query (QUERY) from standard input is not UTF-8 text (byte 0)"),
+    (("-",), b"\xff\xfe", "the query (QUERY) (standard input) is not UTF-8 text (byte 0)"),
     (("-", "--history-file", "-"), b"[]", "QUERY and --history-file both read standard input"),
     (("q", "--history-file", "-", "--history", "a"), b"[]", "--history and --history-file together"),
     (("q", "--history-file", "-"), b'{"turns": ["a"]}', "must be a JSON array of strings"),
     (("q", "--history-file", "-"), b"[1, 2", "--history-file (standard input): not JSON"),
-    (("q", "--history-file", "nowhere.json"), b"", "--history-file nowhere.json: cannot read it (No such file"),
+    (("q", "--history-file", "nowhere.json"), b"", "--history-file (nowhere.json): cannot read it (No such file"),
+    (("q", "--history-file", "/dev/zero"), b"", "--history-file (/dev/zero) is over 64 MiB: nothing was run"),
 ])
 def test_a_query_or_conversation_read_wrong_is_said_before_anything_runs(write_config, bm25_index, tmp_path,
                                                                           args, stdin, said):

@@ -230,6 +230,20 @@ def test_a_number_changed_in_its_last_digits_is_a_difference_and_the_command_say
     assert f"{len(shorter['results'])} results in the trace, {len(trace['results'])} now" in report["differences"]
 
 
+def test_a_trace_claiming_another_version_cannot_drop_the_rules_that_fired(medical_config, tmp_path):
+    """Untrusted-artifacts audit F1: the whole of the override stage's details (which rule pinned a document) deleted
+    from a trace claiming 0.10.0 was a wording note. (A stage's details as such stay a note across versions: a newer
+    engine records details for stages that had none.)"""
+    trace = _medical_trace(medical_config(), tmp_path / "t.json")
+    trace["engine_version"] = "0.10.0"
+    overrides = next(s for s in trace["stages"] if s["id"] == "overrides")
+    assert overrides["details"]["firings"]
+    del overrides["details"]
+    report = replay_trace(trace)
+    assert not report["identical"]
+    assert any(line.startswith("stages[overrides].details: absent in the trace") for line in report["differences"])
+
+
 def test_a_trace_replays_after_its_config_moved_given_where_it_lies_now(medical_config, tmp_path):
     """Packaging audit F7: a trace records its config's directory and its rule files' paths; a replay after the
     checkout moved (or on an auditor's machine) found no rule file, and with them in place it still differed, on the

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import FAILS_AT_RUN_TIME, served
 
@@ -160,10 +161,13 @@ def test_a_stopped_server_exits_without_waiting_for_the_queries_it_cut(bm25_inde
     answered 503, none to be logged) to finish in its thread: 10.8 s after SIGTERM with a 2 s grace in the audit's
     run, no bound, so an orchestrator timed to the grace killed it meanwhile. It exits once no trace is being
     appended, saying how many threads it left; the log holds exactly the traces of the answers sent."""
-    _, lines, told, logged = _stopped_under_load(tmp_path, bm25_index, [f"cells {n} in blood" for n in range(8)],
-                                                 window=60)
-    assert "thread(s) still running queries the shutdown cut (answered 503, not logged)" in lines, lines[-3000:]
+    responses, lines, told, logged = _stopped_under_load(tmp_path, bm25_index,
+                                                         [f"cells {n} in blood" for n in range(8)], window=60)
     assert logged == told
+    if not any(a.status_code == 503 and "trace_id" not in a.json()["error"] for a in responses):
+        pytest.skip("this machine answered every query within the grace: none was cut to be left running")
+    assert "thread(s) still running the queries the shutdown cut and their stages (answered 503, not logged)" \
+        in " ".join(lines.split()), lines[-3000:]
 
 
 def test_sigint_exits_130_once_the_server_has_stopped(bm25_index, tmp_path):

@@ -236,6 +236,11 @@ def test_an_output_is_not_written_through_another_users_link_in_a_shared_directo
     with pytest.raises(SieveError, match=r"is a symlink another user \(uid 65534\) made in the shared directory"):
         write_json_atomic(planted, {"a": 1})
     assert victim.read_text(encoding="utf-8") == "mine"
+    chained = tmp_path / "chain.json"
+    chained.symlink_to(planted)  # one's own link leading to the planted one: refused too (review of this change)
+    with pytest.raises(SieveError, match=r"is a symlink another user \(uid 65534\) made in the shared directory"):
+        write_json_atomic(chained, {"a": 1})
+    assert victim.read_text(encoding="utf-8") == "mine"
     own = shared / "mine.json"
     own.symlink_to(victim)  # this user's own link: written through, as documented
     write_json_atomic(own, {"a": 1})

@@ -69,6 +69,15 @@ def test_validate_warns_of_a_model_this_machine_cannot_run(write_config, tmp_pat
     assert "will fail to load on this machine" in " ".join(shown.stderr.split())
 
 
+def test_a_cuda_config_is_validated_where_torch_is_not_installed(write_config, tmp_path):
+    """Review of this change: the check imported torch, an optional extra: validate ended in an internal error."""
+    config = _config(write_config, tmp_path / "index", rerank=", device: cuda")
+    code = ("import sys; sys.modules['torch'] = None; from engine.compiler import compile_file; "
+            "c = compile_file(sys.argv[1]); print(len(c.warnings))")
+    done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_config_for_any_machine_is_checked_without_importing_torch(write_config, tmp_path):
     config = _config(write_config, tmp_path / "index", ", device: cpu", ", precision: bf16")
     code = ("import sys; from engine.compiler import compile_file; c = compile_file(sys.argv[1]); "
