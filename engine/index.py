@@ -60,7 +60,7 @@ from pydantic import ConfigDict, ValidationError
 from engine import __version__
 from engine.console import backslashed, first_hidden
 from engine.errors import SieveError, SieveIndexError
-from engine.paths import fsync_path, process_exists
+from engine.paths import file_version, fsync_path, process_exists
 from engine.strictness import NoCoercion, a_json_kind, json_kind
 from engine.yamlsource import NotJson, printable, refuse_json_constant
 
@@ -1999,11 +1999,6 @@ def _settings_problem(name: str, settings: Any) -> str | None:
     return None
 
 
-def _file_key(found: os.stat_result) -> tuple[int, int, int, int]:
-    """Which file, and which version of it: another inode, size or modification time is another file's content."""
-    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
-
-
 def _close_quietly(*fds: int) -> None:
     for fd in fds:
         try:
@@ -2101,7 +2096,7 @@ class Index:
                         docs_fd.append(fd)
                     try:
                         matches = not verify or _sha256_fd(fd) == expected
-                        verified[relative] = _file_key(os.fstat(fd))
+                        verified[relative] = file_version(os.fstat(fd))
                     finally:
                         if relative != DOCS_DB:
                             os.close(fd)
@@ -2125,7 +2120,7 @@ class Index:
         changed = []
         for relative, key in self._verified.items():
             try:
-                now = _file_key(os.stat(relative, dir_fd=self._dir_fd))
+                now = file_version(os.stat(relative, dir_fd=self._dir_fd))
             except OSError:
                 now = None
             if now != key:
@@ -2190,8 +2185,7 @@ class Index:
         built_alike = True
         if replaced:
             try:
-                info = os.stat(self.path / MANIFEST)
-                key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+                key = file_version(os.stat(self.path / MANIFEST))
             except OSError:
                 key, on_disk, built_alike = None, None, False
             if key is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ModelLoadError
+from engine.paths import file_version
 from engine.yamlsource import path_problem, printable
 
 if TYPE_CHECKING:
@@ -222,12 +223,11 @@ class ModelFiles:
         self._warned: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
 
-    def _stats(self) -> dict[str, tuple[int, int, int] | None]:
-        found: dict[str, tuple[int, int, int] | None] = {}
+    def _stats(self) -> dict[str, tuple[int, int, int, int] | None]:
+        found: dict[str, tuple[int, int, int, int] | None] = {}
         for name in self._names:
             try:
-                stat = os.stat(self.directory / name)  # type: ignore[operator]
-                found[name] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+                found[name] = file_version(os.stat(self.directory / name))  # type: ignore[operator]
             except OSError:
                 found[name] = None
         return found

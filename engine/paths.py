@@ -7,6 +7,12 @@ import os
 from pathlib import Path
 
 
+def file_version(found: os.stat_result) -> tuple[int, int, int, int]:
+    """Which file a stat names, and which version of it (device, inode, size, modification time): another inode,
+    size or time is another file's content, or the same file's rewritten."""
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+
+
 def nearest_existing_parent(path: Path) -> Path | None:
     """The closest ancestor of ``path`` that exists (as given: relative stays relative), or None. A file there
     means ``path`` can never be created; a directory is where it would be written."""

@@ -1263,10 +1263,9 @@ def _exit_leaving_cut_queries(code: int) -> None:
         log.error("traces were still being appended %.0f s after the shutdown: exiting anyway (the log's torn end, if "
                   "any, is set aside by the next writer)", APPEND_WAIT_S)
     running = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
-    if not running:
-        raise SystemExit(code)
-    time.sleep(0.2)  # a thread ending by itself (an idle worker told to stop) is not a query left running
-    running = [t for t in running if t.is_alive()]
+    if running:
+        time.sleep(0.2)  # a thread ending by itself (an idle worker told to stop) is not a query left running
+        running = [t for t in running if t.is_alive()]
     if not running:
         raise SystemExit(code)
     log.warning("exiting with %d thread(s) still running the queries the shutdown cut and their stages (answered 503, "

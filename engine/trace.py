@@ -54,7 +54,7 @@ from typing import Any
 
 from engine.console import first_hidden
 from engine.errors import SieveError, TraceError
-from engine.paths import fsync_path, process_exists
+from engine.paths import file_version, fsync_path, process_exists
 
 TRACE_SCHEMA = "sieve.trace/1"
 LOG_SCHEMA = "sieve.tracelog/1"
@@ -465,8 +465,8 @@ def _chain_holds_record(segment: Path, position: _Position) -> bool:
 
 
 def _fingerprint(found: os.stat_result | None) -> tuple[int, int, int, int] | None:
-    """A file's identity and state (device, inode, size, modification time); None for no file."""
-    return None if found is None else (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+    """A file's identity and state (``engine.paths.file_version``); None for no file."""
+    return None if found is None else file_version(found)
 
 
 def _not_continued(path: Path, opened: os.stat_result, position: _Position) -> str | None:

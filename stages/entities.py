@@ -801,7 +801,7 @@ def _pipeline_files(model: str) -> str | None:
         location = resolve_spacy(model)
     except ModelLoadError:
         return None  # said when it is loaded
-    return files_hash(location) if Path(location).is_dir() else None
+    return _pipeline_sha256(location) if Path(location).is_dir() else None
 
 
 def load_extractor(

@@ -51,6 +51,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError, ConfigIssue
 from engine.model import Candidate, Decision, Drop, Query, ScoreEntry
+from engine.paths import file_version
 from engine.registry import register_stage
 from engine.stage import (
     DocumentMask,
@@ -235,12 +236,11 @@ class _OnDisk:
         self._sha: str | None = sha256
         self._warned: set[str | None] = set()
 
-    def _read_stat(self) -> tuple[int, int, int] | None:
+    def _read_stat(self) -> tuple[int, int, int, int] | None:
         try:
-            stat = os.stat(self.path)
+            return file_version(os.stat(self.path))
         except OSError:
             return None
-        return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
     def decision(self) -> Decision | None:
         """None while the file holds the loaded rules; else a ``rule_file_changed`` decision."""
