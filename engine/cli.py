@@ -729,16 +729,6 @@ def _write_outputs(outputs: list[tuple[str, Optional[Path], Any, Optional[str]]]
         raise SieveError("; ".join(failures))
 
 
-def _index_lookup(index_path: Optional[str]):  # type: ignore[no-untyped-def]
-    """A doc-id membership test over the index at ``index_path`` (None: no index, nothing to test)."""
-    if index_path is None:
-        return None
-    from engine.index import Index
-
-    index = Index.open(Path(index_path), verify=False)
-    return lambda doc_id: index.row_of(doc_id) is not None
-
-
 def _refuse_spaced_doc_ids(config: Path, index_dir: Optional[Path], settings: Sequence[str]) -> None:
     """Before an evaluation with --run-out: a document id with whitespace in the index would make the run file
     unwritable once every query has run (a TREC run line cannot hold it), so it is refused now, naming it."""
@@ -792,7 +782,7 @@ def eval_command(
     the evaluation starts); the report records both. The figures are printed first, then --run-out and
     --json-out are written (atomically): a file that cannot be written is an error that leaves the printed
     figures complete, and output that cannot be printed (a closed pipe) still leaves the files written."""
-    from engine.evaluation import coverage_warnings, judgement_coverage, load_beir, write_trec_run
+    from engine.evaluation import coverage_warnings, index_membership, judgement_coverage, load_beir, write_trec_run
     from engine.trace import write_json_atomic
     from engine.workbench.evaluate import ordered_metric_names
 
@@ -812,7 +802,8 @@ def eval_command(
                        settings or ())
     index = report.index or {}
     qrels = {qid: data.qrels[qid] for qid in report.per_query}
-    coverage = judgement_coverage(report.run, qrels, data.qrels, _index_lookup(index.get("path")))
+    with index_membership(index.get("path")) as in_index:
+        coverage = judgement_coverage(report.run, qrels, data.qrels, in_index)
     if run_out is not None:
         report.run_file = str(run_out)
     document = report.to_json(per_query=per_query)

@@ -190,6 +190,22 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     return BeirData(directory, split, ordered, qrels, qrels_format, qrels_path, queries_path)
 
 
+@contextlib.contextmanager
+def index_membership(index_path: str | Path | None) -> Iterator[Callable[[str], bool] | None]:
+    """A doc-id membership test over the index at ``index_path`` for :func:`judgement_coverage` (None: no index,
+    nothing to test); the index is closed on leaving the block."""
+    if index_path is None:
+        yield None
+        return
+    from engine.index import Index
+
+    index = Index.open(Path(index_path), verify=False)
+    try:
+        yield lambda doc_id: index.row_of(doc_id) is not None
+    finally:
+        index.close()
+
+
 def judgement_coverage(
     run: dict[str, dict[str, float]],
     qrels: dict[str, dict[str, int]],

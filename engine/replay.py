@@ -232,7 +232,8 @@ def replay_trace(
     for stage_id, stage in cuts.items():
         notes.append(f"stage {stage_id} was cut by the query's deadline when it was traced ({stage.get('error')}); "
                      "the replay cuts it too and runs every other stage in full")
-    result = pipeline.run(query, deadline_cuts=cuts)
+    with pipeline:
+        result = pipeline.run(query, deadline_cuts=cuts)
     now = _plain(result.trace)
     before_trace = _plain({k: v for k, v in trace.items() if k != "log"})
     _as_of_in_utc(before_trace, now, notes)

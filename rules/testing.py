@@ -277,13 +277,10 @@ def run_test_file(path: Path, name_filter: str | None = None) -> FileResult:
             build_index(base / spec.corpus, index_path, components)
         elif spec.index is not None:
             index_path = base / spec.index
-        pipeline = Pipeline(compiled, index_path=index_path)
-        _check_names(pipeline, spec, source)
-        results = []
-        for number, case in enumerate(spec.cases):
-            if name_filter is not None and name_filter.casefold() not in case.name.casefold():
-                continue
-            results.append(_run_case(pipeline, spec, case, source, number))
+        with Pipeline(compiled, index_path=index_path) as pipeline:
+            _check_names(pipeline, spec, source)
+            results = [_run_case(pipeline, spec, case, source, number) for number, case in enumerate(spec.cases)
+                       if name_filter is None or name_filter.casefold() in case.name.casefold()]
     return FileResult(str(path), results)
 
 

@@ -12,6 +12,7 @@ merges, and for a document one side did not return, that side's why-not verdict)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from typing import Any
 
 from engine.console import written_out
 from engine.errors import SieveError
-from engine.evaluation import (aggregate, coverage_warnings, judgement_coverage, load_beir, natural_key,
-                               per_query_metrics, read_trec_run, trec_order)
+from engine.evaluation import (aggregate, coverage_warnings, index_membership, judgement_coverage, load_beir,
+                               natural_key, per_query_metrics, read_trec_run, trec_order)
 from engine.workbench.evaluate import measures_for, ordered_metric_names
 
 PRIMARY_METRIC = "ndcg_cut_10"
@@ -208,17 +209,19 @@ def move_reasons(doc_id: str, side_a: tuple[dict[str, Any], Any] | None, side_b:
     return reasons
 
 
-def _explain_query(side: Side, text: str) -> tuple[dict[str, Any], Any] | None:
-    """Run one query through the side's config, keeping outcomes for why-not; None without a config."""
+def _explain_query(side: Side, text: str, pipelines: dict[int, Any], stack: contextlib.ExitStack,
+                   ) -> tuple[dict[str, Any], Any] | None:
+    """Run one query through the side's config, keeping outcomes for why-not; None without a config. A side's
+    pipeline is made at its first query and kept in ``pipelines`` (closed when ``stack`` closes)."""
     if side.config is None:
         return None
     from engine.compiler import compile_file
     from engine.workbench.inspect import InspectingPipeline
 
-    pipeline = getattr(side, "_pipeline", None)
+    pipeline = pipelines.get(id(side))
     if pipeline is None:
-        pipeline = InspectingPipeline(compile_file(side.config), index_path=side.index_path)
-        side._pipeline = pipeline  # type: ignore[attr-defined]
+        pipeline = pipelines[id(side)] = stack.enter_context(
+            InspectingPipeline(compile_file(side.config), index_path=side.index_path))
     result = pipeline.search(text)
     return result.trace, (pipeline, result)
 
@@ -227,46 +230,51 @@ def query_diffs(
     a: Side, b: Side, queries: dict[str, str], qrels: dict[str, dict[str, int]],
     per_a: dict[str, dict[str, float]], per_b: dict[str, dict[str, float]], most_changed: int, depth: int = 10,
 ) -> list[QueryDiff]:
-    """Document-level diffs for the ``most_changed`` queries by |Δ nDCG@10| (ties on query id)."""
+    """Document-level diffs for the ``most_changed`` queries by |Δ nDCG@10| (ties on query id); the pipelines
+    run to explain them are closed at the end."""
     from engine.workbench.inspect import why_not
 
     order = sorted(per_a, key=lambda q: (-abs(per_b[q][PRIMARY_METRIC] - per_a[q][PRIMARY_METRIC]), q))
     diffs = []
-    for qid in order[:most_changed]:
-        if abs(per_b[qid][PRIMARY_METRIC] - per_a[qid][PRIMARY_METRIC]) <= TIE_TOLERANCE:
-            break
-        ranks_a, ranks_b = _ranks(a.run.get(qid, {})), _ranks(b.run.get(qid, {}))
-        shown = sorted({d for d, r in ranks_a.items() if r <= depth} | {d for d, r in ranks_b.items() if r <= depth},
-                       key=lambda d: (ranks_b.get(d, 10**9), ranks_a.get(d, 10**9), d))
-        explained = {label: _explain_query(side, queries[qid]) for label, side in (("a", a), ("b", b))}
-        notes = []
-        for label, side, ranks in (("a", a, ranks_a), ("b", b, ranks_b)):
-            got = explained[label]
-            if got is not None and side.source == "run":
-                traced = [r["doc_id"] for r in got[0]["results"]][:depth]
-                recorded = [d for d, _ in sorted(ranks.items(), key=lambda kv: kv[1])][:depth]
-                if traced != recorded:
-                    notes.append(f"{label.upper()}'s config does not reproduce its run file for this query "
-                                 "(explanations are from a fresh run)")
-        moves = []
-        for doc_id in shown:
-            rank_a, rank_b = ranks_a.get(doc_id), ranks_b.get(doc_id)
-            if rank_a == rank_b:
-                continue
-            sides = {}
-            for label in ("a", "b"):
+    pipelines: dict[int, Any] = {}  # by id(side): made at the side's first query, closed at the end
+    with contextlib.ExitStack() as stack:
+        for qid in order[:most_changed]:
+            if abs(per_b[qid][PRIMARY_METRIC] - per_a[qid][PRIMARY_METRIC]) <= TIE_TOLERANCE:
+                break
+            ranks_a, ranks_b = _ranks(a.run.get(qid, {})), _ranks(b.run.get(qid, {}))
+            shown = sorted({d for d, r in ranks_a.items() if r <= depth}
+                           | {d for d, r in ranks_b.items() if r <= depth},
+                           key=lambda d: (ranks_b.get(d, 10**9), ranks_a.get(d, 10**9), d))
+            explained = {label: _explain_query(side, queries[qid], pipelines, stack)
+                         for label, side in (("a", a), ("b", b))}
+            notes = []
+            for label, side, ranks in (("a", a, ranks_a), ("b", b, ranks_b)):
                 got = explained[label]
-                if got is None:
-                    sides[label] = None
+                if got is not None and side.source == "run":
+                    traced = [r["doc_id"] for r in got[0]["results"]][:depth]
+                    recorded = [d for d, _ in sorted(ranks.items(), key=lambda kv: kv[1])][:depth]
+                    if traced != recorded:
+                        notes.append(f"{label.upper()}'s config does not reproduce its run file for this query "
+                                     "(explanations are from a fresh run)")
+            moves = []
+            for doc_id in shown:
+                rank_a, rank_b = ranks_a.get(doc_id), ranks_b.get(doc_id)
+                if rank_a == rank_b:
                     continue
-                trace, (pipeline, result) = got
-                returned = any(r["doc_id"] == doc_id for r in trace["results"])
-                verdict = None if returned else why_not(pipeline, result, doc_id)
-                sides[label] = (trace, verdict)
-            moves.append(DocMove(doc_id, rank_a, rank_b, qrels.get(qid, {}).get(doc_id, 0),
-                                 move_reasons(doc_id, sides["a"], sides["b"])))
-        diffs.append(QueryDiff(qid, queries[qid], per_a[qid][PRIMARY_METRIC], per_b[qid][PRIMARY_METRIC], moves,
-                               "; ".join(notes) or None))
+                sides = {}
+                for label in ("a", "b"):
+                    got = explained[label]
+                    if got is None:
+                        sides[label] = None
+                        continue
+                    trace, (pipeline, result) = got
+                    returned = any(r["doc_id"] == doc_id for r in trace["results"])
+                    verdict = None if returned else why_not(pipeline, result, doc_id)
+                    sides[label] = (trace, verdict)
+                moves.append(DocMove(doc_id, rank_a, rank_b, qrels.get(qid, {}).get(doc_id, 0),
+                                     move_reasons(doc_id, sides["a"], sides["b"])))
+            diffs.append(QueryDiff(qid, queries[qid], per_a[qid][PRIMARY_METRIC], per_b[qid][PRIMARY_METRIC], moves,
+                                   "; ".join(notes) or None))
     return diffs
 
 
@@ -284,13 +292,8 @@ def compare(
         queries = dict(list(queries.items())[:limit])
     qrels = {qid: data.qrels[qid] for qid in queries}
     warnings = []
-    in_index = None
-    if index_path is not None:
-        from engine.index import Index
-
-        index = Index.open(Path(index_path), verify=False)
-        in_index = lambda doc_id: index.row_of(doc_id) is not None  # noqa: E731
-    coverage = judgement_coverage({}, qrels, data.qrels, in_index)
+    with index_membership(index_path) as in_index:
+        coverage = judgement_coverage({}, qrels, data.qrels, in_index)
     del coverage["run_queries_not_judged"], coverage["examples"]["run_query_not_judged"]
     judgements: dict[str, Any] = {**coverage, "index": str(index_path) if index_path is not None else None}
     warnings += coverage_warnings(coverage, index=str(index_path) if index_path is not None else None)

@@ -189,23 +189,24 @@ def evaluate_pipeline(
     if limit is not None:
         queries = dict(list(queries.items())[:limit])
     qrels = {qid: data.qrels[qid] for qid in queries}
-    pipeline = Pipeline.from_file(config, index_path=index_path, settings=settings)
-    resources = pipeline.warm_up()
-    if resources.index is not None:
-        judged = {doc_id for judgements in qrels.values() for doc_id, grade in judgements.items() if grade > 0}
-        if judged and not any(resources.index.row_of(doc_id) is not None for doc_id in sorted(judged)):
-            raise SieveError(f"none of the {len(judged)} relevant documents judged in {dataset} ({split}) is in the "
-                             f"index {resources.index.path}: every metric would be 0; is it the index of this data set?")
-    if on_start is not None:
-        on_start(len(queries))
-    user = user if user is not None else UserContext()
-    as_of = as_of if as_of is not None else datetime.now(timezone.utc)
-    output: RunOutput = run_pipeline(pipeline, queries, progress, trace_log=trace_log,
-                                     context={"user": user, "as_of": as_of})
+    with Pipeline.from_file(config, index_path=index_path, settings=settings) as pipeline:
+        resources = pipeline.warm_up()
+        if resources.index is not None:
+            judged = {doc_id for judgements in qrels.values() for doc_id, grade in judgements.items() if grade > 0}
+            if judged and not any(resources.index.row_of(doc_id) is not None for doc_id in sorted(judged)):
+                raise SieveError(f"none of the {len(judged)} relevant documents judged in {dataset} ({split}) is in "
+                                 f"the index {resources.index.path}: every metric would be 0; is it the index of this "
+                                 "data set?")
+        if on_start is not None:
+            on_start(len(queries))
+        user = user if user is not None else UserContext()
+        as_of = as_of if as_of is not None else datetime.now(timezone.utc)
+        output: RunOutput = run_pipeline(pipeline, queries, progress, trace_log=trace_log,
+                                         context={"user": user, "as_of": as_of})
+        resources = pipeline.resources
+        index = resources.index.describe() if resources is not None and resources.index is not None else None
     per_query = per_query_metrics(output.run, qrels, measures)
     compiled = pipeline.compiled
-    resources = pipeline.resources
-    index = resources.index.describe() if resources is not None and resources.index is not None else None
     stage_types = {sid: compiled.stages[sid].qualified_name() for sid in compiled.order}
     return EvalReport(
         config=str(config),

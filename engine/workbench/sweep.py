@@ -323,6 +323,9 @@ def sweep(
             if not chosen:
                 raise
             return Variant(chosen, pipeline.compiled.config_sha256, {}, {}, latency_summary([]), 0, str(exc))
+        finally:
+            if pipeline is not base:  # what a variant opened of its own (another index) is released as it ends
+                pipeline.close()
         per_query = per_query_metrics(output.run, qrels, measures)
         if not chosen:
             empty = output.empty
@@ -330,8 +333,9 @@ def sweep(
                        latency_summary(output.latency_ms), output.degraded,
                        warm_up_warnings=list(pipeline.warnings))
 
-    baseline = run(base, {}, 1)
-    variants = [run(pipeline, chosen, number) for number, (chosen, pipeline) in enumerate(pipelines, start=2)]
+    with base:  # the index and models every variant shares, released once all have run
+        baseline = run(base, {}, 1)
+        variants = [run(pipeline, chosen, number) for number, (chosen, pipeline) in enumerate(pipelines, start=2)]
     variants.sort(key=lambda v: (v.error is not None, -v.metrics.get(metric, 0.0), _key(v.settings)))
     return SweepReport(str(config), str(dataset), split, len(queries), metric, settings, baseline, variants,
                        _paired(baseline, variants[0], metric), config_data=loaded.data,
