@@ -477,6 +477,12 @@ def _add_explanation(tree: Tree, node: dict[str, Any]) -> None:
         _add_explanation(branch, child)
 
 
+ExpectHeadOption = Annotated[Optional[str], typer.Option(
+    "--expect-head", help="a head of the trace log anchored outside it (sieve trace head): the log must hold it with "
+    "the chain intact and the trace's record must be at or before it (the chain has no key: without an anchor, "
+    "'verified' means 'matches the log it names')")]
+
+
 @app.command()
 def replay(
     trace_path: Annotated[Path, typer.Argument(help="a trace .json file, or a trace log .jsonl")],
@@ -494,6 +500,7 @@ def replay(
     config_dir: Annotated[Optional[Path], typer.Option(
         "--config-dir", help="where the config's relative paths (rule files, gazetteers, glossaries) lie now, when not "
         "where the trace was made (a moved checkout, another machine); each file's sha256 is still checked")] = None,
+    expect_head: ExpectHeadOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the replay's report as JSON")] = False,
 ) -> None:
     """Re-run a traced query with its recorded config, index and time; report whatever a re-run does not
@@ -504,7 +511,7 @@ def replay(
     if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
         raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
     query, history = _asked(query, history, history_file, "--query")
-    trace, source = load_trace_checked(trace_path, trace_id, seq, log)
+    trace, source = load_trace_checked(trace_path, trace_id, seq, log, expect_head=expect_head)
     report = replay_trace(trace, index_path=index_dir, query_text=query, history=history, config_dir=config_dir)
     report["source"] = source.to_json()
     if as_json:
@@ -1356,6 +1363,7 @@ def report_command(
     seq: Annotated[Optional[int], typer.Option("--seq", help="record number within a log")] = None,
     log: Annotated[Optional[Path], typer.Option(
         "--log", help="the trace log a standalone trace file was appended to (default: the path it records)")] = None,
+    expect_head: ExpectHeadOption = None,
 ) -> None:
     """Render a trace as a static HTML report: stages and timings, score bars, rules, drops, hashes."""
     from engine.trace import load_trace_checked
@@ -1364,7 +1372,7 @@ def report_command(
     if trace_path.suffix != ".jsonl" and (trace_id is not None or seq is not None):
         raise SieveError("--id and --seq select a record in a trace log (.jsonl); a .json file holds one trace")
     _output_file(html, "--html")
-    trace, source = load_trace_checked(trace_path, trace_id, seq, log)
+    trace, source = load_trace_checked(trace_path, trace_id, seq, log, expect_head=expect_head)
     _write_output("--html", html, lambda: write_report(trace, html, source=source),
                   "a report there before is unchanged")
     if not source.verified:

@@ -47,7 +47,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -1229,6 +1229,7 @@ class LogCheck:
     set_aside: list[Path] = field(default_factory=list)
     segments: list[Path] = field(default_factory=list)  # the files checked, oldest first (the log alone if unrotated)
     notes: list[str] = field(default_factory=list)  # e.g. an earlier segment that is not beside the log
+    anchored_seq: int | None = None  # the seq of the record with the expected head's hash, when it is there
 
     @property
     def warnings(self) -> list[str]:
@@ -1299,7 +1300,8 @@ def check_log(path: str | Path, *, expect_head: str | None = None, expect_count:
     if len(problems) > MAX_PROBLEMS:
         problems = problems[:MAX_PROBLEMS] + [f"… and {len(problems) - MAX_PROBLEMS} more problems"]
     set_aside = [aside for segment in segments for aside in set_aside_files(segment)]
-    return LogCheck(log.path, count, problems, set_aside, segments, notes)
+    anchored_seq = min((seq for seq, value in hashes.items() if value == expect_head), default=None)
+    return LogCheck(log.path, count, problems, set_aside, segments, notes, anchored_seq)
 
 
 def _anchor_problems(hashes: dict[int, str], count: int, expect_head: str | None,
@@ -1651,21 +1653,53 @@ class TraceSource:
     log: str | None = None
     seq: int | None = None
     hash: str | None = None
+    anchored_head: str | None = None  # the head anchored outside the log that vouches for the record (expect_head)
 
     def to_json(self) -> dict[str, Any]:
         return {"verified": self.verified, "message": self.message, "log": self.log, "seq": self.seq,
-                "hash": self.hash}
+                "hash": self.hash, "anchored_head": self.anchored_head}
 
 
 def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int | None = None,
-                       log: str | Path | None = None) -> tuple[dict[str, Any], TraceSource]:
+                       log: str | Path | None = None, *, expect_head: str | None = None,
+                       ) -> tuple[dict[str, Any], TraceSource]:
     """A trace (as ``load_trace``) and how far it is vouched for.
 
     A standalone trace file that was also logged records where (``log``: path, seq, hash): it is checked
     against that record (``log`` here overrides the recorded path, for a copy of the log) and refused when
     it differs or the record is not there. A file without one (``trace.log: null``, ``--no-log``) is
-    returned marked unverified."""
-    path = Path(path)
+    returned marked unverified.
+
+    The chain has no key: whoever can write the log can rewrite it from any record on, hashes and all.
+    ``expect_head`` (a head anchored outside the log, ``sieve trace head``) closes that: the log must hold the
+    anchored record with its chain intact (as ``check_log`` with it finds no problem) and the trace's record must
+    be at or before it; otherwise TraceError."""
+    trace, source = _load_trace_vouched(Path(path), trace_id, seq, log)
+    if expect_head is None:
+        return trace, source
+    if source.log is None or source.seq is None:
+        raise TraceError(f"--expect-head: {path} is not a record of a trace log ({source.message}); an anchored head "
+                         "vouches only for logged records")
+    check = check_log(source.log, expect_head=expect_head)
+    verify = f"sieve trace verify {source.log} --expect-head {expect_head}"
+    if check.problems:
+        more = f" (and {len(check.problems) - 1} more: {verify})" if len(check.problems) > 1 else f" ({verify})"
+        raise TraceError(f"--expect-head: the trace log {source.log} does not check out against the anchored head: "
+                         f"{check.problems[0]}{more}; refusing the trace")
+    assert check.anchored_seq is not None  # no problem: the anchored hash is a record of the intact chain
+    if source.seq > check.anchored_seq:
+        raise TraceError(f"--expect-head: the trace is record seq {source.seq}, logged after the anchored head (seq "
+                         f"{check.anchored_seq}), which vouches only for the records up to it: anchor a later head "
+                         f"(sieve trace head {source.log})")
+    return trace, replace(
+        source, anchored_head=expect_head,
+        message=f"{source.message}; the head anchored outside the log (seq {check.anchored_seq}, hash "
+                f"{expect_head[:12]}) is in it with the chain intact, so the record was not rewritten since")
+
+
+def _load_trace_vouched(path: Path, trace_id: str | None, seq: int | None,
+                        log: str | Path | None) -> tuple[dict[str, Any], TraceSource]:
+    """``load_trace_checked`` without an anchored head."""
     if path.suffix == ".jsonl":
         if log is not None:
             raise TraceError("--log is for a standalone trace file (.json); this is a trace log")
