@@ -84,14 +84,17 @@ def test_shingle_bytes_are_the_encoded_shingles():
             assert shingle_bytes(text, size) == {g.encode("utf-8") for g in shingles(text, size)}
 
 
-def test_stage_output_and_trace_on_a_real_index_are_the_datasketch_ones(tmp_path, bm25_index):
+@pytest.mark.parametrize("num_perm, threshold", [(128, 0.02), (16, 0.0625)])
+def test_stage_output_and_trace_on_a_real_index_are_the_datasketch_ones(tmp_path, bm25_index, num_perm, threshold):
     """The stage on the SciFact slice: every signature is datasketch's, and the drops, survivors and details are
-    the textbook greedy pass over datasketch's Jaccard estimates, as before the batching."""
+    the textbook greedy pass over datasketch's Jaccard estimates, as before the batching. With 16 permutations the
+    estimates are sixteenths, so a candidate is often as similar to two survivors: it names the better-ranked one."""
     config = tmp_path / "pipeline.yaml"
     config.write_text(
         f"version: 1\nindex: {bm25_index}\nstages:\n"
         "  - {id: bm25, type: recall.bm25, params: {top_k: 200}}\n"
-        "  - {id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {method: minhash, threshold: 0.02}}\n"
+        "  - {id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {method: minhash, "
+        f"threshold: {threshold}, num_perm: {num_perm}}}}}\n"
         "output: dedup\ntrace: {log: null}\n", encoding="utf-8")
     pipeline = Pipeline.from_file(config)
     pipeline.warm_up()
@@ -103,30 +106,34 @@ def test_stage_output_and_trace_on_a_real_index_are_the_datasketch_ones(tmp_path
     assert len(ranked) >= 20
     rows = [opened.row_of(d) for d in ranked]
     documents = opened.documents.get(rows)
-    reference = [datasketch_signature(documents[r].content(("title", "text")), 3, 128, 1) for r in rows]
+    reference = [datasketch_signature(documents[r].content(("title", "text")), 3, num_perm, 1) for r in rows]
     signatures, empty = stage._signatures(rows)
     for position, expected in enumerate(reference):
         assert (expected is None) == bool(empty[position])
         if expected is not None:
             assert signatures[position].tolist() == expected
     # the textbook greedy pass over datasketch's estimates
-    sketches = [None if s is None else MinHash(num_perm=128, seed=1, hashvalues=s, scheme="affine32") for s in reference]
+    sketches = [None if s is None else MinHash(num_perm=num_perm, seed=1, hashvalues=s, scheme="affine32")
+                for s in reference]
     kept: list[int] = []
     drops: list[tuple[str, str]] = []
     absorbed: dict[str, list[list[object]]] = {}
+    tied = 0  # drops as similar to two survivors or more
     for i, sketch in enumerate(sketches):
         similar = [(sketch.jaccard(sketches[j]) if sketch is not None and sketches[j] is not None else 0.0, j)
                    for j in kept]
-        best = max((s for s in similar if s[0] >= 0.02 - 1e-6), key=lambda s: (s[0], -s[1]), default=None)
+        best = max((s for s in similar if s[0] >= threshold - 1e-6), key=lambda s: (s[0], -s[1]), default=None)
+        tied += best is not None and sum(value == best[0] for value, _ in similar) > 1
         if best is None:
             kept.append(i)
         else:
             drops.append((ranked[i], f"duplicate_of={ranked[best[1]]}"))
             absorbed.setdefault(ranked[best[1]], []).append([ranked[i], round(best[0], 6)])
     assert drops, "the threshold should make some drops"
+    assert tied or num_perm == 128, "16 permutations should give a tie to break"
     assert [d for d, _ in record["output"]] == [ranked[i] for i in kept]
     assert [(d["doc_id"], d["detail"].split()[0]) for d in record["drops"]] == drops
     details = record["details"]
     assert details["absorbed"] == absorbed
-    assert details["similarity"] == "MinHash (datasketch, affine32, 128 permutations, seed 1) of word 3-grams"
+    assert details["similarity"] == f"MinHash (datasketch, affine32, {num_perm} permutations, seed 1) of word 3-grams"
     assert (details["compared"], details["dropped"]) == (len(ranked), len(drops))
