@@ -43,38 +43,61 @@ def no_collection():
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self (Linux)")
 
 
-def test_eval_releases_the_index(cli, mini_config, mini_corpus: Path, bm25_index: Path, no_collection):
-    result = cli("eval", mini_config(), "--dataset", mini_corpus, "--limit", "3", "--json")
+@pytest.fixture(scope="module")
+def own_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own index of the SciFact slice: the session's shared one may be held by other tests' pipelines."""
+    from engine.index import build_index
+
+    from tests.conftest import MINI
+
+    out = tmp_path_factory.mktemp("released") / "mini"
+    build_index(MINI, out, {"bm25": {}})
+    return out
+
+
+@pytest.fixture
+def config_on(own_index: Path, write_config):
+    def write(k: int = 10, name: str = "pipeline.yaml") -> Path:
+        return write_config(f"version: 1\nname: {Path(name).stem}\nindex: {own_index}\nstages:\n"
+                            "  - {id: bm25, type: recall.bm25, params: {top_k: 100}}\n"
+                            f"  - {{id: final, type: select.top_k, inputs: [bm25], params: {{k: {k}}}}}\n"
+                            "output: final\ntrace: {log: null}\n", name)
+
+    return write
+
+
+def test_eval_releases_the_index(cli, config_on, mini_corpus: Path, own_index: Path, no_collection):
+    result = cli("eval", config_on(), "--dataset", mini_corpus, "--limit", "3", "--json")
     assert result.exit_code == 0, result.output
-    assert _held_under(bm25_index) == []
+    assert _held_under(own_index) == []
 
 
-def test_compare_releases_both_configs_indexes(cli, mini_config, mini_corpus: Path, bm25_index: Path, no_collection):
+def test_compare_releases_both_configs_indexes(cli, config_on, mini_corpus: Path, own_index: Path, no_collection):
     """The judgement coverage's look-up and the pipelines that explain the most changed queries."""
-    a, b = mini_config(k=10, name="wide.yaml"), mini_config(k=3, name="narrow.yaml")
+    a, b = config_on(k=10, name="wide.yaml"), config_on(k=3, name="narrow.yaml")
     result = cli("compare", a, b, "--dataset", mini_corpus, "--limit", "10", "--most-changed", "2", "--json")
     assert result.exit_code == 0, result.output
     assert '"moves"' in result.stdout  # the explaining pipelines ran
-    assert _held_under(bm25_index) == []
+    assert _held_under(own_index) == []
 
 
-def test_sweep_releases_the_shared_index_and_a_variants_own(cli, mini_config, mini_corpus: Path, bm25_index: Path,
+def test_sweep_releases_the_shared_index_and_a_variants_own(cli, config_on, mini_corpus: Path, own_index: Path,
                                                              tmp_path: Path, no_collection):
-    other = shutil.copytree(bm25_index, tmp_path / "copy-of-index")
-    result = cli("sweep", mini_config(), "--dataset", mini_corpus, "--split", "test", "--allow-test", "--limit", "3",
-                 "--set", f"index=[{bm25_index}, {other}]", "--json")
+    other = shutil.copytree(own_index, tmp_path / "copy-of-index")
+    result = cli("sweep", config_on(), "--dataset", mini_corpus, "--split", "test", "--allow-test", "--limit", "3",
+                 "--set", f"index=[{own_index}, {other}]", "--json")
     assert result.exit_code == 0, result.output
-    assert _held_under(bm25_index) == [] and _held_under(other) == []
+    assert _held_under(own_index) == [] and _held_under(other) == []
 
 
-def test_replay_releases_the_index(cli, mini_config, bm25_index: Path, tmp_path: Path, no_collection):
+def test_replay_releases_the_index(cli, config_on, own_index: Path, tmp_path: Path, no_collection):
     trace = tmp_path / "t.json"
-    assert cli("search", mini_config(), "vitamin d", "--trace-out", trace, "--no-log").exit_code == 0
+    assert cli("search", config_on(), "vitamin d", "--trace-out", trace, "--no-log").exit_code == 0
     gc.collect()  # the search's own pipeline is the command's, not replay's
-    assert _held_under(bm25_index) == []
+    assert _held_under(own_index) == []
     result = cli("replay", trace)
     assert result.exit_code == 0, result.output
-    assert _held_under(bm25_index) == []
+    assert _held_under(own_index) == []
 
 
 def test_rule_tests_release_the_index_they_build(no_collection):
