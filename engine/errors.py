@@ -55,9 +55,10 @@ class ConfigError(SieveError):
     """A configuration (pipeline or rule file) is invalid; carries every issue found at once."""
 
     def __init__(self, issues: list[ConfigIssue]):
-        self.issues = sorted(
+        self.issues = sorted(  # the errors first (the count names them), then what is only a warning
             issues,
-            key=lambda i: (i.location.file, i.location.line or 0, i.location.column or 0, i.path),
+            key=lambda i: (i.severity != "error", i.location.file, i.location.line or 0, i.location.column or 0,
+                           i.path),
         )
         count = sum(1 for i in self.issues if i.severity == "error")
         noun = "error" if count == 1 else "errors"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -207,11 +208,16 @@ def replay_trace(
         compiled = compile_data(config["resolved"], label=f"<config in trace {trace.get('trace_id')}>",
                                 base_dir=config_dir if config_dir is not None else recorded_dir)
     except ConfigError as exc:
-        if config_dir is not None or "file not found" not in str(exc):
-            raise
-        where = "" if recorded_dir.is_dir() else ", which is not here"
-        raise TraceError(f"{exc}\nthe trace was made with its config in {recorded_dir}{where}: if its rule files "
-                         "lie elsewhere now, give --config-dir (replay_trace's config_dir) where they are") from None
+        # The errors alone, by setting: the config is the trace's resolved one (every default written out, so its
+        # warnings are of settings nobody wrote), with no lines of its own to point at
+        errors = [issue for issue in exc.issues if issue.severity == "error"]
+        message = (f"the trace's config does not compile here ({len(errors)} error{'s' if len(errors) != 1 else ''}):\n"
+                   + "\n".join(f"  {issue.detail()}" for issue in errors))
+        if config_dir is None and "file not found" in message:
+            where = "" if recorded_dir.is_dir() else ", which is not here"
+            message += (f"\nthe trace was made with its config in {recorded_dir}{where}: if its rule files lie "
+                        "elsewhere now, give --config-dir where they are")
+        raise TraceError(message) from None
     differences: list[str] = []
     notes: list[str] = []
     if config_dir is not None and config_dir.resolve() != recorded_dir.resolve():
@@ -240,6 +246,7 @@ def replay_trace(
     differences_before_index = len(differences)
     differences.extend(_model_differences(before_trace.get("models") or [], now.get("models") or []))
     notes.extend(_thread_notes(before_trace.get("models") or [], now.get("models") or []))
+    notes.extend(_renamed_model_notes(before_trace.get("models") or [], now.get("models") or []))
     differences.extend(_rewrite_differences(before_trace.get("query") or {}, now.get("query") or {}))
     before = [(r.get("doc_id"), r.get("score")) for r in before_trace.get("results") or []]
     after = [(r["doc_id"], r["score"]) for r in now["results"]]
@@ -424,12 +431,15 @@ def _index_differences(recorded: dict[str, Any], now: dict[str, Any], reproduced
             elif added or removed:
                 message += "; the files of the components both indexes have are identical"
             else:
-                message += "; every component's files are identical (only the manifest's build metadata differs)"
+                message += ("; every component's files are identical (only the manifest differs: where the corpus or a "
+                            "gazetteer lay, or what it records of the build)")
     else:
         if old_corpus is not None and new_corpus is not None:
             message += f"; the corpus differs (sha256 {old_corpus[:12]} -> {new_corpus[:12]})"
         message += changed_set
-    old_settings, new_settings = recorded.get("component_settings"), now.get("component_settings")
+    # settings compared without where their files lay (a gazetteer's path): each file is compared by its sha256
+    old_settings, new_settings = (_located_nowhere(recorded.get("component_settings")),
+                                  _located_nowhere(now.get("component_settings")))
     built_alike = (same_corpus and isinstance(old_settings, dict) and old_settings == new_settings
                    and recorded.get("components") == now.get("components"))
     if built_alike and reproduced:
@@ -442,8 +452,37 @@ def _index_differences(recorded: dict[str, Any], now: dict[str, Any], reproduced
         changed = sorted(n for n in (set(old_settings) | set(new_settings)) - set(added) - set(removed)
                          if old_settings.get(n) != new_settings.get(n))
         if changed:
-            message += f"; the settings of {', '.join(changed)} differ"
+            message += "; the settings differ: " + "; ".join(
+                f"{name} {_setting_changes(old_settings.get(name), new_settings.get(name))}" for name in changed)
     return [message + _index_hint(recorded, index_path)], []
+
+
+def _located_nowhere(settings: Any) -> Any:
+    """Components' settings (``component_settings``) with each nested setting by its dotted path
+    (tokenizer.normalization) and where files lay left out: the location keys (``_flatten``) and any setting that is
+    an absolute path (a gazetteer's, a model directory's: the machine's, not the index's; what the file held shows in
+    the component's files); anything else as it is."""
+    if not isinstance(settings, dict):
+        return settings
+    return {name: {key: item for key, item in _flatten(value).items()
+                   if not (isinstance(item, str) and os.path.isabs(item))} if isinstance(value, dict) else value
+            for name, value in settings.items()}
+
+
+def _setting_changes(old: Any, new: Any, shown: int = 6) -> str:
+    """Which settings of one component differ (as ``_located_nowhere`` gives them), each as ``key old -> new`` (a
+    setting the traced index does not record, as an older engine had none: ``(not recorded)``)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return f"{_clip_value(old)} -> {_clip_value(new)}"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    listed = [f"{key} {_clip_value(old[key]) if key in old else '(not recorded)'} -> "
+              f"{_clip_value(new[key]) if key in new else '(not recorded)'}" for key in keys[:shown]]
+    return ", ".join(listed) + (f", … and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _clip_value(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _component_names(index: dict[str, Any]) -> set[str] | None:
@@ -521,6 +560,8 @@ def _model_differences(recorded: list[dict[str, Any]], now: list[dict[str, Any]]
         for field in fields:
             if old.get(field) == new.get(field) or field not in old and field.rpartition(".")[2] in ADDED_FIELDS:
                 continue
+            if field == "model" and _renamed_only(old, new):  # a note (_renamed_model_notes)
+                continue
             if field not in old:
                 changed.append(f"{field} (not recorded) -> {new[field]!r}")
             else:
@@ -538,6 +579,24 @@ def _model_differences(recorded: list[dict[str, Any]], now: list[dict[str, Any]]
             what = other.get("model") or other.get("rules_file") or "an identity"
             differences.append(f"stage '{stage}' now records {what}, which the trace does not")
     return differences
+
+
+def _renamed_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a model identity names the model otherwise but its files are the same (weights and, where both record
+    it, tokenizer): the shipped reranker, which an engine before 0.13.0 named by its checkout's absolute path."""
+    weights = old.get("weights_sha256")
+    return (old.get("model") != new.get("model") and isinstance(weights, str) and weights == new.get("weights_sha256")
+            and old.get("tokenizer_sha256", new.get("tokenizer_sha256")) == new.get("tokenizer_sha256"))
+
+
+def _renamed_model_notes(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:
+    """A note for each model the replay names otherwise than the trace, with the same files (``_renamed_only``)."""
+    current = {m.get("stage"): m for m in now if isinstance(m, dict)}
+    return [f"stage '{model.get('stage')}': the model is named {_flatten(other).get('model')!r} now, "
+            f"{_flatten(model).get('model')!r} in the trace: the same weights and tokenizer (sha256), not counted"
+            for model in recorded if isinstance(model, dict)
+            for other in [current.get(model.get("stage"))]
+            if other is not None and _renamed_only(_flatten(model), _flatten(other))]
 
 
 def _thread_notes(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:

@@ -24,7 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +69,10 @@ DEFAULT_MODEL_DIR = "models/sieve-reranker-scifact-minilm"
 _NO_SHIPPED_MODEL = (f"the shipped reranker ({DEFAULT_MODEL_DIR}, the default `model:`) comes with a checkout of Sieve, "
                      "not with an installed package: set the stage's `model:` to a model directory or hub id, or "
                      "install Sieve from its checkout (pip install -e .)")
+# How traces and explanations name the shipped model: not its absolute path, which is where this checkout lies (a
+# trace replayed from a moved checkout or on an auditor's machine differed by that path alone); its files are
+# identified by weights_sha256 and tokenizer_sha256, and where they lie is the identity's `location`
+SHIPPED_MODEL_NAME = f"{DEFAULT_MODEL_DIR} (shipped)"
 DEFAULT_SEQUENCE_CLASSIFICATION_MAX_LENGTH = 512
 
 
@@ -177,7 +181,8 @@ def _checkpoint_keys(directory: Path) -> set[str] | None:
 class LoadedReranker:
     """A cross-encoder ready for inference: model, tokenizer, scoring head, device, precision."""
 
-    def __init__(self, name: str, base_dir: Path, device: str, precision: str, max_length: int | None):
+    def __init__(self, name: str, base_dir: Path, device: str, precision: str, max_length: int | None,
+                 shown_as: str | None = None):
 
         try:
             import torch
@@ -186,6 +191,8 @@ class LoadedReranker:
         torch_fork_guard(torch)
         self.torch = torch
         resolved = resolve_model(name, base_dir=base_dir, purpose="rerank.cross_encoder model")
+        if shown_as is not None:  # the name traces give it (the shipped model's: not a path of this machine)
+            resolved = replace(resolved, name=shown_as)
         self.resolved = resolved
         self.device, self.precision = device_and_precision(
             device, precision, "rerank.cross_encoder", cpu_precision=lambda: "bf16" if cpu_has_native_bf16() else "fp32")
@@ -555,7 +562,12 @@ class CrossEncoderRerank(Stage):
     # ------------------------------------------------------------------ warm-up
 
     def _model_name(self) -> str:
+        """Where the model is loaded from: the config's `model:`, else the shipped model's directory."""
         return self.params.model if self.params.model is not None else str(REPO_ROOT / DEFAULT_MODEL_DIR)
+
+    def _shown_name(self) -> str:
+        """The model as traces and explanations name it: the config's `model:`, else the shipped model by name."""
+        return self.params.model if self.params.model is not None else SHIPPED_MODEL_NAME
 
     def warm_up(self, resources: Resources) -> None:
         self._index = resources.require_index(self.id)
@@ -565,11 +577,11 @@ class CrossEncoderRerank(Stage):
         if params.model is None and not (REPO_ROOT / DEFAULT_MODEL_DIR).is_dir():
             raise ModelLoadError(f"stage '{self.id}': {_NO_SHIPPED_MODEL}")
 
-        def load(model_name: str) -> LoadedReranker:
-            return LoadedReranker(model_name, base_dir, params.device, params.precision, params.max_length)
+        def load(model_name: str, shown_as: str | None = None) -> LoadedReranker:
+            return LoadedReranker(model_name, base_dir, params.device, params.precision, params.max_length, shown_as)
 
         key = f"cross_encoder:{name}:{base_dir}:{params.device}:{params.precision}:{params.max_length}"
-        self._model = resources.shared(key, lambda: load(name))
+        self._model = resources.shared(key, lambda: load(name, self._shown_name()))
         self._model.warm()
         if params.long_documents == "chunks" and params.chunk_overlap >= self._model.max_length // 2:
             raise ModelLoadError(
@@ -806,7 +818,7 @@ class CrossEncoderRerank(Stage):
 
     def identity(self) -> dict[str, Any] | None:
         if self._model is None:
-            return {"model": self._model_name(), "loaded": False}
+            return {"model": self._shown_name(), "loaded": False}
         identity = self._model.identity()
         if self._light is not None:
             identity["cascade_light"] = self._light.identity()

@@ -298,6 +298,26 @@ def test_a_rebuild_of_an_unchanged_corpus_that_differs_in_bytes_only_is_a_note(t
     assert "does not record the components' settings" in named and "--index" in named
 
 
+def test_a_rebuild_with_the_gazetteer_elsewhere_is_a_note_not_a_difference(tmp_path):
+    """Older-trace audit F3: the manifest records where the gazetteer lay, and replay compared the settings with that
+    path in them, so the same corpus, gazetteer bytes and settings rebuilt on an auditor's machine (another checkout)
+    was 'another index' though every component's file was identical."""
+    medical = ROOT / "examples" / "medical" / "corpus.jsonl"
+    first, second = tmp_path / "here" / "entities.yaml", tmp_path / "there" / "entities.yaml"
+    for place in (first, second):
+        place.parent.mkdir()
+        place.write_bytes((ROOT / "configs" / "medical" / "entities.yaml").read_bytes())
+    index = tmp_path / "idx"
+    build_index(medical, index, {"bm25": {}, "entities": {"gazetteer": str(first)}})
+    trace = Pipeline.from_file(_bm25_config(tmp_path, index)).search("metformin kidney", log=False).trace
+    build_index(medical, index, {"bm25": {}, "entities": {"gazetteer": str(second)}})
+    assert trace["index"]["manifest_sha256"] != manifest_sha256_of(index)  # the path is in the manifest
+    report = replay_trace(trace)
+    assert report["identical"], report["differences"]
+    [note] = [n for n in report["notes"] if n.startswith("index manifest differs")]
+    assert "every component's files are identical (only the manifest differs: where the corpus or a gazetteer" in note
+
+
 def test_other_settings_or_other_results_are_still_a_difference(tmp_path):
     index = tmp_path / "idx"
     build_index(MINI, index, {"bm25": {}})
@@ -306,8 +326,12 @@ def test_other_settings_or_other_results_are_still_a_difference(tmp_path):
     report = replay_trace(trace)
     assert not report["identical"]
     [named] = [d for d in report["differences"] if d.startswith("index manifest differs")]
-    assert "the settings of bm25 differ" in named and "--keep-previous" in named
+    assert "the settings differ: bm25 k1 1.5 -> 1.2" in named and "--keep-previous" in named  # which, and how
     assert any("score" in d for d in report["differences"] if d is not named)
+    # a setting a newer engine records, which the traced index's older engine did not: said as such
+    trace["index"]["component_settings"]["bm25"]["tokenizer"].pop("normalization")
+    [named] = [d for d in replay_trace(trace)["differences"] if d.startswith("index manifest differs")]
+    assert 'tokenizer.normalization (not recorded) -> "nfkc"' in named, named
 
 
 def test_a_component_added_or_removed_by_a_rebuild_is_said_so_in_replay(served_index, tmp_path):
@@ -322,7 +346,7 @@ def test_a_component_added_or_removed_by_a_rebuild_is_said_so_in_replay(served_i
     build_index(corpus_a_file, index_dir, {"bm25": {}, "dense": {}})
     [named] = [d for d in replay_trace(bm25_only)["differences"] if d.startswith("index manifest differs")]
     assert "the corpus is the same" in named and "the component dense was added" in named, named
-    assert "dense differ" not in named and "files of bm25" not in named and "settings of bm25" not in named
+    assert "dense differ" not in named and "files of bm25" not in named and "settings differ" not in named
     assert "removed" not in named and "--keep-previous" in named
 
     with_dense = Pipeline.from_file(config).search("common words", log=False).trace
@@ -330,7 +354,7 @@ def test_a_component_added_or_removed_by_a_rebuild_is_said_so_in_replay(served_i
     build_index(corpus_a_file, index_dir, {"bm25": {"k1": 1.2}})
     [named] = [d for d in replay_trace(with_dense)["differences"] if d.startswith("index manifest differs")]
     assert "the component dense was removed" in named, named
-    assert "dense differ" not in named and "the settings of bm25 differ" in named and "added" not in named
+    assert "dense differ" not in named and "the settings differ: bm25 k1" in named and "added" not in named
 
 
 # --------------------------------------------------------------------------- 3. keeping the replaced index for replay

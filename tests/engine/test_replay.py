@@ -256,6 +256,9 @@ def test_a_trace_replays_after_its_config_moved_given_where_it_lies_now(medical_
         shutil.move(tmp_path / name, moved / name)
     lost = _replay_cli(trace_file)
     assert isinstance(lost.exception, TraceError) and "give --config-dir" in str(lost.exception), lost.output
+    said = str(lost.exception)  # the errors by setting: no warnings of defaults, no line of a config with none
+    assert said.startswith("the trace's config does not compile here (2 errors):\n  stages.0.params.rules: ")
+    assert "access.yaml  file not found" in said and "<config in trace" not in said and "replay_trace" not in said
     found = _replay_cli(trace_file, "--config-dir", moved)
     assert found.exit_code == 0 and "identical" in found.output, found.output
     assert f"the config's relative paths were read from {moved}" in " ".join(found.output.split())

@@ -4,6 +4,7 @@ exist, and settings accepted but not used where they stand (an analyst who sets 
 from __future__ import annotations
 
 from engine.compiler import compile_file
+from engine.errors import ConfigError, ConfigIssue, Location
 
 
 def _warnings(write_config, text: str) -> list[str]:
@@ -55,3 +56,19 @@ stages:
   - {id: dedup, type: dedup.near_duplicate, inputs: [bm25], params: {num_perm: 64}}
 """)
     assert ":5:" in found and "num_perm is set but not used" in found and "method: minhash" in found
+
+
+def test_errors_are_listed_before_warnings():
+    """Error-message audit: '1 configuration error:' was followed by a warning on an earlier line, the one error
+    second; the errors come first now, then the warnings, each in file order."""
+    issues = [ConfigIssue(Location("p.yaml", 9, 3), "output", "not a stage"),
+              ConfigIssue(Location("p.yaml", 5, 1), "stages.1.params.num_perm", "set but not used", "warning"),
+              ConfigIssue(Location("p.yaml", 7, 1), "stages.2.params.k", "must be positive"),
+              ConfigIssue(Location("p.yaml", 2, 1), "stages.0.params.x", "set but not used", "warning")]
+    assert str(ConfigError(issues)).splitlines() == [
+        "2 configuration errors:",
+        "p.yaml:7:1  stages.2.params.k: must be positive",
+        "p.yaml:9:3  output: not a stage",
+        "p.yaml:2:1  warning: stages.0.params.x: set but not used",
+        "p.yaml:5:1  warning: stages.1.params.num_perm: set but not used",
+    ]

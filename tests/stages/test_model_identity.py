@@ -86,6 +86,41 @@ def test_a_replay_with_another_tokenizer_names_it(tmp_path):
     assert any("tokenizer_sha256" in line and "another tokenizer" in line for line in report["differences"]), report
 
 
+def test_a_trace_of_the_shipped_reranker_replays_identical_from_another_checkout(tmp_path):
+    """Older-trace audit F1: the shipped reranker (`model:` unset) was recorded by the absolute path of the checkout
+    it lay in, in the trace's model identity and each explanation, so a trace replayed from a moved checkout or on
+    an auditor's machine was 'different' by that path alone. It is named, not located; `location` says where."""
+    import stages.rerank.cross_encoder as cross_encoder
+
+    checkout = str(Path(cross_encoder.__file__).resolve().parents[2])
+    trace = Pipeline.from_file(_rerank_config(tmp_path, None)).search("metformin and the kidney", log=False).trace
+    identity = next(m for m in trace["models"] if m["stage"] == "rerank")
+    assert identity["model"] == "models/sieve-reranker-scifact-minilm (shipped)"
+    assert identity["location"] == f"{checkout}/models/sieve-reranker-scifact-minilm"
+    assert checkout not in json.dumps({**trace, "models": [m for m in trace["models"] if m is not identity]})
+    elsewhere = json.loads(json.dumps(trace).replace(checkout, "/srv/another-checkout"))  # as traced there
+    report = replay_trace(elsewhere)
+    assert report["identical"], report["differences"]
+
+
+def test_a_trace_naming_the_shipped_reranker_by_its_path_replays_identical(tmp_path):
+    """A trace of an engine before 0.13.0 names the shipped reranker by the absolute path of its checkout: the same
+    weights and tokenizer under the new name are a note, not a difference (its explanations' wording is the version
+    change's note)."""
+    import stages.rerank.cross_encoder as cross_encoder
+
+    checkout = str(Path(cross_encoder.__file__).resolve().parents[2])
+    trace = Pipeline.from_file(_rerank_config(tmp_path, None)).search("metformin and the kidney", log=False).trace
+    identity = next(m for m in trace["models"] if m["stage"] == "rerank")
+    identity["model"] = f"{checkout}/models/sieve-reranker-scifact-minilm"  # as 0.12.0 recorded it
+    report = replay_trace(trace)
+    assert report["identical"], report["differences"]
+    assert any("the model is named 'models/sieve-reranker-scifact-minilm (shipped)' now" in n and
+               "the same weights and tokenizer (sha256), not counted" in n for n in report["notes"]), report["notes"]
+    identity["weights_sha256"] = "0" * 64  # other weights: still a difference, naming both
+    assert not replay_trace(trace)["identical"]
+
+
 def test_a_trace_without_the_tokenizer_hash_replays_as_before(tmp_path):
     """A trace written before 0.11.0 records no tokenizer_sha256: that alone is no difference."""
     index = tmp_path / "index"
