@@ -65,12 +65,11 @@ err = make_console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 def _parse_time(value: str | None, option: str) -> datetime | None:
     if value is None:
         return None
-    from engine.model import iso_moment
+    from engine.model import iso_moment, not_a_moment
 
     moment = iso_moment(value)
     if moment is None:
-        raise SieveError(f"{option} must be an ISO 8601 date or time within years 1-9999 (e.g. 2026-01-31 or "
-                         f"2026-01-31T12:00:00Z), got {value!r}")
+        raise SieveError(f"{option} {value!r}: {not_a_moment(value)}")
     return moment
 
 
@@ -349,6 +348,18 @@ class _AskedAs:
         return cls(_user_context(user, roles, groups, jurisdictions, attributes), _parse_time(as_of, "--as-of"))
 
 
+def _unheld_user_values(pipeline: Any, query: Any) -> list[str]:
+    """The user's groups, roles or jurisdictions that an access rule compares with the documents and no document
+    holds (``RulesPrefilter.unheld_user_values``): a typo in --role, --group or --jurisdiction is said, not silent."""
+    from stages.rules import RulesPrefilter
+
+    if pipeline.resources is None:  # not warmed up (the query was refused)
+        return []
+    stages = [pipeline.compiled.stages[stage_id] for stage_id in pipeline.compiled.order
+              if stage_id not in pipeline.unavailable]  # warmed up
+    return [said for stage in stages if isinstance(stage, RulesPrefilter) for said in stage.unheld_user_values(query)]
+
+
 def _config_warnings(pipeline: Any) -> list[str]:
     """What ``sieve validate`` warns of in the pipeline's config, located (a `when: null` removing a base's `when`,
     a deadline that cuts nothing...): said where a query runs too."""
@@ -407,8 +418,9 @@ def search(
     target = None if no_log else pipeline.log_target(log)
     if target is not None:  # before the models load and the query runs, not after (a read-only working directory)
         _writable_file(target.absolute(), "--log" if log is not None else "the config's trace.log", appended=True)
-    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
-    _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
+    asked = _make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute)
+    result = pipeline.run(asked)
+    _print_warnings([*_config_warnings(pipeline), *pipeline.warnings, *_unheld_user_values(pipeline, asked)])
     trace = result.trace
     log_path = None if no_log else pipeline.log_trace(trace, log)
     if trace_out is not None:
@@ -1207,8 +1219,9 @@ def explain_command(
     pipeline = InspectingPipeline.from_file(config, index_path=index_dir, settings=settings or ())
     if not pipeline.compiled.config.trace.explain:
         err.print("[yellow]trace.explain is off in this config: results carry no explanation trees[/yellow]")
-    result = pipeline.run(_make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute))
-    _print_warnings([*_config_warnings(pipeline), *pipeline.warnings])
+    asked = _make_query(pipeline, query, history, user, role, group, jurisdiction, as_of, attribute)
+    result = pipeline.run(asked)
+    _print_warnings([*_config_warnings(pipeline), *pipeline.warnings, *_unheld_user_values(pipeline, asked)])
     trace = result.trace
     if trace_out is not None:
         _write_output("--trace-out", trace_out, lambda: write_json_atomic(trace_out, trace),
@@ -1252,6 +1265,18 @@ def explain_command(
             out.print(table)
 
 
+@contextlib.contextmanager
+def _which_side(label: str, path: Path) -> Iterator[None]:
+    """A side's failure names the side: a --set naming what only one config has, say. A config error is located
+    already (its file, or --set PATH, says which config)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except SieveError as exc:
+        raise SieveError(f"{label} ({path}): {exc}") from exc
+
+
 @app.command("compare")
 def compare_command(
     a: Annotated[Path, typer.Argument(help="A: pipeline YAML, or a saved TREC run file")],
@@ -1288,27 +1313,37 @@ def compare_command(
     asked = _AskedAs.parse(user, role, group, jurisdiction, attribute, as_of)
     if asked.as_of is None:  # one time for both sides, not each side's start
         asked = _AskedAs(asked.user, datetime.now(timezone.utc))
+    # Everything either side needs is read and checked before A runs: a B that does not compile (or a data set that
+    # is not there) is said at once, not after A's whole evaluation
+    from engine.evaluation import load_beir
+    from engine.pipeline import Pipeline
+
+    data = load_beir(dataset, split)
+    named = (("A", a, config_a), ("B", b, config_b))
+    run_sides: dict[str, Side] = {}
+    for label, path, extra_config in named:
+        if not is_config(path):
+            run_sides[label] = load_run_side(path, extra_config, index_dir)
+            continue
+        if extra_config is not None:
+            raise SieveError(f"--config-{label.lower()} is for a run file, but {label} is already a config ({path})")
+        with _which_side(label, path):
+            Pipeline.from_file(path, index_path=index_dir, settings=settings or ())
     sides = []
     judged_index = index_dir  # the index the judgement coverage is checked against: --index, else a config's
-    for label, path, extra_config in (("A", a, config_a), ("B", b, config_b)):
-        if is_config(path):
-            if extra_config is not None:
-                raise SieveError(f"--config-{label.lower()} is for a run file, but {label} is already a config ({path})")
-            try:
+    for label, path, _ in named:
+        if label in run_sides:
+            sides.append(run_sides[label])
+        else:
+            with _which_side(label, path):
                 report = _run_eval(path, dataset, split, index_dir, limit, recall_k, f"{label}: {path.name}",
-                                   asked=asked, settings=settings or ())
-            except ConfigError:
-                raise  # located: its file (or --set PATH) says which config
-            except SieveError as exc:  # a --set naming what only one config has, say: which one
-                raise SieveError(f"{label} ({path}): {exc}") from exc
+                                   data=data, asked=asked, settings=settings or ())
             empty = report.empty_warning()
             if empty:
                 err.print(f"[yellow]warning:[/yellow] {label}: {shown(empty)}")
             if judged_index is None and report.index is not None:
                 judged_index = Path(report.index["path"])
             sides.append(Side(path.name, report.run, "config", path, index_dir))
-        else:
-            sides.append(load_run_side(path, extra_config, index_dir))
     if sides[0].label == sides[1].label:
         sides[0].label, sides[1].label = f"A:{sides[0].label}", f"B:{sides[1].label}"
     comparison = compare(sides[0], sides[1], dataset, split=split, recall_k=recall_k, most_changed=most_changed,

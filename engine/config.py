@@ -209,10 +209,33 @@ def issues_from_validation(
             message = "required field is missing"
             issues.append(ConfigIssue(source.locate(path[:-1]), dotted, message))
             continue
+        if kind == "literal_error":
+            issues.append(ConfigIssue(source.locate(path), dotted, literal_message(error)))
+            continue
         message = error["msg"]
         if kind == "value_error":
             message = message.removeprefix("Value error, ")
-        if "input" in error and kind not in ("literal_error",) and not isinstance(error["input"], (dict, list)):
+        if "input" in error and not isinstance(error["input"], (dict, list)):
             message += f" (got {error['input']!r})"
         issues.append(ConfigIssue(source.locate(path), dotted, message))
     return issues
+
+
+def literal_message(error: Any) -> str:
+    """A value that is none of a setting's choices (pydantic's ``literal_error``), with the value given and the
+    closest choice: ``'min-max' is not one of 'minmax', 'zscore', ... (did you mean 'minmax'?)``."""
+    expected = str((error.get("ctx") or {}).get("expected", ""))
+    choices = re.findall(r"'([^']*)'", expected)
+    given = error.get("input")
+    shown = repr(given) if isinstance(given, (str, int, float, bool)) else None
+    if not choices:  # a single value that is no text (version: 1)
+        return f"must be {expected}" + (f" (got {shown})" if shown is not None else "")
+    message = (f"{shown} is not one of {expected.replace(' or ', ', ')}" if shown is not None
+               else f"must be one of {expected.replace(' or ', ', ')}")
+    if isinstance(given, str):
+        near = get_close_matches(given, choices, n=1, cutoff=0.5) or get_close_matches(
+            given.lower().replace("-", "").replace("_", ""), [c.replace("_", "") for c in choices], n=1, cutoff=0.5)
+        if near:
+            closest = next((c for c in choices if c == near[0] or c.replace("_", "") == near[0]), near[0])
+            message += f" (did you mean '{closest}'?)"
+    return message

@@ -169,11 +169,21 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     directory = Path(directory)
     if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
         raise SieveError(f"split must be a plain name (letters, digits, '.', '_', '-'), got {split!r}")
+    if not directory.is_dir():
+        raise SieveError(f"no data set at {directory}: " + ("it is a file, not a directory (a BEIR data set is a "
+                         "directory holding qrels/ and queries.jsonl)" if directory.exists() else "no such directory"))
+    if directory.name == "qrels" and not (directory / "qrels").is_dir():
+        raise SieveError(f"{directory} is a data set's qrels directory: give the data set's own directory, "
+                         f"{directory.parent}")
     qrels_path = directory / "qrels" / f"{split}.tsv"
     if qrels_path.is_dir():
         raise SieveError(f"no judgements for split '{split}': {qrels_path} is a directory, not a file")
     if not qrels_path.is_file():
-        raise SieveError(f"no judgements for split '{split}': {qrels_path} does not exist")
+        splits = sorted(p.stem for p in (directory / "qrels").glob("*.tsv") if p.is_file()) \
+            if (directory / "qrels").is_dir() else []
+        there = (f"; the splits there: {', '.join(splits)}" if splits
+                 else f"; {directory} has no qrels/<split>.tsv at all (is it a BEIR data set?)")
+        raise SieveError(f"no judgements for split '{split}': {qrels_path} does not exist{there}")
     qrels, qrels_format = _read_qrels(qrels_path)
     if not qrels:
         raise SieveError(f"no judged queries in {qrels_path}: the file has no query-id, corpus-id, score rows")

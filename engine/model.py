@@ -60,6 +60,27 @@ def iso_moment(text: str) -> datetime | None:
     return utc(parsed)
 
 
+_UNPADDED = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?=$|[Tt ])")
+
+
+def not_a_moment(text: str) -> str:
+    """Why ``text`` is not a moment :func:`iso_moment` reads, for a message that quotes it: an impossible date or time
+    written in the right form says which part is wrong (not "write ISO 8601" to someone who did)."""
+    stripped = text.strip()
+    example = "e.g. 2026-01-31 or 2026-01-31T12:00:00Z"
+    unpadded = _UNPADDED.match(stripped)
+    if unpadded is not None and not _ISO_MOMENT.fullmatch(stripped):
+        year, month, day = unpadded.groups()
+        return f"write the month and day with two digits ({year}-{int(month):02d}-{int(day):02d})"
+    if len(stripped) > 40 or not _ISO_MOMENT.fullmatch(stripped):
+        return f"not an ISO 8601 date or date-time ({example})"
+    try:
+        datetime.fromisoformat(stripped[:-1] + "+00:00" if stripped[-1] in "Zz" else stripped)
+    except ValueError as exc:  # the form is right, a value is not: "day is out of range for month"
+        return f"not a real date or time: {exc}"
+    return "outside years 1-9999 in UTC"
+
+
 def is_date_only(text: str) -> bool:
     """Whether ``text`` is a calendar date alone (2025-06-30, 20250630), not a date-time."""
     return _DATE_ONLY.fullmatch(text.strip()) is not None

@@ -100,9 +100,11 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from difflib import get_close_matches
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -113,7 +115,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.console import written_out
 from engine.errors import QueryError, SieveError
-from engine.model import LANGUAGE_TAG, UserContext, iso_moment
+from engine.model import LANGUAGE_TAG, UserContext, iso_moment, not_a_moment
 from engine.strictness import LONE_SURROGATE, FlawedObject, json_kind, refused_keys, strict_object
 
 if TYPE_CHECKING:
@@ -205,8 +207,7 @@ class SearchBody(BaseModel):
                                       "or 2025-06-01T12:00:00Z), not a {kind}", {"kind": json_kind(value)})
         moment = iso_moment(value)
         if moment is None:
-            raise PydanticCustomError("iso_8601", "not an ISO 8601 date or date-time within years 1-9999 (e.g. "
-                                      "2025-06-01 or 2025-06-01T12:00:00Z)")
+            raise PydanticCustomError("iso_8601", "{reason}", {"reason": not_a_moment(value)})
         return moment
 
     @field_validator("language")
@@ -712,6 +713,33 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _body_problem(problem: dict[str, Any], body: type[BaseModel]) -> str:
+    """One problem of a request body in the caller's terms: an unknown key with the closest known one and the keys
+    the object takes (as ``sieve batch`` says of a queries file), rather than pydantic's 'Extra inputs are not
+    permitted'."""
+    location = tuple(problem.get("loc", ()))
+    if problem.get("type") != "extra_forbidden" or len(location) < 2 or location[0] != "body":
+        return str(problem.get("msg", ""))
+    owner: Any = body
+    for part in location[1:-1]:  # the object holding the key: the body, or its user
+        field = owner.model_fields.get(part) if isinstance(owner, type) and issubclass(owner, BaseModel) else None
+        owner = next((arm for arm in typing.get_args(field.annotation) or (field.annotation,)
+                      if isinstance(arm, type) and issubclass(arm, BaseModel)), None) if field is not None else None
+    if owner is None:
+        return str(problem.get("msg", ""))
+    key, known = str(location[-1]), list(owner.model_fields)
+    endpoint = "an explain" if body is ExplainBody else "a search"
+    what = f"{endpoint} body takes" if owner is body else f"{location[-2]} takes"
+    if owner is body and key == "text":
+        hint = " (the query's text is 'query' here; 'text' is a batch file's key)"
+    elif owner is body and body is SearchBody and key in ExplainBody.model_fields:
+        hint = f" ('{key}' is a key of the explain endpoint, POST /v1/pipelines/{{name}}/explain)"
+    else:
+        near = get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return f"unknown key{hint}; {what}: {', '.join(known)}"
+
+
 def _invalid_request(problems: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
     """A 422's message and extra fields: the first MAX_PROBLEMS problems (each location and message clipped)
     and the count of the rest; the message names the first few. However many problems a body has, the answer
@@ -795,7 +823,8 @@ def create_app(pipelines: dict[str, "Pipeline"], *, max_body_bytes: int | None =
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [(".".join(str(part) for part in problem.get("loc", ())), str(problem.get("msg", "")))
+        body = ExplainBody if request.url.path.endswith("/explain") else SearchBody
+        problems = [(".".join(str(part) for part in problem.get("loc", ())), _body_problem(problem, body))
                     for problem in exc.errors()]
         message, extra = _invalid_request(problems)
         return error(422, "invalid_request", message, **extra)

@@ -32,7 +32,7 @@ from typing import Annotated, Any, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from engine.model import iso_moment
+from engine.model import iso_moment, not_a_moment
 
 _NUMBER = (int, float)
 # the strings pydantic's lax mode would turn into a boolean
@@ -114,6 +114,13 @@ def coercion_problem(value: Any, annotation: Any) -> str | None:
         if isinstance(value, bool):
             return "expected a number, not true/false"
         if isinstance(value, str) and _numeric(value):
+            try:  # the fix is to unquote it, unless it would then be a number of the wrong kind ("1.0" for an int)
+                unquoted = float(value)
+            except ValueError:
+                unquoted = None
+            if (annotation is int and unquoted is not None and unquoted.is_integer()
+                    and any(mark in value.lower() for mark in (".", "e"))):  # unquoted, a float: 1.0, 1e1
+                return f"expected a whole number, not text (write {int(unquoted)}, without quotes)"
             return "expected a number, not text (write it without quotes)"
         if annotation is int and isinstance(value, float) and value.is_integer():
             return f"expected a whole number (write {int(value)}, not {value})"
@@ -147,8 +154,7 @@ def iso_text_moment(value: Any) -> Any:
         return value
     moment = iso_moment(value)
     if moment is None:
-        raise PydanticCustomError("iso_8601", "not an ISO 8601 date or date-time within years 1-9999 (e.g. 2025-06-30 "
-                                  "or 2025-06-30T12:00:00Z)")
+        raise PydanticCustomError("iso_8601", "{reason}", {"reason": not_a_moment(value)})
     return moment
 
 

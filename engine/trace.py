@@ -263,6 +263,16 @@ def _is_foreign(data: Any) -> bool:
     return isinstance(data, dict) and not any(k in data for k in _CHAIN_KEYS) and data.get("schema") != LOG_SCHEMA
 
 
+def _holds_no_record(path: Path, first_bytes: int = 1 << 20) -> bool:
+    """Whether the file at ``path`` names the log schema nowhere in its first ``first_bytes`` (a text file, another
+    tool's log): read when a line that should be a record is not even JSON, to tell such a file from a damaged log."""
+    try:
+        with open(path, "rb") as handle:
+            return LOG_SCHEMA.encode("ascii") not in handle.read(first_bytes)
+    except OSError:
+        return False
+
+
 def _require_log(path: Path) -> None:
     if path.is_dir():
         raise TraceError(f"{path} is a directory, not a trace log")
@@ -785,6 +795,9 @@ class TraceLog:
         data, problem = _line_problem(last)
         if _is_foreign(data):
             raise TraceError(f"{self.path} is not a Sieve trace log (its last line has no seq/prev/hash)")
+        if data is None and _holds_no_record(self.path):
+            raise TraceError(f"{self.path} is not a Sieve trace log (its last line{problem}; nothing at its start "
+                             "is a trace log record)")
         if problem is not None:
             raise TraceError(
                 f"trace log {self.path} ends with an unreadable record (the last line{problem}); "
@@ -820,6 +833,9 @@ class TraceLog:
                         )
                     if _is_foreign(data):
                         raise TraceError(f"{self.path} is not a Sieve trace log (line {number} has no seq/prev/hash)")
+                    if data is None and _holds_no_record(self.path):
+                        raise TraceError(f"{self.path} is not a Sieve trace log (line {number}{problem}; nothing at "
+                                         "its start is a trace log record)")
                 if problem is None and _is_segment_marker(data["trace"]):
                     marker_problem = _marker_problem(data["trace"])
                     if marker_problem is not None:

@@ -298,7 +298,27 @@ def _yaml_error_issue(file: str, exc: yaml.YAMLError, text: str | None = None) -
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
     message = f"not valid YAML: {problem}" + (f" ({context})" if context else "")
-    return _issue(file, mark, message)
+    meaning = next((said for pattern, said in _YAML_MEANINGS if pattern.search(message)), None)
+    return _issue(file, mark, message if meaning is None else f"not valid YAML: {meaning} (the parser: {message[16:]})")
+
+
+# What PyYAML's messages mean for someone editing a config (its token names, '?' for a key and '<block end>', are not
+# in the file): each the likely slip first, the parser's own words after it
+_YAML_MEANINGS = [
+    (re.compile(r"found character '\\t' that cannot start any token"),
+     "a tab; YAML indents with spaces only"),
+    (re.compile(r"expected <block end>, but found '\?'|expected <block end>, but found '<block mapping start>'"),
+     "this key is not indented like the keys of the block above it; indent it as its siblings are (or as its "
+     "parent's, one level out)"),
+    (re.compile(r"expected <block end>, but found '-'"),
+     "a list item ('-') where the block above holds keys; indent it under the key it belongs to"),
+    (re.compile(r"mapping values are not allowed here"),
+     "a 'key: value' where a plain value was expected: indent it under its key, or quote a value holding ': '"),
+    (re.compile(r"expected ',' or '[\]}]', but got"),
+     "a flow collection ('{...}' or '[...]') not closed where it should be; check its commas and brackets"),
+    (re.compile(r"while parsing a flow (mapping|sequence)"),
+     "a flow collection ('{...}' or '[...]') not closed; check its commas and brackets"),
+]
 
 
 class _Builder:

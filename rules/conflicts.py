@@ -269,8 +269,9 @@ def check_rules(ruleset: RuleSet, today: datetime | None = None) -> list[ConfigI
         if rule.end is not None and rule.end <= now and rule.spec.enabled:
             findings.append(Finding(
                 "expired", "warning", rule, ("until",),
-                f"rule '{rule.id}' has expired (until {_shown_until(rule)}): it no longer fires for current "
-                "queries (keep it for replays, or remove it)", graded=False,
+                f"rule '{rule.id}' has expired (until {_shown_until(rule)}; now is {now.date().isoformat()}): it "
+                "fires only for queries whose as_of is before then (replays, back-dated queries and rule tests); "
+                "remove it once none needs it", graded=False,
             ))
     if ruleset.kind == "override":
         findings.extend(_pin_findings(ruleset))

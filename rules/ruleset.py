@@ -45,7 +45,7 @@ from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_v
 from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError, ConfigIssue, Location
-from engine.model import is_date_only
+from engine.model import is_date_only, not_a_moment
 from engine.yamlsource import LoadedYaml, SourceMap, load_yaml_file
 from engine.strictness import NoCoercion
 from rules.conditions import (
@@ -141,7 +141,7 @@ class RuleBase(_Strict):
         if isinstance(value, str):
             parsed = parse_date(value)
             if parsed is None:
-                raise _err("not an ISO date or date-time (e.g. 2025-06-30 or 2025-06-30T12:00:00Z)")
+                raise _err(not_a_moment(value))
             return parsed.date() if is_date_only(value) else parsed  # a date alone: the whole (UTC) day
         return value
 
@@ -478,6 +478,14 @@ def compile_rules(loaded: LoadedYaml, sha256: str, expected_kind: Kind | None = 
     issues: list[ConfigIssue] = []
     if not isinstance(data, dict):
         raise RuleFileError([ConfigIssue(source.locate(()), "", "a rule file is a mapping with version, kind and rules")])
+    if "stages" in data and "kind" not in data and "rules" not in data:
+        named = [str(stage["params"]["rules"]) for stage in data["stages"] if isinstance(stage, dict)
+                 and isinstance(stage.get("params"), dict) and isinstance(stage["params"].get("rules"), str)] \
+            if isinstance(data["stages"], list) else []
+        raise RuleFileError([ConfigIssue(source.locate(("stages",)), "", "this is a pipeline config (it has stages:), "
+                                         "not a rule file: give the rule files its stages name"
+                                         + (f" ({', '.join(named)}, relative to the config)" if named else "")
+                                         + "; `sieve validate` checks a pipeline config and its rule files")])
     try:
         header = RuleFileSchema.model_validate(data)
     except ValidationError as exc:
@@ -750,6 +758,31 @@ class AccessMatch(Node):
     def describe(self) -> str:
         other = self.value_from if self.value_from is not None else "[" + ", ".join(sorted(self.values)) + "]"
         return f"{self.path} equals one of {other}" + (" (case-sensitive)" if self.case_sensitive else "")
+
+    def unheld(self, table: Any, view: Any) -> list[tuple[str, str | None]]:
+        """The user's values (``value_from``) that no document's value holds and that are none of the fixed ones
+        (``public`` / ``global`` live in another node): a value that grants nothing, most likely mistyped. Each with
+        the closest value the documents hold (compared as this test compares), or None."""
+        from difflib import get_close_matches
+
+        raw = view.get(self.value_from) if self.value_from is not None else None
+        given = [v for v in (raw if isinstance(raw, (list, tuple, set, frozenset)) else [raw]) if isinstance(v, str)]
+        if not given:
+            return []
+        _, uniques = table.factorized(self.path)
+        held: dict[str, str] = {}  # compared form -> as a document writes it
+        for value in uniques:
+            for element in value if isinstance(value, (list, tuple)) else [value]:
+                folded = self._norm(element)
+                if folded is not None:
+                    held.setdefault(folded, element)
+        unheld = []
+        for value in given:
+            folded = self._norm(value)
+            if folded is not None and folded not in held:
+                close = get_close_matches(folded, list(held), n=1, cutoff=0.6)
+                unheld.append((value, held[close[0]] if close else None))
+        return unheld
 
     def _vector(self, table: Any, view: Any, frame: Any) -> Any:
         import numpy as np

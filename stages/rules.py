@@ -44,7 +44,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -418,6 +418,34 @@ class RulesPrefilter(Stage):
 
     def identity(self) -> dict[str, Any] | None:
         return _identity(self)
+
+    def unheld_user_values(self, query: Query) -> list[str]:
+        """For the command line, after warm-up: each value of the user's that an ``acl`` or ``jurisdiction`` rule in
+        force compares with the documents and that no document holds, with the closest one they hold. Such a value
+        grants nothing, most likely mistyped (``--jurisdiction usa`` where the documents say ``US`` hid every US
+        document, silently). Not put in traces or server answers: the closest value would tell the user of
+        documents they may not see."""
+        from rules.ruleset import AccessMatch
+
+        def access_tests(node: Any) -> Iterator[AccessMatch]:
+            if isinstance(node, AccessMatch):
+                if node.value_from is not None:
+                    yield node
+                return
+            for child in getattr(node, "children", ()):
+                yield from access_tests(child)
+
+        view = QueryView(query, True)
+        said = []
+        for rule in self._ruleset.rules:
+            if rule.action not in ("acl", "jurisdiction") or rule.inactive_reason(query.as_of) is not None:
+                continue
+            for test in access_tests(rule.match):
+                for value, close in test.unheld(self._table, view):
+                    said.append(f"stage '{self.id}': rule '{rule.id}' ({rule.action}): no document's "
+                                f"{test.path.removeprefix('doc.')} holds the user's {value!r} ({test.value_from}), "
+                                "so it grants nothing" + (f" (did you mean {close!r}?)" if close else ""))
+        return said
 
     def denying_rules(self, query: Query, row: int) -> list[str]:
         """The ids of the rules that deny index row ``row`` for ``query``, evaluated as :meth:`run` does

@@ -35,7 +35,7 @@ from typing import Any
 
 from engine import __version__
 from engine.errors import QueryError, SieveError, StageError
-from engine.model import UserContext, iso_moment
+from engine.model import UserContext, iso_moment, not_a_moment
 from engine.paths import fsync_path
 from engine.strictness import a_json_kind, refused_keys, strict_object
 from engine.yamlsource import (NotJson, refuse_json_constant, refused_key_problem, unicode_problem, unmatchable_problem,
@@ -140,8 +140,7 @@ def _parse_as_of(value: Any, what: str) -> tuple[datetime | None, str | None]:
                       f"{a_json_kind(value)}")
     moment = iso_moment(value)
     if moment is None:
-        return None, (f"{what} must be an ISO 8601 date or time within years 1-9999 (e.g. 2026-01-31 or "
-                      f"2026-01-31T12:00:00Z), got {value!r}")
+        return None, f"{what} {value!r}: {not_a_moment(value)}"
     return moment, None
 
 

@@ -570,7 +570,10 @@ class BM25Recall(Stage):
             )
             k = corpus_size
         if not known:
-            decisions.append(Decision("no_matching_terms", "no query term occurs in the index; nothing recalled"))
+            said = ("no query term occurs in the index" if terms else "the index's tokenizer keeps no word of the "
+                    "query (stop words, and words its pattern does not take such as single characters, are not "
+                    "indexed)")
+            decisions.append(Decision("no_matching_terms", f"{said}; nothing recalled"))
             return StageResult(candidates=[], decisions=decisions, details=details)
 
         began = time.perf_counter()
@@ -597,9 +600,13 @@ class BM25Recall(Stage):
         doc_ids = self._doc_ids
         order = sorted(rows.tolist(), key=lambda r: (-float(scores[r]), doc_ids[r]))[:k]
         if len(order) < k:
-            decisions.append(
-                Decision("fewer_matches", f"only {len(order)} documents hold any query term (top_k {k})")
-            )
+            # Under access rules, of the documents they leave (how many masked ones hold a term is not said: that
+            # would tell the user of documents they may not see)
+            among = " the access rules leave" if ctx.mask is not None else ""
+            said = (f"no document{among} holds a query term" if not order else
+                    f"only {len(order)} document{'s' if len(order) != 1 else ''}{among} "
+                    f"hold{'s' if len(order) == 1 else ''} a query term")
+            decisions.append(Decision("fewer_matches", f"{said} (top_k {k})"))
         candidates = [
             Candidate(doc_ids[row], row, (ScoreEntry(self.id, "bm25", float(scores[row]), rank),))
             for rank, row in enumerate(order, start=1)

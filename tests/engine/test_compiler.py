@@ -453,3 +453,43 @@ def test_the_candidate_bound_of_a_graph_of_diamonds_is_worked_out_once_per_stage
     graph = GraphView(nodes)
     assert graph.most_candidates("a39") == 10 * 2 ** 40  # fusions without top_k pass on what their inputs do
     assert set(graph._most) == set(nodes) - {"b39"}  # each asked once; b39 feeds nothing asked
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ("normalize: min-max", "'min-max' is not one of 'none', 'max', 'minmax' (did you mean 'minmax'?)"),
+    ("normalize: maximum", "'maximum' is not one of 'none', 'max', 'minmax' (did you mean 'max'?)"),
+    ("normalize: 3", "3 is not one of 'none', 'max', 'minmax'"),
+])
+def test_a_value_that_is_none_of_the_choices_says_what_was_given_and_the_closest(write_config, setting, said):
+    """Error-message audit: a value outside a setting's choices showed pydantic's 'Input should be ...', without the
+    value given or the choice it was likely meant to be."""
+    config = write_config("version: 1\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25, params: {top_k: 10}}\n"
+                          "  - {id: t, type: select.threshold, inputs: [bm25], params: {min_score: 0.5, "
+                          f"{setting}}}}}\noutput: t\n")
+    assert [e.split("  ", 1)[1] for e in errors_of(config)] == [f"stages.1.params.normalize: {said}"]
+
+
+def test_a_quoted_version_is_told_the_value_that_works(write_config):
+    """Error-message audit C2: `version: "1.0"` was told to write it without quotes, which gave a second error."""
+    quoted = write_config('version: "1.0"\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25}\noutput: bm25\n')
+    [said] = errors_of(quoted)
+    assert "version: expected a whole number, not text (write 1, without quotes)" in said
+    other = write_config("version: 2\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25}\noutput: bm25\n")
+    [said] = errors_of(other)
+    assert said.endswith("version: must be 1 (got 2)")
+
+
+@pytest.mark.parametrize(("text", "where", "meaning"), [
+    ("version: 1\nindex: x\nstages:\n  - id: bm25\n    type: recall.bm25\n  params: {top_k: 10}\noutput: bm25\n", ":6:3",
+     "this key is not indented like the keys of the block above it"),
+    ("version: 1\nindex: x\nstages:\n\t- id: bm25\n", ":4:1", "a tab; YAML indents with spaces only"),
+    ("version: 1\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25\noutput: bm25\n", ":5:7",
+     "a flow collection ('{...}' or '[...]') not closed where it should be"),
+    ("version: 1\nstages:\n  - final\n    type: select.top_k\n", ":4:9", "a 'key: value' where a plain value was expected"),
+])
+def test_yaml_slips_are_said_in_the_editors_terms(write_config, text, where, meaning):
+    """Error-message audit C1: a key dedented one level was 'expected <block end>, but found '?'', and the file has no
+    '?': PyYAML's token names. The likely slip is said first, the parser's words after it."""
+    path = write_config(text)
+    [error] = errors_of(path)
+    assert error.startswith(f"{path}{where}  not valid YAML: {meaning}") and "(the parser: " in error, error

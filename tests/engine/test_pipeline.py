@@ -122,8 +122,12 @@ def test_edge_cases_are_decided_and_recorded(bm25_index, write_config):
     nothing = big_k.search("zzzzqqq xxyyzz").trace
     assert nothing["results"] == []
     assert nothing["stages"][0]["decisions"][-1]["code"] == "no_matching_terms"
+    assert nothing["stages"][0]["decisions"][-1]["detail"].startswith("no query term occurs in the index")
     stopwords_only = big_k.search("the of and").trace
     assert stopwords_only["results"] == []
+    # not "no query term occurs in the index" (these words are in every document): no word of it is a term
+    said = stopwords_only["stages"][0]["decisions"][-1]["detail"]
+    assert said.startswith("the index's tokenizer keeps no word of the query (stop words"), said
 
 
 def test_on_error_skip_marks_the_trace_degraded(bm25_index, write_config):

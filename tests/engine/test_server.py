@@ -444,6 +444,29 @@ def test_wrong_json_types_are_refused_not_coerced(server, path, body, location, 
     assert_error(response, 422, "invalid_request", f"{location}: ", says)
 
 
+@pytest.mark.parametrize(
+    "path, body, location, says",
+    [
+        ("search", {"qeury": "x"}, "body.qeury", "unknown key (did you mean 'query'?); a search body takes: query, "
+                                                 "history, user, as_of, language, explain, include_trace"),
+        ("search", {"text": "x"}, "body.text", "unknown key (the query's text is 'query' here; 'text' is a batch "
+                                               "file's key)"),
+        ("search", {"query": "x", "top": 5}, "body.top", "unknown key ('top' is a key of the explain endpoint"),
+        ("search", {"query": "x", "user": {"role": ["a"]}}, "body.user.role",
+         "unknown key (did you mean 'roles'?); user takes: user_id, roles, groups, jurisdictions, attributes"),
+        ("explain", {"query": "x", "doc_id": "a"}, "body.doc_id", "unknown key (did you mean 'doc_ids'?); an explain "
+                                                                  "body takes: query,"),
+    ],
+)
+def test_an_unknown_key_is_named_with_the_closest_known_one(server, path, body, location, says):
+    """Error-message audit C12: the server answered a mistyped key with pydantic's 'Extra inputs are not permitted'
+    (no suggestion, no list of keys), where `sieve batch` says 'unknown key 'txt' (did you mean 'text'?)'."""
+    base, _ = server
+    response = httpx.post(f"{base}/v1/pipelines/mini/{path}", json=body, timeout=60)
+    assert_error(response, 422, "invalid_request", f"{location}: ", says)
+    assert "Extra inputs" not in response.text
+
+
 def test_what_a_request_may_ask_beyond_results_is_the_configs_choice(server):
     """as_of (time travel past retention and embargo rules), the whole trace (ids of suppressed documents) and the
     explain endpoint (which access rule masked an id, whether it exists) are refused unless the config allows them."""

@@ -421,9 +421,8 @@ def test_a_binary_file_is_not_utf8_text(tmp_path):
     binary = b"\x89PNG\r\n\x1a\n" + bytes(range(255, -1, -1)) * 64  # a PNG header, then bytes that are not UTF-8
     log = tmp_path / "binary.jsonl"
     log.write_bytes(binary)
-    count, problems = verify_log(log)
-    assert problems and "line 1 is not UTF-8 text" in problems[0]
-    assert len(problems) <= 101  # a long binary file does not flood the output
+    with pytest.raises(TraceError, match="is not a Sieve trace log \\(line 1 is not UTF-8 text"):
+        verify_log(log)  # no line is a record: another file than a log (a binary file), not a damaged log
     with pytest.raises(TraceError, match="not UTF-8 text"):
         load_trace(log)
     standalone = tmp_path / "binary.json"
@@ -434,7 +433,13 @@ def test_a_binary_file_is_not_utf8_text(tmp_path):
         done = _run_sieve("report", path, "--html", tmp_path / "r.html")
         assert done.returncode == 2 and "not UTF-8 text" in done.stderr, done.stderr
     verify = _run_sieve("trace", "verify", log)
-    assert verify.returncode == 1 and "not UTF-8 text" in verify.stderr, verify.stderr
+    assert verify.returncode == 2 and "not UTF-8 text" in verify.stderr, verify.stderr
+    # a log whose records are followed by binary bytes is a damaged log: a negative verdict that does not flood
+    genuine = _fill(tmp_path / "damaged.jsonl", 2)
+    with genuine.path.open("ab") as handle:
+        handle.write(binary)
+    count, problems = verify_log(genuine.path)
+    assert count > 2 and any("is not UTF-8 text" in p for p in problems) and len(problems) <= 101
 
 
 # 7. verify on what is not a trace log at all
@@ -608,6 +613,27 @@ def test_verify_on_a_single_trace_file_says_what_it_is(tmp_path):
     compact.write_text(json.dumps({"schema": "sieve.trace/1", "trace_id": "t"}) + "\n")
     with pytest.raises(TraceError, match="is a single trace"):
         verify_log(compact)
+
+
+def test_a_text_file_is_no_trace_log_not_a_damaged_one(tmp_path):
+    """A --log or verify pointed at a plain text file (a wrong path) is bad input (exit 2, 'not a Sieve trace
+    log'), as another tool's JSON lines are, not a log with a damaged record (exit 1 reads as tampering)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello world\nsecond line\n")
+    done = _run_sieve("trace", "verify", notes)
+    assert done.returncode == 2 and "is not a Sieve trace log (line 1: unreadable record" in done.stderr, done.stderr
+    with pytest.raises(TraceError, match="is not a Sieve trace log \\(its last line: unreadable record"):
+        TraceLog(notes).append(_trace("t"))
+    assert notes.read_text() == "hello world\nsecond line\n"
+    # a log whose records are damaged is still one: a negative verdict, exit 1
+    log = _fill(tmp_path / "log.jsonl", 3)
+    lines = log.path.read_bytes().splitlines(keepends=True)
+    log.path.write_bytes(b"garbage\n" + b"".join(lines[1:-1]) + b"more garbage\n")
+    done = _run_sieve("trace", "verify", log.path)
+    assert done.returncode == 1 and "line 1: unreadable record" in done.stderr, done.stderr
+    log.forget()  # as a process that never appended to it
+    with pytest.raises(TraceError, match="ends with an unreadable record"):
+        log.append(_trace("t"))
 
 
 # 7. a line must be the writer's canonical serialisation

@@ -368,3 +368,49 @@ def test_priority_on_a_prefilter_rule_is_refused_with_its_location(write_rules):
         f"{path}:6:5  rules.0.priority: rule 'restricted': 'priority' has no effect in a prefilter file: a document "
         "must pass every prefilter rule, so no rule outranks another; remove it (priority orders override rules only)"
     ]
+
+
+def test_bm25_under_access_rules_says_it_counts_what_they_leave(tmp_path):
+    """Error-message audit C5: with every document holding the term masked, bm25 said 'only 0 documents hold any
+    query term', which sends an analyst debugging access rules looking for a vocabulary problem. It now says it
+    counts the documents the rules leave (not how many masked ones hold a term: that would tell the user of
+    documents they may not see)."""
+    docs = [{"_id": "open", "acl": ["public"], "text": "zebra"},
+            {"_id": "staff-1", "acl": ["staff"], "text": "zebra"},
+            {"_id": "staff-2", "acl": ["staff"], "text": "zebra"},
+            {"_id": "other-1", "text": "giraffe"}, {"_id": "other-2", "text": "okapi"}]
+    searching = pipeline(tmp_path, docs, "rules:\n  - {id: acl, action: acl, field: acl, user_field: groups, "
+                         "public: [public]}\n")
+
+    def said(groups: list[str]) -> str:
+        trace = searching.run(searching.make_query("zebra", user=UserContext(groups=groups), as_of=AS_OF)).trace
+        [decision] = [d for d in next(s for s in trace["stages"] if s["id"] == "bm25")["decisions"]
+                      if d["code"] == "fewer_matches"]
+        return decision["detail"]
+
+    assert said([]) == "only 1 document the access rules leave holds a query term (top_k 5)"
+    assert said(["staff"]) == "only 3 documents the access rules leave hold a query term (top_k 5)"
+
+
+def test_a_mistyped_group_or_jurisdiction_is_said_on_the_command_line(tmp_path):
+    """Error-message audit C6: `--jurisdiction usa` where the documents say US hid every US document, with no word
+    (a clinician saw 8 documents instead of 15). search and explain now warn of each value of the user's that an
+    acl or jurisdiction rule compares and no document holds, with the closest one that is held."""
+    from engine.cli import app
+
+    docs = [{"_id": "us-staff", "acl": ["staff"], "jurisdiction": "US"},
+            {"_id": "uk-public", "acl": ["public"], "jurisdiction": "UK"}]
+    pipeline(tmp_path, docs, "rules:\n"
+             "  - {id: acl, action: acl, field: acl, user_field: groups, public: [public]}\n"
+             "  - {id: where, action: jurisdiction, field: jurisdiction}\n")
+    config = tmp_path / "pipeline.yaml"
+    for command in (["search", str(config), "zebra"], ["explain", str(config), "zebra"]):
+        mistyped = runner.invoke(app, [*command, "--group", "staf", "--jurisdiction", "usa", "--as-of", "2025-06-01"])
+        assert mistyped.exit_code == 0, mistyped.output
+        said = " ".join(mistyped.output.split())
+        assert ("rule 'acl' (acl): no document's acl holds the user's 'staf' (user.groups), so it grants nothing "
+                "(did you mean 'staff'?)") in said, said
+        assert "no document's jurisdiction holds the user's 'usa' (user.jurisdictions)" in said
+        assert "(did you mean 'US'?)" in said
+        right = runner.invoke(app, [*command, "--group", "STAFF", "--jurisdiction", "us", "--as-of", "2025-06-01"])
+        assert right.exit_code == 0 and "grants nothing" not in right.output  # compared as the rules compare

@@ -101,7 +101,9 @@ def test_same_document_pinned_to_two_places(write_rules):
 def test_expired_rule_is_a_warning_and_strictness_grades_findings(write_rules):
     rules = "  - {id: old, action: bury, docs: [d1], until: 2025-05-31}\n"
     (issue,) = findings(write_rules, rules)
-    assert issue.severity == "warning" and "has expired (until 2025-05-31)" in issue.message
+    assert issue.severity == "warning" and "has expired (until 2025-05-31; now is " in issue.message
+    # not "no longer fires": a query as of before then (the demo's --as-of 2025-06-01) sees it fire, and is told so
+    assert "it fires only for queries whose as_of is before then" in issue.message
     # expiry depends on the clock, not the file: under strict it stays a warning, so that the file still loads
     # the day after (replays, rule tests and queries with an earlier as_of still see the rule fire)
     (strict,) = findings(write_rules, rules, "strictness: strict\n")

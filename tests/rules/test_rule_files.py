@@ -100,7 +100,7 @@ def test_action_specific_validation(write_rules):
     assert "needs 'docs', 'match' or both" in errors[3]
     assert "a demote lowers scores" in errors[4]
     assert "validity window is empty" in errors[5]
-    assert "not an ISO date" in errors[6]
+    assert "not an ISO 8601 date" in errors[6]
 
 
 def test_prefilter_specific_validation(write_rules):

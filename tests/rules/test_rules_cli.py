@@ -65,7 +65,8 @@ def test_broken_rule_file_is_reported_not_raised(tmp_path):
                                                        "op: contains_some, value: [metformin, glucophage]"))
     result = runner.invoke(rules_app, ["test", str(pack)])
     assert result.exit_code == 2
-    assert f"{overrides}:19:40  rules.0.when.any.0.op: rule 'pin-fda-metformin-alert': Input should be" in result.output
+    assert (f"{overrides}:19:40  rules.0.when.any.0.op: rule 'pin-fda-metformin-alert': 'contains_some' is not one "
+            "of 'eq', ") in result.output and "(did you mean 'contains'?)" in result.output
     assert "1 file(s) could not be run" in result.output
     assert "Traceback" not in result.output
 
@@ -150,3 +151,15 @@ def test_a_chinese_suite_builds_its_index_with_the_settings_it_gives(tmp_path):
     misplaced = runner.invoke(rules_app, ["test", str(_chinese_pack(tmp_path / "bad",
                                                                      "index_settings: {dense: {}}\n"))])
     assert misplaced.exit_code == 2 and "index_settings for dense" in misplaced.output, misplaced.output
+
+
+def test_a_pipeline_config_given_to_rules_check_is_named_as_one():
+    """Error-message audit C9: `sieve rules check configs/demo.yaml` printed 7 field errors (one with the misleading
+    "did you mean 'kind'" for `index`) and never said it was the wrong kind of file."""
+    root = Path(__file__).resolve().parents[2]
+    result = runner.invoke(rules_app, ["check", str(root / "configs" / "demo.yaml")])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "1 configuration error" in said and "did you mean" not in said
+    assert ("this is a pipeline config (it has stages:), not a rule file: give the rule files its stages name "
+            "(medical/access.yaml, medical/overrides.yaml, relative to the config)") in said

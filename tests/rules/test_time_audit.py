@@ -92,7 +92,7 @@ def test_a_date_time_until_is_a_moment_whatever_the_separators_case(write_rules,
 
 @pytest.mark.parametrize("text", ["2025-06-30_12:00:00Z", "2025-06-30x12:00", "2025-W27-1"])
 def test_text_that_is_no_iso_date_is_refused_as_a_rule_date(write_rules, text):
-    with pytest.raises(ConfigError, match="not an ISO date or date-time"):
+    with pytest.raises(ConfigError, match="not an ISO 8601 date or date-time"):
         load_rule_file(write_rules(
             f"version: 1\nkind: override\nrules:\n  - {{id: r, action: bury, docs: [d1], until: '{text}'}}\n"))
 
@@ -111,10 +111,10 @@ def test_the_cli_and_batch_read_as_of_with_the_one_parser():
     from engine.workbench.batch import _parse_as_of
 
     assert _parse_time("2025-06-01t10:00:00z", "--as-of") == _utc(2025, 6, 1, 10)  # before: refused
-    with pytest.raises(SieveError, match="--as-of must be an ISO 8601 date or time"):
+    with pytest.raises(SieveError, match="--as-of '2025-06-01x10:00': not an ISO 8601 date or date-time"):
         _parse_time("2025-06-01x10:00", "--as-of")  # before: read as 10:00
     assert _parse_as_of("2025-06-01t10:00:00z", "as_of") == (_utc(2025, 6, 1, 10), None)
-    assert "must be an ISO 8601 date or time" in (_parse_as_of("2025-06-01_10:00", "as_of")[1] or "")
+    assert "as_of '2025-06-01_10:00': not an ISO 8601 date" in (_parse_as_of("2025-06-01_10:00", "as_of")[1] or "")
 
 
 def test_a_rule_tests_as_of_is_read_by_the_one_parser_and_refused_once(tmp_path):
@@ -271,3 +271,26 @@ def test_an_override_stage_traces_its_resolved_dates_too(tmp_path):
     trace = pipe.run(pipe.make_query("zebra", as_of=_utc(2025, 6, 1))).trace
     stage = next(s for s in trace["stages"] if s["id"] == "overrides")
     assert stage["details"]["resolved_dates"] == {"fresh": {"doc.date ge as_of - 30d": "2025-05-02T00:00:00+00:00"}}
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("2025-06-31", "not a real date or time: day is out of range for month"),
+    ("2025-06-01T25:00:00Z", "not a real date or time: hour must be in 0..23"),
+    ("2025-13-10", "not a real date or time: month must be in 1..12"),
+    ("2025-6-1", "write the month and day with two digits (2025-06-01)"),
+    ("01/06/2025", "not an ISO 8601 date or date-time (e.g. 2026-01-31 or 2026-01-31T12:00:00Z)"),
+])
+def test_an_impossible_date_says_which_part_is_wrong(write_rules, text, said):
+    """Error-message audit C3: --as-of 2025-06-31 (and a rule's until: 2025-13-10, a batch line's as_of) was told to
+    be "an ISO 8601 date or time", which it is in form: the message now says which part is wrong."""
+    from engine.cli import _parse_time
+    from engine.workbench.batch import _parse_as_of
+
+    with pytest.raises(SieveError) as raised:
+        _parse_time(text, "--as-of")
+    assert str(raised.value) == f"--as-of {text!r}: {said}"
+    assert _parse_as_of(text, "as_of")[1] == f"as_of {text!r}: {said}"
+    with pytest.raises(ConfigError) as refused:
+        load_rule_file(write_rules(
+            f"version: 1\nkind: override\nrules:\n  - {{id: r, action: bury, docs: [d1], until: '{text}'}}\n"))
+    assert said in str(refused.value)

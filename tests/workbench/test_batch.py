@@ -126,7 +126,7 @@ def test_every_problem_of_the_file_is_reported_at_once_and_nothing_runs_or_is_wr
         f"{queries}:5: no text",
         f"{queries}:6: query is empty: give some text to search for",  # the very message `sieve search` gives
         f"{queries}:7: query is 41 characters long; the limit is 40",
-        f"{queries}:8: as_of must be an ISO 8601 date or time",
+        f"{queries}:8: as_of 'yesterday': not an ISO 8601 date or date-time (e.g. 2026-01-31",
         f"{queries}:8: user: unknown key 'role' (did you mean 'roles'?)",
     ]:
         assert expected in text, expected

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.workbench.conftest import run_sieve
+
 pytest.importorskip("pytrec_eval")
 stats = pytest.importorskip("scipy.stats")
 
@@ -175,3 +177,17 @@ def test_compare_discloses_unjudged_run_queries_and_duplicate_lines(mini_corpus:
     refused = run_sieve("compare", good, duplicated, "--dataset", mini_corpus)
     assert refused.returncode == 2 and f"dup.trec:2: document '31715818' is listed a second time for query '1' " \
                                        f"(first at {duplicated}:1)" in refused.stderr
+
+
+def test_both_sides_are_checked_before_either_runs(mini_config, mini_corpus: Path, write_config, tmp_path: Path):
+    """Error-message audit C8: B's config error (or a missing B) was found only after A's whole evaluation (minutes
+    with a reranker). Here A could not even run (no index at its path): B's error is what is said."""
+    unrunnable = write_config("version: 1\nindex: /nonexistent/index\nstages:\n"
+                              "  - {id: bm25, type: recall.bm25, params: {top_k: 10}}\noutput: bm25\n", "a.yaml")
+    typo = write_config("version: 1\nindex: /nonexistent/index\nstages:\n"
+                        "  - {id: bm25, type: recall.bm25, params: {topk: 10}}\noutput: bm25\n", "b.yaml")
+    done = run_sieve("compare", unrunnable, typo, "--dataset", mini_corpus)
+    assert done.returncode == 2 and "b.yaml:4:" in done.stderr and "topk" in done.stderr, done.stderr
+    assert "no index" not in done.stderr
+    missing = run_sieve("compare", unrunnable, tmp_path / "b.yml", "--dataset", mini_corpus)
+    assert missing.returncode == 2 and "b.yml" in missing.stderr and "no index" not in missing.stderr, missing.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import SieveError
 from engine.evaluation import load_beir, read_trec_run
 from tests.workbench.conftest import run_sieve
 
@@ -332,6 +333,20 @@ def test_bad_queries_are_refused_at_load_with_their_line(mini_config, mini_corpu
     done = run_sieve("eval", mini_config(), "--dataset", data)
     assert done.returncode == 2 and f"queries.jsonl:{message}" in done.stderr, done.stderr
     assert "eval pipeline.yaml" not in done.stderr  # refused before the pipeline ran a query
+
+
+def test_a_missing_data_set_or_split_says_what_is_there(mini_corpus: Path, tmp_path: Path):
+    """Error-message audit C10: a mistyped --dataset was reported as a missing split ('no judgements for split
+    test: .../qrels/test.tsv does not exist'), and a missing split did not say which splits there are."""
+    with pytest.raises(SieveError, match="^no data set at .*scifct: no such directory$"):
+        load_beir(tmp_path / "scifct")
+    with pytest.raises(SieveError, match="is a data set's qrels directory: give the data set's own directory"):
+        load_beir(mini_corpus / "qrels")
+    with pytest.raises(SieveError, match="no judgements for split 'dev': .* does not exist; the splits there: test$"):
+        load_beir(mini_corpus, "dev")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SieveError, match="has no qrels/<split>.tsv at all"):
+        load_beir(tmp_path / "empty")
 
 
 def test_blank_lines_are_skipped_in_qrels_and_queries_alike(mini_corpus: Path, tmp_path: Path):
