@@ -30,13 +30,15 @@ selected. Without MMR the stage only drops: it writes no ledger entry.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import operator
 import re
+import threading
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +97,25 @@ class DedupParams(StageParams):
         if self.mmr_top is not None and self.mmr_lambda is None:
             raise ValueError("mmr_top needs mmr_lambda")
         return self
+
+
+_BLAS: list[Any] = []  # threadpoolctl's controller of the BLAS libraries numpy loaded, made at the first product
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Numpy's BLAS on one thread for the block: the similarity product of a few hundred vectors takes 0.2 ms, but with
+    OpenBLAS handing it to its threads while torch's thread pool holds the cores it took 8 ms on 3 queries of 4 (the
+    hand-off stalls). One thread gives the same bits (``bench/dedup_blas.py``). The limit is process-wide while it
+    lasts, so products hold a lock: two overlapping ones would restore each other's limit."""
+    with _BLAS_LOCK:
+        if not _BLAS:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(ThreadpoolController())
+        with _BLAS[0].limit(limits=1, user_api="blas"):
+            yield
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -442,7 +463,8 @@ class NearDuplicateFilter(Stage):
                 similarity[empty, empty] = 1.0
             return similarity
         vectors = self._vectors(rows)
-        return np.clip(vectors @ vectors.T, -1.0, 1.0).astype(np.float64)
+        with one_blas_thread():
+            return np.clip(vectors @ vectors.T, -1.0, 1.0).astype(np.float64)
 
     def _texts(self, rows: list[int]) -> dict[int, str]:
         documents = self._index.documents.get(rows)

@@ -137,3 +137,33 @@ def test_stage_output_and_trace_on_a_real_index_are_the_datasketch_ones(tmp_path
     assert details["absorbed"] == absorbed
     assert details["similarity"] == f"MinHash (datasketch, affine32, {num_perm} permutations, seed 1) of word 3-grams"
     assert (details["compared"], details["dropped"]) == (len(ranked), len(drops))
+
+
+def test_one_blas_thread_limits_the_product_and_restores_the_pool_even_from_many_threads():
+    """The embedding similarity product runs numpy's BLAS on one thread (bench/dedup_blas.py: an 8 ms stall next to
+    torch's pool, on 1 product in 10); the limit is process-wide while it lasts, so overlapping products must not
+    leave it behind (each restoring the other's one thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from stages.dedup import one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    vectors = np.random.default_rng(0).standard_normal((200, 384)).astype(np.float32)
+    with one_blas_thread():
+        assert set(blas_threads()) <= {1}
+        limited = vectors @ vectors.T
+    assert (limited == vectors @ vectors.T).all()  # the same bits
+
+    def product(_: int) -> None:
+        with one_blas_thread():
+            vectors @ vectors.T
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(product, range(200)))
+    assert blas_threads() == before
