@@ -9,6 +9,6 @@ import sys
 if sys.platform == "win32":  # fcntl locks, POSIX signals and descriptors: nothing would run, and not clearly
     raise ImportError("Sieve runs on Linux and macOS (POSIX systems) only; on Windows, run it under WSL")
 
-__version__ = "0.12.0"
+__version__ = "0.13.0"
 
 __all__ = ["__version__"]
