@@ -227,8 +227,15 @@ def replay_trace(
         notes.append(f"engine version {recorded_version or '(not recorded)'} in the trace, {__version__} now")
     _config_differences(trace, compiled.canonical, compiled.config_sha256, differences, notes)
     recorded_index = trace.get("index") or {}
+    given = index_path is not None
     if index_path is None and recorded_index.get("path"):
         index_path = Path(recorded_index["path"])
+    if index_path is not None and not Path(index_path).exists() and recorded_index:
+        # not "build one": a new index is another index (a difference); the trace needs the one it read
+        where = f"--index {index_path}" if given else f"the trace's index {index_path}"
+        raise TraceError(f"{where}: no index there; replay needs the index the trace read (manifest "
+                         f"{str(recorded_index.get('manifest_sha256') or '?')[:12]}): give --index a copy of it "
+                         "(`sieve index --keep-previous` keeps the one a rebuild replaces, as DIR.<manifest sha12>)")
     pipeline = Pipeline(compiled, index_path=index_path)
     query = _recorded_query(trace, query_text, history, notes)
     # A deadline (executor.deadline_ms) cuts by the clock: the replay runs with none, cutting exactly the stages

@@ -268,6 +268,19 @@ def test_a_trace_replays_after_its_config_moved_given_where_it_lies_now(medical_
     assert changed.exit_code == 1 and "the rule file access.yaml changed since the trace" in changed.output
 
 
+def test_a_missing_index_asks_for_the_one_the_trace_read_not_a_new_one(medical_config, tmp_path):
+    """Older-trace audit F5: `replay --index DIR` naming no index advised building one, which gives another index (a
+    difference); the trace needs a copy of the one it read, which replay names by its manifest."""
+    trace_file = tmp_path / "t.json"
+    trace = _medical_trace(medical_config(), trace_file)
+    missing = _replay_cli(trace_file, "--index", tmp_path / "nowhere")
+    said = str(missing.exception)
+    assert isinstance(missing.exception, TraceError), missing.output
+    assert said.startswith(f"--index {tmp_path / 'nowhere'}: no index there; replay needs the index the trace read "
+                           f"(manifest {trace['index']['manifest_sha256'][:12]})")
+    assert "--keep-previous" in said and "build one" not in said
+
+
 # ---------------------------------------------------------------------------- 3b. a standalone file and its log
 
 
