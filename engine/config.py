@@ -7,6 +7,7 @@ the schema here stays independent of which stages exist.
 from __future__ import annotations
 
 import re
+import typing
 from difflib import get_close_matches
 from typing import Annotated, Any, Literal
 
@@ -156,21 +157,48 @@ class PipelineConfig(Strict):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
 
 
-def _fields_of(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names valid at ``loc`` inside ``model`` (for 'did you mean' hints)."""
-    current: Any = model
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Models an annotation may hold: ``Optional[M]``, ``list[M]``, ``tuple[M, ...]``, ``dict[str, M]``, ``M | N``..."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is None:
+        return []
+    args = typing.get_args(annotation)[1:] if origin is dict else typing.get_args(annotation)
+    found: list[type[BaseModel]] = []
+    for arg in args:
+        if arg is Ellipsis or arg is type(None):
+            continue
+        for inner in models_in(arg):
+            if inner not in found:
+                found.append(inner)
+    return found
+
+
+def yaml_key(name: str, field: Any) -> str:
+    """The key an analyst writes for a model field (its alias when it has one)."""
+    return field.alias if isinstance(field.alias, str) else name
+
+
+def fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys valid at ``loc`` inside ``model`` (for 'did you mean' hints), as written in YAML; through lists,
+    optional values and unions (the keys of every model that may be there); None when nothing can be told."""
+    current: list[type[BaseModel]] = [model]
     for part in loc:
         if isinstance(part, int):
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        following: list[type[BaseModel]] = []
+        for candidate in current:
+            field = next((f for name, f in candidate.model_fields.items() if part in (name, f.alias)), None)
+            if field is not None:
+                following.extend(m for m in models_in(field.annotation) if m not in following)
+        if not following:
             return None
-        field = current.model_fields.get(part)
-        if field is None:
-            return None
-        current = field.annotation
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return None
+        current = following
+    keys: list[str] = []
+    for candidate in current:
+        keys.extend(key for key in (yaml_key(n, f) for n, f in candidate.model_fields.items()) if key not in keys)
+    return keys
 
 
 def issues_from_validation(
@@ -188,7 +216,7 @@ def issues_from_validation(
         kind = error["type"]
         if kind == "extra_forbidden":
             key = loc[-1] if loc else "?"
-            valid = _fields_of(model, loc[:-1]) or []
+            valid = fields_at(model, loc[:-1]) or []
             if model.__name__ == "PipelineConfig" and len(loc) == 1:
                 valid = [*valid, "extends"]  # taken out (merged) before the config is validated
             hint = get_close_matches(str(key), valid, n=1)

@@ -12,13 +12,12 @@ rewrites what pydantic says into words an analyst can act on:
 
 from __future__ import annotations
 
-import typing
 from difflib import get_close_matches
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from engine.config import issues_from_validation
+from engine.config import fields_at, issues_from_validation, models_in, yaml_key
 from engine.errors import ConfigIssue
 from engine.yamlsource import PathKey, SourceMap
 
@@ -26,34 +25,8 @@ from engine.yamlsource import PathKey, SourceMap
 _OWN_TYPES = frozenset({"rule", "rule_condition", "glossary", "value_error", "assertion_error"})
 
 
-def yaml_key(name: str, field: Any) -> str:
-    """The key an analyst writes for a model field (its alias when it has one)."""
-    return field.alias if isinstance(field.alias, str) else name
-
-
 def yaml_keys(model: type[BaseModel]) -> list[str]:
     return [yaml_key(name, field) for name, field in model.model_fields.items()]
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """Models an annotation may hold: ``Optional[M]``, ``list[M]``, ``tuple[M, ...]``, ``M | N``..."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    origin = typing.get_origin(annotation)
-    if origin is None:
-        return []
-    if origin is dict:
-        args = typing.get_args(annotation)[1:]
-    else:
-        args = typing.get_args(annotation)
-    found: list[type[BaseModel]] = []
-    for arg in args:
-        if arg is Ellipsis or arg is type(None):
-            continue
-        for model in _models_in(arg):
-            if model not in found:
-                found.append(model)
-    return found
 
 
 def _field_by_key(model: type[BaseModel], key: str) -> Any:
@@ -73,7 +46,7 @@ def model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | 
         for candidate in current:
             field = _field_by_key(candidate, str(part))
             if field is not None:
-                following.extend(m for m in _models_in(field.annotation) if m not in following)
+                following.extend(m for m in models_in(field.annotation) if m not in following)
         if not following:
             return None
         current = following
@@ -110,7 +83,7 @@ def _message(error: Any, model: type[BaseModel]) -> str | None:
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else "?"
         owner = model_at(model, loc[:-1])
-        valid = yaml_keys(owner) if owner is not None else []
+        valid = yaml_keys(owner) if owner is not None else (fields_at(model, loc[:-1]) or [])  # a union: every arm's
         message = f"unknown field '{key}'"
         field = owner.model_fields.get(key) if owner is not None else None
         # a Python name behind a YAML key (valid_from for `from`): point at the key

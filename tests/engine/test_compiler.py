@@ -493,3 +493,13 @@ def test_yaml_slips_are_said_in_the_editors_terms(write_config, text, where, mea
     path = write_config(text)
     [error] = errors_of(path)
     assert error.startswith(f"{path}{where}  not valid YAML: {meaning}") and "(the parser: " in error, error
+
+
+def test_an_unknown_key_inside_a_list_or_a_union_is_named_with_the_closest(write_config):
+    """Error-message audit: `when: {feild: ...}` (a union of condition forms) and a list item's key got 'unknown
+    field' with neither the keys there nor a suggestion."""
+    config = write_config("version: 1\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25, params: {top_k: 10}}\n"
+                          "  - {id: f, type: select.top_k, inputs: [bm25], params: {k: 5}, when: {feild: doc.x}}\n"
+                          "output: f\n")
+    [said] = errors_of(config)
+    assert "stages.1.when.feild: unknown field 'feild' (did you mean 'field'?); valid fields: field, op," in said

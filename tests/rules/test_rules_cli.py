@@ -163,3 +163,15 @@ def test_a_pipeline_config_given_to_rules_check_is_named_as_one():
     assert "1 configuration error" in said and "did you mean" not in said
     assert ("this is a pipeline config (it has stages:), not a rule file: give the rule files its stages name "
             "(medical/access.yaml, medical/overrides.yaml, relative to the config)") in said
+
+
+def test_an_unknown_expectation_key_in_a_rule_test_is_named_with_the_closest(tmp_path):
+    """Error-message audit: `{doc: fin-002, rnk: 1}` in a rule test said only "unknown field 'rnk'"."""
+    pack = _copy_pack(tmp_path, "finance")
+    tests = pack / "rules.tests.yaml"
+    tests.write_text(tests.read_text().replace("{doc: fin-002, rank: 1}", "{doc: fin-002, rnk: 1}", 1))
+    result = runner.invoke(rules_app, ["test", str(pack)])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert ("cases.0.expect.0.rnk: unknown field 'rnk' (did you mean 'rank'?); valid fields: doc, rank, max_rank,"
+            in said), said
