@@ -284,7 +284,7 @@ def sweep(
                          + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; measures: {', '.join(names)}")
     # Every variant is compiled and checked before any query runs: a bad value is found now, not hours in.
     pipelines: list[tuple[dict[str, Any], Pipeline]] = []
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {}  # what is wrong -> the variants it is wrong in (said once for them all)
     for values in itertools.product(*(s.values for s in settings)):
         chosen = dict(zip(paths, values))
         variant_data = copy.deepcopy(loaded.data)
@@ -293,17 +293,20 @@ def sweep(
                 apply_setting(variant_data, path, value)
             compiled = compile_data(variant_data, label=str(config), base_dir=base.compiled.base_dir)
         except ConfigError as exc:
-            problems.append(f"{_describe(chosen)}: " + "; ".join(f"{i.path}: {i.message}" for i in exc.issues
-                                                                   if i.severity == "error"))
+            said = "; ".join(f"{i.path}: {i.message}" for i in exc.issues if i.severity == "error")
+            problems.setdefault(said, []).append(_describe(chosen))
             continue
         except SieveError as exc:
-            problems.append(f"{_describe(chosen)}: {exc}")
+            problems.setdefault(str(exc), []).append(_describe(chosen))
             continue
         own_index = index_path or compiled.index_path  # a variant that sets `index` runs on that index
         pipelines.append((chosen, Pipeline(compiled, index_path=own_index)))
     if problems:
-        shown = problems[:10] + ([f"… and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise SieveError(f"{len(problems)} of {count} variants are not valid configs (nothing was run):\n  "
+        invalid = sum(len(variants) for variants in problems.values())
+        lines = [f"{said} ({'every variant' if len(variants) == count else _some(variants)})"
+                 for said, variants in problems.items()]
+        shown = lines[:10] + ([f"… and {len(lines) - 10} more problems"] if len(lines) > 10 else [])
+        raise SieveError(f"{invalid} of {count} variants are not valid configs (nothing was run):\n  "
                          + "\n  ".join(shown))
     shared = base.warm_up()
     total = count + 1
@@ -341,6 +344,10 @@ def sweep(
                        _paired(baseline, variants[0], metric), config_data=loaded.data,
                        asked_as={"user": context["user"].model_dump(mode="json"),
                                  "as_of": context["as_of"].isoformat()}, empty=empty)
+
+
+def _some(variants: list[str], shown: int = 3) -> str:
+    return "; ".join(variants[:shown]) + (f"; and {len(variants) - shown} more" if len(variants) > shown else "")
 
 
 def _describe(chosen: dict[str, Any]) -> str:

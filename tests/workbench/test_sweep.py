@@ -109,8 +109,20 @@ def test_every_variant_is_checked_before_any_query_runs(config, mini_corpus):
     with pytest.raises(SieveError, match="1 of 3 variants are not valid configs \\(nothing was run\\)") as caught:
         sweep(config, mini_corpus, [parse_setting("stages.final.params.k=[2, -1, 5]")], split="test",
               allow_test=True, on_variant=lambda *args: ran.append(args))
-    assert ran == [] and "stages.final.params.k=-1: stages.1.params.k:" in str(caught.value)
-    assert ":1:1" not in str(caught.value)  # no made-up file:line for a variant that exists in no file
+    said = str(caught.value)
+    assert ran == [] and "stages.1.params.k: " in said and said.endswith("(stages.final.params.k=-1)")
+    assert ":1:1" not in said  # no made-up file:line for a variant that exists in no file
+
+
+def test_a_problem_every_variant_shares_is_said_once(config, mini_corpus):
+    """Error-message audit: a mistyped parameter in the grid printed the same error once per value."""
+    with pytest.raises(SieveError) as caught:
+        sweep(config, mini_corpus, [parse_setting("stages.bm25.params.topk=[5, 10, 20, 40]")], split="test",
+              allow_test=True)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "4 of 4 variants are not valid configs (nothing was run):"
+    assert len(lines) == 2 and "unknown field 'topk' (did you mean 'top_k'?)" in lines[1]
+    assert lines[1].endswith("(every variant)")
 
 
 def test_a_variant_that_fails_at_run_time_is_reported_and_the_others_are_ranked(config, mini_corpus):
