@@ -20,7 +20,7 @@ from engine.errors import ConfigError, ConfigIssue
 from engine.paths import nearest_existing_parent
 from engine.registry import UnknownStageType, resolve_stage
 from engine.stage import GraphView, Port, Stage, StageNode
-from engine.yamlsource import LoadedYaml, PathKey, SourceMap, load_yaml_file, path_problem
+from engine.yamlsource import LoadedYaml, PathKey, SourceMap, load_yaml_file, nearby, path_problem
 from rules.conditions import Node
 
 
@@ -124,7 +124,7 @@ def resolve_extends(loaded: LoadedYaml, base_dir: Path, *, _chain: tuple[Path, .
         raise refuse(f"more than {MAX_EXTENDS_DEPTH} configs extend one another in a chain "
                      f"({' -> '.join(p.name for p in _chain)} -> {target.name}): merge some of them")
     if not target.exists():
-        raise refuse(f"the base config '{name}' is not there (looked for {target})")
+        raise refuse(f"the base config '{name}' is not there (looked for {target}){nearby(target)}")
     if target.is_dir():
         raise refuse(f"the base config '{name}' is a directory ({target}); name a config file in it (extends: "
                      f"{name.rstrip('/')}/base.yaml is refused too: a base lies beside this config)")

@@ -465,6 +465,19 @@ def load_yaml_text(text: str, file: str, *, collect: bool = False) -> LoadedYaml
     return LoadedYaml(data, builder.source, builder.issues, builder.unmade)
 
 
+def nearby(path: Path) -> str:
+    """' (did you mean NAME?)' for a missing file whose directory holds one of a close name (demo.yml for demo.yaml,
+    bse.yaml for base.yaml); '' otherwise."""
+    from difflib import get_close_matches
+
+    try:
+        names = [entry.name for entry in os.scandir(path.parent or ".") if entry.is_file()][:10_000]
+    except OSError:
+        return ""
+    close = get_close_matches(path.name, names, n=1, cutoff=0.75)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
+
+
 def load_yaml_file(path: str | Path, *, collect: bool = False) -> LoadedYaml:
     """Read and parse a YAML file; unreadable or non-UTF-8 files, and a path that can name no file
     (:func:`path_problem`), are reported as ConfigError."""
@@ -482,9 +495,11 @@ def load_yaml_file(path: str | Path, *, collect: bool = False) -> LoadedYaml:
             raise ConfigError([ConfigIssue(Location(name), "", f"file is larger than {MAX_BYTES} bytes")])
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError([ConfigIssue(Location(name), "", "file not found")]) from None
+        raise ConfigError([ConfigIssue(Location(name), "", "file not found" + nearby(path))]) from None
     except IsADirectoryError:
-        raise ConfigError([ConfigIssue(Location(name), "", "is a directory, not a file")]) from None
+        inside = sorted(p.name for p in path.glob("*.y*ml") if p.is_file())[:5]
+        raise ConfigError([ConfigIssue(Location(name), "", "is a directory, not a file" + (
+            f" (it holds {', '.join(inside)})" if inside else ""))]) from None
     except OSError as exc:
         raise ConfigError([ConfigIssue(Location(name), "", f"cannot read file: {exc.strerror}")]) from None
     try:

@@ -503,3 +503,18 @@ def test_an_unknown_key_inside_a_list_or_a_union_is_named_with_the_closest(write
                           "output: f\n")
     [said] = errors_of(config)
     assert "stages.1.when.feild: unknown field 'feild' (did you mean 'field'?); valid fields: field, op," in said
+
+
+def test_a_missing_file_names_a_close_one_beside_it_and_a_directory_what_it_holds(write_config, tmp_path):
+    """Error-message audit: `validate configs/demo.yml` (demo.yaml there), `extends: bse.yaml` (base.yaml there) and
+    a directory given as the config said only 'file not found' / 'is a directory'."""
+    write_config("version: 1\nindex: x\nstages:\n  - {id: bm25, type: recall.bm25}\noutput: bm25\n", "base.yaml")
+    [said] = errors_of(tmp_path / "base.yml")
+    assert said.endswith(f"file not found (did you mean {tmp_path / 'base.yaml'}?)")
+    extending = write_config("extends: bse.yaml\n", "child.yaml")
+    [said] = errors_of(extending)
+    assert said.endswith(f"is not there (looked for {tmp_path / 'bse.yaml'}) (did you mean {tmp_path / 'base.yaml'}?)"), said
+    [said] = errors_of(tmp_path / "nothing-like-it.yaml")
+    assert said.endswith("file not found")
+    [said] = errors_of(tmp_path)
+    assert said.endswith("is a directory, not a file (it holds base.yaml, child.yaml)")
