@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from engine.errors import MissingDependencyError, ModelLoadError, SieveIndexError
 from engine.index import BuildCacheSection, ComponentSettings, Document, IndexComponent, Progress
 from engine.model import Candidate, Decision, Query, ScoreEntry
-from engine.models import ResolvedModel, resolve_model
+from engine.models import ResolvedModel, missing_model_path, resolve_model
 from engine.registry import register_index_component, register_stage
 from engine.stage import (Explanation, GraphIssue, GraphView, Port, Resources, Stage, StageContext, StageNode, StageParams,
                           StageResult)
@@ -289,7 +289,9 @@ class DenseRecall(Stage):
     def check_graph(cls, node: StageNode, graph: GraphView) -> list[GraphIssue]:
         params = node.params
         assert isinstance(params, DenseParams)
-        return unrunnable_here(params.device, params.precision, "recall.dense query model")
+        missing = missing_model_path(params.model, graph.base_dir) if params.model is not None else None
+        return ([GraphIssue(missing, ("params", "model"), "warning")] if missing is not None else []) + \
+            unrunnable_here(params.device, params.precision, "recall.dense query model")
 
     # ------------------------------------------------------------------ warm-up
 

@@ -30,6 +30,22 @@ stages:
 """) == []  # relative to the config's directory; a hub id (BAAI/bge-reranker-v2-m3) is never checked here
 
 
+def test_a_dense_model_path_that_does_not_exist_is_a_warning_too(write_config):
+    """Error-message audit: validate warned of a missing reranker directory but said nothing of recall.dense's, which
+    then failed at the first search."""
+    (found,) = _warnings(write_config, """version: 1
+index: x
+stages:
+  - {id: dense, type: recall.dense, params: {top_k: 10, model: ./no/such/embedder}}
+""")
+    assert ":4:" in found and "params.model" in found and "./no/such/embedder does not exist" in found
+    assert _warnings(write_config, """version: 1
+index: x
+stages:
+  - {id: dense, type: recall.dense, params: {top_k: 10}}
+""") == []  # the index's own model (by its packaged name)
+
+
 def test_chunk_and_cascade_settings_that_cannot_apply_are_warnings(write_config):
     found = _warnings(write_config, """version: 1
 index: x
