@@ -308,7 +308,7 @@ class DenseRecall(Stage):
         recorded = entry.get("model")
         if not isinstance(recorded, dict) or "name" not in recorded:
             raise SieveIndexError(f"index {index.path}: the '{self.params.component}' component records no model")
-        purpose = f"recall.dense stage '{self.id}'"
+        purpose = "query model"  # the pipeline names the stage (stage 'id' (recall.dense@1): ...)
         if self.params.model is not None:
             resolved = _resolve(self.params.model, resources.base_dir, purpose)
         elif recorded.get("source") == "path" and Path(recorded.get("location", "")).is_dir():

@@ -273,6 +273,17 @@ def test_naming_the_same_model_explicitly_is_accepted(dense_index, write_config)
     assert len(pipeline.search(QUERY).results) == 3
 
 
+def test_a_missing_query_model_names_the_stage_once(dense_index, write_config):
+    """Error-message audit: 'stage 'dense' (recall.dense@1): recall.dense stage 'dense': model directory ...'."""
+    pipeline = _pipeline(write_config, dense_index, "top_k: 10, model: ./no/such/embedder")
+    with pytest.raises(ModelLoadError) as caught:
+        pipeline.warm_up()
+    said = str(caught.value)
+    assert said.startswith("stage 'dense' (recall.dense@1): query model: model directory ./no/such/embedder does "
+                           "not exist"), said
+    assert said.count("'dense'") == 1
+
+
 def test_an_index_without_a_dense_component_is_a_clear_error(bm25_index, write_config):
     with pytest.raises(SieveIndexError, match="--with dense"):
         _pipeline(write_config, bm25_index).warm_up()
