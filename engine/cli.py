@@ -105,15 +105,18 @@ def _writable_file(path: Optional[Path], option: str, *, appended: bool = False)
 @app.command()
 def validate(
     configs: Annotated[list[Path], typer.Argument(help="pipeline YAML file(s) to check")],
+    settings: SetOption = None,
 ) -> None:
-    """Check pipeline configs without loading any model or index; report every problem at once."""
+    """Check pipeline configs without loading any model or index; report every problem at once. With --set, the
+    config as that variant (as search, eval and sweep would run it)."""
     from engine.compiler import compile_file
+    from engine.pipeline import compile_with_settings
 
     failed = False
     for path in configs:
         try:
-            compiled = compile_file(path)
-        except ConfigError as exc:
+            compiled = compile_with_settings(path, settings) if settings else compile_file(path)
+        except SieveError as exc:  # a ConfigError, located; or a --set that cannot apply (given twice, extends)
             failed = True
             err.print(f"[red]✗[/red] {shown(str(path))}: {shown(str(exc))}")
             continue

@@ -204,8 +204,8 @@ class SourceMap:
     files (a pipeline config that extends a base config), the file where that is not ``file``."""
 
     file: str
-    values: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
-    keys: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+    values: dict[PathKey, tuple[int | None, int | None]] = field(default_factory=dict)
+    keys: dict[PathKey, tuple[int | None, int | None]] = field(default_factory=dict)
     # the file a value or a key at a path was written in, where that is another file than ``file``
     value_files: dict[PathKey, str] = field(default_factory=dict)
     key_files: dict[PathKey, str] = field(default_factory=dict)
@@ -243,8 +243,15 @@ class SourceMap:
         for depth in range(1, len(at) + 1):
             prefix = at[:depth]
             if depth == len(at) or (prefix not in self.keys and prefix not in self.values):
-                self.keys[prefix] = (1, 1)
+                self.keys[prefix] = (None, None)  # located by the other source's name alone (--set PATH)
                 self.key_files[prefix] = other.file
+
+    def forget_positions(self) -> None:
+        """Locate everything by the file's name alone: a value given on the command line (``--set PATH=VALUE``),
+        whose line 1 and column in that value would read as a place in a file."""
+        for table in (self.values, self.keys):
+            for key in table:
+                table[key] = (None, None)
 
 
 @dataclass

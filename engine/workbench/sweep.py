@@ -63,11 +63,13 @@ def split_setting_located(text: str, form: str, what: str) -> tuple[str, LoadedY
         raise SieveError(f"--set {path}= gives no value (write null for a null, [a, b] for "
                          f"{'several' if what == 'values' else 'a list'})")
     try:
-        return path, load_yaml_text(raw, f"--set {path}")
+        loaded = load_yaml_text(raw, f"--set {path}")
     except ConfigError as exc:
         problem = "; ".join(issue.message for issue in exc.issues)
         raise SieveError(f"--set {path}: the {what} {'is' if what == 'value' else 'are'} not YAML "
                          f"({problem})") from None
+    loaded.source.forget_positions()
+    return path, loaded
 
 
 def parse_setting(text: str) -> Setting:

@@ -79,13 +79,13 @@ def test_an_override_that_breaks_the_config_is_located_at_the_setting_not_the_fi
     config = mini_config(k=10)
     bad = run_sieve("search", config, "vitamin D", "--set", "stages.final.params.k=-1", "--no-log")
     assert bad.returncode != 0
-    assert "--set stages.final.params.k:1:1  stages.1.params.k: Input should be greater than or equal to 1" in bad.stderr
+    assert "--set stages.final.params.k  stages.1.params.k: Input should be greater than or equal to 1" in bad.stderr
     assert f"{config}:" not in bad.stderr
     new_key = run_sieve("search", config, "vitamin D", "--set", "trce.log=x", "--no-log")
-    assert "--set trce.log:1:1  trce: unknown field 'trce' (did you mean 'trace'?)" in new_key.stderr
+    assert "--set trce.log  trce: unknown field 'trce' (did you mean 'trace'?)" in new_key.stderr
     child = write_config(f"extends: {config.name}\nstages:\n  - {{id: final, params: {{k: 5}}}}\n", "child.yaml")
     based = run_sieve("search", child, "vitamin D", "--set", "stages.bm25.params.top_k=-5", "--no-log")
-    assert "--set stages.bm25.params.top_k:1:1  stages.0.params.top_k" in based.stderr
+    assert "--set stages.bm25.params.top_k  stages.0.params.top_k" in based.stderr
     whole = run_sieve("search", config, "vitamin D", "--set", "stages.final=5", "--no-log")
     assert "name a setting inside the stage" in whole.stderr
     # an error the file itself holds keeps its file:line
@@ -111,3 +111,16 @@ def test_compare_and_eval_say_the_settings_they_ran_with_and_which_config_one_fa
     failed = run_sieve("compare", a, other, "-d", mini_corpus, "--limit", "3", "--set", "stages.final.params.k=3")
     assert failed.returncode != 0 and f"B ({other}): --set stages.final.params.k: the config has no stage 'final'" \
         in " ".join(failed.stderr.split()), failed.stderr
+
+
+def test_validate_takes_set_and_a_set_value_is_located_by_its_setting(tmp_path):
+    """Error-message audit: `sieve validate` took no --set, so a variant could be checked only by running it; and a
+    --set value was located as `--set PATH:1:1`, a line and column of the command-line value that read as a file's."""
+    from tests.workbench.conftest import ROOT
+
+    demo = ROOT / "configs" / "demo.yaml"
+    done = run_sieve("validate", demo, "--set", "stages.final.params.k=0")
+    assert done.returncode == 2 and "--set stages.final.params.k  stages.8.params.k: " in done.stderr, done.stderr
+    assert ":1:1" not in done.stderr
+    fine = run_sieve("validate", demo, "--set", "stages.final.params.k=3")
+    assert fine.returncode == 0 and "✓" in fine.stdout, fine.stderr
