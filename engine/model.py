@@ -71,7 +71,9 @@ def not_a_moment(text: str) -> str:
     unpadded = _UNPADDED.match(stripped)
     if unpadded is not None and not _ISO_MOMENT.fullmatch(stripped):
         year, month, day = unpadded.groups()
-        return f"write the month and day with two digits ({year}-{int(month):02d}-{int(day):02d})"
+        padded = f"{year}-{int(month):02d}-{int(day):02d}{stripped[unpadded.end():]}"
+        return (f"write the month and day with two digits ({padded})" if iso_moment(padded) is not None
+                else not_a_moment(padded))
     if len(stripped) > 40 or not _ISO_MOMENT.fullmatch(stripped):
         return f"not an ISO 8601 date or date-time ({example})"
     try:

@@ -263,14 +263,24 @@ def _is_foreign(data: Any) -> bool:
     return isinstance(data, dict) and not any(k in data for k in _CHAIN_KEYS) and data.get("schema") != LOG_SCHEMA
 
 
-def _holds_no_record(path: Path, first_bytes: int = 1 << 20) -> bool:
-    """Whether the file at ``path`` names the log schema nowhere in its first ``first_bytes`` (a text file, another
-    tool's log): read when a line that should be a record is not even JSON, to tell such a file from a damaged log."""
+def _holds_no_record(path: Path, first_bytes: int = 64 << 20) -> bool:
+    """Whether no line of the file at ``path`` (its first ``first_bytes``) starts as the writer starts a record: a text
+    file or another tool's log, told from a damaged log (whose other lines still start so, however long its first
+    record or whatever overwrote its start). Read only when a line that should be a record is not even JSON."""
+    start = b'{"schema":' + json.dumps(LOG_SCHEMA).encode("ascii")
+    read = 0
     try:
         with open(path, "rb") as handle:
-            return LOG_SCHEMA.encode("ascii") not in handle.read(first_bytes)
+            while read < first_bytes:
+                line = handle.readline(first_bytes - read)
+                if not line:
+                    return True
+                read += len(line)
+                if line.lstrip().startswith(start):
+                    return False
     except OSError:
         return False
+    return True
 
 
 def _require_log(path: Path) -> None:
@@ -1260,7 +1270,8 @@ class LogCheck:
         return warnings
 
 
-def check_log(path: str | Path, *, expect_head: str | None = None, expect_count: int | None = None) -> LogCheck:
+def check_log(path: str | Path, *, expect_head: str | None = None, expect_count: int | None = None,
+              holds: tuple[int, str] | None = None) -> LogCheck:
     """Check every record's shape, hash and link, and look for set-aside torn records next to the log.
 
     A rotated log (``rotate_log``) is checked with the segments rotated out of it that are beside it, oldest
@@ -1270,7 +1281,8 @@ def check_log(path: str | Path, *, expect_head: str | None = None, expect_count:
     The chain alone cannot show that records were cut from the log's end (what is left still links up, and so
     does an empty file): ``expect_head`` (the hash of the last record when the log was anchored, from
     ``log_head``) and/or ``expect_count`` (how many records it held then) check that the anchored record is
-    still there, at its seq with that hash; records appended since are fine.
+    still there, at its seq with that hash; records appended since are fine. ``holds`` (seq, hash): a record the
+    chain must hold (the one a trace was matched against), checked in the same read.
 
     Raises TraceError when the path is missing, a directory, unreadable or no trace log at all."""
     if expect_head is not None and not _HEX64.fullmatch(expect_head):
@@ -1279,7 +1291,7 @@ def check_log(path: str | Path, *, expect_head: str | None = None, expect_count:
     if expect_count is not None and expect_count < 0:
         raise TraceError(f"--expect-count must be 0 or more, got {expect_count}")
     log = TraceLog(path)
-    anchored = expect_head is not None or expect_count is not None
+    anchored = expect_head is not None or expect_count is not None or holds is not None
     count = 0
     hashes: dict[int, str] = {}  # seq -> hash of the records that check out (kept only to check an anchor)
 
@@ -1313,6 +1325,11 @@ def check_log(path: str | Path, *, expect_head: str | None = None, expect_count:
     earliest = _previous_segment(segments[0])
     base = earliest.seq if earliest is not None else 0  # records before it are in a segment not beside the log
     problems.extend(_anchor_problems(hashes, count, expect_head, expect_count, base))
+    if holds is not None and hashes.get(holds[0]) != holds[1]:  # ``holds``: a record that must be in this chain
+        found = hashes.get(holds[0])
+        problems.append(f"the chain checked has no record seq {holds[0]} with hash {holds[1][:16]}… (the one a trace "
+                        "was matched against)" + (f": its record seq {holds[0]} has hash {found[:16]}…, so the log "
+                                                  "changed since the trace was read from it" if found else ""))
     if len(problems) > MAX_PROBLEMS:
         problems = problems[:MAX_PROBLEMS] + [f"… and {len(problems) - MAX_PROBLEMS} more problems"]
     set_aside = [aside for segment in segments for aside in set_aside_files(segment)]
@@ -1693,20 +1710,24 @@ def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int |
     trace, source = _load_trace_vouched(Path(path), trace_id, seq, log)
     if expect_head is None:
         return trace, source
-    if source.log is None or source.seq is None:
+    if source.log is None or source.seq is None or source.hash is None:
         raise TraceError(f"--expect-head: {path} is not a record of a trace log ({source.message}); an anchored head "
                          "vouches only for logged records")
-    check = check_log(source.log, expect_head=expect_head)
-    verify = f"sieve trace verify {source.log} --expect-head {expect_head}"
+    # The log the trace names (its live file: a record rotated out lies in a segment the check follows back to), its
+    # chain checked against the anchor in the same read that finds the trace's record there with the hash it was
+    # matched against (a log swapped between two reads would otherwise vouch for a record of another)
+    live = Path(path) if Path(path).suffix == ".jsonl" else Path(log if log is not None else trace["log"]["path"])
+    check = check_log(live, expect_head=expect_head, holds=(source.seq, source.hash))
+    verify = f"sieve trace verify {live} --expect-head {expect_head}"
     if check.problems:
         more = f" (and {len(check.problems) - 1} more: {verify})" if len(check.problems) > 1 else f" ({verify})"
-        raise TraceError(f"--expect-head: the trace log {source.log} does not check out against the anchored head: "
+        raise TraceError(f"--expect-head: the trace log {live} does not check out against the anchored head: "
                          f"{check.problems[0]}{more}; refusing the trace")
     assert check.anchored_seq is not None  # no problem: the anchored hash is a record of the intact chain
     if source.seq > check.anchored_seq:
         raise TraceError(f"--expect-head: the trace is record seq {source.seq}, logged after the anchored head (seq "
                          f"{check.anchored_seq}), which vouches only for the records up to it: anchor a later head "
-                         f"(sieve trace head {source.log})")
+                         f"(sieve trace head {live})")
     return trace, replace(
         source, anchored_head=expect_head,
         message=f"{source.message}; the head anchored outside the log (seq {check.anchored_seq}, hash "

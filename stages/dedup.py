@@ -100,7 +100,7 @@ class DedupParams(StageParams):
 
 
 _BLAS: list[Any] = []  # threadpoolctl's controller of the BLAS libraries numpy loaded, made at the first product
-_BLAS_LOCK = threading.Lock()
+_BLAS_LOCK = threading.RLock()  # reentrant: a product inside another holds it already
 
 
 @contextlib.contextmanager

@@ -580,7 +580,9 @@ class CrossEncoderRerank(Stage):
         def load(model_name: str, shown_as: str | None = None) -> LoadedReranker:
             return LoadedReranker(model_name, base_dir, params.device, params.precision, params.max_length, shown_as)
 
-        key = f"cross_encoder:{name}:{base_dir}:{params.device}:{params.precision}:{params.max_length}"
+        # the name traces give it is part of the key: a config naming the shipped directory by its path is recorded so
+        key = (f"cross_encoder:{name}:{self._shown_name()}:{base_dir}:{params.device}:{params.precision}:"
+               f"{params.max_length}")
         self._model = resources.shared(key, lambda: load(name, self._shown_name()))
         self._model.warm()
         if params.long_documents == "chunks" and params.chunk_overlap >= self._model.max_length // 2:

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.errors import TraceError
-from engine.trace import GENESIS, _record_line
+import engine.trace as trace_module
+from engine.trace import GENESIS, _record_line, load_trace_checked
 
 
 @pytest.fixture
@@ -123,3 +124,38 @@ def test_report_shows_the_anchored_head_and_refuses_a_rewritten_chain(logged, tm
     html.unlink()
     assert "no record has the anchored hash" in refusal("report", first, "--html", html, "--expect-head", head)
     assert not html.exists()
+
+
+def test_a_trace_rotated_out_of_the_log_is_vouched_for_by_a_later_anchor(logged):
+    """Review of the change (high): the chain was checked from the file holding the record, which after `trace
+    rotate` is the archive, so a head anchored on the live log afterwards was never found there."""
+    log, search = logged
+    first = search("first")
+    assert invoke("trace", "rotate", log).exit_code == 0
+    search("second")
+    head = _head(log)
+    assert invoke("trace", "verify", log, "--expect-head", head).exit_code == 0
+    done = invoke("replay", first, "--expect-head", head, "--json")
+    assert done.exit_code == 0, (done.output, done.exception)
+    source = json.loads(done.stdout)["source"]
+    assert source["anchored_head"] == head and "a segment rotated out" in source["message"]
+
+
+def test_a_log_swapped_between_matching_the_trace_and_checking_the_anchor_is_refused(logged, monkeypatch):
+    """Review of the change (medium): the trace was matched against its record in one read and the chain checked
+    against the anchor in another; a forged log for the first and the genuine one back for the second vouched for
+    the forgery. The chain the anchor is checked on must hold the very record the trace was matched against."""
+    log, search = logged
+    first, _ = search("first"), search("second")
+    head = _head(log)
+    genuine = log.read_bytes()
+    _rewrite_from_first(log, first)
+    real_check = trace_module.check_log
+
+    def swapped(path, **options):
+        log.write_bytes(genuine)  # the genuine log back, for the anchor's check
+        return real_check(path, **options)
+
+    monkeypatch.setattr(trace_module, "check_log", swapped)
+    with pytest.raises(TraceError, match="the chain checked has no record seq 0 with hash .* the log changed since"):
+        load_trace_checked(first, expect_head=head)

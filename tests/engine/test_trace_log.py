@@ -634,6 +634,15 @@ def test_a_text_file_is_no_trace_log_not_a_damaged_one(tmp_path):
     log.forget()  # as a process that never appended to it
     with pytest.raises(TraceError, match="ends with an unreadable record"):
         log.append(_trace("t"))
+    # however long its damaged first record (review of the change: the schema was looked for in the first MiB only)
+    from engine.trace import GENESIS, _record_line
+
+    big, _ = _record_line(GENESIS, 0, {"trace_id": "big", "results": [{"doc_id": "d", "pad": "x" * 2_000_000}]})
+    _, first_line = _record_line(GENESIS, 0, big["trace"])
+    _, second_line = _record_line(big["hash"], 1, _trace("next"))
+    log.path.write_bytes(b"X" + first_line[1:] + second_line)
+    done = _run_sieve("trace", "verify", log.path)
+    assert done.returncode == 1 and "line 1: unreadable record" in done.stderr, done.stderr
 
 
 # 7. a line must be the writer's canonical serialisation

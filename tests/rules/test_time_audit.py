@@ -278,6 +278,8 @@ def test_an_override_stage_traces_its_resolved_dates_too(tmp_path):
     ("2025-06-01T25:00:00Z", "not a real date or time: hour must be in 0..23"),
     ("2025-13-10", "not a real date or time: month must be in 1..12"),
     ("2025-6-1", "write the month and day with two digits (2025-06-01)"),
+    ("2025-6-1T10:00Z", "write the month and day with two digits (2025-06-01T10:00Z)"),
+    ("2025-2-30", "not a real date or time: day is out of range for month"),
     ("01/06/2025", "not an ISO 8601 date or date-time (e.g. 2026-01-31 or 2026-01-31T12:00:00Z)"),
 ])
 def test_an_impossible_date_says_which_part_is_wrong(write_rules, text, said):
