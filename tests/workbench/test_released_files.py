@@ -44,15 +44,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="re
 
 
 @pytest.fixture(scope="module")
-def own_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This module's own index of the SciFact slice: the session's shared one may be held by other tests' pipelines."""
-    from engine.index import build_index
-
-    from tests.conftest import MINI
-
-    out = tmp_path_factory.mktemp("released") / "mini"
-    build_index(MINI, out, {"bm25": {}})
-    return out
+def own_index(bm25_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own copy of the SciFact slice's index: the session's may be held by other tests' pipelines."""
+    return Path(shutil.copytree(bm25_index, tmp_path_factory.mktemp("released") / "mini"))
 
 
 @pytest.fixture
