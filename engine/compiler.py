@@ -445,6 +445,11 @@ def compile_loaded(loaded: LoadedYaml, *, base_dir: Path, check_log_path: bool =
             "no stage has on_error: skip, so the deadline cuts nothing (stages with on_error: fail always run): mark "
             "the stages a query may do without, such as a reranker, on_error: skip", "warning"))
 
+    if config is not None and config.trace.explain_top is not None and not config.trace.explain:
+        issues.append(ConfigIssue(
+            source.locate(("trace", "explain_top")), "trace.explain_top",
+            "explain_top is set but not used: it applies only with trace.explain: true", "warning"))
+
     if loaded.issues:  # the loader's problems first; a value it could not make is not reported again
         issues = [*loaded.issues, *(i for i in issues if i.path not in loaded.unmade)]
     errors = [i for i in issues if i.severity == "error"]

@@ -102,6 +102,10 @@ class TraceSettings(Strict):
         "query; a replay needs the same key in the same variable. Unset: plain sha256"))
     include_document_text: bool = Field(False, description="store returned documents' text in the trace")
     explain: bool = Field(True, description="store an explanation tree per returned document")
+    explain_top: int | None = Field(None, ge=0, le=1_000_000, description=(
+        "with explain: the trees of the first N returned documents only (null: every one); the others keep their "
+        "ledger (each stage's score) and no tree. For a pipeline returning hundreds of documents, whose trees are "
+        "most of a query's own time (bench/results/explain_top.md); replay reproduces what was stored"))
 
 
 class Limits(Strict):

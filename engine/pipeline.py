@@ -599,7 +599,8 @@ class Pipeline:
                     for e in candidate.ledger
                 ],
             }
-            if explain is not None:  # the root node made as a dict: what explain(...).to_dict() gives
+            if explain is not None and (settings.explain_top is None or rank <= settings.explain_top):
+                # the root node made as a dict: what explain(...).to_dict() gives
                 value, description, trees = explain(candidate)
                 entry["explanation"] = {"value": value, "description": description,
                                         "details": explanation_dicts(trees)}
