@@ -1926,7 +1926,7 @@ class DocumentStore:
                 result[row] = self._document(row, doc_id, body)
         if len(result) != len(unique):
             missing = [r for r in unique if r not in result][:5]
-            raise SieveIndexError(f"document store {self._path} lacks rows {missing}: the index is corrupt")
+            raise SieveIndexError(f"document store {self._path} lacks rows {missing}: the index is corrupt; rebuild it")
         return result
 
     def doc_ids(self) -> list[str]:
@@ -2089,7 +2089,7 @@ class Index:
                 except OSError:
                     regular = False
                 if not regular:
-                    raise SieveIndexError(f"index {path} is incomplete: {relative} is missing")
+                    raise SieveIndexError(f"index {path} is incomplete: {relative} is missing; rebuild it")
                 try:
                     fd = os.open(relative, os.O_RDONLY | _O_CLOEXEC, dir_fd=dir_fd)
                     if relative == DOCS_DB:
@@ -2147,12 +2147,13 @@ class Index:
         try:
             manifest = json.loads(raw)
         except RecursionError:
-            raise SieveIndexError(f"{manifest_path} is corrupt: nested too deeply") from None
+            raise SieveIndexError(f"{manifest_path} is corrupt: nested too deeply; rebuild the index") from None
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise SieveIndexError(f"{manifest_path} is corrupt: not valid JSON ({exc})") from None
+            raise SieveIndexError(f"{manifest_path} is corrupt: not valid JSON ({exc}); rebuild the index") from None
         if not isinstance(manifest, dict):
             raise SieveIndexError(
-                f"index at {path} is corrupt: {MANIFEST} must hold a JSON object, got {_json_kind(manifest)}"
+                f"index at {path} is corrupt: {MANIFEST} must hold a JSON object, got {_json_kind(manifest)}; rebuild "
+                "it"
             )
         if manifest.get("format") != INDEX_FORMAT:
             found = manifest.get("format")

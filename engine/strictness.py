@@ -122,6 +122,10 @@ def coercion_problem(value: Any, annotation: Any) -> str | None:
                     and any(mark in value.lower() for mark in (".", "e"))):  # unquoted, a float: 1.0, 1e1
                 return f"expected a whole number, not text (write {int(unquoted)}, without quotes)"
             return "expected a number, not text (write it without quotes)"
+        with_unit = _NUMBER_WITH_UNIT.fullmatch(value) if isinstance(value, str) else None
+        if with_unit is not None:  # deadline_ms: 800ms, top_k: 10 docs
+            return (f"expected a number, not text: write {with_unit.group(1)} alone (a setting's unit is fixed by its "
+                    "name or description, see `sieve schema`, not written with the value)")
         if annotation is int and isinstance(value, float) and value.is_integer():
             return f"expected a whole number (write {int(value)}, not {value})"
         return None
@@ -143,6 +147,9 @@ def coercion_problem(value: Any, annotation: Any) -> str | None:
             if problem is not None:
                 return f"'{key}': {problem} (got {element!r})"
     return None
+
+
+_NUMBER_WITH_UNIT = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*([A-Za-z%µ]+\.?)\s*")
 
 
 def iso_text_moment(value: Any) -> Any:

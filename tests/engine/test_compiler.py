@@ -518,3 +518,15 @@ def test_a_missing_file_names_a_close_one_beside_it_and_a_directory_what_it_hold
     assert said.endswith("file not found")
     [said] = errors_of(tmp_path)
     assert said.endswith("is a directory, not a file (it holds base.yaml, child.yaml)")
+
+
+def test_a_number_written_with_a_unit_is_told_to_drop_it(write_config):
+    """Error-message audit: `deadline_ms: 800ms` got pydantic's 'unable to parse string as an integer'."""
+    config = write_config("version: 1\nindex: x\nexecutor: {deadline_ms: 800ms}\nstages:\n"
+                          "  - {id: bm25, type: recall.bm25, params: {top_k: 10 docs}}\noutput: bm25\n")
+    said = [e.split("  ", 1)[1] for e in errors_of(config)]
+    assert said == [
+        "executor.deadline_ms: expected a number, not text: write 800 alone (a setting's unit is fixed by its name "
+        "or description, see `sieve schema`, not written with the value) (got '800ms')",
+        "stages.0.params.top_k: expected a number, not text: write 10 alone (a setting's unit is fixed by its name "
+        "or description, see `sieve schema`, not written with the value) (got '10 docs')"]

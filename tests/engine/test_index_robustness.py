@@ -377,6 +377,19 @@ def test_a_manifest_with_a_broken_structure_is_corrupt(previous, dotted, value, 
     assert str(caught.value).startswith(f"index at {previous} is corrupt: manifest.json: {expected}")
 
 
+def test_a_corrupt_or_incomplete_index_says_to_rebuild_it(previous):
+    """Error-message audit: 'manifest.json is corrupt: not valid JSON (...)' and 'is incomplete: bm25/... is missing'
+    did not say what to do, where the other corrupt-index messages said 'rebuild it'."""
+    manifest = json.loads((previous / "manifest.json").read_text())
+    some_file = next(name for name in manifest["files"] if name.startswith("bm25/"))
+    (previous / some_file).unlink()
+    with pytest.raises(SieveIndexError, match=f"is incomplete: {some_file} is missing; rebuild it$"):
+        Index.open(previous)
+    (previous / "manifest.json").write_text("{not json")
+    with pytest.raises(SieveIndexError, match="manifest.json is corrupt: not valid JSON .*; rebuild the index$"):
+        Index.open(previous)
+
+
 def test_a_manifest_that_is_not_an_object_or_lacks_the_document_store(previous):
     (previous / "manifest.json").write_text('["sieve.index/1"]')
     with pytest.raises(SieveIndexError, match="is corrupt: manifest.json must hold a JSON object, got an array"):
