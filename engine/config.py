@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Sequence
 from difflib import get_close_matches
 from typing import Annotated, Any, Literal
 
@@ -251,6 +252,12 @@ def issues_from_validation(
             message += f" (got {error['input']!r})"
         issues.append(ConfigIssue(source.locate(path), dotted, message))
     return issues
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """' (did you mean 'X'?)' for the choice closest to ``word`` (an unknown key), '' when none is close."""
+    near = get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
 
 
 def literal_message(error: Any) -> str:

@@ -100,11 +100,9 @@ import sys
 import tempfile
 import threading
 import time
-import typing
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from difflib import get_close_matches
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -113,6 +111,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic import StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
+from engine.config import did_you_mean, models_in
 from engine.console import written_out
 from engine.errors import QueryError, SieveError
 from engine.model import LANGUAGE_TAG, UserContext, iso_moment, not_a_moment
@@ -720,11 +719,10 @@ def _body_problem(problem: dict[str, Any], body: type[BaseModel]) -> str:
     location = tuple(problem.get("loc", ()))
     if problem.get("type") != "extra_forbidden" or len(location) < 2 or location[0] != "body":
         return str(problem.get("msg", ""))
-    owner: Any = body
+    owner: type[BaseModel] | None = body
     for part in location[1:-1]:  # the object holding the key: the body, or its user
-        field = owner.model_fields.get(part) if isinstance(owner, type) and issubclass(owner, BaseModel) else None
-        owner = next((arm for arm in typing.get_args(field.annotation) or (field.annotation,)
-                      if isinstance(arm, type) and issubclass(arm, BaseModel)), None) if field is not None else None
+        field = owner.model_fields.get(str(part)) if owner is not None else None
+        owner = next(iter(models_in(field.annotation)), None) if field is not None else None
     if owner is None:
         return str(problem.get("msg", ""))
     key, known = str(location[-1]), list(owner.model_fields)
@@ -735,8 +733,7 @@ def _body_problem(problem: dict[str, Any], body: type[BaseModel]) -> str:
     elif owner is body and body is SearchBody and key in ExplainBody.model_fields:
         hint = f" ('{key}' is a key of the explain endpoint, POST /v1/pipelines/{{name}}/explain)"
     else:
-        near = get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        hint = did_you_mean(key, known)
     return f"unknown key{hint}; {what}: {', '.join(known)}"
 
 

@@ -1707,16 +1707,15 @@ def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int |
     ``expect_head`` (a head anchored outside the log, ``sieve trace head``) closes that: the log must hold the
     anchored record with its chain intact (as ``check_log`` with it finds no problem) and the trace's record must
     be at or before it; otherwise TraceError."""
-    trace, source = _load_trace_vouched(Path(path), trace_id, seq, log)
+    trace, live, source = _load_trace_vouched(Path(path), trace_id, seq, log)
     if expect_head is None:
         return trace, source
-    if source.log is None or source.seq is None or source.hash is None:
+    if live is None or source.seq is None or source.hash is None:
         raise TraceError(f"--expect-head: {path} is not a record of a trace log ({source.message}); an anchored head "
                          "vouches only for logged records")
     # The log the trace names (its live file: a record rotated out lies in a segment the check follows back to), its
     # chain checked against the anchor in the same read that finds the trace's record there with the hash it was
     # matched against (a log swapped between two reads would otherwise vouch for a record of another)
-    live = Path(path) if Path(path).suffix == ".jsonl" else Path(log if log is not None else trace["log"]["path"])
     check = check_log(live, expect_head=expect_head, holds=(source.seq, source.hash))
     verify = f"sieve trace verify {live} --expect-head {expect_head}"
     if check.problems:
@@ -1735,27 +1734,28 @@ def load_trace_checked(path: str | Path, trace_id: str | None = None, seq: int |
 
 
 def _load_trace_vouched(path: Path, trace_id: str | None, seq: int | None,
-                        log: str | Path | None) -> tuple[dict[str, Any], TraceSource]:
-    """``load_trace_checked`` without an anchored head."""
+                        log: str | Path | None) -> tuple[dict[str, Any], Path | None, TraceSource]:
+    """``load_trace_checked`` without an anchored head; in the middle, the log the trace is a record of (the log
+    given, or the one a trace file names: its live file, whichever segment holds the record; None: unverified)."""
     if path.suffix == ".jsonl":
         if log is not None:
             raise TraceError("--log is for a standalone trace file (.json); this is a trace log")
         _require_file(path)
         record, holder = TraceLog(path).locate_record(trace_id, seq)
         where = f"the trace log {path}" if holder == path else f"{holder}, a segment rotated out of the trace log {path}"
-        return record["trace"], TraceSource(
+        return record["trace"], path, TraceSource(
             True, f"record seq {record['seq']} of {where}; the chain checks out up to it", str(holder),
             record["seq"], record["hash"])
     trace, copied_record = _read_trace_file(path)
     if copied_record:
-        return trace, TraceSource(False, "unverified: a log record copied out of its log, checked only against its "
-                                  "own hash (which anyone can recompute); check it in its log")
+        return trace, None, TraceSource(False, "unverified: a log record copied out of its log, checked only against "
+                                        "its own hash (which anyone can recompute); check it in its log")
     where = trace.get("log")
     if where is None:
         if log is not None:
             raise TraceError(f"{path} records no trace log it was appended to; --log has nothing to check it against")
-        return trace, TraceSource(False, "unverified: this trace file was not logged (trace.log: null, or --no-log), "
-                                  "so nothing vouches that it is what the engine wrote")
+        return trace, None, TraceSource(False, "unverified: this trace file was not logged (trace.log: null, or "
+                                        "--no-log), so nothing vouches that it is what the engine wrote")
     if (not isinstance(where, dict) or not isinstance(where.get("path"), str)
             or not isinstance(where.get("seq"), int) or isinstance(where.get("seq"), bool)
             or not isinstance(where.get("hash"), str) or not _HEX64.fullmatch(where["hash"])):
@@ -1782,9 +1782,9 @@ def _load_trace_vouched(path: Path, trace_id: str | None, seq: int | None,
             "was written"
         )
     segment = "" if holder == target else f" (in {holder.name}, a segment rotated out of it)"
-    return trace, TraceSource(True, f"matches record seq {where['seq']} of the trace log {target}{segment} (hash "
-                              f"{where['hash'][:12]}; the chain checks out up to it)", str(holder), where["seq"],
-                              where["hash"])
+    return trace, target, TraceSource(
+        True, f"matches record seq {where['seq']} of the trace log {target}{segment} (hash {where['hash'][:12]}; the "
+        "chain checks out up to it)", str(holder), where["seq"], where["hash"])
 
 
 def _first_difference(a: Any, b: Any, path: str) -> str | None:

@@ -304,9 +304,10 @@ def _yaml_error_issue(file: str, exc: yaml.YAMLError, text: str | None = None) -
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
-    message = f"not valid YAML: {problem}" + (f" ({context})" if context else "")
-    meaning = next((said for pattern, said in _YAML_MEANINGS if pattern.search(message)), None)
-    return _issue(file, mark, message if meaning is None else f"not valid YAML: {meaning} (the parser: {message[16:]})")
+    parser = f"{problem}" + (f" ({context})" if context else "")
+    meaning = next((said for pattern, said in _YAML_MEANINGS if pattern.search(parser)), None)
+    return _issue(file, mark, f"not valid YAML: {parser}" if meaning is None
+                  else f"not valid YAML: {meaning} (the parser: {parser})")
 
 
 # What PyYAML's messages mean for someone editing a config (its token names, '?' for a key and '<block end>', are not

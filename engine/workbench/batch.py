@@ -16,7 +16,6 @@ in flight at once, so memory does not grow with the file.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import hashlib
 import json
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.config import did_you_mean
 from engine.errors import QueryError, SieveError, StageError
 from engine.model import UserContext, iso_moment, not_a_moment
 from engine.paths import fsync_path
@@ -127,11 +127,6 @@ def _lines(path: Path, digest: Any = None) -> Iterator[tuple[int, bytes]]:
             yield number, raw.rstrip(b"\r\n")
 
 
-def _hint(key: str, choices: tuple[str, ...]) -> str:
-    near = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{near[0]}'?)" if near else ""
-
-
 def _parse_as_of(value: Any, what: str) -> tuple[datetime | None, str | None]:
     if value is None:
         return None, None
@@ -151,7 +146,7 @@ def _parse_user(value: Any) -> tuple[UserContext | None, list[str]]:
         return None, []
     if not isinstance(value, dict):
         return None, [f"user must be an object of {', '.join(USER_KEYS)}, not {a_json_kind(value)}"]
-    problems = [f"user: unknown key '{key}'{_hint(key, USER_KEYS)}; known: {', '.join(USER_KEYS)}"
+    problems = [f"user: unknown key '{key}'{did_you_mean(key, USER_KEYS)}; known: {', '.join(USER_KEYS)}"
                 for key in value if key not in USER_KEYS]
     fields: dict[str, Any] = {}
     for key in USER_KEYS:
@@ -197,7 +192,7 @@ def _parse_line(raw: bytes) -> tuple[BatchQuery | None, list[str]]:
     flawed = [refused_key_problem(path, flaw) for path, flaw in refused_keys(record)]
     if flawed:  # which of the two values was meant cannot be told: nothing else is judged on the line
         return None, flawed
-    problems = [f"unknown key '{key}'{_hint(key, QUERY_KEYS + BEIR_KEYS)}; known: {', '.join(QUERY_KEYS)} (and "
+    problems = [f"unknown key '{key}'{did_you_mean(key, QUERY_KEYS + BEIR_KEYS)}; known: {', '.join(QUERY_KEYS)} (and "
                 "BEIR's _id, metadata)" for key in record if key not in QUERY_KEYS and key not in BEIR_KEYS]
     # a value no trace log can hold, wherever it is (a user's group as much as the text): said here, before any query
     # runs, not by the trace log at the query that carries it; BEIR's metadata is not read
